@@ -1,0 +1,403 @@
+//! The words of kiln, as plain Rust types with no I/O: builds, jobs, attempts, steps, runners,
+//! their states and the rules that move between states.
+//!
+//! - A **build** is one commit of one repository; it has **jobs**.
+//! - A **job** runs a list of **steps** in order on one runner. Every assignment of a job to a
+//!   runner is a new **attempt** with its own id; the job points at its current attempt, and
+//!   anything reported by another attempt is refused (fencing).
+//! - States only move forward (`queued -> assigned -> running -> final`), except that a lost
+//!   runner sends its jobs back to `queued`.
+//!
+//! Nothing here knows about gRPC, SQLite or sockets: the store and the edge convert.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Id of a build, assigned by the store, increasing.
+pub type BuildId = u64;
+/// Id of a job, assigned by the store, increasing.
+pub type JobId = u64;
+/// Id of an attempt (one try of one job on one runner), assigned by the store, increasing.
+pub type AttemptId = u64;
+/// Id of a runner, stable for a runner name.
+pub type RunnerId = u64;
+
+/// Milliseconds since the Unix epoch (the store's clock unit).
+pub type Millis = i64;
+
+/// The state of a job; a build's state is a summary of its jobs' states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for a runner.
+    Queued,
+    /// Offered to a runner, not yet accepted.
+    Assigned,
+    /// Running on a runner.
+    Running,
+    /// Every step passed.
+    Passed,
+    /// A step failed.
+    Failed,
+    /// Cancelled by a user.
+    Cancelled,
+    /// A step ran past its timeout.
+    TimedOut,
+    /// Kiln could not run it.
+    Errored,
+}
+
+impl JobState {
+    /// Every state, in declaration order.
+    pub const ALL: [JobState; 8] = [
+        JobState::Queued,
+        JobState::Assigned,
+        JobState::Running,
+        JobState::Passed,
+        JobState::Failed,
+        JobState::Cancelled,
+        JobState::TimedOut,
+        JobState::Errored,
+    ];
+
+    /// Final states never change again.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Passed
+                | JobState::Failed
+                | JobState::Cancelled
+                | JobState::TimedOut
+                | JobState::Errored
+        )
+    }
+
+    /// The name used in the store, the CLI and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Assigned => "assigned",
+            JobState::Running => "running",
+            JobState::Passed => "passed",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::TimedOut => "timed_out",
+            JobState::Errored => "errored",
+        }
+    }
+
+    /// How bad a final state is, to summarise several jobs (higher is worse).
+    fn severity(self) -> u8 {
+        match self {
+            JobState::Passed => 0,
+            JobState::Cancelled => 1,
+            JobState::Failed => 2,
+            JobState::TimedOut => 3,
+            JobState::Errored => 4,
+            JobState::Queued | JobState::Assigned | JobState::Running => 5,
+        }
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Error for a state name that is not one of [`JobState::ALL`].
+#[derive(Debug, thiserror::Error)]
+#[error("unknown job state `{0}` (expected one of queued, assigned, running, passed, failed, cancelled, timed_out, errored)")]
+pub struct UnknownState(pub String);
+
+impl FromStr for JobState {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_string()))
+    }
+}
+
+/// The summary state of a build from the states of its jobs: running while any job runs,
+/// queued while all unfinished jobs wait, otherwise the worst final state. A build with no jobs
+/// is `errored` (its pipeline could not be read).
+pub fn build_state(jobs: impl IntoIterator<Item = JobState>) -> JobState {
+    let mut any = false;
+    let mut unfinished = false;
+    let mut started = false;
+    let mut worst = JobState::Passed;
+    for s in jobs {
+        any = true;
+        if s.is_final() {
+            if s.severity() > worst.severity() {
+                worst = s;
+            }
+        } else {
+            unfinished = true;
+            if s != JobState::Queued {
+                started = true;
+            }
+        }
+    }
+    if !any {
+        JobState::Errored
+    } else if unfinished {
+        if started || worst != JobState::Passed {
+            JobState::Running
+        } else {
+            JobState::Queued
+        }
+    } else {
+        worst
+    }
+}
+
+/// How a step ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepOutcome {
+    /// Exited with status 0.
+    Passed,
+    /// Exited with another status or died from a signal.
+    Failed,
+    /// Ran past its timeout.
+    TimedOut,
+    /// Was cancelled.
+    Cancelled,
+    /// Could not be run.
+    Errored,
+    /// Not run because an earlier step did not pass.
+    Skipped,
+}
+
+impl StepOutcome {
+    /// The name used in the store, the CLI and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepOutcome::Passed => "passed",
+            StepOutcome::Failed => "failed",
+            StepOutcome::TimedOut => "timed_out",
+            StepOutcome::Cancelled => "cancelled",
+            StepOutcome::Errored => "errored",
+            StepOutcome::Skipped => "skipped",
+        }
+    }
+}
+
+impl FromStr for StepOutcome {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            StepOutcome::Passed,
+            StepOutcome::Failed,
+            StepOutcome::TimedOut,
+            StepOutcome::Cancelled,
+            StepOutcome::Errored,
+            StepOutcome::Skipped,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == s)
+        .ok_or_else(|| UnknownState(s.to_string()))
+    }
+}
+
+/// What a runner is told to run for one step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepSpec {
+    /// Position in the job (0-based).
+    pub index: u32,
+    /// Name from the pipeline file.
+    pub name: String,
+    /// Shell command (`sh -c`).
+    pub run: String,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// Timeout in milliseconds, 0 for none.
+    pub timeout_ms: u64,
+}
+
+/// A job about to be created, as the pipeline describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewJob {
+    /// Display name.
+    pub name: String,
+    /// Runner labels the job needs (every key must match).
+    pub labels: BTreeMap<String, String>,
+    /// Steps, run in order.
+    pub steps: Vec<StepSpec>,
+}
+
+/// A build about to be created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewBuild {
+    /// Repository URL or absolute path, as submitted.
+    pub repo: String,
+    /// Full commit id.
+    pub commit: String,
+    /// Branch, empty if unknown.
+    pub branch: String,
+    /// Who asked.
+    pub trigger: String,
+    /// The build this retries, if any.
+    pub retry_of: Option<BuildId>,
+    /// Why the build failed before any job was made (pipeline error); then `jobs` is empty.
+    pub error: Option<String>,
+    /// Its jobs.
+    pub jobs: Vec<NewJob>,
+}
+
+/// A stored build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Build {
+    /// Id.
+    pub id: BuildId,
+    /// Repository as submitted.
+    pub repo: String,
+    /// Full commit id.
+    pub commit: String,
+    /// Branch, empty if unknown.
+    pub branch: String,
+    /// Who asked.
+    pub trigger: String,
+    /// Summary state.
+    pub state: JobState,
+    /// Pipeline error, if the build failed before any job.
+    pub error: Option<String>,
+    /// The build this retries.
+    pub retry_of: Option<BuildId>,
+    /// When accepted.
+    pub created_at: Millis,
+    /// When it finished.
+    pub finished_at: Option<Millis>,
+}
+
+/// A stored job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Job {
+    /// Id.
+    pub id: JobId,
+    /// Its build.
+    pub build_id: BuildId,
+    /// Display name.
+    pub name: String,
+    /// State.
+    pub state: JobState,
+    /// Labels it needs.
+    pub labels: BTreeMap<String, String>,
+    /// Its steps.
+    pub steps: Vec<StepSpec>,
+    /// Current attempt, if it was ever assigned.
+    pub current_attempt: Option<AttemptId>,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Attempts that ended because a runner was lost (infrastructure retries, counted apart).
+    pub lost_attempts: u32,
+    /// Runner of the current attempt.
+    pub runner: Option<String>,
+    /// Detail for errored / cancelled / timed-out jobs.
+    pub message: Option<String>,
+    /// When it started running.
+    pub started_at: Option<Millis>,
+    /// When it finished.
+    pub finished_at: Option<Millis>,
+}
+
+/// The recorded result of one step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StepResult {
+    /// Step index.
+    pub index: u32,
+    /// Outcome.
+    pub outcome: StepOutcome,
+    /// Exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// Wall-clock duration.
+    pub duration_ms: u64,
+}
+
+/// A runner known to the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunnerRecord {
+    /// Id.
+    pub id: RunnerId,
+    /// Unique name.
+    pub name: String,
+    /// Labels it offers.
+    pub labels: BTreeMap<String, String>,
+    /// Slots.
+    pub slots: u32,
+    /// Version it reported.
+    pub version: String,
+    /// Last time it was seen (attach or heartbeat).
+    pub last_seen: Millis,
+}
+
+/// True when a runner offering `offered` labels may run a job that needs `needed`.
+pub fn labels_match(needed: &BTreeMap<String, String>, offered: &BTreeMap<String, String>) -> bool {
+    needed.iter().all(|(k, v)| offered.get(k) == Some(v))
+}
+
+/// A state change, published to whoever subscribes (CLI watchers, later the web page and
+/// notifications).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Event {
+    /// The build.
+    pub build_id: BuildId,
+    /// The job, or `None` for a build-level change.
+    pub job_id: Option<JobId>,
+    /// The new state.
+    pub state: JobState,
+    /// When.
+    pub at: Millis,
+}
+
+/// Now, in milliseconds since the Unix epoch.
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_round_trip() {
+        for s in JobState::ALL {
+            assert_eq!(s.as_str().parse::<JobState>().ok(), Some(s));
+        }
+        assert!("bogus".parse::<JobState>().is_err());
+    }
+
+    #[test]
+    fn build_state_summarises() {
+        use JobState::*;
+        assert_eq!(build_state([]), Errored);
+        assert_eq!(build_state([Queued, Queued]), Queued);
+        assert_eq!(build_state([Queued, Running]), Running);
+        assert_eq!(build_state([Passed, Queued]), Queued);
+        assert_eq!(build_state([Failed, Queued]), Running);
+        assert_eq!(build_state([Passed, Passed]), Passed);
+        assert_eq!(build_state([Passed, Failed, Cancelled]), Failed);
+        assert_eq!(build_state([TimedOut, Failed]), TimedOut);
+    }
+
+    #[test]
+    fn labels() {
+        let mut need = BTreeMap::new();
+        let mut have = BTreeMap::new();
+        assert!(labels_match(&need, &have));
+        need.insert("os".to_string(), "linux".to_string());
+        assert!(!labels_match(&need, &have));
+        have.insert("os".to_string(), "linux".to_string());
+        have.insert("arch".to_string(), "x86".to_string());
+        assert!(labels_match(&need, &have));
+    }
+}

@@ -1,0 +1,180 @@
+//! Kiln's durable state: builds, jobs, attempts, step results and runners in a [`Store`], and
+//! job output in an append-only [`LogStore`].
+//!
+//! - [`Store`] is the interface the dispatcher talks to. Every state change is one transaction,
+//!   and a job's final result is written with a compare-and-set on its current attempt, so a
+//!   result from any other attempt changes nothing ("exactly one final result").
+//! - [`SqliteStore`] implements it on one SQLite file (WAL, `synchronous=FULL`). A PostgreSQL
+//!   implementation can follow behind the same trait.
+//! - [`LogStore`] keeps each job's output as a file of frames (attempt, sequence number, step,
+//!   stream, bytes), so output is kept byte for byte and a restarted dispatcher can tell which
+//!   chunks it already has.
+//!
+//! Everything here is synchronous; the dispatcher calls it from blocking tasks.
+
+mod logs;
+mod sqlite;
+
+use std::collections::BTreeMap;
+
+use kiln_domain::{
+    AttemptId, Build, BuildId, Job, JobId, JobState, Millis, NewBuild, RunnerId, RunnerRecord,
+    StepResult,
+};
+
+pub use logs::{Frame, FrameHeader, LogError, LogStore, ReadResult};
+pub use sqlite::SqliteStore;
+
+/// Errors from the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("database error")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored value could not be decoded (corruption or a newer schema).
+    #[error("corrupt stored value: {0}")]
+    Corrupt(String),
+    /// The data directory could not be used.
+    #[error("cannot open store at {path}")]
+    Open {
+        /// The path.
+        path: String,
+        /// Why.
+        #[source]
+        cause: std::io::Error,
+    },
+}
+
+/// Result alias for the store.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A build with its jobs and their step results.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildDetail {
+    /// The build.
+    pub build: Build,
+    /// Its jobs, in pipeline order.
+    pub jobs: Vec<Job>,
+    /// Recorded step results per job.
+    pub steps: BTreeMap<JobId, Vec<StepResult>>,
+}
+
+/// Which builds to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BuildFilter {
+    /// Only this repository.
+    pub repo: Option<String>,
+    /// Only this branch.
+    pub branch: Option<String>,
+    /// Only builds in this state.
+    pub state: Option<JobState>,
+    /// Only builds with a smaller id (paging, newest first).
+    pub before: Option<BuildId>,
+    /// At most this many.
+    pub limit: u32,
+}
+
+/// A stored attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    /// Id.
+    pub id: AttemptId,
+    /// The job.
+    pub job_id: JobId,
+    /// The job's build.
+    pub build_id: BuildId,
+    /// The runner it was given to.
+    pub runner_id: RunnerId,
+    /// `offered`, `running`, `finished`, `lost`, `superseded`.
+    pub state: String,
+}
+
+/// What a state change did, so the caller can publish events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The build.
+    pub build_id: BuildId,
+    /// The job.
+    pub job_id: JobId,
+    /// The job's new state.
+    pub job_state: JobState,
+    /// The build's state after the change.
+    pub build_state: JobState,
+    /// Whether the build's state changed.
+    pub build_changed: bool,
+}
+
+/// The answer to a final result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finish {
+    /// The result was recorded.
+    Recorded(Change),
+    /// The same attempt's result was already recorded (a re-sent result): nothing changed.
+    AlreadyRecorded,
+    /// The attempt is not the job's current one, or the job already ended: refused and recorded
+    /// as such.
+    Refused(String),
+}
+
+/// Kiln's durable state. Implementations make every method one transaction.
+pub trait Store: Send + Sync + 'static {
+    /// Stores a new build with its jobs (queued), or with no job and state `errored` when
+    /// `new.error` is set.
+    fn create_build(&self, new: &NewBuild) -> Result<BuildDetail>;
+    /// One build with its jobs.
+    fn get_build(&self, id: BuildId) -> Result<Option<BuildDetail>>;
+    /// One job.
+    fn get_job(&self, id: JobId) -> Result<Option<Job>>;
+    /// Builds, newest first.
+    fn list_builds(&self, filter: &BuildFilter) -> Result<Vec<Build>>;
+    /// Queued jobs, oldest first.
+    fn queued_jobs(&self, limit: u32) -> Result<Vec<Job>>;
+    /// Gives a queued job to a runner as a new attempt. `None` when the job is no longer queued.
+    fn assign(
+        &self,
+        job: JobId,
+        runner: RunnerId,
+        runner_name: &str,
+    ) -> Result<Option<(AttemptId, Change)>>;
+    /// The runner accepted: the job is running. `None` if the attempt is not current.
+    fn start_attempt(&self, attempt: AttemptId) -> Result<Option<Change>>;
+    /// Records a step's result for the current attempt. False if the attempt is not current.
+    fn record_step(&self, attempt: AttemptId, step: &StepResult) -> Result<bool>;
+    /// Records the job's final state, with a compare-and-set on the current attempt.
+    fn finish_attempt(
+        &self,
+        attempt: AttemptId,
+        state: JobState,
+        message: Option<&str>,
+    ) -> Result<Finish>;
+    /// The attempt's runner is gone (or it was rejected): the attempt is `lost` and its job goes
+    /// back to the queue, or ends `errored` once it has been lost `max_lost` times. `None` if the
+    /// attempt was not current.
+    fn requeue_attempt(
+        &self,
+        attempt: AttemptId,
+        reason: &str,
+        max_lost: u32,
+    ) -> Result<Option<Change>>;
+    /// Ends an unfinished job as `cancelled` (its current attempt, if any, is superseded).
+    /// `None` if it had already ended.
+    fn cancel_job(&self, job: JobId, message: &str) -> Result<Option<Change>>;
+    /// One attempt.
+    fn get_attempt(&self, attempt: AttemptId) -> Result<Option<Attempt>>;
+    /// Current attempts of jobs that are assigned or running (to reconcile after a restart).
+    fn unfinished_attempts(&self) -> Result<Vec<Attempt>>;
+    /// Registers a runner by name (new or returning) and returns it.
+    fn upsert_runner(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+        slots: u32,
+        version: &str,
+    ) -> Result<RunnerRecord>;
+    /// Notes that a runner was seen.
+    fn touch_runner(&self, runner: RunnerId, at: Millis) -> Result<()>;
+    /// Every known runner, by name.
+    fn list_runners(&self) -> Result<Vec<RunnerRecord>>;
+    /// Results refused by fencing (attempt, reason), newest first; for inspection and tests.
+    fn refusals(&self, job: JobId) -> Result<Vec<(AttemptId, String)>>;
+}

@@ -1,0 +1,412 @@
+//! The append-only log store: one file per job, a sequence of frames.
+//!
+//! A frame is a fixed 28-byte header (magic, stream, step, attempt, sequence number, length)
+//! followed by the bytes. Offsets handed to readers are frame boundaries; a reader that passes
+//! anything else gets [`LogError::BadOffset`]. A frame cut short by a crash is cut off when the
+//! file is next opened for writing.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use kiln_domain::{AttemptId, JobId};
+
+const MAGIC: [u8; 2] = *b"KL";
+const HEADER_LEN: usize = 28;
+/// Largest frame payload accepted.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// Errors from the log store.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// File system trouble (full disk, permissions).
+    #[error("log store i/o error on {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        cause: std::io::Error,
+    },
+    /// The offset is not the start of a frame of this log.
+    #[error("offset {offset} is not a frame boundary of job {job}'s log (size {size})")]
+    BadOffset {
+        /// The job.
+        job: JobId,
+        /// The offset asked for.
+        offset: u64,
+        /// The log's size.
+        size: u64,
+    },
+    /// A frame is larger than [`MAX_FRAME`].
+    #[error("output chunk of {0} bytes is larger than the limit of {MAX_FRAME}")]
+    TooLarge(usize),
+}
+
+/// What a frame says about its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Attempt that produced it.
+    pub attempt: AttemptId,
+    /// The attempt's sequence number for this chunk.
+    pub seq: u64,
+    /// Step index.
+    pub step: u32,
+    /// 1 stdout, 2 stderr, 3 system (the wire's `OutputStream` numbers).
+    pub stream: u8,
+}
+
+/// A frame read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Its header.
+    pub header: FrameHeader,
+    /// Its bytes.
+    pub data: Vec<u8>,
+    /// Offset just past this frame.
+    pub next_offset: u64,
+}
+
+/// Frames read from an offset.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadResult {
+    /// The frames, in order.
+    pub frames: Vec<Frame>,
+    /// Where to continue.
+    pub next_offset: u64,
+}
+
+/// One file per job under a directory.
+pub struct LogStore {
+    /// The directory holding `<job>.log` files.
+    dir: PathBuf,
+    /// Files open for appending, with their current length.
+    writers: Mutex<HashMap<JobId, (File, u64)>>,
+}
+
+impl std::fmt::Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore").field("dir", &self.dir).finish()
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
+    move |cause| LogError::Io {
+        path: path.to_path_buf(),
+        cause,
+    }
+}
+
+fn encode_header(h: &FrameHeader, len: usize) -> [u8; HEADER_LEN] {
+    let mut b = [0u8; HEADER_LEN];
+    b[0..2].copy_from_slice(&MAGIC);
+    b[2] = h.stream;
+    b[3] = 0;
+    b[4..8].copy_from_slice(&h.step.to_le_bytes());
+    b[8..16].copy_from_slice(&h.attempt.to_le_bytes());
+    b[16..24].copy_from_slice(&h.seq.to_le_bytes());
+    b[24..28].copy_from_slice(&(len as u32).to_le_bytes());
+    b
+}
+
+fn decode_header(b: &[u8; HEADER_LEN]) -> Option<(FrameHeader, usize)> {
+    if b[0..2] != MAGIC {
+        return None;
+    }
+    let le32 = |r: std::ops::Range<usize>| {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(&b[r]);
+        u32::from_le_bytes(a)
+    };
+    let le64 = |r: std::ops::Range<usize>| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[r]);
+        u64::from_le_bytes(a)
+    };
+    let len = le32(24..28) as usize;
+    if len > MAX_FRAME {
+        return None;
+    }
+    Some((
+        FrameHeader {
+            stream: b[2],
+            step: le32(4..8),
+            attempt: le64(8..16),
+            seq: le64(16..24),
+        },
+        len,
+    ))
+}
+
+/// Walks the frames of a file from the start; returns the offset after the last whole frame and
+/// the last sequence number seen per attempt.
+fn scan(file: &mut File, path: &Path) -> Result<(u64, HashMap<AttemptId, u64>), LogError> {
+    let size = file.metadata().map_err(io_err(path))?.len();
+    let mut pos = 0u64;
+    let mut last = HashMap::new();
+    let mut header = [0u8; HEADER_LEN];
+    file.seek(SeekFrom::Start(0)).map_err(io_err(path))?;
+    let mut reader = std::io::BufReader::new(&mut *file);
+    while pos + HEADER_LEN as u64 <= size {
+        reader.read_exact(&mut header).map_err(io_err(path))?;
+        let Some((h, len)) = decode_header(&header) else {
+            break;
+        };
+        if pos + (HEADER_LEN + len) as u64 > size {
+            break;
+        }
+        reader
+            .seek_relative(len as i64)
+            .map_err(io_err(path))?;
+        pos += (HEADER_LEN + len) as u64;
+        last.insert(h.attempt, h.seq);
+    }
+    Ok((pos, last))
+}
+
+impl LogStore {
+    /// Opens (creating) the directory.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, LogError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        Ok(Self {
+            dir,
+            writers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn path(&self, job: JobId) -> PathBuf {
+        self.dir.join(format!("{job}.log"))
+    }
+
+    fn writers(&self) -> MutexGuard<'_, HashMap<JobId, (File, u64)>> {
+        self.writers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends one frame and returns the log's new length (the offset just past it). The bytes
+    /// are handed to the kernel before this returns, so readers see them at once; they are
+    /// flushed to disk by [`LogStore::sync`].
+    pub fn append(&self, job: JobId, header: &FrameHeader, data: &[u8]) -> Result<u64, LogError> {
+        if data.len() > MAX_FRAME {
+            return Err(LogError::TooLarge(data.len()));
+        }
+        let path = self.path(job);
+        let mut writers = self.writers();
+        if !writers.contains_key(&job) {
+            let mut file = OpenOptions::new()
+                .create(true)
+                .read(true)
+                .write(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            let (end, _) = scan(&mut file, &path)?;
+            // Cut off a frame a crash left half written.
+            file.set_len(end).map_err(io_err(&path))?;
+            file.seek(SeekFrom::Start(end)).map_err(io_err(&path))?;
+            writers.insert(job, (file, end));
+        }
+        let Some((file, len)) = writers.get_mut(&job) else {
+            return Err(LogError::Io {
+                path,
+                cause: std::io::Error::other("log writer vanished"),
+            });
+        };
+        let mut buf = Vec::with_capacity(HEADER_LEN + data.len());
+        buf.extend_from_slice(&encode_header(header, data.len()));
+        buf.extend_from_slice(data);
+        if let Err(cause) = file.write_all(&buf) {
+            // Leave no half frame behind: cut back to the last whole one.
+            let _ = file.set_len(*len);
+            let _ = file.seek(SeekFrom::Start(*len));
+            return Err(LogError::Io { path, cause });
+        }
+        *len += buf.len() as u64;
+        Ok(*len)
+    }
+
+    /// Flushes a job's log to disk and closes its writer (call when the job ends).
+    pub fn sync(&self, job: JobId) -> Result<(), LogError> {
+        let path = self.path(job);
+        if let Some((file, _)) = self.writers().remove(&job) {
+            file.sync_data().map_err(io_err(&path))?;
+        }
+        Ok(())
+    }
+
+    /// The log's current length (0 if it has no output).
+    pub fn len(&self, job: JobId) -> Result<u64, LogError> {
+        if let Some((_, len)) = self.writers().get(&job) {
+            return Ok(*len);
+        }
+        let path = self.path(job);
+        match std::fs::metadata(&path) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// The last sequence number stored for `attempt` in `job`'s log (0 if none).
+    pub fn last_seq(&self, job: JobId, attempt: AttemptId) -> Result<u64, LogError> {
+        let path = self.path(job);
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let (_, last) = scan(&mut file, &path)?;
+        Ok(last.get(&attempt).copied().unwrap_or(0))
+    }
+
+    /// Reads whole frames starting at `offset` and ending at or before `limit` (a length the
+    /// writer published), at most about `max_bytes` of payload (always at least one frame).
+    pub fn read(
+        &self,
+        job: JobId,
+        offset: u64,
+        limit: u64,
+        max_bytes: usize,
+    ) -> Result<ReadResult, LogError> {
+        if offset >= limit {
+            if offset > limit {
+                return Err(LogError::BadOffset {
+                    job,
+                    offset,
+                    size: limit,
+                });
+            }
+            return Ok(ReadResult {
+                frames: Vec::new(),
+                next_offset: offset,
+            });
+        }
+        let path = self.path(job);
+        let mut file = File::open(&path).map_err(io_err(&path))?;
+        file.seek(SeekFrom::Start(offset)).map_err(io_err(&path))?;
+        let want = (limit - offset).min((max_bytes + HEADER_LEN) as u64 * 2) as usize;
+        let mut reader = std::io::BufReader::with_capacity(want.clamp(4096, 4 << 20), file);
+        let mut frames = Vec::new();
+        let mut pos = offset;
+        let mut total = 0usize;
+        let mut header = [0u8; HEADER_LEN];
+        while pos + HEADER_LEN as u64 <= limit && (frames.is_empty() || total < max_bytes) {
+            reader.read_exact(&mut header).map_err(io_err(&path))?;
+            let Some((h, len)) = decode_header(&header) else {
+                return Err(LogError::BadOffset {
+                    job,
+                    offset,
+                    size: limit,
+                });
+            };
+            if pos + (HEADER_LEN + len) as u64 > limit {
+                break;
+            }
+            let mut data = vec![0u8; len];
+            reader.read_exact(&mut data).map_err(io_err(&path))?;
+            pos += (HEADER_LEN + len) as u64;
+            total += len;
+            frames.push(Frame {
+                header: h,
+                data,
+                next_offset: pos,
+            });
+        }
+        if frames.is_empty() && offset < limit {
+            return Err(LogError::BadOffset {
+                job,
+                offset,
+                size: limit,
+            });
+        }
+        Ok(ReadResult {
+            frames,
+            next_offset: pos,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn h(attempt: u64, seq: u64) -> FrameHeader {
+        FrameHeader {
+            attempt,
+            seq,
+            step: 0,
+            stream: 1,
+        }
+    }
+
+    #[test]
+    fn append_read_and_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = LogStore::open(dir.path()).unwrap();
+        let a = logs.append(7, &h(1, 1), b"hello\n").unwrap();
+        let b = logs.append(7, &h(1, 2), &[0xff, 0xfe, 0x00]).unwrap();
+        assert_eq!(logs.len(7).unwrap(), b);
+        let all = logs.read(7, 0, b, 1 << 20).unwrap();
+        assert_eq!(all.frames.len(), 2);
+        assert_eq!(all.frames[1].data, vec![0xff, 0xfe, 0x00]);
+        assert_eq!(all.next_offset, b);
+        let rest = logs.read(7, a, b, 1 << 20).unwrap();
+        assert_eq!(rest.frames.len(), 1);
+        assert!(matches!(
+            logs.read(7, 3, b, 1 << 20),
+            Err(LogError::BadOffset { .. })
+        ));
+        assert!(matches!(
+            logs.read(7, b + 1, b, 1 << 20),
+            Err(LogError::BadOffset { .. })
+        ));
+        // Reading up to a published length ignores later bytes.
+        let first = logs.read(7, 0, a, 1 << 20).unwrap();
+        assert_eq!(first.frames.len(), 1);
+        assert_eq!(logs.last_seq(7, 1).unwrap(), 2);
+        assert_eq!(logs.last_seq(7, 9).unwrap(), 0);
+        assert_eq!(logs.last_seq(8, 1).unwrap(), 0);
+        assert_eq!(logs.len(8).unwrap(), 0);
+    }
+
+    #[test]
+    fn torn_frame_is_cut_on_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let end = {
+            let logs = LogStore::open(dir.path()).unwrap();
+            let end = logs.append(1, &h(1, 1), b"whole").unwrap();
+            logs.sync(1).unwrap();
+            end
+        };
+        // Simulate a crash in the middle of a frame.
+        let path = dir.path().join("1.log");
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&encode_header(&h(1, 2), 100)[..]).unwrap();
+        f.write_all(b"partial").unwrap();
+        drop(f);
+        let logs = LogStore::open(dir.path()).unwrap();
+        assert_eq!(logs.last_seq(1, 1).unwrap(), 1);
+        let next = logs.append(1, &h(1, 2), b"again").unwrap();
+        assert_eq!(next, end + (HEADER_LEN + 5) as u64);
+        let all = logs.read(1, 0, next, 1 << 20).unwrap();
+        assert_eq!(all.frames.len(), 2);
+        assert_eq!(all.frames[1].data, b"again");
+    }
+
+    #[test]
+    fn read_respects_max_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = LogStore::open(dir.path()).unwrap();
+        let mut end = 0;
+        for i in 0..10 {
+            end = logs.append(1, &h(1, i + 1), &[b'x'; 1000]).unwrap();
+        }
+        let part = logs.read(1, 0, end, 2500).unwrap();
+        assert_eq!(part.frames.len(), 3);
+        let rest = logs.read(1, part.next_offset, end, 1 << 20).unwrap();
+        assert_eq!(rest.frames.len(), 7);
+    }
+}

@@ -1,0 +1,959 @@
+//! [`Store`] on one SQLite file.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use kiln_domain::{
+    AttemptId, Build, BuildId, Job, JobId, JobState, Millis, NewBuild, RunnerId, RunnerRecord,
+    StepOutcome, StepResult, StepSpec, build_state, now_millis,
+};
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+
+use crate::{Attempt, BuildDetail, BuildFilter, Change, Finish, Result, Store, StoreError};
+
+/// The schema, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE builds (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    repo        TEXT NOT NULL,
+    commit_id   TEXT NOT NULL,
+    branch      TEXT NOT NULL,
+    trigger_by  TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    error       TEXT,
+    retry_of    INTEGER REFERENCES builds(id),
+    created_at  INTEGER NOT NULL,
+    finished_at INTEGER
+);
+CREATE INDEX builds_by_repo ON builds(repo, id);
+CREATE INDEX builds_by_branch ON builds(branch, id);
+CREATE INDEX builds_by_state ON builds(state, id);
+CREATE TABLE jobs (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    build_id        INTEGER NOT NULL REFERENCES builds(id),
+    position        INTEGER NOT NULL,
+    name            TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    labels          TEXT NOT NULL,
+    steps           TEXT NOT NULL,
+    current_attempt INTEGER,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    lost_attempts   INTEGER NOT NULL DEFAULT 0,
+    runner          TEXT,
+    message         TEXT,
+    started_at      INTEGER,
+    finished_at     INTEGER
+);
+CREATE INDEX jobs_by_build ON jobs(build_id, position);
+CREATE INDEX jobs_by_state ON jobs(state, id);
+CREATE TABLE attempts (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id      INTEGER NOT NULL REFERENCES jobs(id),
+    runner_id   INTEGER NOT NULL REFERENCES runners(id),
+    state       TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    finished_at INTEGER,
+    note        TEXT
+);
+CREATE INDEX attempts_by_job ON attempts(job_id);
+CREATE TABLE step_results (
+    job_id      INTEGER NOT NULL REFERENCES jobs(id),
+    position    INTEGER NOT NULL,
+    attempt_id  INTEGER NOT NULL REFERENCES attempts(id),
+    outcome     TEXT NOT NULL,
+    exit_code   INTEGER,
+    duration_ms INTEGER NOT NULL,
+    PRIMARY KEY (job_id, position)
+);
+CREATE TABLE runners (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    name      TEXT NOT NULL UNIQUE,
+    labels    TEXT NOT NULL,
+    slots     INTEGER NOT NULL,
+    version   TEXT NOT NULL,
+    last_seen INTEGER NOT NULL
+);
+CREATE TABLE refusals (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    attempt_id INTEGER NOT NULL,
+    job_id     INTEGER NOT NULL,
+    reason     TEXT NOT NULL,
+    at         INTEGER NOT NULL
+);
+CREATE INDEX refusals_by_job ON refusals(job_id);
+"#];
+
+/// The SQLite implementation of [`Store`]: one connection behind a mutex (SQLite serialises
+/// writers anyway), WAL journal, `synchronous=FULL` so a committed transaction survives a crash
+/// of the process or the machine.
+pub struct SqliteStore {
+    /// The connection; every method takes it for one transaction.
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+const JOB_COLUMNS: &str = "id, build_id, name, state, labels, steps, current_attempt, attempts, \
+     lost_attempts, runner, message, started_at, finished_at";
+const BUILD_COLUMNS: &str =
+    "id, repo, commit_id, branch, trigger_by, state, error, retry_of, created_at, finished_at";
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    /// An in-memory database, for tests.
+    pub fn in_memory() -> Result<Self> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> Result<Self> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let version = usize::try_from(version).unwrap_or(0);
+        if version > MIGRATIONS.len() {
+            return Err(StoreError::Corrupt(format!(
+                "database schema version {version} is newer than this kiln ({})",
+                MIGRATIONS.len()
+            )));
+        }
+        let tx = conn.transaction()?;
+        for m in &MIGRATIONS[version..] {
+            tx.execute_batch(m)?;
+        }
+        tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
+        tx.commit()?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-done transaction (it rolls back
+        // on drop), so a poisoned lock is safe to reuse.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn with_tx<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+fn parse_state(s: &str) -> Result<JobState> {
+    s.parse().map_err(|e| corrupt("job state", e))
+}
+
+fn build_from_row(r: &Row<'_>) -> rusqlite::Result<(Build, String)> {
+    let state: String = r.get(5)?;
+    Ok((
+        Build {
+            id: r.get::<_, i64>(0)? as u64,
+            repo: r.get(1)?,
+            commit: r.get(2)?,
+            branch: r.get(3)?,
+            trigger: r.get(4)?,
+            state: JobState::Queued,
+            error: r.get(6)?,
+            retry_of: r.get::<_, Option<i64>>(7)?.map(|v| v as u64),
+            created_at: r.get(8)?,
+            finished_at: r.get(9)?,
+        },
+        state,
+    ))
+}
+
+fn finish_build(row: (Build, String)) -> Result<Build> {
+    let (mut b, state) = row;
+    b.state = parse_state(&state)?;
+    Ok(b)
+}
+
+struct RawJob {
+    job: Job,
+    state: String,
+    labels: String,
+    steps: String,
+}
+
+fn job_from_row(r: &Row<'_>) -> rusqlite::Result<RawJob> {
+    Ok(RawJob {
+        job: Job {
+            id: r.get::<_, i64>(0)? as u64,
+            build_id: r.get::<_, i64>(1)? as u64,
+            name: r.get(2)?,
+            state: JobState::Queued,
+            labels: BTreeMap::new(),
+            steps: Vec::new(),
+            current_attempt: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+            attempts: r.get(7)?,
+            lost_attempts: r.get(8)?,
+            runner: r.get(9)?,
+            message: r.get(10)?,
+            started_at: r.get(11)?,
+            finished_at: r.get(12)?,
+        },
+        state: r.get(3)?,
+        labels: r.get(4)?,
+        steps: r.get(5)?,
+    })
+}
+
+fn finish_job(raw: RawJob) -> Result<Job> {
+    let mut job = raw.job;
+    job.state = parse_state(&raw.state)?;
+    job.labels = serde_json::from_str(&raw.labels).map_err(|e| corrupt("job labels", e))?;
+    job.steps = serde_json::from_str::<Vec<StepSpec>>(&raw.steps)
+        .map_err(|e| corrupt("job steps", e))?;
+    Ok(job)
+}
+
+fn load_job(tx: &Connection, id: JobId) -> Result<Option<Job>> {
+    let raw = tx
+        .query_row(
+            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"),
+            [id as i64],
+            job_from_row,
+        )
+        .optional()?;
+    raw.map(finish_job).transpose()
+}
+
+fn load_jobs_of(tx: &Connection, build: BuildId) -> Result<Vec<Job>> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE build_id = ?1 ORDER BY position"
+    ))?;
+    let rows = stmt.query_map([build as i64], job_from_row)?;
+    rows.map(|r| finish_job(r?)).collect()
+}
+
+fn load_build(tx: &Connection, id: BuildId) -> Result<Option<Build>> {
+    let row = tx
+        .query_row(
+            &format!("SELECT {BUILD_COLUMNS} FROM builds WHERE id = ?1"),
+            [id as i64],
+            build_from_row,
+        )
+        .optional()?;
+    row.map(finish_build).transpose()
+}
+
+fn load_detail(tx: &Connection, id: BuildId) -> Result<Option<BuildDetail>> {
+    let Some(build) = load_build(tx, id)? else {
+        return Ok(None);
+    };
+    let jobs = load_jobs_of(tx, id)?;
+    let mut steps = BTreeMap::new();
+    let mut stmt = tx.prepare_cached(
+        "SELECT position, outcome, exit_code, duration_ms FROM step_results \
+         WHERE job_id = ?1 ORDER BY position",
+    )?;
+    for job in &jobs {
+        let rows = stmt.query_map([job.id as i64], |r| {
+            Ok((
+                r.get::<_, u32>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<i32>>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })?;
+        let mut list = Vec::new();
+        for row in rows {
+            let (index, outcome, exit_code, duration) = row?;
+            list.push(StepResult {
+                index,
+                outcome: outcome
+                    .parse::<StepOutcome>()
+                    .map_err(|e| corrupt("step outcome", e))?,
+                exit_code,
+                duration_ms: duration.max(0) as u64,
+            });
+        }
+        steps.insert(job.id, list);
+    }
+    Ok(Some(BuildDetail { build, jobs, steps }))
+}
+
+/// Recomputes a build's summary state after one of its jobs changed; returns the change.
+fn settle(tx: &Transaction<'_>, job: JobId, now: Millis) -> Result<Change> {
+    let (build_id, job_state): (i64, String) = tx.query_row(
+        "SELECT build_id, state FROM jobs WHERE id = ?1",
+        [job as i64],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let build_id = build_id as u64;
+    let job_state = parse_state(&job_state)?;
+    let states: Vec<String> = {
+        let mut stmt = tx.prepare_cached("SELECT state FROM jobs WHERE build_id = ?1")?;
+        stmt.query_map([build_id as i64], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?
+    };
+    let states = states
+        .iter()
+        .map(|s| parse_state(s))
+        .collect::<Result<Vec<_>>>()?;
+    let new_state = build_state(states);
+    let old: String = tx.query_row(
+        "SELECT state FROM builds WHERE id = ?1",
+        [build_id as i64],
+        |r| r.get(0),
+    )?;
+    let build_changed = parse_state(&old)? != new_state;
+    if build_changed {
+        let finished = new_state.is_final().then_some(now);
+        tx.execute(
+            "UPDATE builds SET state = ?1, finished_at = ?2 WHERE id = ?3",
+            params![new_state.as_str(), finished, build_id as i64],
+        )?;
+    }
+    Ok(Change {
+        build_id,
+        job_id: job,
+        job_state,
+        build_state: new_state,
+        build_changed,
+    })
+}
+
+const FINAL_STATES_SQL: &str = "('passed','failed','cancelled','timed_out','errored')";
+
+impl Store for SqliteStore {
+    fn create_build(&self, new: &NewBuild) -> Result<BuildDetail> {
+        let now = now_millis();
+        self.with_tx(|tx| {
+            let (state, finished) = if new.error.is_some() || new.jobs.is_empty() {
+                (JobState::Errored, Some(now))
+            } else {
+                (JobState::Queued, None)
+            };
+            tx.execute(
+                "INSERT INTO builds (repo, commit_id, branch, trigger_by, state, error, retry_of, \
+                 created_at, finished_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    new.repo,
+                    new.commit,
+                    new.branch,
+                    new.trigger,
+                    state.as_str(),
+                    new.error,
+                    new.retry_of.map(|v| v as i64),
+                    now,
+                    finished
+                ],
+            )?;
+            let build_id = tx.last_insert_rowid() as u64;
+            if new.error.is_none() {
+                for (pos, job) in new.jobs.iter().enumerate() {
+                    let labels = serde_json::to_string(&job.labels)
+                        .map_err(|e| corrupt("job labels", e))?;
+                    let steps = serde_json::to_string(&job.steps)
+                        .map_err(|e| corrupt("job steps", e))?;
+                    tx.execute(
+                        "INSERT INTO jobs (build_id, position, name, state, labels, steps) \
+                         VALUES (?1, ?2, ?3, 'queued', ?4, ?5)",
+                        params![build_id as i64, pos as i64, job.name, labels, steps],
+                    )?;
+                }
+            }
+            load_detail(tx, build_id)?
+                .ok_or_else(|| StoreError::Corrupt("build vanished inside its transaction".into()))
+        })
+    }
+
+    fn get_build(&self, id: BuildId) -> Result<Option<BuildDetail>> {
+        let conn = self.conn();
+        load_detail(&conn, id)
+    }
+
+    fn get_job(&self, id: JobId) -> Result<Option<Job>> {
+        let conn = self.conn();
+        load_job(&conn, id)
+    }
+
+    fn list_builds(&self, filter: &BuildFilter) -> Result<Vec<Build>> {
+        let conn = self.conn();
+        let mut sql = format!("SELECT {BUILD_COLUMNS} FROM builds WHERE 1 = 1");
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        if let Some(repo) = &filter.repo {
+            args.push(repo.clone().into());
+            sql.push_str(&format!(" AND repo = ?{}", args.len()));
+        }
+        if let Some(branch) = &filter.branch {
+            args.push(branch.clone().into());
+            sql.push_str(&format!(" AND branch = ?{}", args.len()));
+        }
+        if let Some(state) = filter.state {
+            args.push(state.as_str().to_string().into());
+            sql.push_str(&format!(" AND state = ?{}", args.len()));
+        }
+        if let Some(before) = filter.before {
+            args.push((before as i64).into());
+            sql.push_str(&format!(" AND id < ?{}", args.len()));
+        }
+        args.push(i64::from(filter.limit).into());
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", args.len()));
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args), build_from_row)?;
+        rows.map(|r| finish_build(r?)).collect()
+    }
+
+    fn queued_jobs(&self, limit: u32) -> Result<Vec<Job>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'queued' ORDER BY id LIMIT ?1"
+        ))?;
+        let rows = stmt.query_map([i64::from(limit)], job_from_row)?;
+        rows.map(|r| finish_job(r?)).collect()
+    }
+
+    fn assign(
+        &self,
+        job: JobId,
+        runner: RunnerId,
+        runner_name: &str,
+    ) -> Result<Option<(AttemptId, Change)>> {
+        let now = now_millis();
+        self.with_tx(|tx| {
+            let state: Option<String> = tx
+                .query_row("SELECT state FROM jobs WHERE id = ?1", [job as i64], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            if state.as_deref() != Some("queued") {
+                return Ok(None);
+            }
+            tx.execute(
+                "INSERT INTO attempts (job_id, runner_id, state, created_at) \
+                 VALUES (?1, ?2, 'offered', ?3)",
+                params![job as i64, runner as i64, now],
+            )?;
+            let attempt = tx.last_insert_rowid() as u64;
+            tx.execute(
+                "UPDATE jobs SET state = 'assigned', current_attempt = ?1, \
+                 attempts = attempts + 1, runner = ?2 WHERE id = ?3",
+                params![attempt as i64, runner_name, job as i64],
+            )?;
+            Ok(Some((attempt, settle(tx, job, now)?)))
+        })
+    }
+
+    fn start_attempt(&self, attempt: AttemptId) -> Result<Option<Change>> {
+        let now = now_millis();
+        self.with_tx(|tx| {
+            let n = tx.execute(
+                "UPDATE jobs SET state = 'running', started_at = ?1 \
+                 WHERE current_attempt = ?2 AND state = 'assigned'",
+                params![now, attempt as i64],
+            )?;
+            if n == 0 {
+                return Ok(None);
+            }
+            tx.execute(
+                "UPDATE attempts SET state = 'running' WHERE id = ?1",
+                [attempt as i64],
+            )?;
+            let job: i64 = tx.query_row(
+                "SELECT job_id FROM attempts WHERE id = ?1",
+                [attempt as i64],
+                |r| r.get(0),
+            )?;
+            Ok(Some(settle(tx, job as u64, now)?))
+        })
+    }
+
+    fn record_step(&self, attempt: AttemptId, step: &StepResult) -> Result<bool> {
+        self.with_tx(|tx| {
+            let job: Option<i64> = tx
+                .query_row(
+                    &format!(
+                        "SELECT id FROM jobs WHERE current_attempt = ?1 \
+                         AND state NOT IN {FINAL_STATES_SQL}"
+                    ),
+                    [attempt as i64],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(job) = job else {
+                return Ok(false);
+            };
+            tx.execute(
+                "INSERT INTO step_results (job_id, position, attempt_id, outcome, exit_code, \
+                 duration_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                 ON CONFLICT (job_id, position) DO UPDATE SET attempt_id = excluded.attempt_id, \
+                 outcome = excluded.outcome, exit_code = excluded.exit_code, \
+                 duration_ms = excluded.duration_ms",
+                params![
+                    job,
+                    step.index,
+                    attempt as i64,
+                    step.outcome.as_str(),
+                    step.exit_code,
+                    step.duration_ms as i64
+                ],
+            )?;
+            Ok(true)
+        })
+    }
+
+    fn finish_attempt(
+        &self,
+        attempt: AttemptId,
+        state: JobState,
+        message: Option<&str>,
+    ) -> Result<Finish> {
+        let now = now_millis();
+        self.with_tx(|tx| {
+            let row: Option<(i64, Option<i64>, String)> = tx
+                .query_row(
+                    "SELECT j.id, j.current_attempt, j.state FROM attempts a \
+                     JOIN jobs j ON j.id = a.job_id WHERE a.id = ?1",
+                    [attempt as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let Some((job, current, job_state)) = row else {
+                return Ok(Finish::Refused(format!("unknown attempt {attempt}")));
+            };
+            let job_state = parse_state(&job_state)?;
+            if current == Some(attempt as i64) && job_state.is_final() {
+                let attempt_state: String = tx.query_row(
+                    "SELECT state FROM attempts WHERE id = ?1",
+                    [attempt as i64],
+                    |r| r.get(0),
+                )?;
+                if attempt_state == "finished" {
+                    return Ok(Finish::AlreadyRecorded);
+                }
+            }
+            // The compare-and-set: only the current attempt of an unfinished job may finish it.
+            let n = tx.execute(
+                &format!(
+                    "UPDATE jobs SET state = ?1, message = ?2, finished_at = ?3 \
+                     WHERE id = ?4 AND current_attempt = ?5 AND state NOT IN {FINAL_STATES_SQL}"
+                ),
+                params![state.as_str(), message, now, job, attempt as i64],
+            )?;
+            if n == 0 {
+                let reason = if current != Some(attempt as i64) {
+                    format!(
+                        "attempt {attempt} is not the current attempt of job {job} (current: {})",
+                        current.map_or("none".to_string(), |c| c.to_string())
+                    )
+                } else {
+                    format!("job {job} already ended as {job_state}")
+                };
+                tx.execute(
+                    "INSERT INTO refusals (attempt_id, job_id, reason, at) VALUES (?1, ?2, ?3, ?4)",
+                    params![attempt as i64, job, reason, now],
+                )?;
+                return Ok(Finish::Refused(reason));
+            }
+            tx.execute(
+                "UPDATE attempts SET state = 'finished', finished_at = ?1 WHERE id = ?2",
+                params![now, attempt as i64],
+            )?;
+            Ok(Finish::Recorded(settle(tx, job as u64, now)?))
+        })
+    }
+
+    fn requeue_attempt(
+        &self,
+        attempt: AttemptId,
+        reason: &str,
+        max_lost: u32,
+    ) -> Result<Option<Change>> {
+        let now = now_millis();
+        self.with_tx(|tx| {
+            let row: Option<(i64, u32)> = tx
+                .query_row(
+                    &format!(
+                        "SELECT id, lost_attempts FROM jobs WHERE current_attempt = ?1 \
+                         AND state NOT IN {FINAL_STATES_SQL}"
+                    ),
+                    [attempt as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let Some((job, lost)) = row else {
+                return Ok(None);
+            };
+            tx.execute(
+                "UPDATE attempts SET state = 'lost', finished_at = ?1, note = ?2 WHERE id = ?3",
+                params![now, reason, attempt as i64],
+            )?;
+            if lost + 1 >= max_lost {
+                tx.execute(
+                    "UPDATE jobs SET state = 'errored', lost_attempts = lost_attempts + 1, \
+                     message = ?1, finished_at = ?2 WHERE id = ?3",
+                    params![
+                        format!("gave up after {} lost attempts; last: {reason}", lost + 1),
+                        now,
+                        job
+                    ],
+                )?;
+            } else {
+                tx.execute(
+                    "UPDATE jobs SET state = 'queued', lost_attempts = lost_attempts + 1, \
+                     runner = NULL, started_at = NULL WHERE id = ?1",
+                    [job],
+                )?;
+                tx.execute("DELETE FROM step_results WHERE job_id = ?1", [job])?;
+            }
+            Ok(Some(settle(tx, job as u64, now)?))
+        })
+    }
+
+    fn cancel_job(&self, job: JobId, message: &str) -> Result<Option<Change>> {
+        let now = now_millis();
+        self.with_tx(|tx| {
+            let current: Option<Option<i64>> = tx
+                .query_row(
+                    &format!(
+                        "SELECT current_attempt FROM jobs WHERE id = ?1 \
+                         AND state NOT IN {FINAL_STATES_SQL}"
+                    ),
+                    [job as i64],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(current) = current else {
+                return Ok(None);
+            };
+            tx.execute(
+                "UPDATE jobs SET state = 'cancelled', message = ?1, finished_at = ?2 WHERE id = ?3",
+                params![message, now, job as i64],
+            )?;
+            if let Some(a) = current {
+                tx.execute(
+                    "UPDATE attempts SET state = 'superseded', finished_at = ?1, note = ?2 \
+                     WHERE id = ?3 AND state IN ('offered', 'running')",
+                    params![now, message, a],
+                )?;
+            }
+            Ok(Some(settle(tx, job, now)?))
+        })
+    }
+
+    fn get_attempt(&self, attempt: AttemptId) -> Result<Option<Attempt>> {
+        let conn = self.conn();
+        let row = conn
+            .query_row(
+                "SELECT a.id, a.job_id, j.build_id, a.runner_id, a.state FROM attempts a \
+                 JOIN jobs j ON j.id = a.job_id WHERE a.id = ?1",
+                [attempt as i64],
+                attempt_from_row,
+            )
+            .optional()?;
+        Ok(row)
+    }
+
+    fn unfinished_attempts(&self) -> Result<Vec<Attempt>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT a.id, a.job_id, j.build_id, a.runner_id, a.state FROM jobs j \
+             JOIN attempts a ON a.id = j.current_attempt \
+             WHERE j.state IN ('assigned', 'running') ORDER BY a.id",
+        )?;
+        let rows = stmt.query_map([], attempt_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn upsert_runner(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+        slots: u32,
+        version: &str,
+    ) -> Result<RunnerRecord> {
+        let now = now_millis();
+        let labels_json = serde_json::to_string(labels).map_err(|e| corrupt("labels", e))?;
+        self.with_tx(|tx| {
+            tx.execute(
+                "INSERT INTO runners (name, labels, slots, version, last_seen) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO UPDATE SET \
+                 labels = excluded.labels, slots = excluded.slots, version = excluded.version, \
+                 last_seen = excluded.last_seen",
+                params![name, labels_json, slots, version, now],
+            )?;
+            let id: i64 =
+                tx.query_row("SELECT id FROM runners WHERE name = ?1", [name], |r| {
+                    r.get(0)
+                })?;
+            Ok(RunnerRecord {
+                id: id as u64,
+                name: name.to_string(),
+                labels: labels.clone(),
+                slots,
+                version: version.to_string(),
+                last_seen: now,
+            })
+        })
+    }
+
+    fn touch_runner(&self, runner: RunnerId, at: Millis) -> Result<()> {
+        let conn = self.conn();
+        conn.execute(
+            "UPDATE runners SET last_seen = ?1 WHERE id = ?2",
+            params![at, runner as i64],
+        )?;
+        Ok(())
+    }
+
+    fn list_runners(&self) -> Result<Vec<RunnerRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, name, labels, slots, version, last_seen FROM runners ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, u32>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, name, labels, slots, version, last_seen) = row?;
+            out.push(RunnerRecord {
+                id: id as u64,
+                name,
+                labels: serde_json::from_str(&labels).map_err(|e| corrupt("labels", e))?,
+                slots,
+                version,
+                last_seen,
+            });
+        }
+        Ok(out)
+    }
+
+    fn refusals(&self, job: JobId) -> Result<Vec<(AttemptId, String)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT attempt_id, reason FROM refusals WHERE job_id = ?1 ORDER BY id DESC",
+        )?;
+        let rows = stmt.query_map([job as i64], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
+fn attempt_from_row(r: &Row<'_>) -> rusqlite::Result<Attempt> {
+    Ok(Attempt {
+        id: r.get::<_, i64>(0)? as u64,
+        job_id: r.get::<_, i64>(1)? as u64,
+        build_id: r.get::<_, i64>(2)? as u64,
+        runner_id: r.get::<_, i64>(3)? as u64,
+        state: r.get(4)?,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use kiln_domain::NewJob;
+
+    fn new_build(jobs: usize) -> NewBuild {
+        NewBuild {
+            repo: "/tmp/repo".into(),
+            commit: "a".repeat(40),
+            branch: "main".into(),
+            trigger: "test".into(),
+            retry_of: None,
+            error: None,
+            jobs: (0..jobs)
+                .map(|i| NewJob {
+                    name: format!("job{i}"),
+                    labels: BTreeMap::new(),
+                    steps: vec![StepSpec {
+                        index: 0,
+                        name: "s".into(),
+                        run: "true".into(),
+                        env: BTreeMap::new(),
+                        timeout_ms: 0,
+                    }],
+                })
+                .collect(),
+        }
+    }
+
+    fn runner(s: &SqliteStore, name: &str) -> RunnerId {
+        s.upsert_runner(name, &BTreeMap::new(), 1, "test").unwrap().id
+    }
+
+    #[test]
+    fn build_lifecycle_and_fencing() {
+        let s = SqliteStore::in_memory().unwrap();
+        let d = s.create_build(&new_build(1)).unwrap();
+        assert_eq!(d.build.state, JobState::Queued);
+        let job = d.jobs[0].id;
+        let r1 = runner(&s, "r1");
+        let r2 = runner(&s, "r2");
+        let (a1, ch) = s.assign(job, r1, "r1").unwrap().unwrap();
+        assert_eq!(ch.job_state, JobState::Assigned);
+        assert_eq!(ch.build_state, JobState::Running);
+        // A second assignment of the same job is refused while it is not queued.
+        assert!(s.assign(job, r2, "r2").unwrap().is_none());
+        assert!(s.start_attempt(a1).unwrap().is_some());
+        // The runner is lost: the job is queued again and given to r2.
+        let ch = s.requeue_attempt(a1, "runner lost", 3).unwrap().unwrap();
+        assert_eq!(ch.job_state, JobState::Queued);
+        let (a2, _) = s.assign(job, r2, "r2").unwrap().unwrap();
+        // The old attempt's late result is refused and recorded.
+        match s.finish_attempt(a1, JobState::Failed, None).unwrap() {
+            Finish::Refused(why) => assert!(why.contains("not the current attempt"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            !s.record_step(
+                a1,
+                &StepResult {
+                    index: 0,
+                    outcome: StepOutcome::Failed,
+                    exit_code: Some(1),
+                    duration_ms: 1
+                }
+            )
+            .unwrap()
+        );
+        let ch = match s.finish_attempt(a2, JobState::Passed, None).unwrap() {
+            Finish::Recorded(ch) => ch,
+            other => panic!("{other:?}"),
+        };
+        assert!(ch.build_changed);
+        assert_eq!(ch.build_state, JobState::Passed);
+        // Re-sent result: idempotent. Any other result: refused.
+        assert_eq!(
+            s.finish_attempt(a2, JobState::Passed, None).unwrap(),
+            Finish::AlreadyRecorded
+        );
+        assert!(matches!(
+            s.finish_attempt(a2, JobState::Failed, None).unwrap(),
+            Finish::AlreadyRecorded
+        ));
+        let d = s.get_build(d.build.id).unwrap().unwrap();
+        assert_eq!(d.jobs[0].state, JobState::Passed);
+        assert_eq!(d.jobs[0].attempts, 2);
+        assert_eq!(d.jobs[0].lost_attempts, 1);
+        assert_eq!(s.refusals(job).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn lost_too_often_errors() {
+        let s = SqliteStore::in_memory().unwrap();
+        let d = s.create_build(&new_build(1)).unwrap();
+        let job = d.jobs[0].id;
+        let r = runner(&s, "r");
+        for _ in 0..2 {
+            let (a, _) = s.assign(job, r, "r").unwrap().unwrap();
+            s.requeue_attempt(a, "lost", 3).unwrap();
+        }
+        let (a, _) = s.assign(job, r, "r").unwrap().unwrap();
+        let ch = s.requeue_attempt(a, "lost", 3).unwrap().unwrap();
+        assert_eq!(ch.job_state, JobState::Errored);
+        assert_eq!(ch.build_state, JobState::Errored);
+    }
+
+    #[test]
+    fn list_filters_and_pages() {
+        let s = SqliteStore::in_memory().unwrap();
+        for i in 0..5 {
+            let mut b = new_build(1);
+            b.branch = if i % 2 == 0 { "main" } else { "dev" }.into();
+            s.create_build(&b).unwrap();
+        }
+        let all = s
+            .list_builds(&BuildFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(all.len(), 5);
+        assert!(all[0].id > all[1].id);
+        let main = s
+            .list_builds(&BuildFilter {
+                branch: Some("main".into()),
+                limit: 2,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(main.len(), 2);
+        let rest = s
+            .list_builds(&BuildFilter {
+                branch: Some("main".into()),
+                before: Some(main[1].id),
+                limit: 2,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(rest.len(), 1);
+        let queued = s
+            .list_builds(&BuildFilter {
+                state: Some(JobState::Queued),
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(queued.len(), 5);
+    }
+
+    #[test]
+    fn errored_build_has_no_jobs_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        let id = {
+            let s = SqliteStore::open(&path).unwrap();
+            let mut b = new_build(1);
+            b.error = Some(".kiln.yml:2:3: unknown field".into());
+            let d = s.create_build(&b).unwrap();
+            assert!(d.jobs.is_empty());
+            assert_eq!(d.build.state, JobState::Errored);
+            s.create_build(&new_build(2)).unwrap();
+            d.build.id
+        };
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(
+            s.get_build(id).unwrap().unwrap().build.error.as_deref(),
+            Some(".kiln.yml:2:3: unknown field")
+        );
+        assert_eq!(s.queued_jobs(10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn cancel_supersedes() {
+        let s = SqliteStore::in_memory().unwrap();
+        let d = s.create_build(&new_build(2)).unwrap();
+        let r = runner(&s, "r");
+        let (a, _) = s.assign(d.jobs[0].id, r, "r").unwrap().unwrap();
+        s.cancel_job(d.jobs[0].id, "by user").unwrap().unwrap();
+        let ch = s.cancel_job(d.jobs[1].id, "by user").unwrap().unwrap();
+        assert_eq!(ch.build_state, JobState::Cancelled);
+        assert!(s.cancel_job(d.jobs[1].id, "again").unwrap().is_none());
+        assert!(matches!(
+            s.finish_attempt(a, JobState::Passed, None).unwrap(),
+            Finish::Refused(_)
+        ));
+    }
+}
