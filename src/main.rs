@@ -1,1 +1,37 @@
-fn main() {}
+//! The `kiln` binary: parses the command line, sets up tracing, runs the command, and exits
+//! with the command's exit code (documented in `kiln::cli`).
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+fn main() {
+    let cli = kiln::cli::Cli::parse();
+    let server = matches!(
+        cli.command,
+        kiln::cli::Command::Serve(_) | kiln::cli::Command::Runner(_)
+    );
+    let default = if server { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new(default)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kiln: cannot start the async runtime: {e}");
+            std::process::exit(kiln::cli::exit::INTERNAL);
+        }
+    };
+    let code = match runtime.block_on(kiln::cli::run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kiln: {}", e.message);
+            e.code
+        }
+    };
+    // Do not wait for lingering blocking tasks (a fetch in progress) on the way out.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    std::process::exit(code);
+}

@@ -22,7 +22,7 @@ use kiln_domain::{
     StepResult,
 };
 
-pub use logs::{Frame, FrameHeader, LogError, LogStore, ReadResult};
+pub use logs::{Frame, FrameHeader, LogError, LogStore, MAX_FRAME, ReadResult};
 pub use sqlite::SqliteStore;
 
 /// Errors from the store.

@@ -1,0 +1,161 @@
+//! The error type of the crate and the conversion from `serde_norway` errors.
+
+use crate::MAX_FILE_SIZE;
+
+/// Why a pipeline could not be parsed or detected.
+///
+/// `Display` reads `file:line:column: message` whenever the location is
+/// known (for example `.kiln.yml:3:5: unknown field `rn`, expected one of
+/// `name`, `run`, `env`, `timeout`, `labels``), and `file: message`
+/// otherwise. Lines and columns are 1-based; columns count characters.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// The pipeline file is larger than [`MAX_FILE_SIZE`].
+    #[error("{file}: the file is {size} bytes, more than the limit of {limit} bytes (1 MiB)")]
+    TooLarge {
+        /// The file name passed to [`parse`](crate::parse).
+        file: String,
+        /// Size of the text in bytes.
+        size: usize,
+        /// The limit in bytes ([`MAX_FILE_SIZE`]).
+        limit: usize,
+    },
+    /// The pipeline file is empty, or holds only whitespace and comments.
+    #[error("{file}: the file is empty; it must be a mapping with a non-empty `steps` list")]
+    Empty {
+        /// The file name passed to [`parse`](crate::parse).
+        file: String,
+    },
+    /// The file is not valid YAML, does not follow the schema (unknown key,
+    /// wrong type, missing key) or breaks a rule of the schema (empty
+    /// `steps`, duplicate step name, invalid duration, ...).
+    #[error("{}", located(file, *line, *column, message))]
+    Invalid {
+        /// The file name passed to [`parse`](crate::parse).
+        file: String,
+        /// 1-based line of the offending text, when known.
+        line: Option<usize>,
+        /// 1-based column of the offending text, when known.
+        column: Option<usize>,
+        /// What is wrong, without the location.
+        message: String,
+    },
+    /// The repository has no pipeline file and no default pipeline applies.
+    #[error(
+        "no `{}` found at the repository root and no default pipeline detected \
+         (looked for Python unittest files `tests/test*.py` and a `Cargo.toml` \
+         at the repository root)",
+        crate::FILE_NAME
+    )]
+    NothingDetected,
+}
+
+fn located(file: &str, line: Option<usize>, column: Option<usize>, message: &str) -> String {
+    match (line, column) {
+        (Some(line), Some(column)) => format!("{file}:{line}:{column}: {message}"),
+        (Some(line), None) => format!("{file}:{line}: {message}"),
+        _ => format!("{file}: {message}"),
+    }
+}
+
+impl PipelineError {
+    /// The 1-based line of the error in the pipeline file, when known.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            Self::Invalid { line, .. } => *line,
+            _ => None,
+        }
+    }
+
+    /// The 1-based column of the error in the pipeline file, when known.
+    pub fn column(&self) -> Option<usize> {
+        match self {
+            Self::Invalid { column, .. } => *column,
+            _ => None,
+        }
+    }
+
+    /// The name of the file the error is about, if it is about a file.
+    pub fn file(&self) -> Option<&str> {
+        match self {
+            Self::TooLarge { file, .. } | Self::Empty { file } | Self::Invalid { file, .. } => {
+                Some(file)
+            }
+            Self::NothingDetected => None,
+        }
+    }
+
+    pub(crate) fn too_large(file: &str, size: usize) -> Self {
+        Self::TooLarge {
+            file: file.to_owned(),
+            size,
+            limit: MAX_FILE_SIZE,
+        }
+    }
+
+    pub(crate) fn empty(file: &str) -> Self {
+        Self::Empty {
+            file: file.to_owned(),
+        }
+    }
+
+    /// Converts a `serde_norway` error, keeping its location and dropping the
+    /// location text (` at line L column C`) and the key path prefix
+    /// (`steps[0].env: `) that serde_norway puts into its message.
+    pub(crate) fn from_yaml(file: &str, err: &serde_norway::Error) -> Self {
+        let location = err.location();
+        let mut message = err.to_string();
+        if let Some(loc) = &location {
+            let suffix = format!(" at line {} column {}", loc.line(), loc.column());
+            if let Some(at) = message.find(&suffix) {
+                message.replace_range(at..at + suffix.len(), "");
+            }
+        }
+        Self::Invalid {
+            file: file.to_owned(),
+            line: location.as_ref().map(serde_norway::Location::line),
+            column: location.as_ref().map(serde_norway::Location::column),
+            message: strip_path(&message).to_owned(),
+        }
+    }
+}
+
+/// Removes the `path: ` prefix that serde_norway adds to messages of errors
+/// below the top level (`steps[0]: unknown field ...`).
+///
+/// A path is made of keys and `[index]` parts joined with `.`; the messages
+/// of this crate and of serde never contain `: ` before a space or a
+/// backtick, so a prefix without whitespace or backticks is a path. (A key
+/// with whitespace in it stays in the message, which is harmless.)
+fn strip_path(message: &str) -> &str {
+    match message.split_once(": ") {
+        Some((prefix, rest))
+            if !prefix.is_empty()
+                && !prefix.contains(|c: char| c.is_whitespace() || c == '`' || c == '"') =>
+        {
+            rest
+        }
+        _ => message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_path;
+
+    #[test]
+    fn strips_only_paths() {
+        assert_eq!(
+            strip_path("steps[0]: unknown field `rn`"),
+            "unknown field `rn`"
+        );
+        assert_eq!(strip_path("steps[0].env.A: bad"), "bad");
+        assert_eq!(
+            strip_path("invalid type: string \"x\", expected y"),
+            "invalid type: string \"x\", expected y"
+        );
+        assert_eq!(strip_path("missing field `steps`"), "missing field `steps`");
+        assert_eq!(strip_path("bad name `a: b`: nope"), "bad name `a: b`: nope");
+    }
+}

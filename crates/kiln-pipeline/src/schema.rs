@@ -1,0 +1,607 @@
+//! Deserialization of the `.kiln.yml` schema.
+//!
+//! Every check runs inside a `Visitor` method called by serde_norway for the
+//! offending node, so serde_norway attaches that node's line and column to
+//! the error (it does so for errors returned while it drives a visitor). That
+//! is why the structs are read by hand-written visitors with
+//! `DeserializeSeed`s rather than by derived impls: a seed carries what a
+//! check needs to know about the rest of the file (the keys already seen in a
+//! mapping, the step names already used), so even a duplicate is reported at
+//! the second occurrence.
+//!
+//! Unknown keys are rejected with serde's own message (`unknown field `rn`,
+//! expected one of ...`), exactly like `#[serde(deny_unknown_fields)]`, and a
+//! key given twice is rejected at its second occurrence. Adding a key in a
+//! later version of the schema (`depends_on`, `matrix`, `retry`, ...) means
+//! adding it to the field list and to the match of its visitor; files valid
+//! today stay valid.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+
+/// Keys allowed at the top level of the file.
+pub(crate) const TOP_FIELDS: &[&str] = &["version", "env", "labels", "timeout", "steps"];
+/// Keys allowed in a step.
+pub(crate) const STEP_FIELDS: &[&str] = &["name", "run", "env", "timeout", "labels"];
+
+/// The only `version` this crate understands.
+const VERSION: &str = "1";
+/// Longest allowed step name, in characters.
+const MAX_NAME_LEN: usize = 64;
+/// Longest piece of user text quoted back in an error message.
+const MAX_QUOTE: usize = 80;
+
+/// The file as written, before the top-level defaults are applied.
+#[derive(Debug)]
+pub(crate) struct RawPipeline {
+    pub(crate) env: BTreeMap<String, String>,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) steps: Vec<RawStep>,
+}
+
+/// A step as written.
+#[derive(Debug)]
+pub(crate) struct RawStep {
+    pub(crate) name: String,
+    pub(crate) run: String,
+    pub(crate) env: BTreeMap<String, String>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) labels: BTreeMap<String, String>,
+}
+
+/// Quotes user text in a message, shortened if it is long.
+fn quote(text: &str) -> String {
+    if text.chars().count() <= MAX_QUOTE {
+        format!("`{text}`")
+    } else {
+        let short: String = text.chars().take(MAX_QUOTE).collect();
+        format!("`{short}...`")
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Mapping keys
+
+/// Reads a key of a struct-like mapping: rejects unknown keys and keys given
+/// twice, and returns the key's entry of `fields`.
+struct FieldSeed<'a> {
+    fields: &'static [&'static str],
+    seen: &'a mut Vec<&'static str>,
+}
+
+impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
+    type Value = &'static str;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for FieldSeed<'_> {
+    type Value = &'static str;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a key name")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        let Some(field) = self.fields.iter().copied().find(|field| *field == v) else {
+            return Err(E::unknown_field(v, self.fields));
+        };
+        if self.seen.contains(&field) {
+            return Err(E::duplicate_field(field));
+        }
+        self.seen.push(field);
+        Ok(field)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Top level
+
+/// Reads the whole document.
+pub(crate) struct DocumentSeed;
+
+impl<'de> DeserializeSeed<'de> for DocumentSeed {
+    type Value = RawPipeline;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for DocumentSeed {
+    type Value = RawPipeline;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a mapping at the top level, with a `steps` list")
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Err(E::custom(
+            "the file holds no pipeline; it must be a mapping with a non-empty `steps` list",
+        ))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        self.visit_none()
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut seen = Vec::new();
+        let mut env = BTreeMap::new();
+        let mut labels = BTreeMap::new();
+        let mut timeout = None;
+        let mut steps = None;
+        while let Some(field) = map.next_key_seed(FieldSeed {
+            fields: TOP_FIELDS,
+            seen: &mut seen,
+        })? {
+            match field {
+                "version" => map.next_value_seed(VersionSeed)?,
+                "env" => env = map.next_value_seed(EnvSeed)?,
+                "labels" => labels = map.next_value_seed(LabelsSeed)?,
+                "timeout" => timeout = Some(map.next_value_seed(DurationSeed)?),
+                "steps" => steps = Some(map.next_value_seed(StepsSeed)?),
+                other => return Err(de::Error::unknown_field(other, TOP_FIELDS)),
+            }
+        }
+        let steps = steps.ok_or_else(|| de::Error::missing_field("steps"))?;
+        Ok(RawPipeline {
+            env,
+            labels,
+            timeout,
+            steps,
+        })
+    }
+}
+
+/// `version`: only `1` is accepted.
+struct VersionSeed;
+
+impl<'de> DeserializeSeed<'de> for VersionSeed {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        // `deserialize_str` hands over the scalar's text as written.
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for VersionSeed {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the pipeline file version `1`")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        if v.trim() == VERSION {
+            Ok(())
+        } else {
+            Err(E::custom(format!(
+                "unsupported `version` {}, expected `1` (or no `version` key)",
+                quote(v)
+            )))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Steps
+
+/// `steps`: a non-empty list of steps with unique names.
+struct StepsSeed;
+
+impl<'de> DeserializeSeed<'de> for StepsSeed {
+    type Value = Vec<RawStep>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StepsSeed {
+    type Value = Vec<RawStep>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a non-empty list of steps")
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Err(E::custom(
+            "`steps` is empty; at least one step with `name` and `run` is needed",
+        ))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        self.visit_none()
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut names = BTreeMap::new();
+        let mut steps = Vec::new();
+        while let Some(step) = seq.next_element_seed(StepSeed {
+            number: steps.len() + 1,
+            names: &mut names,
+        })? {
+            steps.push(step);
+        }
+        if steps.is_empty() {
+            return self.visit_none();
+        }
+        Ok(steps)
+    }
+}
+
+/// One step; `names` maps the names of the earlier steps to their 1-based
+/// position.
+struct StepSeed<'a> {
+    number: usize,
+    names: &'a mut BTreeMap<String, usize>,
+}
+
+impl<'de> DeserializeSeed<'de> for StepSeed<'_> {
+    type Value = RawStep;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StepSeed<'_> {
+    type Value = RawStep;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a step: a mapping with `name` and `run`")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut seen = Vec::new();
+        let mut name = None;
+        let mut run = None;
+        let mut env = BTreeMap::new();
+        let mut timeout = None;
+        let mut labels = BTreeMap::new();
+        while let Some(field) = map.next_key_seed(FieldSeed {
+            fields: STEP_FIELDS,
+            seen: &mut seen,
+        })? {
+            match field {
+                "name" => {
+                    name = Some(map.next_value_seed(NameSeed {
+                        number: self.number,
+                        names: &mut *self.names,
+                    })?);
+                }
+                "run" => run = Some(map.next_value_seed(RunSeed)?),
+                "env" => env = map.next_value_seed(EnvSeed)?,
+                "timeout" => timeout = Some(map.next_value_seed(DurationSeed)?),
+                "labels" => labels = map.next_value_seed(LabelsSeed)?,
+                other => return Err(de::Error::unknown_field(other, STEP_FIELDS)),
+            }
+        }
+        Ok(RawStep {
+            name: name.ok_or_else(|| de::Error::missing_field("name"))?,
+            run: run.ok_or_else(|| de::Error::missing_field("run"))?,
+            env,
+            timeout,
+            labels,
+        })
+    }
+}
+
+/// A step name: 1..=64 characters of `[A-Za-z0-9_.-]`, unique in the file.
+struct NameSeed<'a> {
+    number: usize,
+    names: &'a mut BTreeMap<String, usize>,
+}
+
+impl<'de> DeserializeSeed<'de> for NameSeed<'_> {
+    type Value = String;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for NameSeed<'_> {
+    type Value = String;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a step name")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        if !is_valid_step_name(v) {
+            return Err(E::custom(format!(
+                "invalid step name {}, expected 1 to {MAX_NAME_LEN} characters \
+                 of `A-Z`, `a-z`, `0-9`, `_`, `.` and `-`",
+                quote(v)
+            )));
+        }
+        if let Some(first) = self.names.get(v) {
+            return Err(E::custom(format!(
+                "duplicate step name {}, already used by step {first}",
+                quote(v)
+            )));
+        }
+        self.names.insert(v.to_owned(), self.number);
+        Ok(v.to_owned())
+    }
+}
+
+/// Whether `name` is a valid step name.
+pub(crate) fn is_valid_step_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// `run`: a non-blank string, or a list of strings joined with newlines.
+struct RunSeed;
+
+impl<'de> DeserializeSeed<'de> for RunSeed {
+    type Value = String;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RunSeed {
+    type Value = String;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "a shell command string or a list of command strings \
+             (quote a command that YAML reads as a number or a bool)",
+        )
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Err(E::custom("`run` is empty, expected a shell command"))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        self.visit_none()
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        if v.trim().is_empty() {
+            return self.visit_none();
+        }
+        Ok(v.to_owned())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut lines = Vec::new();
+        while let Some(line) = seq.next_element_seed(ScalarTextSeed {
+            expecting: "a command string",
+        })? {
+            lines.push(line);
+        }
+        let run = lines.join("\n");
+        if run.trim().is_empty() {
+            return self.visit_none();
+        }
+        Ok(run)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Scalars
+
+/// A scalar taken as the text written in the file: strings, numbers and
+/// bools are accepted (`3.10` stays `3.10`, `0x1F` stays `0x1F`, `true`
+/// stays `true`) and a null (`~`, `null`, nothing) is the empty string.
+/// Sequences and mappings are rejected.
+struct ScalarTextSeed {
+    expecting: &'static str,
+}
+
+impl<'de> DeserializeSeed<'de> for ScalarTextSeed {
+    type Value = String;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ScalarTextSeed {
+    type Value = String;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(String::new())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(String::new())
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        // serde_norway's `deserialize_str` gives any scalar's text as written.
+        deserializer.deserialize_str(self)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.to_owned())
+    }
+}
+
+/// A duration in humantime syntax (`30s`, `10m`, `1h 30m`), greater than zero.
+struct DurationSeed;
+
+impl<'de> DeserializeSeed<'de> for DurationSeed {
+    type Value = Duration;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for DurationSeed {
+    type Value = Duration;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a duration such as `30s`, `10m` or `1h 30m`")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        let text = v.trim();
+        if text.is_empty() {
+            return Err(E::custom(
+                "`timeout` is empty, expected a duration such as `30s`, `10m` or `1h 30m`",
+            ));
+        }
+        match humantime::parse_duration(text) {
+            Ok(duration) if duration.is_zero() => Err(E::custom(format!(
+                "invalid timeout {}, it must be greater than zero",
+                quote(v)
+            ))),
+            Ok(duration) => Ok(duration),
+            Err(err) => Err(E::custom(format!(
+                "invalid duration {} ({err}), expected a duration such as `30s`, `10m` or `1h 30m`",
+                quote(v)
+            ))),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// env and labels
+
+/// Which kind of string map is being read.
+#[derive(Clone, Copy)]
+enum MapKind {
+    Env,
+    Labels,
+}
+
+/// `env`: environment variable names to values.
+struct EnvSeed;
+
+impl<'de> DeserializeSeed<'de> for EnvSeed {
+    type Value = BTreeMap<String, String>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(StringMapVisitor(MapKind::Env))
+    }
+}
+
+/// `labels`: runner label names to values.
+struct LabelsSeed;
+
+impl<'de> DeserializeSeed<'de> for LabelsSeed {
+    type Value = BTreeMap<String, String>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(StringMapVisitor(MapKind::Labels))
+    }
+}
+
+/// A mapping of names to scalar texts; an empty value (`env:`) is an empty
+/// mapping.
+struct StringMapVisitor(MapKind);
+
+impl<'de> Visitor<'de> for StringMapVisitor {
+    type Value = BTreeMap<String, String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            MapKind::Env => f.write_str("a mapping of environment variable names to values"),
+            MapKind::Labels => f.write_str("a mapping of label names to values"),
+        }
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(BTreeMap::new())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(BTreeMap::new())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = BTreeMap::new();
+        while let Some(key) = map.next_key_seed(MapKeySeed {
+            kind: self.0,
+            seen: &out,
+        })? {
+            let value = map.next_value_seed(ScalarTextSeed {
+                expecting: "a string, number or bool",
+            })?;
+            out.insert(key, value);
+        }
+        Ok(out)
+    }
+}
+
+/// A key of `env` (`[A-Za-z_][A-Za-z0-9_]*`) or `labels` (non-empty), not
+/// given twice.
+struct MapKeySeed<'a> {
+    kind: MapKind,
+    seen: &'a BTreeMap<String, String>,
+}
+
+impl<'de> DeserializeSeed<'de> for MapKeySeed<'_> {
+    type Value = String;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for MapKeySeed<'_> {
+    type Value = String;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            MapKind::Env => f.write_str("an environment variable name"),
+            MapKind::Labels => f.write_str("a label name"),
+        }
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        let what = match self.kind {
+            MapKind::Env => {
+                if !is_valid_env_name(v) {
+                    return Err(E::custom(format!(
+                        "invalid environment variable name {}, expected `[A-Za-z_][A-Za-z0-9_]*`",
+                        quote(v)
+                    )));
+                }
+                "environment variable"
+            }
+            MapKind::Labels => {
+                if v.trim().is_empty() {
+                    return Err(E::custom("empty label name"));
+                }
+                "label"
+            }
+        };
+        if self.seen.contains_key(v) {
+            return Err(E::custom(format!("duplicate {what} {}", quote(v))));
+        }
+        Ok(v.to_owned())
+    }
+}
+
+/// Whether `name` is a valid environment variable name.
+pub(crate) fn is_valid_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}

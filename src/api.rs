@@ -1,0 +1,437 @@
+//! The gRPC edge of the dispatcher: thin tonic services over [`Dispatcher`], the one mapping of
+//! engine errors to `tonic::Status`, and [`serve`], which puts everything (with health and
+//! reflection) on one listener.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use kiln_domain::JobId;
+use kiln_store::BuildFilter;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::convert;
+use crate::dispatcher::{DispatchError, Dispatcher, SubmitRequest};
+use crate::proto::{
+    self, build_service_server::BuildService, build_service_server::BuildServiceServer,
+    runner_admin_service_server::RunnerAdminService,
+    runner_admin_service_server::RunnerAdminServiceServer, runner_service_server::RunnerService,
+    runner_service_server::RunnerServiceServer,
+};
+
+/// Largest request a client may send to `BuildService` and `RunnerAdminService`.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// Largest message a runner may send on its stream (output chunks are at most 64 KiB).
+pub const MAX_RUNNER_MESSAGE_BYTES: usize = 4 << 20;
+/// Payload read from the log store per step of a follower.
+const FOLLOW_READ_BYTES: usize = 1 << 20;
+
+impl From<DispatchError> for Status {
+    fn from(e: DispatchError) -> Self {
+        match e {
+            DispatchError::InvalidArgument(m) => Status::invalid_argument(m),
+            DispatchError::NotFound(m) => Status::not_found(m),
+            DispatchError::FailedPrecondition(m) => Status::failed_precondition(m),
+            DispatchError::Unavailable(m) => Status::unavailable(m),
+            DispatchError::Internal(m) => {
+                tracing::error!(cause = %m, "internal error");
+                Status::internal("internal error (see the dispatcher's log)")
+            }
+        }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// `RunnerService` over the engine.
+#[derive(Debug, Clone)]
+pub struct RunnerApi {
+    dispatcher: Dispatcher,
+}
+
+#[tonic::async_trait]
+impl RunnerService for RunnerApi {
+    type AttachStream = ReceiverStream<Result<proto::DispatcherMessage, Status>>;
+
+    async fn attach(
+        &self,
+        request: Request<Streaming<proto::RunnerMessage>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        Ok(Response::new(self.dispatcher.attach(request.into_inner())))
+    }
+}
+
+/// `BuildService` over the engine.
+#[derive(Debug, Clone)]
+pub struct BuildApi {
+    dispatcher: Dispatcher,
+    shutdown: CancellationToken,
+}
+
+#[tonic::async_trait]
+impl BuildService for BuildApi {
+    async fn submit_build(
+        &self,
+        request: Request<proto::SubmitBuildRequest>,
+    ) -> Result<Response<proto::Build>, Status> {
+        let r = request.into_inner();
+        let d = self
+            .dispatcher
+            .submit(SubmitRequest {
+                repo: r.repo,
+                commit: r.commit,
+                branch: r.branch,
+                trigger: r.trigger,
+            })
+            .await?;
+        Ok(Response::new(convert::build_to_proto(&d)))
+    }
+
+    async fn get_build(
+        &self,
+        request: Request<proto::GetBuildRequest>,
+    ) -> Result<Response<proto::Build>, Status> {
+        let d = self.dispatcher.get_build(request.into_inner().build_id).await?;
+        Ok(Response::new(convert::build_to_proto(&d)))
+    }
+
+    async fn list_builds(
+        &self,
+        request: Request<proto::ListBuildsRequest>,
+    ) -> Result<Response<proto::ListBuildsResponse>, Status> {
+        let r = request.into_inner();
+        let limit = match r.page_size {
+            0 => 50,
+            n if n > 500 => {
+                return Err(Status::invalid_argument("page_size must be at most 500"));
+            }
+            n => n,
+        };
+        let before = if r.page_token.is_empty() {
+            None
+        } else {
+            Some(r.page_token.parse::<u64>().map_err(|_| {
+                Status::invalid_argument("page_token is not a token from a previous response")
+            })?)
+        };
+        let state = match r.state {
+            0 => None,
+            n => Some(
+                proto::JobState::try_from(n)
+                    .ok()
+                    .and_then(convert::job_state_from_proto)
+                    .ok_or_else(|| Status::invalid_argument(format!("state {n} is not a state")))?,
+            ),
+        };
+        let filter = BuildFilter {
+            repo: (!r.repo.is_empty()).then_some(r.repo),
+            branch: (!r.branch.is_empty()).then_some(r.branch),
+            state,
+            before,
+            limit: limit + 1,
+        };
+        let mut builds = self.dispatcher.list_builds(filter).await?;
+        let next_page_token = if builds.len() > limit as usize {
+            builds.truncate(limit as usize);
+            builds.last().map(|b| b.id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(proto::ListBuildsResponse {
+            builds: builds.iter().map(convert::build_summary_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    type StreamLogsStream = BoxStream<proto::LogChunk>;
+
+    async fn stream_logs(
+        &self,
+        request: Request<proto::StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let r = request.into_inner();
+        let d = &self.dispatcher;
+        let job: JobId = match (r.job_id, r.build_id) {
+            (0, 0) => return Err(Status::invalid_argument("job_id or build_id is required")),
+            (0, b) => {
+                let detail = d.get_build(b).await?;
+                match detail.jobs.first() {
+                    Some(j) => j.id,
+                    None => {
+                        return Err(Status::failed_precondition(format!(
+                            "build {b} has no jobs: {}",
+                            detail.build.error.unwrap_or_default()
+                        )));
+                    }
+                }
+            }
+            (j, _) => j,
+        };
+        // Subscribe first, then look at the job: an end in between cannot be missed.
+        let mut progress = d.follow(job)?;
+        let state = d.get_job(job).await?.state;
+        d.settle_follow(job, state);
+        if r.offset > progress.borrow().len {
+            return Err(Status::invalid_argument(format!(
+                "offset {} is past the end of job {job}'s log ({} bytes)",
+                r.offset,
+                progress.borrow().len
+            )));
+        }
+        let (tx, rx) = mpsc::channel(16);
+        let d = d.clone();
+        let shutdown = self.shutdown.clone();
+        let follow = r.follow;
+        let mut offset = r.offset;
+        tokio::spawn(async move {
+            loop {
+                let p = *progress.borrow_and_update();
+                if offset < p.len {
+                    match d.read_log(job, offset, p.len, FOLLOW_READ_BYTES).await {
+                        Ok(read) => {
+                            for f in read.frames {
+                                let chunk = proto::LogChunk {
+                                    step_index: f.header.step,
+                                    stream: i32::from(f.header.stream),
+                                    data: f.data.into(),
+                                    next_offset: f.next_offset,
+                                    final_state: 0,
+                                };
+                                if tx.send(Ok(chunk)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            offset = read.next_offset;
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(Status::from(e))).await;
+                            return;
+                        }
+                    }
+                    continue;
+                }
+                let end = match p.done {
+                    Some(s) => Some(s),
+                    None if !follow => Some(state).filter(|s| s.is_final()),
+                    None => None,
+                };
+                if end.is_some() || !follow {
+                    let _ = tx
+                        .send(Ok(proto::LogChunk {
+                            step_index: 0,
+                            stream: 0,
+                            data: Default::default(),
+                            next_offset: offset,
+                            final_state: end.map_or(0, |s| convert::job_state_to_proto(s) as i32),
+                        }))
+                        .await;
+                    return;
+                }
+                tokio::select! {
+                    changed = progress.changed() => {
+                        if changed.is_err() && progress.borrow().done.is_none() {
+                            // The channel was replaced; subscribe again.
+                            match d.follow(job) {
+                                Ok(p) => progress = p,
+                                Err(e) => { let _ = tx.send(Err(Status::from(e))).await; return; }
+                            }
+                            if let Ok(j) = d.get_job(job).await {
+                                d.settle_follow(job, j.state);
+                            }
+                        }
+                    }
+                    _ = tx.closed() => return,
+                    _ = shutdown.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("the dispatcher is shutting down"))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type WatchBuildsStream = BoxStream<proto::BuildEvent>;
+
+    async fn watch_builds(
+        &self,
+        request: Request<proto::WatchBuildsRequest>,
+    ) -> Result<Response<Self::WatchBuildsStream>, Status> {
+        let only = request.into_inner().build_id;
+        let mut events = self.dispatcher.subscribe();
+        let (tx, rx) = mpsc::channel(64);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    ev = events.recv() => ev,
+                    _ = tx.closed() => return,
+                    _ = shutdown.cancelled() => return,
+                };
+                match ev {
+                    Ok(ev) if only == 0 || ev.build_id == only => {
+                        let out = proto::BuildEvent {
+                            build_id: ev.build_id,
+                            job_id: ev.job_id.unwrap_or(0),
+                            state: convert::job_state_to_proto(ev.state) as i32,
+                            at: Some(convert::timestamp(ev.at)),
+                        };
+                        if tx.send(Ok(out)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::data_loss(format!(
+                                "watcher fell behind and missed {n} events; watch again and re-read the builds"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel_build(
+        &self,
+        request: Request<proto::CancelBuildRequest>,
+    ) -> Result<Response<proto::Build>, Status> {
+        let d = self
+            .dispatcher
+            .cancel_build(request.into_inner().build_id)
+            .await?;
+        Ok(Response::new(convert::build_to_proto(&d)))
+    }
+
+    async fn retry_build(
+        &self,
+        request: Request<proto::RetryBuildRequest>,
+    ) -> Result<Response<proto::Build>, Status> {
+        let d = self
+            .dispatcher
+            .retry_build(request.into_inner().build_id)
+            .await?;
+        Ok(Response::new(convert::build_to_proto(&d)))
+    }
+}
+
+/// `RunnerAdminService` over the engine.
+#[derive(Debug, Clone)]
+pub struct RunnerAdminApi {
+    dispatcher: Dispatcher,
+}
+
+#[tonic::async_trait]
+impl RunnerAdminService for RunnerAdminApi {
+    async fn list_runners(
+        &self,
+        _request: Request<proto::ListRunnersRequest>,
+    ) -> Result<Response<proto::ListRunnersResponse>, Status> {
+        let runners = self.dispatcher.list_runners().await?;
+        Ok(Response::new(proto::ListRunnersResponse {
+            runners: runners
+                .into_iter()
+                .map(|r| {
+                    convert::runner_to_proto(&r.record, r.state, r.running_jobs, r.last_heartbeat)
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// Serves the dispatcher on `listener` until `shutdown` resolves: every kiln service, the
+/// standard health service and server reflection (v1 and v1alpha). On shutdown, health turns
+/// NOT_SERVING, runner sessions and log followers are closed (runners reconnect to the next
+/// dispatcher), the scheduler stops, and in-flight unary calls finish.
+pub async fn serve(
+    listener: TcpListener,
+    dispatcher: Dispatcher,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<BuildServiceServer<BuildApi>>()
+        .await;
+    health_reporter
+        .set_serving::<RunnerServiceServer<RunnerApi>>()
+        .await;
+    health_reporter
+        .set_serving::<RunnerAdminServiceServer<RunnerAdminApi>>()
+        .await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1();
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha();
+    let (reflection_v1, reflection_v1alpha) = match (reflection_v1, reflection_v1alpha) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            // The descriptor set is compiled into the binary; this cannot fail at run time
+            // unless the build is broken.
+            tracing::error!(cause = %e, "reflection unavailable");
+            return Ok(());
+        }
+    };
+
+    let stop = CancellationToken::new();
+    let background = dispatcher.spawn_background(stop.clone());
+    let build_api = BuildApi {
+        dispatcher: dispatcher.clone(),
+        shutdown: stop.clone(),
+    };
+    let graceful = {
+        let dispatcher = dispatcher.clone();
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: closing runner sessions and followers");
+            health_reporter
+                .set_not_serving::<BuildServiceServer<BuildApi>>()
+                .await;
+            health_reporter
+                .set_not_serving::<RunnerServiceServer<RunnerApi>>()
+                .await;
+            stop.cancel();
+            dispatcher.close_sessions();
+        }
+    };
+    let local = listener.local_addr().ok();
+    tracing::info!(addr = ?local, data_dir = %dispatcher.config().data_dir.display(), "dispatcher listening");
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            RunnerServiceServer::new(RunnerApi {
+                dispatcher: dispatcher.clone(),
+            })
+            .max_decoding_message_size(MAX_RUNNER_MESSAGE_BYTES),
+        )
+        .add_service(BuildServiceServer::new(build_api).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_service(
+            RunnerAdminServiceServer::new(RunnerAdminApi {
+                dispatcher: dispatcher.clone(),
+            })
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), graceful)
+        .await;
+    stop.cancel();
+    let _ = background.await;
+    result
+}

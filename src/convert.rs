@@ -1,0 +1,176 @@
+//! The one place where wire types (`proto`) and domain types (`kiln-domain`, `kiln-store`)
+//! are converted into each other.
+
+use kiln_domain::{JobState, Millis, RunnerRecord, StepOutcome};
+use kiln_store::BuildDetail;
+
+use crate::proto;
+
+/// Domain job state to wire.
+pub fn job_state_to_proto(s: JobState) -> proto::JobState {
+    match s {
+        JobState::Queued => proto::JobState::Queued,
+        JobState::Assigned => proto::JobState::Assigned,
+        JobState::Running => proto::JobState::Running,
+        JobState::Passed => proto::JobState::Passed,
+        JobState::Failed => proto::JobState::Failed,
+        JobState::Cancelled => proto::JobState::Cancelled,
+        JobState::TimedOut => proto::JobState::TimedOut,
+        JobState::Errored => proto::JobState::Errored,
+    }
+}
+
+/// Wire job state to domain; `None` for UNSPECIFIED.
+pub fn job_state_from_proto(s: proto::JobState) -> Option<JobState> {
+    Some(match s {
+        proto::JobState::Unspecified => return None,
+        proto::JobState::Queued => JobState::Queued,
+        proto::JobState::Assigned => JobState::Assigned,
+        proto::JobState::Running => JobState::Running,
+        proto::JobState::Passed => JobState::Passed,
+        proto::JobState::Failed => JobState::Failed,
+        proto::JobState::Cancelled => JobState::Cancelled,
+        proto::JobState::TimedOut => JobState::TimedOut,
+        proto::JobState::Errored => JobState::Errored,
+    })
+}
+
+/// Domain step outcome to wire.
+pub fn step_outcome_to_proto(o: StepOutcome) -> proto::StepOutcome {
+    match o {
+        StepOutcome::Passed => proto::StepOutcome::Passed,
+        StepOutcome::Failed => proto::StepOutcome::Failed,
+        StepOutcome::TimedOut => proto::StepOutcome::TimedOut,
+        StepOutcome::Cancelled => proto::StepOutcome::Cancelled,
+        StepOutcome::Errored => proto::StepOutcome::Errored,
+        StepOutcome::Skipped => proto::StepOutcome::Skipped,
+    }
+}
+
+/// Wire step outcome to domain; `None` for UNSPECIFIED.
+pub fn step_outcome_from_proto(o: proto::StepOutcome) -> Option<StepOutcome> {
+    Some(match o {
+        proto::StepOutcome::Unspecified => return None,
+        proto::StepOutcome::Passed => StepOutcome::Passed,
+        proto::StepOutcome::Failed => StepOutcome::Failed,
+        proto::StepOutcome::TimedOut => StepOutcome::TimedOut,
+        proto::StepOutcome::Cancelled => StepOutcome::Cancelled,
+        proto::StepOutcome::Errored => StepOutcome::Errored,
+        proto::StepOutcome::Skipped => StepOutcome::Skipped,
+    })
+}
+
+/// Milliseconds since the epoch to a protobuf timestamp.
+pub fn timestamp(ms: Millis) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+/// A protobuf timestamp to milliseconds since the epoch.
+pub fn millis(ts: &prost_types::Timestamp) -> Millis {
+    ts.seconds * 1000 + i64::from(ts.nanos) / 1_000_000
+}
+
+/// A stored build (with jobs and step results) to wire.
+pub fn build_to_proto(d: &BuildDetail) -> proto::Build {
+    let b = &d.build;
+    proto::Build {
+        id: b.id,
+        repo: b.repo.clone(),
+        commit: b.commit.clone(),
+        branch: b.branch.clone(),
+        state: job_state_to_proto(b.state) as i32,
+        jobs: d
+            .jobs
+            .iter()
+            .map(|j| {
+                let results = d.steps.get(&j.id);
+                proto::Job {
+                    id: j.id,
+                    build_id: j.build_id,
+                    name: j.name.clone(),
+                    state: job_state_to_proto(j.state) as i32,
+                    labels: j.labels.clone().into_iter().collect(),
+                    runner: j.runner.clone().unwrap_or_default(),
+                    attempt_id: j.current_attempt.unwrap_or(0),
+                    attempts: j.attempts,
+                    steps: j
+                        .steps
+                        .iter()
+                        .map(|s| {
+                            let r = results.and_then(|rs| rs.iter().find(|r| r.index == s.index));
+                            proto::StepResult {
+                                index: s.index,
+                                name: s.name.clone(),
+                                outcome: r
+                                    .map(|r| step_outcome_to_proto(r.outcome) as i32)
+                                    .unwrap_or(0),
+                                exit_code: r.and_then(|r| r.exit_code),
+                                duration_ms: r.map(|r| r.duration_ms).unwrap_or(0),
+                                run: s.run.clone(),
+                            }
+                        })
+                        .collect(),
+                    started_at: j.started_at.map(timestamp),
+                    finished_at: j.finished_at.map(timestamp),
+                    message: j.message.clone().unwrap_or_default(),
+                }
+            })
+            .collect(),
+        created_at: Some(timestamp(b.created_at)),
+        finished_at: b.finished_at.map(timestamp),
+        error: b.error.clone().unwrap_or_default(),
+        trigger: b.trigger.clone(),
+        retry_of: b.retry_of.unwrap_or(0),
+    }
+}
+
+/// A build without its jobs (for lists) to wire.
+pub fn build_summary_to_proto(b: &kiln_domain::Build) -> proto::Build {
+    build_to_proto(&BuildDetail {
+        build: b.clone(),
+        jobs: Vec::new(),
+        steps: Default::default(),
+    })
+}
+
+/// A runner as the dispatcher sees it, to wire.
+pub fn runner_to_proto(
+    r: &RunnerRecord,
+    state: proto::RunnerState,
+    running_jobs: Vec<u64>,
+    last_heartbeat: Millis,
+) -> proto::Runner {
+    proto::Runner {
+        id: r.id,
+        name: r.name.clone(),
+        state: state as i32,
+        labels: r.labels.clone().into_iter().collect(),
+        slots: r.slots,
+        running_jobs,
+        last_heartbeat: Some(timestamp(last_heartbeat)),
+        version: r.version.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_round_trip() {
+        for s in JobState::ALL {
+            assert_eq!(job_state_from_proto(job_state_to_proto(s)), Some(s));
+        }
+        assert_eq!(job_state_from_proto(proto::JobState::Unspecified), None);
+    }
+
+    #[test]
+    fn timestamps_round_trip() {
+        for ms in [0, 1, 999, 1_700_000_000_123, -1] {
+            assert_eq!(millis(&timestamp(ms)), ms);
+        }
+    }
+}

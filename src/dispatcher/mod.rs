@@ -1,0 +1,778 @@
+//! The dispatcher engine: accepts builds, keeps the queue, hands jobs to attached runners over
+//! their streams, records output and results, and fans output and state changes out to
+//! whoever follows.
+//!
+//! - [`Dispatcher`] is cheap to clone (an `Arc`); the gRPC services hold one.
+//! - `session` runs one runner's stream; `scheduler` assigns queued jobs and notices lost
+//!   runners; `hub` tells log followers how far each job's log reached.
+//! - All durable state is in the [`Store`] and the [`LogStore`]; what is in memory (sessions,
+//!   which attempt is on which runner, the next output sequence number) is rebuilt after a
+//!   restart from the store and from the runners' handshakes.
+
+mod hub;
+mod scheduler;
+mod session;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use kiln_domain::{
+    AttemptId, BuildId, Event, JobId, JobState, Millis, NewBuild, NewJob, RunnerId, StepSpec,
+    now_millis,
+};
+use kiln_git::{GitError, Mirrors};
+use kiln_store::{BuildDetail, BuildFilter, Change, LogStore, SqliteStore, Store};
+use tokio::sync::{Notify, broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+pub use hub::LogProgress;
+
+use crate::proto;
+
+/// How the dispatcher behaves; every field has a sensible default.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the database, logs and repository mirrors live.
+    pub data_dir: PathBuf,
+    /// How often runners heartbeat (told to them in the Welcome).
+    pub heartbeat_interval: Duration,
+    /// A runner silent for this many intervals is lost and its jobs go to others.
+    pub missed_heartbeats: u32,
+    /// A job whose runner was lost this many times ends `errored` instead of being queued again.
+    pub max_lost_attempts: u32,
+    /// Time a cancelled step gets between SIGTERM and SIGKILL.
+    pub cancel_grace: Duration,
+}
+
+impl Config {
+    /// Defaults for a data directory: heartbeats every 2 s, lost after 3 missed (6 s).
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            heartbeat_interval: Duration::from_secs(2),
+            missed_heartbeats: 3,
+            max_lost_attempts: 3,
+            cancel_grace: Duration::from_secs(10),
+        }
+    }
+
+    /// How long a runner may stay silent before it is declared lost.
+    pub fn lease(&self) -> Duration {
+        self.heartbeat_interval * self.missed_heartbeats
+    }
+}
+
+/// Errors the engine reports to callers; `api` maps them to gRPC statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    /// The request is malformed; the message names the field.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Something named in the request does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request does not fit the current state (e.g. retrying an unfinished build).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Something outside kiln failed and a retry may help (fetching a repository).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or a broken disk; details are logged, not sent.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<kiln_store::StoreError> for DispatchError {
+    fn from(e: kiln_store::StoreError) -> Self {
+        DispatchError::Internal(format!("store: {}", error_chain(&e)))
+    }
+}
+
+impl From<kiln_store::LogError> for DispatchError {
+    fn from(e: kiln_store::LogError) -> Self {
+        match e {
+            kiln_store::LogError::BadOffset { .. } => DispatchError::InvalidArgument(e.to_string()),
+            other => DispatchError::Internal(format!("log store: {}", error_chain(&other))),
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for DispatchError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        DispatchError::Internal(format!("background task failed: {e}"))
+    }
+}
+
+/// An error with its causes, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A request to build a commit, already decoded from the wire.
+#[derive(Debug, Clone, Default)]
+pub struct SubmitRequest {
+    /// Repository URL or absolute path.
+    pub repo: String,
+    /// Commit id (full or abbreviated).
+    pub commit: String,
+    /// Branch, may be empty.
+    pub branch: String,
+    /// Who asked.
+    pub trigger: String,
+}
+
+/// A runner as [`Dispatcher::list_runners`] reports it.
+#[derive(Debug, Clone)]
+pub struct RunnerView {
+    /// The stored record.
+    pub record: kiln_domain::RunnerRecord,
+    /// Attached and taking work, busy, draining, or offline.
+    pub state: proto::RunnerState,
+    /// Jobs it runs now.
+    pub running_jobs: Vec<JobId>,
+    /// Last heartbeat (or last seen, when offline).
+    pub last_heartbeat: Millis,
+}
+
+/// The dispatcher engine. Clone it freely.
+#[derive(Clone)]
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("data_dir", &self.inner.config.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    /// Settings.
+    config: Config,
+    /// Durable state.
+    store: Arc<dyn Store>,
+    /// Job output.
+    logs: Arc<LogStore>,
+    /// Mirrors used to check submitted commits and read their pipelines.
+    mirrors: Arc<Mirrors>,
+    /// Sessions and attempts in flight.
+    state: Mutex<State>,
+    /// Wakes the scheduler (a job was queued, a slot freed, a runner attached).
+    kick: Notify,
+    /// State changes, for `WatchBuilds` and later notifications.
+    events: broadcast::Sender<Event>,
+    /// How far each live job's log reached, for followers.
+    hub: hub::Hub,
+    /// Source of session ids.
+    next_session: AtomicU64,
+}
+
+/// What is in memory about runners and the attempts they hold.
+#[derive(Default)]
+struct State {
+    /// Attached runners.
+    sessions: HashMap<RunnerId, Session>,
+    /// Attempts that are current and unfinished: on a runner, or orphaned (runner gone or not
+    /// yet back after a restart).
+    attempts: HashMap<AttemptId, LiveAttempt>,
+    /// Round-robin counter so equal runners share the work.
+    assign_counter: u64,
+}
+
+/// One attached runner.
+struct Session {
+    /// Distinguishes this session from an older or newer one of the same runner.
+    id: u64,
+    /// Runner name.
+    name: String,
+    /// Offered labels.
+    labels: BTreeMap<String, String>,
+    /// Jobs it can run at once.
+    slots: u32,
+    /// Sends to the runner's stream (bounded).
+    tx: mpsc::Sender<Result<proto::DispatcherMessage, tonic::Status>>,
+    /// Takes no new work.
+    draining: bool,
+    /// When it last spoke.
+    last_heartbeat: Instant,
+    /// Same, wall clock, for display.
+    last_heartbeat_ms: Millis,
+    /// Ends the session's tasks.
+    stop: CancellationToken,
+    /// When it last got work (round robin).
+    last_assigned: u64,
+}
+
+/// An attempt in flight.
+struct LiveAttempt {
+    /// Its job.
+    job_id: JobId,
+    /// The runner that holds it.
+    runner_id: RunnerId,
+    /// The session it is on, `None` while orphaned.
+    session: Option<u64>,
+    /// When an orphaned attempt goes back to the queue if its runner is not back.
+    orphan_deadline: Option<Instant>,
+    /// Next output sequence number expected (loaded from the log on first use).
+    next_seq: Option<u64>,
+    /// A cancel was sent; when to give up waiting for the runner's answer.
+    cancel_deadline: Option<Instant>,
+}
+
+impl Dispatcher {
+    /// Opens the data directory (database, logs, mirrors) and reconciles what was in flight
+    /// when the dispatcher last stopped: those attempts wait one lease for their runners.
+    pub fn open(config: Config) -> Result<Self, DispatchError> {
+        let dir = &config.data_dir;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            DispatchError::Internal(format!("cannot create data dir {}: {e}", dir.display()))
+        })?;
+        let store = SqliteStore::open(&dir.join("kiln.db"))?;
+        let logs = LogStore::open(dir.join("logs"))?;
+        let mirrors = Mirrors::new(dir.join("mirrors"))
+            .map_err(|e| DispatchError::Internal(format!("mirrors: {}", error_chain(&e))))?;
+        let mut state = State::default();
+        let deadline = Instant::now() + config.lease();
+        for a in store.unfinished_attempts()? {
+            state.attempts.insert(
+                a.id,
+                LiveAttempt {
+                    job_id: a.job_id,
+                    runner_id: a.runner_id,
+                    session: None,
+                    orphan_deadline: Some(deadline),
+                    next_seq: None,
+                    cancel_deadline: None,
+                },
+            );
+        }
+        if !state.attempts.is_empty() {
+            tracing::info!(
+                attempts = state.attempts.len(),
+                "waiting one lease for runners to re-attach attempts in flight"
+            );
+        }
+        let (events, _) = broadcast::channel(1024);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                store: Arc::new(store),
+                logs: Arc::new(logs),
+                mirrors: Arc::new(mirrors),
+                state: Mutex::new(state),
+                kick: Notify::new(),
+                events,
+                hub: hub::Hub::default(),
+                next_session: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs a store call on the blocking pool.
+    async fn db<T, F>(&self, f: F) -> Result<T, DispatchError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Store) -> Result<T, kiln_store::StoreError> + Send + 'static,
+    {
+        let store = self.inner.store.clone();
+        Ok(tokio::task::spawn_blocking(move || f(store.as_ref())).await??)
+    }
+
+    /// Publishes what a state change did, and wakes followers of a job that ended.
+    fn publish(&self, change: &Change) {
+        let at = now_millis();
+        let _ = self.inner.events.send(Event {
+            build_id: change.build_id,
+            job_id: Some(change.job_id),
+            state: change.job_state,
+            at,
+        });
+        if change.build_changed {
+            let _ = self.inner.events.send(Event {
+                build_id: change.build_id,
+                job_id: None,
+                state: change.build_state,
+                at,
+            });
+        }
+        if change.job_state.is_final() {
+            self.inner.hub.finish(change.job_id, change.job_state);
+        }
+    }
+
+    /// Subscribes to state changes.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    /// Wakes the scheduler.
+    fn kick(&self) {
+        self.inner.kick.notify_one();
+    }
+
+    /// Checks and stores a build request. The commit must exist in the repository; its
+    /// pipeline is read at that commit. A pipeline that cannot be read still makes a build,
+    /// `errored`, with the reason (file, line, column) and no jobs.
+    pub async fn submit(&self, req: SubmitRequest) -> Result<BuildDetail, DispatchError> {
+        let req = validate_submit(req)?;
+        let mirrors = self.inner.mirrors.clone();
+        let (repo, commit) = (req.repo.clone(), req.commit.clone());
+        let (full, pipeline) = tokio::task::spawn_blocking(move || {
+            let full = mirrors.ensure_commit(&repo, &commit).map_err(git_error)?;
+            let text = match mirrors.read_file(
+                &repo,
+                &full,
+                kiln_pipeline::FILE_NAME,
+                kiln_pipeline::MAX_FILE_SIZE,
+            ) {
+                Ok(Some(bytes)) => match String::from_utf8(bytes) {
+                    Ok(t) => Some(Ok(t)),
+                    Err(_) => Some(Err(format!(
+                        "{}: the file is not valid UTF-8",
+                        kiln_pipeline::FILE_NAME
+                    ))),
+                },
+                Ok(None) => None,
+                Err(GitError::FileTooLarge { size, max_bytes, .. }) => Some(Err(format!(
+                    "{}: the file is {size} bytes, more than the limit of {max_bytes}",
+                    kiln_pipeline::FILE_NAME
+                ))),
+                Err(e) => return Err(git_error(e)),
+            };
+            let paths = mirrors
+                .list_files(&repo, &full, 2, 10_000)
+                .map_err(git_error)?;
+            let pipeline = match text {
+                Some(Err(e)) => Err(e),
+                Some(Ok(t)) => kiln_pipeline::resolve(Some(&t), &paths).map_err(|e| e.to_string()),
+                None => kiln_pipeline::resolve(None, &paths).map_err(|e| e.to_string()),
+            };
+            Ok::<_, DispatchError>((full, pipeline))
+        })
+        .await??;
+        let (jobs, error) = match pipeline.and_then(pipeline_jobs) {
+            Ok(jobs) => (jobs, None),
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        let new = NewBuild {
+            repo: req.repo,
+            commit: full,
+            branch: req.branch,
+            trigger: req.trigger,
+            retry_of: None,
+            error,
+            jobs,
+        };
+        self.create(new).await
+    }
+
+    async fn create(&self, new: NewBuild) -> Result<BuildDetail, DispatchError> {
+        let detail = self.db(move |s| s.create_build(&new)).await?;
+        let at = now_millis();
+        let _ = self.inner.events.send(Event {
+            build_id: detail.build.id,
+            job_id: None,
+            state: detail.build.state,
+            at,
+        });
+        for job in &detail.jobs {
+            let _ = self.inner.events.send(Event {
+                build_id: detail.build.id,
+                job_id: Some(job.id),
+                state: job.state,
+                at,
+            });
+        }
+        tracing::info!(build = detail.build.id, repo = %detail.build.repo,
+            commit = %detail.build.commit, state = %detail.build.state, "build accepted");
+        self.kick();
+        Ok(detail)
+    }
+
+    /// One build.
+    pub async fn get_build(&self, id: BuildId) -> Result<BuildDetail, DispatchError> {
+        if id == 0 {
+            return Err(DispatchError::InvalidArgument("build_id is required".into()));
+        }
+        self.db(move |s| s.get_build(id))
+            .await?
+            .ok_or_else(|| DispatchError::NotFound(format!("build {id} not found")))
+    }
+
+    /// One job.
+    pub async fn get_job(&self, id: JobId) -> Result<kiln_domain::Job, DispatchError> {
+        self.db(move |s| s.get_job(id))
+            .await?
+            .ok_or_else(|| DispatchError::NotFound(format!("job {id} not found")))
+    }
+
+    /// Builds, newest first.
+    pub async fn list_builds(
+        &self,
+        filter: BuildFilter,
+    ) -> Result<Vec<kiln_domain::Build>, DispatchError> {
+        self.db(move |s| s.list_builds(&filter)).await
+    }
+
+    /// Cancels every unfinished job of a build: queued jobs end at once; running ones get a
+    /// cancel down their runner's stream and end when the runner reports (or, if it does not,
+    /// when the grace period and a margin have passed).
+    pub async fn cancel_build(&self, id: BuildId) -> Result<BuildDetail, DispatchError> {
+        let detail = self.get_build(id).await?;
+        let grace = self.inner.config.cancel_grace;
+        for job in detail.jobs.iter().filter(|j| !j.state.is_final()) {
+            let sent = job.current_attempt.is_some_and(|a| {
+                let mut st = self.state();
+                let State {
+                    sessions, attempts, ..
+                } = &mut *st;
+                let Some(live) = attempts.get_mut(&a) else {
+                    return false;
+                };
+                let Some(session) = live.session.and_then(|sid| {
+                    sessions
+                        .get(&live.runner_id)
+                        .filter(|s| s.id == sid)
+                }) else {
+                    return false;
+                };
+                let msg = proto::dispatcher_message::Kind::Cancel(proto::Cancel {
+                    attempt_id: a,
+                    grace_ms: grace.as_millis() as u64,
+                    reason: "cancelled by user".into(),
+                });
+                let ok = session
+                    .tx
+                    .try_send(Ok(proto::DispatcherMessage { kind: Some(msg) }))
+                    .is_ok();
+                if ok {
+                    live.cancel_deadline = Some(Instant::now() + grace + Duration::from_secs(5));
+                }
+                ok
+            });
+            if !sent {
+                let job_id = job.id;
+                if let Some(ch) = self
+                    .db(move |s| s.cancel_job(job_id, "cancelled by user"))
+                    .await?
+                {
+                    if let Some(a) = job.current_attempt {
+                        self.state().attempts.remove(&a);
+                    }
+                    self.publish(&ch);
+                }
+            }
+        }
+        self.get_build(id).await
+    }
+
+    /// Builds a finished build's commit again, with the same jobs, as a new build.
+    pub async fn retry_build(&self, id: BuildId) -> Result<BuildDetail, DispatchError> {
+        let old = self.get_build(id).await?;
+        if !old.build.state.is_final() {
+            return Err(DispatchError::FailedPrecondition(format!(
+                "build {id} is still {}; only a finished build can be retried",
+                old.build.state
+            )));
+        }
+        if old.jobs.is_empty() {
+            // Its pipeline could not be read: read it again, it may have been a transient error.
+            let mut d = self
+                .submit(SubmitRequest {
+                    repo: old.build.repo.clone(),
+                    commit: old.build.commit.clone(),
+                    branch: old.build.branch.clone(),
+                    trigger: format!("retry of {id}"),
+                })
+                .await?;
+            d.build.retry_of = Some(id);
+            return Ok(d);
+        }
+        let new = NewBuild {
+            repo: old.build.repo.clone(),
+            commit: old.build.commit.clone(),
+            branch: old.build.branch.clone(),
+            trigger: format!("retry of {id}"),
+            retry_of: Some(id),
+            error: None,
+            jobs: old
+                .jobs
+                .iter()
+                .map(|j| NewJob {
+                    name: j.name.clone(),
+                    labels: j.labels.clone(),
+                    steps: j.steps.clone(),
+                })
+                .collect(),
+        };
+        self.create(new).await
+    }
+
+    /// Every known runner with its live state.
+    pub async fn list_runners(&self) -> Result<Vec<RunnerView>, DispatchError> {
+        let records = self.db(|s| s.list_runners()).await?;
+        let st = self.state();
+        Ok(records
+            .into_iter()
+            .map(|r| {
+                let mut running_jobs: Vec<JobId> = st
+                    .attempts
+                    .values()
+                    .filter(|a| a.runner_id == r.id && a.session.is_some())
+                    .map(|a| a.job_id)
+                    .collect();
+                running_jobs.sort_unstable();
+                let (state, hb) = match st.sessions.get(&r.id) {
+                    None => (proto::RunnerState::Offline, r.last_seen),
+                    Some(s) if s.draining => (proto::RunnerState::Draining, s.last_heartbeat_ms),
+                    Some(s) if running_jobs.is_empty() => {
+                        (proto::RunnerState::Idle, s.last_heartbeat_ms)
+                    }
+                    Some(s) => (proto::RunnerState::Busy, s.last_heartbeat_ms),
+                };
+                RunnerView {
+                    record: r,
+                    state,
+                    running_jobs,
+                    last_heartbeat: hb,
+                }
+            })
+            .collect())
+    }
+
+    /// Where a follower of `job`'s log stands; subscribe first, then read the store, so that
+    /// no end of job can be missed.
+    pub fn follow(&self, job: JobId) -> Result<tokio::sync::watch::Receiver<LogProgress>, DispatchError> {
+        Ok(self.inner.hub.subscribe(job, || self.inner.logs.len(job))?)
+    }
+
+    /// Reads stored output of `job` from `offset` up to `limit`.
+    pub async fn read_log(
+        &self,
+        job: JobId,
+        offset: u64,
+        limit: u64,
+        max_bytes: usize,
+    ) -> Result<kiln_store::ReadResult, DispatchError> {
+        let logs = self.inner.logs.clone();
+        Ok(tokio::task::spawn_blocking(move || logs.read(job, offset, limit, max_bytes)).await??)
+    }
+
+    /// Marks a job's followers done if the job already ended (used right after subscribing).
+    pub fn settle_follow(&self, job: JobId, state: JobState) {
+        if state.is_final() {
+            self.inner.hub.finish(job, state);
+        }
+    }
+
+    /// Tells every attached runner to drain (used on shutdown).
+    pub fn drain_all(&self, reason: &str) {
+        let st = self.state();
+        for s in st.sessions.values() {
+            let _ = s.tx.try_send(Ok(proto::DispatcherMessage {
+                kind: Some(proto::dispatcher_message::Kind::Drain(proto::Drain {
+                    reason: reason.to_string(),
+                })),
+            }));
+        }
+    }
+
+    /// Ends every session (their runners reconnect to the next dispatcher).
+    pub fn close_sessions(&self) {
+        let st = self.state();
+        for s in st.sessions.values() {
+            s.stop.cancel();
+        }
+    }
+}
+
+/// Maps git errors to what the submitter should hear.
+fn git_error(e: GitError) -> DispatchError {
+    match e {
+        GitError::InvalidCommitId { .. } | GitError::AmbiguousCommit { .. } => {
+            DispatchError::InvalidArgument(e.to_string())
+        }
+        GitError::RepositoryNotFound { .. } | GitError::CommitNotFound { .. } => {
+            DispatchError::NotFound(e.to_string())
+        }
+        other => DispatchError::Unavailable(error_chain(&other)),
+    }
+}
+
+/// Largest accepted repository URL.
+const MAX_REPO_LEN: usize = 4096;
+/// Largest accepted branch name.
+const MAX_BRANCH_LEN: usize = 255;
+/// Largest accepted trigger text.
+const MAX_TRIGGER_LEN: usize = 128;
+
+fn validate_submit(mut req: SubmitRequest) -> Result<SubmitRequest, DispatchError> {
+    let bad = |m: String| Err(DispatchError::InvalidArgument(m));
+    req.repo = req.repo.trim().to_string();
+    req.commit = req.commit.trim().to_ascii_lowercase();
+    if req.repo.is_empty() {
+        return bad("repo is required (a URL or an absolute path)".into());
+    }
+    if req.repo.len() > MAX_REPO_LEN {
+        return bad(format!("repo is longer than {MAX_REPO_LEN} bytes"));
+    }
+    if req.repo.chars().any(char::is_control) {
+        return bad("repo contains control characters".into());
+    }
+    let is_url = req.repo.contains("://") || req.repo.contains('@');
+    if !is_url && !req.repo.starts_with('/') {
+        return bad(format!(
+            "repo {:?} is neither a URL nor an absolute path",
+            req.repo
+        ));
+    }
+    if req.commit.is_empty() {
+        return bad("commit is required".into());
+    }
+    kiln_git::validate_commit_id(&req.commit).map_err(git_error)?;
+    if req.branch.len() > MAX_BRANCH_LEN {
+        return bad(format!("branch is longer than {MAX_BRANCH_LEN} bytes"));
+    }
+    if req
+        .branch
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace() || "~^:?*[\\".contains(c))
+        || req.branch.contains("..")
+        || req.branch.starts_with('-')
+    {
+        return bad(format!("branch {:?} is not a valid branch name", req.branch));
+    }
+    if req.trigger.len() > MAX_TRIGGER_LEN || req.trigger.chars().any(char::is_control) {
+        return bad(format!(
+            "trigger must be at most {MAX_TRIGGER_LEN} printable characters"
+        ));
+    }
+    if req.trigger.is_empty() {
+        req.trigger = "api".into();
+    }
+    Ok(req)
+}
+
+/// Turns a pipeline into jobs: today one job running every step in order, needing the union
+/// of the steps' labels.
+fn pipeline_jobs(p: kiln_pipeline::Pipeline) -> Result<Vec<NewJob>, String> {
+    let mut labels = BTreeMap::new();
+    for step in &p.steps {
+        for (k, v) in &step.labels {
+            if let Some(old) = labels.insert(k.clone(), v.clone())
+                && old != *v
+            {
+                return Err(format!(
+                    "{}: steps need conflicting runner labels {k}={old} and {k}={v}",
+                    kiln_pipeline::FILE_NAME
+                ));
+            }
+        }
+    }
+    let name = if p.steps.len() == 1 {
+        p.steps[0].name.clone()
+    } else {
+        "pipeline".to_string()
+    };
+    let steps = p
+        .steps
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| StepSpec {
+            index: i as u32,
+            name: s.name,
+            run: s.run,
+            env: s.env,
+            timeout_ms: s.timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
+        })
+        .collect();
+    Ok(vec![NewJob {
+        name,
+        labels,
+        steps,
+    }])
+}
+
+/// Source of ids for sessions.
+fn next_session_id(inner: &Inner) -> u64 {
+    inner.next_session.fetch_add(1, Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn submit_validation_names_the_field() {
+        let ok = SubmitRequest {
+            repo: "/tmp/r".into(),
+            commit: "a".repeat(40),
+            ..Default::default()
+        };
+        assert!(validate_submit(ok.clone()).is_ok());
+        let cases = [
+            (
+                SubmitRequest {
+                    repo: String::new(),
+                    ..ok.clone()
+                },
+                "repo",
+            ),
+            (
+                SubmitRequest {
+                    repo: "relative/path".into(),
+                    ..ok.clone()
+                },
+                "absolute",
+            ),
+            (
+                SubmitRequest {
+                    commit: String::new(),
+                    ..ok.clone()
+                },
+                "commit",
+            ),
+            (
+                SubmitRequest {
+                    commit: "xyz".into(),
+                    ..ok.clone()
+                },
+                "commit",
+            ),
+            (
+                SubmitRequest {
+                    branch: "a b".into(),
+                    ..ok.clone()
+                },
+                "branch",
+            ),
+        ];
+        for (req, word) in cases {
+            match validate_submit(req) {
+                Err(DispatchError::InvalidArgument(m)) => assert!(m.contains(word), "{m}"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The background loop: assigns queued jobs to runners with a free slot and matching labels,
+//! notices runners that stopped heartbeating, sends back to the queue the attempts whose runner
+//! did not come back within the lease, and ends cancels that a runner never answered.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use kiln_domain::{AttemptId, BuildId, RunnerId, labels_match};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::{DispatchError, Dispatcher, LiveAttempt, error_chain};
+use crate::proto;
+
+/// How often liveness is checked.
+const TICK: Duration = Duration::from_millis(200);
+/// Queued jobs looked at per scheduling round.
+const ROUND: u32 = 256;
+
+impl Dispatcher {
+    /// Starts the scheduler and liveness loop; it stops when `shutdown` is cancelled.
+    pub fn spawn_background(&self, shutdown: CancellationToken) -> JoinHandle<()> {
+        let d = self.clone();
+        tokio::spawn(
+            async move {
+                let mut tick = tokio::time::interval(TICK);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = d.inner.kick.notified() => {}
+                        _ = tick.tick() => {
+                            if let Err(e) = d.check_liveness().await {
+                                tracing::error!(cause = %e, "liveness check failed");
+                            }
+                        }
+                    }
+                    if let Err(e) = d.schedule().await {
+                        tracing::error!(cause = %e, "scheduling round failed");
+                    }
+                }
+            }
+            .instrument(tracing::info_span!("scheduler")),
+        )
+    }
+
+    /// Declares silent runners lost, requeues expired orphans, forces unanswered cancels.
+    pub(super) async fn check_liveness(&self) -> Result<(), DispatchError> {
+        let now = Instant::now();
+        let lease = self.inner.config.lease();
+        let (expired, unanswered) = {
+            let mut st = self.state();
+            let silent: Vec<RunnerId> = st
+                .sessions
+                .iter()
+                .filter(|(_, s)| now.duration_since(s.last_heartbeat) > lease)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in silent {
+                if let Some(s) = st.sessions.remove(&id) {
+                    tracing::warn!(runner = %s.name, "runner missed its heartbeats; declaring it lost");
+                    s.stop.cancel();
+                    for a in st.attempts.values_mut() {
+                        if a.session == Some(s.id) {
+                            a.session = None;
+                            a.orphan_deadline = Some(now);
+                        }
+                    }
+                }
+            }
+            let expired: Vec<AttemptId> = st
+                .attempts
+                .iter()
+                .filter(|(_, a)| a.orphan_deadline.is_some_and(|d| d <= now))
+                .map(|(id, _)| *id)
+                .collect();
+            let unanswered: Vec<(AttemptId, u64)> = st
+                .attempts
+                .iter()
+                .filter(|(_, a)| a.cancel_deadline.is_some_and(|d| d <= now))
+                .map(|(id, a)| (*id, a.job_id))
+                .collect();
+            (expired, unanswered)
+        };
+        for a in expired {
+            self.requeue(a, "runner lost").await?;
+        }
+        for (a, job) in unanswered {
+            tracing::warn!(attempt = a, job, "runner did not confirm the cancel; ending the job");
+            self.state().attempts.remove(&a);
+            if let Some(ch) = self
+                .db(move |s| s.cancel_job(job, "cancelled by user (runner did not confirm)"))
+                .await?
+            {
+                self.publish(&ch);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends an attempt's job back to the queue (or ends it errored after too many losses).
+    pub(super) async fn requeue(&self, attempt: AttemptId, reason: &str) -> Result<(), DispatchError> {
+        self.state().attempts.remove(&attempt);
+        let max = self.inner.config.max_lost_attempts;
+        let why = reason.to_string();
+        if let Some(ch) = self
+            .db(move |s| s.requeue_attempt(attempt, &why, max))
+            .await?
+        {
+            tracing::info!(attempt, job = ch.job_id, state = %ch.job_state, reason, "attempt lost");
+            self.publish(&ch);
+            self.kick();
+        }
+        Ok(())
+    }
+
+    /// One scheduling round: gives queued jobs, oldest first, to runners with free slots.
+    pub(super) async fn schedule(&self) -> Result<(), DispatchError> {
+        if !self.any_free_slot() {
+            return Ok(());
+        }
+        let jobs = self.db(|s| s.queued_jobs(ROUND)).await?;
+        let mut builds: HashMap<BuildId, kiln_domain::Build> = HashMap::new();
+        for job in jobs {
+            let Some((runner_id, runner_name, session_id)) = self.pick_runner(&job.labels) else {
+                continue;
+            };
+            let (job_id, name) = (job.id, runner_name.clone());
+            let Some((attempt, change)) = self
+                .db(move |s| s.assign(job_id, runner_id, &name))
+                .await?
+            else {
+                continue;
+            };
+            let build = match builds.get(&job.build_id) {
+                Some(b) => b.clone(),
+                None => {
+                    let d = self.get_build(job.build_id).await?;
+                    builds.insert(job.build_id, d.build.clone());
+                    d.build
+                }
+            };
+            self.publish(&change);
+            let assign = proto::Assign {
+                attempt_id: attempt,
+                job_id: job.id,
+                build_id: job.build_id,
+                repo_url: build.repo.clone(),
+                commit: build.commit.clone(),
+                branch: build.branch.clone(),
+                steps: job
+                    .steps
+                    .iter()
+                    .map(|s| proto::StepSpec {
+                        index: s.index,
+                        name: s.name.clone(),
+                        run: s.run.clone(),
+                        env: s.env.clone().into_iter().collect(),
+                        timeout_ms: s.timeout_ms,
+                    })
+                    .collect(),
+                env: [
+                    ("CI", "true".to_string()),
+                    ("KILN", "true".to_string()),
+                    ("KILN_BUILD_ID", job.build_id.to_string()),
+                    ("KILN_JOB_ID", job.id.to_string()),
+                    ("KILN_ATTEMPT_ID", attempt.to_string()),
+                    ("KILN_REPO", build.repo.clone()),
+                    ("KILN_COMMIT", build.commit.clone()),
+                    ("KILN_BRANCH", build.branch.clone()),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+                trace_context: Default::default(),
+                attempt_number: job.attempts + 1,
+            };
+            let sent = {
+                let mut st = self.state();
+                let tx = st
+                    .sessions
+                    .get(&runner_id)
+                    .filter(|s| s.id == session_id)
+                    .map(|s| s.tx.clone());
+                match tx {
+                    Some(tx) => {
+                        st.attempts.insert(
+                            attempt,
+                            LiveAttempt {
+                                job_id: job.id,
+                                runner_id,
+                                session: Some(session_id),
+                                orphan_deadline: None,
+                                next_seq: Some(1),
+                                cancel_deadline: None,
+                            },
+                        );
+                        tx.try_send(Ok(proto::DispatcherMessage {
+                            kind: Some(proto::dispatcher_message::Kind::Assign(assign)),
+                        }))
+                        .is_ok()
+                    }
+                    None => false,
+                }
+            };
+            if sent {
+                tracing::info!(attempt, job = job.id, build = job.build_id, runner = %runner_name, "assigned");
+            } else if let Err(e) = self.requeue(attempt, "runner went away during assignment").await {
+                tracing::error!(cause = %error_chain(&e), "requeue failed");
+            }
+        }
+        Ok(())
+    }
+
+    fn any_free_slot(&self) -> bool {
+        let st = self.state();
+        st.sessions.values().any(|s| {
+            !s.draining
+                && (st
+                    .attempts
+                    .values()
+                    .filter(|a| a.session == Some(s.id))
+                    .count() as u32)
+                    < s.slots
+        })
+    }
+
+    /// The least loaded matching runner with a free slot (round robin among equals).
+    fn pick_runner(
+        &self,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Option<(RunnerId, String, u64)> {
+        let mut st = self.state();
+        let mut best: Option<(RunnerId, (u64, u64))> = None;
+        for (id, s) in &st.sessions {
+            if s.draining || !labels_match(labels, &s.labels) {
+                continue;
+            }
+            let used = st
+                .attempts
+                .values()
+                .filter(|a| a.session == Some(s.id))
+                .count() as u64;
+            if used >= u64::from(s.slots) {
+                continue;
+            }
+            // Fraction of slots used (scaled), then who got work least recently.
+            let key = (used * 1000 / u64::from(s.slots.max(1)), s.last_assigned);
+            if best.as_ref().is_none_or(|(_, k)| key < *k) {
+                best = Some((*id, key));
+            }
+        }
+        let (id, _) = best?;
+        st.assign_counter += 1;
+        let counter = st.assign_counter;
+        let s = st.sessions.get_mut(&id)?;
+        s.last_assigned = counter;
+        Some((id, s.name.clone(), s.id))
+    }
+}

@@ -1,0 +1,531 @@
+//! One runner session: the handshake, then every message of the runner's stream, in order.
+//!
+//! The session task reads the runner's messages one at a time, so output of an attempt is
+//! appended in sequence order; replies go through a bounded channel that the runner always
+//! drains (its reader never waits on its writer), and every wait also watches the session's
+//! stop token, so a runner that stops reading only blocks its own session until it is declared
+//! lost.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use kiln_domain::{AttemptId, RunnerId, StepResult, now_millis};
+use kiln_store::{Finish, FrameHeader};
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, StreamExt};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tracing::Instrument;
+
+use super::{Dispatcher, Session, error_chain, next_session_id};
+use crate::convert;
+use crate::proto::{self, dispatcher_message::Kind as Out, runner_message::Kind as In};
+
+/// How long a new stream may take to send its Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest runner name.
+const MAX_NAME: usize = 128;
+/// Most slots a runner may claim.
+const MAX_SLOTS: u32 = 1024;
+/// Most labels a runner may offer.
+const MAX_LABELS: usize = 64;
+
+type Tx = mpsc::Sender<Result<proto::DispatcherMessage, Status>>;
+
+fn msg(kind: Out) -> Result<proto::DispatcherMessage, Status> {
+    Ok(proto::DispatcherMessage { kind: Some(kind) })
+}
+
+/// Sends to the runner unless the session is stopped first. False when the runner is gone.
+async fn send(tx: &Tx, stop: &CancellationToken, m: Result<proto::DispatcherMessage, Status>) -> bool {
+    tokio::select! {
+        r = tx.send(m) => r.is_ok(),
+        _ = stop.cancelled() => false,
+    }
+}
+
+fn validate_hello(h: &proto::Hello) -> Result<(), Status> {
+    let name = h.name.trim();
+    if name.is_empty() {
+        return Err(Status::invalid_argument("hello.name is required"));
+    }
+    if name.len() > MAX_NAME || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(Status::invalid_argument(format!(
+            "hello.name must be at most {MAX_NAME} printable characters without spaces"
+        )));
+    }
+    if h.slots == 0 || h.slots > MAX_SLOTS {
+        return Err(Status::invalid_argument(format!(
+            "hello.slots must be between 1 and {MAX_SLOTS}, got {}",
+            h.slots
+        )));
+    }
+    if h.labels.len() > MAX_LABELS
+        || h.labels
+            .iter()
+            .any(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > 256)
+    {
+        return Err(Status::invalid_argument(format!(
+            "hello.labels: at most {MAX_LABELS} labels, non-empty keys of at most 128 bytes, values of at most 256"
+        )));
+    }
+    Ok(())
+}
+
+impl Dispatcher {
+    /// Runs a runner's stream: give it the runner's messages, get back the dispatcher's.
+    /// Any stream works, so tests can drive a session without a network.
+    pub fn attach<S>(&self, inbound: S) -> ReceiverStream<Result<proto::DispatcherMessage, Status>>
+    where
+        S: Stream<Item = Result<proto::RunnerMessage, Status>> + Send + Unpin + 'static,
+    {
+        let (tx, rx) = mpsc::channel(64);
+        let d = self.clone();
+        tokio::spawn(
+            async move { d.run_session(inbound, tx).await }
+                .instrument(tracing::info_span!("runner_session")),
+        );
+        ReceiverStream::new(rx)
+    }
+
+    async fn run_session<S>(self, mut inbound: S, tx: Tx)
+    where
+        S: Stream<Item = Result<proto::RunnerMessage, Status>> + Send + Unpin + 'static,
+    {
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
+            Ok(Some(Ok(proto::RunnerMessage {
+                kind: Some(In::Hello(h)),
+            }))) => h,
+            Ok(Some(Ok(_))) => {
+                let _ = tx
+                    .send(Err(Status::invalid_argument(
+                        "the first message on a runner stream must be a hello",
+                    )))
+                    .await;
+                return;
+            }
+            Ok(Some(Err(_)) | None) => return,
+            Err(_) => {
+                let _ = tx
+                    .send(Err(Status::deadline_exceeded(format!(
+                        "no hello within {}s",
+                        HELLO_TIMEOUT.as_secs()
+                    ))))
+                    .await;
+                return;
+            }
+        };
+        if let Err(status) = validate_hello(&hello) {
+            let _ = tx.send(Err(status)).await;
+            return;
+        }
+        let name = hello.name.trim().to_string();
+        let labels = hello.labels.clone().into_iter().collect();
+        let (n, slots, version) = (name.clone(), hello.slots, hello.version.clone());
+        let record = match self
+            .db(move |s| s.upsert_runner(&n, &labels, slots, &version))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(cause = %e, "cannot register runner");
+                let _ = tx.send(Err(Status::internal("cannot register runner"))).await;
+                return;
+            }
+        };
+        let runner = record.id;
+        let sid = next_session_id(&self.inner);
+        let stop = CancellationToken::new();
+        let (stale, lost) = self.register(&record, sid, &tx, &stop, &hello.held_attempts);
+        for a in lost {
+            if let Err(e) = self.requeue(a, "runner came back without it").await {
+                tracing::error!(cause = %e, "requeue failed");
+            }
+        }
+        let config = &self.inner.config;
+        let welcome = Out::Welcome(proto::Welcome {
+            runner_id: runner,
+            heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u32,
+            missed_heartbeats_allowed: config.missed_heartbeats,
+            stale_attempts: stale,
+        });
+        if !send(&tx, &stop, msg(welcome)).await {
+            self.end_session(runner, sid);
+            return;
+        }
+        tracing::info!(runner = %name, id = runner, slots = hello.slots, "runner attached");
+        self.kick();
+
+        let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = heartbeat.tick() => {
+                    let hb = Out::Heartbeat(proto::Heartbeat { running_attempts: vec![], sent_at_ms: now_millis() });
+                    // Never wait on a heartbeat: if the channel is full, the runner is busy reading anyway.
+                    let _ = tx.try_send(msg(hb));
+                }
+                m = inbound.next() => match m {
+                    Some(Ok(m)) => {
+                        self.touch(runner, sid);
+                        if let Err(status) = self.handle(runner, sid, &tx, &stop, m).await {
+                            tracing::warn!(runner = %name, status = %status.message(), "closing runner stream");
+                            let _ = tx.try_send(Err(status));
+                            break;
+                        }
+                    }
+                    Some(Err(status)) => {
+                        tracing::info!(runner = %name, status = %status.message(), "runner stream broke");
+                        break;
+                    }
+                    None => {
+                        tracing::info!(runner = %name, "runner detached");
+                        break;
+                    }
+                },
+            }
+        }
+        self.end_session(runner, sid);
+    }
+
+    /// Installs a session (replacing an older one of the same runner) and reconciles the
+    /// attempts the runner says it holds. Returns the held attempts that are no longer current
+    /// (the runner must drop them) and the ones the runner should hold but does not (lost).
+    fn register(
+        &self,
+        record: &kiln_domain::RunnerRecord,
+        sid: u64,
+        tx: &Tx,
+        stop: &CancellationToken,
+        held: &[AttemptId],
+    ) -> (Vec<AttemptId>, Vec<AttemptId>) {
+        let mut st = self.state();
+        if let Some(old) = st.sessions.remove(&record.id) {
+            old.stop.cancel();
+        }
+        let held: HashSet<AttemptId> = held.iter().copied().collect();
+        let mut stale = Vec::new();
+        for a in &held {
+            match st.attempts.get_mut(a) {
+                Some(live) if live.runner_id == record.id => {
+                    live.session = Some(sid);
+                    live.orphan_deadline = None;
+                }
+                _ => stale.push(*a),
+            }
+        }
+        let lost: Vec<AttemptId> = st
+            .attempts
+            .iter()
+            .filter(|(id, l)| l.runner_id == record.id && !held.contains(id))
+            .map(|(id, _)| *id)
+            .collect();
+        st.sessions.insert(
+            record.id,
+            Session {
+                id: sid,
+                name: record.name.clone(),
+                labels: record.labels.clone(),
+                slots: record.slots,
+                tx: tx.clone(),
+                draining: false,
+                last_heartbeat: Instant::now(),
+                last_heartbeat_ms: now_millis(),
+                stop: stop.clone(),
+                last_assigned: 0,
+            },
+        );
+        stale.sort_unstable();
+        (stale, lost)
+    }
+
+    fn touch(&self, runner: RunnerId, sid: u64) {
+        let mut st = self.state();
+        if let Some(s) = st.sessions.get_mut(&runner).filter(|s| s.id == sid) {
+            s.last_heartbeat = Instant::now();
+            s.last_heartbeat_ms = now_millis();
+        }
+    }
+
+    /// The session ended: if it is still the runner's current one, remove it; its attempts wait
+    /// one lease (from its last heartbeat) for the runner to come back.
+    fn end_session(&self, runner: RunnerId, sid: u64) {
+        let lease = self.inner.config.lease();
+        let mut st = self.state();
+        let Some(s) = st.sessions.get(&runner).filter(|s| s.id == sid) else {
+            return;
+        };
+        let deadline = s.last_heartbeat + lease;
+        let last_seen = s.last_heartbeat_ms;
+        st.sessions.remove(&runner);
+        for a in st.attempts.values_mut() {
+            if a.session == Some(sid) {
+                a.session = None;
+                a.orphan_deadline = Some(deadline);
+            }
+        }
+        drop(st);
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || store.touch_runner(runner, last_seen));
+    }
+
+    /// Whether `attempt` is held by this session; if not, the reason.
+    fn check_held(&self, runner: RunnerId, sid: u64, attempt: AttemptId) -> Result<u64, String> {
+        let st = self.state();
+        match st.attempts.get(&attempt) {
+            Some(a) if a.runner_id == runner && a.session == Some(sid) => Ok(a.job_id),
+            Some(_) => Err(format!("attempt {attempt} is not held by this runner")),
+            None => Err(format!("attempt {attempt} is not current")),
+        }
+    }
+
+    async fn handle(
+        &self,
+        runner: RunnerId,
+        sid: u64,
+        tx: &Tx,
+        stop: &CancellationToken,
+        m: proto::RunnerMessage,
+    ) -> Result<(), Status> {
+        let refused = |attempt: AttemptId, reason: String| {
+            tracing::info!(attempt, reason = %reason, "refused");
+            msg(Out::Refused(proto::Refused {
+                attempt_id: attempt,
+                reason,
+            }))
+        };
+        match m.kind {
+            None => Err(Status::invalid_argument(
+                "runner message has no kind (is the runner newer than the dispatcher?)",
+            )),
+            Some(In::Hello(_)) => Err(Status::invalid_argument(
+                "hello may only be sent once per stream",
+            )),
+            Some(In::Heartbeat(_)) => Ok(()),
+            Some(In::Accepted(a)) => {
+                if let Err(why) = self.check_held(runner, sid, a.attempt_id) {
+                    send(tx, stop, refused(a.attempt_id, why)).await;
+                    return Ok(());
+                }
+                let attempt = a.attempt_id;
+                match self.db(move |s| s.start_attempt(attempt)).await {
+                    Ok(Some(ch)) => self.publish(&ch),
+                    Ok(None) => {}
+                    Err(e) => return Err(internal(&e)),
+                }
+                Ok(())
+            }
+            Some(In::Rejected(r)) => {
+                if self.check_held(runner, sid, r.attempt_id).is_ok() {
+                    let reason = format!("runner rejected it: {}", r.reason);
+                    self.requeue(r.attempt_id, &reason)
+                        .await
+                        .map_err(|e| internal(&e))?;
+                }
+                Ok(())
+            }
+            Some(In::Output(chunk)) => self.on_output(runner, sid, tx, stop, chunk).await,
+            Some(In::StepStarted(_)) => Ok(()),
+            Some(In::StepFinished(f)) => {
+                if let Err(why) = self.check_held(runner, sid, f.attempt_id) {
+                    send(tx, stop, refused(f.attempt_id, why)).await;
+                    return Ok(());
+                }
+                let Some(outcome) = proto::StepOutcome::try_from(f.outcome)
+                    .ok()
+                    .and_then(convert::step_outcome_from_proto)
+                else {
+                    return Err(Status::invalid_argument(format!(
+                        "step_finished.outcome {} is not a step outcome",
+                        f.outcome
+                    )));
+                };
+                let result = StepResult {
+                    index: f.step_index,
+                    outcome,
+                    exit_code: f.exit_code,
+                    duration_ms: f.duration_ms,
+                };
+                let attempt = f.attempt_id;
+                match self.db(move |s| s.record_step(attempt, &result)).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        send(tx, stop, refused(attempt, format!("attempt {attempt} is not current"))).await;
+                    }
+                    Err(e) => return Err(internal(&e)),
+                }
+                Ok(())
+            }
+            Some(In::JobFinished(f)) => self.on_job_finished(runner, sid, tx, stop, f).await,
+        }
+    }
+
+    async fn on_output(
+        &self,
+        runner: RunnerId,
+        sid: u64,
+        tx: &Tx,
+        stop: &CancellationToken,
+        chunk: proto::OutputChunk,
+    ) -> Result<(), Status> {
+        let attempt = chunk.attempt_id;
+        let stream = match proto::OutputStream::try_from(chunk.stream) {
+            Ok(s @ (proto::OutputStream::Stdout
+            | proto::OutputStream::Stderr
+            | proto::OutputStream::System)) => s as u8,
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "output.stream {} is not stdout, stderr or system",
+                    chunk.stream
+                )));
+            }
+        };
+        if chunk.data.len() > kiln_store::MAX_FRAME {
+            return Err(Status::invalid_argument(format!(
+                "output chunk of {} bytes is larger than {}",
+                chunk.data.len(),
+                kiln_store::MAX_FRAME
+            )));
+        }
+        let job = match self.check_held(runner, sid, attempt) {
+            Ok(job) => job,
+            Err(why) => {
+                send(tx, stop, msg(Out::Refused(proto::Refused { attempt_id: attempt, reason: why }))).await;
+                return Ok(());
+            }
+        };
+        let expected = self.next_seq(attempt, job).await?;
+        if chunk.seq < expected {
+            // Already stored (re-sent after a reconnect): acknowledge, do not store twice.
+            send(tx, stop, msg(Out::OutputAck(proto::OutputAck { attempt_id: attempt, up_to_seq: expected - 1 }))).await;
+            return Ok(());
+        }
+        if chunk.seq > expected {
+            send(tx, stop, msg(Out::Refused(proto::Refused {
+                attempt_id: attempt,
+                reason: format!("output seq {} out of order: expected {expected}", chunk.seq),
+            })))
+            .await;
+            return Ok(());
+        }
+        let header = FrameHeader {
+            attempt,
+            seq: chunk.seq,
+            step: chunk.step_index,
+            stream,
+        };
+        let len = self
+            .inner
+            .logs
+            .append(job, &header, &chunk.data)
+            .map_err(|e| {
+                tracing::error!(job, cause = %error_chain(&e), "cannot store output");
+                Status::unavailable("the dispatcher cannot store output right now")
+            })?;
+        if let Some(a) = self.state().attempts.get_mut(&attempt) {
+            a.next_seq = Some(chunk.seq + 1);
+        }
+        self.inner.hub.advance(job, len);
+        send(tx, stop, msg(Out::OutputAck(proto::OutputAck { attempt_id: attempt, up_to_seq: chunk.seq }))).await;
+        Ok(())
+    }
+
+    /// The next sequence number expected for an attempt (read from the log after a restart).
+    async fn next_seq(&self, attempt: AttemptId, job: u64) -> Result<u64, Status> {
+        if let Some(n) = self.state().attempts.get(&attempt).and_then(|a| a.next_seq) {
+            return Ok(n);
+        }
+        let logs = self.inner.logs.clone();
+        let last = tokio::task::spawn_blocking(move || logs.last_seq(job, attempt))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| {
+                tracing::error!(cause = %error_chain(&e), "cannot read log");
+                Status::unavailable("cannot read the job's log")
+            })?;
+        if let Some(a) = self.state().attempts.get_mut(&attempt) {
+            a.next_seq = Some(last + 1);
+        }
+        Ok(last + 1)
+    }
+
+    async fn on_job_finished(
+        &self,
+        runner: RunnerId,
+        sid: u64,
+        tx: &Tx,
+        stop: &CancellationToken,
+        f: proto::JobFinished,
+    ) -> Result<(), Status> {
+        let attempt = f.attempt_id;
+        let Some(state) = proto::JobState::try_from(f.state)
+            .ok()
+            .and_then(convert::job_state_from_proto)
+            .filter(|s| s.is_final())
+        else {
+            return Err(Status::invalid_argument(format!(
+                "job_finished.state {} is not a final job state",
+                f.state
+            )));
+        };
+        // An attempt no longer in memory may be a result re-sent after it was recorded; the
+        // store's compare-and-set tells. It must at least belong to this runner.
+        let job = match self.check_held(runner, sid, attempt) {
+            Ok(job) => Some(job),
+            Err(_) => {
+                let a = self.db(move |s| s.get_attempt(attempt)).await.map_err(|e| internal(&e))?;
+                match a {
+                    Some(a) if a.runner_id == runner => None,
+                    _ => {
+                        send(tx, stop, msg(Out::Refused(proto::Refused {
+                            attempt_id: attempt,
+                            reason: format!("attempt {attempt} does not belong to this runner"),
+                        })))
+                        .await;
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        if let Some(job) = job {
+            let logs = self.inner.logs.clone();
+            tokio::task::spawn_blocking(move || logs.sync(job))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| {
+                    tracing::error!(cause = %error_chain(&e), "cannot flush log");
+                    Status::unavailable("cannot flush the job's log")
+                })?;
+        }
+        let message = (!f.message.is_empty()).then(|| f.message.clone());
+        let finish = self
+            .db(move |s| s.finish_attempt(attempt, state, message.as_deref()))
+            .await
+            .map_err(|e| internal(&e))?;
+        self.state().attempts.remove(&attempt);
+        let reply = match finish {
+            Finish::Recorded(ch) => {
+                tracing::info!(attempt, job = ch.job_id, state = %state, "job finished");
+                self.publish(&ch);
+                self.kick();
+                Out::ResultAck(proto::ResultAck { attempt_id: attempt })
+            }
+            Finish::AlreadyRecorded => Out::ResultAck(proto::ResultAck { attempt_id: attempt }),
+            Finish::Refused(reason) => {
+                tracing::warn!(attempt, reason = %reason, "result refused");
+                self.kick();
+                Out::Refused(proto::Refused { attempt_id: attempt, reason })
+            }
+        };
+        send(tx, stop, msg(reply)).await;
+        Ok(())
+    }
+}
+
+fn internal(e: &super::DispatchError) -> Status {
+    tracing::error!(cause = %e, "internal error in runner session");
+    Status::internal("internal error")
+}
+

@@ -1,0 +1,22 @@
+//! Kiln: a distributed build farm and CI system.
+//!
+//! This crate is the program: the gRPC edge and everything that talks over the network. The
+//! engine it drives lives in the `kiln-*` crates, which know nothing of gRPC.
+//!
+//! - [`proto`]: the generated `kiln.v1` types and the descriptor set for reflection.
+//! - [`convert`]: the one place wire types become domain types and back.
+//! - [`dispatcher`]: the dispatcher engine (submit, scheduling, runner sessions, live log fan-out).
+//! - [`api`]: the tonic services over the engine, the error-to-status mapping, and [`api::serve`].
+//! - [`runner`]: the runner's client loop (one stream, reconnects) and its job execution.
+//! - [`cli`]: the `kiln` command line.
+//! - [`demo`]: `kiln demo`, the all-in-one showcase.
+//! - [`bench`]: `kiln bench`, the benchmarks behind `BENCHMARKS.md`.
+
+pub mod api;
+pub mod bench;
+pub mod cli;
+pub mod convert;
+pub mod demo;
+pub mod dispatcher;
+pub mod proto;
+pub mod runner;

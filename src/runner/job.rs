@@ -1,0 +1,211 @@
+//! Runs one assignment: check the commit out, run its steps in order as child processes, and
+//! report everything through the outbox.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kiln_exec::{StepCommand, Stream, Termination};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Shared, out};
+use crate::proto::{self, runner_message::Kind as Out};
+
+/// Numbers an attempt's output chunks and queues them.
+struct Output<'a> {
+    shared: &'a Shared,
+    attempt: u64,
+    seq: u64,
+}
+
+impl Output<'_> {
+    async fn chunk(&mut self, step: u32, stream: proto::OutputStream, data: Bytes) {
+        self.seq += 1;
+        let bytes = data.len();
+        let msg = out(Out::Output(proto::OutputChunk {
+            attempt_id: self.attempt,
+            seq: self.seq,
+            step_index: step,
+            stream: stream as i32,
+            data,
+        }));
+        self.shared
+            .outbox
+            .push_output(self.attempt, self.seq, msg, bytes)
+            .await;
+    }
+
+    async fn system(&mut self, step: u32, text: String) {
+        self.chunk(step, proto::OutputStream::System, Bytes::from(text))
+            .await;
+    }
+}
+
+/// Runs the assignment to its end; the final `JobFinished` is in the outbox when this returns.
+pub(super) async fn run(shared: &Arc<Shared>, a: proto::Assign, cancel: CancellationToken) {
+    let attempt = a.attempt_id;
+    let mut output = Output {
+        shared,
+        attempt,
+        seq: 0,
+    };
+    output
+        .system(
+            0,
+            format!(
+                "kiln: job {} attempt {} on {}: checking out {} of {}\n",
+                a.job_id, a.attempt_number, shared.config.name, a.commit, a.repo_url
+            ),
+        )
+        .await;
+    let dir = shared
+        .config
+        .work_dir
+        .join("checkouts")
+        .join(format!("attempt-{attempt}"));
+    let checkout = {
+        let shared = shared.clone();
+        let (url, commit, dir) = (a.repo_url.clone(), a.commit.clone(), dir.clone());
+        tokio::task::spawn_blocking(move || shared.mirrors.checkout(&url, &commit, &dir)).await
+    };
+    let checkout_error = match checkout {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(crate::dispatcher::error_chain(&e)),
+        Err(e) => Some(format!("checkout task failed: {e}")),
+    };
+    if let Some(err) = checkout_error {
+        output
+            .system(0, format!("kiln: checkout failed: {err}\n"))
+            .await;
+        finish(shared, &output, proto::JobState::Errored, format!("checkout failed: {err}"));
+        return;
+    }
+
+    let mut state = proto::JobState::Passed;
+    let mut message = String::new();
+    for step in &a.steps {
+        if state == proto::JobState::Passed && cancel.is_cancelled() {
+            state = proto::JobState::Cancelled;
+        }
+        if state != proto::JobState::Passed {
+            shared.outbox.push(
+                attempt,
+                out(Out::StepFinished(proto::StepFinished {
+                    attempt_id: attempt,
+                    step_index: step.index,
+                    outcome: proto::StepOutcome::Skipped as i32,
+                    exit_code: None,
+                    signal: None,
+                    duration_ms: 0,
+                    last_seq: output.seq,
+                })),
+            );
+            continue;
+        }
+        shared.outbox.push(
+            attempt,
+            out(Out::StepStarted(proto::StepStarted {
+                attempt_id: attempt,
+                step_index: step.index,
+            })),
+        );
+        let first_line = step.run.lines().next().unwrap_or_default();
+        output
+            .system(step.index, format!("kiln: step {}: $ {first_line}\n", step.name))
+            .await;
+        let mut env: Vec<(String, String)> = a.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        env.extend(step.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env.push(("KILN_STEP".into(), step.name.clone()));
+        let cmd = StepCommand {
+            script: step.run.clone(),
+            cwd: dir.clone(),
+            env,
+            timeout: (step.timeout_ms > 0).then(|| Duration::from_millis(step.timeout_ms)),
+            grace: shared.config.kill_grace,
+        };
+        let (tx, mut rx) = mpsc::channel(16);
+        let exec = kiln_exec::run(&cmd, tx, cancel.child_token());
+        let index = step.index;
+        let forward = async {
+            while let Some(c) = rx.recv().await {
+                let stream = match c.stream {
+                    Stream::Stdout => proto::OutputStream::Stdout,
+                    Stream::Stderr => proto::OutputStream::Stderr,
+                };
+                output.chunk(index, stream, c.data).await;
+            }
+        };
+        let (result, ()) = tokio::join!(exec, forward);
+        let (outcome, exit_code, signal, duration) = match result {
+            Ok(exit) => {
+                let (outcome, code, sig) = match exit.termination {
+                    Termination::Exited(0) => (proto::StepOutcome::Passed, Some(0), None),
+                    Termination::Exited(c) => (proto::StepOutcome::Failed, Some(c), None),
+                    Termination::Signaled(s) => (proto::StepOutcome::Failed, None, Some(s)),
+                    Termination::TimedOut => (proto::StepOutcome::TimedOut, None, None),
+                    Termination::Cancelled => (proto::StepOutcome::Cancelled, None, None),
+                };
+                (outcome, code, sig, exit.duration)
+            }
+            Err(e) => {
+                let err = crate::dispatcher::error_chain(&e);
+                output
+                    .system(index, format!("kiln: cannot run step: {err}\n"))
+                    .await;
+                message = format!("step {}: {err}", step.name);
+                (proto::StepOutcome::Errored, None, None, Duration::ZERO)
+            }
+        };
+        let summary = match (outcome, exit_code, signal) {
+            (proto::StepOutcome::TimedOut, _, _) => {
+                message = format!("step {} timed out after {} ms", step.name, step.timeout_ms);
+                "timed out".to_string()
+            }
+            (proto::StepOutcome::Cancelled, _, _) => "cancelled".to_string(),
+            (_, Some(c), _) => format!("exit {c}"),
+            (_, _, Some(s)) => format!("killed by signal {s}"),
+            _ => "errored".to_string(),
+        };
+        output
+            .system(
+                index,
+                format!("kiln: step {} {summary} in {} ms\n", step.name, duration.as_millis()),
+            )
+            .await;
+        shared.outbox.push(
+            attempt,
+            out(Out::StepFinished(proto::StepFinished {
+                attempt_id: attempt,
+                step_index: index,
+                outcome: outcome as i32,
+                exit_code,
+                signal,
+                duration_ms: duration.as_millis() as u64,
+                last_seq: output.seq,
+            })),
+        );
+        state = match outcome {
+            proto::StepOutcome::Passed => proto::JobState::Passed,
+            proto::StepOutcome::TimedOut => proto::JobState::TimedOut,
+            proto::StepOutcome::Cancelled => proto::JobState::Cancelled,
+            proto::StepOutcome::Errored => proto::JobState::Errored,
+            _ => proto::JobState::Failed,
+        };
+    }
+    finish(shared, &output, state, message);
+    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
+}
+
+fn finish(shared: &Shared, output: &Output<'_>, state: proto::JobState, message: String) {
+    tracing::info!(attempt = output.attempt, state = ?state, "job finished");
+    shared.outbox.push(
+        output.attempt,
+        out(Out::JobFinished(proto::JobFinished {
+            attempt_id: output.attempt,
+            state: state as i32,
+            message,
+            last_seq: output.seq,
+        })),
+    );
+}

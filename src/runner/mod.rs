@@ -1,0 +1,361 @@
+//! The runner: one long-lived `Attach` stream to the dispatcher, reconnecting with backoff and
+//! jitter when it breaks, and the jobs it runs.
+//!
+//! Everything the runner says about an attempt (accepted, output, step and job results) goes
+//! through the [`outbox::Outbox`] in order and stays there until the dispatcher acknowledges
+//! it, so after a reconnect it is sent again and the dispatcher stores each piece once. Jobs
+//! keep running while the stream is down; their output waits in the outbox (bounded: a full
+//! outbox pauses the step's output pipe, and so the step).
+
+mod job;
+mod outbox;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use kiln_domain::AttemptId;
+use kiln_git::Mirrors;
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+use tracing::Instrument;
+
+use crate::proto::{
+    self, dispatcher_message::Kind as In, runner_message::Kind as Out,
+    runner_service_client::RunnerServiceClient,
+};
+use outbox::Outbox;
+
+/// How a runner behaves.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// The dispatcher's URL, e.g. `http://127.0.0.1:7878`.
+    pub dispatcher: String,
+    /// Unique name (the dispatcher knows the runner by it across restarts).
+    pub name: String,
+    /// Jobs run at once.
+    pub slots: u32,
+    /// Labels offered to jobs.
+    pub labels: BTreeMap<String, String>,
+    /// Where mirrors and checkouts live.
+    pub work_dir: PathBuf,
+    /// Output kept for the dispatcher while unacknowledged, in bytes.
+    pub max_buffered_output: usize,
+    /// Time between SIGTERM and SIGKILL when a step times out.
+    pub kill_grace: Duration,
+}
+
+impl RunnerConfig {
+    /// Defaults for a dispatcher URL and a name.
+    pub fn new(dispatcher: impl Into<String>, name: impl Into<String>) -> Self {
+        let name = name.into();
+        Self {
+            dispatcher: dispatcher.into(),
+            work_dir: std::env::temp_dir().join(format!("kiln-runner-{name}")),
+            name,
+            slots: 1,
+            labels: BTreeMap::new(),
+            max_buffered_output: 64 << 20,
+            kill_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Errors that stop a runner.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// The configuration cannot work (bad URL, unusable work directory).
+    #[error("{0}")]
+    Config(String),
+    /// The dispatcher refused the runner for good (bad name or labels).
+    #[error("the dispatcher refused this runner: {0}")]
+    Refused(String),
+}
+
+/// What the session loop and the job tasks share.
+pub(crate) struct Shared {
+    /// Settings.
+    config: RunnerConfig,
+    /// Messages about attempts, until acknowledged.
+    outbox: Outbox,
+    /// Running jobs and how to cancel them.
+    jobs: Mutex<HashMap<AttemptId, CancellationToken>>,
+    /// Mirrors and checkouts.
+    mirrors: Mirrors,
+    /// Take no new work.
+    draining: AtomicBool,
+}
+
+impl Shared {
+    fn jobs(&self) -> MutexGuard<'_, HashMap<AttemptId, CancellationToken>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Attempts this runner still holds: running, or with results not yet acknowledged.
+    fn held(&self) -> Vec<AttemptId> {
+        let mut held: Vec<AttemptId> = self.jobs().keys().copied().collect();
+        held.extend(self.outbox.attempts());
+        held.sort_unstable();
+        held.dedup();
+        held
+    }
+}
+
+/// Runs a runner until `drain` is cancelled and its jobs are done (or `stop` is cancelled, which
+/// cancels the jobs). Reconnects whenever the stream breaks.
+pub async fn run(
+    config: RunnerConfig,
+    drain: CancellationToken,
+    stop: CancellationToken,
+) -> Result<(), RunnerError> {
+    let endpoint = Endpoint::from_shared(config.dispatcher.clone())
+        .map_err(|e| RunnerError::Config(format!("bad dispatcher URL {:?}: {e}", config.dispatcher)))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20));
+    std::fs::create_dir_all(&config.work_dir).map_err(|e| {
+        RunnerError::Config(format!("cannot create work dir {}: {e}", config.work_dir.display()))
+    })?;
+    let mirrors = Mirrors::new(config.work_dir.join("mirrors"))
+        .map_err(|e| RunnerError::Config(format!("mirrors: {e}")))?;
+    let shared = Arc::new(Shared {
+        outbox: Outbox::new(config.max_buffered_output),
+        config,
+        jobs: Mutex::new(HashMap::new()),
+        mirrors,
+        draining: AtomicBool::new(false),
+    });
+    {
+        let shared = shared.clone();
+        let drain = drain.clone();
+        tokio::spawn(async move {
+            drain.cancelled().await;
+            tracing::info!("draining: no new work; finishing running jobs");
+            shared.draining.store(true, Ordering::SeqCst);
+            shared.outbox.wake();
+        });
+    }
+    {
+        let shared = shared.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            for token in shared.jobs().values() {
+                token.cancel();
+            }
+        });
+    }
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if shared.draining.load(Ordering::SeqCst) && shared.held().is_empty() {
+            tracing::info!("drained; detaching");
+            return Ok(());
+        }
+        match session(&endpoint, &shared, &drain).await {
+            Ok(SessionEnd::Drained) => {
+                tracing::info!("drained; detaching");
+                return Ok(());
+            }
+            Ok(SessionEnd::Welcomed) => backoff = Duration::from_millis(100),
+            Ok(SessionEnd::NotWelcomed) => {}
+            Err(SessionError::Fatal(m)) => return Err(RunnerError::Refused(m)),
+            Err(SessionError::Retry(m)) => {
+                tracing::warn!(cause = %m, "cannot reach the dispatcher");
+            }
+        }
+        // Full jitter: a farm of runners does not reconnect in lockstep.
+        let wait = rand::rng().random_range(Duration::ZERO..=backoff);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => {
+                if shared.held().is_empty() { return Ok(()); }
+            }
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+enum SessionEnd {
+    /// The session ran (the backoff starts over).
+    Welcomed,
+    /// The stream ended before the Welcome.
+    NotWelcomed,
+    /// Draining is complete.
+    Drained,
+}
+
+enum SessionError {
+    Retry(String),
+    Fatal(String),
+}
+
+fn out(kind: Out) -> proto::RunnerMessage {
+    proto::RunnerMessage { kind: Some(kind) }
+}
+
+async fn session(
+    endpoint: &Endpoint,
+    shared: &Arc<Shared>,
+    drain: &CancellationToken,
+) -> Result<SessionEnd, SessionError> {
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| SessionError::Retry(crate::dispatcher::error_chain(&e)))?;
+    let mut client = RunnerServiceClient::new(channel)
+        .max_decoding_message_size(crate::api::MAX_RUNNER_MESSAGE_BYTES);
+    let (tx, rx) = mpsc::channel(128);
+    let config = &shared.config;
+    let hello = out(Out::Hello(proto::Hello {
+        name: config.name.clone(),
+        labels: config.labels.clone().into_iter().collect(),
+        slots: config.slots,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        held_attempts: shared.held(),
+        token: String::new(),
+    }));
+    let _ = tx.send(hello).await;
+    let mut inbound = client
+        .attach(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| SessionError::Retry(s.message().to_string()))?
+        .into_inner();
+    let welcome = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
+        Ok(Ok(Some(proto::DispatcherMessage {
+            kind: Some(In::Welcome(w)),
+        }))) => w,
+        Ok(Err(s)) if s.code() == tonic::Code::InvalidArgument => {
+            return Err(SessionError::Fatal(s.message().to_string()));
+        }
+        Ok(Err(s)) => return Err(SessionError::Retry(s.message().to_string())),
+        Ok(Ok(_)) => return Ok(SessionEnd::NotWelcomed),
+        Err(_) => return Err(SessionError::Retry("no welcome within 10s".into())),
+    };
+    let interval = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(50)));
+    let lease = interval * welcome.missed_heartbeats_allowed.max(2);
+    tracing::info!(runner_id = welcome.runner_id, held = ?shared.held(), "attached");
+    for a in &welcome.stale_attempts {
+        tracing::warn!(attempt = a, "attempt was given to another runner while we were away; dropping it");
+        if let Some(token) = shared.jobs().remove(a) {
+            token.cancel();
+        }
+        shared.outbox.drop_attempt(*a);
+    }
+
+    // The writer: everything unacknowledged in the outbox, in order, then whatever comes.
+    let writer_stop = CancellationToken::new();
+    let writer = {
+        let shared = shared.clone();
+        let tx = tx.clone();
+        let stop = writer_stop.clone();
+        tokio::spawn(
+            async move { shared.outbox.pump(&tx, &stop).await }
+                .instrument(tracing::debug_span!("outbox_writer")),
+        )
+    };
+
+    let mut heartbeat = tokio::time::interval(interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = tokio::time::Instant::now();
+    let end = loop {
+        if shared.draining.load(Ordering::SeqCst) && shared.held().is_empty() {
+            break SessionEnd::Drained;
+        }
+        tokio::select! {
+            m = inbound.message() => match m {
+                Ok(Some(m)) => {
+                    last_heard = tokio::time::Instant::now();
+                    handle(shared, &tx, m, drain);
+                }
+                Ok(None) => {
+                    tracing::info!("the dispatcher closed the stream");
+                    break SessionEnd::Welcomed;
+                }
+                Err(s) => {
+                    tracing::warn!(status = %s.message(), "stream broke");
+                    break SessionEnd::Welcomed;
+                }
+            },
+            _ = heartbeat.tick() => {
+                if last_heard.elapsed() > lease {
+                    tracing::warn!("the dispatcher stopped heartbeating; reconnecting");
+                    break SessionEnd::Welcomed;
+                }
+                let running = shared.jobs().keys().copied().collect();
+                let _ = tx.try_send(out(Out::Heartbeat(proto::Heartbeat {
+                    running_attempts: running,
+                    sent_at_ms: kiln_domain::now_millis(),
+                })));
+            }
+            _ = shared.outbox.changed() => {}
+        }
+    };
+    writer_stop.cancel();
+    let _ = writer.await;
+    Ok(end)
+}
+
+/// Handles one message from the dispatcher. Never waits: the reader must always keep reading.
+fn handle(
+    shared: &Arc<Shared>,
+    tx: &mpsc::Sender<proto::RunnerMessage>,
+    m: proto::DispatcherMessage,
+    drain: &CancellationToken,
+) {
+    match m.kind {
+        Some(In::Assign(a)) => {
+            let attempt = a.attempt_id;
+            let busy = shared.jobs().len() >= shared.config.slots as usize;
+            if busy || shared.draining.load(Ordering::SeqCst) {
+                let reason = if busy { "no free slot" } else { "draining" };
+                let _ = tx.try_send(out(Out::Rejected(proto::Rejected {
+                    attempt_id: attempt,
+                    reason: reason.into(),
+                })));
+                return;
+            }
+            let token = CancellationToken::new();
+            shared.jobs().insert(attempt, token.clone());
+            shared
+                .outbox
+                .push(attempt, out(Out::Accepted(proto::Accepted { attempt_id: attempt })));
+            let shared = shared.clone();
+            tokio::spawn(
+                async move {
+                    job::run(&shared, a, token).await;
+                    shared.jobs().remove(&attempt);
+                    shared.outbox.wake();
+                }
+                .instrument(tracing::info_span!("job", attempt)),
+            );
+        }
+        Some(In::OutputAck(a)) => shared.outbox.ack_output(a.attempt_id, a.up_to_seq),
+        Some(In::ResultAck(a)) => shared.outbox.drop_attempt(a.attempt_id),
+        Some(In::Refused(r)) => {
+            tracing::warn!(attempt = r.attempt_id, reason = %r.reason, "dispatcher refused");
+            match shared.jobs().get(&r.attempt_id) {
+                // Still running: stop it; its final result will settle the attempt.
+                Some(token) => token.cancel(),
+                // Finished: the dispatcher will never take this attempt's results.
+                None => shared.outbox.drop_attempt(r.attempt_id),
+            }
+        }
+        Some(In::Cancel(c)) => {
+            tracing::info!(attempt = c.attempt_id, reason = %c.reason, "cancel");
+            if let Some(token) = shared.jobs().get(&c.attempt_id) {
+                token.cancel();
+            }
+        }
+        Some(In::Drain(d)) => {
+            tracing::info!(reason = %d.reason, "the dispatcher asked us to drain");
+            drain.cancel();
+        }
+        Some(In::Heartbeat(_)) | Some(In::Welcome(_)) | None => {}
+    }
+}
