@@ -96,7 +96,10 @@ impl BuildService for BuildApi {
         &self,
         request: Request<proto::GetBuildRequest>,
     ) -> Result<Response<proto::Build>, Status> {
-        let d = self.dispatcher.get_build(request.into_inner().build_id).await?;
+        let d = self
+            .dispatcher
+            .get_build(request.into_inner().build_id)
+            .await?;
         Ok(Response::new(convert::build_to_proto(&d)))
     }
 
@@ -422,7 +425,9 @@ pub async fn serve(
             })
             .max_decoding_message_size(MAX_RUNNER_MESSAGE_BYTES),
         )
-        .add_service(BuildServiceServer::new(build_api).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_service(
+            BuildServiceServer::new(build_api).max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
         .add_service(
             RunnerAdminServiceServer::new(RunnerAdminApi {
                 dispatcher: dispatcher.clone(),

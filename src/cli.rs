@@ -298,7 +298,12 @@ async fn serve(args: ServeArgs) -> Result<i32, CliError> {
         .map_err(|e| CliError::new(exit::INTERNAL, format!("cannot open data dir: {e}")))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .map_err(|e| CliError::new(exit::UNAVAILABLE, format!("cannot listen on {}: {e}", args.listen)))?;
+        .map_err(|e| {
+            CliError::new(
+                exit::UNAVAILABLE,
+                format!("cannot listen on {}: {e}", args.listen),
+            )
+        })?;
     let addr = listener
         .local_addr()
         .map_err(|e| CliError::new(exit::INTERNAL, e.to_string()))?;
@@ -357,7 +362,10 @@ async fn channel(url: &str) -> Result<Channel, CliError> {
     endpoint.connect().await.map_err(|e| {
         CliError::new(
             exit::UNAVAILABLE,
-            format!("cannot reach the dispatcher at {url}: {}", crate::dispatcher::error_chain(&e)),
+            format!(
+                "cannot reach the dispatcher at {url}: {}",
+                crate::dispatcher::error_chain(&e)
+            ),
         )
     })
 }
@@ -378,12 +386,20 @@ async fn submit(url: &str, json: bool, args: SubmitArgs) -> Result<i32, CliError
         Some(c) => c,
         None => {
             let r = git2::Repository::open(&repo).map_err(|e| {
-                CliError::new(exit::NOT_FOUND, format!("--commit not given and {repo} is not a local repository: {}", e.message()))
+                CliError::new(
+                    exit::NOT_FOUND,
+                    format!(
+                        "--commit not given and {repo} is not a local repository: {}",
+                        e.message()
+                    ),
+                )
             })?;
-            let head = r
-                .head()
-                .and_then(|h| h.peel_to_commit())
-                .map_err(|e| CliError::new(exit::NOT_FOUND, format!("cannot read HEAD of {repo}: {}", e.message())))?;
+            let head = r.head().and_then(|h| h.peel_to_commit()).map_err(|e| {
+                CliError::new(
+                    exit::NOT_FOUND,
+                    format!("cannot read HEAD of {repo}: {}", e.message()),
+                )
+            })?;
             head.id().to_string()
         }
     };
@@ -408,7 +424,10 @@ async fn builds(url: &str, json: bool, args: BuildsArgs) -> Result<i32, CliError
     let mut c = build_client(url).await?;
     let r = c
         .list_builds(proto::ListBuildsRequest {
-            repo: args.repo.map(|r| normalize_repo(&r).unwrap_or(r)).unwrap_or_default(),
+            repo: args
+                .repo
+                .map(|r| normalize_repo(&r).unwrap_or(r))
+                .unwrap_or_default(),
             branch: args.branch.unwrap_or_default(),
             state: args
                 .state
@@ -425,7 +444,10 @@ async fn builds(url: &str, json: bool, args: BuildsArgs) -> Result<i32, CliError
         });
         println!("{v}");
     } else {
-        println!("{:<6} {:<10} {:<12} {:<16} {:<20} REPO", "ID", "STATE", "COMMIT", "BRANCH", "CREATED");
+        println!(
+            "{:<6} {:<10} {:<12} {:<16} {:<20} REPO",
+            "ID", "STATE", "COMMIT", "BRANCH", "CREATED"
+        );
         for b in &r.builds {
             println!(
                 "{:<6} {:<10} {:<12} {:<16} {:<20} {}",
@@ -553,7 +575,10 @@ fn print_build(b: &proto::Build, json: bool) {
                 .ok()
                 .and_then(crate::convert::step_outcome_from_proto)
                 .map_or("pending", |o| o.as_str());
-            let exit = s.exit_code.map(|c| format!(" exit={c}")).unwrap_or_default();
+            let exit = s
+                .exit_code
+                .map(|c| format!(" exit={c}"))
+                .unwrap_or_default();
             println!(
                 "    step {} {:<18} {:<10}{exit} {} ms",
                 s.index, s.name, outcome, s.duration_ms
@@ -584,7 +609,9 @@ pub async fn logs(url: &str, target: &str, follow: bool) -> Result<i32, CliError
                 .jobs
                 .iter()
                 .find(|x| x.name == j || x.id.to_string() == j)
-                .ok_or_else(|| CliError::new(exit::NOT_FOUND, format!("build {build} has no job {j:?}")))?;
+                .ok_or_else(|| {
+                    CliError::new(exit::NOT_FOUND, format!("build {build} has no job {j:?}"))
+                })?;
             vec![found]
         }
     };
@@ -633,10 +660,17 @@ async fn follow_job(
             if e.kind() == std::io::ErrorKind::BrokenPipe {
                 return Ok(exit::OK);
             }
-            return Err(CliError::new(exit::INTERNAL, format!("cannot write output: {e}")));
+            return Err(CliError::new(
+                exit::INTERNAL,
+                format!("cannot write output: {e}"),
+            ));
         }
     }
-    Ok(if follow { code } else { code.min(exit::RUNNING) })
+    Ok(if follow {
+        code
+    } else {
+        code.min(exit::RUNNING)
+    })
 }
 
 async fn runners(url: &str, json: bool) -> Result<i32, CliError> {
@@ -666,7 +700,10 @@ async fn runners(url: &str, json: bool) -> Result<i32, CliError> {
             .collect();
         println!("{}", serde_json::json!({ "runners": v }));
     } else {
-        println!("{:<4} {:<20} {:<9} {:<5} {:<12} {:<20} LABELS", "ID", "NAME", "STATE", "SLOTS", "JOBS", "LAST HEARTBEAT");
+        println!(
+            "{:<4} {:<20} {:<9} {:<5} {:<12} {:<20} LABELS",
+            "ID", "NAME", "STATE", "SLOTS", "JOBS", "LAST HEARTBEAT"
+        );
         for x in &r.runners {
             let labels: Vec<String> = x.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let jobs: Vec<String> = x.running_jobs.iter().map(u64::to_string).collect();
@@ -676,7 +713,11 @@ async fn runners(url: &str, json: bool) -> Result<i32, CliError> {
                 x.name,
                 state(x.state),
                 x.slots,
-                if jobs.is_empty() { "-".into() } else { jobs.join(",") },
+                if jobs.is_empty() {
+                    "-".into()
+                } else {
+                    jobs.join(",")
+                },
                 x.last_heartbeat.as_ref().map(fmt_time).unwrap_or_default(),
                 labels.join(",")
             );

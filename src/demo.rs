@@ -54,7 +54,11 @@ fn err(e: impl std::fmt::Display) -> CliError {
 }
 
 /// Writes `files` into the repository's work tree and commits them on `main`.
-fn commit(repo: &git2::Repository, files: &[(&str, &str)], message: &str) -> Result<String, CliError> {
+fn commit(
+    repo: &git2::Repository,
+    files: &[(&str, &str)],
+    message: &str,
+) -> Result<String, CliError> {
     let root = repo.workdir().ok_or_else(|| err("bare repository"))?;
     for (path, text) in files {
         let p = root.join(path);
@@ -68,7 +72,9 @@ fn commit(repo: &git2::Repository, files: &[(&str, &str)], message: &str) -> Res
         .add_all(["*"], git2::IndexAddOption::DEFAULT, None)
         .map_err(err)?;
     index.write().map_err(err)?;
-    let tree = repo.find_tree(index.write_tree().map_err(err)?).map_err(err)?;
+    let tree = repo
+        .find_tree(index.write_tree().map_err(err)?)
+        .map_err(err)?;
     let sig = git2::Signature::now("kiln demo", "demo@kiln.invalid").map_err(err)?;
     let parent = repo.head().ok().and_then(|h| h.peel_to_commit().ok());
     let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
@@ -86,14 +92,20 @@ fn make_repo(dir: &Path) -> Result<(String, String, String), CliError> {
     let good = commit(
         &repo,
         &[
-            ("calc.py", "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return a * b\n"),
+            (
+                "calc.py",
+                "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return a * b\n",
+            ),
             ("tests/test_calc.py", TEST_FILE),
         ],
         "calc: add and mul",
     )?;
     let bad = commit(
         &repo,
-        &[("calc.py", "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return a + b  # oops\n")],
+        &[(
+            "calc.py",
+            "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return a + b  # oops\n",
+        )],
         "calc: faster mul (broken)",
     )?;
     Ok((path.to_string_lossy().into_owned(), good, bad))
@@ -120,7 +132,9 @@ pub async fn run(args: DemoArgs) -> Result<i32, CliError> {
     let mut config = crate::dispatcher::Config::new(dir.join("data"));
     config.heartbeat_interval = Duration::from_secs(1);
     let dispatcher = crate::dispatcher::Dispatcher::open(config).map_err(err)?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(err)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(err)?;
     let addr = listener.local_addr().map_err(err)?;
     let url = format!("http://{addr}");
     let stop_server = CancellationToken::new();
@@ -130,7 +144,10 @@ pub async fn run(args: DemoArgs) -> Result<i32, CliError> {
             stop.cancelled().await
         }))
     };
-    println!("kiln demo: dispatcher on {url}, data in {}", dir.join("data").display());
+    println!(
+        "kiln demo: dispatcher on {url}, data in {}",
+        dir.join("data").display()
+    );
 
     let drain = CancellationToken::new();
     let mut runners = Vec::new();
@@ -154,7 +171,11 @@ pub async fn run(args: DemoArgs) -> Result<i32, CliError> {
             .await
             .map_err(CliError::from)?
             .into_inner();
-        println!("kiln demo: submitted build {} ({label} commit {})", b.id, &commit[..12]);
+        println!(
+            "kiln demo: submitted build {} ({label} commit {})",
+            b.id,
+            &commit[..12]
+        );
         builds.push(b);
     }
 
@@ -198,7 +219,10 @@ pub async fn run(args: DemoArgs) -> Result<i32, CliError> {
     println!();
     println!("kiln demo: results");
     let mut as_expected = true;
-    for (b, want) in builds.iter().zip([proto::JobState::Passed, proto::JobState::Failed]) {
+    for (b, want) in builds
+        .iter()
+        .zip([proto::JobState::Passed, proto::JobState::Failed])
+    {
         let b = client
             .get_build(proto::GetBuildRequest { build_id: b.id })
             .await

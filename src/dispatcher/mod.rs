@@ -354,7 +354,9 @@ impl Dispatcher {
                     ))),
                 },
                 Ok(None) => None,
-                Err(GitError::FileTooLarge { size, max_bytes, .. }) => Some(Err(format!(
+                Err(GitError::FileTooLarge {
+                    size, max_bytes, ..
+                }) => Some(Err(format!(
                     "{}: the file is {size} bytes, more than the limit of {max_bytes}",
                     kiln_pipeline::FILE_NAME
                 ))),
@@ -413,7 +415,9 @@ impl Dispatcher {
     /// One build.
     pub async fn get_build(&self, id: BuildId) -> Result<BuildDetail, DispatchError> {
         if id == 0 {
-            return Err(DispatchError::InvalidArgument("build_id is required".into()));
+            return Err(DispatchError::InvalidArgument(
+                "build_id is required".into(),
+            ));
         }
         self.db(move |s| s.get_build(id))
             .await?
@@ -450,11 +454,10 @@ impl Dispatcher {
                 let Some(live) = attempts.get_mut(&a) else {
                     return false;
                 };
-                let Some(session) = live.session.and_then(|sid| {
-                    sessions
-                        .get(&live.runner_id)
-                        .filter(|s| s.id == sid)
-                }) else {
+                let Some(session) = live
+                    .session
+                    .and_then(|sid| sessions.get(&live.runner_id).filter(|s| s.id == sid))
+                else {
                     return false;
                 };
                 let msg = proto::dispatcher_message::Kind::Cancel(proto::Cancel {
@@ -563,7 +566,10 @@ impl Dispatcher {
 
     /// Where a follower of `job`'s log stands; subscribe first, then read the store, so that
     /// no end of job can be missed.
-    pub fn follow(&self, job: JobId) -> Result<tokio::sync::watch::Receiver<LogProgress>, DispatchError> {
+    pub fn follow(
+        &self,
+        job: JobId,
+    ) -> Result<tokio::sync::watch::Receiver<LogProgress>, DispatchError> {
         Ok(self.inner.hub.subscribe(job, || self.inner.logs.len(job))?)
     }
 
@@ -661,7 +667,10 @@ fn validate_submit(mut req: SubmitRequest) -> Result<SubmitRequest, DispatchErro
         || req.branch.contains("..")
         || req.branch.starts_with('-')
     {
-        return bad(format!("branch {:?} is not a valid branch name", req.branch));
+        return bad(format!(
+            "branch {:?} is not a valid branch name",
+            req.branch
+        ));
     }
     if req.trigger.len() > MAX_TRIGGER_LEN || req.trigger.chars().any(char::is_control) {
         return bad(format!(

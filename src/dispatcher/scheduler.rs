@@ -87,7 +87,11 @@ impl Dispatcher {
             self.requeue(a, "runner lost").await?;
         }
         for (a, job) in unanswered {
-            tracing::warn!(attempt = a, job, "runner did not confirm the cancel; ending the job");
+            tracing::warn!(
+                attempt = a,
+                job,
+                "runner did not confirm the cancel; ending the job"
+            );
             self.state().attempts.remove(&a);
             if let Some(ch) = self
                 .db(move |s| s.cancel_job(job, "cancelled by user (runner did not confirm)"))
@@ -100,7 +104,11 @@ impl Dispatcher {
     }
 
     /// Sends an attempt's job back to the queue (or ends it errored after too many losses).
-    pub(super) async fn requeue(&self, attempt: AttemptId, reason: &str) -> Result<(), DispatchError> {
+    pub(super) async fn requeue(
+        &self,
+        attempt: AttemptId,
+        reason: &str,
+    ) -> Result<(), DispatchError> {
         self.state().attempts.remove(&attempt);
         let max = self.inner.config.max_lost_attempts;
         let why = reason.to_string();
@@ -127,9 +135,8 @@ impl Dispatcher {
                 continue;
             };
             let (job_id, name) = (job.id, runner_name.clone());
-            let Some((attempt, change)) = self
-                .db(move |s| s.assign(job_id, runner_id, &name))
-                .await?
+            let Some((attempt, change)) =
+                self.db(move |s| s.assign(job_id, runner_id, &name)).await?
             else {
                 continue;
             };
@@ -206,7 +213,10 @@ impl Dispatcher {
             };
             if sent {
                 tracing::info!(attempt, job = job.id, build = job.build_id, runner = %runner_name, "assigned");
-            } else if let Err(e) = self.requeue(attempt, "runner went away during assignment").await {
+            } else if let Err(e) = self
+                .requeue(attempt, "runner went away during assignment")
+                .await
+            {
                 tracing::error!(cause = %error_chain(&e), "requeue failed");
             }
         }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use kiln_domain::{AttemptId, RunnerId, StepResult, now_millis};
 use kiln_store::{Finish, FrameHeader};
 use tokio::sync::mpsc;
-use tokio_stream::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::Instrument;
@@ -38,7 +38,11 @@ fn msg(kind: Out) -> Result<proto::DispatcherMessage, Status> {
 }
 
 /// Sends to the runner unless the session is stopped first. False when the runner is gone.
-async fn send(tx: &Tx, stop: &CancellationToken, m: Result<proto::DispatcherMessage, Status>) -> bool {
+async fn send(
+    tx: &Tx,
+    stop: &CancellationToken,
+    m: Result<proto::DispatcherMessage, Status>,
+) -> bool {
     tokio::select! {
         r = tx.send(m) => r.is_ok(),
         _ = stop.cancelled() => false,
@@ -130,7 +134,9 @@ impl Dispatcher {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(cause = %e, "cannot register runner");
-                let _ = tx.send(Err(Status::internal("cannot register runner"))).await;
+                let _ = tx
+                    .send(Err(Status::internal("cannot register runner")))
+                    .await;
                 return;
             }
         };
@@ -352,7 +358,12 @@ impl Dispatcher {
                 match self.db(move |s| s.record_step(attempt, &result)).await {
                     Ok(true) => {}
                     Ok(false) => {
-                        send(tx, stop, refused(attempt, format!("attempt {attempt} is not current"))).await;
+                        send(
+                            tx,
+                            stop,
+                            refused(attempt, format!("attempt {attempt} is not current")),
+                        )
+                        .await;
                     }
                     Err(e) => return Err(internal(&e)),
                 }
@@ -372,9 +383,11 @@ impl Dispatcher {
     ) -> Result<(), Status> {
         let attempt = chunk.attempt_id;
         let stream = match proto::OutputStream::try_from(chunk.stream) {
-            Ok(s @ (proto::OutputStream::Stdout
-            | proto::OutputStream::Stderr
-            | proto::OutputStream::System)) => s as u8,
+            Ok(
+                s @ (proto::OutputStream::Stdout
+                | proto::OutputStream::Stderr
+                | proto::OutputStream::System),
+            ) => s as u8,
             _ => {
                 return Err(Status::invalid_argument(format!(
                     "output.stream {} is not stdout, stderr or system",
@@ -392,21 +405,41 @@ impl Dispatcher {
         let job = match self.check_held(runner, sid, attempt) {
             Ok(job) => job,
             Err(why) => {
-                send(tx, stop, msg(Out::Refused(proto::Refused { attempt_id: attempt, reason: why }))).await;
+                send(
+                    tx,
+                    stop,
+                    msg(Out::Refused(proto::Refused {
+                        attempt_id: attempt,
+                        reason: why,
+                    })),
+                )
+                .await;
                 return Ok(());
             }
         };
         let expected = self.next_seq(attempt, job).await?;
         if chunk.seq < expected {
             // Already stored (re-sent after a reconnect): acknowledge, do not store twice.
-            send(tx, stop, msg(Out::OutputAck(proto::OutputAck { attempt_id: attempt, up_to_seq: expected - 1 }))).await;
+            send(
+                tx,
+                stop,
+                msg(Out::OutputAck(proto::OutputAck {
+                    attempt_id: attempt,
+                    up_to_seq: expected - 1,
+                })),
+            )
+            .await;
             return Ok(());
         }
         if chunk.seq > expected {
-            send(tx, stop, msg(Out::Refused(proto::Refused {
-                attempt_id: attempt,
-                reason: format!("output seq {} out of order: expected {expected}", chunk.seq),
-            })))
+            send(
+                tx,
+                stop,
+                msg(Out::Refused(proto::Refused {
+                    attempt_id: attempt,
+                    reason: format!("output seq {} out of order: expected {expected}", chunk.seq),
+                })),
+            )
             .await;
             return Ok(());
         }
@@ -428,7 +461,15 @@ impl Dispatcher {
             a.next_seq = Some(chunk.seq + 1);
         }
         self.inner.hub.advance(job, len);
-        send(tx, stop, msg(Out::OutputAck(proto::OutputAck { attempt_id: attempt, up_to_seq: chunk.seq }))).await;
+        send(
+            tx,
+            stop,
+            msg(Out::OutputAck(proto::OutputAck {
+                attempt_id: attempt,
+                up_to_seq: chunk.seq,
+            })),
+        )
+        .await;
         Ok(())
     }
 
@@ -475,14 +516,21 @@ impl Dispatcher {
         let job = match self.check_held(runner, sid, attempt) {
             Ok(job) => Some(job),
             Err(_) => {
-                let a = self.db(move |s| s.get_attempt(attempt)).await.map_err(|e| internal(&e))?;
+                let a = self
+                    .db(move |s| s.get_attempt(attempt))
+                    .await
+                    .map_err(|e| internal(&e))?;
                 match a {
                     Some(a) if a.runner_id == runner => None,
                     _ => {
-                        send(tx, stop, msg(Out::Refused(proto::Refused {
-                            attempt_id: attempt,
-                            reason: format!("attempt {attempt} does not belong to this runner"),
-                        })))
+                        send(
+                            tx,
+                            stop,
+                            msg(Out::Refused(proto::Refused {
+                                attempt_id: attempt,
+                                reason: format!("attempt {attempt} does not belong to this runner"),
+                            })),
+                        )
                         .await;
                         return Ok(());
                     }
@@ -510,13 +558,20 @@ impl Dispatcher {
                 tracing::info!(attempt, job = ch.job_id, state = %state, "job finished");
                 self.publish(&ch);
                 self.kick();
-                Out::ResultAck(proto::ResultAck { attempt_id: attempt })
+                Out::ResultAck(proto::ResultAck {
+                    attempt_id: attempt,
+                })
             }
-            Finish::AlreadyRecorded => Out::ResultAck(proto::ResultAck { attempt_id: attempt }),
+            Finish::AlreadyRecorded => Out::ResultAck(proto::ResultAck {
+                attempt_id: attempt,
+            }),
             Finish::Refused(reason) => {
                 tracing::warn!(attempt, reason = %reason, "result refused");
                 self.kick();
-                Out::Refused(proto::Refused { attempt_id: attempt, reason })
+                Out::Refused(proto::Refused {
+                    attempt_id: attempt,
+                    reason,
+                })
             }
         };
         send(tx, stop, msg(reply)).await;
@@ -528,4 +583,3 @@ fn internal(e: &super::DispatchError) -> Status {
     tracing::error!(cause = %e, "internal error in runner session");
     Status::internal("internal error")
 }
-

@@ -78,7 +78,12 @@ pub(super) async fn run(shared: &Arc<Shared>, a: proto::Assign, cancel: Cancella
         output
             .system(0, format!("kiln: checkout failed: {err}\n"))
             .await;
-        finish(shared, &output, proto::JobState::Errored, format!("checkout failed: {err}"));
+        finish(
+            shared,
+            &output,
+            proto::JobState::Errored,
+            format!("checkout failed: {err}"),
+        );
         return;
     }
 
@@ -112,9 +117,13 @@ pub(super) async fn run(shared: &Arc<Shared>, a: proto::Assign, cancel: Cancella
         );
         let first_line = step.run.lines().next().unwrap_or_default();
         output
-            .system(step.index, format!("kiln: step {}: $ {first_line}\n", step.name))
+            .system(
+                step.index,
+                format!("kiln: step {}: $ {first_line}\n", step.name),
+            )
             .await;
-        let mut env: Vec<(String, String)> = a.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut env: Vec<(String, String)> =
+            a.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         env.extend(step.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         env.push(("KILN_STEP".into(), step.name.clone()));
         let cmd = StepCommand {
@@ -170,7 +179,11 @@ pub(super) async fn run(shared: &Arc<Shared>, a: proto::Assign, cancel: Cancella
         output
             .system(
                 index,
-                format!("kiln: step {} {summary} in {} ms\n", step.name, duration.as_millis()),
+                format!(
+                    "kiln: step {} {summary} in {} ms\n",
+                    step.name,
+                    duration.as_millis()
+                ),
             )
             .await;
         shared.outbox.push(

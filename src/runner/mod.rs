@@ -114,13 +114,18 @@ pub async fn run(
     stop: CancellationToken,
 ) -> Result<(), RunnerError> {
     let endpoint = Endpoint::from_shared(config.dispatcher.clone())
-        .map_err(|e| RunnerError::Config(format!("bad dispatcher URL {:?}: {e}", config.dispatcher)))?
+        .map_err(|e| {
+            RunnerError::Config(format!("bad dispatcher URL {:?}: {e}", config.dispatcher))
+        })?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20));
     std::fs::create_dir_all(&config.work_dir).map_err(|e| {
-        RunnerError::Config(format!("cannot create work dir {}: {e}", config.work_dir.display()))
+        RunnerError::Config(format!(
+            "cannot create work dir {}: {e}",
+            config.work_dir.display()
+        ))
     })?;
     let mirrors = Mirrors::new(config.work_dir.join("mirrors"))
         .map_err(|e| RunnerError::Config(format!("mirrors: {e}")))?;
@@ -241,7 +246,10 @@ async fn session(
     let lease = interval * welcome.missed_heartbeats_allowed.max(2);
     tracing::info!(runner_id = welcome.runner_id, held = ?shared.held(), "attached");
     for a in &welcome.stale_attempts {
-        tracing::warn!(attempt = a, "attempt was given to another runner while we were away; dropping it");
+        tracing::warn!(
+            attempt = a,
+            "attempt was given to another runner while we were away; dropping it"
+        );
         if let Some(token) = shared.jobs().remove(a) {
             token.cancel();
         }
@@ -322,9 +330,12 @@ fn handle(
             }
             let token = CancellationToken::new();
             shared.jobs().insert(attempt, token.clone());
-            shared
-                .outbox
-                .push(attempt, out(Out::Accepted(proto::Accepted { attempt_id: attempt })));
+            shared.outbox.push(
+                attempt,
+                out(Out::Accepted(proto::Accepted {
+                    attempt_id: attempt,
+                })),
+            );
             let shared = shared.clone();
             tokio::spawn(
                 async move {

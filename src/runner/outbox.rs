@@ -62,7 +62,13 @@ impl Outbox {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn insert(inner: &mut Inner, attempt: AttemptId, seq: Option<u64>, msg: proto::RunnerMessage, bytes: usize) {
+    fn insert(
+        inner: &mut Inner,
+        attempt: AttemptId,
+        seq: Option<u64>,
+        msg: proto::RunnerMessage,
+        bytes: usize,
+    ) {
         inner.next_id += 1;
         let id = inner.next_id;
         inner.bytes += bytes;
@@ -83,7 +89,13 @@ impl Outbox {
     }
 
     /// Queues an output chunk, waiting while the outbox is full.
-    pub(crate) async fn push_output(&self, attempt: AttemptId, seq: u64, msg: proto::RunnerMessage, bytes: usize) {
+    pub(crate) async fn push_output(
+        &self,
+        attempt: AttemptId,
+        seq: u64,
+        msg: proto::RunnerMessage,
+        bytes: usize,
+    ) {
         loop {
             let notified = self.space.notified();
             tokio::pin!(notified);
@@ -150,7 +162,11 @@ impl Outbox {
     }
 
     /// Sends every entry, oldest first, then new ones as they come, until `stop`.
-    pub(crate) async fn pump(&self, tx: &mpsc::Sender<proto::RunnerMessage>, stop: &CancellationToken) {
+    pub(crate) async fn pump(
+        &self,
+        tx: &mpsc::Sender<proto::RunnerMessage>,
+        stop: &CancellationToken,
+    ) {
         let mut cursor = 0u64;
         loop {
             let batch: Vec<(u64, proto::RunnerMessage)> = {

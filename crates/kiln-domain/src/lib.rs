@@ -110,7 +110,9 @@ impl fmt::Display for JobState {
 
 /// Error for a state name that is not one of [`JobState::ALL`].
 #[derive(Debug, thiserror::Error)]
-#[error("unknown job state `{0}` (expected one of queued, assigned, running, passed, failed, cancelled, timed_out, errored)")]
+#[error(
+    "unknown job state `{0}` (expected one of queued, assigned, running, passed, failed, cancelled, timed_out, errored)"
+)]
 pub struct UnknownState(pub String);
 
 impl FromStr for JobState {

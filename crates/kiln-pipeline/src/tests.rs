@@ -760,11 +760,20 @@ fn resolve_prefers_the_file() {
 #[ignore]
 fn probe_timing() {
     for n in [1000usize, 10_000, 100_000, 1_000_000] {
-        for (what, unit) in [("seq", "["), ("map", "{a: "), ("block", "- "), ("blockmap", "a:\n")] {
+        for (what, unit) in [
+            ("seq", "["),
+            ("map", "{a: "),
+            ("block", "- "),
+            ("blockmap", "a:\n"),
+        ] {
             let deep = format!("steps: {}", unit.repeat(n / unit.len()));
             let t = std::time::Instant::now();
             let r = parse(FILE_NAME, &deep).map_err(|e| e.to_string());
-            println!("{what} {n} {:?} {:?}", t.elapsed(), r.err().map(|e| e.chars().take(80).collect::<String>()));
+            println!(
+                "{what} {n} {:?} {:?}",
+                t.elapsed(),
+                r.err().map(|e| e.chars().take(80).collect::<String>())
+            );
         }
     }
 }

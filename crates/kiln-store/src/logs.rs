@@ -157,9 +157,7 @@ fn scan(file: &mut File, path: &Path) -> Result<(u64, HashMap<AttemptId, u64>), 
         if pos + (HEADER_LEN + len) as u64 > size {
             break;
         }
-        reader
-            .seek_relative(len as i64)
-            .map_err(io_err(path))?;
+        reader.seek_relative(len as i64).map_err(io_err(path))?;
         pos += (HEADER_LEN + len) as u64;
         last.insert(h.attempt, h.seq);
     }
@@ -194,25 +192,22 @@ impl LogStore {
         }
         let path = self.path(job);
         let mut writers = self.writers();
-        if !writers.contains_key(&job) {
-            let mut file = OpenOptions::new()
-                .create(true)
-                .read(true)
-                .write(true)
-                .truncate(false)
-                .open(&path)
-                .map_err(io_err(&path))?;
-            let (end, _) = scan(&mut file, &path)?;
-            // Cut off a frame a crash left half written.
-            file.set_len(end).map_err(io_err(&path))?;
-            file.seek(SeekFrom::Start(end)).map_err(io_err(&path))?;
-            writers.insert(job, (file, end));
-        }
-        let Some((file, len)) = writers.get_mut(&job) else {
-            return Err(LogError::Io {
-                path,
-                cause: std::io::Error::other("log writer vanished"),
-            });
+        let (file, len) = match writers.entry(job) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let mut file = OpenOptions::new()
+                    .create(true)
+                    .read(true)
+                    .write(true)
+                    .truncate(false)
+                    .open(&path)
+                    .map_err(io_err(&path))?;
+                let (end, _) = scan(&mut file, &path)?;
+                // Cut off a frame a crash left half written.
+                file.set_len(end).map_err(io_err(&path))?;
+                file.seek(SeekFrom::Start(end)).map_err(io_err(&path))?;
+                e.insert((file, end))
+            }
         };
         let mut buf = Vec::with_capacity(HEADER_LEN + data.len());
         buf.extend_from_slice(&encode_header(header, data.len()));

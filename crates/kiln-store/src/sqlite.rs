@@ -221,8 +221,8 @@ fn finish_job(raw: RawJob) -> Result<Job> {
     let mut job = raw.job;
     job.state = parse_state(&raw.state)?;
     job.labels = serde_json::from_str(&raw.labels).map_err(|e| corrupt("job labels", e))?;
-    job.steps = serde_json::from_str::<Vec<StepSpec>>(&raw.steps)
-        .map_err(|e| corrupt("job steps", e))?;
+    job.steps =
+        serde_json::from_str::<Vec<StepSpec>>(&raw.steps).map_err(|e| corrupt("job steps", e))?;
     Ok(job)
 }
 
@@ -362,10 +362,10 @@ impl Store for SqliteStore {
             let build_id = tx.last_insert_rowid() as u64;
             if new.error.is_none() {
                 for (pos, job) in new.jobs.iter().enumerate() {
-                    let labels = serde_json::to_string(&job.labels)
-                        .map_err(|e| corrupt("job labels", e))?;
-                    let steps = serde_json::to_string(&job.steps)
-                        .map_err(|e| corrupt("job steps", e))?;
+                    let labels =
+                        serde_json::to_string(&job.labels).map_err(|e| corrupt("job labels", e))?;
+                    let steps =
+                        serde_json::to_string(&job.steps).map_err(|e| corrupt("job steps", e))?;
                     tx.execute(
                         "INSERT INTO jobs (build_id, position, name, state, labels, steps) \
                          VALUES (?1, ?2, ?3, 'queued', ?4, ?5)",
@@ -693,10 +693,9 @@ impl Store for SqliteStore {
                  last_seen = excluded.last_seen",
                 params![name, labels_json, slots, version, now],
             )?;
-            let id: i64 =
-                tx.query_row("SELECT id FROM runners WHERE name = ?1", [name], |r| {
-                    r.get(0)
-                })?;
+            let id: i64 = tx.query_row("SELECT id FROM runners WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })?;
             Ok(RunnerRecord {
                 id: id as u64,
                 name: name.to_string(),
@@ -800,7 +799,9 @@ mod tests {
     }
 
     fn runner(s: &SqliteStore, name: &str) -> RunnerId {
-        s.upsert_runner(name, &BTreeMap::new(), 1, "test").unwrap().id
+        s.upsert_runner(name, &BTreeMap::new(), 1, "test")
+            .unwrap()
+            .id
     }
 
     #[test]
