@@ -10,11 +10,12 @@ use kiln_domain::JobId;
 use kiln_store::BuildFilter;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::ApiAuth;
 use crate::convert;
 use crate::dispatcher::{DispatchError, Dispatcher, SubmitRequest};
 use crate::proto::{
@@ -52,6 +53,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 #[derive(Debug, Clone)]
 pub struct RunnerApi {
     dispatcher: Dispatcher,
+    require_cert: bool,
 }
 
 #[tonic::async_trait]
@@ -62,6 +64,11 @@ impl RunnerService for RunnerApi {
         &self,
         request: Request<Streaming<proto::RunnerMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
+        if self.require_cert && request.peer_certs().is_none_or(|c| c.is_empty()) {
+            return Err(Status::unauthenticated(
+                "runners must present a client certificate (mutual TLS)",
+            ));
+        }
         Ok(Response::new(self.dispatcher.attach(request.into_inner())))
     }
 }
@@ -71,6 +78,7 @@ impl RunnerService for RunnerApi {
 pub struct BuildApi {
     dispatcher: Dispatcher,
     shutdown: CancellationToken,
+    auth: ApiAuth,
 }
 
 #[tonic::async_trait]
@@ -79,6 +87,7 @@ impl BuildService for BuildApi {
         &self,
         request: Request<proto::SubmitBuildRequest>,
     ) -> Result<Response<proto::Build>, Status> {
+        self.auth.check_write(request.metadata())?;
         let r = request.into_inner();
         let d = self
             .dispatcher
@@ -96,6 +105,7 @@ impl BuildService for BuildApi {
         &self,
         request: Request<proto::GetBuildRequest>,
     ) -> Result<Response<proto::Build>, Status> {
+        self.auth.check_read(request.metadata())?;
         let d = self
             .dispatcher
             .get_build(request.into_inner().build_id)
@@ -107,6 +117,7 @@ impl BuildService for BuildApi {
         &self,
         request: Request<proto::ListBuildsRequest>,
     ) -> Result<Response<proto::ListBuildsResponse>, Status> {
+        self.auth.check_read(request.metadata())?;
         let r = request.into_inner();
         let limit = match r.page_size {
             0 => 50,
@@ -157,6 +168,7 @@ impl BuildService for BuildApi {
         &self,
         request: Request<proto::StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        self.auth.check_read(request.metadata())?;
         let r = request.into_inner();
         let d = &self.dispatcher;
         let job: JobId = match (r.job_id, r.build_id) {
@@ -265,6 +277,7 @@ impl BuildService for BuildApi {
         &self,
         request: Request<proto::WatchBuildsRequest>,
     ) -> Result<Response<Self::WatchBuildsStream>, Status> {
+        self.auth.check_read(request.metadata())?;
         let only = request.into_inner().build_id;
         let mut events = self.dispatcher.subscribe();
         let (tx, rx) = mpsc::channel(64);
@@ -308,6 +321,7 @@ impl BuildService for BuildApi {
         &self,
         request: Request<proto::CancelBuildRequest>,
     ) -> Result<Response<proto::Build>, Status> {
+        self.auth.check_write(request.metadata())?;
         let d = self
             .dispatcher
             .cancel_build(request.into_inner().build_id)
@@ -319,6 +333,7 @@ impl BuildService for BuildApi {
         &self,
         request: Request<proto::RetryBuildRequest>,
     ) -> Result<Response<proto::Build>, Status> {
+        self.auth.check_write(request.metadata())?;
         let d = self
             .dispatcher
             .retry_build(request.into_inner().build_id)
@@ -331,14 +346,16 @@ impl BuildService for BuildApi {
 #[derive(Debug, Clone)]
 pub struct RunnerAdminApi {
     dispatcher: Dispatcher,
+    auth: ApiAuth,
 }
 
 #[tonic::async_trait]
 impl RunnerAdminService for RunnerAdminApi {
     async fn list_runners(
         &self,
-        _request: Request<proto::ListRunnersRequest>,
+        request: Request<proto::ListRunnersRequest>,
     ) -> Result<Response<proto::ListRunnersResponse>, Status> {
+        self.auth.check_read(request.metadata())?;
         let runners = self.dispatcher.list_runners().await?;
         Ok(Response::new(proto::ListRunnersResponse {
             runners: runners
@@ -349,6 +366,34 @@ impl RunnerAdminService for RunnerAdminApi {
                 .collect(),
         }))
     }
+
+    async fn drain_runner(
+        &self,
+        request: Request<proto::DrainRunnerRequest>,
+    ) -> Result<Response<proto::Runner>, Status> {
+        self.auth.check_write(request.metadata())?;
+        let r = self
+            .dispatcher
+            .drain_runner(&request.into_inner().name)
+            .await?;
+        Ok(Response::new(convert::runner_to_proto(
+            &r.record,
+            proto::RunnerState::Draining,
+            r.running_jobs,
+            r.last_heartbeat,
+        )))
+    }
+}
+
+/// How the listener is secured.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// TLS for the listener (plaintext when `None`).
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// API token rules.
+    pub api_auth: ApiAuth,
+    /// Runners must present a client certificate (needs `tls` with a client CA).
+    pub require_runner_cert: bool,
 }
 
 /// Serves the dispatcher on `listener` until `shutdown` resolves: every kiln service, the
@@ -358,6 +403,7 @@ impl RunnerAdminService for RunnerAdminApi {
 pub async fn serve(
     listener: TcpListener,
     dispatcher: Dispatcher,
+    options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -379,6 +425,11 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha();
+    let ServeOptions {
+        tls,
+        api_auth,
+        require_runner_cert,
+    } = options;
     let (reflection_v1, reflection_v1alpha) = match (reflection_v1, reflection_v1alpha) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => {
@@ -394,6 +445,7 @@ pub async fn serve(
     let build_api = BuildApi {
         dispatcher: dispatcher.clone(),
         shutdown: stop.clone(),
+        auth: api_auth.clone(),
     };
     let graceful = {
         let dispatcher = dispatcher.clone();
@@ -413,7 +465,18 @@ pub async fn serve(
     };
     let local = listener.local_addr().ok();
     tracing::info!(addr = ?local, data_dir = %dispatcher.config().data_dir.display(), "dispatcher listening");
-    let result = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let incoming = TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            // Live output: never wait for Nagle.
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
+    let result = builder
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
@@ -422,6 +485,7 @@ pub async fn serve(
         .add_service(
             RunnerServiceServer::new(RunnerApi {
                 dispatcher: dispatcher.clone(),
+                require_cert: require_runner_cert,
             })
             .max_decoding_message_size(MAX_RUNNER_MESSAGE_BYTES),
         )
@@ -431,12 +495,14 @@ pub async fn serve(
         .add_service(
             RunnerAdminServiceServer::new(RunnerAdminApi {
                 dispatcher: dispatcher.clone(),
+                auth: api_auth,
             })
             .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), graceful)
+        .serve_with_incoming_shutdown(incoming, graceful)
         .await;
     stop.cancel();
     let _ = background.await;
+    dispatcher.sync_logs();
     result
 }

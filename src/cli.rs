@@ -12,6 +12,7 @@
 //! | 6 | the dispatcher cannot be reached (or is shutting down) |
 //! | 7 | any other error |
 //! | 8 | the build or job is still running (`show` only) |
+//! | 9 | the token is missing or not valid |
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -48,6 +49,8 @@ pub mod exit {
     pub const INTERNAL: i32 = 7;
     /// Still running.
     pub const RUNNING: i32 = 8;
+    /// Not authenticated or not allowed.
+    pub const DENIED: i32 = 9;
 }
 
 /// A user-facing error with its exit code.
@@ -76,10 +79,16 @@ impl From<tonic::Status> for CliError {
             Code::NotFound => exit::NOT_FOUND,
             Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => exit::INVALID,
             Code::Unavailable | Code::DeadlineExceeded => exit::UNAVAILABLE,
+            Code::Unauthenticated | Code::PermissionDenied => exit::DENIED,
+            Code::Unknown if s.message().contains("transport") => exit::UNAVAILABLE,
             _ => exit::INTERNAL,
         };
         let what = match s.code() {
             Code::Unavailable => format!("dispatcher unavailable: {}", s.message()),
+            Code::Unknown if s.message().contains("transport") => format!(
+                "{} (does the dispatcher serve TLS? then use an https:// URL)",
+                s.message()
+            ),
             _ => s.message().to_string(),
         };
         CliError::new(code, what)
@@ -101,6 +110,18 @@ pub struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+    /// API token for the dispatcher (for `kiln runner`: the runner's token).
+    #[arg(long, global = true, env = "KILN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// dispatcher, instead of the system roots.
+    #[arg(long, global = true, env = "KILN_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, global = true, env = "KILN_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long, global = true, env = "KILN_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -134,13 +155,59 @@ pub enum Command {
         /// Build id.
         build: u64,
     },
-    /// List runners.
-    Runners,
+    /// List runners, or drain one.
+    Runners {
+        /// What to do (default: list).
+        #[command(subcommand)]
+        action: Option<RunnersAction>,
+    },
     /// Showcase: a sample repository, a dispatcher and two runners in this process, a passing
     /// and a failing commit, their output live and their results.
     Demo(crate::demo::DemoArgs),
     /// Benchmarks (see BENCHMARKS.md).
     Bench(crate::bench::BenchArgs),
+    /// Administration on the dispatcher's data directory.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+/// `kiln runners ...`.
+#[derive(Debug, Subcommand)]
+pub enum RunnersAction {
+    /// Tell a runner to take no new work, finish its jobs and detach.
+    Drain {
+        /// Runner name.
+        name: String,
+    },
+}
+
+/// `kiln admin`.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Per-runner tokens (stored hashed in the dispatcher's database).
+    #[command(subcommand)]
+    RunnerToken(RunnerTokenCommand),
+}
+
+/// `kiln admin runner-token`.
+#[derive(Debug, Subcommand)]
+pub enum RunnerTokenCommand {
+    /// Creates (or replaces) a runner's token and prints it once.
+    Create {
+        /// Runner name.
+        name: String,
+        /// The dispatcher's data directory.
+        #[arg(long, env = "KILN_DATA_DIR", default_value = "kiln-data")]
+        data_dir: PathBuf,
+    },
+    /// Revokes a runner's token.
+    Revoke {
+        /// Runner name.
+        name: String,
+        /// The dispatcher's data directory.
+        #[arg(long, env = "KILN_DATA_DIR", default_value = "kiln-data")]
+        data_dir: PathBuf,
+    },
 }
 
 /// `kiln serve`.
@@ -158,6 +225,27 @@ pub struct ServeArgs {
     /// Missed heartbeats before a runner is declared lost.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub missed_heartbeats: u32,
+    /// API token required for writes (submit, cancel, retry) and, with --closed-reads, reads.
+    #[arg(long, env = "KILN_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Reads need the API token too.
+    #[arg(long, requires = "api_token")]
+    pub closed_reads: bool,
+    /// Shared token every runner must present (per-runner tokens: `kiln admin runner-token`).
+    #[arg(long, env = "KILN_RUNNER_TOKEN", hide_env_values = true)]
+    pub runner_token: Option<String>,
+    /// Serve TLS with this certificate chain (PEM).
+    #[arg(long, requires = "server_key")]
+    pub server_cert: Option<PathBuf>,
+    /// The TLS private key (PEM).
+    #[arg(long, requires = "server_cert")]
+    pub server_key: Option<PathBuf>,
+    /// Accept client certificates signed by this CA (PEM).
+    #[arg(long, requires = "server_cert")]
+    pub client_ca: Option<PathBuf>,
+    /// Runners must present a client certificate signed by --client-ca (mutual TLS).
+    #[arg(long, requires = "client_ca")]
+    pub require_runner_cert: bool,
 }
 
 /// `kiln runner`.
@@ -234,17 +322,54 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// How a client reaches the dispatcher.
+#[derive(Debug, Clone, Default)]
+pub struct Connection {
+    /// The dispatcher's URL.
+    pub url: String,
+    /// API token.
+    pub token: Option<String>,
+    /// TLS files.
+    pub tls: crate::tls::ClientTls,
+}
+
+impl Connection {
+    /// Plaintext, no token.
+    pub fn plain(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// A `BuildService` client that sends the API token.
+pub type BuildClient = BuildServiceClient<
+    tonic::service::interceptor::InterceptedService<Channel, crate::auth::BearerToken>,
+>;
+
 /// Runs a parsed command line; returns the exit code.
 pub async fn run(cli: Cli) -> Result<i32, CliError> {
+    let conn = Connection {
+        url: cli.dispatcher.clone(),
+        token: cli.token.clone(),
+        tls: crate::tls::ClientTls {
+            ca: cli.tls_ca.clone(),
+            cert: cli.tls_cert.clone(),
+            key: cli.tls_key.clone(),
+        },
+    };
+    let conn = &conn;
     match cli.command {
         Command::Serve(args) => serve(args).await,
-        Command::Runner(args) => runner(&cli.dispatcher, args).await,
-        Command::Submit(args) => submit(&cli.dispatcher, cli.json, args).await,
-        Command::Builds(args) => builds(&cli.dispatcher, cli.json, args).await,
-        Command::Show { build } => show(&cli.dispatcher, cli.json, build).await,
-        Command::Logs(args) => logs(&cli.dispatcher, &args.target, args.follow).await,
+        Command::Runner(args) => runner(conn, args).await,
+        Command::Submit(args) => submit(conn, cli.json, args).await,
+        Command::Builds(args) => builds(conn, cli.json, args).await,
+        Command::Show { build } => show(conn, cli.json, build).await,
+        Command::Logs(args) => logs(conn, &args.target, args.follow).await,
+        Command::Admin(cmd) => admin(cmd),
         Command::Cancel { build } => {
-            let mut c = build_client(&cli.dispatcher).await?;
+            let mut c = build_client(conn).await?;
             let b = c
                 .cancel_build(proto::CancelBuildRequest { build_id: build })
                 .await?
@@ -253,7 +378,7 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
             Ok(exit::OK)
         }
         Command::Retry { build } => {
-            let mut c = build_client(&cli.dispatcher).await?;
+            let mut c = build_client(conn).await?;
             let b = c
                 .retry_build(proto::RetryBuildRequest { build_id: build })
                 .await?
@@ -261,7 +386,19 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
             print_build(&b, cli.json);
             Ok(exit::OK)
         }
-        Command::Runners => runners(&cli.dispatcher, cli.json).await,
+        Command::Runners { action: None } => runners(conn, cli.json).await,
+        Command::Runners {
+            action: Some(RunnersAction::Drain { name }),
+        } => {
+            let mut c =
+                RunnerAdminServiceClient::with_interceptor(channel(conn).await?, bearer(conn)?);
+            let r = c
+                .drain_runner(proto::DrainRunnerRequest { name })
+                .await?
+                .into_inner();
+            println!("runner {} is draining", r.name);
+            Ok(exit::OK)
+        }
         Command::Demo(args) => crate::demo::run(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
     }
@@ -290,10 +427,65 @@ pub async fn signal() {
     }
 }
 
+fn admin(cmd: AdminCommand) -> Result<i32, CliError> {
+    use kiln_store::Store as _;
+    let AdminCommand::RunnerToken(cmd) = cmd;
+    let (name, data_dir, create) = match cmd {
+        RunnerTokenCommand::Create { name, data_dir } => (name, data_dir, true),
+        RunnerTokenCommand::Revoke { name, data_dir } => (name, data_dir, false),
+    };
+    if name.trim().is_empty() || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(CliError::new(exit::USAGE, format!("runner name {name:?} is not valid")));
+    }
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| CliError::new(exit::INTERNAL, format!("data dir {}: {e}", data_dir.display())))?;
+    let store = kiln_store::SqliteStore::open(&data_dir.join("kiln.db"))
+        .map_err(|e| CliError::new(exit::INTERNAL, format!("cannot open the store: {e}")))?;
+    if create {
+        let token = crate::auth::new_token();
+        store
+            .set_runner_token(&name, Some(&crate::auth::hash_token(&token)))
+            .map_err(|e| CliError::new(exit::INTERNAL, e.to_string()))?;
+        println!("{token}");
+        eprintln!("token for runner {name} (shown once): start it with `kiln runner --name {name} --token ...`");
+        Ok(exit::OK)
+    } else {
+        let changed = store
+            .set_runner_token(&name, None)
+            .map_err(|e| CliError::new(exit::INTERNAL, e.to_string()))?;
+        if changed {
+            Ok(exit::OK)
+        } else {
+            Err(CliError::new(exit::NOT_FOUND, format!("runner {name} has no token")))
+        }
+    }
+}
+
 async fn serve(args: ServeArgs) -> Result<i32, CliError> {
     let mut config = crate::dispatcher::Config::new(&args.data_dir);
     config.heartbeat_interval = args.heartbeat_interval;
     config.missed_heartbeats = args.missed_heartbeats;
+    config.runner_token = args.runner_token.clone();
+    let tls = match (&args.server_cert, &args.server_key) {
+        (Some(cert), Some(key)) => Some(
+            crate::tls::ServerTls {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.client_ca.clone(),
+            }
+            .load()
+            .map_err(|e| CliError::new(exit::USAGE, e))?,
+        ),
+        _ => None,
+    };
+    let options = crate::api::ServeOptions {
+        tls,
+        api_auth: match &args.api_token {
+            Some(t) => crate::auth::ApiAuth::with_token(t, args.closed_reads),
+            None => crate::auth::ApiAuth::open(),
+        },
+        require_runner_cert: args.require_runner_cert,
+    };
     let dispatcher = crate::dispatcher::Dispatcher::open(config)
         .map_err(|e| CliError::new(exit::INTERNAL, format!("cannot open data dir: {e}")))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -310,13 +502,13 @@ async fn serve(args: ServeArgs) -> Result<i32, CliError> {
     // One line on stdout, so scripts (and tests) can learn the port.
     println!("kiln dispatcher listening on {addr}");
     let _ = std::io::stdout().flush();
-    crate::api::serve(listener, dispatcher, signal())
+    crate::api::serve(listener, dispatcher, options, signal())
         .await
         .map_err(|e| CliError::new(exit::INTERNAL, format!("server failed: {e}")))?;
     Ok(exit::OK)
 }
 
-async fn runner(dispatcher: &str, args: RunnerArgs) -> Result<i32, CliError> {
+async fn runner(conn: &Connection, args: RunnerArgs) -> Result<i32, CliError> {
     let name = match args.name {
         Some(n) => n,
         None => nix::unistd::gethostname()
@@ -324,7 +516,9 @@ async fn runner(dispatcher: &str, args: RunnerArgs) -> Result<i32, CliError> {
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "runner".into()),
     };
-    let mut config = crate::runner::RunnerConfig::new(dispatcher, name);
+    let mut config = crate::runner::RunnerConfig::new(conn.url.clone(), name);
+    config.token = conn.token.clone().unwrap_or_default();
+    config.tls = conn.tls.clone();
     config.slots = args.slots;
     config.labels = args.labels.into_iter().collect::<BTreeMap<_, _>>();
     if let Some(dir) = args.work_dir {
@@ -350,13 +544,23 @@ async fn runner(dispatcher: &str, args: RunnerArgs) -> Result<i32, CliError> {
 }
 
 /// Connects a `BuildService` client.
-pub async fn build_client(url: &str) -> Result<BuildServiceClient<Channel>, CliError> {
-    Ok(BuildServiceClient::new(channel(url).await?))
+pub async fn build_client(conn: &Connection) -> Result<BuildClient, CliError> {
+    Ok(BuildServiceClient::with_interceptor(
+        channel(conn).await?,
+        bearer(conn)?,
+    ))
 }
 
-async fn channel(url: &str) -> Result<Channel, CliError> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-        .map_err(|e| CliError::new(exit::USAGE, format!("bad dispatcher URL {url:?}: {e}")))?
+fn bearer(conn: &Connection) -> Result<crate::auth::BearerToken, CliError> {
+    crate::auth::BearerToken::new(conn.token.as_deref()).map_err(|e| CliError::new(exit::USAGE, e))
+}
+
+async fn channel(conn: &Connection) -> Result<Channel, CliError> {
+    let url = &conn.url;
+    let endpoint = conn
+        .tls
+        .endpoint(url)
+        .map_err(|e| CliError::new(exit::USAGE, e))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
     endpoint.connect().await.map_err(|e| {
@@ -380,7 +584,7 @@ pub fn normalize_repo(repo: &str) -> Result<String, CliError> {
         .map_err(|e| CliError::new(exit::NOT_FOUND, format!("repository path {repo:?}: {e}")))
 }
 
-async fn submit(url: &str, json: bool, args: SubmitArgs) -> Result<i32, CliError> {
+async fn submit(conn: &Connection, json: bool, args: SubmitArgs) -> Result<i32, CliError> {
     let repo = normalize_repo(&args.repo)?;
     let commit = match args.commit {
         Some(c) => c,
@@ -403,7 +607,7 @@ async fn submit(url: &str, json: bool, args: SubmitArgs) -> Result<i32, CliError
             head.id().to_string()
         }
     };
-    let mut c = build_client(url).await?;
+    let mut c = build_client(conn).await?;
     let b = c
         .submit_build(proto::SubmitBuildRequest {
             repo,
@@ -415,13 +619,13 @@ async fn submit(url: &str, json: bool, args: SubmitArgs) -> Result<i32, CliError
         .into_inner();
     print_build(&b, json);
     if args.follow {
-        return logs(url, &b.id.to_string(), true).await;
+        return logs(conn, &b.id.to_string(), true).await;
     }
     Ok(exit::OK)
 }
 
-async fn builds(url: &str, json: bool, args: BuildsArgs) -> Result<i32, CliError> {
-    let mut c = build_client(url).await?;
+async fn builds(conn: &Connection, json: bool, args: BuildsArgs) -> Result<i32, CliError> {
+    let mut c = build_client(conn).await?;
     let r = c
         .list_builds(proto::ListBuildsRequest {
             repo: args
@@ -466,8 +670,8 @@ async fn builds(url: &str, json: bool, args: BuildsArgs) -> Result<i32, CliError
     Ok(exit::OK)
 }
 
-async fn show(url: &str, json: bool, build: u64) -> Result<i32, CliError> {
-    let mut c = build_client(url).await?;
+async fn show(conn: &Connection, json: bool, build: u64) -> Result<i32, CliError> {
+    let mut c = build_client(conn).await?;
     let b = c
         .get_build(proto::GetBuildRequest { build_id: build })
         .await?
@@ -589,7 +793,7 @@ fn print_build(b: &proto::Build, json: bool) {
 
 /// Prints a job's output (to stdout and stderr, as the step wrote it) and, when following,
 /// returns the exit code of the job's final state.
-pub async fn logs(url: &str, target: &str, follow: bool) -> Result<i32, CliError> {
+pub async fn logs(conn: &Connection, target: &str, follow: bool) -> Result<i32, CliError> {
     let (build, job) = match target.split_once('/') {
         Some((b, j)) => (b, Some(j)),
         None => (target, None),
@@ -597,7 +801,7 @@ pub async fn logs(url: &str, target: &str, follow: bool) -> Result<i32, CliError
     let build: u64 = build
         .parse()
         .map_err(|_| CliError::new(exit::USAGE, format!("{target:?} is not BUILD or BUILD/JOB")))?;
-    let mut c = build_client(url).await?;
+    let mut c = build_client(conn).await?;
     let b = c
         .get_build(proto::GetBuildRequest { build_id: build })
         .await?
@@ -628,7 +832,7 @@ pub async fn logs(url: &str, target: &str, follow: bool) -> Result<i32, CliError
 }
 
 async fn follow_job(
-    c: &mut BuildServiceClient<Channel>,
+    c: &mut BuildClient,
     job: u64,
     follow: bool,
 ) -> Result<i32, CliError> {
@@ -673,8 +877,8 @@ async fn follow_job(
     })
 }
 
-async fn runners(url: &str, json: bool) -> Result<i32, CliError> {
-    let mut c = RunnerAdminServiceClient::new(channel(url).await?);
+async fn runners(conn: &Connection, json: bool) -> Result<i32, CliError> {
+    let mut c = RunnerAdminServiceClient::with_interceptor(channel(conn).await?, bearer(conn)?);
     let r = c
         .list_runners(proto::ListRunnersRequest {})
         .await?

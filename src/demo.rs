@@ -140,7 +140,7 @@ pub async fn run(args: DemoArgs) -> Result<i32, CliError> {
     let stop_server = CancellationToken::new();
     let server = {
         let stop = stop_server.clone();
-        tokio::spawn(crate::api::serve(listener, dispatcher, async move {
+        tokio::spawn(crate::api::serve(listener, dispatcher, Default::default(), async move {
             stop.cancelled().await
         }))
     };
@@ -158,7 +158,7 @@ pub async fn run(args: DemoArgs) -> Result<i32, CliError> {
         runners.push(tokio::spawn(crate::runner::run(rc, drain, stop)));
     }
 
-    let mut client = crate::cli::build_client(&url).await?;
+    let mut client = crate::cli::build_client(&crate::cli::Connection::plain(url.clone())).await?;
     let mut builds = Vec::new();
     for (commit, label) in [(&good, "passing"), (&bad, "failing")] {
         let b = client

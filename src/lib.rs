@@ -7,12 +7,14 @@
 //! - [`convert`]: the one place wire types become domain types and back.
 //! - [`dispatcher`]: the dispatcher engine (submit, scheduling, runner sessions, live log fan-out).
 //! - [`api`]: the tonic services over the engine, the error-to-status mapping, and [`api::serve`].
+//! - [`auth`]: API and runner tokens. [`tls`]: TLS files for the listener and the clients.
 //! - [`runner`]: the runner's client loop (one stream, reconnects) and its job execution.
 //! - [`cli`]: the `kiln` command line.
 //! - [`demo`]: `kiln demo`, the all-in-one showcase.
 //! - [`bench`]: `kiln bench`, the benchmarks behind `BENCHMARKS.md`.
 
 pub mod api;
+pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod convert;
@@ -20,3 +22,4 @@ pub mod demo;
 pub mod dispatcher;
 pub mod proto;
 pub mod runner;
+pub mod tls;

@@ -45,6 +45,15 @@ pub struct Config {
     pub max_lost_attempts: u32,
     /// Time a cancelled step gets between SIGTERM and SIGKILL.
     pub cancel_grace: Duration,
+    /// The shared runner token, if runners must present one (per-runner tokens live in the
+    /// store and apply on top).
+    pub runner_token: Option<String>,
+    /// Longest a job may run when not all of its steps have a timeout; the dispatcher ends it
+    /// `timed_out` itself, so a wedged runner cannot hold it forever.
+    pub max_job_time: Duration,
+    /// Margin the dispatcher gives over a step's or job's own timeout before it steps in (the
+    /// runner's kill grace, checkout, clock drift).
+    pub deadline_slack: Duration,
 }
 
 impl Config {
@@ -56,6 +65,9 @@ impl Config {
             missed_heartbeats: 3,
             max_lost_attempts: 3,
             cancel_grace: Duration::from_secs(10),
+            runner_token: None,
+            max_job_time: Duration::from_secs(6 * 3600),
+            deadline_slack: Duration::from_secs(30),
         }
     }
 
@@ -229,6 +241,36 @@ struct LiveAttempt {
     next_seq: Option<u64>,
     /// A cancel was sent; when to give up waiting for the runner's answer.
     cancel_deadline: Option<Instant>,
+    /// Timeout of each step in milliseconds (0 = none), to enforce step deadlines.
+    step_timeouts: Vec<u64>,
+    /// When the dispatcher ends the job itself.
+    job_deadline: Option<Instant>,
+    /// When the dispatcher ends the running step's job itself.
+    step_deadline: Option<Instant>,
+}
+
+impl LiveAttempt {
+    /// A new attempt of `job` on a runner (session `None` while orphaned).
+    fn new(job: &kiln_domain::Job, runner_id: RunnerId, session: Option<u64>, config: &Config) -> Self {
+        let step_timeouts: Vec<u64> = job.steps.iter().map(|s| s.timeout_ms).collect();
+        let budget = if !step_timeouts.is_empty() && step_timeouts.iter().all(|t| *t > 0) {
+            Duration::from_millis(step_timeouts.iter().sum())
+                + config.deadline_slack * (step_timeouts.len() as u32 + 1)
+        } else {
+            config.max_job_time
+        };
+        Self {
+            job_id: job.id,
+            runner_id,
+            session,
+            orphan_deadline: None,
+            next_seq: None,
+            cancel_deadline: None,
+            step_timeouts,
+            job_deadline: Some(Instant::now() + budget),
+            step_deadline: None,
+        }
+    }
 }
 
 impl Dispatcher {
@@ -246,17 +288,14 @@ impl Dispatcher {
         let mut state = State::default();
         let deadline = Instant::now() + config.lease();
         for a in store.unfinished_attempts()? {
-            state.attempts.insert(
-                a.id,
-                LiveAttempt {
-                    job_id: a.job_id,
-                    runner_id: a.runner_id,
-                    session: None,
-                    orphan_deadline: Some(deadline),
-                    next_seq: None,
-                    cancel_deadline: None,
-                },
-            );
+            let Some(job) = store.get_job(a.job_id)? else {
+                continue;
+            };
+            // The job's clock starts again: the dispatcher cannot know how long it ran while
+            // the dispatcher was away.
+            let mut live = LiveAttempt::new(&job, a.runner_id, None, &config);
+            live.orphan_deadline = Some(deadline);
+            state.attempts.insert(a.id, live);
         }
         if !state.attempts.is_empty() {
             tracing::info!(
@@ -477,7 +516,7 @@ impl Dispatcher {
             if !sent {
                 let job_id = job.id;
                 if let Some(ch) = self
-                    .db(move |s| s.cancel_job(job_id, "cancelled by user"))
+                    .db(move |s| s.end_job(job_id, JobState::Cancelled, "cancelled by user"))
                     .await?
                 {
                     if let Some(a) = job.current_attempt {
@@ -589,6 +628,50 @@ impl Dispatcher {
     pub fn settle_follow(&self, job: JobId, state: JobState) {
         if state.is_final() {
             self.inner.hub.finish(job, state);
+        }
+    }
+
+    /// Tells one attached runner to drain: it gets no new work from now on, finishes what it
+    /// runs and detaches.
+    pub async fn drain_runner(&self, name: &str) -> Result<RunnerView, DispatchError> {
+        let name = name.trim();
+        if name.is_empty() {
+            return Err(DispatchError::InvalidArgument("name is required".into()));
+        }
+        let found = {
+            let mut st = self.state();
+            let session = st.sessions.values_mut().find(|s| s.name == name);
+            match session {
+                Some(s) => {
+                    s.draining = true;
+                    let _ = s.tx.try_send(Ok(proto::DispatcherMessage {
+                        kind: Some(proto::dispatcher_message::Kind::Drain(proto::Drain {
+                            reason: "drained by an administrator".into(),
+                        })),
+                    }));
+                    true
+                }
+                None => false,
+            }
+        };
+        let runners = self.list_runners().await?;
+        let view = runners.into_iter().find(|r| r.record.name == name);
+        match (found, view) {
+            (true, Some(v)) => {
+                tracing::info!(runner = %name, "draining runner");
+                Ok(v)
+            }
+            (false, Some(_)) => Err(DispatchError::FailedPrecondition(format!(
+                "runner {name} is not attached"
+            ))),
+            _ => Err(DispatchError::NotFound(format!("runner {name} not found"))),
+        }
+    }
+
+    /// Flushes every open log to disk (on shutdown).
+    pub fn sync_logs(&self) {
+        if let Err(e) = self.inner.logs.sync_all() {
+            tracing::error!(cause = %error_chain(&e), "cannot flush logs");
         }
     }
 

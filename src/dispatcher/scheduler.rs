@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use kiln_domain::{AttemptId, BuildId, RunnerId, labels_match};
+use kiln_domain::{AttemptId, BuildId, JobState, RunnerId, labels_match};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -49,7 +49,7 @@ impl Dispatcher {
     pub(super) async fn check_liveness(&self) -> Result<(), DispatchError> {
         let now = Instant::now();
         let lease = self.inner.config.lease();
-        let (expired, unanswered) = {
+        let (expired, unanswered, overdue) = {
             let mut st = self.state();
             let silent: Vec<RunnerId> = st
                 .sessions
@@ -81,8 +81,46 @@ impl Dispatcher {
                 .filter(|(_, a)| a.cancel_deadline.is_some_and(|d| d <= now))
                 .map(|(id, a)| (*id, a.job_id))
                 .collect();
-            (expired, unanswered)
+            let overdue: Vec<(AttemptId, u64, Option<(RunnerId, u64)>)> = st
+                .attempts
+                .iter()
+                .filter(|(_, a)| {
+                    a.job_deadline.is_some_and(|d| d <= now)
+                        || a.step_deadline.is_some_and(|d| d <= now)
+                })
+                .map(|(id, a)| (*id, a.job_id, a.session.map(|s| (a.runner_id, s))))
+                .collect();
+            (expired, unanswered, overdue)
         };
+        for (a, job, session) in overdue {
+            tracing::warn!(attempt = a, job, "job ran past its deadline; the dispatcher ends it");
+            if let Some((runner, sid)) = session {
+                let st = self.state();
+                if let Some(s) = st.sessions.get(&runner).filter(|s| s.id == sid) {
+                    let _ = s.tx.try_send(Ok(proto::DispatcherMessage {
+                        kind: Some(proto::dispatcher_message::Kind::Cancel(proto::Cancel {
+                            attempt_id: a,
+                            grace_ms: self.inner.config.cancel_grace.as_millis() as u64,
+                            reason: "deadline exceeded".into(),
+                        })),
+                    }));
+                }
+            }
+            self.state().attempts.remove(&a);
+            if let Some(ch) = self
+                .db(move |s| {
+                    s.end_job(
+                        job,
+                        JobState::TimedOut,
+                        "the dispatcher ended the job: it ran past its deadline",
+                    )
+                })
+                .await?
+            {
+                self.publish(&ch);
+                self.kick();
+            }
+        }
         for a in expired {
             self.requeue(a, "runner lost").await?;
         }
@@ -94,7 +132,9 @@ impl Dispatcher {
             );
             self.state().attempts.remove(&a);
             if let Some(ch) = self
-                .db(move |s| s.cancel_job(job, "cancelled by user (runner did not confirm)"))
+                .db(move |s| {
+                    s.end_job(job, JobState::Cancelled, "cancelled by user (runner did not confirm)")
+                })
                 .await?
             {
                 self.publish(&ch);
@@ -192,17 +232,10 @@ impl Dispatcher {
                     .map(|s| s.tx.clone());
                 match tx {
                     Some(tx) => {
-                        st.attempts.insert(
-                            attempt,
-                            LiveAttempt {
-                                job_id: job.id,
-                                runner_id,
-                                session: Some(session_id),
-                                orphan_deadline: None,
-                                next_seq: Some(1),
-                                cancel_deadline: None,
-                            },
-                        );
+                        let mut live =
+                            LiveAttempt::new(&job, runner_id, Some(session_id), &self.inner.config);
+                        live.next_seq = Some(1);
+                        st.attempts.insert(attempt, live);
                         tx.try_send(Ok(proto::DispatcherMessage {
                             kind: Some(proto::dispatcher_message::Kind::Assign(assign)),
                         }))

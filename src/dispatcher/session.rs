@@ -125,6 +125,11 @@ impl Dispatcher {
             return;
         }
         let name = hello.name.trim().to_string();
+        if let Err(status) = self.authenticate(&name, &hello.token).await {
+            tracing::warn!(runner = %name, why = %status.message(), "runner refused");
+            let _ = tx.send(Err(status)).await;
+            return;
+        }
         let labels = hello.labels.clone().into_iter().collect();
         let (n, slots, version) = (name.clone(), hello.slots, hello.version.clone());
         let record = match self
@@ -144,6 +149,10 @@ impl Dispatcher {
         let sid = next_session_id(&self.inner);
         let stop = CancellationToken::new();
         let (stale, lost) = self.register(&record, sid, &tx, &stop, &hello.held_attempts);
+        for &a in &stale {
+            let reason = format!("runner {name} came back holding attempt {a}, which was superseded");
+            let _ = self.db(move |s| s.record_refusal(a, &reason)).await;
+        }
         for a in lost {
             if let Err(e) = self.requeue(a, "runner came back without it").await {
                 tracing::error!(cause = %e, "requeue failed");
@@ -194,6 +203,35 @@ impl Dispatcher {
             }
         }
         self.end_session(runner, sid);
+    }
+
+    /// Checks a runner's token: its own token if it has one, else the shared token if one is
+    /// configured; with neither (and no runner tokens at all), runners are not authenticated.
+    async fn authenticate(&self, name: &str, token: &str) -> Result<(), Status> {
+        let n = name.to_string();
+        let (own, any) = self
+            .db(move |s| s.runner_token_hash(&n))
+            .await
+            .map_err(|e| internal(&e))?;
+        let shared = self.inner.config.runner_token.as_deref();
+        let ok = match (own, shared) {
+            (Some(hash), _) => crate::auth::token_matches(token, &hash),
+            (None, Some(shared)) => {
+                crate::auth::token_matches(token, &crate::auth::hash_token(shared))
+            }
+            (None, None) => !any,
+        };
+        if ok {
+            Ok(())
+        } else if token.is_empty() {
+            Err(Status::unauthenticated(format!(
+                "runner {name} must present a token (kiln runner --token)"
+            )))
+        } else {
+            Err(Status::unauthenticated(format!(
+                "the token of runner {name} is not valid"
+            )))
+        }
     }
 
     /// Installs a session (replacing an older one of the same runner) and reconciles the
@@ -325,15 +363,30 @@ impl Dispatcher {
             }
             Some(In::Rejected(r)) => {
                 if self.check_held(runner, sid, r.attempt_id).is_ok() {
-                    let reason = format!("runner rejected it: {}", r.reason);
+                    let reason = format!("runner handed it back: {}", r.reason);
                     self.requeue(r.attempt_id, &reason)
                         .await
                         .map_err(|e| internal(&e))?;
                 }
+                // Settles the attempt on the runner (it may forget it).
+                send(tx, stop, msg(Out::ResultAck(proto::ResultAck { attempt_id: r.attempt_id }))).await;
                 Ok(())
             }
             Some(In::Output(chunk)) => self.on_output(runner, sid, tx, stop, chunk).await,
-            Some(In::StepStarted(_)) => Ok(()),
+            Some(In::StepStarted(st)) => {
+                let mut state = self.state();
+                if let Some(a) = state.attempts.get_mut(&st.attempt_id).filter(|a| {
+                    a.runner_id == runner && a.session == Some(sid)
+                }) {
+                    let timeout = a.step_timeouts.get(st.step_index as usize).copied().unwrap_or(0);
+                    a.step_deadline = (timeout > 0).then(|| {
+                        Instant::now()
+                            + Duration::from_millis(timeout)
+                            + self.inner.config.deadline_slack
+                    });
+                }
+                Ok(())
+            }
             Some(In::StepFinished(f)) => {
                 if let Err(why) = self.check_held(runner, sid, f.attempt_id) {
                     send(tx, stop, refused(f.attempt_id, why)).await;
@@ -355,6 +408,9 @@ impl Dispatcher {
                     duration_ms: f.duration_ms,
                 };
                 let attempt = f.attempt_id;
+                if let Some(a) = self.state().attempts.get_mut(&attempt) {
+                    a.step_deadline = None;
+                }
                 match self.db(move |s| s.record_step(attempt, &result)).await {
                     Ok(true) => {}
                     Ok(false) => {

@@ -211,6 +211,21 @@ pub(super) async fn run(shared: &Arc<Shared>, a: proto::Assign, cancel: Cancella
 }
 
 fn finish(shared: &Shared, output: &Output<'_>, state: proto::JobState, message: String) {
+    if shared.stopping.load(std::sync::atomic::Ordering::SeqCst)
+        && matches!(state, proto::JobState::Cancelled | proto::JobState::Errored)
+    {
+        // The runner is shutting down, not the job failing: give the job back so another
+        // runner runs it.
+        tracing::info!(attempt = output.attempt, "handing the job back");
+        shared.outbox.push(
+            output.attempt,
+            out(Out::Rejected(proto::Rejected {
+                attempt_id: output.attempt,
+                reason: "runner shutting down".into(),
+            })),
+        );
+        return;
+    }
     tracing::info!(attempt = output.attempt, state = ?state, "job finished");
     shared.outbox.push(
         output.attempt,

@@ -48,6 +48,10 @@ pub struct RunnerConfig {
     pub max_buffered_output: usize,
     /// Time between SIGTERM and SIGKILL when a step times out.
     pub kill_grace: Duration,
+    /// The runner's token (its own, or the farm's shared one); empty for none.
+    pub token: String,
+    /// TLS files for an https:// dispatcher.
+    pub tls: crate::tls::ClientTls,
 }
 
 impl RunnerConfig {
@@ -62,6 +66,8 @@ impl RunnerConfig {
             labels: BTreeMap::new(),
             max_buffered_output: 64 << 20,
             kill_grace: Duration::from_secs(5),
+            token: String::new(),
+            tls: crate::tls::ClientTls::default(),
         }
     }
 }
@@ -89,6 +95,8 @@ pub(crate) struct Shared {
     mirrors: Mirrors,
     /// Take no new work.
     draining: AtomicBool,
+    /// Shutting down now: running jobs are killed and handed back to the dispatcher.
+    stopping: AtomicBool,
 }
 
 impl Shared {
@@ -135,6 +143,7 @@ pub async fn run(
         jobs: Mutex::new(HashMap::new()),
         mirrors,
         draining: AtomicBool::new(false),
+        stopping: AtomicBool::new(false),
     });
     {
         let shared = shared.clone();
@@ -151,6 +160,9 @@ pub async fn run(
         let stop = stop.clone();
         tokio::spawn(async move {
             stop.cancelled().await;
+            shared.stopping.store(true, Ordering::SeqCst);
+            shared.draining.store(true, Ordering::SeqCst);
+            shared.outbox.wake();
             for token in shared.jobs().values() {
                 token.cancel();
             }
@@ -223,7 +235,7 @@ async fn session(
         slots: config.slots,
         version: env!("CARGO_PKG_VERSION").to_string(),
         held_attempts: shared.held(),
-        token: String::new(),
+        token: config.token.clone(),
     }));
     let _ = tx.send(hello).await;
     let mut inbound = client
@@ -235,7 +247,14 @@ async fn session(
         Ok(Ok(Some(proto::DispatcherMessage {
             kind: Some(In::Welcome(w)),
         }))) => w,
-        Ok(Err(s)) if s.code() == tonic::Code::InvalidArgument => {
+        Ok(Err(s))
+            if matches!(
+                s.code(),
+                tonic::Code::InvalidArgument
+                    | tonic::Code::Unauthenticated
+                    | tonic::Code::PermissionDenied
+            ) =>
+        {
             return Err(SessionError::Fatal(s.message().to_string()));
         }
         Ok(Err(s)) => return Err(SessionError::Retry(s.message().to_string())),

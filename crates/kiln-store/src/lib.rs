@@ -156,9 +156,10 @@ pub trait Store: Send + Sync + 'static {
         reason: &str,
         max_lost: u32,
     ) -> Result<Option<Change>>;
-    /// Ends an unfinished job as `cancelled` (its current attempt, if any, is superseded).
-    /// `None` if it had already ended.
-    fn cancel_job(&self, job: JobId, message: &str) -> Result<Option<Change>>;
+    /// Ends an unfinished job in a final `state` decided by the dispatcher (a cancel, a
+    /// deadline); its current attempt, if any, is superseded, so whatever its runner reports
+    /// later is refused. `None` if the job had already ended.
+    fn end_job(&self, job: JobId, state: JobState, message: &str) -> Result<Option<Change>>;
     /// One attempt.
     fn get_attempt(&self, attempt: AttemptId) -> Result<Option<Attempt>>;
     /// Current attempts of jobs that are assigned or running (to reconcile after a restart).
@@ -175,6 +176,13 @@ pub trait Store: Send + Sync + 'static {
     fn touch_runner(&self, runner: RunnerId, at: Millis) -> Result<()>;
     /// Every known runner, by name.
     fn list_runners(&self) -> Result<Vec<RunnerRecord>>;
+    /// Sets (or with `None`, revokes) the hashed token of a runner name. Returns whether a row
+    /// changed.
+    fn set_runner_token(&self, name: &str, token_hash: Option<&str>) -> Result<bool>;
+    /// The hashed token of a runner name, and whether any runner has a token at all.
+    fn runner_token_hash(&self, name: &str) -> Result<(Option<String>, bool)>;
+    /// Records that something from `attempt` (output, a held attempt) was refused.
+    fn record_refusal(&self, attempt: AttemptId, reason: &str) -> Result<()>;
     /// Results refused by fencing (attempt, reason), newest first; for inspection and tests.
     fn refusals(&self, job: JobId) -> Result<Vec<(AttemptId, String)>>;
 }

@@ -231,6 +231,20 @@ impl LogStore {
         Ok(())
     }
 
+    /// Flushes every open log to disk and closes the writers (on shutdown).
+    pub fn sync_all(&self) -> Result<(), LogError> {
+        let writers: Vec<(JobId, File)> = self
+            .writers()
+            .drain()
+            .map(|(job, (file, _))| (job, file))
+            .collect();
+        for (job, file) in writers {
+            let path = self.path(job);
+            file.sync_data().map_err(io_err(&path))?;
+        }
+        Ok(())
+    }
+
     /// The log's current length (0 if it has no output).
     pub fn len(&self, job: JobId) -> Result<u64, LogError> {
         if let Some((_, len)) = self.writers().get(&job) {

@@ -82,6 +82,12 @@ CREATE TABLE refusals (
     at         INTEGER NOT NULL
 );
 CREATE INDEX refusals_by_job ON refusals(job_id);
+"#, r#"
+CREATE TABLE runner_tokens (
+    name       TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
 "#];
 
 /// The SQLite implementation of [`Store`]: one connection behind a mutex (SQLite serialises
@@ -621,7 +627,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn cancel_job(&self, job: JobId, message: &str) -> Result<Option<Change>> {
+    fn end_job(&self, job: JobId, state: JobState, message: &str) -> Result<Option<Change>> {
         let now = now_millis();
         self.with_tx(|tx| {
             let current: Option<Option<i64>> = tx
@@ -638,8 +644,8 @@ impl Store for SqliteStore {
                 return Ok(None);
             };
             tx.execute(
-                "UPDATE jobs SET state = 'cancelled', message = ?1, finished_at = ?2 WHERE id = ?3",
-                params![message, now, job as i64],
+                "UPDATE jobs SET state = ?1, message = ?2, finished_at = ?3 WHERE id = ?4",
+                params![state.as_str(), message, now, job as i64],
             )?;
             if let Some(a) = current {
                 tx.execute(
@@ -744,6 +750,45 @@ impl Store for SqliteStore {
             });
         }
         Ok(out)
+    }
+
+    fn set_runner_token(&self, name: &str, token_hash: Option<&str>) -> Result<bool> {
+        let conn = self.conn();
+        let n = match token_hash {
+            Some(h) => conn.execute(
+                "INSERT INTO runner_tokens (name, token_hash, created_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (name) DO UPDATE SET token_hash = excluded.token_hash, \
+                 created_at = excluded.created_at",
+                params![name, h, now_millis()],
+            )?,
+            None => conn.execute("DELETE FROM runner_tokens WHERE name = ?1", [name])?,
+        };
+        Ok(n > 0)
+    }
+
+    fn runner_token_hash(&self, name: &str) -> Result<(Option<String>, bool)> {
+        let conn = self.conn();
+        let hash = conn
+            .query_row(
+                "SELECT token_hash FROM runner_tokens WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let any: bool = conn.query_row("SELECT EXISTS (SELECT 1 FROM runner_tokens)", [], |r| {
+            r.get(0)
+        })?;
+        Ok((hash, any))
+    }
+
+    fn record_refusal(&self, attempt: AttemptId, reason: &str) -> Result<()> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO refusals (attempt_id, job_id, reason, at) \
+             SELECT id, job_id, ?2, ?3 FROM attempts WHERE id = ?1",
+            params![attempt as i64, reason, now_millis()],
+        )?;
+        Ok(())
     }
 
     fn refusals(&self, job: JobId) -> Result<Vec<(AttemptId, String)>> {
@@ -948,10 +993,10 @@ mod tests {
         let d = s.create_build(&new_build(2)).unwrap();
         let r = runner(&s, "r");
         let (a, _) = s.assign(d.jobs[0].id, r, "r").unwrap().unwrap();
-        s.cancel_job(d.jobs[0].id, "by user").unwrap().unwrap();
-        let ch = s.cancel_job(d.jobs[1].id, "by user").unwrap().unwrap();
+        s.end_job(d.jobs[0].id, JobState::Cancelled, "by user").unwrap().unwrap();
+        let ch = s.end_job(d.jobs[1].id, JobState::Cancelled, "by user").unwrap().unwrap();
         assert_eq!(ch.build_state, JobState::Cancelled);
-        assert!(s.cancel_job(d.jobs[1].id, "again").unwrap().is_none());
+        assert!(s.end_job(d.jobs[1].id, JobState::Cancelled, "again").unwrap().is_none());
         assert!(matches!(
             s.finish_attempt(a, JobState::Passed, None).unwrap(),
             Finish::Refused(_)

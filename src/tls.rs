@@ -1,0 +1,84 @@
+//! TLS settings from PEM files, for the dispatcher's listener and for clients (runners, CLI).
+
+use std::path::{Path, PathBuf};
+
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+}
+
+/// The dispatcher's TLS: its certificate and key, and optionally a CA whose client certificates
+/// it accepts (mutual TLS).
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+    /// CA for client certificates (PEM), if clients may present one.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl ServerTls {
+    /// Loads the files into tonic's configuration. Client certificates are optional at the TLS
+    /// layer; the runner service can require them (`require_runner_cert`).
+    pub fn load(&self) -> Result<ServerTlsConfig, String> {
+        let identity = Identity::from_pem(
+            read(&self.cert, "TLS certificate")?,
+            read(&self.key, "TLS key")?,
+        );
+        let mut cfg = ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.client_ca {
+            cfg = cfg
+                .client_ca_root(Certificate::from_pem(read(ca, "client CA")?))
+                .client_auth_optional(true);
+        }
+        Ok(cfg)
+    }
+}
+
+/// A client's TLS: which CA to trust (default: the system roots) and an optional client
+/// certificate.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    /// CA certificate (PEM) to trust instead of the system roots.
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM), for mutual TLS.
+    pub cert: Option<PathBuf>,
+    /// Client key (PEM).
+    pub key: Option<PathBuf>,
+}
+
+impl ClientTls {
+    /// An endpoint for `url`, with TLS when the URL is `https://`.
+    pub fn endpoint(&self, url: &str) -> Result<Endpoint, String> {
+        let mut endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| format!("bad dispatcher URL {url:?}: {e}"))?;
+        if url.starts_with("https://") {
+            let mut cfg = ClientTlsConfig::new();
+            cfg = match &self.ca {
+                Some(ca) => cfg.ca_certificate(Certificate::from_pem(read(ca, "CA certificate")?)),
+                None => cfg.with_native_roots(),
+            };
+            match (&self.cert, &self.key) {
+                (Some(c), Some(k)) => {
+                    cfg = cfg.identity(Identity::from_pem(
+                        read(c, "client certificate")?,
+                        read(k, "client key")?,
+                    ));
+                }
+                (None, None) => {}
+                _ => return Err("a client certificate needs both --tls-cert and --tls-key".into()),
+            }
+            endpoint = endpoint
+                .tls_config(cfg)
+                .map_err(|e| format!("TLS configuration: {e}"))?;
+        } else if self.ca.is_some() || self.cert.is_some() {
+            return Err(format!(
+                "TLS files were given but the dispatcher URL {url} is not https://"
+            ));
+        }
+        Ok(endpoint)
+    }
+}
