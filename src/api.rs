@@ -10,8 +10,8 @@ use kiln_domain::JobId;
 use kiln_store::BuildFilter;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::{Stream, StreamExt};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 

@@ -106,9 +106,9 @@ impl BearerToken {
     pub fn new(token: Option<&str>) -> Result<Self, String> {
         token
             .map(|t| {
-                format!("Bearer {t}")
-                    .parse()
-                    .map_err(|_| "the token contains characters not allowed in a header".to_string())
+                format!("Bearer {t}").parse().map_err(|_| {
+                    "the token contains characters not allowed in a header".to_string()
+                })
             })
             .transpose()
             .map(Self)
@@ -148,7 +148,8 @@ mod tests {
             Err(tonic::Code::Unauthenticated)
         );
         assert_eq!(
-            auth.check_write(&md(Some("Bearer wrong"))).map_err(|s| s.code()),
+            auth.check_write(&md(Some("Bearer wrong")))
+                .map_err(|s| s.code()),
             Err(tonic::Code::PermissionDenied)
         );
         assert!(auth.check_write(&md(Some("Bearer s3cret"))).is_ok());

@@ -246,6 +246,46 @@ pub struct ServeArgs {
     /// Runners must present a client certificate signed by --client-ca (mutual TLS).
     #[arg(long, requires = "client_ca")]
     pub require_runner_cert: bool,
+    /// YAML file of secrets (`NAME: value`), given to every job as environment variables and
+    /// masked in its output.
+    #[arg(long, env = "KILN_SECRETS_FILE")]
+    pub secrets_file: Option<PathBuf>,
+}
+
+/// Reads a secrets file: a YAML mapping of environment variable names to values.
+fn read_secrets(path: &std::path::Path) -> Result<BTreeMap<String, String>, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        CliError::new(
+            exit::USAGE,
+            format!("cannot read secrets file {}: {e}", path.display()),
+        )
+    })?;
+    let map: BTreeMap<String, String> = serde_norway::from_str(&text).map_err(|e| {
+        CliError::new(
+            exit::USAGE,
+            format!(
+                "secrets file {}: {e} (expected `NAME: value` lines)",
+                path.display()
+            ),
+        )
+    })?;
+    for k in map.keys() {
+        let valid = k
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(CliError::new(
+                exit::USAGE,
+                format!(
+                    "secrets file {}: {k:?} is not an environment variable name",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    Ok(map)
 }
 
 /// `kiln runner`.
@@ -435,10 +475,17 @@ fn admin(cmd: AdminCommand) -> Result<i32, CliError> {
         RunnerTokenCommand::Revoke { name, data_dir } => (name, data_dir, false),
     };
     if name.trim().is_empty() || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(CliError::new(exit::USAGE, format!("runner name {name:?} is not valid")));
+        return Err(CliError::new(
+            exit::USAGE,
+            format!("runner name {name:?} is not valid"),
+        ));
     }
-    std::fs::create_dir_all(&data_dir)
-        .map_err(|e| CliError::new(exit::INTERNAL, format!("data dir {}: {e}", data_dir.display())))?;
+    std::fs::create_dir_all(&data_dir).map_err(|e| {
+        CliError::new(
+            exit::INTERNAL,
+            format!("data dir {}: {e}", data_dir.display()),
+        )
+    })?;
     let store = kiln_store::SqliteStore::open(&data_dir.join("kiln.db"))
         .map_err(|e| CliError::new(exit::INTERNAL, format!("cannot open the store: {e}")))?;
     if create {
@@ -447,7 +494,9 @@ fn admin(cmd: AdminCommand) -> Result<i32, CliError> {
             .set_runner_token(&name, Some(&crate::auth::hash_token(&token)))
             .map_err(|e| CliError::new(exit::INTERNAL, e.to_string()))?;
         println!("{token}");
-        eprintln!("token for runner {name} (shown once): start it with `kiln runner --name {name} --token ...`");
+        eprintln!(
+            "token for runner {name} (shown once): start it with `kiln runner --name {name} --token ...`"
+        );
         Ok(exit::OK)
     } else {
         let changed = store
@@ -456,7 +505,10 @@ fn admin(cmd: AdminCommand) -> Result<i32, CliError> {
         if changed {
             Ok(exit::OK)
         } else {
-            Err(CliError::new(exit::NOT_FOUND, format!("runner {name} has no token")))
+            Err(CliError::new(
+                exit::NOT_FOUND,
+                format!("runner {name} has no token"),
+            ))
         }
     }
 }
@@ -466,6 +518,9 @@ async fn serve(args: ServeArgs) -> Result<i32, CliError> {
     config.heartbeat_interval = args.heartbeat_interval;
     config.missed_heartbeats = args.missed_heartbeats;
     config.runner_token = args.runner_token.clone();
+    if let Some(path) = &args.secrets_file {
+        config.secrets = read_secrets(path)?;
+    }
     let tls = match (&args.server_cert, &args.server_key) {
         (Some(cert), Some(key)) => Some(
             crate::tls::ServerTls {
@@ -831,11 +886,7 @@ pub async fn logs(conn: &Connection, target: &str, follow: bool) -> Result<i32, 
     Ok(worst)
 }
 
-async fn follow_job(
-    c: &mut BuildClient,
-    job: u64,
-    follow: bool,
-) -> Result<i32, CliError> {
+async fn follow_job(c: &mut BuildClient, job: u64, follow: bool) -> Result<i32, CliError> {
     let mut stream = c
         .stream_logs(proto::StreamLogsRequest {
             job_id: job,

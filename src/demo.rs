@@ -140,9 +140,12 @@ pub async fn run(args: DemoArgs) -> Result<i32, CliError> {
     let stop_server = CancellationToken::new();
     let server = {
         let stop = stop_server.clone();
-        tokio::spawn(crate::api::serve(listener, dispatcher, Default::default(), async move {
-            stop.cancelled().await
-        }))
+        tokio::spawn(crate::api::serve(
+            listener,
+            dispatcher,
+            Default::default(),
+            async move { stop.cancelled().await },
+        ))
     };
     println!(
         "kiln demo: dispatcher on {url}, data in {}",

@@ -54,6 +54,8 @@ pub struct Config {
     /// Margin the dispatcher gives over a step's or job's own timeout before it steps in (the
     /// runner's kill grace, checkout, clock drift).
     pub deadline_slack: Duration,
+    /// Secrets given to every job as environment variables (masked in its output).
+    pub secrets: BTreeMap<String, String>,
 }
 
 impl Config {
@@ -68,6 +70,7 @@ impl Config {
             runner_token: None,
             max_job_time: Duration::from_secs(6 * 3600),
             deadline_slack: Duration::from_secs(30),
+            secrets: BTreeMap::new(),
         }
     }
 
@@ -251,7 +254,12 @@ struct LiveAttempt {
 
 impl LiveAttempt {
     /// A new attempt of `job` on a runner (session `None` while orphaned).
-    fn new(job: &kiln_domain::Job, runner_id: RunnerId, session: Option<u64>, config: &Config) -> Self {
+    fn new(
+        job: &kiln_domain::Job,
+        runner_id: RunnerId,
+        session: Option<u64>,
+        config: &Config,
+    ) -> Self {
         let step_timeouts: Vec<u64> = job.steps.iter().map(|s| s.timeout_ms).collect();
         let budget = if !step_timeouts.is_empty() && step_timeouts.iter().all(|t| *t > 0) {
             Duration::from_millis(step_timeouts.iter().sum())

@@ -93,7 +93,11 @@ impl Dispatcher {
             (expired, unanswered, overdue)
         };
         for (a, job, session) in overdue {
-            tracing::warn!(attempt = a, job, "job ran past its deadline; the dispatcher ends it");
+            tracing::warn!(
+                attempt = a,
+                job,
+                "job ran past its deadline; the dispatcher ends it"
+            );
             if let Some((runner, sid)) = session {
                 let st = self.state();
                 if let Some(s) = st.sessions.get(&runner).filter(|s| s.id == sid) {
@@ -133,7 +137,11 @@ impl Dispatcher {
             self.state().attempts.remove(&a);
             if let Some(ch) = self
                 .db(move |s| {
-                    s.end_job(job, JobState::Cancelled, "cancelled by user (runner did not confirm)")
+                    s.end_job(
+                        job,
+                        JobState::Cancelled,
+                        "cancelled by user (runner did not confirm)",
+                    )
                 })
                 .await?
             {
@@ -222,6 +230,13 @@ impl Dispatcher {
                 .collect(),
                 trace_context: Default::default(),
                 attempt_number: job.attempts + 1,
+                secrets: self
+                    .inner
+                    .config
+                    .secrets
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
             };
             let sent = {
                 let mut st = self.state();

@@ -150,7 +150,8 @@ impl Dispatcher {
         let stop = CancellationToken::new();
         let (stale, lost) = self.register(&record, sid, &tx, &stop, &hello.held_attempts);
         for &a in &stale {
-            let reason = format!("runner {name} came back holding attempt {a}, which was superseded");
+            let reason =
+                format!("runner {name} came back holding attempt {a}, which was superseded");
             let _ = self.db(move |s| s.record_refusal(a, &reason)).await;
         }
         for a in lost {
@@ -369,16 +370,29 @@ impl Dispatcher {
                         .map_err(|e| internal(&e))?;
                 }
                 // Settles the attempt on the runner (it may forget it).
-                send(tx, stop, msg(Out::ResultAck(proto::ResultAck { attempt_id: r.attempt_id }))).await;
+                send(
+                    tx,
+                    stop,
+                    msg(Out::ResultAck(proto::ResultAck {
+                        attempt_id: r.attempt_id,
+                    })),
+                )
+                .await;
                 Ok(())
             }
             Some(In::Output(chunk)) => self.on_output(runner, sid, tx, stop, chunk).await,
             Some(In::StepStarted(st)) => {
                 let mut state = self.state();
-                if let Some(a) = state.attempts.get_mut(&st.attempt_id).filter(|a| {
-                    a.runner_id == runner && a.session == Some(sid)
-                }) {
-                    let timeout = a.step_timeouts.get(st.step_index as usize).copied().unwrap_or(0);
+                if let Some(a) = state
+                    .attempts
+                    .get_mut(&st.attempt_id)
+                    .filter(|a| a.runner_id == runner && a.session == Some(sid))
+                {
+                    let timeout = a
+                        .step_timeouts
+                        .get(st.step_index as usize)
+                        .copied()
+                        .unwrap_or(0);
                     a.step_deadline = (timeout > 0).then(|| {
                         Instant::now()
                             + Duration::from_millis(timeout)

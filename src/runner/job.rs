@@ -1,10 +1,12 @@
 //! Runs one assignment: check the commit out, run its steps in order as child processes, and
-//! report everything through the outbox.
+//! report everything through the outbox. Secrets' values are masked in the output before it is
+//! queued, so they never leave the machine.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use kiln_exec::mask::Masker;
 use kiln_exec::{StepCommand, Stream, Termination};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -87,6 +89,8 @@ pub(super) async fn run(shared: &Arc<Shared>, a: proto::Assign, cancel: Cancella
         return;
     }
 
+    let secrets: Vec<&[u8]> = a.secrets.values().map(|v| v.as_bytes()).collect();
+    let masker = Masker::new(&secrets);
     let mut state = proto::JobState::Passed;
     let mut message = String::new();
     for step in &a.steps {
@@ -125,6 +129,7 @@ pub(super) async fn run(shared: &Arc<Shared>, a: proto::Assign, cancel: Cancella
         let mut env: Vec<(String, String)> =
             a.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         env.extend(step.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env.extend(a.secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
         env.push(("KILN_STEP".into(), step.name.clone()));
         let cmd = StepCommand {
             script: step.run.clone(),
@@ -136,14 +141,29 @@ pub(super) async fn run(shared: &Arc<Shared>, a: proto::Assign, cancel: Cancella
         let (tx, mut rx) = mpsc::channel(16);
         let exec = kiln_exec::run(&cmd, tx, cancel.child_token());
         let index = step.index;
+        let mut maskers = [masker.clone(), masker.clone()];
         let forward = async {
-            while let Some(c) = rx.recv().await {
-                let stream = match c.stream {
-                    Stream::Stdout => proto::OutputStream::Stdout,
-                    Stream::Stderr => proto::OutputStream::Stderr,
+            loop {
+                let holding = maskers.iter().any(Masker::holding);
+                let chunk = tokio::select! {
+                    c = rx.recv() => c,
+                    // A secret's possible beginning is held back only briefly.
+                    _ = tokio::time::sleep(MASK_HOLD), if holding => {
+                        flush(&mut output, index, &mut maskers).await;
+                        continue;
+                    }
                 };
-                output.chunk(index, stream, c.data).await;
+                let Some(c) = chunk else { break };
+                let (i, stream) = match c.stream {
+                    Stream::Stdout => (0, proto::OutputStream::Stdout),
+                    Stream::Stderr => (1, proto::OutputStream::Stderr),
+                };
+                let data = maskers[i].push(&c.data);
+                if !data.is_empty() {
+                    output.chunk(index, stream, Bytes::from(data)).await;
+                }
             }
+            flush(&mut output, index, &mut maskers).await;
         };
         let (result, ()) = tokio::join!(exec, forward);
         let (outcome, exit_code, signal, duration) = match result {
@@ -208,6 +228,22 @@ pub(super) async fn run(shared: &Arc<Shared>, a: proto::Assign, cancel: Cancella
     }
     finish(shared, &output, state, message);
     let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
+}
+
+/// How long output that might begin a secret is held back before it is sent anyway.
+const MASK_HOLD: Duration = Duration::from_millis(20);
+
+/// Sends whatever the maskers hold.
+async fn flush(output: &mut Output<'_>, step: u32, maskers: &mut [Masker; 2]) {
+    for (i, stream) in [proto::OutputStream::Stdout, proto::OutputStream::Stderr]
+        .into_iter()
+        .enumerate()
+    {
+        let data = maskers[i].finish();
+        if !data.is_empty() {
+            output.chunk(step, stream, Bytes::from(data)).await;
+        }
+    }
 }
 
 fn finish(shared: &Shared, output: &Output<'_>, state: proto::JobState, message: String) {

@@ -138,7 +138,11 @@ pub async fn run(
     let mirrors = Mirrors::new(config.work_dir.join("mirrors"))
         .map_err(|e| RunnerError::Config(format!("mirrors: {e}")))?;
     let shared = Arc::new(Shared {
-        outbox: Outbox::new(config.max_buffered_output),
+        outbox: Outbox::new(
+            config.work_dir.join("outbox"),
+            config.max_buffered_output as u64,
+            config.max_buffered_output,
+        ),
         config,
         jobs: Mutex::new(HashMap::new()),
         mirrors,

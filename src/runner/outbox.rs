@@ -2,36 +2,386 @@
 //!
 //! Output chunks leave when an `OutputAck` covers their sequence number; everything else about
 //! an attempt leaves when its final result is acknowledged (or refused). A new session's
-//! writer starts from the oldest entry, so nothing unacknowledged is lost across reconnects.
+//! writer starts from each attempt's oldest unacknowledged message, so nothing unacknowledged
+//! is lost across reconnects, and an attempt's messages are always sent in the order they came.
+//!
+//! # Where output waits
+//!
+//! Small messages (accepted, step started/finished, job finished) stay in memory: they are few
+//! and tiny. Output payloads go to a *spool* on local disk, so a long dispatcher outage costs
+//! disk, not memory:
+//!
+//! - Each attempt appends its chunks as frames (seq, step, stream, length, payload; 20 bytes of
+//!   header) to its own *segment* files, `<pid>-<attempt>-<n>.seg` in the spool directory. A new
+//!   segment starts when the current one holds a sixteenth of the bound (at most 4 MiB).
+//! - In memory, consecutive chunks of an attempt in one segment are one *run* (first position
+//!   and sequence number, count, byte range), so memory does not grow with the chunks spooled.
+//! - A small cache (at most 1 MiB, and at most `max_memory_bytes`) keeps the payloads of
+//!   chunks not yet handed to the writer, so while connected the writer sends them without
+//!   reading the file back. Otherwise it reads the frames back from the segment.
+//! - Writes and reads are plain `pwrite`/`pread` calls on the page cache (as the dispatcher's
+//!   log store does), made outside the outbox lock. Nothing is `fsync`ed: the spool does not
+//!   need to survive a crash, only an outage.
+//!
+//! # Bounds
+//!
+//! - Disk: the bytes in segment files not yet deleted (headers included, acknowledged or not,
+//!   plus a write in progress) never exceed `max_spool_bytes`, except that one frame larger
+//!   than the bound is let into an empty spool. When the next frame does not fit,
+//!   `push_output` first deletes current segments whose chunks are all acknowledged, then
+//!   waits for acknowledgements (which pauses the step, as before).
+//! - Space is reclaimed a segment at a time: a finished segment is deleted as soon as all its
+//!   chunks are acknowledged, the segment being appended to when it is full or when room is
+//!   needed, and all of an attempt's segments when the attempt is dropped (`ResultAck` /
+//!   `Refused`). Acknowledgements cover a prefix of an attempt's output, so at most one
+//!   segment per attempt holds acknowledged bytes that still count.
+//! - Memory: when the spool cannot be written (no directory, full disk, I/O error), output is
+//!   kept in memory instead, up to `max_memory_bytes` of payload, in its place among the
+//!   spooled chunks. A warning is logged once, until the spool works again; the spool is tried
+//!   again whenever that memory is empty or full. Past both bounds, `push_output` waits.
+//!   `max_spool_bytes == 0` keeps all output in memory.
+//!
+//! Attempts do not survive a runner restart, so segments left by a previous process are
+//! deleted when the outbox is created.
 
-use std::collections::{BTreeSet, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
 use kiln_domain::AttemptId;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::proto;
+use crate::proto::{self, runner_message::Kind};
 
-/// One message waiting for its acknowledgement.
-struct Entry {
-    /// Position in the outbox (increasing).
+/// Bytes of a frame header: seq (u64), step (u32), stream (i32), payload length (u32), all
+/// little-endian.
+const HEADER_LEN: u64 = 20;
+/// Largest segment size at which a new segment is started.
+const MAX_SEGMENT_BYTES: u64 = 4 << 20;
+/// Most payload bytes cached in memory for chunks not yet handed to the writer.
+const CACHE_BYTES: usize = 1 << 20;
+/// Most messages the writer takes from one attempt at a time (the others get their turn).
+const BATCH: u64 = 64;
+/// Largest payload length believed when reading a frame back.
+const MAX_PAYLOAD: u32 = 64 << 20;
+/// Extension of segment files.
+const SEGMENT_EXT: &str = "seg";
+
+/// A spool file. It is deleted when the last reference to it goes (a writer reading it back
+/// may hold one a little longer than the outbox).
+struct Segment {
+    /// Unique in this process.
     id: u64,
-    /// The attempt it is about.
-    attempt: AttemptId,
-    /// For output chunks, the sequence number an ack must cover.
-    seq: Option<u64>,
-    /// The message.
-    msg: proto::RunnerMessage,
-    /// Payload bytes counted against the limit.
-    bytes: usize,
+    path: PathBuf,
+    file: File,
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.path.display(), cause = %e, "cannot delete an output spool file");
+        }
+    }
+}
+
+/// A segment an attempt has written to.
+struct SegmentUse {
+    seg: Arc<Segment>,
+    /// Bytes in the file, counted against the bound.
+    size: u64,
+    /// Runs still pointing into it.
+    runs: usize,
+}
+
+/// Consecutive output chunks of one attempt and one step, back to back in one segment.
+/// Frame `i` of the run has position `first_pos + i` and sequence number `first_seq + i`.
+struct Run {
+    seg: Arc<Segment>,
+    /// Offset of the first frame.
+    start: u64,
+    /// Offset just past the last frame.
+    end: u64,
+    first_pos: u64,
+    first_seq: u64,
+    /// Frames in the run (at least one).
+    count: u64,
+    /// Frames at the front already acknowledged (never sent again).
+    acked: u64,
+    step: u32,
+}
+
+impl Run {
+    fn last_seq(&self) -> u64 {
+        self.first_seq + (self.count - 1)
+    }
+}
+
+/// Something about an attempt waiting for its acknowledgement.
+enum Item {
+    /// A message kept in memory: a small one (`seq` none), or an output chunk the spool did
+    /// not take (`bytes` of payload counted against the memory bound).
+    Message {
+        pos: u64,
+        seq: Option<u64>,
+        msg: proto::RunnerMessage,
+        bytes: usize,
+    },
+    /// Output chunks in the spool.
+    Spooled(Run),
+}
+
+impl Item {
+    /// The position just past the item.
+    fn end_pos(&self) -> u64 {
+        match self {
+            Item::Message { pos, .. } => pos + 1,
+            Item::Spooled(r) => r.first_pos + r.count,
+        }
+    }
+}
+
+/// The payload of a spooled chunk not yet handed to the writer.
+struct Cached {
+    pos: u64,
+    seq: u64,
+    step: u32,
+    stream: i32,
+    /// Offset of its frame.
+    offset: u64,
+    data: Bytes,
+}
+
+/// Everything kept about one attempt.
+struct Attempt {
+    /// Tells this attempt from an earlier one with the same id that was dropped.
+    generation: u64,
+    /// Unacknowledged messages in order of position.
+    items: VecDeque<Item>,
+    /// Position of the next message.
+    next_pos: u64,
+    /// The segment chunks are appended to.
+    current: Option<SegmentUse>,
+    /// Earlier segments still holding unacknowledged chunks.
+    sealed: Vec<SegmentUse>,
+    /// Bytes reserved by a write in progress (one at a time per attempt).
+    writing: Option<u64>,
+    /// Another `push_output` waits for that write.
+    contended: bool,
+    /// Payloads of the latest spooled chunks not yet handed to the writer, by position.
+    cache: VecDeque<Cached>,
+}
+
+impl Attempt {
+    fn new(generation: u64) -> Self {
+        Self {
+            generation,
+            items: VecDeque::new(),
+            next_pos: 0,
+            current: None,
+            sealed: Vec::new(),
+            writing: None,
+            contended: false,
+            cache: VecDeque::new(),
+        }
+    }
+
+    /// Bytes of its segments, counted against the spool bound.
+    fn spool_bytes(&self) -> u64 {
+        self.current.as_ref().map_or(0, |c| c.size)
+            + self.sealed.iter().map(|s| s.size).sum::<u64>()
+            + self.writing.unwrap_or(0)
+    }
+
+    /// Stops appending to a segment; returns the bytes freed (if no run points into it, it is
+    /// deleted).
+    fn retire(&mut self, used: SegmentUse, garbage: &mut Vec<Arc<Segment>>) -> u64 {
+        if used.runs == 0 {
+            garbage.push(used.seg);
+            used.size
+        } else {
+            self.sealed.push(used);
+            0
+        }
+    }
+
+    /// A run left; returns the bytes freed (a finished segment with no runs left is deleted;
+    /// the current one stays until it is full or room is needed).
+    fn release(&mut self, run: Run, garbage: &mut Vec<Arc<Segment>>) -> u64 {
+        if let Some(c) = self.current.as_mut()
+            && c.seg.id == run.seg.id
+        {
+            c.runs -= 1;
+            return 0;
+        }
+        let Some(i) = self.sealed.iter().position(|s| s.seg.id == run.seg.id) else {
+            return 0;
+        };
+        self.sealed[i].runs -= 1;
+        if self.sealed[i].runs > 0 {
+            return 0;
+        }
+        let used = self.sealed.swap_remove(i);
+        garbage.push(used.seg);
+        used.size
+    }
 }
 
 #[derive(Default)]
 struct Inner {
-    entries: VecDeque<Entry>,
-    next_id: u64,
-    bytes: usize,
+    attempts: BTreeMap<AttemptId, Attempt>,
+    next_generation: u64,
+    next_segment: u64,
+    /// Bytes of all segments not yet deleted, plus writes in progress.
+    spool_bytes: u64,
+    /// Payload bytes of output chunks kept in memory because the spool did not take them.
+    memory_bytes: usize,
+    /// Payload bytes in the attempts' caches.
+    cache_bytes: usize,
+    /// The last spool write failed.
+    spool_failing: bool,
+    /// A warning about the spool was logged and it has not worked since.
+    warned: bool,
+}
+
+impl Inner {
+    fn attempt(&mut self, id: AttemptId) -> &mut Attempt {
+        let generation = self.next_generation;
+        match self.attempts.entry(id) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                self.next_generation += 1;
+                e.insert(Attempt::new(generation))
+            }
+        }
+    }
+
+    fn insert_message(
+        &mut self,
+        attempt: AttemptId,
+        seq: Option<u64>,
+        msg: proto::RunnerMessage,
+        bytes: usize,
+    ) {
+        self.memory_bytes += bytes;
+        let a = self.attempt(attempt);
+        let pos = a.next_pos;
+        a.next_pos += 1;
+        a.items.push_back(Item::Message {
+            pos,
+            seq,
+            msg,
+            bytes,
+        });
+    }
+
+    /// Deletes current segments whose chunks are all acknowledged.
+    fn reclaim(&mut self, garbage: &mut Vec<Arc<Segment>>) {
+        for a in self.attempts.values_mut() {
+            if a.writing.is_none()
+                && a.current.as_ref().is_some_and(|c| c.runs == 0)
+                && let Some(c) = a.current.take()
+            {
+                self.spool_bytes -= c.size;
+                garbage.push(c.seg);
+            }
+        }
+    }
+
+    fn spool_fail(&mut self, dir: &Path, cause: &io::Error) {
+        self.spool_failing = true;
+        if !self.warned {
+            self.warned = true;
+            tracing::warn!(
+                dir = %dir.display(),
+                %cause,
+                "cannot write the output spool; keeping output in memory until it works again"
+            );
+        }
+    }
+}
+
+/// Where a frame goes.
+enum Target {
+    /// At the end of the attempt's current segment.
+    Append { seg: Arc<Segment>, offset: u64 },
+    /// At the start of a new segment.
+    New { id: u64 },
+}
+
+/// Room taken in the spool for one frame.
+struct Reservation {
+    generation: u64,
+    target: Target,
+    len: u64,
+}
+
+/// What `push_output` does next.
+enum Route {
+    Stored,
+    Write(Reservation),
+    Wait,
+}
+
+/// The fields of an output chunk kept next to its frame.
+struct Head {
+    seq: u64,
+    step: u32,
+    stream: i32,
+    data: Bytes,
+}
+
+/// Where a writer is in an attempt.
+#[derive(Clone, Copy)]
+struct Progress {
+    generation: u64,
+    /// Position of the next message to send.
+    next_pos: u64,
+    /// The offset of that message's frame, if it is in this segment.
+    hint: Option<(u64, u64)>,
+}
+
+/// One step of a writer's batch.
+enum Send {
+    /// A message ready to go.
+    Ready {
+        attempt: AttemptId,
+        generation: u64,
+        pos: u64,
+        hint: Option<(u64, u64)>,
+        msg: proto::RunnerMessage,
+    },
+    /// Frames to read back from a segment.
+    Read(ReadBack),
+}
+
+/// Read the frames from `from` (frame `first_pos` of a run), skip `skip` of them, send the
+/// next `count`.
+struct ReadBack {
+    attempt: AttemptId,
+    generation: u64,
+    seg: Arc<Segment>,
+    from: u64,
+    first_pos: u64,
+    first_seq: u64,
+    skip: u64,
+    count: u64,
+    step: u32,
+}
+
+/// A frame read back.
+struct Frame {
+    step: u32,
+    stream: i32,
+    data: Bytes,
+    /// Offset of the next frame.
+    next: u64,
 }
 
 /// The runner's outbox.
@@ -43,18 +393,42 @@ pub(crate) struct Outbox {
     space: Notify,
     /// Wakes the session loop (something finished or changed).
     wake: Notify,
-    /// Most payload bytes kept.
-    max_bytes: usize,
+    /// Where segments are written.
+    spool_dir: PathBuf,
+    /// Most bytes in segment files (0: no spool).
+    max_spool_bytes: u64,
+    /// Size at which a new segment is started.
+    segment_bytes: u64,
+    /// Most output payload bytes kept in memory when the spool fails.
+    max_memory_bytes: usize,
+    /// Most payload bytes cached.
+    cache_limit: usize,
+    /// This process (in segment names).
+    pid: u32,
 }
 
 impl Outbox {
-    pub(crate) fn new(max_bytes: usize) -> Self {
+    /// An outbox spooling output under `spool_dir` (created; segments a previous process left
+    /// are deleted), at most `max_spool_bytes` on disk and, when the spool cannot be written,
+    /// at most `max_memory_bytes` of output in memory.
+    pub(crate) fn new(spool_dir: PathBuf, max_spool_bytes: u64, max_memory_bytes: usize) -> Self {
+        let mut inner = Inner::default();
+        if max_spool_bytes > 0
+            && let Err(cause) = prepare_spool(&spool_dir)
+        {
+            inner.spool_fail(&spool_dir, &cause);
+        }
         Self {
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(inner),
             to_send: Notify::new(),
             space: Notify::new(),
             wake: Notify::new(),
-            max_bytes,
+            segment_bytes: (max_spool_bytes / 16).clamp(1, MAX_SEGMENT_BYTES),
+            spool_dir,
+            max_spool_bytes,
+            max_memory_bytes,
+            cache_limit: CACHE_BYTES.min(max_memory_bytes),
+            pid: std::process::id(),
         }
     }
 
@@ -62,33 +436,14 @@ impl Outbox {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn insert(
-        inner: &mut Inner,
-        attempt: AttemptId,
-        seq: Option<u64>,
-        msg: proto::RunnerMessage,
-        bytes: usize,
-    ) {
-        inner.next_id += 1;
-        let id = inner.next_id;
-        inner.bytes += bytes;
-        inner.entries.push_back(Entry {
-            id,
-            attempt,
-            seq,
-            msg,
-            bytes,
-        });
-    }
-
     /// Queues a small message (never waits).
     pub(crate) fn push(&self, attempt: AttemptId, msg: proto::RunnerMessage) {
-        Self::insert(&mut self.inner(), attempt, None, msg, 0);
+        self.inner().insert_message(attempt, None, msg, 0);
         self.to_send.notify_one();
         self.wake.notify_waiters();
     }
 
-    /// Queues an output chunk, waiting while the outbox is full.
+    /// Queues an output chunk (`bytes` of payload), waiting while there is no room for it.
     pub(crate) async fn push_output(
         &self,
         attempt: AttemptId,
@@ -96,59 +451,411 @@ impl Outbox {
         msg: proto::RunnerMessage,
         bytes: usize,
     ) {
+        // Only a well-formed chunk goes to the spool (it is rebuilt from the frame).
+        let head = match &msg.kind {
+            Some(Kind::Output(c))
+                if self.max_spool_bytes > 0
+                    && c.attempt_id == attempt
+                    && c.seq == seq
+                    && u32::try_from(c.data.len()).is_ok() =>
+            {
+                Some(Head {
+                    seq,
+                    step: c.step_index,
+                    stream: c.stream,
+                    data: c.data.clone(),
+                })
+            }
+            _ => None,
+        };
+        let frame = head.as_ref().map(encode_frame).unwrap_or_default();
+        let mut disk = head.is_some();
         loop {
             let notified = self.space.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
+            let mut garbage = Vec::new();
+            let route = {
                 let mut inner = self.inner();
-                if inner.bytes + bytes <= self.max_bytes || inner.bytes == 0 {
-                    Self::insert(&mut inner, attempt, Some(seq), msg, bytes);
-                    break;
+                self.route(
+                    &mut inner,
+                    attempt,
+                    seq,
+                    &msg,
+                    bytes,
+                    disk,
+                    &frame,
+                    &mut garbage,
+                )
+            };
+            drop(garbage);
+            match (route, &head) {
+                (Route::Stored, _) => break,
+                (Route::Write(res), Some(head)) => {
+                    let written = self.write_frame(attempt, &res, &frame);
+                    let mut garbage = Vec::new();
+                    let (stored, notify) = {
+                        let mut inner = self.inner();
+                        self.complete(
+                            &mut inner,
+                            attempt,
+                            res,
+                            written,
+                            head,
+                            &msg,
+                            bytes,
+                            &mut garbage,
+                        )
+                    };
+                    drop(garbage);
+                    if notify {
+                        self.space.notify_waiters();
+                    }
+                    if stored {
+                        break;
+                    }
+                    // The spool failed: memory next, if there is room.
+                    disk = false;
+                }
+                (Route::Write(_), None) | (Route::Wait, _) => {
+                    notified.await;
+                    disk = head.is_some();
                 }
             }
-            notified.await;
         }
         self.to_send.notify_one();
     }
 
+    /// Decides where a chunk goes; stores it if in memory, reserves room if on disk.
+    #[allow(clippy::too_many_arguments)]
+    fn route(
+        &self,
+        inner: &mut Inner,
+        attempt: AttemptId,
+        seq: u64,
+        msg: &proto::RunnerMessage,
+        bytes: usize,
+        disk: bool,
+        frame: &[u8],
+        garbage: &mut Vec<Arc<Segment>>,
+    ) -> Route {
+        if let Some(a) = inner.attempts.get_mut(&attempt)
+            && a.writing.is_some()
+        {
+            a.contended = true;
+            return Route::Wait;
+        }
+        let memory_fits =
+            inner.memory_bytes == 0 || inner.memory_bytes + bytes <= self.max_memory_bytes;
+        if disk && (!inner.spool_failing || !memory_fits || inner.memory_bytes == 0) {
+            if let Some(res) = self.reserve(inner, attempt, frame.len() as u64, garbage) {
+                return Route::Write(res);
+            }
+            if !inner.spool_failing {
+                return Route::Wait;
+            }
+        }
+        if memory_fits {
+            inner.insert_message(attempt, Some(seq), msg.clone(), bytes);
+            return Route::Stored;
+        }
+        Route::Wait
+    }
+
+    /// Takes room for a frame of `len` bytes, if there is some.
+    fn reserve(
+        &self,
+        inner: &mut Inner,
+        attempt: AttemptId,
+        len: u64,
+        garbage: &mut Vec<Arc<Segment>>,
+    ) -> Option<Reservation> {
+        let fits = |inner: &Inner| {
+            inner.spool_bytes == 0 || inner.spool_bytes + len <= self.max_spool_bytes
+        };
+        if !fits(inner) {
+            inner.reclaim(garbage);
+            if !fits(inner) {
+                return None;
+            }
+        }
+        let id = inner.next_segment;
+        let a = inner.attempt(attempt);
+        let mut freed = 0;
+        let target = match a.current.take() {
+            Some(c) if c.size < self.segment_bytes => {
+                let target = Target::Append {
+                    seg: c.seg.clone(),
+                    offset: c.size,
+                };
+                a.current = Some(c);
+                target
+            }
+            Some(c) => {
+                freed = a.retire(c, garbage);
+                Target::New { id }
+            }
+            None => Target::New { id },
+        };
+        a.writing = Some(len);
+        let generation = a.generation;
+        if matches!(target, Target::New { .. }) {
+            inner.next_segment += 1;
+        }
+        inner.spool_bytes = inner.spool_bytes - freed + len;
+        Some(Reservation {
+            generation,
+            target,
+            len,
+        })
+    }
+
+    /// Writes a frame where it was reserved (outside the lock).
+    fn write_frame(
+        &self,
+        attempt: AttemptId,
+        res: &Reservation,
+        frame: &[u8],
+    ) -> Result<Arc<Segment>, (io::Error, Option<Arc<Segment>>)> {
+        match &res.target {
+            Target::Append { seg, offset } => match seg.file.write_all_at(frame, *offset) {
+                Ok(()) => Ok(seg.clone()),
+                Err(e) => Err((e, None)),
+            },
+            Target::New { id } => {
+                let seg = Arc::new(self.create_segment(attempt, *id).map_err(|e| (e, None))?);
+                match seg.file.write_all_at(frame, 0) {
+                    Ok(()) => Ok(seg),
+                    Err(e) => Err((e, Some(seg))),
+                }
+            }
+        }
+    }
+
+    fn create_segment(&self, attempt: AttemptId, id: u64) -> io::Result<Segment> {
+        let path = self
+            .spool_dir
+            .join(format!("{}-{attempt}-{id}.{SEGMENT_EXT}", self.pid));
+        let open = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+        };
+        let file = match open() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // The directory went away (or could never be made): make it again.
+                std::fs::create_dir_all(&self.spool_dir)?;
+                open()?
+            }
+            r => r?,
+        };
+        Ok(Segment { id, path, file })
+    }
+
+    /// Records a frame written (or keeps the chunk in memory if the attempt was dropped
+    /// meanwhile). Returns whether the chunk is stored, and whether to wake waiting producers.
+    #[allow(clippy::too_many_arguments)]
+    fn complete(
+        &self,
+        inner: &mut Inner,
+        attempt: AttemptId,
+        res: Reservation,
+        written: Result<Arc<Segment>, (io::Error, Option<Arc<Segment>>)>,
+        head: &Head,
+        msg: &proto::RunnerMessage,
+        bytes: usize,
+        garbage: &mut Vec<Arc<Segment>>,
+    ) -> (bool, bool) {
+        let Some(a) = inner
+            .attempts
+            .get_mut(&attempt)
+            .filter(|a| a.generation == res.generation)
+        else {
+            // Dropped while we wrote (its segments and reservation are gone): like any late
+            // message about it, the chunk is kept, in memory.
+            match written {
+                Ok(seg) | Err((_, Some(seg))) => garbage.push(seg),
+                Err((_, None)) => {}
+            }
+            if let Target::Append { seg, .. } = res.target {
+                garbage.push(seg);
+            }
+            inner.insert_message(attempt, Some(head.seq), msg.clone(), bytes);
+            return (true, false);
+        };
+        a.writing = None;
+        let notify = std::mem::take(&mut a.contended);
+        match written {
+            Ok(seg) => {
+                let offset = match res.target {
+                    Target::Append { offset, .. } => {
+                        if let Some(c) = a.current.as_mut() {
+                            c.size += res.len;
+                        }
+                        offset
+                    }
+                    Target::New { .. } => {
+                        a.current = Some(SegmentUse {
+                            seg: seg.clone(),
+                            size: res.len,
+                            runs: 0,
+                        });
+                        0
+                    }
+                };
+                let pos = a.next_pos;
+                a.next_pos += 1;
+                let extended = match a.items.back_mut() {
+                    Some(Item::Spooled(r))
+                        if r.seg.id == seg.id
+                            && r.end == offset
+                            && r.step == head.step
+                            && r.first_seq + r.count == head.seq
+                            && r.first_pos + r.count == pos =>
+                    {
+                        r.end += res.len;
+                        r.count += 1;
+                        true
+                    }
+                    _ => false,
+                };
+                if !extended {
+                    if let Some(c) = a.current.as_mut() {
+                        c.runs += 1;
+                    }
+                    a.items.push_back(Item::Spooled(Run {
+                        seg,
+                        start: offset,
+                        end: offset + res.len,
+                        first_pos: pos,
+                        first_seq: head.seq,
+                        count: 1,
+                        acked: 0,
+                        step: head.step,
+                    }));
+                }
+                if inner.cache_bytes + head.data.len() <= self.cache_limit {
+                    inner.cache_bytes += head.data.len();
+                    a.cache.push_back(Cached {
+                        pos,
+                        seq: head.seq,
+                        step: head.step,
+                        stream: head.stream,
+                        offset,
+                        data: head.data.clone(),
+                    });
+                }
+                if inner.spool_failing {
+                    inner.spool_failing = false;
+                    inner.warned = false;
+                    tracing::info!(dir = %self.spool_dir.display(), "the output spool works again");
+                }
+                (true, notify)
+            }
+            Err((cause, created)) => {
+                let mut freed = res.len;
+                match res.target {
+                    Target::Append { .. } => {
+                        // Part of the frame may be in the file: it counts until the segment
+                        // goes, and nothing more is appended to it.
+                        if let Some(mut c) = a.current.take() {
+                            c.size += res.len;
+                            freed = a.retire(c, garbage);
+                        }
+                    }
+                    Target::New { .. } => garbage.extend(created),
+                }
+                inner.spool_bytes -= freed;
+                inner.spool_fail(&self.spool_dir, &cause);
+                (false, true)
+            }
+        }
+    }
+
     /// Output of `attempt` up to `up_to` is stored by the dispatcher.
     pub(crate) fn ack_output(&self, attempt: AttemptId, up_to: u64) {
-        let mut inner = self.inner();
-        let mut freed = 0;
-        inner.entries.retain(|e| {
-            let acked = e.attempt == attempt && e.seq.is_some_and(|s| s <= up_to);
-            if acked {
-                freed += e.bytes;
+        let mut garbage = Vec::new();
+        let freed = {
+            let mut guard = self.inner();
+            let inner = &mut *guard;
+            let Some(a) = inner.attempts.get_mut(&attempt) else {
+                return;
+            };
+            // Output is in sequence order, so what is acknowledged is at the front, after
+            // (few) small messages.
+            let mut freed = false;
+            let mut i = 0;
+            while let Some(item) = a.items.get_mut(i) {
+                match item {
+                    Item::Message { seq: None, .. } => i += 1,
+                    Item::Message { seq: Some(s), .. } if *s <= up_to => {
+                        if let Some(Item::Message { bytes, .. }) = a.items.remove(i) {
+                            inner.memory_bytes -= bytes;
+                        }
+                        freed = true;
+                    }
+                    Item::Spooled(r) if r.last_seq() <= up_to => {
+                        if let Some(Item::Spooled(r)) = a.items.remove(i) {
+                            inner.spool_bytes -= a.release(r, &mut garbage);
+                        }
+                        freed = true;
+                    }
+                    Item::Spooled(r) if r.first_seq <= up_to => {
+                        r.acked = r.acked.max(up_to - r.first_seq + 1);
+                        break;
+                    }
+                    _ => break,
+                }
             }
-            !acked
-        });
-        inner.bytes -= freed;
-        drop(inner);
-        if freed > 0 {
+            while a.cache.front().is_some_and(|c| c.seq <= up_to) {
+                if let Some(c) = a.cache.pop_front() {
+                    inner.cache_bytes -= c.data.len();
+                }
+            }
+            freed
+        };
+        drop(garbage);
+        if freed {
             self.space.notify_waiters();
         }
     }
 
-    /// Forgets everything about an attempt (its result was acknowledged or refused).
+    /// Forgets everything about an attempt (its result was acknowledged or refused) and
+    /// deletes its segments.
     pub(crate) fn drop_attempt(&self, attempt: AttemptId) {
-        let mut inner = self.inner();
-        let mut freed = 0;
-        inner.entries.retain(|e| {
-            if e.attempt == attempt {
-                freed += e.bytes;
+        let removed = {
+            let mut inner = self.inner();
+            let removed = inner.attempts.remove(&attempt);
+            if let Some(a) = &removed {
+                inner.spool_bytes -= a.spool_bytes();
+                inner.cache_bytes -= a.cache.iter().map(|c| c.data.len()).sum::<usize>();
+                inner.memory_bytes -= a
+                    .items
+                    .iter()
+                    .map(|i| match i {
+                        Item::Message { bytes, .. } => *bytes,
+                        Item::Spooled(_) => 0,
+                    })
+                    .sum::<usize>();
             }
-            e.attempt != attempt
-        });
-        inner.bytes -= freed;
-        drop(inner);
+            removed
+        };
+        // Deletes the files, outside the lock.
+        drop(removed);
         self.space.notify_waiters();
         self.wake.notify_waiters();
     }
 
     /// Attempts with unacknowledged messages.
     pub(crate) fn attempts(&self) -> BTreeSet<AttemptId> {
-        self.inner().entries.iter().map(|e| e.attempt).collect()
+        self.inner()
+            .attempts
+            .iter()
+            .filter(|(_, a)| !a.items.is_empty())
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// Wakes the session loop.
@@ -161,107 +868,729 @@ impl Outbox {
         self.wake.notified().await;
     }
 
-    /// Sends every entry, oldest first, then new ones as they come, until `stop`.
+    /// Sends every attempt's messages, oldest first, then new ones as they come, until `stop`.
     pub(crate) async fn pump(
         &self,
         tx: &mpsc::Sender<proto::RunnerMessage>,
         stop: &CancellationToken,
     ) {
-        let mut cursor = 0u64;
+        let mut progress = HashMap::new();
         loop {
-            let batch: Vec<(u64, proto::RunnerMessage)> = {
-                let inner = self.inner();
-                inner
-                    .entries
-                    .iter()
-                    .filter(|e| e.id > cursor)
-                    .take(64)
-                    .map(|e| (e.id, e.msg.clone()))
-                    .collect()
-            };
+            let batch = self.plan(&mut progress);
             if batch.is_empty() {
                 tokio::select! {
                     _ = self.to_send.notified() => continue,
                     _ = stop.cancelled() => return,
                 }
             }
-            for (id, msg) in batch {
-                tokio::select! {
-                    r = tx.send(msg) => if r.is_err() { return },
-                    _ = stop.cancelled() => return,
+            for send in batch {
+                let sent = match send {
+                    Send::Ready {
+                        attempt,
+                        generation,
+                        pos,
+                        hint,
+                        msg,
+                    } => {
+                        let sent = deliver(tx, stop, msg).await;
+                        progress.insert(
+                            attempt,
+                            Progress {
+                                generation,
+                                next_pos: pos + 1,
+                                hint,
+                            },
+                        );
+                        sent
+                    }
+                    Send::Read(read) => read_back(read, tx, stop, &mut progress).await,
+                };
+                if !sent {
+                    return;
                 }
-                cursor = id;
             }
         }
     }
+
+    /// The writer's next batch: up to `BATCH` messages of each attempt after where it is.
+    fn plan(&self, progress: &mut HashMap<AttemptId, Progress>) -> Vec<Send> {
+        let mut guard = self.inner();
+        let inner = &mut *guard;
+        progress.retain(|id, p| {
+            inner
+                .attempts
+                .get(id)
+                .is_some_and(|a| a.generation == p.generation)
+        });
+        let mut batch = Vec::new();
+        for (&attempt, a) in inner.attempts.iter_mut() {
+            let generation = a.generation;
+            let Progress {
+                mut next_pos,
+                mut hint,
+                ..
+            } = progress.get(&attempt).copied().unwrap_or(Progress {
+                generation,
+                next_pos: 0,
+                hint: None,
+            });
+            let mut n = 0;
+            let first = a.items.partition_point(|i| i.end_pos() <= next_pos);
+            for item in a.items.range(first..) {
+                if n >= BATCH {
+                    break;
+                }
+                match item {
+                    Item::Message { pos, msg, .. } => {
+                        batch.push(Send::Ready {
+                            attempt,
+                            generation,
+                            pos: *pos,
+                            hint: None,
+                            msg: msg.clone(),
+                        });
+                        next_pos = pos + 1;
+                        hint = None;
+                        n += 1;
+                    }
+                    Item::Spooled(r) => {
+                        let mut idx = next_pos.saturating_sub(r.first_pos).max(r.acked);
+                        // Cached payloads behind this point were sent (or acknowledged).
+                        while a.cache.front().is_some_and(|c| c.pos < r.first_pos + idx) {
+                            if let Some(c) = a.cache.pop_front() {
+                                inner.cache_bytes -= c.data.len();
+                            }
+                        }
+                        while idx < r.count
+                            && n < BATCH
+                            && a.cache.front().is_some_and(|c| c.pos == r.first_pos + idx)
+                        {
+                            let Some(c) = a.cache.pop_front() else { break };
+                            inner.cache_bytes -= c.data.len();
+                            let next = c.offset + HEADER_LEN + c.data.len() as u64;
+                            batch.push(Send::Ready {
+                                attempt,
+                                generation,
+                                pos: c.pos,
+                                hint: Some((r.seg.id, next)),
+                                msg: chunk(attempt, c.seq, c.step, c.stream, c.data),
+                            });
+                            next_pos = c.pos + 1;
+                            hint = Some((r.seg.id, next));
+                            idx += 1;
+                            n += 1;
+                        }
+                        if idx < r.count && n < BATCH {
+                            let target = r.first_pos + idx;
+                            let mut count = (r.count - idx).min(BATCH - n);
+                            // Stop where the cache can take over.
+                            if let Some(c) = a.cache.front()
+                                && c.pos > target
+                                && c.pos < r.first_pos + r.count
+                            {
+                                count = count.min(c.pos - target);
+                            }
+                            let (from_idx, from) = match hint {
+                                Some((seg, offset))
+                                    if seg == r.seg.id
+                                        && next_pos >= r.first_pos
+                                        && next_pos <= target =>
+                                {
+                                    (next_pos - r.first_pos, offset)
+                                }
+                                _ => (0, r.start),
+                            };
+                            batch.push(Send::Read(ReadBack {
+                                attempt,
+                                generation,
+                                seg: r.seg.clone(),
+                                from,
+                                first_pos: r.first_pos + from_idx,
+                                first_seq: r.first_seq + from_idx,
+                                skip: idx - from_idx,
+                                count,
+                                step: r.step,
+                            }));
+                            next_pos = target + count;
+                            hint = None;
+                            n += count;
+                        }
+                    }
+                }
+            }
+        }
+        batch
+    }
+}
+
+/// Creates the spool directory and deletes segments left by an earlier process.
+fn prepare_spool(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == SEGMENT_EXT)
+            && let Err(cause) = std::fs::remove_file(&path)
+            && cause.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %path.display(), %cause, "cannot delete a leftover output spool file");
+        }
+    }
+    Ok(())
+}
+
+fn encode_frame(head: &Head) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(HEADER_LEN as usize + head.data.len());
+    buf.extend_from_slice(&head.seq.to_le_bytes());
+    buf.extend_from_slice(&head.step.to_le_bytes());
+    buf.extend_from_slice(&head.stream.to_le_bytes());
+    // Checked by the caller: fits in u32.
+    buf.extend_from_slice(&(head.data.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&head.data);
+    buf
+}
+
+/// Reads the frame at `offset`, which must be chunk `seq` (its payload only if `payload`).
+fn read_frame(file: &File, offset: u64, seq: u64, payload: bool) -> io::Result<Frame> {
+    let mut h = [0u8; HEADER_LEN as usize];
+    file.read_exact_at(&mut h, offset)?;
+    let field = |at: usize| [h[at], h[at + 1], h[at + 2], h[at + 3]];
+    let found = u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]);
+    let step = u32::from_le_bytes(field(8));
+    let stream = i32::from_le_bytes(field(12));
+    let len = u32::from_le_bytes(field(16));
+    if found != seq || len > MAX_PAYLOAD {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad frame at offset {offset}: seq {found} (expected {seq}), length {len}"),
+        ));
+    }
+    let mut data = Vec::new();
+    if payload {
+        data = vec![0; len as usize];
+        file.read_exact_at(&mut data, offset + HEADER_LEN)?;
+    }
+    Ok(Frame {
+        step,
+        stream,
+        data: data.into(),
+        next: offset + HEADER_LEN + u64::from(len),
+    })
+}
+
+fn chunk(
+    attempt: AttemptId,
+    seq: u64,
+    step: u32,
+    stream: i32,
+    data: Bytes,
+) -> proto::RunnerMessage {
+    proto::RunnerMessage {
+        kind: Some(Kind::Output(proto::OutputChunk {
+            attempt_id: attempt,
+            seq,
+            step_index: step,
+            stream,
+            data,
+        })),
+    }
+}
+
+/// Sends one message unless `stop` comes first; false if the session is over.
+async fn deliver(
+    tx: &mpsc::Sender<proto::RunnerMessage>,
+    stop: &CancellationToken,
+    msg: proto::RunnerMessage,
+) -> bool {
+    tokio::select! {
+        r = tx.send(msg) => r.is_ok(),
+        _ = stop.cancelled() => false,
+    }
+}
+
+/// Reads frames back from a segment and sends them. A frame that cannot be read is replaced
+/// by a notice (on the system stream, same seq), so the attempt's output keeps its order and
+/// has no gap.
+async fn read_back(
+    r: ReadBack,
+    tx: &mpsc::Sender<proto::RunnerMessage>,
+    stop: &CancellationToken,
+    progress: &mut HashMap<AttemptId, Progress>,
+) -> bool {
+    let total = r.skip + r.count;
+    let mut offset = r.from;
+    for j in 0..total {
+        let seq = r.first_seq + j;
+        match read_frame(&r.seg.file, offset, seq, j >= r.skip) {
+            Ok(frame) => {
+                offset = frame.next;
+                if j < r.skip {
+                    continue;
+                }
+                let msg = chunk(r.attempt, seq, frame.step, frame.stream, frame.data);
+                let sent = deliver(tx, stop, msg).await;
+                progress.insert(
+                    r.attempt,
+                    Progress {
+                        generation: r.generation,
+                        next_pos: r.first_pos + j + 1,
+                        hint: Some((r.seg.id, offset)),
+                    },
+                );
+                if !sent {
+                    return false;
+                }
+            }
+            Err(cause) => {
+                tracing::error!(
+                    attempt = r.attempt,
+                    seq,
+                    path = %r.seg.path.display(),
+                    %cause,
+                    "cannot read output back from the spool; sending a notice in its place"
+                );
+                let first = j.max(r.skip);
+                for k in first..total {
+                    let text = if k == first {
+                        format!(
+                            "kiln: the runner lost output here (from chunk {}): cannot read its output spool: {cause}\n",
+                            r.first_seq + k
+                        )
+                    } else {
+                        String::new()
+                    };
+                    let stream = proto::OutputStream::System as i32;
+                    let msg = chunk(r.attempt, r.first_seq + k, r.step, stream, text.into());
+                    let sent = deliver(tx, stop, msg).await;
+                    progress.insert(
+                        r.attempt,
+                        Progress {
+                            generation: r.generation,
+                            next_pos: r.first_pos + k + 1,
+                            hint: None,
+                        },
+                    );
+                    if !sent {
+                        return false;
+                    }
+                }
+                return true;
+            }
+        }
+    }
+    true
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::time::{Duration, Instant};
+
     use super::*;
     use crate::proto::runner_message::Kind;
 
-    fn chunk(attempt: u64, seq: u64) -> proto::RunnerMessage {
+    fn payload(attempt: u64, seq: u64, len: usize) -> Bytes {
+        let pattern = format!("<{attempt}:{seq}>");
+        pattern
+            .bytes()
+            .cycle()
+            .take(len)
+            .collect::<Vec<u8>>()
+            .into()
+    }
+
+    fn chunk_of(attempt: u64, seq: u64, len: usize) -> proto::RunnerMessage {
+        chunk(attempt, seq, 0, 1, payload(attempt, seq, len))
+    }
+
+    fn small(attempt: u64) -> proto::RunnerMessage {
         proto::RunnerMessage {
-            kind: Some(Kind::Output(proto::OutputChunk {
+            kind: Some(Kind::Accepted(proto::Accepted {
                 attempt_id: attempt,
-                seq,
-                step_index: 0,
-                stream: 1,
-                data: vec![b'x'; 10].into(),
             })),
         }
     }
 
-    #[tokio::test]
-    async fn unacked_output_is_sent_again_by_a_new_writer() {
-        let outbox = Outbox::new(1000);
-        for seq in 1..=3 {
-            outbox.push_output(7, seq, chunk(7, seq), 10).await;
-        }
+    /// Pushes chunk `seq` of `len` bytes.
+    async fn push(outbox: &Outbox, attempt: u64, seq: u64, len: usize) {
+        outbox
+            .push_output(attempt, seq, chunk_of(attempt, seq, len), len)
+            .await;
+    }
+
+    /// Runs a writer until it has sent `n` messages.
+    async fn collect(outbox: &Outbox, n: usize) -> Vec<proto::RunnerMessage> {
         let (tx, mut rx) = mpsc::channel(16);
         let stop = CancellationToken::new();
         let (_, got) = tokio::join!(outbox.pump(&tx, &stop), async {
             let mut got = Vec::new();
-            for _ in 0..3 {
+            while got.len() < n {
                 got.push(rx.recv().await.unwrap());
             }
             stop.cancel();
             got
         });
-        assert_eq!(got.len(), 3);
-        outbox.ack_output(7, 2);
-        // A new session's writer starts over with what is left.
-        let stop = CancellationToken::new();
-        let (_, next) = tokio::join!(outbox.pump(&tx, &stop), async {
-            let m = rx.recv().await.unwrap();
-            stop.cancel();
-            m
-        });
-        match next.kind {
-            Some(Kind::Output(c)) => assert_eq!(c.seq, 3),
-            other => panic!("{other:?}"),
+        got
+    }
+
+    /// (attempt, seq) of output chunks, (attempt, 0) of other messages; checks payloads.
+    fn keys(msgs: &[proto::RunnerMessage], len: impl Fn(u64, u64) -> usize) -> Vec<(u64, u64)> {
+        msgs.iter()
+            .map(|m| match &m.kind {
+                Some(Kind::Output(c)) => {
+                    assert_eq!(
+                        c.data,
+                        payload(c.attempt_id, c.seq, len(c.attempt_id, c.seq)),
+                        "payload of {}:{}",
+                        c.attempt_id,
+                        c.seq
+                    );
+                    (c.attempt_id, c.seq)
+                }
+                Some(Kind::Accepted(a)) => (a.attempt_id, 0),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    fn of(keys: &[(u64, u64)], attempt: u64) -> Vec<u64> {
+        keys.iter()
+            .filter(|(a, _)| *a == attempt)
+            .map(|(_, s)| *s)
+            .collect()
+    }
+
+    fn segments(dir: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default();
+        files.retain(|p| p.extension().is_some_and(|e| e == SEGMENT_EXT));
+        files.sort();
+        files
+    }
+
+    fn spool_bytes(outbox: &Outbox) -> u64 {
+        outbox.inner().spool_bytes
+    }
+
+    /// Runs with the spool (1000 bytes) and without (all in memory).
+    #[tokio::test]
+    async fn unacked_output_is_sent_again_by_a_new_writer() {
+        for max_spool in [1000, 0] {
+            let dir = tempfile::tempdir().unwrap();
+            let outbox = Outbox::new(dir.path().join("spool"), max_spool, 1000);
+            for seq in 1..=3 {
+                push(&outbox, 7, seq, 10).await;
+            }
+            assert_eq!(
+                segments(&dir.path().join("spool")).is_empty(),
+                max_spool == 0
+            );
+            let got = collect(&outbox, 3).await;
+            assert_eq!(keys(&got, |_, _| 10), vec![(7, 1), (7, 2), (7, 3)]);
+            outbox.ack_output(7, 2);
+            // A new session's writer starts over with what is left.
+            let next = collect(&outbox, 1).await;
+            assert_eq!(keys(&next, |_, _| 10), vec![(7, 3)]);
+            assert_eq!(outbox.attempts().into_iter().collect::<Vec<_>>(), vec![7]);
+            outbox.drop_attempt(7);
+            assert!(outbox.attempts().is_empty());
+            assert!(segments(&dir.path().join("spool")).is_empty());
         }
-        assert_eq!(outbox.attempts().into_iter().collect::<Vec<_>>(), vec![7]);
-        outbox.drop_attempt(7);
-        assert!(outbox.attempts().is_empty());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_full_outbox_waits_for_acks() {
-        let outbox = std::sync::Arc::new(Outbox::new(20));
-        outbox.push_output(1, 1, chunk(1, 1), 10).await;
-        outbox.push_output(1, 2, chunk(1, 2), 10).await;
+        let dir = tempfile::tempdir().unwrap();
+        // No spool: 20 bytes of output in memory.
+        let outbox = Arc::new(Outbox::new(dir.path().to_path_buf(), 0, 20));
+        push(&outbox, 1, 1, 10).await;
+        push(&outbox, 1, 2, 10).await;
         let o = outbox.clone();
-        let mut third = tokio::spawn(async move { o.push_output(1, 3, chunk(1, 3), 10).await });
+        let mut third = tokio::spawn(async move { push(&o, 1, 3, 10).await });
         // The third chunk cannot enter until the first is acknowledged.
         assert!(
-            tokio::time::timeout(std::time::Duration::from_millis(50), &mut third)
+            tokio::time::timeout(Duration::from_millis(50), &mut third)
                 .await
                 .is_err()
         );
         outbox.ack_output(1, 1);
         third.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_spool_waits_for_acks() {
+        let dir = tempfile::tempdir().unwrap();
+        let frame = HEADER_LEN + 10;
+        // Room for two frames on disk; plenty of memory, which a healthy spool does not use.
+        let outbox = Arc::new(Outbox::new(dir.path().to_path_buf(), 2 * frame, 1 << 20));
+        push(&outbox, 1, 1, 10).await;
+        push(&outbox, 1, 2, 10).await;
+        assert_eq!(spool_bytes(&outbox), 2 * frame);
+        let o = outbox.clone();
+        let mut third = tokio::spawn(async move { push(&o, 1, 3, 10).await });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut third)
+                .await
+                .is_err()
+        );
+        assert_eq!(outbox.inner().memory_bytes, 0);
+        outbox.ack_output(1, 1);
+        third.await.unwrap();
+        assert_eq!(spool_bytes(&outbox), 2 * frame);
+        let total: u64 = segments(dir.path())
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum();
+        assert_eq!(total, 2 * frame);
+        let got = collect(&outbox, 2).await;
+        assert_eq!(keys(&got, |_, _| 10), vec![(1, 2), (1, 3)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn output_waits_in_the_spool_and_a_new_writer_reads_it_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        // No memory at all: no cache, so everything the writer sends is read from the files;
+        // 4 KiB segments.
+        let outbox = Outbox::new(dir.path().to_path_buf(), 64 << 10, 0);
+        let len = |a: u64, s: u64| ((a * 31 + s * 17) % 300) as usize;
+        for attempt in [1, 2] {
+            outbox.push(attempt, small(attempt));
+        }
+        for seq in 1..=200 {
+            for attempt in [1, 2] {
+                push(&outbox, attempt, seq, len(attempt, seq)).await;
+                if seq == 120 {
+                    outbox.push(attempt, small(attempt));
+                }
+            }
+        }
+        let expected = |attempt: u64, from: u64| {
+            let mut v = vec![0];
+            for seq in 1..=200 {
+                if seq >= from {
+                    v.push(seq);
+                }
+                if seq == 120 {
+                    v.push(0);
+                }
+            }
+            v
+        };
+        // The output is on disk, in several segments, counted exactly.
+        let files = segments(dir.path());
+        assert!(files.len() > 4, "{files:?}");
+        let on_disk: u64 = files
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum();
+        let frames: u64 = (1..=200)
+            .flat_map(|s| [len(1, s), len(2, s)])
+            .map(|l| HEADER_LEN + l as u64)
+            .sum();
+        assert_eq!(on_disk, frames);
+        assert_eq!(spool_bytes(&outbox), frames);
+        // A writer sends part of it, then the session breaks.
+        let first = keys(&collect(&outbox, 150).await, len);
+        for attempt in [1, 2] {
+            let got = of(&first, attempt);
+            assert_eq!(got, expected(attempt, 1)[..got.len()].to_vec());
+        }
+        // Part is acknowledged, in the middle of a segment.
+        outbox.ack_output(1, 50);
+        // The next writer sends the rest, in order.
+        let all = expected(1, 51).len() + expected(2, 1).len();
+        let second = keys(&collect(&outbox, all).await, len);
+        assert_eq!(of(&second, 1), expected(1, 51));
+        assert_eq!(of(&second, 2), expected(2, 1));
+        // And nothing more.
+        let (tx, mut rx) = mpsc::channel(16);
+        let stop = CancellationToken::new();
+        tokio::join!(outbox.pump(&tx, &stop), async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            stop.cancel();
+        });
+        assert!(rx.try_recv().is_err());
+        // Acknowledged segments are deleted.
+        outbox.ack_output(1, 200);
+        assert!(spool_bytes(&outbox) < frames / 2 + (4 << 10));
+        outbox.ack_output(2, 200);
+        outbox.drop_attempt(1);
+        outbox.drop_attempt(2);
+        assert_eq!(spool_bytes(&outbox), 0);
+        assert!(segments(dir.path()).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acknowledged_output_makes_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let bound = 10_000;
+        let outbox = Outbox::new(dir.path().to_path_buf(), bound, 1 << 20);
+        for seq in 1..=2000 {
+            tokio::time::timeout(Duration::from_secs(1), push(&outbox, 3, seq, 100))
+                .await
+                .unwrap();
+            if seq % 7 == 0 {
+                outbox.ack_output(3, seq);
+            }
+            assert!(spool_bytes(&outbox) <= bound);
+        }
+        let on_disk: u64 = segments(dir.path())
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum();
+        assert_eq!(on_disk, spool_bytes(&outbox));
+        outbox.drop_attempt(3);
+        assert!(segments(dir.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn dropping_an_attempt_deletes_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::new(dir.path().to_path_buf(), 16 << 10, 1 << 20);
+        for seq in 1..=50 {
+            push(&outbox, 1, seq, 100).await;
+            push(&outbox, 2, seq, 100).await;
+        }
+        let names = |dir: &Path| -> Vec<String> {
+            segments(dir)
+                .iter()
+                .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+                .collect()
+        };
+        let pid = std::process::id();
+        let before = names(dir.path());
+        assert!(before.iter().any(|n| n.starts_with(&format!("{pid}-1-"))));
+        assert!(before.iter().any(|n| n.starts_with(&format!("{pid}-2-"))));
+        outbox.drop_attempt(1);
+        let after = names(dir.path());
+        assert!(!after.is_empty());
+        assert!(after.iter().all(|n| n.starts_with(&format!("{pid}-2-"))));
+        outbox.drop_attempt(2);
+        assert!(segments(dir.path()).is_empty());
+        assert_eq!(spool_bytes(&outbox), 0);
+    }
+
+    #[tokio::test]
+    async fn leftover_spool_files_are_deleted_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("123-4-5.seg"), b"old").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), b"keep").unwrap();
+        let _outbox = Outbox::new(dir.path().to_path_buf(), 1 << 20, 1 << 20);
+        assert!(segments(dir.path()).is_empty());
+        assert!(dir.path().join("notes.txt").exists());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unwritable_spool_keeps_output_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        // The spool directory would be under a regular file; 25 bytes of memory.
+        let outbox = Arc::new(Outbox::new(file.join("spool"), 1 << 20, 25));
+        push(&outbox, 1, 1, 10).await;
+        push(&outbox, 1, 2, 10).await;
+        let o = outbox.clone();
+        let mut third = tokio::spawn(async move { push(&o, 1, 3, 10).await });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut third)
+                .await
+                .is_err()
+        );
+        let got = collect(&outbox, 2).await;
+        assert_eq!(keys(&got, |_, _| 10), vec![(1, 1), (1, 2)]);
+        outbox.ack_output(1, 1);
+        third.await.unwrap();
+        let got = collect(&outbox, 2).await;
+        assert_eq!(keys(&got, |_, _| 10), vec![(1, 2), (1, 3)]);
+        assert_eq!(spool_bytes(&outbox), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spool_failing_midway_loses_and_reorders_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("spool");
+        // 625-byte segments: a new one every five 100-byte chunks.
+        let outbox = Outbox::new(dir.clone(), 10_000, 1 << 20);
+        for seq in 1..=10 {
+            push(&outbox, 1, seq, 100).await;
+        }
+        assert!(!segments(&dir).is_empty());
+        // The directory goes away and cannot come back (a file is in its place).
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::write(&dir, b"").unwrap();
+        outbox.push(1, small(1));
+        for seq in 11..=30 {
+            push(&outbox, 1, seq, 100).await;
+        }
+        assert!(outbox.inner().spool_failing);
+        assert!(outbox.inner().memory_bytes > 0);
+        let got = keys(&collect(&outbox, 31).await, |_, _| 100);
+        let mut expected: Vec<u64> = (1..=10).collect();
+        expected.push(0);
+        expected.extend(11..=30);
+        assert_eq!(of(&got, 1), expected);
+        // The disk comes back: once memory is empty, output goes to the spool again.
+        std::fs::remove_file(&dir).unwrap();
+        outbox.ack_output(1, 30);
+        assert_eq!(outbox.inner().memory_bytes, 0);
+        for seq in 31..=40 {
+            push(&outbox, 1, seq, 100).await;
+        }
+        assert!(!outbox.inner().spool_failing);
+        assert_eq!(outbox.inner().memory_bytes, 0);
+        assert!(!segments(&dir).is_empty());
+        let got = keys(&collect(&outbox, 11).await, |_, _| 100);
+        let mut expected = vec![0];
+        expected.extend(31..=40);
+        assert_eq!(of(&got, 1), expected);
+    }
+
+    /// Connected hot path: chunks pushed, sent and acknowledged at once. Run with
+    /// `cargo test --release -p kiln --lib outbox::tests::hot_path -- --ignored --nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement"]
+    async fn hot_path() {
+        for len in [100, 4 << 10, 64 << 10] {
+            for max_spool in [0, 64 << 20] {
+                let dir = tempfile::tempdir().unwrap();
+                let outbox = Arc::new(Outbox::new(dir.path().to_path_buf(), max_spool, 64 << 20));
+                let n: u64 = if len > 4096 { 20_000 } else { 100_000 };
+                let (tx, mut rx) = mpsc::channel(128);
+                let stop = CancellationToken::new();
+                let writer = {
+                    let (o, stop) = (outbox.clone(), stop.clone());
+                    tokio::spawn(async move { o.pump(&tx, &stop).await })
+                };
+                let acker = {
+                    let o = outbox.clone();
+                    tokio::spawn(async move {
+                        while let Some(m) = rx.recv().await {
+                            if let Some(Kind::Output(c)) = m.kind {
+                                o.ack_output(c.attempt_id, c.seq);
+                                if c.seq == n {
+                                    return;
+                                }
+                            }
+                        }
+                    })
+                };
+                let data = payload(1, 0, len);
+                let started = Instant::now();
+                for seq in 1..=n {
+                    let msg = chunk(1, seq, 0, 1, data.clone());
+                    outbox.push_output(1, seq, msg, len).await;
+                }
+                acker.await.unwrap();
+                let took = started.elapsed();
+                stop.cancel();
+                writer.await.unwrap();
+                println!(
+                    "chunk {len:>6} B, spool {:>3}: {:>6.2} µs/chunk, {:>7.1} MiB/s",
+                    if max_spool > 0 { "on" } else { "off" },
+                    took.as_secs_f64() * 1e6 / n as f64,
+                    (n * len as u64) as f64 / took.as_secs_f64() / (1 << 20) as f64,
+                );
+            }
+        }
     }
 }

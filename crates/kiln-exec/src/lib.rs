@@ -9,6 +9,11 @@
 //! `SIGTERM`, then `SIGKILL` after a grace period. When the main process exits
 //! on its own, anything still left in its process group (for example
 //! `sleep 100 &`) is killed so that nothing leaks and the pipes reach EOF.
+//!
+//! [`mask::Masker`] replaces the job's secrets by `***` in a stream of output
+//! chunks, holding back only a tail that could begin a secret.
+
+pub mod mask;
 
 use std::fmt;
 use std::io;

@@ -759,21 +759,77 @@ fn resolve_prefers_the_file() {
 #[test]
 #[ignore]
 fn probe_timing() {
-    for n in [1000usize, 10_000, 100_000, 1_000_000] {
-        for (what, unit) in [
-            ("seq", "["),
-            ("map", "{a: "),
-            ("block", "- "),
-            ("blockmap", "a:\n"),
-        ] {
-            let deep = format!("steps: {}", unit.repeat(n / unit.len()));
-            let t = std::time::Instant::now();
-            let r = parse(FILE_NAME, &deep).map_err(|e| e.to_string());
-            println!(
-                "{what} {n} {:?} {:?}",
-                t.elapsed(),
-                r.err().map(|e| e.chars().take(80).collect::<String>())
-            );
-        }
+    let n: usize = std::env::var("PROBE_N").unwrap().parse().unwrap();
+    let cases: Vec<(&str, String)> = vec![
+        ("blockseq", format!("steps:\n  {}x\n", "- ".repeat(n / 2))),
+        ("blockmap", {
+            let mut s = String::from("steps:\n");
+            let mut i = 2;
+            while s.len() < n {
+                s.push_str(&" ".repeat(i));
+                s.push_str("a:\n");
+                i += 1;
+            }
+            s
+        }),
+        ("flowitems", format!("steps: [{}]\n", "a, ".repeat(n / 3))),
+        ("flowkeys", format!("env: {{{}}}\n", "a: 1, ".repeat(n / 6))),
+        ("lines", "# c\n".repeat(n / 4)),
+        (
+            "plain",
+            format!(
+                "env: {{A: {}}}\nsteps: [{{name: a, run: x}}]\n",
+                "x ".repeat(n / 2)
+            ),
+        ),
+        (
+            "dq",
+            format!(
+                "env: {{A: \"{}\"}}\nsteps: [{{name: a, run: x}}]\n",
+                "\\n".repeat(n / 2)
+            ),
+        ),
+        (
+            "anchors",
+            format!("steps: [{}]\n", "&a x, *a, ".repeat(n / 10)),
+        ),
+        ("envmany", {
+            let mut s = String::from("steps:\n  - name: a\n    run: x\n    env:\n");
+            let mut i = 0;
+            while s.len() < n {
+                s.push_str(&format!("      K{i}: v\n"));
+                i += 1;
+            }
+            s
+        }),
+        ("runlist", {
+            let mut s = String::from("steps:\n  - name: a\n    run:\n");
+            while s.len() < n {
+                s.push_str("      - echo hi\n");
+            }
+            s
+        }),
+        ("steps", {
+            let mut s = String::from("steps:\n");
+            let mut i = 0;
+            while s.len() < n {
+                s.push_str(&format!("  - {{name: s{i}, run: x}}\n"));
+                i += 1;
+            }
+            s
+        }),
+        ("openkeys", format!("steps: {}", "? ".repeat(n / 2))),
+        ("flowseqmaps", format!("steps: {}", "[{".repeat(n / 2))),
+    ];
+    for (what, text) in cases {
+        let text: String = text.chars().take(n).collect();
+        let t = std::time::Instant::now();
+        let r = parse(FILE_NAME, &text).map_err(|e| e.to_string());
+        eprintln!(
+            "{what} {} {:?} {:?}",
+            text.len(),
+            t.elapsed(),
+            r.err().map(|e| e.chars().take(80).collect::<String>())
+        );
     }
 }

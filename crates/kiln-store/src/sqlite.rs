@@ -13,7 +13,8 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 use crate::{Attempt, BuildDetail, BuildFilter, Change, Finish, Result, Store, StoreError};
 
 /// The schema, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE builds (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     repo        TEXT NOT NULL,
@@ -82,13 +83,15 @@ CREATE TABLE refusals (
     at         INTEGER NOT NULL
 );
 CREATE INDEX refusals_by_job ON refusals(job_id);
-"#, r#"
+"#,
+    r#"
 CREATE TABLE runner_tokens (
     name       TEXT PRIMARY KEY,
     token_hash TEXT NOT NULL,
     created_at INTEGER NOT NULL
 );
-"#];
+"#,
+];
 
 /// The SQLite implementation of [`Store`]: one connection behind a mutex (SQLite serialises
 /// writers anyway), WAL journal, `synchronous=FULL` so a committed transaction survives a crash
@@ -993,10 +996,19 @@ mod tests {
         let d = s.create_build(&new_build(2)).unwrap();
         let r = runner(&s, "r");
         let (a, _) = s.assign(d.jobs[0].id, r, "r").unwrap().unwrap();
-        s.end_job(d.jobs[0].id, JobState::Cancelled, "by user").unwrap().unwrap();
-        let ch = s.end_job(d.jobs[1].id, JobState::Cancelled, "by user").unwrap().unwrap();
+        s.end_job(d.jobs[0].id, JobState::Cancelled, "by user")
+            .unwrap()
+            .unwrap();
+        let ch = s
+            .end_job(d.jobs[1].id, JobState::Cancelled, "by user")
+            .unwrap()
+            .unwrap();
         assert_eq!(ch.build_state, JobState::Cancelled);
-        assert!(s.end_job(d.jobs[1].id, JobState::Cancelled, "again").unwrap().is_none());
+        assert!(
+            s.end_job(d.jobs[1].id, JobState::Cancelled, "again")
+                .unwrap()
+                .is_none()
+        );
         assert!(matches!(
             s.finish_attempt(a, JobState::Passed, None).unwrap(),
             Finish::Refused(_)
