@@ -12,6 +12,8 @@
 mod hub;
 mod scheduler;
 mod session;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -820,7 +822,7 @@ fn next_session_id(inner: &Inner) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+mod validation_tests {
     use super::*;
 
     #[test]

@@ -295,7 +295,9 @@ impl LogStore {
         let path = self.path(job);
         let mut file = File::open(&path).map_err(io_err(&path))?;
         file.seek(SeekFrom::Start(offset)).map_err(io_err(&path))?;
-        let want = (limit - offset).min((max_bytes + HEADER_LEN) as u64 * 2) as usize;
+        let want = (limit - offset)
+            .min((max_bytes.saturating_add(HEADER_LEN) as u64).saturating_mul(2))
+            as usize;
         let mut reader = std::io::BufReader::with_capacity(want.clamp(4096, 4 << 20), file);
         let mut frames = Vec::new();
         let mut pos = offset;
@@ -403,6 +405,51 @@ mod tests {
         let all = logs.read(1, 0, next, 1 << 20).unwrap();
         assert_eq!(all.frames.len(), 2);
         assert_eq!(all.frames[1].data, b"again");
+    }
+
+    /// A full disk: the append fails with an i/o error, leaves no half frame, and everything
+    /// appended before is intact. Needs root to mount a small tmpfs; skipped (with a message)
+    /// where that is impossible.
+    #[test]
+    fn full_disk_fails_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !mounted {
+            eprintln!("skipping full_disk_fails_cleanly: cannot mount a tmpfs here (not root?)");
+            return;
+        }
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(self.0).status();
+            }
+        }
+        let _guard = Unmount(dir.path());
+        let logs = LogStore::open(dir.path()).unwrap();
+        let mut end = 0;
+        let mut seq = 0;
+        let err = loop {
+            seq += 1;
+            match logs.append(1, &h(1, seq), &[b'x'; 5000]) {
+                Ok(len) => end = len,
+                Err(e) => break e,
+            }
+            assert!(seq < 1000, "the tmpfs never filled up");
+        };
+        assert!(matches!(err, LogError::Io { .. }), "{err}");
+        assert_eq!(logs.len(1).unwrap(), end);
+        let all = logs.read(1, 0, end, usize::MAX).unwrap();
+        assert_eq!(all.frames.len() as u64, seq - 1);
+        assert!(all.frames.iter().all(|f| f.data.len() == 5000));
+        // A smaller frame may still fit; either way the log stays whole.
+        let _ = logs.append(1, &h(1, seq), b"tail");
+        let n = logs.len(1).unwrap();
+        assert!(logs.read(1, 0, n, usize::MAX).is_ok());
     }
 
     #[test]

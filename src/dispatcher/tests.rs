@@ -1,0 +1,400 @@
+//! Component tests of the engine: runner sessions driven through in-memory streams.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use kiln_domain::{JobState, NewBuild, NewJob, StepSpec};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use super::{Config, Dispatcher};
+use crate::proto::{self, dispatcher_message::Kind as Out, runner_message::Kind as In};
+
+type Inbound = mpsc::Sender<Result<proto::RunnerMessage, Status>>;
+type Outbound = ReceiverStream<Result<proto::DispatcherMessage, Status>>;
+
+fn dispatcher(dir: &std::path::Path) -> Dispatcher {
+    let mut c = Config::new(dir);
+    c.heartbeat_interval = Duration::from_millis(200);
+    Dispatcher::open(c).unwrap()
+}
+
+async fn build(d: &Dispatcher, jobs: usize) -> kiln_store::BuildDetail {
+    d.create(NewBuild {
+        repo: "/nonexistent/repo".into(),
+        commit: "a".repeat(40),
+        branch: "main".into(),
+        trigger: "test".into(),
+        retry_of: None,
+        error: None,
+        jobs: (0..jobs)
+            .map(|i| NewJob {
+                name: format!("job{i}"),
+                labels: BTreeMap::new(),
+                steps: vec![StepSpec {
+                    index: 0,
+                    name: "s".into(),
+                    run: "true".into(),
+                    env: BTreeMap::new(),
+                    timeout_ms: 0,
+                }],
+            })
+            .collect(),
+    })
+    .await
+    .unwrap()
+}
+
+fn m(kind: In) -> Result<proto::RunnerMessage, Status> {
+    Ok(proto::RunnerMessage { kind: Some(kind) })
+}
+
+async fn attach(d: &Dispatcher, name: &str, held: Vec<u64>) -> (Inbound, Outbound, u64) {
+    let (tx, rx) = mpsc::channel(64);
+    let mut out = d.attach(ReceiverStream::new(rx));
+    tx.send(m(In::Hello(proto::Hello {
+        name: name.into(),
+        labels: Default::default(),
+        slots: 1,
+        version: "test".into(),
+        held_attempts: held,
+        token: String::new(),
+    })))
+    .await
+    .unwrap();
+    let first = next(&mut out).await.unwrap();
+    let Some(Out::Welcome(w)) = first.kind else {
+        panic!("expected a welcome, got {first:?}")
+    };
+    (tx, out, w.runner_id)
+}
+
+/// The next message that is not a heartbeat (`Err` when the stream ended with a status).
+async fn next(out: &mut Outbound) -> Result<proto::DispatcherMessage, Status> {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(20), out.next())
+            .await
+            .expect("no message from the dispatcher within 20s")
+            .unwrap_or_else(|| Err(Status::cancelled("stream ended")))?;
+        if !matches!(msg.kind, Some(Out::Heartbeat(_))) {
+            return Ok(msg);
+        }
+    }
+}
+
+async fn assigned(out: &mut Outbound) -> proto::Assign {
+    let msg = next(out).await.unwrap();
+    let Some(Out::Assign(a)) = msg.kind else {
+        panic!("expected an assignment, got {msg:?}")
+    };
+    a
+}
+
+fn output(attempt: u64, seq: u64, data: &[u8]) -> Result<proto::RunnerMessage, Status> {
+    m(In::Output(proto::OutputChunk {
+        attempt_id: attempt,
+        seq,
+        step_index: 0,
+        stream: proto::OutputStream::Stdout as i32,
+        data: data.to_vec().into(),
+    }))
+}
+
+async fn stored(d: &Dispatcher, job: u64) -> Vec<(u64, Vec<u8>)> {
+    let len = d.inner.logs.len(job).unwrap();
+    let r = d.read_log(job, 0, len, usize::MAX).await.unwrap();
+    r.frames
+        .into_iter()
+        .map(|f| (f.header.seq, f.data))
+        .collect()
+}
+
+#[tokio::test]
+async fn first_message_must_be_hello() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dispatcher(dir.path());
+    let (tx, rx) = mpsc::channel(4);
+    let mut out = d.attach(ReceiverStream::new(rx));
+    tx.send(m(In::Heartbeat(proto::Heartbeat::default())))
+        .await
+        .unwrap();
+    let err = next(&mut out).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("hello"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn output_is_stored_once_in_order_and_results_are_fenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dispatcher(dir.path());
+    let stop = CancellationToken::new();
+    let bg = d.spawn_background(stop.clone());
+    let b = build(&d, 1).await;
+    let job = b.jobs[0].id;
+    let (tx, mut out, _) = attach(&d, "r1", vec![]).await;
+    let a = assigned(&mut out).await;
+    tx.send(m(In::Accepted(proto::Accepted {
+        attempt_id: a.attempt_id,
+    })))
+    .await
+    .unwrap();
+    // 1, 2, then 2 again (a re-send), then 4 (a gap), then 3.
+    for (seq, data) in [(1, "a"), (2, "b"), (2, "b"), (4, "d"), (3, "c")] {
+        tx.send(output(a.attempt_id, seq, data.as_bytes()))
+            .await
+            .unwrap();
+    }
+    let mut acks = Vec::new();
+    let mut refused = 0;
+    while acks.len() < 4 || refused < 1 {
+        match next(&mut out).await.unwrap().kind {
+            Some(Out::OutputAck(ack)) => acks.push(ack.up_to_seq),
+            Some(Out::Refused(r)) => {
+                assert!(r.reason.contains("out of order"), "{}", r.reason);
+                refused += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(acks, vec![1, 2, 2, 3]);
+    let log = stored(&d, job).await;
+    assert_eq!(
+        log,
+        vec![(1, b"a".to_vec()), (2, b"b".to_vec()), (3, b"c".to_vec())]
+    );
+    // A result for an attempt that is not this runner's is refused; the real one is recorded.
+    tx.send(m(In::JobFinished(proto::JobFinished {
+        attempt_id: a.attempt_id + 100,
+        state: proto::JobState::Failed as i32,
+        message: String::new(),
+        last_seq: 0,
+    })))
+    .await
+    .unwrap();
+    assert!(matches!(
+        next(&mut out).await.unwrap().kind,
+        Some(Out::Refused(_))
+    ));
+    for _ in 0..2 {
+        tx.send(m(In::JobFinished(proto::JobFinished {
+            attempt_id: a.attempt_id,
+            state: proto::JobState::Passed as i32,
+            message: String::new(),
+            last_seq: 3,
+        })))
+        .await
+        .unwrap();
+        assert!(matches!(
+            next(&mut out).await.unwrap().kind,
+            Some(Out::ResultAck(_))
+        ));
+    }
+    let b = d.get_build(b.build.id).await.unwrap();
+    assert_eq!(b.build.state, JobState::Passed);
+    stop.cancel();
+    bg.await.unwrap();
+}
+
+/// A small deterministic generator, so every run sees the same "random" streams.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Property: whatever a runner sends (duplicates, gaps, unknown attempts, bad enums, empty
+/// messages, oversized chunks, a second hello), the dispatcher never panics, stores each chunk
+/// of the current attempt at most once and in sequence, and keeps serving other runners.
+#[tokio::test]
+async fn random_runner_streams_never_corrupt_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dispatcher(dir.path());
+    let stop = CancellationToken::new();
+    let bg = d.spawn_background(stop.clone());
+    for seed in 1..=12u64 {
+        let mut rng = Lcg(seed);
+        let b = build(&d, 1).await;
+        let job = b.jobs[0].id;
+        let (tx, mut out, _) = attach(&d, &format!("fuzz{seed}"), vec![]).await;
+        let a = assigned(&mut out).await;
+        let attempt = a.attempt_id;
+        let mut closed = false;
+        for _ in 0..60 {
+            let msg = match rng.below(12) {
+                0..=5 => output(attempt, 1 + rng.below(8), &[b'x'; 3]),
+                6 => output(attempt + 1 + rng.below(5), 1, b"zz"),
+                7 => m(In::StepFinished(proto::StepFinished {
+                    attempt_id: attempt,
+                    step_index: 0,
+                    outcome: rng.below(9) as i32,
+                    ..Default::default()
+                })),
+                8 => m(In::Output(proto::OutputChunk {
+                    attempt_id: attempt,
+                    seq: 1,
+                    step_index: 0,
+                    stream: 7 + rng.below(3) as i32,
+                    data: Default::default(),
+                })),
+                9 => Ok(proto::RunnerMessage { kind: None }),
+                10 => output(attempt, 1, &vec![0u8; kiln_store::MAX_FRAME + 1]),
+                _ => m(In::Heartbeat(proto::Heartbeat::default())),
+            };
+            if tx.send(msg).await.is_err() {
+                closed = true;
+                break;
+            }
+        }
+        drop(tx);
+        // Drain what the dispatcher said until the stream ends.
+        while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(20), out.next()).await {
+            if msg.is_err() {
+                closed = true;
+            }
+        }
+        let log = stored(&d, job).await;
+        let seqs: Vec<u64> = log.iter().map(|(s, _)| *s).collect();
+        let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+        assert_eq!(
+            seqs, expected,
+            "seed {seed}: log not in sequence ({closed})"
+        );
+    }
+    // Still serving: a well-behaved runner gets work and finishes it.
+    let b = build(&d, 1).await;
+    let (tx, mut out, _) = attach(&d, "good", vec![]).await;
+    let mut a = assigned(&mut out).await;
+    while a.job_id != b.jobs[0].id {
+        // Jobs of the fuzzed sessions come back after their lease; finish them too.
+        tx.send(m(In::JobFinished(proto::JobFinished {
+            attempt_id: a.attempt_id,
+            state: proto::JobState::Passed as i32,
+            message: String::new(),
+            last_seq: 0,
+        })))
+        .await
+        .unwrap();
+        loop {
+            match next(&mut out).await.unwrap().kind {
+                Some(Out::Assign(x)) => {
+                    a = x;
+                    break;
+                }
+                _ => continue,
+            }
+        }
+    }
+    tx.send(m(In::JobFinished(proto::JobFinished {
+        attempt_id: a.attempt_id,
+        state: proto::JobState::Passed as i32,
+        message: String::new(),
+        last_seq: 0,
+    })))
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = d.get_build(b.build.id).await.unwrap().build.state;
+        if s == JobState::Passed {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "state {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    bg.await.unwrap();
+}
+
+#[tokio::test]
+async fn lost_runner_work_goes_to_another_and_late_result_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dispatcher(dir.path());
+    let stop = CancellationToken::new();
+    let bg = d.spawn_background(stop.clone());
+    let b = build(&d, 1).await;
+    let (tx1, mut out1, _) = attach(&d, "first", vec![]).await;
+    let a1 = assigned(&mut out1).await;
+    // The first runner goes silent (no heartbeats); a second one is attached.
+    let (tx2, mut out2, _) = attach(&d, "second", vec![]).await;
+    let beat = tx2.clone();
+    tokio::spawn(async move {
+        while beat
+            .send(m(In::Heartbeat(proto::Heartbeat::default())))
+            .await
+            .is_ok()
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let a2 = assigned(&mut out2).await;
+    assert_eq!(a2.job_id, a1.job_id);
+    assert_ne!(a2.attempt_id, a1.attempt_id);
+    assert_eq!(a2.attempt_number, 2);
+    // The first comes back holding its attempt: told it is stale, and its result is refused.
+    drop(tx1);
+    let (tx1, _out1b, _) = {
+        let (tx, rx) = mpsc::channel(8);
+        let mut out = d.attach(ReceiverStream::new(rx));
+        tx.send(m(In::Hello(proto::Hello {
+            name: "first".into(),
+            slots: 1,
+            held_attempts: vec![a1.attempt_id],
+            ..Default::default()
+        })))
+        .await
+        .unwrap();
+        let w = next(&mut out).await.unwrap();
+        let Some(Out::Welcome(w)) = w.kind else {
+            panic!("{w:?}")
+        };
+        assert_eq!(w.stale_attempts, vec![a1.attempt_id]);
+        (tx, out, w.runner_id)
+    };
+    tx1.send(m(In::JobFinished(proto::JobFinished {
+        attempt_id: a1.attempt_id,
+        state: proto::JobState::Failed as i32,
+        message: String::new(),
+        last_seq: 0,
+    })))
+    .await
+    .unwrap();
+    tx2.send(m(In::JobFinished(proto::JobFinished {
+        attempt_id: a2.attempt_id,
+        state: proto::JobState::Passed as i32,
+        message: String::new(),
+        last_seq: 0,
+    })))
+    .await
+    .unwrap();
+    assert!(matches!(
+        next(&mut out2).await.unwrap().kind,
+        Some(Out::ResultAck(_))
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let detail = d.get_build(b.build.id).await.unwrap();
+        let refusals = d.inner.store.refusals(detail.jobs[0].id).unwrap();
+        if detail.build.state == JobState::Passed && !refusals.is_empty() {
+            assert_eq!(detail.jobs[0].lost_attempts, 1);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(out1);
+    stop.cancel();
+    bg.await.unwrap();
+}
