@@ -780,6 +780,8 @@ fn build_json(b: &proto::Build) -> serde_json::Value {
             "attempt_id": j.attempt_id,
             "attempts": j.attempts,
             "message": j.message,
+            "lost_attempts": j.lost_attempts,
+            "refusals": j.refusals,
             "labels": j.labels,
             "steps": j.steps.iter().map(|s| serde_json::json!({
                 "index": s.index,
@@ -829,6 +831,9 @@ fn print_build(b: &proto::Build, json: bool) {
                 format!("  ({})", j.message)
             }
         );
+        for r in &j.refusals {
+            println!("    refused: {r}");
+        }
         for s in &j.steps {
             let outcome = proto::StepOutcome::try_from(s.outcome)
                 .ok()

@@ -60,6 +60,26 @@ pub fn step_outcome_from_proto(o: proto::StepOutcome) -> Option<StepOutcome> {
     })
 }
 
+/// A post step's condition to wire (`Unspecified` for a normal step).
+pub fn post_to_proto(p: Option<kiln_domain::PostCondition>) -> proto::PostCondition {
+    match p {
+        None => proto::PostCondition::Unspecified,
+        Some(kiln_domain::PostCondition::Always) => proto::PostCondition::Always,
+        Some(kiln_domain::PostCondition::Success) => proto::PostCondition::Success,
+        Some(kiln_domain::PostCondition::Failure) => proto::PostCondition::Failure,
+    }
+}
+
+/// Wire to a post step's condition (`None` for a normal step or an unknown value).
+pub fn post_from_proto(p: i32) -> Option<kiln_domain::PostCondition> {
+    match proto::PostCondition::try_from(p).ok()? {
+        proto::PostCondition::Unspecified => None,
+        proto::PostCondition::Always => Some(kiln_domain::PostCondition::Always),
+        proto::PostCondition::Success => Some(kiln_domain::PostCondition::Success),
+        proto::PostCondition::Failure => Some(kiln_domain::PostCondition::Failure),
+    }
+}
+
 /// Milliseconds since the epoch to a protobuf timestamp.
 pub fn timestamp(ms: Millis) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -116,6 +136,16 @@ pub fn build_to_proto(d: &BuildDetail) -> proto::Build {
                     started_at: j.started_at.map(timestamp),
                     finished_at: j.finished_at.map(timestamp),
                     message: j.message.clone().unwrap_or_default(),
+                    refusals: d
+                        .refusals
+                        .get(&j.id)
+                        .map(|rs| {
+                            rs.iter()
+                                .map(|(a, why)| format!("attempt {a}: {why}"))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    lost_attempts: j.lost_attempts,
                 }
             })
             .collect(),
@@ -133,6 +163,7 @@ pub fn build_summary_to_proto(b: &kiln_domain::Build) -> proto::Build {
         build: b.clone(),
         jobs: Vec::new(),
         steps: Default::default(),
+        refusals: Default::default(),
     })
 }
 

@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kiln_domain::{
-    AttemptId, BuildId, Event, JobId, JobState, Millis, NewBuild, NewJob, RunnerId, StepSpec,
-    now_millis,
+    AttemptId, BuildId, Event, JobId, JobState, Millis, NewBuild, NewJob, PostCondition, RunnerId,
+    StepSpec, now_millis,
 };
 use kiln_git::{GitError, Mirrors};
 use kiln_store::{BuildDetail, BuildFilter, Change, LogStore, SqliteStore, Store};
@@ -519,7 +519,9 @@ impl Dispatcher {
                     .try_send(Ok(proto::DispatcherMessage { kind: Some(msg) }))
                     .is_ok();
                 if ok {
-                    live.cancel_deadline = Some(Instant::now() + grace + Duration::from_secs(5));
+                    // Post steps still run after a cancel: give them time before stepping in.
+                    live.cancel_deadline =
+                        Some(Instant::now() + grace + self.inner.config.deadline_slack * 2);
                 }
                 ok
             });
@@ -807,6 +809,11 @@ fn pipeline_jobs(p: kiln_pipeline::Pipeline) -> Result<Vec<NewJob>, String> {
             run: s.run,
             env: s.env,
             timeout_ms: s.timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
+            post: s.post.map(|p| match p {
+                kiln_pipeline::Post::Always => PostCondition::Always,
+                kiln_pipeline::Post::Success => PostCondition::Success,
+                kiln_pipeline::Post::Failure => PostCondition::Failure,
+            }),
         })
         .collect();
     Ok(vec![NewJob {

@@ -213,6 +213,7 @@ impl Dispatcher {
                         run: s.run.clone(),
                         env: s.env.clone().into_iter().collect(),
                         timeout_ms: s.timeout_ms,
+                        post: crate::convert::post_to_proto(s.post) as i32,
                     })
                     .collect(),
                 env: [

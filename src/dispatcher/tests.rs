@@ -42,6 +42,7 @@ async fn build(d: &Dispatcher, jobs: usize) -> kiln_store::BuildDetail {
                     run: "true".into(),
                     env: BTreeMap::new(),
                     timeout_ms: 0,
+                    post: None,
                 }],
             })
             .collect(),

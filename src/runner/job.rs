@@ -93,141 +93,206 @@ pub(super) async fn run(shared: &Arc<Shared>, a: proto::Assign, cancel: Cancella
     let masker = Masker::new(&secrets);
     let mut state = proto::JobState::Passed;
     let mut message = String::new();
-    for step in &a.steps {
+    let (normal, post): (Vec<&proto::StepSpec>, Vec<&proto::StepSpec>) = a
+        .steps
+        .iter()
+        .partition(|s| crate::convert::post_from_proto(s.post).is_none());
+    for step in normal {
         if state == proto::JobState::Passed && cancel.is_cancelled() {
             state = proto::JobState::Cancelled;
         }
         if state != proto::JobState::Passed {
-            shared.outbox.push(
-                attempt,
-                out(Out::StepFinished(proto::StepFinished {
-                    attempt_id: attempt,
-                    step_index: step.index,
-                    outcome: proto::StepOutcome::Skipped as i32,
-                    exit_code: None,
-                    signal: None,
-                    duration_ms: 0,
-                    last_seq: output.seq,
-                })),
-            );
+            skip(shared, &output, step);
             continue;
         }
-        shared.outbox.push(
-            attempt,
-            out(Out::StepStarted(proto::StepStarted {
-                attempt_id: attempt,
-                step_index: step.index,
-            })),
-        );
-        let first_line = step.run.lines().next().unwrap_or_default();
-        output
-            .system(
-                step.index,
-                format!("kiln: step {}: $ {first_line}\n", step.name),
-            )
-            .await;
-        let mut env: Vec<(String, String)> =
-            a.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        env.extend(step.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-        env.extend(a.secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
-        env.push(("KILN_STEP".into(), step.name.clone()));
-        let cmd = StepCommand {
-            script: step.run.clone(),
-            cwd: dir.clone(),
-            env,
-            timeout: (step.timeout_ms > 0).then(|| Duration::from_millis(step.timeout_ms)),
-            grace: shared.config.kill_grace,
-        };
-        let (tx, mut rx) = mpsc::channel(16);
-        let exec = kiln_exec::run(&cmd, tx, cancel.child_token());
-        let index = step.index;
-        let mut maskers = [masker.clone(), masker.clone()];
-        let forward = async {
-            loop {
-                let holding = maskers.iter().any(Masker::holding);
-                let chunk = tokio::select! {
-                    c = rx.recv() => c,
-                    // A secret's possible beginning is held back only briefly.
-                    _ = tokio::time::sleep(MASK_HOLD), if holding => {
-                        flush(&mut output, index, &mut maskers).await;
-                        continue;
-                    }
-                };
-                let Some(c) = chunk else { break };
-                let (i, stream) = match c.stream {
-                    Stream::Stdout => (0, proto::OutputStream::Stdout),
-                    Stream::Stderr => (1, proto::OutputStream::Stderr),
-                };
-                let data = maskers[i].push(&c.data);
-                if !data.is_empty() {
-                    output.chunk(index, stream, Bytes::from(data)).await;
-                }
-            }
-            flush(&mut output, index, &mut maskers).await;
-        };
-        let (result, ()) = tokio::join!(exec, forward);
-        let (outcome, exit_code, signal, duration) = match result {
-            Ok(exit) => {
-                let (outcome, code, sig) = match exit.termination {
-                    Termination::Exited(0) => (proto::StepOutcome::Passed, Some(0), None),
-                    Termination::Exited(c) => (proto::StepOutcome::Failed, Some(c), None),
-                    Termination::Signaled(s) => (proto::StepOutcome::Failed, None, Some(s)),
-                    Termination::TimedOut => (proto::StepOutcome::TimedOut, None, None),
-                    Termination::Cancelled => (proto::StepOutcome::Cancelled, None, None),
-                };
-                (outcome, code, sig, exit.duration)
-            }
-            Err(e) => {
-                let err = crate::dispatcher::error_chain(&e);
-                output
-                    .system(index, format!("kiln: cannot run step: {err}\n"))
-                    .await;
-                message = format!("step {}: {err}", step.name);
-                (proto::StepOutcome::Errored, None, None, Duration::ZERO)
-            }
-        };
-        let summary = match (outcome, exit_code, signal) {
-            (proto::StepOutcome::TimedOut, _, _) => {
-                message = format!("step {} timed out after {} ms", step.name, step.timeout_ms);
-                "timed out".to_string()
-            }
-            (proto::StepOutcome::Cancelled, _, _) => "cancelled".to_string(),
-            (_, Some(c), _) => format!("exit {c}"),
-            (_, _, Some(s)) => format!("killed by signal {s}"),
-            _ => "errored".to_string(),
-        };
-        output
-            .system(
-                index,
-                format!(
-                    "kiln: step {} {summary} in {} ms\n",
-                    step.name,
-                    duration.as_millis()
-                ),
-            )
-            .await;
-        shared.outbox.push(
-            attempt,
-            out(Out::StepFinished(proto::StepFinished {
-                attempt_id: attempt,
-                step_index: index,
-                outcome: outcome as i32,
-                exit_code,
-                signal,
-                duration_ms: duration.as_millis() as u64,
-                last_seq: output.seq,
-            })),
-        );
-        state = match outcome {
-            proto::StepOutcome::Passed => proto::JobState::Passed,
-            proto::StepOutcome::TimedOut => proto::JobState::TimedOut,
-            proto::StepOutcome::Cancelled => proto::JobState::Cancelled,
-            proto::StepOutcome::Errored => proto::JobState::Errored,
-            _ => proto::JobState::Failed,
-        };
+        let outcome = run_step(
+            shared,
+            &mut output,
+            &a,
+            step,
+            &dir,
+            cancel.child_token(),
+            &masker,
+            &mut message,
+        )
+        .await;
+        state = job_state(outcome);
+    }
+    // Post steps run after a cancel too (only a runner shutdown stops them).
+    let ended =
+        crate::convert::job_state_from_proto(state).unwrap_or(kiln_domain::JobState::Errored);
+    for step in post {
+        let applies = crate::convert::post_from_proto(step.post).is_some_and(|p| p.applies(ended));
+        if !applies || shared.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            skip(shared, &output, step);
+            continue;
+        }
+        let outcome = run_step(
+            shared,
+            &mut output,
+            &a,
+            step,
+            &dir,
+            shared.hard_stop.child_token(),
+            &masker,
+            &mut message,
+        )
+        .await;
+        if state == proto::JobState::Passed && outcome != proto::StepOutcome::Passed {
+            state = job_state(outcome);
+        }
     }
     finish(shared, &output, state, message);
     let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
+}
+
+/// Runs one step to its end and reports it; returns its outcome.
+#[allow(clippy::too_many_arguments)]
+async fn run_step(
+    shared: &Shared,
+    output: &mut Output<'_>,
+    a: &proto::Assign,
+    step: &proto::StepSpec,
+    dir: &std::path::Path,
+    token: CancellationToken,
+    masker: &Masker,
+    message: &mut String,
+) -> proto::StepOutcome {
+    let attempt = a.attempt_id;
+    shared.outbox.push(
+        attempt,
+        out(Out::StepStarted(proto::StepStarted {
+            attempt_id: attempt,
+            step_index: step.index,
+        })),
+    );
+    let first_line = step.run.lines().next().unwrap_or_default();
+    output
+        .system(
+            step.index,
+            format!("kiln: step {}: $ {first_line}\n", step.name),
+        )
+        .await;
+    let mut env: Vec<(String, String)> =
+        a.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    env.extend(step.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.extend(a.secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.push(("KILN_STEP".into(), step.name.clone()));
+    let cmd = StepCommand {
+        script: step.run.clone(),
+        cwd: dir.to_path_buf(),
+        env,
+        timeout: (step.timeout_ms > 0).then(|| Duration::from_millis(step.timeout_ms)),
+        grace: shared.config.kill_grace,
+    };
+    let (tx, mut rx) = mpsc::channel(16);
+    let exec = kiln_exec::run(&cmd, tx, token);
+    let index = step.index;
+    let mut maskers = [masker.clone(), masker.clone()];
+    let forward = async {
+        loop {
+            let holding = maskers.iter().any(Masker::holding);
+            let chunk = tokio::select! {
+                c = rx.recv() => c,
+                // A secret's possible beginning is held back only briefly.
+                _ = tokio::time::sleep(MASK_HOLD), if holding => {
+                    flush(output, index, &mut maskers).await;
+                    continue;
+                }
+            };
+            let Some(c) = chunk else { break };
+            let (i, stream) = match c.stream {
+                Stream::Stdout => (0, proto::OutputStream::Stdout),
+                Stream::Stderr => (1, proto::OutputStream::Stderr),
+            };
+            let data = maskers[i].push(&c.data);
+            if !data.is_empty() {
+                output.chunk(index, stream, Bytes::from(data)).await;
+            }
+        }
+        flush(output, index, &mut maskers).await;
+    };
+    let (result, ()) = tokio::join!(exec, forward);
+    let (outcome, exit_code, signal, duration) = match result {
+        Ok(exit) => {
+            let (outcome, code, sig) = match exit.termination {
+                Termination::Exited(0) => (proto::StepOutcome::Passed, Some(0), None),
+                Termination::Exited(c) => (proto::StepOutcome::Failed, Some(c), None),
+                Termination::Signaled(s) => (proto::StepOutcome::Failed, None, Some(s)),
+                Termination::TimedOut => (proto::StepOutcome::TimedOut, None, None),
+                Termination::Cancelled => (proto::StepOutcome::Cancelled, None, None),
+            };
+            (outcome, code, sig, exit.duration)
+        }
+        Err(e) => {
+            let err = crate::dispatcher::error_chain(&e);
+            output
+                .system(index, format!("kiln: cannot run step: {err}\n"))
+                .await;
+            *message = format!("step {}: {err}", step.name);
+            (proto::StepOutcome::Errored, None, None, Duration::ZERO)
+        }
+    };
+    let summary = match (outcome, exit_code, signal) {
+        (proto::StepOutcome::TimedOut, _, _) => {
+            *message = format!("step {} timed out after {} ms", step.name, step.timeout_ms);
+            "timed out".to_string()
+        }
+        (proto::StepOutcome::Cancelled, _, _) => "cancelled".to_string(),
+        (_, Some(c), _) => format!("exit {c}"),
+        (_, _, Some(s)) => format!("killed by signal {s}"),
+        _ => "errored".to_string(),
+    };
+    output
+        .system(
+            index,
+            format!(
+                "kiln: step {} {summary} in {} ms\n",
+                step.name,
+                duration.as_millis()
+            ),
+        )
+        .await;
+    shared.outbox.push(
+        attempt,
+        out(Out::StepFinished(proto::StepFinished {
+            attempt_id: attempt,
+            step_index: index,
+            outcome: outcome as i32,
+            exit_code,
+            signal,
+            duration_ms: duration.as_millis() as u64,
+            last_seq: output.seq,
+        })),
+    );
+    outcome
+}
+
+/// Reports a step that did not run.
+fn skip(shared: &Shared, output: &Output<'_>, step: &proto::StepSpec) {
+    shared.outbox.push(
+        output.attempt,
+        out(Out::StepFinished(proto::StepFinished {
+            attempt_id: output.attempt,
+            step_index: step.index,
+            outcome: proto::StepOutcome::Skipped as i32,
+            exit_code: None,
+            signal: None,
+            duration_ms: 0,
+            last_seq: output.seq,
+        })),
+    );
+}
+
+/// The job state a step's outcome leads to.
+fn job_state(outcome: proto::StepOutcome) -> proto::JobState {
+    match outcome {
+        proto::StepOutcome::Passed => proto::JobState::Passed,
+        proto::StepOutcome::TimedOut => proto::JobState::TimedOut,
+        proto::StepOutcome::Cancelled => proto::JobState::Cancelled,
+        proto::StepOutcome::Errored => proto::JobState::Errored,
+        _ => proto::JobState::Failed,
+    }
 }
 
 /// How long output that might begin a secret is held back before it is sent anyway.

@@ -97,6 +97,8 @@ pub(crate) struct Shared {
     draining: AtomicBool,
     /// Shutting down now: running jobs are killed and handed back to the dispatcher.
     stopping: AtomicBool,
+    /// Cancelled on a hard stop; post steps run under it (a user's cancel does not stop them).
+    hard_stop: CancellationToken,
 }
 
 impl Shared {
@@ -148,6 +150,7 @@ pub async fn run(
         mirrors,
         draining: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
+        hard_stop: CancellationToken::new(),
     });
     {
         let shared = shared.clone();
@@ -165,6 +168,7 @@ pub async fn run(
         tokio::spawn(async move {
             stop.cancelled().await;
             shared.stopping.store(true, Ordering::SeqCst);
+            shared.hard_stop.cancel();
             shared.draining.store(true, Ordering::SeqCst);
             shared.outbox.wake();
             for token in shared.jobs().values() {

@@ -221,6 +221,35 @@ pub struct StepSpec {
     pub env: BTreeMap<String, String>,
     /// Timeout in milliseconds, 0 for none.
     pub timeout_ms: u64,
+    /// For a post step, when it runs; `None` for a normal step.
+    #[serde(default)]
+    pub post: Option<PostCondition>,
+}
+
+/// When a post step runs: after the normal steps, depending on how they ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PostCondition {
+    /// Whatever happened, cancel and timeout included.
+    Always,
+    /// Only if every normal step passed.
+    Success,
+    /// Only if a normal step failed, timed out or errored.
+    Failure,
+}
+
+impl PostCondition {
+    /// Whether a post step with this condition runs after normal steps that ended `state`.
+    pub fn applies(self, state: JobState) -> bool {
+        match self {
+            PostCondition::Always => true,
+            PostCondition::Success => state == JobState::Passed,
+            PostCondition::Failure => matches!(
+                state,
+                JobState::Failed | JobState::TimedOut | JobState::Errored
+            ),
+        }
+    }
 }
 
 /// A job about to be created, as the pipeline describes it.

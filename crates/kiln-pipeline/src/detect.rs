@@ -24,6 +24,10 @@ pub const CARGO_RUN: &str = "cargo test";
 /// 2. a `Cargo.toml` at the root → one step [`CARGO_STEP`] running
 ///    [`CARGO_RUN`] ([`Source::DetectedCargo`]);
 /// 3. otherwise [`PipelineError::NothingDetected`].
+///
+/// # Errors
+///
+/// [`PipelineError::NothingDetected`] when no rule applies.
 pub fn detect(paths: &[String]) -> Result<Pipeline, PipelineError> {
     let paths = || paths.iter().map(|path| normalize(path));
     if paths().any(is_python_unittest_file) {
@@ -67,6 +71,7 @@ fn single_step(name: &str, run: &str, source: Source) -> Pipeline {
             env: BTreeMap::new(),
             timeout: None,
             labels: BTreeMap::new(),
+            post: None,
         }],
         source,
     }

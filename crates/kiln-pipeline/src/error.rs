@@ -5,9 +5,14 @@ use crate::MAX_FILE_SIZE;
 /// Why a pipeline could not be parsed or detected.
 ///
 /// `Display` reads `file:line:column: message` whenever the location is
-/// known (for example `.kiln.yml:3:5: unknown field `rn`, expected one of
-/// `name`, `run`, `env`, `timeout`, `labels``), and `file: message`
-/// otherwise. Lines and columns are 1-based; columns count characters.
+/// known, for example
+///
+/// ```text
+/// .kiln.yml:3:5: unknown field `rn`, expected one of `name`, `run`, `env`, `timeout`, `labels`
+/// ```
+///
+/// and `file: message` otherwise. Lines and columns are 1-based; columns
+/// count characters.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PipelineError {
@@ -61,6 +66,7 @@ fn located(file: &str, line: Option<usize>, column: Option<usize>, message: &str
 
 impl PipelineError {
     /// The 1-based line of the error in the pipeline file, when known.
+    #[must_use]
     pub fn line(&self) -> Option<usize> {
         match self {
             Self::Invalid { line, .. } => *line,
@@ -69,6 +75,7 @@ impl PipelineError {
     }
 
     /// The 1-based column of the error in the pipeline file, when known.
+    #[must_use]
     pub fn column(&self) -> Option<usize> {
         match self {
             Self::Invalid { column, .. } => *column,
@@ -77,6 +84,7 @@ impl PipelineError {
     }
 
     /// The name of the file the error is about, if it is about a file.
+    #[must_use]
     pub fn file(&self) -> Option<&str> {
         match self {
             Self::TooLarge { file, .. } | Self::Empty { file } | Self::Invalid { file, .. } => {

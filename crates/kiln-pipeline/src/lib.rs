@@ -21,6 +21,9 @@
 //!     env: {K: V}       # values may be YAML strings, numbers or bools (converted to their text); keys must match [A-Za-z_][A-Za-z0-9_]*
 //!     timeout: 10m
 //!     labels: {k: v}
+//!   - name: cleanup
+//!     run: ./cleanup.sh
+//!     post: always      # a post step: runs after the others (always | success | failure)
 //! ```
 //!
 //! Scalars in `env` and `labels` values are taken as written: `3.10` is the
@@ -31,14 +34,23 @@
 //!
 //! Unknown keys are errors, so a typo never goes unnoticed. Later versions of
 //! the schema will add keys (`depends_on`, `matrix`, `parallel`, `retry`,
-//! `when`, `post`, ...); today they are rejected like any unknown key, and
-//! every file valid today will stay valid.
+//! `when`, ...); today they are rejected like any unknown key, and every
+//! file valid today will stay valid.
 //!
-//! Every error in the file is reported with its location, like
-//! `.kiln.yml:3:5: unknown field `rn`, expected one of `name`, `run`, `env`,
-//! `timeout`, `labels``; this includes the checks beyond YAML types (empty
-//! `steps`, a duplicate step name, which points at the second occurrence, an
-//! invalid duration, ...). See [`PipelineError`].
+//! Every error in the file is reported with its location (line and column,
+//! 1-based), like
+//!
+//! ```text
+//! .kiln.yml:3:5: unknown field `rn`, expected one of `name`, `run`, `env`, `timeout`, `labels`
+//! ```
+//!
+//! and this includes the checks beyond YAML types: empty `steps`, a
+//! duplicate step name (reported at its second occurrence), an invalid
+//! duration, and so on. See [`PipelineError`].
+//!
+//! Files larger than [`MAX_FILE_SIZE`] are refused, and so are documents
+//! whose flow collections (`[...]`, `{...}`) nest so deeply that the YAML
+//! parser would take too long (it is quadratic in that depth).
 //!
 //! # Default pipelines
 //!
@@ -49,6 +61,7 @@
 
 mod detect;
 mod error;
+mod guard;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -69,6 +82,10 @@ pub const FILE_NAME: &str = ".kiln.yml";
 pub const MAX_FILE_SIZE: usize = 1024 * 1024;
 
 /// A pipeline: the steps to run for a commit, in order.
+///
+/// The serde impls of this and the other types are for passing a resolved
+/// pipeline around (to a store, over the wire); they neither read the
+/// `.kiln.yml` schema nor check its rules: use [`parse`] for that.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pipeline {
     /// The steps, in the order of the file; never empty.
@@ -105,6 +122,20 @@ pub struct Step {
     /// Runner labels the step needs: the file-wide `labels` overridden per key
     /// by the step's `labels`.
     pub labels: BTreeMap<String, String>,
+    /// `None` for a normal step; for a post step, when it runs. Post steps run
+    /// after the normal steps (in file order), whatever stopped them.
+    pub post: Option<Post>,
+}
+
+/// When a post step runs (Jenkins' `post` conditions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Post {
+    /// After the other steps, whatever happened (also after a cancel or a timeout).
+    Always,
+    /// Only if every other step passed.
+    Success,
+    /// Only if a step failed, timed out or could not run (not after a cancel).
+    Failure,
 }
 
 /// Parses `text`, the content of the pipeline file `file_name` (used only in
@@ -114,6 +145,12 @@ pub struct Step {
 /// YAML, or anything that does not follow the schema described in the crate
 /// documentation; the error carries the line and column of the offending
 /// text whenever it is known. Never panics.
+///
+/// # Errors
+///
+/// [`PipelineError::TooLarge`], [`PipelineError::Empty`] or
+/// [`PipelineError::Invalid`], whose `Display` is
+/// `file:line:column: message`.
 pub fn parse(file_name: &str, text: &str) -> Result<Pipeline, PipelineError> {
     if text.len() > MAX_FILE_SIZE {
         return Err(PipelineError::too_large(file_name, text.len()));
@@ -121,7 +158,18 @@ pub fn parse(file_name: &str, text: &str) -> Result<Pipeline, PipelineError> {
     if text.trim().is_empty() {
         return Err(PipelineError::empty(file_name));
     }
-    // First the YAML syntax alone: serde_norway parses the whole document
+    if let Err(at) = guard::check_flow_nesting(text) {
+        return Err(PipelineError::Invalid {
+            file: file_name.to_owned(),
+            line: Some(at.line),
+            column: Some(at.column),
+            message: "too many nested or unclosed flow collections (`[`, `{`) up to here, \
+                      which the YAML parser would take too long to read; write lists and \
+                      mappings in block style (one item per line) instead"
+                .to_owned(),
+        });
+    }
+    // Then the YAML syntax alone: serde_norway parses the whole document
     // before deserializing it but reports a syntax error only once the
     // deserializer reaches it, so a schema error in the part before a syntax
     // error (often a consequence of it, like a "missing" key after a badly
@@ -151,6 +199,7 @@ fn apply_defaults(raw: schema::RawPipeline) -> Pipeline {
                 env,
                 timeout: step.timeout.or(raw.timeout),
                 labels,
+                post: step.post,
             }
         })
         .collect();
@@ -162,6 +211,11 @@ fn apply_defaults(raw: schema::RawPipeline) -> Pipeline {
 
 /// Returns the pipeline of a repository: [`parse`] of `kiln_yml`, the text of
 /// its [`FILE_NAME`], when the file exists, else [`detect`] on `paths`.
+///
+/// # Errors
+///
+/// Those of [`parse`] when `kiln_yml` is given (a broken file is an error,
+/// never a reason to fall back to detection), else those of [`detect`].
 pub fn resolve(kiln_yml: Option<&str>, paths: &[String]) -> Result<Pipeline, PipelineError> {
     match kiln_yml {
         Some(text) => parse(FILE_NAME, text),

@@ -25,7 +25,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 /// Keys allowed at the top level of the file.
 pub(crate) const TOP_FIELDS: &[&str] = &["version", "env", "labels", "timeout", "steps"];
 /// Keys allowed in a step.
-pub(crate) const STEP_FIELDS: &[&str] = &["name", "run", "env", "timeout", "labels"];
+pub(crate) const STEP_FIELDS: &[&str] = &["name", "run", "env", "timeout", "labels", "post"];
 
 /// The only `version` this crate understands.
 const VERSION: &str = "1";
@@ -51,6 +51,7 @@ pub(crate) struct RawStep {
     pub(crate) env: BTreeMap<String, String>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) post: Option<crate::Post>,
 }
 
 /// Quotes user text in a message, shortened if it is long.
@@ -234,6 +235,11 @@ impl<'de> Visitor<'de> for StepsSeed {
         if steps.is_empty() {
             return self.visit_none();
         }
+        if steps.iter().all(|s| s.post.is_some()) {
+            return Err(de::Error::custom(
+                "every step is a `post` step; at least one step must run before them",
+            ));
+        }
         Ok(steps)
     }
 }
@@ -267,6 +273,7 @@ impl<'de> Visitor<'de> for StepSeed<'_> {
         let mut env = BTreeMap::new();
         let mut timeout = None;
         let mut labels = BTreeMap::new();
+        let mut post = None;
         while let Some(field) = map.next_key_seed(FieldSeed {
             fields: STEP_FIELDS,
             seen: &mut seen,
@@ -282,10 +289,12 @@ impl<'de> Visitor<'de> for StepSeed<'_> {
                 "env" => env = map.next_value_seed(EnvSeed)?,
                 "timeout" => timeout = Some(map.next_value_seed(DurationSeed)?),
                 "labels" => labels = map.next_value_seed(LabelsSeed)?,
+                "post" => post = Some(map.next_value_seed(PostSeed)?),
                 other => return Err(de::Error::unknown_field(other, STEP_FIELDS)),
             }
         }
         Ok(RawStep {
+            post,
             name: name.ok_or_else(|| de::Error::missing_field("name"))?,
             run: run.ok_or_else(|| de::Error::missing_field("run"))?,
             env,
@@ -472,6 +481,37 @@ impl Visitor<'_> for DurationSeed {
             Ok(duration) => Ok(duration),
             Err(err) => Err(E::custom(format!(
                 "invalid duration {} ({err}), expected a duration such as `30s`, `10m` or `1h 30m`",
+                quote(v)
+            ))),
+        }
+    }
+}
+
+/// `post`: when a post step runs (`always`, `success` or `failure`).
+struct PostSeed;
+
+impl<'de> DeserializeSeed<'de> for PostSeed {
+    type Value = crate::Post;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for PostSeed {
+    type Value = crate::Post;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("`always`, `success` or `failure`")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        match v.trim() {
+            "always" => Ok(crate::Post::Always),
+            "success" => Ok(crate::Post::Success),
+            "failure" => Ok(crate::Post::Failure),
+            _ => Err(E::custom(format!(
+                "invalid `post` {}, expected `always`, `success` or `failure`",
                 quote(v)
             ))),
         }

@@ -57,6 +57,8 @@ pub struct BuildDetail {
     pub jobs: Vec<Job>,
     /// Recorded step results per job.
     pub steps: BTreeMap<JobId, Vec<StepResult>>,
+    /// Reports refused by fencing, per job: (attempt, reason), oldest first.
+    pub refusals: BTreeMap<JobId, Vec<(AttemptId, String)>>,
 }
 
 /// Which builds to list.

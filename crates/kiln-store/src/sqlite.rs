@@ -298,7 +298,24 @@ fn load_detail(tx: &Connection, id: BuildId) -> Result<Option<BuildDetail>> {
         }
         steps.insert(job.id, list);
     }
-    Ok(Some(BuildDetail { build, jobs, steps }))
+    let mut refusals = BTreeMap::new();
+    let mut stmt =
+        tx.prepare_cached("SELECT attempt_id, reason FROM refusals WHERE job_id = ?1 ORDER BY id")?;
+    for job in &jobs {
+        let rows = stmt.query_map([job.id as i64], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+        })?;
+        let list = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+        if !list.is_empty() {
+            refusals.insert(job.id, list);
+        }
+    }
+    Ok(Some(BuildDetail {
+        build,
+        jobs,
+        steps,
+        refusals,
+    }))
 }
 
 /// Recomputes a build's summary state after one of its jobs changed; returns the change.
@@ -840,6 +857,7 @@ mod tests {
                         run: "true".into(),
                         env: BTreeMap::new(),
                         timeout_ms: 0,
+                        post: None,
                     }],
                 })
                 .collect(),
