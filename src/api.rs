@@ -38,6 +38,7 @@ impl From<DispatchError> for Status {
             DispatchError::InvalidArgument(m) => Status::invalid_argument(m),
             DispatchError::NotFound(m) => Status::not_found(m),
             DispatchError::FailedPrecondition(m) => Status::failed_precondition(m),
+            DispatchError::AlreadyExists(m) => Status::already_exists(m),
             DispatchError::Unavailable(m) => Status::unavailable(m),
             DispatchError::Internal(m) => {
                 tracing::error!(cause = %m, "internal error");
@@ -327,6 +328,49 @@ impl BuildService for BuildApi {
             .cancel_build(request.into_inner().build_id)
             .await?;
         Ok(Response::new(convert::build_to_proto(&d)))
+    }
+
+    async fn report_commits(
+        &self,
+        request: Request<proto::ReportCommitsRequest>,
+    ) -> Result<Response<proto::ReportCommitsResponse>, Status> {
+        self.auth.check_write(request.metadata())?;
+        let r = request.into_inner();
+        let trigger = if r.trigger.is_empty() {
+            "observer".to_string()
+        } else {
+            r.trigger
+        };
+        let builds = self
+            .dispatcher
+            .report_commits(&r.repo, &r.branch, &r.commits, &trigger)
+            .await?;
+        let cursor = self
+            .dispatcher
+            .branch_cursor(r.repo.trim(), &r.branch)
+            .await?
+            .unwrap_or_default();
+        Ok(Response::new(proto::ReportCommitsResponse {
+            builds: builds.iter().map(convert::build_to_proto).collect(),
+            cursor,
+        }))
+    }
+
+    async fn get_branch_cursor(
+        &self,
+        request: Request<proto::GetBranchCursorRequest>,
+    ) -> Result<Response<proto::BranchCursor>, Status> {
+        self.auth.check_read(request.metadata())?;
+        let r = request.into_inner();
+        if r.repo.trim().is_empty() || r.branch.is_empty() {
+            return Err(Status::invalid_argument("repo and branch are required"));
+        }
+        let head = self
+            .dispatcher
+            .branch_cursor(r.repo.trim(), &r.branch)
+            .await?
+            .unwrap_or_default();
+        Ok(Response::new(proto::BranchCursor { head }))
     }
 
     async fn retry_build(

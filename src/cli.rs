@@ -13,6 +13,7 @@
 //! | 7 | any other error |
 //! | 8 | the build or job is still running (`show` only) |
 //! | 9 | the token is missing or not valid |
+//! | 10 | this commit was already built with this pipeline (`kiln retry` builds it again) |
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -51,6 +52,8 @@ pub mod exit {
     pub const RUNNING: i32 = 8;
     /// Not authenticated or not allowed.
     pub const DENIED: i32 = 9;
+    /// Already built (same repository, commit and pipeline); retry that build instead.
+    pub const DUPLICATE: i32 = 10;
 }
 
 /// A user-facing error with its exit code.
@@ -80,6 +83,7 @@ impl From<tonic::Status> for CliError {
             Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => exit::INVALID,
             Code::Unavailable | Code::DeadlineExceeded => exit::UNAVAILABLE,
             Code::Unauthenticated | Code::PermissionDenied => exit::DENIED,
+            Code::AlreadyExists => exit::DUPLICATE,
             Code::Unknown if s.message().contains("transport") => exit::UNAVAILABLE,
             _ => exit::INTERNAL,
         };
@@ -246,6 +250,10 @@ pub struct ServeArgs {
     /// Runners must present a client certificate signed by --client-ca (mutual TLS).
     #[arg(long, requires = "client_ca")]
     pub require_runner_cert: bool,
+    /// Branches (glob, repeatable) that build only their newest commit and cancel their older
+    /// unfinished builds; other branches build every commit.
+    #[arg(long = "newest-only", value_name = "BRANCH_GLOB")]
+    pub newest_only: Vec<String>,
     /// YAML file of secrets (`NAME: value`), given to every job as environment variables and
     /// masked in its output.
     #[arg(long, env = "KILN_SECRETS_FILE")]
@@ -518,6 +526,7 @@ async fn serve(args: ServeArgs) -> Result<i32, CliError> {
     config.heartbeat_interval = args.heartbeat_interval;
     config.missed_heartbeats = args.missed_heartbeats;
     config.runner_token = args.runner_token.clone();
+    config.newest_only = args.newest_only.clone();
     if let Some(path) = &args.secrets_file {
         config.secrets = read_secrets(path)?;
     }

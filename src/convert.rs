@@ -17,6 +17,7 @@ pub fn job_state_to_proto(s: JobState) -> proto::JobState {
         JobState::Cancelled => proto::JobState::Cancelled,
         JobState::TimedOut => proto::JobState::TimedOut,
         JobState::Errored => proto::JobState::Errored,
+        JobState::Skipped => proto::JobState::Skipped,
     }
 }
 
@@ -32,6 +33,7 @@ pub fn job_state_from_proto(s: proto::JobState) -> Option<JobState> {
         proto::JobState::Cancelled => JobState::Cancelled,
         proto::JobState::TimedOut => JobState::TimedOut,
         proto::JobState::Errored => JobState::Errored,
+        proto::JobState::Skipped => JobState::Skipped,
     })
 }
 

@@ -58,6 +58,9 @@ pub struct Config {
     pub deadline_slack: Duration,
     /// Secrets given to every job as environment variables (masked in its output).
     pub secrets: BTreeMap<String, String>,
+    /// Branch patterns (globs, `release/*`) that build only their newest commit and cancel
+    /// the branch's superseded builds; other branches build every commit.
+    pub newest_only: Vec<String>,
 }
 
 impl Config {
@@ -73,6 +76,7 @@ impl Config {
             max_job_time: Duration::from_secs(6 * 3600),
             deadline_slack: Duration::from_secs(30),
             secrets: BTreeMap::new(),
+            newest_only: Vec::new(),
         }
     }
 
@@ -94,6 +98,9 @@ pub enum DispatchError {
     /// The request does not fit the current state (e.g. retrying an unfinished build).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The thing asked for exists already (a build of the same commit and pipeline).
+    #[error("{0}")]
+    AlreadyExists(String),
     /// Something outside kiln failed and a retry may help (fetching a repository).
     #[error("{0}")]
     Unavailable(String),
@@ -104,7 +111,12 @@ pub enum DispatchError {
 
 impl From<kiln_store::StoreError> for DispatchError {
     fn from(e: kiln_store::StoreError) -> Self {
-        DispatchError::Internal(format!("store: {}", error_chain(&e)))
+        match e {
+            kiln_store::StoreError::Duplicate { build } => DispatchError::AlreadyExists(format!(
+                "this commit was already built with this pipeline as build {build}; retry that build to build it again"
+            )),
+            other => DispatchError::Internal(format!("store: {}", error_chain(&other))),
+        }
     }
 }
 
@@ -194,6 +206,8 @@ struct Inner {
     hub: hub::Hub,
     /// Source of session ids.
     next_session: AtomicU64,
+    /// Compiled `Config::newest_only`.
+    newest_only: globset::GlobSet,
 }
 
 /// What is in memory about runners and the attempts they hold.
@@ -313,6 +327,19 @@ impl Dispatcher {
                 "waiting one lease for runners to re-attach attempts in flight"
             );
         }
+        let mut globs = globset::GlobSetBuilder::new();
+        for pattern in &config.newest_only {
+            let glob = globset::GlobBuilder::new(pattern)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| {
+                    DispatchError::InvalidArgument(format!("branch pattern {pattern:?}: {e}"))
+                })?;
+            globs.add(glob);
+        }
+        let newest_only = globs
+            .build()
+            .map_err(|e| DispatchError::InvalidArgument(format!("branch patterns: {e}")))?;
         let (events, _) = broadcast::channel(1024);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -325,6 +352,7 @@ impl Dispatcher {
                 events,
                 hub: hub::Hub::default(),
                 next_session: AtomicU64::new(1),
+                newest_only,
             }),
         })
     }
@@ -368,6 +396,15 @@ impl Dispatcher {
         if change.job_state.is_final() {
             self.inner.hub.finish(change.job_id, change.job_state);
         }
+        for job in &change.skipped {
+            let _ = self.inner.events.send(Event {
+                build_id: change.build_id,
+                job_id: Some(*job),
+                state: JobState::Skipped,
+                at,
+            });
+            self.inner.hub.finish(*job, JobState::Skipped);
+        }
     }
 
     /// Subscribes to state changes.
@@ -385,12 +422,40 @@ impl Dispatcher {
     /// `errored`, with the reason (file, line, column) and no jobs.
     pub async fn submit(&self, req: SubmitRequest) -> Result<BuildDetail, DispatchError> {
         let req = validate_submit(req)?;
+        let (repo, branch) = (req.repo.clone(), req.branch.clone());
+        let new = self
+            .prepare(req.repo, req.commit, req.branch, req.trigger)
+            .await?;
+        if self.newest_only(&branch) {
+            // The branch builds only its newest commit: record it through the cursor so that
+            // older builds of the branch are superseded.
+            let head = new.commit.clone();
+            let mut created = self.record(&repo, &branch, vec![new], &head).await?;
+            return created.pop().ok_or_else(|| {
+                DispatchError::AlreadyExists(format!(
+                    "commit {head} of {repo} was already built; retry that build to build it again"
+                ))
+            });
+        }
+        self.create(new).await
+    }
+
+    /// Checks out what a commit's build needs: the commit exists, its pipeline file (or the
+    /// detected default), planned into jobs. A pipeline that cannot be read gives a build with
+    /// the error and no jobs.
+    async fn prepare(
+        &self,
+        repo: String,
+        commit: String,
+        branch: String,
+        trigger: String,
+    ) -> Result<NewBuild, DispatchError> {
         let mirrors = self.inner.mirrors.clone();
-        let (repo, commit) = (req.repo.clone(), req.commit.clone());
+        let (r, c) = (repo.clone(), commit.clone());
         let (full, pipeline) = tokio::task::spawn_blocking(move || {
-            let full = mirrors.ensure_commit(&repo, &commit).map_err(git_error)?;
+            let full = mirrors.ensure_commit(&r, &c).map_err(git_error)?;
             let text = match mirrors.read_file(
-                &repo,
+                &r,
                 &full,
                 kiln_pipeline::FILE_NAME,
                 kiln_pipeline::MAX_FILE_SIZE,
@@ -412,7 +477,7 @@ impl Dispatcher {
                 Err(e) => return Err(git_error(e)),
             };
             let paths = mirrors
-                .list_files(&repo, &full, 2, 10_000)
+                .list_files(&r, &full, 2, 10_000)
                 .map_err(git_error)?;
             let pipeline = match text {
                 Some(Err(e)) => Err(e),
@@ -422,24 +487,142 @@ impl Dispatcher {
             Ok::<_, DispatchError>((full, pipeline))
         })
         .await??;
-        let (jobs, error) = match pipeline.and_then(pipeline_jobs) {
+        let (jobs, error) = match pipeline.and_then(|p| pipeline_jobs(p, &branch)) {
             Ok(jobs) => (jobs, None),
             Err(e) => (Vec::new(), Some(e)),
         };
-        let new = NewBuild {
-            repo: req.repo,
+        let pipeline_hash = pipeline_hash(&jobs, error.as_deref());
+        Ok(NewBuild {
+            repo,
             commit: full,
-            branch: req.branch,
-            trigger: req.trigger,
+            branch,
+            trigger,
             retry_of: None,
             error,
             jobs,
+            pipeline_hash,
+        })
+    }
+
+    /// Whether `branch` builds only its newest commit (and cancels superseded builds).
+    fn newest_only(&self, branch: &str) -> bool {
+        !branch.is_empty() && self.inner.newest_only.is_match(branch)
+    }
+
+    /// New commits of a branch, oldest first (from an observer, a webhook or a hook): one
+    /// build per commit not built before, in order, in one transaction that also moves the
+    /// branch's cursor. A branch with the newest-only policy builds only the last commit and
+    /// cancels the branch's older unfinished builds.
+    pub async fn report_commits(
+        &self,
+        repo: &str,
+        branch: &str,
+        commits: &[String],
+        trigger: &str,
+    ) -> Result<Vec<BuildDetail>, DispatchError> {
+        let req = validate_submit(SubmitRequest {
+            repo: repo.to_string(),
+            commit: commits.last().cloned().unwrap_or_default(),
+            branch: branch.to_string(),
+            trigger: trigger.to_string(),
+        })?;
+        if req.branch.is_empty() {
+            return Err(DispatchError::InvalidArgument("branch is required".into()));
+        }
+        if commits.len() > MAX_REPORTED_COMMITS {
+            return Err(DispatchError::InvalidArgument(format!(
+                "at most {MAX_REPORTED_COMMITS} commits per report, got {}",
+                commits.len()
+            )));
+        }
+        for c in commits {
+            kiln_git::validate_commit_id(c).map_err(git_error)?;
+        }
+        let wanted: &[String] = if self.newest_only(&req.branch) {
+            &commits[commits.len() - 1..]
+        } else {
+            commits
         };
-        self.create(new).await
+        let mut builds = Vec::with_capacity(wanted.len());
+        for c in wanted {
+            builds.push(
+                self.prepare(
+                    req.repo.clone(),
+                    c.to_ascii_lowercase(),
+                    req.branch.clone(),
+                    req.trigger.clone(),
+                )
+                .await?,
+            );
+        }
+        let head = builds.last().map(|b| b.commit.clone()).unwrap_or_default();
+        self.record(&req.repo, &req.branch, builds, &head).await
+    }
+
+    async fn record(
+        &self,
+        repo: &str,
+        branch: &str,
+        builds: Vec<NewBuild>,
+        head: &str,
+    ) -> Result<Vec<BuildDetail>, DispatchError> {
+        let supersede = self.newest_only(branch);
+        let (r, b, h) = (repo.to_string(), branch.to_string(), head.to_string());
+        let recorded = self
+            .db(move |s| s.record_commits(&r, &b, &builds, &h, supersede))
+            .await?;
+        for d in &recorded.created {
+            self.announce(d);
+        }
+        for ch in &recorded.superseded {
+            self.publish(ch);
+        }
+        for a in &recorded.to_cancel {
+            self.cancel_on_runner(*a, "superseded by a newer build");
+        }
+        self.kick();
+        Ok(recorded.created)
+    }
+
+    /// The last commit recorded for a branch, if any.
+    pub async fn branch_cursor(
+        &self,
+        repo: &str,
+        branch: &str,
+    ) -> Result<Option<String>, DispatchError> {
+        let (r, b) = (repo.to_string(), branch.to_string());
+        self.db(move |s| s.branch_cursor(&r, &b)).await
+    }
+
+    /// Tells the runner of an attempt (if attached) to stop it; the attempt is forgotten.
+    fn cancel_on_runner(&self, attempt: AttemptId, reason: &str) {
+        let mut st = self.state();
+        let Some(live) = st.attempts.remove(&attempt) else {
+            return;
+        };
+        if let Some(s) = live
+            .session
+            .and_then(|sid| st.sessions.get(&live.runner_id).filter(|s| s.id == sid))
+        {
+            let _ = s.tx.try_send(Ok(proto::DispatcherMessage {
+                kind: Some(proto::dispatcher_message::Kind::Cancel(proto::Cancel {
+                    attempt_id: attempt,
+                    grace_ms: self.inner.config.cancel_grace.as_millis() as u64,
+                    reason: reason.to_string(),
+                })),
+            }));
+        }
     }
 
     async fn create(&self, new: NewBuild) -> Result<BuildDetail, DispatchError> {
         let detail = self.db(move |s| s.create_build(&new)).await?;
+        self.announce(&detail);
+        self.kick();
+        Ok(detail)
+    }
+
+    /// Publishes a new build and its jobs.
+    fn announce(&self, detail: &BuildDetail) {
         let at = now_millis();
         let _ = self.inner.events.send(Event {
             build_id: detail.build.id,
@@ -457,8 +640,6 @@ impl Dispatcher {
         }
         tracing::info!(build = detail.build.id, repo = %detail.build.repo,
             commit = %detail.build.commit, state = %detail.build.state, "build accepted");
-        self.kick();
-        Ok(detail)
     }
 
     /// One build.
@@ -552,16 +733,16 @@ impl Dispatcher {
         }
         if old.jobs.is_empty() {
             // Its pipeline could not be read: read it again, it may have been a transient error.
-            let mut d = self
-                .submit(SubmitRequest {
-                    repo: old.build.repo.clone(),
-                    commit: old.build.commit.clone(),
-                    branch: old.build.branch.clone(),
-                    trigger: format!("retry of {id}"),
-                })
+            let mut new = self
+                .prepare(
+                    old.build.repo.clone(),
+                    old.build.commit.clone(),
+                    old.build.branch.clone(),
+                    format!("retry of {id}"),
+                )
                 .await?;
-            d.build.retry_of = Some(id);
-            return Ok(d);
+            new.retry_of = Some(id);
+            return self.create(new).await;
         }
         let new = NewBuild {
             repo: old.build.repo.clone(),
@@ -577,8 +758,14 @@ impl Dispatcher {
                     name: j.name.clone(),
                     labels: j.labels.clone(),
                     steps: j.steps.clone(),
+                    needs: j
+                        .needs
+                        .iter()
+                        .filter_map(|n| old.jobs.iter().position(|o| o.id == *n))
+                        .collect(),
                 })
                 .collect(),
+            pipeline_hash: String::new(),
         };
         self.create(new).await
     }
@@ -780,7 +967,7 @@ fn validate_submit(mut req: SubmitRequest) -> Result<SubmitRequest, DispatchErro
 
 /// Turns a pipeline into jobs: today one job running every step in order, needing the union
 /// of the steps' labels.
-fn pipeline_jobs(p: kiln_pipeline::Pipeline) -> Result<Vec<NewJob>, String> {
+fn pipeline_jobs(p: kiln_pipeline::Pipeline, _branch: &str) -> Result<Vec<NewJob>, String> {
     let mut labels = BTreeMap::new();
     for step in &p.steps {
         for (k, v) in &step.labels {
@@ -820,7 +1007,18 @@ fn pipeline_jobs(p: kiln_pipeline::Pipeline) -> Result<Vec<NewJob>, String> {
         name,
         labels,
         steps,
+        needs: Vec::new(),
     }])
+}
+
+/// Most commits one report may carry.
+const MAX_REPORTED_COMMITS: usize = 1000;
+
+/// The identity of a build's pipeline: a hash of its planned jobs (or of its error).
+fn pipeline_hash(jobs: &[NewJob], error: Option<&str>) -> String {
+    use sha2::{Digest, Sha256};
+    let text = serde_json::to_string(&(jobs, error)).unwrap_or_default();
+    hex::encode(Sha256::digest(text.as_bytes()))
 }
 
 /// Source of ids for sessions.

@@ -44,8 +44,10 @@ async fn build(d: &Dispatcher, jobs: usize) -> kiln_store::BuildDetail {
                     timeout_ms: 0,
                     post: None,
                 }],
+                needs: vec![],
             })
             .collect(),
+        pipeline_hash: String::new(),
     })
     .await
     .unwrap()

@@ -31,6 +31,10 @@ use crate::proto::{
 };
 use outbox::Outbox;
 
+/// Longest wait between two connection attempts (jitter picks a wait up to it), so runners are
+/// back within about this long after a dispatcher restart.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
 /// How a runner behaves.
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
@@ -202,7 +206,7 @@ pub async fn run(
                 if shared.held().is_empty() { return Ok(()); }
             }
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 

@@ -48,11 +48,13 @@ pub enum JobState {
     TimedOut,
     /// Kiln could not run it.
     Errored,
+    /// Never ran: a job it depends on did not pass (or its build was superseded first).
+    Skipped,
 }
 
 impl JobState {
     /// Every state, in declaration order.
-    pub const ALL: [JobState; 8] = [
+    pub const ALL: [JobState; 9] = [
         JobState::Queued,
         JobState::Assigned,
         JobState::Running,
@@ -61,6 +63,7 @@ impl JobState {
         JobState::Cancelled,
         JobState::TimedOut,
         JobState::Errored,
+        JobState::Skipped,
     ];
 
     /// Final states never change again.
@@ -72,6 +75,7 @@ impl JobState {
                 | JobState::Cancelled
                 | JobState::TimedOut
                 | JobState::Errored
+                | JobState::Skipped
         )
     }
 
@@ -86,13 +90,14 @@ impl JobState {
             JobState::Cancelled => "cancelled",
             JobState::TimedOut => "timed_out",
             JobState::Errored => "errored",
+            JobState::Skipped => "skipped",
         }
     }
 
     /// How bad a final state is, to summarise several jobs (higher is worse).
     fn severity(self) -> u8 {
         match self {
-            JobState::Passed => 0,
+            JobState::Passed | JobState::Skipped => 0,
             JobState::Cancelled => 1,
             JobState::Failed => 2,
             JobState::TimedOut => 3,
@@ -261,6 +266,8 @@ pub struct NewJob {
     pub labels: BTreeMap<String, String>,
     /// Steps, run in order.
     pub steps: Vec<StepSpec>,
+    /// Jobs of the same build (indices into `NewBuild::jobs`) that must pass first.
+    pub needs: Vec<usize>,
 }
 
 /// A build about to be created.
@@ -280,6 +287,9 @@ pub struct NewBuild {
     pub error: Option<String>,
     /// Its jobs.
     pub jobs: Vec<NewJob>,
+    /// Identity of the pipeline (a hash of its jobs): a second build of the same repository,
+    /// commit and pipeline is refused unless it is a retry. Empty: no such check.
+    pub pipeline_hash: String,
 }
 
 /// A stored build.
@@ -322,6 +332,8 @@ pub struct Job {
     pub labels: BTreeMap<String, String>,
     /// Its steps.
     pub steps: Vec<StepSpec>,
+    /// Jobs of the same build that must pass before it runs.
+    pub needs: Vec<JobId>,
     /// Current attempt, if it was ever assigned.
     pub current_attempt: Option<AttemptId>,
     /// Attempts made so far.
@@ -418,6 +430,8 @@ mod tests {
         assert_eq!(build_state([Passed, Passed]), Passed);
         assert_eq!(build_state([Passed, Failed, Cancelled]), Failed);
         assert_eq!(build_state([TimedOut, Failed]), TimedOut);
+        assert_eq!(build_state([Failed, Skipped]), Failed);
+        assert_eq!(build_state([Passed, Skipped]), Passed);
     }
 
     #[test]

@@ -34,6 +34,12 @@ pub enum StoreError {
     /// A stored value could not be decoded (corruption or a newer schema).
     #[error("corrupt stored value: {0}")]
     Corrupt(String),
+    /// The same repository, commit and pipeline was already built (retry it instead).
+    #[error("already built as build {build}")]
+    Duplicate {
+        /// The existing build.
+        build: BuildId,
+    },
     /// The data directory could not be used.
     #[error("cannot open store at {path}")]
     Open {
@@ -104,6 +110,21 @@ pub struct Change {
     pub build_state: JobState,
     /// Whether the build's state changed.
     pub build_changed: bool,
+    /// Jobs of the build skipped because of this change (they needed a job that did not pass).
+    pub skipped: Vec<JobId>,
+}
+
+/// What [`Store::record_commits`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// Builds created, in the order given.
+    pub created: Vec<BuildDetail>,
+    /// Builds that already existed for commits given (not created again).
+    pub duplicates: Vec<BuildId>,
+    /// Jobs of older builds of the branch ended as superseded.
+    pub superseded: Vec<Change>,
+    /// Attempts of those jobs that runners are running: they must be told to stop.
+    pub to_cancel: Vec<AttemptId>,
 }
 
 /// The answer to a final result.
@@ -123,6 +144,19 @@ pub trait Store: Send + Sync + 'static {
     /// Stores a new build with its jobs (queued), or with no job and state `errored` when
     /// `new.error` is set.
     fn create_build(&self, new: &NewBuild) -> Result<BuildDetail>;
+    /// Records new commits of a branch in one transaction: their builds (duplicates skipped),
+    /// the branch's cursor (`head`), and with `supersede`, the end of every unfinished build of
+    /// the branch older than the newest one created.
+    fn record_commits(
+        &self,
+        repo: &str,
+        branch: &str,
+        builds: &[NewBuild],
+        head: &str,
+        supersede: bool,
+    ) -> Result<Recorded>;
+    /// The last commit recorded for a branch.
+    fn branch_cursor(&self, repo: &str, branch: &str) -> Result<Option<String>>;
     /// One build with its jobs.
     fn get_build(&self, id: BuildId) -> Result<Option<BuildDetail>>;
     /// One job.

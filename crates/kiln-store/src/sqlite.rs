@@ -10,7 +10,9 @@ use kiln_domain::{
 };
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
-use crate::{Attempt, BuildDetail, BuildFilter, Change, Finish, Result, Store, StoreError};
+use crate::{
+    Attempt, BuildDetail, BuildFilter, Change, Finish, Recorded, Result, Store, StoreError,
+};
 
 /// The schema, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -91,6 +93,19 @@ CREATE TABLE runner_tokens (
     created_at INTEGER NOT NULL
 );
 "#,
+    r#"
+ALTER TABLE jobs ADD COLUMN needs TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE builds ADD COLUMN pipeline_hash TEXT NOT NULL DEFAULT '';
+CREATE UNIQUE INDEX builds_once ON builds(repo, commit_id, pipeline_hash)
+    WHERE retry_of IS NULL AND pipeline_hash != '';
+CREATE TABLE branch_cursors (
+    repo       TEXT NOT NULL,
+    branch     TEXT NOT NULL,
+    head       TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (repo, branch)
+);
+"#,
 ];
 
 /// The SQLite implementation of [`Store`]: one connection behind a mutex (SQLite serialises
@@ -108,7 +123,7 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 const JOB_COLUMNS: &str = "id, build_id, name, state, labels, steps, current_attempt, attempts, \
-     lost_attempts, runner, message, started_at, finished_at";
+     lost_attempts, runner, message, started_at, finished_at, needs";
 const BUILD_COLUMNS: &str =
     "id, repo, commit_id, branch, trigger_by, state, error, retry_of, created_at, finished_at";
 
@@ -201,6 +216,7 @@ struct RawJob {
     state: String,
     labels: String,
     steps: String,
+    needs: String,
 }
 
 fn job_from_row(r: &Row<'_>) -> rusqlite::Result<RawJob> {
@@ -212,6 +228,7 @@ fn job_from_row(r: &Row<'_>) -> rusqlite::Result<RawJob> {
             state: JobState::Queued,
             labels: BTreeMap::new(),
             steps: Vec::new(),
+            needs: Vec::new(),
             current_attempt: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
             attempts: r.get(7)?,
             lost_attempts: r.get(8)?,
@@ -223,6 +240,7 @@ fn job_from_row(r: &Row<'_>) -> rusqlite::Result<RawJob> {
         state: r.get(3)?,
         labels: r.get(4)?,
         steps: r.get(5)?,
+        needs: r.get(13)?,
     })
 }
 
@@ -232,6 +250,7 @@ fn finish_job(raw: RawJob) -> Result<Job> {
     job.labels = serde_json::from_str(&raw.labels).map_err(|e| corrupt("job labels", e))?;
     job.steps =
         serde_json::from_str::<Vec<StepSpec>>(&raw.steps).map_err(|e| corrupt("job steps", e))?;
+    job.needs = serde_json::from_str(&raw.needs).map_err(|e| corrupt("job needs", e))?;
     Ok(job)
 }
 
@@ -327,6 +346,28 @@ fn settle(tx: &Transaction<'_>, job: JobId, now: Millis) -> Result<Change> {
     )?;
     let build_id = build_id as u64;
     let job_state = parse_state(&job_state)?;
+    // Jobs waiting on a job that did not pass will never run: skip them, transitively.
+    let mut skipped = Vec::new();
+    if job_state.is_final() && job_state != JobState::Passed {
+        let mut frontier = vec![(job, job_state)];
+        while let Some((failed, how)) = frontier.pop() {
+            let mut stmt = tx.prepare_cached(
+                "SELECT j.id FROM jobs j, json_each(j.needs) n \
+                 WHERE j.build_id = ?1 AND j.state = 'queued' AND n.value = ?2",
+            )?;
+            let ids: Vec<i64> = stmt
+                .query_map(params![build_id as i64, failed as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            for id in ids {
+                tx.execute(
+                    "UPDATE jobs SET state = 'skipped', message = ?1, finished_at = ?2 WHERE id = ?3",
+                    params![format!("skipped: job {failed} it needs ended {how}"), now, id],
+                )?;
+                skipped.push(id as u64);
+                frontier.push((id as u64, JobState::Skipped));
+            }
+        }
+    }
     let states: Vec<String> = {
         let mut stmt = tx.prepare_cached("SELECT state FROM jobs WHERE build_id = ?1")?;
         stmt.query_map([build_id as i64], |r| r.get(0))?
@@ -356,52 +397,151 @@ fn settle(tx: &Transaction<'_>, job: JobId, now: Millis) -> Result<Change> {
         job_state,
         build_state: new_state,
         build_changed,
+        skipped,
     })
 }
 
-const FINAL_STATES_SQL: &str = "('passed','failed','cancelled','timed_out','errored')";
+const FINAL_STATES_SQL: &str = "('passed','failed','cancelled','timed_out','errored','skipped')";
+
+/// Inserts a build and its jobs; a duplicate of (repo, commit, pipeline) is an error naming
+/// the existing build.
+fn insert_build(tx: &Transaction<'_>, new: &NewBuild, now: Millis) -> Result<BuildDetail> {
+    if !new.pipeline_hash.is_empty() && new.retry_of.is_none() {
+        let existing: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM builds WHERE repo = ?1 AND commit_id = ?2 AND pipeline_hash = ?3 \
+                 AND retry_of IS NULL",
+                params![new.repo, new.commit, new.pipeline_hash],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(id) = existing {
+            return Err(StoreError::Duplicate { build: id as u64 });
+        }
+    }
+    let (state, finished) = if new.error.is_some() || new.jobs.is_empty() {
+        (JobState::Errored, Some(now))
+    } else {
+        (JobState::Queued, None)
+    };
+    tx.execute(
+        "INSERT INTO builds (repo, commit_id, branch, trigger_by, state, error, retry_of, \
+         created_at, finished_at, pipeline_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        params![
+            new.repo,
+            new.commit,
+            new.branch,
+            new.trigger,
+            state.as_str(),
+            new.error,
+            new.retry_of.map(|v| v as i64),
+            now,
+            finished,
+            new.pipeline_hash
+        ],
+    )?;
+    let build_id = tx.last_insert_rowid() as u64;
+    if new.error.is_none() {
+        let mut ids: Vec<u64> = Vec::with_capacity(new.jobs.len());
+        for (pos, job) in new.jobs.iter().enumerate() {
+            let labels =
+                serde_json::to_string(&job.labels).map_err(|e| corrupt("job labels", e))?;
+            let steps = serde_json::to_string(&job.steps).map_err(|e| corrupt("job steps", e))?;
+            let needs: Vec<u64> = job
+                .needs
+                .iter()
+                .map(|i| {
+                    ids.get(*i).copied().ok_or_else(|| {
+                        StoreError::Corrupt(format!(
+                            "job {pos} needs job {i}, which does not come before it"
+                        ))
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let needs = serde_json::to_string(&needs).map_err(|e| corrupt("job needs", e))?;
+            tx.execute(
+                "INSERT INTO jobs (build_id, position, name, state, labels, steps, needs) \
+                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6)",
+                params![build_id as i64, pos as i64, job.name, labels, steps, needs],
+            )?;
+            ids.push(tx.last_insert_rowid() as u64);
+        }
+    }
+    load_detail(tx, build_id)?
+        .ok_or_else(|| StoreError::Corrupt("build vanished inside its transaction".into()))
+}
 
 impl Store for SqliteStore {
     fn create_build(&self, new: &NewBuild) -> Result<BuildDetail> {
         let now = now_millis();
+        self.with_tx(|tx| insert_build(tx, new, now))
+    }
+
+    fn record_commits(
+        &self,
+        repo: &str,
+        branch: &str,
+        builds: &[NewBuild],
+        head: &str,
+        supersede: bool,
+    ) -> Result<Recorded> {
+        let now = now_millis();
         self.with_tx(|tx| {
-            let (state, finished) = if new.error.is_some() || new.jobs.is_empty() {
-                (JobState::Errored, Some(now))
-            } else {
-                (JobState::Queued, None)
-            };
-            tx.execute(
-                "INSERT INTO builds (repo, commit_id, branch, trigger_by, state, error, retry_of, \
-                 created_at, finished_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                params![
-                    new.repo,
-                    new.commit,
-                    new.branch,
-                    new.trigger,
-                    state.as_str(),
-                    new.error,
-                    new.retry_of.map(|v| v as i64),
-                    now,
-                    finished
-                ],
-            )?;
-            let build_id = tx.last_insert_rowid() as u64;
-            if new.error.is_none() {
-                for (pos, job) in new.jobs.iter().enumerate() {
-                    let labels =
-                        serde_json::to_string(&job.labels).map_err(|e| corrupt("job labels", e))?;
-                    let steps =
-                        serde_json::to_string(&job.steps).map_err(|e| corrupt("job steps", e))?;
-                    tx.execute(
-                        "INSERT INTO jobs (build_id, position, name, state, labels, steps) \
-                         VALUES (?1, ?2, ?3, 'queued', ?4, ?5)",
-                        params![build_id as i64, pos as i64, job.name, labels, steps],
-                    )?;
+            let mut out = Recorded::default();
+            for b in builds {
+                match insert_build(tx, b, now) {
+                    Ok(d) => out.created.push(d),
+                    Err(StoreError::Duplicate { build }) => out.duplicates.push(build),
+                    Err(e) => return Err(e),
                 }
             }
-            load_detail(tx, build_id)?
-                .ok_or_else(|| StoreError::Corrupt("build vanished inside its transaction".into()))
+            if supersede && let Some(newest) = out.created.last().map(|d| d.build.id) {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT j.id, j.current_attempt FROM jobs j JOIN builds b ON b.id = j.build_id \
+                     WHERE b.repo = ?1 AND b.branch = ?2 AND b.id < ?3 \
+                     AND j.state IN ('queued', 'assigned', 'running')",
+                )?;
+                let rows: Vec<(i64, Option<i64>)> = stmt
+                    .query_map(params![repo, branch, newest as i64], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?
+                    .collect::<rusqlite::Result<_>>()?;
+                for (job, attempt) in rows {
+                    tx.execute(
+                        "UPDATE jobs SET state = 'cancelled', message = ?1, finished_at = ?2 \
+                         WHERE id = ?3",
+                        params![format!("superseded by build {newest}"), now, job],
+                    )?;
+                    if let Some(a) = attempt {
+                        tx.execute(
+                            "UPDATE attempts SET state = 'superseded', finished_at = ?1 \
+                             WHERE id = ?2 AND state IN ('offered', 'running')",
+                            params![now, a],
+                        )?;
+                        out.to_cancel.push(a as u64);
+                    }
+                    out.superseded.push(settle(tx, job as u64, now)?);
+                }
+            }
+            tx.execute(
+                "INSERT INTO branch_cursors (repo, branch, head, updated_at) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (repo, branch) DO UPDATE SET head = excluded.head, \
+                 updated_at = excluded.updated_at",
+                params![repo, branch, head, now],
+            )?;
+            Ok(out)
         })
+    }
+
+    fn branch_cursor(&self, repo: &str, branch: &str) -> Result<Option<String>> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row(
+                "SELECT head FROM branch_cursors WHERE repo = ?1 AND branch = ?2",
+                params![repo, branch],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 
     fn get_build(&self, id: BuildId) -> Result<Option<BuildDetail>> {
@@ -444,7 +584,9 @@ impl Store for SqliteStore {
     fn queued_jobs(&self, limit: u32) -> Result<Vec<Job>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'queued' ORDER BY id LIMIT ?1"
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'queued' AND NOT EXISTS \
+             (SELECT 1 FROM json_each(jobs.needs) n JOIN jobs d ON d.id = n.value \
+              WHERE d.state != 'passed') ORDER BY id LIMIT ?1"
         ))?;
         let rows = stmt.query_map([i64::from(limit)], job_from_row)?;
         rows.map(|r| finish_job(r?)).collect()
@@ -859,8 +1001,10 @@ mod tests {
                         timeout_ms: 0,
                         post: None,
                     }],
+                    needs: vec![],
                 })
                 .collect(),
+            pipeline_hash: String::new(),
         }
     }
 
@@ -1006,6 +1150,103 @@ mod tests {
             Some(".kiln.yml:2:3: unknown field")
         );
         assert_eq!(s.queued_jobs(10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn dependents_wait_and_are_skipped_when_a_need_fails() {
+        let s = SqliteStore::in_memory().unwrap();
+        let mut b = new_build(4);
+        b.jobs[1].needs = vec![0];
+        b.jobs[2].needs = vec![1];
+        // job 3 is independent.
+        let d = s.create_build(&b).unwrap();
+        let ids: Vec<u64> = d.jobs.iter().map(|j| j.id).collect();
+        assert_eq!(d.jobs[2].needs, vec![ids[1]]);
+        let queued: Vec<u64> = s.queued_jobs(10).unwrap().iter().map(|j| j.id).collect();
+        assert_eq!(queued, vec![ids[0], ids[3]]);
+        let r = runner(&s, "r");
+        let (a, _) = s.assign(ids[0], r, "r").unwrap().unwrap();
+        let ch = match s.finish_attempt(a, JobState::Failed, None).unwrap() {
+            Finish::Recorded(ch) => ch,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(ch.skipped, vec![ids[1], ids[2]]);
+        let d = s.get_build(d.build.id).unwrap().unwrap();
+        assert_eq!(d.jobs[2].state, JobState::Skipped);
+        assert_eq!(d.build.state, JobState::Running);
+        let queued: Vec<u64> = s.queued_jobs(10).unwrap().iter().map(|j| j.id).collect();
+        assert_eq!(queued, vec![ids[3]]);
+    }
+
+    #[test]
+    fn same_commit_and_pipeline_is_built_once_unless_retried() {
+        let s = SqliteStore::in_memory().unwrap();
+        let mut b = new_build(1);
+        b.pipeline_hash = "p1".into();
+        let first = s.create_build(&b).unwrap();
+        match s.create_build(&b) {
+            Err(StoreError::Duplicate { build }) => assert_eq!(build, first.build.id),
+            other => panic!("{other:?}"),
+        }
+        b.retry_of = Some(first.build.id);
+        assert!(s.create_build(&b).is_ok());
+        b.retry_of = None;
+        b.pipeline_hash = "p2".into();
+        assert!(s.create_build(&b).is_ok());
+    }
+
+    #[test]
+    fn record_commits_moves_the_cursor_and_supersedes() {
+        let s = SqliteStore::in_memory().unwrap();
+        let mk = |c: char| {
+            let mut b = new_build(1);
+            b.commit = c.to_string().repeat(40);
+            b.pipeline_hash = "p".into();
+            b
+        };
+        let r = s
+            .record_commits(
+                "/tmp/repo",
+                "main",
+                &[mk('a'), mk('b')],
+                &"b".repeat(40),
+                false,
+            )
+            .unwrap();
+        assert_eq!(r.created.len(), 2);
+        assert_eq!(
+            s.branch_cursor("/tmp/repo", "main").unwrap(),
+            Some("b".repeat(40))
+        );
+        // A second observer reporting overlapping commits creates only the new one.
+        let r = s
+            .record_commits(
+                "/tmp/repo",
+                "main",
+                &[mk('b'), mk('c')],
+                &"c".repeat(40),
+                true,
+            )
+            .unwrap();
+        assert_eq!(r.duplicates.len(), 1);
+        assert_eq!(r.created.len(), 1);
+        // With supersede, the older unfinished builds of the branch ended.
+        assert_eq!(r.superseded.len(), 2);
+        let newest = r.created[0].build.id;
+        let all = s
+            .list_builds(&BuildFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        for b in all {
+            let want = if b.id == newest {
+                JobState::Queued
+            } else {
+                JobState::Cancelled
+            };
+            assert_eq!(b.state, want, "build {}", b.id);
+        }
     }
 
     #[test]
