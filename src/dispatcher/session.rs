@@ -502,16 +502,12 @@ impl Dispatcher {
             return Ok(());
         }
         if chunk.seq > expected {
-            send(
-                tx,
-                stop,
-                msg(Out::Refused(proto::Refused {
-                    attempt_id: attempt,
-                    reason: format!("output seq {} out of order: expected {expected}", chunk.seq),
-                })),
-            )
-            .await;
-            return Ok(());
+            // Chunks went missing on the way: end the session. The runner reconnects and sends
+            // everything not acknowledged again, in order, so the gap is filled.
+            return Err(Status::data_loss(format!(
+                "output seq {} of attempt {attempt} out of order: expected {expected}; reconnect and resend",
+                chunk.seq
+            )));
         }
         let header = FrameHeader {
             attempt,
@@ -608,6 +604,14 @@ impl Dispatcher {
             }
         };
         if let Some(job) = job {
+            // A result is only taken once all of the attempt's output is stored.
+            let stored = self.next_seq(attempt, job).await? - 1;
+            if f.last_seq > stored {
+                return Err(Status::data_loss(format!(
+                    "attempt {attempt} ended after output seq {} but only {stored} arrived; reconnect and resend",
+                    f.last_seq
+                )));
+            }
             let logs = self.inner.logs.clone();
             tokio::task::spawn_blocking(move || logs.sync(job))
                 .await

@@ -45,7 +45,12 @@ impl Output<'_> {
 }
 
 /// Runs the assignment to its end; the final `JobFinished` is in the outbox when this returns.
-pub(super) async fn run(shared: &Arc<Shared>, a: proto::Assign, cancel: CancellationToken) {
+pub(super) async fn run(
+    shared: &Arc<Shared>,
+    a: proto::Assign,
+    cancel: CancellationToken,
+    slot: u32,
+) {
     let attempt = a.attempt_id;
     let mut output = Output {
         shared,
@@ -61,11 +66,12 @@ pub(super) async fn run(shared: &Arc<Shared>, a: proto::Assign, cancel: Cancella
             ),
         )
         .await;
+    // One work tree per slot, reused: the next checkout cleans it (cheaper than a new one).
     let dir = shared
         .config
         .work_dir
         .join("checkouts")
-        .join(format!("attempt-{attempt}"));
+        .join(format!("slot-{slot}"));
     let checkout = {
         let shared = shared.clone();
         let (url, commit, dir) = (a.repo_url.clone(), a.commit.clone(), dir.clone());
@@ -85,6 +91,7 @@ pub(super) async fn run(shared: &Arc<Shared>, a: proto::Assign, cancel: Cancella
             &output,
             proto::JobState::Errored,
             format!("checkout failed: {err}"),
+            slot,
         );
         return;
     }
@@ -142,8 +149,7 @@ pub(super) async fn run(shared: &Arc<Shared>, a: proto::Assign, cancel: Cancella
             state = job_state(outcome);
         }
     }
-    finish(shared, &output, state, message);
-    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
+    finish(shared, &output, state, message, slot);
 }
 
 /// Runs one step to its end and reports it; returns its outcome.
@@ -311,7 +317,16 @@ async fn flush(output: &mut Output<'_>, step: u32, maskers: &mut [Masker; 2]) {
     }
 }
 
-fn finish(shared: &Shared, output: &Output<'_>, state: proto::JobState, message: String) {
+/// Frees the job's slot, then queues its final message: the slot is free before the
+/// dispatcher can hear the result and send the next job.
+fn finish(
+    shared: &Shared,
+    output: &Output<'_>,
+    state: proto::JobState,
+    message: String,
+    slot: u32,
+) {
+    shared.release(output.attempt, slot);
     if shared.stopping.load(std::sync::atomic::Ordering::SeqCst)
         && matches!(state, proto::JobState::Cancelled | proto::JobState::Errored)
     {

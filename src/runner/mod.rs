@@ -95,6 +95,8 @@ pub(crate) struct Shared {
     outbox: Outbox,
     /// Running jobs and how to cancel them.
     jobs: Mutex<HashMap<AttemptId, CancellationToken>>,
+    /// Slots not running a job (each slot has its own reusable work tree).
+    free_slots: Mutex<Vec<u32>>,
     /// Mirrors and checkouts.
     mirrors: Mirrors,
     /// Take no new work.
@@ -108,6 +110,27 @@ pub(crate) struct Shared {
 impl Shared {
     fn jobs(&self) -> MutexGuard<'_, HashMap<AttemptId, CancellationToken>> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a free slot for `attempt`, or `None` when all are busy.
+    fn claim(&self, attempt: AttemptId, token: CancellationToken) -> Option<u32> {
+        let slot = self
+            .free_slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()?;
+        self.jobs().insert(attempt, token);
+        Some(slot)
+    }
+
+    /// The job of `attempt` is over: its slot is free again.
+    fn release(&self, attempt: AttemptId, slot: u32) {
+        if self.jobs().remove(&attempt).is_some() {
+            self.free_slots
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(slot);
+        }
     }
 
     /// Attempts this runner still holds: running, or with results not yet acknowledged.
@@ -144,6 +167,7 @@ pub async fn run(
     let mirrors = Mirrors::new(config.work_dir.join("mirrors"))
         .map_err(|e| RunnerError::Config(format!("mirrors: {e}")))?;
     let shared = Arc::new(Shared {
+        free_slots: Mutex::new((0..config.slots).rev().collect()),
         outbox: Outbox::new(
             config.work_dir.join("outbox"),
             config.max_buffered_output as u64,
@@ -350,17 +374,22 @@ fn handle(
     match m.kind {
         Some(In::Assign(a)) => {
             let attempt = a.attempt_id;
-            let busy = shared.jobs().len() >= shared.config.slots as usize;
-            if busy || shared.draining.load(Ordering::SeqCst) {
-                let reason = if busy { "no free slot" } else { "draining" };
-                let _ = tx.try_send(out(Out::Rejected(proto::Rejected {
-                    attempt_id: attempt,
-                    reason: reason.into(),
-                })));
-                return;
-            }
             let token = CancellationToken::new();
-            shared.jobs().insert(attempt, token.clone());
+            let slot = if shared.draining.load(Ordering::SeqCst) {
+                Err("draining")
+            } else {
+                shared.claim(attempt, token.clone()).ok_or("no free slot")
+            };
+            let slot = match slot {
+                Ok(slot) => slot,
+                Err(reason) => {
+                    let _ = tx.try_send(out(Out::Rejected(proto::Rejected {
+                        attempt_id: attempt,
+                        reason: reason.into(),
+                    })));
+                    return;
+                }
+            };
             shared.outbox.push(
                 attempt,
                 out(Out::Accepted(proto::Accepted {
@@ -370,8 +399,7 @@ fn handle(
             let shared = shared.clone();
             tokio::spawn(
                 async move {
-                    job::run(&shared, a, token).await;
-                    shared.jobs().remove(&attempt);
+                    job::run(&shared, a, token, slot).await;
                     shared.outbox.wake();
                 }
                 .instrument(tracing::info_span!("job", attempt)),

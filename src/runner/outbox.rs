@@ -8,20 +8,22 @@
 //! # Where output waits
 //!
 //! Small messages (accepted, step started/finished, job finished) stay in memory: they are few
-//! and tiny. Output payloads go to a *spool* on local disk, so a long dispatcher outage costs
-//! disk, not memory:
+//! and tiny. Output payloads stay in memory only while they fit a small *hot window* (4 MiB,
+//! at most `max_memory_bytes`): while connected, chunks are acknowledged within milliseconds,
+//! so they never touch the disk. Beyond the window, output goes to a *spool* on local disk, so
+//! a long dispatcher outage costs disk, not memory:
 //!
 //! - Each attempt appends its chunks as frames (seq, step, stream, length, payload; 20 bytes of
 //!   header) to its own *segment* files, `<pid>-<attempt>-<n>.seg` in the spool directory. A new
 //!   segment starts when the current one holds a sixteenth of the bound (at most 4 MiB).
 //! - In memory, consecutive chunks of an attempt in one segment are one *run* (first position
 //!   and sequence number, count, byte range), so memory does not grow with the chunks spooled.
-//! - A small cache (at most 1 MiB, and at most `max_memory_bytes`) keeps the payloads of
-//!   chunks not yet handed to the writer, so while connected the writer sends them without
-//!   reading the file back. Otherwise it reads the frames back from the segment.
+//!   The writer reads the frames back when it sends them.
 //! - Writes and reads are plain `pwrite`/`pread` calls on the page cache (as the dispatcher's
 //!   log store does), made outside the outbox lock. Nothing is `fsync`ed: the spool does not
 //!   need to survive a crash, only an outage.
+//!
+//! Whatever the mix of memory and disk, an attempt's messages keep their order.
 //!
 //! # Bounds
 //!
@@ -35,11 +37,12 @@
 //!   needed, and all of an attempt's segments when the attempt is dropped (`ResultAck` /
 //!   `Refused`). Acknowledgements cover a prefix of an attempt's output, so at most one
 //!   segment per attempt holds acknowledged bytes that still count.
-//! - Memory: when the spool cannot be written (no directory, full disk, I/O error), output is
-//!   kept in memory instead, up to `max_memory_bytes` of payload, in its place among the
-//!   spooled chunks. A warning is logged once, until the spool works again; the spool is tried
-//!   again whenever that memory is empty or full. Past both bounds, `push_output` waits.
-//!   `max_spool_bytes == 0` keeps all output in memory.
+//! - Memory: the hot window, and when the spool cannot be written (no directory, full disk,
+//!   I/O error), up to `max_memory_bytes` of payload instead, in its place among the spooled
+//!   chunks. A warning is logged once, until the spool works again; the spool is tried again
+//!   at most once a second, and whenever that memory is empty or full. Past both bounds,
+//!   `push_output` waits.
+//!   `max_spool_bytes == 0` keeps all output in memory, up to `max_memory_bytes`.
 //!
 //! Attempts do not survive a runner restart, so segments left by a previous process are
 //! deleted when the outbox is created.
@@ -50,6 +53,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use bytes::Bytes;
 use kiln_domain::AttemptId;
@@ -63,12 +67,14 @@ use crate::proto::{self, runner_message::Kind};
 const HEADER_LEN: u64 = 20;
 /// Largest segment size at which a new segment is started.
 const MAX_SEGMENT_BYTES: u64 = 4 << 20;
-/// Most payload bytes cached in memory for chunks not yet handed to the writer.
-const CACHE_BYTES: usize = 1 << 20;
+/// Most output payload bytes kept in memory while the spool works.
+const HOT_BYTES: usize = 4 << 20;
 /// Most messages the writer takes from one attempt at a time (the others get their turn).
 const BATCH: u64 = 64;
 /// Largest payload length believed when reading a frame back.
 const MAX_PAYLOAD: u32 = 64 << 20;
+/// How often a failing spool is tried again while memory has room.
+const SPOOL_RETRY: Duration = Duration::from_secs(1);
 /// Extension of segment files.
 const SEGMENT_EXT: &str = "seg";
 
@@ -147,17 +153,6 @@ impl Item {
     }
 }
 
-/// The payload of a spooled chunk not yet handed to the writer.
-struct Cached {
-    pos: u64,
-    seq: u64,
-    step: u32,
-    stream: i32,
-    /// Offset of its frame.
-    offset: u64,
-    data: Bytes,
-}
-
 /// Everything kept about one attempt.
 struct Attempt {
     /// Tells this attempt from an earlier one with the same id that was dropped.
@@ -174,8 +169,6 @@ struct Attempt {
     writing: Option<u64>,
     /// Another `push_output` waits for that write.
     contended: bool,
-    /// Payloads of the latest spooled chunks not yet handed to the writer, by position.
-    cache: VecDeque<Cached>,
 }
 
 impl Attempt {
@@ -188,7 +181,6 @@ impl Attempt {
             sealed: Vec::new(),
             writing: None,
             contended: false,
-            cache: VecDeque::new(),
         }
     }
 
@@ -240,12 +232,12 @@ struct Inner {
     next_segment: u64,
     /// Bytes of all segments not yet deleted, plus writes in progress.
     spool_bytes: u64,
-    /// Payload bytes of output chunks kept in memory because the spool did not take them.
+    /// Payload bytes of output chunks kept in memory.
     memory_bytes: usize,
-    /// Payload bytes in the attempts' caches.
-    cache_bytes: usize,
     /// The last spool write failed.
     spool_failing: bool,
+    /// When to try the failing spool again even if memory has room.
+    retry_at: Option<tokio::time::Instant>,
     /// A warning about the spool was logged and it has not worked since.
     warned: bool,
 }
@@ -296,6 +288,7 @@ impl Inner {
 
     fn spool_fail(&mut self, dir: &Path, cause: &io::Error) {
         self.spool_failing = true;
+        self.retry_at = Some(tokio::time::Instant::now() + SPOOL_RETRY);
         if !self.warned {
             self.warned = true;
             tracing::warn!(
@@ -354,7 +347,6 @@ enum Send {
         attempt: AttemptId,
         generation: u64,
         pos: u64,
-        hint: Option<(u64, u64)>,
         msg: proto::RunnerMessage,
     },
     /// Frames to read back from a segment.
@@ -401,8 +393,8 @@ pub(crate) struct Outbox {
     segment_bytes: u64,
     /// Most output payload bytes kept in memory when the spool fails.
     max_memory_bytes: usize,
-    /// Most payload bytes cached.
-    cache_limit: usize,
+    /// Most output payload bytes kept in memory while the spool works.
+    hot_limit: usize,
     /// This process (in segment names).
     pid: u32,
 }
@@ -427,7 +419,7 @@ impl Outbox {
             spool_dir,
             max_spool_bytes,
             max_memory_bytes,
-            cache_limit: CACHE_BYTES.min(max_memory_bytes),
+            hot_limit: HOT_BYTES.min(max_memory_bytes),
             pid: std::process::id(),
         }
     }
@@ -468,7 +460,9 @@ impl Outbox {
             }
             _ => None,
         };
-        let frame = head.as_ref().map(encode_frame).unwrap_or_default();
+        let frame_len = head
+            .as_ref()
+            .map_or(0, |h| HEADER_LEN + h.data.len() as u64);
         let mut disk = head.is_some();
         loop {
             let notified = self.space.notified();
@@ -484,7 +478,7 @@ impl Outbox {
                     &msg,
                     bytes,
                     disk,
-                    &frame,
+                    frame_len,
                     &mut garbage,
                 )
             };
@@ -492,7 +486,8 @@ impl Outbox {
             match (route, &head) {
                 (Route::Stored, _) => break,
                 (Route::Write(res), Some(head)) => {
-                    let written = self.write_frame(attempt, &res, &frame);
+                    // Encoded only now: output that stays in memory is never copied.
+                    let written = self.write_frame(attempt, &res, &encode_frame(head));
                     let mut garbage = Vec::new();
                     let (stored, notify) = {
                         let mut inner = self.inner();
@@ -536,7 +531,7 @@ impl Outbox {
         msg: &proto::RunnerMessage,
         bytes: usize,
         disk: bool,
-        frame: &[u8],
+        frame_len: u64,
         garbage: &mut Vec<Arc<Segment>>,
     ) -> Route {
         if let Some(a) = inner.attempts.get_mut(&attempt)
@@ -545,10 +540,17 @@ impl Outbox {
             a.contended = true;
             return Route::Wait;
         }
+        // While acknowledgements keep up, output never leaves memory.
+        let hot = inner.memory_bytes + bytes <= self.hot_limit;
         let memory_fits =
-            inner.memory_bytes == 0 || inner.memory_bytes + bytes <= self.max_memory_bytes;
-        if disk && (!inner.spool_failing || !memory_fits || inner.memory_bytes == 0) {
-            if let Some(res) = self.reserve(inner, attempt, frame.len() as u64, garbage) {
+            hot || inner.memory_bytes == 0 || inner.memory_bytes + bytes <= self.max_memory_bytes;
+        let retry = inner.memory_bytes == 0
+            || !memory_fits
+            || inner
+                .retry_at
+                .is_none_or(|at| tokio::time::Instant::now() >= at);
+        if disk && !hot && (!inner.spool_failing || retry) {
+            if let Some(res) = self.reserve(inner, attempt, frame_len, garbage) {
                 return Route::Write(res);
             }
             if !inner.spool_failing {
@@ -736,17 +738,6 @@ impl Outbox {
                         step: head.step,
                     }));
                 }
-                if inner.cache_bytes + head.data.len() <= self.cache_limit {
-                    inner.cache_bytes += head.data.len();
-                    a.cache.push_back(Cached {
-                        pos,
-                        seq: head.seq,
-                        step: head.step,
-                        stream: head.stream,
-                        offset,
-                        data: head.data.clone(),
-                    });
-                }
                 if inner.spool_failing {
                     inner.spool_failing = false;
                     inner.warned = false;
@@ -809,11 +800,6 @@ impl Outbox {
                     _ => break,
                 }
             }
-            while a.cache.front().is_some_and(|c| c.seq <= up_to) {
-                if let Some(c) = a.cache.pop_front() {
-                    inner.cache_bytes -= c.data.len();
-                }
-            }
             freed
         };
         drop(garbage);
@@ -830,7 +816,6 @@ impl Outbox {
             let removed = inner.attempts.remove(&attempt);
             if let Some(a) = &removed {
                 inner.spool_bytes -= a.spool_bytes();
-                inner.cache_bytes -= a.cache.iter().map(|c| c.data.len()).sum::<usize>();
                 inner.memory_bytes -= a
                     .items
                     .iter()
@@ -889,7 +874,6 @@ impl Outbox {
                         attempt,
                         generation,
                         pos,
-                        hint,
                         msg,
                     } => {
                         let sent = deliver(tx, stop, msg).await;
@@ -898,7 +882,7 @@ impl Outbox {
                             Progress {
                                 generation,
                                 next_pos: pos + 1,
-                                hint,
+                                hint: None,
                             },
                         );
                         sent
@@ -914,8 +898,7 @@ impl Outbox {
 
     /// The writer's next batch: up to `BATCH` messages of each attempt after where it is.
     fn plan(&self, progress: &mut HashMap<AttemptId, Progress>) -> Vec<Send> {
-        let mut guard = self.inner();
-        let inner = &mut *guard;
+        let inner = self.inner();
         progress.retain(|id, p| {
             inner
                 .attempts
@@ -923,7 +906,7 @@ impl Outbox {
                 .is_some_and(|a| a.generation == p.generation)
         });
         let mut batch = Vec::new();
-        for (&attempt, a) in inner.attempts.iter_mut() {
+        for (&attempt, a) in &inner.attempts {
             let generation = a.generation;
             let Progress {
                 mut next_pos,
@@ -946,7 +929,6 @@ impl Outbox {
                             attempt,
                             generation,
                             pos: *pos,
-                            hint: None,
                             msg: msg.clone(),
                         });
                         next_pos = pos + 1;
@@ -954,67 +936,38 @@ impl Outbox {
                         n += 1;
                     }
                     Item::Spooled(r) => {
-                        let mut idx = next_pos.saturating_sub(r.first_pos).max(r.acked);
-                        // Cached payloads behind this point were sent (or acknowledged).
-                        while a.cache.front().is_some_and(|c| c.pos < r.first_pos + idx) {
-                            if let Some(c) = a.cache.pop_front() {
-                                inner.cache_bytes -= c.data.len();
-                            }
+                        let idx = next_pos.saturating_sub(r.first_pos).max(r.acked);
+                        if idx >= r.count {
+                            continue;
                         }
-                        while idx < r.count
-                            && n < BATCH
-                            && a.cache.front().is_some_and(|c| c.pos == r.first_pos + idx)
-                        {
-                            let Some(c) = a.cache.pop_front() else { break };
-                            inner.cache_bytes -= c.data.len();
-                            let next = c.offset + HEADER_LEN + c.data.len() as u64;
-                            batch.push(Send::Ready {
-                                attempt,
-                                generation,
-                                pos: c.pos,
-                                hint: Some((r.seg.id, next)),
-                                msg: chunk(attempt, c.seq, c.step, c.stream, c.data),
-                            });
-                            next_pos = c.pos + 1;
-                            hint = Some((r.seg.id, next));
-                            idx += 1;
-                            n += 1;
-                        }
-                        if idx < r.count && n < BATCH {
-                            let target = r.first_pos + idx;
-                            let mut count = (r.count - idx).min(BATCH - n);
-                            // Stop where the cache can take over.
-                            if let Some(c) = a.cache.front()
-                                && c.pos > target
-                                && c.pos < r.first_pos + r.count
+                        let target = r.first_pos + idx;
+                        let count = (r.count - idx).min(BATCH - n);
+                        // From where this writer stopped in the segment, or from the start
+                        // of the run, skipping what was sent or acknowledged.
+                        let (from_idx, from) = match hint {
+                            Some((seg, offset))
+                                if seg == r.seg.id
+                                    && next_pos >= r.first_pos
+                                    && next_pos <= target =>
                             {
-                                count = count.min(c.pos - target);
+                                (next_pos - r.first_pos, offset)
                             }
-                            let (from_idx, from) = match hint {
-                                Some((seg, offset))
-                                    if seg == r.seg.id
-                                        && next_pos >= r.first_pos
-                                        && next_pos <= target =>
-                                {
-                                    (next_pos - r.first_pos, offset)
-                                }
-                                _ => (0, r.start),
-                            };
-                            batch.push(Send::Read(ReadBack {
-                                attempt,
-                                generation,
-                                seg: r.seg.clone(),
-                                from,
-                                first_pos: r.first_pos + from_idx,
-                                first_seq: r.first_seq + from_idx,
-                                skip: idx - from_idx,
-                                count,
-                                step: r.step,
-                            }));
-                            next_pos = target + count;
-                            hint = None;
-                            n += count;
-                        }
+                            _ => (0, r.start),
+                        };
+                        batch.push(Send::Read(ReadBack {
+                            attempt,
+                            generation,
+                            seg: r.seg.clone(),
+                            from,
+                            first_pos: r.first_pos + from_idx,
+                            first_seq: r.first_seq + from_idx,
+                            skip: idx - from_idx,
+                            count,
+                            step: r.step,
+                        }));
+                        next_pos = target + count;
+                        hint = None;
+                        n += count;
                     }
                 }
             }
@@ -1183,10 +1136,18 @@ async fn read_back(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
 
     use super::*;
     use crate::proto::runner_message::Kind;
+
+    impl Outbox {
+        /// Sets the hot window (below `max_memory_bytes`).
+        fn with_hot_limit(mut self, bytes: usize) -> Self {
+            self.hot_limit = bytes;
+            self
+        }
+    }
 
     fn payload(attempt: u64, seq: u64, len: usize) -> Bytes {
         let pattern = format!("<{attempt}:{seq}>");
@@ -1196,10 +1157,6 @@ mod tests {
             .take(len)
             .collect::<Vec<u8>>()
             .into()
-    }
-
-    fn chunk_of(attempt: u64, seq: u64, len: usize) -> proto::RunnerMessage {
-        chunk(attempt, seq, 0, 1, payload(attempt, seq, len))
     }
 
     fn small(attempt: u64) -> proto::RunnerMessage {
@@ -1212,9 +1169,8 @@ mod tests {
 
     /// Pushes chunk `seq` of `len` bytes.
     async fn push(outbox: &Outbox, attempt: u64, seq: u64, len: usize) {
-        outbox
-            .push_output(attempt, seq, chunk_of(attempt, seq, len), len)
-            .await;
+        let msg = chunk(attempt, seq, 0, 1, payload(attempt, seq, len));
+        outbox.push_output(attempt, seq, msg, len).await;
     }
 
     /// Runs a writer until it has sent `n` messages.
@@ -1229,6 +1185,21 @@ mod tests {
             stop.cancel();
             got
         });
+        got
+    }
+
+    /// Runs a writer until it is idle; returns everything it sent.
+    async fn collect_all(outbox: &Outbox) -> Vec<proto::RunnerMessage> {
+        let (tx, mut rx) = mpsc::channel(100_000);
+        let stop = CancellationToken::new();
+        tokio::join!(outbox.pump(&tx, &stop), async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            stop.cancel();
+        });
+        let mut got = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            got.push(m);
+        }
         got
     }
 
@@ -1268,23 +1239,34 @@ mod tests {
         files
     }
 
+    fn on_disk(dir: &Path) -> u64 {
+        segments(dir)
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum()
+    }
+
     fn spool_bytes(outbox: &Outbox) -> u64 {
         outbox.inner().spool_bytes
     }
 
-    /// Runs with the spool (1000 bytes) and without (all in memory).
+    fn memory_bytes(outbox: &Outbox) -> usize {
+        outbox.inner().memory_bytes
+    }
+
+    /// In memory only (no spool), in the spool (no hot window), in the hot window.
     #[tokio::test]
     async fn unacked_output_is_sent_again_by_a_new_writer() {
-        for max_spool in [1000, 0] {
+        for (max_spool, max_memory, files) in
+            [(0, 1000, false), (1000, 0, true), (1000, 1000, false)]
+        {
             let dir = tempfile::tempdir().unwrap();
-            let outbox = Outbox::new(dir.path().join("spool"), max_spool, 1000);
+            let spool = dir.path().join("spool");
+            let outbox = Outbox::new(spool.clone(), max_spool, max_memory);
             for seq in 1..=3 {
                 push(&outbox, 7, seq, 10).await;
             }
-            assert_eq!(
-                segments(&dir.path().join("spool")).is_empty(),
-                max_spool == 0
-            );
+            assert_eq!(!segments(&spool).is_empty(), files);
             let got = collect(&outbox, 3).await;
             assert_eq!(keys(&got, |_, _| 10), vec![(7, 1), (7, 2), (7, 3)]);
             outbox.ack_output(7, 2);
@@ -1294,7 +1276,8 @@ mod tests {
             assert_eq!(outbox.attempts().into_iter().collect::<Vec<_>>(), vec![7]);
             outbox.drop_attempt(7);
             assert!(outbox.attempts().is_empty());
-            assert!(segments(&dir.path().join("spool")).is_empty());
+            assert!(segments(&spool).is_empty());
+            assert_eq!((spool_bytes(&outbox), memory_bytes(&outbox)), (0, 0));
         }
     }
 
@@ -1321,110 +1304,137 @@ mod tests {
     async fn a_full_spool_waits_for_acks() {
         let dir = tempfile::tempdir().unwrap();
         let frame = HEADER_LEN + 10;
-        // Room for two frames on disk; plenty of memory, which a healthy spool does not use.
-        let outbox = Arc::new(Outbox::new(dir.path().to_path_buf(), 2 * frame, 1 << 20));
-        push(&outbox, 1, 1, 10).await;
-        push(&outbox, 1, 2, 10).await;
-        assert_eq!(spool_bytes(&outbox), 2 * frame);
+        // Room for two frames on disk and a 20-byte hot window; the rest of the memory is
+        // only for when the spool fails.
+        let outbox = Outbox::new(dir.path().to_path_buf(), 2 * frame, 1 << 20).with_hot_limit(20);
+        let outbox = Arc::new(outbox);
+        for seq in 1..=4 {
+            push(&outbox, 1, seq, 10).await;
+        }
+        assert_eq!(
+            (memory_bytes(&outbox), spool_bytes(&outbox)),
+            (20, 2 * frame)
+        );
         let o = outbox.clone();
-        let mut third = tokio::spawn(async move { push(&o, 1, 3, 10).await });
+        let mut fifth = tokio::spawn(async move { push(&o, 1, 5, 10).await });
         assert!(
-            tokio::time::timeout(Duration::from_millis(50), &mut third)
+            tokio::time::timeout(Duration::from_millis(50), &mut fifth)
                 .await
                 .is_err()
         );
-        assert_eq!(outbox.inner().memory_bytes, 0);
-        outbox.ack_output(1, 1);
-        third.await.unwrap();
-        assert_eq!(spool_bytes(&outbox), 2 * frame);
-        let total: u64 = segments(dir.path())
-            .iter()
-            .map(|p| std::fs::metadata(p).unwrap().len())
-            .sum();
-        assert_eq!(total, 2 * frame);
+        assert_eq!(
+            (memory_bytes(&outbox), spool_bytes(&outbox)),
+            (20, 2 * frame)
+        );
+        // Acknowledging the first two empties the hot window; the third goes off disk.
+        outbox.ack_output(1, 3);
+        fifth.await.unwrap();
+        assert_eq!((memory_bytes(&outbox), spool_bytes(&outbox)), (10, frame));
+        assert_eq!(on_disk(dir.path()), frame);
         let got = collect(&outbox, 2).await;
-        assert_eq!(keys(&got, |_, _| 10), vec![(1, 2), (1, 3)]);
+        assert_eq!(keys(&got, |_, _| 10), vec![(1, 4), (1, 5)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acknowledged_output_never_touches_the_disk_and_an_outage_goes_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::new(dir.path().to_path_buf(), 1 << 20, 1 << 20).with_hot_limit(1000);
+        // Connected: acknowledged as it goes.
+        for seq in 1..=100 {
+            push(&outbox, 1, seq, 100).await;
+            let got = collect(&outbox, 1).await;
+            assert_eq!(keys(&got, |_, _| 100), vec![(1, seq)]);
+            outbox.ack_output(1, seq);
+        }
+        assert!(segments(dir.path()).is_empty());
+        // The dispatcher is away: ten chunks fill the hot window, the rest goes to disk.
+        for seq in 101..=200 {
+            push(&outbox, 1, seq, 100).await;
+        }
+        assert_eq!(memory_bytes(&outbox), 1000);
+        assert_eq!(on_disk(dir.path()), 90 * (HEADER_LEN + 100));
+        let got = keys(&collect_all(&outbox).await, |_, _| 100);
+        assert_eq!(of(&got, 1), (101..=200).collect::<Vec<_>>());
     }
 
     #[tokio::test(start_paused = true)]
     async fn output_waits_in_the_spool_and_a_new_writer_reads_it_back_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        // No memory at all: no cache, so everything the writer sends is read from the files;
-        // 4 KiB segments.
-        let outbox = Outbox::new(dir.path().to_path_buf(), 64 << 10, 0);
-        let len = |a: u64, s: u64| ((a * 31 + s * 17) % 300) as usize;
-        for attempt in [1, 2] {
-            outbox.push(attempt, small(attempt));
-        }
-        for seq in 1..=200 {
+        // All on disk; some in memory then on disk.
+        for hot in [0, 3000] {
+            let dir = tempfile::tempdir().unwrap();
+            // 8 KiB segments.
+            let outbox =
+                Outbox::new(dir.path().to_path_buf(), 128 << 10, 1 << 20).with_hot_limit(hot);
+            let len = |a: u64, s: u64| ((a * 31 + s * 17) % 300) as usize;
             for attempt in [1, 2] {
-                push(&outbox, attempt, seq, len(attempt, seq)).await;
-                if seq == 120 {
-                    outbox.push(attempt, small(attempt));
-                }
+                outbox.push(attempt, small(attempt));
             }
-        }
-        let expected = |attempt: u64, from: u64| {
-            let mut v = vec![0];
             for seq in 1..=200 {
-                if seq >= from {
-                    v.push(seq);
-                }
-                if seq == 120 {
-                    v.push(0);
+                for attempt in [1, 2] {
+                    push(&outbox, attempt, seq, len(attempt, seq)).await;
+                    if seq == 120 {
+                        outbox.push(attempt, small(attempt));
+                    }
                 }
             }
-            v
-        };
-        // The output is on disk, in several segments, counted exactly.
-        let files = segments(dir.path());
-        assert!(files.len() > 4, "{files:?}");
-        let on_disk: u64 = files
-            .iter()
-            .map(|p| std::fs::metadata(p).unwrap().len())
-            .sum();
-        let frames: u64 = (1..=200)
-            .flat_map(|s| [len(1, s), len(2, s)])
-            .map(|l| HEADER_LEN + l as u64)
-            .sum();
-        assert_eq!(on_disk, frames);
-        assert_eq!(spool_bytes(&outbox), frames);
-        // A writer sends part of it, then the session breaks.
-        let first = keys(&collect(&outbox, 150).await, len);
-        for attempt in [1, 2] {
-            let got = of(&first, attempt);
-            assert_eq!(got, expected(attempt, 1)[..got.len()].to_vec());
+            let expected = |from: u64| {
+                let mut v = vec![0];
+                for seq in 1..=200 {
+                    if seq >= from {
+                        v.push(seq);
+                    }
+                    if seq == 120 {
+                        v.push(0);
+                    }
+                }
+                v
+            };
+            // The output is on disk, in several segments, counted exactly.
+            let frames_of = |attempt| {
+                (1..=200)
+                    .map(|s| HEADER_LEN + len(attempt, s) as u64)
+                    .sum::<u64>()
+            };
+            let frames = frames_of(1) + frames_of(2);
+            assert!(segments(dir.path()).len() > 4);
+            assert_eq!(on_disk(dir.path()), spool_bytes(&outbox));
+            assert!(memory_bytes(&outbox) <= hot);
+            if hot == 0 {
+                // Empty chunks fit even an empty hot window.
+                let empty = (1..=200)
+                    .flat_map(|s| [len(1, s), len(2, s)])
+                    .filter(|l| *l == 0)
+                    .count() as u64;
+                assert_eq!(spool_bytes(&outbox), frames - empty * HEADER_LEN);
+            }
+            // A writer sends part of it, then the session breaks.
+            let first = keys(&collect(&outbox, 150).await, len);
+            for attempt in [1, 2] {
+                let got = of(&first, attempt);
+                assert_eq!(got, expected(1)[..got.len()].to_vec());
+            }
+            // Part is acknowledged, in the middle of a segment.
+            outbox.ack_output(1, 50);
+            // The next writer sends the rest, in order, and nothing more.
+            let second = keys(&collect_all(&outbox).await, len);
+            assert_eq!(of(&second, 1), expected(51));
+            assert_eq!(of(&second, 2), expected(1));
+            // Acknowledged segments are deleted (the current one when room is needed).
+            outbox.ack_output(1, 200);
+            assert!(spool_bytes(&outbox) <= frames_of(2) + (8 << 10) + 320);
+            outbox.ack_output(2, 200);
+            outbox.drop_attempt(1);
+            outbox.drop_attempt(2);
+            assert_eq!((spool_bytes(&outbox), memory_bytes(&outbox)), (0, 0));
+            assert!(segments(dir.path()).is_empty());
         }
-        // Part is acknowledged, in the middle of a segment.
-        outbox.ack_output(1, 50);
-        // The next writer sends the rest, in order.
-        let all = expected(1, 51).len() + expected(2, 1).len();
-        let second = keys(&collect(&outbox, all).await, len);
-        assert_eq!(of(&second, 1), expected(1, 51));
-        assert_eq!(of(&second, 2), expected(2, 1));
-        // And nothing more.
-        let (tx, mut rx) = mpsc::channel(16);
-        let stop = CancellationToken::new();
-        tokio::join!(outbox.pump(&tx, &stop), async {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            stop.cancel();
-        });
-        assert!(rx.try_recv().is_err());
-        // Acknowledged segments are deleted.
-        outbox.ack_output(1, 200);
-        assert!(spool_bytes(&outbox) < frames / 2 + (4 << 10));
-        outbox.ack_output(2, 200);
-        outbox.drop_attempt(1);
-        outbox.drop_attempt(2);
-        assert_eq!(spool_bytes(&outbox), 0);
-        assert!(segments(dir.path()).is_empty());
     }
 
     #[tokio::test(start_paused = true)]
     async fn acknowledged_output_makes_room() {
         let dir = tempfile::tempdir().unwrap();
         let bound = 10_000;
-        let outbox = Outbox::new(dir.path().to_path_buf(), bound, 1 << 20);
+        let outbox = Outbox::new(dir.path().to_path_buf(), bound, 0);
         for seq in 1..=2000 {
             tokio::time::timeout(Duration::from_secs(1), push(&outbox, 3, seq, 100))
                 .await
@@ -1434,11 +1444,7 @@ mod tests {
             }
             assert!(spool_bytes(&outbox) <= bound);
         }
-        let on_disk: u64 = segments(dir.path())
-            .iter()
-            .map(|p| std::fs::metadata(p).unwrap().len())
-            .sum();
-        assert_eq!(on_disk, spool_bytes(&outbox));
+        assert_eq!(on_disk(dir.path()), spool_bytes(&outbox));
         outbox.drop_attempt(3);
         assert!(segments(dir.path()).is_empty());
     }
@@ -1446,7 +1452,7 @@ mod tests {
     #[tokio::test]
     async fn dropping_an_attempt_deletes_its_files() {
         let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::new(dir.path().to_path_buf(), 16 << 10, 1 << 20);
+        let outbox = Outbox::new(dir.path().to_path_buf(), 16 << 10, 0);
         for seq in 1..=50 {
             push(&outbox, 1, seq, 100).await;
             push(&outbox, 2, seq, 100).await;
@@ -1486,7 +1492,7 @@ mod tests {
         let file = dir.path().join("file");
         std::fs::write(&file, b"").unwrap();
         // The spool directory would be under a regular file; 25 bytes of memory.
-        let outbox = Arc::new(Outbox::new(file.join("spool"), 1 << 20, 25));
+        let outbox = Arc::new(Outbox::new(file.join("spool"), 1 << 20, 25).with_hot_limit(0));
         push(&outbox, 1, 1, 10).await;
         push(&outbox, 1, 2, 10).await;
         let o = outbox.clone();
@@ -1500,7 +1506,7 @@ mod tests {
         assert_eq!(keys(&got, |_, _| 10), vec![(1, 1), (1, 2)]);
         outbox.ack_output(1, 1);
         third.await.unwrap();
-        let got = collect(&outbox, 2).await;
+        let got = collect_all(&outbox).await;
         assert_eq!(keys(&got, |_, _| 10), vec![(1, 2), (1, 3)]);
         assert_eq!(spool_bytes(&outbox), 0);
     }
@@ -1510,7 +1516,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("spool");
         // 625-byte segments: a new one every five 100-byte chunks.
-        let outbox = Outbox::new(dir.clone(), 10_000, 1 << 20);
+        let outbox = Outbox::new(dir.clone(), 10_000, 1 << 20).with_hot_limit(0);
         for seq in 1..=10 {
             push(&outbox, 1, seq, 100).await;
         }
@@ -1523,73 +1529,220 @@ mod tests {
             push(&outbox, 1, seq, 100).await;
         }
         assert!(outbox.inner().spool_failing);
-        assert!(outbox.inner().memory_bytes > 0);
-        let got = keys(&collect(&outbox, 31).await, |_, _| 100);
+        assert!(memory_bytes(&outbox) > 0);
+        let got = keys(&collect_all(&outbox).await, |_, _| 100);
         let mut expected: Vec<u64> = (1..=10).collect();
         expected.push(0);
         expected.extend(11..=30);
         assert_eq!(of(&got, 1), expected);
-        // The disk comes back: once memory is empty, output goes to the spool again.
+        // The disk comes back: the spool is tried again a second later.
         std::fs::remove_file(&dir).unwrap();
-        outbox.ack_output(1, 30);
-        assert_eq!(outbox.inner().memory_bytes, 0);
-        for seq in 31..=40 {
+        let memory = memory_bytes(&outbox);
+        push(&outbox, 1, 31, 100).await;
+        assert!(outbox.inner().spool_failing);
+        tokio::time::advance(SPOOL_RETRY).await;
+        for seq in 32..=40 {
             push(&outbox, 1, seq, 100).await;
         }
         assert!(!outbox.inner().spool_failing);
-        assert_eq!(outbox.inner().memory_bytes, 0);
+        assert_eq!(memory_bytes(&outbox), memory + 100);
         assert!(!segments(&dir).is_empty());
-        let got = keys(&collect(&outbox, 11).await, |_, _| 100);
-        let mut expected = vec![0];
+        let got = keys(&collect_all(&outbox).await, |_, _| 100);
         expected.extend(31..=40);
         assert_eq!(of(&got, 1), expected);
+        // Once acknowledged, memory is empty again.
+        outbox.ack_output(1, 40);
+        assert_eq!(memory_bytes(&outbox), 0);
+        let got = keys(&collect_all(&outbox).await, |_, _| 100);
+        assert_eq!(of(&got, 1), vec![0]);
     }
 
-    /// Connected hot path: chunks pushed, sent and acknowledged at once. Run with
-    /// `cargo test --release -p kiln --lib outbox::tests::hot_path -- --ignored --nocapture`.
+    /// Random pushes, acknowledgements, drops, writers cut short and a spool directory that
+    /// comes and goes: a new writer always sends exactly each attempt's unacknowledged
+    /// messages, in order, and the bounds hold.
+    #[tokio::test(start_paused = true)]
+    async fn random_histories_keep_every_attempt_whole_and_in_order() {
+        #[derive(Default, Clone)]
+        struct Model {
+            /// Sequence numbers of chunks, 0 for small messages.
+            pushed: Vec<u64>,
+            next_seq: u64,
+            acked: u64,
+        }
+        impl Model {
+            fn expected(&self) -> Vec<u64> {
+                self.pushed
+                    .iter()
+                    .copied()
+                    .filter(|s| *s == 0 || *s > self.acked)
+                    .collect()
+            }
+        }
+        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let len = |a: u64, s: u64| ((a * 7919 + s * 104_729) % 250) as usize;
+        let bound = 6000;
+        for round in 0..12 {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("spool");
+            let hot = [0, 700][round % 2];
+            let outbox = Outbox::new(dir.clone(), bound, 3000).with_hot_limit(hot);
+            let mut models: BTreeMap<u64, Model> = BTreeMap::new();
+            let mut broke = false;
+            for _ in 0..400 {
+                let a = 1 + next(3);
+                match next(20) {
+                    0..=1 => {
+                        outbox.push(a, small(a));
+                        models.entry(a).or_default().pushed.push(0);
+                    }
+                    2..=11 => {
+                        let m = models.entry(a).or_default();
+                        let seq = m.next_seq + 1;
+                        let pushed = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            push(&outbox, a, seq, len(a, seq)),
+                        )
+                        .await;
+                        if pushed.is_err() {
+                            // Full: the dispatcher acknowledges everything, then it goes in.
+                            for (&id, m) in models.iter_mut() {
+                                outbox.ack_output(id, m.next_seq);
+                                m.acked = m.next_seq;
+                            }
+                            tokio::time::timeout(
+                                Duration::from_secs(1),
+                                push(&outbox, a, seq, len(a, seq)),
+                            )
+                            .await
+                            .unwrap();
+                        }
+                        let m = models.entry(a).or_default();
+                        m.pushed.push(seq);
+                        m.next_seq = seq;
+                    }
+                    12..=14 => {
+                        let m = models.entry(a).or_default();
+                        let up_to = next(m.next_seq + 1);
+                        outbox.ack_output(a, up_to);
+                        m.acked = m.acked.max(up_to);
+                    }
+                    15..=16 => {
+                        // A session that breaks after a few messages.
+                        let total: usize = models.values().map(|m| m.expected().len()).sum();
+                        let n = next(total as u64 + 1) as usize;
+                        let got = keys(&collect(&outbox, n).await, len);
+                        for (id, m) in &models {
+                            let got = of(&got, *id);
+                            assert_eq!(got, m.expected()[..got.len()].to_vec());
+                        }
+                    }
+                    17 => {
+                        outbox.drop_attempt(a);
+                        models.remove(&a);
+                    }
+                    _ => {
+                        if dir.is_dir() && next(4) == 0 {
+                            broke = true;
+                            std::fs::remove_dir_all(&dir).unwrap();
+                            std::fs::write(&dir, b"").unwrap();
+                        } else if dir.is_file() {
+                            std::fs::remove_file(&dir).unwrap();
+                        }
+                    }
+                }
+                let (spool, memory) = (spool_bytes(&outbox), memory_bytes(&outbox));
+                assert!(spool <= bound, "{spool}");
+                assert!(memory <= 3000, "{memory}");
+                if !broke {
+                    assert!(memory <= hot, "{memory}");
+                }
+                if dir.is_dir() && !outbox.inner().spool_failing {
+                    assert!(on_disk(&dir) <= spool);
+                }
+            }
+            let got = keys(&collect_all(&outbox).await, len);
+            for (id, m) in &models {
+                assert_eq!(of(&got, *id), m.expected(), "round {round}, attempt {id}");
+            }
+            let held: BTreeSet<u64> = models
+                .iter()
+                .filter(|(_, m)| !m.expected().is_empty())
+                .map(|(id, _)| *id)
+                .collect();
+            assert_eq!(outbox.attempts(), held);
+            for id in 1..=3 {
+                outbox.drop_attempt(id);
+            }
+            assert_eq!((spool_bytes(&outbox), memory_bytes(&outbox)), (0, 0));
+            assert!(segments(&dir).is_empty());
+        }
+    }
+
+    /// Connected hot path: chunks pushed, sent and acknowledged by a reader at once, with at
+    /// most 16 chunks unacknowledged (a dispatcher that keeps up) or as many as the outbox
+    /// takes (a producer faster than everything). Run with `cargo test --release -p kiln
+    /// --lib outbox::tests::hot_path -- --ignored --nocapture`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "a measurement"]
     async fn hot_path() {
-        for len in [100, 4 << 10, 64 << 10] {
-            for max_spool in [0, 64 << 20] {
-                let dir = tempfile::tempdir().unwrap();
-                let outbox = Arc::new(Outbox::new(dir.path().to_path_buf(), max_spool, 64 << 20));
-                let n: u64 = if len > 4096 { 20_000 } else { 100_000 };
-                let (tx, mut rx) = mpsc::channel(128);
-                let stop = CancellationToken::new();
-                let writer = {
-                    let (o, stop) = (outbox.clone(), stop.clone());
-                    tokio::spawn(async move { o.pump(&tx, &stop).await })
-                };
-                let acker = {
-                    let o = outbox.clone();
-                    tokio::spawn(async move {
-                        while let Some(m) = rx.recv().await {
-                            if let Some(Kind::Output(c)) = m.kind {
-                                o.ack_output(c.attempt_id, c.seq);
-                                if c.seq == n {
-                                    return;
+        for (pace, window) in [("keeps up", 16), ("fire hose", u64::MAX)] {
+            for len in [100, 4 << 10, 64 << 10] {
+                for (what, max_spool, hot) in [
+                    ("memory only", 0, HOT_BYTES),
+                    ("spool", 64 << 20, HOT_BYTES),
+                    ("spool, no hot window", 64 << 20, 0),
+                ] {
+                    let dir = tempfile::tempdir().unwrap();
+                    let outbox = Outbox::new(dir.path().to_path_buf(), max_spool, 64 << 20);
+                    let outbox = Arc::new(outbox.with_hot_limit(hot));
+                    let n: u64 = if len > 4096 { 20_000 } else { 100_000 };
+                    let (tx, mut rx) = mpsc::channel(128);
+                    let (acked_tx, mut acked) = tokio::sync::watch::channel(0u64);
+                    let stop = CancellationToken::new();
+                    let writer = {
+                        let (o, stop) = (outbox.clone(), stop.clone());
+                        tokio::spawn(async move { o.pump(&tx, &stop).await })
+                    };
+                    let acker = {
+                        let o = outbox.clone();
+                        tokio::spawn(async move {
+                            while let Some(m) = rx.recv().await {
+                                if let Some(Kind::Output(c)) = m.kind {
+                                    o.ack_output(c.attempt_id, c.seq);
+                                    let _ = acked_tx.send(c.seq);
+                                    if c.seq == n {
+                                        return;
+                                    }
                                 }
                             }
+                        })
+                    };
+                    let data = payload(1, 0, len);
+                    let started = Instant::now();
+                    for seq in 1..=n {
+                        if seq > window {
+                            acked.wait_for(|a| *a >= seq - window).await.unwrap();
                         }
-                    })
-                };
-                let data = payload(1, 0, len);
-                let started = Instant::now();
-                for seq in 1..=n {
-                    let msg = chunk(1, seq, 0, 1, data.clone());
-                    outbox.push_output(1, seq, msg, len).await;
+                        let msg = chunk(1, seq, 0, 1, data.clone());
+                        outbox.push_output(1, seq, msg, len).await;
+                    }
+                    acker.await.unwrap();
+                    let took = started.elapsed();
+                    stop.cancel();
+                    writer.await.unwrap();
+                    println!(
+                        "{pace:>9}, chunk {len:>5} B, {what:>20}: {:>6.2} µs/chunk, {:>6.0} MiB/s, spool files left {}",
+                        took.as_secs_f64() * 1e6 / n as f64,
+                        (n * len as u64) as f64 / took.as_secs_f64() / (1 << 20) as f64,
+                        segments(dir.path()).len(),
+                    );
                 }
-                acker.await.unwrap();
-                let took = started.elapsed();
-                stop.cancel();
-                writer.await.unwrap();
-                println!(
-                    "chunk {len:>6} B, spool {:>3}: {:>6.2} µs/chunk, {:>7.1} MiB/s",
-                    if max_spool > 0 { "on" } else { "off" },
-                    took.as_secs_f64() * 1e6 / n as f64,
-                    (n * len as u64) as f64 / took.as_secs_f64() / (1 << 20) as f64,
-                );
             }
         }
     }
