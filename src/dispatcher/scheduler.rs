@@ -13,6 +13,9 @@ use tracing::Instrument;
 use super::{DispatchError, Dispatcher, LiveAttempt, error_chain};
 use crate::proto;
 
+/// An attempt past its deadline: (attempt, job, (runner, session) if attached).
+type Overdue = (AttemptId, u64, Option<(RunnerId, u64)>);
+
 /// How often liveness is checked.
 const TICK: Duration = Duration::from_millis(200);
 /// Queued jobs looked at per scheduling round.
@@ -81,7 +84,7 @@ impl Dispatcher {
                 .filter(|(_, a)| a.cancel_deadline.is_some_and(|d| d <= now))
                 .map(|(id, a)| (*id, a.job_id))
                 .collect();
-            let overdue: Vec<(AttemptId, u64, Option<(RunnerId, u64)>)> = st
+            let overdue: Vec<Overdue> = st
                 .attempts
                 .iter()
                 .filter(|(_, a)| {

@@ -1,0 +1,204 @@
+//! `kiln bench`: the benchmarks whose figures go into BENCHMARKS.md.
+//!
+//! Every benchmark runs real parts: a `kiln serve` child on a loopback port with its data in a
+//! temp dir, `kiln runner` children (or raw runner streams, for `runners`), git repositories
+//! made with git2, and real followers (`kiln logs -f`, or the generated gRPC client). Each
+//! prints its figures with the goal and a baseline measured in the same run, and the ratio.
+//! Runs are bounded in size and time and stop by themselves; every child process (and what it
+//! started) is killed when the benchmark ends, however it ends.
+//!
+//! - [`latency`]: live output latency at a `kiln logs -f` follower (p50, p99, max).
+//! - [`throughput`]: MB/s of one step's output at a follower, completeness, dispatcher RSS.
+//! - [`overhead`]: per-job overhead of a `true` step.
+//! - [`runners`]: dispatcher RSS with many attached runners.
+//!
+//! Goals that are missed are reported, not treated as errors: the exit code is 0 when the
+//! benchmarks ran and their output was complete, 1 when output was lost or a build did not
+//! pass, and 7 when the benchmark itself could not run.
+
+pub mod generate;
+pub mod latency;
+pub mod overhead;
+pub mod runners;
+pub mod throughput;
+mod util;
+
+use std::future::Future;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use crate::cli::{CliError, exit};
+
+/// `kiln bench` arguments.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Which benchmark.
+    #[command(subcommand)]
+    pub command: BenchCommand,
+}
+
+/// The benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Latency of live output lines at a `kiln logs -f` follower (goal: p50 < 10 ms, p99 < 50 ms).
+    Latency(latency::LatencyArgs),
+    /// Rate of one step's output at a follower, completeness and dispatcher memory (goals:
+    /// >= 100 MB/s, complete, RSS < 100 MB).
+    Throughput(throughput::ThroughputArgs),
+    /// Per-job overhead of a job whose step is `true` (goal: median < 20 ms).
+    Overhead(overhead::OverheadArgs),
+    /// Dispatcher memory with many attached runners (goal: < 150 MB with 1000).
+    Runners(runners::RunnersArgs),
+    /// All of them, in that order.
+    All(AllArgs),
+    /// The output generators the benchmarks' steps run.
+    #[command(hide = true)]
+    Gen(generate::GenArgs),
+}
+
+/// `kiln bench all`.
+#[derive(Debug, Args)]
+pub struct AllArgs {
+    /// Tiny sizes (seconds in all), to check that the benchmarks work, not to measure.
+    #[arg(long)]
+    pub quick: bool,
+    /// Runner sessions for `runners` (default 1000, 50 with --quick).
+    #[arg(long)]
+    pub runners: Option<u32>,
+}
+
+/// Runs a benchmark (or `gen`).
+pub async fn run(args: BenchArgs) -> Result<i32, CliError> {
+    let work = async move {
+        match args.command {
+            BenchCommand::Gen(a) => generate::run(a).await,
+            BenchCommand::Latency(a) => {
+                let limit = a.delay + a.duration + Duration::from_secs(300);
+                bounded("latency", limit, latency::run(&a)).await?;
+                Ok(exit::OK)
+            }
+            BenchCommand::Throughput(a) => {
+                bounded("throughput", Duration::from_secs(900), throughput::run(&a)).await?;
+                Ok(exit::OK)
+            }
+            BenchCommand::Overhead(a) => {
+                let limit = Duration::from_secs(120 + 10 * u64::from(a.builds));
+                bounded("overhead", limit, overhead::run(&a)).await?;
+                Ok(exit::OK)
+            }
+            BenchCommand::Runners(a) => {
+                bounded(
+                    "runners",
+                    a.hold + Duration::from_secs(300),
+                    runners::run(&a),
+                )
+                .await?;
+                Ok(exit::OK)
+            }
+            BenchCommand::All(a) => all(&a).await,
+        }
+    };
+    // Ctrl-C or SIGTERM drops the benchmark, and with it every child process.
+    tokio::select! {
+        r = work => r,
+        _ = crate::cli::signal() => Err(CliError {
+            code: exit::INTERNAL,
+            message: "bench: interrupted".into(),
+        }),
+    }
+}
+
+/// Runs one benchmark with a time limit (its child processes die with it).
+async fn bounded(
+    name: &str,
+    limit: Duration,
+    bench: impl Future<Output = Result<(), CliError>>,
+) -> Result<(), CliError> {
+    match tokio::time::timeout(limit, bench).await {
+        Ok(r) => r,
+        Err(_) => Err(util::fail(format!(
+            "{name} did not finish within {limit:?}"
+        ))),
+    }
+}
+
+async fn all(a: &AllArgs) -> Result<i32, CliError> {
+    let latency = if a.quick {
+        latency::LatencyArgs {
+            rate: 200,
+            line_bytes: 1024,
+            duration: Duration::from_secs(1),
+            delay: Duration::from_millis(300),
+        }
+    } else {
+        latency::LatencyArgs {
+            rate: 1000,
+            line_bytes: 1024,
+            duration: Duration::from_secs(10),
+            delay: Duration::from_secs(1),
+        }
+    };
+    let throughput = throughput::ThroughputArgs {
+        bytes: if a.quick { 5_000_000 } else { 200_000_000 },
+        seed: 42,
+    };
+    let overhead = overhead::OverheadArgs {
+        builds: if a.quick { 5 } else { 50 },
+    };
+    let runners = runners::RunnersArgs {
+        count: a.runners.unwrap_or(if a.quick { 50 } else { 1000 }),
+        hold: Duration::from_secs(if a.quick { 1 } else { 10 }),
+        concurrency: 100,
+    };
+    let results = [
+        (
+            "latency",
+            bounded(
+                "latency",
+                latency.delay + latency.duration + Duration::from_secs(300),
+                latency::run(&latency),
+            )
+            .await,
+        ),
+        (
+            "throughput",
+            bounded(
+                "throughput",
+                Duration::from_secs(900),
+                throughput::run(&throughput),
+            )
+            .await,
+        ),
+        (
+            "overhead",
+            bounded(
+                "overhead",
+                Duration::from_secs(120 + 10 * u64::from(overhead.builds)),
+                overhead::run(&overhead),
+            )
+            .await,
+        ),
+        (
+            "runners",
+            bounded(
+                "runners",
+                runners.hold + Duration::from_secs(300),
+                runners::run(&runners),
+            )
+            .await,
+        ),
+    ];
+    println!();
+    let mut code = exit::OK;
+    for (name, r) in results {
+        match r {
+            Ok(()) => println!("bench {name}: done"),
+            Err(e) => {
+                println!("bench {name}: FAILED: {}", e.message);
+                code = code.max(e.code);
+            }
+        }
+    }
+    Ok(code)
+}
