@@ -438,6 +438,8 @@ pub struct ServeOptions {
     pub api_auth: ApiAuth,
     /// Runners must present a client certificate (needs `tls` with a client CA).
     pub require_runner_cert: bool,
+    /// The signed push webhook (`POST /webhooks/push`), on this same listener.
+    pub webhook: crate::webhook::WebhookConfig,
 }
 
 /// Serves the dispatcher on `listener` until `shutdown` resolves: every kiln service, the
@@ -473,6 +475,7 @@ pub async fn serve(
         tls,
         api_auth,
         require_runner_cert,
+        webhook,
     } = options;
     let (reflection_v1, reflection_v1alpha) = match (reflection_v1, reflection_v1alpha) {
         (Ok(a), Ok(b)) => (a, b),
@@ -523,6 +526,9 @@ pub async fn serve(
     let result = builder
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // HTTP/1.1 too, for the push webhook (gRPC stays HTTP/2).
+        .accept_http1(true)
+        .add_routes(crate::webhook::routes(dispatcher.clone(), webhook))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -170,6 +170,10 @@ pub enum Command {
     Demo(crate::demo::DemoArgs),
     /// Benchmarks (see BENCHMARKS.md).
     Bench(crate::bench::BenchArgs),
+    /// Watch repositories and report every new commit of matching branches to the dispatcher.
+    Watch(crate::observer::WatchArgs),
+    /// The whole farm in one process: dispatcher, runners and an observer of the repositories.
+    Up(crate::up::UpArgs),
     /// Administration on the dispatcher's data directory.
     #[command(subcommand)]
     Admin(AdminCommand),
@@ -258,6 +262,10 @@ pub struct ServeArgs {
     /// masked in its output.
     #[arg(long, env = "KILN_SECRETS_FILE")]
     pub secrets_file: Option<PathBuf>,
+    /// Shared secret of the push webhook (`POST /webhooks/push` on the same port, signed
+    /// HMAC-SHA256 as GitHub and Gitea do); without it the webhook is disabled (404).
+    #[arg(long, env = "KILN_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
 }
 
 /// Reads a secrets file: a YAML mapping of environment variable names to values.
@@ -449,6 +457,8 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         }
         Command::Demo(args) => crate::demo::run(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
+        Command::Watch(args) => crate::observer::run(conn, args, signal()).await,
+        Command::Up(args) => crate::up::run(args, signal()).await,
     }
 }
 
@@ -549,6 +559,8 @@ async fn serve(args: ServeArgs) -> Result<i32, CliError> {
             None => crate::auth::ApiAuth::open(),
         },
         require_runner_cert: args.require_runner_cert,
+        webhook: crate::webhook::WebhookConfig::from_option(args.webhook_secret.as_deref())
+            .map_err(|e| CliError::new(exit::USAGE, e))?,
     };
     let dispatcher = crate::dispatcher::Dispatcher::open(config)
         .map_err(|e| CliError::new(exit::INTERNAL, format!("cannot open data dir: {e}")))?;

@@ -9,6 +9,7 @@
 //! - [`api`]: the tonic services over the engine, the error-to-status mapping, and [`api::serve`].
 //! - [`auth`]: API and runner tokens. [`tls`]: TLS files for the listener and the clients.
 //! - [`runner`]: the runner's client loop (one stream, reconnects) and its job execution.
+//! - [`webhook`]: the signed push webhook served next to the gRPC services.
 //! - [`cli`]: the `kiln` command line.
 //! - [`demo`]: `kiln demo`, the all-in-one showcase.
 //! - [`bench`]: `kiln bench`, the benchmarks behind `BENCHMARKS.md`.
@@ -20,6 +21,9 @@ pub mod cli;
 pub mod convert;
 pub mod demo;
 pub mod dispatcher;
+pub mod observer;
 pub mod proto;
 pub mod runner;
 pub mod tls;
+pub mod up;
+pub mod webhook;

@@ -538,6 +538,27 @@ impl Dispatcher {
         for c in commits {
             kiln_git::validate_commit_id(c).map_err(git_error)?;
         }
+        // A report older than what the branch already recorded (a second observer that read the
+        // cursor earlier) changes nothing: the cursor only moves forward.
+        if let (Some(cursor), Some(last)) = (
+            self.branch_cursor(&req.repo, &req.branch).await?,
+            commits.last().cloned(),
+        ) {
+            let mirrors = self.inner.mirrors.clone();
+            let repo = req.repo.clone();
+            let (c, l) = (cursor.clone(), last.to_ascii_lowercase());
+            let stale = tokio::task::spawn_blocking(move || {
+                mirrors
+                    .first_parent_since(&repo, &l, Some(&c), MAX_REPORTED_COMMITS)
+                    .map(|fp| fp.behind || l == c)
+            })
+            .await?
+            .map_err(git_error)?;
+            if stale {
+                tracing::debug!(repo = %req.repo, branch = %req.branch, "stale report ignored");
+                return Ok(Vec::new());
+            }
+        }
         let wanted: &[String] = if self.newest_only(&req.branch) {
             &commits[commits.len() - 1..]
         } else {
@@ -965,50 +986,62 @@ fn validate_submit(mut req: SubmitRequest) -> Result<SubmitRequest, DispatchErro
     Ok(req)
 }
 
-/// Turns a pipeline into jobs: today one job running every step in order, needing the union
-/// of the steps' labels.
-fn pipeline_jobs(p: kiln_pipeline::Pipeline, _branch: &str) -> Result<Vec<NewJob>, String> {
-    let mut labels = BTreeMap::new();
-    for step in &p.steps {
-        for (k, v) in &step.labels {
-            if let Some(old) = labels.insert(k.clone(), v.clone())
-                && old != *v
-            {
-                return Err(format!(
-                    "{}: steps need conflicting runner labels {k}={old} and {k}={v}",
-                    kiln_pipeline::FILE_NAME
-                ));
-            }
-        }
+/// Plans a pipeline's jobs for a build of `branch` (a `steps:` file is one job; a `jobs:` file
+/// a DAG, matrix cells expanded, `when` applied) and turns them into jobs to store.
+fn pipeline_jobs(p: kiln_pipeline::Pipeline, branch: &str) -> Result<Vec<NewJob>, String> {
+    let plans = kiln_pipeline::plan(&p, branch).map_err(|e| e.to_string())?;
+    if plans.is_empty() {
+        return Err(format!(
+            "{}: no job runs for branch {branch:?} (every job's `when` excludes it)",
+            kiln_pipeline::FILE_NAME
+        ));
     }
-    let name = if p.steps.len() == 1 {
-        p.steps[0].name.clone()
-    } else {
-        "pipeline".to_string()
-    };
-    let steps = p
-        .steps
+    let position: std::collections::HashMap<String, usize> = plans
+        .iter()
+        .enumerate()
+        .map(|(i, j)| (j.name.clone(), i))
+        .collect();
+    plans
         .into_iter()
         .enumerate()
-        .map(|(i, s)| StepSpec {
-            index: i as u32,
-            name: s.name,
-            run: s.run,
-            env: s.env,
-            timeout_ms: s.timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
-            post: s.post.map(|p| match p {
-                kiln_pipeline::Post::Always => PostCondition::Always,
-                kiln_pipeline::Post::Success => PostCondition::Success,
-                kiln_pipeline::Post::Failure => PostCondition::Failure,
-            }),
+        .map(|(i, job)| {
+            let needs = job
+                .needs
+                .iter()
+                .map(|n| match position.get(n) {
+                    Some(&at) if at < i => Ok(at),
+                    _ => Err(format!(
+                        "{}: job {:?} needs {n:?}, which is not planned before it",
+                        kiln_pipeline::FILE_NAME,
+                        job.name
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let steps = job
+                .steps
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| StepSpec {
+                    index: i as u32,
+                    name: s.name,
+                    run: s.run,
+                    env: s.env,
+                    timeout_ms: s.timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
+                    post: s.post.map(|p| match p {
+                        kiln_pipeline::Post::Always => PostCondition::Always,
+                        kiln_pipeline::Post::Success => PostCondition::Success,
+                        kiln_pipeline::Post::Failure => PostCondition::Failure,
+                    }),
+                })
+                .collect();
+            Ok(NewJob {
+                name: job.name,
+                labels: job.labels,
+                steps,
+                needs,
+            })
         })
-        .collect();
-    Ok(vec![NewJob {
-        name,
-        labels,
-        steps,
-        needs: Vec::new(),
-    }])
+        .collect()
 }
 
 /// Most commits one report may carry.

@@ -18,12 +18,15 @@
 //!   segment starts when the current one holds a sixteenth of the bound (at most 4 MiB).
 //! - In memory, consecutive chunks of an attempt in one segment are one *run* (first position
 //!   and sequence number, count, byte range), so memory does not grow with the chunks spooled.
-//!   The writer reads the frames back when it sends them.
+//!   The writer reads the frames back when it sends them; a frame that cannot be read back is
+//!   replaced by a notice on the system stream with the same seq, so the log says what was
+//!   lost and the attempt's output has no gap for the dispatcher to refuse.
 //! - Writes and reads are plain `pwrite`/`pread` calls on the page cache (as the dispatcher's
 //!   log store does), made outside the outbox lock. Nothing is `fsync`ed: the spool does not
 //!   need to survive a crash, only an outage.
 //!
-//! Whatever the mix of memory and disk, an attempt's messages keep their order.
+//! Whatever the mix of memory and disk, an attempt's messages keep their order. The writer
+//! takes up to 64 messages of each attempt in turn.
 //!
 //! # Bounds
 //!
@@ -41,8 +44,8 @@
 //!   I/O error), up to `max_memory_bytes` of payload instead, in its place among the spooled
 //!   chunks. A warning is logged once, until the spool works again; the spool is tried again
 //!   at most once a second, and whenever that memory is empty or full. Past both bounds,
-//!   `push_output` waits.
-//!   `max_spool_bytes == 0` keeps all output in memory, up to `max_memory_bytes`.
+//!   `push_output` waits. `max_spool_bytes == 0` keeps all output in memory, up to
+//!   `max_memory_bytes` (the behaviour before the spool).
 //!
 //! Attempts do not survive a runner restart, so segments left by a previous process are
 //! deleted when the outbox is created.
@@ -90,7 +93,10 @@ struct Segment {
 impl Drop for Segment {
     fn drop(&mut self) {
         if let Err(e) = std::fs::remove_file(&self.path)
-            && e.kind() != io::ErrorKind::NotFound
+            && !matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            )
         {
             tracing::warn!(path = %self.path.display(), cause = %e, "cannot delete an output spool file");
         }

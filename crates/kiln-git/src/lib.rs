@@ -1039,3 +1039,133 @@ fn make_writable(dir: &Path) {
 
 #[cfg(test)]
 mod tests;
+
+// ---------------------------------------------------------------------------------------------
+// Branches and first-parent history, for the repository observer (`kiln watch`).
+// ---------------------------------------------------------------------------------------------
+
+/// What [`Mirrors::first_parent_since`] found: the commits of a branch after a known one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FirstParent {
+    /// Full commit ids, oldest first: the head's first-parent chain, newest `cap` at most, stopping before the
+    /// first commit that is `since` or an ancestor of it (so a `since` merged in as a second parent still
+    /// bounds the list).
+    pub commits: Vec<String>,
+    /// `since` is the head or an ancestor of it, and the walk got back to it within `cap`: `commits` are
+    /// exactly the first-parent commits after `since`. False without `since`, when `since` is unknown to the
+    /// mirror or not in the head's history (a force-push), or when more than `cap` commits follow it.
+    pub reached_since: bool,
+    /// The head is a strict ancestor of `since`: the branch went back (a reset without new commits), or this
+    /// mirror is older than whoever recorded `since`. `commits` is then empty.
+    pub behind: bool,
+}
+
+impl Mirrors {
+    /// The branches (`refs/heads/*`, names without that prefix, `/` kept: `release/1.0`) of the mirror of
+    /// `url` with their head commits (full ids), sorted by name. Reads the mirror as it is: call
+    /// [`Mirrors::fetch`] first. Refs whose names are not UTF-8 or that do not point at a commit are skipped.
+    pub fn branches(&self, url: &str) -> Result<Vec<(String, String)>, GitError> {
+        let source = Source::parse(url)?;
+        let repo = self.open_mirror(&source)?;
+        let context = || format!("cannot list the branches of the mirror of {url}");
+        let refs = repo.references().map_err(|e| GitError::git(context(), e))?;
+        let mut out = Vec::new();
+        for r in refs {
+            let r = r.map_err(|e| GitError::git(context(), e))?;
+            let Some(name) = std::str::from_utf8(r.name_bytes())
+                .ok()
+                .and_then(|n| n.strip_prefix("refs/heads/"))
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            match r.peel_to_commit() {
+                Ok(c) => out.push((name, c.id().to_string())),
+                Err(e) => {
+                    debug!(url, branch = %name, error = %e, "skipping a branch that is not a commit")
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The commits of `head`'s first-parent chain that come after `since`, oldest first, at most the newest
+    /// `cap` of them (see [`FirstParent`]). Without `since` (a branch seen for the first time) these are the
+    /// newest `cap` commits of the chain. `head` is fetched if the mirror lacks it; an unknown `since` is not
+    /// an error (it answers `reached_since: false`).
+    pub fn first_parent_since(
+        &self,
+        url: &str,
+        head: &str,
+        since: Option<&str>,
+        cap: usize,
+    ) -> Result<FirstParent, GitError> {
+        let source = Source::parse(url)?;
+        let head = self.ensure(&source, head)?;
+        let repo = self.open_mirror(&source)?;
+        let context = || format!("cannot walk the history of {head} in the mirror of {url}");
+        let since = match since.map(str::trim).filter(|s| !s.is_empty()) {
+            Some(s) if validate_commit_id(s).is_ok() && s.len() <= 40 => {
+                find_commit(&repo, &source, &s.to_ascii_lowercase())?
+            }
+            _ => None,
+        };
+        let mut out = FirstParent::default();
+        let Some(since) = since else {
+            // No known starting point: the newest `cap` commits of the chain.
+            let mut commit = repo
+                .find_commit(head)
+                .map_err(|e| GitError::git(context(), e))?;
+            while out.commits.len() < cap {
+                out.commits.push(commit.id().to_string());
+                if commit.parent_count() == 0 {
+                    break;
+                }
+                commit = commit.parent(0).map_err(|e| GitError::git(context(), e))?;
+            }
+            out.commits.reverse();
+            return Ok(out);
+        };
+        if since == head {
+            out.reached_since = true;
+            return Ok(out);
+        }
+        let in_history = repo
+            .graph_descendant_of(head, since)
+            .map_err(|e| GitError::git(context(), e))?;
+        if !in_history {
+            out.behind = repo
+                .graph_descendant_of(since, head)
+                .map_err(|e| GitError::git(context(), e))?;
+            if out.behind {
+                return Ok(out);
+            }
+        }
+        // The first-parent chain of `head` minus everything reachable from `since`: libgit2 follows only
+        // first parents of interesting commits but all parents of hidden ones. The interesting commits form
+        // one chain, so topological order is chain order (whatever the commit dates say).
+        let mut walk = repo.revwalk().map_err(|e| GitError::git(context(), e))?;
+        walk.set_sorting(git2::Sort::TOPOLOGICAL)
+            .and_then(|()| walk.simplify_first_parent())
+            .and_then(|()| walk.push(head))
+            .and_then(|()| walk.hide(since))
+            .map_err(|e| GitError::git(context(), e))?;
+        for oid in walk {
+            let oid = oid.map_err(|e| GitError::git(context(), e))?;
+            if out.commits.len() == cap {
+                // More than `cap` follow `since`: it was not reached.
+                out.commits.reverse();
+                return Ok(out);
+            }
+            out.commits.push(oid.to_string());
+        }
+        out.commits.reverse();
+        out.reached_since = in_history;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod observe_tests;

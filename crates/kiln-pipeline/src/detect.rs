@@ -73,6 +73,7 @@ fn single_step(name: &str, run: &str, source: Source) -> Pipeline {
             labels: BTreeMap::new(),
             post: None,
         }],
+        jobs: Vec::new(),
         source,
     }
 }

@@ -27,14 +27,20 @@ pub enum PipelineError {
         limit: usize,
     },
     /// The pipeline file is empty, or holds only whitespace and comments.
-    #[error("{file}: the file is empty; it must be a mapping with a non-empty `steps` list")]
+    #[error(
+        "{file}: the file is empty; it must be a mapping with a non-empty `steps` list or \
+         `jobs` mapping"
+    )]
     Empty {
         /// The file name passed to [`parse`](crate::parse).
         file: String,
     },
     /// The file is not valid YAML, does not follow the schema (unknown key,
     /// wrong type, missing key) or breaks a rule of the schema (empty
-    /// `steps`, duplicate step name, invalid duration, ...).
+    /// `steps`, duplicate step name, invalid duration, unknown dependency,
+    /// cycle, ...); or, from [`plan`](crate::plan), the pipeline cannot be
+    /// planned (conflicting runner labels in one job, ...), without a
+    /// location then.
     #[error("{}", located(file, *line, *column, message))]
     Invalid {
         /// The file name passed to [`parse`](crate::parse).

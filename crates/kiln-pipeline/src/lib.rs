@@ -1,14 +1,20 @@
 //! Pipeline definitions for kiln: parsing of the `.kiln.yml` file at the root
-//! of a repository, and detection of a default pipeline for a repository that
-//! has none.
+//! of a repository, detection of a default pipeline for a repository that
+//! has none, and planning of the jobs of a build.
 //!
 //! The crate does no I/O: the caller passes the text of the file
 //! ([`parse`]), the paths of the repository's tree ([`detect`]), or both
 //! ([`resolve`]), and gets a [`Pipeline`]: a list of [`Step`]s, each a shell
 //! command (run with `sh -c`) with its environment, timeout and the runner
-//! labels it needs, the file-wide defaults already applied.
+//! labels it needs, the file-wide defaults already applied; or, for a file
+//! with `jobs`, a graph of [`JobDef`]s. [`plan`] then turns a pipeline into
+//! the [`JobPlan`]s of one build (of one branch): matrices expanded, `when`
+//! conditions applied, in an order where every job comes after the jobs it
+//! needs.
 //!
 //! # The `.kiln.yml` schema
+//!
+//! A file is either one job, a list of `steps` run in order on one runner:
 //!
 //! ```yaml
 //! version: 1            # optional; any other value is an error
@@ -26,6 +32,60 @@
 //!     post: always      # a post step: runs after the others (always | success | failure)
 //! ```
 //!
+//! or a graph of `jobs` (`steps` and `jobs` cannot both be given), each job
+//! running its own steps on its own runner:
+//!
+//! ```yaml
+//! version: 1            # optional, as above
+//! env: {A: "1"}         # optional file-wide defaults, as above: env, labels, timeout
+//! jobs:                 # a non-empty mapping of job names to jobs, run in dependency order
+//!   build:              # job name: same rules as a step name, unique
+//!     steps:            # required, non-empty: the same step schema as above, post steps included;
+//!       - {name: compile, run: make}   # step names are unique within the job
+//!   test:
+//!     depends_on: [build]   # optional: runs only after these jobs passed (a single name is also accepted)
+//!     matrix:               # optional: one job per combination of the values of the axes
+//!       python: ["3.11", "3.12"]
+//!       os: [linux]
+//!     env: {B: "2"}         # optional job defaults: env, labels, timeout (file < job < step)
+//!     labels: {os: linux}
+//!     timeout: 10m          # like the file-wide one: a default for each step, not a limit for the job
+//!     when: {branch: ["main", "release/*"]}   # optional: only in builds of matching branches
+//!     steps:
+//!       - {name: unit, run: "pytest --python $PYTHON"}
+//!   lint:
+//!     steps: [{name: clippy, run: cargo clippy}]
+//! ```
+//!
+//! * `depends_on` names jobs of the file, in any order; an unknown name, a
+//!   name given twice or a cycle (`a` needs `b` needs `a`) is an error. A job
+//!   that depends on a matrix job depends on every cell of it.
+//! * `matrix` maps axis names (`[A-Za-z_][A-Za-z0-9_]*`, at most
+//!   [`MAX_MATRIX_AXES`] axes) to non-empty lists of distinct scalar values
+//!   (taken as written, without commas). The job is expanded into one job
+//!   per combination, at most [`MAX_MATRIX_CELLS`], named after the job and
+//!   the values in axis name order, like `test (os=linux, python=3.11)`;
+//!   each cell's steps get an environment variable per axis, named after the
+//!   axis upper-cased (`OS=linux`, `PYTHON=3.11`), which overrides any `env`
+//!   of the same name (file, job or step). There is no templating: use the
+//!   variables (`$PYTHON`) in commands.
+//! * `when: {branch: ...}` takes a pattern or a non-empty list of patterns,
+//!   matched against the whole branch name (`main`, `release/1.2`): `*`
+//!   matches any text within a path segment (no `/`), `**` any text (`/`
+//!   included), every other character itself (`?`, `[`, `]`, `{`, `}` and
+//!   `\` are reserved). The job is planned only when one pattern matches; in
+//!   a build without a branch, a job with `when` is never planned. `branch`
+//!   is the only condition today; other keys are errors.
+//! * A job whose dependency is not planned (because of its `when`, or of its
+//!   own dependencies) is not planned either: it would otherwise run without
+//!   what it needs.
+//! * The runner labels of a job are the union of its steps' labels; two
+//!   steps of one job needing different values of one label is an error of
+//!   [`plan`] (as it is for a `steps:` file, which is one job).
+//! * All jobs, after matrix expansion and before `when` is applied, count
+//!   toward the limits [`MAX_JOBS`], [`MAX_PLANNED_STEPS`] and [`MAX_NEEDS`],
+//!   so that whether a file is valid does not depend on the branch.
+//!
 //! Scalars in `env` and `labels` values are taken as written: `3.10` is the
 //! text `3.10` (not `3.1`), `true` is `true`, and an empty or null value
 //! (`K:`, `K: ~`) is the empty string. Durations use the
@@ -33,9 +93,10 @@
 //! zero.
 //!
 //! Unknown keys are errors, so a typo never goes unnoticed. Later versions of
-//! the schema will add keys (`depends_on`, `matrix`, `parallel`, `retry`,
-//! `when`, ...); today they are rejected like any unknown key, and every
-//! file valid today will stay valid.
+//! the schema will add keys (`parallel`, `retry`, more `when` conditions,
+//! ...); today they are rejected like any unknown key, and every file valid
+//! today will stay valid (as every file of the first, `steps`-only schema
+//! still is, with the same meaning).
 //!
 //! Every error in the file is reported with its location (line and column,
 //! 1-based), like
@@ -45,8 +106,12 @@
 //! ```
 //!
 //! and this includes the checks beyond YAML types: empty `steps`, a
-//! duplicate step name (reported at its second occurrence), an invalid
-//! duration, and so on. See [`PipelineError`].
+//! duplicate step or job name (reported at its second occurrence), an
+//! invalid duration, `jobs` next to `steps` (at the second of the two keys),
+//! an unknown job or a cycle in `depends_on` (at the offending value; a
+//! cycle at the first value in the file that closes one), a matrix with too
+//! many cells (at its `matrix` key), an invalid branch pattern, and so on.
+//! See [`PipelineError`].
 //!
 //! Files larger than [`MAX_FILE_SIZE`] are refused, and so are documents
 //! whose flow collections (`[...]`, `{...}`) nest so deeply that the YAML
@@ -61,7 +126,11 @@
 
 mod detect;
 mod error;
+mod glob;
+mod graph;
 mod guard;
+mod outline;
+mod planner;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -81,17 +150,95 @@ pub const FILE_NAME: &str = ".kiln.yml";
 /// Largest accepted pipeline file, in bytes (1 MiB).
 pub const MAX_FILE_SIZE: usize = 1024 * 1024;
 
-/// A pipeline: the steps to run for a commit, in order.
+/// Most cells of the matrix of one job.
+pub const MAX_MATRIX_CELLS: usize = 256;
+
+/// Most axes of the matrix of one job.
+pub const MAX_MATRIX_AXES: usize = 16;
+
+/// Most jobs of a `jobs:` file once the matrices are expanded (before `when`
+/// is applied).
+pub const MAX_JOBS: usize = 1000;
+
+/// Most steps of all the jobs of a `jobs:` file once the matrices are
+/// expanded: each cell of a matrix job runs all the steps of the job. (About
+/// the most steps a `steps:` file of [`MAX_FILE_SIZE`] can have.)
+pub const MAX_PLANNED_STEPS: usize = 50_000;
+
+/// Most dependencies between the jobs of a `jobs:` file once the matrices
+/// are expanded: a job of `n` cells depending on a job of `m` cells counts
+/// `n × m` (the sum of the lengths of [`JobPlan::needs`] over all cells).
+pub const MAX_NEEDS: usize = 100_000;
+
+/// A pipeline: the steps to run for a commit, in order (one job), or the
+/// jobs to run, in dependency order. Use [`plan`] to get the jobs of a
+/// build in either case.
 ///
 /// The serde impls of this and the other types are for passing a resolved
 /// pipeline around (to a store, over the wire); they neither read the
 /// `.kiln.yml` schema nor check its rules: use [`parse`] for that.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pipeline {
-    /// The steps, in the order of the file; never empty.
+    /// The steps of a `steps:` file or of a detected pipeline, in the order
+    /// of the file; never empty then. Empty for a `jobs:` file.
     pub steps: Vec<Step>,
+    /// The jobs of a `jobs:` file, in the order of the file, before matrix
+    /// expansion; never empty then. Empty otherwise (and absent from the
+    /// serialized form then).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jobs: Vec<JobDef>,
     /// Where the pipeline came from.
     pub source: Source,
+}
+
+/// A job of a `jobs:` file, as written: before matrix expansion and `when`
+/// filtering (see [`plan`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JobDef {
+    /// Unique name of the job, with the rules of a step name.
+    pub name: String,
+    /// The steps, in the order of the file, with the file-wide and then the
+    /// job's `env`, `labels` and `timeout` applied (but not the matrix
+    /// variables, which [`plan`] adds per cell); never empty.
+    pub steps: Vec<Step>,
+    /// Names of the jobs this one runs after, in the order of the file,
+    /// without repetitions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
+    /// The matrix: axis names to their values (in the order of the file);
+    /// empty for a job without a matrix.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub matrix: BTreeMap<String, Vec<String>>,
+    /// The job's conditions; `None` runs it in every build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<When>,
+}
+
+/// The conditions of a job (`when:`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct When {
+    /// Branch patterns, one of which must match the branch of the build;
+    /// never empty. See the crate documentation for the syntax.
+    pub branch: Vec<String>,
+}
+
+/// One job of a build, after matrix expansion and `when` filtering, as
+/// [`plan`] returns them: in a deterministic topological order (a job after
+/// every job it needs; among the jobs that are ready, the first in the
+/// file, the cells of a matrix job in a row).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JobPlan {
+    /// Unique name in the plan: the job's name, followed for a matrix cell
+    /// by its values, like `test (os=linux, python=3.11)`.
+    pub name: String,
+    /// The steps, in order, post steps included, with all the defaults and
+    /// the matrix variables applied.
+    pub steps: Vec<Step>,
+    /// Runner labels the job needs: the union of its steps' labels.
+    pub labels: BTreeMap<String, String>,
+    /// Names of the jobs of this plan that must pass before this one runs,
+    /// in `depends_on` order (every cell of a matrix job, in plan order).
+    pub needs: Vec<String>,
 }
 
 /// Where a [`Pipeline`] came from.
@@ -177,36 +324,103 @@ pub fn parse(file_name: &str, text: &str) -> Result<Pipeline, PipelineError> {
     let yaml_error = |err: serde_norway::Error| PipelineError::from_yaml(file_name, &err);
     serde::de::IgnoredAny::deserialize(serde_norway::Deserializer::from_str(text))
         .map_err(yaml_error)?;
-    let raw = schema::DocumentSeed
-        .deserialize(serde_norway::Deserializer::from_str(text))
-        .map_err(yaml_error)?;
+    // The jobs' names and dependencies, so that the checks across jobs are
+    // reported where they fail (see the `outline` module).
+    let outline = outline::Outline::read(text);
+    let raw = schema::DocumentSeed {
+        outline: outline.as_ref(),
+    }
+    .deserialize(serde_norway::Deserializer::from_str(text))
+    .map_err(yaml_error)?;
     Ok(apply_defaults(raw))
 }
 
-/// Applies the file-wide `env`, `labels` and `timeout` to every step.
-fn apply_defaults(raw: schema::RawPipeline) -> Pipeline {
-    let steps = raw
-        .steps
+/// Applies the defaults (`env`, `labels` and `timeout`) of `outer`, then of
+/// `job` (when given), to a step.
+fn apply_step_defaults(
+    outer: &schema::RawPipeline,
+    job: Option<&schema::RawJob>,
+    step: schema::RawStep,
+) -> Step {
+    let mut env = outer.env.clone();
+    let mut labels = outer.labels.clone();
+    let mut timeout = outer.timeout;
+    if let Some(job) = job {
+        env.extend(job.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        labels.extend(job.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        timeout = job.timeout.or(timeout);
+    }
+    env.extend(step.env);
+    labels.extend(step.labels);
+    Step {
+        name: step.name,
+        run: step.run,
+        env,
+        timeout: step.timeout.or(timeout),
+        labels,
+        post: step.post,
+    }
+}
+
+/// Applies the file-wide `env`, `labels` and `timeout` to every step, and
+/// those of each job to its steps.
+fn apply_defaults(mut raw: schema::RawPipeline) -> Pipeline {
+    let raw_steps = std::mem::take(&mut raw.steps);
+    let raw_jobs = std::mem::take(&mut raw.jobs);
+    let steps = raw_steps
         .into_iter()
-        .map(|step| {
-            let mut env = raw.env.clone();
-            env.extend(step.env);
-            let mut labels = raw.labels.clone();
-            labels.extend(step.labels);
-            Step {
-                name: step.name,
-                run: step.run,
-                env,
-                timeout: step.timeout.or(raw.timeout),
-                labels,
-                post: step.post,
+        .map(|step| apply_step_defaults(&raw, None, step))
+        .collect();
+    let jobs = raw_jobs
+        .into_iter()
+        .map(|mut job| {
+            let job_steps = std::mem::take(&mut job.steps);
+            let steps = job_steps
+                .into_iter()
+                .map(|step| apply_step_defaults(&raw, Some(&job), step))
+                .collect();
+            JobDef {
+                name: job.name,
+                steps,
+                depends_on: job.depends_on,
+                matrix: job.matrix,
+                when: job.when.map(|branch| When { branch }),
             }
         })
         .collect();
     Pipeline {
         steps,
+        jobs,
         source: Source::File,
     }
+}
+
+/// Plans the jobs of a pipeline for a build of `branch` (the branch name,
+/// like `main` or `release/1.2`, not `refs/heads/main`; empty when the build
+/// has no branch).
+///
+/// A `steps:` pipeline (a file with `steps`, or a detected one) gives one
+/// job running all the steps, named after its step when it has only one,
+/// else `pipeline`, needing nothing. A `jobs:` pipeline gives one job per
+/// matrix cell of every job whose `when` holds for `branch` and whose
+/// dependencies are all planned (a job whose dependency was left out by
+/// `when` is left out too), in the order described at [`JobPlan`]; the
+/// plan may be empty when `when` leaves every job out.
+///
+/// The labels of a job are the union of its steps' labels (each step's
+/// labels already include the file's and the job's).
+///
+/// # Errors
+///
+/// [`PipelineError::Invalid`], without a location (the file name is
+/// [`FILE_NAME`]), when two steps of one job need different values of one
+/// runner label (the message names both steps and values), and for a
+/// pipeline that [`parse`] would not have returned (built or deserialized
+/// by hand): both `steps` and `jobs`, neither, a job without steps, a
+/// duplicate job name, an unknown dependency, a cycle, a matrix over the
+/// limits.
+pub fn plan(p: &Pipeline, branch: &str) -> Result<Vec<JobPlan>, PipelineError> {
+    planner::plan(p, branch)
 }
 
 /// Returns the pipeline of a repository: [`parse`] of `kiln_yml`, the text of

@@ -12,9 +12,13 @@
 //! Unknown keys are rejected with serde's own message (`unknown field `rn`,
 //! expected one of ...`), exactly like `#[serde(deny_unknown_fields)]`, and a
 //! key given twice is rejected at its second occurrence. Adding a key in a
-//! later version of the schema (`depends_on`, `matrix`, `retry`, ...) means
-//! adding it to the field list and to the match of its visitor; files valid
-//! today stay valid.
+//! later version of the schema (`retry`, `parallel`, ...) means adding it to
+//! the field list and to the match of its visitor; files valid before stay
+//! valid.
+//!
+//! The checks that need the rest of the file (a `depends_on` naming a job
+//! defined further down, a cycle, a file expanding to too many jobs) use the
+//! [`Outline`] read beforehand; see [`jobs`] for the `jobs` mapping.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -22,14 +26,20 @@ use std::time::Duration;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
+use crate::outline::Outline;
+
+pub(crate) mod jobs;
+
+pub(crate) use self::jobs::{RawJob, cells_of, unknown_job_message};
+
 /// Keys allowed at the top level of the file.
-pub(crate) const TOP_FIELDS: &[&str] = &["version", "env", "labels", "timeout", "steps"];
+pub(crate) const TOP_FIELDS: &[&str] = &["version", "env", "labels", "timeout", "steps", "jobs"];
 /// Keys allowed in a step.
 pub(crate) const STEP_FIELDS: &[&str] = &["name", "run", "env", "timeout", "labels", "post"];
 
 /// The only `version` this crate understands.
 const VERSION: &str = "1";
-/// Longest allowed step name, in characters.
+/// Longest allowed step (and job) name, in characters.
 const MAX_NAME_LEN: usize = 64;
 /// Longest piece of user text quoted back in an error message.
 const MAX_QUOTE: usize = 80;
@@ -40,7 +50,10 @@ pub(crate) struct RawPipeline {
     pub(crate) env: BTreeMap<String, String>,
     pub(crate) labels: BTreeMap<String, String>,
     pub(crate) timeout: Option<Duration>,
+    /// The steps of a `steps:` file; empty for a `jobs:` file.
     pub(crate) steps: Vec<RawStep>,
+    /// The jobs of a `jobs:` file, in file order; empty for a `steps:` file.
+    pub(crate) jobs: Vec<RawJob>,
 }
 
 /// A step as written.
@@ -55,7 +68,7 @@ pub(crate) struct RawStep {
 }
 
 /// Quotes user text in a message, shortened if it is long.
-fn quote(text: &str) -> String {
+pub(crate) fn quote(text: &str) -> String {
     if text.chars().count() <= MAX_QUOTE {
         format!("`{text}`")
     } else {
@@ -72,6 +85,9 @@ fn quote(text: &str) -> String {
 struct FieldSeed<'a> {
     fields: &'static [&'static str],
     seen: &'a mut Vec<&'static str>,
+    /// A key rejected with a message (checked after the two rules above), so
+    /// that an error about a whole entry is reported at its key.
+    refuse: Option<(&'static str, String)>,
 }
 
 impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
@@ -96,6 +112,11 @@ impl Visitor<'_> for FieldSeed<'_> {
         if self.seen.contains(&field) {
             return Err(E::duplicate_field(field));
         }
+        if let Some((refused, message)) = self.refuse
+            && refused == field
+        {
+            return Err(E::custom(message));
+        }
         self.seen.push(field);
         Ok(field)
     }
@@ -104,10 +125,13 @@ impl Visitor<'_> for FieldSeed<'_> {
 // ---------------------------------------------------------------------------
 // Top level
 
-/// Reads the whole document.
-pub(crate) struct DocumentSeed;
+/// Reads the whole document, with the [`Outline`] of its jobs when it could
+/// be read.
+pub(crate) struct DocumentSeed<'a> {
+    pub(crate) outline: Option<&'a Outline>,
+}
 
-impl<'de> DeserializeSeed<'de> for DocumentSeed {
+impl<'de> DeserializeSeed<'de> for DocumentSeed<'_> {
     type Value = RawPipeline;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
@@ -115,16 +139,17 @@ impl<'de> DeserializeSeed<'de> for DocumentSeed {
     }
 }
 
-impl<'de> Visitor<'de> for DocumentSeed {
+impl<'de> Visitor<'de> for DocumentSeed<'_> {
     type Value = RawPipeline;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a mapping at the top level, with a `steps` list")
+        f.write_str("a mapping at the top level, with a `steps` list or a `jobs` mapping")
     }
 
     fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
         Err(E::custom(
-            "the file holds no pipeline; it must be a mapping with a non-empty `steps` list",
+            "the file holds no pipeline; it must be a mapping with a non-empty `steps` list \
+             or `jobs` mapping",
         ))
     }
 
@@ -138,25 +163,52 @@ impl<'de> Visitor<'de> for DocumentSeed {
         let mut labels = BTreeMap::new();
         let mut timeout = None;
         let mut steps = None;
-        while let Some(field) = map.next_key_seed(FieldSeed {
-            fields: TOP_FIELDS,
-            seen: &mut seen,
-        })? {
+        let mut jobs = None;
+        loop {
+            let refuse = match (&steps, &jobs) {
+                (Some(_), _) => Some((
+                    "jobs",
+                    "`jobs` cannot be used with `steps`: a file has either a `steps` list \
+                     (one job) or a `jobs` mapping",
+                )),
+                (_, Some(_)) => Some((
+                    "steps",
+                    "`steps` cannot be used with `jobs`: a file has either a `steps` list \
+                     (one job) or a `jobs` mapping, whose jobs have their own `steps`",
+                )),
+                _ => None,
+            };
+            let Some(field) = map.next_key_seed(FieldSeed {
+                fields: TOP_FIELDS,
+                seen: &mut seen,
+                refuse: refuse.map(|(key, message)| (key, message.to_owned())),
+            })?
+            else {
+                break;
+            };
             match field {
                 "version" => map.next_value_seed(VersionSeed)?,
                 "env" => env = map.next_value_seed(EnvSeed)?,
                 "labels" => labels = map.next_value_seed(LabelsSeed)?,
                 "timeout" => timeout = Some(map.next_value_seed(DurationSeed)?),
                 "steps" => steps = Some(map.next_value_seed(StepsSeed)?),
+                "jobs" => {
+                    jobs = Some(map.next_value_seed(jobs::JobsSeed {
+                        outline: self.outline,
+                    })?);
+                }
                 other => return Err(de::Error::unknown_field(other, TOP_FIELDS)),
             }
         }
-        let steps = steps.ok_or_else(|| de::Error::missing_field("steps"))?;
+        if steps.is_none() && jobs.is_none() {
+            return Err(de::Error::custom("missing field `steps` or `jobs`"));
+        }
         Ok(RawPipeline {
             env,
             labels,
             timeout,
-            steps,
+            steps: steps.unwrap_or_default(),
+            jobs: jobs.unwrap_or_default(),
         })
     }
 }
@@ -277,6 +329,7 @@ impl<'de> Visitor<'de> for StepSeed<'_> {
         while let Some(field) = map.next_key_seed(FieldSeed {
             fields: STEP_FIELDS,
             seen: &mut seen,
+            refuse: None,
         })? {
             match field {
                 "name" => {

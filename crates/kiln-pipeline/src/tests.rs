@@ -129,6 +129,7 @@ fn minimal_file_has_no_defaults() {
                 labels: BTreeMap::new(),
                 post: None,
             }],
+            jobs: Vec::new(),
             source: Source::File,
         }
     );
@@ -619,11 +620,40 @@ fn hostile_yaml_does_not_hang_or_panic() {
     assert!(err.to_string().len() < 400, "{err}");
 }
 
-/// Truncations and byte mutations of a valid file never panic, and every
-/// error names the file.
+/// Truncations and byte mutations of a valid file (a `steps:` one and a
+/// `jobs:` one) never panic, every error names the file, and every plan
+/// lists a job after the jobs it needs.
 #[test]
 fn mutated_inputs_never_panic() {
-    let base = FULL.as_bytes();
+    let jobs_sample = format!(
+        "{JOBS}  deploy:\n    depends_on: [test, lint]\n    when: {{branch: '**'}}\n    steps:\n      \
+         - name: up\n        run: [./deploy.sh]\n      - {{name: down, run: cleanup, post: always}}\n"
+    );
+    assert_eq!(plan_of(&jobs_sample, "main").len(), 5);
+    for sample in [FULL, jobs_sample.as_str()] {
+        check_mutations(sample);
+    }
+}
+
+/// Checks the plan of a pipeline for a few branches.
+fn check_plans(pipeline: &Pipeline) {
+    for branch in ["main", "release/1", ""] {
+        match plan(pipeline, branch) {
+            Ok(jobs) => {
+                let mut seen = std::collections::HashSet::new();
+                for job in &jobs {
+                    assert!(!job.steps.is_empty());
+                    assert!(job.needs.iter().all(|need| seen.contains(need.as_str())));
+                    assert!(seen.insert(job.name.as_str()), "{}", job.name);
+                }
+            }
+            Err(err) => assert!(err.to_string().starts_with(FILE_NAME), "{err}"),
+        }
+    }
+}
+
+fn check_mutations(sample: &str) {
+    let base = sample.as_bytes();
     let mut checked = 0;
     let mut check = |bytes: &[u8]| {
         let Ok(text) = std::str::from_utf8(bytes) else {
@@ -631,7 +661,10 @@ fn mutated_inputs_never_panic() {
         };
         checked += 1;
         match parse(FILE_NAME, text) {
-            Ok(pipeline) => assert!(!pipeline.steps.is_empty()),
+            Ok(pipeline) => {
+                assert!(pipeline.steps.is_empty() != pipeline.jobs.is_empty());
+                check_plans(&pipeline);
+            }
             Err(err) => {
                 let display = err.to_string();
                 assert!(display.starts_with(FILE_NAME), "{display}");
@@ -676,7 +709,7 @@ fn mutated_inputs_never_panic() {
         check(&bytes);
     }
     // Lines swapped and duplicated.
-    let lines: Vec<&str> = FULL.lines().collect();
+    let lines: Vec<&str> = sample.lines().collect();
     for i in 0..lines.len() {
         let mut swapped = lines.clone();
         swapped.swap(i, (i + 1) % lines.len());
@@ -760,4 +793,796 @@ fn resolve_prefers_the_file() {
         resolve(Some(""), &tree),
         Err(PipelineError::Empty { .. })
     ));
+}
+
+// ---------------------------------------------------------------------------
+// Jobs
+
+/// The example of the crate documentation.
+const JOBS: &str = r#"env: {A: "1"}
+jobs:
+  build:
+    steps:
+      - {name: compile, run: make}
+  test:
+    depends_on: [build]
+    matrix:
+      python: ["3.11", "3.12"]
+      os: [linux]
+    env: {B: "2"}
+    labels: {os: linux}
+    timeout: 10m
+    when: {branch: ["main", "release/*"]}
+    steps:
+      - {name: unit, run: "pytest --python $PYTHON"}
+  lint:
+    steps: [{name: clippy, run: cargo clippy}]
+"#;
+
+fn names(plan: &[JobPlan]) -> Vec<&str> {
+    plan.iter().map(|job| job.name.as_str()).collect()
+}
+
+fn plan_of(text: &str, branch: &str) -> Vec<JobPlan> {
+    plan(&parse(FILE_NAME, text).unwrap(), branch).unwrap()
+}
+
+fn step(name: &str, run: &str, env: &[(&str, &str)]) -> Step {
+    Step {
+        name: name.into(),
+        run: run.into(),
+        env: map(env),
+        timeout: None,
+        labels: BTreeMap::new(),
+        post: None,
+    }
+}
+
+#[test]
+fn jobs_file_is_parsed_into_job_definitions() {
+    let pipeline = parse(FILE_NAME, JOBS).unwrap();
+    assert!(pipeline.steps.is_empty());
+    assert_eq!(pipeline.source, Source::File);
+    let test = Step {
+        timeout: Some(Duration::from_secs(600)),
+        labels: map(&[("os", "linux")]),
+        ..step("unit", "pytest --python $PYTHON", &[("A", "1"), ("B", "2")])
+    };
+    assert_eq!(
+        pipeline.jobs,
+        vec![
+            JobDef {
+                name: "build".into(),
+                steps: vec![step("compile", "make", &[("A", "1")])],
+                depends_on: vec![],
+                matrix: BTreeMap::new(),
+                when: None,
+            },
+            JobDef {
+                name: "test".into(),
+                steps: vec![test],
+                depends_on: vec!["build".into()],
+                matrix: [
+                    (
+                        "python".to_owned(),
+                        vec!["3.11".to_owned(), "3.12".to_owned()]
+                    ),
+                    ("os".to_owned(), vec!["linux".to_owned()]),
+                ]
+                .into_iter()
+                .collect(),
+                when: Some(When {
+                    branch: vec!["main".into(), "release/*".into()],
+                }),
+            },
+            JobDef {
+                name: "lint".into(),
+                steps: vec![step("clippy", "cargo clippy", &[("A", "1")])],
+                depends_on: vec![],
+                matrix: BTreeMap::new(),
+                when: None,
+            },
+        ]
+    );
+}
+
+#[test]
+fn example_planned_for_main() {
+    let plan = plan_of(JOBS, "main");
+    assert_eq!(
+        names(&plan),
+        [
+            "build",
+            "test (os=linux, python=3.11)",
+            "test (os=linux, python=3.12)",
+            "lint"
+        ]
+    );
+    assert_eq!(
+        plan[0],
+        JobPlan {
+            name: "build".into(),
+            steps: vec![step("compile", "make", &[("A", "1")])],
+            labels: BTreeMap::new(),
+            needs: vec![],
+        }
+    );
+    for (job, python) in plan[1..3].iter().zip(["3.11", "3.12"]) {
+        assert_eq!(job.needs, ["build"]);
+        assert_eq!(job.labels, map(&[("os", "linux")]));
+        assert_eq!(
+            job.steps,
+            [Step {
+                timeout: Some(Duration::from_secs(600)),
+                labels: map(&[("os", "linux")]),
+                ..step(
+                    "unit",
+                    "pytest --python $PYTHON",
+                    &[("A", "1"), ("B", "2"), ("OS", "linux"), ("PYTHON", python)]
+                )
+            }]
+        );
+    }
+    assert_eq!(plan[3].name, "lint");
+    assert!(plan[3].needs.is_empty() && plan[3].labels.is_empty());
+    // `release/*` matches one path segment only.
+    assert_eq!(plan_of(JOBS, "release/2.0").len(), 4);
+    assert_eq!(names(&plan_of(JOBS, "release/2.0/rc1")), ["build", "lint"]);
+}
+
+#[test]
+fn example_planned_for_a_feature_branch() {
+    assert_eq!(names(&plan_of(JOBS, "feature/x")), ["build", "lint"]);
+    // No branch: jobs with a `when` are left out.
+    assert_eq!(names(&plan_of(JOBS, "")), ["build", "lint"]);
+}
+
+#[test]
+fn when_string_list_and_double_star() {
+    let text = "jobs:
+  a:
+    when: {branch: main}
+    steps: [{name: s, run: x}]
+  b:
+    when:
+      branch:
+        - 'release/**'
+        - '*-hotfix'
+    steps: [{name: s, run: x}]
+  c:
+    when: {branch: '**'}
+    steps: [{name: s, run: x}]
+";
+    let pipeline = parse(FILE_NAME, text).unwrap();
+    assert_eq!(
+        pipeline.jobs[0].when,
+        Some(When {
+            branch: vec!["main".into()]
+        })
+    );
+    let planned = |branch| {
+        let plan = plan(&pipeline, branch).unwrap();
+        names(&plan).join(" ")
+    };
+    assert_eq!(planned("main"), "a c");
+    assert_eq!(planned("main2"), "c");
+    assert_eq!(planned("release/1.0/rc1"), "b c");
+    assert_eq!(planned("release"), "c");
+    assert_eq!(planned("urgent-hotfix"), "b c");
+    assert_eq!(planned("team/urgent-hotfix"), "c");
+    assert_eq!(planned(""), "");
+}
+
+#[test]
+fn matrix_names_order_and_env() {
+    let text = "env: {PYTHON: file, KEEP: file}
+jobs:
+  t:
+    matrix:
+      python: ['3.10', 3.12]
+      arch: [x86_64, arm64]
+    env: {PYTHON: job}
+    steps:
+      - {name: a, run: x, env: {PYTHON: step, OWN: step}}
+";
+    let plan = plan_of(text, "main");
+    assert_eq!(
+        names(&plan),
+        [
+            "t (arch=x86_64, python=3.10)",
+            "t (arch=x86_64, python=3.12)",
+            "t (arch=arm64, python=3.10)",
+            "t (arch=arm64, python=3.12)",
+        ]
+    );
+    // The matrix variables win over every `env`.
+    assert_eq!(
+        plan[2].steps[0].env,
+        map(&[
+            ("ARCH", "arm64"),
+            ("KEEP", "file"),
+            ("OWN", "step"),
+            ("PYTHON", "3.10")
+        ])
+    );
+}
+
+#[test]
+fn job_defaults_sit_between_file_and_step() {
+    let text = "env: {A: file, B: file, C: file}
+labels: {os: linux, arch: x86_64}
+timeout: 1h
+jobs:
+  j:
+    env: {B: job, C: job}
+    labels: {arch: arm64}
+    timeout: 20m
+    steps:
+      - {name: a, run: x, env: {C: step}, timeout: 5m}
+      - {name: b, run: y}
+  k:
+    steps: [{name: c, run: z}]
+";
+    let pipeline = parse(FILE_NAME, text).unwrap();
+    let j = &pipeline.jobs[0];
+    assert_eq!(
+        j.steps[0].env,
+        map(&[("A", "file"), ("B", "job"), ("C", "step")])
+    );
+    assert_eq!(
+        j.steps[1].env,
+        map(&[("A", "file"), ("B", "job"), ("C", "job")])
+    );
+    assert_eq!(j.steps[0].timeout, Some(Duration::from_secs(300)));
+    assert_eq!(j.steps[1].timeout, Some(Duration::from_secs(1200)));
+    assert_eq!(
+        j.steps[1].labels,
+        map(&[("os", "linux"), ("arch", "arm64")])
+    );
+    let k = &pipeline.jobs[1];
+    assert_eq!(k.steps[0].timeout, Some(Duration::from_secs(3600)));
+    assert_eq!(
+        k.steps[0].labels,
+        map(&[("os", "linux"), ("arch", "x86_64")])
+    );
+    let plan = plan(&pipeline, "").unwrap();
+    assert_eq!(plan[0].labels, map(&[("os", "linux"), ("arch", "arm64")]));
+}
+
+#[test]
+fn depending_on_a_matrix_job_needs_every_cell() {
+    let text = "jobs:
+  deploy:
+    depends_on: [test, build]
+    steps: [{name: d, run: x}]
+  test:
+    depends_on: build
+    matrix: {v: [1, 2, 3]}
+    steps: [{name: t, run: x}]
+  build:
+    steps: [{name: b, run: x}]
+";
+    let plan = plan_of(text, "main");
+    // Topological, the first ready job in file order first.
+    assert_eq!(
+        names(&plan),
+        ["build", "test (v=1)", "test (v=2)", "test (v=3)", "deploy"]
+    );
+    assert_eq!(plan[1].needs, ["build"]);
+    assert_eq!(
+        plan[4].needs,
+        ["test (v=1)", "test (v=2)", "test (v=3)", "build"]
+    );
+}
+
+#[test]
+fn a_job_whose_dependency_is_left_out_is_left_out() {
+    let text = "jobs:
+  a:
+    when: {branch: main}
+    steps: [{name: s, run: x}]
+  b:
+    depends_on: [a]
+    steps: [{name: s, run: x}]
+  c:
+    depends_on: [b]
+    steps: [{name: s, run: x}]
+  d:
+    steps: [{name: s, run: x}]
+";
+    assert_eq!(names(&plan_of(text, "main")), ["a", "b", "c", "d"]);
+    assert_eq!(names(&plan_of(text, "dev")), ["d"]);
+    let text = "jobs:\n  a:\n    when: {branch: main}\n    steps: [{name: s, run: x}]\n";
+    assert!(plan_of(text, "dev").is_empty());
+}
+
+#[test]
+fn plan_of_a_steps_file_is_one_job() {
+    let jobs = plan_of(FULL.replace("arm64", "x86_64").as_str(), "main");
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].name, "pipeline");
+    assert_eq!(
+        jobs[0].labels,
+        map(&[("os", "linux"), ("arch", "x86_64"), ("gpu", "yes")])
+    );
+    assert!(jobs[0].needs.is_empty());
+    // The union of the steps' labels, when they agree.
+    let text = "labels: {os: linux}\nsteps:\n  - {name: a, run: x}\n  - {name: b, run: y, labels: {gpu: 'yes'}}\n";
+    assert_eq!(
+        plan_of(text, "")[0].labels,
+        map(&[("os", "linux"), ("gpu", "yes")])
+    );
+    let single = plan_of("steps: [{name: only, run: x}]", "");
+    assert_eq!(single[0].name, "only");
+    let detected = plan(&detect(&paths(&["Cargo.toml"])).unwrap(), "main").unwrap();
+    assert_eq!(detected[0].name, "cargo-test");
+    assert_eq!(detected[0].steps[0].run, "cargo test");
+}
+
+#[test]
+fn conflicting_labels_name_both_steps() {
+    // FULL: `lint` inherits arch=x86_64, `test.unit_1` asks for arm64.
+    let err = plan(&parse(FILE_NAME, FULL).unwrap(), "main").unwrap_err();
+    assert_eq!(err.line(), None);
+    assert_eq!(
+        err.to_string(),
+        ".kiln.yml: job `pipeline`: steps `lint` and `test.unit_1` need different values \
+         of the runner label `arch`: `x86_64` and `arm64`"
+    );
+    let text = "jobs:
+  j:
+    labels: {os: linux}
+    matrix: {v: [1]}
+    steps:
+      - {name: a, run: x}
+      - {name: b, run: x, labels: {os: mac}}
+";
+    let err = plan(&parse(FILE_NAME, text).unwrap(), "").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("job `j (v=1)`: steps `a` and `b` need different values of the runner label `os`: `linux` and `mac`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn jobs_serde_round_trip() {
+    let pipeline = parse(FILE_NAME, JOBS).unwrap();
+    let text = serde_norway::to_string(&pipeline).unwrap();
+    let back: Pipeline = serde_norway::from_str(&text).unwrap();
+    assert_eq!(back, pipeline);
+    // A `steps:` pipeline serializes as before, without `jobs`.
+    let text = serde_norway::to_string(&parse(FILE_NAME, FULL).unwrap()).unwrap();
+    assert!(!text.contains("jobs"), "{text}");
+    let old = "steps:\n- name: a\n  run: x\n  env: {}\n  timeout: null\n  labels: {}\n  post: null\nsource: File\n";
+    let back: Pipeline = serde_norway::from_str(old).unwrap();
+    assert!(back.jobs.is_empty());
+    assert_eq!(back.steps[0].name, "a");
+}
+
+// Errors of `jobs` files, with their exact location.
+
+#[test]
+fn steps_and_jobs_together() {
+    assert_error(
+        "steps: [{name: a, run: x}]\njobs: {b: {steps: [{name: s, run: x}]}}\n",
+        2,
+        1,
+        "`jobs` cannot be used with `steps`",
+    );
+    assert_error(
+        "jobs:\n  b:\n    steps: [{name: s, run: x}]\nenv: {}\nsteps: [{name: a, run: x}]\n",
+        5,
+        1,
+        "`steps` cannot be used with `jobs`",
+    );
+    assert_error("env: {}\n", 1, 1, "missing field `steps` or `jobs`");
+}
+
+#[test]
+fn unknown_dependency() {
+    let text = "jobs:
+  build:
+    steps: [{name: s, run: x}]
+  test:
+    depends_on: [build, biuld]
+    steps: [{name: s, run: x}]
+";
+    let (line, column, message) = error_at(text);
+    assert_eq!((line, column), (5, 25), "{message}");
+    assert_eq!(
+        message,
+        "unknown job `biuld` in `depends_on`; the jobs of the file are `build`, `test`"
+    );
+    // A single name, and a dependency defined further down is fine.
+    assert_error(
+        "jobs:\n  a:\n    depends_on: nope\n    steps: [{name: s, run: x}]\n",
+        3,
+        17,
+        "unknown job `nope`",
+    );
+    assert!(parse(FILE_NAME, "jobs:\n  a: {depends_on: b, steps: [{name: s, run: x}]}\n  b: {steps: [{name: s, run: x}]}\n").is_ok());
+    assert_error(
+        "jobs:\n  a:\n    depends_on:\n      - a\n    steps: [{name: s, run: x}]\n",
+        4,
+        9,
+        "job `a` depends on itself",
+    );
+    assert_error(
+        "jobs:\n  a: {steps: [{name: s, run: x}]}\n  b: {depends_on: [a, a], steps: [{name: s, run: x}]}\n",
+        3,
+        23,
+        "duplicate dependency `a`",
+    );
+    assert_error(
+        "jobs:\n  a: {steps: [{name: s, run: x}]}\n  b: {depends_on: 3, steps: [{name: s, run: x}]}\n",
+        3,
+        19,
+        "invalid type: integer `3`, expected a job name or a list of job names",
+    );
+}
+
+#[test]
+fn cycle_is_reported_at_the_dependency_closing_it() {
+    let text = "jobs:
+  a:
+    depends_on: [c]
+    steps: [{name: s, run: x}]
+  b:
+    depends_on: [a]
+    steps: [{name: s, run: x}]
+  c:
+    depends_on:
+      - d
+      - b
+    steps: [{name: s, run: x}]
+  d:
+    steps: [{name: s, run: x}]
+";
+    let (line, column, message) = error_at(text);
+    // The first `depends_on` value in the file on the cycle: `c` in `a`.
+    assert_eq!((line, column), (3, 18), "{message}");
+    assert_eq!(
+        message,
+        "dependency cycle: `a` -> `c` -> `b` -> `a` (each job depends on the next)"
+    );
+    // A two-job cycle, written as strings.
+    let text = "jobs:\n  x:\n    steps: [{name: s, run: x}]\n    depends_on: y\n  y:\n    depends_on: x\n    steps: [{name: s, run: x}]\n";
+    assert_error(text, 4, 17, "dependency cycle: `x` -> `y` -> `x`");
+    // A job depending on a cycle is not itself on it: reported on the cycle.
+    let text = "jobs:\n  top: {depends_on: [p], steps: [{name: s, run: x}]}\n  p: {depends_on: [q], steps: [{name: s, run: x}]}\n  q: {depends_on: [p], steps: [{name: s, run: x}]}\n";
+    assert_error(text, 3, 20, "dependency cycle: `p` -> `q` -> `p`");
+}
+
+#[test]
+fn cycle_without_outline_is_still_an_error() {
+    // A hand-made pipeline with a cycle: `plan` refuses it.
+    let mut pipeline = parse(
+        FILE_NAME,
+        "jobs:\n  a: {steps: [{name: s, run: x}]}\n  b: {depends_on: [a], steps: [{name: s, run: x}]}\n",
+    )
+    .unwrap();
+    pipeline.jobs[0].depends_on = vec!["b".into()];
+    let err = plan(&pipeline, "main").unwrap_err();
+    assert_eq!(err.line(), None);
+    assert_eq!(
+        err.to_string(),
+        ".kiln.yml: dependency cycle: `a` -> `b` -> `a` (each job depends on the next)"
+    );
+    pipeline.jobs[0].depends_on = vec!["zz".into()];
+    let err = plan(&pipeline, "main").unwrap_err();
+    assert!(
+        err.to_string().contains("job `a`: unknown job `zz`"),
+        "{err}"
+    );
+    pipeline.steps = parse(FILE_NAME, FULL).unwrap().steps;
+    assert!(plan(&pipeline, "main").is_err());
+}
+
+#[test]
+fn bad_job_names_and_shapes() {
+    assert_error(
+        "jobs:\n  a: {steps: [{name: s, run: x}]}\n  b: {steps: [{name: s, run: x}]}\n  a: {steps: [{name: s, run: x}]}\n",
+        4,
+        3,
+        "duplicate job name `a`, already used by job 1",
+    );
+    assert_error(
+        "jobs:\n  'a b':\n    steps: [{name: s, run: x}]\n",
+        2,
+        3,
+        "invalid job name `a b`",
+    );
+    assert_error("jobs: {}\n", 1, 7, "`jobs` is empty");
+    assert_error("jobs:\n", 1, 6, "`jobs` is empty");
+    assert_error(
+        "jobs: [a]\n",
+        1,
+        7,
+        "invalid type: sequence, expected a mapping of job names to jobs",
+    );
+    assert_error(
+        "jobs:\n  a:\n    run: x\n",
+        3,
+        5,
+        "unknown field `run`, expected one of `steps`, `depends_on`, `matrix`, `env`, `labels`, `timeout`, `when`",
+    );
+    assert_error("jobs:\n  a:\n    env: {}\n", 3, 5, "missing field `steps`");
+    assert_error("jobs:\n  a:\n    steps: []\n", 3, 12, "`steps` is empty");
+    assert_error(
+        "jobs:\n  a:\n    steps:\n      - {name: s, run: x}\n      - {name: s, run: y}\n",
+        5,
+        16,
+        "duplicate step name `s`, already used by step 1",
+    );
+    // Step names may repeat across jobs.
+    assert!(
+        parse(
+            FILE_NAME,
+            "jobs:\n  a: {steps: [{name: s, run: x}]}\n  b: {steps: [{name: s, run: x}]}\n"
+        )
+        .is_ok()
+    );
+    assert_error(
+        "jobs:\n  a:\n    timeout: 0s\n    steps: [{name: s, run: x}]\n",
+        3,
+        14,
+        "must be greater than zero",
+    );
+}
+
+#[test]
+fn bad_when() {
+    let job =
+        |when: &str| format!("jobs:\n  a:\n    when: {when}\n    steps: [{{name: s, run: x}}]\n");
+    assert_error(
+        &job("{tag: v1}"),
+        3,
+        12,
+        "unknown field `tag`, expected `branch`",
+    );
+    assert_error(&job("{}"), 3, 11, "missing field `branch`");
+    assert_error(&job(""), 3, 10, "`when` is empty");
+    assert_error(&job("{branch: []}"), 3, 20, "`branch` is empty");
+    assert_error(
+        &job("{branch: 'v[0-9]'}"),
+        3,
+        20,
+        "invalid branch pattern `v[0-9]`: `[` is reserved",
+    );
+    assert_error(
+        &job("{branch: [main, '']}"),
+        3,
+        27,
+        "invalid branch pattern ``: it is empty",
+    );
+    assert_error(
+        &job("{branch: [main, {a: b}]}"),
+        3,
+        27,
+        "invalid type: map, expected a branch pattern",
+    );
+    assert_error(
+        &job("main"),
+        3,
+        11,
+        "invalid type: string \"main\", expected a mapping of conditions",
+    );
+}
+
+#[test]
+fn bad_matrix() {
+    let job = |matrix: &str| {
+        format!("jobs:\n  a:\n    matrix: {matrix}\n    steps: [{{name: s, run: x}}]\n")
+    };
+    assert_error(&job("{}"), 3, 13, "`matrix` is empty");
+    assert_error(&job("{v: []}"), 3, 17, "matrix axis `v` has no values");
+    assert_error(&job("{v: ~}"), 3, 17, "matrix axis `v` has no values");
+    assert_error(
+        &job("{v: 1}"),
+        3,
+        17,
+        "invalid type: integer `1`, expected a list of values",
+    );
+    assert_error(
+        &job("{v: [1, 2, 1]}"),
+        3,
+        24,
+        "duplicate value `1` in matrix axis `v`",
+    );
+    assert_error(
+        &job("{v: [1, '']}"),
+        3,
+        21,
+        "empty value in matrix axis `v`",
+    );
+    assert_error(&job("{v: ['a,b']}"), 3, 18, "invalid matrix value `a,b`");
+    assert_error(&job("{v: [[1]]}"), 3, 18, "invalid type: sequence");
+    assert_error(
+        &job("{node-version: [1]}"),
+        3,
+        14,
+        "invalid matrix axis name `node-version`",
+    );
+    assert_error(
+        &job("{py: [1], PY: [2]}"),
+        3,
+        23,
+        "matrix axes `py` and `PY` would both set the variable `PY`",
+    );
+    assert_error(&job("{v: [1], v: [2]}"), 3, 22, "duplicate matrix axis `v`");
+    let axes: Vec<String> = (0..=MAX_MATRIX_AXES)
+        .map(|i| format!("a{i}: [x]"))
+        .collect();
+    let (line, _, message) = error_at(&job(&format!("{{{}}}", axes.join(", "))));
+    assert_eq!(line, 3);
+    assert_eq!(message, "more than 16 matrix axes");
+}
+
+#[test]
+fn too_many_matrix_cells_is_reported_at_the_key() {
+    let values: Vec<String> = (0..17).map(|i| i.to_string()).collect();
+    let list = values.join(", ");
+    let text = format!(
+        "jobs:\n  big:\n    steps: [{{name: s, run: x}}]\n    matrix:\n      a: [{list}]\n      b: [{list}]\n"
+    );
+    let (line, column, message) = error_at(&text);
+    assert_eq!((line, column), (4, 5), "{message}");
+    assert_eq!(
+        message,
+        "the matrix of job `big` has 289 cells (the product of the numbers of values of its \
+         axes), more than the limit of 256"
+    );
+    // 16 × 16 = 256 is fine.
+    let list: Vec<String> = (0..16).map(|i| i.to_string()).collect();
+    let list = list.join(", ");
+    let text = format!(
+        "jobs:\n  big:\n    matrix: {{a: [{list}], b: [{list}]}}\n    steps: [{{name: s, run: x}}]\n"
+    );
+    assert_eq!(plan_of(&text, "").len(), 256);
+}
+
+#[test]
+fn expansion_limits_are_reported_at_the_job() {
+    // Four jobs of 256 cells: the fourth goes over MAX_JOBS.
+    let list: Vec<String> = (0..16).map(|i| i.to_string()).collect();
+    let list = list.join(", ");
+    let mut text = String::from("jobs:\n");
+    for name in ["a", "b", "c", "d"] {
+        text.push_str(&format!(
+            "  {name}:\n    matrix: {{x: [{list}], y: [{list}]}}\n    steps: [{{name: s, run: x}}]\n"
+        ));
+    }
+    let (line, column, message) = error_at(&text);
+    assert_eq!((line, column), (11, 3), "{message}");
+    assert!(
+        message.contains("with job `d`, the file has more than 1000 jobs"),
+        "{message}"
+    );
+    // Two 256-cell jobs, one depending on the other: 65536 dependencies,
+    // twice that is over MAX_NEEDS.
+    let text = format!(
+        "jobs:\n  a:\n    matrix: {{x: [{list}], y: [{list}]}}\n    steps: [{{name: s, run: x}}]\n  \
+         b:\n    depends_on: [a]\n    matrix: {{x: [{list}], y: [{list}]}}\n    steps: [{{name: s, run: x}}]\n  \
+         c:\n    depends_on: [a]\n    matrix: {{x: [{list}], y: [{list}]}}\n    steps: [{{name: s, run: x}}]\n"
+    );
+    let (line, column, message) = error_at(&text);
+    assert_eq!((line, column), (9, 3), "{message}");
+    assert!(
+        message.contains("more than 100000 dependencies"),
+        "{message}"
+    );
+    // Many steps in a matrix job.
+    let steps: Vec<String> = (0..200)
+        .map(|i| format!("      - {{name: s{i}, run: x}}"))
+        .collect();
+    let text = format!(
+        "jobs:\n  a:\n    matrix: {{x: [{list}], y: [{list}]}}\n    steps:\n{}\n",
+        steps.join("\n")
+    );
+    let (line, column, message) = error_at(&text);
+    assert_eq!((line, column), (2, 3), "{message}");
+    assert!(message.contains("more than 50000 steps"), "{message}");
+}
+
+#[test]
+fn a_shape_error_is_reported_even_with_forward_dependencies() {
+    // The outline cannot be read (a matrix axis is not a list); the error
+    // is the axis, not the dependency defined further down.
+    let text = "jobs:
+  a:
+    depends_on: [b]
+    matrix: {v: 1}
+    steps: [{name: s, run: x}]
+  b:
+    steps: [{name: s, run: x}]
+";
+    assert_error(text, 4, 17, "invalid type: integer `1`");
+    // Without the outline (here because of a key that is not a string), the
+    // cycle is not reported at its value: the first error left is the shape
+    // error, after it.
+    let text = "jobs:
+  a:
+    depends_on: [b]
+    steps: [{name: s, run: x}]
+  b:
+    depends_on: [a]
+    steps: [{name: s, run: x}]
+    ? [k]
+    : v
+";
+    assert_error(text, 8, 7, "invalid type: sequence, expected a key name");
+}
+
+#[test]
+fn without_an_outline_graph_errors_are_caught_at_the_end_of_jobs() {
+    use serde::de::DeserializeSeed as _;
+    let read = |text: &str| {
+        let err = crate::schema::DocumentSeed { outline: None }
+            .deserialize(serde_norway::Deserializer::from_str(text))
+            .unwrap_err();
+        let err = PipelineError::from_yaml(FILE_NAME, &err);
+        (err.line(), err.column(), err.to_string())
+    };
+    let (line, column, message) =
+        read("jobs:\n  a:\n    depends_on: [b]\n    steps: [{name: s, run: x}]\n");
+    assert_eq!((line, column), (Some(2), Some(3)), "{message}");
+    assert!(
+        message.ends_with("job `a`: unknown job `b` in `depends_on`; the jobs of the file are `a`"),
+        "{message}"
+    );
+    let (_, _, message) = read(
+        "jobs:\n  a: {depends_on: b, steps: [{name: s, run: x}]}\n  b: {depends_on: a, steps: [{name: s, run: x}]}\n",
+    );
+    assert!(
+        message.contains("dependency cycle: `a` -> `b` -> `a`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn hostile_jobs_files_are_refused_quickly() {
+    // A long chain closed into a cycle: found in linear time, quoted short.
+    let n = 3000;
+    let mut text = String::from("jobs:\n");
+    for i in 0..n {
+        let next = (i + 1) % n;
+        text.push_str(&format!(
+            "  j{i}: {{depends_on: j{next}, steps: [{{name: s, run: x}}]}}\n"
+        ));
+    }
+    let (line, column, message) = error_at(&text);
+    assert_eq!((line, column), (2, 20));
+    assert_eq!(
+        message,
+        "dependency cycle of 3000 jobs: `j0` -> `j1` -> `j2` -> `j3` -> `j4` -> `j5` -> `j6` \
+         -> ... -> `j0` (each job depends on the next)"
+    );
+    // Without the cycle: too many jobs, at the first one over the limit.
+    let text = text.replace("depends_on: j0,", "");
+    assert_error(
+        &text,
+        1002,
+        3,
+        "with job `j1000`, the file has more than 1000 jobs",
+    );
+    // Huge lists where only a few values are allowed.
+    let many: Vec<String> = (0..2_000).map(|i| format!("v{i}")).collect();
+    let many = many.join(", ");
+    let text =
+        format!("jobs:\n  a:\n    steps: [{{name: s, run: x}}]\n    matrix: {{x: [{many}]}}\n");
+    // At the `matrix` key, not at the job (whose budget it would also break).
+    assert_error(&text, 4, 5, "the matrix of job `a` has 2000 cells");
+    // Without an outline (a non-string key further down), at the 257th value.
+    let broken = format!("{text}  ? [k]\n  : v\n");
+    let (line, _, message) = error_at(&broken);
+    assert_eq!(line, 4);
+    assert_eq!(
+        message,
+        "matrix axis `x` has more than 256 values, the most cells a matrix may have"
+    );
+    let text = format!(
+        "jobs:\n  a:\n    steps: [{{name: s, run: x}}]\n    depends_on: [{many}]\n  ? [k]\n  : v\n"
+    );
+    assert_error(&text, 5, 5, "invalid type: sequence, expected a job name");
 }

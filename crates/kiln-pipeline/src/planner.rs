@@ -1,0 +1,346 @@
+//! Planning the jobs of a build: matrix expansion, `when` filtering and the
+//! order of the jobs; and the checks on the job graph shared with parsing.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::schema::{cells_of, quote, unknown_job_message};
+use crate::{
+    FILE_NAME, JobPlan, MAX_JOBS, MAX_MATRIX_CELLS, MAX_NEEDS, MAX_PLANNED_STEPS, Pipeline,
+    PipelineError, Step, glob, graph,
+};
+
+/// Name of the job of a `steps:` file with several steps.
+pub(crate) const SINGLE_JOB_NAME: &str = "pipeline";
+
+/// What the checks on the job graph need to know about a job.
+pub(crate) struct Shape<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) deps: &'a [String],
+    /// Number of matrix cells (1 without a matrix).
+    pub(crate) cells: u64,
+    /// Number of steps.
+    pub(crate) steps: usize,
+}
+
+/// Running totals of a file's jobs after matrix expansion, against
+/// [`MAX_JOBS`], [`MAX_PLANNED_STEPS`] and [`MAX_NEEDS`].
+#[derive(Debug, Default)]
+pub(crate) struct Budget {
+    jobs: u64,
+    steps: u64,
+    needs: u64,
+}
+
+impl Budget {
+    /// Adds job `name`, of `cells` matrix cells and `steps` steps, whose
+    /// dependencies have `dep_cells` cells in all; the error is the message.
+    pub(crate) fn add(
+        &mut self,
+        name: &str,
+        cells: u64,
+        steps: u64,
+        dep_cells: u64,
+    ) -> Result<(), String> {
+        self.jobs = self.jobs.saturating_add(cells);
+        self.steps = self.steps.saturating_add(cells.saturating_mul(steps));
+        self.needs = self.needs.saturating_add(cells.saturating_mul(dep_cells));
+        let name = quote(name);
+        if self.jobs > MAX_JOBS as u64 {
+            return Err(format!(
+                "with job {name}, the file has more than {MAX_JOBS} jobs once the matrices \
+                 are expanded"
+            ));
+        }
+        if self.steps > MAX_PLANNED_STEPS as u64 {
+            return Err(format!(
+                "with job {name}, the jobs of the file have more than {MAX_PLANNED_STEPS} steps \
+                 in all once the matrices are expanded (every cell of a matrix runs the steps \
+                 of its job)"
+            ));
+        }
+        if self.needs > MAX_NEEDS as u64 {
+            return Err(format!(
+                "with job {name}, the jobs of the file have more than {MAX_NEEDS} dependencies \
+                 once the matrices are expanded (every cell of a job depends on every cell of \
+                 each job in its `depends_on`)"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Longest cycle quoted whole in a message, in jobs.
+const MAX_CYCLE_SHOWN: usize = 8;
+
+/// The message for a dependency cycle `[a, b, ..., a]` (`a` depends on `b`).
+pub(crate) fn cycle_message(cycle: &[&str]) -> String {
+    if let [a, b] = cycle
+        && a == b
+    {
+        return format!("job {} depends on itself", quote(a));
+    }
+    let mut path: Vec<String> = cycle.iter().map(|name| quote(name)).collect();
+    let jobs = cycle.len().saturating_sub(1);
+    if jobs > MAX_CYCLE_SHOWN {
+        path.drain(MAX_CYCLE_SHOWN - 1..cycle.len() - 1);
+        path.insert(MAX_CYCLE_SHOWN - 1, "...".to_owned());
+        return format!(
+            "dependency cycle of {jobs} jobs: {} (each job depends on the next)",
+            path.join(" -> ")
+        );
+    }
+    format!(
+        "dependency cycle: {} (each job depends on the next)",
+        path.join(" -> ")
+    )
+}
+
+/// Checks the job graph: unique names, known dependencies, no cycle, and the
+/// expansion limits. Returns the dependencies of every job as indices
+/// (without repetitions, in `depends_on` order) and the jobs in their
+/// planning order: topological, file order among the ready jobs.
+pub(crate) fn check_graph(shapes: &[Shape<'_>]) -> Result<(Vec<Vec<usize>>, Vec<usize>), String> {
+    let mut index = HashMap::with_capacity(shapes.len());
+    for (i, shape) in shapes.iter().enumerate() {
+        if index.insert(shape.name, i).is_some() {
+            return Err(format!("duplicate job name {}", quote(shape.name)));
+        }
+    }
+    let names: Vec<String> = shapes.iter().map(|s| s.name.to_owned()).collect();
+    // `mark[j] == i + 1`: job `j` is already a dependency of job `i`.
+    let mut mark = vec![0usize; shapes.len()];
+    let mut deps = Vec::with_capacity(shapes.len());
+    for (i, shape) in shapes.iter().enumerate() {
+        let mut list = Vec::new();
+        for dep in shape.deps {
+            let Some(&j) = index.get(dep.as_str()) else {
+                return Err(format!(
+                    "job {}: {}",
+                    quote(shape.name),
+                    unknown_job_message(dep, &names)
+                ));
+            };
+            if mark[j] != i + 1 {
+                mark[j] = i + 1;
+                list.push(j);
+            }
+        }
+        deps.push(list);
+    }
+    let order = graph::topo_order(&deps).map_err(|cycle| {
+        let cycle: Vec<&str> = cycle.iter().map(|&i| shapes[i].name).collect();
+        cycle_message(&cycle)
+    })?;
+    let mut budget = Budget::default();
+    for (shape, list) in shapes.iter().zip(&deps) {
+        let dep_cells = list
+            .iter()
+            .fold(0u64, |sum, &d| sum.saturating_add(shapes[d].cells));
+        let steps = u64::try_from(shape.steps).unwrap_or(u64::MAX);
+        budget.add(shape.name, shape.cells, steps, dep_cells)?;
+    }
+    Ok((deps, order))
+}
+
+/// An error of [`plan`]: about the pipeline, not a place in the file.
+fn invalid(message: String) -> PipelineError {
+    PipelineError::Invalid {
+        file: FILE_NAME.to_owned(),
+        line: None,
+        column: None,
+        message,
+    }
+}
+
+/// The labels of a job: the union of its steps' labels.
+fn job_labels(job: &str, steps: &[Step]) -> Result<BTreeMap<String, String>, PipelineError> {
+    let mut first: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
+    for step in steps {
+        for (key, value) in &step.labels {
+            match first.get(key.as_str()) {
+                Some(&(old, by)) if old != value => {
+                    return Err(invalid(format!(
+                        "job {}: steps {} and {} need different values of the runner \
+                         label {}: {} and {}",
+                        quote(job),
+                        quote(by),
+                        quote(&step.name),
+                        quote(key),
+                        quote(old),
+                        quote(value)
+                    )));
+                }
+                Some(_) => {}
+                None => {
+                    first.insert(key, (value, &step.name));
+                }
+            }
+        }
+    }
+    Ok(first
+        .into_iter()
+        .map(|(key, (value, _))| (key.to_owned(), value.to_owned()))
+        .collect())
+}
+
+/// One cell of a job's matrix: its job name and its variables.
+struct Cell {
+    name: String,
+    vars: Vec<(String, String)>,
+}
+
+/// The cells of a job, the first axis (in key order) varying slowest.
+fn cells(name: &str, matrix: &BTreeMap<String, Vec<String>>) -> Vec<Cell> {
+    if matrix.is_empty() {
+        return vec![Cell {
+            name: name.to_owned(),
+            vars: Vec::new(),
+        }];
+    }
+    let axes: Vec<(&String, &Vec<String>)> = matrix.iter().collect();
+    let mut at = vec![0usize; axes.len()];
+    let mut out = Vec::new();
+    loop {
+        let picked: Vec<(&String, &String)> = axes
+            .iter()
+            .zip(&at)
+            .map(|((axis, values), &i)| (*axis, &values[i]))
+            .collect();
+        let label: Vec<String> = picked.iter().map(|(a, v)| format!("{a}={v}")).collect();
+        out.push(Cell {
+            name: format!("{name} ({})", label.join(", ")),
+            vars: picked
+                .iter()
+                .map(|(a, v)| (a.to_ascii_uppercase(), (*v).clone()))
+                .collect(),
+        });
+        // Next combination: the last axis varies fastest.
+        let mut k = axes.len();
+        loop {
+            if k == 0 {
+                return out;
+            }
+            k -= 1;
+            at[k] += 1;
+            if at[k] < axes[k].1.len() {
+                break;
+            }
+            at[k] = 0;
+        }
+    }
+}
+
+/// See [`crate::plan`].
+pub(crate) fn plan(p: &Pipeline, branch: &str) -> Result<Vec<JobPlan>, PipelineError> {
+    if p.jobs.is_empty() {
+        let name = match p.steps.as_slice() {
+            [] => return Err(invalid("the pipeline has no steps".to_owned())),
+            [only] => only.name.clone(),
+            _ => SINGLE_JOB_NAME.to_owned(),
+        };
+        let labels = job_labels(&name, &p.steps)?;
+        return Ok(vec![JobPlan {
+            name,
+            steps: p.steps.clone(),
+            labels,
+            needs: Vec::new(),
+        }]);
+    }
+    if !p.steps.is_empty() {
+        return Err(invalid(
+            "the pipeline has both `steps` and `jobs`".to_owned(),
+        ));
+    }
+    for job in &p.jobs {
+        if job.steps.is_empty() {
+            return Err(invalid(format!("job {} has no steps", quote(&job.name))));
+        }
+        if let Some((axis, _)) = job.matrix.iter().find(|(_, values)| values.is_empty()) {
+            return Err(invalid(format!(
+                "matrix axis {} of job {} has no values",
+                quote(axis),
+                quote(&job.name)
+            )));
+        }
+        let cells = cells_of(&job.matrix);
+        if cells > MAX_MATRIX_CELLS as u64 {
+            return Err(invalid(format!(
+                "the matrix of job {} has {cells} cells, more than the limit of {MAX_MATRIX_CELLS}",
+                quote(&job.name)
+            )));
+        }
+    }
+    let shapes: Vec<Shape<'_>> = p
+        .jobs
+        .iter()
+        .map(|job| Shape {
+            name: &job.name,
+            deps: &job.depends_on,
+            cells: cells_of(&job.matrix),
+            steps: job.steps.len(),
+        })
+        .collect();
+    let (deps, order) = check_graph(&shapes).map_err(invalid)?;
+
+    // A job is planned when its `when` holds and all its dependencies are
+    // planned; `order` visits the dependencies first.
+    let mut included = vec![false; p.jobs.len()];
+    for &i in &order {
+        let job = &p.jobs[i];
+        let wanted = job.when.as_ref().is_none_or(|when| {
+            !branch.is_empty()
+                && when
+                    .branch
+                    .iter()
+                    .any(|pattern| glob::matches(pattern, branch))
+        });
+        included[i] = wanted && deps[i].iter().all(|&d| included[d]);
+    }
+    let cells: Vec<Vec<Cell>> = p
+        .jobs
+        .iter()
+        .zip(&included)
+        .map(|(job, &included)| {
+            if included {
+                cells(&job.name, &job.matrix)
+            } else {
+                Vec::new()
+            }
+        })
+        .collect();
+
+    let mut names = HashSet::new();
+    let mut out = Vec::new();
+    for &i in order.iter().filter(|&&i| included[i]) {
+        let job = &p.jobs[i];
+        let needs: Vec<String> = deps[i]
+            .iter()
+            .flat_map(|&d| cells[d].iter().map(|cell| cell.name.clone()))
+            .collect();
+        for cell in &cells[i] {
+            if !names.insert(cell.name.as_str()) {
+                return Err(invalid(format!(
+                    "two jobs of the plan are named {}",
+                    quote(&cell.name)
+                )));
+            }
+            let steps: Vec<Step> = job
+                .steps
+                .iter()
+                .map(|step| {
+                    let mut step = step.clone();
+                    step.env.extend(cell.vars.iter().cloned());
+                    step
+                })
+                .collect();
+            let labels = job_labels(&cell.name, &steps)?;
+            out.push(JobPlan {
+                name: cell.name.clone(),
+                steps,
+                labels,
+                needs: needs.clone(),
+            });
+        }
+    }
+    Ok(out)
+}
