@@ -319,6 +319,9 @@ pub struct RunnerArgs {
     /// Where mirrors and checkouts live (default: a directory under the system temp dir).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
+    /// Most unacknowledged output spooled to local disk while the dispatcher is away, in bytes.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub max_spool_bytes: u64,
 }
 
 /// `kiln submit`.
@@ -596,6 +599,7 @@ async fn runner(conn: &Connection, args: RunnerArgs) -> Result<i32, CliError> {
     config.token = conn.token.clone().unwrap_or_default();
     config.tls = conn.tls.clone();
     config.slots = args.slots;
+    config.max_spool_bytes = args.max_spool_bytes;
     config.labels = args.labels.into_iter().collect::<BTreeMap<_, _>>();
     if let Some(dir) = args.work_dir {
         config.work_dir = dir;

@@ -48,8 +48,11 @@ pub struct RunnerConfig {
     pub labels: BTreeMap<String, String>,
     /// Where mirrors and checkouts live.
     pub work_dir: PathBuf,
-    /// Output kept for the dispatcher while unacknowledged, in bytes.
+    /// Unacknowledged output kept in memory when the spool disk fails, in bytes.
     pub max_buffered_output: usize,
+    /// Unacknowledged output spooled to local disk (while the dispatcher is away), in bytes;
+    /// when full, steps wait.
+    pub max_spool_bytes: u64,
     /// Time between SIGTERM and SIGKILL when a step times out.
     pub kill_grace: Duration,
     /// The runner's token (its own, or the farm's shared one); empty for none.
@@ -69,6 +72,7 @@ impl RunnerConfig {
             slots: 1,
             labels: BTreeMap::new(),
             max_buffered_output: 64 << 20,
+            max_spool_bytes: 1 << 30,
             kill_grace: Duration::from_secs(5),
             token: String::new(),
             tls: crate::tls::ClientTls::default(),
@@ -150,10 +154,10 @@ pub async fn run(
     drain: CancellationToken,
     stop: CancellationToken,
 ) -> Result<(), RunnerError> {
-    let endpoint = Endpoint::from_shared(config.dispatcher.clone())
-        .map_err(|e| {
-            RunnerError::Config(format!("bad dispatcher URL {:?}: {e}", config.dispatcher))
-        })?
+    let endpoint = config
+        .tls
+        .endpoint(&config.dispatcher)
+        .map_err(RunnerError::Config)?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -170,6 +174,9 @@ pub async fn run(
         free_slots: Mutex::new((0..config.slots).rev().collect()),
         outbox: Outbox::new(
             config.work_dir.join("outbox"),
+            config.max_spool_bytes,
+            config.max_buffered_output,
+        ),
             config.max_buffered_output as u64,
             config.max_buffered_output,
         ),
