@@ -84,7 +84,13 @@ impl From<tonic::Status> for CliError {
             Code::Unavailable | Code::DeadlineExceeded => exit::UNAVAILABLE,
             Code::Unauthenticated | Code::PermissionDenied => exit::DENIED,
             Code::AlreadyExists => exit::DUPLICATE,
-            Code::Unknown if s.message().contains("transport") => exit::UNAVAILABLE,
+            Code::Unknown
+                if ["transport", "h2 protocol", "connection", "broken pipe"]
+                    .iter()
+                    .any(|w| s.message().contains(w)) =>
+            {
+                exit::UNAVAILABLE
+            }
             _ => exit::INTERNAL,
         };
         let what = match s.code() {

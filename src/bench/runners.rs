@@ -134,6 +134,7 @@ async fn session(
                 let hb = proto::Heartbeat {
                     running_attempts: vec![],
                     sent_at_ms: kiln_domain::now_millis(),
+                    draining: false,
                 };
                 if tx.send(proto::RunnerMessage { kind: Some(Out::Heartbeat(hb)) }).await.is_err() {
                     return Err("the stream closed".into());

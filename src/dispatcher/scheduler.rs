@@ -160,11 +160,21 @@ impl Dispatcher {
         attempt: AttemptId,
         reason: &str,
     ) -> Result<(), DispatchError> {
+        self.requeue_counted(attempt, reason, true).await
+    }
+
+    /// Like `requeue`; `counts` says whether this is a loss (runner gone) or a hand-back.
+    pub(super) async fn requeue_counted(
+        &self,
+        attempt: AttemptId,
+        reason: &str,
+        counts: bool,
+    ) -> Result<(), DispatchError> {
         self.state().attempts.remove(&attempt);
         let max = self.inner.config.max_lost_attempts;
         let why = reason.to_string();
         if let Some(ch) = self
-            .db(move |s| s.requeue_attempt(attempt, &why, max))
+            .db(move |s| s.requeue_attempt(attempt, &why, max, counts))
             .await?
         {
             tracing::info!(attempt, job = ch.job_id, state = %ch.job_state, reason, "attempt lost");

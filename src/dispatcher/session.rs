@@ -148,7 +148,14 @@ impl Dispatcher {
         let runner = record.id;
         let sid = next_session_id(&self.inner);
         let stop = CancellationToken::new();
-        let (stale, lost) = self.register(&record, sid, &tx, &stop, &hello.held_attempts);
+        let (stale, lost) = match self.register(&record, sid, &tx, &stop, &hello.held_attempts) {
+            Ok(r) => r,
+            Err(status) => {
+                tracing::warn!(runner = %name, "refused: {}", status.message());
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        };
         for &a in &stale {
             let reason =
                 format!("runner {name} came back holding attempt {a}, which was superseded");
@@ -179,7 +186,7 @@ impl Dispatcher {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = heartbeat.tick() => {
-                    let hb = Out::Heartbeat(proto::Heartbeat { running_attempts: vec![], sent_at_ms: now_millis() });
+                    let hb = Out::Heartbeat(proto::Heartbeat { running_attempts: vec![], sent_at_ms: now_millis(), draining: false });
                     // Never wait on a heartbeat: if the channel is full, the runner is busy reading anyway.
                     let _ = tx.try_send(msg(hb));
                 }
@@ -245,9 +252,20 @@ impl Dispatcher {
         tx: &Tx,
         stop: &CancellationToken,
         held: &[AttemptId],
-    ) -> (Vec<AttemptId>, Vec<AttemptId>) {
+    ) -> Result<(Vec<AttemptId>, Vec<AttemptId>), Status> {
         let mut st = self.state();
+        if let Some(old) = st.sessions.get(&record.id)
+            && old.last_heartbeat.elapsed() < self.inner.config.heartbeat_interval * 2
+        {
+            // Another live runner already uses this name: refuse, rather than let the two
+            // replace each other forever.
+            return Err(Status::already_exists(format!(
+                "a runner named {} is attached already; give each runner its own --name",
+                record.name
+            )));
+        }
         if let Some(old) = st.sessions.remove(&record.id) {
+            // The runner came back on a new stream; the old one went silent.
             old.stop.cancel();
         }
         let held: HashSet<AttemptId> = held.iter().copied().collect();
@@ -283,7 +301,15 @@ impl Dispatcher {
             },
         );
         stale.sort_unstable();
-        (stale, lost)
+        Ok((stale, lost))
+    }
+
+    /// The runner drains: no new work goes to it.
+    fn set_draining(&self, runner: RunnerId, sid: u64) {
+        let mut st = self.state();
+        if let Some(s) = st.sessions.get_mut(&runner).filter(|s| s.id == sid) {
+            s.draining = true;
+        }
     }
 
     fn touch(&self, runner: RunnerId, sid: u64) {
@@ -348,7 +374,12 @@ impl Dispatcher {
             Some(In::Hello(_)) => Err(Status::invalid_argument(
                 "hello may only be sent once per stream",
             )),
-            Some(In::Heartbeat(_)) => Ok(()),
+            Some(In::Heartbeat(hb)) => {
+                if hb.draining {
+                    self.set_draining(runner, sid);
+                }
+                Ok(())
+            }
             Some(In::Accepted(a)) => {
                 if let Err(why) = self.check_held(runner, sid, a.attempt_id) {
                     send(tx, stop, refused(a.attempt_id, why)).await;
@@ -364,8 +395,16 @@ impl Dispatcher {
             }
             Some(In::Rejected(r)) => {
                 if self.check_held(runner, sid, r.attempt_id).is_ok() {
+                    // A runner that drains or shuts down hands work back: not a loss, and it
+                    // gets no more work.
+                    let handed_back = r.reason.contains("draining")
+                        || r.reason.contains("shutting down")
+                        || r.reason.contains("no free slot");
+                    if r.reason.contains("draining") || r.reason.contains("shutting down") {
+                        self.set_draining(runner, sid);
+                    }
                     let reason = format!("runner handed it back: {}", r.reason);
-                    self.requeue(r.attempt_id, &reason)
+                    self.requeue_counted(r.attempt_id, &reason, !handed_back)
                         .await
                         .map_err(|e| internal(&e))?;
                 }

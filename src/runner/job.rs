@@ -196,17 +196,9 @@ async fn run_step(
     let index = step.index;
     let mut maskers = [masker.clone(), masker.clone()];
     let forward = async {
-        loop {
-            let holding = maskers.iter().any(Masker::holding);
-            let chunk = tokio::select! {
-                c = rx.recv() => c,
-                // A secret's possible beginning is held back only briefly.
-                _ = tokio::time::sleep(MASK_HOLD), if holding => {
-                    flush(output, index, &mut maskers).await;
-                    continue;
-                }
-            };
-            let Some(c) = chunk else { break };
+        // Bytes that may begin a secret are held until the next chunk or the end of the step,
+        // never released on a timer (that would leak the start of a secret printed slowly).
+        while let Some(c) = rx.recv().await {
             let (i, stream) = match c.stream {
                 Stream::Stdout => (0, proto::OutputStream::Stdout),
                 Stream::Stderr => (1, proto::OutputStream::Stderr),
@@ -300,9 +292,6 @@ fn job_state(outcome: proto::StepOutcome) -> proto::JobState {
         _ => proto::JobState::Failed,
     }
 }
-
-/// How long output that might begin a secret is held back before it is sent anyway.
-const MASK_HOLD: Duration = Duration::from_millis(20);
 
 /// Sends whatever the maskers hold.
 async fn flush(output: &mut Output<'_>, step: u32, maskers: &mut [Masker; 2]) {

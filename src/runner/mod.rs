@@ -209,6 +209,7 @@ pub async fn run(
         });
     }
     let mut backoff = Duration::from_millis(100);
+    let mut name_taken_since: Option<tokio::time::Instant> = None;
     loop {
         if shared.draining.load(Ordering::SeqCst) && shared.held().is_empty() {
             tracing::info!("drained; detaching");
@@ -219,9 +220,21 @@ pub async fn run(
                 tracing::info!("drained; detaching");
                 return Ok(());
             }
-            Ok(SessionEnd::Welcomed) => backoff = Duration::from_millis(100),
+            Ok(SessionEnd::Welcomed) => {
+                backoff = Duration::from_millis(100);
+                name_taken_since = None;
+            }
             Ok(SessionEnd::NotWelcomed) => {}
             Err(SessionError::Fatal(m)) => return Err(RunnerError::Refused(m)),
+            Err(SessionError::NameTaken(m)) => {
+                // Maybe our own previous session, not yet seen gone: retry for a while, then
+                // give up (another live runner has this name).
+                let since = *name_taken_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() > NAME_TAKEN_PATIENCE {
+                    return Err(RunnerError::Refused(m));
+                }
+                tracing::warn!(cause = %m, "name taken; retrying");
+            }
             Err(SessionError::Retry(m)) => {
                 tracing::warn!(cause = %m, "cannot reach the dispatcher");
             }
@@ -250,7 +263,11 @@ enum SessionEnd {
 enum SessionError {
     Retry(String),
     Fatal(String),
+    NameTaken(String),
 }
+
+/// How long a runner keeps trying when the dispatcher says its name is taken.
+const NAME_TAKEN_PATIENCE: Duration = Duration::from_secs(15);
 
 fn out(kind: Out) -> proto::RunnerMessage {
     proto::RunnerMessage { kind: Some(kind) }
@@ -297,6 +314,9 @@ async fn session(
         {
             return Err(SessionError::Fatal(s.message().to_string()));
         }
+        Ok(Err(s)) if s.code() == tonic::Code::AlreadyExists => {
+            return Err(SessionError::NameTaken(s.message().to_string()));
+        }
         Ok(Err(s)) => return Err(SessionError::Retry(s.message().to_string())),
         Ok(Ok(_)) => return Ok(SessionEnd::NotWelcomed),
         Err(_) => return Err(SessionError::Retry("no welcome within 10s".into())),
@@ -330,6 +350,7 @@ async fn session(
     let mut heartbeat = tokio::time::interval(interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = tokio::time::Instant::now();
+    let mut announced_drain = false;
     let end = loop {
         if shared.draining.load(Ordering::SeqCst) && shared.held().is_empty() {
             break SessionEnd::Drained;
@@ -358,9 +379,21 @@ async fn session(
                 let _ = tx.try_send(out(Out::Heartbeat(proto::Heartbeat {
                     running_attempts: running,
                     sent_at_ms: kiln_domain::now_millis(),
+                    draining: shared.draining.load(Ordering::SeqCst),
                 })));
             }
-            _ = shared.outbox.changed() => {}
+            _ = shared.outbox.changed() => {
+                // Tell the dispatcher at once when draining starts, so it sends no more work.
+                if shared.draining.load(Ordering::SeqCst) && !announced_drain {
+                    announced_drain = true;
+                    let running = shared.jobs().keys().copied().collect();
+                    let _ = tx.try_send(out(Out::Heartbeat(proto::Heartbeat {
+                        running_attempts: running,
+                        sent_at_ms: kiln_domain::now_millis(),
+                        draining: true,
+                    })));
+                }
+            }
         }
     };
     writer_stop.cancel();

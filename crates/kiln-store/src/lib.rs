@@ -183,14 +183,16 @@ pub trait Store: Send + Sync + 'static {
         state: JobState,
         message: Option<&str>,
     ) -> Result<Finish>;
-    /// The attempt's runner is gone (or it was rejected): the attempt is `lost` and its job goes
-    /// back to the queue, or ends `errored` once it has been lost `max_lost` times. `None` if the
-    /// attempt was not current.
+    /// The attempt's runner is gone (or handed it back): the attempt is `lost` and its job goes
+    /// back to the queue. When `counts`, the loss is counted as an infrastructure retry and the
+    /// job ends `errored` once it has been lost `max_lost` times (a hand-back by a draining
+    /// runner does not count). `None` if the attempt was not current.
     fn requeue_attempt(
         &self,
         attempt: AttemptId,
         reason: &str,
         max_lost: u32,
+        counts: bool,
     ) -> Result<Option<Change>>;
     /// Ends an unfinished job in a final `state` decided by the dispatcher (a cancel, a
     /// deadline); its current attempt, if any, is superseded, so whatever its runner reports

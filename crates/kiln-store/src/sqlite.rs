@@ -747,6 +747,7 @@ impl Store for SqliteStore {
         attempt: AttemptId,
         reason: &str,
         max_lost: u32,
+        counts: bool,
     ) -> Result<Option<Change>> {
         let now = now_millis();
         self.with_tx(|tx| {
@@ -767,7 +768,7 @@ impl Store for SqliteStore {
                 "UPDATE attempts SET state = 'lost', finished_at = ?1, note = ?2 WHERE id = ?3",
                 params![now, reason, attempt as i64],
             )?;
-            if lost + 1 >= max_lost {
+            if counts && lost + 1 >= max_lost {
                 tx.execute(
                     "UPDATE jobs SET state = 'errored', lost_attempts = lost_attempts + 1, \
                      message = ?1, finished_at = ?2 WHERE id = ?3",
@@ -779,9 +780,9 @@ impl Store for SqliteStore {
                 )?;
             } else {
                 tx.execute(
-                    "UPDATE jobs SET state = 'queued', lost_attempts = lost_attempts + 1, \
+                    "UPDATE jobs SET state = 'queued', lost_attempts = lost_attempts + ?2, \
                      runner = NULL, started_at = NULL WHERE id = ?1",
-                    [job],
+                    params![job, i64::from(counts)],
                 )?;
                 tx.execute("DELETE FROM step_results WHERE job_id = ?1", [job])?;
             }
@@ -923,7 +924,12 @@ impl Store for SqliteStore {
                  created_at = excluded.created_at",
                 params![name, h, now_millis()],
             )?,
-            None => conn.execute("DELETE FROM runner_tokens WHERE name = ?1", [name])?,
+            // Revoked, not deleted: the row keeps runner authentication on (and this name out)
+            // even when it was the last token.
+            None => conn.execute(
+                "UPDATE runner_tokens SET token_hash = '' WHERE name = ?1 AND token_hash != ''",
+                [name],
+            )?,
         };
         Ok(n > 0)
     }
@@ -1029,7 +1035,10 @@ mod tests {
         assert!(s.assign(job, r2, "r2").unwrap().is_none());
         assert!(s.start_attempt(a1).unwrap().is_some());
         // The runner is lost: the job is queued again and given to r2.
-        let ch = s.requeue_attempt(a1, "runner lost", 3).unwrap().unwrap();
+        let ch = s
+            .requeue_attempt(a1, "runner lost", 3, true)
+            .unwrap()
+            .unwrap();
         assert_eq!(ch.job_state, JobState::Queued);
         let (a2, _) = s.assign(job, r2, "r2").unwrap().unwrap();
         // The old attempt's late result is refused and recorded.
@@ -1079,10 +1088,10 @@ mod tests {
         let r = runner(&s, "r");
         for _ in 0..2 {
             let (a, _) = s.assign(job, r, "r").unwrap().unwrap();
-            s.requeue_attempt(a, "lost", 3).unwrap();
+            s.requeue_attempt(a, "lost", 3, true).unwrap();
         }
         let (a, _) = s.assign(job, r, "r").unwrap().unwrap();
-        let ch = s.requeue_attempt(a, "lost", 3).unwrap().unwrap();
+        let ch = s.requeue_attempt(a, "lost", 3, true).unwrap().unwrap();
         assert_eq!(ch.job_state, JobState::Errored);
         assert_eq!(ch.build_state, JobState::Errored);
     }
