@@ -310,7 +310,9 @@ impl Dispatcher {
         let mirrors = Mirrors::new(dir.join("mirrors"))
             .map_err(|e| DispatchError::Internal(format!("mirrors: {}", error_chain(&e))))?;
         let mut state = State::default();
-        let deadline = Instant::now() + config.lease();
+        // Runners reconnect with backoff (up to 2 s) and a connect timeout: give them at least
+        // 10 s to re-attach what they hold before their jobs run elsewhere.
+        let deadline = Instant::now() + config.lease().max(Duration::from_secs(10));
         for a in store.unfinished_attempts()? {
             let Some(job) = store.get_job(a.job_id)? else {
                 continue;

@@ -298,7 +298,12 @@ async fn session(
     let mut inbound = client
         .attach(ReceiverStream::new(rx))
         .await
-        .map_err(|s| SessionError::Retry(s.message().to_string()))?
+        .map_err(|s| match s.code() {
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                SessionError::Fatal(s.message().to_string())
+            }
+            _ => SessionError::Retry(s.message().to_string()),
+        })?
         .into_inner();
     let welcome = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
         Ok(Ok(Some(proto::DispatcherMessage {
