@@ -6,7 +6,7 @@
 //! | 0 | success; for `logs`, `submit --follow` and `show`: the build or job passed |
 //! | 1 | the build or job failed (a step exited non-zero) |
 //! | 2 | the command line is wrong (unknown flag, missing argument) |
-//! | 3 | the build or job ended cancelled, timed out or errored |
+//! | 3 | the build or job ended cancelled, timed out or errored (a job: or skipped) |
 //! | 4 | the build, job or repository (or commit) was not found |
 //! | 5 | the dispatcher refused the request as invalid |
 //! | 6 | the dispatcher cannot be reached (or is shutting down) |
@@ -771,9 +771,12 @@ pub fn state_exit(state: i32) -> i32 {
     match proto::JobState::try_from(state) {
         Ok(proto::JobState::Passed) => exit::OK,
         Ok(proto::JobState::Failed) => exit::FAILED,
-        Ok(proto::JobState::Cancelled | proto::JobState::TimedOut | proto::JobState::Errored) => {
-            exit::NOT_PASSED
-        }
+        Ok(
+            proto::JobState::Cancelled
+            | proto::JobState::TimedOut
+            | proto::JobState::Errored
+            | proto::JobState::Skipped,
+        ) => exit::NOT_PASSED,
         _ => exit::RUNNING,
     }
 }
@@ -914,10 +917,20 @@ pub async fn logs(conn: &Connection, target: &str, follow: bool) -> Result<i32, 
         eprintln!("build {build} has no jobs: {}", b.error);
         return Ok(state_exit(b.state));
     }
+    let whole_build = job.is_none();
+    let ids: Vec<u64> = jobs.iter().map(|j| j.id).collect();
     let mut worst = exit::OK;
-    for j in jobs {
-        let code = follow_job(&mut c, j.id, follow).await?;
+    for id in ids {
+        let code = follow_job(&mut c, id, follow).await?;
         worst = worst.max(code);
+    }
+    if whole_build && follow {
+        // The build's own state decides (a skipped job after a failed one is not worse).
+        let b = c
+            .get_build(proto::GetBuildRequest { build_id: build })
+            .await?
+            .into_inner();
+        return Ok(state_exit(b.state));
     }
     Ok(worst)
 }

@@ -11,16 +11,22 @@
 //! - [`throughput`]: MB/s of one step's output at a follower, completeness, dispatcher RSS.
 //! - [`overhead`]: per-job overhead of a `true` step.
 //! - [`runners`]: dispatcher RSS with many attached runners.
+//! - [`trigger`]: time from a commit to its build's first output line, by webhook, hook and
+//!   polling.
+//! - [`failover`]: a killed runner's job running elsewhere; runners back after a dispatcher
+//!   restart.
 //!
 //! Goals that are missed are reported, not treated as errors: the exit code is 0 when the
 //! benchmarks ran and their output was complete, 1 when output was lost or a build did not
 //! pass, and 7 when the benchmark itself could not run.
 
+pub mod failover;
 pub mod generate;
 pub mod latency;
 pub mod overhead;
 pub mod runners;
 pub mod throughput;
+pub mod trigger;
 mod util;
 
 use std::future::Future;
@@ -50,6 +56,13 @@ pub enum BenchCommand {
     Overhead(overhead::OverheadArgs),
     /// Dispatcher memory with many attached runners (goal: < 150 MB with 1000).
     Runners(runners::RunnersArgs),
+    /// Time from a commit to its build's first output line at a `kiln logs -f` follower, by
+    /// webhook, post-receive hook and polling (goals: medians < 300 ms, polling at 1 s < 1.3 s).
+    Trigger(trigger::TriggerArgs),
+    /// A killed runner's job running on another runner, and every runner back after a
+    /// dispatcher restart (goals: < 10 s with the default heartbeat, about 2 s with 500ms x 3;
+    /// 100 runners re-attached < 3 s).
+    Failover(failover::FailoverArgs),
     /// All of them, in that order.
     All(AllArgs),
     /// The output generators the benchmarks' steps run.
@@ -94,6 +107,14 @@ pub async fn run(args: BenchArgs) -> Result<i32, CliError> {
                     runners::run(&a),
                 )
                 .await?;
+                Ok(exit::OK)
+            }
+            BenchCommand::Trigger(a) => {
+                bounded("trigger", a.limit(), trigger::run(&a)).await?;
+                Ok(exit::OK)
+            }
+            BenchCommand::Failover(a) => {
+                bounded("failover", a.limit(), failover::run(&a)).await?;
                 Ok(exit::OK)
             }
             BenchCommand::All(a) => all(&a).await,
@@ -151,6 +172,17 @@ async fn all(a: &AllArgs) -> Result<i32, CliError> {
         hold: Duration::from_secs(if a.quick { 1 } else { 10 }),
         concurrency: 100,
     };
+    let trigger = trigger::TriggerArgs {
+        commits: if a.quick { 3 } else { 20 },
+        interval: Duration::from_secs(1),
+        seed: 42,
+    };
+    let failover = failover::FailoverArgs {
+        quick: a.quick,
+        kills: None,
+        runners: None,
+        restarts: 3,
+    };
     let results = [
         (
             "latency",
@@ -187,6 +219,14 @@ async fn all(a: &AllArgs) -> Result<i32, CliError> {
                 runners::run(&runners),
             )
             .await,
+        ),
+        (
+            "trigger",
+            bounded("trigger", trigger.limit(), trigger::run(&trigger)).await,
+        ),
+        (
+            "failover",
+            bounded("failover", failover.limit(), failover::run(&failover)).await,
         ),
     ];
     println!();
