@@ -98,6 +98,19 @@ async fn assigned(out: &mut Outbound) -> proto::Assign {
     a
 }
 
+fn finished(
+    attempt: u64,
+    state: proto::JobState,
+    last_seq: u64,
+) -> Result<proto::RunnerMessage, Status> {
+    m(In::JobFinished(proto::JobFinished {
+        attempt_id: attempt,
+        state: state as i32,
+        message: String::new(),
+        last_seq,
+    }))
+}
+
 fn output(attempt: u64, seq: u64, data: &[u8]) -> Result<proto::RunnerMessage, Status> {
     m(In::Output(proto::OutputChunk {
         attempt_id: attempt,
@@ -167,14 +180,9 @@ async fn output_is_stored_once_in_order_and_results_are_fenced() {
     assert_eq!(gap.code(), tonic::Code::DataLoss, "{gap:?}");
     let (tx, mut out, _) = attach(&d, "r1", vec![a.attempt_id]).await;
     // A result claiming more output than arrived is not taken either.
-    tx.send(m(In::JobFinished(proto::JobFinished {
-        attempt_id: a.attempt_id,
-        state: proto::JobState::Passed as i32,
-        message: String::new(),
-        last_seq: 4,
-    })))
-    .await
-    .unwrap();
+    tx.send(finished(a.attempt_id, proto::JobState::Passed, 4))
+        .await
+        .unwrap();
     assert_eq!(
         next(&mut out).await.unwrap_err().code(),
         tonic::Code::DataLoss
@@ -202,27 +210,17 @@ async fn output_is_stored_once_in_order_and_results_are_fenced() {
         ]
     );
     // A result for an attempt that is not this runner's is refused; the real one is recorded.
-    tx.send(m(In::JobFinished(proto::JobFinished {
-        attempt_id: a.attempt_id + 100,
-        state: proto::JobState::Failed as i32,
-        message: String::new(),
-        last_seq: 0,
-    })))
-    .await
-    .unwrap();
+    tx.send(finished(a.attempt_id + 100, proto::JobState::Failed, 0))
+        .await
+        .unwrap();
     assert!(matches!(
         next(&mut out).await.unwrap().kind,
         Some(Out::Refused(_))
     ));
     for _ in 0..2 {
-        tx.send(m(In::JobFinished(proto::JobFinished {
-            attempt_id: a.attempt_id,
-            state: proto::JobState::Passed as i32,
-            message: String::new(),
-            last_seq: 4,
-        })))
-        .await
-        .unwrap();
+        tx.send(finished(a.attempt_id, proto::JobState::Passed, 4))
+            .await
+            .unwrap();
         assert!(matches!(
             next(&mut out).await.unwrap().kind,
             Some(Out::ResultAck(_))
@@ -313,14 +311,9 @@ async fn random_runner_streams_never_corrupt_the_log() {
     let mut a = assigned(&mut out).await;
     while a.job_id != b.jobs[0].id {
         // Jobs of the fuzzed sessions come back after their lease; finish them too.
-        tx.send(m(In::JobFinished(proto::JobFinished {
-            attempt_id: a.attempt_id,
-            state: proto::JobState::Passed as i32,
-            message: String::new(),
-            last_seq: 0,
-        })))
-        .await
-        .unwrap();
+        tx.send(finished(a.attempt_id, proto::JobState::Passed, 0))
+            .await
+            .unwrap();
         loop {
             match next(&mut out).await.unwrap().kind {
                 Some(Out::Assign(x)) => {
@@ -331,14 +324,9 @@ async fn random_runner_streams_never_corrupt_the_log() {
             }
         }
     }
-    tx.send(m(In::JobFinished(proto::JobFinished {
-        attempt_id: a.attempt_id,
-        state: proto::JobState::Passed as i32,
-        message: String::new(),
-        last_seq: 0,
-    })))
-    .await
-    .unwrap();
+    tx.send(finished(a.attempt_id, proto::JobState::Passed, 0))
+        .await
+        .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let s = d.get_build(b.build.id).await.unwrap().build.state;
@@ -397,22 +385,12 @@ async fn lost_runner_work_goes_to_another_and_late_result_is_refused() {
         assert_eq!(w.stale_attempts, vec![a1.attempt_id]);
         (tx, out, w.runner_id)
     };
-    tx1.send(m(In::JobFinished(proto::JobFinished {
-        attempt_id: a1.attempt_id,
-        state: proto::JobState::Failed as i32,
-        message: String::new(),
-        last_seq: 0,
-    })))
-    .await
-    .unwrap();
-    tx2.send(m(In::JobFinished(proto::JobFinished {
-        attempt_id: a2.attempt_id,
-        state: proto::JobState::Passed as i32,
-        message: String::new(),
-        last_seq: 0,
-    })))
-    .await
-    .unwrap();
+    tx1.send(finished(a1.attempt_id, proto::JobState::Failed, 0))
+        .await
+        .unwrap();
+    tx2.send(finished(a2.attempt_id, proto::JobState::Passed, 0))
+        .await
+        .unwrap();
     assert!(matches!(
         next(&mut out2).await.unwrap().kind,
         Some(Out::ResultAck(_))
