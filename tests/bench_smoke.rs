@@ -56,7 +56,14 @@ fn bench_all_quick_runs_every_benchmark() {
         Some(0),
         "kiln bench all --quick failed\n{out}\n{err}"
     );
-    for section in ["latency", "throughput", "overhead", "runners"] {
+    for section in [
+        "latency",
+        "throughput",
+        "overhead",
+        "runners",
+        "trigger",
+        "failover",
+    ] {
         assert!(
             out.contains(&format!("== {section}:")),
             "no {section} section\n{out}"
@@ -74,6 +81,8 @@ fn bench_all_quick_runs_every_benchmark() {
         "dispatcher peak RSS",
         "per-job overhead, median",
         "all welcomed after",
+        "kill -> running elsewhere, median",
+        "listening -> all attached, max",
     ] {
         assert!(out.contains(figure), "no {figure:?} figure\n{out}");
     }
