@@ -222,6 +222,32 @@ struct State {
     assign_counter: u64,
 }
 
+impl State {
+    /// Sends a cancel for `attempt` down its runner's stream; false when the runner is not
+    /// attached (or its stream is full or gone).
+    fn send_cancel(&self, attempt: AttemptId, grace: Duration, reason: &str) -> bool {
+        let Some(live) = self.attempts.get(&attempt) else {
+            return false;
+        };
+        let Some(session) = live
+            .session
+            .and_then(|sid| self.sessions.get(&live.runner_id).filter(|s| s.id == sid))
+        else {
+            return false;
+        };
+        session
+            .tx
+            .try_send(Ok(proto::DispatcherMessage {
+                kind: Some(proto::dispatcher_message::Kind::Cancel(proto::Cancel {
+                    attempt_id: attempt,
+                    grace_ms: grace.as_millis() as u64,
+                    reason: reason.to_string(),
+                })),
+            }))
+            .is_ok()
+    }
+}
+
 /// One attached runner.
 struct Session {
     /// Distinguishes this session from an older or newer one of the same runner.
@@ -620,21 +646,8 @@ impl Dispatcher {
     /// Tells the runner of an attempt (if attached) to stop it; the attempt is forgotten.
     fn cancel_on_runner(&self, attempt: AttemptId, reason: &str) {
         let mut st = self.state();
-        let Some(live) = st.attempts.remove(&attempt) else {
-            return;
-        };
-        if let Some(s) = live
-            .session
-            .and_then(|sid| st.sessions.get(&live.runner_id).filter(|s| s.id == sid))
-        {
-            let _ = s.tx.try_send(Ok(proto::DispatcherMessage {
-                kind: Some(proto::dispatcher_message::Kind::Cancel(proto::Cancel {
-                    attempt_id: attempt,
-                    grace_ms: self.inner.config.cancel_grace.as_millis() as u64,
-                    reason: reason.to_string(),
-                })),
-            }));
-        }
+        st.send_cancel(attempt, self.inner.config.cancel_grace, reason);
+        st.attempts.remove(&attempt);
     }
 
     async fn create(&self, new: NewBuild) -> Result<BuildDetail, DispatchError> {
@@ -701,33 +714,13 @@ impl Dispatcher {
         for job in detail.jobs.iter().filter(|j| !j.state.is_final()) {
             let sent = job.current_attempt.is_some_and(|a| {
                 let mut st = self.state();
-                let State {
-                    sessions, attempts, ..
-                } = &mut *st;
-                let Some(live) = attempts.get_mut(&a) else {
-                    return false;
-                };
-                let Some(session) = live
-                    .session
-                    .and_then(|sid| sessions.get(&live.runner_id).filter(|s| s.id == sid))
-                else {
-                    return false;
-                };
-                let msg = proto::dispatcher_message::Kind::Cancel(proto::Cancel {
-                    attempt_id: a,
-                    grace_ms: grace.as_millis() as u64,
-                    reason: "cancelled by user".into(),
-                });
-                let ok = session
-                    .tx
-                    .try_send(Ok(proto::DispatcherMessage { kind: Some(msg) }))
-                    .is_ok();
-                if ok {
+                let sent = st.send_cancel(a, grace, "cancelled by user");
+                if sent && let Some(live) = st.attempts.get_mut(&a) {
                     // Post steps still run after a cancel: give them time before stepping in.
                     live.cancel_deadline =
                         Some(Instant::now() + grace + self.inner.config.deadline_slack * 2);
                 }
-                ok
+                sent
             });
             if !sent {
                 let job_id = job.id;

@@ -13,9 +13,6 @@ use tracing::Instrument;
 use super::{DispatchError, Dispatcher, LiveAttempt, error_chain};
 use crate::proto;
 
-/// An attempt past its deadline: (attempt, job, (runner, session) if attached).
-type Overdue = (AttemptId, u64, Option<(RunnerId, u64)>);
-
 /// How often liveness is checked.
 const TICK: Duration = Duration::from_millis(200);
 /// Queued jobs looked at per scheduling round.
@@ -84,36 +81,24 @@ impl Dispatcher {
                 .filter(|(_, a)| a.cancel_deadline.is_some_and(|d| d <= now))
                 .map(|(id, a)| (*id, a.job_id))
                 .collect();
-            let overdue: Vec<Overdue> = st
+            let overdue: Vec<(AttemptId, u64)> = st
                 .attempts
                 .iter()
                 .filter(|(_, a)| {
                     a.job_deadline.is_some_and(|d| d <= now)
                         || a.step_deadline.is_some_and(|d| d <= now)
                 })
-                .map(|(id, a)| (*id, a.job_id, a.session.map(|s| (a.runner_id, s))))
+                .map(|(id, a)| (*id, a.job_id))
                 .collect();
             (expired, unanswered, overdue)
         };
-        for (a, job, session) in overdue {
+        for (a, job) in overdue {
             tracing::warn!(
                 attempt = a,
                 job,
                 "job ran past its deadline; the dispatcher ends it"
             );
-            if let Some((runner, sid)) = session {
-                let st = self.state();
-                if let Some(s) = st.sessions.get(&runner).filter(|s| s.id == sid) {
-                    let _ = s.tx.try_send(Ok(proto::DispatcherMessage {
-                        kind: Some(proto::dispatcher_message::Kind::Cancel(proto::Cancel {
-                            attempt_id: a,
-                            grace_ms: self.inner.config.cancel_grace.as_millis() as u64,
-                            reason: "deadline exceeded".into(),
-                        })),
-                    }));
-                }
-            }
-            self.state().attempts.remove(&a);
+            self.cancel_on_runner(a, "deadline exceeded");
             if let Some(ch) = self
                 .db(move |s| {
                     s.end_job(
