@@ -223,6 +223,18 @@ struct State {
 }
 
 impl State {
+    /// Attempts held per session, counted in one pass (a scheduling decision looks at every
+    /// session; counting per session would walk all attempts once for each).
+    fn used_slots(&self) -> HashMap<u64, u64> {
+        let mut used = HashMap::with_capacity(self.sessions.len());
+        for a in self.attempts.values() {
+            if let Some(sid) = a.session {
+                *used.entry(sid).or_insert(0) += 1;
+            }
+        }
+        used
+    }
+
     /// Sends a cancel for `attempt` down its runner's stream; false when the runner is not
     /// attached (or its stream is full or gone).
     fn send_cancel(&self, attempt: AttemptId, grace: Duration, reason: &str) -> bool {

@@ -272,15 +272,10 @@ impl Dispatcher {
 
     fn any_free_slot(&self) -> bool {
         let st = self.state();
-        st.sessions.values().any(|s| {
-            !s.draining
-                && (st
-                    .attempts
-                    .values()
-                    .filter(|a| a.session == Some(s.id))
-                    .count() as u32)
-                    < s.slots
-        })
+        let used = st.used_slots();
+        st.sessions
+            .values()
+            .any(|s| !s.draining && used.get(&s.id).copied().unwrap_or(0) < u64::from(s.slots))
     }
 
     /// The least loaded matching runner with a free slot (round robin among equals).
@@ -289,16 +284,13 @@ impl Dispatcher {
         labels: &std::collections::BTreeMap<String, String>,
     ) -> Option<(RunnerId, String, u64)> {
         let mut st = self.state();
+        let used_slots = st.used_slots();
         let mut best: Option<(RunnerId, (u64, u64))> = None;
         for (id, s) in &st.sessions {
             if s.draining || !labels_match(labels, &s.labels) {
                 continue;
             }
-            let used = st
-                .attempts
-                .values()
-                .filter(|a| a.session == Some(s.id))
-                .count() as u64;
+            let used = used_slots.get(&s.id).copied().unwrap_or(0);
             if used >= u64::from(s.slots) {
                 continue;
             }
