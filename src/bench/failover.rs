@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -31,8 +30,8 @@ use tonic::transport::Channel;
 use tracing::instrument::WithSubscriber;
 
 use super::util::{
-    Proc, Repo, Scratch, connect, fail, figure, header, kiln_command, ms, note, percentile,
-    pipeline, sh_quote, sorted, submit, tail, wait_exit, wrong,
+    Proc, Repo, Scratch, child_log_filter, connect, fail, figure, header, kiln_command, ms, note,
+    percentile, pipeline, sh_quote, sorted, spawn_serve, submit, tail, wait_exit, wrong,
 };
 use crate::cli::{CliError, exit};
 use crate::proto::{
@@ -77,11 +76,6 @@ impl FailoverArgs {
 /// How long to wait for anything that should take a second or two.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// The children's log filter (as the other benchmarks': `KILN_BENCH_LOG`, or `info`).
-fn log_filter() -> String {
-    std::env::var("KILN_BENCH_LOG").unwrap_or_else(|_| "info".into())
-}
-
 // ---------------------------------------------------------------------------------------------
 // A serve child on a chosen address
 // ---------------------------------------------------------------------------------------------
@@ -108,34 +102,9 @@ impl Serve {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut bind_retries = 0;
         loop {
-            let log_file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log)
-                .map_err(|e| fail(format!("{}: {e}", log.display())))?;
-            let mut cmd = kiln_command()?;
-            cmd.arg("serve")
-                .args(["--listen", listen, "--data-dir"])
-                .arg(dir.join("data"))
-                .args(extra)
-                .env("KILN_LOG", log_filter())
-                .stdout(Stdio::piped())
-                .stderr(log_file);
-            let mut proc = Proc::spawn("kiln serve", cmd)?;
-            let stdout = proc
-                .child
-                .stdout
-                .take()
-                .ok_or_else(|| fail("kiln serve has no stdout"))?;
-            let mut lines = BufReader::new(stdout).lines();
-            let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
+            let (mut proc, addr) = spawn_serve(&log, listen, &dir.join("data"), extra).await?;
             let listening_at = Instant::now();
-            if let Ok(Ok(Some(line))) = &first
-                && let Some(addr) = line.strip_prefix("kiln dispatcher listening on ")
-            {
-                let addr = addr.trim().to_string();
-                // Keep reading its stdout so it can never block on a full pipe.
-                tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            if let Some(addr) = addr {
                 return Ok(Serve {
                     url: format!("http://{addr}"),
                     addr,
@@ -170,7 +139,7 @@ async fn start_runner(url: &str, dir: &Path, name: &str) -> Result<Proc, CliErro
     let mut cmd = kiln_command()?;
     cmd.args(["--dispatcher", url, "runner", "--name", name, "--work-dir"])
         .arg(dir.join(format!("runner-{name}")))
-        .env("KILN_LOG", log_filter())
+        .env("KILN_LOG", child_log_filter())
         .stdout(Stdio::null())
         .stderr(log_file);
     let proc = Proc::spawn("kiln runner", cmd)?;
@@ -516,7 +485,7 @@ impl Runners {
             .open(&log)
             .map_err(|e| fail(format!("{}: {e}", log.display())))?;
         let subscriber = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(log_filter()))
+            .with_env_filter(tracing_subscriber::EnvFilter::new(child_log_filter()))
             .with_writer(std::sync::Mutex::new(file))
             .with_ansi(false)
             .finish();

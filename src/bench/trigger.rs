@@ -39,8 +39,8 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
 use super::util::{
-    Proc, Scratch, connect, fail, figure, header, kiln_command, kiln_exe, ms, note, percentile,
-    pipeline, sorted, tail, wait_exit, wrong,
+    Proc, Scratch, child_log_filter, connect, fail, figure, header, kiln_command, kiln_exe, ms,
+    note, percentile, pipeline, sorted, spawn_serve, tail, wait_exit, wrong,
 };
 use crate::cli::CliError;
 use crate::proto::{
@@ -361,11 +361,6 @@ impl Drop for Farm {
     }
 }
 
-/// The log filter of the children: `KILN_BENCH_LOG`, or `info`.
-fn log_filter() -> String {
-    std::env::var("KILN_BENCH_LOG").unwrap_or_else(|_| "info".into())
-}
-
 /// A file for a child's stderr.
 fn log_file(path: &Path) -> Result<std::fs::File, CliError> {
     std::fs::File::create(path).map_err(|e| fail(format!("{}: {e}", path.display())))
@@ -374,34 +369,19 @@ fn log_file(path: &Path) -> Result<std::fs::File, CliError> {
 impl Farm {
     async fn start(dir: &Path) -> Result<Farm, CliError> {
         let serve_log = dir.join("serve.log");
-        let mut cmd = kiln_command()?;
-        cmd.arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.join("data"))
-            .env("KILN_WEBHOOK_SECRET", SECRET)
-            .env("KILN_LOG", log_filter())
-            .stdout(Stdio::piped())
-            .stderr(log_file(&serve_log)?);
-        let mut serve = Proc::spawn("kiln serve", cmd)?;
-        let stdout = serve
-            .child
-            .stdout
-            .take()
-            .ok_or_else(|| fail("kiln serve has no stdout"))?;
-        let mut lines = BufReader::new(stdout).lines();
-        let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
-        let Some(addr) = (match first {
-            Ok(Ok(Some(line))) => line
-                .strip_prefix("kiln dispatcher listening on ")
-                .map(|a| a.trim().to_string()),
-            _ => None,
-        }) else {
+        let (serve, addr) = spawn_serve(
+            &serve_log,
+            "127.0.0.1:0",
+            &dir.join("data"),
+            &["--webhook-secret", SECRET],
+        )
+        .await?;
+        let Some(addr) = addr else {
             return Err(fail(format!(
                 "kiln serve did not say where it listens; its log:\n{}",
                 tail(&serve_log, 20)
             )));
         };
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let url = format!("http://{addr}");
 
         // Ready when a read answers.
@@ -430,7 +410,7 @@ impl Farm {
         let mut cmd = kiln_command()?;
         cmd.args(["--dispatcher", &url, "runner", "--name", name, "--work-dir"])
             .arg(dir.join("runner"))
-            .env("KILN_LOG", log_filter())
+            .env("KILN_LOG", child_log_filter())
             .stdout(Stdio::null())
             .stderr(log_file(&runner_log)?);
         let runner = Proc::spawn("kiln runner", cmd)?;
@@ -820,7 +800,7 @@ async fn polling_path(
         .arg(&repo)
         .args(["--branch", "main", "--interval", &interval, "--work-dir"])
         .arg(dir.join("observer"))
-        .env("KILN_LOG", log_filter())
+        .env("KILN_LOG", child_log_filter())
         .stdout(Stdio::null())
         .stderr(log_file(&watch_log)?);
     let mut observer = Proc::spawn("kiln watch", cmd)?;

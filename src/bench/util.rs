@@ -158,7 +158,7 @@ pub(crate) fn kiln_command() -> Result<tokio::process::Command, CliError> {
 
 /// The log filter of the `kiln serve` and `kiln runner` children: `KILN_BENCH_LOG`, or `info`
 /// (their default).
-fn child_log_filter() -> String {
+pub(crate) fn child_log_filter() -> String {
     std::env::var("KILN_BENCH_LOG").unwrap_or_else(|_| "info".into())
 }
 
@@ -207,6 +207,48 @@ pub(crate) fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Spawns `kiln serve --listen LISTEN --data-dir DATA EXTRA...`, its stderr appended to `log`,
+/// and reads the stdout line that names its address (then keeps draining stdout). The address
+/// is `None` when the child said nothing of it within 30 s (it may have exited: the caller
+/// decides whether to retry, e.g. a port not yet free, or to fail).
+pub(crate) async fn spawn_serve(
+    log: &Path,
+    listen: &str,
+    data: &Path,
+    extra: &[&str],
+) -> Result<(Proc, Option<String>), CliError> {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| fail(format!("{}: {e}", log.display())))?;
+    let mut cmd = kiln_command()?;
+    cmd.arg("serve")
+        .args(["--listen", listen, "--data-dir"])
+        .arg(data)
+        .args(extra)
+        .env("KILN_LOG", child_log_filter())
+        .stdout(Stdio::piped())
+        .stderr(log_file);
+    let mut proc = Proc::spawn("kiln serve", cmd)?;
+    let stdout = proc
+        .child
+        .stdout
+        .take()
+        .ok_or_else(|| fail("kiln serve has no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
+    let addr = match first {
+        Ok(Ok(Some(line))) => line
+            .strip_prefix("kiln dispatcher listening on ")
+            .map(|a| a.trim().to_string()),
+        _ => None,
+    };
+    // Keep reading its stdout so it can never block on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((proc, addr))
+}
+
 /// A `kiln serve` child on a loopback port, its data in a directory of the benchmark's.
 pub(crate) struct Server {
     /// `http://127.0.0.1:PORT`.
@@ -224,37 +266,13 @@ impl Server {
     pub async fn start(dir: &Path) -> Result<Server, CliError> {
         let data = dir.join("data");
         let log = dir.join("serve.log");
-        let log_file =
-            std::fs::File::create(&log).map_err(|e| fail(format!("{}: {e}", log.display())))?;
-        let mut cmd = kiln_command()?;
-        cmd.arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data)
-            .env("KILN_LOG", child_log_filter())
-            .stdout(Stdio::piped())
-            .stderr(log_file);
-        let mut proc = Proc::spawn("kiln serve", cmd)?;
-        let stdout = proc
-            .child
-            .stdout
-            .take()
-            .ok_or_else(|| fail("kiln serve has no stdout"))?;
-        let mut lines = BufReader::new(stdout).lines();
-        let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
-        let addr = match first {
-            Ok(Ok(Some(line))) => line
-                .strip_prefix("kiln dispatcher listening on ")
-                .map(|a| a.trim().to_string()),
-            _ => None,
-        };
+        let (proc, addr) = spawn_serve(&log, "127.0.0.1:0", &data, &[]).await?;
         let Some(addr) = addr else {
             return Err(fail(format!(
                 "kiln serve did not say where it listens; its log:\n{}",
                 tail(&log, 20)
             )));
         };
-        // Keep reading its stdout so it can never block on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let server = Server {
             url: format!("http://{addr}"),
             pid: proc.pid,
