@@ -84,6 +84,20 @@ pub struct BuildApi {
 
 #[tonic::async_trait]
 impl BuildService for BuildApi {
+    async fn get_test_report(
+        &self,
+        request: Request<proto::GetTestReportRequest>,
+    ) -> Result<Response<proto::TestReport>, Status> {
+        self.auth.check_read(request.metadata())?;
+        let build = request.into_inner().build_id;
+        let (splits, junit_xml) = self.dispatcher.test_report(build).await?;
+        Ok(Response::new(proto::TestReport {
+            build_id: build,
+            splits: splits.iter().map(convert::split_report_to_proto).collect(),
+            junit_xml,
+        }))
+    }
+
     async fn submit_build(
         &self,
         request: Request<proto::SubmitBuildRequest>,

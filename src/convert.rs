@@ -1,7 +1,7 @@
 //! The one place where wire types (`proto`) and domain types (`kiln-domain`, `kiln-store`)
 //! are converted into each other.
 
-use kiln_domain::{JobState, Millis, RunnerRecord, StepOutcome};
+use kiln_domain::{JobState, Millis, RunnerRecord, StepOutcome, split};
 use kiln_store::BuildDetail;
 
 use crate::proto;
@@ -185,6 +185,205 @@ pub fn runner_to_proto(
         running_jobs,
         last_heartbeat: Some(timestamp(last_heartbeat)),
         version: r.version.clone(),
+    }
+}
+
+/// A split step's spec to wire (what the runner needs of it).
+pub fn split_to_proto(s: &split::SplitSpec) -> proto::SplitStep {
+    let (glob, command) = match &s.units {
+        split::UnitSource::Glob(g) => (g.clone(), String::new()),
+        split::UnitSource::Command(c) => (Vec::new(), c.clone()),
+    };
+    proto::SplitStep {
+        key: s.key.clone(),
+        shards: s.shards,
+        shard: s.shard,
+        glob,
+        command,
+    }
+}
+
+/// Domain unit outcome to wire.
+pub fn unit_outcome_to_proto(o: split::UnitOutcome) -> proto::UnitOutcome {
+    match o {
+        split::UnitOutcome::Passed => proto::UnitOutcome::Passed,
+        split::UnitOutcome::Failed => proto::UnitOutcome::Failed,
+        split::UnitOutcome::Errored => proto::UnitOutcome::Errored,
+    }
+}
+
+/// Wire unit outcome to domain; `None` for UNSPECIFIED or an unknown value.
+pub fn unit_outcome_from_proto(o: i32) -> Option<split::UnitOutcome> {
+    match proto::UnitOutcome::try_from(o).ok()? {
+        proto::UnitOutcome::Unspecified => None,
+        proto::UnitOutcome::Passed => Some(split::UnitOutcome::Passed),
+        proto::UnitOutcome::Failed => Some(split::UnitOutcome::Failed),
+        proto::UnitOutcome::Errored => Some(split::UnitOutcome::Errored),
+    }
+}
+
+/// Most units one NextUnits may list as discovered, and longest unit id.
+pub const MAX_UNITS: usize = 100_000;
+/// Longest unit id, in bytes.
+pub const MAX_UNIT_LEN: usize = 4096;
+/// Most test cases reported for one unit.
+pub const MAX_CASES: usize = 100_000;
+
+fn case_from_proto(c: proto::TestCase) -> Result<split::TestCase, String> {
+    Ok(split::TestCase {
+        outcome: unit_outcome_from_proto(c.outcome)
+            .ok_or_else(|| format!("test case {:?} has no outcome", c.name))?,
+        name: c.name,
+        classname: c.classname,
+        skipped: c.skipped,
+        duration_ms: c.duration_ms,
+        message: c.message,
+    })
+}
+
+fn check_unit(unit: &str) -> Result<(), String> {
+    if unit.is_empty() || unit.len() > MAX_UNIT_LEN || unit.contains('\n') {
+        return Err(format!(
+            "unit id {:?} must be 1 to {MAX_UNIT_LEN} bytes without a newline",
+            unit.chars().take(80).collect::<String>()
+        ));
+    }
+    Ok(())
+}
+
+/// A shard's NextUnits to the engine's request, checking every field.
+pub fn units_request_from_proto(
+    runner: u64,
+    m: proto::NextUnits,
+) -> Result<split::UnitsRequest, String> {
+    if m.request == 0 {
+        return Err("next_units.request must start at 1".into());
+    }
+    if m.discovered.len() > MAX_UNITS {
+        return Err(format!(
+            "next_units.discovered lists {} units, more than {MAX_UNITS}",
+            m.discovered.len()
+        ));
+    }
+    for u in &m.discovered {
+        check_unit(u)?;
+    }
+    let mut results = Vec::with_capacity(m.results.len());
+    for r in m.results {
+        check_unit(&r.unit)?;
+        if r.try_number == 0 {
+            return Err(format!("result of unit {:?} has try_number 0", r.unit));
+        }
+        if r.cases.len() > MAX_CASES {
+            return Err(format!(
+                "result of unit {:?} has too many test cases",
+                r.unit
+            ));
+        }
+        let outcome = unit_outcome_from_proto(r.outcome)
+            .ok_or_else(|| format!("result of unit {:?} has no outcome", r.unit))?;
+        let cases = r
+            .cases
+            .into_iter()
+            .map(case_from_proto)
+            .collect::<Result<Vec<_>, _>>()?;
+        results.push(split::UnitReport {
+            unit: r.unit,
+            try_number: r.try_number,
+            outcome,
+            duration_ms: r.duration_ms,
+            cases,
+        });
+    }
+    Ok(split::UnitsRequest {
+        attempt: m.attempt_id,
+        runner,
+        step_index: m.step_index,
+        request: m.request,
+        discovered: m.discovered,
+        results,
+        max_units: m.max_units,
+    })
+}
+
+/// The engine's answer to a NextUnits, to wire.
+pub fn units_reply_to_proto(req: &proto::NextUnits, reply: split::UnitsReply) -> proto::Units {
+    let mut out = proto::Units {
+        attempt_id: req.attempt_id,
+        step_index: req.step_index,
+        request: req.request,
+        ..Default::default()
+    };
+    match reply {
+        split::UnitsReply::Batch(units) => {
+            out.state = proto::UnitsState::Batch as i32;
+            out.units = units
+                .into_iter()
+                .map(|u| proto::LeasedUnit {
+                    unit: u.unit,
+                    try_number: u.try_number,
+                })
+                .collect();
+        }
+        split::UnitsReply::Wait => out.state = proto::UnitsState::Wait as i32,
+        split::UnitsReply::Done { passed, summary } => {
+            out.state = proto::UnitsState::Done as i32;
+            out.passed = passed;
+            out.message = summary;
+        }
+        split::UnitsReply::Refused(why) => {
+            out.state = proto::UnitsState::Refused as i32;
+            out.message = why;
+        }
+    }
+    out
+}
+
+fn case_to_proto(c: &split::TestCase) -> proto::TestCase {
+    proto::TestCase {
+        name: c.name.clone(),
+        classname: c.classname.clone(),
+        outcome: unit_outcome_to_proto(c.outcome) as i32,
+        skipped: c.skipped,
+        duration_ms: c.duration_ms,
+        message: c.message.clone(),
+    }
+}
+
+/// A split's merged report to wire.
+pub fn split_report_to_proto(r: &split::SplitReport) -> proto::SplitReport {
+    proto::SplitReport {
+        key: r.key.clone(),
+        shards: r.shards,
+        strategy: r.strategy.as_str().to_string(),
+        rounds: r.rounds,
+        done: r.done,
+        passed: r.passed,
+        retry_note: r.retry_note.clone(),
+        units: r
+            .units
+            .iter()
+            .map(|u| proto::UnitReport {
+                unit: u.unit.clone(),
+                verdict: u.verdict.as_str().to_string(),
+                flaky_history: u.flaky_history,
+                tries: u
+                    .tries
+                    .iter()
+                    .map(|t| proto::UnitTry {
+                        try_number: t.try_number,
+                        outcome: t
+                            .outcome
+                            .map(unit_outcome_to_proto)
+                            .unwrap_or(proto::UnitOutcome::Unspecified)
+                            as i32,
+                        runner: t.runner.clone().unwrap_or_default(),
+                        duration_ms: t.duration_ms,
+                        cases: t.cases.iter().map(case_to_proto).collect(),
+                    })
+                    .collect(),
+            })
+            .collect(),
     }
 }
 

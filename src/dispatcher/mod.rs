@@ -702,6 +702,17 @@ impl Dispatcher {
             .ok_or_else(|| DispatchError::NotFound(format!("build {id} not found")))
     }
 
+    /// The merged test report of a build's split steps, and the same as JUnit XML.
+    pub async fn test_report(
+        &self,
+        id: BuildId,
+    ) -> Result<(Vec<kiln_domain::split::SplitReport>, String), DispatchError> {
+        let detail = self.get_build(id).await?;
+        let reports = self.db(move |s| s.split_reports(id)).await?;
+        let xml = crate::junit::build_report(&detail.build, &reports);
+        Ok((reports, xml))
+    }
+
     /// One job.
     pub async fn get_job(&self, id: JobId) -> Result<kiln_domain::Job, DispatchError> {
         self.db(move |s| s.get_job(id))
@@ -1039,6 +1050,7 @@ fn pipeline_jobs(p: kiln_pipeline::Pipeline, branch: &str) -> Result<Vec<NewJob>
                         kiln_pipeline::Post::Success => PostCondition::Success,
                         kiln_pipeline::Post::Failure => PostCondition::Failure,
                     }),
+                    split: None,
                 })
                 .collect();
             Ok(NewJob {

@@ -212,6 +212,7 @@ impl Dispatcher {
                         env: s.env.clone().into_iter().collect(),
                         timeout_ms: s.timeout_ms,
                         post: crate::convert::post_to_proto(s.post) as i32,
+                        split: s.split.as_ref().map(crate::convert::split_to_proto),
                     })
                     .collect(),
                 env: [

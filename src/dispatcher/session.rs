@@ -479,7 +479,48 @@ impl Dispatcher {
                 Ok(())
             }
             Some(In::JobFinished(f)) => self.on_job_finished(runner, sid, tx, stop, f).await,
+            Some(In::NextUnits(n)) => self.on_next_units(runner, sid, tx, stop, n).await,
         }
+    }
+
+    /// A split step's shard reports its last batch and asks for the next one: one store
+    /// transaction (fencing, results, rounds, lease), then the answer on the stream.
+    async fn on_next_units(
+        &self,
+        runner: RunnerId,
+        sid: u64,
+        tx: &Tx,
+        stop: &CancellationToken,
+        n: proto::NextUnits,
+    ) -> Result<(), Status> {
+        let reply = if let Err(why) = self.check_held(runner, sid, n.attempt_id) {
+            kiln_domain::split::UnitsReply::Refused(why)
+        } else {
+            let mut head = n.clone();
+            head.discovered = Vec::new();
+            head.results = Vec::new();
+            let req =
+                convert::units_request_from_proto(runner, n).map_err(Status::invalid_argument)?;
+            let reply = self
+                .db(move |s| s.next_units(&req))
+                .await
+                .map_err(|e| internal(&e))?;
+            let out = convert::units_reply_to_proto(&head, reply);
+            send(tx, stop, msg(Out::Units(out))).await;
+            return Ok(());
+        };
+        let head = proto::NextUnits {
+            discovered: Vec::new(),
+            results: Vec::new(),
+            ..n
+        };
+        send(
+            tx,
+            stop,
+            msg(Out::Units(convert::units_reply_to_proto(&head, reply))),
+        )
+        .await;
+        Ok(())
     }
 
     async fn on_output(

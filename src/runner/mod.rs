@@ -19,7 +19,7 @@ use std::time::Duration;
 use kiln_domain::AttemptId;
 use kiln_git::Mirrors;
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
@@ -109,6 +109,10 @@ pub(crate) struct Shared {
     stopping: AtomicBool,
     /// Cancelled on a hard stop; post steps run under it (a user's cancel does not stop them).
     hard_stop: CancellationToken,
+    /// The current session's sender, for requests that need a live answer (split steps' units).
+    session_tx: Mutex<Option<mpsc::Sender<proto::RunnerMessage>>>,
+    /// Split steps waiting for the answer to a NextUnits, by (attempt, request number).
+    unit_waiters: Mutex<HashMap<(AttemptId, u32), oneshot::Sender<proto::Units>>>,
 }
 
 impl Shared {
@@ -134,6 +138,58 @@ impl Shared {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(slot);
+        }
+    }
+
+    /// Hands the dispatcher's answer to the split step that asked.
+    fn units_answer(&self, u: proto::Units) {
+        let waiter = self
+            .unit_waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(u.attempt_id, u.request));
+        if let Some(w) = waiter {
+            let _ = w.send(u);
+        }
+    }
+
+    /// Sends a NextUnits and waits for its answer, sending it again (same request number, so
+    /// the dispatcher records nothing twice) on every new session until one comes. `None` when
+    /// `cancel` fires first.
+    async fn ask_units(
+        &self,
+        req: proto::NextUnits,
+        cancel: &CancellationToken,
+    ) -> Option<proto::Units> {
+        let key = (req.attempt_id, req.request);
+        loop {
+            let (w, answer) = oneshot::channel();
+            self.unit_waiters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key, w);
+            let tx = self
+                .session_tx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let sent = match tx {
+                Some(tx) => tx.send(out(Out::NextUnits(req.clone()))).await.is_ok(),
+                None => false,
+            };
+            let patience = if sent {
+                UNITS_ANSWER_TIMEOUT
+            } else {
+                Duration::from_millis(100)
+            };
+            tokio::select! {
+                a = answer => if let Ok(a) = a { return Some(a) },
+                _ = tokio::time::sleep(patience) => {}
+                _ = cancel.cancelled() => {
+                    self.unit_waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                    return None;
+                }
+            }
         }
     }
 
@@ -183,6 +239,8 @@ pub async fn run(
         draining: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
         hard_stop: CancellationToken::new(),
+        session_tx: Mutex::new(None),
+        unit_waiters: Mutex::new(HashMap::new()),
     });
     {
         let shared = shared.clone();
@@ -265,6 +323,9 @@ enum SessionError {
     Fatal(String),
     NameTaken(String),
 }
+
+/// How long a split step waits for the answer to a NextUnits before sending it again.
+const UNITS_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a runner keeps trying when the dispatcher says its name is taken.
 const NAME_TAKEN_PATIENCE: Duration = Duration::from_secs(15);
@@ -352,6 +413,8 @@ async fn session(
         )
     };
 
+    *shared.session_tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
+
     let mut heartbeat = tokio::time::interval(interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = tokio::time::Instant::now();
@@ -401,6 +464,7 @@ async fn session(
             }
         }
     };
+    *shared.session_tx.lock().unwrap_or_else(|p| p.into_inner()) = None;
     writer_stop.cancel();
     let _ = writer.await;
     Ok(end)
@@ -468,6 +532,7 @@ fn handle(
             tracing::info!(reason = %d.reason, "the dispatcher asked us to drain");
             drain.cancel();
         }
+        Some(In::Units(u)) => shared.units_answer(u),
         Some(In::Heartbeat(_)) | Some(In::Welcome(_)) | None => {}
     }
 }

@@ -16,6 +16,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+pub mod split;
+
 /// Id of a build, assigned by the store, increasing.
 pub type BuildId = u64;
 /// Id of a job, assigned by the store, increasing.
@@ -229,6 +231,10 @@ pub struct StepSpec {
     /// For a post step, when it runs; `None` for a normal step.
     #[serde(default)]
     pub post: Option<PostCondition>,
+    /// For a split step (`parallel:`), how its units are found and handed out, and which
+    /// shard this job is; `None` for a normal step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<split::SplitSpec>,
 }
 
 /// When a post step runs: after the normal steps, depending on how they ended.

@@ -13,10 +13,12 @@
 //! Everything here is synchronous; the dispatcher calls it from blocking tasks.
 
 mod logs;
+mod split;
 mod sqlite;
 
 use std::collections::BTreeMap;
 
+use kiln_domain::split::{SplitReport, UnitsReply, UnitsRequest};
 use kiln_domain::{
     AttemptId, Build, BuildId, Job, JobId, JobState, Millis, NewBuild, RunnerId, RunnerRecord,
     StepResult,
@@ -223,4 +225,22 @@ pub trait Store: Send + Sync + 'static {
     fn record_refusal(&self, attempt: AttemptId, reason: &str) -> Result<()>;
     /// Results refused by fencing (attempt, reason), newest first; for inspection and tests.
     fn refusals(&self, job: JobId) -> Result<Vec<(AttemptId, String)>>;
+
+    /// One round trip of a split step's shard, in one transaction: fences the attempt (it must
+    /// be its job's current attempt, the job unfinished, the step a split step); creates the
+    /// split's queue from `req.discovered` if it does not exist yet (ordered longest first from
+    /// the repository's recorded durations, the median for units without history; a static
+    /// strategy fixes each unit's shard); records `req.results` (a result counts only for a unit
+    /// try leased to this attempt and not yet ended, so a re-sent request records nothing
+    /// twice); ends the round when every unit of it has ended and starts the next one when
+    /// [`kiln_domain::split::next_round`] says so; then leases the next batch to the attempt
+    /// (a re-sent request number gets the units it got before). When the split ends, the unit
+    /// durations and flaky counts of the repository's history are updated.
+    fn next_units(&self, req: &UnitsRequest) -> Result<UnitsReply>;
+    /// The split reports of a build (merged over its shards), in split order.
+    fn split_reports(&self, build: BuildId) -> Result<Vec<SplitReport>>;
+    /// Records known unit durations for a repository's split key, as if they had been measured
+    /// (imports a timing history; the benchmark seeds one with deliberate errors).
+    fn seed_unit_durations(&self, repo: &str, key: &str, durations: &[(String, u64)])
+    -> Result<()>;
 }

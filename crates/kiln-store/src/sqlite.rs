@@ -472,6 +472,26 @@ fn insert_build(tx: &Transaction<'_>, new: &NewBuild, now: Millis) -> Result<Bui
 }
 
 impl Store for SqliteStore {
+    fn next_units(
+        &self,
+        req: &kiln_domain::split::UnitsRequest,
+    ) -> Result<kiln_domain::split::UnitsReply> {
+        self.split_next_units(req)
+    }
+
+    fn split_reports(&self, build: BuildId) -> Result<Vec<kiln_domain::split::SplitReport>> {
+        self.split_reports_of(build)
+    }
+
+    fn seed_unit_durations(
+        &self,
+        repo: &str,
+        key: &str,
+        durations: &[(String, u64)],
+    ) -> Result<()> {
+        self.split_seed_durations(repo, key, durations)
+    }
+
     fn create_build(&self, new: &NewBuild) -> Result<BuildDetail> {
         let now = now_millis();
         self.with_tx(|tx| insert_build(tx, new, now))
