@@ -155,6 +155,15 @@ pub enum Command {
     },
     /// Print a job's output; with -f, follow it live until the job ends.
     Logs(LogsArgs),
+    /// Show a build's test report (split steps): units, failures, flaky tests; with --junit,
+    /// write the merged JUnit XML report to a file (`-` for stdout).
+    Tests {
+        /// Build id.
+        build: u64,
+        /// Write the JUnit XML report here (`-`: standard output).
+        #[arg(long, value_name = "FILE")]
+        junit: Option<std::path::PathBuf>,
+    },
     /// Cancel a build's unfinished jobs.
     Cancel {
         /// Build id.
@@ -431,6 +440,7 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Submit(args) => submit(conn, cli.json, args).await,
         Command::Builds(args) => builds(conn, cli.json, args).await,
         Command::Show { build } => show(conn, cli.json, build).await,
+        Command::Tests { build, junit } => tests(conn, cli.json, build, junit).await,
         Command::Logs(args) => logs(conn, &args.target, args.follow).await,
         Command::Admin(cmd) => admin(cmd),
         Command::Cancel { build } => {
@@ -762,7 +772,58 @@ async fn show(conn: &Connection, json: bool, build: u64) -> Result<i32, CliError
         .get_build(proto::GetBuildRequest { build_id: build })
         .await?
         .into_inner();
-    print_build(&b, json);
+    let report = c
+        .get_test_report(proto::GetTestReportRequest { build_id: build })
+        .await?
+        .into_inner();
+    if json {
+        let mut v = build_json(&b);
+        v["tests"] = crate::report::json(&report);
+        println!("{v}");
+    } else {
+        print_build(&b, false);
+        print!("{}", crate::report::text(&report));
+    }
+    Ok(state_exit(b.state))
+}
+
+async fn tests(
+    conn: &Connection,
+    json: bool,
+    build: u64,
+    junit: Option<std::path::PathBuf>,
+) -> Result<i32, CliError> {
+    let mut c = build_client(conn).await?;
+    let b = c
+        .get_build(proto::GetBuildRequest { build_id: build })
+        .await?
+        .into_inner();
+    let report = c
+        .get_test_report(proto::GetTestReportRequest { build_id: build })
+        .await?
+        .into_inner();
+    match junit {
+        Some(path) if path.as_os_str() == "-" => print!("{}", report.junit_xml),
+        Some(path) => {
+            std::fs::write(&path, &report.junit_xml).map_err(|e| {
+                CliError::new(exit::USAGE, format!("cannot write {}: {e}", path.display()))
+            })?;
+            if !json {
+                eprintln!(
+                    "kiln: JUnit report of build {build} written to {}",
+                    path.display()
+                );
+            }
+        }
+        None => {}
+    }
+    if json {
+        println!("{}", crate::report::json(&report));
+    } else if report.splits.is_empty() {
+        println!("build {build} has no split step (no `parallel:` or `units:` in its pipeline)");
+    } else {
+        print!("{}", crate::report::text(&report));
+    }
     Ok(state_exit(b.state))
 }
 

@@ -24,6 +24,7 @@ pub mod dispatcher;
 pub mod junit;
 pub mod observer;
 pub mod proto;
+pub mod report;
 pub mod runner;
 pub mod tls;
 pub mod up;
