@@ -43,6 +43,7 @@ async fn build(d: &Dispatcher, jobs: usize) -> kiln_store::BuildDetail {
                     env: BTreeMap::new(),
                     timeout_ms: 0,
                     post: None,
+                    split: None,
                 }],
                 needs: vec![],
             })
