@@ -9,6 +9,7 @@
 //!   which attempt is on which runner, the next output sequence number) is rebuilt after a
 //!   restart from the store and from the runners' handshakes.
 
+mod health;
 mod hub;
 mod scheduler;
 mod session;
@@ -220,6 +221,9 @@ struct State {
     attempts: HashMap<AttemptId, LiveAttempt>,
     /// Round-robin counter so equal runners share the work.
     assign_counter: u64,
+    /// Split steps' unit results per build and runner, to take out runners that fail what
+    /// others pass.
+    unit_health: health::UnitHealth,
 }
 
 impl State {
@@ -288,6 +292,8 @@ struct Session {
 struct LiveAttempt {
     /// Its job.
     job_id: JobId,
+    /// The job's build.
+    build_id: BuildId,
     /// The runner that holds it.
     runner_id: RunnerId,
     /// The session it is on, `None` while orphaned.
@@ -323,6 +329,7 @@ impl LiveAttempt {
         };
         Self {
             job_id: job.id,
+            build_id: job.build_id,
             runner_id,
             session,
             orphan_deadline: None,

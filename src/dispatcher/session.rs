@@ -484,7 +484,8 @@ impl Dispatcher {
     }
 
     /// A split step's shard reports its last batch and asks for the next one: one store
-    /// transaction (fencing, results, rounds, lease), then the answer on the stream.
+    /// transaction (fencing, results, rounds, lease), then the answer on the stream. A runner
+    /// that keeps failing units other runners pass is taken out of the pool here.
     async fn on_next_units(
         &self,
         runner: RunnerId,
@@ -493,26 +494,41 @@ impl Dispatcher {
         stop: &CancellationToken,
         n: proto::NextUnits,
     ) -> Result<(), Status> {
-        let reply = if let Err(why) = self.check_held(runner, sid, n.attempt_id) {
-            kiln_domain::split::UnitsReply::Refused(why)
-        } else {
-            let mut head = n.clone();
-            head.discovered = Vec::new();
-            head.results = Vec::new();
-            let req =
-                convert::units_request_from_proto(runner, n).map_err(Status::invalid_argument)?;
-            let reply = self
-                .db(move |s| s.next_units(&req))
-                .await
-                .map_err(|e| internal(&e))?;
-            let out = convert::units_reply_to_proto(&head, reply);
-            send(tx, stop, msg(Out::Units(out))).await;
-            return Ok(());
-        };
         let head = proto::NextUnits {
             discovered: Vec::new(),
             results: Vec::new(),
-            ..n
+            ..n.clone()
+        };
+        let attempt = n.attempt_id;
+        let reply = match self.check_held(runner, sid, attempt) {
+            Err(why) => kiln_domain::split::UnitsReply::Refused(why),
+            Ok(_) => {
+                let req = convert::units_request_from_proto(runner, n)
+                    .map_err(Status::invalid_argument)?;
+                let outcomes: Vec<bool> = req
+                    .results
+                    .iter()
+                    .map(|r| r.outcome == kiln_domain::split::UnitOutcome::Passed)
+                    .collect();
+                let reply = self
+                    .db(move |s| s.next_units(&req))
+                    .await
+                    .map_err(|e| internal(&e))?;
+                let suspect = {
+                    let mut st = self.state();
+                    let build = st.attempts.get(&attempt).map(|a| a.build_id);
+                    build.and_then(|b| st.unit_health.record(b, runner, outcomes, Instant::now()))
+                };
+                match suspect {
+                    Some(why) => {
+                        self.take_out_of_pool(runner, sid, attempt, &why).await?;
+                        kiln_domain::split::UnitsReply::Refused(format!(
+                            "this runner was taken out of the pool: {why}"
+                        ))
+                    }
+                    None => reply,
+                }
+            }
         };
         send(
             tx,
@@ -521,6 +537,26 @@ impl Dispatcher {
         )
         .await;
         Ok(())
+    }
+
+    /// Drains a runner that fails what others pass and gives its shard to another runner (the
+    /// units it holds go back to the queue with the attempt; the loss is not counted against
+    /// the job).
+    async fn take_out_of_pool(
+        &self,
+        runner: RunnerId,
+        sid: u64,
+        attempt: AttemptId,
+        why: &str,
+    ) -> Result<(), Status> {
+        tracing::warn!(runner, attempt, reason = %why, "taking the runner out of the pool");
+        self.set_draining(runner, sid);
+        let reason = format!("runner taken out of the pool: {why}");
+        self.state()
+            .send_cancel(attempt, self.inner.config.cancel_grace, &reason);
+        self.requeue_counted(attempt, &reason, false)
+            .await
+            .map_err(|e| internal(&e))
     }
 
     async fn on_output(
