@@ -394,3 +394,59 @@ fn flaky_tests_pass_and_are_listed_broken_ones_fail_and_thresholds_stop_retries(
         "{split}"
     );
 }
+
+#[test]
+fn a_runner_failing_units_others_pass_is_taken_out_of_the_pool() {
+    let tmp = tempdir();
+    let server = Server::start(&tmp.path().join("data"), &[]);
+    let _r1 = server.runner(tmp.path(), "r1", &[]);
+    let _r2 = server.runner(tmp.path(), "r2", &[]);
+    server.wait_runners_attached(&["r1", "r2"]);
+    // A runner on a broken machine: every unit fails there.
+    let work = tmp.path().join("work-bad");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.args([
+        "--dispatcher",
+        &server.url,
+        "runner",
+        "--name",
+        "bad",
+        "--work-dir",
+        work.to_str().unwrap(),
+    ])
+    .env("KILN_TEST_BROKEN_MACHINE", "1");
+    let _bad = Proc::spawn("kiln runner bad", cmd);
+    server.wait_runners_attached(&["bad"]);
+    let repo = Repo::init(&tmp.path().join("repo"));
+    let files: Vec<(String, String)> = (0..40)
+        .map(|i| {
+            (
+                format!("suite/u{i:02}.sh"),
+                "sleep 0.1\n[ -z \"$KILN_TEST_BROKEN_MACHINE\" ]\n".to_string(),
+            )
+        })
+        .collect();
+    let sha = commit_files(
+        &repo,
+        &files,
+        "steps:\n  - name: tests\n    run: 'for u in {units}; do sh \"$u\" || exit 1; done'\n    parallel: 3\n    units:\n      glob: suite/*.sh\n      max_batch: 1\n    retry:\n      attempts: 2\n",
+    );
+    let id = id_of(&server.submit(&repo.path, &sha));
+    let build = server.wait_final(id, SPLIT_TIMEOUT);
+    assert_eq!(build["state"], "passed", "{build}");
+    let runners = server.cli(&["--json", "runners"]).json();
+    let bad = runners["runners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "bad")
+        .unwrap()
+        .clone();
+    assert_eq!(bad["state"], "draining", "{runners}");
+    // No unit's final try ran on the broken machine.
+    for u in units(the_split(&build)) {
+        let last = u["tries"].as_array().unwrap().last().unwrap();
+        assert_ne!(last["runner"], "bad", "{u}");
+        assert_eq!(last["outcome"], "passed", "{u}");
+    }
+}
