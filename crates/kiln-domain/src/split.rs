@@ -301,7 +301,8 @@ pub struct UnitSummary {
     pub verdict: UnitVerdict,
     /// Its tries, first first.
     pub tries: Vec<UnitTry>,
-    /// Builds (of this repository, before this one) in which it was flaky.
+    /// Builds of this repository in which it was flaky, as recorded now: this build counts
+    /// once its split is done (a report of an older build also counts later builds).
     pub flaky_history: u32,
 }
 

@@ -1,29 +1,960 @@
 //! Split steps in SQLite: the unit queue of each split, leases, results, retry rounds, the
 //! merged reports and the per-repository unit history.
+//!
+//! Tables (migration 4 in `sqlite.rs`):
+//! - `splits`: one row per (build, split key), with the spec it was created with (shards,
+//!   strategy, retry policy, batch limit), the current round and, once over, its verdict.
+//! - `split_units`: the units in discovery order (`position`).
+//! - `unit_tries`: one row per try of a unit; try `n` runs in round `n`. A try is `queued`,
+//!   `leased` (to an attempt, with the request number that leased it) or `ended` (with its
+//!   outcome, duration and test cases). Round 1 tries of a static strategy carry their shard.
+//! - `split_members`: the attempts that asked for units (runner, last request number and time),
+//!   used to fence stale re-sends and to spread retry rounds over runners.
+//! - `unit_history`: per (repository, split key, unit) the last durations and how often the
+//!   unit was flaky or failed.
 
-use kiln_domain::BuildId;
-use kiln_domain::split::{SplitReport, UnitsReply, UnitsRequest};
+use std::collections::{BTreeMap, HashSet};
+
+use kiln_domain::split::{
+    LeasedUnit, RetryPolicy, RoundDecision, RoundStats, SplitReport, SplitSpec, Strategy, TestCase,
+    UnitOutcome, UnitSource, UnitSummary, UnitTry, UnitVerdict, UnitsReply, UnitsRequest,
+    batch_len, median, next_round, static_shards,
+};
+use kiln_domain::{AttemptId, BuildId, JobState, Millis, StepSpec, now_millis};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::Result;
-use crate::sqlite::SqliteStore;
+use crate::sqlite::{SqliteStore, corrupt};
 
-impl SqliteStore {
-    pub(crate) fn split_next_units(&self, _req: &UnitsRequest) -> Result<UnitsReply> {
-        Ok(UnitsReply::Refused(
-            "split steps are not implemented yet".into(),
+/// Estimate of every unit when no unit of the split has a recorded duration.
+const DEFAULT_ESTIMATE_MS: u64 = 1000;
+/// Durations kept per unit in the history (the estimate is their median).
+const HISTORY_LEN: usize = 5;
+/// A shard that asked this recently counts as available for a retry round's units.
+const RECENT_MS: Millis = 5000;
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn to_u32(v: i64) -> u32 {
+    u32::try_from(v.max(0)).unwrap_or(u32::MAX)
+}
+
+fn strategy_parse(s: &str) -> Result<Strategy> {
+    match s {
+        "dynamic" => Ok(Strategy::Dynamic),
+        "hash" => Ok(Strategy::Hash),
+        "count" => Ok(Strategy::Count),
+        "timing" => Ok(Strategy::Timing),
+        other => Err(corrupt("split strategy", other)),
+    }
+}
+
+fn outcome_parse(s: &str) -> Result<UnitOutcome> {
+    UnitOutcome::parse(s).ok_or_else(|| corrupt("unit outcome", s))
+}
+
+fn is_failure(o: Option<UnitOutcome>) -> bool {
+    matches!(o, Some(UnitOutcome::Failed | UnitOutcome::Errored))
+}
+
+/// A stored split.
+struct SplitRow {
+    id: i64,
+    build_id: i64,
+    repo: String,
+    key: String,
+    shards: u32,
+    strategy: Strategy,
+    retry: RetryPolicy,
+    max_batch: u32,
+    round: u32,
+    done: bool,
+    passed: bool,
+    summary: String,
+    retry_note: String,
+}
+
+const SPLIT_COLUMNS: &str = "id, build_id, repo, split_key, shards, strategy, retry, max_batch, \
+     round, done, passed, summary, retry_note";
+
+type RawSplit = (
+    i64,
+    i64,
+    String,
+    String,
+    u32,
+    String,
+    String,
+    u32,
+    u32,
+    bool,
+    bool,
+    String,
+    String,
+);
+
+fn split_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawSplit> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
+        r.get(11)?,
+        r.get(12)?,
+    ))
+}
+
+fn finish_split(raw: RawSplit) -> Result<SplitRow> {
+    let (
+        id,
+        build_id,
+        repo,
+        key,
+        shards,
+        strategy,
+        retry,
+        max_batch,
+        round,
+        done,
+        passed,
+        summary,
+        retry_note,
+    ) = raw;
+    Ok(SplitRow {
+        id,
+        build_id,
+        repo,
+        key,
+        shards,
+        strategy: strategy_parse(&strategy)?,
+        retry: serde_json::from_str(&retry).map_err(|e| corrupt("split retry policy", e))?,
+        max_batch,
+        round: round.max(1),
+        done,
+        passed,
+        summary,
+        retry_note,
+    })
+}
+
+fn load_split(tx: &Connection, build: i64, key: &str) -> Result<Option<SplitRow>> {
+    let raw = tx
+        .query_row(
+            &format!("SELECT {SPLIT_COLUMNS} FROM splits WHERE build_id = ?1 AND split_key = ?2"),
+            params![build, key],
+            split_from_row,
+        )
+        .optional()?;
+    raw.map(finish_split).transpose()
+}
+
+/// The recorded durations of a unit, oldest first.
+fn history_durations(tx: &Connection, repo: &str, key: &str, unit: &str) -> Result<Vec<u64>> {
+    let text: Option<String> = tx
+        .prepare_cached(
+            "SELECT durations FROM unit_history WHERE repo = ?1 AND split_key = ?2 AND unit = ?3",
+        )?
+        .query_row(params![repo, key, unit], |r| r.get(0))
+        .optional()?;
+    match text {
+        None => Ok(Vec::new()),
+        Some(t) => serde_json::from_str(&t).map_err(|e| corrupt("unit history", e)),
+    }
+}
+
+/// Why a split with no discovered units cannot start.
+fn no_units(source: &UnitSource) -> String {
+    match source {
+        UnitSource::Glob(globs) => format!(
+            "no units found: no file of the checkout matches {}",
+            globs
+                .iter()
+                .map(|g| format!("`{g}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        UnitSource::Command(cmd) => {
+            format!("no units found: the discovery command `{cmd}` printed no unit id")
+        }
+    }
+}
+
+/// Creates a split's queue from the first discovery: units deduplicated in discovery order,
+/// estimates from the repository's history (the median of the known ones for the others), and
+/// for a static strategy each round-1 unit's shard.
+fn create_split(
+    tx: &Transaction<'_>,
+    build: i64,
+    repo: &str,
+    spec: &SplitSpec,
+    discovered: &[String],
+    now: Millis,
+) -> Result<SplitRow> {
+    let mut seen = HashSet::new();
+    let units: Vec<&String> = discovered
+        .iter()
+        .filter(|u| seen.insert(u.as_str()))
+        .collect();
+    let mut known: Vec<Option<u64>> = Vec::with_capacity(units.len());
+    for u in &units {
+        known.push(median(history_durations(tx, repo, &spec.key, u)?));
+    }
+    let fallback = median(known.iter().flatten().copied().collect()).unwrap_or(DEFAULT_ESTIMATE_MS);
+    let with_estimates: Vec<(String, u64)> = units
+        .iter()
+        .zip(&known)
+        .map(|(u, k)| ((*u).clone(), k.unwrap_or(fallback).max(1)))
+        .collect();
+    let shards = spec.shards.max(1);
+    let fixed = static_shards(spec.strategy, &with_estimates, shards);
+    let retry = serde_json::to_string(&spec.retry).map_err(|e| corrupt("split retry policy", e))?;
+    tx.execute(
+        "INSERT INTO splits (build_id, split_key, repo, shards, strategy, retry, max_batch, \
+         created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            build,
+            spec.key,
+            repo,
+            shards,
+            spec.strategy.as_str(),
+            retry,
+            spec.max_batch,
+            now
+        ],
+    )?;
+    let id = tx.last_insert_rowid();
+    {
+        let mut unit_stmt = tx.prepare_cached(
+            "INSERT INTO split_units (split_id, position, unit) VALUES (?1, ?2, ?3)",
+        )?;
+        let mut try_stmt = tx.prepare_cached(
+            "INSERT INTO unit_tries (split_id, position, try_number, state, shard, estimate_ms) \
+             VALUES (?1, ?2, 1, 'queued', ?3, ?4)",
+        )?;
+        for (pos, ((unit, est), shard)) in with_estimates.iter().zip(&fixed).enumerate() {
+            let pos = pos as i64;
+            unit_stmt.execute(params![id, pos, unit])?;
+            try_stmt.execute(params![id, pos, shard, to_i64(*est)])?;
+        }
+    }
+    Ok(SplitRow {
+        id,
+        build_id: build,
+        repo: repo.to_string(),
+        key: spec.key.clone(),
+        shards,
+        strategy: spec.strategy,
+        retry: spec.retry.clone(),
+        max_batch: spec.max_batch,
+        round: 1,
+        done: false,
+        passed: false,
+        summary: String::new(),
+        retry_note: String::new(),
+    })
+}
+
+/// Returns the units leased by `attempt` and not ended to the queue. Called in the transaction
+/// that ends the attempt (lost, finished, superseded).
+pub(crate) fn release_units(tx: &Transaction<'_>, attempt: AttemptId) -> Result<()> {
+    tx.execute(
+        "UPDATE unit_tries SET state = 'queued', attempt_id = NULL, request = NULL, \
+         runner_id = NULL, runner = NULL, leased_at = NULL \
+         WHERE attempt_id = ?1 AND state = 'leased'",
+        [to_i64(attempt)],
+    )?;
+    Ok(())
+}
+
+/// A try that may be leased.
+struct Candidate {
+    position: i64,
+    unit: String,
+    try_number: u32,
+    estimate: u64,
+    /// Runner of the unit's previous (failed) try, in a retry round.
+    previous_runner: Option<i64>,
+}
+
+/// Queued tries of `round` that `shard` may take, longest estimate first, then discovery order.
+fn leasable(tx: &Connection, split: i64, round: u32, shard: u32) -> Result<Vec<Candidate>> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT t.position, u.unit, t.try_number, t.estimate_ms, p.runner_id \
+         FROM unit_tries t JOIN split_units u ON u.split_id = t.split_id AND u.position = t.position \
+         LEFT JOIN unit_tries p ON p.split_id = t.split_id AND p.position = t.position \
+              AND p.try_number = t.try_number - 1 \
+         WHERE t.split_id = ?1 AND t.try_number = ?2 AND t.state = 'queued' \
+         AND (t.shard IS NULL OR t.shard = ?3) \
+         ORDER BY t.estimate_ms DESC, t.position",
+    )?;
+    let rows = stmt.query_map(params![split, round, shard], |r| {
+        Ok(Candidate {
+            position: r.get(0)?,
+            unit: r.get(1)?,
+            try_number: r.get(2)?,
+            estimate: to_u64(r.get(3)?),
+            previous_runner: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Attempts that took part in a round (a try of it leased or ended by them) and are still
+/// their job's current, unfinished attempt.
+fn round_holders(tx: &Connection, split: i64, round: u32) -> Result<HashSet<i64>> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT DISTINCT t.attempt_id FROM unit_tries t \
+         JOIN attempts a ON a.id = t.attempt_id \
+         JOIN jobs j ON j.id = a.job_id AND j.current_attempt = a.id \
+         WHERE t.split_id = ?1 AND t.try_number = ?2 AND t.attempt_id IS NOT NULL \
+         AND j.state IN ('assigned', 'running')",
+    )?;
+    let rows = stmt.query_map(params![split, round], |r| r.get::<_, i64>(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Other shards (attempt, runner) of the split that asked within [`RECENT_MS`] and are still
+/// their job's current, unfinished attempt.
+fn recent_members(
+    tx: &Connection,
+    split: i64,
+    attempt: i64,
+    now: Millis,
+) -> Result<Vec<(i64, i64)>> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT m.attempt_id, m.runner_id FROM split_members m \
+         JOIN attempts a ON a.id = m.attempt_id \
+         JOIN jobs j ON j.id = a.job_id AND j.current_attempt = a.id \
+         WHERE m.split_id = ?1 AND m.attempt_id != ?2 AND m.last_request_at >= ?3 \
+         AND j.state IN ('assigned', 'running')",
+    )?;
+    let rows = stmt.query_map(params![split, attempt, now - RECENT_MS], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Whether tries of `round` are still queued or leased.
+fn round_busy(tx: &Connection, split: i64, round: u32) -> Result<bool> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM unit_tries WHERE split_id = ?1 AND try_number = ?2 \
+             AND state IN ('queued', 'leased'))",
+        )?
+        .query_row(params![split, round], |r| r.get(0))?)
+}
+
+/// One stored try, as the round rules and the report see it.
+struct TryRow {
+    position: i64,
+    try_number: u32,
+    outcome: Option<UnitOutcome>,
+    duration: u64,
+}
+
+fn load_tries(tx: &Connection, split: i64) -> Result<Vec<TryRow>> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT position, try_number, outcome, duration_ms FROM unit_tries \
+         WHERE split_id = ?1 ORDER BY position, try_number",
+    )?;
+    let rows = stmt.query_map([split], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, u32>(1)?,
+            r.get::<_, Option<String>>(2)?,
+            r.get::<_, i64>(3)?,
         ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (position, try_number, outcome, duration) = row?;
+        out.push(TryRow {
+            position,
+            try_number,
+            outcome: outcome.as_deref().map(outcome_parse).transpose()?,
+            duration: to_u64(duration),
+        });
+    }
+    Ok(out)
+}
+
+fn round_stats(tries: &[TryRow], units: u64, round: u32) -> RoundStats {
+    let mut s = RoundStats {
+        round,
+        units,
+        first_failed: 0,
+        failed: 0,
+        recovered: 0,
+        first_round_ms: 0,
+        retry_ms: 0,
+        next_round_ms: 0,
+    };
+    for t in tries {
+        if t.try_number == 1 {
+            s.first_round_ms = s.first_round_ms.saturating_add(t.duration);
+            if is_failure(t.outcome) {
+                s.first_failed += 1;
+            }
+        } else {
+            s.retry_ms = s.retry_ms.saturating_add(t.duration);
+        }
+        if t.try_number == round {
+            if is_failure(t.outcome) {
+                s.failed += 1;
+                s.next_round_ms = s.next_round_ms.saturating_add(t.duration);
+            } else if round > 1 && t.outcome == Some(UnitOutcome::Passed) {
+                s.recovered += 1;
+            }
+        }
+    }
+    s
+}
+
+/// The verdict of a unit from its tries (first first).
+fn verdict(tries: &[&TryRow], no_more_tries: bool) -> UnitVerdict {
+    let Some(last_ended) = tries.iter().rev().find(|t| t.outcome.is_some()) else {
+        return UnitVerdict::NotRun;
+    };
+    if last_ended.outcome == Some(UnitOutcome::Passed) {
+        if last_ended.try_number <= 1 {
+            UnitVerdict::Passed
+        } else {
+            UnitVerdict::Flaky
+        }
+    } else if no_more_tries {
+        UnitVerdict::Failed
+    } else {
+        UnitVerdict::NotRun
+    }
+}
+
+/// Tries grouped by unit position.
+fn by_unit(tries: &[TryRow]) -> BTreeMap<i64, Vec<&TryRow>> {
+    let mut out: BTreeMap<i64, Vec<&TryRow>> = BTreeMap::new();
+    for t in tries {
+        out.entry(t.position).or_default().push(t);
+    }
+    out
+}
+
+fn plural(n: u64, word: &str) -> String {
+    if n == 1 {
+        format!("{n} {word}")
+    } else {
+        format!("{n} {word}s")
+    }
+}
+
+/// Ends a split after its last round: verdict, note, summary, and the repository's history.
+fn finish_split_row(
+    tx: &Transaction<'_>,
+    split: &mut SplitRow,
+    tries: &[TryRow],
+    note: String,
+    now: Millis,
+) -> Result<()> {
+    let units: Vec<(i64, String)> = {
+        let mut stmt = tx.prepare_cached(
+            "SELECT position, unit FROM split_units WHERE split_id = ?1 ORDER BY position",
+        )?;
+        let rows = stmt.query_map([split.id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let grouped = by_unit(tries);
+    let (mut passed, mut flaky, mut failed, mut not_run) = (0u64, 0u64, 0u64, 0u64);
+    let mut get_history = tx.prepare_cached(
+        "SELECT durations FROM unit_history WHERE repo = ?1 AND split_key = ?2 AND unit = ?3",
+    )?;
+    let mut put_history = tx.prepare_cached(
+        "INSERT INTO unit_history (repo, split_key, unit, durations, flaky, failed, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (repo, split_key, unit) DO UPDATE SET \
+         durations = excluded.durations, flaky = flaky + excluded.flaky, \
+         failed = failed + excluded.failed, updated_at = excluded.updated_at",
+    )?;
+    for (pos, unit) in &units {
+        let list = grouped.get(pos).map(Vec::as_slice).unwrap_or_default();
+        let v = verdict(list, true);
+        match v {
+            UnitVerdict::Passed => passed += 1,
+            UnitVerdict::Flaky => flaky += 1,
+            UnitVerdict::Failed => failed += 1,
+            UnitVerdict::NotRun => not_run += 1,
+        }
+        let old: Option<String> = get_history
+            .query_row(params![split.repo, split.key, unit], |r| r.get(0))
+            .optional()?;
+        let mut durations: Vec<u64> = match old {
+            Some(t) => serde_json::from_str(&t).map_err(|e| corrupt("unit history", e))?,
+            None => Vec::new(),
+        };
+        durations.extend(
+            list.iter()
+                .filter(|t| t.outcome.is_some() && t.duration > 0)
+                .map(|t| t.duration),
+        );
+        if durations.len() > HISTORY_LEN {
+            durations.drain(..durations.len() - HISTORY_LEN);
+        }
+        let text = serde_json::to_string(&durations).map_err(|e| corrupt("unit history", e))?;
+        put_history.execute(params![
+            split.repo,
+            split.key,
+            unit,
+            text,
+            i64::from(v == UnitVerdict::Flaky),
+            i64::from(v == UnitVerdict::Failed),
+            now
+        ])?;
+    }
+    let all_passed = failed == 0 && not_run == 0;
+    let mut summary = format!(
+        "{} in {}: {passed} passed, {flaky} flaky, {failed} failed",
+        plural(units.len() as u64, "unit"),
+        plural(u64::from(split.round), "round")
+    );
+    if not_run > 0 {
+        summary.push_str(&format!(", {not_run} not run"));
+    }
+    if !note.is_empty() {
+        summary.push_str(&format!(" ({note})"));
+    }
+    tx.execute(
+        "UPDATE splits SET done = 1, passed = ?1, summary = ?2, retry_note = ?3, \
+         finished_at = ?4 WHERE id = ?5",
+        params![all_passed, summary, note, now, split.id],
+    )?;
+    tx.execute("DELETE FROM split_members WHERE split_id = ?1", [split.id])?;
+    split.done = true;
+    split.passed = all_passed;
+    split.summary = summary;
+    split.retry_note = note;
+    Ok(())
+}
+
+/// The fencing of a request: the job's current, unfinished attempt held by the runner, at a
+/// split step. `Err(reason)` when refused.
+struct Fenced {
+    build_id: i64,
+    repo: String,
+    spec: SplitSpec,
+}
+
+/// Job id, build id, job state, current attempt, steps JSON, the attempt's runner, repository.
+type AttemptRow = (i64, i64, String, Option<i64>, String, i64, String);
+
+fn fence(tx: &Connection, req: &UnitsRequest) -> Result<std::result::Result<Fenced, String>> {
+    let attempt = to_i64(req.attempt);
+    let row: Option<AttemptRow> = tx
+        .query_row(
+            "SELECT j.id, j.build_id, j.state, j.current_attempt, j.steps, a.runner_id, b.repo \
+             FROM attempts a JOIN jobs j ON j.id = a.job_id JOIN builds b ON b.id = j.build_id \
+             WHERE a.id = ?1",
+            [attempt],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((job, build_id, state, current, steps, runner, repo)) = row else {
+        return Ok(Err(format!("unknown attempt {attempt}")));
+    };
+    if current != Some(attempt) {
+        return Ok(Err(format!(
+            "attempt {attempt} is not the current attempt of job {job}"
+        )));
+    }
+    let state: JobState = state.parse().map_err(|e| corrupt("job state", e))?;
+    if !matches!(state, JobState::Assigned | JobState::Running) {
+        return Ok(Err(format!("job {job} is {state}, not running")));
+    }
+    if runner != to_i64(req.runner) {
+        return Ok(Err(format!(
+            "attempt {attempt} was not given to runner {}",
+            req.runner
+        )));
+    }
+    let steps: Vec<StepSpec> = serde_json::from_str(&steps).map_err(|e| corrupt("job steps", e))?;
+    let Some(spec) = steps
+        .get(req.step_index as usize)
+        .and_then(|s| s.split.clone())
+    else {
+        return Ok(Err(format!(
+            "step {} of job {job} is not a split step",
+            req.step_index
+        )));
+    };
+    Ok(Ok(Fenced {
+        build_id,
+        repo,
+        spec,
+    }))
+}
+
+fn next_units_tx(tx: &Transaction<'_>, req: &UnitsRequest, now: Millis) -> Result<UnitsReply> {
+    let f = match fence(tx, req)? {
+        Ok(f) => f,
+        Err(why) => return Ok(UnitsReply::Refused(why)),
+    };
+    let attempt = to_i64(req.attempt);
+    let runner = to_i64(req.runner);
+    let mut split = match load_split(tx, f.build_id, &f.spec.key)? {
+        Some(s) => s,
+        None if req.discovered.is_empty() => {
+            return Ok(UnitsReply::Refused(no_units(&f.spec.units)));
+        }
+        None => create_split(tx, f.build_id, &f.repo, &f.spec, &req.discovered, now)?,
+    };
+    if split.done {
+        return Ok(UnitsReply::Done {
+            passed: split.passed,
+            summary: split.summary,
+        });
     }
 
-    pub(crate) fn split_reports_of(&self, _build: BuildId) -> Result<Vec<SplitReport>> {
-        Ok(Vec::new())
+    // A request older than one already seen from this attempt is a late duplicate: its
+    // results were recorded when it first came and the shard no longer waits for its answer.
+    let last: Option<u32> = tx
+        .query_row(
+            "SELECT last_request FROM split_members WHERE split_id = ?1 AND attempt_id = ?2",
+            params![split.id, attempt],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if last.is_some_and(|l| req.request < l) {
+        return Ok(UnitsReply::Wait);
+    }
+    tx.execute(
+        "INSERT INTO split_members (split_id, attempt_id, runner_id, last_request, \
+         last_request_at) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (split_id, attempt_id) \
+         DO UPDATE SET runner_id = excluded.runner_id, last_request = excluded.last_request, \
+         last_request_at = excluded.last_request_at",
+        params![split.id, attempt, runner, req.request, now],
+    )?;
+
+    // Results: only for a try leased to this attempt and not ended, so a re-send is a no-op.
+    {
+        let mut stmt = tx.prepare_cached(
+            "UPDATE unit_tries SET state = 'ended', outcome = ?1, duration_ms = ?2, cases = ?3, \
+             ended_at = ?4 WHERE split_id = ?5 AND try_number = ?6 AND attempt_id = ?7 \
+             AND state = 'leased' AND position = \
+             (SELECT position FROM split_units WHERE split_id = ?5 AND unit = ?8)",
+        )?;
+        for r in &req.results {
+            let cases = serde_json::to_string::<Vec<TestCase>>(&r.cases)
+                .map_err(|e| corrupt("test cases", e))?;
+            stmt.execute(params![
+                r.outcome.as_str(),
+                to_i64(r.duration_ms),
+                cases,
+                now,
+                split.id,
+                r.try_number,
+                attempt,
+                r.unit
+            ])?;
+        }
+    }
+    // Units leased by an earlier request of this attempt and not reported with this newer one
+    // were dropped by the shard: they go back to the queue.
+    tx.execute(
+        "UPDATE unit_tries SET state = 'queued', attempt_id = NULL, request = NULL, \
+         runner_id = NULL, runner = NULL, leased_at = NULL \
+         WHERE attempt_id = ?1 AND split_id = ?2 AND state = 'leased' AND request < ?3",
+        params![attempt, split.id, req.request],
+    )?;
+    // A re-sent request gets the units it got before.
+    let again: Vec<LeasedUnit> = {
+        let mut stmt = tx.prepare_cached(
+            "SELECT u.unit, t.try_number FROM unit_tries t \
+             JOIN split_units u ON u.split_id = t.split_id AND u.position = t.position \
+             WHERE t.attempt_id = ?1 AND t.split_id = ?2 AND t.state = 'leased' AND t.request = ?3 \
+             ORDER BY t.estimate_ms DESC, t.position",
+        )?;
+        let rows = stmt.query_map(params![attempt, split.id, req.request], |r| {
+            Ok(LeasedUnit {
+                unit: r.get(0)?,
+                try_number: r.get(1)?,
+            })
+        })?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    if !again.is_empty() {
+        return Ok(UnitsReply::Batch(again));
+    }
+
+    let max = match (req.max_units, split.max_batch) {
+        (0, m) | (m, 0) => m,
+        (a, b) => a.min(b),
+    };
+    let shard = f.spec.shard;
+    loop {
+        let round = split.round;
+        let mut candidates = leasable(tx, split.id, round, shard)?;
+        let mut crowded = false;
+        let shards_for_round = if round == 1 {
+            if split.strategy == Strategy::Dynamic {
+                split.shards
+            } else {
+                // The queue seen here is this shard's own: nobody shares it.
+                1
+            }
+        } else {
+            let cap = split.retry.retry_shards(split.shards) as usize;
+            let holders = round_holders(tx, split.id, round)?;
+            if !holders.contains(&attempt) && holders.len() >= cap {
+                crowded = true;
+                candidates.clear();
+            } else {
+                // Prefer another runner than the one a unit failed on, when another shard that
+                // may take units of this round asked recently.
+                let other_runner = recent_members(tx, split.id, attempt, now)?
+                    .iter()
+                    .any(|&(a, r)| r != runner && (holders.contains(&a) || holders.len() < cap));
+                if other_runner {
+                    candidates.retain(|c| c.previous_runner != Some(runner));
+                }
+            }
+            cap as u32
+        };
+        if !candidates.is_empty() {
+            let estimates: Vec<u64> = candidates.iter().map(|c| c.estimate).collect();
+            let n = batch_len(&estimates, shards_for_round, max);
+            let runner_name: Option<String> = tx
+                .query_row("SELECT name FROM runners WHERE id = ?1", [runner], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            let mut stmt = tx.prepare_cached(
+                "UPDATE unit_tries SET state = 'leased', attempt_id = ?1, request = ?2, \
+                 runner_id = ?3, runner = ?4, leased_at = ?5 \
+                 WHERE split_id = ?6 AND position = ?7 AND try_number = ?8",
+            )?;
+            let mut out = Vec::with_capacity(n);
+            for c in candidates.into_iter().take(n) {
+                stmt.execute(params![
+                    attempt,
+                    req.request,
+                    runner,
+                    runner_name,
+                    now,
+                    split.id,
+                    c.position,
+                    c.try_number
+                ])?;
+                out.push(LeasedUnit {
+                    unit: c.unit,
+                    try_number: c.try_number,
+                });
+            }
+            return Ok(UnitsReply::Batch(out));
+        }
+        if round_busy(tx, split.id, round)? {
+            if crowded {
+                return Ok(UnitsReply::Done {
+                    passed: true,
+                    summary: format!(
+                        "retry round {round} runs on fewer shards; this shard is done"
+                    ),
+                });
+            }
+            return Ok(UnitsReply::Wait);
+        }
+        // The round is over.
+        let tries = load_tries(tx, split.id)?;
+        let units: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM split_units WHERE split_id = ?1",
+            [split.id],
+            |r| r.get(0),
+        )?;
+        let stats = round_stats(&tries, to_u64(units), round);
+        match next_round(&split.retry, &stats) {
+            RoundDecision::Retry => {
+                tx.execute(
+                    "INSERT INTO unit_tries (split_id, position, try_number, state, shard, \
+                     estimate_ms) SELECT split_id, position, try_number + 1, 'queued', NULL, \
+                     MAX(duration_ms, 1) FROM unit_tries WHERE split_id = ?1 AND try_number = ?2 \
+                     AND outcome IN ('failed', 'errored')",
+                    params![split.id, round],
+                )?;
+                split.round = round + 1;
+                tx.execute(
+                    "UPDATE splits SET round = ?1 WHERE id = ?2",
+                    params![split.round, split.id],
+                )?;
+            }
+            RoundDecision::Stop(note) => {
+                finish_split_row(tx, &mut split, &tries, note, now)?;
+                return Ok(UnitsReply::Done {
+                    passed: split.passed,
+                    summary: split.summary,
+                });
+            }
+        }
+    }
+}
+
+/// Whether the build has ended (so a split that is not done gets no more tries).
+fn build_final(tx: &Connection, build: i64) -> Result<bool> {
+    let state: Option<String> = tx
+        .query_row("SELECT state FROM builds WHERE id = ?1", [build], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    match state {
+        None => Ok(true),
+        Some(s) => Ok(s
+            .parse::<JobState>()
+            .map_err(|e| corrupt("build state", e))?
+            .is_final()),
+    }
+}
+
+fn reports_of(tx: &Connection, build: BuildId) -> Result<Vec<SplitReport>> {
+    let splits: Vec<SplitRow> = {
+        let mut stmt = tx.prepare_cached(&format!(
+            "SELECT {SPLIT_COLUMNS} FROM splits WHERE build_id = ?1 ORDER BY id"
+        ))?;
+        let rows = stmt.query_map([to_i64(build)], split_from_row)?;
+        rows.map(|r| finish_split(r?)).collect::<Result<_>>()?
+    };
+    let mut out = Vec::with_capacity(splits.len());
+    for split in splits {
+        let ended = split.done || build_final(tx, split.build_id)?;
+        let attempts = split.retry.attempts.max(1);
+        let units: Vec<(i64, String, u32)> = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT u.position, u.unit, COALESCE(h.flaky, 0) FROM split_units u \
+                 LEFT JOIN unit_history h ON h.repo = ?2 AND h.split_key = ?3 AND h.unit = u.unit \
+                 WHERE u.split_id = ?1 ORDER BY u.position",
+            )?;
+            let rows = stmt.query_map(params![split.id, split.repo, split.key], |r| {
+                Ok((r.get(0)?, r.get(1)?, to_u32(r.get(2)?)))
+            })?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let mut tries: BTreeMap<i64, Vec<(TryRow, UnitTry)>> = BTreeMap::new();
+        {
+            let mut stmt = tx.prepare_cached(
+                "SELECT position, try_number, outcome, runner, duration_ms, cases \
+                 FROM unit_tries WHERE split_id = ?1 ORDER BY position, try_number",
+            )?;
+            let rows = stmt.query_map([split.id], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, u32>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, String>(5)?,
+                ))
+            })?;
+            for row in rows {
+                let (position, try_number, outcome, runner, duration, cases) = row?;
+                let outcome = outcome.as_deref().map(outcome_parse).transpose()?;
+                let cases: Vec<TestCase> =
+                    serde_json::from_str(&cases).map_err(|e| corrupt("test cases", e))?;
+                tries.entry(position).or_default().push((
+                    TryRow {
+                        position,
+                        try_number,
+                        outcome,
+                        duration: to_u64(duration),
+                    },
+                    UnitTry {
+                        try_number,
+                        outcome,
+                        runner,
+                        duration_ms: to_u64(duration),
+                        cases,
+                    },
+                ));
+            }
+        }
+        let mut summaries = Vec::with_capacity(units.len());
+        for (pos, unit, flaky_history) in units {
+            let list = tries.remove(&pos).unwrap_or_default();
+            let rows: Vec<&TryRow> = list.iter().map(|(t, _)| t).collect();
+            let no_more = ended
+                || rows
+                    .last()
+                    .is_some_and(|t| t.outcome.is_some() && t.try_number >= attempts);
+            let verdict = verdict(&rows, no_more);
+            summaries.push(UnitSummary {
+                unit,
+                verdict,
+                tries: list.into_iter().map(|(_, t)| t).collect(),
+                flaky_history,
+            });
+        }
+        out.push(SplitReport {
+            id: to_u64(split.id),
+            build_id: to_u64(split.build_id),
+            key: split.key,
+            shards: split.shards,
+            strategy: split.strategy,
+            rounds: split.round,
+            done: split.done,
+            passed: split.done && split.passed,
+            retry_note: split.retry_note,
+            units: summaries,
+        });
+    }
+    Ok(out)
+}
+
+impl SqliteStore {
+    pub(crate) fn split_next_units(&self, req: &UnitsRequest) -> Result<UnitsReply> {
+        let now = now_millis();
+        self.with_tx(|tx| next_units_tx(tx, req, now))
+    }
+
+    pub(crate) fn split_reports_of(&self, build: BuildId) -> Result<Vec<SplitReport>> {
+        let conn = self.conn();
+        reports_of(&conn, build)
     }
 
     pub(crate) fn split_seed_durations(
         &self,
-        _repo: &str,
-        _key: &str,
-        _durations: &[(String, u64)],
+        repo: &str,
+        key: &str,
+        durations: &[(String, u64)],
     ) -> Result<()> {
-        Ok(())
+        let now = now_millis();
+        self.with_tx(|tx| {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO unit_history (repo, split_key, unit, durations, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (repo, split_key, unit) DO UPDATE SET \
+                 durations = excluded.durations, updated_at = excluded.updated_at",
+            )?;
+            for (unit, ms) in durations {
+                let text = serde_json::to_string(&[*ms]).map_err(|e| corrupt("unit history", e))?;
+                stmt.execute(params![repo, key, unit, text, now])?;
+            }
+            Ok(())
+        })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// The schema, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE builds (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -106,6 +106,75 @@ CREATE TABLE branch_cursors (
     PRIMARY KEY (repo, branch)
 );
 "#,
+    // Split steps (see `split.rs`): one row per split (build, key); its units in discovery
+    // order; one row per try of a unit (try n is run in round n), queued, leased to an attempt
+    // or ended; the shards that asked (for retry rounds); and the per-repository history of
+    // unit durations and flaky/failed counts.
+    r#"
+CREATE TABLE splits (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    build_id    INTEGER NOT NULL REFERENCES builds(id),
+    split_key   TEXT NOT NULL,
+    repo        TEXT NOT NULL,
+    shards      INTEGER NOT NULL,
+    strategy    TEXT NOT NULL,
+    retry       TEXT NOT NULL,
+    max_batch   INTEGER NOT NULL,
+    round       INTEGER NOT NULL DEFAULT 1,
+    done        INTEGER NOT NULL DEFAULT 0,
+    passed      INTEGER NOT NULL DEFAULT 0,
+    summary     TEXT NOT NULL DEFAULT '',
+    retry_note  TEXT NOT NULL DEFAULT '',
+    created_at  INTEGER NOT NULL,
+    finished_at INTEGER
+);
+CREATE UNIQUE INDEX splits_by_build ON splits(build_id, split_key);
+CREATE TABLE split_units (
+    split_id INTEGER NOT NULL REFERENCES splits(id),
+    position INTEGER NOT NULL,
+    unit     TEXT NOT NULL,
+    PRIMARY KEY (split_id, position)
+);
+CREATE UNIQUE INDEX split_units_by_unit ON split_units(split_id, unit);
+CREATE TABLE unit_tries (
+    split_id    INTEGER NOT NULL REFERENCES splits(id),
+    position    INTEGER NOT NULL,
+    try_number  INTEGER NOT NULL,
+    state       TEXT NOT NULL,
+    shard       INTEGER,
+    estimate_ms INTEGER NOT NULL,
+    attempt_id  INTEGER,
+    request     INTEGER,
+    runner_id   INTEGER,
+    runner      TEXT,
+    leased_at   INTEGER,
+    outcome     TEXT,
+    duration_ms INTEGER NOT NULL DEFAULT 0,
+    cases       TEXT NOT NULL DEFAULT '[]',
+    ended_at    INTEGER,
+    PRIMARY KEY (split_id, position, try_number)
+);
+CREATE INDEX unit_tries_queue ON unit_tries(split_id, try_number, state, estimate_ms DESC, position);
+CREATE INDEX unit_tries_by_attempt ON unit_tries(attempt_id, state) WHERE attempt_id IS NOT NULL;
+CREATE TABLE split_members (
+    split_id        INTEGER NOT NULL REFERENCES splits(id),
+    attempt_id      INTEGER NOT NULL,
+    runner_id       INTEGER NOT NULL,
+    last_request    INTEGER NOT NULL,
+    last_request_at INTEGER NOT NULL,
+    PRIMARY KEY (split_id, attempt_id)
+);
+CREATE TABLE unit_history (
+    repo       TEXT NOT NULL,
+    split_key  TEXT NOT NULL,
+    unit       TEXT NOT NULL,
+    durations  TEXT NOT NULL DEFAULT '[]',
+    flaky      INTEGER NOT NULL DEFAULT 0,
+    failed     INTEGER NOT NULL DEFAULT 0,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (repo, split_key, unit)
+);
+"#,
 ];
 
 /// The SQLite implementation of [`Store`]: one connection behind a mutex (SQLite serialises
@@ -163,13 +232,13 @@ impl SqliteStore {
         })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave a half-done transaction (it rolls back
         // on drop), so a poisoned lock is safe to reuse.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn with_tx<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+    pub(crate) fn with_tx<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let out = f(&tx)?;
@@ -178,7 +247,7 @@ impl SqliteStore {
     }
 }
 
-fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+pub(crate) fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))
 }
 
@@ -758,6 +827,7 @@ impl Store for SqliteStore {
                 "UPDATE attempts SET state = 'finished', finished_at = ?1 WHERE id = ?2",
                 params![now, attempt as i64],
             )?;
+            crate::split::release_units(tx, attempt)?;
             Ok(Finish::Recorded(settle(tx, job as u64, now)?))
         })
     }
@@ -788,6 +858,7 @@ impl Store for SqliteStore {
                 "UPDATE attempts SET state = 'lost', finished_at = ?1, note = ?2 WHERE id = ?3",
                 params![now, reason, attempt as i64],
             )?;
+            crate::split::release_units(tx, attempt)?;
             if counts && lost + 1 >= max_lost {
                 tx.execute(
                     "UPDATE jobs SET state = 'errored', lost_attempts = lost_attempts + 1, \
@@ -836,6 +907,7 @@ impl Store for SqliteStore {
                      WHERE id = ?3 AND state IN ('offered', 'running')",
                     params![now, message, a],
                 )?;
+                crate::split::release_units(tx, a as u64)?;
             }
             Ok(Some(settle(tx, job, now)?))
         })
@@ -1026,6 +1098,7 @@ mod tests {
                         env: BTreeMap::new(),
                         timeout_ms: 0,
                         post: None,
+                        split: None,
                     }],
                     needs: vec![],
                 })

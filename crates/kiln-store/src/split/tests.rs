@@ -1,0 +1,828 @@
+//! Split steps against real SQLite files: shards pulling units, re-sends, lost attempts,
+//! retry rounds, history, static strategies and the migration.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use kiln_domain::split::{
+    LeasedUnit, RetryPolicy, SplitSpec, Strategy, Threshold, UnitOutcome, UnitReport, UnitSource,
+    UnitVerdict, UnitsReply, UnitsRequest, static_shards,
+};
+use kiln_domain::{AttemptId, JobId, JobState, NewBuild, NewJob, RunnerId, StepSpec};
+use tempfile::TempDir;
+
+use crate::{Finish, SqliteStore, Store};
+
+const REPO: &str = "/tmp/repo";
+const KEY: &str = "tests/tests";
+
+fn store() -> (TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(&dir.path().join("kiln.db")).unwrap();
+    (dir, s)
+}
+
+fn step(spec: Option<SplitSpec>) -> StepSpec {
+    StepSpec {
+        index: 0,
+        name: "tests".into(),
+        run: "pytest {units}".into(),
+        env: BTreeMap::new(),
+        timeout_ms: 0,
+        post: None,
+        split: spec,
+    }
+}
+
+/// A build with one job per shard, each with one split step; returns the job ids by shard.
+fn split_build(
+    s: &SqliteStore,
+    commit: char,
+    shards: u32,
+    strategy: Strategy,
+    retry: RetryPolicy,
+) -> Vec<JobId> {
+    let jobs = (0..shards)
+        .map(|shard| NewJob {
+            name: format!("tests-{shard}"),
+            labels: BTreeMap::new(),
+            steps: vec![step(Some(SplitSpec {
+                key: KEY.into(),
+                shards,
+                shard,
+                units: UnitSource::Glob(vec!["tests/test_*.py".into()]),
+                strategy,
+                retry: retry.clone(),
+                max_batch: 0,
+            }))],
+            needs: vec![],
+        })
+        .collect();
+    let d = s
+        .create_build(&NewBuild {
+            repo: REPO.into(),
+            commit: commit.to_string().repeat(40),
+            branch: "main".into(),
+            trigger: "test".into(),
+            retry_of: None,
+            error: None,
+            jobs,
+            pipeline_hash: String::new(),
+        })
+        .unwrap();
+    d.jobs.iter().map(|j| j.id).collect()
+}
+
+fn retries(attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        attempts,
+        ..RetryPolicy::default()
+    }
+}
+
+fn units(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("tests/test_{i:02}.py")).collect()
+}
+
+/// One shard: its attempt, the units it holds and its request counter.
+struct Shard {
+    attempt: AttemptId,
+    runner: RunnerId,
+    request: u32,
+    held: Vec<LeasedUnit>,
+    max_units: u32,
+    done: Option<(bool, String)>,
+    /// Every unit try this shard was given.
+    got: Vec<(String, u32)>,
+}
+
+fn start(s: &SqliteStore, job: JobId, runner: &str) -> Shard {
+    let r = s
+        .upsert_runner(runner, &BTreeMap::new(), 1, "test")
+        .unwrap()
+        .id;
+    let (attempt, _) = s.assign(job, r, runner).unwrap().unwrap();
+    s.start_attempt(attempt).unwrap().unwrap();
+    Shard {
+        attempt,
+        runner: r,
+        request: 0,
+        held: Vec::new(),
+        max_units: 0,
+        done: None,
+        got: Vec::new(),
+    }
+}
+
+type Outcomes<'a> = &'a dyn Fn(&str, u32) -> UnitOutcome;
+
+fn report(held: &[LeasedUnit], outcome: Outcomes<'_>) -> Vec<UnitReport> {
+    held.iter()
+        .map(|u| UnitReport {
+            unit: u.unit.clone(),
+            try_number: u.try_number,
+            outcome: outcome(&u.unit, u.try_number),
+            duration_ms: 100,
+            cases: Vec::new(),
+        })
+        .collect()
+}
+
+impl Shard {
+    fn request(&self, discovered: &[String], results: Vec<UnitReport>) -> UnitsRequest {
+        UnitsRequest {
+            attempt: self.attempt,
+            runner: self.runner,
+            step_index: 0,
+            request: self.request,
+            discovered: if self.request == 1 {
+                discovered.to_vec()
+            } else {
+                Vec::new()
+            },
+            results,
+            max_units: self.max_units,
+        }
+    }
+
+    /// Reports what it holds (outcomes from `outcome`) and asks for more.
+    fn ask(&mut self, s: &SqliteStore, discovered: &[String], outcome: Outcomes<'_>) -> UnitsReply {
+        self.request += 1;
+        let results = report(&self.held, outcome);
+        let reply = s.next_units(&self.request(discovered, results)).unwrap();
+        self.held.clear();
+        match &reply {
+            UnitsReply::Batch(b) => {
+                assert!(!b.is_empty());
+                self.held = b.clone();
+                self.got
+                    .extend(b.iter().map(|u| (u.unit.clone(), u.try_number)));
+            }
+            UnitsReply::Done { passed, summary } => {
+                self.done = Some((*passed, summary.clone()));
+            }
+            UnitsReply::Wait => {}
+            UnitsReply::Refused(why) => panic!("refused: {why}"),
+        }
+        reply
+    }
+}
+
+/// Runs the shards round-robin until every one is done.
+fn run(s: &SqliteStore, shards: &mut [Shard], discovered: &[String], outcome: Outcomes<'_>) {
+    for _ in 0..10_000 {
+        if shards.iter().all(|sh| sh.done.is_some()) {
+            return;
+        }
+        for sh in shards.iter_mut().filter(|sh| sh.done.is_none()) {
+            sh.ask(s, discovered, outcome);
+        }
+    }
+    panic!("the split never ended");
+}
+
+/// The split's verdict, from a shard that ran to the end (not one sent away from a retry round).
+fn split_done(shards: &[Shard]) -> (bool, String) {
+    let verdicts: BTreeSet<(bool, String)> = shards
+        .iter()
+        .filter_map(|sh| sh.done.clone())
+        .filter(|(_, s)| !s.contains("fewer shards"))
+        .collect();
+    assert_eq!(verdicts.len(), 1, "{verdicts:?}");
+    verdicts.into_iter().next().unwrap()
+}
+
+fn all_pass(_: &str, _: u32) -> UnitOutcome {
+    UnitOutcome::Passed
+}
+
+fn the_report(s: &SqliteStore, job: JobId) -> kiln_domain::split::SplitReport {
+    let build = s.get_job(job).unwrap().unwrap().build_id;
+    let mut reports = s.split_reports(build).unwrap();
+    assert_eq!(reports.len(), 1);
+    reports.remove(0)
+}
+
+#[test]
+fn two_shards_pull_disjoint_units_until_done() {
+    let (_dir, s) = store();
+    let jobs = split_build(&s, 'a', 2, Strategy::Dynamic, retries(1));
+    let list = units(40);
+    let mut shards = vec![start(&s, jobs[0], "r1"), start(&s, jobs[1], "r2")];
+    run(&s, &mut shards, &list, &all_pass);
+    let mut seen = BTreeSet::new();
+    for sh in &shards {
+        assert!(!sh.got.is_empty(), "both shards took units");
+        for (u, t) in &sh.got {
+            assert_eq!(*t, 1);
+            assert!(seen.insert(u.clone()), "{u} given twice");
+        }
+        let (passed, summary) = sh.done.clone().unwrap();
+        assert!(passed);
+        assert_eq!(summary, "40 units in 1 round: 40 passed, 0 flaky, 0 failed");
+    }
+    assert_eq!(seen.len(), 40);
+    let r = the_report(&s, jobs[0]);
+    assert!(r.done && r.passed);
+    assert_eq!(r.rounds, 1);
+    assert_eq!(r.shards, 2);
+    assert_eq!(r.strategy, Strategy::Dynamic);
+    let order: Vec<&str> = r.units.iter().map(|u| u.unit.as_str()).collect();
+    assert_eq!(order, list.iter().map(String::as_str).collect::<Vec<_>>());
+    for u in &r.units {
+        assert_eq!(u.tries.len(), 1, "{u:?}");
+        assert_eq!(u.verdict, UnitVerdict::Passed);
+        assert_eq!(u.tries[0].outcome, Some(UnitOutcome::Passed));
+        assert_eq!(u.tries[0].duration_ms, 100);
+        assert!(matches!(u.tries[0].runner.as_deref(), Some("r1" | "r2")));
+    }
+    // A done split answers later requests with the same verdict.
+    let mut again = shards.remove(0);
+    again.done = None;
+    assert!(matches!(
+        again.ask(&s, &list, &all_pass),
+        UnitsReply::Done { passed: true, .. }
+    ));
+}
+
+#[test]
+fn duplicate_discovery_and_later_discoveries_are_ignored() {
+    let (_dir, s) = store();
+    let jobs = split_build(&s, 'a', 2, Strategy::Dynamic, retries(1));
+    let mut a = start(&s, jobs[0], "r1");
+    let mut b = start(&s, jobs[1], "r2");
+    let first = vec!["x".to_string(), "y".to_string(), "x".to_string()];
+    a.ask(&s, &first, &all_pass);
+    b.ask(&s, &["z".to_string()], &all_pass);
+    let mut shards = vec![a, b];
+    run(&s, &mut shards, &first, &all_pass);
+    let r = the_report(&s, jobs[0]);
+    let order: Vec<&str> = r.units.iter().map(|u| u.unit.as_str()).collect();
+    assert_eq!(order, ["x", "y"]);
+}
+
+#[test]
+fn resent_request_gets_the_same_units_and_records_nothing_twice() {
+    let (_dir, s) = store();
+    let jobs = split_build(&s, 'a', 2, Strategy::Dynamic, retries(1));
+    let list = units(40);
+    let mut a = start(&s, jobs[0], "r1");
+    a.request = 1;
+    let req1 = a.request(&list, Vec::new());
+    let UnitsReply::Batch(first) = s.next_units(&req1).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        s.next_units(&req1).unwrap(),
+        UnitsReply::Batch(first.clone())
+    );
+    a.request = 2;
+    let req2 = a.request(&list, report(&first, &all_pass));
+    let UnitsReply::Batch(second) = s.next_units(&req2).unwrap() else {
+        panic!()
+    };
+    assert!(second.iter().all(|u| !first.contains(u)));
+    assert_eq!(
+        s.next_units(&req2).unwrap(),
+        UnitsReply::Batch(second.clone())
+    );
+    // A late copy of an older request changes nothing.
+    assert_eq!(s.next_units(&req1).unwrap(), UnitsReply::Wait);
+    let r = the_report(&s, jobs[0]);
+    let ended: Vec<&str> = r
+        .units
+        .iter()
+        .filter(|u| u.tries.iter().any(|t| t.outcome.is_some()))
+        .map(|u| u.unit.as_str())
+        .collect();
+    assert_eq!(ended.len(), first.len());
+    for u in &r.units {
+        assert_eq!(u.tries.len(), 1);
+    }
+    a.request = 2;
+    a.held = second;
+    let mut b = start(&s, jobs[1], "r2");
+    b.request = 1;
+    let mut shards = vec![a, b];
+    run(&s, &mut shards, &list, &all_pass);
+    let r = the_report(&s, jobs[0]);
+    assert!(
+        r.units
+            .iter()
+            .all(|u| u.tries.len() == 1 && u.verdict == UnitVerdict::Passed)
+    );
+}
+
+#[test]
+fn a_lost_attempt_returns_its_units_to_another_shard() {
+    let (_dir, s) = store();
+    let jobs = split_build(&s, 'a', 2, Strategy::Dynamic, retries(1));
+    let list = units(30);
+    let mut a = start(&s, jobs[0], "r1");
+    let mut b = start(&s, jobs[1], "r2");
+    a.ask(&s, &list, &all_pass);
+    b.ask(&s, &list, &all_pass);
+    a.ask(&s, &list, &all_pass);
+    let lost = a.held.clone();
+    assert!(!lost.is_empty());
+    s.requeue_attempt(a.attempt, "runner lost", 3, true)
+        .unwrap()
+        .unwrap();
+    // The lost attempt is refused from now on; its results are not recorded.
+    a.request += 1;
+    let late = s
+        .next_units(&a.request(&list, report(&lost, &all_pass)))
+        .unwrap();
+    assert!(matches!(late, UnitsReply::Refused(_)), "{late:?}");
+    let mut shards = vec![b];
+    run(&s, &mut shards, &list, &all_pass);
+    let got: BTreeSet<&String> = shards[0].got.iter().map(|(u, _)| u).collect();
+    for u in &lost {
+        assert!(got.contains(&u.unit), "{} was not handed out again", u.unit);
+    }
+    let r = the_report(&s, jobs[0]);
+    assert!(r.done && r.passed);
+    for u in &r.units {
+        assert_eq!(u.tries.len(), 1, "{u:?}");
+        let runner = u.tries[0].runner.as_deref();
+        if lost.iter().any(|l| l.unit == u.unit) {
+            assert_eq!(runner, Some("r2"));
+        }
+    }
+}
+
+#[test]
+fn finished_and_ended_jobs_return_their_units() {
+    let (_dir, s) = store();
+    let jobs = split_build(&s, 'a', 3, Strategy::Dynamic, retries(1));
+    let list = units(30);
+    let mut a = start(&s, jobs[0], "r1");
+    let mut b = start(&s, jobs[1], "r2");
+    let mut c = start(&s, jobs[2], "r3");
+    a.ask(&s, &list, &all_pass);
+    b.ask(&s, &list, &all_pass);
+    c.ask(&s, &list, &all_pass);
+    let a_units = a.held.clone();
+    let b_units = b.held.clone();
+    assert!(matches!(
+        s.finish_attempt(a.attempt, JobState::Failed, Some("crashed"))
+            .unwrap(),
+        Finish::Recorded(_)
+    ));
+    s.end_job(jobs[1], JobState::Cancelled, "by user")
+        .unwrap()
+        .unwrap();
+    let mut shards = vec![c];
+    run(&s, &mut shards, &list, &all_pass);
+    let got: BTreeSet<&String> = shards[0].got.iter().map(|(u, _)| u).collect();
+    for u in a_units.iter().chain(&b_units) {
+        assert!(got.contains(&u.unit), "{} not handed out again", u.unit);
+    }
+    assert!(the_report(&s, jobs[0]).passed);
+}
+
+#[test]
+fn refused_when_not_current_not_a_split_or_nothing_found() {
+    let (_dir, s) = store();
+    let jobs = split_build(&s, 'a', 2, Strategy::Dynamic, retries(1));
+    let list = units(4);
+    let mut a = start(&s, jobs[0], "r1");
+    // No units found by the first request: refused, saying so.
+    a.request = 1;
+    match s.next_units(&a.request(&[], Vec::new())).unwrap() {
+        UnitsReply::Refused(why) => {
+            assert!(why.contains("no units found"), "{why}");
+            assert!(why.contains("tests/test_*.py"), "{why}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Another runner than the attempt's.
+    let mut wrong = a.request(&list, Vec::new());
+    wrong.runner += 100;
+    assert!(matches!(
+        s.next_units(&wrong).unwrap(),
+        UnitsReply::Refused(_)
+    ));
+    // A step that is not a split step.
+    let mut other_step = a.request(&list, Vec::new());
+    other_step.step_index = 3;
+    match s.next_units(&other_step).unwrap() {
+        UnitsReply::Refused(why) => assert!(why.contains("not a split step"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    a.request = 0;
+    assert!(matches!(a.ask(&s, &list, &all_pass), UnitsReply::Batch(_)));
+    // Attempt no longer current.
+    s.requeue_attempt(a.attempt, "lost", 3, true).unwrap();
+    let a2 = start(&s, jobs[0], "r1");
+    a.request += 1;
+    match s.next_units(&a.request(&list, Vec::new())).unwrap() {
+        UnitsReply::Refused(why) => assert!(why.contains("not the current attempt"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    let mut unknown = a.request(&list, Vec::new());
+    unknown.attempt = 9999;
+    assert!(matches!(
+        s.next_units(&unknown).unwrap(),
+        UnitsReply::Refused(_)
+    ));
+    // The new attempt goes on, without discovering again.
+    let mut shards = vec![a2];
+    shards[0].request = 1;
+    run(&s, &mut shards, &[], &all_pass);
+    assert!(the_report(&s, jobs[0]).passed);
+}
+
+fn flaky_outcome(unit: &str, try_number: u32) -> UnitOutcome {
+    if unit == "tests/test_02.py" && try_number == 1 {
+        UnitOutcome::Failed
+    } else {
+        UnitOutcome::Passed
+    }
+}
+
+#[test]
+fn a_flaky_unit_passes_on_retry_and_is_counted_in_the_history() {
+    let (_dir, s) = store();
+    let list = units(6);
+    for (build, commit) in [(1, 'a'), (2, 'b')] {
+        let jobs = split_build(&s, commit, 2, Strategy::Dynamic, retries(3));
+        let mut shards = vec![start(&s, jobs[0], "r1"), start(&s, jobs[1], "r2")];
+        let before = the_report_opt(&s, jobs[0]);
+        assert!(before.is_none());
+        run(&s, &mut shards, &list, &flaky_outcome);
+        let (passed, summary) = split_done(&shards);
+        assert!(passed);
+        assert_eq!(summary, "6 units in 2 rounds: 5 passed, 1 flaky, 0 failed");
+        let r = the_report(&s, jobs[0]);
+        assert!(r.done && r.passed);
+        assert_eq!(r.rounds, 2);
+        assert_eq!(r.retry_note, "");
+        for u in &r.units {
+            if u.unit == "tests/test_02.py" {
+                assert_eq!(u.verdict, UnitVerdict::Flaky);
+                assert_eq!(u.tries.len(), 2);
+                assert_eq!(u.tries[0].outcome, Some(UnitOutcome::Failed));
+                assert_eq!(u.tries[1].outcome, Some(UnitOutcome::Passed));
+                assert_eq!(u.tries[1].try_number, 2);
+                assert_eq!(u.flaky_history, build);
+            } else {
+                assert_eq!(u.verdict, UnitVerdict::Passed);
+                assert_eq!(u.tries.len(), 1);
+                assert_eq!(u.flaky_history, 0);
+            }
+        }
+    }
+}
+
+fn the_report_opt(s: &SqliteStore, job: JobId) -> Option<kiln_domain::split::SplitReport> {
+    let build = s.get_job(job).unwrap().unwrap().build_id;
+    s.split_reports(build).unwrap().pop()
+}
+
+#[test]
+fn a_unit_failing_every_try_fails_the_split() {
+    let (_dir, s) = store();
+    let list = units(6);
+    let jobs = split_build(&s, 'a', 2, Strategy::Dynamic, retries(3));
+    let mut shards = vec![start(&s, jobs[0], "r1"), start(&s, jobs[1], "r2")];
+    // test_01 always fails; test_02 is flaky, so round 2 recovers something and round 3 runs.
+    let outcome = |u: &str, t: u32| match u {
+        "tests/test_01.py" => UnitOutcome::Failed,
+        _ => flaky_outcome(u, t),
+    };
+    run(&s, &mut shards, &list, &outcome);
+    let (passed, summary) = split_done(&shards);
+    assert!(!passed);
+    assert!(
+        summary.starts_with("6 units in 3 rounds: 4 passed, 1 flaky, 1 failed"),
+        "{summary}"
+    );
+    let r = the_report(&s, jobs[0]);
+    assert!(r.done && !r.passed);
+    assert_eq!(r.rounds, 3);
+    assert!(r.retry_note.contains("3 times"), "{}", r.retry_note);
+    let broken = r
+        .units
+        .iter()
+        .find(|u| u.unit == "tests/test_01.py")
+        .unwrap();
+    assert_eq!(broken.verdict, UnitVerdict::Failed);
+    assert_eq!(broken.tries.len(), 3);
+    assert!(
+        broken
+            .tries
+            .iter()
+            .all(|t| t.outcome == Some(UnitOutcome::Failed))
+    );
+    let flaky = r
+        .units
+        .iter()
+        .find(|u| u.unit == "tests/test_02.py")
+        .unwrap();
+    assert_eq!(flaky.verdict, UnitVerdict::Flaky);
+    assert_eq!(flaky.tries.len(), 2);
+
+    // Alone, a broken unit stops retries after a round that recovered nothing.
+    let jobs = split_build(&s, 'b', 1, Strategy::Dynamic, retries(5));
+    let mut shards = vec![start(&s, jobs[0], "r1")];
+    let outcome = |u: &str, _: u32| {
+        if u == "tests/test_01.py" {
+            UnitOutcome::Errored
+        } else {
+            UnitOutcome::Passed
+        }
+    };
+    run(&s, &mut shards, &list, &outcome);
+    let r = the_report(&s, jobs[0]);
+    assert!(!r.passed);
+    assert_eq!(r.rounds, 2);
+    assert!(
+        r.retry_note.contains("no failure into a pass"),
+        "{}",
+        r.retry_note
+    );
+}
+
+#[test]
+fn more_failures_than_the_threshold_means_no_retry_round() {
+    let (_dir, s) = store();
+    let list = units(6);
+    let retry = RetryPolicy {
+        attempts: 3,
+        max_failures: Some(Threshold::Count(2)),
+        ..RetryPolicy::default()
+    };
+    let jobs = split_build(&s, 'a', 2, Strategy::Dynamic, retry);
+    let mut shards = vec![start(&s, jobs[0], "r1"), start(&s, jobs[1], "r2")];
+    let outcome = |u: &str, _: u32| {
+        if u < "tests/test_03.py" {
+            UnitOutcome::Failed
+        } else {
+            UnitOutcome::Passed
+        }
+    };
+    run(&s, &mut shards, &list, &outcome);
+    assert!(!split_done(&shards).0);
+    let r = the_report(&s, jobs[0]);
+    assert_eq!(r.rounds, 1);
+    assert!(r.retry_note.contains("threshold"), "{}", r.retry_note);
+    for u in &r.units {
+        assert_eq!(u.tries.len(), 1);
+        assert_ne!(u.verdict, UnitVerdict::Flaky);
+    }
+    assert_eq!(
+        r.units
+            .iter()
+            .filter(|u| u.verdict == UnitVerdict::Failed)
+            .count(),
+        3
+    );
+}
+
+#[test]
+fn the_retry_budget_stops_retries() {
+    let (_dir, s) = store();
+    let list = units(10);
+    // Round 1: 10 units of 100 ms; a 10% budget is 100 ms; the failed unit took 100 ms, so a
+    // retry fits; with 5% it does not.
+    for (permille, rounds) in [(100, 2), (50, 1)] {
+        let retry = RetryPolicy {
+            attempts: 2,
+            budget_permille: Some(permille),
+            ..RetryPolicy::default()
+        };
+        let commit = if permille == 100 { 'a' } else { 'b' };
+        let jobs = split_build(&s, commit, 1, Strategy::Dynamic, retry);
+        let mut shards = vec![start(&s, jobs[0], "r1")];
+        run(&s, &mut shards, &list, &flaky_outcome);
+        let r = the_report(&s, jobs[0]);
+        assert_eq!(r.rounds, rounds, "{permille}");
+        if rounds == 1 {
+            assert!(!r.passed);
+            assert!(r.retry_note.contains("budget"), "{}", r.retry_note);
+        } else {
+            assert!(r.passed);
+        }
+    }
+}
+
+#[test]
+fn longest_units_first_from_the_history_and_the_median_for_new_ones() {
+    let (_dir, s) = store();
+    s.seed_unit_durations(
+        REPO,
+        KEY,
+        &[
+            ("u0".into(), 100),
+            ("u1".into(), 500),
+            ("u2".into(), 300),
+            ("gone".into(), 9000),
+        ],
+    )
+    .unwrap();
+    let list: Vec<String> = ["u0", "u3", "u1", "u2", "u4"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let jobs = split_build(&s, 'a', 1, Strategy::Dynamic, retries(1));
+    let mut sh = start(&s, jobs[0], "r1");
+    sh.max_units = 1;
+    let mut shards = vec![sh];
+    run(&s, &mut shards, &list, &all_pass);
+    // The median of the known units of the split (100, 300, 500) is 300 for u3 and u4; equal
+    // estimates go in discovery order (u3, u2, u4).
+    let order: Vec<&str> = shards[0].got.iter().map(|(u, _)| u.as_str()).collect();
+    assert_eq!(order, ["u1", "u3", "u2", "u4", "u0"]);
+    // The durations of this build join the history: u1 is now 500 and 100, median 500 (the
+    // upper middle); u3 has 100.
+    let h = |u: &str| super::history_durations(&s.conn(), REPO, KEY, u).unwrap();
+    assert_eq!(h("u1"), vec![500, 100]);
+    assert_eq!(h("u3"), vec![100]);
+    // Only the last five are kept.
+    for (i, c) in ['b', 'c', 'd', 'e', 'f'].into_iter().enumerate() {
+        let jobs = split_build(&s, c, 1, Strategy::Dynamic, retries(1));
+        let mut shards = vec![start(&s, jobs[0], &format!("r{i}"))];
+        run(&s, &mut shards, &list, &all_pass);
+    }
+    assert_eq!(h("u1"), vec![100; 5]);
+}
+
+#[test]
+fn static_hash_gives_each_shard_only_its_own_units() {
+    let (_dir, s) = store();
+    let list = units(30);
+    let jobs = split_build(&s, 'a', 3, Strategy::Hash, retries(1));
+    let with_estimates: Vec<(String, u64)> = list.iter().map(|u| (u.clone(), 1000)).collect();
+    let expected = static_shards(Strategy::Hash, &with_estimates, 3);
+    let mut shards: Vec<Shard> = (0..3)
+        .map(|i| start(&s, jobs[i], &format!("r{i}")))
+        .collect();
+    // Shard 0 alone: it takes its own units, then waits for the others.
+    loop {
+        match shards[0].ask(&s, &list, &all_pass) {
+            UnitsReply::Batch(_) => {}
+            UnitsReply::Wait => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    run(&s, &mut shards, &list, &all_pass);
+    let mut all = BTreeSet::new();
+    for (i, sh) in shards.iter().enumerate() {
+        for (u, _) in &sh.got {
+            let pos = list.iter().position(|x| x == u).unwrap();
+            assert_eq!(expected[pos], Some(i as u32), "{u} went to shard {i}");
+            assert!(all.insert(u.clone()));
+        }
+        assert!(sh.done.clone().unwrap().0);
+    }
+    assert_eq!(all.len(), 30);
+    assert_eq!(the_report(&s, jobs[0]).strategy, Strategy::Hash);
+}
+
+#[test]
+fn retry_rounds_run_on_fewer_shards() {
+    let (_dir, s) = store();
+    let list = units(12);
+    let retry = RetryPolicy {
+        attempts: 2,
+        shards: 1,
+        ..RetryPolicy::default()
+    };
+    let jobs = split_build(&s, 'a', 3, Strategy::Dynamic, retry);
+    let mut shards: Vec<Shard> = (0..3)
+        .map(|i| start(&s, jobs[i], &format!("r{i}")))
+        .collect();
+    let outcome = |u: &str, t: u32| {
+        if t == 1 && (u == "tests/test_01.py" || u == "tests/test_07.py") {
+            UnitOutcome::Failed
+        } else {
+            UnitOutcome::Passed
+        }
+    };
+    run(&s, &mut shards, &list, &outcome);
+    let retried: Vec<usize> = (0..3)
+        .filter(|&i| shards[i].got.iter().any(|(_, t)| *t == 2))
+        .collect();
+    assert_eq!(retried.len(), 1, "one shard runs the retry round");
+    let early: Vec<String> = shards
+        .iter()
+        .filter_map(|sh| sh.done.clone())
+        .map(|(_, s)| s)
+        .filter(|s| s.contains("fewer shards"))
+        .collect();
+    assert_eq!(early.len(), 2, "{early:?}");
+    let r = the_report(&s, jobs[0]);
+    assert!(r.done && r.passed);
+    assert_eq!(r.rounds, 2);
+}
+
+#[test]
+fn retries_prefer_another_runner() {
+    let (_dir, s) = store();
+    let list: Vec<String> = vec!["u0".into(), "u1".into()];
+    let jobs = split_build(&s, 'a', 2, Strategy::Dynamic, retries(2));
+    let mut a = start(&s, jobs[0], "r1");
+    let mut b = start(&s, jobs[1], "r2");
+    let outcome = |u: &str, t: u32| {
+        if u == "u0" && t == 1 {
+            UnitOutcome::Failed
+        } else {
+            UnitOutcome::Passed
+        }
+    };
+    assert_eq!(
+        a.ask(&s, &list, &outcome),
+        UnitsReply::Batch(vec![LeasedUnit {
+            unit: "u0".into(),
+            try_number: 1
+        }])
+    );
+    assert!(matches!(b.ask(&s, &list, &outcome), UnitsReply::Batch(_)));
+    assert_eq!(b.ask(&s, &list, &outcome), UnitsReply::Wait);
+    // a ends round 1 with u0 failed; b asked just now from another runner: u0 waits for it.
+    assert_eq!(a.ask(&s, &list, &outcome), UnitsReply::Wait);
+    assert_eq!(
+        b.ask(&s, &list, &outcome),
+        UnitsReply::Batch(vec![LeasedUnit {
+            unit: "u0".into(),
+            try_number: 2
+        }])
+    );
+    let mut shards = vec![a, b];
+    run(&s, &mut shards, &list, &outcome);
+    let r = the_report(&s, jobs[0]);
+    let u0 = &r.units[0];
+    assert_eq!(u0.verdict, UnitVerdict::Flaky);
+    assert_eq!(u0.tries[0].runner.as_deref(), Some("r1"));
+    assert_eq!(u0.tries[1].runner.as_deref(), Some("r2"));
+}
+
+#[test]
+fn verdicts_while_running() {
+    let (_dir, s) = store();
+    let list = units(3);
+    let jobs = split_build(&s, 'a', 1, Strategy::Dynamic, retries(2));
+    let mut a = start(&s, jobs[0], "r1");
+    a.max_units = 1;
+    a.ask(&s, &list, &all_pass);
+    let fail = |_: &str, _: u32| UnitOutcome::Failed;
+    a.ask(&s, &list, &fail);
+    let r = the_report(&s, jobs[0]);
+    assert!(!r.done && !r.passed);
+    // test_00 failed with a retry possible: undecided; the others never ended.
+    assert!(r.units.iter().all(|u| u.verdict == UnitVerdict::NotRun));
+    assert_eq!(r.units[1].tries[0].outcome, None);
+    // The build is cancelled: what failed stays failed.
+    s.end_job(jobs[0], JobState::Cancelled, "by user")
+        .unwrap()
+        .unwrap();
+    let r = the_report(&s, jobs[0]);
+    assert_eq!(r.units[0].verdict, UnitVerdict::Failed);
+    assert_eq!(r.units[2].verdict, UnitVerdict::NotRun);
+}
+
+/// Creates a database with the schema as it was before split steps, with a build in it.
+fn old_database(path: &Path) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let before = 3;
+    for m in &crate::sqlite::MIGRATIONS[..before] {
+        conn.execute_batch(m).unwrap();
+    }
+    conn.pragma_update(None, "user_version", before as i64)
+        .unwrap();
+    conn.execute(
+        "INSERT INTO builds (repo, commit_id, branch, trigger_by, state, created_at) \
+         VALUES ('/tmp/old', 'c0ffee', 'main', 'test', 'passed', 1)",
+        [],
+    )
+    .unwrap();
+}
+
+#[test]
+fn the_migration_applies_to_an_existing_older_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kiln.db");
+    old_database(&path);
+    let jobs = {
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.get_build(1).unwrap().unwrap().build.repo, "/tmp/old");
+        let jobs = split_build(&s, 'a', 2, Strategy::Dynamic, retries(2));
+        let mut shards = vec![start(&s, jobs[0], "r1"), start(&s, jobs[1], "r2")];
+        run(&s, &mut shards, &units(8), &flaky_outcome);
+        jobs
+    };
+    let s = SqliteStore::open(&path).unwrap();
+    let version: i64 = s
+        .conn()
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version as usize, crate::sqlite::MIGRATIONS.len());
+    let r = the_report(&s, jobs[0]);
+    assert!(r.done && r.passed);
+    assert_eq!(r.units.len(), 8);
+    assert_eq!(r.units[2].verdict, UnitVerdict::Flaky);
+    assert_eq!(r.units[2].flaky_history, 1);
+}
