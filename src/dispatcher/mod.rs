@@ -1057,7 +1057,17 @@ fn pipeline_jobs(p: kiln_pipeline::Pipeline, branch: &str) -> Result<Vec<NewJob>
                         kiln_pipeline::Post::Success => PostCondition::Success,
                         kiln_pipeline::Post::Failure => PostCondition::Failure,
                     }),
-                    split: None,
+                    split: s.split.zip(job.shard.as_ref()).map(|(split, shard)| {
+                        kiln_domain::split::SplitSpec {
+                            key: shard.key.clone(),
+                            shards: split.shards,
+                            shard: shard.index,
+                            units: split.units,
+                            strategy: split.strategy,
+                            retry: split.retry,
+                            max_batch: split.max_batch,
+                        }
+                    }),
                 })
                 .collect();
             Ok(NewJob {

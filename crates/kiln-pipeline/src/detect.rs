@@ -72,6 +72,7 @@ fn single_step(name: &str, run: &str, source: Source) -> Pipeline {
             timeout: None,
             labels: BTreeMap::new(),
             post: None,
+            split: None,
         }],
         jobs: Vec::new(),
         source,

@@ -8,9 +8,9 @@
 //! command (run with `sh -c`) with its environment, timeout and the runner
 //! labels it needs, the file-wide defaults already applied; or, for a file
 //! with `jobs`, a graph of [`JobDef`]s. [`plan`] then turns a pipeline into
-//! the [`JobPlan`]s of one build (of one branch): matrices expanded, `when`
-//! conditions applied, in an order where every job comes after the jobs it
-//! needs.
+//! the [`JobPlan`]s of one build (of one branch): matrices expanded, split
+//! steps' shards made jobs, `when` conditions applied, in an order where
+//! every job comes after the jobs it needs.
 //!
 //! # The `.kiln.yml` schema
 //!
@@ -31,6 +31,44 @@
 //!     run: ./cleanup.sh
 //!     post: always      # a post step: runs after the others (always | success | failure)
 //! ```
+//!
+//! A step can also be a *split step*, running one test suite cut into
+//! *units* (test files or test ids) over several runners:
+//!
+//! ```yaml
+//! steps:
+//!   - name: tests
+//!     run: python3 -m pytest {units} --junitxml={junit}   # the runner fills {units} and {junit} (also $KILN_UNITS)
+//!     parallel: 4            # optional, an integer from 1 to 256: the job runs as 4 shard jobs
+//!     units:                 # required with `parallel`: how the units are found
+//!       glob: "tests/test_*.py"   # a glob pattern or a non-empty list of them: the matching files, OR
+//!       # command: "cargo test -- --list --format terse | sed -n 's/: test$//p'"   # one unit id per line
+//!       strategy: dynamic    # optional: dynamic (default) | hash | count | timing
+//!       max_batch: 10        # optional, an integer >= 1: most units in one batch
+//!     retry:                 # optional (only with `units`): failed units run again
+//!       attempts: 3          # required, an integer from 1 to 10: tries per unit, the first included
+//!       max_failures: 10     # optional: a number of units, or a percentage of them like "20%":
+//!                            #   no retries when more units than that failed in the first round
+//!       budget: "5%"         # optional: the retry rounds' time limit, as a percentage of the first
+//!                            #   round's (at most one decimal, like "2.5%")
+//!       shards: 2            # optional, an integer from 1 to 256: most shards in a retry round
+//!                            #   (default: half of the step's shards; capped at `parallel`)
+//! ```
+//!
+//! * `units` without `parallel` is `parallel: 1` (one job, whose units are
+//!   still handed out in batches and retried); `parallel` without `units`,
+//!   and `retry` without `units`, are errors.
+//! * `units` takes exactly one of `glob` and `command`. Glob patterns use
+//!   the [`globset`](https://docs.rs/globset) syntax, relative to the
+//!   checkout: no leading `/`, no `.` or `..` components.
+//! * Percentages go from `0%` to `100%`.
+//! * A job (a `steps:` file is one job) has at most one split step, and a
+//!   post step is never split.
+//! * A job with a split step of `parallel: N` is planned as `N` shard jobs,
+//!   each running all the steps of the job, named after the job with
+//!   ` [k/N]` appended (`k` from 1: `tests [1/4]`, `pipeline [2/4]`,
+//!   `test (python=3.11) [3/4]`); with `N = 1` the job keeps its name. See
+//!   [`JobPlan::shard`] and [`Shard`].
 //!
 //! or a graph of `jobs` (`steps` and `jobs` cannot both be given), each job
 //! running its own steps on its own runner:
@@ -59,7 +97,11 @@
 //!
 //! * `depends_on` names jobs of the file, in any order; an unknown name, a
 //!   name given twice or a cycle (`a` needs `b` needs `a`) is an error. A job
-//!   that depends on a matrix job depends on every cell of it.
+//!   that depends on a matrix job depends on every cell of it, and one that
+//!   depends on a job with a split step on every shard of it (of every
+//!   cell).
+//! * A matrix job with a split step is expanded into cells first, then each
+//!   cell into shards: `test (python=3.11) [1/4]`, and so on.
 //! * `matrix` maps axis names (`[A-Za-z_][A-Za-z0-9_]*`, at most
 //!   [`MAX_MATRIX_AXES`] axes) to non-empty lists of distinct scalar values
 //!   (taken as written, without commas). The job is expanded into one job
@@ -82,9 +124,10 @@
 //! * The runner labels of a job are the union of its steps' labels; two
 //!   steps of one job needing different values of one label is an error of
 //!   [`plan`] (as it is for a `steps:` file, which is one job).
-//! * All jobs, after matrix expansion and before `when` is applied, count
-//!   toward the limits [`MAX_JOBS`], [`MAX_PLANNED_STEPS`] and [`MAX_NEEDS`],
-//!   so that whether a file is valid does not depend on the branch.
+//! * All jobs, after matrix expansion and with every shard of a split step
+//!   counted as a job, before `when` is applied, count toward the limits
+//!   [`MAX_JOBS`], [`MAX_PLANNED_STEPS`] and [`MAX_NEEDS`], so that whether
+//!   a file is valid does not depend on the branch.
 //!
 //! Scalars in `env` and `labels` values are taken as written: `3.10` is the
 //! text `3.10` (not `3.1`), `true` is `true`, and an empty or null value
@@ -93,10 +136,10 @@
 //! zero.
 //!
 //! Unknown keys are errors, so a typo never goes unnoticed. Later versions of
-//! the schema will add keys (`parallel`, `retry`, more `when` conditions,
-//! ...); today they are rejected like any unknown key, and every file valid
-//! today will stay valid (as every file of the first, `steps`-only schema
-//! still is, with the same meaning).
+//! the schema will add keys (more `when` conditions, ...); today they are
+//! rejected like any unknown key, and every file valid today will stay valid
+//! (as every file of the first, `steps`-only schema still is, with the same
+//! meaning).
 //!
 //! Every error in the file is reported with its location (line and column,
 //! 1-based), like
@@ -110,7 +153,10 @@
 //! invalid duration, `jobs` next to `steps` (at the second of the two keys),
 //! an unknown job or a cycle in `depends_on` (at the offending value; a
 //! cycle at the first value in the file that closes one), a matrix with too
-//! many cells (at its `matrix` key), an invalid branch pattern, and so on.
+//! many cells (at its `matrix` key), an invalid branch pattern, an invalid
+//! glob pattern or percentage, `glob` next to `command` (at the second), a
+//! split key in a post step or in a second split step of a job (at that
+//! key), `parallel` or `retry` without `units` (at the step), and so on.
 //! See [`PipelineError`].
 //!
 //! Files larger than [`MAX_FILE_SIZE`] are refused, and so are documents
@@ -143,6 +189,7 @@ use serde::de::DeserializeSeed as _;
 
 pub use crate::detect::{CARGO_RUN, CARGO_STEP, PYTHON_UNITTEST_RUN, PYTHON_UNITTEST_STEP, detect};
 pub use crate::error::PipelineError;
+pub use kiln_domain::split::{RetryPolicy, Strategy, Threshold, UnitSource};
 
 /// Name of the pipeline file at the root of a repository.
 pub const FILE_NAME: &str = ".kiln.yml";
@@ -164,6 +211,14 @@ pub const MAX_JOBS: usize = 1000;
 /// expanded: each cell of a matrix job runs all the steps of the job. (About
 /// the most steps a `steps:` file of [`MAX_FILE_SIZE`] can have.)
 pub const MAX_PLANNED_STEPS: usize = 50_000;
+
+/// Most shards of a split step (`parallel`), and most shards of its retry
+/// rounds (`retry.shards`).
+pub const MAX_SHARDS: u32 = 256;
+
+/// Most tries of one unit of a split step (`retry.attempts`), the first
+/// included.
+pub const MAX_ATTEMPTS: u32 = 10;
 
 /// Most dependencies between the jobs of a `jobs:` file once the matrices
 /// are expanded: a job of `n` cells depending on a job of `m` cells counts
@@ -222,14 +277,16 @@ pub struct When {
     pub branch: Vec<String>,
 }
 
-/// One job of a build, after matrix expansion and `when` filtering, as
-/// [`plan`] returns them: in a deterministic topological order (a job after
-/// every job it needs; among the jobs that are ready, the first in the
-/// file, the cells of a matrix job in a row).
+/// One job of a build, after matrix expansion, shard expansion and `when`
+/// filtering, as [`plan`] returns them: in a deterministic topological
+/// order (a job after every job it needs; among the jobs that are ready,
+/// the first in the file, the cells of a matrix job in a row, the shards of
+/// a cell in a row).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct JobPlan {
     /// Unique name in the plan: the job's name, followed for a matrix cell
-    /// by its values, like `test (os=linux, python=3.11)`.
+    /// by its values, like `test (os=linux, python=3.11)`, and for a shard
+    /// of a split step of `N > 1` shards by ` [k/N]`, like `test [2/4]`.
     pub name: String,
     /// The steps, in order, post steps included, with all the defaults and
     /// the matrix variables applied.
@@ -237,8 +294,32 @@ pub struct JobPlan {
     /// Runner labels the job needs: the union of its steps' labels.
     pub labels: BTreeMap<String, String>,
     /// Names of the jobs of this plan that must pass before this one runs,
-    /// in `depends_on` order (every cell of a matrix job, in plan order).
+    /// in `depends_on` order (every cell and every shard of a matrix or
+    /// split job, in plan order).
     pub needs: Vec<String>,
+    /// For a job with a split step (see [`Step::split`]), which shard of it
+    /// this job is, also when the step has a single shard; `None` for a job
+    /// without a split step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<Shard>,
+}
+
+/// Which shard of its split step a [`JobPlan`] is.
+///
+/// A job (a matrix cell, for a matrix job) whose steps include a split step
+/// of `N` shards is planned as `N` jobs running all its steps, named after
+/// the job with ` [k/N]` appended (`k` from 1, like `test [2/4]` or
+/// `test (python=3.11) [2/4]`); with `N = 1`, the job keeps its name.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Shard {
+    /// This shard, 0-based: `k - 1` for a job named `... [k/N]`.
+    pub index: u32,
+    /// The number of shards `N`, the split step's [`SplitDef::shards`].
+    pub count: u32,
+    /// Identity of the split, shared by all the shards of the step: the
+    /// job's name before sharding (with its matrix values), `/`, the step's
+    /// name, like `pipeline/tests` or `test (python=3.11)/unit`.
+    pub key: String,
 }
 
 /// Where a [`Pipeline`] came from.
@@ -272,6 +353,38 @@ pub struct Step {
     /// `None` for a normal step; for a post step, when it runs. Post steps run
     /// after the normal steps (in file order), whatever stopped them.
     pub post: Option<Post>,
+    /// For a split step (`parallel`, `units`, `retry`), how it is split;
+    /// `None` for a normal step. A job has at most one split step, never a
+    /// post step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<SplitDef>,
+}
+
+/// How a split step is split: its `parallel`, `units` and `retry`, as
+/// written (the same for every shard; [`JobPlan::shard`] says which shard a
+/// planned job is). The fields are those of
+/// [`kiln_domain::split::SplitSpec`] that come from the file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SplitDef {
+    /// Number of shard jobs (`parallel`): 1 to [`MAX_SHARDS`], 1 for a step
+    /// with `units` but no `parallel`.
+    pub shards: u32,
+    /// Where the units come from (`units.glob` or `units.command`). Glob
+    /// patterns are valid for `globset`, relative to the checkout, without
+    /// `.` or `..` components; a command is never blank.
+    pub units: UnitSource,
+    /// How units are handed to shards (`units.strategy`, default dynamic).
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Most units in one batch (`units.max_batch`); 0 when not given (the
+    /// dispatcher decides).
+    #[serde(default)]
+    pub max_batch: u32,
+    /// Retries of failed units (`retry`); one try (`attempts: 1`, the
+    /// default) without `retry`. `shards` 0 is "half of the step's shards",
+    /// and a value above [`SplitDef::shards`] counts as that.
+    #[serde(default)]
+    pub retry: RetryPolicy,
 }
 
 /// When a post step runs (Jenkins' `post` conditions).
@@ -359,6 +472,7 @@ fn apply_step_defaults(
         timeout: step.timeout.or(timeout),
         labels,
         post: step.post,
+        split: step.split,
     }
 }
 
@@ -405,7 +519,9 @@ fn apply_defaults(mut raw: schema::RawPipeline) -> Pipeline {
 /// matrix cell of every job whose `when` holds for `branch` and whose
 /// dependencies are all planned (a job whose dependency was left out by
 /// `when` is left out too), in the order described at [`JobPlan`]; the
-/// plan may be empty when `when` leaves every job out.
+/// plan may be empty when `when` leaves every job out. In both cases, a job
+/// (or cell) with a split step of `N` shards is planned as `N` jobs (see
+/// [`Shard`]), and the jobs that need it need every shard.
 ///
 /// The labels of a job are the union of its steps' labels (each step's
 /// labels already include the file's and the job's).
@@ -418,7 +534,8 @@ fn apply_defaults(mut raw: schema::RawPipeline) -> Pipeline {
 /// pipeline that [`parse`] would not have returned (built or deserialized
 /// by hand): both `steps` and `jobs`, neither, a job without steps, a
 /// duplicate job name, an unknown dependency, a cycle, a matrix over the
-/// limits.
+/// limits, several split steps in one job, a split post step, a number of
+/// shards out of range, a plan over the limits.
 pub fn plan(p: &Pipeline, branch: &str) -> Result<Vec<JobPlan>, PipelineError> {
     planner::plan(p, branch)
 }

@@ -1,5 +1,6 @@
 //! A first, lenient reading of the `jobs` of a file: their names, their
-//! dependencies, the sizes of their matrices and the numbers of their steps.
+//! dependencies, the sizes of their matrices, the numbers of their steps and
+//! of the shards of their split steps (`parallel`).
 //!
 //! The schema visitors read the file in one pass, in document order, but a
 //! `depends_on` may name a job defined further down, and whether it closes a
@@ -23,7 +24,7 @@ use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use crate::graph;
+use crate::{MAX_SHARDS, graph};
 
 /// The jobs of a file, in file order (first definitions only).
 #[derive(Debug, Default)]
@@ -37,6 +38,9 @@ pub(crate) struct Outline {
     cells: Vec<u64>,
     /// Number of steps of every job.
     steps: Vec<u64>,
+    /// Number of shards of every job (its split step's `parallel`, 1
+    /// without one).
+    shards: Vec<u64>,
     /// Strongly connected component of every job.
     comp: Vec<usize>,
 }
@@ -64,6 +68,7 @@ impl Outline {
             outline.deps.push(deps);
             outline.cells.push(job.cells);
             outline.steps.push(job.steps);
+            outline.shards.push(job.shards);
         }
         outline.comp = graph::components(&outline.deps);
         Some(outline)
@@ -87,6 +92,12 @@ impl Outline {
     /// Number of steps of job `i`.
     pub(crate) fn steps(&self, i: usize) -> u64 {
         self.steps[i]
+    }
+
+    /// Number of jobs job `i` is planned as: its matrix cells times the
+    /// shards of its split step (saturating).
+    pub(crate) fn planned(&self, i: usize) -> u64 {
+        self.cells[i].saturating_mul(self.shards[i])
     }
 
     /// The known dependencies of job `i`.
@@ -162,6 +173,7 @@ struct RawJob {
     deps: Vec<String>,
     cells: u64,
     steps: u64,
+    shards: u64,
 }
 
 /// A string (scalar text as written), for keys and names.
@@ -282,6 +294,7 @@ impl RawJob {
             deps: Vec::new(),
             cells: 1,
             steps: 0,
+            shards: 1,
         }
     }
 }
@@ -309,7 +322,7 @@ impl<'de> Visitor<'de> for JobSeed {
             match key.as_str() {
                 "depends_on" => job.deps = map.next_value_seed(DepsSeed)?,
                 "matrix" => job.cells = map.next_value_seed(MatrixSeed)?,
-                "steps" => job.steps = map.next_value_seed(CountSeed)?,
+                "steps" => (job.steps, job.shards) = map.next_value_seed(StepsSeed)?,
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -400,7 +413,136 @@ impl<'de> Visitor<'de> for MatrixSeed {
     }
 }
 
-/// The length of a list (`steps`, an axis); nothing counts as empty.
+/// `steps`: the number of steps and the largest `parallel` among them (a
+/// job has at most one split step), 1 without one.
+struct StepsSeed;
+
+impl<'de> DeserializeSeed<'de> for StepsSeed {
+    type Value = (u64, u64);
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StepsSeed {
+    type Value = (u64, u64);
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of steps")
+    }
+
+    tolerate!(numbers => (0, 1));
+    tolerate!(str => (0, 1));
+    tolerate!(null => (0, 1));
+    tolerate!(map => (0, 1));
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut count: u64 = 0;
+        let mut shards: u64 = 1;
+        while let Some(parallel) = seq.next_element_seed(StepSeed)? {
+            count += 1;
+            shards = shards.max(parallel);
+        }
+        Ok((count, shards))
+    }
+}
+
+/// A step: its `parallel` (first definition), 1 without one.
+struct StepSeed;
+
+impl<'de> DeserializeSeed<'de> for StepSeed {
+    type Value = u64;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<u64, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StepSeed {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a step")
+    }
+
+    tolerate!(numbers => 1);
+    tolerate!(str => 1);
+    tolerate!(null => 1);
+    tolerate!(seq => 1);
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<u64, A::Error> {
+        let mut parallel = None;
+        while let Some(key) = map.next_key_seed(Text)? {
+            if key == "parallel" && parallel.is_none() {
+                parallel = Some(map.next_value_seed(ParallelSeed)?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(parallel.unwrap_or(1))
+    }
+}
+
+/// `v` when it is a valid `parallel`, else 1.
+fn shards_or_one(v: u64) -> u64 {
+    if (1..=u64::from(MAX_SHARDS)).contains(&v) {
+        v
+    } else {
+        1
+    }
+}
+
+/// `parallel`: its value when the schema accepts it, else 1 (the schema
+/// visitors report it at the value).
+struct ParallelSeed;
+
+impl<'de> DeserializeSeed<'de> for ParallelSeed {
+    type Value = u64;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<u64, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ParallelSeed {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a number of shards")
+    }
+
+    tolerate!(str => 1);
+    tolerate!(null => 1);
+    tolerate!(seq => 1);
+    tolerate!(map => 1);
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<u64, E> {
+        Ok(1)
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+        Ok(u64::try_from(v).map_or(1, shards_or_one))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+        Ok(shards_or_one(v))
+    }
+
+    fn visit_i128<E: de::Error>(self, _: i128) -> Result<u64, E> {
+        Ok(1)
+    }
+
+    fn visit_u128<E: de::Error>(self, _: u128) -> Result<u64, E> {
+        Ok(1)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<u64, E> {
+        Ok(1)
+    }
+}
+
+/// The length of a list (an axis); nothing counts as empty.
 struct CountSeed;
 
 impl<'de> DeserializeSeed<'de> for CountSeed {

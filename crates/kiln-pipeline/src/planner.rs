@@ -1,12 +1,13 @@
-//! Planning the jobs of a build: matrix expansion, `when` filtering and the
-//! order of the jobs; and the checks on the job graph shared with parsing.
+//! Planning the jobs of a build: matrix expansion, split steps' shards,
+//! `when` filtering and the order of the jobs; and the checks on the job
+//! graph shared with parsing.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::schema::{cells_of, quote, unknown_job_message};
 use crate::{
-    FILE_NAME, JobPlan, MAX_JOBS, MAX_MATRIX_CELLS, MAX_NEEDS, MAX_PLANNED_STEPS, Pipeline,
-    PipelineError, Step, glob, graph,
+    FILE_NAME, JobPlan, MAX_JOBS, MAX_MATRIX_CELLS, MAX_NEEDS, MAX_PLANNED_STEPS, MAX_SHARDS,
+    Pipeline, PipelineError, Shard, SplitDef, Step, glob, graph,
 };
 
 /// Name of the job of a `steps:` file with several steps.
@@ -18,11 +19,26 @@ pub(crate) struct Shape<'a> {
     pub(crate) deps: &'a [String],
     /// Number of matrix cells (1 without a matrix).
     pub(crate) cells: u64,
+    /// Number of shards of its split step (1 without one).
+    pub(crate) shards: u64,
     /// Number of steps.
     pub(crate) steps: usize,
 }
 
-/// Running totals of a file's jobs after matrix expansion, against
+/// The number of shards of a job whose steps have these split definitions:
+/// that of its split step (the largest, for a pipeline with several), 1
+/// without one.
+pub(crate) fn shards_of<'a>(splits: impl IntoIterator<Item = Option<&'a SplitDef>>) -> u64 {
+    splits
+        .into_iter()
+        .flatten()
+        .map(|split| u64::from(split.shards))
+        .max()
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// Running totals of a file's jobs after matrix and shard expansion, against
 /// [`MAX_JOBS`], [`MAX_PLANNED_STEPS`] and [`MAX_NEEDS`].
 #[derive(Debug, Default)]
 pub(crate) struct Budget {
@@ -32,37 +48,39 @@ pub(crate) struct Budget {
 }
 
 impl Budget {
-    /// Adds job `name`, of `cells` matrix cells and `steps` steps, whose
-    /// dependencies have `dep_cells` cells in all; the error is the message.
+    /// Adds job `name`, planned as `jobs` jobs (matrix cells times shards)
+    /// of `steps` steps, whose dependencies are planned as `dep_jobs` jobs
+    /// in all; the error is the message.
     pub(crate) fn add(
         &mut self,
         name: &str,
-        cells: u64,
+        jobs: u64,
         steps: u64,
-        dep_cells: u64,
+        dep_jobs: u64,
     ) -> Result<(), String> {
-        self.jobs = self.jobs.saturating_add(cells);
-        self.steps = self.steps.saturating_add(cells.saturating_mul(steps));
-        self.needs = self.needs.saturating_add(cells.saturating_mul(dep_cells));
+        self.jobs = self.jobs.saturating_add(jobs);
+        self.steps = self.steps.saturating_add(jobs.saturating_mul(steps));
+        self.needs = self.needs.saturating_add(jobs.saturating_mul(dep_jobs));
         let name = quote(name);
         if self.jobs > MAX_JOBS as u64 {
             return Err(format!(
                 "with job {name}, the file has more than {MAX_JOBS} jobs once the matrices \
-                 are expanded"
+                 are expanded and the split steps' shards counted"
             ));
         }
         if self.steps > MAX_PLANNED_STEPS as u64 {
             return Err(format!(
                 "with job {name}, the jobs of the file have more than {MAX_PLANNED_STEPS} steps \
-                 in all once the matrices are expanded (every cell of a matrix runs the steps \
-                 of its job)"
+                 in all once the matrices are expanded and the split steps' shards counted \
+                 (every cell of a matrix and every shard runs the steps of its job)"
             ));
         }
         if self.needs > MAX_NEEDS as u64 {
             return Err(format!(
                 "with job {name}, the jobs of the file have more than {MAX_NEEDS} dependencies \
-                 once the matrices are expanded (every cell of a job depends on every cell of \
-                 each job in its `depends_on`)"
+                 once the matrices are expanded and the split steps' shards counted (every \
+                 cell or shard of a job depends on every cell and shard of each job in its \
+                 `depends_on`)"
             ));
         }
         Ok(())
@@ -131,13 +149,14 @@ pub(crate) fn check_graph(shapes: &[Shape<'_>]) -> Result<(Vec<Vec<usize>>, Vec<
         let cycle: Vec<&str> = cycle.iter().map(|&i| shapes[i].name).collect();
         cycle_message(&cycle)
     })?;
+    let planned = |shape: &Shape<'_>| shape.cells.saturating_mul(shape.shards);
     let mut budget = Budget::default();
     for (shape, list) in shapes.iter().zip(&deps) {
-        let dep_cells = list
+        let dep_jobs = list
             .iter()
-            .fold(0u64, |sum, &d| sum.saturating_add(shapes[d].cells));
+            .fold(0u64, |sum, &d| sum.saturating_add(planned(&shapes[d])));
         let steps = u64::try_from(shape.steps).unwrap_or(u64::MAX);
-        budget.add(shape.name, shape.cells, steps, dep_cells)?;
+        budget.add(shape.name, planned(shape), steps, dep_jobs)?;
     }
     Ok((deps, order))
 }
@@ -230,6 +249,75 @@ fn cells(name: &str, matrix: &BTreeMap<String, Vec<String>>) -> Vec<Cell> {
     }
 }
 
+/// The split step of a job, if any, as `(step name, shards)`; checks what
+/// [`crate::parse`] guarantees (for a pipeline built by hand): at most one
+/// split step, not a post step, 1 to [`MAX_SHARDS`] shards.
+fn split_step<'a>(job: &str, steps: &'a [Step]) -> Result<Option<(&'a str, u32)>, PipelineError> {
+    let mut found: Option<(&str, u32)> = None;
+    for step in steps {
+        let Some(split) = &step.split else {
+            continue;
+        };
+        if let Some((first, _)) = found {
+            return Err(invalid(format!(
+                "job {}: steps {} and {} are both split; a job has at most one split step",
+                quote(job),
+                quote(first),
+                quote(&step.name)
+            )));
+        }
+        if step.post.is_some() {
+            return Err(invalid(format!(
+                "job {}: step {} is a post step and a split step",
+                quote(job),
+                quote(&step.name)
+            )));
+        }
+        if !(1..=MAX_SHARDS).contains(&split.shards) {
+            return Err(invalid(format!(
+                "job {}: step {} has {} shards, expected 1 to {MAX_SHARDS}",
+                quote(job),
+                quote(&step.name),
+                split.shards
+            )));
+        }
+        found = Some((&step.name, split.shards));
+    }
+    Ok(found)
+}
+
+/// One planned job of a cell: its name and shard.
+struct Planned {
+    name: String,
+    shard: Option<Shard>,
+}
+
+/// The jobs a job (or a matrix cell) named `name` is planned as: one, or
+/// one per shard of its split step.
+fn shards(name: &str, split: Option<(&str, u32)>) -> Vec<Planned> {
+    let Some((step, count)) = split else {
+        return vec![Planned {
+            name: name.to_owned(),
+            shard: None,
+        }];
+    };
+    let key = format!("{name}/{step}");
+    (0..count)
+        .map(|index| Planned {
+            name: if count == 1 {
+                name.to_owned()
+            } else {
+                format!("{name} [{}/{count}]", index + 1)
+            },
+            shard: Some(Shard {
+                index,
+                count,
+                key: key.clone(),
+            }),
+        })
+        .collect()
+}
+
 /// See [`crate::plan`].
 pub(crate) fn plan(p: &Pipeline, branch: &str) -> Result<Vec<JobPlan>, PipelineError> {
     if p.jobs.is_empty() {
@@ -239,18 +327,29 @@ pub(crate) fn plan(p: &Pipeline, branch: &str) -> Result<Vec<JobPlan>, PipelineE
             _ => SINGLE_JOB_NAME.to_owned(),
         };
         let labels = job_labels(&name, &p.steps)?;
-        return Ok(vec![JobPlan {
-            name,
-            steps: p.steps.clone(),
-            labels,
-            needs: Vec::new(),
-        }]);
+        let split = split_step(&name, &p.steps)?;
+        let jobs = split.map_or(1, |(_, count)| u64::from(count));
+        let steps = u64::try_from(p.steps.len()).unwrap_or(u64::MAX);
+        Budget::default()
+            .add(&name, jobs, steps, 0)
+            .map_err(invalid)?;
+        return Ok(shards(&name, split)
+            .into_iter()
+            .map(|planned| JobPlan {
+                name: planned.name,
+                steps: p.steps.clone(),
+                labels: labels.clone(),
+                needs: Vec::new(),
+                shard: planned.shard,
+            })
+            .collect());
     }
     if !p.steps.is_empty() {
         return Err(invalid(
             "the pipeline has both `steps` and `jobs`".to_owned(),
         ));
     }
+    let mut splits = Vec::with_capacity(p.jobs.len());
     for job in &p.jobs {
         if job.steps.is_empty() {
             return Err(invalid(format!("job {} has no steps", quote(&job.name))));
@@ -269,14 +368,17 @@ pub(crate) fn plan(p: &Pipeline, branch: &str) -> Result<Vec<JobPlan>, PipelineE
                 quote(&job.name)
             )));
         }
+        splits.push(split_step(&job.name, &job.steps)?);
     }
     let shapes: Vec<Shape<'_>> = p
         .jobs
         .iter()
-        .map(|job| Shape {
+        .zip(&splits)
+        .map(|(job, split)| Shape {
             name: &job.name,
             deps: &job.depends_on,
             cells: cells_of(&job.matrix),
+            shards: split.map_or(1, |(_, count)| u64::from(count)),
             steps: job.steps.len(),
         })
         .collect();
@@ -296,13 +398,21 @@ pub(crate) fn plan(p: &Pipeline, branch: &str) -> Result<Vec<JobPlan>, PipelineE
         });
         included[i] = wanted && deps[i].iter().all(|&d| included[d]);
     }
-    let cells: Vec<Vec<Cell>> = p
+    // The planned jobs of every job: its cells, each as its shards.
+    let planned: Vec<Vec<(Cell, Vec<Planned>)>> = p
         .jobs
         .iter()
         .zip(&included)
-        .map(|(job, &included)| {
+        .zip(&splits)
+        .map(|((job, &included), &split)| {
             if included {
                 cells(&job.name, &job.matrix)
+                    .into_iter()
+                    .map(|cell| {
+                        let shards = shards(&cell.name, split);
+                        (cell, shards)
+                    })
+                    .collect()
             } else {
                 Vec::new()
             }
@@ -315,15 +425,13 @@ pub(crate) fn plan(p: &Pipeline, branch: &str) -> Result<Vec<JobPlan>, PipelineE
         let job = &p.jobs[i];
         let needs: Vec<String> = deps[i]
             .iter()
-            .flat_map(|&d| cells[d].iter().map(|cell| cell.name.clone()))
+            .flat_map(|&d| {
+                planned[d]
+                    .iter()
+                    .flat_map(|(_, shards)| shards.iter().map(|s| s.name.clone()))
+            })
             .collect();
-        for cell in &cells[i] {
-            if !names.insert(cell.name.as_str()) {
-                return Err(invalid(format!(
-                    "two jobs of the plan are named {}",
-                    quote(&cell.name)
-                )));
-            }
+        for (cell, shards) in &planned[i] {
             let steps: Vec<Step> = job
                 .steps
                 .iter()
@@ -334,12 +442,21 @@ pub(crate) fn plan(p: &Pipeline, branch: &str) -> Result<Vec<JobPlan>, PipelineE
                 })
                 .collect();
             let labels = job_labels(&cell.name, &steps)?;
-            out.push(JobPlan {
-                name: cell.name.clone(),
-                steps,
-                labels,
-                needs: needs.clone(),
-            });
+            for shard in shards {
+                if !names.insert(shard.name.as_str()) {
+                    return Err(invalid(format!(
+                        "two jobs of the plan are named {}",
+                        quote(&shard.name)
+                    )));
+                }
+                out.push(JobPlan {
+                    name: shard.name.clone(),
+                    steps: steps.clone(),
+                    labels: labels.clone(),
+                    needs: needs.clone(),
+                    shard: shard.shard.clone(),
+                });
+            }
         }
     }
     Ok(out)

@@ -12,13 +12,13 @@
 //! Unknown keys are rejected with serde's own message (`unknown field `rn`,
 //! expected one of ...`), exactly like `#[serde(deny_unknown_fields)]`, and a
 //! key given twice is rejected at its second occurrence. Adding a key in a
-//! later version of the schema (`retry`, `parallel`, ...) means adding it to
-//! the field list and to the match of its visitor; files valid before stay
-//! valid.
+//! later version of the schema means adding it to the field list and to the
+//! match of its visitor; files valid before stay valid.
 //!
 //! The checks that need the rest of the file (a `depends_on` naming a job
 //! defined further down, a cycle, a file expanding to too many jobs) use the
-//! [`Outline`] read beforehand; see [`jobs`] for the `jobs` mapping.
+//! [`Outline`] read beforehand; see [`jobs`] for the `jobs` mapping, and
+//! [`split`] for the keys of a split step.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -27,15 +27,21 @@ use std::time::Duration;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use crate::outline::Outline;
+use crate::{MAX_PLANNED_STEPS, SplitDef};
 
 pub(crate) mod jobs;
+pub(crate) mod split;
 
 pub(crate) use self::jobs::{RawJob, cells_of, unknown_job_message};
 
 /// Keys allowed at the top level of the file.
 pub(crate) const TOP_FIELDS: &[&str] = &["version", "env", "labels", "timeout", "steps", "jobs"];
 /// Keys allowed in a step.
-pub(crate) const STEP_FIELDS: &[&str] = &["name", "run", "env", "timeout", "labels", "post"];
+pub(crate) const STEP_FIELDS: &[&str] = &[
+    "name", "run", "env", "timeout", "labels", "post", "parallel", "units", "retry",
+];
+/// The keys of a step that make it a split step.
+const SPLIT_FIELDS: &[&str] = &["parallel", "units", "retry"];
 
 /// The only `version` this crate understands.
 const VERSION: &str = "1";
@@ -65,6 +71,7 @@ pub(crate) struct RawStep {
     pub(crate) timeout: Option<Duration>,
     pub(crate) labels: BTreeMap<String, String>,
     pub(crate) post: Option<crate::Post>,
+    pub(crate) split: Option<SplitDef>,
 }
 
 /// Quotes user text in a message, shortened if it is long.
@@ -85,9 +92,9 @@ pub(crate) fn quote(text: &str) -> String {
 struct FieldSeed<'a> {
     fields: &'static [&'static str],
     seen: &'a mut Vec<&'static str>,
-    /// A key rejected with a message (checked after the two rules above), so
+    /// Keys rejected with a message (checked after the two rules above), so
     /// that an error about a whole entry is reported at its key.
-    refuse: Option<(&'static str, String)>,
+    refuse: Vec<(&'static str, String)>,
 }
 
 impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
@@ -112,9 +119,7 @@ impl Visitor<'_> for FieldSeed<'_> {
         if self.seen.contains(&field) {
             return Err(E::duplicate_field(field));
         }
-        if let Some((refused, message)) = self.refuse
-            && refused == field
-        {
+        if let Some((_, message)) = self.refuse.into_iter().find(|(key, _)| *key == field) {
             return Err(E::custom(message));
         }
         self.seen.push(field);
@@ -181,7 +186,10 @@ impl<'de> Visitor<'de> for DocumentSeed<'_> {
             let Some(field) = map.next_key_seed(FieldSeed {
                 fields: TOP_FIELDS,
                 seen: &mut seen,
-                refuse: refuse.map(|(key, message)| (key, message.to_owned())),
+                refuse: refuse
+                    .map(|(key, message)| (key, message.to_owned()))
+                    .into_iter()
+                    .collect(),
             })?
             else {
                 break;
@@ -277,11 +285,17 @@ impl<'de> Visitor<'de> for StepsSeed {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut names = BTreeMap::new();
-        let mut steps = Vec::new();
+        let mut steps: Vec<RawStep> = Vec::new();
+        // The split step read so far, if any, and its number of shards.
+        let mut split: Option<(String, u32)> = None;
         while let Some(step) = seq.next_element_seed(StepSeed {
             number: steps.len() + 1,
             names: &mut names,
+            split_step: split.as_ref().map(|(name, _)| name.as_str()),
         })? {
+            if let Some(def) = &step.split {
+                split = Some((step.name.clone(), def.shards));
+            }
             steps.push(step);
         }
         if steps.is_empty() {
@@ -292,15 +306,68 @@ impl<'de> Visitor<'de> for StepsSeed {
                 "every step is a `post` step; at least one step must run before them",
             ));
         }
+        // Each shard runs every step of the job. (In a `jobs:` file, the
+        // budget of the whole file is normally checked before, at the job.)
+        if let Some((name, shards)) = &split
+            && steps.len().saturating_mul(*shards as usize) > MAX_PLANNED_STEPS
+        {
+            return Err(de::Error::custom(format!(
+                "with `parallel: {shards}` (step {}), the job's shards have more than \
+                 {MAX_PLANNED_STEPS} steps in all (every shard runs all the steps of the job)",
+                quote(name)
+            )));
+        }
         Ok(steps)
     }
 }
 
 /// One step; `names` maps the names of the earlier steps to their 1-based
-/// position.
+/// position, and `split_step` is the name of the earlier split step of the
+/// job, if any.
 struct StepSeed<'a> {
     number: usize,
     names: &'a mut BTreeMap<String, usize>,
+    split_step: Option<&'a str>,
+}
+
+impl StepSeed<'_> {
+    /// The keys refused in the rest of a step, given what was read of it:
+    /// a post step cannot be split, and a job has at most one split step.
+    fn refusals(&self, post: bool, split: bool) -> Vec<(&'static str, String)> {
+        let mut refuse = Vec::new();
+        if post {
+            for &key in SPLIT_FIELDS {
+                refuse.push((
+                    key,
+                    format!(
+                        "`{key}` cannot be used in a `post` step: a post step is never split \
+                         (put the split in a normal step)"
+                    ),
+                ));
+            }
+        }
+        if split {
+            refuse.push((
+                "post",
+                "`post` cannot be used in a split step (a step with `parallel`, `units` or \
+                 `retry`): a post step is never split"
+                    .to_owned(),
+            ));
+        }
+        if let Some(first) = self.split_step {
+            for key in ["parallel", "units"] {
+                refuse.push((
+                    key,
+                    format!(
+                        "step {} of this job is already split: a job has at most one split \
+                         step (with `parallel` or `units`)",
+                        quote(first)
+                    ),
+                ));
+            }
+        }
+        refuse
+    }
 }
 
 impl<'de> DeserializeSeed<'de> for StepSeed<'_> {
@@ -326,11 +393,22 @@ impl<'de> Visitor<'de> for StepSeed<'_> {
         let mut timeout = None;
         let mut labels = BTreeMap::new();
         let mut post = None;
-        while let Some(field) = map.next_key_seed(FieldSeed {
-            fields: STEP_FIELDS,
-            seen: &mut seen,
-            refuse: None,
-        })? {
+        let mut parallel = None;
+        let mut units = None;
+        let mut retry = None;
+        loop {
+            let refuse = self.refusals(
+                post.is_some(),
+                parallel.is_some() || units.is_some() || retry.is_some(),
+            );
+            let Some(field) = map.next_key_seed(FieldSeed {
+                fields: STEP_FIELDS,
+                seen: &mut seen,
+                refuse,
+            })?
+            else {
+                break;
+            };
             match field {
                 "name" => {
                     name = Some(map.next_value_seed(NameSeed {
@@ -343,11 +421,36 @@ impl<'de> Visitor<'de> for StepSeed<'_> {
                 "timeout" => timeout = Some(map.next_value_seed(DurationSeed)?),
                 "labels" => labels = map.next_value_seed(LabelsSeed)?,
                 "post" => post = Some(map.next_value_seed(PostSeed)?),
+                "parallel" => parallel = Some(map.next_value_seed(split::IntSeed::PARALLEL)?),
+                "units" => units = Some(map.next_value_seed(split::UnitsSeed)?),
+                "retry" => retry = Some(map.next_value_seed(split::RetrySeed)?),
                 other => return Err(de::Error::unknown_field(other, STEP_FIELDS)),
             }
         }
+        let split = match (parallel, units, retry) {
+            (None, None, None) => None,
+            (Some(shards), None, _) => {
+                return Err(de::Error::custom(format!(
+                    "`parallel: {shards}` needs `units`: a mapping with `glob` (patterns of \
+                     test files) or `command` (a command printing one unit id per line)"
+                )));
+            }
+            (None, None, Some(_)) => {
+                return Err(de::Error::custom(
+                    "`retry` needs `units`: only the units of a split step run again",
+                ));
+            }
+            (shards, Some(units), retry) => Some(SplitDef {
+                shards: shards.unwrap_or(1),
+                units: units.source,
+                strategy: units.strategy,
+                max_batch: units.max_batch,
+                retry: retry.unwrap_or_default(),
+            }),
+        };
         Ok(RawStep {
             post,
+            split,
             name: name.ok_or_else(|| de::Error::missing_field("name"))?,
             run: run.ok_or_else(|| de::Error::missing_field("run"))?,
             env,

@@ -90,6 +90,7 @@ fn full_valid_file() {
             timeout: Some(Duration::from_secs(30 * 60)),
             labels: map(&[("os", "linux"), ("arch", "x86_64")]),
             post: None,
+            split: None,
         },
         Step {
             name: "test.unit_1".into(),
@@ -102,6 +103,7 @@ fn full_valid_file() {
             timeout: Some(Duration::from_secs(90 * 60)),
             labels: map(&[("os", "linux"), ("arch", "arm64"), ("gpu", "yes")]),
             post: None,
+            split: None,
         },
         Step {
             name: "build-docs".into(),
@@ -110,6 +112,7 @@ fn full_valid_file() {
             timeout: Some(Duration::from_secs(30 * 60)),
             labels: map(&[("os", "linux"), ("arch", "x86_64")]),
             post: None,
+            split: None,
         },
     ];
     assert_eq!(pipeline.steps, expected);
@@ -128,6 +131,7 @@ fn minimal_file_has_no_defaults() {
                 timeout: None,
                 labels: BTreeMap::new(),
                 post: None,
+                split: None,
             }],
             jobs: Vec::new(),
             source: Source::File,
@@ -259,7 +263,7 @@ fn unknown_step_key() {
     assert_eq!(err.column(), Some(5));
     assert_eq!(
         err.to_string(),
-        ".kiln.yml:3:5: unknown field `rn`, expected one of `name`, `run`, `env`, `timeout`, `labels`, `post`"
+        ".kiln.yml:3:5: unknown field `rn`, expected one of `name`, `run`, `env`, `timeout`, `labels`, `post`, `parallel`, `units`, `retry`"
     );
 }
 
@@ -275,7 +279,7 @@ fn unknown_top_level_key() {
 
 #[test]
 fn future_keys_are_rejected_today() {
-    for key in ["depends_on", "matrix", "parallel", "units", "retry", "when"] {
+    for key in ["depends_on", "matrix", "when", "shards", "split"] {
         let text = format!("steps:\n  - name: a\n    run: x\n    {key}: 1\n");
         assert_error(&text, 4, 5, &format!("unknown field `{key}`"));
     }
@@ -835,6 +839,7 @@ fn step(name: &str, run: &str, env: &[(&str, &str)]) -> Step {
         timeout: None,
         labels: BTreeMap::new(),
         post: None,
+        split: None,
     }
 }
 
@@ -905,6 +910,7 @@ fn example_planned_for_main() {
             steps: vec![step("compile", "make", &[("A", "1")])],
             labels: BTreeMap::new(),
             needs: vec![],
+            shard: None,
         }
     );
     for (job, python) in plan[1..3].iter().zip(["3.11", "3.12"]) {
@@ -1585,4 +1591,802 @@ fn hostile_jobs_files_are_refused_quickly() {
         "jobs:\n  a:\n    steps: [{{name: s, run: x}}]\n    depends_on: [{many}]\n  ? [k]\n  : v\n"
     );
     assert_error(&text, 5, 5, "invalid type: sequence, expected a job name");
+}
+
+// ---------------------------------------------------------------------------
+// Split steps
+
+/// The example of the README: a setup step, then a split step.
+const SPLIT: &str = r#"steps:
+  - name: setup
+    run: pip install -r requirements.txt
+  - name: tests
+    run: python3 -m pytest -q --junitxml={junit} {units}
+    parallel: 4
+    units:
+      glob: "tests/**/test_*.py"
+    retry:
+      attempts: 3
+      max_failures: "10%"
+      budget: "5%"
+  - name: cleanup
+    run: rm -rf .cache
+    post: always
+"#;
+
+fn glob_units(patterns: &[&str]) -> UnitSource {
+    UnitSource::Glob(patterns.iter().map(|p| (*p).to_owned()).collect())
+}
+
+/// The split of the only split step of a parsed `steps:` file.
+fn split_of(text: &str) -> SplitDef {
+    let pipeline = parse(FILE_NAME, text).unwrap();
+    let mut splits = pipeline.steps.iter().filter_map(|s| s.split.clone());
+    let split = splits.next().expect("no split step");
+    assert!(splits.next().is_none());
+    split
+}
+
+/// A `steps:` file with one step `t` with these extra lines (indented by 4).
+fn split_step(lines: &str) -> String {
+    format!("steps:\n  - name: t\n    run: x\n{lines}")
+}
+
+#[test]
+fn split_step_is_parsed() {
+    let pipeline = parse(FILE_NAME, SPLIT).unwrap();
+    assert_eq!(pipeline.steps.len(), 3);
+    assert_eq!(pipeline.steps[0].split, None);
+    assert_eq!(pipeline.steps[2].split, None);
+    assert_eq!(
+        pipeline.steps[1].split,
+        Some(SplitDef {
+            shards: 4,
+            units: glob_units(&["tests/**/test_*.py"]),
+            strategy: Strategy::Dynamic,
+            max_batch: 0,
+            retry: RetryPolicy {
+                attempts: 3,
+                max_failures: Some(Threshold::Permille(100)),
+                budget_permille: Some(50),
+                shards: 0,
+            },
+        })
+    );
+    // The other fields of the step are as usual.
+    assert_eq!(
+        pipeline.steps[1].run,
+        "python3 -m pytest -q --junitxml={junit} {units}"
+    );
+    let text = serde_norway::to_string(&pipeline).unwrap();
+    let back: Pipeline = serde_norway::from_str(&text).unwrap();
+    assert_eq!(back, pipeline);
+}
+
+#[test]
+fn split_steps_file_is_planned_as_shards() {
+    let plan = plan_of(SPLIT, "main");
+    assert_eq!(
+        names(&plan),
+        [
+            "pipeline [1/4]",
+            "pipeline [2/4]",
+            "pipeline [3/4]",
+            "pipeline [4/4]"
+        ]
+    );
+    let pipeline = parse(FILE_NAME, SPLIT).unwrap();
+    for (k, job) in plan.iter().enumerate() {
+        assert_eq!(
+            job.shard,
+            Some(Shard {
+                index: k as u32,
+                count: 4,
+                key: "pipeline/tests".into(),
+            })
+        );
+        // Every shard runs every step, post steps included.
+        assert_eq!(job.steps, pipeline.steps);
+        assert!(job.needs.is_empty());
+    }
+    // A plan without a split step has no shard.
+    assert_eq!(plan_of("steps: [{name: a, run: x}]", "")[0].shard, None);
+}
+
+#[test]
+fn units_without_parallel_is_one_shard() {
+    let text =
+        "steps:\n  - name: tests\n    run: pytest {units}\n    units:\n      glob: 't/*.py'\n";
+    let split = split_of(text);
+    assert_eq!(split.shards, 1);
+    assert_eq!(split.retry, RetryPolicy::default());
+    let plan = plan_of(text, "");
+    assert_eq!(names(&plan), ["tests"]);
+    assert_eq!(
+        plan[0].shard,
+        Some(Shard {
+            index: 0,
+            count: 1,
+            key: "tests/tests".into(),
+        })
+    );
+    // `parallel: 1` is the same.
+    let one = text.replace("    units:", "    parallel: 1\n    units:");
+    assert_eq!(plan_of(&one, ""), plan);
+}
+
+#[test]
+fn units_forms() {
+    // A list of globs, a strategy and a batch size.
+    let split = split_of(&split_step(
+        "    parallel: 2\n    units:\n      glob:\n        - 'tests/test_*.py'\n        - 'it/**/*_test.py'\n        - 'a/{b,c}/[xy]?.py'\n      strategy: timing\n      max_batch: 10\n",
+    ));
+    assert_eq!(
+        split,
+        SplitDef {
+            shards: 2,
+            units: glob_units(&["tests/test_*.py", "it/**/*_test.py", "a/{b,c}/[xy]?.py"]),
+            strategy: Strategy::Timing,
+            max_batch: 10,
+            retry: RetryPolicy::default(),
+        }
+    );
+    // A command, in flow style.
+    let split = split_of(&split_step(
+        "    parallel: 3\n    units: {command: \"cargo test -- --list --format terse | sed -n 's/: test$//p'\"}\n",
+    ));
+    assert_eq!(
+        split.units,
+        UnitSource::Command("cargo test -- --list --format terse | sed -n 's/: test$//p'".into())
+    );
+    assert_eq!(split.strategy, Strategy::Dynamic);
+    // Every strategy.
+    for strategy in [
+        Strategy::Dynamic,
+        Strategy::Hash,
+        Strategy::Count,
+        Strategy::Timing,
+    ] {
+        let split = split_of(&split_step(&format!(
+            "    units:\n      command: ./list.sh\n      strategy: {}\n",
+            strategy.as_str()
+        )));
+        assert_eq!(split.strategy, strategy);
+    }
+}
+
+#[test]
+fn retry_forms() {
+    let retry = |lines: &str| {
+        split_of(&split_step(&format!(
+            "    parallel: 8\n    units: {{glob: '*.py'}}\n    retry:\n{lines}"
+        )))
+        .retry
+    };
+    assert_eq!(
+        retry("      attempts: 1\n"),
+        RetryPolicy {
+            attempts: 1,
+            ..RetryPolicy::default()
+        }
+    );
+    assert_eq!(
+        retry("      attempts: 10\n      max_failures: 0\n      budget: 0%\n      shards: 256\n"),
+        RetryPolicy {
+            attempts: 10,
+            max_failures: Some(Threshold::Count(0)),
+            budget_permille: Some(0),
+            shards: 256,
+        }
+    );
+    assert_eq!(
+        retry(
+            "      shards: 2\n      budget: '2.5%'\n      max_failures: 20%\n      attempts: 3\n"
+        ),
+        RetryPolicy {
+            attempts: 3,
+            max_failures: Some(Threshold::Permille(200)),
+            budget_permille: Some(25),
+            shards: 2,
+        }
+    );
+    assert_eq!(
+        retry("      attempts: 2\n      max_failures: 100%\n      budget: 100.0%\n").max_failures,
+        Some(Threshold::Permille(1000))
+    );
+    assert_eq!(
+        retry("      attempts: 2\n      max_failures: '0.5%'\n").max_failures,
+        Some(Threshold::Permille(5))
+    );
+    assert_eq!(
+        retry("      attempts: 2\n      max_failures: 4000000000\n").max_failures,
+        Some(Threshold::Count(4_000_000_000))
+    );
+}
+
+/// A matrix job with a split step, and jobs depending on it.
+const SPLIT_JOBS: &str = r#"jobs:
+  build:
+    steps:
+      - {name: compile, run: make}
+  test:
+    depends_on: build
+    matrix:
+      python: ["3.11", "3.12"]
+    steps:
+      - name: setup
+        run: pip install .
+      - name: unit
+        run: pytest {units}
+        parallel: 3
+        units: {glob: tests/test_*.py, strategy: hash}
+  lint:
+    steps:
+      - name: ruff
+        run: ruff {units}
+        units: {command: git ls-files '*.py'}
+  report:
+    depends_on: [test, lint]
+    steps: [{name: merge, run: ./merge.sh}]
+"#;
+
+#[test]
+fn matrix_and_parallel_make_shards_of_every_cell() {
+    let plan = plan_of(SPLIT_JOBS, "main");
+    let cells = [
+        "test (python=3.11) [1/3]",
+        "test (python=3.11) [2/3]",
+        "test (python=3.11) [3/3]",
+        "test (python=3.12) [1/3]",
+        "test (python=3.12) [2/3]",
+        "test (python=3.12) [3/3]",
+    ];
+    let mut expected = vec!["build"];
+    expected.extend(cells);
+    expected.extend(["lint", "report"]);
+    assert_eq!(names(&plan), expected);
+    assert_eq!(plan[0].shard, None);
+    for (job, python) in plan[1..7]
+        .iter()
+        .zip(["3.11", "3.11", "3.11", "3.12", "3.12", "3.12"])
+    {
+        assert_eq!(job.needs, ["build"]);
+        assert_eq!(job.steps.len(), 2);
+        assert_eq!(job.steps[1].env, map(&[("PYTHON", python)]));
+        let shard = job.shard.as_ref().unwrap();
+        assert_eq!(shard.count, 3);
+        assert_eq!(shard.key, format!("test (python={python})/unit"));
+        assert_eq!(
+            job.steps[1].split.as_ref().unwrap().strategy,
+            Strategy::Hash
+        );
+    }
+    let indexes: Vec<u32> = plan[1..7]
+        .iter()
+        .map(|job| job.shard.as_ref().unwrap().index)
+        .collect();
+    assert_eq!(indexes, [0, 1, 2, 0, 1, 2]);
+    // One shard: the name stays.
+    assert_eq!(
+        plan[7].shard,
+        Some(Shard {
+            index: 0,
+            count: 1,
+            key: "lint/ruff".into()
+        })
+    );
+    // Depending on a split job is depending on every shard of it.
+    let mut needs = cells.to_vec();
+    needs.push("lint");
+    assert_eq!(plan[8].needs, needs);
+    assert_eq!(plan[8].shard, None);
+    check_plans(&parse(FILE_NAME, SPLIT_JOBS).unwrap());
+}
+
+#[test]
+fn shards_count_toward_the_expansion_limits() {
+    // Four jobs of 256 shards: the fourth goes over MAX_JOBS.
+    let mut text = String::from("jobs:\n");
+    for name in ["a", "b", "c", "d"] {
+        text.push_str(&format!(
+            "  {name}:\n    steps:\n      - name: s\n        run: x\n        parallel: 256\n        units: {{glob: '*'}}\n"
+        ));
+    }
+    let (line, column, message) = error_at(&text);
+    assert_eq!((line, column), (20, 3), "{message}");
+    assert!(
+        message.contains("with job `d`, the file has more than 1000 jobs"),
+        "{message}"
+    );
+    // Matrix cells times shards: 16 x 64.
+    let list: Vec<String> = (0..16).map(|i| i.to_string()).collect();
+    let text = format!(
+        "jobs:\n  ok: {{steps: [{{name: s, run: x}}]}}\n  big:\n    matrix: {{x: [{}]}}\n    steps:\n      - {{name: s, run: x, parallel: 64, units: {{glob: '*'}}}}\n",
+        list.join(", ")
+    );
+    assert_error(
+        &text,
+        3,
+        3,
+        "with job `big`, the file has more than 1000 jobs",
+    );
+    // Dependencies on every shard: 250 shards needing 250 shards (62500),
+    // one job needing all 500 of them, then 100 shards needing them too.
+    let text = "jobs:
+  a: {steps: [{name: s, run: x, parallel: 250, units: {glob: '*'}}]}
+  b: {depends_on: a, steps: [{name: s, run: x, parallel: 250, units: {glob: '*'}}]}
+  c: {depends_on: [a, b], steps: [{name: s, run: x}]}
+";
+    let plan = plan_of(text, "");
+    assert_eq!(plan.len(), 501);
+    assert_eq!(plan[500].needs.len(), 500);
+    let text = format!(
+        "{text}  d: {{depends_on: [a, b], steps: [{{name: s, run: x, parallel: 100, units: {{glob: '*'}}}}]}}\n"
+    );
+    assert_error(&text, 5, 3, "more than 100000 dependencies");
+    // Steps: 200 steps in 256 shards (a `steps:` file).
+    let steps: Vec<String> = (1..200)
+        .map(|i| format!("  - {{name: s{i}, run: x}}"))
+        .collect();
+    let text = format!(
+        "steps:\n  - {{name: s0, run: x, parallel: 256, units: {{glob: '*'}}}}\n{}\n",
+        steps.join("\n")
+    );
+    let (_, _, message) = error_at(&text);
+    assert!(
+        message.contains(
+            "with `parallel: 256` (step `s0`), the job's shards have more than 50000 steps"
+        ),
+        "{message}"
+    );
+    // The same steps in 250 shards are fine.
+    let ok = text.replace("parallel: 256", "parallel: 250");
+    assert_eq!(plan_of(&ok, "").len(), 250);
+    // A job of 256 shards with 200 steps, at the job.
+    let steps: Vec<String> = (0..200)
+        .map(|i| format!("      - {{name: s{i}, run: x}}"))
+        .collect();
+    let text = format!(
+        "jobs:\n  a:\n    steps:\n      - {{name: t, run: x, parallel: 256, units: {{glob: '*'}}}}\n{}\n",
+        steps.join("\n")
+    );
+    assert_error(&text, 2, 3, "more than 50000 steps");
+    // An invalid `parallel` is reported at its value, not as a budget.
+    let text = "jobs:\n  a:\n    steps:\n      - {name: t, run: x, parallel: 100000, units: {glob: '*'}}\n";
+    assert_error(
+        text,
+        4,
+        37,
+        "invalid `parallel` 100000, expected an integer from 1 to 256",
+    );
+}
+
+#[test]
+fn plan_checks_hand_built_splits() {
+    let split = SplitDef {
+        shards: 2,
+        units: glob_units(&["*"]),
+        strategy: Strategy::Dynamic,
+        max_batch: 0,
+        retry: RetryPolicy::default(),
+    };
+    let with_split = |name: &str, split: &SplitDef| Step {
+        split: Some(split.clone()),
+        ..step(name, "x", &[])
+    };
+    let pipeline = |steps: Vec<Step>| Pipeline {
+        steps,
+        jobs: Vec::new(),
+        source: Source::File,
+    };
+    let ok = pipeline(vec![with_split("a", &split)]);
+    assert_eq!(names(&plan(&ok, "").unwrap()), ["a [1/2]", "a [2/2]"]);
+    let two = pipeline(vec![with_split("a", &split), with_split("b", &split)]);
+    let err = plan(&two, "").unwrap_err().to_string();
+    assert!(err.contains("at most one split step"), "{err}");
+    let zero = pipeline(vec![with_split(
+        "a",
+        &SplitDef {
+            shards: 0,
+            ..split.clone()
+        },
+    )]);
+    let err = plan(&zero, "").unwrap_err().to_string();
+    assert!(err.contains("0 shards"), "{err}");
+    let post = pipeline(vec![
+        step("a", "x", &[]),
+        Step {
+            post: Some(Post::Always),
+            ..with_split("b", &split)
+        },
+    ]);
+    let err = plan(&post, "").unwrap_err().to_string();
+    assert!(err.contains("post step and a split step"), "{err}");
+}
+
+#[test]
+fn bad_parallel() {
+    let units = "    units: {glob: '*'}\n";
+    for (value, column, needle) in [
+        (
+            "0",
+            15,
+            "invalid `parallel` 0, expected an integer from 1 to 256",
+        ),
+        (
+            "257",
+            15,
+            "invalid `parallel` 257, expected an integer from 1 to 256",
+        ),
+        (
+            "-1",
+            15,
+            "invalid `parallel` -1, expected an integer from 1 to 256",
+        ),
+        (
+            "'4'",
+            15,
+            "invalid type: string \"4\", expected an integer from 1 to 256",
+        ),
+        (
+            "4.5",
+            15,
+            "invalid type: floating point `4.5`, expected an integer from 1 to 256",
+        ),
+        (
+            "[4]",
+            15,
+            "invalid type: sequence, expected an integer from 1 to 256",
+        ),
+        (
+            "",
+            14,
+            "`parallel` is empty, expected an integer from 1 to 256",
+        ),
+    ] {
+        let text = split_step(&format!("    parallel: {value}\n{units}"));
+        assert_error(&text, 4, column, needle);
+    }
+    assert_error(
+        &split_step("    parallel: 2\n    parallel: 3\n    units: {glob: '*'}\n"),
+        5,
+        5,
+        "duplicate field `parallel`",
+    );
+}
+
+#[test]
+fn parallel_or_retry_without_units() {
+    // At the step, whose mapping is read whole before this is known.
+    assert_error(
+        &split_step("    parallel: 4\n"),
+        2,
+        5,
+        "`parallel: 4` needs `units`: a mapping with `glob`",
+    );
+    assert_error(
+        &split_step("    retry: {attempts: 3}\n"),
+        2,
+        5,
+        "`retry` needs `units`",
+    );
+    assert_error(
+        "jobs:\n  j:\n    steps:\n      - name: a\n        run: x\n        parallel: 2\n        retry: {attempts: 2}\n",
+        4,
+        9,
+        "`parallel: 2` needs `units`",
+    );
+}
+
+#[test]
+fn bad_units() {
+    let at = |lines: &str, line: usize, column: usize, needle: &str| {
+        assert_error(&split_step(lines), line, column, needle);
+    };
+    at(
+        "    units:\n",
+        4,
+        11,
+        "`units` is empty; expected a mapping with `glob`",
+    );
+    at(
+        "    units: 5\n",
+        4,
+        12,
+        "invalid type: integer `5`, expected a mapping with `glob`",
+    );
+    at(
+        "    units: {}\n",
+        4,
+        12,
+        "missing field `glob` or `command` in `units`",
+    );
+    at(
+        "    units:\n      strategy: hash\n",
+        5,
+        7,
+        "missing field `glob` or `command` in `units`",
+    );
+    at(
+        "    units:\n      glob: '*'\n      command: ls\n",
+        6,
+        7,
+        "`command` cannot be used with `glob`",
+    );
+    at(
+        "    units:\n      command: ls\n      glob: '*'\n",
+        6,
+        7,
+        "`glob` cannot be used with `command`",
+    );
+    at(
+        "    units:\n      glob: '*'\n      globs: '*'\n",
+        6,
+        7,
+        "unknown field `globs`, expected one of `glob`, `command`, `strategy`, `max_batch`",
+    );
+    at(
+        "    units:\n      glob: '*'\n      glob: '*'\n",
+        6,
+        7,
+        "duplicate field `glob`",
+    );
+    at("    units:\n      glob: []\n", 5, 13, "`glob` is empty");
+    at("    units:\n      glob:\n", 5, 12, "`glob` is empty");
+    at("    units:\n      glob: ''\n", 5, 13, "empty glob pattern");
+    at(
+        "    units:\n      glob: {a: b}\n",
+        5,
+        13,
+        "invalid type: map, expected a glob pattern or a list",
+    );
+    at(
+        "    units:\n      glob: /tests/*.py\n",
+        5,
+        13,
+        "invalid glob pattern `/tests/*.py`: it must be relative to the checkout, without a leading `/`",
+    );
+    at(
+        "    units:\n      glob: ../other/*.py\n",
+        5,
+        13,
+        "invalid glob pattern `../other/*.py`: it must be relative to the checkout, without `.` or `..` components",
+    );
+    at(
+        "    units:\n      glob: ./tests/*.py\n",
+        5,
+        13,
+        "invalid glob pattern `./tests/*.py`",
+    );
+    at(
+        "    units:\n      glob: tests/../../x\n",
+        5,
+        13,
+        "without `.` or `..` components",
+    );
+    at(
+        "    units:\n      glob: 'tests/[a.py'\n",
+        5,
+        13,
+        "invalid glob pattern `tests/[a.py`: unclosed character class",
+    );
+    // In a list, at the pattern.
+    at(
+        "    units:\n      glob:\n        - tests/*.py\n        - '{a,b'\n",
+        7,
+        11,
+        "invalid glob pattern `{a,b`: unclosed alternate group",
+    );
+    at(
+        "    units:\n      glob: [ok, [nested]]\n",
+        5,
+        18,
+        "invalid type: sequence, expected a glob pattern",
+    );
+    at(
+        "    units:\n      command: '  '\n",
+        5,
+        16,
+        "`command` is empty",
+    );
+    at("    units:\n      command:\n", 5, 15, "`command` is empty");
+    at(
+        "    units:\n      command: [ls, -1]\n",
+        5,
+        16,
+        "invalid type: sequence, expected a shell command string",
+    );
+    at(
+        "    units:\n      command: ls\n      strategy: fastest\n",
+        6,
+        17,
+        "invalid `strategy` `fastest`, expected `dynamic`, `hash`, `count` or `timing`",
+    );
+    at(
+        "    units:\n      command: ls\n      max_batch: 0\n",
+        6,
+        18,
+        "invalid `max_batch` 0, expected an integer of at least 1",
+    );
+    at(
+        "    units:\n      command: ls\n      max_batch: 5000000000\n",
+        6,
+        18,
+        "invalid `max_batch` 5000000000",
+    );
+}
+
+#[test]
+fn bad_retry() {
+    let at = |lines: &str, line: usize, column: usize, needle: &str| {
+        let text = split_step(&format!("    units: {{glob: '*'}}\n    retry:\n{lines}"));
+        assert_error(&text, line, column, needle);
+    };
+    at(
+        "",
+        5,
+        11,
+        "`retry` is empty; expected a mapping with `attempts`",
+    );
+    at("      budget: 5%\n", 6, 7, "missing field `attempts`");
+    at(
+        "      attempts: 2\n      tries: 3\n",
+        7,
+        7,
+        "unknown field `tries`, expected one of `attempts`, `max_failures`, `budget`, `shards`",
+    );
+    at(
+        "      attempts: 0\n",
+        6,
+        17,
+        "invalid `attempts` 0, expected an integer from 1 to 10",
+    );
+    at(
+        "      attempts: 11\n",
+        6,
+        17,
+        "invalid `attempts` 11, expected an integer from 1 to 10",
+    );
+    at(
+        "      attempts: three\n",
+        6,
+        17,
+        "invalid type: string \"three\", expected an integer from 1 to 10",
+    );
+    for (value, needle) in [
+        (
+            "abc",
+            "invalid `max_failures` `abc`, expected a number of units (unquoted) or a percentage",
+        ),
+        (
+            "'3'",
+            "invalid `max_failures` `3`, expected a number of units (unquoted)",
+        ),
+        (
+            "101%",
+            "invalid `max_failures` `101%`, expected a percentage from `0%` to `100%`",
+        ),
+        ("2.55%", "invalid `max_failures` `2.55%`"),
+        ("-1%", "invalid `max_failures` `-1%`"),
+        ("'%'", "invalid `max_failures` `%`"),
+        (
+            "-1",
+            "invalid `max_failures` -1, expected an integer of at least 0",
+        ),
+        (
+            "1.5",
+            "invalid type: floating point `1.5`, expected a number of units or a percentage",
+        ),
+        ("", "`max_failures` is empty"),
+    ] {
+        let column = if value.is_empty() { 20 } else { 21 };
+        at(
+            &format!("      attempts: 2\n      max_failures: {value}\n"),
+            7,
+            column,
+            needle,
+        );
+    }
+    for (value, needle) in [
+        (
+            "5",
+            "invalid type: integer `5`, expected a percentage of the first round's time",
+        ),
+        (
+            "'5'",
+            "invalid `budget` `5`, expected a percentage from `0%` to `100%`",
+        ),
+        ("150%", "invalid `budget` `150%`"),
+        ("1.25%", "invalid `budget` `1.25%`"),
+        ("1.%", "invalid `budget` `1.%`"),
+        (".5%", "invalid `budget` `.5%`"),
+        ("1000%", "invalid `budget` `1000%`"),
+        ("5%%", "invalid `budget` `5%%`"),
+    ] {
+        at(
+            &format!("      attempts: 2\n      budget: {value}\n"),
+            7,
+            15,
+            needle,
+        );
+    }
+    at(
+        "      attempts: 2\n      shards: 0\n",
+        7,
+        15,
+        "invalid `shards` 0, expected an integer from 1 to 256",
+    );
+    at(
+        "      attempts: 2\n      shards: 300\n",
+        7,
+        15,
+        "invalid `shards` 300",
+    );
+}
+
+#[test]
+fn post_steps_are_never_split() {
+    // `post` first: at the split key.
+    for key in ["parallel: 2", "units: {glob: '*'}", "retry: {attempts: 2}"] {
+        let text = format!(
+            "steps:\n  - {{name: a, run: x}}\n  - name: b\n    run: x\n    post: always\n    {key}\n"
+        );
+        let name = key.split(':').next().unwrap();
+        assert_error(
+            &text,
+            6,
+            5,
+            &format!("`{name}` cannot be used in a `post` step"),
+        );
+    }
+    // The split key first: at `post`.
+    let text = "steps:\n  - {name: a, run: x}\n  - name: b\n    run: x\n    units: {glob: '*'}\n    post: failure\n";
+    assert_error(text, 6, 5, "`post` cannot be used in a split step");
+}
+
+#[test]
+fn one_split_step_per_job() {
+    // At the key of the second split step that makes it one.
+    let text = "steps:
+  - name: a
+    run: x
+    units: {glob: '*'}
+  - name: b
+    run: y
+    parallel: 2
+    units: {glob: '*'}
+";
+    assert_error(
+        text,
+        7,
+        5,
+        "step `a` of this job is already split: a job has at most one split step",
+    );
+    let text = "jobs:
+  j:
+    steps:
+      - {name: a, run: x, parallel: 2, units: {command: ls}}
+      - {name: b, run: y, units: {command: ls}}
+";
+    assert_error(text, 5, 27, "step `a` of this job is already split");
+    // Split steps in different jobs are fine.
+    let text = "jobs:
+  j:
+    steps: [{name: a, run: x, parallel: 2, units: {command: ls}}]
+  k:
+    steps: [{name: a, run: x, parallel: 2, units: {command: ls}}]
+";
+    assert_eq!(
+        names(&plan_of(text, "")),
+        ["j [1/2]", "j [2/2]", "k [1/2]", "k [2/2]"]
+    );
+}
+
+/// Mutations of a file with split steps never panic.
+#[test]
+fn mutated_split_files_never_panic() {
+    check_mutations(&format!(
+        "version: 1\nenv: {{LANG: C.UTF-8}}\ntimeout: 30m\n{SPLIT}"
+    ));
+    check_mutations(SPLIT_JOBS);
 }

@@ -21,7 +21,7 @@ use super::{
     is_valid_env_name, is_valid_step_name, quote,
 };
 use crate::outline::Outline;
-use crate::planner::{Budget, Shape, check_graph, cycle_message};
+use crate::planner::{Budget, Shape, check_graph, cycle_message, shards_of};
 use crate::{MAX_MATRIX_AXES, MAX_MATRIX_CELLS};
 
 /// Keys allowed in a job.
@@ -121,6 +121,7 @@ impl<'de> Visitor<'de> for JobsSeed<'_> {
                 name: &job.name,
                 deps: &job.depends_on,
                 cells: cells_of(&job.matrix),
+                shards: shards_of(job.steps.iter().map(|step| step.split.as_ref())),
                 steps: job.steps.len(),
             })
             .collect();
@@ -131,7 +132,7 @@ impl<'de> Visitor<'de> for JobsSeed<'_> {
 
 /// A job name (same rules as a step name), unique in the file; with an
 /// outline, also checks that the jobs up to this one stay within the
-/// expansion limits.
+/// expansion limits (matrix cells times shards).
 struct JobNameSeed<'a> {
     number: usize,
     names: &'a mut BTreeMap<String, usize>,
@@ -173,12 +174,12 @@ impl Visitor<'_> for JobNameSeed<'_> {
             && let Some(i) = outline.job(v)
             && outline.cells(i) <= MAX_MATRIX_CELLS as u64
         {
-            let dep_cells = outline
+            let dep_jobs = outline
                 .deps(i)
                 .iter()
-                .fold(0u64, |sum, &d| sum.saturating_add(outline.cells(d)));
+                .fold(0u64, |sum, &d| sum.saturating_add(outline.planned(d)));
             self.budget
-                .add(v, outline.cells(i), outline.steps(i), dep_cells)
+                .add(v, outline.planned(i), outline.steps(i), dep_jobs)
                 .map_err(E::custom)?;
         }
         self.names.insert(v.to_owned(), self.number);
@@ -227,7 +228,7 @@ impl<'de> Visitor<'de> for JobSeed<'_> {
         while let Some(field) = map.next_key_seed(FieldSeed {
             fields: JOB_FIELDS,
             seen: &mut seen,
-            refuse: too_many_cells.clone(),
+            refuse: too_many_cells.clone().into_iter().collect(),
         })? {
             match field {
                 "steps" => steps = Some(map.next_value_seed(StepsSeed)?),
@@ -650,7 +651,7 @@ impl<'de> Visitor<'de> for WhenSeed {
         while let Some(field) = map.next_key_seed(FieldSeed {
             fields: WHEN_FIELDS,
             seen: &mut seen,
-            refuse: None,
+            refuse: Vec::new(),
         })? {
             match field {
                 "branch" => branch = Some(map.next_value_seed(PatternsSeed)?),
