@@ -539,9 +539,9 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Drains a runner that fails what others pass and gives its shard to another runner (the
-    /// units it holds go back to the queue with the attempt; the loss is not counted against
-    /// the job).
+    /// Drains a runner that fails what others pass and gives its shard to another runner: the
+    /// units it holds and the failures it reported in the current round go back to the queue
+    /// (they are not the tests' fault); the loss is not counted against the job.
     async fn take_out_of_pool(
         &self,
         runner: RunnerId,
@@ -554,6 +554,15 @@ impl Dispatcher {
         let reason = format!("runner taken out of the pool: {why}");
         self.state()
             .send_cancel(attempt, self.inner.config.cancel_grace, &reason);
+        let requeued = self
+            .db(move |s| s.requeue_failed_units(attempt))
+            .await
+            .map_err(|e| internal(&e))?;
+        tracing::info!(
+            attempt,
+            requeued,
+            "failed units of a broken runner run again elsewhere"
+        );
         self.requeue_counted(attempt, &reason, false)
             .await
             .map_err(|e| internal(&e))

@@ -243,4 +243,8 @@ pub trait Store: Send + Sync + 'static {
     /// (imports a timing history; the benchmark seeds one with deliberate errors).
     fn seed_unit_durations(&self, repo: &str, key: &str, durations: &[(String, u64)])
     -> Result<()>;
+    /// The failures `attempt` reported in the current round of an unfinished split are not
+    /// believed (its runner was found broken): those tries go back to the queue, to be run
+    /// again by another shard under the same try number. Returns how many.
+    fn requeue_failed_units(&self, attempt: AttemptId) -> Result<u64>;
 }

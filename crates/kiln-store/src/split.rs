@@ -279,6 +279,21 @@ pub(crate) fn release_units(tx: &Transaction<'_>, attempt: AttemptId) -> Result<
     Ok(())
 }
 
+/// Puts the failed tries `attempt` ended in the current round of an unfinished split back in
+/// the queue (see `Store::requeue_failed_units`).
+pub(crate) fn requeue_failed_units(tx: &Transaction<'_>, attempt: AttemptId) -> Result<u64> {
+    let n = tx.execute(
+        "UPDATE unit_tries SET state = 'queued', attempt_id = NULL, request = NULL, \
+         runner_id = NULL, runner = NULL, leased_at = NULL, outcome = NULL, duration_ms = 0, \
+         cases = '[]', ended_at = NULL \
+         WHERE attempt_id = ?1 AND state = 'ended' AND outcome IN ('failed', 'errored') \
+         AND try_number = (SELECT s.round FROM splits s \
+                           WHERE s.id = unit_tries.split_id AND s.done = 0)",
+        [to_i64(attempt)],
+    )?;
+    Ok(n as u64)
+}
+
 /// A try that may be leased.
 struct Candidate {
     position: i64,

@@ -541,6 +541,10 @@ fn insert_build(tx: &Transaction<'_>, new: &NewBuild, now: Millis) -> Result<Bui
 }
 
 impl Store for SqliteStore {
+    fn requeue_failed_units(&self, attempt: AttemptId) -> Result<u64> {
+        self.with_tx(|tx| crate::split::requeue_failed_units(tx, attempt))
+    }
+
     fn next_units(
         &self,
         req: &kiln_domain::split::UnitsRequest,
