@@ -826,3 +826,35 @@ fn the_migration_applies_to_an_existing_older_database() {
     assert_eq!(r.units[2].verdict, UnitVerdict::Flaky);
     assert_eq!(r.units[2].flaky_history, 1);
 }
+
+#[test]
+fn a_broken_runners_failures_run_again_under_the_same_try() {
+    let (_dir, s) = store();
+    let jobs = split_build(&s, 'q', 2, Strategy::Dynamic, retries(1));
+    let list = units(20);
+    let mut bad = start(&s, jobs[0], "bad");
+    let mut good = start(&s, jobs[1], "good");
+    bad.max_units = 1;
+    bad.ask(&s, &list, &all_pass);
+    good.ask(&s, &list, &all_pass);
+    let failed_there = bad.held.clone();
+    let fail = |_: &str, _: u32| UnitOutcome::Failed;
+    bad.ask(&s, &list, &fail);
+    assert_eq!(s.requeue_failed_units(bad.attempt).unwrap(), 1);
+    s.requeue_attempt(bad.attempt, "taken out of the pool", 3, false)
+        .unwrap()
+        .unwrap();
+    let mut shards = vec![good];
+    run(&s, &mut shards, &list, &all_pass);
+    let r = the_report(&s, jobs[0]);
+    assert!(r.done && r.passed, "{r:?}");
+    for u in &r.units {
+        assert_eq!(u.tries.len(), 1, "{u:?}");
+        assert_eq!(u.tries[0].runner.as_deref(), Some("good"), "{u:?}");
+    }
+    assert!(
+        failed_there
+            .iter()
+            .all(|f| r.units.iter().any(|u| u.unit == f.unit))
+    );
+}
