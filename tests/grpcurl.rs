@@ -103,6 +103,7 @@ fn grpcurl_sees_services_health_and_json() {
         "WatchBuilds",
         "CancelBuild",
         "RetryBuild",
+        "GetTestReport",
     ] {
         assert!(text.contains(&format!("rpc {rpc}")), "{rpc} missing: {out}");
     }
@@ -141,6 +142,34 @@ fn grpcurl_sees_services_health_and_json() {
     assert_eq!(builds[0]["id"], id.to_string(), "{out}");
     assert_eq!(builds[0]["commit"], sha.as_str(), "{out}");
     assert_eq!(builds[0]["state"], "JOB_STATE_QUEUED", "{out}");
+
+    // A build without split steps has an empty test report (and its JUnit XML); an unknown
+    // build is NotFound.
+    let out = grpcurl(&[
+        "-plaintext",
+        "-d",
+        &format!(r#"{{"build_id": {id}}}"#),
+        addr,
+        "kiln.v1.BuildService/GetTestReport",
+    ]);
+    out.expect_code(0);
+    let v = out.json();
+    assert!(v.get("splits").is_none(), "{out}");
+    assert!(
+        v["junitXml"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("<testsuites"),
+        "{out}"
+    );
+    let out = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"build_id": 999}"#,
+        addr,
+        "kiln.v1.BuildService/GetTestReport",
+    ]);
+    assert!(out.err().contains("NotFound"), "{out}");
 
     // SubmitBuild through grpcurl: a bad commit is InvalidArgument, a good one is stored.
     let bad = format!(r#"{{"repo": "{}", "commit": "zzz"}}"#, repo.path_str());
