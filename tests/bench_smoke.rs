@@ -1,6 +1,6 @@
-//! Keeps `kiln bench` compiling and working: `kiln bench all --quick` (tiny sizes) must exit 0
-//! and print every section. Its figures are not checked: timing belongs in BENCHMARKS.md, not
-//! in tests.
+//! Keeps `kiln bench` compiling and working: `kiln bench all --quick` and `kiln bench split
+//! --quick` (tiny sizes) must exit 0 and print every section and figure. Their figures are not
+//! checked: timing belongs in BENCHMARKS.md, not in tests.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -8,10 +8,11 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-#[test]
-fn bench_all_quick_runs_every_benchmark() {
+/// Runs `kiln ARGS...` with a time limit; returns its exit code (None: timed out), stdout and
+/// stderr.
+fn run_kiln(args: &[&str], limit: Duration) -> (Option<i32>, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["bench", "all", "--quick"])
+        .args(args)
         .env_remove("KILN_BENCH_KEEP")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -30,8 +31,7 @@ fn bench_all_quick_runs_every_benchmark() {
         let _ = stderr.read_to_string(&mut s);
         s
     });
-    // Generous: the debug build on a busy machine. The benchmark bounds itself too.
-    let deadline = Instant::now() + Duration::from_secs(180);
+    let deadline = Instant::now() + limit;
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break Some(s);
@@ -50,12 +50,15 @@ fn bench_all_quick_runs_every_benchmark() {
         std::thread::sleep(Duration::from_millis(50));
     };
     let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    (status.map(|s| s.code().unwrap_or(-1)), out, err)
+}
+
+#[test]
+fn bench_all_quick_runs_every_benchmark() {
+    // Generous: the debug build on a busy machine. The benchmark bounds itself too.
+    let (status, out, err) = run_kiln(&["bench", "all", "--quick"], Duration::from_secs(180));
     let status = status.unwrap_or_else(|| panic!("kiln bench all --quick timed out\n{out}\n{err}"));
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "kiln bench all --quick failed\n{out}\n{err}"
-    );
+    assert_eq!(status, 0, "kiln bench all --quick failed\n{out}\n{err}");
     for section in [
         "latency",
         "throughput",
@@ -86,4 +89,30 @@ fn bench_all_quick_runs_every_benchmark() {
     ] {
         assert!(out.contains(figure), "no {figure:?} figure\n{out}");
     }
+}
+
+#[test]
+fn bench_split_quick_runs_every_scenario() {
+    // Scale 0.05 (a 4.5 s suite), N = 1 and 4: about half a minute in a debug build.
+    let (status, out, err) = run_kiln(&["bench", "split", "--quick"], Duration::from_secs(240));
+    let status =
+        status.unwrap_or_else(|| panic!("kiln bench split --quick timed out\n{out}\n{err}"));
+    assert_eq!(status, 0, "kiln bench split --quick failed\n{out}\n{err}");
+    assert!(out.contains("== split:"), "no split section\n{out}");
+    for figure in [
+        "dynamic N=1: makespan/bound",
+        "dynamic N=4: makespan/bound",
+        "hash / dynamic, N=4",
+        "count / dynamic, N=4",
+        "timing / dynamic, N=4",
+        "per-unit overhead N=4, median",
+        "flaky found / failed once",
+        "deterministic labelled flaky",
+        "broken: retry / first pass",
+        "kill: one final verdict each",
+        "kill: makespan",
+    ] {
+        assert!(out.contains(figure), "no {figure:?} figure\n{out}");
+    }
+    assert!(!out.contains("WRONG"), "wrong results\n{out}");
 }

@@ -15,6 +15,9 @@
 //!   polling.
 //! - [`failover`]: a killed runner's job running elsewhere; runners back after a dispatcher
 //!   restart.
+//! - [`split`]: a synthetic test suite split over real runners: kiln's dynamic queue against
+//!   the lower bound and static splits, per-unit overhead, flaky tests, a broken commit, a
+//!   killed runner.
 //!
 //! Goals that are missed are reported, not treated as errors: the exit code is 0 when the
 //! benchmarks ran and their output was complete, 1 when output was lost or a build did not
@@ -25,6 +28,7 @@ pub mod generate;
 pub mod latency;
 pub mod overhead;
 pub mod runners;
+pub mod split;
 pub mod throughput;
 pub mod trigger;
 mod util;
@@ -63,11 +67,19 @@ pub enum BenchCommand {
     /// dispatcher restart (goals: < 10 s with the default heartbeat, about 2 s with 500ms x 3;
     /// 100 runners re-attached < 3 s).
     Failover(failover::FailoverArgs),
-    /// All of them, in that order.
+    /// A synthetic suite of about 1,000 tests split over 1 to 16 real runners: makespan against
+    /// the lower bound, against hash, count and timing splits, per-unit overhead, flaky tests,
+    /// a broken commit and a killed runner (goals at N = 16: <= 1.05x the bound, >= 1.6x faster
+    /// than hash and 1.15x than timing, overhead < 2 ms median, retries <= 5% when 30% broken).
+    Split(split::SplitArgs),
+    /// All of the above but `split` (run on its own: minutes), in that order.
     All(AllArgs),
     /// The output generators the benchmarks' steps run.
     #[command(hide = true)]
     Gen(generate::GenArgs),
+    /// The test runner of `split`'s synthetic suite (run by its split step).
+    #[command(hide = true)]
+    SplitUnit(split::SplitUnitArgs),
 }
 
 /// `kiln bench all`.
@@ -117,6 +129,11 @@ pub async fn run(args: BenchArgs) -> Result<i32, CliError> {
                 bounded("failover", a.limit(), failover::run(&a)).await?;
                 Ok(exit::OK)
             }
+            BenchCommand::Split(a) => {
+                bounded("split", a.limit(), split::run(&a)).await?;
+                Ok(exit::OK)
+            }
+            BenchCommand::SplitUnit(a) => split::harness::run(&a),
             BenchCommand::All(a) => all(&a).await,
         }
     };
