@@ -7,6 +7,8 @@
 //! Earlier failed tries of a case that passed in the end are `<flakyFailure>` elements; those of
 //! a case that failed every try are `<rerunFailure>` elements.
 
+pub mod read;
+
 use std::time::Duration;
 
 use kiln_domain::Build;

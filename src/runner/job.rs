@@ -11,18 +11,18 @@ use kiln_exec::{StepCommand, Stream, Termination};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Shared, out};
+use super::{Shared, out, split};
 use crate::proto::{self, runner_message::Kind as Out};
 
 /// Numbers an attempt's output chunks and queues them.
-struct Output<'a> {
+pub(super) struct Output<'a> {
     shared: &'a Shared,
     attempt: u64,
     seq: u64,
 }
 
 impl Output<'_> {
-    async fn chunk(&mut self, step: u32, stream: proto::OutputStream, data: Bytes) {
+    pub(super) async fn chunk(&mut self, step: u32, stream: proto::OutputStream, data: Bytes) {
         self.seq += 1;
         let bytes = data.len();
         let msg = out(Out::Output(proto::OutputChunk {
@@ -38,7 +38,8 @@ impl Output<'_> {
             .await;
     }
 
-    async fn system(&mut self, step: u32, text: String) {
+    /// A line of kiln's own (a banner, a summary) in the step's log.
+    pub(super) async fn system(&mut self, step: u32, text: String) {
         self.chunk(step, proto::OutputStream::System, Bytes::from(text))
             .await;
     }
@@ -152,6 +153,20 @@ pub(super) async fn run(
     finish(shared, &output, state, message, slot);
 }
 
+/// How a step's process (or, for a split step, its batches) ended.
+pub(super) struct StepEnd {
+    /// The step's outcome.
+    pub(super) outcome: proto::StepOutcome,
+    /// Exit status of a plain step's process.
+    pub(super) exit_code: Option<i32>,
+    /// Signal that killed a plain step's process.
+    pub(super) signal: Option<i32>,
+    /// Wall-clock time of the step.
+    pub(super) duration: Duration,
+    /// Words for the step's last log line: `exit 1`, `timed out`, ...
+    pub(super) summary: String,
+}
+
 /// Runs one step to its end and reports it; returns its outcome.
 #[allow(clippy::too_many_arguments)]
 async fn run_step(
@@ -184,33 +199,72 @@ async fn run_step(
     env.extend(step.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.extend(a.secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.push(("KILN_STEP".into(), step.name.clone()));
-    let cmd = StepCommand {
-        script: step.run.clone(),
-        cwd: dir.to_path_buf(),
-        env,
-        timeout: (step.timeout_ms > 0).then(|| Duration::from_millis(step.timeout_ms)),
-        grace: shared.config.kill_grace,
-    };
-    let (tx, mut rx) = mpsc::channel(16);
-    let exec = kiln_exec::run(&cmd, tx, token);
-    let index = step.index;
-    let mut maskers = [masker.clone(), masker.clone()];
-    let forward = async {
-        // Bytes that may begin a secret are held until the next chunk or the end of the step,
-        // never released on a timer (that would leak the start of a secret printed slowly).
-        while let Some(c) = rx.recv().await {
-            let (i, stream) = match c.stream {
-                Stream::Stdout => (0, proto::OutputStream::Stdout),
-                Stream::Stderr => (1, proto::OutputStream::Stderr),
+    let end = match &step.split {
+        Some(spec) => {
+            let s = split::Split {
+                shared,
+                attempt,
+                step,
+                spec,
+                dir,
+                env,
+                token,
+                masker,
             };
-            let data = maskers[i].push(&c.data);
-            if !data.is_empty() {
-                output.chunk(index, stream, Bytes::from(data)).await;
-            }
+            split::run(&s, output, message).await
         }
-        flush(output, index, &mut maskers).await;
+        None => {
+            let cmd = StepCommand {
+                script: step.run.clone(),
+                cwd: dir.to_path_buf(),
+                env,
+                timeout: (step.timeout_ms > 0).then(|| Duration::from_millis(step.timeout_ms)),
+                grace: shared.config.kill_grace,
+            };
+            plain_step(output, step, &cmd, token, masker, message).await
+        }
     };
-    let (result, ()) = tokio::join!(exec, forward);
+    if end.outcome == proto::StepOutcome::TimedOut {
+        *message = format!("step {} timed out after {} ms", step.name, step.timeout_ms);
+    }
+    let index = step.index;
+    output
+        .system(
+            index,
+            format!(
+                "kiln: step {} {} in {} ms\n",
+                step.name,
+                end.summary,
+                end.duration.as_millis()
+            ),
+        )
+        .await;
+    shared.outbox.push(
+        attempt,
+        out(Out::StepFinished(proto::StepFinished {
+            attempt_id: attempt,
+            step_index: index,
+            outcome: end.outcome as i32,
+            exit_code: end.exit_code,
+            signal: end.signal,
+            duration_ms: end.duration.as_millis() as u64,
+            last_seq: output.seq,
+        })),
+    );
+    end.outcome
+}
+
+/// Runs a plain (not split) step's command.
+async fn plain_step(
+    output: &mut Output<'_>,
+    step: &proto::StepSpec,
+    cmd: &StepCommand,
+    token: CancellationToken,
+    masker: &Masker,
+    message: &mut String,
+) -> StepEnd {
+    let index = step.index;
+    let result = exec(output, index, cmd, token, masker, None).await;
     let (outcome, exit_code, signal, duration) = match result {
         Ok(exit) => {
             let (outcome, code, sig) = match exit.termination {
@@ -232,38 +286,90 @@ async fn run_step(
         }
     };
     let summary = match (outcome, exit_code, signal) {
-        (proto::StepOutcome::TimedOut, _, _) => {
-            *message = format!("step {} timed out after {} ms", step.name, step.timeout_ms);
-            "timed out".to_string()
-        }
+        (proto::StepOutcome::TimedOut, _, _) => "timed out".to_string(),
         (proto::StepOutcome::Cancelled, _, _) => "cancelled".to_string(),
         (_, Some(c), _) => format!("exit {c}"),
         (_, _, Some(s)) => format!("killed by signal {s}"),
         _ => "errored".to_string(),
     };
-    output
-        .system(
-            index,
-            format!(
-                "kiln: step {} {summary} in {} ms\n",
-                step.name,
-                duration.as_millis()
-            ),
-        )
-        .await;
-    shared.outbox.push(
-        attempt,
-        out(Out::StepFinished(proto::StepFinished {
-            attempt_id: attempt,
-            step_index: index,
-            outcome: outcome as i32,
-            exit_code,
-            signal,
-            duration_ms: duration.as_millis() as u64,
-            last_seq: output.seq,
-        })),
-    );
-    outcome
+    StepEnd {
+        outcome,
+        exit_code,
+        signal,
+        duration,
+        summary,
+    }
+}
+
+/// A process's standard output kept (masked) instead of logged, up to a limit.
+pub(super) struct Capture {
+    /// What it printed, up to `limit` bytes.
+    pub(super) data: Vec<u8>,
+    /// Most bytes kept.
+    pub(super) limit: usize,
+    /// Whether it printed more than `limit` bytes.
+    pub(super) overflowed: bool,
+}
+
+impl Capture {
+    fn push(&mut self, data: &[u8]) {
+        let room = self.limit.saturating_sub(self.data.len());
+        if data.len() > room {
+            self.overflowed = true;
+        }
+        self.data.extend_from_slice(&data[..data.len().min(room)]);
+    }
+}
+
+/// Runs one process of step `index` (its own process group), its output masked into the step's
+/// log (stdout into `capture` instead, when given).
+pub(super) async fn exec(
+    output: &mut Output<'_>,
+    index: u32,
+    cmd: &StepCommand,
+    token: CancellationToken,
+    masker: &Masker,
+    mut capture: Option<&mut Capture>,
+) -> Result<kiln_exec::StepExit, kiln_exec::ExecError> {
+    let (tx, mut rx) = mpsc::channel(16);
+    let exec = kiln_exec::run(cmd, tx, token);
+    let mut maskers = [masker.clone(), masker.clone()];
+    let forward = async {
+        // Bytes that may begin a secret are held until the next chunk or the end of the step,
+        // never released on a timer (that would leak the start of a secret printed slowly).
+        while let Some(c) = rx.recv().await {
+            let (i, stream) = match c.stream {
+                Stream::Stdout => (0, proto::OutputStream::Stdout),
+                Stream::Stderr => (1, proto::OutputStream::Stderr),
+            };
+            let data = maskers[i].push(&c.data);
+            if data.is_empty() {
+                continue;
+            }
+            match (&mut capture, stream) {
+                (Some(capture), proto::OutputStream::Stdout) => capture.push(&data),
+                _ => output.chunk(index, stream, Bytes::from(data)).await,
+            }
+        }
+        let rest = maskers[0].finish();
+        match &mut capture {
+            Some(capture) => capture.push(&rest),
+            None if !rest.is_empty() => {
+                output
+                    .chunk(index, proto::OutputStream::Stdout, Bytes::from(rest))
+                    .await
+            }
+            None => {}
+        }
+        let rest = maskers[1].finish();
+        if !rest.is_empty() {
+            output
+                .chunk(index, proto::OutputStream::Stderr, Bytes::from(rest))
+                .await;
+        }
+    };
+    let (result, ()) = tokio::join!(exec, forward);
+    result
 }
 
 /// Reports a step that did not run.
@@ -290,19 +396,6 @@ fn job_state(outcome: proto::StepOutcome) -> proto::JobState {
         proto::StepOutcome::Cancelled => proto::JobState::Cancelled,
         proto::StepOutcome::Errored => proto::JobState::Errored,
         _ => proto::JobState::Failed,
-    }
-}
-
-/// Sends whatever the maskers hold.
-async fn flush(output: &mut Output<'_>, step: u32, maskers: &mut [Masker; 2]) {
-    for (i, stream) in [proto::OutputStream::Stdout, proto::OutputStream::Stderr]
-        .into_iter()
-        .enumerate()
-    {
-        let data = maskers[i].finish();
-        if !data.is_empty() {
-            output.chunk(step, stream, Bytes::from(data)).await;
-        }
     }
 }
 

@@ -9,6 +9,7 @@
 
 mod job;
 mod outbox;
+mod split;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
