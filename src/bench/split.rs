@@ -62,9 +62,8 @@ use crate::proto::{
     runner_admin_service_client::RunnerAdminServiceClient,
 };
 
-/// The split step's name in the pipeline, and its split key (job `pipeline`, step `tests`).
+/// The split step's name in the pipeline.
 const STEP: &str = "tests";
-const SPLIT_KEY: &str = "pipeline/tests";
 /// Permille of tests broken in the broken scenario.
 const BROKEN_PERMILLE: u32 = 300;
 
@@ -394,7 +393,9 @@ impl Run {
             .flat_map(|u| &u.tries)
             .filter(|t| (t.try_number <= 1) == first)
             .map(|t| t.duration_ms as f64)
-            .sum()
+            .sum::<f64>()
+            // An empty float sum is -0.0.
+            + 0.0
     }
 
     fn summary(&self) -> String {
@@ -597,6 +598,9 @@ impl Bench {
         let dir = self.tmp.path().join(format!("run-{}", spec.label));
         let data = dir.join("data");
         std::fs::create_dir_all(&data).map_err(fail)?;
+        let trace = dir.join("trace.jsonl");
+        let kiln_yml = self.pipeline(spec, &trace);
+        let key = split_key(&kiln_yml)?;
         let history = if self.args.exact_history {
             let truth = suite::estimates(&self.suite, spec.scale.max(0.001), true);
             self.suite
@@ -612,7 +616,7 @@ impl Bench {
             let store = kiln_store::SqliteStore::open(&data.join("kiln.db"))
                 .map_err(|e| fail(format!("cannot open the dispatcher's store: {e}")))?;
             store
-                .seed_unit_durations(&self.repo.path, SPLIT_KEY, &history)
+                .seed_unit_durations(&self.repo.path, &key, &history)
                 .map_err(|e| fail(format!("cannot seed the timing history: {e}")))?;
         }
         let log = dir.join("serve.log");
@@ -634,9 +638,8 @@ impl Bench {
         let url = format!("http://{addr}");
         let mut client = ready(&url, &log).await?;
         let mut runners = self.start_runners(&url, &dir, spec.shards).await?;
-        let trace = dir.join("trace.jsonl");
         let commit = self.repo.commit(
-            &[(".kiln.yml", &self.pipeline(spec, &trace))],
+            &[(".kiln.yml", &kiln_yml)],
             &format!("bench split: {}", spec.label),
         )?;
         let id = submit(&mut client, &self.repo, &commit).await?.id;
@@ -689,7 +692,7 @@ impl Bench {
         let split = report
             .splits
             .iter()
-            .find(|s| s.key == SPLIT_KEY)
+            .find(|s| s.key == key)
             .or(report.splits.first())
             .cloned()
             .ok_or_else(|| {
@@ -842,6 +845,19 @@ impl Bench {
             self.problem(format!("{label}: ... {} more", n - 10));
         }
     }
+}
+
+/// The split key of the pipeline's split step, as kiln's planner makes it (the history is
+/// recorded under it): the job's name, `/`, the step's name. The job of a `steps:` file with
+/// one step is named after that step, so this is `tests/tests` here, not `pipeline/tests`.
+fn split_key(kiln_yml: &str) -> Result<String, CliError> {
+    let p = kiln_pipeline::parse(kiln_pipeline::FILE_NAME, kiln_yml)
+        .map_err(|e| fail(format!("the benchmark's pipeline does not parse: {e}")))?;
+    kiln_pipeline::plan(&p, "main")
+        .map_err(|e| fail(format!("the benchmark's pipeline does not plan: {e}")))?
+        .into_iter()
+        .find_map(|j| j.shard.map(|s| s.key))
+        .ok_or_else(|| fail("the benchmark's pipeline has no split step"))
 }
 
 /// Waits until a fresh serve child answers a read.
@@ -1283,6 +1299,8 @@ fn report(bench: &Bench, args: &SplitArgs, runs: &HashMap<String, Run>, nmax: u3
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use clap::Parser;
 
@@ -1318,6 +1336,11 @@ mod tests {
         let labels: Vec<String> = some.plan().into_iter().map(|s| s.label).collect();
         assert_eq!(labels, ["warm-up-4", "dynamic-4", "kill-4"]);
         let quick = Cli::parse_from(["x", "--quick"]).args;
+        assert_eq!(
+            split_key("steps:\n  - name: tests\n    run: x {units}\n    parallel: 2\n    units:\n      glob: '*.t'\n")
+                .unwrap(),
+            "tests/tests"
+        );
         assert_eq!(quick.runners(), [1, 4]);
         assert!((quick.scale() - 0.05).abs() < 1e-9);
     }
