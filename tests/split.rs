@@ -3,6 +3,8 @@
 //! repositories made for the test; a shard's runner killed mid-run; flaky and broken tests with
 //! retries.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::BTreeMap;
@@ -178,7 +180,7 @@ steps:
     run: cargo test --quiet --offline -- --exact {units}
     parallel: 2
     units:
-      command: cargo test --quiet --offline -- --list --format terse | sed -n 's/: test$//p'
+      command: "cargo test --quiet --offline -- --list --format terse | sed -n 's/: test$//p'"
 "#;
     let sha = repo.commit(
         &[
@@ -234,7 +236,7 @@ fn killing_a_shards_runner_loses_no_unit_and_counts_none_twice() {
         &tmp.path().join("data"),
         &["--heartbeat-interval", "300ms", "--missed-heartbeats", "3"],
     );
-    let mut r1 = server.runner(tmp.path(), "r1", &[]);
+    let r1 = server.runner(tmp.path(), "r1", &[]);
     let _r2 = server.runner(tmp.path(), "r2", &[]);
     let _r3 = server.runner(tmp.path(), "r3", &[]);
     server.wait_runners_attached(&["r1", "r2", "r3"]);

@@ -744,10 +744,8 @@ impl Store for SqliteStore {
         self.with_tx(|tx| {
             let job: Option<i64> = tx
                 .query_row(
-                    &format!(
-                        "SELECT id FROM jobs WHERE current_attempt = ?1 \
-                         AND state NOT IN {FINAL_STATES_SQL}"
-                    ),
+                    "SELECT id FROM jobs WHERE current_attempt = ?1 \
+                     AND state IN ('assigned', 'running')",
                     [attempt as i64],
                     |r| r.get(0),
                 )
@@ -804,12 +802,12 @@ impl Store for SqliteStore {
                     return Ok(Finish::AlreadyRecorded);
                 }
             }
-            // The compare-and-set: only the current attempt of an unfinished job may finish it.
+            // The compare-and-set: only the current attempt of a job that is out on a runner
+            // may finish it (a lost attempt stays `current_attempt` of its queued job until
+            // the job is given out again, and must not finish it).
             let n = tx.execute(
-                &format!(
-                    "UPDATE jobs SET state = ?1, message = ?2, finished_at = ?3 \
-                     WHERE id = ?4 AND current_attempt = ?5 AND state NOT IN {FINAL_STATES_SQL}"
-                ),
+                "UPDATE jobs SET state = ?1, message = ?2, finished_at = ?3 \
+                 WHERE id = ?4 AND current_attempt = ?5 AND state IN ('assigned', 'running')",
                 params![state.as_str(), message, now, job, attempt as i64],
             )?;
             if n == 0 {
@@ -818,6 +816,8 @@ impl Store for SqliteStore {
                         "attempt {attempt} is not the current attempt of job {job} (current: {})",
                         current.map_or("none".to_string(), |c| c.to_string())
                     )
+                } else if job_state == JobState::Queued {
+                    format!("attempt {attempt} was lost; job {job} is queued again")
                 } else {
                     format!("job {job} already ended as {job_state}")
                 };

@@ -858,3 +858,23 @@ fn a_broken_runners_failures_run_again_under_the_same_try() {
             .all(|f| r.units.iter().any(|u| u.unit == f.unit))
     );
 }
+
+#[test]
+fn a_lost_attempt_cannot_finish_its_queued_job() {
+    let (_dir, s) = store();
+    let jobs = split_build(&s, 'l', 1, Strategy::Dynamic, retries(1));
+    let a = start(&s, jobs[0], "r1");
+    s.requeue_attempt(a.attempt, "runner lost", 3, false)
+        .unwrap()
+        .unwrap();
+    // Before the job is given out again, the lost attempt is still the job's last one: its
+    // late result must not end the job.
+    let late = s
+        .finish_attempt(a.attempt, kiln_domain::JobState::Cancelled, None)
+        .unwrap();
+    assert!(matches!(late, crate::Finish::Refused(_)), "{late:?}");
+    assert_eq!(
+        s.get_job(jobs[0]).unwrap().unwrap().state,
+        kiln_domain::JobState::Queued
+    );
+}
