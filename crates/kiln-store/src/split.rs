@@ -830,6 +830,63 @@ fn next_units_tx(tx: &Transaction<'_>, req: &UnitsRequest, now: Millis) -> Resul
 }
 
 /// Whether the build has ended (so a split that is not done gets no more tries).
+/// Closes the unfinished splits of `build` whose shard jobs have all ended (timed out,
+/// cancelled, errored, superseded): no shard will ask for their units again, so what did not
+/// run is `not_run` and the split failed. Called whenever a job of the build changes.
+pub(crate) fn close_abandoned_splits(
+    tx: &Transaction<'_>,
+    build: BuildId,
+    now: Millis,
+) -> Result<()> {
+    let build = to_i64(build);
+    let open: Vec<String> = {
+        let mut stmt =
+            tx.prepare_cached("SELECT split_key FROM splits WHERE build_id = ?1 AND done = 0")?;
+        let rows = stmt.query_map([build], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    if open.is_empty() {
+        return Ok(());
+    }
+    let jobs: Vec<(String, String)> = {
+        let mut stmt = tx.prepare_cached("SELECT state, steps FROM jobs WHERE build_id = ?1")?;
+        let rows = stmt.query_map([build], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    for key in open {
+        let mut shards_left = false;
+        for (state, steps) in &jobs {
+            let steps: Vec<StepSpec> =
+                serde_json::from_str(steps).map_err(|e| corrupt("job steps", e))?;
+            let of_split = steps
+                .iter()
+                .any(|st| st.split.as_ref().is_some_and(|sp| sp.key == key));
+            let ended = state
+                .parse::<JobState>()
+                .map_err(|e| corrupt("job state", e))?
+                .is_final();
+            if of_split && !ended {
+                shards_left = true;
+                break;
+            }
+        }
+        if shards_left {
+            continue;
+        }
+        if let Some(mut split) = load_split(tx, build, &key)? {
+            let tries = load_tries(tx, split.id)?;
+            finish_split_row(
+                tx,
+                &mut split,
+                &tries,
+                "every shard ended before the split was over".into(),
+                now,
+            )?;
+        }
+    }
+    Ok(())
+}
+
 fn build_final(tx: &Connection, build: i64) -> Result<bool> {
     let state: Option<String> = tx
         .query_row("SELECT state FROM builds WHERE id = ?1", [build], |r| {

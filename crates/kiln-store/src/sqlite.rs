@@ -415,6 +415,9 @@ fn settle(tx: &Transaction<'_>, job: JobId, now: Millis) -> Result<Change> {
     )?;
     let build_id = build_id as u64;
     let job_state = parse_state(&job_state)?;
+    if job_state.is_final() {
+        crate::split::close_abandoned_splits(tx, build_id, now)?;
+    }
     // Jobs waiting on a job that did not pass will never run: skip them, transitively.
     let mut skipped = Vec::new();
     if job_state.is_final() && job_state != JobState::Passed {

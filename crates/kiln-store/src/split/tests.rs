@@ -878,3 +878,31 @@ fn a_lost_attempt_cannot_finish_its_queued_job() {
         kiln_domain::JobState::Queued
     );
 }
+
+#[test]
+fn a_split_whose_shards_all_ended_is_closed() {
+    let (_dir, s) = store();
+    let jobs = split_build(&s, 'c', 2, Strategy::Dynamic, retries(1));
+    let list = units(6);
+    let mut a = start(&s, jobs[0], "r1");
+    a.ask(&s, &list, &all_pass);
+    a.ask(&s, &list, &all_pass);
+    s.end_job(jobs[0], kiln_domain::JobState::TimedOut, "deadline")
+        .unwrap()
+        .unwrap();
+    assert!(
+        !the_report(&s, jobs[0]).done,
+        "the other shard may still run"
+    );
+    s.end_job(jobs[1], kiln_domain::JobState::Cancelled, "cancelled")
+        .unwrap()
+        .unwrap();
+    let r = the_report(&s, jobs[0]);
+    assert!(r.done && !r.passed, "{r:?}");
+    assert!(r.retry_note.contains("every shard ended"), "{r:?}");
+    assert!(
+        r.units
+            .iter()
+            .any(|u| u.verdict == kiln_domain::split::UnitVerdict::NotRun)
+    );
+}
