@@ -27,9 +27,10 @@
 //!   labelled flaky (must be 0).
 //! - `broken`: 30% of the tests fail every try, same retry policy: retry time / first-pass time,
 //!   from the report's tries.
-//! - `kill`: the dynamic run again, one busy runner SIGKILLed (with its batch) at half the
-//!   dynamic run's makespan: every unit must have exactly one final verdict; makespan vs lower
-//!   bound + lease (heartbeat interval x missed heartbeats) + longest unit.
+//! - `kill`: the dynamic run again, one runner SIGKILLed (with its batch) at half the dynamic
+//!   run's makespan, the one running the batch with the most test time (the worst case): every
+//!   unit must have exactly one final verdict; makespan vs lower bound + lease (heartbeat
+//!   interval x missed heartbeats) + longest unit.
 //!
 //! Missed goals are reported, not errors; a wrong result (a unit without its one final
 //! verdict, a verdict the suite contradicts, a build of a clean suite that did not pass) makes
@@ -289,7 +290,10 @@ struct Run {
     build: proto::Build,
     makespan_ms: f64,
     split: proto::SplitReport,
+    /// The processes that ended (their end lines).
     traces: Vec<Trace>,
+    /// The processes that started (their start lines).
+    starts: Vec<Trace>,
     killed: Option<Killed>,
 }
 
@@ -593,6 +597,49 @@ impl Bench {
         }
     }
 
+    /// The runner to kill: the one running the batch with the most test time (the worst
+    /// case: its units come back only after the lease and run again from the start), from the
+    /// trace's start lines without an end line; else the first busy runner by name.
+    fn victim(&self, b: &proto::Build, trace: &Path, shards: u32) -> Option<String> {
+        let truth: HashMap<&str, u64> = self
+            .suite
+            .files
+            .iter()
+            .map(|f| (f.path.as_str(), f.ms()))
+            .collect();
+        let running = |name: &str| {
+            b.jobs
+                .iter()
+                .find(|j| j.name.ends_with(name) && j.state == JobState::Running as i32)
+                .map(|j| j.runner.clone())
+                .filter(|r| !r.is_empty())
+        };
+        if let Ok((starts, ends)) = harness::read_traces(trace) {
+            let ended: HashSet<u32> = ends.iter().map(|t| t.pid).collect();
+            let longest = starts
+                .iter()
+                .filter(|t| !ended.contains(&t.pid) && t.shard >= 0)
+                .max_by_key(|t| {
+                    t.units
+                        .iter()
+                        .map(|u| truth.get(u.as_str()).copied().unwrap_or(0))
+                        .sum::<u64>()
+                });
+            if let Some(r) = longest.and_then(|t| running(&format!(" [{}/{shards}]", t.shard + 1)))
+            {
+                return Some(r);
+            }
+        }
+        let mut busy: Vec<&str> = b
+            .jobs
+            .iter()
+            .filter(|j| j.state == JobState::Running as i32 && !j.runner.is_empty())
+            .map(|j| j.runner.as_str())
+            .collect();
+        busy.sort_unstable();
+        busy.first().map(|r| (*r).to_string())
+    }
+
     /// Makes one run: fresh dispatcher with the seeded history, N fresh runners, one build.
     async fn run(&self, spec: &Spec, kill_at: Option<Duration>) -> Result<Run, CliError> {
         let dir = self.tmp.path().join(format!("run-{}", spec.label));
@@ -655,15 +702,9 @@ impl Bench {
                 && killed.is_none()
                 && t0.elapsed() >= at
             {
-                let mut busy: Vec<&str> = b
-                    .jobs
-                    .iter()
-                    .filter(|j| j.state == JobState::Running as i32)
-                    .map(|j| j.runner.as_str())
-                    .collect();
-                busy.sort_unstable();
-                if let Some(i) = busy
-                    .first()
+                let victim = self.victim(&b, &trace, spec.shards);
+                if let Some(i) = victim
+                    .as_deref()
                     .and_then(|name| runners.iter().position(|(n, _)| n == name))
                 {
                     let (name, proc) = runners.remove(i);
@@ -703,7 +744,7 @@ impl Bench {
                     build.error
                 ))
             })?;
-        let traces = harness::read_traces(&trace).map_err(fail)?;
+        let (starts, traces) = harness::read_traces(&trace).map_err(fail)?;
         drop(runners);
         drop(serve);
         let makespan_ms = match (
@@ -719,6 +760,7 @@ impl Bench {
             makespan_ms,
             split,
             traces,
+            starts,
             killed,
         })
     }
@@ -1282,14 +1324,26 @@ fn report(bench: &Bench, args: &SplitArgs, runs: &HashMap<String, Run>, nmax: u3
             ),
         );
         let mut ran: HashMap<&str, usize> = HashMap::new();
-        for t in &r.traces {
+        for t in &r.starts {
             for u in &t.units {
                 *ran.entry(u.as_str()).or_default() += 1;
             }
         }
-        let twice = ran.values().filter(|n| **n > 1).count();
+        let mut twice: Vec<&str> = ran
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(u, _)| *u)
+            .collect();
+        twice.sort_unstable();
+        let ended: HashSet<u32> = r.traces.iter().map(|t| t.pid).collect();
+        let cut = r.starts.iter().filter(|t| !ended.contains(&t.pid)).count();
         note(format!(
-            "kill: {twice} units started twice (the killed runner's batch, leased again)"
+            "kill: {cut} batch(es) killed before their end; units started twice: {}",
+            if twice.is_empty() {
+                "none".to_string()
+            } else {
+                twice.join(", ")
+            }
         ));
     }
     if nmax != 16 {

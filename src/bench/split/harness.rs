@@ -43,14 +43,15 @@ pub struct SplitUnitArgs {
     pub files: Vec<PathBuf>,
 }
 
-/// What one process did: one line of the trace file.
+/// What one process did: one line of the trace file. Each process writes two: one when it
+/// starts (`end_ns` 0: it tells a batch that was killed before its end) and one at its end.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Trace {
     /// Its pid.
     pub pid: u32,
     /// Wall clock (ns since the epoch) when its `main` got here.
     pub start_ns: u128,
-    /// Wall clock just before it exits.
+    /// Wall clock just before it exits; 0 in the line written at the start.
     pub end_ns: u128,
     /// `KILN_SHARD` (-1 when unset).
     pub shard: i64,
@@ -149,6 +150,24 @@ fn run_inner(args: &SplitUnitArgs, start_ns: u128) -> Result<i32, String> {
         let tests = suite::parse(&text).map_err(|e| format!("{}: {e}", f.display()))?;
         units.push((f.to_string_lossy().into_owned(), tests));
     }
+    let trace_file = std::env::var(ENV_TRACE).ok().filter(|p| !p.is_empty());
+    let mut trace = Trace {
+        pid: std::process::id(),
+        start_ns,
+        end_ns: 0,
+        shard: std::env::var("KILN_SHARD")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(-1),
+        try_number: settings.try_number,
+        units: units.iter().map(|(u, _)| u.clone()).collect(),
+        slept_ns: 0,
+        failed: Vec::new(),
+        tests: 0,
+    };
+    if let Some(path) = &trace_file {
+        append(path, &trace)?;
+    }
     let mut report = Report::new("kiln-bench-split");
     let mut slept = Duration::ZERO;
     let mut failed = Vec::new();
@@ -190,33 +209,12 @@ fn run_inner(args: &SplitUnitArgs, start_ns: u128) -> Result<i32, String> {
             .map_err(|e| format!("cannot write JUnit XML: {e}"))?;
         std::fs::write(&path, xml).map_err(|e| format!("cannot write {path}: {e}"))?;
     }
-    if let Ok(path) = std::env::var(ENV_TRACE)
-        && !path.is_empty()
-    {
-        let trace = Trace {
-            pid: std::process::id(),
-            start_ns,
-            end_ns: now_ns(),
-            shard: std::env::var("KILN_SHARD")
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .unwrap_or(-1),
-            try_number: settings.try_number,
-            units: units.iter().map(|(u, _)| u.clone()).collect(),
-            slept_ns: slept.as_nanos(),
-            failed: failed.clone(),
-            tests,
-        };
-        let mut line = serde_json::to_string(&trace).map_err(|e| e.to_string())?;
-        line.push('\n');
-        // One write on an O_APPEND file: lines of concurrent processes do not interleave.
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| format!("cannot open {path}: {e}"))?;
-        f.write_all(line.as_bytes())
-            .map_err(|e| format!("cannot write {path}: {e}"))?;
+    if let Some(path) = &trace_file {
+        trace.end_ns = now_ns();
+        trace.slept_ns = slept.as_nanos();
+        trace.failed = failed.clone();
+        trace.tests = tests;
+        append(path, &trace)?;
     }
     for name in &failed {
         println!("FAILED {name}");
@@ -230,17 +228,33 @@ fn run_inner(args: &SplitUnitArgs, start_ns: u128) -> Result<i32, String> {
     Ok(i32::from(!failed.is_empty()))
 }
 
-/// Reads a trace file (a missing file is an empty trace).
-pub fn read_traces(path: &std::path::Path) -> Result<Vec<Trace>, String> {
+/// Appends one line to the trace file: one write on an O_APPEND file, so the lines of
+/// concurrent processes do not interleave.
+fn append(path: &str, trace: &Trace) -> Result<(), String> {
+    let mut line = serde_json::to_string(trace).map_err(|e| e.to_string())?;
+    line.push('\n');
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("cannot open {path}: {e}"))?;
+    f.write_all(line.as_bytes())
+        .map_err(|e| format!("cannot write {path}: {e}"))
+}
+
+/// Reads a trace file (a missing file is an empty trace): the start lines and the end lines.
+pub fn read_traces(path: &std::path::Path) -> Result<(Vec<Trace>, Vec<Trace>), String> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
-    text.lines()
+    let all = text
+        .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).map_err(|e| format!("{}: {e}: {l}", path.display())))
-        .collect()
+        .collect::<Result<Vec<Trace>, String>>()?;
+    Ok(all.into_iter().partition(|t: &Trace| t.end_ns == 0))
 }
 
 #[cfg(test)]
