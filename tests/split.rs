@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+mod fault_support;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -453,5 +454,49 @@ fn a_runner_failing_units_others_pass_is_taken_out_of_the_pool() {
         assert_ne!(tries[0]["runner"], "bad", "{u}");
         assert_eq!(tries[0]["outcome"], "passed", "{u}");
         assert_eq!(u["verdict"], "passed", "{u}");
+    }
+}
+
+#[test]
+fn a_dispatcher_crash_mid_split_loses_no_unit_and_counts_none_twice() {
+    let tmp = tempdir();
+    let data = tmp.path().join("data");
+    let extra = ["--heartbeat-interval", "300ms"];
+    let mut server = Server::start(&data, &extra);
+    let addr = server.addr.clone();
+    let _r1 = server.runner(tmp.path(), "r1", &[]);
+    let _r2 = server.runner(tmp.path(), "r2", &[]);
+    server.wait_runners_attached(&["r1", "r2"]);
+    let repo = Repo::init(&tmp.path().join("repo"));
+    let sha = commit_files(
+        &repo,
+        &sleepy_suite(24),
+        "steps:\n  - name: tests\n    run: 'for u in {units}; do sh \"$u\" || exit 1; done'\n    parallel: 2\n    units:\n      glob: suite/*.sh\n      max_batch: 2\n",
+    );
+    let id = id_of(&server.submit(&repo.path, &sha));
+    server.wait_build(id, "some units to have run", SPLIT_TIMEOUT, |b| {
+        b["tests"].as_array().is_some_and(|s| {
+            s.iter().any(|s| {
+                units(s)
+                    .iter()
+                    .filter(|u| u["tries"][0]["outcome"] == "passed")
+                    .count()
+                    >= 4
+            })
+        })
+    });
+    // SIGKILL: whatever was accepted must be in the store already.
+    server.proc.signal(Signal::SIGKILL);
+    server.proc.wait(LONG);
+    drop(server);
+    let server = fault_support::restart_dispatcher_on(&addr, &data, &extra);
+    let build = server.wait_final(id, SPLIT_TIMEOUT);
+    assert_eq!(build["state"], "passed", "{build}");
+    let split = the_split(&build);
+    assert_eq!(units(split).len(), 24);
+    for u in units(split) {
+        let tries = u["tries"].as_array().unwrap();
+        assert_eq!(tries.len(), 1, "unit counted more than once: {u}");
+        assert_eq!(tries[0]["outcome"], "passed", "{u}");
     }
 }
