@@ -411,3 +411,61 @@ async fn lost_runner_work_goes_to_another_and_late_result_is_refused() {
     stop.cancel();
     bg.await.unwrap();
 }
+
+fn next_units(attempt: u64, request: u32, discovered: &[&str]) -> proto::NextUnits {
+    proto::NextUnits {
+        attempt_id: attempt,
+        step_index: 0,
+        request,
+        discovered: discovered.iter().map(|s| s.to_string()).collect(),
+        results: vec![],
+        max_units: 0,
+    }
+}
+
+async fn units_answer(out: &mut Outbound) -> proto::Units {
+    let msg = next(out).await.unwrap();
+    let Some(Out::Units(u)) = msg.kind else {
+        panic!("expected units, got {msg:?}")
+    };
+    u
+}
+
+#[tokio::test]
+async fn next_units_is_fenced_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dispatcher(dir.path());
+    let stop = CancellationToken::new();
+    let _bg = d.spawn_background(stop.clone());
+    build(&d, 1).await;
+    let (tx, mut out, _) = attach(&d, "r1", vec![]).await;
+    let a = assigned(&mut out).await;
+    tx.send(m(In::Accepted(proto::Accepted {
+        attempt_id: a.attempt_id,
+    })))
+    .await
+    .unwrap();
+    // Not a split step: refused, the session stays up.
+    tx.send(m(In::NextUnits(next_units(a.attempt_id, 1, &["u1"]))))
+        .await
+        .unwrap();
+    let u = units_answer(&mut out).await;
+    assert_eq!(u.state, proto::UnitsState::Refused as i32, "{u:?}");
+    assert_eq!(u.request, 1);
+    // An attempt this runner does not hold: refused.
+    tx.send(m(In::NextUnits(next_units(999, 1, &["u1"]))))
+        .await
+        .unwrap();
+    let u = units_answer(&mut out).await;
+    assert_eq!(u.state, proto::UnitsState::Refused as i32, "{u:?}");
+    assert!(u.message.contains("999"), "{u:?}");
+    // A malformed request (request 0, a unit id with a newline) closes the session as
+    // INVALID_ARGUMENT.
+    let mut bad = next_units(a.attempt_id, 2, &["a\nb"]);
+    bad.request = 2;
+    tx.send(m(In::NextUnits(bad))).await.unwrap();
+    let err = next(&mut out).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("newline"), "{err:?}");
+    stop.cancel();
+}
