@@ -890,8 +890,7 @@ impl Bench {
 }
 
 /// The split key of the pipeline's split step, as kiln's planner makes it (the history is
-/// recorded under it): the job's name, `/`, the step's name. The job of a `steps:` file with
-/// one step is named after that step, so this is `tests/tests` here, not `pipeline/tests`.
+/// recorded under it): in a `steps:` file, the step's name.
 fn split_key(kiln_yml: &str) -> Result<String, CliError> {
     let p = kiln_pipeline::parse(kiln_pipeline::FILE_NAME, kiln_yml)
         .map_err(|e| fail(format!("the benchmark's pipeline does not parse: {e}")))?;
@@ -1393,7 +1392,7 @@ mod tests {
         assert_eq!(
             split_key("steps:\n  - name: tests\n    run: x {units}\n    parallel: 2\n    units:\n      glob: '*.t'\n")
                 .unwrap(),
-            "tests/tests"
+            "tests"
         );
         assert_eq!(quick.runners(), [1, 4]);
         assert!((quick.scale() - 0.05).abs() < 1e-9);

@@ -199,7 +199,7 @@ mod tests {
         let split = SplitReport {
             id: 1,
             build_id: 7,
-            key: "pipeline/tests".into(),
+            key: "tests".into(),
             shards: 2,
             strategy: Strategy::Dynamic,
             rounds: 2,
@@ -228,6 +228,6 @@ mod tests {
         assert!(xml.contains("<flakyFailure"), "{xml}");
         assert!(xml.contains("<rerunFailure"), "{xml}");
         assert_eq!(xml.matches("<testcase ").count(), 3, "{xml}");
-        assert!(xml.contains("name=\"pipeline/tests\""), "{xml}");
+        assert!(xml.contains("name=\"tests\""), "{xml}");
     }
 }

@@ -316,9 +316,12 @@ pub struct Shard {
     pub index: u32,
     /// The number of shards `N`, the split step's [`SplitDef::shards`].
     pub count: u32,
-    /// Identity of the split, shared by all the shards of the step: the
-    /// job's name before sharding (with its matrix values), `/`, the step's
-    /// name, like `pipeline/tests` or `test (python=3.11)/unit`.
+    /// Identity of the split, shared by all the shards of the step (and the
+    /// name of its units' recorded durations and flaky counts): in a `jobs:`
+    /// file the job's name before sharding (with its matrix values), `/`, the
+    /// step's name, like `test (python=3.11)/unit`; in a `steps:` file the
+    /// step's name alone, like `tests` (the file's one job is named after its
+    /// step or `pipeline` depending on the number of steps).
     pub key: String,
 }
 

@@ -293,15 +293,23 @@ struct Planned {
 }
 
 /// The jobs a job (or a matrix cell) named `name` is planned as: one, or
-/// one per shard of its split step.
-fn shards(name: &str, split: Option<(&str, u32)>) -> Vec<Planned> {
+/// one per shard of its split step. The split's key is `job/step` in a
+/// `jobs:` file (`job` with its matrix values) and the step's name alone in a
+/// `steps:` file (`in_jobs` false), whose one job's name changes with the
+/// number of steps: the key, which names the units' recorded history, must
+/// not.
+fn shards(name: &str, in_jobs: bool, split: Option<(&str, u32)>) -> Vec<Planned> {
     let Some((step, count)) = split else {
         return vec![Planned {
             name: name.to_owned(),
             shard: None,
         }];
     };
-    let key = format!("{name}/{step}");
+    let key = if in_jobs {
+        format!("{name}/{step}")
+    } else {
+        step.to_owned()
+    };
     (0..count)
         .map(|index| Planned {
             name: if count == 1 {
@@ -333,7 +341,7 @@ pub(crate) fn plan(p: &Pipeline, branch: &str) -> Result<Vec<JobPlan>, PipelineE
         Budget::default()
             .add(&name, jobs, steps, 0)
             .map_err(invalid)?;
-        return Ok(shards(&name, split)
+        return Ok(shards(&name, false, split)
             .into_iter()
             .map(|planned| JobPlan {
                 name: planned.name,
@@ -409,7 +417,7 @@ pub(crate) fn plan(p: &Pipeline, branch: &str) -> Result<Vec<JobPlan>, PipelineE
                 cells(&job.name, &job.matrix)
                     .into_iter()
                     .map(|cell| {
-                        let shards = shards(&cell.name, split);
+                        let shards = shards(&cell.name, true, split);
                         (cell, shards)
                     })
                     .collect()

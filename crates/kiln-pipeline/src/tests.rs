@@ -1682,7 +1682,7 @@ fn split_steps_file_is_planned_as_shards() {
             Some(Shard {
                 index: k as u32,
                 count: 4,
-                key: "pipeline/tests".into(),
+                key: "tests".into(),
             })
         );
         // Every shard runs every step, post steps included.
@@ -1707,7 +1707,7 @@ fn units_without_parallel_is_one_shard() {
         Some(Shard {
             index: 0,
             count: 1,
-            key: "tests/tests".into(),
+            key: "tests".into(),
         })
     );
     // `parallel: 1` is the same.

@@ -16,7 +16,7 @@ use tempfile::TempDir;
 use crate::{Finish, SqliteStore, Store};
 
 const REPO: &str = "/tmp/repo";
-const KEY: &str = "tests/tests";
+const KEY: &str = "tests";
 
 fn store() -> (TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
