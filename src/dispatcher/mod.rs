@@ -201,6 +201,9 @@ struct Inner {
     state: Mutex<State>,
     /// Wakes the scheduler (a job was queued, a slot freed, a runner attached).
     kick: Notify,
+    /// Wakes split shards held waiting for units: results came in, or an attempt ended or was
+    /// lost (its units went back to the queue).
+    units_changed: Notify,
     /// State changes, for `WatchBuilds` and later notifications.
     events: broadcast::Sender<Event>,
     /// How far each live job's log reached, for followers.
@@ -396,6 +399,7 @@ impl Dispatcher {
                 mirrors: Arc::new(mirrors),
                 state: Mutex::new(state),
                 kick: Notify::new(),
+                units_changed: Notify::new(),
                 events,
                 hub: hub::Hub::default(),
                 next_session: AtomicU64::new(1),
@@ -462,6 +466,7 @@ impl Dispatcher {
     /// Wakes the scheduler.
     fn kick(&self) {
         self.inner.kick.notify_one();
+        self.inner.units_changed.notify_waiters();
     }
 
     /// Checks and stores a build request. The commit must exist in the repository; its

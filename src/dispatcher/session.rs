@@ -33,6 +33,9 @@ const MAX_LABELS: usize = 64;
 
 type Tx = mpsc::Sender<Result<proto::DispatcherMessage, Status>>;
 
+/// Longest time a shard's NextUnits is held waiting for units before it is answered `Wait`.
+const UNITS_HOLD: Duration = Duration::from_secs(2);
+
 fn msg(kind: Out) -> Result<proto::DispatcherMessage, Status> {
     Ok(proto::DispatcherMessage { kind: Some(kind) })
 }
@@ -505,28 +508,45 @@ impl Dispatcher {
             Ok(_) => {
                 let req = convert::units_request_from_proto(runner, n)
                     .map_err(Status::invalid_argument)?;
+                let changes = !req.results.is_empty() || !req.discovered.is_empty();
                 let outcomes: Vec<bool> = req
                     .results
                     .iter()
                     .map(|r| r.outcome == kiln_domain::split::UnitOutcome::Passed)
                     .collect();
+                let again = kiln_domain::split::UnitsRequest {
+                    discovered: Vec::new(),
+                    results: Vec::new(),
+                    ..req.clone()
+                };
                 let reply = self
                     .db(move |s| s.next_units(&req))
                     .await
                     .map_err(|e| internal(&e))?;
+                if changes {
+                    self.inner.units_changed.notify_waiters();
+                }
                 let suspect = {
                     let mut st = self.state();
                     let build = st.attempts.get(&attempt).map(|a| a.build_id);
                     build.and_then(|b| st.unit_health.record(b, runner, outcomes, Instant::now()))
                 };
-                match suspect {
-                    Some(why) => {
+                match (suspect, reply) {
+                    (Some(why), _) => {
                         self.take_out_of_pool(runner, sid, attempt, &why).await?;
                         kiln_domain::split::UnitsReply::Refused(format!(
                             "this runner was taken out of the pool: {why}"
                         ))
                     }
-                    None => reply,
+                    (None, kiln_domain::split::UnitsReply::Wait) => {
+                        // Hold the answer until something changes rather than have the
+                        // shard poll: the reader goes on reading meanwhile.
+                        let d = self.clone();
+                        let (tx, stop) = (tx.clone(), stop.clone());
+                        tokio::spawn(async move { d.hold_units(again, head, tx, stop).await });
+                        return Ok(());
+                    }
+                    (None, reply) => reply,
                 }
             }
         };
@@ -537,6 +557,46 @@ impl Dispatcher {
         )
         .await;
         Ok(())
+    }
+
+    /// Answers a NextUnits that got `Wait`: asks the store again (same request number, so
+    /// nothing is recorded twice) each time units change, for at most [`UNITS_HOLD`], then
+    /// answers with whatever it got (a `Wait` then makes the shard ask again).
+    async fn hold_units(
+        self,
+        req: kiln_domain::split::UnitsRequest,
+        head: proto::NextUnits,
+        tx: Tx,
+        stop: CancellationToken,
+    ) {
+        let deadline = tokio::time::Instant::now() + UNITS_HOLD;
+        let reply = loop {
+            let changed = self.inner.units_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let r = req.clone();
+            let reply = match self.db(move |s| s.next_units(&r)).await {
+                Ok(reply) => reply,
+                Err(e) => {
+                    tracing::error!(cause = %e, "cannot hand out units");
+                    return;
+                }
+            };
+            if !matches!(reply, kiln_domain::split::UnitsReply::Wait) {
+                break reply;
+            }
+            tokio::select! {
+                _ = &mut changed => {}
+                _ = tokio::time::sleep_until(deadline) => break reply,
+                _ = stop.cancelled() => return,
+            }
+        };
+        send(
+            &tx,
+            &stop,
+            msg(Out::Units(convert::units_reply_to_proto(&head, reply))),
+        )
+        .await;
     }
 
     /// Drains a runner that fails what others pass and gives its shard to another runner: the
