@@ -766,7 +766,11 @@ async fn builds(conn: &Connection, json: bool, args: BuildsArgs) -> Result<i32, 
     Ok(exit::OK)
 }
 
-async fn show(conn: &Connection, json: bool, build: u64) -> Result<i32, CliError> {
+/// A build and its test report (empty without split steps).
+async fn build_and_tests(
+    conn: &Connection,
+    build: u64,
+) -> Result<(proto::Build, proto::TestReport), CliError> {
     let mut c = build_client(conn).await?;
     let b = c
         .get_build(proto::GetBuildRequest { build_id: build })
@@ -776,6 +780,11 @@ async fn show(conn: &Connection, json: bool, build: u64) -> Result<i32, CliError
         .get_test_report(proto::GetTestReportRequest { build_id: build })
         .await?
         .into_inner();
+    Ok((b, report))
+}
+
+async fn show(conn: &Connection, json: bool, build: u64) -> Result<i32, CliError> {
+    let (b, report) = build_and_tests(conn, build).await?;
     if json {
         let mut v = build_json(&b);
         v["tests"] = crate::report::json(&report);
@@ -793,15 +802,7 @@ async fn tests(
     build: u64,
     junit: Option<std::path::PathBuf>,
 ) -> Result<i32, CliError> {
-    let mut c = build_client(conn).await?;
-    let b = c
-        .get_build(proto::GetBuildRequest { build_id: build })
-        .await?
-        .into_inner();
-    let report = c
-        .get_test_report(proto::GetTestReportRequest { build_id: build })
-        .await?
-        .into_inner();
+    let (b, report) = build_and_tests(conn, build).await?;
     match junit {
         Some(path) if path.as_os_str() == "-" => print!("{}", report.junit_xml),
         Some(path) => {

@@ -17,7 +17,6 @@
 //!    running dispatcher for the first time.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -30,8 +29,8 @@ use tonic::transport::Channel;
 use tracing::instrument::WithSubscriber;
 
 use super::util::{
-    Proc, Repo, Scratch, child_log_filter, connect, fail, figure, header, kiln_command, ms, note,
-    percentile, pipeline, sh_quote, sorted, spawn_serve, submit, tail, wait_exit, wrong,
+    Proc, Repo, Scratch, child_log_filter, connect, fail, figure, header, ms, note, percentile,
+    pipeline, sh_quote, sorted, spawn_serve, start_runner, submit, tail, wait_exit, wrong,
 };
 use crate::cli::{CliError, exit};
 use crate::proto::{
@@ -128,44 +127,6 @@ impl Serve {
 
     async fn channel(&self) -> Result<Channel, CliError> {
         connect(&self.url).await
-    }
-}
-
-/// Starts a `kiln runner` child and waits until the dispatcher lists it idle.
-async fn start_runner(url: &str, dir: &Path, name: &str) -> Result<Proc, CliError> {
-    let log = dir.join(format!("runner-{name}.log"));
-    let log_file =
-        std::fs::File::create(&log).map_err(|e| fail(format!("{}: {e}", log.display())))?;
-    let mut cmd = kiln_command()?;
-    cmd.args(["--dispatcher", url, "runner", "--name", name, "--work-dir"])
-        .arg(dir.join(format!("runner-{name}")))
-        .env("KILN_LOG", child_log_filter())
-        .stdout(Stdio::null())
-        .stderr(log_file);
-    let proc = Proc::spawn("kiln runner", cmd)?;
-    let mut admin = RunnerAdminServiceClient::new(connect(url).await?);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let idle = admin
-            .list_runners(proto::ListRunnersRequest {})
-            .await
-            .map(|r| {
-                r.into_inner()
-                    .runners
-                    .iter()
-                    .any(|r| r.name == name && r.state == RunnerState::Idle as i32)
-            })
-            .unwrap_or(false);
-        if idle {
-            return Ok(proc);
-        }
-        if Instant::now() > deadline {
-            return Err(fail(format!(
-                "runner {name} did not attach within 30 s; its log:\n{}",
-                tail(&log, 20)
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -41,7 +41,6 @@ pub mod suite;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
@@ -54,14 +53,11 @@ use harness::{ENV_BROKEN, ENV_FLAKY, ENV_SCALE, ENV_SEED, ENV_TRACE, Trace};
 use suite::{Kind, Recorded, Suite};
 
 use super::util::{
-    Proc, Repo, Scratch, child_log_filter, connect, fail, figure, header, kiln_command, kiln_exe,
-    ms, note, percentile, sh_quote, sorted, spawn_serve, submit, tail, wrong,
+    Proc, Repo, Scratch, connect, fail, figure, header, kiln_exe, ms, note, percentile, sh_quote,
+    sorted, spawn_runner, spawn_serve, submit, tail, wait_idle, wrong,
 };
 use crate::cli::CliError;
-use crate::proto::{
-    self, JobState, RunnerState, UnitOutcome, build_service_client::BuildServiceClient,
-    runner_admin_service_client::RunnerAdminServiceClient,
-};
+use crate::proto::{self, JobState, UnitOutcome, build_service_client::BuildServiceClient};
 
 /// The split step's name in the pipeline.
 const STEP: &str = "tests";
@@ -550,51 +546,21 @@ impl Bench {
         for i in 0..n {
             let name = format!("r{i:02}");
             let log = dir.join(format!("runner-{name}.log"));
-            let log_file =
-                std::fs::File::create(&log).map_err(|e| fail(format!("{}: {e}", log.display())))?;
-            let mut cmd = kiln_command()?;
-            cmd.args([
-                "--dispatcher",
-                url,
-                "runner",
-                "--name",
-                &name,
-                "--slots",
-                "1",
-            ])
-            .arg("--work-dir")
-            .arg(self.tmp.path().join("work").join(&name))
-            .env("KILN_LOG", child_log_filter())
-            .stdout(Stdio::null())
-            .stderr(log_file);
-            procs.push((name, Proc::spawn("kiln runner", cmd)?));
+            let work = self.tmp.path().join("work").join(&name);
+            procs.push((
+                name.clone(),
+                spawn_runner(url, &name, &work, &log, &["--slots", "1"])?,
+            ));
         }
-        let names: HashSet<String> = procs.iter().map(|(n, _)| n.clone()).collect();
-        let mut admin = RunnerAdminServiceClient::new(connect(url).await?);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let idle = admin
-                .list_runners(proto::ListRunnersRequest {})
-                .await
-                .map(|r| {
-                    r.into_inner()
-                        .runners
-                        .iter()
-                        .filter(|r| names.contains(&r.name) && r.state == RunnerState::Idle as i32)
-                        .count()
-                })
-                .unwrap_or(0);
-            if idle == names.len() {
-                return Ok(procs);
-            }
-            if Instant::now() > deadline {
-                return Err(fail(format!(
-                    "only {idle} of {n} runners attached within 60 s; r00's log:\n{}",
-                    tail(&dir.join("runner-r00.log"), 20)
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let names: Vec<String> = procs.iter().map(|(n, _)| n.clone()).collect();
+        wait_idle(
+            url,
+            &names,
+            Duration::from_secs(60),
+            &dir.join("runner-r00.log"),
+        )
+        .await?;
+        Ok(procs)
     }
 
     /// The runner to kill: the one running the batch with the most test time (the worst

@@ -313,48 +313,78 @@ impl Server {
     /// Starts a `kiln runner` child named `name`, with its work dir under `dir`, and waits until
     /// the dispatcher lists it idle.
     pub async fn start_runner(&self, dir: &Path, name: &str) -> Result<Proc, CliError> {
-        let work = dir.join(format!("runner-{name}"));
-        let log = dir.join(format!("runner-{name}.log"));
-        let log_file =
-            std::fs::File::create(&log).map_err(|e| fail(format!("{}: {e}", log.display())))?;
-        let mut cmd = kiln_command()?;
-        cmd.args([
-            "--dispatcher",
-            &self.url,
-            "runner",
-            "--name",
-            name,
-            "--work-dir",
-        ])
-        .arg(&work)
+        start_runner(&self.url, dir, name).await
+    }
+}
+
+/// Starts a `kiln runner` child for the dispatcher at `url`, named `name`, with its work dir
+/// and log under `dir`, and waits until the dispatcher lists it idle.
+pub(crate) async fn start_runner(url: &str, dir: &Path, name: &str) -> Result<Proc, CliError> {
+    let log = dir.join(format!("runner-{name}.log"));
+    let proc = spawn_runner(url, name, &dir.join(format!("runner-{name}")), &log, &[])?;
+    wait_idle(url, &[name.to_string()], Duration::from_secs(30), &log).await?;
+    Ok(proc)
+}
+
+/// Spawns a `kiln runner` child for the dispatcher at `url` (work dir `work`, stderr to `log`,
+/// `extra` runner arguments) without waiting for it.
+pub(crate) fn spawn_runner(
+    url: &str,
+    name: &str,
+    work: &Path,
+    log: &Path,
+    extra: &[&str],
+) -> Result<Proc, CliError> {
+    let log_file =
+        std::fs::File::create(log).map_err(|e| fail(format!("{}: {e}", log.display())))?;
+    let mut cmd = kiln_command()?;
+    cmd.args(["--dispatcher", url, "runner", "--name", name])
+        .args(extra)
+        .arg("--work-dir")
+        .arg(work)
         .env("KILN_LOG", child_log_filter())
         .stdout(Stdio::null())
         .stderr(log_file);
-        let proc = Proc::spawn("kiln runner", cmd)?;
-        let mut admin = RunnerAdminServiceClient::new(self.channel().await?);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let idle = admin
-                .list_runners(proto::ListRunnersRequest {})
-                .await
-                .map(|r| {
-                    r.into_inner()
-                        .runners
-                        .iter()
-                        .any(|r| r.name == name && r.state == proto::RunnerState::Idle as i32)
-                })
-                .unwrap_or(false);
-            if idle {
-                return Ok(proc);
-            }
-            if Instant::now() > deadline {
-                return Err(fail(format!(
-                    "runner {name} did not attach within 30 s; its log:\n{}",
-                    tail(&log, 20)
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    Proc::spawn("kiln runner", cmd)
+}
+
+/// Waits until the dispatcher at `url` lists every runner of `names` idle; after `within`,
+/// fails with the tail of `log` (a runner's log, to say why).
+pub(crate) async fn wait_idle(
+    url: &str,
+    names: &[String],
+    within: Duration,
+    log: &Path,
+) -> Result<(), CliError> {
+    let mut admin = RunnerAdminServiceClient::new(connect(url).await?);
+    let deadline = Instant::now() + within;
+    loop {
+        let idle = admin
+            .list_runners(proto::ListRunnersRequest {})
+            .await
+            .map(|r| {
+                r.into_inner()
+                    .runners
+                    .iter()
+                    .filter(|r| {
+                        names.contains(&r.name) && r.state == proto::RunnerState::Idle as i32
+                    })
+                    .count()
+            })
+            .unwrap_or(0);
+        if idle == names.len() {
+            return Ok(());
         }
+        if Instant::now() > deadline {
+            return Err(fail(format!(
+                "only {idle} of {} runners attached within {} s; {}:\n{}",
+                names.len(),
+                within.as_secs(),
+                log.display(),
+                tail(log, 20)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
