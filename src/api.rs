@@ -540,9 +540,13 @@ pub async fn serve(
     let result = builder
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        // HTTP/1.1 too, for the push webhook (gRPC stays HTTP/2).
+        // HTTP/1.1 too, for the push webhook and downloads (gRPC stays HTTP/2).
         .accept_http1(true)
-        .add_routes(crate::webhook::routes(dispatcher.clone(), webhook))
+        .add_routes(crate::webhook::routes(
+            dispatcher.clone(),
+            webhook,
+            crate::downloads::router(dispatcher.clone(), api_auth.clone()),
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -804,7 +804,11 @@ async fn tests(
 ) -> Result<i32, CliError> {
     let (b, report) = build_and_tests(conn, build).await?;
     match junit {
-        Some(path) if path.as_os_str() == "-" => print!("{}", report.junit_xml),
+        Some(path) if path.as_os_str() == "-" => {
+            // Standard output holds the XML alone.
+            print!("{}", report.junit_xml);
+            return Ok(state_exit(b.state));
+        }
         Some(path) => {
             std::fs::write(&path, &report.junit_xml).map_err(|e| {
                 CliError::new(exit::USAGE, format!("cannot write {}: {e}", path.display()))

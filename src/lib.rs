@@ -21,6 +21,7 @@ pub mod cli;
 pub mod convert;
 pub mod demo;
 pub mod dispatcher;
+pub mod downloads;
 pub mod junit;
 pub mod observer;
 pub mod proto;

@@ -49,7 +49,7 @@ pub fn text(r: &proto::TestReport) -> String {
         };
         let _ = writeln!(
             out,
-            "  tests {}  {state}: {} units on {} shards ({}), {} round{}: {} passed, {} flaky, {} failed, {} not run",
+            "  split step {}: {state}; {} units on {} shards ({}), {} round{}: {} passed, {} flaky, {} failed, {} not run",
             s.key,
             s.units.len(),
             s.shards,

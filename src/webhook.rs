@@ -311,13 +311,19 @@ struct Hook {
 /// The webhook routes, as tonic routes to serve next to the gRPC services (tonic adds its
 /// services to this router). Paths that are neither a webhook nor a gRPC service get gRPC's
 /// UNIMPLEMENTED (for gRPC clients) or a JSON 404.
-pub fn routes(dispatcher: Dispatcher, config: WebhookConfig) -> tonic::service::Routes {
+/// `extra` routes (plain HTTP downloads) are served beside them.
+pub fn routes(
+    dispatcher: Dispatcher,
+    config: WebhookConfig,
+    extra: axum::Router,
+) -> tonic::service::Routes {
     let hook = Arc::new(Hook { dispatcher, config });
     let router = axum::Router::new()
         .route(PUSH_PATH, post(push))
         .route(ALT_PATH, post(push))
         .fallback(fallback)
-        .with_state(hook);
+        .with_state(hook)
+        .merge(extra);
     tonic::service::Routes::from(router)
 }
 
