@@ -190,6 +190,21 @@ fn api_token_guards_writes_and_closed_reads() {
         .block_on(c.watch_builds(proto::WatchBuildsRequest { build_id: 0 }))
         .expect_err("WatchBuilds without the token");
     assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    // The JUnit download follows the same rule: 401 without the token, 403 with a wrong one,
+    // and with it, the request reaches the build (none here: 404).
+    let url = format!("{}/builds/1/junit.xml", server.url);
+    let curl = |extra: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(extra)
+            .arg(&url)
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(curl(&[]), "401");
+    assert_eq!(curl(&["-H", "Authorization: Bearer wrong"]), "403");
+    assert_eq!(curl(&["-H", "Authorization: Bearer api-secret"]), "404");
     // Health stays open (load balancers probe it).
     assert!(api.healthy());
 }
