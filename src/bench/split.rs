@@ -8,7 +8,9 @@
 //! (its data dir seeded with the history through [`kiln_store::SqliteStore`] before it starts)
 //! and N fresh `kiln runner` children with one slot each (their work dirs, and so their git
 //! mirrors, are kept from run to run; a first unmeasured warm-up run at the largest N fills
-//! them), and one commit whose `.kiln.yml` has one split step `tests` with `parallel: N`. Its
+//! them; in every run, a small split build, `warm`, runs first so that the measured build finds
+//! the runner processes warm, as a farm's long-lived runners are), and one commit whose
+//! `.kiln.yml` has one split step `tests` with `parallel: N`. Its
 //! `run` is this binary's hidden `kiln bench split-unit {units}` ([`harness`]), which sleeps,
 //! fails as told, writes JUnit and appends a line per process to a trace file.
 //!
