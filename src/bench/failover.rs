@@ -29,8 +29,9 @@ use tonic::transport::Channel;
 use tracing::instrument::WithSubscriber;
 
 use super::util::{
-    Proc, Repo, Scratch, child_log_filter, connect, fail, figure, header, ms, note, percentile,
-    pipeline, sh_quote, sorted, spawn_serve, start_runner, submit, tail, wait_exit, wrong,
+    Proc, Repo, Scratch, child_log_filter, connect, fail, figure, header, is_final, ms, note,
+    percentile, pipeline, secs, sh_quote, sorted, spawn_serve, start_runner, submit, tail,
+    wait_exit, wrong,
 };
 use crate::cli::{CliError, exit};
 use crate::proto::{
@@ -242,17 +243,6 @@ async fn wait_file(path: &Path, limit: Duration) -> Result<Instant, CliError> {
     }
 }
 
-fn is_final(state: i32) -> bool {
-    matches!(
-        JobState::try_from(state),
-        Ok(JobState::Passed
-            | JobState::Failed
-            | JobState::Cancelled
-            | JobState::TimedOut
-            | JobState::Errored)
-    )
-}
-
 async fn get_job(
     client: &mut BuildServiceClient<Channel>,
     build: u64,
@@ -368,10 +358,6 @@ async fn runner_death(tmp: &Path, s: &Setting, kills: u32) -> Result<Vec<Kill>, 
         runners.push((name, proc));
     }
     Ok(out)
-}
-
-fn secs(v: f64) -> String {
-    format!("{:.2} s", v / 1000.0)
 }
 
 fn report_death(s: &Setting, kills: &[Kill]) {

@@ -14,8 +14,8 @@ use clap::Args;
 use tokio::sync::mpsc;
 
 use super::util::{
-    Repo, Scratch, Server, fail, figure, header, ms, note, percentile, pipeline, sorted, submit,
-    wrong,
+    Repo, Scratch, Server, fail, figure, header, is_final, ms, note, percentile, pipeline, sorted,
+    submit, wrong,
 };
 use crate::cli::CliError;
 use crate::proto::{self, JobState};
@@ -41,17 +41,6 @@ struct Timing {
     done: f64,
     /// The step's own duration.
     step: f64,
-}
-
-fn is_final(state: i32) -> bool {
-    matches!(
-        JobState::try_from(state),
-        Ok(JobState::Passed
-            | JobState::Failed
-            | JobState::Cancelled
-            | JobState::TimedOut
-            | JobState::Errored)
-    )
 }
 
 /// Runs the benchmark.

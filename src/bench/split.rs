@@ -55,8 +55,8 @@ use harness::{ENV_BROKEN, ENV_FLAKY, ENV_SCALE, ENV_SEED, ENV_TRACE, Trace};
 use suite::{Kind, Recorded, Suite};
 
 use super::util::{
-    Proc, Repo, Scratch, connect, fail, figure, header, kiln_exe, ms, note, percentile, sh_quote,
-    sorted, spawn_runner, spawn_serve, submit, tail, wait_idle, wrong,
+    Proc, Repo, Scratch, connect, fail, figure, header, is_final, kiln_exe, ms, note, percentile,
+    secs, sh_quote, sorted, spawn_runner, spawn_serve, submit, tail, wait_idle, wrong,
 };
 use crate::cli::CliError;
 use crate::proto::{self, JobState, UnitOutcome, build_service_client::BuildServiceClient};
@@ -430,22 +430,6 @@ impl Run {
                 .join(", ")
         )
     }
-}
-
-fn secs(ms: f64) -> String {
-    format!("{:.2} s", ms / 1000.0)
-}
-
-fn is_final(state: i32) -> bool {
-    matches!(
-        JobState::try_from(state),
-        Ok(JobState::Passed
-            | JobState::Failed
-            | JobState::Cancelled
-            | JobState::TimedOut
-            | JobState::Errored
-            | JobState::Skipped)
-    )
 }
 
 /// The benchmark's fixed parts: the suite, its repository, the runners' work dirs.

@@ -39,8 +39,8 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
 use super::util::{
-    Proc, Scratch, child_log_filter, connect, fail, figure, header, kiln_command, kiln_exe, ms,
-    note, percentile, pipeline, sorted, spawn_serve, tail, wait_exit, wrong,
+    Proc, Scratch, child_log_filter, connect, fail, figure, header, is_final, kiln_command,
+    kiln_exe, ms, note, percentile, pipeline, sorted, spawn_serve, tail, wait_exit, wrong,
 };
 use crate::cli::CliError;
 use crate::proto::{
@@ -618,17 +618,6 @@ impl Farm {
             finished: since(finished),
         })
     }
-}
-
-fn is_final(state: i32) -> bool {
-    matches!(
-        JobState::try_from(state),
-        Ok(JobState::Passed
-            | JobState::Failed
-            | JobState::Cancelled
-            | JobState::TimedOut
-            | JobState::Errored)
-    )
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -631,3 +631,16 @@ pub(crate) async fn wait_exit(proc: &mut Proc, limit: Duration) -> Result<i32, C
         Err(_) => Err(fail(format!("{} did not exit within {limit:?}", proc.name))),
     }
 }
+
+/// Whether a wire job (or build) state is final.
+pub(crate) fn is_final(state: i32) -> bool {
+    proto::JobState::try_from(state)
+        .ok()
+        .and_then(crate::convert::job_state_from_proto)
+        .is_some_and(|s| s.is_final())
+}
+
+/// Milliseconds as seconds with two decimals, like `1.25 s`.
+pub(crate) fn secs(ms: f64) -> String {
+    format!("{:.2} s", ms / 1000.0)
+}
