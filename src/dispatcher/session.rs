@@ -497,10 +497,13 @@ impl Dispatcher {
         stop: &CancellationToken,
         n: proto::NextUnits,
     ) -> Result<(), Status> {
+        // What the answer echoes (the request's lists are not copied).
         let head = proto::NextUnits {
-            discovered: Vec::new(),
-            results: Vec::new(),
-            ..n.clone()
+            attempt_id: n.attempt_id,
+            step_index: n.step_index,
+            request: n.request,
+            max_units: n.max_units,
+            ..Default::default()
         };
         let attempt = n.attempt_id;
         let reply = match self.check_held(runner, sid, attempt) {
@@ -514,10 +517,15 @@ impl Dispatcher {
                     .iter()
                     .map(|r| r.outcome == kiln_domain::split::UnitOutcome::Passed)
                     .collect();
+                // The same request without its lists, to ask again while holding a `Wait`.
                 let again = kiln_domain::split::UnitsRequest {
+                    attempt: req.attempt,
+                    runner: req.runner,
+                    step_index: req.step_index,
+                    request: req.request,
                     discovered: Vec::new(),
                     results: Vec::new(),
-                    ..req.clone()
+                    max_units: req.max_units,
                 };
                 let reply = self
                     .db(move |s| s.next_units(&req))
