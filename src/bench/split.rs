@@ -55,7 +55,7 @@ use harness::{ENV_BROKEN, ENV_FLAKY, ENV_SCALE, ENV_SEED, ENV_TRACE, Trace};
 use suite::{Kind, Recorded, Suite};
 
 use super::util::{
-    Proc, Repo, Scratch, connect, fail, figure, header, is_final, kiln_exe, ms, note, percentile,
+    Proc, Repo, Scratch, fail, figure, header, is_final, kiln_exe, ms, note, percentile, ready,
     secs, sh_quote, sorted, spawn_runner, spawn_serve, submit, tail, wait_idle, wrong,
 };
 use crate::cli::CliError;
@@ -887,28 +887,6 @@ fn split_key(kiln_yml: &str) -> Result<String, CliError> {
 }
 
 /// Waits until a fresh serve child answers a read.
-async fn ready(url: &str, log: &Path) -> Result<BuildServiceClient<Channel>, CliError> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(ch) = connect(url).await {
-            let mut c = BuildServiceClient::new(ch);
-            if c.list_builds(proto::ListBuildsRequest::default())
-                .await
-                .is_ok()
-            {
-                return Ok(c);
-            }
-        }
-        if Instant::now() > deadline {
-            return Err(fail(format!(
-                "kiln serve at {url} does not answer; its log:\n{}",
-                tail(log, 20)
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn get_build(
     client: &mut BuildServiceClient<Channel>,
     id: u64,

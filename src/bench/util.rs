@@ -279,25 +279,8 @@ impl Server {
             log,
             _proc: proc,
         };
-        // Ready when a read answers.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(mut c) = server.build_client().await
-                && c.list_builds(proto::ListBuildsRequest::default())
-                    .await
-                    .is_ok()
-            {
-                return Ok(server);
-            }
-            if Instant::now() > deadline {
-                return Err(fail(format!(
-                    "kiln serve at {} does not answer; its log:\n{}",
-                    server.url,
-                    tail(&server.log, 20)
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        ready(&server.url, &server.log).await?;
+        Ok(server)
     }
 
     /// A gRPC channel to it.
@@ -643,4 +626,28 @@ pub(crate) fn is_final(state: i32) -> bool {
 /// Milliseconds as seconds with two decimals, like `1.25 s`.
 pub(crate) fn secs(ms: f64) -> String {
     format!("{:.2} s", ms / 1000.0)
+}
+
+/// Waits (at most 30 s) until the dispatcher at `url` answers a read; its client then. On
+/// failure, the tail of its `log` says why.
+pub(crate) async fn ready(url: &str, log: &Path) -> Result<BuildServiceClient<Channel>, CliError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(ch) = connect(url).await {
+            let mut c = BuildServiceClient::new(ch);
+            if c.list_builds(proto::ListBuildsRequest::default())
+                .await
+                .is_ok()
+            {
+                return Ok(c);
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(fail(format!(
+                "kiln serve at {url} does not answer; its log:\n{}",
+                tail(log, 20)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
