@@ -1,14 +1,15 @@
 //! Split steps in SQLite: the unit queue of each split, leases, results, retry rounds, the
 //! merged reports and the per-repository unit history.
 //!
-//! Tables (migration 4 in `sqlite.rs`):
+//! Tables (migrations 4 and 5 in `sqlite.rs`):
 //! - `splits`: one row per (build, split key), with the spec it was created with (shards,
 //!   strategy, retry policy, batch limit), the current round and, once over, its verdict.
 //! - `split_units`: the units in discovery order (`position`).
 //! - `unit_tries`: one row per try of a unit; try `n` runs in round `n`. A try is `queued`,
 //!   `leased` (to an attempt, with the request number that leased it) or `ended` (with its
 //!   outcome, duration and test cases). Round 1 tries of a static strategy carry their shard.
-//! - `split_members`: the attempts that asked for units (runner, last request number and time),
+//! - `split_members`: the attempts that asked for units (runner, last request number and time,
+//!   whether it was sent away as done),
 //!   used to fence stale re-sends and to spread retry rounds over runners.
 //! - `unit_history`: per (repository, split key, unit) the last durations and how often the
 //!   unit was flaky or failed.
@@ -341,8 +342,9 @@ fn round_holders(tx: &Connection, split: i64, round: u32) -> Result<HashSet<i64>
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-/// Other shards (attempt, runner) of the split that asked within [`RECENT_MS`] and are still
-/// their job's current, unfinished attempt.
+/// Other shards (attempt, runner) of the split that asked within [`RECENT_MS`], were not sent
+/// away (a shard told it is done never asks again), and are still their job's current,
+/// unfinished attempt.
 fn recent_members(
     tx: &Connection,
     split: i64,
@@ -354,7 +356,7 @@ fn recent_members(
          JOIN attempts a ON a.id = m.attempt_id \
          JOIN jobs j ON j.id = a.job_id AND j.current_attempt = a.id \
          WHERE m.split_id = ?1 AND m.attempt_id != ?2 AND m.last_request_at >= ?3 \
-         AND j.state IN ('assigned', 'running')",
+         AND m.done = 0 AND j.state IN ('assigned', 'running')",
     )?;
     let rows = stmt.query_map(params![split, attempt, now - RECENT_MS], |r| {
         Ok((r.get(0)?, r.get(1)?))
@@ -786,6 +788,10 @@ fn next_units_tx(tx: &Transaction<'_>, req: &UnitsRequest, now: Millis) -> Resul
         }
         if round_busy(tx, split.id, round)? {
             if crowded {
+                tx.execute(
+                    "UPDATE split_members SET done = 1 WHERE split_id = ?1 AND attempt_id = ?2",
+                    params![split.id, attempt],
+                )?;
                 return Ok(UnitsReply::Done {
                     passed: true,
                     summary: format!(

@@ -175,6 +175,8 @@ CREATE TABLE unit_history (
     PRIMARY KEY (repo, split_key, unit)
 );
 "#,
+    // 5: a shard sent away from a retry round is done and no longer a candidate for its units.
+    "ALTER TABLE split_members ADD COLUMN done INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The SQLite implementation of [`Store`]: one connection behind a mutex (SQLite serialises
