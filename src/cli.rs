@@ -345,10 +345,12 @@ pub struct SubmitArgs {
     /// Repository: a URL, or a local path (made absolute before it is sent).
     #[arg(long)]
     pub repo: String,
-    /// Commit id (default: the local repository's HEAD).
+    /// The revision to build: a commit id, a branch, a tag, HEAD, HEAD~2 ... (default: HEAD).
+    /// Resolved in the repository for a local path, in the dispatcher's mirror for a URL.
     #[arg(long)]
     pub commit: Option<String>,
-    /// Branch the commit belongs to.
+    /// Branch the commit belongs to (default: for a local path, the branch the revision is on;
+    /// for a URL, the branch the revision names).
     #[arg(long, default_value = "")]
     pub branch: String,
     /// Who is asking (shown with the build).
@@ -680,35 +682,51 @@ pub fn normalize_repo(repo: &str) -> Result<String, CliError> {
         .map_err(|e| CliError::new(exit::NOT_FOUND, format!("repository path {repo:?}: {e}")))
 }
 
+/// The commit and branch `kiln submit` sends. For a local repository the revision (HEAD when not
+/// given) is resolved here, where the user's refs are, and the branch defaults to the one it is
+/// on; a URL's revision goes to the dispatcher as typed, to be resolved in its mirror.
+fn submit_revision(
+    repo: &str,
+    commit: Option<String>,
+    branch: String,
+) -> Result<(String, String), CliError> {
+    let is_url = repo.contains("://") || (repo.contains('@') && repo.contains(':'));
+    if is_url {
+        return match commit {
+            Some(c) => Ok((c, branch)),
+            None => Err(CliError::new(
+                exit::USAGE,
+                format!("--commit is needed for {repo}: only a local repository has a HEAD here"),
+            )),
+        };
+    }
+    let rev = commit.unwrap_or_else(|| "HEAD".to_string());
+    let resolved = kiln_git::resolve_local(repo, &rev).map_err(|e| {
+        let code = match e {
+            kiln_git::GitError::InvalidRevision { .. }
+            | kiln_git::GitError::InvalidCommitId { .. }
+            | kiln_git::GitError::AmbiguousCommit { .. } => exit::INVALID,
+            _ => exit::NOT_FOUND,
+        };
+        CliError::new(code, e.to_string())
+    })?;
+    let branch = if branch.is_empty() {
+        resolved.branch.unwrap_or_default()
+    } else {
+        branch
+    };
+    Ok((resolved.commit, branch))
+}
+
 async fn submit(conn: &Connection, json: bool, args: SubmitArgs) -> Result<i32, CliError> {
     let repo = normalize_repo(&args.repo)?;
-    let commit = match args.commit {
-        Some(c) => c,
-        None => {
-            let r = git2::Repository::open(&repo).map_err(|e| {
-                CliError::new(
-                    exit::NOT_FOUND,
-                    format!(
-                        "--commit not given and {repo} is not a local repository: {}",
-                        e.message()
-                    ),
-                )
-            })?;
-            let head = r.head().and_then(|h| h.peel_to_commit()).map_err(|e| {
-                CliError::new(
-                    exit::NOT_FOUND,
-                    format!("cannot read HEAD of {repo}: {}", e.message()),
-                )
-            })?;
-            head.id().to_string()
-        }
-    };
+    let (commit, branch) = submit_revision(&repo, args.commit, args.branch)?;
     let mut c = build_client(conn).await?;
     let b = c
         .submit_build(proto::SubmitBuildRequest {
             repo,
             commit,
-            branch: args.branch,
+            branch,
             trigger: args.trigger,
         })
         .await?

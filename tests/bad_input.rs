@@ -73,18 +73,26 @@ fn submit_build_refuses_bad_requests() {
     refused(
         &api,
         n,
-        "malformed commit",
+        "revision that names nothing",
         api.submit(req(r, "not-a-commit!")),
-        Code::InvalidArgument,
-        &["commit", "not-a-commit!"],
+        Code::NotFound,
+        &["revision", "not-a-commit!", "not found"],
     );
     refused(
         &api,
         n,
-        "short commit",
+        "short hex that names nothing",
         api.submit(req(r, "abc12")),
+        Code::NotFound,
+        &["revision", "abc12"],
+    );
+    refused(
+        &api,
+        n,
+        "malformed revision",
+        api.submit(req(r, "main branch")),
         Code::InvalidArgument,
-        &["commit", "too short"],
+        &["revision", "whitespace"],
     );
     refused(
         &api,
@@ -377,8 +385,11 @@ fn cli_exit_codes_for_bad_submits() {
     let r = repo.path_str();
 
     let out = server.cli(&["submit", "--repo", r, "--commit", "zzzzzzz"]);
+    out.expect_code(4);
+    assert!(out.err().contains("revision zzzzzzz not found"), "{out}");
+    let out = server.cli(&["submit", "--repo", r, "--commit", "two words"]);
     out.expect_code(5);
-    assert!(out.err().contains("commit"), "{out}");
+    assert!(out.err().contains("invalid revision"), "{out}");
     let out = server.cli(&[
         "submit",
         "--repo",

@@ -598,3 +598,76 @@ fn backlog_on_one_slot_runner_all_pass() {
         failures.len()
     );
 }
+
+/// `kiln submit --commit` takes any revision a user types (HEAD, HEAD~2, a tag, a short id, a
+/// branch): resolved in the repository for a local path, with the branch defaulting to the one
+/// it is on, and in the dispatcher's mirror for a URL.
+#[test]
+fn submit_takes_revisions_as_typed() {
+    let tmp = tempdir();
+    let (repo, first) = Repo::with_pipeline(
+        &tmp.path().join("repo"),
+        "steps:\n  - name: v\n    run: cat version.txt\n",
+    );
+    let second = repo.commit(&[("version.txt", b"2\n")], "two");
+    let third = repo.commit(&[("version.txt", b"3\n")], "three");
+    let git = git2::Repository::open(&repo.path).unwrap();
+    let branch = git.head().unwrap().shorthand().unwrap().to_string();
+    let tagged = git
+        .find_object(git2::Oid::from_str(&second).unwrap(), None)
+        .unwrap();
+    git.tag_lightweight("v2", &tagged, false).unwrap();
+    let server = Server::start(&tmp.path().join("data"), &["--heartbeat-interval", "500ms"]);
+    for (rev, want) in [
+        ("HEAD", third.as_str()),
+        ("HEAD~2", first.as_str()),
+        ("v2", second.as_str()),
+    ] {
+        let out = server.cli(&[
+            "--json",
+            "submit",
+            "--repo",
+            repo.path_str(),
+            "--commit",
+            rev,
+        ]);
+        out.expect_code(0);
+        let b = out.json();
+        assert_eq!(b["commit"], want, "{rev}: {b}");
+        assert_eq!(b["branch"], branch.as_str(), "{rev}: {b}");
+    }
+    // An explicit --branch wins.
+    let fourth = repo.new_commit("four");
+    let out = server.cli(&[
+        "--json",
+        "submit",
+        "--repo",
+        repo.path_str(),
+        "--commit",
+        &fourth[..8],
+        "--branch",
+        "release/9",
+    ]);
+    out.expect_code(0);
+    assert_eq!(out.json()["commit"], fourth.as_str());
+    assert_eq!(out.json()["branch"], "release/9");
+
+    // A URL: the dispatcher resolves the branch name in its mirror, fetched first.
+    let fifth = repo.new_commit("five");
+    let url = format!("file://{}", repo.path_str());
+    let out = server.cli(&["--json", "submit", "--repo", &url, "--commit", &branch]);
+    out.expect_code(0);
+    assert_eq!(out.json()["commit"], fifth.as_str(), "{out}");
+    assert_eq!(out.json()["branch"], branch.as_str(), "{out}");
+
+    // What names nothing, or is not a revision, is refused with the reason.
+    let out = server.cli(&["submit", "--repo", repo.path_str(), "--commit", "nope"]);
+    out.expect_code(4);
+    assert!(out.err().contains("revision nope not found"), "{out}");
+    let out = server.cli(&["submit", "--repo", &url, "--commit", "nope"]);
+    out.expect_code(4);
+    assert!(out.err().contains("revision nope not found"), "{out}");
+    let out = server.cli(&["submit", "--repo", &url, "--commit=-x"]);
+    out.expect_code(5);
+    assert!(out.err().contains("invalid revision"), "{out}");
+}

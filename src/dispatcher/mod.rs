@@ -504,8 +504,11 @@ impl Dispatcher {
     ) -> Result<NewBuild, DispatchError> {
         let mirrors = self.inner.mirrors.clone();
         let (r, c) = (repo.clone(), commit.clone());
-        let (full, pipeline) = tokio::task::spawn_blocking(move || {
-            let full = mirrors.ensure_commit(&r, &c).map_err(git_error)?;
+        let (full, named, pipeline) = tokio::task::spawn_blocking(move || {
+            // A commit id, or a revision a user typed (`HEAD`, `main`, `v1.2`) resolved in the
+            // mirror, which is fetched first for those since refs move.
+            let resolved = mirrors.resolve_revision(&r, &c).map_err(git_error)?;
+            let full = resolved.commit;
             let text = match mirrors.read_file(
                 &r,
                 &full,
@@ -536,9 +539,15 @@ impl Dispatcher {
                 Some(Ok(t)) => kiln_pipeline::resolve(Some(&t), &paths).map_err(|e| e.to_string()),
                 None => kiln_pipeline::resolve(None, &paths).map_err(|e| e.to_string()),
             };
-            Ok::<_, DispatchError>((full, pipeline))
+            Ok::<_, DispatchError>((full, resolved.branch, pipeline))
         })
         .await??;
+        // A build of a branch name (`--commit main`) is a build of that branch unless the caller
+        // said otherwise.
+        let branch = match named {
+            Some(b) if branch.is_empty() => b,
+            _ => branch,
+        };
         let (jobs, error) = match pipeline.and_then(|p| pipeline_jobs(p, &branch)) {
             Ok(jobs) => (jobs, None),
             Err(e) => (Vec::new(), Some(e)),
@@ -949,12 +958,12 @@ impl Dispatcher {
 /// Maps git errors to what the submitter should hear.
 fn git_error(e: GitError) -> DispatchError {
     match e {
-        GitError::InvalidCommitId { .. } | GitError::AmbiguousCommit { .. } => {
-            DispatchError::InvalidArgument(e.to_string())
-        }
-        GitError::RepositoryNotFound { .. } | GitError::CommitNotFound { .. } => {
-            DispatchError::NotFound(e.to_string())
-        }
+        GitError::InvalidCommitId { .. }
+        | GitError::InvalidRevision { .. }
+        | GitError::AmbiguousCommit { .. } => DispatchError::InvalidArgument(e.to_string()),
+        GitError::RepositoryNotFound { .. }
+        | GitError::CommitNotFound { .. }
+        | GitError::RevisionNotFound { .. } => DispatchError::NotFound(e.to_string()),
         other => DispatchError::Unavailable(error_chain(&other)),
     }
 }
@@ -969,7 +978,10 @@ const MAX_TRIGGER_LEN: usize = 128;
 fn validate_submit(mut req: SubmitRequest) -> Result<SubmitRequest, DispatchError> {
     let bad = |m: String| Err(DispatchError::InvalidArgument(m));
     req.repo = req.repo.trim().to_string();
-    req.commit = req.commit.trim().to_ascii_lowercase();
+    req.commit = req.commit.trim().to_string();
+    if kiln_git::revision::is_commit_id(&req.commit) {
+        req.commit.make_ascii_lowercase();
+    }
     if req.repo.is_empty() {
         return bad("repo is required (a URL or an absolute path)".into());
     }
@@ -989,7 +1001,7 @@ fn validate_submit(mut req: SubmitRequest) -> Result<SubmitRequest, DispatchErro
     if req.commit.is_empty() {
         return bad("commit is required".into());
     }
-    kiln_git::validate_commit_id(&req.commit).map_err(git_error)?;
+    kiln_git::validate_revision(&req.commit).map_err(git_error)?;
     if req.branch.len() > MAX_BRANCH_LEN {
         return bad(format!("branch is longer than {MAX_BRANCH_LEN} bytes"));
     }

@@ -8,6 +8,9 @@
 //!   [`Mirrors::checkout`] turns a directory into a clean git working tree of a commit, borrowing the mirror's
 //!   objects through git's alternates mechanism so that nothing is copied.
 //! - [`validate_commit_id`]: the syntax check for commit ids, usable before any I/O.
+//! - [`revision`]: revisions as users type them (`HEAD`, `main`, `v1.2`, `HEAD~2`), resolved in a
+//!   local repository ([`resolve_local`]) or in a mirror ([`Mirrors::resolve_revision`]), with the
+//!   branch they are on.
 //! - [`GitError`]: every failure, with lowercase messages that name the URL and commit.
 
 use std::cell::Cell;
@@ -75,6 +78,23 @@ pub enum GitError {
         url: String,
         /// The commit id as given.
         commit: String,
+    },
+    /// A revision (`HEAD~2`, a branch or tag name) is not well formed (see
+    /// [`validate_revision`]).
+    #[error("invalid revision {revision:?}: {reason}")]
+    InvalidRevision {
+        /// The revision as given (cut when it is very long).
+        revision: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The repository has no branch, tag or commit by that name.
+    #[error("revision {revision} not found in repository {url} (not a branch, tag or commit)")]
+    RevisionNotFound {
+        /// The URL as given.
+        url: String,
+        /// The revision as given.
+        revision: String,
     },
     /// The abbreviated commit id matches several objects.
     #[error("commit id {commit} is ambiguous in repository {url}")]
@@ -731,6 +751,14 @@ fn fetch_mirror(repo: &Repository, source: &Source) -> Result<(), GitError> {
             )
         })?;
     info!(url = %source.url, elapsed_ms = started.elapsed().as_millis() as u64, "fetched mirror");
+    // The mirror's HEAD follows the remote's default branch, so a revision `HEAD` (or `HEAD~2`)
+    // means there what it means in the repository.
+    if let Ok(head) = remote.default_branch()
+        && let Some(name) = head.as_str().ok().filter(|n| n.starts_with("refs/heads/"))
+        && let Err(e) = repo.set_head(name)
+    {
+        debug!(url = %source.url, head = name, error = %e, "cannot point the mirror's HEAD");
+    }
     Ok(())
 }
 
@@ -1169,3 +1197,6 @@ impl Mirrors {
 
 #[cfg(test)]
 mod observe_tests;
+
+pub mod revision;
+pub use revision::{Resolved, resolve_local, validate_revision};

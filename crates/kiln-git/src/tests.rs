@@ -959,3 +959,69 @@ fn stale_temporary_directories_are_removed() {
     assert!(fresh.exists());
     assert!(mirrors.root().is_absolute());
 }
+
+/// Revisions as users type them resolve in the local repository and in a mirror, with the
+/// branch they are on; what names nothing is "not found", what is malformed is refused early.
+#[test]
+fn revisions_resolve_locally_and_in_mirrors() {
+    let src = Source::new();
+    let c1 = src.commit(&[("a", File(b"1"))]);
+    let c2 = src.commit(&[("a", File(b"2"))]);
+    let c3 = src.commit(&[("a", File(b"3"))]);
+    let f1 = src.commit_on("feature/x", &[("a", File(b"f"))]);
+    src.repo.set_head("refs/heads/main").unwrap();
+    let sig = git2::Signature::now("Test", "test@example.com").unwrap();
+    let obj = src.repo.find_object(c2, None).unwrap();
+    src.repo.tag("v1.0", &obj, &sig, "release", false).unwrap();
+    let (_dir, mirrors) = mirrors();
+    let url = src.url();
+    let short = &c1.to_string()[..9];
+    let cases: [(&str, Oid, Option<&str>); 7] = [
+        ("HEAD", c3, Some("main")),
+        ("main", c3, Some("main")),
+        ("HEAD~2", c1, Some("main")),
+        ("main^", c2, Some("main")),
+        ("v1.0", c2, Some("main")),
+        ("feature/x", f1, Some("feature/x")),
+        ("refs/heads/feature/x", f1, Some("feature/x")),
+    ];
+    for (rev, want, branch) in cases {
+        let local = resolve_local(&url, rev).unwrap();
+        assert_eq!(local.commit, want.to_string(), "local {rev}");
+        assert_eq!(local.branch.as_deref(), branch, "local {rev}");
+        let mirrored = mirrors.resolve_revision(&url, rev).unwrap();
+        assert_eq!(mirrored, local, "mirror {rev}");
+    }
+    // A commit id: the branch holding it locally; in a mirror the caller names the branch.
+    let local = resolve_local(&url, short).unwrap();
+    assert_eq!(local.commit, c1.to_string());
+    assert_eq!(local.branch.as_deref(), Some("main"));
+    let mirrored = mirrors.resolve_revision(&url, short).unwrap();
+    assert_eq!((mirrored.commit, mirrored.branch), (c1.to_string(), None));
+    // A branch that moves is fetched again: the mirror does not answer with a stale tip.
+    let c4 = src.commit(&[("a", File(b"4"))]);
+    assert_eq!(
+        mirrors.resolve_revision(&url, "main").unwrap().commit,
+        c4.to_string()
+    );
+    for rev in ["nope", "main~99"] {
+        let err = mirrors.resolve_revision(&url, rev).unwrap_err();
+        assert!(matches!(err, GitError::RevisionNotFound { .. }), "{err:?}");
+        assert!(err.to_string().contains(rev), "{err}");
+        let err = resolve_local(&url, rev).unwrap_err();
+        assert!(matches!(err, GitError::RevisionNotFound { .. }), "{err:?}");
+    }
+    let tree = format!("{c1}^{{tree}}");
+    let err = resolve_local(&url, &tree).unwrap_err();
+    assert!(err.to_string().contains("not a commit"), "{err}");
+    for (bad, needle) in [
+        ("", "empty"),
+        ("main branch", "whitespace"),
+        ("--upload-pack=x", "'-'"),
+        (&"x".repeat(300), "longer than"),
+    ] {
+        let err = mirrors.resolve_revision(&url, bad).unwrap_err();
+        assert!(matches!(err, GitError::InvalidRevision { .. }), "{err:?}");
+        assert!(err.to_string().contains(needle), "{bad:?}: {err}");
+    }
+}
