@@ -269,9 +269,10 @@ pub struct ServeArgs {
     /// Runners must present a client certificate signed by --client-ca (mutual TLS).
     #[arg(long, requires = "client_ca")]
     pub require_runner_cert: bool,
-    /// Branches (glob, repeatable) that build only their newest commit and cancel their older
-    /// unfinished builds; other branches build every commit.
-    #[arg(long = "newest-only", value_name = "BRANCH_GLOB")]
+    /// Branches (pattern, repeatable: `*` within a path segment, `**` across segments) that
+    /// build only their newest commit and cancel their older unfinished builds; other branches
+    /// build every commit.
+    #[arg(long = "newest-only", value_name = "PATTERN")]
     pub newest_only: Vec<String>,
     /// YAML file of secrets (`NAME: value`), given to every job as environment variables and
     /// masked in its output.

@@ -19,8 +19,9 @@
 //! - the head is an ancestor of the cursor (the branch went back without new commits, or this
 //!   observer's mirror is older than whoever moved the cursor): nothing.
 //!
-//! Branch patterns are globs in which `*` matches any characters, `/` included: the default
-//! `*` watches every branch, `release/*` matches `release/1.0` and `release/1.0/rc1`.
+//! Branch patterns are [`kiln_domain::BranchPattern`]s, as everywhere in kiln: `*` stays within
+//! a path segment (`release/*` matches `release/1.0`, not `release/1.0/rc1`), `**` spans
+//! segments; the default `**` watches every branch.
 //!
 //! Errors (a repository that cannot be fetched, a dispatcher that cannot be reached) are logged
 //! and tried again at the next interval; only `--once` turns them into an exit code.
@@ -33,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use kiln_domain::BranchPattern;
 use kiln_git::Mirrors;
 use tokio_util::sync::CancellationToken;
 
@@ -56,9 +57,10 @@ pub struct WatchArgs {
     /// Repository to watch: a URL, or a local path (made absolute). Repeatable.
     #[arg(long = "repo", value_name = "URL_OR_PATH", required = true)]
     pub repos: Vec<String>,
-    /// Branches to watch, as globs (repeatable). `*` matches any characters, `/` included: the
-    /// default `*` is every branch, `release/*` matches `release/1.0` and `release/1.0/rc1`.
-    #[arg(long = "branch", value_name = "PATTERN", default_value = "*")]
+    /// Branches to watch, as patterns (repeatable): `*` within a path segment (`release/*`
+    /// matches `release/1.0`, not `release/1.0/rc1`), `**` across segments; the default `**` is
+    /// every branch.
+    #[arg(long = "branch", value_name = "PATTERN", default_value = "**")]
     pub branches: Vec<String>,
     /// How often the repositories are fetched.
     #[arg(long, default_value = "2s", value_parser = parse_interval)]
@@ -165,22 +167,12 @@ pub fn normalize_repo(repo: &str) -> Result<String, CliError> {
     Ok(p.to_string_lossy().into_owned())
 }
 
-/// Compiles branch globs (`*` matches `/` too).
-pub fn branch_globs(patterns: &[String]) -> Result<GlobSet, CliError> {
-    let usage = |m: String| CliError {
+/// Compiles branch patterns (see [`kiln_domain::branch`]).
+pub fn branch_globs(patterns: &[String]) -> Result<Vec<BranchPattern>, CliError> {
+    kiln_domain::branch::branch_patterns(patterns).map_err(|message| CliError {
         code: exit::USAGE,
-        message: m,
-    };
-    let mut set = GlobSetBuilder::new();
-    for p in patterns {
-        let glob = GlobBuilder::new(p)
-            .literal_separator(false)
-            .build()
-            .map_err(|e| usage(format!("branch pattern {p:?}: {e}")))?;
-        set.add(glob);
-    }
-    set.build()
-        .map_err(|e| usage(format!("branch patterns: {e}")))
+        message,
+    })
 }
 
 /// Runs an observer until `stop` is cancelled (a pass in progress gets a few seconds to
@@ -270,7 +262,7 @@ struct Shared {
     /// reconnects by itself afterwards.
     client: tokio::sync::Mutex<Option<BuildClient>>,
     mirrors: Arc<Mirrors>,
-    globs: GlobSet,
+    globs: Vec<BranchPattern>,
     backfill: usize,
     print: bool,
 }
@@ -413,7 +405,7 @@ impl RepoWatch {
         .map_err(|e| PassError::Git(crate::dispatcher::error_chain(&e)))?;
         let branches: Vec<(String, String)> = branches
             .into_iter()
-            .filter(|(b, _)| self.shared.globs.is_match(b))
+            .filter(|(b, _)| kiln_domain::branch::any_matches(&self.shared.globs, b))
             .collect();
         // Forget branches that are gone.
         self.synced

@@ -31,9 +31,9 @@ pub struct UpArgs {
     /// current directory, which must then be a git repository.
     #[arg(long = "repo", value_name = "PATH_OR_URL")]
     pub repos: Vec<String>,
-    /// Branches to build, as globs (repeatable; `*`, the default, is every branch, `/`
-    /// included).
-    #[arg(long = "branch", value_name = "PATTERN", default_value = "*")]
+    /// Branches to build, as patterns (repeatable; `*` within a path segment, `**` across
+    /// segments; the default `**` is every branch).
+    #[arg(long = "branch", value_name = "PATTERN", default_value = "**")]
     pub branches: Vec<String>,
     /// Runners (each runs one job at a time).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]

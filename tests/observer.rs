@@ -496,3 +496,39 @@ fn kiln_up_builds_every_commit_and_survives_a_restart() {
     up.signal(Signal::SIGINT);
     up.wait(LONG).expect_code(0);
 }
+
+/// `kiln watch --branch 'release/*'` means what the same pattern means in `when:` and
+/// `--newest-only`: `*` stays within a path segment, so `release/2.0/rc1` is not watched
+/// (`release/**` would watch it). One pass with `--once`, so nothing here waits on time.
+#[test]
+fn a_branch_pattern_means_the_same_to_the_observer() {
+    let tmp = tempdir();
+    let repo = Git::init(&tmp.path().join("repo"));
+    repo.commit("main");
+    let one = repo.commit("release/1.0");
+    let rc = repo.commit("release/2.0/rc1");
+    let server = Server::start(&tmp.path().join("data"), &[]);
+    let watch = |pattern: &str, work: &str| {
+        let work = tmp.path().join(work);
+        server
+            .cli(&[
+                "watch",
+                "--once",
+                "--repo",
+                repo.path_str(),
+                "--work-dir",
+                work.to_str().unwrap(),
+                "--branch",
+                pattern,
+            ])
+            .expect_code(0);
+    };
+    watch("release/*", "w1");
+    let b = builds(&server, &repo);
+    assert_built_in_order(&b, &[one]);
+    assert_eq!(b[0].branch, "release/1.0");
+    watch("release/**", "w2");
+    let b = builds(&server, &repo);
+    assert_built_in_order(&b, &[one, rc]);
+    assert_eq!(b[1].branch, "release/2.0/rc1");
+}

@@ -211,7 +211,7 @@ struct Inner {
     /// Source of session ids.
     next_session: AtomicU64,
     /// Compiled `Config::newest_only`.
-    newest_only: globset::GlobSet,
+    newest_only: Vec<kiln_domain::BranchPattern>,
 }
 
 /// What is in memory about runners and the attempts they hold.
@@ -377,19 +377,8 @@ impl Dispatcher {
                 "waiting one lease for runners to re-attach attempts in flight"
             );
         }
-        let mut globs = globset::GlobSetBuilder::new();
-        for pattern in &config.newest_only {
-            let glob = globset::GlobBuilder::new(pattern)
-                .literal_separator(true)
-                .build()
-                .map_err(|e| {
-                    DispatchError::InvalidArgument(format!("branch pattern {pattern:?}: {e}"))
-                })?;
-            globs.add(glob);
-        }
-        let newest_only = globs
-            .build()
-            .map_err(|e| DispatchError::InvalidArgument(format!("branch patterns: {e}")))?;
+        let newest_only = kiln_domain::branch::branch_patterns(&config.newest_only)
+            .map_err(DispatchError::InvalidArgument)?;
         let (events, _) = broadcast::channel(1024);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -567,7 +556,7 @@ impl Dispatcher {
 
     /// Whether `branch` builds only its newest commit (and cancels superseded builds).
     fn newest_only(&self, branch: &str) -> bool {
-        !branch.is_empty() && self.inner.newest_only.is_match(branch)
+        kiln_domain::branch::any_matches(&self.inner.newest_only, branch)
     }
 
     /// New commits of a branch, oldest first (from an observer, a webhook or a hook): one

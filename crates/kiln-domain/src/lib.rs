@@ -16,7 +16,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+pub mod branch;
 pub mod split;
+
+pub use branch::BranchPattern;
 
 /// Id of a build, assigned by the store, increasing.
 pub type BuildId = u64;

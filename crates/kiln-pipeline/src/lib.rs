@@ -112,10 +112,11 @@
 //!   of the same name (file, job or step). There is no templating: use the
 //!   variables (`$PYTHON`) in commands.
 //! * `when: {branch: ...}` takes a pattern or a non-empty list of patterns,
-//!   matched against the whole branch name (`main`, `release/1.2`): `*`
-//!   matches any text within a path segment (no `/`), `**` any text (`/`
-//!   included), every other character itself (`?`, `[`, `]`, `{`, `}` and
-//!   `\` are reserved). The job is planned only when one pattern matches; in
+//!   matched against the whole branch name (`main`, `release/1.2`) with
+//!   [`kiln_domain::BranchPattern`], the one meaning kiln gives a branch
+//!   pattern everywhere: `*` matches any text within a path segment (no
+//!   `/`), `**` any number of segments, `?`, `[0-9]` and `{a,b}` as in
+//!   globs. The job is planned only when one pattern matches; in
 //!   a build without a branch, a job with `when` is never planned. `branch`
 //!   is the only condition today; other keys are errors.
 //! * A job whose dependency is not planned (because of its `when`, or of its
@@ -172,7 +173,6 @@
 
 mod detect;
 mod error;
-mod glob;
 mod graph;
 mod guard;
 mod outline;

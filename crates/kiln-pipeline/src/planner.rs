@@ -4,10 +4,12 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use kiln_domain::BranchPattern;
+
 use crate::schema::{cells_of, quote, unknown_job_message};
 use crate::{
     FILE_NAME, JobPlan, MAX_JOBS, MAX_MATRIX_CELLS, MAX_NEEDS, MAX_PLANNED_STEPS, MAX_SHARDS,
-    Pipeline, PipelineError, Shard, SplitDef, Step, glob, graph,
+    Pipeline, PipelineError, Shard, SplitDef, Step, graph,
 };
 
 /// Name of the job of a `steps:` file with several steps.
@@ -402,7 +404,7 @@ pub(crate) fn plan(p: &Pipeline, branch: &str) -> Result<Vec<JobPlan>, PipelineE
                 && when
                     .branch
                     .iter()
-                    .any(|pattern| glob::matches(pattern, branch))
+                    .any(|pattern| BranchPattern::new(pattern).is_ok_and(|p| p.matches(branch)))
         });
         included[i] = wanted && deps[i].iter().all(|&d| included[d]);
     }

@@ -1351,10 +1351,10 @@ fn bad_when() {
     assert_error(&job(""), 3, 10, "`when` is empty");
     assert_error(&job("{branch: []}"), 3, 20, "`branch` is empty");
     assert_error(
-        &job("{branch: 'v[0-9]'}"),
+        &job("{branch: 'v[0-9'}"),
         3,
         20,
-        "invalid branch pattern `v[0-9]`: `[` is reserved",
+        "invalid branch pattern `v[0-9`: unclosed character class",
     );
     assert_error(
         &job("{branch: [main, '']}"),

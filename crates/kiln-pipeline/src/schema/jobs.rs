@@ -728,7 +728,7 @@ impl Visitor<'_> for PatternSeed {
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        crate::glob::check_pattern(v).map_err(|message| {
+        kiln_domain::BranchPattern::new(v).map_err(|message| {
             E::custom(format!("invalid branch pattern {}: {message}", quote(v)))
         })?;
         Ok(v.to_owned())
