@@ -888,6 +888,7 @@ fn build_json(b: &proto::Build) -> serde_json::Value {
         "state": state_name(b.state),
         "trigger": b.trigger,
         "error": (!b.error.is_empty()).then_some(&b.error),
+        "pipeline": (!b.pipeline.is_empty()).then_some(&b.pipeline),
         "retry_of": (b.retry_of != 0).then_some(b.retry_of),
         "created_at": b.created_at.as_ref().map(crate::convert::millis),
         "finished_at": b.finished_at.as_ref().map(crate::convert::millis),
@@ -933,6 +934,9 @@ fn print_build(b: &proto::Build, json: bool) {
             format!(" ({})", b.branch)
         }
     );
+    if !b.pipeline.is_empty() && !b.jobs.is_empty() {
+        println!("  pipeline: {}", b.pipeline);
+    }
     if !b.error.is_empty() {
         println!("  error: {}", b.error);
     }

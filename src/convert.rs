@@ -156,6 +156,7 @@ pub fn build_to_proto(d: &BuildDetail) -> proto::Build {
         error: b.error.clone().unwrap_or_default(),
         trigger: b.trigger.clone(),
         retry_of: b.retry_of.unwrap_or(0),
+        pipeline: b.pipeline.clone(),
     }
 }
 

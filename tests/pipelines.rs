@@ -550,3 +550,73 @@ fn pipeline_typo_or_cycle_errors_the_build_with_its_location() {
         }
     }
 }
+
+/// Without a `.kiln.yml`, a packaged Python project whose tests import it by name (src layout,
+/// so a bare `python3 -m unittest discover -s tests` cannot import it: the false red build) is
+/// set up as its ecosystem does it: a venv in the checkout, `pip install -e .`, then its tests;
+/// `kiln show` says what was detected and why. A tree kiln knows nothing of errors the build
+/// with a `.kiln.yml` to start from.
+#[test]
+fn a_detected_python_project_is_installed_before_its_tests() {
+    let farm = Farm::start();
+    let repo = Repo::init(&farm.dir().join("pyproj"));
+    let sha = repo.commit(
+        &[
+            (
+                "pyproject.toml",
+                b"[build-system]\nrequires = [\"setuptools>=61\"]\n\
+                  build-backend = \"setuptools.build_meta\"\n\n\
+                  [project]\nname = \"kilnsample\"\nversion = \"0.1\"\n",
+            ),
+            (
+                "src/kilnsample/__init__.py",
+                b"def double(x):\n    return 2 * x\n",
+            ),
+            (
+                "tests/test_sample.py",
+                b"import unittest\n\nimport kilnsample\n\n\n\
+                  class T(unittest.TestCase):\n    def test_double(self):\n        \
+                  self.assertEqual(kilnsample.double(2), 4)\n",
+            ),
+        ],
+        "a packaged project",
+    );
+    let id = id_of(&farm.submit(&repo, &sha, "main"));
+    let b = farm.server.wait_final(id, LONG);
+    let show = farm.server.cli(&["show", &id.to_string()]);
+    assert_eq!(b["state"], "passed", "{b}\n{show}");
+    assert!(
+        show.out()
+            .contains("pipeline: no .kiln.yml: detected a Python project (pyproject.toml"),
+        "{show}"
+    );
+    assert!(
+        b["pipeline"]
+            .as_str()
+            .unwrap()
+            .contains("pyproject.toml; no pytest: unittest"),
+        "{b}"
+    );
+    let shown = farm.server.show(id);
+    let steps: Vec<&str> = shown["jobs"][0]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, ["setup", "test"], "{shown}");
+    let logs = farm.server.cli(&["logs", &id.to_string()]);
+    assert!(
+        logs.out().contains("Ran 1 test") || logs.err().contains("Ran 1 test"),
+        "{logs}"
+    );
+
+    // Nothing kiln knows: an errored build whose error shows a file to start from.
+    let other = Repo::init(&farm.dir().join("plain"));
+    let sha = other.commit(&[("README.md", b"hello\n")], "no code");
+    let b = farm.submit(&other, &sha, "main");
+    assert_eq!(b["state"], "errored", "{b}");
+    let error = b["error"].as_str().unwrap();
+    assert!(error.contains("start from this `.kiln.yml`"), "{error}");
+    assert!(error.contains("steps:\n  - name: test\n"), "{error}");
+}

@@ -525,8 +525,24 @@ impl Dispatcher {
                 .map_err(git_error)?;
             let pipeline = match text {
                 Some(Err(e)) => Err(e),
-                Some(Ok(t)) => kiln_pipeline::resolve(Some(&t), &paths).map_err(|e| e.to_string()),
-                None => kiln_pipeline::resolve(None, &paths).map_err(|e| e.to_string()),
+                Some(Ok(t)) => kiln_pipeline::resolve(Some(&t), &paths, &BTreeMap::new())
+                    .map_err(|e| e.to_string()),
+                None => {
+                    // Detection reads a few root files (pyproject.toml, package.json, ...).
+                    let mut files = BTreeMap::new();
+                    for name in kiln_pipeline::detect_wants(&paths) {
+                        match mirrors.read_file(&r, &full, &name, kiln_pipeline::MAX_DETECT_FILE) {
+                            Ok(Some(bytes)) => {
+                                if let Ok(text) = String::from_utf8(bytes) {
+                                    files.insert(name, text);
+                                }
+                            }
+                            Ok(None) | Err(GitError::FileTooLarge { .. }) => {}
+                            Err(e) => return Err(git_error(e)),
+                        }
+                    }
+                    kiln_pipeline::resolve(None, &paths, &files).map_err(|e| e.to_string())
+                }
             };
             Ok::<_, DispatchError>((full, resolved.branch, pipeline))
         })
@@ -537,6 +553,10 @@ impl Dispatcher {
             Some(b) if branch.is_empty() => b,
             _ => branch,
         };
+        let source = pipeline
+            .as_ref()
+            .map(|p| p.source.describe())
+            .unwrap_or_default();
         let (jobs, error) = match pipeline.and_then(|p| pipeline_jobs(p, &branch)) {
             Ok(jobs) => (jobs, None),
             Err(e) => (Vec::new(), Some(e)),
@@ -551,6 +571,7 @@ impl Dispatcher {
             error,
             jobs,
             pipeline_hash,
+            pipeline: source,
         })
     }
 
@@ -815,6 +836,7 @@ impl Dispatcher {
                 })
                 .collect(),
             pipeline_hash: String::new(),
+            pipeline: old.build.pipeline.clone(),
         };
         self.create(new).await
     }
@@ -1137,10 +1159,10 @@ mod validation_tests {
             ),
             (
                 SubmitRequest {
-                    commit: "xyz".into(),
+                    commit: "x y".into(),
                     ..ok.clone()
                 },
-                "commit",
+                "revision",
             ),
             (
                 SubmitRequest {

@@ -49,6 +49,7 @@ async fn build(d: &Dispatcher, jobs: usize) -> kiln_store::BuildDetail {
             })
             .collect(),
         pipeline_hash: String::new(),
+        pipeline: String::new(),
     })
     .await
     .unwrap()

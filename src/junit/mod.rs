@@ -195,6 +195,7 @@ mod tests {
             retry_of: None,
             created_at: 0,
             finished_at: None,
+            pipeline: String::new(),
         };
         let split = SplitReport {
             id: 1,

@@ -299,6 +299,8 @@ pub struct NewBuild {
     /// Identity of the pipeline (a hash of its jobs): a second build of the same repository,
     /// commit and pipeline is refused unless it is a retry. Empty: no such check.
     pub pipeline_hash: String,
+    /// How the pipeline was found: `.kiln.yml`, or what was detected and why.
+    pub pipeline: String,
 }
 
 /// A stored build.
@@ -324,6 +326,9 @@ pub struct Build {
     pub created_at: Millis,
     /// When it finished.
     pub finished_at: Option<Millis>,
+    /// How the pipeline was found: `.kiln.yml`, or what was detected and why (empty for builds
+    /// stored before kiln recorded it).
+    pub pipeline: String,
 }
 
 /// A stored job.

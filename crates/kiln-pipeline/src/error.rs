@@ -54,10 +54,13 @@ pub enum PipelineError {
     },
     /// The repository has no pipeline file and no default pipeline applies.
     #[error(
-        "no `{}` found at the repository root and no default pipeline detected \
-         (looked for Python unittest files `tests/test*.py` and a `Cargo.toml` \
-         at the repository root)",
-        crate::FILE_NAME
+        "no `{}` found at the repository root and no project kiln knows how to test \
+         (looked for pyproject.toml, setup.py, setup.cfg, requirements*.txt, package.json \
+         with a test script, go.mod, Cargo.toml, a Makefile with a `test` target, \
+         tests/test*.py); start from this `{}`:\n{}",
+        crate::FILE_NAME,
+        crate::FILE_NAME,
+        crate::STARTER
     )]
     NothingDetected,
 }

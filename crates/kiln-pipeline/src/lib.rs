@@ -166,10 +166,13 @@
 //!
 //! # Default pipelines
 //!
-//! Without a `.kiln.yml`, [`detect`] looks at the tree: Python unittest files
-//! (`tests/test*.py`) give a `unittest` step running
-//! `python3 -m unittest discover -s tests`; otherwise a `Cargo.toml` at the
-//! root gives a `cargo-test` step running `cargo test`.
+//! Without a `.kiln.yml`, [`detect`] looks at the tree (and at the few files
+//! [`detect_wants`] names) and sets the project up the way its ecosystem
+//! does: a Python project gets a venv in its checkout, `pip install -e .`
+//! with its test extras and requirements, then pytest (or unittest); Node
+//! `npm ci` and `npm test`; Go `go test ./...`; Rust `cargo test`; a Makefile
+//! with a `test` target `make test`; bare `tests/test*.py` files unittest.
+//! The pipeline's [`Source`] says what was detected and why.
 
 mod detect;
 mod error;
@@ -187,7 +190,10 @@ use std::time::Duration;
 use serde::Deserialize as _;
 use serde::de::DeserializeSeed as _;
 
-pub use crate::detect::{CARGO_RUN, CARGO_STEP, PYTHON_UNITTEST_RUN, PYTHON_UNITTEST_STEP, detect};
+pub use crate::detect::{
+    CARGO_RUN, CARGO_STEP, MAX_DETECT_FILE, PYTHON_UNITTEST_RUN, PYTHON_UNITTEST_STEP, PYTHON_VENV,
+    STARTER, detect, detect_wants,
+};
 pub use crate::error::PipelineError;
 pub use kiln_domain::split::{RetryPolicy, Strategy, Threshold, UnitSource};
 
@@ -326,14 +332,67 @@ pub struct Shard {
 }
 
 /// Where a [`Pipeline`] came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Source {
     /// Parsed from the repository's [`FILE_NAME`] file.
     File,
-    /// Detected: the repository has Python unittest files in `tests/`.
-    DetectedPythonUnittest,
-    /// Detected: the repository has a `Cargo.toml` at its root.
-    DetectedCargo,
+    /// Detected from the repository's tree (no [`FILE_NAME`]).
+    Detected(Detected),
+}
+
+impl Source {
+    /// How the pipeline was found, for people: `.kiln.yml`, or what was detected and why.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::File => FILE_NAME.to_owned(),
+            Source::Detected(d) => format!(
+                "no {FILE_NAME}: detected a {} project ({})",
+                d.ecosystem.name(),
+                d.why
+            ),
+        }
+    }
+}
+
+/// A detected default pipeline: which ecosystem, and what in the tree said so.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Detected {
+    /// The kind of project.
+    pub ecosystem: Ecosystem,
+    /// The files and facts that decided it (`pyproject.toml; test extras [test]; pytest among
+    /// its test dependencies`).
+    pub why: String,
+}
+
+/// The kinds of project [`detect`] knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Ecosystem {
+    /// A Python project with packaging or requirements files.
+    Python,
+    /// Python unittest files alone (nothing to install).
+    PythonUnittest,
+    /// A Node project with a test script.
+    Node,
+    /// A Go module.
+    Go,
+    /// A Cargo package or workspace.
+    Rust,
+    /// A Makefile with a `test` target.
+    Make,
+}
+
+impl Ecosystem {
+    /// The name shown to people.
+    pub fn name(self) -> &'static str {
+        match self {
+            Ecosystem::Python => "Python",
+            Ecosystem::PythonUnittest => "Python unittest",
+            Ecosystem::Node => "Node",
+            Ecosystem::Go => "Go",
+            Ecosystem::Rust => "Rust",
+            Ecosystem::Make => "make",
+        }
+    }
 }
 
 /// One step of a pipeline, with the file-wide defaults already applied.
@@ -550,9 +609,13 @@ pub fn plan(p: &Pipeline, branch: &str) -> Result<Vec<JobPlan>, PipelineError> {
 ///
 /// Those of [`parse`] when `kiln_yml` is given (a broken file is an error,
 /// never a reason to fall back to detection), else those of [`detect`].
-pub fn resolve(kiln_yml: Option<&str>, paths: &[String]) -> Result<Pipeline, PipelineError> {
+pub fn resolve(
+    kiln_yml: Option<&str>,
+    paths: &[String],
+    files: &BTreeMap<String, String>,
+) -> Result<Pipeline, PipelineError> {
     match kiln_yml {
         Some(text) => parse(FILE_NAME, text),
-        None => detect(paths),
+        None => detect(paths, files),
     }
 }

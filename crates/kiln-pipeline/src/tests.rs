@@ -728,10 +728,39 @@ fn check_mutations(sample: &str) {
 // ---------------------------------------------------------------------------
 // Detection
 
+fn no_files() -> BTreeMap<String, String> {
+    BTreeMap::new()
+}
+
+fn detected(p: &Pipeline) -> (Ecosystem, &str) {
+    match &p.source {
+        Source::Detected(d) => (d.ecosystem, d.why.as_str()),
+        Source::File => panic!("not detected"),
+    }
+}
+
+fn files(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn runs(p: &Pipeline) -> Vec<(&str, &str)> {
+    p.steps
+        .iter()
+        .map(|s| (s.name.as_str(), s.run.as_str()))
+        .collect()
+}
+
 #[test]
-fn detects_python_unittest() {
-    let pipeline = detect(&paths(&["README.md", "src/app.py", "tests/test_app.py"])).unwrap();
-    assert_eq!(pipeline.source, Source::DetectedPythonUnittest);
+fn detects_bare_python_unittest() {
+    let pipeline = detect(
+        &paths(&["README.md", "src/app.py", "tests/test_app.py"]),
+        &no_files(),
+    )
+    .unwrap();
+    assert_eq!(detected(&pipeline).0, Ecosystem::PythonUnittest);
     assert_eq!(pipeline.steps.len(), 1);
     let step = &pipeline.steps[0];
     assert_eq!(step.name, "unittest");
@@ -739,31 +768,176 @@ fn detects_python_unittest() {
     assert!(step.env.is_empty() && step.labels.is_empty() && step.timeout.is_none());
 }
 
+/// A packaged Python project whose tests import it by name: installed in a venv with its test
+/// extras and requirements, then pytest (the false red build of `unittest discover` on a bare
+/// interpreter).
 #[test]
-fn python_wins_over_cargo() {
-    let pipeline = detect(&paths(&["Cargo.toml", "tests/test.py"])).unwrap();
-    assert_eq!(pipeline.source, Source::DetectedPythonUnittest);
+fn detects_a_packaged_python_project_and_installs_it() {
+    let tree = paths(&[
+        "pyproject.toml",
+        "requirements-dev.txt",
+        "src/pkg/__init__.py",
+        "tests/test_pkg.py",
+    ]);
+    let pyproject = "[project]\nname = \"pkg\"\n[project.optional-dependencies]\n\
+                     test = [\"pytest>=7\", \"hypothesis\"]\ndocs = [\"sphinx\"]\n";
+    assert_eq!(
+        detect_wants(&tree),
+        vec![
+            "pyproject.toml".to_owned(),
+            "requirements-dev.txt".to_owned()
+        ]
+    );
+    let p = detect(
+        &tree,
+        &files(&[
+            ("pyproject.toml", pyproject),
+            ("requirements-dev.txt", "black\n"),
+        ]),
+    )
+    .unwrap();
+    let (eco, why) = detected(&p);
+    assert_eq!(eco, Ecosystem::Python);
+    assert!(
+        why.contains("pyproject.toml") && why.contains("[test]"),
+        "{why}"
+    );
+    assert!(why.contains("pytest among its test dependencies"), "{why}");
+    let steps = runs(&p);
+    assert_eq!(steps.len(), 2);
+    assert_eq!(steps[0].0, "setup");
+    assert!(
+        steps[0].1.contains("python3 -m venv .kiln-venv"),
+        "{}",
+        steps[0].1
+    );
+    assert!(steps[0].1.contains("-e '.[test]'"), "{}", steps[0].1);
+    assert!(
+        steps[0].1.contains("-r requirements-dev.txt"),
+        "{}",
+        steps[0].1
+    );
+    assert!(
+        !steps[0]
+            .1
+            .contains("pip install --disable-pip-version-check pytest")
+    );
+    assert_eq!(steps[1], ("test", ".kiln-venv/bin/python -m pytest"));
+    assert!(
+        p.source
+            .describe()
+            .starts_with("no .kiln.yml: detected a Python project")
+    );
+
+    // pytest configured but not a dependency: installed too. No extras: `-e .`.
+    let p = detect(
+        &paths(&["setup.py", "setup.cfg", "tests/test_a.py"]),
+        &files(&[("setup.cfg", "[tool:pytest]\naddopts = -q\n")]),
+    )
+    .unwrap();
+    let steps = runs(&p);
+    assert!(
+        steps[0]
+            .1
+            .contains("install --disable-pip-version-check -e .\n"),
+        "{}",
+        steps[0].1
+    );
+    assert!(
+        steps[0]
+            .1
+            .ends_with("install --disable-pip-version-check pytest"),
+        "{}",
+        steps[0].1
+    );
+    assert_eq!(steps[1].1, ".kiln-venv/bin/python -m pytest");
+
+    // No pytest anywhere: unittest, the package importable from the venv.
+    let p = detect(&paths(&["setup.py", "tests/test_a.py"]), &no_files()).unwrap();
+    assert_eq!(
+        runs(&p)[1].1,
+        ".kiln-venv/bin/python -m unittest discover -s tests"
+    );
+    assert!(detected(&p).1.contains("unittest"));
+
+    // Requirements alone: no `pip install -e .`; `pytest-cov` is not pytest.
+    let p = detect(
+        &paths(&["requirements.txt", "test_x.py"]),
+        &files(&[("requirements.txt", "pytest-cov\nrequests==2\n")]),
+    )
+    .unwrap();
+    let setup = runs(&p)[0].1.to_owned();
+    assert!(!setup.contains("-e ."), "{setup}");
+    assert!(setup.contains("-r requirements.txt"), "{setup}");
+    assert_eq!(runs(&p)[1].1, ".kiln-venv/bin/python -m unittest discover");
+    // An unreadable pyproject.toml still installs the project.
+    let p = detect(
+        &paths(&["pyproject.toml"]),
+        &files(&[("pyproject.toml", "not = [toml")]),
+    )
+    .unwrap();
+    assert!(runs(&p)[0].1.contains("-e ."));
 }
 
 #[test]
-fn detects_cargo() {
-    let pipeline = detect(&paths(&["Cargo.toml", "src/main.rs", "tests/it.rs"])).unwrap();
-    assert_eq!(pipeline.source, Source::DetectedCargo);
-    assert_eq!(pipeline.steps.len(), 1);
-    assert_eq!(pipeline.steps[0].name, "cargo-test");
-    assert_eq!(pipeline.steps[0].run, "cargo test");
+fn detects_node_go_rust_and_make() {
+    let p = detect(
+        &paths(&["package.json", "package-lock.json"]),
+        &files(&[("package.json", r#"{"scripts": {"test": "jest"}}"#)]),
+    )
+    .unwrap();
+    assert_eq!(detected(&p).0, Ecosystem::Node);
+    assert_eq!(runs(&p), vec![("install", "npm ci"), ("test", "npm test")]);
+    let p = detect(
+        &paths(&["package.json"]),
+        &files(&[("package.json", r#"{"scripts": {"test": "mocha"}}"#)]),
+    )
+    .unwrap();
+    assert_eq!(runs(&p)[0], ("install", "npm install"));
+    // `npm init`'s placeholder is no test suite: the next rule (here, none) applies.
+    let placeholder = r#"{"scripts": {"test": "echo \"Error: no test specified\" && exit 1"}}"#;
+    let err = detect(
+        &paths(&["package.json"]),
+        &files(&[("package.json", placeholder)]),
+    );
+    assert!(matches!(err, Err(PipelineError::NothingDetected)));
+
+    let p = detect(&paths(&["go.mod", "main.go"]), &no_files()).unwrap();
+    assert_eq!(runs(&p), vec![("go-test", "go test ./...")]);
+
+    let p = detect(
+        &paths(&["Cargo.toml", "src/main.rs", "tests/it.rs"]),
+        &no_files(),
+    )
+    .unwrap();
+    assert_eq!(detected(&p).0, Ecosystem::Rust);
+    assert_eq!(runs(&p), vec![("cargo-test", "cargo test")]);
+
+    let make = "CC := cc\ntest := no\nall: build\n\ttest: not a rule\ncheck test: all\n\t./t\n";
+    let p = detect(&paths(&["Makefile"]), &files(&[("Makefile", make)])).unwrap();
+    assert_eq!(runs(&p), vec![("make-test", "make test")]);
+    let no_rule = "test := x\nall:\n\ttest: y\n";
+    assert!(detect(&paths(&["Makefile"]), &files(&[("Makefile", no_rule)])).is_err());
+}
+
+#[test]
+fn python_packaging_wins_over_cargo_and_bare_files_lose_to_it() {
+    let p = detect(&paths(&["Cargo.toml", "pyproject.toml"]), &no_files()).unwrap();
+    assert_eq!(detected(&p).0, Ecosystem::Python);
+    let p = detect(&paths(&["Cargo.toml", "tests/test.py"]), &no_files()).unwrap();
+    assert_eq!(detected(&p).0, Ecosystem::Rust);
 }
 
 #[test]
 fn leading_dot_slash_is_ignored() {
-    let pipeline = detect(&paths(&["./Cargo.toml"])).unwrap();
-    assert_eq!(pipeline.source, Source::DetectedCargo);
-    let pipeline = detect(&paths(&["./tests/test_x.py"])).unwrap();
-    assert_eq!(pipeline.source, Source::DetectedPythonUnittest);
+    let pipeline = detect(&paths(&["./Cargo.toml"]), &no_files()).unwrap();
+    assert_eq!(detected(&pipeline).0, Ecosystem::Rust);
+    let pipeline = detect(&paths(&["./tests/test_x.py"]), &no_files()).unwrap();
+    assert_eq!(detected(&pipeline).0, Ecosystem::PythonUnittest);
 }
 
 #[test]
-fn near_misses_are_not_detected() {
+fn near_misses_are_not_detected_and_the_error_offers_a_start() {
     let near = paths(&[
         "tests/helper.py",
         "tests/test_x.pyc",
@@ -773,28 +947,34 @@ fn near_misses_are_not_detected() {
         "crates/a/Cargo.toml",
         "cargo.toml",
         "tests/test",
+        "sub/requirements.txt",
     ]);
-    let err = detect(&near).unwrap_err();
+    let err = detect(&near, &no_files()).unwrap_err();
     assert!(matches!(err, PipelineError::NothingDetected));
     let text = err.to_string();
     assert!(text.contains(".kiln.yml"), "{text}");
     assert!(text.contains("tests/test*.py"), "{text}");
     assert!(text.contains("Cargo.toml"), "{text}");
+    assert!(text.contains("pyproject.toml"), "{text}");
+    assert!(text.ends_with(STARTER), "{text}");
+    // The starter is a valid pipeline.
+    parse(FILE_NAME, STARTER).unwrap();
     assert_eq!(err.line(), None);
-    assert!(detect(&[]).is_err());
+    assert!(detect(&[], &no_files()).is_err());
 }
 
 #[test]
 fn resolve_prefers_the_file() {
     let tree = paths(&["Cargo.toml"]);
-    let pipeline = resolve(Some("steps: [{name: a, run: x}]"), &tree).unwrap();
+    let pipeline = resolve(Some("steps: [{name: a, run: x}]"), &tree, &no_files()).unwrap();
     assert_eq!(pipeline.source, Source::File);
-    assert_eq!(resolve(None, &tree).unwrap().source, Source::DetectedCargo);
+    let detected_one = resolve(None, &tree, &no_files()).unwrap();
+    assert_eq!(detected(&detected_one).0, Ecosystem::Rust);
     // A broken file is an error, not a reason to fall back to detection.
-    let err = resolve(Some("steps: []"), &tree).unwrap_err();
+    let err = resolve(Some("steps: []"), &tree, &no_files()).unwrap_err();
     assert_eq!((err.line(), err.column()), (Some(1), Some(8)));
     assert!(matches!(
-        resolve(Some(""), &tree),
+        resolve(Some(""), &tree, &no_files()),
         Err(PipelineError::Empty { .. })
     ));
 }
@@ -1120,7 +1300,11 @@ fn plan_of_a_steps_file_is_one_job() {
     );
     let single = plan_of("steps: [{name: only, run: x}]", "");
     assert_eq!(single[0].name, "only");
-    let detected = plan(&detect(&paths(&["Cargo.toml"])).unwrap(), "main").unwrap();
+    let detected = plan(
+        &detect(&paths(&["Cargo.toml"]), &no_files()).unwrap(),
+        "main",
+    )
+    .unwrap();
     assert_eq!(detected[0].name, "cargo-test");
     assert_eq!(detected[0].steps[0].run, "cargo test");
 }

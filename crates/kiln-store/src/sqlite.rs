@@ -177,6 +177,8 @@ CREATE TABLE unit_history (
 "#,
     // 5: a shard sent away from a retry round is done and no longer a candidate for its units.
     "ALTER TABLE split_members ADD COLUMN done INTEGER NOT NULL DEFAULT 0;",
+    // 6: how a build's pipeline was found (its file, or what was detected and why).
+    "ALTER TABLE builds ADD COLUMN pipeline TEXT NOT NULL DEFAULT '';",
 ];
 
 /// The SQLite implementation of [`Store`]: one connection behind a mutex (SQLite serialises
@@ -195,8 +197,8 @@ impl std::fmt::Debug for SqliteStore {
 
 const JOB_COLUMNS: &str = "id, build_id, name, state, labels, steps, current_attempt, attempts, \
      lost_attempts, runner, message, started_at, finished_at, needs";
-const BUILD_COLUMNS: &str =
-    "id, repo, commit_id, branch, trigger_by, state, error, retry_of, created_at, finished_at";
+const BUILD_COLUMNS: &str = "id, repo, commit_id, branch, trigger_by, state, error, retry_of, created_at, finished_at, \
+     pipeline";
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file and brings its schema up to date.
@@ -271,6 +273,7 @@ fn build_from_row(r: &Row<'_>) -> rusqlite::Result<(Build, String)> {
             retry_of: r.get::<_, Option<i64>>(7)?.map(|v| v as u64),
             created_at: r.get(8)?,
             finished_at: r.get(9)?,
+            pipeline: r.get(10)?,
         },
         state,
     ))
@@ -500,7 +503,8 @@ fn insert_build(tx: &Transaction<'_>, new: &NewBuild, now: Millis) -> Result<Bui
     };
     tx.execute(
         "INSERT INTO builds (repo, commit_id, branch, trigger_by, state, error, retry_of, \
-         created_at, finished_at, pipeline_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+         created_at, finished_at, pipeline_hash, pipeline) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         params![
             new.repo,
             new.commit,
@@ -511,7 +515,8 @@ fn insert_build(tx: &Transaction<'_>, new: &NewBuild, now: Millis) -> Result<Bui
             new.retry_of.map(|v| v as i64),
             now,
             finished,
-            new.pipeline_hash
+            new.pipeline_hash,
+            new.pipeline
         ],
     )?;
     let build_id = tx.last_insert_rowid() as u64;
@@ -1113,6 +1118,7 @@ mod tests {
                 })
                 .collect(),
             pipeline_hash: String::new(),
+            pipeline: String::new(),
         }
     }
 

@@ -70,6 +70,7 @@ fn split_build(
             error: None,
             jobs,
             pipeline_hash: String::new(),
+            pipeline: String::new(),
         })
         .unwrap();
     d.jobs.iter().map(|j| j.id).collect()
