@@ -60,6 +60,7 @@ fn bench_all_quick_runs_every_benchmark() {
     let status = status.unwrap_or_else(|| panic!("kiln bench all --quick timed out\n{out}\n{err}"));
     assert_eq!(status, 0, "kiln bench all --quick failed\n{out}\n{err}");
     for section in [
+        "logs",
         "latency",
         "throughput",
         "overhead",
@@ -77,6 +78,8 @@ fn bench_all_quick_runs_every_benchmark() {
         );
     }
     for figure in [
+        "disk per MB of output",
+        "whole read (replay)",
         "p50",
         "p99",
         "follower rate",

@@ -146,6 +146,27 @@ fn large_output_is_complete() {
         "the follower missed output"
     );
     assert_eq!(followed.stderr, stderr);
+
+    // Once the job has ended its log is compressed at rest (seekable zstd) and reads the same
+    // (every offset: kiln-store's sealed_logs_read_the_same_from_any_offset).
+    let job = b["jobs"][0]["id"].as_u64().unwrap();
+    let sealed = tmp.path().join("data/logs").join(format!("{job}.log.zst"));
+    let plain = tmp.path().join("data/logs").join(format!("{job}.log"));
+    wait_for("the log to be sealed", LONG, || {
+        if sealed.exists() && !plain.exists() {
+            Ok(())
+        } else {
+            Err(format!(
+                "sealed {}, plain {}",
+                sealed.exists(),
+                plain.exists()
+            ))
+        }
+    });
+    let size = std::fs::metadata(&sealed).unwrap().len();
+    assert!(size * 5 < expected.len() as u64, "{size} bytes on disk");
+    let again = api.logs(job);
+    assert_eq!(again, chunks, "a sealed log reads the same");
 }
 
 /// A job needing labels waits for a runner offering them.

@@ -15,6 +15,7 @@
 //!   polling.
 //! - [`failover`]: a killed runner's job running elsewhere; runners back after a dispatcher
 //!   restart.
+//! - [`logs`]: stored output on disk and read speed, plain against sealed (seekable zstd).
 //! - [`split`]: a synthetic test suite split over real runners: kiln's dynamic queue against
 //!   the lower bound and static splits, per-unit overhead, flaky tests, a broken commit, a
 //!   killed runner.
@@ -26,6 +27,7 @@
 pub mod failover;
 pub mod generate;
 pub mod latency;
+pub mod logs;
 pub mod overhead;
 pub mod runners;
 pub mod split;
@@ -67,12 +69,15 @@ pub enum BenchCommand {
     /// dispatcher restart (goals: < 10 s with the default heartbeat, about 2 s with 500ms x 3;
     /// 100 runners re-attached < 3 s).
     Failover(failover::FailoverArgs),
+    /// Stored output: disk per MB and read speed of a finished job's log, plain against sealed
+    /// (seekable zstd) (goals: < 0.25 MB per MB, >= 200 MB/s replay, < 10 ms p50 at an offset).
+    Logs(logs::LogsArgs),
     /// A synthetic suite of about 1,000 tests split over 1 to 16 real runners: makespan against
     /// the lower bound, against hash, count and timing splits, per-unit overhead, flaky tests,
     /// a broken commit and a killed runner (goals at N = 16: <= 1.05x the bound, >= 1.6x faster
     /// than hash and 1.15x than timing, overhead < 2 ms median, retries <= 5% when 30% broken).
     Split(split::SplitArgs),
-    /// All of the above but `split` (run on its own: minutes), in that order.
+    /// All of the above but `split` (run on its own: minutes), `logs` first.
     All(AllArgs),
     /// The output generators the benchmarks' steps run.
     #[command(hide = true)]
@@ -127,6 +132,10 @@ pub async fn run(args: BenchArgs) -> Result<i32, CliError> {
             }
             BenchCommand::Failover(a) => {
                 bounded("failover", a.limit(), failover::run(&a)).await?;
+                Ok(exit::OK)
+            }
+            BenchCommand::Logs(a) => {
+                bounded("logs", Duration::from_secs(600), logs::run(&a)).await?;
                 Ok(exit::OK)
             }
             BenchCommand::Split(a) => {
@@ -200,7 +209,15 @@ async fn all(a: &AllArgs) -> Result<i32, CliError> {
         runners: None,
         restarts: 3,
     };
+    let logs = logs::LogsArgs {
+        mb: if a.quick { 2 } else { 64 },
+        seed: 42,
+    };
     let results = [
+        (
+            "logs",
+            bounded("logs", Duration::from_secs(600), logs::run(&logs)).await,
+        ),
         (
             "latency",
             bounded(

@@ -4,6 +4,13 @@
 //! followed by the bytes. Offsets handed to readers are frame boundaries; a reader that passes
 //! anything else gets [`LogError::BadOffset`]. A frame cut short by a crash is cut off when the
 //! file is next opened for writing.
+//!
+//! A running job's log is a plain file, `<job>.log`. Once the job has ended, [`LogStore::seal`]
+//! compresses it at rest into `<job>.log.zst` in the zstd *seekable* format (independent zstd
+//! frames of [`SEAL_FRAME`] bytes of log plus a seek table), so a reader at any offset
+//! decompresses at most one such frame before its data: offsets, lengths and reads are the same
+//! before and after. Any zstd decoder can read a sealed log whole (`zstd -d`). A late append to
+//! a sealed log unseals it first.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -12,8 +19,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use kiln_domain::{AttemptId, JobId};
+use zeekstd::{EncodeOptions, FrameSizePolicy};
 
 const MAGIC: [u8; 2] = *b"KL";
+/// Bytes of log per independent zstd frame of a sealed log: what a reader at an arbitrary
+/// offset decompresses at most before its data.
+pub const SEAL_FRAME: u32 = 1 << 20;
+/// zstd level of sealed logs (the library's default: fast, and output compresses well).
+const SEAL_LEVEL: i32 = 3;
 const HEADER_LEN: usize = 28;
 /// Largest frame payload accepted.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -144,11 +157,20 @@ fn decode_header(b: &[u8; HEADER_LEN]) -> Option<(FrameHeader, usize)> {
 /// the last sequence number seen per attempt.
 fn scan(file: &mut File, path: &Path) -> Result<(u64, HashMap<AttemptId, u64>), LogError> {
     let size = file.metadata().map_err(io_err(path))?.len();
+    file.seek(SeekFrom::Start(0)).map_err(io_err(path))?;
+    scan_reader(&mut *file, size, path)
+}
+
+/// [`scan`] over any reader of a log of `size` bytes (a sealed log's decoder).
+fn scan_reader(
+    reader: impl Read,
+    size: u64,
+    path: &Path,
+) -> Result<(u64, HashMap<AttemptId, u64>), LogError> {
     let mut pos = 0u64;
     let mut last = HashMap::new();
     let mut header = [0u8; HEADER_LEN];
-    file.seek(SeekFrom::Start(0)).map_err(io_err(path))?;
-    let mut reader = std::io::BufReader::new(&mut *file);
+    let mut reader = std::io::BufReader::new(reader);
     while pos + HEADER_LEN as u64 <= size {
         reader.read_exact(&mut header).map_err(io_err(path))?;
         let Some((h, len)) = decode_header(&header) else {
@@ -157,11 +179,34 @@ fn scan(file: &mut File, path: &Path) -> Result<(u64, HashMap<AttemptId, u64>), 
         if pos + (HEADER_LEN + len) as u64 > size {
             break;
         }
-        reader.seek_relative(len as i64).map_err(io_err(path))?;
+        let skipped = std::io::copy(&mut (&mut reader).take(len as u64), &mut std::io::sink())
+            .map_err(io_err(path))?;
+        if skipped != len as u64 {
+            break;
+        }
         pos += (HEADER_LEN + len) as u64;
         last.insert(h.attempt, h.seq);
     }
     Ok((pos, last))
+}
+
+/// A zeekstd error as an i/o error (its causes are i/o or corrupt data).
+fn zstd_io(e: zeekstd::Error) -> std::io::Error {
+    std::io::Error::other(e)
+}
+
+/// An open sealed log: its decoder and its uncompressed length.
+fn open_sealed(path: &Path) -> Result<Option<(zeekstd::Decoder<'static, File>, u64)>, LogError> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let decoder = zeekstd::Decoder::new(file)
+        .map_err(zstd_io)
+        .map_err(io_err(path))?;
+    let size = decoder.seek_table().size_decomp();
+    Ok(Some((decoder, size)))
 }
 
 impl LogStore {
@@ -177,6 +222,88 @@ impl LogStore {
 
     fn path(&self, job: JobId) -> PathBuf {
         self.dir.join(format!("{job}.log"))
+    }
+
+    fn sealed_path(&self, job: JobId) -> PathBuf {
+        self.dir.join(format!("{job}.log.zst"))
+    }
+
+    /// Turns a sealed log back into a plain one (a late append to a finished job). Called with
+    /// the writers' lock held and no plain file.
+    fn unseal(&self, job: JobId) -> Result<(), LogError> {
+        let (plain, sealed) = (self.path(job), self.sealed_path(job));
+        let Some((mut decoder, _)) = open_sealed(&sealed)? else {
+            return Ok(());
+        };
+        let tmp = self.dir.join(format!("{job}.log.tmp"));
+        let mut out = File::create(&tmp).map_err(io_err(&tmp))?;
+        std::io::copy(&mut decoder, &mut out).map_err(io_err(&sealed))?;
+        out.sync_all().map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, &plain).map_err(io_err(&plain))?;
+        std::fs::remove_file(&sealed).map_err(io_err(&sealed))?;
+        Ok(())
+    }
+
+    /// Compresses a finished job's log at rest (see the module docs); returns the plain and the
+    /// sealed size in bytes, or `None` when there is nothing to seal (no output, already sealed,
+    /// or the job is still being written). Readers keep working throughout: the sealed file is
+    /// complete and on disk before the plain one goes.
+    pub fn seal(&self, job: JobId) -> Result<Option<(u64, u64)>, LogError> {
+        if self.writers().contains_key(&job) {
+            return Ok(None);
+        }
+        let (plain, sealed) = (self.path(job), self.sealed_path(job));
+        let mut input = match File::open(&plain) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&plain)(e)),
+        };
+        let tmp = self.dir.join(format!("{job}.log.zst.tmp"));
+        let mut out = File::create(&tmp).map_err(io_err(&tmp))?;
+        let written = (|| {
+            let opts = EncodeOptions::new()
+                .frame_size_policy(FrameSizePolicy::Uncompressed(SEAL_FRAME))
+                .compression_level(SEAL_LEVEL);
+            let mut encoder = opts.into_encoder(&mut out).map_err(zstd_io)?;
+            let copied = std::io::copy(&mut input, &mut encoder)?;
+            let written = encoder.finish().map_err(zstd_io)?;
+            out.sync_all()?;
+            Ok::<_, std::io::Error>((copied, written))
+        })();
+        let (copied, written) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(io_err(&tmp)(e));
+            }
+        };
+        // Swap under the writers' lock, unless an append came meanwhile.
+        let writers = self.writers();
+        let unchanged = std::fs::metadata(&plain).is_ok_and(|m| m.len() == copied);
+        if writers.contains_key(&job) || !unchanged {
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(None);
+        }
+        std::fs::rename(&tmp, &sealed).map_err(io_err(&sealed))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&self.dir))?;
+        std::fs::remove_file(&plain).map_err(io_err(&plain))?;
+        drop(writers);
+        Ok(Some((copied, written)))
+    }
+
+    /// Bytes the job's log takes on disk (plain or sealed), for measurements.
+    pub fn disk_usage(&self, job: JobId) -> Result<u64, LogError> {
+        let mut total = 0;
+        for path in [self.path(job), self.sealed_path(job)] {
+            match std::fs::metadata(&path) {
+                Ok(m) => total += m.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        }
+        Ok(total)
     }
 
     fn writers(&self) -> MutexGuard<'_, HashMap<JobId, (File, u64)>> {
@@ -195,6 +322,9 @@ impl LogStore {
         let (file, len) = match writers.entry(job) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
+                if !path.exists() {
+                    self.unseal(job)?;
+                }
                 let mut file = OpenOptions::new()
                     .create(true)
                     .read(true)
@@ -253,7 +383,9 @@ impl LogStore {
         let path = self.path(job);
         match std::fs::metadata(&path) {
             Ok(m) => Ok(m.len()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(open_sealed(&self.sealed_path(job))?.map_or(0, |(_, size)| size))
+            }
             Err(e) => Err(io_err(&path)(e)),
         }
     }
@@ -261,12 +393,17 @@ impl LogStore {
     /// The last sequence number stored for `attempt` in `job`'s log (0 if none).
     pub fn last_seq(&self, job: JobId, attempt: AttemptId) -> Result<u64, LogError> {
         let path = self.path(job);
-        let mut file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        let (_, last) = match File::open(&path) {
+            Ok(mut file) => scan(&mut file, &path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let sealed = self.sealed_path(job);
+                match open_sealed(&sealed)? {
+                    Some((decoder, size)) => scan_reader(decoder, size, &sealed)?,
+                    None => return Ok(0),
+                }
+            }
             Err(e) => return Err(io_err(&path)(e)),
         };
-        let (_, last) = scan(&mut file, &path)?;
         Ok(last.get(&attempt).copied().unwrap_or(0))
     }
 
@@ -292,13 +429,32 @@ impl LogStore {
                 next_offset: offset,
             });
         }
-        let path = self.path(job);
-        let mut file = File::open(&path).map_err(io_err(&path))?;
-        file.seek(SeekFrom::Start(offset)).map_err(io_err(&path))?;
+        let mut path = self.path(job);
+        let source: Box<dyn Read> = match File::open(&path) {
+            Ok(mut file) => {
+                file.seek(SeekFrom::Start(offset)).map_err(io_err(&path))?;
+                Box::new(file)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                path = self.sealed_path(job);
+                let Some((mut decoder, size)) = open_sealed(&path)? else {
+                    return Err(io_err(&self.path(job))(e));
+                };
+                if offset > size {
+                    return Err(LogError::BadOffset { job, offset, size });
+                }
+                decoder
+                    .set_offset(offset)
+                    .map_err(zstd_io)
+                    .map_err(io_err(&path))?;
+                Box::new(decoder)
+            }
+            Err(e) => return Err(io_err(&path)(e)),
+        };
         let want = (limit - offset)
             .min((max_bytes.saturating_add(HEADER_LEN) as u64).saturating_mul(2))
             as usize;
-        let mut reader = std::io::BufReader::with_capacity(want.clamp(4096, 4 << 20), file);
+        let mut reader = std::io::BufReader::with_capacity(want.clamp(4096, 4 << 20), source);
         let mut frames = Vec::new();
         let mut pos = offset;
         let mut total = 0usize;
@@ -450,6 +606,70 @@ mod tests {
         let _ = logs.append(1, &h(1, seq), b"tail");
         let n = logs.len(1).unwrap();
         assert!(logs.read(1, 0, n, usize::MAX).is_ok());
+    }
+
+    /// A sealed log reads the same at every frame offset (also in the middle of its zstd
+    /// frames), keeps its length and sequence numbers, takes less disk, and unseals for a late
+    /// append.
+    #[test]
+    fn sealed_logs_read_the_same_from_any_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = LogStore::open(dir.path()).unwrap();
+        let mut ends = vec![0u64];
+        // ~3.5 MiB of test-like output: several zstd frames of SEAL_FRAME bytes.
+        for i in 0..900u64 {
+            let line = format!("test_module_{i:04}.py::test_case PASSED [{}%]\n", i % 100);
+            let chunk = line.repeat(100);
+            ends.push(
+                logs.append(3, &h(1 + i % 2, i + 1), chunk.as_bytes())
+                    .unwrap(),
+            );
+        }
+        let end = *ends.last().unwrap();
+        assert!(
+            logs.seal(3).unwrap().is_none(),
+            "a log being written is not sealed"
+        );
+        logs.sync(3).unwrap();
+        let before: Vec<ReadResult> = ends
+            .iter()
+            .map(|&o| logs.read(3, o, end, 50_000).unwrap())
+            .collect();
+        let plain = logs.disk_usage(3).unwrap();
+        let (copied, written) = logs.seal(3).unwrap().unwrap();
+        assert_eq!(copied, end);
+        assert!(!dir.path().join("3.log").exists());
+        assert_eq!(logs.disk_usage(3).unwrap(), written);
+        assert!(written * 10 < plain, "{written} of {plain}");
+        assert_eq!(logs.len(3).unwrap(), end);
+        assert_eq!(logs.last_seq(3, 1).unwrap(), 899);
+        assert_eq!(logs.last_seq(3, 2).unwrap(), 900);
+        for (o, want) in ends.iter().zip(&before) {
+            assert_eq!(&logs.read(3, *o, end, 50_000).unwrap(), want, "offset {o}");
+        }
+        assert!(matches!(
+            logs.read(3, 5, end, 100),
+            Err(LogError::BadOffset { .. })
+        ));
+        assert!(
+            logs.seal(3).unwrap().is_none(),
+            "sealing twice changes nothing"
+        );
+        // Any zstd decoder reads it whole.
+        let mut whole = Vec::new();
+        zeekstd::Decoder::new(File::open(dir.path().join("3.log.zst")).unwrap())
+            .unwrap()
+            .read_to_end(&mut whole)
+            .unwrap();
+        assert_eq!(whole.len() as u64, end);
+
+        // A late append unseals, then goes on from the same offset.
+        let next = logs.append(3, &h(2, 901), b"late\n").unwrap();
+        assert_eq!(next, end + (HEADER_LEN + 5) as u64);
+        assert!(dir.path().join("3.log").exists() && !dir.path().join("3.log.zst").exists());
+        let tail = logs.read(3, end, next, 100).unwrap();
+        assert_eq!(tail.frames[0].data, b"late\n");
+        assert_eq!(logs.read(3, 0, next, usize::MAX).unwrap().frames.len(), 901);
     }
 
     #[test]
