@@ -14,6 +14,7 @@
 //! | 8 | the build or job is still running (`show` only) |
 //! | 9 | the token is missing or not valid |
 //! | 10 | this commit was already built with this pipeline (`kiln retry` builds it again) |
+//! | 141 | the output's reader went away (`kiln show 1 \| head -c 100`): the command ends at once and quietly, with the status a shell reports for `cat` killed by SIGPIPE |
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -54,6 +55,56 @@ pub mod exit {
     pub const DENIED: i32 = 9;
     /// Already built (same repository, commit and pipeline); retry that build instead.
     pub const DUPLICATE: i32 = 10;
+    /// The reader of the output went away (128 + SIGPIPE, as a shell reports `cat | head`).
+    pub const CLOSED_PIPE: i32 = 141;
+}
+
+/// Ends the process at once and quietly because the reader of its output went away (`kiln
+/// logs 7 | head`): nothing is left to say and nobody to say it to.
+pub fn closed_pipe() -> ! {
+    std::process::exit(exit::CLOSED_PIPE)
+}
+
+/// Makes every command end quietly on a closed pipe, wherever it prints. Rust ignores SIGPIPE,
+/// so a write to a pipe whose reader has gone fails with `EPIPE`, and `print!`/`println!` (and
+/// `eprint!`) panic on it ("failed printing to stdout: Broken pipe"). This hook turns exactly
+/// that panic into [`closed_pipe`]; every other panic is reported as before. Sockets are not
+/// affected (their errors are returned, not panicked on).
+pub fn end_quietly_on_closed_pipe() {
+    let previous = std::panic::take_hook();
+    let broken_pipe = std::io::Error::from_raw_os_error(libc::EPIPE).to_string();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to std") && message.ends_with(&broken_pipe) {
+            closed_pipe();
+        }
+        previous(info);
+    }));
+}
+
+/// Writes bytes to standard output (or error) and flushes; a closed pipe ends the process
+/// quietly ([`closed_pipe`]).
+fn write_out(stderr: bool, data: &[u8]) -> Result<(), CliError> {
+    let result = if stderr {
+        let mut e = std::io::stderr().lock();
+        e.write_all(data).and_then(|()| e.flush())
+    } else {
+        let mut o = std::io::stdout().lock();
+        o.write_all(data).and_then(|()| o.flush())
+    };
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => closed_pipe(),
+        Err(e) => Err(CliError::new(
+            exit::INTERNAL,
+            format!("cannot write output: {e}"),
+        )),
+    }
 }
 
 /// A user-facing error with its exit code.
@@ -1019,22 +1070,10 @@ async fn follow_job(c: &mut BuildClient, job: u64, follow: bool) -> Result<i32, 
         if chunk.data.is_empty() {
             continue;
         }
-        let result = if chunk.stream == proto::OutputStream::Stderr as i32 {
-            let mut e = std::io::stderr().lock();
-            e.write_all(&chunk.data).and_then(|()| e.flush())
-        } else {
-            let mut o = std::io::stdout().lock();
-            o.write_all(&chunk.data).and_then(|()| o.flush())
-        };
-        if let Err(e) = result {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                return Ok(exit::OK);
-            }
-            return Err(CliError::new(
-                exit::INTERNAL,
-                format!("cannot write output: {e}"),
-            ));
-        }
+        write_out(
+            chunk.stream == proto::OutputStream::Stderr as i32,
+            &chunk.data,
+        )?;
     }
     Ok(if follow {
         code
