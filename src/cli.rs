@@ -438,6 +438,11 @@ pub struct LogsArgs {
     /// Follow live output until the job ends; exit with its status.
     #[arg(long, short = 'f')]
     pub follow: bool,
+    /// Write the job's stderr to kiln's stderr. By default everything the job wrote (stdout,
+    /// stderr and kiln's own notes) goes to stdout in the order it was produced, so
+    /// `kiln logs 7 | grep FAIL` sees it all.
+    #[arg(long)]
+    pub separate_stderr: bool,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -492,7 +497,7 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Builds(args) => builds(conn, cli.json, args).await,
         Command::Show { build } => show(conn, cli.json, build).await,
         Command::Tests { build, junit } => tests(conn, cli.json, build, junit).await,
-        Command::Logs(args) => logs(conn, &args.target, args.follow).await,
+        Command::Logs(args) => logs(conn, &args.target, args.follow, args.separate_stderr).await,
         Command::Admin(cmd) => admin(cmd),
         Command::Cancel { build } => {
             let mut c = build_client(conn).await?;
@@ -766,7 +771,7 @@ async fn submit(conn: &Connection, json: bool, args: SubmitArgs) -> Result<i32, 
         .into_inner();
     print_build(&b, json);
     if args.follow {
-        return logs(conn, &b.id.to_string(), true).await;
+        return logs(conn, &b.id.to_string(), true, false).await;
     }
     Ok(exit::OK)
 }
@@ -1002,9 +1007,14 @@ fn print_build(b: &proto::Build, json: bool) {
     }
 }
 
-/// Prints a job's output (to stdout and stderr, as the step wrote it) and, when following,
-/// returns the exit code of the job's final state.
-pub async fn logs(conn: &Connection, target: &str, follow: bool) -> Result<i32, CliError> {
+/// Prints a job's output (to stdout in the order it was produced; with `separate_stderr` the
+/// job's stderr to stderr) and, when following, returns the exit code of the job's final state.
+pub async fn logs(
+    conn: &Connection,
+    target: &str,
+    follow: bool,
+    separate_stderr: bool,
+) -> Result<i32, CliError> {
     let (build, job) = match target.split_once('/') {
         Some((b, j)) => (b, Some(j)),
         None => (target, None),
@@ -1038,7 +1048,7 @@ pub async fn logs(conn: &Connection, target: &str, follow: bool) -> Result<i32, 
     let ids: Vec<u64> = jobs.iter().map(|j| j.id).collect();
     let mut worst = exit::OK;
     for id in ids {
-        let code = follow_job(&mut c, id, follow).await?;
+        let code = follow_job(&mut c, id, follow, separate_stderr).await?;
         worst = worst.max(code);
     }
     if whole_build && follow {
@@ -1052,7 +1062,12 @@ pub async fn logs(conn: &Connection, target: &str, follow: bool) -> Result<i32, 
     Ok(worst)
 }
 
-async fn follow_job(c: &mut BuildClient, job: u64, follow: bool) -> Result<i32, CliError> {
+async fn follow_job(
+    c: &mut BuildClient,
+    job: u64,
+    follow: bool,
+    separate_stderr: bool,
+) -> Result<i32, CliError> {
     let mut stream = c
         .stream_logs(proto::StreamLogsRequest {
             job_id: job,
@@ -1071,7 +1086,7 @@ async fn follow_job(c: &mut BuildClient, job: u64, follow: bool) -> Result<i32, 
             continue;
         }
         write_out(
-            chunk.stream == proto::OutputStream::Stderr as i32,
+            separate_stderr && chunk.stream == proto::OutputStream::Stderr as i32,
             &chunk.data,
         )?;
     }

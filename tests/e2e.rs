@@ -260,14 +260,24 @@ fn non_utf8_output_is_byte_exact() {
     let got: Vec<&[u8]> = rest.iter().map(|c| c.data.as_ref()).collect();
     assert_eq!(got, expect);
 
+    // `kiln logs`: everything on stdout, in the order the log holds it (as it was produced),
+    // so `kiln logs N | grep` sees the job's stderr too.
+    let all: Vec<u8> = chunks.iter().flat_map(|c| c.data.to_vec()).collect();
     let out = server.cli(&["logs", &id.to_string()]);
+    out.expect_code(0);
+    assert_eq!(out.stdout, all, "{out}");
+    assert!(contains(&out.stdout, b"\xfderr\x80\n"), "{out}");
+    assert!(out.stderr.is_empty(), "{out}");
+
+    // `--separate-stderr`: the job's stderr on kiln's stderr, the rest on stdout.
+    let out = server.cli(&["logs", "--separate-stderr", &id.to_string()]);
     out.expect_code(0);
     assert!(
         contains(&out.stdout, b"\xff\xfe\x00abc\n"),
         "{:?}",
         out.stdout
     );
-    assert!(contains(&out.stderr, b"\xfderr\x80\n"), "{:?}", out.stderr);
+    assert_eq!(out.stderr, b"\xfderr\x80\n", "{out}");
     assert!(
         !contains(&out.stdout, b"\xfderr"),
         "stderr bytes went to stdout"
