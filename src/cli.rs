@@ -204,7 +204,7 @@ pub enum Command {
         /// Build id.
         build: u64,
     },
-    /// Print a job's output; with -f, follow it live until the job ends.
+    /// Print a build's output (or one job's); with -f, follow every job live until the build ends.
     Logs(LogsArgs),
     /// Show a build's test report (split steps): units, failures, flaky tests; with --junit,
     /// write the merged JUnit XML report to a file (`-` for stdout).
@@ -433,9 +433,14 @@ pub struct BuildsArgs {
 /// `kiln logs`.
 #[derive(Debug, Args)]
 pub struct LogsArgs {
-    /// BUILD or BUILD/JOB (JOB is a job id or name).
+    /// BUILD or BUILD/JOB (JOB is a job id or name). A whole build's jobs are shown with each
+    /// line prefixed by its job.
     pub target: String,
-    /// Follow live output until the job ends; exit with its status.
+    /// Only this job (a job id or name), as BUILD/JOB.
+    #[arg(long, value_name = "JOB")]
+    pub job: Option<String>,
+    /// Follow live output until the job ends (every job of the build at once); end with the
+    /// build's (or job's) status and exit with its code.
     #[arg(long, short = 'f')]
     pub follow: bool,
     /// Write the job's stderr to kiln's stderr. By default everything the job wrote (stdout,
@@ -497,7 +502,15 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Builds(args) => builds(conn, cli.json, args).await,
         Command::Show { build } => show(conn, cli.json, build).await,
         Command::Tests { build, junit } => tests(conn, cli.json, build, junit).await,
-        Command::Logs(args) => logs(conn, &args.target, args.follow, args.separate_stderr).await,
+        Command::Logs(args) => {
+            let opts = LogsOptions {
+                target: args.target,
+                job: args.job,
+                follow: args.follow,
+                separate_stderr: args.separate_stderr,
+            };
+            logs(conn, &opts).await
+        }
         Command::Admin(cmd) => admin(cmd),
         Command::Cancel { build } => {
             let mut c = build_client(conn).await?;
@@ -771,7 +784,12 @@ async fn submit(conn: &Connection, json: bool, args: SubmitArgs) -> Result<i32, 
         .into_inner();
     print_build(&b, json);
     if args.follow {
-        return logs(conn, &b.id.to_string(), true, false).await;
+        let opts = LogsOptions {
+            target: b.id.to_string(),
+            follow: true,
+            ..LogsOptions::default()
+        };
+        return logs(conn, &opts).await;
     }
     Ok(exit::OK)
 }
@@ -1007,17 +1025,38 @@ fn print_build(b: &proto::Build, json: bool) {
     }
 }
 
-/// Prints a job's output (to stdout in the order it was produced; with `separate_stderr` the
-/// job's stderr to stderr) and, when following, returns the exit code of the job's final state.
-pub async fn logs(
-    conn: &Connection,
-    target: &str,
-    follow: bool,
-    separate_stderr: bool,
-) -> Result<i32, CliError> {
-    let (build, job) = match target.split_once('/') {
+/// What `kiln logs` (and `kiln submit -f`) prints.
+#[derive(Debug, Clone, Default)]
+pub struct LogsOptions {
+    /// BUILD or BUILD/JOB.
+    pub target: String,
+    /// Only this job (name or id), as BUILD/JOB says.
+    pub job: Option<String>,
+    /// Follow live output until the job (or every job of the build) ends.
+    pub follow: bool,
+    /// The job's stderr to kiln's stderr (otherwise everything to stdout, in log order).
+    pub separate_stderr: bool,
+}
+
+/// Prints the output of a build's jobs (or one job): each job's output in the order it was
+/// produced, to stdout (with `separate_stderr` the job's stderr to stderr). With more than one
+/// job every line is prefixed with its job's name (coloured on a terminal unless `NO_COLOR`
+/// is set); when following, every job is followed at once and the command ends with the
+/// build's (or the job's) status and exits with its code.
+pub async fn logs(conn: &Connection, opts: &LogsOptions) -> Result<i32, CliError> {
+    let target = opts.target.as_str();
+    let (build, in_target) = match target.split_once('/') {
         Some((b, j)) => (b, Some(j)),
         None => (target, None),
+    };
+    let job = match (in_target, opts.job.as_deref()) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(CliError::new(
+                exit::USAGE,
+                format!("{target:?} names job {a:?} but --job says {b:?}"),
+            ));
+        }
+        (a, b) => a.or(b),
     };
     let build: u64 = build
         .parse()
@@ -1044,57 +1083,216 @@ pub async fn logs(
         eprintln!("build {build} has no jobs: {}", b.error);
         return Ok(state_exit(b.state));
     }
-    let whole_build = job.is_none();
-    let ids: Vec<u64> = jobs.iter().map(|j| j.id).collect();
-    let mut worst = exit::OK;
-    for id in ids {
-        let code = follow_job(&mut c, id, follow, separate_stderr).await?;
-        worst = worst.max(code);
+    let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
+    let prefixes = if jobs.len() > 1 {
+        job_prefixes(&names, colour_wanted())
+    } else {
+        Vec::new()
+    };
+    let mut printer = Printer {
+        separate_stderr: opts.separate_stderr,
+        prefixes,
+        partial: std::collections::HashMap::new(),
+    };
+    let follow = opts.follow;
+    let mut codes = vec![exit::RUNNING; jobs.len()];
+    if follow && jobs.len() > 1 {
+        // Every job at once: one stream per job, their chunks printed as they come.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(
+            usize,
+            Result<Option<proto::LogChunk>, tonic::Status>,
+        )>(64);
+        for (i, j) in jobs.iter().enumerate() {
+            let (mut c, tx, id) = (c.clone(), tx.clone(), j.id);
+            tokio::spawn(async move {
+                let streamed = async {
+                    let mut s = c.stream_logs(stream_request(id, true)).await?.into_inner();
+                    while let Some(chunk) = s.message().await? {
+                        if tx.send((i, Ok(Some(chunk)))).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok::<_, tonic::Status>(())
+                }
+                .await;
+                let _ = tx.send((i, streamed.map(|()| None))).await;
+            });
+        }
+        drop(tx);
+        while let Some((i, event)) = rx.recv().await {
+            match event? {
+                Some(chunk) => {
+                    if chunk.final_state != 0 {
+                        codes[i] = state_exit(chunk.final_state);
+                    }
+                    printer.chunk(i, chunk.stream, &chunk.data)?;
+                }
+                None => printer.end(i)?,
+            }
+        }
+    } else {
+        for (i, j) in jobs.iter().enumerate() {
+            let mut s = c
+                .stream_logs(stream_request(j.id, follow))
+                .await?
+                .into_inner();
+            while let Some(chunk) = s.message().await? {
+                if chunk.final_state != 0 {
+                    codes[i] = state_exit(chunk.final_state);
+                }
+                printer.chunk(i, chunk.stream, &chunk.data)?;
+            }
+            printer.end(i)?;
+        }
     }
-    if whole_build && follow {
-        // The build's own state decides (a skipped job after a failed one is not worse).
-        let b = c
-            .get_build(proto::GetBuildRequest { build_id: build })
-            .await?
-            .into_inner();
-        return Ok(state_exit(b.state));
+    if !follow {
+        return Ok(codes.into_iter().max().unwrap_or(exit::OK));
     }
-    Ok(worst)
-}
-
-async fn follow_job(
-    c: &mut BuildClient,
-    job: u64,
-    follow: bool,
-    separate_stderr: bool,
-) -> Result<i32, CliError> {
-    let mut stream = c
-        .stream_logs(proto::StreamLogsRequest {
-            job_id: job,
-            build_id: 0,
-            offset: 0,
-            follow,
-        })
+    // The end: the build's own state decides (a skipped job after a failed one is not worse).
+    let b = c
+        .get_build(proto::GetBuildRequest { build_id: build })
         .await?
         .into_inner();
-    let mut code = exit::RUNNING;
-    while let Some(chunk) = stream.message().await? {
-        if chunk.final_state != 0 {
-            code = state_exit(chunk.final_state);
-        }
-        if chunk.data.is_empty() {
-            continue;
-        }
+    if job.is_none() {
+        let others: Vec<String> = b
+            .jobs
+            .iter()
+            .filter(|j| b.jobs.len() > 1 && j.state != proto::JobState::Passed as i32)
+            .map(|j| format!("{} {}", j.name, state_name(j.state)))
+            .collect();
+        let detail = if others.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", others.join(", "))
+        };
         write_out(
-            separate_stderr && chunk.stream == proto::OutputStream::Stderr as i32,
-            &chunk.data,
+            false,
+            format!("kiln: build {build} {}{detail}\n", state_name(b.state)).as_bytes(),
+        )?;
+        return Ok(state_exit(b.state));
+    }
+    let code = codes.first().copied().unwrap_or(exit::RUNNING);
+    if let Some(j) = jobs.first() {
+        let state = b.jobs.iter().find(|x| x.id == j.id).map_or(0, |x| x.state);
+        write_out(
+            false,
+            format!(
+                "kiln: job {} of build {build} {}\n",
+                j.name,
+                state_name(state)
+            )
+            .as_bytes(),
         )?;
     }
-    Ok(if follow {
-        code
-    } else {
-        code.min(exit::RUNNING)
-    })
+    Ok(code)
+}
+
+fn stream_request(job: u64, follow: bool) -> proto::StreamLogsRequest {
+    proto::StreamLogsRequest {
+        job_id: job,
+        build_id: 0,
+        offset: 0,
+        follow,
+    }
+}
+
+/// Whether to colour job prefixes: on a terminal, unless `NO_COLOR` is set (and not empty).
+fn colour_wanted() -> bool {
+    use std::io::IsTerminal as _;
+    colour_for(
+        std::io::stdout().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    )
+}
+
+/// Colour on a terminal, unless `NO_COLOR` is set to something (<https://no-color.org>).
+fn colour_for(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// `[name] ` for each job, padded to the longest name so the output lines up, each in its own
+/// colour when `colour`.
+fn job_prefixes(names: &[&str], colour: bool) -> Vec<Vec<u8>> {
+    use anstyle::AnsiColor::{Blue, Cyan, Green, Magenta, Red, Yellow};
+    let palette = [Cyan, Green, Yellow, Magenta, Blue, Red];
+    let width = names.iter().map(|n| n.chars().count()).max().unwrap_or(0);
+    names
+        .iter()
+        .zip(palette.iter().cycle())
+        .map(|(name, c)| {
+            let pad = " ".repeat(width - name.chars().count());
+            if colour {
+                let style = c.on_default();
+                format!("{}[{name}]{}{pad} ", style.render(), style.render_reset())
+            } else {
+                format!("[{name}]{pad} ")
+            }
+            .into_bytes()
+        })
+        .collect()
+}
+
+/// Longest partial line kept back while waiting for its newline; longer ones are cut.
+const MAX_PARTIAL_LINE: usize = 64 * 1024;
+
+/// Writes jobs' output: as is for one job, line by line with each job's prefix for several.
+struct Printer {
+    separate_stderr: bool,
+    /// One per job; empty: no prefixes (bytes pass through untouched).
+    prefixes: Vec<Vec<u8>>,
+    /// Unfinished last line per (job, to stderr).
+    partial: std::collections::HashMap<(usize, bool), Vec<u8>>,
+}
+
+impl Printer {
+    fn chunk(&mut self, job: usize, stream: i32, data: &[u8]) -> Result<(), CliError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let to_err = self.separate_stderr && stream == proto::OutputStream::Stderr as i32;
+        let Some(prefix) = self.prefixes.get(job) else {
+            return write_out(to_err, data);
+        };
+        let buf = self.partial.entry((job, to_err)).or_default();
+        buf.extend_from_slice(data);
+        let mut out = Vec::new();
+        let mut start = 0;
+        while let Some(pos) = buf[start..].iter().position(|&b| b == b'\n') {
+            out.extend_from_slice(prefix);
+            out.extend_from_slice(&buf[start..=start + pos]);
+            start += pos + 1;
+        }
+        if buf.len() - start >= MAX_PARTIAL_LINE {
+            out.extend_from_slice(prefix);
+            out.extend_from_slice(&buf[start..]);
+            out.push(b'\n');
+            start = buf.len();
+        }
+        buf.drain(..start);
+        if out.is_empty() {
+            Ok(())
+        } else {
+            write_out(to_err, &out)
+        }
+    }
+
+    /// The job's output ended: its unfinished lines are written with a newline.
+    fn end(&mut self, job: usize) -> Result<(), CliError> {
+        let Some(prefix) = self.prefixes.get(job) else {
+            return Ok(());
+        };
+        for to_err in [false, true] {
+            if let Some(rest) = self.partial.remove(&(job, to_err))
+                && !rest.is_empty()
+            {
+                let mut out = prefix.clone();
+                out.extend_from_slice(&rest);
+                out.push(b'\n');
+                write_out(to_err, &out)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 async fn runners(conn: &Connection, json: bool) -> Result<i32, CliError> {
@@ -1148,4 +1346,30 @@ async fn runners(conn: &Connection, json: bool) -> Result<i32, CliError> {
         }
     }
     Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_prefixes_line_up_and_are_coloured_only_when_asked() {
+        let plain = job_prefixes(&["build", "test-1"], false);
+        assert_eq!(plain, vec![b"[build]  ".to_vec(), b"[test-1] ".to_vec()]);
+        let coloured = job_prefixes(&["build", "test-1"], true);
+        for (c, p) in coloured.iter().zip(&plain) {
+            assert!(c.starts_with(b"\x1b["), "{c:?}");
+            assert!(c.len() > p.len());
+        }
+        assert_ne!(coloured[0], coloured[1], "each job its own colour");
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(colour_for(true, None));
+        assert!(colour_for(true, Some(OsStr::new(""))));
+        assert!(!colour_for(true, Some(OsStr::new("1"))));
+        assert!(!colour_for(false, None));
+    }
 }
