@@ -448,6 +448,13 @@ pub struct LogsArgs {
     /// `kiln logs 7 | grep FAIL` sees it all.
     #[arg(long)]
     pub separate_stderr: bool,
+    /// Show this attempt of the job (1 is its first; `kiln show` lists them) instead of the
+    /// one that produced its result (or the running one).
+    #[arg(long, value_name = "N", conflicts_with = "all_attempts")]
+    pub attempt: Option<u32>,
+    /// Show every attempt's output, superseded ones (a lost runner's) included, oldest first.
+    #[arg(long)]
+    pub all_attempts: bool,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -508,6 +515,8 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
                 job: args.job,
                 follow: args.follow,
                 separate_stderr: args.separate_stderr,
+                attempt: args.attempt,
+                all_attempts: args.all_attempts,
             };
             logs(conn, &opts).await
         }
@@ -955,6 +964,15 @@ fn build_json(b: &proto::Build) -> serde_json::Value {
             "attempts": j.attempts,
             "message": j.message,
             "lost_attempts": j.lost_attempts,
+            "attempt_list": j.attempt_list.iter().map(|a| serde_json::json!({
+                "id": a.id,
+                "number": a.number,
+                "runner": a.runner,
+                "state": a.state,
+                "started_at": a.started_at.as_ref().map(crate::convert::millis),
+                "finished_at": a.finished_at.as_ref().map(crate::convert::millis),
+                "note": (!a.note.is_empty()).then_some(&a.note),
+            })).collect::<Vec<_>>(),
             "refusals": j.refusals,
             "labels": j.labels,
             "steps": j.steps.iter().map(|s| serde_json::json!({
@@ -1005,6 +1023,30 @@ fn print_build(b: &proto::Build, json: bool) {
                 format!("  ({})", j.message)
             }
         );
+        if let Some(first) = j.attempt_list.first()
+            && first.number > 1
+        {
+            println!("    ({} earlier attempts not listed)", first.number - 1);
+        }
+        for a in &j.attempt_list {
+            let result = if a.id == j.attempt_id {
+                "  <- current"
+            } else {
+                ""
+            };
+            println!(
+                "    attempt {} (id {}) on {:<12} {:<10}{}{result}",
+                a.number,
+                a.id,
+                if a.runner.is_empty() { "-" } else { &a.runner },
+                a.state,
+                if a.note.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ({})", a.note)
+                }
+            );
+        }
         for r in &j.refusals {
             println!("    refused: {r}");
         }
@@ -1036,6 +1078,62 @@ pub struct LogsOptions {
     pub follow: bool,
     /// The job's stderr to kiln's stderr (otherwise everything to stdout, in log order).
     pub separate_stderr: bool,
+    /// Only this attempt (by number) of the one job shown.
+    pub attempt: Option<u32>,
+    /// Every attempt's output (otherwise the current attempt's: the result's or the running).
+    pub all_attempts: bool,
+}
+
+/// Which attempts' output of a job to show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AttemptFilter {
+    /// Every attempt.
+    All,
+    /// This attempt id.
+    Only(u64),
+    /// This attempt id and any later one (a follower sees a reassignment's new attempt).
+    From(u64),
+}
+
+impl AttemptFilter {
+    /// The filter for a job: `--all-attempts`, `--attempt N`, or the current attempt.
+    fn of(job: &proto::Job, opts: &LogsOptions) -> Result<Self, CliError> {
+        if opts.all_attempts {
+            return Ok(Self::All);
+        }
+        match opts.attempt {
+            Some(n) => job
+                .attempt_list
+                .iter()
+                .find(|a| a.number == n)
+                .map(|a| Self::Only(a.id))
+                .ok_or_else(|| {
+                    CliError::new(
+                        exit::NOT_FOUND,
+                        format!(
+                            "job {} has no attempt {n} (it has {})",
+                            job.name,
+                            match job.attempts {
+                                0 => "none".to_string(),
+                                1 => "attempt 1".to_string(),
+                                k => format!("attempts 1 to {k}"),
+                            }
+                        ),
+                    )
+                }),
+            None => Ok(Self::From(job.attempt_id)),
+        }
+    }
+
+    /// Whether output of `attempt` is shown (0: a dispatcher that does not say).
+    fn shows(self, attempt: u64) -> bool {
+        attempt == 0
+            || match self {
+                Self::All => true,
+                Self::Only(a) => attempt == a,
+                Self::From(a) => attempt >= a,
+            }
+    }
 }
 
 /// Prints the output of a build's jobs (or one job): each job's output in the order it was
@@ -1083,6 +1181,30 @@ pub async fn logs(conn: &Connection, opts: &LogsOptions) -> Result<i32, CliError
         eprintln!("build {build} has no jobs: {}", b.error);
         return Ok(state_exit(b.state));
     }
+    if opts.attempt.is_some() && jobs.len() > 1 {
+        return Err(CliError::new(
+            exit::USAGE,
+            format!(
+                "build {build} has {} jobs: --attempt needs one (BUILD/JOB or --job)",
+                jobs.len()
+            ),
+        ));
+    }
+    let filters = jobs
+        .iter()
+        .map(|j| AttemptFilter::of(j, opts))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (j, f) in jobs.iter().zip(&filters) {
+        if let (AttemptFilter::From(_), Some(last)) = (f, j.attempt_list.last())
+            && j.attempts > 1
+        {
+            eprintln!(
+                "kiln: job {} had {} attempts; showing attempt {} on {} (--attempt N or \
+                 --all-attempts for the others)",
+                j.name, j.attempts, last.number, last.runner
+            );
+        }
+    }
     let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
     let prefixes = if jobs.len() > 1 {
         job_prefixes(&names, colour_wanted())
@@ -1125,7 +1247,9 @@ pub async fn logs(conn: &Connection, opts: &LogsOptions) -> Result<i32, CliError
                     if chunk.final_state != 0 {
                         codes[i] = state_exit(chunk.final_state);
                     }
-                    printer.chunk(i, chunk.stream, &chunk.data)?;
+                    if filters[i].shows(chunk.attempt_id) {
+                        printer.chunk(i, chunk.stream, &chunk.data)?;
+                    }
                 }
                 None => printer.end(i)?,
             }
@@ -1140,7 +1264,9 @@ pub async fn logs(conn: &Connection, opts: &LogsOptions) -> Result<i32, CliError
                 if chunk.final_state != 0 {
                     codes[i] = state_exit(chunk.final_state);
                 }
-                printer.chunk(i, chunk.stream, &chunk.data)?;
+                if filters[i].shows(chunk.attempt_id) {
+                    printer.chunk(i, chunk.stream, &chunk.data)?;
+                }
             }
             printer.end(i)?;
         }
