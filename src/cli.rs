@@ -160,32 +160,151 @@ impl From<tonic::Status> for CliError {
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about, long_about = None)]
 pub struct Cli {
-    /// The dispatcher's URL.
-    #[arg(
-        long,
-        global = true,
-        env = "KILN_DISPATCHER",
-        default_value = "http://127.0.0.1:7878"
-    )]
-    pub dispatcher: String,
-    /// Print machine-readable JSON instead of text.
-    #[arg(long, global = true)]
-    pub json: bool,
-    /// API token for the dispatcher (for `kiln runner`: the runner's token).
-    #[arg(long, global = true, env = "KILN_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// CA certificate (PEM) to trust for an https:// dispatcher, instead of the system roots.
-    #[arg(long, global = true, env = "KILN_TLS_CA")]
-    pub tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for mutual TLS.
-    #[arg(long, global = true, env = "KILN_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-    /// Client key (PEM) for mutual TLS.
-    #[arg(long, global = true, env = "KILN_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
+    /// The client options given before the command (`kiln --json show 7`), still accepted
+    /// there but listed only by the commands that use them.
+    #[command(flatten)]
+    pub before: ClientBefore,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Client options accepted before the command for compatibility (hidden; each command that
+/// uses them lists its own).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ClientBefore {
+    #[arg(long, hide = true, value_name = "URL")]
+    dispatcher: Option<String>,
+    #[arg(long, hide = true)]
+    json: bool,
+    #[arg(long, hide = true)]
+    token: Option<String>,
+    #[arg(long, hide = true)]
+    tls_ca: Option<PathBuf>,
+    #[arg(long, hide = true)]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, hide = true)]
+    tls_key: Option<PathBuf>,
+}
+
+impl ClientBefore {
+    fn given(&self) -> bool {
+        self.dispatcher.is_some()
+            || self.json
+            || self.token.is_some()
+            || self.tls_ca.is_some()
+            || self.tls_cert.is_some()
+            || self.tls_key.is_some()
+    }
+}
+
+/// How a client command reaches the dispatcher.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ClientArgs {
+    /// The dispatcher's URL [env: KILN_DISPATCHER] [default: http://127.0.0.1:7878].
+    #[arg(long, value_name = "URL")]
+    pub dispatcher: Option<String>,
+    /// API token for the dispatcher [env: KILN_TOKEN].
+    #[arg(long)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// dispatcher, instead of the system roots
+    /// [env: KILN_TLS_CA].
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS [env: KILN_TLS_CERT].
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS [env: KILN_TLS_KEY].
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// How `kiln runner` reaches the dispatcher.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RunnerClientArgs {
+    /// The dispatcher's URL [env: KILN_DISPATCHER] [default: http://127.0.0.1:7878].
+    #[arg(long, value_name = "URL")]
+    pub dispatcher: Option<String>,
+    /// The runner's token, as the dispatcher expects it (shared or per runner) [env:
+    /// KILN_TOKEN].
+    #[arg(long)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// dispatcher, instead of the system roots
+    /// [env: KILN_TLS_CA].
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS [env: KILN_TLS_CERT].
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS [env: KILN_TLS_KEY].
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl From<RunnerClientArgs> for ClientArgs {
+    fn from(r: RunnerClientArgs) -> Self {
+        ClientArgs {
+            dispatcher: r.dispatcher,
+            token: r.token,
+            tls_ca: r.tls_ca,
+            tls_cert: r.tls_cert,
+            tls_key: r.tls_key,
+        }
+    }
+}
+
+impl ClientArgs {
+    /// These options, each completed from `other` where not given.
+    fn or(self, other: ClientArgs) -> ClientArgs {
+        ClientArgs {
+            dispatcher: self.dispatcher.or(other.dispatcher),
+            token: self.token.or(other.token),
+            tls_ca: self.tls_ca.or(other.tls_ca),
+            tls_cert: self.tls_cert.or(other.tls_cert),
+            tls_key: self.tls_key.or(other.tls_key),
+        }
+    }
+
+    /// The connection: this command's options, else those before the command, else the
+    /// environment, else the default URL.
+    fn connection(self, before: &ClientBefore) -> Connection {
+        fn env(name: &str) -> Option<String> {
+            std::env::var(name).ok().filter(|v| !v.is_empty())
+        }
+        Connection {
+            url: self
+                .dispatcher
+                .or_else(|| before.dispatcher.clone())
+                .or_else(|| env("KILN_DISPATCHER"))
+                .unwrap_or_else(|| "http://127.0.0.1:7878".into()),
+            token: self
+                .token
+                .or_else(|| before.token.clone())
+                .or_else(|| env("KILN_TOKEN")),
+            tls: crate::tls::ClientTls {
+                ca: self
+                    .tls_ca
+                    .or_else(|| before.tls_ca.clone())
+                    .or_else(|| env("KILN_TLS_CA").map(PathBuf::from)),
+                cert: self
+                    .tls_cert
+                    .or_else(|| before.tls_cert.clone())
+                    .or_else(|| env("KILN_TLS_CERT").map(PathBuf::from)),
+                key: self
+                    .tls_key
+                    .or_else(|| before.tls_key.clone())
+                    .or_else(|| env("KILN_TLS_KEY").map(PathBuf::from)),
+            },
+        }
+    }
+}
+
+/// `--json`, for the commands that print it.
+#[derive(Debug, Clone, Copy, Default, Args)]
+pub struct JsonArg {
+    /// Print machine-readable JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The commands.
@@ -199,10 +318,14 @@ pub enum Command {
     Submit(SubmitArgs),
     /// List builds, newest first.
     Builds(BuildsArgs),
-    /// Show one build with its jobs and steps.
+    /// Show one build with its jobs, their attempts and steps.
     Show {
         /// Build id.
         build: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        out: JsonArg,
     },
     /// Print a build's output (or one job's); with -f, follow every job live until the build ends.
     Logs(LogsArgs),
@@ -214,22 +337,38 @@ pub enum Command {
         /// Write the JUnit XML report here (`-`: standard output).
         #[arg(long, value_name = "FILE")]
         junit: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        out: JsonArg,
     },
     /// Cancel a build's unfinished jobs.
     Cancel {
         /// Build id.
         build: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        out: JsonArg,
     },
     /// Build a finished build's commit again.
     Retry {
         /// Build id.
         build: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        out: JsonArg,
     },
     /// List runners, or drain one.
     Runners {
         /// What to do (default: list).
         #[command(subcommand)]
         action: Option<RunnersAction>,
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        out: JsonArg,
     },
     /// Showcase: a sample repository, a dispatcher and two runners in this process, a passing
     /// and a failing commit, their output live and their results.
@@ -237,12 +376,28 @@ pub enum Command {
     /// Benchmarks (see BENCHMARKS.md).
     Bench(crate::bench::BenchArgs),
     /// Watch repositories and report every new commit of matching branches to the dispatcher.
-    Watch(crate::observer::WatchArgs),
+    Watch {
+        #[command(flatten)]
+        args: crate::observer::WatchArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// The whole farm in one process: dispatcher, runners and an observer of the repositories.
     Up(crate::up::UpArgs),
     /// Administration on the dispatcher's data directory.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Print a shell completion script (bash: `source <(kiln completions bash)`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print kiln's man page, or write one page per command into a directory.
+    Man {
+        /// Write kiln.1 and kiln-COMMAND.1 for every command here instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// `kiln runners ...`.
@@ -252,6 +407,8 @@ pub enum RunnersAction {
     Drain {
         /// Runner name.
         name: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
 }
 
@@ -373,6 +530,8 @@ fn read_secrets(path: &std::path::Path) -> Result<BTreeMap<String, String>, CliE
 /// `kiln runner`.
 #[derive(Debug, Args)]
 pub struct RunnerArgs {
+    #[command(flatten)]
+    pub client: RunnerClientArgs,
     /// Unique runner name (default: the host name).
     #[arg(long)]
     pub name: Option<String>,
@@ -393,6 +552,10 @@ pub struct RunnerArgs {
 /// `kiln submit`.
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(flatten)]
+    pub out: JsonArg,
     /// Repository: a URL, or a local path (made absolute before it is sent).
     #[arg(long)]
     pub repo: String,
@@ -413,6 +576,10 @@ pub struct SubmitArgs {
 /// `kiln builds`.
 #[derive(Debug, Args)]
 pub struct BuildsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(flatten)]
+    pub out: JsonArg,
     /// Only this repository (as submitted).
     #[arg(long)]
     pub repo: Option<String>,
@@ -433,6 +600,8 @@ pub struct BuildsArgs {
 /// `kiln logs`.
 #[derive(Debug, Args)]
 pub struct LogsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
     /// BUILD or BUILD/JOB (JOB is a job id or name). A whole build's jobs are shown with each
     /// line prefixed by its job.
     pub target: String,
@@ -492,24 +661,51 @@ pub type BuildClient = BuildServiceClient<
 
 /// Runs a parsed command line; returns the exit code.
 pub async fn run(cli: Cli) -> Result<i32, CliError> {
-    let conn = Connection {
-        url: cli.dispatcher.clone(),
-        token: cli.token.clone(),
-        tls: crate::tls::ClientTls {
-            ca: cli.tls_ca.clone(),
-            cert: cli.tls_cert.clone(),
-            key: cli.tls_key.clone(),
-        },
+    let before = cli.before;
+    let json = |out: JsonArg| out.json || before.json;
+    let no_client_options = |what: &str| {
+        if before.given() {
+            Err(CliError::new(
+                exit::USAGE,
+                format!("kiln {what} takes none of --dispatcher, --json, --token, --tls-*"),
+            ))
+        } else {
+            Ok(())
+        }
     };
-    let conn = &conn;
     match cli.command {
-        Command::Serve(args) => serve(args).await,
-        Command::Runner(args) => runner(conn, args).await,
-        Command::Submit(args) => submit(conn, cli.json, args).await,
-        Command::Builds(args) => builds(conn, cli.json, args).await,
-        Command::Show { build } => show(conn, cli.json, build).await,
-        Command::Tests { build, junit } => tests(conn, cli.json, build, junit).await,
+        Command::Serve(args) => {
+            no_client_options("serve")?;
+            serve(args).await
+        }
+        Command::Runner(args) => {
+            if before.json {
+                return Err(CliError::new(exit::USAGE, "kiln runner takes no --json"));
+            }
+            let conn = ClientArgs::from(args.client.clone()).connection(&before);
+            runner(&conn, args).await
+        }
+        Command::Submit(args) => {
+            let json = json(args.out);
+            let conn = args.client.clone().connection(&before);
+            submit(&conn, json, args).await
+        }
+        Command::Builds(args) => {
+            let json = json(args.out);
+            let conn = args.client.clone().connection(&before);
+            builds(&conn, json, args).await
+        }
+        Command::Show { build, client, out } => {
+            show(&client.connection(&before), json(out), build).await
+        }
+        Command::Tests {
+            build,
+            junit,
+            client,
+            out,
+        } => tests(&client.connection(&before), json(out), build, junit).await,
         Command::Logs(args) => {
+            let conn = args.client.connection(&before);
             let opts = LogsOptions {
                 target: args.target,
                 job: args.job,
@@ -518,33 +714,43 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
                 attempt: args.attempt,
                 all_attempts: args.all_attempts,
             };
-            logs(conn, &opts).await
+            logs(&conn, &opts).await
         }
-        Command::Admin(cmd) => admin(cmd),
-        Command::Cancel { build } => {
-            let mut c = build_client(conn).await?;
+        Command::Admin(cmd) => {
+            no_client_options("admin")?;
+            admin(cmd)
+        }
+        Command::Cancel { build, client, out } => {
+            let mut c = build_client(&client.connection(&before)).await?;
             let b = c
                 .cancel_build(proto::CancelBuildRequest { build_id: build })
                 .await?
                 .into_inner();
-            print_build(&b, cli.json);
+            print_build(&b, json(out));
             Ok(exit::OK)
         }
-        Command::Retry { build } => {
-            let mut c = build_client(conn).await?;
+        Command::Retry { build, client, out } => {
+            let mut c = build_client(&client.connection(&before)).await?;
             let b = c
                 .retry_build(proto::RetryBuildRequest { build_id: build })
                 .await?
                 .into_inner();
-            print_build(&b, cli.json);
+            print_build(&b, json(out));
             Ok(exit::OK)
         }
-        Command::Runners { action: None } => runners(conn, cli.json).await,
         Command::Runners {
-            action: Some(RunnersAction::Drain { name }),
+            action: None,
+            client,
+            out,
+        } => runners(&client.connection(&before), json(out)).await,
+        Command::Runners {
+            action: Some(RunnersAction::Drain { name, client: own }),
+            client,
+            out: _,
         } => {
+            let conn = own.or(client).connection(&before);
             let mut c =
-                RunnerAdminServiceClient::with_interceptor(channel(conn).await?, bearer(conn)?);
+                RunnerAdminServiceClient::with_interceptor(channel(&conn).await?, bearer(&conn)?);
             let r = c
                 .drain_runner(proto::DrainRunnerRequest { name })
                 .await?
@@ -552,11 +758,64 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
             println!("runner {} is draining", r.name);
             Ok(exit::OK)
         }
-        Command::Demo(args) => crate::demo::run(args).await,
-        Command::Bench(args) => crate::bench::run(args).await,
-        Command::Watch(args) => crate::observer::run(conn, args, signal()).await,
-        Command::Up(args) => crate::up::run(args, signal()).await,
+        Command::Demo(args) => {
+            no_client_options("demo")?;
+            crate::demo::run(args).await
+        }
+        Command::Bench(args) => {
+            no_client_options("bench")?;
+            crate::bench::run(args).await
+        }
+        Command::Watch { args, client } => {
+            if before.json {
+                return Err(CliError::new(exit::USAGE, "kiln watch takes no --json"));
+            }
+            crate::observer::run(&client.connection(&before), args, signal()).await
+        }
+        Command::Up(args) => {
+            no_client_options("up")?;
+            crate::up::run(args, signal()).await
+        }
+        Command::Completions { shell } => {
+            no_client_options("completions")?;
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "kiln", &mut out);
+            write_out(false, &out)?;
+            Ok(exit::OK)
+        }
+        Command::Man { dir } => {
+            no_client_options("man")?;
+            man(dir.as_deref())
+        }
     }
+}
+
+/// `kiln man`: the main page on stdout, or every command's page into `dir`.
+fn man(dir: Option<&std::path::Path>) -> Result<i32, CliError> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    match dir {
+        None => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut out)
+                .map_err(|e| CliError::new(exit::INTERNAL, format!("cannot render: {e}")))?;
+            write_out(false, &out)?;
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                CliError::new(exit::USAGE, format!("cannot create {}: {e}", dir.display()))
+            })?;
+            clap_mangen::generate_to(cmd, dir).map_err(|e| {
+                CliError::new(
+                    exit::USAGE,
+                    format!("cannot write to {}: {e}", dir.display()),
+                )
+            })?;
+            eprintln!("kiln: man pages written to {}", dir.display());
+        }
+    }
+    Ok(exit::OK)
 }
 
 /// Resolves on the first SIGTERM or Ctrl-C.
