@@ -46,6 +46,10 @@ fn job_of_a_killed_runner_moves_to_the_other_runner() {
         }
     });
 
+    // A follower attached during the first attempt goes on with the second.
+    let mut follower = server.spawn_cli("kiln logs -f", &["logs", "-f", &id.to_string()]);
+    follower.wait_stdout(format!("attempt {first_attempt} starts\n").as_bytes(), LONG);
+
     runners[victim_index].as_mut().unwrap().kill_all();
 
     let b = server.wait_build(id, &format!("reassigned to {survivor}"), LONG, |b| {
@@ -86,6 +90,14 @@ fn job_of_a_killed_runner_moves_to_the_other_runner() {
     assert!(
         !text.contains(&format!("attempt {first_attempt} done\n")),
         "{logs}"
+    );
+    let followed = follower.wait(LONG);
+    followed.expect_code(0);
+    assert!(
+        followed
+            .out()
+            .contains(&format!("attempt {second_attempt} done\n")),
+        "{followed}"
     );
     // By default only the attempt that produced the result; the lost one on request.
     assert!(
