@@ -231,6 +231,7 @@ impl BuildService for BuildApi {
                                     data: f.data.into(),
                                     next_offset: f.next_offset,
                                     final_state: 0,
+                                    attempt_id: f.header.attempt,
                                 };
                                 if tx.send(Ok(chunk)).await.is_err() {
                                     return;
@@ -258,6 +259,7 @@ impl BuildService for BuildApi {
                             data: Default::default(),
                             next_offset: offset,
                             final_state: end.map_or(0, |s| convert::job_state_to_proto(s) as i32),
+                            attempt_id: 0,
                         }))
                         .await;
                     return;

@@ -14,6 +14,7 @@
 //! | 8 | the build or job is still running (`show` only) |
 //! | 9 | the token is missing or not valid |
 //! | 10 | this commit was already built with this pipeline (`kiln retry` builds it again) |
+//! | 141 | the output's reader went away (`kiln show 1 \| head -c 100`): the command ends at once and quietly, with the status a shell reports for `cat` killed by SIGPIPE |
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -54,6 +55,56 @@ pub mod exit {
     pub const DENIED: i32 = 9;
     /// Already built (same repository, commit and pipeline); retry that build instead.
     pub const DUPLICATE: i32 = 10;
+    /// The reader of the output went away (128 + SIGPIPE, as a shell reports `cat | head`).
+    pub const CLOSED_PIPE: i32 = 141;
+}
+
+/// Ends the process at once and quietly because the reader of its output went away (`kiln
+/// logs 7 | head`): nothing is left to say and nobody to say it to.
+pub fn closed_pipe() -> ! {
+    std::process::exit(exit::CLOSED_PIPE)
+}
+
+/// Makes every command end quietly on a closed pipe, wherever it prints. Rust ignores SIGPIPE,
+/// so a write to a pipe whose reader has gone fails with `EPIPE`, and `print!`/`println!` (and
+/// `eprint!`) panic on it ("failed printing to stdout: Broken pipe"). This hook turns exactly
+/// that panic into [`closed_pipe`]; every other panic is reported as before. Sockets are not
+/// affected (their errors are returned, not panicked on).
+pub fn end_quietly_on_closed_pipe() {
+    let previous = std::panic::take_hook();
+    let broken_pipe = std::io::Error::from_raw_os_error(libc::EPIPE).to_string();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to std") && message.ends_with(&broken_pipe) {
+            closed_pipe();
+        }
+        previous(info);
+    }));
+}
+
+/// Writes bytes to standard output (or error) and flushes; a closed pipe ends the process
+/// quietly ([`closed_pipe`]).
+fn write_out(stderr: bool, data: &[u8]) -> Result<(), CliError> {
+    let result = if stderr {
+        let mut e = std::io::stderr().lock();
+        e.write_all(data).and_then(|()| e.flush())
+    } else {
+        let mut o = std::io::stdout().lock();
+        o.write_all(data).and_then(|()| o.flush())
+    };
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => closed_pipe(),
+        Err(e) => Err(CliError::new(
+            exit::INTERNAL,
+            format!("cannot write output: {e}"),
+        )),
+    }
 }
 
 /// A user-facing error with its exit code.
@@ -109,32 +160,151 @@ impl From<tonic::Status> for CliError {
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about, long_about = None)]
 pub struct Cli {
-    /// The dispatcher's URL.
-    #[arg(
-        long,
-        global = true,
-        env = "KILN_DISPATCHER",
-        default_value = "http://127.0.0.1:7878"
-    )]
-    pub dispatcher: String,
-    /// Print machine-readable JSON instead of text.
-    #[arg(long, global = true)]
-    pub json: bool,
-    /// API token for the dispatcher (for `kiln runner`: the runner's token).
-    #[arg(long, global = true, env = "KILN_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// CA certificate (PEM) to trust for an https:// dispatcher, instead of the system roots.
-    #[arg(long, global = true, env = "KILN_TLS_CA")]
-    pub tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for mutual TLS.
-    #[arg(long, global = true, env = "KILN_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-    /// Client key (PEM) for mutual TLS.
-    #[arg(long, global = true, env = "KILN_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
+    /// The client options given before the command (`kiln --json show 7`), still accepted
+    /// there but listed only by the commands that use them.
+    #[command(flatten)]
+    pub before: ClientBefore,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Client options accepted before the command for compatibility (hidden; each command that
+/// uses them lists its own).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ClientBefore {
+    #[arg(long, hide = true, value_name = "URL")]
+    dispatcher: Option<String>,
+    #[arg(long, hide = true)]
+    json: bool,
+    #[arg(long, hide = true)]
+    token: Option<String>,
+    #[arg(long, hide = true)]
+    tls_ca: Option<PathBuf>,
+    #[arg(long, hide = true)]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, hide = true)]
+    tls_key: Option<PathBuf>,
+}
+
+impl ClientBefore {
+    fn given(&self) -> bool {
+        self.dispatcher.is_some()
+            || self.json
+            || self.token.is_some()
+            || self.tls_ca.is_some()
+            || self.tls_cert.is_some()
+            || self.tls_key.is_some()
+    }
+}
+
+/// How a client command reaches the dispatcher.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ClientArgs {
+    /// The dispatcher's URL [env: KILN_DISPATCHER] [default: http://127.0.0.1:7878].
+    #[arg(long, value_name = "URL")]
+    pub dispatcher: Option<String>,
+    /// API token for the dispatcher [env: KILN_TOKEN].
+    #[arg(long)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// dispatcher, instead of the system roots
+    /// [env: KILN_TLS_CA].
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS [env: KILN_TLS_CERT].
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS [env: KILN_TLS_KEY].
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// How `kiln runner` reaches the dispatcher.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RunnerClientArgs {
+    /// The dispatcher's URL [env: KILN_DISPATCHER] [default: http://127.0.0.1:7878].
+    #[arg(long, value_name = "URL")]
+    pub dispatcher: Option<String>,
+    /// The runner's token, as the dispatcher expects it (shared or per runner) [env:
+    /// KILN_TOKEN].
+    #[arg(long)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// dispatcher, instead of the system roots
+    /// [env: KILN_TLS_CA].
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS [env: KILN_TLS_CERT].
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS [env: KILN_TLS_KEY].
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl From<RunnerClientArgs> for ClientArgs {
+    fn from(r: RunnerClientArgs) -> Self {
+        ClientArgs {
+            dispatcher: r.dispatcher,
+            token: r.token,
+            tls_ca: r.tls_ca,
+            tls_cert: r.tls_cert,
+            tls_key: r.tls_key,
+        }
+    }
+}
+
+impl ClientArgs {
+    /// These options, each completed from `other` where not given.
+    fn or(self, other: ClientArgs) -> ClientArgs {
+        ClientArgs {
+            dispatcher: self.dispatcher.or(other.dispatcher),
+            token: self.token.or(other.token),
+            tls_ca: self.tls_ca.or(other.tls_ca),
+            tls_cert: self.tls_cert.or(other.tls_cert),
+            tls_key: self.tls_key.or(other.tls_key),
+        }
+    }
+
+    /// The connection: this command's options, else those before the command, else the
+    /// environment, else the default URL.
+    fn connection(self, before: &ClientBefore) -> Connection {
+        fn env(name: &str) -> Option<String> {
+            std::env::var(name).ok().filter(|v| !v.is_empty())
+        }
+        Connection {
+            url: self
+                .dispatcher
+                .or_else(|| before.dispatcher.clone())
+                .or_else(|| env("KILN_DISPATCHER"))
+                .unwrap_or_else(|| "http://127.0.0.1:7878".into()),
+            token: self
+                .token
+                .or_else(|| before.token.clone())
+                .or_else(|| env("KILN_TOKEN")),
+            tls: crate::tls::ClientTls {
+                ca: self
+                    .tls_ca
+                    .or_else(|| before.tls_ca.clone())
+                    .or_else(|| env("KILN_TLS_CA").map(PathBuf::from)),
+                cert: self
+                    .tls_cert
+                    .or_else(|| before.tls_cert.clone())
+                    .or_else(|| env("KILN_TLS_CERT").map(PathBuf::from)),
+                key: self
+                    .tls_key
+                    .or_else(|| before.tls_key.clone())
+                    .or_else(|| env("KILN_TLS_KEY").map(PathBuf::from)),
+            },
+        }
+    }
+}
+
+/// `--json`, for the commands that print it.
+#[derive(Debug, Clone, Copy, Default, Args)]
+pub struct JsonArg {
+    /// Print machine-readable JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The commands.
@@ -148,12 +318,16 @@ pub enum Command {
     Submit(SubmitArgs),
     /// List builds, newest first.
     Builds(BuildsArgs),
-    /// Show one build with its jobs and steps.
+    /// Show one build with its jobs, their attempts and steps.
     Show {
         /// Build id.
         build: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        out: JsonArg,
     },
-    /// Print a job's output; with -f, follow it live until the job ends.
+    /// Print a build's output (or one job's); with -f, follow every job live until the build ends.
     Logs(LogsArgs),
     /// Show a build's test report (split steps): units, failures, flaky tests; with --junit,
     /// write the merged JUnit XML report to a file (`-` for stdout).
@@ -163,22 +337,38 @@ pub enum Command {
         /// Write the JUnit XML report here (`-`: standard output).
         #[arg(long, value_name = "FILE")]
         junit: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        out: JsonArg,
     },
     /// Cancel a build's unfinished jobs.
     Cancel {
         /// Build id.
         build: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        out: JsonArg,
     },
     /// Build a finished build's commit again.
     Retry {
         /// Build id.
         build: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        out: JsonArg,
     },
     /// List runners, or drain one.
     Runners {
         /// What to do (default: list).
         #[command(subcommand)]
         action: Option<RunnersAction>,
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        out: JsonArg,
     },
     /// Showcase: a sample repository, a dispatcher and two runners in this process, a passing
     /// and a failing commit, their output live and their results.
@@ -186,12 +376,28 @@ pub enum Command {
     /// Benchmarks (see BENCHMARKS.md).
     Bench(crate::bench::BenchArgs),
     /// Watch repositories and report every new commit of matching branches to the dispatcher.
-    Watch(crate::observer::WatchArgs),
+    Watch {
+        #[command(flatten)]
+        args: crate::observer::WatchArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// The whole farm in one process: dispatcher, runners and an observer of the repositories.
     Up(crate::up::UpArgs),
     /// Administration on the dispatcher's data directory.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Print a shell completion script (bash: `source <(kiln completions bash)`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print kiln's man page, or write one page per command into a directory.
+    Man {
+        /// Write kiln.1 and kiln-COMMAND.1 for every command here instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// `kiln runners ...`.
@@ -201,6 +407,8 @@ pub enum RunnersAction {
     Drain {
         /// Runner name.
         name: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
 }
 
@@ -323,6 +531,8 @@ fn read_secrets(path: &std::path::Path) -> Result<BTreeMap<String, String>, CliE
 /// `kiln runner`.
 #[derive(Debug, Args)]
 pub struct RunnerArgs {
+    #[command(flatten)]
+    pub client: RunnerClientArgs,
     /// Unique runner name (default: the host name).
     #[arg(long)]
     pub name: Option<String>,
@@ -343,6 +553,10 @@ pub struct RunnerArgs {
 /// `kiln submit`.
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(flatten)]
+    pub out: JsonArg,
     /// Repository: a URL, or a local path (made absolute before it is sent).
     #[arg(long)]
     pub repo: String,
@@ -365,6 +579,10 @@ pub struct SubmitArgs {
 /// `kiln builds`.
 #[derive(Debug, Args)]
 pub struct BuildsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(flatten)]
+    pub out: JsonArg,
     /// Only this repository (as submitted).
     #[arg(long)]
     pub repo: Option<String>,
@@ -385,11 +603,30 @@ pub struct BuildsArgs {
 /// `kiln logs`.
 #[derive(Debug, Args)]
 pub struct LogsArgs {
-    /// BUILD or BUILD/JOB (JOB is a job id or name).
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// BUILD or BUILD/JOB (JOB is a job id or name). A whole build's jobs are shown with each
+    /// line prefixed by its job.
     pub target: String,
-    /// Follow live output until the job ends; exit with its status.
+    /// Only this job (a job id or name), as BUILD/JOB.
+    #[arg(long, value_name = "JOB")]
+    pub job: Option<String>,
+    /// Follow live output until the job ends (every job of the build at once); end with the
+    /// build's (or job's) status and exit with its code.
     #[arg(long, short = 'f')]
     pub follow: bool,
+    /// Write the job's stderr to kiln's stderr. By default everything the job wrote (stdout,
+    /// stderr and kiln's own notes) goes to stdout in the order it was produced, so
+    /// `kiln logs 7 | grep FAIL` sees it all.
+    #[arg(long)]
+    pub separate_stderr: bool,
+    /// Show this attempt of the job (1 is its first; `kiln show` lists them) instead of the
+    /// one that produced its result (or the running one).
+    #[arg(long, value_name = "N", conflicts_with = "all_attempts")]
+    pub attempt: Option<u32>,
+    /// Show every attempt's output, superseded ones (a lost runner's) included, oldest first.
+    #[arg(long)]
+    pub all_attempts: bool,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -427,49 +664,96 @@ pub type BuildClient = BuildServiceClient<
 
 /// Runs a parsed command line; returns the exit code.
 pub async fn run(cli: Cli) -> Result<i32, CliError> {
-    let conn = Connection {
-        url: cli.dispatcher.clone(),
-        token: cli.token.clone(),
-        tls: crate::tls::ClientTls {
-            ca: cli.tls_ca.clone(),
-            cert: cli.tls_cert.clone(),
-            key: cli.tls_key.clone(),
-        },
+    let before = cli.before;
+    let json = |out: JsonArg| out.json || before.json;
+    let no_client_options = |what: &str| {
+        if before.given() {
+            Err(CliError::new(
+                exit::USAGE,
+                format!("kiln {what} takes none of --dispatcher, --json, --token, --tls-*"),
+            ))
+        } else {
+            Ok(())
+        }
     };
-    let conn = &conn;
     match cli.command {
-        Command::Serve(args) => serve(args).await,
-        Command::Runner(args) => runner(conn, args).await,
-        Command::Submit(args) => submit(conn, cli.json, args).await,
-        Command::Builds(args) => builds(conn, cli.json, args).await,
-        Command::Show { build } => show(conn, cli.json, build).await,
-        Command::Tests { build, junit } => tests(conn, cli.json, build, junit).await,
-        Command::Logs(args) => logs(conn, &args.target, args.follow).await,
-        Command::Admin(cmd) => admin(cmd),
-        Command::Cancel { build } => {
-            let mut c = build_client(conn).await?;
+        Command::Serve(args) => {
+            no_client_options("serve")?;
+            serve(args).await
+        }
+        Command::Runner(args) => {
+            if before.json {
+                return Err(CliError::new(exit::USAGE, "kiln runner takes no --json"));
+            }
+            let conn = ClientArgs::from(args.client.clone()).connection(&before);
+            runner(&conn, args).await
+        }
+        Command::Submit(args) => {
+            let json = json(args.out);
+            let conn = args.client.clone().connection(&before);
+            submit(&conn, json, args).await
+        }
+        Command::Builds(args) => {
+            let json = json(args.out);
+            let conn = args.client.clone().connection(&before);
+            builds(&conn, json, args).await
+        }
+        Command::Show { build, client, out } => {
+            show(&client.connection(&before), json(out), build).await
+        }
+        Command::Tests {
+            build,
+            junit,
+            client,
+            out,
+        } => tests(&client.connection(&before), json(out), build, junit).await,
+        Command::Logs(args) => {
+            let conn = args.client.connection(&before);
+            let opts = LogsOptions {
+                target: args.target,
+                job: args.job,
+                follow: args.follow,
+                separate_stderr: args.separate_stderr,
+                attempt: args.attempt,
+                all_attempts: args.all_attempts,
+            };
+            logs(&conn, &opts).await
+        }
+        Command::Admin(cmd) => {
+            no_client_options("admin")?;
+            admin(cmd)
+        }
+        Command::Cancel { build, client, out } => {
+            let mut c = build_client(&client.connection(&before)).await?;
             let b = c
                 .cancel_build(proto::CancelBuildRequest { build_id: build })
                 .await?
                 .into_inner();
-            print_build(&b, cli.json);
+            print_build(&b, json(out));
             Ok(exit::OK)
         }
-        Command::Retry { build } => {
-            let mut c = build_client(conn).await?;
+        Command::Retry { build, client, out } => {
+            let mut c = build_client(&client.connection(&before)).await?;
             let b = c
                 .retry_build(proto::RetryBuildRequest { build_id: build })
                 .await?
                 .into_inner();
-            print_build(&b, cli.json);
+            print_build(&b, json(out));
             Ok(exit::OK)
         }
-        Command::Runners { action: None } => runners(conn, cli.json).await,
         Command::Runners {
-            action: Some(RunnersAction::Drain { name }),
+            action: None,
+            client,
+            out,
+        } => runners(&client.connection(&before), json(out)).await,
+        Command::Runners {
+            action: Some(RunnersAction::Drain { name, client: own }),
+            client,
+            out: _,
         } => {
+            let conn = own.or(client).connection(&before);
             let mut c =
-                RunnerAdminServiceClient::with_interceptor(channel(conn).await?, bearer(conn)?);
+                RunnerAdminServiceClient::with_interceptor(channel(&conn).await?, bearer(&conn)?);
             let r = c
                 .drain_runner(proto::DrainRunnerRequest { name })
                 .await?
@@ -477,11 +761,64 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
             println!("runner {} is draining", r.name);
             Ok(exit::OK)
         }
-        Command::Demo(args) => crate::demo::run(args).await,
-        Command::Bench(args) => crate::bench::run(args).await,
-        Command::Watch(args) => crate::observer::run(conn, args, signal()).await,
-        Command::Up(args) => crate::up::run(args, signal()).await,
+        Command::Demo(args) => {
+            no_client_options("demo")?;
+            crate::demo::run(args).await
+        }
+        Command::Bench(args) => {
+            no_client_options("bench")?;
+            crate::bench::run(args).await
+        }
+        Command::Watch { args, client } => {
+            if before.json {
+                return Err(CliError::new(exit::USAGE, "kiln watch takes no --json"));
+            }
+            crate::observer::run(&client.connection(&before), args, signal()).await
+        }
+        Command::Up(args) => {
+            no_client_options("up")?;
+            crate::up::run(args, signal()).await
+        }
+        Command::Completions { shell } => {
+            no_client_options("completions")?;
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "kiln", &mut out);
+            write_out(false, &out)?;
+            Ok(exit::OK)
+        }
+        Command::Man { dir } => {
+            no_client_options("man")?;
+            man(dir.as_deref())
+        }
     }
+}
+
+/// `kiln man`: the main page on stdout, or every command's page into `dir`.
+fn man(dir: Option<&std::path::Path>) -> Result<i32, CliError> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    match dir {
+        None => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut out)
+                .map_err(|e| CliError::new(exit::INTERNAL, format!("cannot render: {e}")))?;
+            write_out(false, &out)?;
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                CliError::new(exit::USAGE, format!("cannot create {}: {e}", dir.display()))
+            })?;
+            clap_mangen::generate_to(cmd, dir).map_err(|e| {
+                CliError::new(
+                    exit::USAGE,
+                    format!("cannot write to {}: {e}", dir.display()),
+                )
+            })?;
+            eprintln!("kiln: man pages written to {}", dir.display());
+        }
+    }
+    Ok(exit::OK)
 }
 
 /// Resolves on the first SIGTERM or Ctrl-C.
@@ -734,7 +1071,12 @@ async fn submit(conn: &Connection, json: bool, args: SubmitArgs) -> Result<i32, 
         .into_inner();
     print_build(&b, json);
     if args.follow {
-        return logs(conn, &b.id.to_string(), true).await;
+        let opts = LogsOptions {
+            target: b.id.to_string(),
+            follow: true,
+            ..LogsOptions::default()
+        };
+        return logs(conn, &opts).await;
     }
     Ok(exit::OK)
 }
@@ -901,6 +1243,15 @@ fn build_json(b: &proto::Build) -> serde_json::Value {
             "attempts": j.attempts,
             "message": j.message,
             "lost_attempts": j.lost_attempts,
+            "attempt_list": j.attempt_list.iter().map(|a| serde_json::json!({
+                "id": a.id,
+                "number": a.number,
+                "runner": a.runner,
+                "state": a.state,
+                "started_at": a.started_at.as_ref().map(crate::convert::millis),
+                "finished_at": a.finished_at.as_ref().map(crate::convert::millis),
+                "note": (!a.note.is_empty()).then_some(&a.note),
+            })).collect::<Vec<_>>(),
             "refusals": j.refusals,
             "labels": j.labels,
             "steps": j.steps.iter().map(|s| serde_json::json!({
@@ -954,6 +1305,30 @@ fn print_build(b: &proto::Build, json: bool) {
                 format!("  ({})", j.message)
             }
         );
+        if let Some(first) = j.attempt_list.first()
+            && first.number > 1
+        {
+            println!("    ({} earlier attempts not listed)", first.number - 1);
+        }
+        for a in &j.attempt_list {
+            let result = if a.id == j.attempt_id {
+                "  <- current"
+            } else {
+                ""
+            };
+            println!(
+                "    attempt {} (id {}) on {:<12} {:<10}{}{result}",
+                a.number,
+                a.id,
+                if a.runner.is_empty() { "-" } else { &a.runner },
+                a.state,
+                if a.note.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ({})", a.note)
+                }
+            );
+        }
         for r in &j.refusals {
             println!("    refused: {r}");
         }
@@ -974,12 +1349,94 @@ fn print_build(b: &proto::Build, json: bool) {
     }
 }
 
-/// Prints a job's output (to stdout and stderr, as the step wrote it) and, when following,
-/// returns the exit code of the job's final state.
-pub async fn logs(conn: &Connection, target: &str, follow: bool) -> Result<i32, CliError> {
-    let (build, job) = match target.split_once('/') {
+/// What `kiln logs` (and `kiln submit -f`) prints.
+#[derive(Debug, Clone, Default)]
+pub struct LogsOptions {
+    /// BUILD or BUILD/JOB.
+    pub target: String,
+    /// Only this job (name or id), as BUILD/JOB says.
+    pub job: Option<String>,
+    /// Follow live output until the job (or every job of the build) ends.
+    pub follow: bool,
+    /// The job's stderr to kiln's stderr (otherwise everything to stdout, in log order).
+    pub separate_stderr: bool,
+    /// Only this attempt (by number) of the one job shown.
+    pub attempt: Option<u32>,
+    /// Every attempt's output (otherwise the current attempt's: the result's or the running).
+    pub all_attempts: bool,
+}
+
+/// Which attempts' output of a job to show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AttemptFilter {
+    /// Every attempt.
+    All,
+    /// This attempt id.
+    Only(u64),
+    /// This attempt id and any later one (a follower sees a reassignment's new attempt).
+    From(u64),
+}
+
+impl AttemptFilter {
+    /// The filter for a job: `--all-attempts`, `--attempt N`, or the current attempt.
+    fn of(job: &proto::Job, opts: &LogsOptions) -> Result<Self, CliError> {
+        if opts.all_attempts {
+            return Ok(Self::All);
+        }
+        match opts.attempt {
+            Some(n) => job
+                .attempt_list
+                .iter()
+                .find(|a| a.number == n)
+                .map(|a| Self::Only(a.id))
+                .ok_or_else(|| {
+                    CliError::new(
+                        exit::NOT_FOUND,
+                        format!(
+                            "job {} has no attempt {n} (it has {})",
+                            job.name,
+                            match job.attempts {
+                                0 => "none".to_string(),
+                                1 => "attempt 1".to_string(),
+                                k => format!("attempts 1 to {k}"),
+                            }
+                        ),
+                    )
+                }),
+            None => Ok(Self::From(job.attempt_id)),
+        }
+    }
+
+    /// Whether output of `attempt` is shown (0: a dispatcher that does not say).
+    fn shows(self, attempt: u64) -> bool {
+        attempt == 0
+            || match self {
+                Self::All => true,
+                Self::Only(a) => attempt == a,
+                Self::From(a) => attempt >= a,
+            }
+    }
+}
+
+/// Prints the output of a build's jobs (or one job): each job's output in the order it was
+/// produced, to stdout (with `separate_stderr` the job's stderr to stderr). With more than one
+/// job every line is prefixed with its job's name (coloured on a terminal unless `NO_COLOR`
+/// is set); when following, every job is followed at once and the command ends with the
+/// build's (or the job's) status and exits with its code.
+pub async fn logs(conn: &Connection, opts: &LogsOptions) -> Result<i32, CliError> {
+    let target = opts.target.as_str();
+    let (build, in_target) = match target.split_once('/') {
         Some((b, j)) => (b, Some(j)),
         None => (target, None),
+    };
+    let job = match (in_target, opts.job.as_deref()) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(CliError::new(
+                exit::USAGE,
+                format!("{target:?} names job {a:?} but --job says {b:?}"),
+            ));
+        }
+        (a, b) => a.or(b),
     };
     let build: u64 = build
         .parse()
@@ -1006,64 +1463,244 @@ pub async fn logs(conn: &Connection, target: &str, follow: bool) -> Result<i32, 
         eprintln!("build {build} has no jobs: {}", b.error);
         return Ok(state_exit(b.state));
     }
-    let whole_build = job.is_none();
-    let ids: Vec<u64> = jobs.iter().map(|j| j.id).collect();
-    let mut worst = exit::OK;
-    for id in ids {
-        let code = follow_job(&mut c, id, follow).await?;
-        worst = worst.max(code);
+    if opts.attempt.is_some() && jobs.len() > 1 {
+        return Err(CliError::new(
+            exit::USAGE,
+            format!(
+                "build {build} has {} jobs: --attempt needs one (BUILD/JOB or --job)",
+                jobs.len()
+            ),
+        ));
     }
-    if whole_build && follow {
-        // The build's own state decides (a skipped job after a failed one is not worse).
-        let b = c
-            .get_build(proto::GetBuildRequest { build_id: build })
-            .await?
-            .into_inner();
-        return Ok(state_exit(b.state));
+    let filters = jobs
+        .iter()
+        .map(|j| AttemptFilter::of(j, opts))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (j, f) in jobs.iter().zip(&filters) {
+        if let (AttemptFilter::From(_), Some(last)) = (f, j.attempt_list.last())
+            && j.attempts > 1
+        {
+            eprintln!(
+                "kiln: job {} had {} attempts; showing attempt {} on {} (--attempt N or \
+                 --all-attempts for the others)",
+                j.name, j.attempts, last.number, last.runner
+            );
+        }
     }
-    Ok(worst)
-}
-
-async fn follow_job(c: &mut BuildClient, job: u64, follow: bool) -> Result<i32, CliError> {
-    let mut stream = c
-        .stream_logs(proto::StreamLogsRequest {
-            job_id: job,
-            build_id: 0,
-            offset: 0,
-            follow,
-        })
+    let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
+    let prefixes = if jobs.len() > 1 {
+        job_prefixes(&names, colour_wanted())
+    } else {
+        Vec::new()
+    };
+    let mut printer = Printer {
+        separate_stderr: opts.separate_stderr,
+        prefixes,
+        partial: std::collections::HashMap::new(),
+    };
+    let follow = opts.follow;
+    let mut codes = vec![exit::RUNNING; jobs.len()];
+    if follow && jobs.len() > 1 {
+        // Every job at once: one stream per job, their chunks printed as they come.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(
+            usize,
+            Result<Option<proto::LogChunk>, tonic::Status>,
+        )>(64);
+        for (i, j) in jobs.iter().enumerate() {
+            let (mut c, tx, id) = (c.clone(), tx.clone(), j.id);
+            tokio::spawn(async move {
+                let streamed = async {
+                    let mut s = c.stream_logs(stream_request(id, true)).await?.into_inner();
+                    while let Some(chunk) = s.message().await? {
+                        if tx.send((i, Ok(Some(chunk)))).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok::<_, tonic::Status>(())
+                }
+                .await;
+                let _ = tx.send((i, streamed.map(|()| None))).await;
+            });
+        }
+        drop(tx);
+        while let Some((i, event)) = rx.recv().await {
+            match event? {
+                Some(chunk) => {
+                    if chunk.final_state != 0 {
+                        codes[i] = state_exit(chunk.final_state);
+                    }
+                    if filters[i].shows(chunk.attempt_id) {
+                        printer.chunk(i, chunk.stream, &chunk.data)?;
+                    }
+                }
+                None => printer.end(i)?,
+            }
+        }
+    } else {
+        for (i, j) in jobs.iter().enumerate() {
+            let mut s = c
+                .stream_logs(stream_request(j.id, follow))
+                .await?
+                .into_inner();
+            while let Some(chunk) = s.message().await? {
+                if chunk.final_state != 0 {
+                    codes[i] = state_exit(chunk.final_state);
+                }
+                if filters[i].shows(chunk.attempt_id) {
+                    printer.chunk(i, chunk.stream, &chunk.data)?;
+                }
+            }
+            printer.end(i)?;
+        }
+    }
+    if !follow {
+        return Ok(codes.into_iter().max().unwrap_or(exit::OK));
+    }
+    // The end: the build's own state decides (a skipped job after a failed one is not worse).
+    let b = c
+        .get_build(proto::GetBuildRequest { build_id: build })
         .await?
         .into_inner();
-    let mut code = exit::RUNNING;
-    while let Some(chunk) = stream.message().await? {
-        if chunk.final_state != 0 {
-            code = state_exit(chunk.final_state);
-        }
-        if chunk.data.is_empty() {
-            continue;
-        }
-        let result = if chunk.stream == proto::OutputStream::Stderr as i32 {
-            let mut e = std::io::stderr().lock();
-            e.write_all(&chunk.data).and_then(|()| e.flush())
+    if job.is_none() {
+        let others: Vec<String> = b
+            .jobs
+            .iter()
+            .filter(|j| b.jobs.len() > 1 && j.state != proto::JobState::Passed as i32)
+            .map(|j| format!("{} {}", j.name, state_name(j.state)))
+            .collect();
+        let detail = if others.is_empty() {
+            String::new()
         } else {
-            let mut o = std::io::stdout().lock();
-            o.write_all(&chunk.data).and_then(|()| o.flush())
+            format!(" ({})", others.join(", "))
         };
-        if let Err(e) = result {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                return Ok(exit::OK);
+        write_out(
+            false,
+            format!("kiln: build {build} {}{detail}\n", state_name(b.state)).as_bytes(),
+        )?;
+        return Ok(state_exit(b.state));
+    }
+    let code = codes.first().copied().unwrap_or(exit::RUNNING);
+    if let Some(j) = jobs.first() {
+        let state = b.jobs.iter().find(|x| x.id == j.id).map_or(0, |x| x.state);
+        write_out(
+            false,
+            format!(
+                "kiln: job {} of build {build} {}\n",
+                j.name,
+                state_name(state)
+            )
+            .as_bytes(),
+        )?;
+    }
+    Ok(code)
+}
+
+fn stream_request(job: u64, follow: bool) -> proto::StreamLogsRequest {
+    proto::StreamLogsRequest {
+        job_id: job,
+        build_id: 0,
+        offset: 0,
+        follow,
+    }
+}
+
+/// Whether to colour job prefixes: on a terminal, unless `NO_COLOR` is set (and not empty).
+fn colour_wanted() -> bool {
+    use std::io::IsTerminal as _;
+    colour_for(
+        std::io::stdout().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    )
+}
+
+/// Colour on a terminal, unless `NO_COLOR` is set to something (<https://no-color.org>).
+fn colour_for(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// `[name] ` for each job, padded to the longest name so the output lines up, each in its own
+/// colour when `colour`.
+fn job_prefixes(names: &[&str], colour: bool) -> Vec<Vec<u8>> {
+    use anstyle::AnsiColor::{Blue, Cyan, Green, Magenta, Red, Yellow};
+    let palette = [Cyan, Green, Yellow, Magenta, Blue, Red];
+    let width = names.iter().map(|n| n.chars().count()).max().unwrap_or(0);
+    names
+        .iter()
+        .zip(palette.iter().cycle())
+        .map(|(name, c)| {
+            let pad = " ".repeat(width - name.chars().count());
+            if colour {
+                let style = c.on_default();
+                format!("{}[{name}]{}{pad} ", style.render(), style.render_reset())
+            } else {
+                format!("[{name}]{pad} ")
             }
-            return Err(CliError::new(
-                exit::INTERNAL,
-                format!("cannot write output: {e}"),
-            ));
+            .into_bytes()
+        })
+        .collect()
+}
+
+/// Longest partial line kept back while waiting for its newline; longer ones are cut.
+const MAX_PARTIAL_LINE: usize = 64 * 1024;
+
+/// Writes jobs' output: as is for one job, line by line with each job's prefix for several.
+struct Printer {
+    separate_stderr: bool,
+    /// One per job; empty: no prefixes (bytes pass through untouched).
+    prefixes: Vec<Vec<u8>>,
+    /// Unfinished last line per (job, to stderr).
+    partial: std::collections::HashMap<(usize, bool), Vec<u8>>,
+}
+
+impl Printer {
+    fn chunk(&mut self, job: usize, stream: i32, data: &[u8]) -> Result<(), CliError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let to_err = self.separate_stderr && stream == proto::OutputStream::Stderr as i32;
+        let Some(prefix) = self.prefixes.get(job) else {
+            return write_out(to_err, data);
+        };
+        let buf = self.partial.entry((job, to_err)).or_default();
+        buf.extend_from_slice(data);
+        let mut out = Vec::new();
+        let mut start = 0;
+        while let Some(pos) = buf[start..].iter().position(|&b| b == b'\n') {
+            out.extend_from_slice(prefix);
+            out.extend_from_slice(&buf[start..=start + pos]);
+            start += pos + 1;
+        }
+        if buf.len() - start >= MAX_PARTIAL_LINE {
+            out.extend_from_slice(prefix);
+            out.extend_from_slice(&buf[start..]);
+            out.push(b'\n');
+            start = buf.len();
+        }
+        buf.drain(..start);
+        if out.is_empty() {
+            Ok(())
+        } else {
+            write_out(to_err, &out)
         }
     }
-    Ok(if follow {
-        code
-    } else {
-        code.min(exit::RUNNING)
-    })
+
+    /// The job's output ended: its unfinished lines are written with a newline.
+    fn end(&mut self, job: usize) -> Result<(), CliError> {
+        let Some(prefix) = self.prefixes.get(job) else {
+            return Ok(());
+        };
+        for to_err in [false, true] {
+            if let Some(rest) = self.partial.remove(&(job, to_err))
+                && !rest.is_empty()
+            {
+                let mut out = prefix.clone();
+                out.extend_from_slice(&rest);
+                out.push(b'\n');
+                write_out(to_err, &out)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 async fn runners(conn: &Connection, json: bool) -> Result<i32, CliError> {
@@ -1117,4 +1754,30 @@ async fn runners(conn: &Connection, json: bool) -> Result<i32, CliError> {
         }
     }
     Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_prefixes_line_up_and_are_coloured_only_when_asked() {
+        let plain = job_prefixes(&["build", "test-1"], false);
+        assert_eq!(plain, vec![b"[build]  ".to_vec(), b"[test-1] ".to_vec()]);
+        let coloured = job_prefixes(&["build", "test-1"], true);
+        for (c, p) in coloured.iter().zip(&plain) {
+            assert!(c.starts_with(b"\x1b["), "{c:?}");
+            assert!(c.len() > p.len());
+        }
+        assert_ne!(coloured[0], coloured[1], "each job its own colour");
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(colour_for(true, None));
+        assert!(colour_for(true, Some(OsStr::new(""))));
+        assert!(!colour_for(true, Some(OsStr::new("1"))));
+        assert!(!colour_for(false, None));
+    }
 }

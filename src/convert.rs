@@ -148,6 +148,11 @@ pub fn build_to_proto(d: &BuildDetail) -> proto::Build {
                         })
                         .unwrap_or_default(),
                     lost_attempts: j.lost_attempts,
+                    attempt_list: d
+                        .attempts
+                        .get(&j.id)
+                        .map(|list| list.iter().map(attempt_to_proto).collect())
+                        .unwrap_or_default(),
                 }
             })
             .collect(),
@@ -160,6 +165,19 @@ pub fn build_to_proto(d: &BuildDetail) -> proto::Build {
     }
 }
 
+/// One attempt of a job to wire.
+pub fn attempt_to_proto(a: &kiln_store::AttemptInfo) -> proto::JobAttempt {
+    proto::JobAttempt {
+        id: a.id,
+        number: a.number,
+        runner: a.runner.clone(),
+        state: a.state.clone(),
+        started_at: Some(timestamp(a.created_at)),
+        finished_at: a.finished_at.map(timestamp),
+        note: a.note.clone().unwrap_or_default(),
+    }
+}
+
 /// A build without its jobs (for lists) to wire.
 pub fn build_summary_to_proto(b: &kiln_domain::Build) -> proto::Build {
     build_to_proto(&BuildDetail {
@@ -167,6 +185,7 @@ pub fn build_summary_to_proto(b: &kiln_domain::Build) -> proto::Build {
         jobs: Vec::new(),
         steps: Default::default(),
         refusals: Default::default(),
+        attempts: Default::default(),
     })
 }
 

@@ -5,6 +5,8 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() {
+    // `kiln ... | head`: end quietly when the output's reader goes away.
+    kiln::cli::end_quietly_on_closed_pipe();
     let cli = kiln::cli::Cli::parse();
     let server = matches!(
         cli.command,

@@ -605,3 +605,155 @@ fn duplicate_submit_is_already_exists() {
     assert_eq!(out.json()["commit"], sha.as_str());
     assert_eq!(api.list_builds().len(), n + 2);
 }
+
+/// The long flags (`--name`) a help text lists.
+fn listed_flags(help: &str) -> Vec<String> {
+    help.lines()
+        .map(str::trim_start)
+        .filter(|l| l.starts_with('-'))
+        .flat_map(|l| {
+            l.split(|c: char| c.is_whitespace() || c == ',')
+                .take_while(|w| w.is_empty() || w.starts_with('-') || w.starts_with('<'))
+                .filter(|w| w.starts_with("--"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Each command lists (and takes) only the flags it uses: the dispatcher and runners no
+/// client `--json`, the dispatcher no `--dispatcher`/`--token`; the client options before the
+/// command are still accepted where they apply.
+#[test]
+fn each_command_lists_only_the_flags_it_uses() {
+    let client = [
+        "--dispatcher",
+        "--token",
+        "--tls-ca",
+        "--tls-cert",
+        "--tls-key",
+    ];
+    let help = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.push("--help");
+        let out = kiln(&all);
+        out.expect_code(0);
+        listed_flags(&out.out())
+    };
+    for cmd in [
+        &["serve"][..],
+        &["demo"],
+        &["up"],
+        &["admin", "runner-token", "create"],
+        &["completions"],
+        &["man"],
+    ] {
+        let flags = help(cmd);
+        for f in client.iter().chain(&["--json"]) {
+            assert!(
+                !flags.iter().any(|x| x == f),
+                "kiln {cmd:?} lists {f}: {flags:?}"
+            );
+        }
+    }
+    let runner = help(&["runner"]);
+    for f in client {
+        assert!(
+            runner.iter().any(|x| x == f),
+            "kiln runner lacks {f}: {runner:?}"
+        );
+    }
+    assert!(!runner.iter().any(|x| x == "--json"), "{runner:?}");
+    for cmd in [
+        &["submit"][..],
+        &["builds"],
+        &["show"],
+        &["tests"],
+        &["cancel"],
+        &["retry"],
+        &["runners"],
+    ] {
+        let flags = help(cmd);
+        for f in client.iter().chain(&["--json"]) {
+            assert!(
+                flags.iter().any(|x| x == f),
+                "kiln {cmd:?} lacks {f}: {flags:?}"
+            );
+        }
+    }
+    for cmd in [&["logs"][..], &["watch"], &["runners", "drain"]] {
+        let flags = help(cmd);
+        assert!(
+            flags.iter().any(|x| x == "--dispatcher"),
+            "{cmd:?}: {flags:?}"
+        );
+        assert!(!flags.iter().any(|x| x == "--json"), "{cmd:?}: {flags:?}");
+    }
+    // Refused where they mean nothing, before or after the command.
+    kiln(&["serve", "--json"]).expect_code(2);
+    kiln(&["serve", "--dispatcher", "http://127.0.0.1:1"]).expect_code(2);
+    let out = kiln(&["--json", "serve"]);
+    out.expect_code(2);
+    assert!(out.err().contains("kiln serve takes none of"), "{out}");
+    kiln(&["runner", "--json"]).expect_code(2);
+    // Before or after the command, a client option means the same.
+    for args in [
+        &["--dispatcher", "http://127.0.0.1:1", "show", "1"][..],
+        &["show", "1", "--dispatcher", "http://127.0.0.1:1"],
+    ] {
+        let out = kiln(args);
+        out.expect_code(6);
+        assert!(out.err().contains("127.0.0.1:1"), "{out}");
+    }
+}
+
+/// `kiln completions bash|zsh|fish` prints a completion script the shell takes; `kiln man`
+/// prints the man page, `kiln man --dir D` writes one page per command.
+#[test]
+fn completions_and_man_pages() {
+    let bash = kiln(&["completions", "bash"]);
+    bash.expect_code(0);
+    assert!(bash.out().contains("--separate-stderr"), "{bash}");
+    let tmp = tempdir();
+    let script = tmp.path().join("kiln.bash");
+    std::fs::write(&script, &bash.stdout).unwrap();
+    let loaded = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!("source '{}' && complete -p kiln", script.display()))
+        .output()
+        .unwrap();
+    assert!(
+        loaded.status.success() && String::from_utf8_lossy(&loaded.stdout).contains("_kiln"),
+        "{loaded:?}"
+    );
+    let zsh = kiln(&["completions", "zsh"]);
+    zsh.expect_code(0);
+    assert!(zsh.out().starts_with("#compdef kiln"), "{zsh}");
+    let fish = kiln(&["completions", "fish"]);
+    fish.expect_code(0);
+    assert!(fish.out().contains("complete -c kiln"), "{fish}");
+    kiln(&["completions", "tcsh-or-so"]).expect_code(2);
+
+    let page = kiln(&["man"]);
+    page.expect_code(0);
+    assert!(page.out().contains(".TH kiln 1"), "{page}");
+    assert!(page.out().contains("submit"), "{page}");
+    let dir = tmp.path().join("man1");
+    kiln(&["man", "--dir", dir.to_str().unwrap()]).expect_code(0);
+    for name in [
+        "kiln.1",
+        "kiln-serve.1",
+        "kiln-logs.1",
+        "kiln-runners-drain.1",
+    ] {
+        assert!(dir.join(name).is_file(), "{name} missing in {dir:?}");
+    }
+    let logs = std::fs::read_to_string(dir.join("kiln-logs.1")).unwrap();
+    assert!(logs.contains("separate\\-stderr"), "{logs}");
+    // A directory that cannot be made: a clear error, exit 2.
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let out = kiln(&["man", "--dir", file.join("sub").to_str().unwrap()]);
+    out.expect_code(2);
+    assert!(out.err().contains("cannot create"), "{out}");
+}

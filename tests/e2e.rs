@@ -260,14 +260,24 @@ fn non_utf8_output_is_byte_exact() {
     let got: Vec<&[u8]> = rest.iter().map(|c| c.data.as_ref()).collect();
     assert_eq!(got, expect);
 
+    // `kiln logs`: everything on stdout, in the order the log holds it (as it was produced),
+    // so `kiln logs N | grep` sees the job's stderr too.
+    let all: Vec<u8> = chunks.iter().flat_map(|c| c.data.to_vec()).collect();
     let out = server.cli(&["logs", &id.to_string()]);
+    out.expect_code(0);
+    assert_eq!(out.stdout, all, "{out}");
+    assert!(contains(&out.stdout, b"\xfderr\x80\n"), "{out}");
+    assert!(out.stderr.is_empty(), "{out}");
+
+    // `--separate-stderr`: the job's stderr on kiln's stderr, the rest on stdout.
+    let out = server.cli(&["logs", "--separate-stderr", &id.to_string()]);
     out.expect_code(0);
     assert!(
         contains(&out.stdout, b"\xff\xfe\x00abc\n"),
         "{:?}",
         out.stdout
     );
-    assert!(contains(&out.stderr, b"\xfderr\x80\n"), "{:?}", out.stderr);
+    assert_eq!(out.stderr, b"\xfderr\x80\n", "{out}");
     assert!(
         !contains(&out.stdout, b"\xfderr"),
         "stderr bytes went to stdout"
@@ -581,4 +591,44 @@ fn list_builds_pages_and_filters() {
     let v = out.json();
     assert_eq!(v["builds"].as_array().unwrap().len(), 1, "{v}");
     assert!(!v["next_page_token"].as_str().unwrap().is_empty(), "{v}");
+}
+
+/// `kiln show 1 --json | head -c 100` and the like: every command whose output's reader has
+/// gone ends at once and quietly (status 141, as a shell reports for `cat` killed by SIGPIPE),
+/// never with a panic. The pipe's reader is closed before kiln starts, so its first write fails.
+#[test]
+fn every_command_ends_quietly_on_a_closed_pipe() {
+    let tmp = tempdir();
+    let pipeline =
+        "steps:\n  - name: talk\n    run: |\n      printf 'out\\n'\n      printf 'err\\n' >&2\n";
+    let (repo, sha) = Repo::with_pipeline(&tmp.path().join("repo"), pipeline);
+    let server = Server::start(&tmp.path().join("data"), &["--heartbeat-interval", "500ms"]);
+    let _r = server.runner(tmp.path(), "r1", &[]);
+    let id = id_of(&server.submit(&repo.path, &sha));
+    let b = server.wait_final(id, LONG);
+    assert_eq!(b["state"], "passed", "{b}");
+    let id = id.to_string();
+    let fresh = repo.new_commit("fresh");
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["show", &id, "--json"],
+        vec!["show", &id],
+        vec!["builds"],
+        vec!["--json", "builds"],
+        vec!["logs", &id],
+        vec!["logs", "-f", &id],
+        vec!["tests", &id],
+        vec!["runners"],
+        vec!["submit", "--repo", repo.path_str(), "--commit", &fresh],
+    ];
+    for args in commands {
+        let mut all = vec!["--dispatcher", server.url.as_str()];
+        all.extend_from_slice(&args);
+        let name = format!("kiln {} | (closed)", args.join(" "));
+        let out = Proc::kiln_closed_stdout(name.clone(), &all).wait(LONG);
+        assert_eq!(out.status.code(), Some(141), "{name}: {out}");
+        assert!(
+            !out.err().contains("panicked") && !out.err().contains("Broken pipe"),
+            "{name}: {out}"
+        );
+    }
 }

@@ -37,9 +37,11 @@ fn one_step(name: &str, marker: &str, run: &str, extra: &str) -> String {
     s
 }
 
-/// `kiln logs ID` (stdout: step output and kiln's own lines).
+/// `kiln logs --all-attempts ID` (stdout: every attempt's output and kiln's own lines).
 fn logs(server: &Server, id: u64) -> String {
-    server.cli(&["logs", &id.to_string()]).out()
+    server
+        .cli(&["logs", "--all-attempts", &id.to_string()])
+        .out()
 }
 
 /// Waits until the build's log contains `needle`.

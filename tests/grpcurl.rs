@@ -171,8 +171,9 @@ fn grpcurl_sees_services_health_and_json() {
     ]);
     assert!(out.err().contains("NotFound"), "{out}");
 
-    // SubmitBuild through grpcurl: a bad commit is InvalidArgument, a good one is stored.
-    let bad = format!(r#"{{"repo": "{}", "commit": "zzz"}}"#, repo.path_str());
+    // SubmitBuild through grpcurl: a malformed revision is InvalidArgument, a good one is
+    // stored.
+    let bad = format!(r#"{{"repo": "{}", "commit": "z z"}}"#, repo.path_str());
     let out = grpcurl(&[
         "-plaintext",
         "-d",

@@ -115,7 +115,10 @@ fn large_output_is_complete() {
     let server = Server::start(&tmp.path().join("data"), &["--heartbeat-interval", "500ms"]);
     let _r = server.runner(tmp.path(), "r1", &[]);
     let id = id_of(&server.submit(&repo.path, &sha));
-    let mut follower = server.spawn_cli("kiln logs -f", &["logs", "-f", &id.to_string()]);
+    let mut follower = server.spawn_cli(
+        "kiln logs -f",
+        &["logs", "-f", "--separate-stderr", &id.to_string()],
+    );
     let followed = follower.wait(LONG);
     followed.expect_code(0);
     let b = server.wait_final(id, LONG);

@@ -620,3 +620,96 @@ fn a_detected_python_project_is_installed_before_its_tests() {
     assert!(error.contains("start from this `.kiln.yml`"), "{error}");
     assert!(error.contains("steps:\n  - name: test\n"), "{error}");
 }
+
+/// `kiln submit -f` follows every job of a build at once: the second job's output appears
+/// while the first job (followed first before) is still running, each line prefixed by its
+/// job (no colour: not a terminal), and the follower ends with the build's status and exits
+/// with its code. `kiln logs -f BUILD --job NAME` follows one job, without prefixes.
+#[test]
+fn follow_shows_every_job_of_a_build_at_once() {
+    let farm = Farm::start();
+    let go = farm.dir().join("go");
+    let pipeline = format!(
+        r#"jobs:
+  slow:
+    steps:
+      - name: wait
+        run: {slow}
+  fast:
+    steps:
+      - name: talk
+        run: {fast}
+"#,
+        slow = q(&format!(
+            "echo slow-begins; {}; printf 'slow-%s\\n' ends",
+            wait_flag_sh(&go)
+        )),
+        fast = q("echo fast-says-hi; echo fast-complains >&2; exit 4"),
+    );
+    let (repo, sha) = farm.repo("both", &pipeline);
+    let mut follower = farm.server.spawn_cli(
+        "kiln submit -f",
+        &[
+            "submit",
+            "--repo",
+            repo.path_str(),
+            "--commit",
+            &sha,
+            "--branch",
+            "main",
+            "-f",
+        ],
+    );
+    // `fast` ends while `slow` waits for the flag, which only this test writes.
+    follower.wait_stdout(b"[fast] fast-complains\n", LONG);
+    assert!(!go.exists());
+    assert!(
+        !contains(&follower.stdout(), b"slow-ends"),
+        "{:?}",
+        String::from_utf8_lossy(&follower.stdout())
+    );
+    assert!(
+        follower.try_status().is_none(),
+        "the follower exited before the build ended"
+    );
+    std::fs::write(&go, b"").unwrap();
+    let out = follower.wait(LONG);
+    out.expect_code(1);
+    let text = out.out();
+    let id: u64 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no build id: {out}"));
+    for line in [
+        "[slow] slow-begins\n",
+        "[slow] slow-ends\n",
+        "[fast] fast-says-hi\n",
+        "[fast] fast-complains\n",
+    ] {
+        assert!(text.contains(line), "{line:?} missing: {out}");
+    }
+    assert!(!text.contains('\x1b'), "colour on a pipe: {out}");
+    assert!(
+        text.ends_with(&format!("kiln: build {id} failed (fast failed)\n")),
+        "{out}"
+    );
+
+    // One job: its output as is, its status.
+    let one = farm
+        .server
+        .cli(&["logs", "-f", &id.to_string(), "--job", "slow"]);
+    one.expect_code(0);
+    assert!(one.out().contains("\nslow-ends\n"), "{one}");
+    assert!(!one.out().contains("[slow]"), "{one}");
+    assert!(
+        one.out()
+            .ends_with(&format!("kiln: job slow of build {id} passed\n")),
+        "{one}"
+    );
+    // The stored output of the whole build, prefixed, without following.
+    let all = farm.server.cli(&["logs", &id.to_string()]);
+    all.expect_code(1);
+    assert!(all.out().contains("[fast] fast-complains\n"), "{all}");
+    assert!(all.out().contains("[slow] slow-ends\n"), "{all}");
+}

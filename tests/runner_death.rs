@@ -46,6 +46,10 @@ fn job_of_a_killed_runner_moves_to_the_other_runner() {
         }
     });
 
+    // A follower attached during the first attempt goes on with the second.
+    let mut follower = server.spawn_cli("kiln logs -f", &["logs", "-f", &id.to_string()]);
+    follower.wait_stdout(format!("attempt {first_attempt} starts\n").as_bytes(), LONG);
+
     runners[victim_index].as_mut().unwrap().kill_all();
 
     let b = server.wait_build(id, &format!("reassigned to {survivor}"), LONG, |b| {
@@ -87,5 +91,72 @@ fn job_of_a_killed_runner_moves_to_the_other_runner() {
         !text.contains(&format!("attempt {first_attempt} done\n")),
         "{logs}"
     );
-    server.cli(&["show", &id.to_string()]).expect_code(0);
+    let followed = follower.wait(LONG);
+    followed.expect_code(0);
+    assert!(
+        followed
+            .out()
+            .contains(&format!("attempt {second_attempt} done\n")),
+        "{followed}"
+    );
+    // By default only the attempt that produced the result; the lost one on request.
+    assert!(
+        text.contains(&format!("attempt {second_attempt} starts\n")),
+        "{logs}"
+    );
+    assert!(
+        !text.contains(&format!("attempt {first_attempt} starts\n")),
+        "the superseded attempt's output is shown by default: {logs}"
+    );
+    assert!(logs.err().contains("had 2 attempts"), "{logs}");
+    let all = server.cli(&["logs", "--all-attempts", &id.to_string()]);
+    all.expect_code(0);
+    let first_at = all
+        .out()
+        .find(&format!("attempt {first_attempt} starts\n"))
+        .unwrap_or_else(|| panic!("{all}"));
+    let second_at = all
+        .out()
+        .find(&format!("attempt {second_attempt} starts\n"))
+        .unwrap_or_else(|| panic!("{all}"));
+    assert!(first_at < second_at, "{all}");
+    let one = server.cli(&["logs", "--attempt", "1", &id.to_string()]);
+    one.expect_code(0);
+    assert!(
+        one.out()
+            .contains(&format!("attempt {first_attempt} starts\n")),
+        "{one}"
+    );
+    assert!(
+        !one.out()
+            .contains(&format!("attempt {second_attempt} starts\n")),
+        "{one}"
+    );
+    server
+        .cli(&["logs", "--attempt", "3", &id.to_string()])
+        .expect_code(4);
+    // `kiln show` lists the attempts.
+    let attempts = b["jobs"][0]["attempt_list"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{b}");
+    assert_eq!(attempts[0]["id"], first_attempt, "{b}");
+    assert_eq!(attempts[0]["number"], 1, "{b}");
+    assert_eq!(attempts[0]["runner"], victim.as_str(), "{b}");
+    assert_ne!(attempts[0]["state"], "finished", "{b}");
+    assert_eq!(attempts[1]["id"], second_attempt, "{b}");
+    assert_eq!(attempts[1]["number"], 2, "{b}");
+    assert_eq!(attempts[1]["runner"], survivor, "{b}");
+    let shown = server.cli(&["show", &id.to_string()]);
+    shown.expect_code(0);
+    assert!(
+        shown
+            .out()
+            .contains(&format!("attempt 1 (id {first_attempt}) on {victim}")),
+        "{shown}"
+    );
+    assert!(
+        shown
+            .out()
+            .contains(&format!("attempt 2 (id {second_attempt}) on {survivor}")),
+        "{shown}"
+    );
 }

@@ -207,10 +207,16 @@ fn pump(
 
 impl Proc {
     /// Spawns `cmd` with stdin from /dev/null and stdout/stderr collected.
-    pub fn spawn(name: impl Into<String>, mut cmd: Command) -> Proc {
+    pub fn spawn(name: impl Into<String>, cmd: Command) -> Proc {
+        Proc::spawn_with_stdout(name, cmd, Stdio::piped())
+    }
+
+    /// Spawns `cmd` with stdin from /dev/null, this stdout (collected if piped) and stderr
+    /// collected.
+    pub fn spawn_with_stdout(name: impl Into<String>, mut cmd: Command, stdout: Stdio) -> Proc {
         let name = name.into();
         cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(stdout)
             .stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
@@ -218,10 +224,14 @@ impl Proc {
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
-        let readers = vec![
-            pump(child.stdout.take().unwrap(), stdout.clone(), tx.clone()),
-            pump(child.stderr.take().unwrap(), stderr.clone(), tx),
-        ];
+        let mut readers = vec![pump(
+            child.stderr.take().unwrap(),
+            stderr.clone(),
+            tx.clone(),
+        )];
+        if let Some(out) = child.stdout.take() {
+            readers.push(pump(out, stdout.clone(), tx));
+        }
         Proc {
             name,
             child,
@@ -240,6 +250,18 @@ impl Proc {
             .env_remove("KILN_DISPATCHER")
             .env_remove("KILN_LOG");
         Proc::spawn(name, cmd)
+    }
+
+    /// Spawns `kiln` with these arguments, its stdout a pipe whose reader is already closed
+    /// (as `kiln ... | head` once `head` has read enough), so its first write fails.
+    pub fn kiln_closed_stdout(name: impl Into<String>, args: &[&str]) -> Proc {
+        let (reader, writer) = nix::unistd::pipe().unwrap();
+        drop(reader);
+        let mut cmd = Command::new(KILN);
+        cmd.args(args)
+            .env_remove("KILN_DISPATCHER")
+            .env_remove("KILN_LOG");
+        Proc::spawn_with_stdout(name, cmd, Stdio::from(writer))
     }
 
     /// The process id.

@@ -67,6 +67,30 @@ pub struct BuildDetail {
     pub steps: BTreeMap<JobId, Vec<StepResult>>,
     /// Reports refused by fencing, per job: (attempt, reason), oldest first.
     pub refusals: BTreeMap<JobId, Vec<(AttemptId, String)>>,
+    /// Attempts per job, oldest first (at most the last [`MAX_LISTED_ATTEMPTS`]).
+    pub attempts: BTreeMap<JobId, Vec<AttemptInfo>>,
+}
+
+/// Most attempts of one job listed in a [`BuildDetail`] (the latest ones).
+pub const MAX_LISTED_ATTEMPTS: usize = 100;
+
+/// One attempt of a job, as a build's detail lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptInfo {
+    /// Id (what its log frames carry).
+    pub id: AttemptId,
+    /// 1 for the job's first attempt, then one more per attempt.
+    pub number: u32,
+    /// The runner's name.
+    pub runner: String,
+    /// `offered`, `running`, `finished`, `lost`, `superseded`.
+    pub state: String,
+    /// When it was given to the runner.
+    pub created_at: Millis,
+    /// When it ended.
+    pub finished_at: Option<Millis>,
+    /// Why it ended, when it says.
+    pub note: Option<String>,
 }
 
 /// Which builds to list.

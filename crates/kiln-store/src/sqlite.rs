@@ -11,7 +11,8 @@ use kiln_domain::{
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
 use crate::{
-    Attempt, BuildDetail, BuildFilter, Change, Finish, Recorded, Result, Store, StoreError,
+    Attempt, AttemptInfo, BuildDetail, BuildFilter, Change, Finish, Recorded, Result, Store,
+    StoreError,
 };
 
 /// The schema, applied in order; `PRAGMA user_version` records how many ran.
@@ -403,11 +404,52 @@ fn load_detail(tx: &Connection, id: BuildId) -> Result<Option<BuildDetail>> {
             refusals.insert(job.id, list);
         }
     }
+    // The latest attempts of each job, numbered from the job's count (every attempt row
+    // counted once when it was made).
+    let mut attempts = BTreeMap::new();
+    let mut stmt = tx.prepare_cached(
+        "SELECT a.id, COALESCE(r.name, ''), a.state, a.created_at, a.finished_at, a.note \
+         FROM attempts a LEFT JOIN runners r ON r.id = a.runner_id \
+         WHERE a.job_id = ?1 ORDER BY a.id DESC LIMIT ?2",
+    )?;
+    for job in &jobs {
+        let rows = stmt.query_map(
+            params![job.id as i64, crate::MAX_LISTED_ATTEMPTS as i64],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                ))
+            },
+        )?;
+        let mut list = Vec::new();
+        for (k, row) in rows.enumerate() {
+            let (id, runner, state, created_at, finished_at, note) = row?;
+            list.push(AttemptInfo {
+                id,
+                number: job.attempts.saturating_sub(k as u32),
+                runner,
+                state,
+                created_at,
+                finished_at,
+                note,
+            });
+        }
+        if !list.is_empty() {
+            list.reverse();
+            attempts.insert(job.id, list);
+        }
+    }
     Ok(Some(BuildDetail {
         build,
         jobs,
         steps,
         refusals,
+        attempts,
     }))
 }
 
