@@ -289,6 +289,46 @@ struct Session {
     stop: CancellationToken,
     /// When it last got work (round robin).
     last_assigned: u64,
+    /// Assignments it refused in a row (reset when it accepts one).
+    refusals: u32,
+    /// After a refusal it gets no work until then (tokio clock, so tests can pause it).
+    backoff_until: Option<tokio::time::Instant>,
+}
+
+/// The first wait after a runner refuses an assignment; doubled on each further refusal.
+const REFUSAL_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest wait between two assignments to a runner that keeps refusing them.
+const MAX_REFUSAL_BACKOFF: Duration = Duration::from_secs(60);
+/// Refusals in a row after which a runner counts as unhealthy.
+pub(crate) const UNHEALTHY_REFUSALS: u32 = 3;
+
+impl Session {
+    /// Whether it may be given work now.
+    fn takes_work(&self, now: tokio::time::Instant) -> bool {
+        !self.draining && self.backoff_until.is_none_or(|t| t <= now)
+    }
+
+    /// Counts a refused assignment and backs off: 1 s, 2 s, 4 s, ... up to a minute, so a
+    /// runner that refuses everything costs at most one attempt row a minute.
+    fn refused_assignment(&mut self, now: tokio::time::Instant) -> Duration {
+        self.refusals = self.refusals.saturating_add(1);
+        let wait = REFUSAL_BACKOFF
+            .saturating_mul(1 << self.refusals.saturating_sub(1).min(16))
+            .min(MAX_REFUSAL_BACKOFF);
+        self.backoff_until = Some(now + wait);
+        wait
+    }
+
+    /// It accepted an assignment: healthy again.
+    fn accepted_assignment(&mut self) {
+        self.refusals = 0;
+        self.backoff_until = None;
+    }
+
+    /// Refused enough assignments in a row to be counted unhealthy.
+    fn unhealthy(&self) -> bool {
+        self.refusals >= UNHEALTHY_REFUSALS
+    }
 }
 
 /// An attempt in flight.

@@ -274,9 +274,10 @@ impl Dispatcher {
     fn any_free_slot(&self) -> bool {
         let st = self.state();
         let used = st.used_slots();
-        st.sessions
-            .values()
-            .any(|s| !s.draining && used.get(&s.id).copied().unwrap_or(0) < u64::from(s.slots))
+        let now = tokio::time::Instant::now();
+        st.sessions.values().any(|s| {
+            s.takes_work(now) && used.get(&s.id).copied().unwrap_or(0) < u64::from(s.slots)
+        })
     }
 
     /// The least loaded matching runner with a free slot (round robin among equals).
@@ -287,8 +288,9 @@ impl Dispatcher {
         let mut st = self.state();
         let used_slots = st.used_slots();
         let mut best: Option<(RunnerId, (u64, u64))> = None;
+        let now = tokio::time::Instant::now();
         for (id, s) in &st.sessions {
-            if s.draining || !labels_match(labels, &s.labels) {
+            if !s.takes_work(now) || !labels_match(labels, &s.labels) {
                 continue;
             }
             let used = used_slots.get(&s.id).copied().unwrap_or(0);

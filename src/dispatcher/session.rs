@@ -301,10 +301,28 @@ impl Dispatcher {
                 last_heartbeat_ms: now_millis(),
                 stop: stop.clone(),
                 last_assigned: 0,
+                refusals: 0,
+                backoff_until: None,
             },
         );
         stale.sort_unstable();
         Ok((stale, lost))
+    }
+
+    /// Counts an assignment the runner refused and backs off from it.
+    fn refused_assignment(&self, runner: RunnerId, sid: u64, reason: &str) {
+        let mut st = self.state();
+        let Some(s) = st.sessions.get_mut(&runner).filter(|s| s.id == sid) else {
+            return;
+        };
+        let wait = s.refused_assignment(tokio::time::Instant::now());
+        if s.unhealthy() {
+            tracing::warn!(runner = %s.name, refusals = s.refusals, reason, backoff_ms = wait.as_millis() as u64,
+                "runner keeps refusing assignments; unhealthy, offered work only after a backoff");
+        } else {
+            tracing::info!(runner = %s.name, reason, backoff_ms = wait.as_millis() as u64,
+                "runner refused an assignment; backing off");
+        }
     }
 
     /// The runner drains: no new work goes to it.
@@ -388,6 +406,14 @@ impl Dispatcher {
                     send(tx, stop, refused(a.attempt_id, why)).await;
                     return Ok(());
                 }
+                if let Some(s) = self
+                    .state()
+                    .sessions
+                    .get_mut(&runner)
+                    .filter(|s| s.id == sid)
+                {
+                    s.accepted_assignment();
+                }
                 let attempt = a.attempt_id;
                 match self.db(move |s| s.start_attempt(attempt)).await {
                     Ok(Some(ch)) => self.publish(&ch),
@@ -405,6 +431,11 @@ impl Dispatcher {
                         || r.reason.contains("no free slot");
                     if r.reason.contains("draining") || r.reason.contains("shutting down") {
                         self.set_draining(runner, sid);
+                    } else {
+                        // A refusal is a fact about this runner (a leaked slot, a broken
+                        // disk): it gets no work for a while, longer each time, so it is never
+                        // offered work in a loop.
+                        self.refused_assignment(runner, sid, &r.reason);
                     }
                     let reason = format!("runner handed it back: {}", r.reason);
                     self.requeue_counted(r.attempt_id, &reason, !handed_back)

@@ -469,3 +469,66 @@ async fn next_units_is_fenced_and_checked() {
     assert!(err.message().contains("newline"), "{err:?}");
     stop.cancel();
 }
+
+/// A runner that refuses every assignment ("no free slot", a leaked slot) is backed off, not
+/// offered the job in a loop: over ten minutes (paused clock) it gets a bounded number of
+/// assignments, each one attempt row, and counts as unhealthy after a few.
+#[tokio::test(start_paused = true)]
+async fn a_runner_refusing_every_assignment_is_backed_off() {
+    let dir = tempfile::tempdir().unwrap();
+    // A lease longer than the test's real duration (liveness uses the real clock).
+    let mut c = Config::new(dir.path());
+    c.heartbeat_interval = Duration::from_secs(10);
+    let d = Dispatcher::open(c).unwrap();
+    let stop = CancellationToken::new();
+    let bg = d.spawn_background(stop.clone());
+    let b = build(&d, 1).await;
+    let (tx, mut out, runner) = attach(&d, "leaky", vec![]).await;
+    let start = tokio::time::Instant::now();
+    let mut assignments = 0u64;
+    // 1 + 2 + 4 + ... + 32 s, then one a minute: 15 in ten minutes.
+    const BOUND: u64 = 20;
+    while start.elapsed() < Duration::from_secs(600) {
+        let msg = tokio::time::timeout(Duration::from_secs(90), out.next()).await;
+        let a = match msg {
+            Err(_) => continue,
+            Ok(Some(Ok(proto::DispatcherMessage {
+                kind: Some(Out::Assign(a)),
+            }))) => a,
+            Ok(Some(Ok(_))) => continue,
+            Ok(other) => panic!("the session ended: {other:?}"),
+        };
+        assignments += 1;
+        assert!(
+            assignments <= BOUND,
+            "{assignments} assignments to a refusing runner within {:?}",
+            start.elapsed()
+        );
+        tx.send(m(In::Rejected(proto::Rejected {
+            attempt_id: a.attempt_id,
+            reason: "no free slot".into(),
+        })))
+        .await
+        .unwrap();
+        assert!(matches!(
+            next(&mut out).await.unwrap().kind,
+            Some(Out::ResultAck(_))
+        ));
+        // Heartbeats, so the runner stays attached.
+        tx.send(m(In::Heartbeat(proto::Heartbeat::default())))
+            .await
+            .unwrap();
+    }
+    assert!(assignments >= 5, "{assignments}");
+    let job = d.get_build(b.build.id).await.unwrap().jobs[0].clone();
+    assert_eq!(job.attempts as u64, assignments, "{job:?}");
+    assert_eq!(job.state, JobState::Queued);
+    {
+        let st = d.state();
+        let s = st.sessions.get(&runner).unwrap();
+        assert!(s.unhealthy(), "{} refusals", s.refusals);
+    }
+    drop(tx);
+    stop.cancel();
+    bg.await.unwrap();
+}

@@ -132,13 +132,14 @@ impl Shared {
         Some(slot)
     }
 
-    /// The job of `attempt` is over: its slot is free again.
+    /// The job of `attempt` is over: its slot is free again (also when the attempt was
+    /// dropped as superseded and so is no longer in `jobs`: the job task owns the slot and
+    /// releases it exactly once, when it ends).
     fn release(&self, attempt: AttemptId, slot: u32) {
-        if self.jobs().remove(&attempt).is_some() {
-            self.free_slots
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(slot);
+        self.jobs().remove(&attempt);
+        let mut free = self.free_slots.lock().unwrap_or_else(|p| p.into_inner());
+        if !free.contains(&slot) {
+            free.push(slot);
         }
     }
 

@@ -1,0 +1,53 @@
+//! Runner sessions against real processes: a runner stopped (SIGSTOP) past its lease comes
+//! back, drops the superseded attempt and frees its slot; a runner killed mid-job has its job
+//! run elsewhere after a short reconnect grace, not after the whole lease.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use nix::sys::signal::Signal;
+
+/// The job of `kiln show`'s JSON.
+fn job(b: &serde_json::Value) -> &serde_json::Value {
+    &b["jobs"][0]
+}
+
+#[test]
+fn a_runner_stopped_past_its_lease_frees_the_slot_of_the_attempt_it_drops() {
+    let tmp = tempdir();
+    let flag = tmp.path().join("go");
+    let pipeline = format!(
+        "steps:\n  - name: wait\n    run: |\n      echo \"attempt $KILN_ATTEMPT_ID starts\"\n      {}\n      echo \"attempt $KILN_ATTEMPT_ID done\"\n",
+        wait_flag_sh(&flag)
+    );
+    let (repo, sha) = Repo::with_pipeline(&tmp.path().join("repo"), &pipeline);
+    let server = Server::start(&tmp.path().join("data"), &["--heartbeat-interval", "300ms"]);
+    let runner = server.runner(tmp.path(), "r1", &[]);
+    server.wait_runners_attached(&["r1"]);
+
+    let id = id_of(&server.submit(&repo.path, &sha));
+    let b = server.wait_build(id, "running", LONG, |b| b["state"] == "running");
+    let first = job(&b)["attempt_id"].as_u64().unwrap();
+
+    // Stopped past its lease: the dispatcher declares it lost and queues the job again.
+    runner.signal(Signal::SIGSTOP);
+    server.wait_build(id, "the job queued again", LONG, |b| {
+        job(b)["state"] == "queued" && job(b)["attempts"] == 1
+    });
+    runner.signal(Signal::SIGCONT);
+
+    // It comes back, is told its attempt was superseded, drops it, and has a free slot for
+    // the second attempt (before the fix it refused every assignment with "no free slot").
+    let b = server.wait_build(id, "a second attempt running on r1", LONG, |b| {
+        job(b)["state"] == "running" && job(b)["attempt_id"].as_u64() != Some(first)
+    });
+    assert_eq!(job(&b)["runner"], "r1", "{b}");
+    std::fs::write(&flag, b"").unwrap();
+    let b = server.wait_final(id, LONG);
+    assert_eq!(b["state"], "passed", "{b}");
+    // A refusal or two while the dropped step was still being stopped, not a storm.
+    let attempts = job(&b)["attempts"].as_u64().unwrap();
+    assert!(attempts <= 6, "{attempts} attempts: {b}");
+}
