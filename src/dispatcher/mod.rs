@@ -62,6 +62,9 @@ pub struct Config {
     /// Branch patterns (globs, `release/*`) that build only their newest commit and cancel
     /// the branch's superseded builds; other branches build every commit.
     pub newest_only: Vec<String>,
+    /// Runners that never held an attempt are forgotten (their name freed, `kiln runners`
+    /// no longer lists them) this long after they were last seen.
+    pub forget_idle_runners_after: Duration,
 }
 
 impl Config {
@@ -78,6 +81,7 @@ impl Config {
             deadline_slack: Duration::from_secs(30),
             secrets: BTreeMap::new(),
             newest_only: Vec::new(),
+            forget_idle_runners_after: Duration::from_secs(3600),
         }
     }
 
@@ -227,6 +231,8 @@ struct State {
     /// Split steps' unit results per build and runner, to take out runners that fail what
     /// others pass.
     unit_health: health::UnitHealth,
+    /// When runners that never held work were last forgotten.
+    last_forget: Option<Instant>,
 }
 
 impl State {

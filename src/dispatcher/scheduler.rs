@@ -15,6 +15,8 @@ use crate::proto;
 
 /// How often liveness is checked.
 const TICK: Duration = Duration::from_millis(200);
+/// How often runners that never held work are looked for and forgotten.
+const FORGET_EVERY: Duration = Duration::from_secs(60);
 /// Queued jobs looked at per scheduling round.
 const ROUND: u32 = 256;
 
@@ -92,6 +94,19 @@ impl Dispatcher {
                 .collect();
             (expired, unanswered, overdue)
         };
+        let forget = {
+            let mut st = self.state();
+            let due = st
+                .last_forget
+                .is_none_or(|t| now.duration_since(t) >= FORGET_EVERY);
+            if due {
+                st.last_forget = Some(now);
+            }
+            due.then(|| st.sessions.keys().copied().collect::<Vec<_>>())
+        };
+        if let Some(attached) = forget {
+            self.forget_idle_runners(&attached).await?;
+        }
         for (a, job) in overdue {
             tracing::warn!(
                 attempt = a,
@@ -137,6 +152,24 @@ impl Dispatcher {
             }
         }
         Ok(())
+    }
+
+    /// Forgets runners that never held work and were not seen for
+    /// `Config::forget_idle_runners_after` (except `attached` ones).
+    pub(super) async fn forget_idle_runners(
+        &self,
+        attached: &[RunnerId],
+    ) -> Result<u64, DispatchError> {
+        let after = self.inner.config.forget_idle_runners_after;
+        let before = kiln_domain::now_millis().saturating_sub(after.as_millis() as i64);
+        let keep = attached.to_vec();
+        let n = self
+            .db(move |s| s.forget_idle_runners(before, &keep))
+            .await?;
+        if n > 0 {
+            tracing::info!(forgotten = n, "forgot runners that never held work");
+        }
+        Ok(n)
     }
 
     /// Sends an attempt's job back to the queue (or ends it errored after too many losses).

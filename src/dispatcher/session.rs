@@ -52,16 +52,34 @@ async fn send(
     }
 }
 
-fn validate_hello(h: &proto::Hello) -> Result<(), Status> {
-    let name = h.name.trim();
+/// Checks a runner name: 1 to [`MAX_NAME`] characters from `A-Z a-z 0-9 . _ - : @`, starting
+/// with a letter or digit. An ASCII allow-list, so no name hides invisible characters (U+200B)
+/// or look-alike letters behind the name it displays as. `field` names the field in the error.
+pub(crate) fn check_runner_name(name: &str, field: &str) -> Result<(), String> {
     if name.is_empty() {
-        return Err(Status::invalid_argument("hello.name is required"));
+        return Err(format!("{field} is required"));
     }
-    if name.len() > MAX_NAME || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(Status::invalid_argument(format!(
-            "hello.name must be at most {MAX_NAME} printable characters without spaces"
-        )));
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '@');
+    if name.len() > MAX_NAME
+        || !name.chars().all(ok_char)
+        || !name.starts_with(|c: char| c.is_ascii_alphanumeric())
+    {
+        let shown: String = name
+            .chars()
+            .take(32)
+            .flat_map(char::escape_default)
+            .collect();
+        let more = if name.chars().count() > 32 { "..." } else { "" };
+        return Err(format!(
+            "{field} \"{shown}{more}\" is not a valid runner name: at most {MAX_NAME} characters \
+             from A-Z a-z 0-9 . _ - : @, starting with a letter or digit"
+        ));
     }
+    Ok(())
+}
+
+fn validate_hello(h: &proto::Hello) -> Result<(), Status> {
+    check_runner_name(h.name.trim(), "hello.name").map_err(Status::invalid_argument)?;
     if h.slots == 0 || h.slots > MAX_SLOTS {
         return Err(Status::invalid_argument(format!(
             "hello.slots must be between 1 and {MAX_SLOTS}, got {}",
@@ -75,6 +93,16 @@ fn validate_hello(h: &proto::Hello) -> Result<(), Status> {
     {
         return Err(Status::invalid_argument(format!(
             "hello.labels: at most {MAX_LABELS} labels, non-empty keys of at most 128 bytes, values of at most 256"
+        )));
+    }
+    // A runner holds at most its slots running, plus as many finished attempts whose results
+    // are not yet acknowledged.
+    let max_held = 2 * h.slots as usize;
+    if h.held_attempts.len() > max_held {
+        return Err(Status::invalid_argument(format!(
+            "hello.held_attempts lists {} attempts; a runner with {} slots holds at most {max_held}",
+            h.held_attempts.len(),
+            h.slots
         )));
     }
     Ok(())
@@ -160,9 +188,16 @@ impl Dispatcher {
             }
         };
         for &a in &stale {
+            // Recorded only for an attempt that was once this runner's: a claim on anyone
+            // else's attempt (or one that does not exist) is ignored without a row.
             let reason =
                 format!("runner {name} came back holding attempt {a}, which was superseded");
-            let _ = self.db(move |s| s.record_refusal(a, &reason)).await;
+            let _ = self
+                .db(move |s| match s.get_attempt(a)? {
+                    Some(at) if at.runner_id == runner => s.record_refusal(a, &reason),
+                    _ => Ok(()),
+                })
+                .await;
         }
         for a in lost {
             if let Err(e) = self.requeue(a, "runner came back without it").await {

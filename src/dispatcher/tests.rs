@@ -532,3 +532,155 @@ async fn a_runner_refusing_every_assignment_is_backed_off() {
     stop.cancel();
     bg.await.unwrap();
 }
+
+/// Attaches with a hello and returns the status the stream ended with (the hello refused).
+async fn hello_refused(d: &Dispatcher, hello: proto::Hello) -> Status {
+    let (tx, rx) = mpsc::channel(4);
+    let mut out = d.attach(ReceiverStream::new(rx));
+    tx.send(m(In::Hello(hello))).await.unwrap();
+    match next(&mut out).await {
+        Err(s) => s,
+        Ok(msg) => panic!("expected the hello refused, got {msg:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_hello_claims_only_its_own_attempts_and_a_valid_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dispatcher(dir.path());
+    let stop = CancellationToken::new();
+    let bg = d.spawn_background(stop.clone());
+    let b = build(&d, 1).await;
+    let (_tx, mut out, _) = attach(&d, "owner", vec![]).await;
+    let a = assigned(&mut out).await;
+
+    // Another runner claiming the owner's attempt (and one that does not exist) is told to
+    // drop them, and nothing is written onto the build.
+    let (tx2, rx2) = mpsc::channel(4);
+    let mut out2 = d.attach(ReceiverStream::new(rx2));
+    tx2.send(m(In::Hello(proto::Hello {
+        name: "evil".into(),
+        slots: 1,
+        held_attempts: vec![a.attempt_id, 9000],
+        ..Default::default()
+    })))
+    .await
+    .unwrap();
+    let w = next(&mut out2).await.unwrap();
+    let Some(Out::Welcome(w)) = w.kind else {
+        panic!("{w:?}")
+    };
+    assert_eq!(w.stale_attempts, vec![a.attempt_id, 9000]);
+    let job = b.jobs[0].id;
+    assert_eq!(d.inner.store.refusals(job).unwrap(), vec![]);
+    // Its claim changed nothing: the attempt is still the owner's.
+    assert_eq!(
+        d.state().attempts[&a.attempt_id].runner_id,
+        a_runner(&d, "owner")
+    );
+
+    // At most twice its slots.
+    let s = hello_refused(
+        &d,
+        proto::Hello {
+            name: "greedy".into(),
+            slots: 1,
+            held_attempts: (1..=9000).collect(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(s.code(), tonic::Code::InvalidArgument);
+    assert!(
+        s.message().contains("hello.held_attempts"),
+        "{}",
+        s.message()
+    );
+
+    // Names: printable ASCII only (no U+200B hiding behind "r3"), bounded.
+    for name in [
+        "r3\u{200b}",
+        "r\u{0440}3",
+        &"x".repeat(200),
+        "-r",
+        "a b",
+        "r3\u{202e}",
+    ] {
+        let s = hello_refused(
+            &d,
+            proto::Hello {
+                name: name.into(),
+                slots: 1,
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{name:?}");
+        assert!(s.message().contains("hello.name"), "{}", s.message());
+        assert!(s.message().len() < 300, "{}", s.message());
+    }
+    let names: Vec<String> = d
+        .list_runners()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.record.name)
+        .collect();
+    assert_eq!(names, ["evil", "owner"]);
+    stop.cancel();
+    bg.await.unwrap();
+}
+
+fn a_runner(d: &Dispatcher, name: &str) -> u64 {
+    d.inner
+        .store
+        .list_runners()
+        .unwrap()
+        .into_iter()
+        .find(|r| r.name == name)
+        .unwrap()
+        .id
+}
+
+#[tokio::test]
+async fn runners_that_never_held_work_are_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Config::new(dir.path());
+    c.heartbeat_interval = Duration::from_millis(200);
+    c.forget_idle_runners_after = Duration::ZERO;
+    let d = Dispatcher::open(c).unwrap();
+    let stop = CancellationToken::new();
+    let bg = d.spawn_background(stop.clone());
+    build(&d, 1).await;
+    let (worker, mut out, _) = attach(&d, "worker", vec![]).await;
+    assigned(&mut out).await;
+    let (ghost, _out, _) = attach(&d, "ghost", vec![]).await;
+    let (_here, _out2, here) = attach(&d, "attached", vec![]).await;
+    drop(ghost);
+    drop(worker);
+    // Wait until the ghost's session is gone (its stream ended).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = {
+            let st = d.state();
+            st.sessions.len()
+        };
+        if n == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{n} sessions");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    d.forget_idle_runners(&[here]).await.unwrap();
+    let names: Vec<String> = d
+        .list_runners()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.record.name)
+        .collect();
+    assert_eq!(names, ["attached", "worker"]);
+    stop.cancel();
+    bg.await.unwrap();
+}
