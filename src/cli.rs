@@ -248,6 +248,10 @@ pub struct ServeArgs {
     /// Missed heartbeats before a runner is declared lost.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub missed_heartbeats: u32,
+    /// How long a runner whose stream closed (process died, socket reset) has to re-attach
+    /// before its jobs go to other runners (a silent runner keeps the whole lease).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub reconnect_grace: Duration,
     /// API token required for writes (submit, cancel, retry) and, with --closed-reads, reads.
     #[arg(long, env = "KILN_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
@@ -554,6 +558,7 @@ async fn serve(args: ServeArgs) -> Result<i32, CliError> {
     let mut config = crate::dispatcher::Config::new(&args.data_dir);
     config.heartbeat_interval = args.heartbeat_interval;
     config.missed_heartbeats = args.missed_heartbeats;
+    config.reconnect_grace = args.reconnect_grace;
     config.runner_token = args.runner_token.clone();
     config.newest_only = args.newest_only.clone();
     if let Some(path) = &args.secrets_file {

@@ -62,6 +62,10 @@ pub struct Config {
     /// Branch patterns (globs, `release/*`) that build only their newest commit and cancel
     /// the branch's superseded builds; other branches build every commit.
     pub newest_only: Vec<String>,
+    /// A runner whose stream closed (its process died, its socket was reset) has this long to
+    /// re-attach before its attempts go back to the queue; a runner that goes silent with its
+    /// stream open keeps the whole lease.
+    pub reconnect_grace: Duration,
     /// Runners that never held an attempt are forgotten (their name freed, `kiln runners`
     /// no longer lists them) this long after they were last seen.
     pub forget_idle_runners_after: Duration,
@@ -82,6 +86,7 @@ impl Config {
             secrets: BTreeMap::new(),
             newest_only: Vec::new(),
             forget_idle_runners_after: Duration::from_secs(3600),
+            reconnect_grace: Duration::from_secs(1),
         }
     }
 

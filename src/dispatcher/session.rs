@@ -212,11 +212,14 @@ impl Dispatcher {
             stale_attempts: stale,
         });
         if !send(&tx, &stop, msg(welcome)).await {
-            self.end_session(runner, sid);
+            self.end_session(runner, sid, Some(self.inner.config.reconnect_grace));
             return;
         }
         tracing::info!(runner = %name, id = runner, slots = hello.slots, "runner attached");
         self.kick();
+        // Whether the stream closed under us (the runner died or its socket broke), rather than
+        // the session being stopped by the dispatcher.
+        let mut closed = false;
 
         let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -234,21 +237,25 @@ impl Dispatcher {
                         if let Err(status) = self.handle(runner, sid, &tx, &stop, m).await {
                             tracing::warn!(runner = %name, status = %status.message(), "closing runner stream");
                             let _ = tx.try_send(Err(status));
+                            closed = true;
                             break;
                         }
                     }
                     Some(Err(status)) => {
                         tracing::info!(runner = %name, status = %status.message(), "runner stream broke");
+                        closed = true;
                         break;
                     }
                     None => {
                         tracing::info!(runner = %name, "runner detached");
+                        closed = true;
                         break;
                     }
                 },
             }
         }
-        self.end_session(runner, sid);
+        let grace = closed.then_some(config.reconnect_grace);
+        self.end_session(runner, sid, grace);
     }
 
     /// Checks a runner's token: its own token if it has one, else the shared token if one is
@@ -377,14 +384,19 @@ impl Dispatcher {
     }
 
     /// The session ended: if it is still the runner's current one, remove it; its attempts wait
-    /// one lease (from its last heartbeat) for the runner to come back.
-    fn end_session(&self, runner: RunnerId, sid: u64) {
+    /// for the runner to come back: one lease from its last heartbeat, or only `grace` from
+    /// now when its stream closed (a closed stream is a dead process or a broken socket, not a
+    /// silent partition: a runner that is alive re-attaches at once).
+    fn end_session(&self, runner: RunnerId, sid: u64, grace: Option<Duration>) {
         let lease = self.inner.config.lease();
         let mut st = self.state();
         let Some(s) = st.sessions.get(&runner).filter(|s| s.id == sid) else {
             return;
         };
-        let deadline = s.last_heartbeat + lease;
+        let mut deadline = s.last_heartbeat + lease;
+        if let Some(grace) = grace {
+            deadline = deadline.min(Instant::now() + grace);
+        }
         let last_seen = s.last_heartbeat_ms;
         st.sessions.remove(&runner);
         for a in st.attempts.values_mut() {
