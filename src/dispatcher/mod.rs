@@ -304,6 +304,8 @@ struct Session {
     refusals: u32,
     /// After a refusal it gets no work until then (tokio clock, so tests can pause it).
     backoff_until: Option<tokio::time::Instant>,
+    /// Hash of the secret given in its Welcome, which a new session must present to take over.
+    secret_hash: String,
 }
 
 /// The first wait after a runner refuses an assignment; doubled on each further refusal.
@@ -364,6 +366,9 @@ struct LiveAttempt {
     job_deadline: Option<Instant>,
     /// When the dispatcher ends the running step's job itself.
     step_deadline: Option<Instant>,
+    /// Hash of the secret of the session that last held it (`None` after a restart): a runner
+    /// re-attaching must present that secret (or its own token) to claim it.
+    secret_hash: Option<String>,
 }
 
 impl LiveAttempt {
@@ -392,6 +397,7 @@ impl LiveAttempt {
             step_timeouts,
             job_deadline: Some(Instant::now() + budget),
             step_deadline: None,
+            secret_hash: None,
         }
     }
 }

@@ -277,12 +277,13 @@ impl Dispatcher {
                     .sessions
                     .get(&runner_id)
                     .filter(|s| s.id == session_id)
-                    .map(|s| s.tx.clone());
+                    .map(|s| (s.tx.clone(), s.secret_hash.clone()));
                 match tx {
-                    Some(tx) => {
+                    Some((tx, secret_hash)) => {
                         let mut live =
                             LiveAttempt::new(&job, runner_id, Some(session_id), &self.inner.config);
                         live.next_seq = Some(1);
+                        live.secret_hash = Some(secret_hash);
                         st.attempts.insert(attempt, live);
                         tx.try_send(Ok(proto::DispatcherMessage {
                             kind: Some(proto::dispatcher_message::Kind::Assign(assign)),

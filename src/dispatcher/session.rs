@@ -33,6 +33,32 @@ const MAX_LABELS: usize = 64;
 
 type Tx = mpsc::Sender<Result<proto::DispatcherMessage, Status>>;
 
+/// What `register` returns: attempts to drop, the superseded ones among them, lost ones.
+type Reconciled = (Vec<AttemptId>, Vec<AttemptId>, Vec<AttemptId>);
+
+/// What a Hello proves about who sends it.
+#[derive(Clone, Copy)]
+struct Proof<'a> {
+    /// It presented the runner's own per-runner token.
+    own_token: bool,
+    /// The secret it presented (empty for none).
+    secret: &'a str,
+}
+
+impl Proof<'_> {
+    /// Whether it proves to be the runner of a session (or attempt) with this secret's hash;
+    /// `None` (an attempt re-read after a dispatcher restart) asks for no secret.
+    fn proves(&self, secret_hash: Option<&str>) -> bool {
+        match secret_hash {
+            None => true,
+            Some(hash) => {
+                self.own_token
+                    || (!self.secret.is_empty() && crate::auth::token_matches(self.secret, hash))
+            }
+        }
+    }
+}
+
 /// Longest time a shard's NextUnits is held waiting for units before it is answered `Wait`.
 const UNITS_HOLD: Duration = Duration::from_secs(2);
 
@@ -156,11 +182,14 @@ impl Dispatcher {
             return;
         }
         let name = hello.name.trim().to_string();
-        if let Err(status) = self.authenticate(&name, &hello.token).await {
-            tracing::warn!(runner = %name, why = %status.message(), "runner refused");
-            let _ = tx.send(Err(status)).await;
-            return;
-        }
+        let own_token = match self.authenticate(&name, &hello.token).await {
+            Ok(own) => own,
+            Err(status) => {
+                tracing::warn!(runner = %name, why = %status.message(), "runner refused");
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        };
         let labels = hello.labels.clone().into_iter().collect();
         let (n, slots, version) = (name.clone(), hello.slots, hello.version.clone());
         let record = match self
@@ -179,7 +208,22 @@ impl Dispatcher {
         let runner = record.id;
         let sid = next_session_id(&self.inner);
         let stop = CancellationToken::new();
-        let (stale, lost) = match self.register(&record, sid, &tx, &stop, &hello.held_attempts) {
+        let secret = crate::auth::new_token();
+        let proof = Proof {
+            own_token,
+            secret: &hello.session_secret,
+        };
+        let new_secret = crate::auth::hash_token(&secret);
+        let reconciled = self.register(
+            &record,
+            sid,
+            &tx,
+            &stop,
+            &hello.held_attempts,
+            proof,
+            new_secret,
+        );
+        let (stale, superseded, lost) = match reconciled {
             Ok(r) => r,
             Err(status) => {
                 tracing::warn!(runner = %name, "refused: {}", status.message());
@@ -187,7 +231,7 @@ impl Dispatcher {
                 return;
             }
         };
-        for &a in &stale {
+        for &a in &superseded {
             // Recorded only for an attempt that was once this runner's: a claim on anyone
             // else's attempt (or one that does not exist) is ignored without a row.
             let reason =
@@ -210,6 +254,7 @@ impl Dispatcher {
             heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u32,
             missed_heartbeats_allowed: config.missed_heartbeats,
             stale_attempts: stale,
+            session_secret: secret,
         });
         if !send(&tx, &stop, msg(welcome)).await {
             self.end_session(runner, sid, Some(self.inner.config.reconnect_grace));
@@ -260,13 +305,15 @@ impl Dispatcher {
 
     /// Checks a runner's token: its own token if it has one, else the shared token if one is
     /// configured; with neither (and no runner tokens at all), runners are not authenticated.
-    async fn authenticate(&self, name: &str, token: &str) -> Result<(), Status> {
+    /// `Ok(true)` when the runner proved who it is with its own per-runner token.
+    async fn authenticate(&self, name: &str, token: &str) -> Result<bool, Status> {
         let n = name.to_string();
         let (own, any) = self
             .db(move |s| s.runner_token_hash(&n))
             .await
             .map_err(|e| internal(&e))?;
         let shared = self.inner.config.runner_token.as_deref();
+        let own_token = own.is_some();
         let ok = match (own, shared) {
             (Some(hash), _) => crate::auth::token_matches(token, &hash),
             (None, Some(shared)) => {
@@ -275,7 +322,7 @@ impl Dispatcher {
             (None, None) => !any,
         };
         if ok {
-            Ok(())
+            Ok(own_token)
         } else if token.is_empty() {
             Err(Status::unauthenticated(format!(
                 "runner {name} must present a token (kiln runner --token)"
@@ -287,9 +334,12 @@ impl Dispatcher {
         }
     }
 
-    /// Installs a session (replacing an older one of the same runner) and reconciles the
-    /// attempts the runner says it holds. Returns the held attempts that are no longer current
-    /// (the runner must drop them) and the ones the runner should hold but does not (lost).
+    /// Installs a session and reconciles the attempts the runner says it holds. A live session
+    /// of the same runner is replaced only when the new one proves it is that runner (its own
+    /// token, or the previous session's secret); so is a held attempt re-attached. Returns the
+    /// held attempts the runner must drop, those of them that were superseded (once current,
+    /// now not), and the ones the runner should hold but does not (lost).
+    #[allow(clippy::too_many_arguments)]
     fn register(
         &self,
         record: &kiln_domain::RunnerRecord,
@@ -297,13 +347,27 @@ impl Dispatcher {
         tx: &Tx,
         stop: &CancellationToken,
         held: &[AttemptId],
-    ) -> Result<(Vec<AttemptId>, Vec<AttemptId>), Status> {
+        proof: Proof<'_>,
+        secret_hash: String,
+    ) -> Result<Reconciled, Status> {
         let mut st = self.state();
+        // It proves to be the runner by the live session's secret, or by the secret of an
+        // attempt of the runner's that waits for it (so a name squatted by an impostor while
+        // the runner was away goes back to the runner).
+        let proven = |old: &super::Session| {
+            proof.proves(Some(&old.secret_hash))
+                || st.attempts.values().any(|l| {
+                    l.runner_id == record.id
+                        && l.secret_hash
+                            .as_deref()
+                            .is_some_and(|h| proof.proves(Some(h)))
+                })
+        };
         if let Some(old) = st.sessions.get(&record.id)
-            && old.last_heartbeat.elapsed() < self.inner.config.heartbeat_interval * 2
+            && !proven(old)
         {
-            // Another live runner already uses this name: refuse, rather than let the two
-            // replace each other forever.
+            // Another runner already uses this name (or an impostor tries to): refuse, rather
+            // than let the two replace each other or let anyone speak for the runner.
             return Err(Status::already_exists(format!(
                 "a runner named {} is attached already; give each runner its own --name",
                 record.name
@@ -315,19 +379,39 @@ impl Dispatcher {
         }
         let held: HashSet<AttemptId> = held.iter().copied().collect();
         let mut stale = Vec::new();
+        let mut superseded = Vec::new();
+        let mut unproven = HashSet::new();
         for a in &held {
             match st.attempts.get_mut(a) {
-                Some(live) if live.runner_id == record.id => {
+                Some(live)
+                    if live.runner_id == record.id && proof.proves(live.secret_hash.as_deref()) =>
+                {
                     live.session = Some(sid);
                     live.orphan_deadline = None;
+                    live.secret_hash = Some(secret_hash.clone());
                 }
-                _ => stale.push(*a),
+                Some(_) => {
+                    // Someone else's, or this runner's without proof: left as it is.
+                    stale.push(*a);
+                    unproven.insert(*a);
+                }
+                None => {
+                    stale.push(*a);
+                    superseded.push(*a);
+                }
             }
         }
+        // Attempts it does not claim are lost, unless they wait for a session it did not prove
+        // to be (they stay with their runner until their deadline).
         let lost: Vec<AttemptId> = st
             .attempts
             .iter()
-            .filter(|(id, l)| l.runner_id == record.id && !held.contains(id))
+            .filter(|(id, l)| {
+                l.runner_id == record.id
+                    && l.session != Some(sid)
+                    && !held.contains(id)
+                    && proof.proves(l.secret_hash.as_deref())
+            })
             .map(|(id, _)| *id)
             .collect();
         st.sessions.insert(
@@ -345,10 +429,12 @@ impl Dispatcher {
                 last_assigned: 0,
                 refusals: 0,
                 backoff_until: None,
+                secret_hash,
             },
         );
         stale.sort_unstable();
-        Ok((stale, lost))
+        superseded.sort_unstable();
+        Ok((stale, superseded, lost))
     }
 
     /// Counts an assignment the runner refused and backs off from it.
@@ -852,6 +938,12 @@ impl Dispatcher {
         // store's compare-and-set tells. It must at least belong to this runner.
         let job = match self.check_held(runner, sid, attempt) {
             Ok(job) => Some(job),
+            Err(why) if self.state().attempts.contains_key(&attempt) => {
+                // Live, but not on this session (another session of the name that did not
+                // prove to be the runner, or another runner): never recorded from here.
+                send(tx, stop, refused(attempt, why)).await;
+                return Ok(());
+            }
             Err(_) => {
                 let a = self
                     .db(move |s| s.get_attempt(attempt))
@@ -922,6 +1014,13 @@ impl Dispatcher {
         send(tx, stop, msg(reply)).await;
         Ok(())
     }
+}
+
+fn refused(attempt: AttemptId, reason: String) -> Result<proto::DispatcherMessage, Status> {
+    msg(Out::Refused(proto::Refused {
+        attempt_id: attempt,
+        reason,
+    }))
 }
 
 fn internal(e: &super::DispatchError) -> Status {

@@ -68,6 +68,7 @@ async fn attach(d: &Dispatcher, name: &str, held: Vec<u64>) -> (Inbound, Outboun
         version: "test".into(),
         held_attempts: held,
         token: String::new(),
+        session_secret: String::new(),
     })))
     .await
     .unwrap();
@@ -153,7 +154,7 @@ async fn output_is_stored_once_in_order_and_results_are_fenced() {
     let bg = d.spawn_background(stop.clone());
     let b = build(&d, 1).await;
     let job = b.jobs[0].id;
-    let (tx, mut out, _) = attach(&d, "r1", vec![]).await;
+    let (tx, mut out, w) = hello(&d, hello_of("r1", vec![], "")).await.unwrap();
     let a = assigned(&mut out).await;
     tx.send(m(In::Accepted(proto::Accepted {
         attempt_id: a.attempt_id,
@@ -179,7 +180,10 @@ async fn output_is_stored_once_in_order_and_results_are_fenced() {
     assert_eq!(acks, vec![1, 2, 2]);
     // The gap ends the session: the runner must reconnect and send again what is not acked.
     assert_eq!(gap.code(), tonic::Code::DataLoss, "{gap:?}");
-    let (tx, mut out, _) = attach(&d, "r1", vec![a.attempt_id]).await;
+    // It re-attaches presenting its session secret, so it gets its attempt back.
+    let (tx, mut out, w) = hello(&d, hello_of("r1", vec![a.attempt_id], &w.session_secret))
+        .await
+        .unwrap();
     // A result claiming more output than arrived is not taken either.
     tx.send(finished(a.attempt_id, proto::JobState::Passed, 4))
         .await
@@ -188,7 +192,9 @@ async fn output_is_stored_once_in_order_and_results_are_fenced() {
         next(&mut out).await.unwrap_err().code(),
         tonic::Code::DataLoss
     );
-    let (tx, mut out, _) = attach(&d, "r1", vec![a.attempt_id]).await;
+    let (tx, mut out, _) = hello(&d, hello_of("r1", vec![a.attempt_id], &w.session_secret))
+        .await
+        .unwrap();
     for (seq, data) in [(3, "c"), (4, "d")] {
         tx.send(output(a.attempt_id, seq, data.as_bytes()))
             .await
@@ -683,4 +689,116 @@ async fn runners_that_never_held_work_are_forgotten() {
     assert_eq!(names, ["attached", "worker"]);
     stop.cancel();
     bg.await.unwrap();
+}
+
+/// Sends a hello; the Welcome, or the status the stream ended with.
+async fn hello(
+    d: &Dispatcher,
+    hello: proto::Hello,
+) -> Result<(Inbound, Outbound, proto::Welcome), Status> {
+    let (tx, rx) = mpsc::channel(16);
+    let mut out = d.attach(ReceiverStream::new(rx));
+    tx.send(m(In::Hello(hello))).await.unwrap();
+    let w = next(&mut out).await?;
+    let Some(Out::Welcome(w)) = w.kind else {
+        panic!("expected a welcome, got {w:?}")
+    };
+    Ok((tx, out, w))
+}
+
+fn hello_of(name: &str, held: Vec<u64>, secret: &str) -> proto::Hello {
+    proto::Hello {
+        name: name.into(),
+        slots: 1,
+        held_attempts: held,
+        session_secret: secret.into(),
+        ..Default::default()
+    }
+}
+
+/// An impostor using a live runner's name (shared-token mode: no token at all here) is refused
+/// while the runner's session is alive, and cannot claim its attempts while they wait for it
+/// to come back; the runner itself, presenting its session secret, re-attaches at once.
+#[tokio::test]
+async fn a_runner_cannot_be_impersonated_within_its_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Config::new(dir.path());
+    // A long lease and grace: the attempt waits for its runner throughout the test.
+    c.heartbeat_interval = Duration::from_secs(20);
+    c.reconnect_grace = Duration::from_secs(60);
+    let d = Dispatcher::open(c).unwrap();
+    let stop = CancellationToken::new();
+    let bg = d.spawn_background(stop.clone());
+    let b = build(&d, 1).await;
+    let (tx, mut out, w) = hello(&d, hello_of("victim", vec![], "")).await.unwrap();
+    assert_eq!(w.session_secret.len(), 69, "{w:?}");
+    let a = assigned(&mut out).await.attempt_id;
+
+    // Its session is alive: without the secret (or with a wrong one) the name is refused.
+    for secret in ["", "kiln_guess"] {
+        let s = hello(&d, hello_of("victim", vec![a], secret))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(s.code(), tonic::Code::AlreadyExists, "{s:?}");
+    }
+    // The runner's stream closes; its attempt waits for it. An impostor may now use the name
+    // but gets nothing of the runner's: the attempt is not re-attached and its forged result
+    // is refused.
+    drop(tx);
+    drop(out);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while d.state().attempts[&a].session.is_some() {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (itx, mut iout, iw) = hello(&d, hello_of("victim", vec![a], "")).await.unwrap();
+    assert_eq!(iw.stale_attempts, vec![a]);
+    itx.send(finished(a, proto::JobState::Failed, 0))
+        .await
+        .unwrap();
+    let r = next(&mut iout).await.unwrap();
+    assert!(matches!(r.kind, Some(Out::Refused(_))), "{r:?}");
+    let job = d.get_build(b.build.id).await.unwrap().jobs[0].clone();
+    assert_eq!(job.state, JobState::Assigned, "{job:?}");
+    assert_eq!(d.state().attempts[&a].session, None);
+
+    // The runner itself comes back with the secret and gets its attempt back, at once, even
+    // while the impostor's session is alive (the impostor's session ends).
+    let (rtx, mut rout, rw) = hello(&d, hello_of("victim", vec![a], &w.session_secret))
+        .await
+        .unwrap();
+    assert!(rw.stale_attempts.is_empty(), "{rw:?}");
+    assert!(next(&mut iout).await.is_err() || d.state().sessions.len() == 1);
+    rtx.send(finished(a, proto::JobState::Passed, 0))
+        .await
+        .unwrap();
+    let r = next(&mut rout).await.unwrap();
+    assert!(matches!(r.kind, Some(Out::ResultAck(_))), "{r:?}");
+    let detail = d.get_build(b.build.id).await.unwrap();
+    assert_eq!(detail.build.state, JobState::Passed);
+    drop(itx);
+    stop.cancel();
+    bg.await.unwrap();
+}
+
+/// With per-runner tokens the token proves the runner: a second session presenting it takes
+/// over; one presenting another runner's token is refused.
+#[tokio::test]
+async fn a_runner_token_binds_the_session_to_its_runner() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dispatcher(dir.path());
+    for (name, token) in [("a", "token-a"), ("b", "token-b")] {
+        let hash = crate::auth::hash_token(token);
+        d.inner.store.set_runner_token(name, Some(&hash)).unwrap();
+    }
+    let with = |name: &str, token: &str| proto::Hello {
+        token: token.into(),
+        ..hello_of(name, vec![], "")
+    };
+    let (_tx, _out, _) = hello(&d, with("a", "token-a")).await.unwrap();
+    let s = hello(&d, with("a", "token-b")).await.err().unwrap();
+    assert_eq!(s.code(), tonic::Code::Unauthenticated, "{s:?}");
+    // The runner restarted (no secret) but holds its token: it takes over at once.
+    let (_tx2, _out2, _) = hello(&d, with("a", "token-a")).await.unwrap();
 }

@@ -114,6 +114,8 @@ pub(crate) struct Shared {
     session_tx: Mutex<Option<mpsc::Sender<proto::RunnerMessage>>>,
     /// Split steps waiting for the answer to a NextUnits, by (attempt, request number).
     unit_waiters: Mutex<HashMap<(AttemptId, u32), oneshot::Sender<proto::Units>>>,
+    /// The secret of the last Welcome, presented in the next Hello to prove who we are.
+    session_secret: Mutex<String>,
 }
 
 impl Shared {
@@ -243,6 +245,7 @@ pub async fn run(
         hard_stop: CancellationToken::new(),
         session_tx: Mutex::new(None),
         unit_waiters: Mutex::new(HashMap::new()),
+        session_secret: Mutex::new(String::new()),
     });
     {
         let shared = shared.clone();
@@ -356,6 +359,11 @@ async fn session(
         version: env!("CARGO_PKG_VERSION").to_string(),
         held_attempts: shared.held(),
         token: config.token.clone(),
+        session_secret: shared
+            .session_secret
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
     }));
     let _ = tx.send(hello).await;
     let mut inbound = client
@@ -389,6 +397,10 @@ async fn session(
         Ok(Ok(_)) => return Ok(SessionEnd::NotWelcomed),
         Err(_) => return Err(SessionError::Retry("no welcome within 10s".into())),
     };
+    *shared
+        .session_secret
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = welcome.session_secret.clone();
     let interval = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(50)));
     let lease = interval * welcome.missed_heartbeats_allowed.max(2);
     tracing::info!(runner_id = welcome.runner_id, held = ?shared.held(), "attached");
