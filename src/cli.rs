@@ -78,7 +78,20 @@ impl CliError {
 impl From<tonic::Status> for CliError {
     fn from(s: tonic::Status) -> Self {
         use tonic::Code;
+        // The connection failed under the call (a plaintext client on a TLS port sees any of
+        // these, depending on timing).
+        let transport = matches!(s.code(), Code::Unknown | Code::Cancelled | Code::Internal)
+            && [
+                "transport",
+                "h2 protocol",
+                "connection",
+                "broken pipe",
+                "operation was canceled",
+            ]
+            .iter()
+            .any(|w| s.message().contains(w));
         let code = match s.code() {
+            _ if transport => exit::UNAVAILABLE,
             Code::NotFound => exit::NOT_FOUND,
             Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => exit::INVALID,
             Code::Unavailable | Code::DeadlineExceeded => exit::UNAVAILABLE,
@@ -95,7 +108,7 @@ impl From<tonic::Status> for CliError {
         };
         let what = match s.code() {
             Code::Unavailable => format!("dispatcher unavailable: {}", s.message()),
-            Code::Unknown if s.message().contains("transport") => format!(
+            _ if transport => format!(
                 "{} (does the dispatcher serve TLS? then use an https:// URL)",
                 s.message()
             ),

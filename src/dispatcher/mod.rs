@@ -720,7 +720,14 @@ impl Dispatcher {
         repo: &str,
         branch: &str,
     ) -> Result<Option<String>, DispatchError> {
-        let (r, b) = (repo.to_string(), branch.to_string());
+        let repo = repo.trim();
+        let is_url = repo.contains("://") || repo.contains('@');
+        let r = if is_url || !repo.starts_with('/') {
+            repo.to_string()
+        } else {
+            repo_identity(repo)
+        };
+        let b = branch.to_string();
         self.db(move |s| s.branch_cursor(&r, &b)).await
     }
 
@@ -942,9 +949,8 @@ impl Dispatcher {
     /// runs and detaches.
     pub async fn drain_runner(&self, name: &str) -> Result<RunnerView, DispatchError> {
         let name = name.trim();
-        if name.is_empty() {
-            return Err(DispatchError::InvalidArgument("name is required".into()));
-        }
+        // A valid name, or an error that quotes only its start (a long name is not echoed).
+        session::check_runner_name(name, "name").map_err(DispatchError::InvalidArgument)?;
         let found = {
             let mut st = self.state();
             let session = st.sessions.values_mut().find(|s| s.name == name);
@@ -1023,6 +1029,21 @@ const MAX_BRANCH_LEN: usize = 255;
 /// Largest accepted trigger text.
 const MAX_TRIGGER_LEN: usize = 128;
 
+/// The identity of a local repository path, so one repository is one name: repeated `/` and
+/// `.` components dropped, no trailing `/`, and the `.git` directory of a work tree named by
+/// the work tree (`/src/app/.git` is `/src/app`). Purely lexical (`..` and symbolic links are
+/// left alone: the CLI resolves those on the machine that has the path).
+pub fn repo_identity(path: &str) -> String {
+    let mut parts: Vec<&str> = path
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    if parts.len() > 1 && parts.last() == Some(&".git") {
+        parts.pop();
+    }
+    format!("/{}", parts.join("/"))
+}
+
 fn validate_submit(mut req: SubmitRequest) -> Result<SubmitRequest, DispatchError> {
     let bad = |m: String| Err(DispatchError::InvalidArgument(m));
     req.repo = req.repo.trim().to_string();
@@ -1042,6 +1063,9 @@ fn validate_submit(mut req: SubmitRequest) -> Result<SubmitRequest, DispatchErro
             "repo {:?} is neither a URL nor an absolute path",
             req.repo
         ));
+    }
+    if !is_url {
+        req.repo = repo_identity(&req.repo);
     }
     if req.commit.is_empty() {
         return bad("commit is required".into());
