@@ -56,8 +56,7 @@ fn raw_call(api: &Api, path: &'static str, body: Vec<u8>) -> tonic::Status {
             )
             .await
         })
-        .err()
-        .expect("an undecodable request was accepted")
+        .expect_err("an undecodable request was accepted")
 }
 
 #[test]
