@@ -480,7 +480,13 @@ impl Dispatcher {
             return;
         };
         let mut deadline = s.last_heartbeat + lease;
-        if let Some(grace) = grace {
+        // Closed while it was still talking: it died (or its socket broke). Closed after a
+        // silence (the connection's keepalive gave up on a stopped or cut-off runner, after
+        // 30 s at least): it went silent, and keeps its lease.
+        let talking = (self.inner.config.heartbeat_interval * 2).min(Duration::from_secs(10));
+        if let Some(grace) = grace
+            && s.last_heartbeat.elapsed() < talking
+        {
             deadline = deadline.min(Instant::now() + grace);
         }
         let last_seen = s.last_heartbeat_ms;
