@@ -87,10 +87,16 @@ fn a_killed_runners_job_runs_elsewhere_after_the_reconnect_grace_not_the_lease()
             Err(out.to_string())
         }
     });
+    let killed = std::time::Instant::now();
     runners[victim].as_mut().unwrap().kill_all();
     let b = server.wait_build(id, &format!("reassigned to {survivor}"), LONG, |b| {
         job(b)["runner"] == survivor && job(b)["attempts"] == 2
     });
+    // A figure for the record, not an assertion (the lease above is what makes it a test).
+    eprintln!(
+        "the killed runner's job was running elsewhere after {:?}",
+        killed.elapsed()
+    );
     assert_ne!(job(&b)["attempt_id"].as_u64(), Some(first), "{b}");
     std::fs::write(&flag, b"").unwrap();
     let b = server.wait_final(id, LONG);
