@@ -129,7 +129,20 @@ impl CliError {
 impl From<tonic::Status> for CliError {
     fn from(s: tonic::Status) -> Self {
         use tonic::Code;
+        // The connection failed under the call (a plaintext client on a TLS port sees any of
+        // these, depending on timing).
+        let transport = matches!(s.code(), Code::Unknown | Code::Cancelled | Code::Internal)
+            && [
+                "transport",
+                "h2 protocol",
+                "connection",
+                "broken pipe",
+                "operation was canceled",
+            ]
+            .iter()
+            .any(|w| s.message().contains(w));
         let code = match s.code() {
+            _ if transport => exit::UNAVAILABLE,
             Code::NotFound => exit::NOT_FOUND,
             Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => exit::INVALID,
             Code::Unavailable | Code::DeadlineExceeded => exit::UNAVAILABLE,
@@ -146,7 +159,7 @@ impl From<tonic::Status> for CliError {
         };
         let what = match s.code() {
             Code::Unavailable => format!("dispatcher unavailable: {}", s.message()),
-            Code::Unknown if s.message().contains("transport") => format!(
+            _ if transport => format!(
                 "{} (does the dispatcher serve TLS? then use an https:// URL)",
                 s.message()
             ),
@@ -456,6 +469,10 @@ pub struct ServeArgs {
     /// Missed heartbeats before a runner is declared lost.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub missed_heartbeats: u32,
+    /// How long a runner whose stream closed (process died, socket reset) has to re-attach
+    /// before its jobs go to other runners (a silent runner keeps the whole lease).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub reconnect_grace: Duration,
     /// API token required for writes (submit, cancel, retry) and, with --closed-reads, reads.
     #[arg(long, env = "KILN_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
@@ -894,6 +911,7 @@ async fn serve(args: ServeArgs) -> Result<i32, CliError> {
     let mut config = crate::dispatcher::Config::new(&args.data_dir);
     config.heartbeat_interval = args.heartbeat_interval;
     config.missed_heartbeats = args.missed_heartbeats;
+    config.reconnect_grace = args.reconnect_grace;
     config.runner_token = args.runner_token.clone();
     config.newest_only = args.newest_only.clone();
     if let Some(path) = &args.secrets_file {

@@ -18,6 +18,7 @@ pub mod api;
 pub mod auth;
 pub mod bench;
 pub mod cli;
+pub mod codec;
 pub mod convert;
 pub mod demo;
 pub mod dispatcher;

@@ -62,6 +62,13 @@ pub struct Config {
     /// Branch patterns (globs, `release/*`) that build only their newest commit and cancel
     /// the branch's superseded builds; other branches build every commit.
     pub newest_only: Vec<String>,
+    /// A runner whose stream closed (its process died, its socket was reset) has this long to
+    /// re-attach before its attempts go back to the queue; a runner that goes silent with its
+    /// stream open keeps the whole lease.
+    pub reconnect_grace: Duration,
+    /// Runners that never held an attempt are forgotten (their name freed, `kiln runners`
+    /// no longer lists them) this long after they were last seen.
+    pub forget_idle_runners_after: Duration,
 }
 
 impl Config {
@@ -78,6 +85,8 @@ impl Config {
             deadline_slack: Duration::from_secs(30),
             secrets: BTreeMap::new(),
             newest_only: Vec::new(),
+            forget_idle_runners_after: Duration::from_secs(3600),
+            reconnect_grace: Duration::from_secs(1),
         }
     }
 
@@ -227,6 +236,8 @@ struct State {
     /// Split steps' unit results per build and runner, to take out runners that fail what
     /// others pass.
     unit_health: health::UnitHealth,
+    /// When runners that never held work were last forgotten.
+    last_forget: Option<Instant>,
 }
 
 impl State {
@@ -289,6 +300,48 @@ struct Session {
     stop: CancellationToken,
     /// When it last got work (round robin).
     last_assigned: u64,
+    /// Assignments it refused in a row (reset when it accepts one).
+    refusals: u32,
+    /// After a refusal it gets no work until then (tokio clock, so tests can pause it).
+    backoff_until: Option<tokio::time::Instant>,
+    /// Hash of the secret given in its Welcome, which a new session must present to take over.
+    secret_hash: String,
+}
+
+/// The first wait after a runner refuses an assignment; doubled on each further refusal.
+const REFUSAL_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest wait between two assignments to a runner that keeps refusing them.
+const MAX_REFUSAL_BACKOFF: Duration = Duration::from_secs(60);
+/// Refusals in a row after which a runner counts as unhealthy.
+pub(crate) const UNHEALTHY_REFUSALS: u32 = 3;
+
+impl Session {
+    /// Whether it may be given work now.
+    fn takes_work(&self, now: tokio::time::Instant) -> bool {
+        !self.draining && self.backoff_until.is_none_or(|t| t <= now)
+    }
+
+    /// Counts a refused assignment and backs off: 1 s, 2 s, 4 s, ... up to a minute, so a
+    /// runner that refuses everything costs at most one attempt row a minute.
+    fn refused_assignment(&mut self, now: tokio::time::Instant) -> Duration {
+        self.refusals = self.refusals.saturating_add(1);
+        let wait = REFUSAL_BACKOFF
+            .saturating_mul(1 << self.refusals.saturating_sub(1).min(16))
+            .min(MAX_REFUSAL_BACKOFF);
+        self.backoff_until = Some(now + wait);
+        wait
+    }
+
+    /// It accepted an assignment: healthy again.
+    fn accepted_assignment(&mut self) {
+        self.refusals = 0;
+        self.backoff_until = None;
+    }
+
+    /// Refused enough assignments in a row to be counted unhealthy.
+    fn unhealthy(&self) -> bool {
+        self.refusals >= UNHEALTHY_REFUSALS
+    }
 }
 
 /// An attempt in flight.
@@ -313,6 +366,9 @@ struct LiveAttempt {
     job_deadline: Option<Instant>,
     /// When the dispatcher ends the running step's job itself.
     step_deadline: Option<Instant>,
+    /// Hash of the secret of the session that last held it (`None` after a restart): a runner
+    /// re-attaching must present that secret (or its own token) to claim it.
+    secret_hash: Option<String>,
 }
 
 impl LiveAttempt {
@@ -341,6 +397,7 @@ impl LiveAttempt {
             step_timeouts,
             job_deadline: Some(Instant::now() + budget),
             step_deadline: None,
+            secret_hash: None,
         }
     }
 }
@@ -682,7 +739,14 @@ impl Dispatcher {
         repo: &str,
         branch: &str,
     ) -> Result<Option<String>, DispatchError> {
-        let (r, b) = (repo.to_string(), branch.to_string());
+        let repo = repo.trim();
+        let is_url = repo.contains("://") || repo.contains('@');
+        let r = if is_url || !repo.starts_with('/') {
+            repo.to_string()
+        } else {
+            repo_identity(repo)
+        };
+        let b = branch.to_string();
         self.db(move |s| s.branch_cursor(&r, &b)).await
     }
 
@@ -905,9 +969,8 @@ impl Dispatcher {
     /// runs and detaches.
     pub async fn drain_runner(&self, name: &str) -> Result<RunnerView, DispatchError> {
         let name = name.trim();
-        if name.is_empty() {
-            return Err(DispatchError::InvalidArgument("name is required".into()));
-        }
+        // A valid name, or an error that quotes only its start (a long name is not echoed).
+        session::check_runner_name(name, "name").map_err(DispatchError::InvalidArgument)?;
         let found = {
             let mut st = self.state();
             let session = st.sessions.values_mut().find(|s| s.name == name);
@@ -986,6 +1049,21 @@ const MAX_BRANCH_LEN: usize = 255;
 /// Largest accepted trigger text.
 const MAX_TRIGGER_LEN: usize = 128;
 
+/// The identity of a local repository path, so one repository is one name: repeated `/` and
+/// `.` components dropped, no trailing `/`, and the `.git` directory of a work tree named by
+/// the work tree (`/src/app/.git` is `/src/app`). Purely lexical (`..` and symbolic links are
+/// left alone: the CLI resolves those on the machine that has the path).
+pub fn repo_identity(path: &str) -> String {
+    let mut parts: Vec<&str> = path
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    if parts.len() > 1 && parts.last() == Some(&".git") {
+        parts.pop();
+    }
+    format!("/{}", parts.join("/"))
+}
+
 fn validate_submit(mut req: SubmitRequest) -> Result<SubmitRequest, DispatchError> {
     let bad = |m: String| Err(DispatchError::InvalidArgument(m));
     req.repo = req.repo.trim().to_string();
@@ -1008,6 +1086,9 @@ fn validate_submit(mut req: SubmitRequest) -> Result<SubmitRequest, DispatchErro
             "repo {:?} is neither a URL nor an absolute path",
             req.repo
         ));
+    }
+    if !is_url {
+        req.repo = repo_identity(&req.repo);
     }
     if req.commit.is_empty() {
         return bad("commit is required".into());

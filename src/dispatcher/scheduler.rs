@@ -15,6 +15,8 @@ use crate::proto;
 
 /// How often liveness is checked.
 const TICK: Duration = Duration::from_millis(200);
+/// How often runners that never held work are looked for and forgotten.
+const FORGET_EVERY: Duration = Duration::from_secs(60);
 /// Queued jobs looked at per scheduling round.
 const ROUND: u32 = 256;
 
@@ -92,6 +94,19 @@ impl Dispatcher {
                 .collect();
             (expired, unanswered, overdue)
         };
+        let forget = {
+            let mut st = self.state();
+            let due = st
+                .last_forget
+                .is_none_or(|t| now.duration_since(t) >= FORGET_EVERY);
+            if due {
+                st.last_forget = Some(now);
+            }
+            due.then(|| st.sessions.keys().copied().collect::<Vec<_>>())
+        };
+        if let Some(attached) = forget {
+            self.forget_idle_runners(&attached).await?;
+        }
         for (a, job) in overdue {
             tracing::warn!(
                 attempt = a,
@@ -137,6 +152,24 @@ impl Dispatcher {
             }
         }
         Ok(())
+    }
+
+    /// Forgets runners that never held work and were not seen for
+    /// `Config::forget_idle_runners_after` (except `attached` ones).
+    pub(super) async fn forget_idle_runners(
+        &self,
+        attached: &[RunnerId],
+    ) -> Result<u64, DispatchError> {
+        let after = self.inner.config.forget_idle_runners_after;
+        let before = kiln_domain::now_millis().saturating_sub(after.as_millis() as i64);
+        let keep = attached.to_vec();
+        let n = self
+            .db(move |s| s.forget_idle_runners(before, &keep))
+            .await?;
+        if n > 0 {
+            tracing::info!(forgotten = n, "forgot runners that never held work");
+        }
+        Ok(n)
     }
 
     /// Sends an attempt's job back to the queue (or ends it errored after too many losses).
@@ -244,12 +277,13 @@ impl Dispatcher {
                     .sessions
                     .get(&runner_id)
                     .filter(|s| s.id == session_id)
-                    .map(|s| s.tx.clone());
+                    .map(|s| (s.tx.clone(), s.secret_hash.clone()));
                 match tx {
-                    Some(tx) => {
+                    Some((tx, secret_hash)) => {
                         let mut live =
                             LiveAttempt::new(&job, runner_id, Some(session_id), &self.inner.config);
                         live.next_seq = Some(1);
+                        live.secret_hash = Some(secret_hash);
                         st.attempts.insert(attempt, live);
                         tx.try_send(Ok(proto::DispatcherMessage {
                             kind: Some(proto::dispatcher_message::Kind::Assign(assign)),
@@ -274,9 +308,10 @@ impl Dispatcher {
     fn any_free_slot(&self) -> bool {
         let st = self.state();
         let used = st.used_slots();
-        st.sessions
-            .values()
-            .any(|s| !s.draining && used.get(&s.id).copied().unwrap_or(0) < u64::from(s.slots))
+        let now = tokio::time::Instant::now();
+        st.sessions.values().any(|s| {
+            s.takes_work(now) && used.get(&s.id).copied().unwrap_or(0) < u64::from(s.slots)
+        })
     }
 
     /// The least loaded matching runner with a free slot (round robin among equals).
@@ -287,8 +322,9 @@ impl Dispatcher {
         let mut st = self.state();
         let used_slots = st.used_slots();
         let mut best: Option<(RunnerId, (u64, u64))> = None;
+        let now = tokio::time::Instant::now();
         for (id, s) in &st.sessions {
-            if s.draining || !labels_match(labels, &s.labels) {
+            if !s.takes_work(now) || !labels_match(labels, &s.labels) {
                 continue;
             }
             let used = used_slots.get(&s.id).copied().unwrap_or(0);

@@ -33,6 +33,32 @@ const MAX_LABELS: usize = 64;
 
 type Tx = mpsc::Sender<Result<proto::DispatcherMessage, Status>>;
 
+/// What `register` returns: attempts to drop, the superseded ones among them, lost ones.
+type Reconciled = (Vec<AttemptId>, Vec<AttemptId>, Vec<AttemptId>);
+
+/// What a Hello proves about who sends it.
+#[derive(Clone, Copy)]
+struct Proof<'a> {
+    /// It presented the runner's own per-runner token.
+    own_token: bool,
+    /// The secret it presented (empty for none).
+    secret: &'a str,
+}
+
+impl Proof<'_> {
+    /// Whether it proves to be the runner of a session (or attempt) with this secret's hash;
+    /// `None` (an attempt re-read after a dispatcher restart) asks for no secret.
+    fn proves(&self, secret_hash: Option<&str>) -> bool {
+        match secret_hash {
+            None => true,
+            Some(hash) => {
+                self.own_token
+                    || (!self.secret.is_empty() && crate::auth::token_matches(self.secret, hash))
+            }
+        }
+    }
+}
+
 /// Longest time a shard's NextUnits is held waiting for units before it is answered `Wait`.
 const UNITS_HOLD: Duration = Duration::from_secs(2);
 
@@ -52,16 +78,34 @@ async fn send(
     }
 }
 
-fn validate_hello(h: &proto::Hello) -> Result<(), Status> {
-    let name = h.name.trim();
+/// Checks a runner name: 1 to [`MAX_NAME`] characters from `A-Z a-z 0-9 . _ - : @`, starting
+/// with a letter or digit. An ASCII allow-list, so no name hides invisible characters (U+200B)
+/// or look-alike letters behind the name it displays as. `field` names the field in the error.
+pub(crate) fn check_runner_name(name: &str, field: &str) -> Result<(), String> {
     if name.is_empty() {
-        return Err(Status::invalid_argument("hello.name is required"));
+        return Err(format!("{field} is required"));
     }
-    if name.len() > MAX_NAME || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(Status::invalid_argument(format!(
-            "hello.name must be at most {MAX_NAME} printable characters without spaces"
-        )));
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '@');
+    if name.len() > MAX_NAME
+        || !name.chars().all(ok_char)
+        || !name.starts_with(|c: char| c.is_ascii_alphanumeric())
+    {
+        let shown: String = name
+            .chars()
+            .take(32)
+            .flat_map(char::escape_default)
+            .collect();
+        let more = if name.chars().count() > 32 { "..." } else { "" };
+        return Err(format!(
+            "{field} \"{shown}{more}\" is not a valid runner name: at most {MAX_NAME} characters \
+             from A-Z a-z 0-9 . _ - : @, starting with a letter or digit"
+        ));
     }
+    Ok(())
+}
+
+fn validate_hello(h: &proto::Hello) -> Result<(), Status> {
+    check_runner_name(h.name.trim(), "hello.name").map_err(Status::invalid_argument)?;
     if h.slots == 0 || h.slots > MAX_SLOTS {
         return Err(Status::invalid_argument(format!(
             "hello.slots must be between 1 and {MAX_SLOTS}, got {}",
@@ -75,6 +119,16 @@ fn validate_hello(h: &proto::Hello) -> Result<(), Status> {
     {
         return Err(Status::invalid_argument(format!(
             "hello.labels: at most {MAX_LABELS} labels, non-empty keys of at most 128 bytes, values of at most 256"
+        )));
+    }
+    // A runner holds at most its slots running, plus as many finished attempts whose results
+    // are not yet acknowledged.
+    let max_held = 2 * h.slots as usize;
+    if h.held_attempts.len() > max_held {
+        return Err(Status::invalid_argument(format!(
+            "hello.held_attempts lists {} attempts; a runner with {} slots holds at most {max_held}",
+            h.held_attempts.len(),
+            h.slots
         )));
     }
     Ok(())
@@ -128,11 +182,14 @@ impl Dispatcher {
             return;
         }
         let name = hello.name.trim().to_string();
-        if let Err(status) = self.authenticate(&name, &hello.token).await {
-            tracing::warn!(runner = %name, why = %status.message(), "runner refused");
-            let _ = tx.send(Err(status)).await;
-            return;
-        }
+        let own_token = match self.authenticate(&name, &hello.token).await {
+            Ok(own) => own,
+            Err(status) => {
+                tracing::warn!(runner = %name, why = %status.message(), "runner refused");
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        };
         let labels = hello.labels.clone().into_iter().collect();
         let (n, slots, version) = (name.clone(), hello.slots, hello.version.clone());
         let record = match self
@@ -151,7 +208,22 @@ impl Dispatcher {
         let runner = record.id;
         let sid = next_session_id(&self.inner);
         let stop = CancellationToken::new();
-        let (stale, lost) = match self.register(&record, sid, &tx, &stop, &hello.held_attempts) {
+        let secret = crate::auth::new_token();
+        let proof = Proof {
+            own_token,
+            secret: &hello.session_secret,
+        };
+        let new_secret = crate::auth::hash_token(&secret);
+        let reconciled = self.register(
+            &record,
+            sid,
+            &tx,
+            &stop,
+            &hello.held_attempts,
+            proof,
+            new_secret,
+        );
+        let (stale, superseded, lost) = match reconciled {
             Ok(r) => r,
             Err(status) => {
                 tracing::warn!(runner = %name, "refused: {}", status.message());
@@ -159,10 +231,17 @@ impl Dispatcher {
                 return;
             }
         };
-        for &a in &stale {
+        for &a in &superseded {
+            // Recorded only for an attempt that was once this runner's: a claim on anyone
+            // else's attempt (or one that does not exist) is ignored without a row.
             let reason =
                 format!("runner {name} came back holding attempt {a}, which was superseded");
-            let _ = self.db(move |s| s.record_refusal(a, &reason)).await;
+            let _ = self
+                .db(move |s| match s.get_attempt(a)? {
+                    Some(at) if at.runner_id == runner => s.record_refusal(a, &reason),
+                    _ => Ok(()),
+                })
+                .await;
         }
         for a in lost {
             if let Err(e) = self.requeue(a, "runner came back without it").await {
@@ -175,13 +254,17 @@ impl Dispatcher {
             heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u32,
             missed_heartbeats_allowed: config.missed_heartbeats,
             stale_attempts: stale,
+            session_secret: secret,
         });
         if !send(&tx, &stop, msg(welcome)).await {
-            self.end_session(runner, sid);
+            self.end_session(runner, sid, Some(self.inner.config.reconnect_grace));
             return;
         }
         tracing::info!(runner = %name, id = runner, slots = hello.slots, "runner attached");
         self.kick();
+        // Whether the stream closed under us (the runner died or its socket broke), rather than
+        // the session being stopped by the dispatcher.
+        let mut closed = false;
 
         let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -199,32 +282,38 @@ impl Dispatcher {
                         if let Err(status) = self.handle(runner, sid, &tx, &stop, m).await {
                             tracing::warn!(runner = %name, status = %status.message(), "closing runner stream");
                             let _ = tx.try_send(Err(status));
+                            closed = true;
                             break;
                         }
                     }
                     Some(Err(status)) => {
                         tracing::info!(runner = %name, status = %status.message(), "runner stream broke");
+                        closed = true;
                         break;
                     }
                     None => {
                         tracing::info!(runner = %name, "runner detached");
+                        closed = true;
                         break;
                     }
                 },
             }
         }
-        self.end_session(runner, sid);
+        let grace = closed.then_some(config.reconnect_grace);
+        self.end_session(runner, sid, grace);
     }
 
     /// Checks a runner's token: its own token if it has one, else the shared token if one is
     /// configured; with neither (and no runner tokens at all), runners are not authenticated.
-    async fn authenticate(&self, name: &str, token: &str) -> Result<(), Status> {
+    /// `Ok(true)` when the runner proved who it is with its own per-runner token.
+    async fn authenticate(&self, name: &str, token: &str) -> Result<bool, Status> {
         let n = name.to_string();
         let (own, any) = self
             .db(move |s| s.runner_token_hash(&n))
             .await
             .map_err(|e| internal(&e))?;
         let shared = self.inner.config.runner_token.as_deref();
+        let own_token = own.is_some();
         let ok = match (own, shared) {
             (Some(hash), _) => crate::auth::token_matches(token, &hash),
             (None, Some(shared)) => {
@@ -233,7 +322,7 @@ impl Dispatcher {
             (None, None) => !any,
         };
         if ok {
-            Ok(())
+            Ok(own_token)
         } else if token.is_empty() {
             Err(Status::unauthenticated(format!(
                 "runner {name} must present a token (kiln runner --token)"
@@ -245,9 +334,12 @@ impl Dispatcher {
         }
     }
 
-    /// Installs a session (replacing an older one of the same runner) and reconciles the
-    /// attempts the runner says it holds. Returns the held attempts that are no longer current
-    /// (the runner must drop them) and the ones the runner should hold but does not (lost).
+    /// Installs a session and reconciles the attempts the runner says it holds. A live session
+    /// of the same runner is replaced only when the new one proves it is that runner (its own
+    /// token, or the previous session's secret); so is a held attempt re-attached. Returns the
+    /// held attempts the runner must drop, those of them that were superseded (once current,
+    /// now not), and the ones the runner should hold but does not (lost).
+    #[allow(clippy::too_many_arguments)]
     fn register(
         &self,
         record: &kiln_domain::RunnerRecord,
@@ -255,13 +347,27 @@ impl Dispatcher {
         tx: &Tx,
         stop: &CancellationToken,
         held: &[AttemptId],
-    ) -> Result<(Vec<AttemptId>, Vec<AttemptId>), Status> {
+        proof: Proof<'_>,
+        secret_hash: String,
+    ) -> Result<Reconciled, Status> {
         let mut st = self.state();
+        // It proves to be the runner by the live session's secret, or by the secret of an
+        // attempt of the runner's that waits for it (so a name squatted by an impostor while
+        // the runner was away goes back to the runner).
+        let proven = |old: &super::Session| {
+            proof.proves(Some(&old.secret_hash))
+                || st.attempts.values().any(|l| {
+                    l.runner_id == record.id
+                        && l.secret_hash
+                            .as_deref()
+                            .is_some_and(|h| proof.proves(Some(h)))
+                })
+        };
         if let Some(old) = st.sessions.get(&record.id)
-            && old.last_heartbeat.elapsed() < self.inner.config.heartbeat_interval * 2
+            && !proven(old)
         {
-            // Another live runner already uses this name: refuse, rather than let the two
-            // replace each other forever.
+            // Another runner already uses this name (or an impostor tries to): refuse, rather
+            // than let the two replace each other or let anyone speak for the runner.
             return Err(Status::already_exists(format!(
                 "a runner named {} is attached already; give each runner its own --name",
                 record.name
@@ -273,19 +379,39 @@ impl Dispatcher {
         }
         let held: HashSet<AttemptId> = held.iter().copied().collect();
         let mut stale = Vec::new();
+        let mut superseded = Vec::new();
+        let mut unproven = HashSet::new();
         for a in &held {
             match st.attempts.get_mut(a) {
-                Some(live) if live.runner_id == record.id => {
+                Some(live)
+                    if live.runner_id == record.id && proof.proves(live.secret_hash.as_deref()) =>
+                {
                     live.session = Some(sid);
                     live.orphan_deadline = None;
+                    live.secret_hash = Some(secret_hash.clone());
                 }
-                _ => stale.push(*a),
+                Some(_) => {
+                    // Someone else's, or this runner's without proof: left as it is.
+                    stale.push(*a);
+                    unproven.insert(*a);
+                }
+                None => {
+                    stale.push(*a);
+                    superseded.push(*a);
+                }
             }
         }
+        // Attempts it does not claim are lost, unless they wait for a session it did not prove
+        // to be (they stay with their runner until their deadline).
         let lost: Vec<AttemptId> = st
             .attempts
             .iter()
-            .filter(|(id, l)| l.runner_id == record.id && !held.contains(id))
+            .filter(|(id, l)| {
+                l.runner_id == record.id
+                    && l.session != Some(sid)
+                    && !held.contains(id)
+                    && proof.proves(l.secret_hash.as_deref())
+            })
             .map(|(id, _)| *id)
             .collect();
         st.sessions.insert(
@@ -301,10 +427,30 @@ impl Dispatcher {
                 last_heartbeat_ms: now_millis(),
                 stop: stop.clone(),
                 last_assigned: 0,
+                refusals: 0,
+                backoff_until: None,
+                secret_hash,
             },
         );
         stale.sort_unstable();
-        Ok((stale, lost))
+        superseded.sort_unstable();
+        Ok((stale, superseded, lost))
+    }
+
+    /// Counts an assignment the runner refused and backs off from it.
+    fn refused_assignment(&self, runner: RunnerId, sid: u64, reason: &str) {
+        let mut st = self.state();
+        let Some(s) = st.sessions.get_mut(&runner).filter(|s| s.id == sid) else {
+            return;
+        };
+        let wait = s.refused_assignment(tokio::time::Instant::now());
+        if s.unhealthy() {
+            tracing::warn!(runner = %s.name, refusals = s.refusals, reason, backoff_ms = wait.as_millis() as u64,
+                "runner keeps refusing assignments; unhealthy, offered work only after a backoff");
+        } else {
+            tracing::info!(runner = %s.name, reason, backoff_ms = wait.as_millis() as u64,
+                "runner refused an assignment; backing off");
+        }
     }
 
     /// The runner drains: no new work goes to it.
@@ -324,14 +470,25 @@ impl Dispatcher {
     }
 
     /// The session ended: if it is still the runner's current one, remove it; its attempts wait
-    /// one lease (from its last heartbeat) for the runner to come back.
-    fn end_session(&self, runner: RunnerId, sid: u64) {
+    /// for the runner to come back: one lease from its last heartbeat, or only `grace` from
+    /// now when its stream closed (a closed stream is a dead process or a broken socket, not a
+    /// silent partition: a runner that is alive re-attaches at once).
+    fn end_session(&self, runner: RunnerId, sid: u64, grace: Option<Duration>) {
         let lease = self.inner.config.lease();
         let mut st = self.state();
         let Some(s) = st.sessions.get(&runner).filter(|s| s.id == sid) else {
             return;
         };
-        let deadline = s.last_heartbeat + lease;
+        let mut deadline = s.last_heartbeat + lease;
+        // Closed while it was still talking: it died (or its socket broke). Closed after a
+        // silence (the connection's keepalive gave up on a stopped or cut-off runner, after
+        // 30 s at least): it went silent, and keeps its lease.
+        let talking = (self.inner.config.heartbeat_interval * 2).min(Duration::from_secs(10));
+        if let Some(grace) = grace
+            && s.last_heartbeat.elapsed() < talking
+        {
+            deadline = deadline.min(Instant::now() + grace);
+        }
         let last_seen = s.last_heartbeat_ms;
         st.sessions.remove(&runner);
         for a in st.attempts.values_mut() {
@@ -388,6 +545,14 @@ impl Dispatcher {
                     send(tx, stop, refused(a.attempt_id, why)).await;
                     return Ok(());
                 }
+                if let Some(s) = self
+                    .state()
+                    .sessions
+                    .get_mut(&runner)
+                    .filter(|s| s.id == sid)
+                {
+                    s.accepted_assignment();
+                }
                 let attempt = a.attempt_id;
                 match self.db(move |s| s.start_attempt(attempt)).await {
                     Ok(Some(ch)) => self.publish(&ch),
@@ -405,6 +570,11 @@ impl Dispatcher {
                         || r.reason.contains("no free slot");
                     if r.reason.contains("draining") || r.reason.contains("shutting down") {
                         self.set_draining(runner, sid);
+                    } else {
+                        // A refusal is a fact about this runner (a leaked slot, a broken
+                        // disk): it gets no work for a while, longer each time, so it is never
+                        // offered work in a loop.
+                        self.refused_assignment(runner, sid, &r.reason);
                     }
                     let reason = format!("runner handed it back: {}", r.reason);
                     self.requeue_counted(r.attempt_id, &reason, !handed_back)
@@ -774,6 +944,12 @@ impl Dispatcher {
         // store's compare-and-set tells. It must at least belong to this runner.
         let job = match self.check_held(runner, sid, attempt) {
             Ok(job) => Some(job),
+            Err(why) if self.state().attempts.contains_key(&attempt) => {
+                // Live, but not on this session (another session of the name that did not
+                // prove to be the runner, or another runner): never recorded from here.
+                send(tx, stop, refused(attempt, why)).await;
+                return Ok(());
+            }
             Err(_) => {
                 let a = self
                     .db(move |s| s.get_attempt(attempt))
@@ -853,6 +1029,13 @@ impl Dispatcher {
         send(tx, stop, msg(reply)).await;
         Ok(())
     }
+}
+
+fn refused(attempt: AttemptId, reason: String) -> Result<proto::DispatcherMessage, Status> {
+    msg(Out::Refused(proto::Refused {
+        attempt_id: attempt,
+        reason,
+    }))
 }
 
 fn internal(e: &super::DispatchError) -> Status {

@@ -69,6 +69,7 @@ async fn attach(d: &Dispatcher, name: &str, held: Vec<u64>) -> (Inbound, Outboun
         version: "test".into(),
         held_attempts: held,
         token: String::new(),
+        session_secret: String::new(),
     })))
     .await
     .unwrap();
@@ -154,7 +155,7 @@ async fn output_is_stored_once_in_order_and_results_are_fenced() {
     let bg = d.spawn_background(stop.clone());
     let b = build(&d, 1).await;
     let job = b.jobs[0].id;
-    let (tx, mut out, _) = attach(&d, "r1", vec![]).await;
+    let (tx, mut out, w) = hello(&d, hello_of("r1", vec![], "")).await.unwrap();
     let a = assigned(&mut out).await;
     tx.send(m(In::Accepted(proto::Accepted {
         attempt_id: a.attempt_id,
@@ -180,7 +181,10 @@ async fn output_is_stored_once_in_order_and_results_are_fenced() {
     assert_eq!(acks, vec![1, 2, 2]);
     // The gap ends the session: the runner must reconnect and send again what is not acked.
     assert_eq!(gap.code(), tonic::Code::DataLoss, "{gap:?}");
-    let (tx, mut out, _) = attach(&d, "r1", vec![a.attempt_id]).await;
+    // It re-attaches presenting its session secret, so it gets its attempt back.
+    let (tx, mut out, w) = hello(&d, hello_of("r1", vec![a.attempt_id], &w.session_secret))
+        .await
+        .unwrap();
     // A result claiming more output than arrived is not taken either.
     tx.send(finished(a.attempt_id, proto::JobState::Passed, 4))
         .await
@@ -189,7 +193,9 @@ async fn output_is_stored_once_in_order_and_results_are_fenced() {
         next(&mut out).await.unwrap_err().code(),
         tonic::Code::DataLoss
     );
-    let (tx, mut out, _) = attach(&d, "r1", vec![a.attempt_id]).await;
+    let (tx, mut out, _) = hello(&d, hello_of("r1", vec![a.attempt_id], &w.session_secret))
+        .await
+        .unwrap();
     for (seq, data) in [(3, "c"), (4, "d")] {
         tx.send(output(a.attempt_id, seq, data.as_bytes()))
             .await
@@ -469,4 +475,331 @@ async fn next_units_is_fenced_and_checked() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("newline"), "{err:?}");
     stop.cancel();
+}
+
+/// A runner that refuses every assignment ("no free slot", a leaked slot) is backed off, not
+/// offered the job in a loop: over ten minutes (paused clock) it gets a bounded number of
+/// assignments, each one attempt row, and counts as unhealthy after a few.
+#[tokio::test(start_paused = true)]
+async fn a_runner_refusing_every_assignment_is_backed_off() {
+    let dir = tempfile::tempdir().unwrap();
+    // A lease longer than the test's real duration (liveness uses the real clock).
+    let mut c = Config::new(dir.path());
+    c.heartbeat_interval = Duration::from_secs(10);
+    let d = Dispatcher::open(c).unwrap();
+    let stop = CancellationToken::new();
+    let bg = d.spawn_background(stop.clone());
+    let b = build(&d, 1).await;
+    let (tx, mut out, runner) = attach(&d, "leaky", vec![]).await;
+    let start = tokio::time::Instant::now();
+    let mut assignments = 0u64;
+    // 1 + 2 + 4 + ... + 32 s, then one a minute: 15 in ten minutes.
+    const BOUND: u64 = 20;
+    while start.elapsed() < Duration::from_secs(600) {
+        let msg = tokio::time::timeout(Duration::from_secs(90), out.next()).await;
+        let a = match msg {
+            Err(_) => continue,
+            Ok(Some(Ok(proto::DispatcherMessage {
+                kind: Some(Out::Assign(a)),
+            }))) => a,
+            Ok(Some(Ok(_))) => continue,
+            Ok(other) => panic!("the session ended: {other:?}"),
+        };
+        assignments += 1;
+        assert!(
+            assignments <= BOUND,
+            "{assignments} assignments to a refusing runner within {:?}",
+            start.elapsed()
+        );
+        tx.send(m(In::Rejected(proto::Rejected {
+            attempt_id: a.attempt_id,
+            reason: "no free slot".into(),
+        })))
+        .await
+        .unwrap();
+        assert!(matches!(
+            next(&mut out).await.unwrap().kind,
+            Some(Out::ResultAck(_))
+        ));
+        // Heartbeats, so the runner stays attached.
+        tx.send(m(In::Heartbeat(proto::Heartbeat::default())))
+            .await
+            .unwrap();
+    }
+    assert!(assignments >= 5, "{assignments}");
+    let job = d.get_build(b.build.id).await.unwrap().jobs[0].clone();
+    assert_eq!(job.attempts as u64, assignments, "{job:?}");
+    assert_eq!(job.state, JobState::Queued);
+    {
+        let st = d.state();
+        let s = st.sessions.get(&runner).unwrap();
+        assert!(s.unhealthy(), "{} refusals", s.refusals);
+    }
+    drop(tx);
+    stop.cancel();
+    bg.await.unwrap();
+}
+
+/// Attaches with a hello and returns the status the stream ended with (the hello refused).
+async fn hello_refused(d: &Dispatcher, hello: proto::Hello) -> Status {
+    let (tx, rx) = mpsc::channel(4);
+    let mut out = d.attach(ReceiverStream::new(rx));
+    tx.send(m(In::Hello(hello))).await.unwrap();
+    match next(&mut out).await {
+        Err(s) => s,
+        Ok(msg) => panic!("expected the hello refused, got {msg:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_hello_claims_only_its_own_attempts_and_a_valid_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dispatcher(dir.path());
+    let stop = CancellationToken::new();
+    let bg = d.spawn_background(stop.clone());
+    let b = build(&d, 1).await;
+    let (_tx, mut out, _) = attach(&d, "owner", vec![]).await;
+    let a = assigned(&mut out).await;
+
+    // Another runner claiming the owner's attempt (and one that does not exist) is told to
+    // drop them, and nothing is written onto the build.
+    let (tx2, rx2) = mpsc::channel(4);
+    let mut out2 = d.attach(ReceiverStream::new(rx2));
+    tx2.send(m(In::Hello(proto::Hello {
+        name: "evil".into(),
+        slots: 1,
+        held_attempts: vec![a.attempt_id, 9000],
+        ..Default::default()
+    })))
+    .await
+    .unwrap();
+    let w = next(&mut out2).await.unwrap();
+    let Some(Out::Welcome(w)) = w.kind else {
+        panic!("{w:?}")
+    };
+    assert_eq!(w.stale_attempts, vec![a.attempt_id, 9000]);
+    let job = b.jobs[0].id;
+    assert_eq!(d.inner.store.refusals(job).unwrap(), vec![]);
+    // Its claim changed nothing: the attempt is still the owner's.
+    assert_eq!(
+        d.state().attempts[&a.attempt_id].runner_id,
+        a_runner(&d, "owner")
+    );
+
+    // At most twice its slots.
+    let s = hello_refused(
+        &d,
+        proto::Hello {
+            name: "greedy".into(),
+            slots: 1,
+            held_attempts: (1..=9000).collect(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(s.code(), tonic::Code::InvalidArgument);
+    assert!(
+        s.message().contains("hello.held_attempts"),
+        "{}",
+        s.message()
+    );
+
+    // Names: printable ASCII only (no U+200B hiding behind "r3"), bounded.
+    for name in [
+        "r3\u{200b}",
+        "r\u{0440}3",
+        &"x".repeat(200),
+        "-r",
+        "a b",
+        "r3\u{202e}",
+    ] {
+        let s = hello_refused(
+            &d,
+            proto::Hello {
+                name: name.into(),
+                slots: 1,
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{name:?}");
+        assert!(s.message().contains("hello.name"), "{}", s.message());
+        assert!(s.message().len() < 300, "{}", s.message());
+    }
+    let names: Vec<String> = d
+        .list_runners()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.record.name)
+        .collect();
+    assert_eq!(names, ["evil", "owner"]);
+    stop.cancel();
+    bg.await.unwrap();
+}
+
+fn a_runner(d: &Dispatcher, name: &str) -> u64 {
+    d.inner
+        .store
+        .list_runners()
+        .unwrap()
+        .into_iter()
+        .find(|r| r.name == name)
+        .unwrap()
+        .id
+}
+
+#[tokio::test]
+async fn runners_that_never_held_work_are_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Config::new(dir.path());
+    c.heartbeat_interval = Duration::from_millis(200);
+    c.forget_idle_runners_after = Duration::ZERO;
+    let d = Dispatcher::open(c).unwrap();
+    let stop = CancellationToken::new();
+    let bg = d.spawn_background(stop.clone());
+    build(&d, 1).await;
+    let (worker, mut out, _) = attach(&d, "worker", vec![]).await;
+    assigned(&mut out).await;
+    let (ghost, _out, _) = attach(&d, "ghost", vec![]).await;
+    let (_here, _out2, here) = attach(&d, "attached", vec![]).await;
+    drop(ghost);
+    drop(worker);
+    // Wait until the ghost's session is gone (its stream ended).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = {
+            let st = d.state();
+            st.sessions.len()
+        };
+        if n == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{n} sessions");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    d.forget_idle_runners(&[here]).await.unwrap();
+    let names: Vec<String> = d
+        .list_runners()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.record.name)
+        .collect();
+    assert_eq!(names, ["attached", "worker"]);
+    stop.cancel();
+    bg.await.unwrap();
+}
+
+/// Sends a hello; the Welcome, or the status the stream ended with.
+async fn hello(
+    d: &Dispatcher,
+    hello: proto::Hello,
+) -> Result<(Inbound, Outbound, proto::Welcome), Status> {
+    let (tx, rx) = mpsc::channel(16);
+    let mut out = d.attach(ReceiverStream::new(rx));
+    tx.send(m(In::Hello(hello))).await.unwrap();
+    let w = next(&mut out).await?;
+    let Some(Out::Welcome(w)) = w.kind else {
+        panic!("expected a welcome, got {w:?}")
+    };
+    Ok((tx, out, w))
+}
+
+fn hello_of(name: &str, held: Vec<u64>, secret: &str) -> proto::Hello {
+    proto::Hello {
+        name: name.into(),
+        slots: 1,
+        held_attempts: held,
+        session_secret: secret.into(),
+        ..Default::default()
+    }
+}
+
+/// An impostor using a live runner's name (shared-token mode: no token at all here) is refused
+/// while the runner's session is alive, and cannot claim its attempts while they wait for it
+/// to come back; the runner itself, presenting its session secret, re-attaches at once.
+#[tokio::test]
+async fn a_runner_cannot_be_impersonated_within_its_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Config::new(dir.path());
+    // A long lease and grace: the attempt waits for its runner throughout the test.
+    c.heartbeat_interval = Duration::from_secs(20);
+    c.reconnect_grace = Duration::from_secs(60);
+    let d = Dispatcher::open(c).unwrap();
+    let stop = CancellationToken::new();
+    let bg = d.spawn_background(stop.clone());
+    let b = build(&d, 1).await;
+    let (tx, mut out, w) = hello(&d, hello_of("victim", vec![], "")).await.unwrap();
+    assert_eq!(w.session_secret.len(), 69, "{w:?}");
+    let a = assigned(&mut out).await.attempt_id;
+
+    // Its session is alive: without the secret (or with a wrong one) the name is refused.
+    for secret in ["", "kiln_guess"] {
+        let s = hello(&d, hello_of("victim", vec![a], secret))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(s.code(), tonic::Code::AlreadyExists, "{s:?}");
+    }
+    // The runner's stream closes; its attempt waits for it. An impostor may now use the name
+    // but gets nothing of the runner's: the attempt is not re-attached and its forged result
+    // is refused.
+    drop(tx);
+    drop(out);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while d.state().attempts[&a].session.is_some() {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (itx, mut iout, iw) = hello(&d, hello_of("victim", vec![a], "")).await.unwrap();
+    assert_eq!(iw.stale_attempts, vec![a]);
+    itx.send(finished(a, proto::JobState::Failed, 0))
+        .await
+        .unwrap();
+    let r = next(&mut iout).await.unwrap();
+    assert!(matches!(r.kind, Some(Out::Refused(_))), "{r:?}");
+    let job = d.get_build(b.build.id).await.unwrap().jobs[0].clone();
+    assert_eq!(job.state, JobState::Assigned, "{job:?}");
+    assert_eq!(d.state().attempts[&a].session, None);
+
+    // The runner itself comes back with the secret and gets its attempt back, at once, even
+    // while the impostor's session is alive (the impostor's session ends).
+    let (rtx, mut rout, rw) = hello(&d, hello_of("victim", vec![a], &w.session_secret))
+        .await
+        .unwrap();
+    assert!(rw.stale_attempts.is_empty(), "{rw:?}");
+    assert!(next(&mut iout).await.is_err() || d.state().sessions.len() == 1);
+    rtx.send(finished(a, proto::JobState::Passed, 0))
+        .await
+        .unwrap();
+    let r = next(&mut rout).await.unwrap();
+    assert!(matches!(r.kind, Some(Out::ResultAck(_))), "{r:?}");
+    let detail = d.get_build(b.build.id).await.unwrap();
+    assert_eq!(detail.build.state, JobState::Passed);
+    drop(itx);
+    stop.cancel();
+    bg.await.unwrap();
+}
+
+/// With per-runner tokens the token proves the runner: a second session presenting it takes
+/// over; one presenting another runner's token is refused.
+#[tokio::test]
+async fn a_runner_token_binds_the_session_to_its_runner() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dispatcher(dir.path());
+    for (name, token) in [("a", "token-a"), ("b", "token-b")] {
+        let hash = crate::auth::hash_token(token);
+        d.inner.store.set_runner_token(name, Some(&hash)).unwrap();
+    }
+    let with = |name: &str, token: &str| proto::Hello {
+        token: token.into(),
+        ..hello_of(name, vec![], "")
+    };
+    let (_tx, _out, _) = hello(&d, with("a", "token-a")).await.unwrap();
+    let s = hello(&d, with("a", "token-b")).await.err().unwrap();
+    assert_eq!(s.code(), tonic::Code::Unauthenticated, "{s:?}");
+    // The runner restarted (no secret) but holds its token: it takes over at once.
+    let (_tx2, _out2, _) = hello(&d, with("a", "token-a")).await.unwrap();
 }

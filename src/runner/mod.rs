@@ -114,6 +114,8 @@ pub(crate) struct Shared {
     session_tx: Mutex<Option<mpsc::Sender<proto::RunnerMessage>>>,
     /// Split steps waiting for the answer to a NextUnits, by (attempt, request number).
     unit_waiters: Mutex<HashMap<(AttemptId, u32), oneshot::Sender<proto::Units>>>,
+    /// The secret of the last Welcome, presented in the next Hello to prove who we are.
+    session_secret: Mutex<String>,
 }
 
 impl Shared {
@@ -132,13 +134,14 @@ impl Shared {
         Some(slot)
     }
 
-    /// The job of `attempt` is over: its slot is free again.
+    /// The job of `attempt` is over: its slot is free again (also when the attempt was
+    /// dropped as superseded and so is no longer in `jobs`: the job task owns the slot and
+    /// releases it exactly once, when it ends).
     fn release(&self, attempt: AttemptId, slot: u32) {
-        if self.jobs().remove(&attempt).is_some() {
-            self.free_slots
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(slot);
+        self.jobs().remove(&attempt);
+        let mut free = self.free_slots.lock().unwrap_or_else(|p| p.into_inner());
+        if !free.contains(&slot) {
+            free.push(slot);
         }
     }
 
@@ -242,6 +245,7 @@ pub async fn run(
         hard_stop: CancellationToken::new(),
         session_tx: Mutex::new(None),
         unit_waiters: Mutex::new(HashMap::new()),
+        session_secret: Mutex::new(String::new()),
     });
     {
         let shared = shared.clone();
@@ -355,6 +359,11 @@ async fn session(
         version: env!("CARGO_PKG_VERSION").to_string(),
         held_attempts: shared.held(),
         token: config.token.clone(),
+        session_secret: shared
+            .session_secret
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
     }));
     let _ = tx.send(hello).await;
     let mut inbound = client
@@ -388,6 +397,10 @@ async fn session(
         Ok(Ok(_)) => return Ok(SessionEnd::NotWelcomed),
         Err(_) => return Err(SessionError::Retry("no welcome within 10s".into())),
     };
+    *shared
+        .session_secret
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = welcome.session_secret.clone();
     let interval = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(50)));
     let lease = interval * welcome.missed_heartbeats_allowed.max(2);
     tracing::info!(runner_id = welcome.runner_id, held = ?shared.held(), "attached");

@@ -240,6 +240,9 @@ pub trait Store: Send + Sync + 'static {
     fn touch_runner(&self, runner: RunnerId, at: Millis) -> Result<()>;
     /// Every known runner, by name.
     fn list_runners(&self) -> Result<Vec<RunnerRecord>>;
+    /// Forgets runners last seen before `before` that never held an attempt, except those in
+    /// `keep` (attached now). Returns how many were forgotten.
+    fn forget_idle_runners(&self, before: Millis, keep: &[RunnerId]) -> Result<u64>;
     /// Sets (or with `None`, revokes) the hashed token of a runner name. Returns whether a row
     /// changed.
     fn set_runner_token(&self, name: &str, token_hash: Option<&str>) -> Result<bool>;

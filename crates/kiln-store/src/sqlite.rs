@@ -1033,6 +1033,18 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn forget_idle_runners(&self, before: Millis, keep: &[RunnerId]) -> Result<u64> {
+        let keep = serde_json::to_string(keep).map_err(|e| corrupt("runner ids", e))?;
+        let conn = self.conn();
+        let n = conn.execute(
+            "DELETE FROM runners WHERE last_seen < ?1 \
+             AND id NOT IN (SELECT value FROM json_each(?2)) \
+             AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.runner_id = runners.id)",
+            params![before, keep],
+        )?;
+        Ok(n as u64)
+    }
+
     fn list_runners(&self) -> Result<Vec<RunnerRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
@@ -1228,6 +1240,29 @@ mod tests {
         assert_eq!(d.jobs[0].attempts, 2);
         assert_eq!(d.jobs[0].lost_attempts, 1);
         assert_eq!(s.refusals(job).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn runners_that_never_held_work_are_forgotten() {
+        let s = SqliteStore::in_memory().unwrap();
+        let d = s.create_build(&new_build(1)).unwrap();
+        let worker = runner(&s, "worker");
+        let ghost = runner(&s, "ghost");
+        let attached = runner(&s, "attached");
+        s.assign(d.jobs[0].id, worker, "worker").unwrap().unwrap();
+        // Seen after the cutoff: kept.
+        assert_eq!(s.forget_idle_runners(0, &[]).unwrap(), 0);
+        let later = now_millis() + 1;
+        assert_eq!(s.forget_idle_runners(later, &[attached]).unwrap(), 1);
+        let names: Vec<String> = s
+            .list_runners()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(names, ["attached", "worker"]);
+        // A forgotten name registers again as a new runner.
+        assert_ne!(runner(&s, "ghost"), ghost);
     }
 
     #[test]
