@@ -238,6 +238,9 @@ fn case_from_proto(c: proto::TestCase) -> Result<split::TestCase, String> {
         skipped: c.skipped,
         duration_ms: c.duration_ms,
         message: c.message,
+        body: c.body,
+        system_out: c.system_out,
+        system_err: c.system_err,
     })
 }
 
@@ -347,6 +350,9 @@ fn case_to_proto(c: &split::TestCase) -> proto::TestCase {
         skipped: c.skipped,
         duration_ms: c.duration_ms,
         message: c.message.clone(),
+        body: c.body.clone(),
+        system_out: c.system_out.clone(),
+        system_err: c.system_err.clone(),
     }
 }
 

@@ -67,7 +67,12 @@ pub fn text(r: &proto::TestReport) -> String {
                 for c in t.cases.iter().filter(|c| {
                     proto::UnitOutcome::try_from(c.outcome) != Ok(proto::UnitOutcome::Passed)
                 }) {
-                    let first = c.message.lines().next().unwrap_or_default();
+                    let first = [&c.message, &c.body]
+                        .into_iter()
+                        .flat_map(|t| t.lines())
+                        .map(str::trim)
+                        .find(|l| !l.is_empty())
+                        .unwrap_or_default();
                     let _ = writeln!(out, "      {} {}: {first}", c.classname, c.name);
                 }
             }
@@ -130,6 +135,9 @@ pub fn json(r: &proto::TestReport) -> serde_json::Value {
                                 "skipped": c.skipped,
                                 "duration_ms": c.duration_ms,
                                 "message": c.message,
+                                "body": c.body,
+                                "system_out": c.system_out,
+                                "system_err": c.system_err,
                             })).collect::<Vec<_>>(),
                         })).collect::<Vec<_>>(),
                     })).collect::<Vec<_>>(),

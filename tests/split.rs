@@ -152,6 +152,24 @@ fn pytest_suite_split_over_three_runners_matches_one_process() {
     let xml = server.cli(&["tests", &id_of(&b).to_string(), "--junit", "-"]);
     assert_eq!(xml.code(), 1, "{xml}");
     assert_eq!(xml.out().matches("<testcase ").count(), 42, "{xml}");
+    // Failure messages and tracebacks as pytest wrote them, through runners, dispatcher and
+    // store into the merged report.
+    let texts = |xml: &str| -> BTreeMap<String, (String, String)> {
+        kiln::junit::read::read_cases(xml)
+            .unwrap()
+            .into_iter()
+            .filter(|c| c.outcome.as_str() == "failed")
+            .map(|c| (format!("{}::{}", c.classname, c.name), (c.message, c.body)))
+            .collect()
+    };
+    let reference_xml = std::fs::read_to_string(repo.path.join("reference.xml")).unwrap();
+    let expected = texts(&reference_xml);
+    assert!(!expected.is_empty());
+    for (message, body) in expected.values() {
+        assert!(message.contains('\n'), "{message:?}");
+        assert!(body.contains("AssertionError"), "{body:?}");
+    }
+    assert_eq!(texts(&xml.out()), expected, "{xml}");
     for r in &mut runners {
         r.kill_all();
     }

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use super::job::{Capture, Output, StepEnd, exec};
 use crate::convert::{MAX_CASES, MAX_UNIT_LEN, MAX_UNITS, unit_outcome_to_proto};
-use crate::junit::read::{ReadCase, read_cases};
+use crate::junit::read::{ReadCase, cap, read_cases};
 use crate::proto;
 
 /// Pause before asking again after a WAIT (with ±25% jitter).
@@ -45,8 +45,8 @@ const MAX_JUNIT_BYTES: u64 = 256 << 20;
 /// Largest NextUnits sent: the dispatcher takes runner messages up to
 /// [`crate::api::MAX_RUNNER_MESSAGE_BYTES`]; keep a margin for the envelope.
 const MAX_REQUEST_BYTES: usize = crate::api::MAX_RUNNER_MESSAGE_BYTES - (64 << 10);
-/// Failure messages are cut to this when a request would be too big.
-const SHORT_MESSAGE: usize = 128;
+/// Texts of test cases are cut to these, one after the other, while a request is too big.
+const SHORT_TEXTS: [usize; 2] = [4096, 128];
 /// Longest command line or `KILN_UNITS` of a batch (Linux takes at most 128 KiB per argument
 /// or environment string).
 const MAX_ARG_BYTES: usize = 96 << 10;
@@ -575,21 +575,37 @@ fn result(
                 skipped: c.skipped,
                 duration_ms: c.duration_ms,
                 message: c.message,
+                body: c.body,
+                system_out: c.system_out,
+                system_err: c.system_err,
             })
             .collect(),
     }
 }
 
-/// Keeps a request under `max` bytes by shortening failure messages, then leaving out the
-/// test cases of the units with the most; returns how many units lost their cases.
+/// Keeps a request under `max` bytes by cutting the texts of test cases (saying so in each),
+/// then leaving out the test cases of the units with the most; returns how many units lost
+/// their cases.
 fn fit_request(req: &mut proto::NextUnits, max: usize) -> usize {
     if req.encoded_len() <= max {
         return 0;
     }
-    for r in &mut req.results {
-        for c in &mut r.cases {
-            if c.message.len() > SHORT_MESSAGE {
-                c.message = shorten(&c.message, SHORT_MESSAGE).into_owned();
+    for short in SHORT_TEXTS {
+        if req.encoded_len() <= max {
+            return 0;
+        }
+        for r in &mut req.results {
+            for c in &mut r.cases {
+                for text in [
+                    &mut c.message,
+                    &mut c.body,
+                    &mut c.system_out,
+                    &mut c.system_err,
+                ] {
+                    if text.len() > short + 64 {
+                        *text = cap(std::mem::take(text), short);
+                    }
+                }
             }
         }
     }
@@ -942,6 +958,9 @@ mod tests {
             skipped: false,
             duration_ms: 3,
             message: if failed { "boom".into() } else { String::new() },
+            body: String::new(),
+            system_out: String::new(),
+            system_err: String::new(),
         }
     }
 

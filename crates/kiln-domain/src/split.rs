@@ -182,9 +182,19 @@ pub struct TestCase {
     /// Duration in milliseconds.
     #[serde(default)]
     pub duration_ms: u64,
-    /// Failure message (first line or so), empty when it passed.
+    /// The `message` attribute of its failure (or skip) as the batch wrote it, empty when it
+    /// passed or had none.
     #[serde(default)]
     pub message: String,
+    /// The text of its `<failure>`/`<error>` (or `<skipped>`) element: the traceback.
+    #[serde(default)]
+    pub body: String,
+    /// Its `<system-out>`.
+    #[serde(default)]
+    pub system_out: String,
+    /// Its `<system-err>`.
+    #[serde(default)]
+    pub system_err: String,
 }
 
 /// The result of one try of one unit, as a shard reports it.
