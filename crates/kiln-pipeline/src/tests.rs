@@ -1649,6 +1649,7 @@ fn split_step_is_parsed() {
                 attempts: 3,
                 max_failures: Some(Threshold::Permille(100)),
                 budget_permille: Some(50),
+                budget_floor_ms: kiln_domain::split::DEFAULT_BUDGET_FLOOR_MS,
                 shards: 0,
             },
         })
@@ -1776,6 +1777,7 @@ fn retry_forms() {
             attempts: 10,
             max_failures: Some(Threshold::Count(0)),
             budget_permille: Some(0),
+            budget_floor_ms: kiln_domain::split::DEFAULT_BUDGET_FLOOR_MS,
             shards: 256,
         }
     );
@@ -1787,9 +1789,24 @@ fn retry_forms() {
             attempts: 3,
             max_failures: Some(Threshold::Permille(200)),
             budget_permille: Some(25),
+            budget_floor_ms: kiln_domain::split::DEFAULT_BUDGET_FLOOR_MS,
             shards: 2,
         }
     );
+    // A floor: the least time retries get, whatever the percentage gives.
+    for (text, permille, floor) in [
+        ("'5% or 1m'", 50, 60_000),
+        ("\"2.5% or 90s\"", 25, 90_000),
+        ("'10% or 1h 30m'", 100, 5_400_000),
+        ("'0% or 500ms'", 0, 500),
+    ] {
+        let p = retry(&format!("      attempts: 2\n      budget: {text}\n"));
+        assert_eq!(
+            (p.budget_permille, p.budget_floor_ms),
+            (Some(permille), floor),
+            "{text}"
+        );
+    }
     assert_eq!(
         retry("      attempts: 2\n      max_failures: 100%\n      budget: 100.0%\n").max_failures,
         Some(Threshold::Permille(1000))
@@ -2302,6 +2319,18 @@ fn bad_retry() {
         (".5%", "invalid `budget` `.5%`"),
         ("1000%", "invalid `budget` `1000%`"),
         ("5%%", "invalid `budget` `5%%`"),
+        (
+            "'5% or soon'",
+            "invalid `budget` `5% or soon`: the floor `soon` is not a duration",
+        ),
+        (
+            "'5% or 0s'",
+            "invalid `budget` `5% or 0s`: the floor must be more than zero",
+        ),
+        ("'5% or'", "invalid `budget` `5% or`"),
+        ("'or 1m'", "invalid `budget` `or 1m`"),
+        ("'1m'", "invalid `budget` `1m`, expected a percentage"),
+        ("'150% or 1m'", "invalid `budget` `150% or 1m`"),
     ] {
         at(
             &format!("      attempts: 2\n      budget: {value}\n"),
