@@ -298,6 +298,30 @@ pub fn units_request_from_proto(
             cases,
         });
     }
+    if m.interactions.len() > MAX_UNITS {
+        return Err("next_units.interactions has too many entries".into());
+    }
+    let mut interactions = Vec::with_capacity(m.interactions.len());
+    for i in m.interactions {
+        if i.units.is_empty() || i.units.len() > MAX_UNITS {
+            return Err(format!(
+                "an interaction must list 1 to {MAX_UNITS} units, not {}",
+                i.units.len()
+            ));
+        }
+        for u in &i.units {
+            check_unit(u)?;
+        }
+        if i.try_number == 0 {
+            return Err("an interaction has try_number 0".into());
+        }
+        interactions.push(split::Interaction {
+            units: i.units,
+            try_number: i.try_number,
+            detail: i.detail.chars().take(1000).collect(),
+            runner: None,
+        });
+    }
     Ok(split::UnitsRequest {
         attempt: m.attempt_id,
         runner,
@@ -305,6 +329,7 @@ pub fn units_request_from_proto(
         request: m.request,
         discovered: m.discovered,
         results,
+        interactions,
         max_units: m.max_units,
     })
 }
@@ -366,6 +391,17 @@ pub fn split_report_to_proto(r: &split::SplitReport) -> proto::SplitReport {
         done: r.done,
         passed: r.passed,
         retry_note: r.retry_note.clone(),
+        interactions: r
+            .interactions
+            .iter()
+            .map(|i| proto::Interaction {
+                units: i.units.clone(),
+                try_number: i.try_number,
+                detail: i.detail.clone(),
+                runner: i.runner.clone().unwrap_or_default(),
+            })
+            .collect(),
+        interaction_policy: r.interaction_policy.as_str().to_string(),
         units: r
             .units
             .iter()

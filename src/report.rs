@@ -77,6 +77,21 @@ pub fn text(r: &proto::TestReport) -> String {
                 }
             }
         }
+        for i in &s.interactions {
+            let _ = writeln!(
+                out,
+                "    interaction failure ({}): a batch failed together ({}, try {} on {}), each unit passed alone: {}",
+                if s.interaction_policy == "fail" {
+                    "fails the split: interaction: fail"
+                } else {
+                    "a warning: interaction: warn"
+                },
+                i.detail,
+                i.try_number,
+                if i.runner.is_empty() { "-" } else { &i.runner },
+                i.units.join(", ")
+            );
+        }
         for u in s.units.iter().filter(|u| u.verdict == "flaky") {
             let _ = writeln!(
                 out,
@@ -119,6 +134,13 @@ pub fn json(r: &proto::TestReport) -> serde_json::Value {
                     "done": s.done,
                     "passed": s.passed,
                     "retry_note": s.retry_note,
+                    "interaction_policy": s.interaction_policy,
+                    "interactions": s.interactions.iter().map(|i| serde_json::json!({
+                        "units": i.units,
+                        "try": i.try_number,
+                        "detail": i.detail,
+                        "runner": i.runner,
+                    })).collect::<Vec<_>>(),
                     "units": s.units.iter().map(|u| serde_json::json!({
                         "unit": u.unit,
                         "verdict": u.verdict,

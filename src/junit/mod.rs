@@ -12,7 +12,10 @@ pub mod read;
 use std::time::Duration;
 
 use kiln_domain::Build;
-use kiln_domain::split::{SplitReport, TestCase, UnitOutcome, UnitSummary, UnitTry, UnitVerdict};
+use kiln_domain::split::{
+    Interaction, InteractionPolicy, SplitReport, TestCase, UnitOutcome, UnitSummary, UnitTry,
+    UnitVerdict,
+};
 use quick_junit::{
     FlakyOrRerun, NonSuccessKind, NonSuccessReruns, Report, TestCaseStatus, TestRerun, TestSuite,
 };
@@ -24,6 +27,9 @@ pub fn build_report(build: &Build, splits: &[SplitReport]) -> String {
         let mut suite = TestSuite::new(split.key.clone());
         for unit in &split.units {
             suite.add_test_cases(unit_cases(&split.key, unit));
+        }
+        for i in &split.interactions {
+            suite.add_test_case(interaction_case(&split.key, split.interaction_policy, i));
         }
         report.add_test_suite(suite);
     }
@@ -159,6 +165,45 @@ fn unit_cases(key: &str, unit: &UnitSummary) -> Vec<quick_junit::TestCase> {
     out
 }
 
+/// An interaction failure as a `<testcase>` named after its units: a `<failure>` when the
+/// step's policy fails the split, else a passing case with a `<flakyFailure>` (it failed
+/// together and passed apart).
+fn interaction_case(
+    key: &str,
+    policy: InteractionPolicy,
+    i: &Interaction,
+) -> quick_junit::TestCase {
+    let message = format!(
+        "interaction failure: these units failed together ({}, try {} on {}) and each passed \
+         alone: {}",
+        i.detail,
+        i.try_number,
+        i.runner.as_deref().unwrap_or("unknown runner"),
+        i.units.join(", ")
+    );
+    let status = match policy {
+        InteractionPolicy::Fail => TestCaseStatus::NonSuccess {
+            kind: NonSuccessKind::Failure,
+            message: Some(protect(&message).into()),
+            ty: Some("interaction".into()),
+            description: None,
+            reruns: NonSuccessReruns::default(),
+        },
+        InteractionPolicy::Warn => {
+            let mut r = TestRerun::new(NonSuccessKind::Failure);
+            r.set_message(protect(&message));
+            r.set_type("interaction");
+            TestCaseStatus::Success {
+                flaky_runs: vec![r],
+            }
+        }
+    };
+    let mut case =
+        quick_junit::TestCase::new(format!("interaction: {}", i.units.join(" + ")), status);
+    case.set_classname(key.to_string());
+    case
+}
+
 /// An earlier failed try of a case, with everything it wrote.
 fn rerun_of(c: &TestCase) -> TestRerun {
     let mut r = rerun(c.outcome, &c.message, c.duration_ms);
@@ -286,6 +331,8 @@ mod tests {
             done: true,
             passed: false,
             retry_note: String::new(),
+            interactions: Vec::new(),
+            interaction_policy: InteractionPolicy::Warn,
             units: vec![
                 UnitSummary {
                     unit: "tests/test_a.py".into(),
@@ -409,6 +456,8 @@ mod tests {
             done: true,
             passed: false,
             retry_note: String::new(),
+            interactions: Vec::new(),
+            interaction_policy: InteractionPolicy::Warn,
             units: vec![UnitSummary {
                 unit: "test_t.py".into(),
                 verdict: UnitVerdict::Failed,
@@ -462,6 +511,8 @@ mod tests {
             done: true,
             passed: false,
             retry_note: String::new(),
+            interactions: Vec::new(),
+            interaction_policy: InteractionPolicy::Warn,
             units: vec![UnitSummary {
                 unit: "tests/test_a.py".into(),
                 verdict: UnitVerdict::Failed,

@@ -88,6 +88,46 @@ pub struct RetryPolicy {
     pub budget_floor_ms: u64,
     /// Most shards taking units in a retry round (0: half of the step's shards, at least 1).
     pub shards: u32,
+    /// What an interaction failure does to the split (the step's `interaction` key).
+    #[serde(default)]
+    pub interaction: InteractionPolicy,
+}
+
+/// What an interaction failure (a batch that failed while each of its units passed alone)
+/// does to the split's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum InteractionPolicy {
+    /// Reported, the verdict unchanged (the default).
+    #[default]
+    Warn,
+    /// Reported, and the split fails.
+    Fail,
+}
+
+impl InteractionPolicy {
+    /// The name used in the pipeline file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InteractionPolicy::Warn => "warn",
+            InteractionPolicy::Fail => "fail",
+        }
+    }
+}
+
+/// A batch whose process failed without naming a failed test while each of its units passed
+/// when run alone: the units interact (one's side effects break another).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interaction {
+    /// The units of the batch, in the order they ran.
+    pub units: Vec<String>,
+    /// The try they ran under.
+    pub try_number: u32,
+    /// How the batch's process ended (`exit status 2`).
+    pub detail: String,
+    /// The runner that ran it (in reports; ignored in requests).
+    #[serde(default)]
+    pub runner: Option<String>,
 }
 
 /// The floor of a retry budget when the pipeline names none: one minute.
@@ -105,6 +145,7 @@ impl Default for RetryPolicy {
             budget_permille: None,
             budget_floor_ms: DEFAULT_BUDGET_FLOOR_MS,
             shards: 0,
+            interaction: InteractionPolicy::Warn,
         }
     }
 }
@@ -256,6 +297,8 @@ pub struct UnitsRequest {
     pub discovered: Vec<String>,
     /// Results of the previous batch.
     pub results: Vec<UnitReport>,
+    /// Interaction failures found in the previous batch.
+    pub interactions: Vec<Interaction>,
     /// Most units the shard wants (0: no limit beyond the dispatcher's).
     pub max_units: u32,
 }
@@ -358,6 +401,12 @@ pub struct SplitReport {
     pub retry_note: String,
     /// Units, in discovery order.
     pub units: Vec<UnitSummary>,
+    /// Interaction failures, in the order they were reported.
+    #[serde(default)]
+    pub interactions: Vec<Interaction>,
+    /// What they do to the verdict.
+    #[serde(default)]
+    pub interaction_policy: InteractionPolicy,
 }
 
 /// A queued unit as [`batch_len`] sees it: its estimated duration.
@@ -662,6 +711,7 @@ mod tests {
             budget_permille: Some(50),
             budget_floor_ms: 0,
             shards: 0,
+            interaction: InteractionPolicy::Warn,
         };
         let all = RoundDecision::Retry {
             units: (0..5).collect(),

@@ -263,7 +263,7 @@ fn unknown_step_key() {
     assert_eq!(err.column(), Some(5));
     assert_eq!(
         err.to_string(),
-        ".kiln.yml:3:5: unknown field `rn`, expected one of `name`, `run`, `env`, `timeout`, `labels`, `post`, `parallel`, `units`, `retry`"
+        ".kiln.yml:3:5: unknown field `rn`, expected one of `name`, `run`, `env`, `timeout`, `labels`, `post`, `parallel`, `units`, `retry`, `interaction`"
     );
 }
 
@@ -1651,6 +1651,7 @@ fn split_step_is_parsed() {
                 budget_permille: Some(50),
                 budget_floor_ms: kiln_domain::split::DEFAULT_BUDGET_FLOOR_MS,
                 shards: 0,
+                interaction: Default::default(),
             },
         })
     );
@@ -1779,6 +1780,7 @@ fn retry_forms() {
             budget_permille: Some(0),
             budget_floor_ms: kiln_domain::split::DEFAULT_BUDGET_FLOOR_MS,
             shards: 256,
+            interaction: Default::default(),
         }
     );
     assert_eq!(
@@ -1791,6 +1793,7 @@ fn retry_forms() {
             budget_permille: Some(25),
             budget_floor_ms: kiln_domain::split::DEFAULT_BUDGET_FLOOR_MS,
             shards: 2,
+            interaction: Default::default(),
         }
     );
     // A floor: the least time retries get, whatever the percentage gives.
@@ -2351,6 +2354,48 @@ fn bad_retry() {
         15,
         "invalid `shards` 300",
     );
+}
+
+#[test]
+fn interaction_policy() {
+    let policy = |lines: &str| {
+        split_of(&split_step(&format!("    units: {{glob: '*'}}\n{lines}")))
+            .retry
+            .interaction
+    };
+    use kiln_domain::split::InteractionPolicy;
+    assert_eq!(policy(""), InteractionPolicy::Warn);
+    assert_eq!(policy("    interaction: warn\n"), InteractionPolicy::Warn);
+    assert_eq!(policy("    interaction: fail\n"), InteractionPolicy::Fail);
+    // With `retry`, before or after it.
+    let both = policy("    interaction: fail\n    retry: {attempts: 2}\n");
+    assert_eq!(both, InteractionPolicy::Fail);
+    assert_eq!(
+        split_of(&split_step(
+            "    units: {glob: '*'}\n    retry: {attempts: 2}\n    interaction: fail\n"
+        ))
+        .retry
+        .attempts,
+        2
+    );
+    let text = split_step("    units: {glob: '*'}\n    interaction: always\n");
+    assert_error(
+        &text,
+        5,
+        18,
+        "invalid `interaction` `always`, expected `warn` (report it) or `fail`",
+    );
+    let text = split_step("    units: {glob: '*'}\n    interaction:\n");
+    assert_error(
+        &text,
+        5,
+        17,
+        "`interaction` is empty, expected `warn` or `fail`",
+    );
+    let text = split_step("    interaction: fail\n");
+    assert_error(&text, 2, 5, "`interaction` needs `units`");
+    let text = split_step("    post: always\n    interaction: fail\n");
+    assert_error(&text, 5, 5, "`interaction` cannot be used in a `post` step");
 }
 
 #[test]

@@ -17,9 +17,9 @@
 use std::collections::{BTreeMap, HashSet};
 
 use kiln_domain::split::{
-    FailedUnit, LeasedUnit, RetryPolicy, RoundDecision, RoundStats, SplitReport, SplitSpec,
-    Strategy, TestCase, UnitOutcome, UnitSource, UnitSummary, UnitTry, UnitVerdict, UnitsReply,
-    UnitsRequest, batch_len, median, next_round, static_shards,
+    FailedUnit, Interaction, InteractionPolicy, LeasedUnit, RetryPolicy, RoundDecision, RoundStats,
+    SplitReport, SplitSpec, Strategy, TestCase, UnitOutcome, UnitSource, UnitSummary, UnitTry,
+    UnitVerdict, UnitsReply, UnitsRequest, batch_len, median, next_round, static_shards,
 };
 use kiln_domain::{AttemptId, BuildId, JobState, Millis, StepSpec, now_millis};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
@@ -466,6 +466,33 @@ fn failed_in_round(tx: &Connection, split: i64, round: u32) -> Result<(Vec<i64>,
     Ok((positions, failed))
 }
 
+/// The interaction failures of a split, in the order they were reported.
+fn interactions_of(tx: &Connection, split: i64) -> Result<Vec<Interaction>> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT units, try_number, detail, runner FROM split_interactions WHERE split_id = ?1 \
+         ORDER BY created_at, attempt_id, request, seq",
+    )?;
+    let rows = stmt.query_map([split], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, u32>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, Option<String>>(3)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (units, try_number, detail, runner) = row?;
+        out.push(Interaction {
+            units: serde_json::from_str(&units).map_err(|e| corrupt("interaction units", e))?,
+            try_number,
+            detail,
+            runner,
+        });
+    }
+    Ok(out)
+}
+
 /// Two notes of a split's retries as one.
 fn join_notes(a: &str, b: &str) -> String {
     match (a.is_empty(), b.is_empty()) {
@@ -572,7 +599,9 @@ fn finish_split_row(
             now
         ])?;
     }
-    let all_passed = failed == 0 && not_run == 0;
+    let interactions = interactions_of(tx, split.id)?.len() as u64;
+    let interaction_fails = interactions > 0 && split.retry.interaction == InteractionPolicy::Fail;
+    let all_passed = failed == 0 && not_run == 0 && !interaction_fails;
     let mut summary = format!(
         "{} in {}: {passed} passed, {flaky} flaky, {failed} failed",
         plural(units.len() as u64, "unit"),
@@ -580,6 +609,13 @@ fn finish_split_row(
     );
     if not_run > 0 {
         summary.push_str(&format!(", {not_run} not run"));
+    }
+    if interactions > 0 {
+        summary.push_str(&format!(
+            ", {} (batches that failed while each unit passed alone; interaction: {})",
+            plural(interactions, "interaction failure"),
+            split.retry.interaction.as_str()
+        ));
     }
     if !note.is_empty() {
         summary.push_str(&format!(" ({note})"));
@@ -725,6 +761,34 @@ fn next_units_tx(tx: &Transaction<'_>, req: &UnitsRequest, now: Millis) -> Resul
                 r.try_number,
                 attempt,
                 r.unit
+            ])?;
+        }
+    }
+    // Interaction failures, once per request.
+    if !req.interactions.is_empty() {
+        let runner_name: Option<String> = tx
+            .query_row("SELECT name FROM runners WHERE id = ?1", [runner], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let mut stmt = tx.prepare_cached(
+            "INSERT OR IGNORE INTO split_interactions (split_id, attempt_id, request, seq, \
+             try_number, units, detail, runner, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?;
+        for (seq, i) in req.interactions.iter().enumerate() {
+            let units =
+                serde_json::to_string(&i.units).map_err(|e| corrupt("interaction units", e))?;
+            stmt.execute(params![
+                split.id,
+                attempt,
+                req.request,
+                seq as i64,
+                i.try_number,
+                units,
+                i.detail,
+                runner_name,
+                now
             ])?;
         }
     }
@@ -1039,6 +1103,8 @@ fn reports_of(tx: &Connection, build: BuildId) -> Result<Vec<SplitReport>> {
             passed: split.done && split.passed,
             retry_note: split.retry_note,
             units: summaries,
+            interactions: interactions_of(tx, split.id)?,
+            interaction_policy: split.retry.interaction,
         });
     }
     Ok(out)

@@ -8,7 +8,9 @@
 
 use std::fmt;
 
-use kiln_domain::split::{DEFAULT_BUDGET_FLOOR_MS, RetryPolicy, Strategy, Threshold, UnitSource};
+use kiln_domain::split::{
+    DEFAULT_BUDGET_FLOOR_MS, InteractionPolicy, RetryPolicy, Strategy, Threshold, UnitSource,
+};
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::{FieldSeed, quote};
@@ -618,5 +620,47 @@ impl Visitor<'_> for BudgetSeed {
             },
         };
         Ok((permille, floor_ms))
+    }
+}
+
+/// `interaction`: what a batch that failed while each of its units passed alone does to the
+/// split: `warn` (reported; the default) or `fail`.
+pub(crate) struct InteractionSeed;
+
+impl<'de> DeserializeSeed<'de> for InteractionSeed {
+    type Value = InteractionPolicy;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl Visitor<'_> for InteractionSeed {
+    type Value = InteractionPolicy;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("`warn` or `fail`")
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Err(E::custom(
+            "`interaction` is empty, expected `warn` or `fail`",
+        ))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        self.visit_none()
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        match v {
+            "warn" => Ok(InteractionPolicy::Warn),
+            "fail" => Ok(InteractionPolicy::Fail),
+            _ => Err(E::custom(format!(
+                "invalid `interaction` {}, expected `warn` (report it) or `fail` (fail the \
+                 split)",
+                quote(v)
+            ))),
+        }
     }
 }

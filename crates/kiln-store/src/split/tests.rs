@@ -7,8 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use kiln_domain::split::{
-    DEFAULT_BUDGET_FLOOR_MS, LeasedUnit, RetryPolicy, SplitSpec, Strategy, Threshold, UnitOutcome,
-    UnitReport, UnitSource, UnitVerdict, UnitsReply, UnitsRequest, static_shards,
+    DEFAULT_BUDGET_FLOOR_MS, Interaction, InteractionPolicy, LeasedUnit, RetryPolicy, SplitSpec,
+    Strategy, Threshold, UnitOutcome, UnitReport, UnitSource, UnitVerdict, UnitsReply,
+    UnitsRequest, static_shards,
 };
 use kiln_domain::{AttemptId, JobId, JobState, NewBuild, NewJob, RunnerId, StepSpec};
 use tempfile::TempDir;
@@ -143,6 +144,7 @@ impl Shard {
                 Vec::new()
             },
             results,
+            interactions: Vec::new(),
             max_units: self.max_units,
         }
     }
@@ -673,6 +675,58 @@ fn units_over_the_budget_are_named_in_the_report() {
         r.retry_note
     );
     assert!(!r.passed);
+}
+
+/// A shard reports an interaction failure with its batch's results (each unit passed alone):
+/// recorded once even when the request is re-sent, listed in the report, and the step's
+/// policy decides the verdict.
+#[test]
+fn interaction_failures_are_reported_and_the_policy_decides() {
+    let (_dir, s) = store();
+    let list = units(3);
+    for (commit, policy, passes) in [
+        ('a', InteractionPolicy::Warn, true),
+        ('b', InteractionPolicy::Fail, false),
+    ] {
+        let retry = RetryPolicy {
+            interaction: policy,
+            ..RetryPolicy::default()
+        };
+        let jobs = split_build(&s, commit, 1, Strategy::Dynamic, retry);
+        let mut sh = start(&s, jobs[0], "r1");
+        let UnitsReply::Batch(batch) = sh.ask(&s, &list, &all_pass) else {
+            panic!("no batch");
+        };
+        sh.request += 1;
+        let mut req = sh.request(&list, report(&sh.held, &all_pass));
+        req.interactions = vec![Interaction {
+            units: batch.iter().map(|u| u.unit.clone()).collect(),
+            try_number: 1,
+            detail: "exit status 2".into(),
+            runner: None,
+        }];
+        // Sent twice (a reconnect): recorded once.
+        let first = s.next_units(&req).unwrap();
+        let again = s.next_units(&req).unwrap();
+        assert_eq!(first, again);
+        sh.held = match first {
+            UnitsReply::Batch(b) => b,
+            _ => Vec::new(),
+        };
+        let mut shards = vec![sh];
+        run(&s, &mut shards, &list, &all_pass);
+        let (passed, summary) = split_done(&shards);
+        assert_eq!(passed, passes, "{summary}");
+        assert!(summary.contains("1 interaction failure"), "{summary}");
+        let r = the_report(&s, jobs[0]);
+        assert_eq!(r.passed, passes);
+        assert_eq!(r.interaction_policy, policy);
+        assert_eq!(r.interactions.len(), 1, "{r:?}");
+        assert_eq!(r.interactions[0].units.len(), batch.len());
+        assert_eq!(r.interactions[0].detail, "exit status 2");
+        assert_eq!(r.interactions[0].runner.as_deref(), Some("r1"));
+        assert!(r.units.iter().all(|u| u.verdict == UnitVerdict::Passed));
+    }
 }
 
 #[test]
