@@ -107,7 +107,7 @@ fn unit_cases(key: &str, unit: &UnitSummary) -> Vec<quick_junit::TestCase> {
                     .iter()
                     .find(|e| e.name == c.name && e.classname == c.classname)
                     .filter(|e| e.outcome != UnitOutcome::Passed)
-                    .map(|e| rerun_of(e))
+                    .map(rerun_of)
             })
             .collect();
         out.push(case(
