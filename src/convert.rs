@@ -258,6 +258,9 @@ fn case_from_proto(c: proto::TestCase) -> Result<split::TestCase, String> {
         skipped: c.skipped,
         duration_ms: c.duration_ms,
         message: c.message,
+        body: c.body,
+        system_out: c.system_out,
+        system_err: c.system_err,
     })
 }
 
@@ -315,6 +318,30 @@ pub fn units_request_from_proto(
             cases,
         });
     }
+    if m.interactions.len() > MAX_UNITS {
+        return Err("next_units.interactions has too many entries".into());
+    }
+    let mut interactions = Vec::with_capacity(m.interactions.len());
+    for i in m.interactions {
+        if i.units.is_empty() || i.units.len() > MAX_UNITS {
+            return Err(format!(
+                "an interaction must list 1 to {MAX_UNITS} units, not {}",
+                i.units.len()
+            ));
+        }
+        for u in &i.units {
+            check_unit(u)?;
+        }
+        if i.try_number == 0 {
+            return Err("an interaction has try_number 0".into());
+        }
+        interactions.push(split::Interaction {
+            units: i.units,
+            try_number: i.try_number,
+            detail: i.detail.chars().take(1000).collect(),
+            runner: None,
+        });
+    }
     Ok(split::UnitsRequest {
         attempt: m.attempt_id,
         runner,
@@ -322,6 +349,7 @@ pub fn units_request_from_proto(
         request: m.request,
         discovered: m.discovered,
         results,
+        interactions,
         max_units: m.max_units,
     })
 }
@@ -367,6 +395,9 @@ fn case_to_proto(c: &split::TestCase) -> proto::TestCase {
         skipped: c.skipped,
         duration_ms: c.duration_ms,
         message: c.message.clone(),
+        body: c.body.clone(),
+        system_out: c.system_out.clone(),
+        system_err: c.system_err.clone(),
     }
 }
 
@@ -380,6 +411,17 @@ pub fn split_report_to_proto(r: &split::SplitReport) -> proto::SplitReport {
         done: r.done,
         passed: r.passed,
         retry_note: r.retry_note.clone(),
+        interactions: r
+            .interactions
+            .iter()
+            .map(|i| proto::Interaction {
+                units: i.units.clone(),
+                try_number: i.try_number,
+                detail: i.detail.clone(),
+                runner: i.runner.clone().unwrap_or_default(),
+            })
+            .collect(),
+        interaction_policy: r.interaction_policy.as_str().to_string(),
         units: r
             .units
             .iter()

@@ -67,10 +67,30 @@ pub fn text(r: &proto::TestReport) -> String {
                 for c in t.cases.iter().filter(|c| {
                     proto::UnitOutcome::try_from(c.outcome) != Ok(proto::UnitOutcome::Passed)
                 }) {
-                    let first = c.message.lines().next().unwrap_or_default();
+                    let first = [&c.message, &c.body]
+                        .into_iter()
+                        .flat_map(|t| t.lines())
+                        .map(str::trim)
+                        .find(|l| !l.is_empty())
+                        .unwrap_or_default();
                     let _ = writeln!(out, "      {} {}: {first}", c.classname, c.name);
                 }
             }
+        }
+        for i in &s.interactions {
+            let _ = writeln!(
+                out,
+                "    interaction failure ({}): a batch failed together ({}, try {} on {}), each unit passed alone: {}",
+                if s.interaction_policy == "fail" {
+                    "fails the split: interaction: fail"
+                } else {
+                    "a warning: interaction: warn"
+                },
+                i.detail,
+                i.try_number,
+                if i.runner.is_empty() { "-" } else { &i.runner },
+                i.units.join(", ")
+            );
         }
         for u in s.units.iter().filter(|u| u.verdict == "flaky") {
             let _ = writeln!(
@@ -114,6 +134,13 @@ pub fn json(r: &proto::TestReport) -> serde_json::Value {
                     "done": s.done,
                     "passed": s.passed,
                     "retry_note": s.retry_note,
+                    "interaction_policy": s.interaction_policy,
+                    "interactions": s.interactions.iter().map(|i| serde_json::json!({
+                        "units": i.units,
+                        "try": i.try_number,
+                        "detail": i.detail,
+                        "runner": i.runner,
+                    })).collect::<Vec<_>>(),
                     "units": s.units.iter().map(|u| serde_json::json!({
                         "unit": u.unit,
                         "verdict": u.verdict,
@@ -130,6 +157,9 @@ pub fn json(r: &proto::TestReport) -> serde_json::Value {
                                 "skipped": c.skipped,
                                 "duration_ms": c.duration_ms,
                                 "message": c.message,
+                                "body": c.body,
+                                "system_out": c.system_out,
+                                "system_err": c.system_err,
                             })).collect::<Vec<_>>(),
                         })).collect::<Vec<_>>(),
                     })).collect::<Vec<_>>(),

@@ -152,6 +152,24 @@ fn pytest_suite_split_over_three_runners_matches_one_process() {
     let xml = server.cli(&["tests", &id_of(&b).to_string(), "--junit", "-"]);
     assert_eq!(xml.code(), 1, "{xml}");
     assert_eq!(xml.out().matches("<testcase ").count(), 42, "{xml}");
+    // Failure messages and tracebacks as pytest wrote them, through runners, dispatcher and
+    // store into the merged report.
+    let texts = |xml: &str| -> BTreeMap<String, (String, String)> {
+        kiln::junit::read::read_cases(xml)
+            .unwrap()
+            .into_iter()
+            .filter(|c| c.outcome.as_str() == "failed")
+            .map(|c| (format!("{}::{}", c.classname, c.name), (c.message, c.body)))
+            .collect()
+    };
+    let reference_xml = std::fs::read_to_string(repo.path.join("reference.xml")).unwrap();
+    let expected = texts(&reference_xml);
+    assert!(!expected.is_empty());
+    for (message, body) in expected.values() {
+        assert!(message.contains('\n'), "{message:?}");
+        assert!(body.contains("AssertionError"), "{body:?}");
+    }
+    assert_eq!(texts(&xml.out()), expected, "{xml}");
     for r in &mut runners {
         r.kill_all();
     }
@@ -515,5 +533,119 @@ fn a_dispatcher_crash_mid_split_loses_no_unit_and_counts_none_twice() {
         let tries = u["tries"].as_array().unwrap();
         assert_eq!(tries.len(), 1, "unit counted more than once: {u}");
         assert_eq!(tries[0]["outcome"], "passed", "{u}");
+    }
+}
+
+/// `test_a.py` breaks an import of `test_b.py` when both run in one pytest process (pytest
+/// exits 2 on the collection error); alone, each passes.
+const TOGETHER_A: &str = "import sys\n\n# A side effect of importing this file: later imports of decimal fail.\nsys.modules['decimal'] = None\n\n\ndef test_a():\n    assert True\n";
+const TOGETHER_B: &str =
+    "import decimal\n\n\ndef test_b():\n    assert decimal.Decimal('1.5') * 2 == 3\n";
+const TOGETHER_C: &str = "def test_c():\n    assert 1 + 1 == 2\n";
+
+/// Two test files fail only together: the batch fails without naming a failed test, each unit
+/// passes alone, and the build reports an interaction failure (with the batch's units) in
+/// `kiln show`, `kiln tests` and the JUnit report; `interaction: warn` (the default) passes
+/// the build, `interaction: fail` fails it.
+#[test]
+fn files_failing_only_together_are_an_interaction_failure() {
+    let tmp = tempdir();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let files: Vec<(String, String)> = [
+        ("tests/test_a.py", TOGETHER_A),
+        ("tests/test_b.py", TOGETHER_B),
+        ("tests/test_c.py", TOGETHER_C),
+    ]
+    .iter()
+    .map(|(p, t)| (p.to_string(), t.to_string()))
+    .collect();
+    let pipeline = "steps:\n  - name: tests\n    run: python3 -m pytest -q -p no:cacheprovider --junitxml={junit} {units}\n    units:\n      glob: tests/test_*.py\n";
+    let key = {
+        let p = kiln_pipeline::parse(kiln_pipeline::FILE_NAME, pipeline).unwrap();
+        kiln_pipeline::plan(&p, "main")
+            .unwrap()
+            .into_iter()
+            .find_map(|j| j.shard.map(|s| s.key))
+            .unwrap()
+    };
+    // Two repositories (one per policy), each with a history of short units so that the
+    // three files go in one batch, in discovery order.
+    let repos: Vec<Repo> = ["warn", "fail"]
+        .iter()
+        .map(|p| Repo::init(&tmp.path().join(p)))
+        .collect();
+    {
+        use kiln_store::Store as _;
+        let store = kiln_store::SqliteStore::open(&data.join("kiln.db")).unwrap();
+        let history: Vec<(String, u64)> = files.iter().map(|(p, _)| (p.clone(), 10)).collect();
+        for r in &repos {
+            store
+                .seed_unit_durations(r.path.to_str().unwrap(), &key, &history)
+                .unwrap();
+        }
+    }
+    let server = Server::start(&data, &[]);
+    let _r1 = server.runner(tmp.path(), "r1", &[]);
+    server.wait_runners_attached(&["r1"]);
+
+    for (repo, policy) in repos.iter().zip(["warn", "fail"]) {
+        let text = if policy == "fail" {
+            format!("{pipeline}    interaction: fail\n")
+        } else {
+            pipeline.to_string()
+        };
+        let sha = commit_files(repo, &files, &text);
+        let id = id_of(&server.submit(&repo.path, &sha));
+        let build = server.wait_final(id, SPLIT_TIMEOUT);
+        let expected = if policy == "fail" { "failed" } else { "passed" };
+        assert_eq!(build["state"], expected, "{policy}: {build}");
+        let split = the_split(&build);
+        assert!(
+            units(split).iter().all(|u| u["verdict"] == "passed"),
+            "each unit passed alone: {split}"
+        );
+        assert_eq!(split["interaction_policy"], policy, "{split}");
+        let interactions = split["interactions"].as_array().unwrap();
+        assert_eq!(interactions.len(), 1, "{split}");
+        let batch: Vec<&str> = interactions[0]["units"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            batch,
+            ["tests/test_a.py", "tests/test_b.py", "tests/test_c.py"],
+            "{split}"
+        );
+        assert_eq!(interactions[0]["detail"], "exited with code 2", "{split}");
+        assert_eq!(interactions[0]["runner"], "r1", "{split}");
+
+        let show = server.cli(&["show", &id.to_string()]);
+        assert!(
+            show.out().contains("interaction failure")
+                && show
+                    .out()
+                    .contains("tests/test_a.py, tests/test_b.py, tests/test_c.py"),
+            "{show}"
+        );
+        let tests = server.cli(&["tests", &id.to_string()]);
+        assert!(tests.out().contains("interaction failure"), "{tests}");
+        let xml = server.cli(&["tests", &id.to_string(), "--junit", "-"]);
+        let doc = xml.out();
+        assert!(
+            doc.contains("interaction: tests/test_a.py + tests/test_b.py + tests/test_c.py"),
+            "{xml}"
+        );
+        if policy == "fail" {
+            assert!(
+                doc.contains("<failure") && doc.contains("type=\"interaction\""),
+                "{xml}"
+            );
+        } else {
+            assert!(doc.contains("<flakyFailure"), "{xml}");
+            assert!(!doc.contains("<failure"), "{xml}");
+        }
     }
 }

@@ -695,6 +695,7 @@ impl Dispatcher {
                     request: req.request,
                     discovered: Vec::new(),
                     results: Vec::new(),
+                    interactions: Vec::new(),
                     max_units: req.max_units,
                 };
                 let reply = self

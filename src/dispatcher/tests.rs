@@ -427,6 +427,7 @@ fn next_units(attempt: u64, request: u32, discovered: &[&str]) -> proto::NextUni
         discovered: discovered.iter().map(|s| s.to_string()).collect(),
         results: vec![],
         max_units: 0,
+        interactions: vec![],
     }
 }
 

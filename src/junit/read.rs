@@ -9,8 +9,9 @@
 
 use kiln_domain::split::{TestCase, UnitOutcome};
 
-/// Longest failure message kept for one case, in bytes (the whole text stays in the log).
-pub const MAX_MESSAGE: usize = 1024;
+/// Most bytes kept of each text of one case (message, body, `system-out`, `system-err`); a
+/// longer text is cut and ends with a line saying so.
+pub const MAX_TEXT: usize = 64 << 10;
 
 /// Most nodes read from one file (a guard against a runaway report).
 const MAX_NODES: u32 = 20_000_000;
@@ -30,9 +31,15 @@ pub struct ReadCase {
     pub skipped: bool,
     /// Duration in milliseconds (0 when absent or unreadable).
     pub duration_ms: u64,
-    /// Failure message (or the reason of a skip), at most [`MAX_MESSAGE`] bytes; empty when it
-    /// passed.
+    /// The `message` attribute of the failure (or skip) exactly as written; empty when it
+    /// passed or had none.
     pub message: String,
+    /// The text of the failure (or skip) element exactly as written (the traceback).
+    pub body: String,
+    /// The case's `<system-out>`.
+    pub system_out: String,
+    /// The case's `<system-err>`.
+    pub system_err: String,
 }
 
 impl ReadCase {
@@ -45,6 +52,9 @@ impl ReadCase {
             skipped: self.skipped,
             duration_ms: self.duration_ms,
             message: self.message.clone(),
+            body: self.body.clone(),
+            system_out: self.system_out.clone(),
+            system_err: self.system_err.clone(),
         }
     }
 }
@@ -77,22 +87,21 @@ pub fn read_cases(xml: &str) -> Result<Vec<ReadCase>, String> {
 fn read_case(node: roxmltree::Node<'_, '_>) -> ReadCase {
     let mut outcome = UnitOutcome::Passed;
     let mut skipped = false;
-    let mut failure_message = None;
-    let mut skip_message = None;
+    let mut failure = None;
+    let mut skip = None;
+    let (mut system_out, mut system_err) = (String::new(), String::new());
     for child in node.children().filter(|c| c.is_element()) {
         match child.tag_name().name() {
             "failure" | "error" => {
                 outcome = UnitOutcome::Failed;
-                if failure_message.is_none() {
-                    failure_message = Some(message_of(child));
-                }
+                failure.get_or_insert(child);
             }
             "skipped" => {
                 skipped = true;
-                if skip_message.is_none() {
-                    skip_message = Some(message_of(child));
-                }
+                skip.get_or_insert(child);
             }
+            "system-out" => system_out.push_str(&text_of(child)),
+            "system-err" => system_err.push_str(&text_of(child)),
             _ => {}
         }
     }
@@ -100,13 +109,19 @@ fn read_case(node: roxmltree::Node<'_, '_>) -> ReadCase {
     if outcome == UnitOutcome::Failed {
         skipped = false;
     }
-    let message = if outcome == UnitOutcome::Failed {
-        failure_message.unwrap_or_default()
+    let detail = if outcome == UnitOutcome::Failed {
+        failure
     } else if skipped {
-        skip_message.unwrap_or_default()
+        skip
     } else {
-        String::new()
+        None
     };
+    let (message, body) = detail.map_or_else(Default::default, |d| {
+        (
+            d.attribute("message").unwrap_or_default().to_string(),
+            text_of(d),
+        )
+    });
     let file = node
         .ancestors()
         .filter(|n| n.is_element())
@@ -120,39 +135,35 @@ fn read_case(node: roxmltree::Node<'_, '_>) -> ReadCase {
         outcome,
         skipped,
         duration_ms: node.attribute("time").map_or(0, seconds_to_ms),
-        message,
+        message: cap(message, MAX_TEXT),
+        body: cap(body, MAX_TEXT),
+        system_out: cap(system_out, MAX_TEXT),
+        system_err: cap(system_err, MAX_TEXT),
     }
 }
 
-/// The `message` attribute of a failure, error or skipped element, else the first non-blank
-/// line of its text; shortened to [`MAX_MESSAGE`] bytes.
-fn message_of(node: roxmltree::Node<'_, '_>) -> String {
-    let text = match node.attribute("message").map(str::trim) {
-        Some(m) if !m.is_empty() => m.to_string(),
-        _ => node
-            .descendants()
-            .filter(|n| n.is_text())
-            .filter_map(|n| n.text())
-            .flat_map(str::lines)
-            .map(str::trim)
-            .find(|l| !l.is_empty())
-            .unwrap_or_default()
-            .to_string(),
-    };
-    shorten(text, MAX_MESSAGE)
+/// The text of an element (CDATA included) exactly as written.
+fn text_of(node: roxmltree::Node<'_, '_>) -> String {
+    node.children()
+        .filter(|n| n.is_text())
+        .filter_map(|n| n.text())
+        .collect()
 }
 
-/// `s` cut to at most `max` bytes at a character boundary, with `…` when cut.
-fn shorten(mut s: String, max: usize) -> String {
+/// `s` kept whole when it has at most `max` bytes, else cut at a character boundary and ended
+/// with a line saying how much was cut (the whole text stays in the job's log when the test
+/// runner printed it there).
+pub fn cap(mut s: String, max: usize) -> String {
     if s.len() <= max {
         return s;
     }
-    let mut end = max.saturating_sub('…'.len_utf8());
+    let total = s.len();
+    let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }
     s.truncate(end);
-    s.push('…');
+    s.push_str(&format!("\n[kiln: cut here, {end} of {total} bytes kept]"));
     s
 }
 
@@ -221,6 +232,10 @@ AssertionError: 1 != 2
             cases[1].message,
             "AssertionError: arithmetic is broken\nassert (1 + 1) == 3"
         );
+        assert_eq!(
+            cases[1].body,
+            ">   def test_fail(): assert 1 + 1 == 3, 'arithmetic is broken'\nE   AssertionError: arithmetic is broken\n\ntests/test_a.py:3: AssertionError"
+        );
         assert_eq!(cases[1].duration_ms, 1);
         assert_eq!(cases[2].outcome, UnitOutcome::Passed);
         assert!(cases[2].skipped);
@@ -254,7 +269,12 @@ AssertionError: 1 != 2
         let cases = read_cases(XMLRUNNER).unwrap_or_default();
         assert_eq!(cases.len(), 3);
         assert_eq!(cases[1].outcome, UnitOutcome::Failed);
-        assert_eq!(cases[1].message, "Traceback (most recent call last):");
+        assert_eq!(cases[1].message, "", "no message attribute");
+        assert_eq!(
+            cases[1].body,
+            "Traceback (most recent call last):\n  File \"tests/test_foo.py\", line 9, in test_b\nAssertionError: 1 != 2\n",
+            "the CDATA body as written"
+        );
         assert_eq!(cases[1].duration_ms, 2);
         assert!(cases[2].skipped);
         // The suite's file attribute stands for cases without their own.
@@ -292,13 +312,23 @@ AssertionError: 1 != 2
     }
 
     #[test]
-    fn long_messages_are_shortened() {
-        let long = "é".repeat(2000);
+    fn long_texts_are_cut_and_say_so() {
+        let long = "é".repeat(MAX_TEXT);
         let xml = format!(
-            r#"<testsuite><testcase name="x"><failure message="{long}"/></testcase></testsuite>"#
+            r#"<testsuite><testcase name="x"><failure message="{long}">{long}</failure><system-out>short</system-out></testcase></testsuite>"#
         );
         let cases = read_cases(&xml).unwrap_or_default();
-        assert!(cases[0].message.len() <= MAX_MESSAGE);
-        assert!(cases[0].message.ends_with('…'));
+        for text in [&cases[0].message, &cases[0].body] {
+            assert!(text.len() < MAX_TEXT + 100, "{}", text.len());
+            assert!(
+                text.ends_with(&format!(
+                    "[kiln: cut here, {MAX_TEXT} of {} bytes kept]",
+                    2 * MAX_TEXT
+                )),
+                "{}",
+                &text[text.len() - 60..]
+            );
+        }
+        assert_eq!(cases[0].system_out, "short");
     }
 }

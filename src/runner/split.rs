@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use super::job::{Capture, Output, StepEnd, exec};
 use crate::convert::{MAX_CASES, MAX_UNIT_LEN, MAX_UNITS, unit_outcome_to_proto};
-use crate::junit::read::{ReadCase, read_cases};
+use crate::junit::read::{ReadCase, cap, read_cases};
 use crate::proto;
 
 /// Pause before asking again after a WAIT (with ±25% jitter).
@@ -45,8 +45,8 @@ const MAX_JUNIT_BYTES: u64 = 256 << 20;
 /// Largest NextUnits sent: the dispatcher takes runner messages up to
 /// [`crate::api::MAX_RUNNER_MESSAGE_BYTES`]; keep a margin for the envelope.
 const MAX_REQUEST_BYTES: usize = crate::api::MAX_RUNNER_MESSAGE_BYTES - (64 << 10);
-/// Failure messages are cut to this when a request would be too big.
-const SHORT_MESSAGE: usize = 128;
+/// Texts of test cases are cut to these, one after the other, while a request is too big.
+const SHORT_TEXTS: [usize; 2] = [4096, 128];
 /// Longest command line or `KILN_UNITS` of a batch (Linux takes at most 128 KiB per argument
 /// or environment string).
 const MAX_ARG_BYTES: usize = 96 << 10;
@@ -88,6 +88,7 @@ pub(super) async fn run(s: &Split<'_>, output: &mut Output<'_>, message: &mut St
         output,
         deadline,
         batches: 0,
+        interactions: Vec::new(),
     };
     let end = shard.go().await;
     let index = s.step.index;
@@ -129,6 +130,8 @@ enum Ran {
 /// One process run over some units.
 struct Process {
     ran: Ran,
+    /// How it ended, for the report (`exit status 2`).
+    status: String,
     duration: Duration,
     /// The test cases of its JUnit file, when it wrote a readable one.
     cases: Option<Vec<ReadCase>>,
@@ -140,6 +143,8 @@ struct Shard<'s, 'a, 'o, 'p> {
     deadline: Option<Instant>,
     /// Batches run so far (sub-batches of one answer count apart).
     batches: u32,
+    /// Interaction failures to report with the next request.
+    interactions: Vec<proto::Interaction>,
 }
 
 impl Shard<'_, '_, '_, '_> {
@@ -205,6 +210,7 @@ impl Shard<'_, '_, '_, '_> {
                 discovered: discovered.take().unwrap_or_default(),
                 results: std::mem::take(&mut results),
                 max_units: 0,
+                interactions: std::mem::take(&mut self.interactions),
             };
             if first && req.encoded_len() > MAX_REQUEST_BYTES {
                 return End::Errored(format!(
@@ -391,7 +397,7 @@ impl Shard<'_, '_, '_, '_> {
         ))
         .await;
         let label = format!("batch {k}");
-        let p = self
+        let batch = self
             .process(
                 &label,
                 &units,
@@ -400,8 +406,8 @@ impl Shard<'_, '_, '_, '_> {
             )
             .await?;
         let n = units.len().max(1) as u32;
-        let share = p.duration / n;
-        if let Some(judged) = judge(&units, p.ran, p.cases.as_deref()) {
+        let share = batch.duration / n;
+        if let Some(judged) = judge(&units, batch.ran, batch.cases.as_deref()) {
             return Ok(units
                 .into_iter()
                 .zip(judged)
@@ -430,6 +436,21 @@ impl Shard<'_, '_, '_, '_> {
                 .and_then(|j| j.into_iter().next())
                 .unwrap_or((UnitOutcome::Errored, Vec::new()));
             results.push(result(unit, try_number, outcome, p.duration, cases));
+        }
+        if interacts(batch.ran, &results) {
+            self.log(format!(
+                "kiln: batch {k} failed ({}) but each of its units passed alone: an interaction \
+                 failure between {}\n",
+                batch.status,
+                banner_list(&units_of(&results))
+            ))
+            .await;
+            self.interactions.push(proto::Interaction {
+                units: units_of(&results),
+                try_number,
+                detail: batch.status,
+                runner: String::new(),
+            });
         }
         Ok(results)
     }
@@ -460,6 +481,7 @@ impl Shard<'_, '_, '_, '_> {
                 self.log(format!("kiln: {label}: cannot run: {e}\n")).await;
                 return Ok(Process {
                     ran: Ran::Errored,
+                    status: "could not start".into(),
                     duration: Duration::ZERO,
                     cases: None,
                 });
@@ -486,8 +508,10 @@ impl Shard<'_, '_, '_, '_> {
             None,
         )
         .await;
+        let mut status = String::new();
         let (ran, duration) = match result {
             Ok(exit) => {
+                status = exit.termination.to_string();
                 let ran = match exit.termination {
                     Termination::Exited(0) => Ran::Passed,
                     Termination::Exited(_) | Termination::Signaled(_) => Ran::Failed,
@@ -526,6 +550,7 @@ impl Shard<'_, '_, '_, '_> {
         let _ = tokio::fs::remove_file(&junit).await;
         Ok(Process {
             ran,
+            status,
             duration,
             cases,
         })
@@ -575,21 +600,37 @@ fn result(
                 skipped: c.skipped,
                 duration_ms: c.duration_ms,
                 message: c.message,
+                body: c.body,
+                system_out: c.system_out,
+                system_err: c.system_err,
             })
             .collect(),
     }
 }
 
-/// Keeps a request under `max` bytes by shortening failure messages, then leaving out the
-/// test cases of the units with the most; returns how many units lost their cases.
+/// Keeps a request under `max` bytes by cutting the texts of test cases (saying so in each),
+/// then leaving out the test cases of the units with the most; returns how many units lost
+/// their cases.
 fn fit_request(req: &mut proto::NextUnits, max: usize) -> usize {
     if req.encoded_len() <= max {
         return 0;
     }
-    for r in &mut req.results {
-        for c in &mut r.cases {
-            if c.message.len() > SHORT_MESSAGE {
-                c.message = shorten(&c.message, SHORT_MESSAGE).into_owned();
+    for short in SHORT_TEXTS {
+        if req.encoded_len() <= max {
+            return 0;
+        }
+        for r in &mut req.results {
+            for c in &mut r.cases {
+                for text in [
+                    &mut c.message,
+                    &mut c.body,
+                    &mut c.system_out,
+                    &mut c.system_err,
+                ] {
+                    if text.len() > short + 64 {
+                        *text = cap(std::mem::take(text), short);
+                    }
+                }
             }
         }
     }
@@ -628,6 +669,20 @@ fn fit_args(units: Vec<String>, run_len: usize) -> Vec<Vec<String>> {
         plain += p;
     }
     out
+}
+
+/// Whether a batch that ended `ran` and whose units, run alone, gave `alone` failed only
+/// together: the batch failed, and every unit passed alone.
+fn interacts(ran: Ran, alone: &[proto::UnitResult]) -> bool {
+    ran == Ran::Failed
+        && alone.len() > 1
+        && alone
+            .iter()
+            .all(|r| r.outcome == unit_outcome_to_proto(UnitOutcome::Passed) as i32)
+}
+
+fn units_of(results: &[proto::UnitResult]) -> Vec<String> {
+    results.iter().map(|r| r.unit.clone()).collect()
 }
 
 /// Units grouped by try number, groups in order of first appearance.
@@ -942,6 +997,9 @@ mod tests {
             skipped: false,
             duration_ms: 3,
             message: if failed { "boom".into() } else { String::new() },
+            body: String::new(),
+            system_out: String::new(),
+            system_err: String::new(),
         }
     }
 

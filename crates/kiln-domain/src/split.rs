@@ -82,8 +82,59 @@ pub struct RetryPolicy {
     pub max_failures: Option<Threshold>,
     /// Time all retry rounds may take, in thousandths of the first round's total unit time.
     pub budget_permille: Option<u32>,
+    /// With a budget, the least time it gives retries, milliseconds (`5% or 1m`): a small or
+    /// fast suite still retries its failed units once.
+    #[serde(default = "default_budget_floor")]
+    pub budget_floor_ms: u64,
     /// Most shards taking units in a retry round (0: half of the step's shards, at least 1).
     pub shards: u32,
+    /// What an interaction failure does to the split (the step's `interaction` key).
+    #[serde(default)]
+    pub interaction: InteractionPolicy,
+}
+
+/// What an interaction failure (a batch that failed while each of its units passed alone)
+/// does to the split's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum InteractionPolicy {
+    /// Reported, the verdict unchanged (the default).
+    #[default]
+    Warn,
+    /// Reported, and the split fails.
+    Fail,
+}
+
+impl InteractionPolicy {
+    /// The name used in the pipeline file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InteractionPolicy::Warn => "warn",
+            InteractionPolicy::Fail => "fail",
+        }
+    }
+}
+
+/// A batch whose process failed without naming a failed test while each of its units passed
+/// when run alone: the units interact (one's side effects break another).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interaction {
+    /// The units of the batch, in the order they ran.
+    pub units: Vec<String>,
+    /// The try they ran under.
+    pub try_number: u32,
+    /// How the batch's process ended (`exit status 2`).
+    pub detail: String,
+    /// The runner that ran it (in reports; ignored in requests).
+    #[serde(default)]
+    pub runner: Option<String>,
+}
+
+/// The floor of a retry budget when the pipeline names none: one minute.
+pub const DEFAULT_BUDGET_FLOOR_MS: u64 = 60_000;
+
+fn default_budget_floor() -> u64 {
+    DEFAULT_BUDGET_FLOOR_MS
 }
 
 impl Default for RetryPolicy {
@@ -92,12 +143,21 @@ impl Default for RetryPolicy {
             attempts: 1,
             max_failures: None,
             budget_permille: None,
+            budget_floor_ms: DEFAULT_BUDGET_FLOOR_MS,
             shards: 0,
+            interaction: InteractionPolicy::Warn,
         }
     }
 }
 
 impl RetryPolicy {
+    /// The time all retry rounds may take after a first round of `first_round_ms`, in
+    /// milliseconds: the budget's share of it, but at least its floor; `None` without a budget.
+    pub fn budget_ms(&self, first_round_ms: u64) -> Option<u64> {
+        self.budget_permille
+            .map(|p| (first_round_ms.saturating_mul(u64::from(p)) / 1000).max(self.budget_floor_ms))
+    }
+
     /// Shards allowed to take units in a retry round of a step with `shards` shards.
     pub fn retry_shards(&self, shards: u32) -> u32 {
         let n = if self.shards == 0 {
@@ -182,9 +242,19 @@ pub struct TestCase {
     /// Duration in milliseconds.
     #[serde(default)]
     pub duration_ms: u64,
-    /// Failure message (first line or so), empty when it passed.
+    /// The `message` attribute of its failure (or skip) as the batch wrote it, empty when it
+    /// passed or had none.
     #[serde(default)]
     pub message: String,
+    /// The text of its `<failure>`/`<error>` (or `<skipped>`) element: the traceback.
+    #[serde(default)]
+    pub body: String,
+    /// Its `<system-out>`.
+    #[serde(default)]
+    pub system_out: String,
+    /// Its `<system-err>`.
+    #[serde(default)]
+    pub system_err: String,
 }
 
 /// The result of one try of one unit, as a shard reports it.
@@ -227,6 +297,8 @@ pub struct UnitsRequest {
     pub discovered: Vec<String>,
     /// Results of the previous batch.
     pub results: Vec<UnitReport>,
+    /// Interaction failures found in the previous batch.
+    pub interactions: Vec<Interaction>,
     /// Most units the shard wants (0: no limit beyond the dispatcher's).
     pub max_units: u32,
 }
@@ -329,6 +401,12 @@ pub struct SplitReport {
     pub retry_note: String,
     /// Units, in discovery order.
     pub units: Vec<UnitSummary>,
+    /// Interaction failures, in the order they were reported.
+    #[serde(default)]
+    pub interactions: Vec<Interaction>,
+    /// What they do to the verdict.
+    #[serde(default)]
+    pub interaction_policy: InteractionPolicy,
 }
 
 /// A queued unit as [`batch_len`] sees it: its estimated duration.
@@ -444,22 +522,56 @@ pub struct RoundStats {
     pub first_round_ms: u64,
     /// Total unit time of all retry rounds so far, milliseconds.
     pub retry_ms: u64,
-    /// Estimated time of running the units that just failed once more, milliseconds.
-    pub next_round_ms: u64,
+}
+
+/// A unit that failed in the round that just ended, for [`next_round`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedUnit {
+    /// The unit id.
+    pub unit: String,
+    /// Estimated time of running it once more (its last duration), milliseconds.
+    pub estimate_ms: u64,
 }
 
 /// Whether another round runs, and if not, why (for the report).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RoundDecision {
-    /// Run the failed units again as round `round + 1`.
-    Retry,
+    /// Run these failed units (indices into the list given to [`next_round`], in its order)
+    /// again as round `round + 1`; `note` says which were left out and why (empty when none).
+    Retry {
+        /// The units to run again.
+        units: Vec<usize>,
+        /// The units left out and why, for the report.
+        note: String,
+    },
     /// Stop: the split is over.
     Stop(String),
 }
 
-/// Decides, at the end of a round with failures, whether the failed units run again.
-pub fn next_round(policy: &RetryPolicy, s: &RoundStats) -> RoundDecision {
-    if s.failed == 0 {
+/// Most units named in a note; the rest are counted.
+const NOTE_UNITS: usize = 20;
+
+/// `units` for a note: names and estimates, at most [`NOTE_UNITS`] of them.
+fn unit_list(failed: &[FailedUnit], which: &[usize]) -> String {
+    let mut parts: Vec<String> = which
+        .iter()
+        .take(NOTE_UNITS)
+        .map(|&i| format!("{} (~{} ms)", failed[i].unit, failed[i].estimate_ms))
+        .collect();
+    if which.len() > NOTE_UNITS {
+        parts.push(format!("and {} more", which.len() - NOTE_UNITS));
+    }
+    parts.join(", ")
+}
+
+/// Decides, at the end of a round with failures (`failed`, the units that failed in it),
+/// whether failed units run again, and which.
+///
+/// With a budget, units are taken cheapest first while their estimates fit in what the budget
+/// has left (the budget is at least its floor, so each failed unit that fits in the floor gets
+/// its retry); the others are not retried, and the decision's note names them.
+pub fn next_round(policy: &RetryPolicy, s: &RoundStats, failed: &[FailedUnit]) -> RoundDecision {
+    if s.failed == 0 || failed.is_empty() {
         return RoundDecision::Stop(String::new());
     }
     if policy.attempts <= 1 {
@@ -485,17 +597,49 @@ pub fn next_round(policy: &RetryPolicy, s: &RoundStats) -> RoundDecision {
             s.round
         ));
     }
-    if let Some(p) = policy.budget_permille {
-        let budget = s.first_round_ms.saturating_mul(u64::from(p)) / 1000;
-        if s.retry_ms.saturating_add(s.next_round_ms) > budget {
-            return RoundDecision::Stop(format!(
-                "retry budget of {budget} ms ({}.{}% of the first round) would be exceeded",
-                p / 10,
-                p % 10
-            ));
+    let all: Vec<usize> = (0..failed.len()).collect();
+    let (Some(budget), Some(p)) = (policy.budget_ms(s.first_round_ms), policy.budget_permille)
+    else {
+        return RoundDecision::Retry {
+            units: all,
+            note: String::new(),
+        };
+    };
+    let left = budget.saturating_sub(s.retry_ms);
+    let mut order = all;
+    order.sort_by_key(|&i| (failed[i].estimate_ms, i));
+    let (mut used, mut take, mut out) = (0u64, Vec::new(), Vec::new());
+    for i in order {
+        let est = failed[i].estimate_ms;
+        if used.saturating_add(est) <= left {
+            used += est;
+            take.push(i);
+        } else {
+            out.push(i);
         }
     }
-    RoundDecision::Retry
+    take.sort_unstable();
+    out.sort_unstable();
+    let why = format!(
+        "the retry budget of {budget} ms ({}.{}% of the first round, at least {} ms) has {left} ms \
+         left",
+        p / 10,
+        p % 10,
+        policy.budget_floor_ms
+    );
+    if take.is_empty() {
+        return RoundDecision::Stop(format!("not retried: {} ({why})", unit_list(failed, &out)));
+    }
+    let note = if out.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "round {}: not retried: {} ({why})",
+            s.round + 1,
+            unit_list(failed, &out)
+        )
+    };
+    RoundDecision::Retry { units: take, note }
 }
 
 #[cfg(test)]
@@ -539,7 +683,23 @@ mod tests {
             recovered,
             first_round_ms: 100_000,
             retry_ms: 0,
-            next_round_ms: 1000,
+        }
+    }
+
+    /// `n` failed units of `ms` each.
+    fn failed(n: usize, ms: u64) -> Vec<FailedUnit> {
+        (0..n)
+            .map(|i| FailedUnit {
+                unit: format!("u{i}"),
+                estimate_ms: ms,
+            })
+            .collect()
+    }
+
+    fn retried(d: &RoundDecision) -> Option<&[usize]> {
+        match d {
+            RoundDecision::Retry { units, .. } => Some(units),
+            RoundDecision::Stop(_) => None,
         }
     }
 
@@ -549,30 +709,130 @@ mod tests {
             attempts: 3,
             max_failures: Some(Threshold::Permille(100)),
             budget_permille: Some(50),
+            budget_floor_ms: 0,
             shards: 0,
+            interaction: InteractionPolicy::Warn,
         };
-        assert_eq!(next_round(&policy, &stats(1, 5, 0)), RoundDecision::Retry);
+        let all = RoundDecision::Retry {
+            units: (0..5).collect(),
+            note: String::new(),
+        };
+        assert_eq!(next_round(&policy, &stats(1, 5, 0), &failed(5, 200)), all);
         assert!(matches!(
-            next_round(&policy, &stats(2, 5, 0)),
+            next_round(&policy, &stats(2, 5, 0), &failed(5, 200)),
             RoundDecision::Stop(_)
         ));
-        assert_eq!(next_round(&policy, &stats(2, 4, 1)), RoundDecision::Retry);
+        assert_eq!(
+            retried(&next_round(&policy, &stats(2, 4, 1), &failed(4, 200))),
+            Some(&[0, 1, 2, 3][..])
+        );
         assert!(matches!(
-            next_round(&policy, &stats(3, 4, 1)),
+            next_round(&policy, &stats(3, 4, 1), &failed(4, 200)),
             RoundDecision::Stop(_)
         ));
         let mut many = stats(1, 30, 0);
         many.first_failed = 30;
-        assert!(matches!(next_round(&policy, &many), RoundDecision::Stop(_)));
-        let mut costly = stats(1, 5, 0);
-        costly.next_round_ms = 6000;
         assert!(matches!(
-            next_round(&policy, &costly),
+            next_round(&policy, &many, &failed(30, 1)),
             RoundDecision::Stop(_)
         ));
+        // 5% of 100 s is 5 s: five units of 1.2 s exceed it, four fit.
+        let d = next_round(&policy, &stats(1, 5, 0), &failed(5, 1200));
+        assert_eq!(retried(&d), Some(&[0, 1, 2, 3][..]));
+        assert!(matches!(&d, RoundDecision::Retry { note, .. } if note.contains("u4 (~1200 ms)")));
         assert!(!Threshold::Count(3).exceeded(3, 10));
         assert!(Threshold::Count(3).exceeded(4, 10));
         assert_eq!(policy.retry_shards(16), 8);
         assert_eq!(policy.retry_shards(1), 1);
+    }
+
+    /// The README's `budget: "5%"` on a suite whose first round took 24.6 s: 5% is 1232 ms, and
+    /// the flaky unit in the slowest file took 4 s. The floor (one minute by default) leaves
+    /// room to retry it.
+    #[test]
+    fn a_budget_floor_leaves_room_to_retry_each_failed_unit_once() {
+        let policy = RetryPolicy {
+            attempts: 3,
+            max_failures: Some(Threshold::Permille(100)),
+            budget_permille: Some(50),
+            ..RetryPolicy::default()
+        };
+        assert_eq!(policy.budget_floor_ms, DEFAULT_BUDGET_FLOOR_MS);
+        let mut s = stats(1, 1, 0);
+        s.first_round_ms = 24_640;
+        s.first_failed = 1;
+        let slow = [FailedUnit {
+            unit: "tests/test_slowest.py".into(),
+            estimate_ms: 4_000,
+        }];
+        assert_eq!(policy.budget_ms(s.first_round_ms), Some(60_000));
+        assert_eq!(
+            next_round(&policy, &s, &slow),
+            RoundDecision::Retry {
+                units: vec![0],
+                note: String::new()
+            }
+        );
+        // Without the floor (the old rule), it was not retried.
+        let no_floor = RetryPolicy {
+            budget_floor_ms: 0,
+            ..policy.clone()
+        };
+        assert_eq!(no_floor.budget_ms(s.first_round_ms), Some(1_232));
+        let RoundDecision::Stop(why) = next_round(&no_floor, &s, &slow) else {
+            panic!("retried without room");
+        };
+        assert!(
+            why.contains("not retried: tests/test_slowest.py (~4000 ms)")
+                && why.contains("1232 ms"),
+            "{why}"
+        );
+        // A large suite: 5% of 40 min is 2 min, more than the floor.
+        s.first_round_ms = 2_400_000;
+        assert_eq!(policy.budget_ms(s.first_round_ms), Some(120_000));
+        // Several failures: the cheapest fit, the others are named with the reason; the time
+        // already spent on retries counts.
+        let mut s = stats(2, 3, 1);
+        s.first_round_ms = 10_000;
+        s.retry_ms = 20_000;
+        let units = vec![
+            FailedUnit {
+                unit: "big".into(),
+                estimate_ms: 30_000,
+            },
+            FailedUnit {
+                unit: "small".into(),
+                estimate_ms: 5_000,
+            },
+            FailedUnit {
+                unit: "medium".into(),
+                estimate_ms: 20_000,
+            },
+        ];
+        let d = next_round(&policy, &s, &units);
+        let RoundDecision::Retry { units: take, note } = &d else {
+            panic!("{d:?}");
+        };
+        assert_eq!(take, &[1, 2]);
+        assert!(
+            note.starts_with("round 3: not retried: big (~30000 ms)")
+                && note.contains("40000 ms left"),
+            "{note}"
+        );
+        // Under the threshold but over it: the threshold still decides first.
+        let mut over = stats(1, 20, 0);
+        over.first_failed = 20;
+        assert!(matches!(
+            next_round(&policy, &over, &failed(20, 1)),
+            RoundDecision::Stop(w) if w.contains("threshold")
+        ));
+    }
+
+    #[test]
+    fn a_policy_without_a_floor_field_gets_the_default() {
+        let old = r#"{"attempts":2,"max_failures":null,"budget_permille":50,"shards":0}"#;
+        let p: RetryPolicy = serde_json::from_str(old).unwrap_or_default();
+        assert_eq!(p.budget_floor_ms, DEFAULT_BUDGET_FLOOR_MS);
+        assert_eq!(p.budget_permille, Some(50));
     }
 }

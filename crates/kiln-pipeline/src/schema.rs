@@ -38,10 +38,19 @@ pub(crate) use self::jobs::{RawJob, cells_of, unknown_job_message};
 pub(crate) const TOP_FIELDS: &[&str] = &["version", "env", "labels", "timeout", "steps", "jobs"];
 /// Keys allowed in a step.
 pub(crate) const STEP_FIELDS: &[&str] = &[
-    "name", "run", "env", "timeout", "labels", "post", "parallel", "units", "retry",
+    "name",
+    "run",
+    "env",
+    "timeout",
+    "labels",
+    "post",
+    "parallel",
+    "units",
+    "retry",
+    "interaction",
 ];
 /// The keys of a step that make it a split step.
-const SPLIT_FIELDS: &[&str] = &["parallel", "units", "retry"];
+const SPLIT_FIELDS: &[&str] = &["parallel", "units", "retry", "interaction"];
 
 /// The only `version` this crate understands.
 const VERSION: &str = "1";
@@ -396,10 +405,11 @@ impl<'de> Visitor<'de> for StepSeed<'_> {
         let mut parallel = None;
         let mut units = None;
         let mut retry = None;
+        let mut interaction = None;
         loop {
             let refuse = self.refusals(
                 post.is_some(),
-                parallel.is_some() || units.is_some() || retry.is_some(),
+                parallel.is_some() || units.is_some() || retry.is_some() || interaction.is_some(),
             );
             let Some(field) = map.next_key_seed(FieldSeed {
                 fields: STEP_FIELDS,
@@ -424,8 +434,17 @@ impl<'de> Visitor<'de> for StepSeed<'_> {
                 "parallel" => parallel = Some(map.next_value_seed(split::IntSeed::PARALLEL)?),
                 "units" => units = Some(map.next_value_seed(split::UnitsSeed)?),
                 "retry" => retry = Some(map.next_value_seed(split::RetrySeed)?),
+                "interaction" => {
+                    interaction = Some(map.next_value_seed(split::InteractionSeed)?);
+                }
                 other => return Err(de::Error::unknown_field(other, STEP_FIELDS)),
             }
+        }
+        if units.is_none() && interaction.is_some() && parallel.is_none() && retry.is_none() {
+            return Err(de::Error::custom(
+                "`interaction` needs `units`: it says what a failure between the units of a \
+                 split step's batch does",
+            ));
         }
         let split = match (parallel, units, retry) {
             (None, None, None) => None,
@@ -445,7 +464,10 @@ impl<'de> Visitor<'de> for StepSeed<'_> {
                 units: units.source,
                 strategy: units.strategy,
                 max_batch: units.max_batch,
-                retry: retry.unwrap_or_default(),
+                retry: kiln_domain::split::RetryPolicy {
+                    interaction: interaction.unwrap_or_default(),
+                    ..retry.unwrap_or_default()
+                },
             }),
         };
         Ok(RawStep {

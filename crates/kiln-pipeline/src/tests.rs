@@ -263,7 +263,7 @@ fn unknown_step_key() {
     assert_eq!(err.column(), Some(5));
     assert_eq!(
         err.to_string(),
-        ".kiln.yml:3:5: unknown field `rn`, expected one of `name`, `run`, `env`, `timeout`, `labels`, `post`, `parallel`, `units`, `retry`"
+        ".kiln.yml:3:5: unknown field `rn`, expected one of `name`, `run`, `env`, `timeout`, `labels`, `post`, `parallel`, `units`, `retry`, `interaction`"
     );
 }
 
@@ -1833,7 +1833,9 @@ fn split_step_is_parsed() {
                 attempts: 3,
                 max_failures: Some(Threshold::Permille(100)),
                 budget_permille: Some(50),
+                budget_floor_ms: kiln_domain::split::DEFAULT_BUDGET_FLOOR_MS,
                 shards: 0,
+                interaction: Default::default(),
             },
         })
     );
@@ -1960,7 +1962,9 @@ fn retry_forms() {
             attempts: 10,
             max_failures: Some(Threshold::Count(0)),
             budget_permille: Some(0),
+            budget_floor_ms: kiln_domain::split::DEFAULT_BUDGET_FLOOR_MS,
             shards: 256,
+            interaction: Default::default(),
         }
     );
     assert_eq!(
@@ -1971,9 +1975,25 @@ fn retry_forms() {
             attempts: 3,
             max_failures: Some(Threshold::Permille(200)),
             budget_permille: Some(25),
+            budget_floor_ms: kiln_domain::split::DEFAULT_BUDGET_FLOOR_MS,
             shards: 2,
+            interaction: Default::default(),
         }
     );
+    // A floor: the least time retries get, whatever the percentage gives.
+    for (text, permille, floor) in [
+        ("'5% or 1m'", 50, 60_000),
+        ("\"2.5% or 90s\"", 25, 90_000),
+        ("'10% or 1h 30m'", 100, 5_400_000),
+        ("'0% or 500ms'", 0, 500),
+    ] {
+        let p = retry(&format!("      attempts: 2\n      budget: {text}\n"));
+        assert_eq!(
+            (p.budget_permille, p.budget_floor_ms),
+            (Some(permille), floor),
+            "{text}"
+        );
+    }
     assert_eq!(
         retry("      attempts: 2\n      max_failures: 100%\n      budget: 100.0%\n").max_failures,
         Some(Threshold::Permille(1000))
@@ -2486,6 +2506,18 @@ fn bad_retry() {
         (".5%", "invalid `budget` `.5%`"),
         ("1000%", "invalid `budget` `1000%`"),
         ("5%%", "invalid `budget` `5%%`"),
+        (
+            "'5% or soon'",
+            "invalid `budget` `5% or soon`: the floor `soon` is not a duration",
+        ),
+        (
+            "'5% or 0s'",
+            "invalid `budget` `5% or 0s`: the floor must be more than zero",
+        ),
+        ("'5% or'", "invalid `budget` `5% or`"),
+        ("'or 1m'", "invalid `budget` `or 1m`"),
+        ("'1m'", "invalid `budget` `1m`, expected a percentage"),
+        ("'150% or 1m'", "invalid `budget` `150% or 1m`"),
     ] {
         at(
             &format!("      attempts: 2\n      budget: {value}\n"),
@@ -2506,6 +2538,48 @@ fn bad_retry() {
         15,
         "invalid `shards` 300",
     );
+}
+
+#[test]
+fn interaction_policy() {
+    let policy = |lines: &str| {
+        split_of(&split_step(&format!("    units: {{glob: '*'}}\n{lines}")))
+            .retry
+            .interaction
+    };
+    use kiln_domain::split::InteractionPolicy;
+    assert_eq!(policy(""), InteractionPolicy::Warn);
+    assert_eq!(policy("    interaction: warn\n"), InteractionPolicy::Warn);
+    assert_eq!(policy("    interaction: fail\n"), InteractionPolicy::Fail);
+    // With `retry`, before or after it.
+    let both = policy("    interaction: fail\n    retry: {attempts: 2}\n");
+    assert_eq!(both, InteractionPolicy::Fail);
+    assert_eq!(
+        split_of(&split_step(
+            "    units: {glob: '*'}\n    retry: {attempts: 2}\n    interaction: fail\n"
+        ))
+        .retry
+        .attempts,
+        2
+    );
+    let text = split_step("    units: {glob: '*'}\n    interaction: always\n");
+    assert_error(
+        &text,
+        5,
+        18,
+        "invalid `interaction` `always`, expected `warn` (report it) or `fail`",
+    );
+    let text = split_step("    units: {glob: '*'}\n    interaction:\n");
+    assert_error(
+        &text,
+        5,
+        17,
+        "`interaction` is empty, expected `warn` or `fail`",
+    );
+    let text = split_step("    interaction: fail\n");
+    assert_error(&text, 2, 5, "`interaction` needs `units`");
+    let text = split_step("    post: always\n    interaction: fail\n");
+    assert_error(&text, 5, 5, "`interaction` cannot be used in a `post` step");
 }
 
 #[test]

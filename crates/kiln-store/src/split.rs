@@ -17,9 +17,9 @@
 use std::collections::{BTreeMap, HashSet};
 
 use kiln_domain::split::{
-    LeasedUnit, RetryPolicy, RoundDecision, RoundStats, SplitReport, SplitSpec, Strategy, TestCase,
-    UnitOutcome, UnitSource, UnitSummary, UnitTry, UnitVerdict, UnitsReply, UnitsRequest,
-    batch_len, median, next_round, static_shards,
+    FailedUnit, Interaction, InteractionPolicy, LeasedUnit, RetryPolicy, RoundDecision, RoundStats,
+    SplitReport, SplitSpec, Strategy, TestCase, UnitOutcome, UnitSource, UnitSummary, UnitTry,
+    UnitVerdict, UnitsReply, UnitsRequest, batch_len, median, next_round, static_shards,
 };
 use kiln_domain::{AttemptId, BuildId, JobState, Millis, StepSpec, now_millis};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
@@ -417,7 +417,6 @@ fn round_stats(tries: &[TryRow], units: u64, round: u32) -> RoundStats {
         recovered: 0,
         first_round_ms: 0,
         retry_ms: 0,
-        next_round_ms: 0,
     };
     for t in tries {
         if t.try_number == 1 {
@@ -431,13 +430,76 @@ fn round_stats(tries: &[TryRow], units: u64, round: u32) -> RoundStats {
         if t.try_number == round {
             if is_failure(t.outcome) {
                 s.failed += 1;
-                s.next_round_ms = s.next_round_ms.saturating_add(t.duration);
             } else if round > 1 && t.outcome == Some(UnitOutcome::Passed) {
                 s.recovered += 1;
             }
         }
     }
     s
+}
+
+/// The units that failed in `round` (positions, and ids with their durations as estimates),
+/// in position order.
+fn failed_in_round(tx: &Connection, split: i64, round: u32) -> Result<(Vec<i64>, Vec<FailedUnit>)> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT t.position, u.unit, t.duration_ms FROM unit_tries t \
+         JOIN split_units u ON u.split_id = t.split_id AND u.position = t.position \
+         WHERE t.split_id = ?1 AND t.try_number = ?2 AND t.outcome IN ('failed', 'errored') \
+         ORDER BY t.position",
+    )?;
+    let rows = stmt.query_map(params![split, round], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    })?;
+    let (mut positions, mut failed) = (Vec::new(), Vec::new());
+    for row in rows {
+        let (position, unit, ms) = row?;
+        positions.push(position);
+        failed.push(FailedUnit {
+            unit,
+            estimate_ms: to_u64(ms),
+        });
+    }
+    Ok((positions, failed))
+}
+
+/// The interaction failures of a split, in the order they were reported.
+fn interactions_of(tx: &Connection, split: i64) -> Result<Vec<Interaction>> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT units, try_number, detail, runner FROM split_interactions WHERE split_id = ?1 \
+         ORDER BY created_at, attempt_id, request, seq",
+    )?;
+    let rows = stmt.query_map([split], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, u32>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, Option<String>>(3)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (units, try_number, detail, runner) = row?;
+        out.push(Interaction {
+            units: serde_json::from_str(&units).map_err(|e| corrupt("interaction units", e))?,
+            try_number,
+            detail,
+            runner,
+        });
+    }
+    Ok(out)
+}
+
+/// Two notes of a split's retries as one.
+fn join_notes(a: &str, b: &str) -> String {
+    match (a.is_empty(), b.is_empty()) {
+        (_, true) => a.to_string(),
+        (true, false) => b.to_string(),
+        (false, false) => format!("{a}; {b}"),
+    }
 }
 
 /// The verdict of a unit from its tries (first first).
@@ -490,6 +552,7 @@ fn finish_split_row(
         let rows = stmt.query_map([split.id], |r| Ok((r.get(0)?, r.get(1)?)))?;
         rows.collect::<rusqlite::Result<_>>()?
     };
+    let note = join_notes(&split.retry_note, &note);
     let grouped = by_unit(tries);
     let (mut passed, mut flaky, mut failed, mut not_run) = (0u64, 0u64, 0u64, 0u64);
     let mut get_history = tx.prepare_cached(
@@ -536,7 +599,9 @@ fn finish_split_row(
             now
         ])?;
     }
-    let all_passed = failed == 0 && not_run == 0;
+    let interactions = interactions_of(tx, split.id)?.len() as u64;
+    let interaction_fails = interactions > 0 && split.retry.interaction == InteractionPolicy::Fail;
+    let all_passed = failed == 0 && not_run == 0 && !interaction_fails;
     let mut summary = format!(
         "{} in {}: {passed} passed, {flaky} flaky, {failed} failed",
         plural(units.len() as u64, "unit"),
@@ -544,6 +609,13 @@ fn finish_split_row(
     );
     if not_run > 0 {
         summary.push_str(&format!(", {not_run} not run"));
+    }
+    if interactions > 0 {
+        summary.push_str(&format!(
+            ", {} (batches that failed while each unit passed alone; interaction: {})",
+            plural(interactions, "interaction failure"),
+            split.retry.interaction.as_str()
+        ));
     }
     if !note.is_empty() {
         summary.push_str(&format!(" ({note})"));
@@ -692,6 +764,34 @@ fn next_units_tx(tx: &Transaction<'_>, req: &UnitsRequest, now: Millis) -> Resul
             ])?;
         }
     }
+    // Interaction failures, once per request.
+    if !req.interactions.is_empty() {
+        let runner_name: Option<String> = tx
+            .query_row("SELECT name FROM runners WHERE id = ?1", [runner], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let mut stmt = tx.prepare_cached(
+            "INSERT OR IGNORE INTO split_interactions (split_id, attempt_id, request, seq, \
+             try_number, units, detail, runner, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?;
+        for (seq, i) in req.interactions.iter().enumerate() {
+            let units =
+                serde_json::to_string(&i.units).map_err(|e| corrupt("interaction units", e))?;
+            stmt.execute(params![
+                split.id,
+                attempt,
+                req.request,
+                seq as i64,
+                i.try_number,
+                units,
+                i.detail,
+                runner_name,
+                now
+            ])?;
+        }
+    }
     // Units leased by an earlier request of this attempt and not reported with this newer one
     // were dropped by the shard: they go back to the queue.
     tx.execute(
@@ -809,19 +909,26 @@ fn next_units_tx(tx: &Transaction<'_>, req: &UnitsRequest, now: Millis) -> Resul
             |r| r.get(0),
         )?;
         let stats = round_stats(&tries, to_u64(units), round);
-        match next_round(&split.retry, &stats) {
-            RoundDecision::Retry => {
-                tx.execute(
+        let (positions, failed) = failed_in_round(tx, split.id, round)?;
+        match next_round(&split.retry, &stats, &failed) {
+            RoundDecision::Retry { units, note } => {
+                let mut insert = tx.prepare_cached(
                     "INSERT INTO unit_tries (split_id, position, try_number, state, shard, \
-                     estimate_ms) SELECT split_id, position, try_number + 1, 'queued', NULL, \
-                     MAX(duration_ms, 1) FROM unit_tries WHERE split_id = ?1 AND try_number = ?2 \
-                     AND outcome IN ('failed', 'errored')",
-                    params![split.id, round],
+                     estimate_ms) VALUES (?1, ?2, ?3, 'queued', NULL, ?4)",
                 )?;
+                for i in units {
+                    insert.execute(params![
+                        split.id,
+                        positions[i],
+                        round + 1,
+                        to_i64(failed[i].estimate_ms.max(1))
+                    ])?;
+                }
                 split.round = round + 1;
+                split.retry_note = join_notes(&split.retry_note, &note);
                 tx.execute(
-                    "UPDATE splits SET round = ?1 WHERE id = ?2",
-                    params![split.round, split.id],
+                    "UPDATE splits SET round = ?1, retry_note = ?2 WHERE id = ?3",
+                    params![split.round, split.retry_note, split.id],
                 )?;
             }
             RoundDecision::Stop(note) => {
@@ -996,6 +1103,8 @@ fn reports_of(tx: &Connection, build: BuildId) -> Result<Vec<SplitReport>> {
             passed: split.done && split.passed,
             retry_note: split.retry_note,
             units: summaries,
+            interactions: interactions_of(tx, split.id)?,
+            interaction_policy: split.retry.interaction,
         });
     }
     Ok(out)

@@ -180,6 +180,22 @@ CREATE TABLE unit_history (
     "ALTER TABLE split_members ADD COLUMN done INTEGER NOT NULL DEFAULT 0;",
     // 6: how a build's pipeline was found (its file, or what was detected and why).
     "ALTER TABLE builds ADD COLUMN pipeline TEXT NOT NULL DEFAULT '';",
+    // 7: interaction failures of split steps: a batch that failed while each of its units passed
+    // alone; keyed by the request that reported it, so a re-sent request records it once.
+    r#"
+CREATE TABLE split_interactions (
+    split_id   INTEGER NOT NULL REFERENCES splits(id),
+    attempt_id INTEGER NOT NULL,
+    request    INTEGER NOT NULL,
+    seq        INTEGER NOT NULL,
+    try_number INTEGER NOT NULL,
+    units      TEXT NOT NULL,
+    detail     TEXT NOT NULL,
+    runner     TEXT,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (split_id, attempt_id, request, seq)
+);
+"#,
 ];
 
 /// The SQLite implementation of [`Store`]: one connection behind a mutex (SQLite serialises

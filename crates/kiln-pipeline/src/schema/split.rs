@@ -8,7 +8,9 @@
 
 use std::fmt;
 
-use kiln_domain::split::{RetryPolicy, Strategy, Threshold, UnitSource};
+use kiln_domain::split::{
+    DEFAULT_BUDGET_FLOOR_MS, InteractionPolicy, RetryPolicy, Strategy, Threshold, UnitSource,
+};
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::{FieldSeed, quote};
@@ -433,7 +435,11 @@ impl<'de> Visitor<'de> for RetrySeed {
                     })?);
                 }
                 "max_failures" => policy.max_failures = Some(map.next_value_seed(ThresholdSeed)?),
-                "budget" => policy.budget_permille = Some(map.next_value_seed(BudgetSeed)?),
+                "budget" => {
+                    let (permille, floor) = map.next_value_seed(BudgetSeed)?;
+                    policy.budget_permille = Some(permille);
+                    policy.budget_floor_ms = floor;
+                }
                 "shards" => {
                     policy.shards = map.next_value_seed(IntSeed {
                         key: "shards",
@@ -546,27 +552,99 @@ impl Visitor<'_> for ThresholdSeed {
     }
 }
 
-/// `retry.budget`: a percentage of the first round's time.
+/// `retry.budget`: a percentage of the first round's time, with an optional floor: `5%`,
+/// `5% or 1m` (the floor defaults to one minute). In thousandths, and the floor in
+/// milliseconds.
 struct BudgetSeed;
 
 impl<'de> DeserializeSeed<'de> for BudgetSeed {
-    type Value = u32;
+    type Value = (u32, u64);
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
         deserializer.deserialize_any(self)
     }
 }
 
+const BUDGET_EXAMPLE: &str = "such as `5%` or `5% or 1m`";
+
 impl Visitor<'_> for BudgetSeed {
-    type Value = u32;
+    type Value = (u32, u64);
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a percentage of the first round's time, such as `5%` or `2.5%`")
+        write!(
+            f,
+            "a percentage of the first round's time, with an optional floor, {BUDGET_EXAMPLE}"
+        )
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Err(E::custom(format!(
+            "`budget` is empty, expected a percentage of the first round's time, {BUDGET_EXAMPLE}"
+        )))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        self.visit_none()
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        let (percent, floor) = match v.split_once(" or ") {
+            Some((p, f)) => (p, Some(f.trim())),
+            None => (v, None),
+        };
+        let permille = parse_percent(percent).ok_or_else(|| {
+            E::custom(format!(
+                "invalid `budget` {}, expected a percentage from `0%` to `100%` with at most \
+                 one decimal and an optional floor, {BUDGET_EXAMPLE}",
+                quote(v)
+            ))
+        })?;
+        let floor_ms = match floor {
+            None => DEFAULT_BUDGET_FLOOR_MS,
+            Some(f) => match humantime::parse_duration(f) {
+                Ok(d) if d.is_zero() => {
+                    return Err(E::custom(format!(
+                        "invalid `budget` {}: the floor must be more than zero, so that each \
+                         failed unit can be retried once ({BUDGET_EXAMPLE})",
+                        quote(v)
+                    )));
+                }
+                Ok(d) => u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+                Err(e) => {
+                    return Err(E::custom(format!(
+                        "invalid `budget` {}: the floor {} is not a duration ({e}), {BUDGET_EXAMPLE}",
+                        quote(v),
+                        quote(f)
+                    )));
+                }
+            },
+        };
+        Ok((permille, floor_ms))
+    }
+}
+
+/// `interaction`: what a batch that failed while each of its units passed alone does to the
+/// split: `warn` (reported; the default) or `fail`.
+pub(crate) struct InteractionSeed;
+
+impl<'de> DeserializeSeed<'de> for InteractionSeed {
+    type Value = InteractionPolicy;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl Visitor<'_> for InteractionSeed {
+    type Value = InteractionPolicy;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("`warn` or `fail`")
     }
 
     fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
         Err(E::custom(
-            "`budget` is empty, expected a percentage of the first round's time, such as `5%`",
+            "`interaction` is empty, expected `warn` or `fail`",
         ))
     }
 
@@ -575,6 +653,14 @@ impl Visitor<'_> for BudgetSeed {
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        parse_percent(v).ok_or_else(|| E::custom(bad_percent("budget", v)))
+        match v {
+            "warn" => Ok(InteractionPolicy::Warn),
+            "fail" => Ok(InteractionPolicy::Fail),
+            _ => Err(E::custom(format!(
+                "invalid `interaction` {}, expected `warn` (report it) or `fail` (fail the \
+                 split)",
+                quote(v)
+            ))),
+        }
     }
 }

@@ -7,8 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use kiln_domain::split::{
-    LeasedUnit, RetryPolicy, SplitSpec, Strategy, Threshold, UnitOutcome, UnitReport, UnitSource,
-    UnitVerdict, UnitsReply, UnitsRequest, static_shards,
+    DEFAULT_BUDGET_FLOOR_MS, Interaction, InteractionPolicy, LeasedUnit, RetryPolicy, SplitSpec,
+    Strategy, Threshold, UnitOutcome, UnitReport, UnitSource, UnitVerdict, UnitsReply,
+    UnitsRequest, static_shards,
 };
 use kiln_domain::{AttemptId, JobId, JobState, NewBuild, NewJob, RunnerId, StepSpec};
 use tempfile::TempDir;
@@ -144,6 +145,7 @@ impl Shard {
                 Vec::new()
             },
             results,
+            interactions: Vec::new(),
             max_units: self.max_units,
         }
     }
@@ -594,29 +596,137 @@ fn more_failures_than_the_threshold_means_no_retry_round() {
 }
 
 #[test]
-fn the_retry_budget_stops_retries() {
+fn the_retry_budget_stops_retries_and_its_floor_leaves_room_for_one() {
     let (_dir, s) = store();
     let list = units(10);
     // Round 1: 10 units of 100 ms; a 10% budget is 100 ms; the failed unit took 100 ms, so a
-    // retry fits; with 5% it does not.
-    for (permille, rounds) in [(100, 2), (50, 1)] {
+    // retry fits; with 5% and no floor it does not, and the report names it; with 5% and the
+    // default floor (one minute) it does.
+    for (commit, permille, floor, rounds) in [
+        ('a', 100, 0, 2),
+        ('b', 50, 0, 1),
+        ('c', 50, DEFAULT_BUDGET_FLOOR_MS, 2),
+    ] {
         let retry = RetryPolicy {
             attempts: 2,
             budget_permille: Some(permille),
+            budget_floor_ms: floor,
             ..RetryPolicy::default()
         };
-        let commit = if permille == 100 { 'a' } else { 'b' };
         let jobs = split_build(&s, commit, 1, Strategy::Dynamic, retry);
         let mut shards = vec![start(&s, jobs[0], "r1")];
         run(&s, &mut shards, &list, &flaky_outcome);
         let r = the_report(&s, jobs[0]);
-        assert_eq!(r.rounds, rounds, "{permille}");
+        assert_eq!(r.rounds, rounds, "{commit}");
         if rounds == 1 {
             assert!(!r.passed);
-            assert!(r.retry_note.contains("budget"), "{}", r.retry_note);
+            assert!(
+                r.retry_note.contains("not retried: tests/test_02.py")
+                    && r.retry_note.contains("budget"),
+                "{}",
+                r.retry_note
+            );
         } else {
-            assert!(r.passed);
+            assert!(r.passed, "{commit}: {}", r.retry_note);
         }
+    }
+}
+
+/// Two units fail; the budget (its floor) has room for the cheaper one only: it is retried,
+/// the other is not, and the report says which and why.
+#[test]
+fn units_over_the_budget_are_named_in_the_report() {
+    let (_dir, s) = store();
+    let list = units(4);
+    let retry = RetryPolicy {
+        attempts: 2,
+        budget_permille: Some(10),
+        budget_floor_ms: 150,
+        ..RetryPolicy::default()
+    };
+    let jobs = split_build(&s, 'a', 1, Strategy::Dynamic, retry);
+    let mut shards = vec![start(&s, jobs[0], "r1")];
+    let outcome = |unit: &str, _try: u32| {
+        if unit == "tests/test_00.py" || unit == "tests/test_01.py" {
+            UnitOutcome::Failed
+        } else {
+            UnitOutcome::Passed
+        }
+    };
+    run(&s, &mut shards, &list, &outcome);
+    let r = the_report(&s, jobs[0]);
+    assert_eq!(r.rounds, 2);
+    let tries = |u: &str| {
+        r.units
+            .iter()
+            .find(|x| x.unit == u)
+            .map(|x| x.tries.len())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        tries("tests/test_00.py") + tries("tests/test_01.py"),
+        3,
+        "{r:?}"
+    );
+    assert!(
+        r.retry_note
+            .starts_with("round 2: not retried: tests/test_0")
+            && r.retry_note.contains("at least 150 ms"),
+        "{}",
+        r.retry_note
+    );
+    assert!(!r.passed);
+}
+
+/// A shard reports an interaction failure with its batch's results (each unit passed alone):
+/// recorded once even when the request is re-sent, listed in the report, and the step's
+/// policy decides the verdict.
+#[test]
+fn interaction_failures_are_reported_and_the_policy_decides() {
+    let (_dir, s) = store();
+    let list = units(3);
+    for (commit, policy, passes) in [
+        ('a', InteractionPolicy::Warn, true),
+        ('b', InteractionPolicy::Fail, false),
+    ] {
+        let retry = RetryPolicy {
+            interaction: policy,
+            ..RetryPolicy::default()
+        };
+        let jobs = split_build(&s, commit, 1, Strategy::Dynamic, retry);
+        let mut sh = start(&s, jobs[0], "r1");
+        let UnitsReply::Batch(batch) = sh.ask(&s, &list, &all_pass) else {
+            panic!("no batch");
+        };
+        sh.request += 1;
+        let mut req = sh.request(&list, report(&sh.held, &all_pass));
+        req.interactions = vec![Interaction {
+            units: batch.iter().map(|u| u.unit.clone()).collect(),
+            try_number: 1,
+            detail: "exit status 2".into(),
+            runner: None,
+        }];
+        // Sent twice (a reconnect): recorded once.
+        let first = s.next_units(&req).unwrap();
+        let again = s.next_units(&req).unwrap();
+        assert_eq!(first, again);
+        sh.held = match first {
+            UnitsReply::Batch(b) => b,
+            _ => Vec::new(),
+        };
+        let mut shards = vec![sh];
+        run(&s, &mut shards, &list, &all_pass);
+        let (passed, summary) = split_done(&shards);
+        assert_eq!(passed, passes, "{summary}");
+        assert!(summary.contains("1 interaction failure"), "{summary}");
+        let r = the_report(&s, jobs[0]);
+        assert_eq!(r.passed, passes);
+        assert_eq!(r.interaction_policy, policy);
+        assert_eq!(r.interactions.len(), 1, "{r:?}");
+        assert_eq!(r.interactions[0].units.len(), batch.len());
+        assert_eq!(r.interactions[0].detail, "exit status 2");
+        assert_eq!(r.interactions[0].runner.as_deref(), Some("r1"));
+        assert!(r.units.iter().all(|u| u.verdict == UnitVerdict::Passed));
     }
 }
 
