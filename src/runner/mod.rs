@@ -10,6 +10,7 @@
 mod job;
 mod outbox;
 mod split;
+pub mod token;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -60,6 +61,9 @@ pub struct RunnerConfig {
     pub token: String,
     /// TLS files for an https:// dispatcher.
     pub tls: crate::tls::ClientTls,
+    /// Variables of the runner's environment given to steps besides the allow-listed ones
+    /// (`--pass-env`).
+    pub pass_env: Vec<(String, String)>,
 }
 
 impl RunnerConfig {
@@ -77,6 +81,7 @@ impl RunnerConfig {
             kill_grace: Duration::from_secs(5),
             token: String::new(),
             tls: crate::tls::ClientTls::default(),
+            pass_env: Vec::new(),
         }
     }
 }
