@@ -1,15 +1,19 @@
 //! The runner, end to end, as an attacker's build step sees it: its token is neither in the
 //! step's environment nor readable from its ancestors' command lines and environments, whether
 //! it came by `KILN_TOKEN`, `--token` or `--token-file`; steps get a scrubbed environment.
+//! A runner the dispatcher will never let in (its certificate) stops with the reason; one that
+//! cannot reach it yet keeps trying.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+mod fault_support;
 
 use std::path::Path;
 use std::process::Command;
 
 use common::*;
+use fault_support::*;
 use nix::sys::signal::Signal;
 
 const HEARTBEATS: &[&str] = &["--heartbeat-interval", "300ms", "--missed-heartbeats", "3"];
@@ -208,4 +212,80 @@ fn a_bad_token_file_stops_the_runner_with_the_reason() {
         assert_eq!(out.code(), 2, "{out}");
         assert!(out.err().contains(why), "{out}");
     }
+}
+
+/// A TLS dispatcher requiring runner certificates from its CA.
+fn mtls_server(tmp: &Path, tls: &TlsFiles) -> Server {
+    let ca = tls.ca.to_str().unwrap();
+    let mut args = HEARTBEATS.to_vec();
+    args.extend_from_slice(&[
+        "--server-cert",
+        tls.server_cert.to_str().unwrap(),
+        "--server-key",
+        tls.server_key.to_str().unwrap(),
+        "--client-ca",
+        ca,
+        "--require-runner-cert",
+    ]);
+    try_start_dispatcher("127.0.0.1:0", &tmp.join("data"), &args, "https")
+        .unwrap_or_else(|out| panic!("the TLS dispatcher did not start: {out}"))
+}
+
+/// Runners whose certificate the dispatcher rejects (none, or one from another CA), and one
+/// that does not trust the dispatcher's certificate, exit non-zero saying why, instead of
+/// retrying forever; a good runner still attaches.
+#[test]
+fn a_runner_whose_certificate_is_refused_stops_with_the_reason() {
+    let tmp = tempdir();
+    let tls = TlsFiles::generate(&tmp.path().join("pki"));
+    let ca = tls.ca.to_str().unwrap();
+    let server = mtls_server(tmp.path(), &tls);
+    let cases: [(&str, Vec<&str>, &str); 3] = [
+        ("bare", vec!["--tls-ca", ca], "client certificate"),
+        (
+            "rogue",
+            vec![
+                "--tls-ca",
+                ca,
+                "--tls-cert",
+                tls.rogue_cert.to_str().unwrap(),
+                "--tls-key",
+                tls.rogue_key.to_str().unwrap(),
+            ],
+            "refused this runner's certificate",
+        ),
+        (
+            "untrusting",
+            vec![],
+            "does not trust the dispatcher's certificate",
+        ),
+    ];
+    for (name, global, why) in cases {
+        let mut p = spawn_runner(
+            &server.url,
+            name,
+            &tmp.path().join(format!("w-{name}")),
+            &global,
+            &[],
+        );
+        let out = p.wait(LONG);
+        assert_ne!(out.status.code(), Some(0), "{name}: {out}");
+        assert!(out.err().contains(why), "{name}: no {why:?} in {out}");
+        if name != "bare" {
+            assert!(
+                out.err().contains("over TLS, and retrying will not help"),
+                "{name}: {out}"
+            );
+        }
+    }
+    let cert = [
+        "--tls-ca",
+        ca,
+        "--tls-cert",
+        tls.client_cert.to_str().unwrap(),
+        "--tls-key",
+        tls.client_key.to_str().unwrap(),
+    ];
+    let _good = spawn_runner(&server.url, "good", &tmp.path().join("w-good"), &cert, &[]);
+    wait_attached(&server.url, &["--tls-ca", ca], "good");
 }
