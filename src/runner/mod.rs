@@ -697,3 +697,33 @@ fn handle(
         Some(In::Heartbeat(_)) | Some(In::Welcome(_)) | None => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::is_permanent;
+
+    /// Error chains as the runner saw them (rustls' words under tonic's and hyper's).
+    #[test]
+    fn certificate_failures_are_permanent_and_the_rest_are_retried() {
+        for permanent in [
+            "transport error: invalid peer certificate: UnknownIssuer",
+            "transport error: connection error: received fatal alert: UnknownCA",
+            "transport error: connection error: received fatal alert: CertificateRequired",
+            "transport error: received fatal alert: BadCertificate",
+            "transport error: received fatal alert: HandshakeFailure",
+        ] {
+            assert!(is_permanent(permanent), "{permanent}");
+        }
+        for transient in [
+            "transport error: tcp connect error: Connection refused (os error 111)",
+            "transport error: connection error: stream closed because of a broken pipe",
+            "operation was canceled: connection closed",
+            "http2 error: keep-alive timed out: operation timed out",
+            "no welcome within 10s",
+            "transport error: received fatal alert: InternalError",
+            "h2 protocol error: http2 error",
+        ] {
+            assert!(!is_permanent(transient), "{transient}");
+        }
+    }
+}

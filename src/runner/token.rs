@@ -25,7 +25,8 @@ const MAX_TOKEN_BYTES: usize = 4096;
 
 /// For `kiln runner`, before the runtime starts: warns about `--token` on the command line and,
 /// when the token is on the command line or in the environment, starts the runner again
-/// without it there (does not return then). Other commands: nothing.
+/// without it there (does not return then, unless the `exec` fails: then it warns). Other
+/// commands: nothing.
 pub fn secure_start(cli: &Cli) -> Result<(), String> {
     let Command::Runner(args) = &cli.command else {
         return Ok(());
@@ -91,9 +92,13 @@ pub fn secure_start(cli: &Cli) -> Result<(), String> {
         command.stdin(reader).args(["--token-file", "-"]);
     }
     let e = command.exec();
-    Err(format!(
-        "cannot start the runner again without its token on the command line: {e}"
-    ))
+    // Only reached when the exec failed (no /proc?): run as we are, the token still visible.
+    tracing::warn!(
+        error = %e,
+        "cannot start the runner again without its token on its command line or in its \
+         environment; steps of its user may read it from /proc"
+    );
+    Ok(())
 }
 
 /// `--token` or `--token=...` (not `--token-file`).
