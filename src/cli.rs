@@ -191,7 +191,7 @@ pub struct ClientBefore {
     #[arg(long, hide = true)]
     json: bool,
     #[arg(long, hide = true)]
-    token: Option<String>,
+    pub(crate) token: Option<String>,
     #[arg(long, hide = true)]
     tls_ca: Option<PathBuf>,
     #[arg(long, hide = true)]
@@ -565,6 +565,14 @@ pub struct RunnerArgs {
     /// Most unacknowledged output spooled to local disk while the dispatcher is away, in bytes.
     #[arg(long, default_value_t = 1 << 30)]
     pub max_spool_bytes: u64,
+    /// Read the runner's token from this file (`-`: standard input) rather than --token (which
+    /// every user sees in `ps`) or KILN_TOKEN.
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// Pass this variable of the runner's environment on to build steps (repeatable); steps
+    /// otherwise inherit only PATH, HOME, USER, SHELL, the locale and a few more (README).
+    #[arg(long = "pass-env", value_name = "NAME")]
+    pub pass_env: Vec<String>,
 }
 
 /// `kiln submit`.
@@ -970,7 +978,13 @@ async fn runner(conn: &Connection, args: RunnerArgs) -> Result<i32, CliError> {
             .unwrap_or_else(|| "runner".into()),
     };
     let mut config = crate::runner::RunnerConfig::new(conn.url.clone(), name);
-    config.token = conn.token.clone().unwrap_or_default();
+    config.token = match &args.token_file {
+        Some(path) => crate::runner::token::read_token_file(path)
+            .map_err(|e| CliError::new(exit::USAGE, e))?,
+        None => conn.token.clone().unwrap_or_default(),
+    };
+    config.pass_env = crate::runner::token::pass_env(&args.pass_env)
+        .map_err(|e| CliError::new(exit::USAGE, e))?;
     config.tls = conn.tls.clone();
     config.slots = args.slots;
     config.max_spool_bytes = args.max_spool_bytes;

@@ -20,6 +20,11 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // `kiln runner`: keep its token where build steps cannot read it (may start it again).
+    if let Err(e) = kiln::runner::token::secure_start(&cli) {
+        eprintln!("kiln: {e}");
+        std::process::exit(kiln::cli::exit::USAGE);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -452,6 +452,8 @@ fn a_runner_failing_units_others_pass_is_taken_out_of_the_pool() {
         "bad",
         "--work-dir",
         work.to_str().unwrap(),
+        "--pass-env",
+        "KILN_TEST_BROKEN_MACHINE",
     ])
     .env("KILN_TEST_BROKEN_MACHINE", "1");
     let _bad = Proc::spawn("kiln runner bad", cmd);

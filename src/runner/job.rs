@@ -97,7 +97,12 @@ pub(super) async fn run(
         return;
     }
 
-    let secrets: Vec<&[u8]> = a.secrets.values().map(|v| v.as_bytes()).collect();
+    // The job's secrets, and the runner's own token (a step cannot read it, but should it
+    // ever print it, it is masked).
+    let mut secrets: Vec<&[u8]> = a.secrets.values().map(|v| v.as_bytes()).collect();
+    if !shared.config.token.is_empty() {
+        secrets.push(shared.config.token.as_bytes());
+    }
     let masker = Masker::new(&secrets);
     let mut state = proto::JobState::Passed;
     let mut message = String::new();
@@ -194,8 +199,10 @@ async fn run_step(
             format!("kiln: step {}: $ {first_line}\n", step.name),
         )
         .await;
-    let mut env: Vec<(String, String)> =
-        a.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    // The step's environment: the allow-listed variables of the runner's (kiln-exec adds
+    // them), those passed on by `--pass-env`, then the pipeline's and kiln's own.
+    let mut env: Vec<(String, String)> = shared.config.pass_env.clone();
+    env.extend(a.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.extend(step.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.extend(a.secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.push(("KILN_STEP".into(), step.name.clone()));

@@ -10,6 +10,7 @@
 mod job;
 mod outbox;
 mod split;
+pub mod token;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -60,6 +61,9 @@ pub struct RunnerConfig {
     pub token: String,
     /// TLS files for an https:// dispatcher.
     pub tls: crate::tls::ClientTls,
+    /// Variables of the runner's environment given to steps besides the allow-listed ones
+    /// (`--pass-env`).
+    pub pass_env: Vec<(String, String)>,
 }
 
 impl RunnerConfig {
@@ -77,6 +81,7 @@ impl RunnerConfig {
             kill_grace: Duration::from_secs(5),
             token: String::new(),
             tls: crate::tls::ClientTls::default(),
+            pass_env: Vec::new(),
         }
     }
 }
@@ -87,9 +92,13 @@ pub enum RunnerError {
     /// The configuration cannot work (bad URL, unusable work directory).
     #[error("{0}")]
     Config(String),
-    /// The dispatcher refused the runner for good (bad name or labels).
+    /// The dispatcher refused the runner for good (bad name or labels, token not valid).
     #[error("the dispatcher refused this runner: {0}")]
     Refused(String),
+    /// The TLS handshake fails over a certificate (ours refused, or the dispatcher's not
+    /// trusted): trying again will not help.
+    #[error("cannot connect to the dispatcher over TLS, and retrying will not help: {0}")]
+    Tls(String),
 }
 
 /// What the session loop and the job tasks share.
@@ -271,6 +280,15 @@ pub async fn run(
             }
         });
     }
+    // Cancelled when a draining or stopping runner must go although the dispatcher has not
+    // taken everything (it is unreachable): see `leave_when_done`.
+    let leave = CancellationToken::new();
+    tokio::spawn(leave_when_done(
+        shared.clone(),
+        drain.clone(),
+        stop.clone(),
+        leave.clone(),
+    ));
     let mut backoff = Duration::from_millis(100);
     let mut name_taken_since: Option<tokio::time::Instant> = None;
     loop {
@@ -278,7 +296,11 @@ pub async fn run(
             tracing::info!("drained; detaching");
             return Ok(());
         }
-        match session(&endpoint, &shared, &drain).await {
+        let ended = tokio::select! {
+            ended = session(&endpoint, &shared, &drain) => ended,
+            _ = leave.cancelled() => return Ok(()),
+        };
+        match ended {
             Ok(SessionEnd::Drained) => {
                 tracing::info!("drained; detaching");
                 return Ok(());
@@ -289,6 +311,7 @@ pub async fn run(
             }
             Ok(SessionEnd::NotWelcomed) => {}
             Err(SessionError::Fatal(m)) => return Err(RunnerError::Refused(m)),
+            Err(SessionError::Tls(m)) => return Err(RunnerError::Tls(m)),
             Err(SessionError::NameTaken(m)) => {
                 // Maybe our own previous session, not yet seen gone: retry for a while, then
                 // give up (another live runner has this name).
@@ -309,8 +332,84 @@ pub async fn run(
             _ = stop.cancelled() => {
                 if shared.held().is_empty() { return Ok(()); }
             }
+            _ = leave.cancelled() => return Ok(()),
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// How long a draining runner whose jobs are done waits, while the dispatcher is unreachable,
+/// for it to come back and take their results, before it leaves without (the dispatcher then
+/// runs those jobs again once their lease runs out).
+const UNREACHABLE_PATIENCE: Duration = Duration::from_secs(5);
+/// How long a stopping runner (second signal) waits for the dispatcher to take what it holds
+/// (the jobs it hands back) while connected. Disconnected, it leaves at once.
+const STOP_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Once draining or stopping: waits for the running jobs to end (a stop cancels them), then for
+/// the dispatcher to take their results; cancels `leave` when there is nothing left to wait
+/// for, or when waiting is pointless (the dispatcher unreachable for [`UNREACHABLE_PATIENCE`],
+/// or at once when stopping), so a signal is never ignored while the dispatcher is away.
+async fn leave_when_done(
+    shared: Arc<Shared>,
+    drain: CancellationToken,
+    stop: CancellationToken,
+    leave: CancellationToken,
+) {
+    /// Wakes the loops below when nothing else does (the outbox wakes them on every change).
+    const RECHECK: Duration = Duration::from_millis(200);
+    tokio::select! {
+        _ = drain.cancelled() => {}
+        _ = stop.cancelled() => {}
+    }
+    while !shared.jobs().is_empty() {
+        tokio::select! {
+            _ = shared.outbox.changed() => {}
+            _ = tokio::time::sleep(RECHECK) => {}
+        }
+    }
+    let mut unreachable_since: Option<tokio::time::Instant> = None;
+    let mut stop_since: Option<tokio::time::Instant> = None;
+    loop {
+        let held = shared.held();
+        if held.is_empty() {
+            tracing::info!("drained; detaching");
+            leave.cancel();
+            return;
+        }
+        let connected = shared
+            .session_tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        let now = tokio::time::Instant::now();
+        let unreachable_for = match connected {
+            true => {
+                unreachable_since = None;
+                Duration::ZERO
+            }
+            false => now - *unreachable_since.get_or_insert(now),
+        };
+        let give_up = if stop.is_cancelled() {
+            let since = *stop_since.get_or_insert(now);
+            !connected || now - since >= STOP_PATIENCE
+        } else {
+            unreachable_for >= UNREACHABLE_PATIENCE
+        };
+        if give_up {
+            tracing::warn!(
+                attempts = ?held,
+                "leaving without the dispatcher's acknowledgement of these attempts \
+                 (unreachable); it runs them again once their lease runs out"
+            );
+            leave.cancel();
+            return;
+        }
+        tokio::select! {
+            _ = shared.outbox.changed() => {}
+            _ = tokio::time::sleep(RECHECK) => {}
+            _ = stop.cancelled(), if stop_since.is_none() => {}
+        }
     }
 }
 
@@ -327,6 +426,67 @@ enum SessionError {
     Retry(String),
     Fatal(String),
     NameTaken(String),
+    /// A TLS failure no retry will mend.
+    Tls(String),
+}
+
+/// A status's message and the errors under it (tonic's `Display` of a `Status` is a debug dump).
+fn status_chain(s: &tonic::Status) -> String {
+    let mut chain = s.message().to_string();
+    if let Some(source) = std::error::Error::source(s) {
+        chain.push_str(": ");
+        chain.push_str(&crate::dispatcher::error_chain(source));
+    }
+    chain
+}
+
+impl SessionError {
+    /// A failure to connect or attach: permanent when the TLS handshake failed over a
+    /// certificate (ours refused by the dispatcher, or the dispatcher's not trusted by us) or
+    /// the handshake was refused (no common protocol), since trying again changes nothing;
+    /// anything else (refused or reset connections, timeouts, a restarting dispatcher) may pass.
+    fn classify(chain: String) -> SessionError {
+        if is_permanent(&chain) {
+            let hint = if chain.contains("invalid peer certificate") {
+                "this runner does not trust the dispatcher's certificate (see --tls-ca)"
+            } else if chain.contains("Certificate") || chain.contains("UnknownCA") {
+                "the dispatcher refused this runner's certificate (see --tls-cert, --tls-key)"
+            } else {
+                "the dispatcher refused the TLS handshake"
+            };
+            SessionError::Tls(format!("{hint}: {chain}"))
+        } else {
+            SessionError::Retry(chain)
+        }
+    }
+}
+
+/// Whether an error chain (as [`crate::dispatcher::error_chain`] writes it) tells of a TLS
+/// failure that a retry will not mend. rustls writes `invalid peer certificate: ...` when we
+/// refuse the dispatcher's certificate, and `received fatal alert: ...` when the dispatcher
+/// refuses ours (or the handshake).
+fn is_permanent(chain: &str) -> bool {
+    const PERMANENT_ALERTS: &[&str] = &[
+        "BadCertificate",
+        "UnsupportedCertificate",
+        "CertificateRevoked",
+        "CertificateExpired",
+        "CertificateUnknown",
+        "CertificateRequired",
+        "UnknownCA",
+        "AccessDenied",
+        "HandshakeFailure",
+        "ProtocolVersion",
+        "InsufficientSecurity",
+        "NoApplicationProtocol",
+    ];
+    chain.contains("invalid peer certificate")
+        || chain.contains("peer sent no certificates")
+        || chain.contains("peer is incompatible")
+        || chain
+            .split("received fatal alert: ")
+            .skip(1)
+            .any(|rest| PERMANENT_ALERTS.iter().any(|alert| rest.starts_with(alert)))
 }
 
 /// How long a split step waits for the answer to a NextUnits before sending it again.
@@ -347,7 +507,7 @@ async fn session(
     let channel = endpoint
         .connect()
         .await
-        .map_err(|e| SessionError::Retry(crate::dispatcher::error_chain(&e)))?;
+        .map_err(|e| SessionError::classify(crate::dispatcher::error_chain(&e)))?;
     let mut client = RunnerServiceClient::new(channel)
         .max_decoding_message_size(crate::api::MAX_RUNNER_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel(128);
@@ -373,7 +533,7 @@ async fn session(
             tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
                 SessionError::Fatal(s.message().to_string())
             }
-            _ => SessionError::Retry(s.message().to_string()),
+            _ => SessionError::classify(status_chain(&s)),
         })?
         .into_inner();
     let welcome = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
@@ -393,7 +553,7 @@ async fn session(
         Ok(Err(s)) if s.code() == tonic::Code::AlreadyExists => {
             return Err(SessionError::NameTaken(s.message().to_string()));
         }
-        Ok(Err(s)) => return Err(SessionError::Retry(s.message().to_string())),
+        Ok(Err(s)) => return Err(SessionError::classify(status_chain(&s))),
         Ok(Ok(_)) => return Ok(SessionEnd::NotWelcomed),
         Err(_) => return Err(SessionError::Retry("no welcome within 10s".into())),
     };
@@ -548,5 +708,35 @@ fn handle(
         }
         Some(In::Units(u)) => shared.units_answer(u),
         Some(In::Heartbeat(_)) | Some(In::Welcome(_)) | None => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_permanent;
+
+    /// Error chains as the runner saw them (rustls' words under tonic's and hyper's).
+    #[test]
+    fn certificate_failures_are_permanent_and_the_rest_are_retried() {
+        for permanent in [
+            "transport error: invalid peer certificate: UnknownIssuer",
+            "transport error: connection error: received fatal alert: UnknownCA",
+            "transport error: connection error: received fatal alert: CertificateRequired",
+            "transport error: received fatal alert: BadCertificate",
+            "transport error: received fatal alert: HandshakeFailure",
+        ] {
+            assert!(is_permanent(permanent), "{permanent}");
+        }
+        for transient in [
+            "transport error: tcp connect error: Connection refused (os error 111)",
+            "transport error: connection error: stream closed because of a broken pipe",
+            "operation was canceled: connection closed",
+            "http2 error: keep-alive timed out: operation timed out",
+            "no welcome within 10s",
+            "transport error: received fatal alert: InternalError",
+            "h2 protocol error: http2 error",
+        ] {
+            assert!(!is_permanent(transient), "{transient}");
+        }
     }
 }

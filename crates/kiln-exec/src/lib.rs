@@ -10,6 +10,12 @@
 //! on its own, anything still left in its process group (for example
 //! `sleep 100 &`) is killed so that nothing leaks and the pipes reach EOF.
 //!
+//! The step does not inherit this process's environment: it gets only the
+//! variables named by [`is_inherited`] (an allow-list: `PATH`, `HOME`, the
+//! locale, ...), then [`StepCommand::env`]. So a runner's own settings and
+//! secrets (`KILN_TOKEN`, cloud credentials in its environment) never reach a
+//! build step unless the caller passes them on purpose.
+//!
 //! [`mask::Masker`] replaces the job's secrets by `***` in a stream of output
 //! chunks, holding back only a tail that could begin a secret.
 
@@ -50,6 +56,37 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// caller sets it) so that Python output is not block-buffered.
 const PYTHON_UNBUFFERED: &str = "PYTHONUNBUFFERED";
 
+/// Variables a step inherits from the process that runs it, when set there:
+/// what a shell and common tools need to work as on the machine (search path,
+/// home, user, shell, terminal, time zone, temp dir, proxies). Plus every
+/// `LC_*` locale variable. Nothing else is inherited.
+pub const INHERITED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "TERM",
+    "TZ",
+    "TMPDIR",
+    "HOSTNAME",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "all_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+];
+
+/// Whether a step inherits the variable `name` from the process that runs it.
+pub fn is_inherited(name: &str) -> bool {
+    INHERITED_ENV.contains(&name) || name.starts_with("LC_")
+}
+
 /// Description of one step to execute.
 #[derive(Debug, Clone)]
 pub struct StepCommand {
@@ -57,7 +94,8 @@ pub struct StepCommand {
     pub script: String,
     /// Working directory of the process; must exist.
     pub cwd: PathBuf,
-    /// Variables added to (or overriding) the inherited environment.
+    /// The step's own variables, added to (or overriding) the allow-listed
+    /// variables inherited from this process (see [`is_inherited`]).
     pub env: Vec<(String, String)>,
     /// Wall-clock limit for the step; `None` means no limit.
     pub timeout: Option<Duration>,
@@ -166,7 +204,13 @@ pub async fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
-        .kill_on_drop(true);
+        .kill_on_drop(true)
+        .env_clear();
+    for (key, value) in std::env::vars_os() {
+        if key.to_str().is_some_and(is_inherited) {
+            command.env(key, value);
+        }
+    }
     if !cmd.env.iter().any(|(key, _)| key == PYTHON_UNBUFFERED) {
         command.env(PYTHON_UNBUFFERED, "1");
     }

@@ -152,6 +152,44 @@ async fn environment_and_python_unbuffered() {
     assert_eq!(out.stdout, b"0:hello world");
 }
 
+/// The step sees the allow-listed variables of this process and its own, nothing else: cargo
+/// runs this test with `CARGO_*` variables set, and the step must not see them.
+#[tokio::test]
+async fn environment_is_scrubbed_to_the_allow_list() {
+    assert!(
+        std::env::var_os("CARGO_MANIFEST_DIR").is_some(),
+        "the test needs a variable set in its own environment"
+    );
+    let path = std::env::var("PATH").unwrap();
+    let mut cmd = step("env");
+    cmd.env.push(("STEP_OWN".into(), "mine".into()));
+    let (exit, out) = run_collect(&cmd).await;
+    assert!(exit.success());
+    let env = String::from_utf8(out.stdout).unwrap();
+    let names: Vec<&str> = env
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .collect();
+    assert!(env.contains(&format!("PATH={path}\n")), "{env}");
+    assert!(env.contains("STEP_OWN=mine\n"), "{env}");
+    for name in &names {
+        assert!(
+            kiln_exec::is_inherited(name)
+                || [
+                    "STEP_OWN",
+                    "PYTHONUNBUFFERED",
+                    "PWD",
+                    "SHLVL",
+                    "_",
+                    "OLDPWD"
+                ]
+                .contains(name),
+            "the step inherited {name}: {env}"
+        );
+    }
+    assert!(!env.contains("CARGO_MANIFEST_DIR"), "{env}");
+}
+
 #[tokio::test]
 async fn cwd_is_used_and_stdin_is_empty() {
     let dir = tempfile::tempdir().unwrap();

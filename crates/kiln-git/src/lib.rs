@@ -47,6 +47,11 @@ const STALE_TMP_AGE: Duration = Duration::from_secs(3600);
 /// Git's file mode for symbolic links.
 const FILEMODE_LINK: i32 = 0o120000;
 
+/// Packs a mirror may hold: every fetch adds one (libgit2 keeps what it receives as a pack), and a
+/// lookup tries each pack in turn, so a long-lived mirror would slow down as they pile up. A
+/// fetch that leaves more than this many repacks the mirror into one pack.
+pub const MAX_PACKS: usize = 16;
+
 /// Everything that can go wrong in the git layer.
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
@@ -759,6 +764,87 @@ fn fetch_mirror(repo: &Repository, source: &Source) -> Result<(), GitError> {
     {
         debug!(url = %source.url, head = name, error = %e, "cannot point the mirror's HEAD");
     }
+    // A failed repack leaves the mirror as it was (the old packs are removed only once the new
+    // one is written); the fetch itself succeeded.
+    if let Err(e) = repack_if_needed(repo) {
+        warn!(url = %source.url, error = %e, "cannot repack mirror");
+    }
+    Ok(())
+}
+
+/// The pack files (`*.pack`) of a repository's object database.
+fn pack_files(repo: &Repository) -> io::Result<Vec<PathBuf>> {
+    let dir = repo.path().join("objects").join("pack");
+    let mut packs = Vec::new();
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "pack") {
+            packs.push(path);
+        }
+    }
+    Ok(packs)
+}
+
+/// When the mirror holds more than [`MAX_PACKS`] packs, writes every object it has into one new
+/// pack and removes the old ones (their index first, so no reader finds an index without its
+/// pack). Every object is kept, reachable or not: a build may still need a commit whose branch
+/// was force-pushed or deleted. Call with the mirror's lock held.
+fn repack_if_needed(repo: &Repository) -> Result<(), GitError> {
+    let packs = pack_files(repo).map_err(|e| GitError::io("cannot list the mirror's packs", e))?;
+    if packs.len() <= MAX_PACKS {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let context = || format!("cannot repack {}", repo.path().display());
+    let odb = repo.odb().map_err(|e| GitError::git(context(), e))?;
+    let mut ids = Vec::new();
+    odb.foreach(|id| {
+        ids.push(*id);
+        true
+    })
+    .map_err(|e| GitError::git(context(), e))?;
+    let mut builder = repo
+        .packbuilder()
+        .map_err(|e| GitError::git(context(), e))?;
+    for id in &ids {
+        builder
+            .insert_object(*id, None)
+            .map_err(|e| GitError::git(context(), e))?;
+    }
+    let pack_dir = repo.path().join("objects").join("pack");
+    builder
+        .write(&pack_dir, 0)
+        .map_err(|e| GitError::git(context(), e))?;
+    let new_name = builder
+        .name()
+        .map_err(|e| GitError::git(context(), e))?
+        .map(|hash| format!("pack-{hash}"));
+    let mut removed = 0;
+    for pack in &packs {
+        let Some(stem) = pack.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        if new_name.as_deref() == Some(stem) {
+            continue;
+        }
+        for ext in ["keep", "idx", "rev", "bitmap", "mtimes", "pack"] {
+            let file = pack.with_extension(ext);
+            match std::fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(GitError::io(format!("cannot remove {}", file.display()), e)),
+            }
+        }
+        removed += 1;
+    }
+    odb.refresh().map_err(|e| GitError::git(context(), e))?;
+    info!(
+        mirror = %repo.path().display(),
+        objects = ids.len(),
+        packs_removed = removed,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "repacked mirror"
+    );
     Ok(())
 }
 

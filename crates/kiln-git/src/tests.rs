@@ -1025,3 +1025,59 @@ fn revisions_resolve_locally_and_in_mirrors() {
         assert!(err.to_string().contains(needle), "{bad:?}: {err}");
     }
 }
+
+/// Each fetch adds a pack; the mirror is repacked when more than `MAX_PACKS` pile up, so the
+/// count stays bounded after many fetches. Nothing is lost: every commit (also one whose
+/// branch was deleted, so unreachable), an annotated tag, and a checkout of the first commit.
+#[test]
+fn many_fetches_keep_the_pack_count_bounded() {
+    let src = Source::new();
+    let first = src.commit(&[("a", File(b"0"))]);
+    let sig = git2::Signature::now("Test", "test@example.com").unwrap();
+    let target = src.repo.find_object(first, None).unwrap();
+    let tag = src
+        .repo
+        .tag("v0", &target, &sig, "annotated", false)
+        .unwrap();
+    let gone = src.commit_on("gone", &[("g", File(b"gone"))]);
+    let (dir, mirrors) = mirrors();
+    mirrors.fetch(&src.url()).unwrap();
+    src.repo
+        .find_reference("refs/heads/gone")
+        .unwrap()
+        .delete()
+        .unwrap();
+    let path = mirrors.mirror_path(&src.url()).unwrap();
+    let count = || {
+        pack_files(&Repository::open_bare(&path).unwrap())
+            .unwrap()
+            .len()
+    };
+    let mut commits = vec![first];
+    let mut most = 0;
+    let mut repacked = false;
+    for i in 1..=MAX_PACKS * 3 {
+        let before = count();
+        commits.push(src.commit(&[("a", File(i.to_string().as_bytes()))]));
+        mirrors.fetch(&src.url()).unwrap();
+        let after = count();
+        assert!(after <= MAX_PACKS, "{after} packs after fetch {i}");
+        repacked |= after < before;
+        most = most.max(after);
+    }
+    assert!(repacked, "never repacked (most {most} packs)");
+    for c in commits.iter().chain([&gone]) {
+        assert_eq!(
+            mirrors.ensure_commit(&src.url(), &c.to_string()).unwrap(),
+            c.to_string()
+        );
+    }
+    let mirror = Repository::open_bare(&path).unwrap();
+    assert_eq!(mirror.refname_to_id("refs/tags/v0").unwrap(), tag);
+    assert_eq!(mirror.find_tag(tag).unwrap().target_id(), first);
+    let work = dir.path().join("work");
+    mirrors
+        .checkout(&src.url(), &first.to_string(), &work)
+        .unwrap();
+    assert_eq!(std::fs::read(work.join("a")).unwrap(), b"0");
+}

@@ -160,6 +160,9 @@
 //! key), `parallel` or `retry` without `units` (at the step), and so on.
 //! See [`PipelineError`].
 //!
+//! A `run` longer than [`MAX_RUN_BYTES`] is refused (at its value): the
+//! kernel would refuse it as a command-line argument when the step starts.
+//!
 //! Files larger than [`MAX_FILE_SIZE`] are refused, and so are documents
 //! whose flow collections (`[...]`, `{...}`) nest so deeply that the YAML
 //! parser would take too long (it is quadratic in that depth).
@@ -202,6 +205,11 @@ pub const FILE_NAME: &str = ".kiln.yml";
 
 /// Largest accepted pipeline file, in bytes (1 MiB).
 pub const MAX_FILE_SIZE: usize = 1024 * 1024;
+
+/// Longest `run` command of a step, in bytes (64 KiB). A step runs as `sh -c RUN`, and Linux
+/// refuses (`E2BIG`) any single argument of 128 KiB or more; a longer script belongs in a file
+/// of the repository that `run` calls.
+pub const MAX_RUN_BYTES: usize = 64 * 1024;
 
 /// Most cells of the matrix of one job.
 pub const MAX_MATRIX_CELLS: usize = 256;

@@ -564,14 +564,19 @@ impl<'de> Visitor<'de> for RunSeed {
         if v.trim().is_empty() {
             return self.visit_none();
         }
+        check_run_length(v.len())?;
         Ok(v.to_owned())
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut lines = Vec::new();
+        let mut bytes = 0;
         while let Some(line) = seq.next_element_seed(ScalarTextSeed {
             expecting: "a command string",
         })? {
+            // Checked as the lines come: a huge list is not joined first.
+            bytes += line.len() + usize::from(!lines.is_empty());
+            check_run_length(bytes)?;
             lines.push(line);
         }
         let run = lines.join("\n");
@@ -580,6 +585,19 @@ impl<'de> Visitor<'de> for RunSeed {
         }
         Ok(run)
     }
+}
+
+/// Refuses a `run` longer than [`crate::MAX_RUN_BYTES`].
+fn check_run_length<E: de::Error>(bytes: usize) -> Result<(), E> {
+    if bytes > crate::MAX_RUN_BYTES {
+        return Err(E::custom(format!(
+            "`run` is {bytes} bytes long; at most {} bytes (64 KiB) are allowed, since a step \
+             runs as `sh -c RUN` and the kernel refuses longer arguments: put the script in a \
+             file of the repository and run that file",
+            crate::MAX_RUN_BYTES
+        )));
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------

@@ -2648,3 +2648,22 @@ fn mutated_split_files_never_panic() {
     ));
     check_mutations(SPLIT_JOBS);
 }
+
+/// A `run` over [`crate::MAX_RUN_BYTES`] (900 KB here, which the kernel would refuse with
+/// E2BIG when the step starts) is refused at its value, with the limit in the message (the list
+/// form at the list); one at the limit is accepted.
+#[test]
+fn a_run_longer_than_the_limit_is_refused_where_it_is() {
+    let big = "x".repeat(900_000);
+    let text = format!("steps:\n  - name: a\n    run: echo ok\n  - name: b\n    run: echo {big}\n");
+    assert_error(&text, 5, 10, "at most 65536 bytes");
+    let line = "y".repeat(40_000);
+    let text = format!(
+        "steps:\n  - name: c\n    run:\n      - echo a\n      - echo {line}\n      - echo {line}\n"
+    );
+    assert_error(&text, 4, 7, "bytes long");
+    let exact = "z".repeat(crate::MAX_RUN_BYTES - "echo ".len());
+    let text = format!("steps:\n  - name: d\n    run: echo {exact}\n");
+    let p = parse(FILE_NAME, &text).unwrap();
+    assert_eq!(p.steps[0].run.len(), crate::MAX_RUN_BYTES);
+}
