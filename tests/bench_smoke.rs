@@ -60,6 +60,7 @@ fn bench_all_quick_runs_every_benchmark() {
     let status = status.unwrap_or_else(|| panic!("kiln bench all --quick timed out\n{out}\n{err}"));
     assert_eq!(status, 0, "kiln bench all --quick failed\n{out}\n{err}");
     for section in [
+        "idle",
         "logs",
         "latency",
         "throughput",
@@ -78,6 +79,7 @@ fn bench_all_quick_runs_every_benchmark() {
         );
     }
     for figure in [
+        "dispatcher CPU, idle runners",
         "disk per MB of output",
         "whole read (replay)",
         "p50",

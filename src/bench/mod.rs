@@ -15,6 +15,7 @@
 //!   polling.
 //! - [`failover`]: a killed runner's job running elsewhere; runners back after a dispatcher
 //!   restart.
+//! - [`idle`]: the dispatcher's CPU with idle runners attached.
 //! - [`logs`]: stored output on disk and read speed, plain against sealed (seekable zstd).
 //! - [`split`]: a synthetic test suite split over real runners: kiln's dynamic queue against
 //!   the lower bound and static splits, per-unit overhead, flaky tests, a broken commit, a
@@ -26,6 +27,7 @@
 
 pub mod failover;
 pub mod generate;
+pub mod idle;
 pub mod latency;
 pub mod logs;
 pub mod overhead;
@@ -69,6 +71,9 @@ pub enum BenchCommand {
     /// dispatcher restart (goals: < 10 s with the default heartbeat, about 2 s with 500ms x 3;
     /// 100 runners re-attached < 3 s).
     Failover(failover::FailoverArgs),
+    /// The dispatcher's CPU with idle runners attached, against no runner (goal: < 0.025% of a
+    /// core with 3, Buildbot's figure).
+    Idle(idle::IdleArgs),
     /// Stored output: disk per MB and read speed of a finished job's log, plain against sealed
     /// (seekable zstd) (goals: < 0.25 MB per MB, >= 200 MB/s replay, < 10 ms p50 at an offset).
     Logs(logs::LogsArgs),
@@ -132,6 +137,15 @@ pub async fn run(args: BenchArgs) -> Result<i32, CliError> {
             }
             BenchCommand::Failover(a) => {
                 bounded("failover", a.limit(), failover::run(&a)).await?;
+                Ok(exit::OK)
+            }
+            BenchCommand::Idle(a) => {
+                bounded(
+                    "idle",
+                    a.duration * 2 + Duration::from_secs(120),
+                    idle::run(&a),
+                )
+                .await?;
                 Ok(exit::OK)
             }
             BenchCommand::Logs(a) => {
@@ -213,7 +227,20 @@ async fn all(a: &AllArgs) -> Result<i32, CliError> {
         mb: if a.quick { 2 } else { 64 },
         seed: 42,
     };
+    let idle = idle::IdleArgs {
+        runners: 3,
+        duration: Duration::from_secs(if a.quick { 1 } else { 30 }),
+    };
     let results = [
+        (
+            "idle",
+            bounded(
+                "idle",
+                idle.duration * 2 + Duration::from_secs(120),
+                idle::run(&idle),
+            )
+            .await,
+        ),
         (
             "logs",
             bounded("logs", Duration::from_secs(600), logs::run(&logs)).await,

@@ -210,6 +210,9 @@ struct Inner {
     state: Mutex<State>,
     /// Wakes the scheduler (a job was queued, a slot freed, a runner attached).
     kick: Notify,
+    /// Wakes the scheduler loop to look at its deadlines again (one was set or moved earlier),
+    /// without a scheduling round.
+    rewake: Notify,
     /// Wakes split shards held waiting for units: results came in, or an attempt ended or was
     /// lost (its units went back to the queue).
     units_changed: Notify,
@@ -238,6 +241,9 @@ struct State {
     unit_health: health::UnitHealth,
     /// When runners that never held work were last forgotten.
     last_forget: Option<Instant>,
+    /// The last scheduling round saw queued jobs: the loop schedules again on its next wake
+    /// instead of waiting for a kick.
+    queue_seen: bool,
 }
 
 impl State {
@@ -445,6 +451,7 @@ impl Dispatcher {
                 mirrors: Arc::new(mirrors),
                 state: Mutex::new(state),
                 kick: Notify::new(),
+                rewake: Notify::new(),
                 units_changed: Notify::new(),
                 events,
                 hub: hub::Hub::default(),
@@ -510,6 +517,11 @@ impl Dispatcher {
     }
 
     /// Wakes the scheduler.
+    /// A deadline the scheduler loop watches was set: it recomputes when to wake.
+    fn deadlines_changed(&self) {
+        self.inner.rewake.notify_one();
+    }
+
     fn kick(&self) {
         self.inner.kick.notify_one();
         self.inner.units_changed.notify_waiters();
@@ -840,6 +852,9 @@ impl Dispatcher {
                 }
                 sent
             });
+            if sent {
+                self.deadlines_changed();
+            }
             if !sent {
                 let job_id = job.id;
                 if let Some(ch) = self

@@ -13,8 +13,13 @@ use tracing::Instrument;
 use super::{DispatchError, Dispatcher, LiveAttempt, error_chain};
 use crate::proto;
 
-/// How often liveness is checked.
-const TICK: Duration = Duration::from_millis(200);
+/// The longest the loop sleeps when nothing is due sooner. Every deadline it watches is set
+/// with a kick or a rewake, so this is only a safety net.
+const MAX_SLEEP: Duration = Duration::from_secs(30);
+/// When the queue looked empty at the last scheduling round, a timer wake looks at the store
+/// again only this often (a safety net for a queued job whose change did not kick the loop);
+/// kicks schedule at once.
+const RESCAN_EVERY: Duration = Duration::from_secs(10);
 /// How often runners that never held work are looked for and forgotten.
 const FORGET_EVERY: Duration = Duration::from_secs(60);
 /// Queued jobs looked at per scheduling round.
@@ -26,18 +31,31 @@ impl Dispatcher {
         let d = self.clone();
         tokio::spawn(
             async move {
-                let mut tick = tokio::time::interval(TICK);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                // An idle farm wakes this loop only when something is due (a runner's lease, an
+                // orphan's, a cancel's or a job's deadline, a backoff ending); the store is asked for queued jobs only when kicked, when the last
+                // round left jobs queued, or every RESCAN_EVERY.
+                let mut last_scan = tokio::time::Instant::now();
                 loop {
-                    tokio::select! {
+                    let wake = d.next_due(tokio::time::Instant::now() + MAX_SLEEP);
+                    let kicked = tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = d.inner.kick.notified() => {}
-                        _ = tick.tick() => {
+                        _ = d.inner.kick.notified() => true,
+                        _ = d.inner.rewake.notified() => continue,
+                        _ = tokio::time::sleep_until(wake) => {
                             if let Err(e) = d.check_liveness().await {
                                 tracing::error!(cause = %e, "liveness check failed");
                             }
+                            false
                         }
+                    };
+                    let now = tokio::time::Instant::now();
+                    let due = kicked
+                        || d.state().queue_seen
+                        || now.duration_since(last_scan) >= RESCAN_EVERY;
+                    if !due {
+                        continue;
                     }
+                    last_scan = now;
                     if let Err(e) = d.schedule().await {
                         tracing::error!(cause = %e, "scheduling round failed");
                     }
@@ -45,6 +63,42 @@ impl Dispatcher {
             }
             .instrument(tracing::info_span!("scheduler")),
         )
+    }
+
+    /// The earliest time something in memory falls due (a session's lease, an attempt's orphan,
+    /// cancel, job or step deadline, a backoff ending, forgetting idle runners), or `latest`.
+    fn next_due(&self, latest: tokio::time::Instant) -> tokio::time::Instant {
+        let lease = self.inner.config.lease();
+        let st = self.state();
+        let std_now = Instant::now();
+        let tokio_now = tokio::time::Instant::now();
+        // Deadlines kept as std instants, on the tokio clock (which tests may pause).
+        let on_tokio = |t: Instant| tokio_now + t.saturating_duration_since(std_now);
+        let mut due = latest;
+        let mut consider = |t: tokio::time::Instant| due = due.min(t);
+        for s in st.sessions.values() {
+            consider(on_tokio(s.last_heartbeat + lease));
+            if let Some(b) = s.backoff_until {
+                consider(b);
+            }
+        }
+        for a in st.attempts.values() {
+            for t in [
+                a.orphan_deadline,
+                a.cancel_deadline,
+                a.job_deadline,
+                a.step_deadline,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                consider(on_tokio(t));
+            }
+        }
+        if let Some(t) = st.last_forget {
+            consider(on_tokio(t + FORGET_EVERY));
+        }
+        due
     }
 
     /// Declares silent runners lost, requeues expired orphans, forces unanswered cancels.
@@ -208,6 +262,8 @@ impl Dispatcher {
             return Ok(());
         }
         let jobs = self.db(|s| s.queued_jobs(ROUND)).await?;
+        // Jobs left queued (no matching runner, runners backing off) keep the loop looking.
+        self.state().queue_seen = !jobs.is_empty();
         let mut builds: HashMap<BuildId, kiln_domain::Build> = HashMap::new();
         for job in jobs {
             let Some((runner_id, runner_name, session_id)) = self.pick_runner(&job.labels) else {

@@ -451,6 +451,8 @@ impl Dispatcher {
             tracing::info!(runner = %s.name, reason, backoff_ms = wait.as_millis() as u64,
                 "runner refused an assignment; backing off");
         }
+        drop(st);
+        self.deadlines_changed();
     }
 
     /// The runner drains: no new work goes to it.
@@ -498,6 +500,7 @@ impl Dispatcher {
             }
         }
         drop(st);
+        self.deadlines_changed();
         let store = self.inner.store.clone();
         tokio::task::spawn_blocking(move || store.touch_runner(runner, last_seen));
     }
@@ -610,6 +613,9 @@ impl Dispatcher {
                             + Duration::from_millis(timeout)
                             + self.inner.config.deadline_slack
                     });
+                    if timeout > 0 {
+                        self.deadlines_changed();
+                    }
                 }
                 Ok(())
             }
