@@ -93,7 +93,11 @@ impl BuildService for BuildApi {
         let r = self.dispatcher.test_report(build).await?;
         Ok(Response::new(proto::TestReport {
             build_id: build,
-            splits: r.splits.iter().map(convert::split_report_to_proto).collect(),
+            splits: r
+                .splits
+                .iter()
+                .map(convert::split_report_to_proto)
+                .collect(),
             steps: r.steps.iter().map(convert::step_report_to_proto).collect(),
             junit_xml: r.xml.unwrap_or_default(),
         }))

@@ -757,7 +757,10 @@ fn a_plain_steps_junit_files_are_its_test_report() {
         text.contains("failed: tests.test_math test_breaks: AssertionError: arithmetic is broken"),
         "{tests}"
     );
-    let json = farm.server.cli(&["--json", "tests", &id.to_string()]).json();
+    let json = farm
+        .server
+        .cli(&["--json", "tests", &id.to_string()])
+        .json();
     let step = json
         .as_array()
         .and_then(|a| a.iter().find(|r| r["kind"] == "junit"))
@@ -776,7 +779,10 @@ fn a_plain_steps_junit_files_are_its_test_report() {
     let (status, body) = http_get(&format!("{}/builds/{id}/junit.xml", farm.server.url));
     assert_eq!(status, "200", "{body}");
     assert_eq!(body, xml.out());
-    assert!(body.contains(r#"tests="2""#) && body.contains(r#"failures="1""#), "{body}");
+    assert!(
+        body.contains(r#"tests="2""#) && body.contains(r#"failures="1""#),
+        "{body}"
+    );
     assert!(body.contains(r#"name="test_breaks""#), "{body}");
     assert!(body.contains("arithmetic is broken"), "{body}");
 
@@ -801,5 +807,8 @@ fn a_plain_steps_junit_files_are_its_test_report() {
     let (status, body) = http_get(&format!("{}/builds/{id}/junit.xml", farm.server.url));
     assert_eq!(status, "404", "{body}");
     let tests = farm.server.cli(&["tests", &id.to_string()]);
-    assert!(tests.out().contains("no file matches reports/*.xml"), "{tests}");
+    assert!(
+        tests.out().contains("no file matches reports/*.xml"),
+        "{tests}"
+    );
 }

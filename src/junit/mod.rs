@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use kiln_domain::Build;
 use kiln_domain::split::{
-    Interaction, InteractionPolicy, SplitReport, StepReport, TestCase, UnitOutcome, UnitSummary, UnitTry,
-    UnitVerdict,
+    Interaction, InteractionPolicy, SplitReport, StepReport, TestCase, UnitOutcome, UnitSummary,
+    UnitTry, UnitVerdict,
 };
 use quick_junit::{
     FlakyOrRerun, NonSuccessKind, NonSuccessReruns, Report, TestCaseStatus, TestRerun, TestSuite,
