@@ -267,7 +267,7 @@ fn unknown_step_key() {
     assert_eq!(err.column(), Some(5));
     assert_eq!(
         err.to_string(),
-        ".kiln.yml:3:5: unknown field `rn`, expected one of `name`, `run`, `env`, `timeout`, `labels`, `post`, `parallel`, `units`, `retry`, `interaction`"
+        ".kiln.yml:3:5: unknown field `rn`, expected one of `name`, `run`, `env`, `timeout`, `labels`, `post`, `parallel`, `units`, `retry`, `interaction`, `junit`"
     );
 }
 
