@@ -566,3 +566,35 @@ fn finish(
         })),
     );
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const REPORT: &str = r#"<?xml version="1.0"?><testsuite name="t"><testcase classname="m" name="ok" time="0.001"/><testcase classname="m" name="bad" time="0.002"><failure message="token hunter2secret leaked">line 1
+line 2</failure></testcase></testsuite>"#;
+
+    #[tokio::test]
+    async fn a_steps_reports_are_read_masked_and_what_is_not_read_is_noted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("reports/sub")).unwrap();
+        std::fs::write(dir.path().join("reports/a.xml"), REPORT).unwrap();
+        std::fs::write(dir.path().join("reports/sub/b.xml"), REPORT).unwrap();
+        std::fs::write(dir.path().join("reports/broken.xml"), "not xml at all").unwrap();
+        let masker = Masker::new(&["hunter2secret"]);
+        let (cases, note) = step_report(dir.path(), &["reports/*.xml".into()], &masker).await;
+        // `*` does not cross `/`: b.xml is not read.
+        assert_eq!(cases.len(), 2, "{cases:?}");
+        assert_eq!(cases[1].name, "bad");
+        assert_eq!(cases[1].body, "line 1\nline 2");
+        assert!(!cases[1].message.contains("hunter2secret"), "{cases:?}");
+        assert!(cases[1].message.starts_with("token "), "{cases:?}");
+        assert!(note.starts_with("reports/broken.xml: "), "{note}");
+        let (cases, _) = step_report(dir.path(), &["reports/**/*.xml".into()], &masker).await;
+        assert_eq!(cases.len(), 4);
+        let (cases, note) = step_report(dir.path(), &["out/*.xml".into()], &masker).await;
+        assert!(cases.is_empty());
+        assert_eq!(note, "no file matches out/*.xml");
+    }
+}
