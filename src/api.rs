@@ -90,11 +90,16 @@ impl BuildService for BuildApi {
     ) -> Result<Response<proto::TestReport>, Status> {
         self.auth.check_read(request.metadata())?;
         let build = request.into_inner().build_id;
-        let (splits, junit_xml) = self.dispatcher.test_report(build).await?;
+        let r = self.dispatcher.test_report(build).await?;
         Ok(Response::new(proto::TestReport {
             build_id: build,
-            splits: splits.iter().map(convert::split_report_to_proto).collect(),
-            junit_xml,
+            splits: r
+                .splits
+                .iter()
+                .map(convert::split_report_to_proto)
+                .collect(),
+            steps: r.steps.iter().map(convert::step_report_to_proto).collect(),
+            junit_xml: r.xml.unwrap_or_default(),
         }))
     }
 

@@ -1196,6 +1196,15 @@ async fn tests(
     junit: Option<std::path::PathBuf>,
 ) -> Result<i32, CliError> {
     let (b, report) = build_and_tests(conn, build).await?;
+    if junit.is_some() && report.junit_xml.is_empty() {
+        return Err(CliError::new(
+            exit::NOT_FOUND,
+            format!(
+                "build {build} has no test report: no split step, and no step's `junit` files \
+                 gave test cases"
+            ),
+        ));
+    }
     match junit {
         Some(path) if path.as_os_str() == "-" => {
             // Standard output holds the XML alone.
@@ -1217,8 +1226,11 @@ async fn tests(
     }
     if json {
         println!("{}", crate::report::json(&report));
-    } else if report.splits.is_empty() {
-        println!("build {build} has no split step (no `parallel:` or `units:` in its pipeline)");
+    } else if report.splits.is_empty() && report.steps.is_empty() {
+        println!(
+            "build {build} has no test report: no split step (`parallel:` or `units:`) and no \
+             step with `junit:` files"
+        );
     } else {
         print!("{}", crate::report::text(&report));
     }

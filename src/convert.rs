@@ -249,6 +249,43 @@ pub const MAX_UNIT_LEN: usize = 4096;
 /// Most test cases reported for one unit.
 pub const MAX_CASES: usize = 100_000;
 
+/// Longest note a StepFinished may carry about reports it could not read, in bytes.
+pub const MAX_REPORT_NOTE: usize = 4096;
+
+/// The test cases (and note) of a StepFinished, checked: at most [`MAX_CASES`] cases, each
+/// with an outcome, and a note of at most [`MAX_REPORT_NOTE`] bytes.
+pub fn step_cases_from_proto(
+    cases: Vec<proto::TestCase>,
+    note: String,
+) -> Result<(Vec<split::TestCase>, String), String> {
+    if cases.len() > MAX_CASES {
+        return Err(format!(
+            "step_finished lists {} test cases, more than {MAX_CASES}",
+            cases.len()
+        ));
+    }
+    if note.len() > MAX_REPORT_NOTE {
+        return Err(format!(
+            "step_finished.report_note has {} bytes, more than {MAX_REPORT_NOTE}",
+            note.len()
+        ));
+    }
+    let cases = cases
+        .into_iter()
+        .map(case_from_proto)
+        .collect::<Result<_, _>>()?;
+    Ok((cases, note))
+}
+
+/// A plain step's report as the API gives it.
+pub fn step_report_to_proto(r: &split::StepReport) -> proto::StepReport {
+    proto::StepReport {
+        key: r.key.clone(),
+        cases: r.cases.iter().map(case_to_proto).collect(),
+        note: r.note.clone(),
+    }
+}
+
 fn case_from_proto(c: proto::TestCase) -> Result<split::TestCase, String> {
     Ok(split::TestCase {
         outcome: unit_outcome_from_proto(c.outcome)

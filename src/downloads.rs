@@ -1,6 +1,7 @@
 //! Plain HTTP downloads beside the gRPC API, on the same port and TLS: a build's merged JUnit
 //! XML report at `GET /builds/{id}/junit.xml`, for browsers, `curl` and CI dashboards that
-//! read JUnit. Reads follow the API's rule: open, unless reads are closed, then the API token
+//! read JUnit (404 when the build has no report, rather than an empty one a consumer would
+//! read as success). Reads follow the API's rule: open, unless reads are closed, then the API token
 //! is needed as `Authorization: Bearer TOKEN`.
 
 use axum::extract::{Path, State};
@@ -47,7 +48,14 @@ async fn junit(State(d): State<Downloads>, Path(id): Path<String>, headers: Head
         );
     };
     match d.dispatcher.test_report(id).await {
-        Ok((_, xml)) => {
+        Ok(crate::dispatcher::TestReport { xml: None, .. }) => text(
+            StatusCode::NOT_FOUND,
+            format!(
+                "build {id} has no test report: no split step, and no step's `junit` files gave \
+                 test cases"
+            ),
+        ),
+        Ok(crate::dispatcher::TestReport { xml: Some(xml), .. }) => {
             let mut r = xml.into_response();
             let h = r.headers_mut();
             h.insert(

@@ -1,4 +1,4 @@
-//! How the CLI shows a build's test report (split steps): counts, failures, flaky tests with
+//! How the CLI shows a build's test report (split steps, and plain steps' `junit` files): counts, failures, flaky tests with
 //! their history, the slowest units and why retries stopped; and its JSON form.
 
 use std::fmt::Write as _;
@@ -37,7 +37,8 @@ fn tries_text(u: &proto::UnitReport) -> String {
         .join(", ")
 }
 
-/// The test report as `kiln show` prints it (empty when the build has no split step).
+/// The test report as `kiln show` prints it (empty when the build has no split step and no
+/// step's `junit` files gave test cases).
 pub fn text(r: &proto::TestReport) -> String {
     let mut out = String::new();
     for s in &r.splits {
@@ -117,6 +118,45 @@ pub fn text(r: &proto::TestReport) -> String {
             let _ = writeln!(out, "    retries: {}", s.retry_note);
         }
     }
+    for s in &r.steps {
+        let is = |o: proto::UnitOutcome| {
+            move |c: &&proto::TestCase| proto::UnitOutcome::try_from(c.outcome) == Ok(o)
+        };
+        let skipped = s.cases.iter().filter(|c| c.skipped).count();
+        let failed: Vec<&proto::TestCase> = s
+            .cases
+            .iter()
+            .filter(|c| !c.skipped)
+            .filter(|c| !is(proto::UnitOutcome::Passed)(c))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  step {} (junit): {} test cases: {} passed, {} failed, {} skipped",
+            s.key,
+            s.cases.len(),
+            s.cases.len() - failed.len() - skipped,
+            failed.len(),
+            skipped,
+        );
+        for c in failed {
+            let first = [&c.message, &c.body]
+                .into_iter()
+                .flat_map(|t| t.lines())
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "    {}: {} {}: {first}",
+                outcome_name(c.outcome),
+                c.classname,
+                c.name
+            );
+        }
+        if !s.note.is_empty() {
+            let _ = writeln!(out, "    note: {}", s.note);
+        }
+    }
     out
 }
 
@@ -128,6 +168,7 @@ pub fn json(r: &proto::TestReport) -> serde_json::Value {
             .map(|s| {
                 serde_json::json!({
                     "key": s.key,
+                    "kind": "split",
                     "shards": s.shards,
                     "strategy": s.strategy,
                     "rounds": s.rounds,
@@ -150,21 +191,33 @@ pub fn json(r: &proto::TestReport) -> serde_json::Value {
                             "outcome": outcome_name(t.outcome),
                             "runner": t.runner,
                             "duration_ms": t.duration_ms,
-                            "cases": t.cases.iter().map(|c| serde_json::json!({
-                                "name": c.name,
-                                "classname": c.classname,
-                                "outcome": outcome_name(c.outcome),
-                                "skipped": c.skipped,
-                                "duration_ms": c.duration_ms,
-                                "message": c.message,
-                                "body": c.body,
-                                "system_out": c.system_out,
-                                "system_err": c.system_err,
-                            })).collect::<Vec<_>>(),
+                            "cases": t.cases.iter().map(case_json).collect::<Vec<_>>(),
                         })).collect::<Vec<_>>(),
                     })).collect::<Vec<_>>(),
                 })
             })
+            .chain(r.steps.iter().map(|s| {
+                serde_json::json!({
+                    "key": s.key,
+                    "kind": "junit",
+                    "note": s.note,
+                    "cases": s.cases.iter().map(case_json).collect::<Vec<_>>(),
+                })
+            }))
             .collect(),
     )
+}
+
+fn case_json(c: &proto::TestCase) -> serde_json::Value {
+    serde_json::json!({
+        "name": c.name,
+        "classname": c.classname,
+        "outcome": outcome_name(c.outcome),
+        "skipped": c.skipped,
+        "duration_ms": c.duration_ms,
+        "message": c.message,
+        "body": c.body,
+        "system_out": c.system_out,
+        "system_err": c.system_err,
+    })
 }

@@ -713,3 +713,102 @@ fn follow_shows_every_job_of_a_build_at_once() {
     assert!(all.out().contains("[fast] fast-complains\n"), "{all}");
     assert!(all.out().contains("[slow] slow-ends\n"), "{all}");
 }
+
+/// `curl URL`: the HTTP status and the body.
+fn http_get(url: &str) -> (String, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}", url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, status) = text.rsplit_once('\n').unwrap();
+    (status.to_string(), body.to_string())
+}
+
+const PYTEST_SUITE: &str = "def test_adds():\n    assert 1 + 1 == 2\n\ndef test_breaks():\n    assert 1 + 1 == 3, 'arithmetic is broken'\n";
+
+/// A plain step (not split) names its JUnit files with `junit:`: after it fails (a real pytest
+/// run with one failing test) kiln reads them, and `kiln tests`, `kiln show` and
+/// `GET /builds/N/junit.xml` give its cases (one testsuite for the step). A build without any
+/// report answers 404 there rather than an empty report that reads as success.
+#[test]
+fn a_plain_steps_junit_files_are_its_test_report() {
+    let farm = Farm::start();
+    let pipeline = "steps:\n  - name: test\n    run: mkdir -p reports && python3 -m pytest -q -p no:cacheprovider tests --junitxml=reports/pytest.xml\n    junit: reports/*.xml\n  - name: after\n    run: echo after\n    post: always\n";
+    let repo = Repo::init(&farm.dir().join("junit"));
+    let sha = repo.commit(
+        &[
+            (".kiln.yml", pipeline.as_bytes()),
+            ("tests/test_math.py", PYTEST_SUITE.as_bytes()),
+        ],
+        "suite",
+    );
+    let id = id_of(&farm.submit(&repo, &sha, "main"));
+    let b = farm.server.wait_final(id, LONG);
+    assert_eq!(b["state"], "failed", "{b}");
+
+    let tests = farm.server.cli(&["tests", &id.to_string()]);
+    let text = tests.out();
+    assert!(
+        text.contains("step pipeline/test (junit): 2 test cases: 1 passed, 1 failed, 0 skipped"),
+        "{tests}"
+    );
+    assert!(
+        text.contains("failed: tests.test_math test_breaks: AssertionError: arithmetic is broken"),
+        "{tests}"
+    );
+    let json = farm
+        .server
+        .cli(&["--json", "tests", &id.to_string()])
+        .json();
+    let step = json
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["kind"] == "junit"))
+        .unwrap_or_else(|| panic!("no junit report in {json}"));
+    let names: Vec<&str> = step["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["test_adds", "test_breaks"], "{json}");
+    let show = farm.server.cli(&["show", &id.to_string()]);
+    assert!(show.out().contains("test_breaks"), "{show}");
+
+    let xml = farm.server.cli(&["tests", &id.to_string(), "--junit", "-"]);
+    let (status, body) = http_get(&format!("{}/builds/{id}/junit.xml", farm.server.url));
+    assert_eq!(status, "200", "{body}");
+    assert_eq!(body, xml.out());
+    assert!(
+        body.contains(r#"tests="2""#) && body.contains(r#"failures="1""#),
+        "{body}"
+    );
+    assert!(body.contains(r#"name="test_breaks""#), "{body}");
+    assert!(body.contains("arithmetic is broken"), "{body}");
+
+    // No split step and no `junit`: no report, a 404 (and `kiln tests --junit` says so).
+    let (repo, sha) = farm.repo("plain", "steps:\n  - name: ok\n    run: echo ok\n");
+    let id = id_of(&farm.submit(&repo, &sha, "main"));
+    assert_eq!(farm.server.wait_final(id, LONG)["state"], "passed");
+    let (status, body) = http_get(&format!("{}/builds/{id}/junit.xml", farm.server.url));
+    assert_eq!(status, "404", "{body}");
+    assert!(body.contains("has no test report"), "{body}");
+    let out = farm.server.cli(&["tests", &id.to_string(), "--junit", "-"]);
+    assert_eq!(out.code(), 4, "{out}");
+    assert!(out.out().is_empty(), "{out}");
+
+    // A step whose `junit` matches no file gives no report either.
+    let (repo, sha) = farm.repo(
+        "nofile",
+        "steps:\n  - name: ok\n    run: echo ok\n    junit: reports/*.xml\n",
+    );
+    let id = id_of(&farm.submit(&repo, &sha, "main"));
+    assert_eq!(farm.server.wait_final(id, LONG)["state"], "passed");
+    let (status, body) = http_get(&format!("{}/builds/{id}/junit.xml", farm.server.url));
+    assert_eq!(status, "404", "{body}");
+    let tests = farm.server.cli(&["tests", &id.to_string()]);
+    assert!(
+        tests.out().contains("no file matches reports/*.xml"),
+        "{tests}"
+    );
+}

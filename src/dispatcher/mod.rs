@@ -183,6 +183,17 @@ pub struct RunnerView {
     pub last_heartbeat: Millis,
 }
 
+/// A build's test report (see [`Dispatcher::test_report`]).
+#[derive(Debug, Clone)]
+pub struct TestReport {
+    /// Its split steps, merged over their shards.
+    pub splits: Vec<kiln_domain::split::SplitReport>,
+    /// Its plain steps whose `junit` files gave test cases.
+    pub steps: Vec<kiln_domain::split::StepReport>,
+    /// Both as one JUnit XML document; `None` when the build has no report at all.
+    pub xml: Option<String>,
+}
+
 /// The dispatcher engine. Clone it freely.
 #[derive(Clone)]
 pub struct Dispatcher {
@@ -809,15 +820,17 @@ impl Dispatcher {
             .ok_or_else(|| DispatchError::NotFound(format!("build {id} not found")))
     }
 
-    /// The merged test report of a build's split steps, and the same as JUnit XML.
-    pub async fn test_report(
-        &self,
-        id: BuildId,
-    ) -> Result<(Vec<kiln_domain::split::SplitReport>, String), DispatchError> {
+    /// The test report of a build: its split steps, its plain steps' `junit` files, and the
+    /// two merged as JUnit XML (`None` when the build has no split step and no test case).
+    pub async fn test_report(&self, id: BuildId) -> Result<TestReport, DispatchError> {
         let detail = self.get_build(id).await?;
-        let reports = self.db(move |s| s.split_reports(id)).await?;
-        let xml = crate::junit::build_report(&detail.build, &reports);
-        Ok((reports, xml))
+        let splits = self.db(move |s| s.split_reports(id)).await?;
+        let steps = self.db(move |s| s.step_reports(id)).await?;
+        // A step whose files gave no case (none written, none readable) is no report: an
+        // empty one would read as a success.
+        let xml = (!splits.is_empty() || steps.iter().any(|s| !s.cases.is_empty()))
+            .then(|| crate::junit::build_report_with(&detail.build, &splits, &steps));
+        Ok(TestReport { splits, steps, xml })
     }
 
     /// One job.
@@ -1181,6 +1194,7 @@ fn pipeline_jobs(p: kiln_pipeline::Pipeline, branch: &str) -> Result<Vec<NewJob>
                         kiln_pipeline::Post::Success => PostCondition::Success,
                         kiln_pipeline::Post::Failure => PostCondition::Failure,
                     }),
+                    junit: s.junit,
                     split: s.split.zip(job.shard.as_ref()).map(|(split, shard)| {
                         kiln_domain::split::SplitSpec {
                             key: shard.key.clone(),

@@ -302,6 +302,7 @@ impl Dispatcher {
                         timeout_ms: s.timeout_ms,
                         post: crate::convert::post_to_proto(s.post) as i32,
                         split: s.split.as_ref().map(crate::convert::split_to_proto),
+                        junit: s.junit.clone(),
                     })
                     .collect(),
                 env: [

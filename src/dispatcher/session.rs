@@ -633,11 +633,15 @@ impl Dispatcher {
                         f.outcome
                     )));
                 };
+                let (cases, report_note) = convert::step_cases_from_proto(f.cases, f.report_note)
+                    .map_err(Status::invalid_argument)?;
                 let result = StepResult {
                     index: f.step_index,
                     outcome,
                     exit_code: f.exit_code,
                     duration_ms: f.duration_ms,
+                    cases,
+                    report_note,
                 };
                 let attempt = f.attempt_id;
                 if let Some(a) = self.state().attempts.get_mut(&attempt) {

@@ -44,6 +44,7 @@ async fn build(d: &Dispatcher, jobs: usize) -> kiln_store::BuildDetail {
                     timeout_ms: 0,
                     post: None,
                     split: None,
+                    junit: Vec::new(),
                 }],
                 needs: vec![],
             })

@@ -6,6 +6,9 @@
 //! as its last try reported it); a unit without cases is one `<testcase>` named after the unit.
 //! Earlier failed tries of a case that passed in the end are `<flakyFailure>` elements; those of
 //! a case that failed every try are `<rerunFailure>` elements.
+//!
+//! Beside them, every plain step whose `junit` files gave test cases is one `<testsuite>` named
+//! after its key (`job/step`), with its cases as the files gave them.
 
 pub mod read;
 
@@ -13,8 +16,8 @@ use std::time::Duration;
 
 use kiln_domain::Build;
 use kiln_domain::split::{
-    Interaction, InteractionPolicy, SplitReport, TestCase, UnitOutcome, UnitSummary, UnitTry,
-    UnitVerdict,
+    Interaction, InteractionPolicy, SplitReport, StepReport, TestCase, UnitOutcome, UnitSummary,
+    UnitTry, UnitVerdict,
 };
 use quick_junit::{
     FlakyOrRerun, NonSuccessKind, NonSuccessReruns, Report, TestCaseStatus, TestRerun, TestSuite,
@@ -22,6 +25,12 @@ use quick_junit::{
 
 /// The merged JUnit XML report of a build's split steps.
 pub fn build_report(build: &Build, splits: &[SplitReport]) -> String {
+    build_report_with(build, splits, &[])
+}
+
+/// The merged JUnit XML report of a build's split steps and of its plain steps' `junit` files
+/// (one `<testsuite>` per step, after the splits').
+pub fn build_report_with(build: &Build, splits: &[SplitReport], steps: &[StepReport]) -> String {
     let mut report = Report::new(format!("kiln build {}", build.id));
     for split in splits {
         let mut suite = TestSuite::new(split.key.clone());
@@ -31,6 +40,22 @@ pub fn build_report(build: &Build, splits: &[SplitReport]) -> String {
         for i in &split.interactions {
             suite.add_test_case(interaction_case(&split.key, split.interaction_policy, i));
         }
+        report.add_test_suite(suite);
+    }
+    for step in steps {
+        let mut suite = TestSuite::new(step.key.clone());
+        suite.add_test_cases(step.cases.iter().map(|c| {
+            case(
+                &c.name,
+                if c.classname.is_empty() {
+                    &step.key
+                } else {
+                    &c.classname
+                },
+                c,
+                Vec::new(),
+            )
+        }));
         report.add_test_suite(suite);
     }
     report

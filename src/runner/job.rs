@@ -235,6 +235,29 @@ async fn run_step(
         *message = format!("step {} timed out after {} ms", step.name, step.timeout_ms);
     }
     let index = step.index;
+    // The step's JUnit files, read whether it passed or not (a failed test run is when they
+    // matter most).
+    let (cases, report_note) = if step.junit.is_empty() || step.split.is_some() {
+        (Vec::new(), String::new())
+    } else {
+        let (cases, note) = step_report(dir, &step.junit, masker).await;
+        output
+            .system(
+                index,
+                format!(
+                    "kiln: step {}: {} test case(s) read from its JUnit files{}\n",
+                    step.name,
+                    cases.len(),
+                    if note.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({note})")
+                    }
+                ),
+            )
+            .await;
+        (cases, note)
+    };
     output
         .system(
             index,
@@ -256,9 +279,116 @@ async fn run_step(
             signal: end.signal,
             duration_ms: end.duration.as_millis() as u64,
             last_seq: output.seq,
+            cases,
+            report_note,
         })),
     );
     end.outcome
+}
+
+/// Most JUnit files one step's `junit` patterns may match.
+const MAX_REPORT_FILES: usize = 1000;
+/// Texts of a step's test cases are cut to this many bytes once its report grows too big.
+const SHORT_TEXT: usize = 4096;
+
+/// The test cases of the JUnit files matching `globs` in the checkout, with secrets masked,
+/// in file order, bounded so that the StepFinished carrying them fits in one runner message:
+/// at most [`MAX_REPORT_FILES`] files and [`crate::convert::MAX_CASES`] cases; texts are cut
+/// to [`SHORT_TEXT`] once the report passes half the budget, and cases past the budget are left
+/// out. The note says what was not read, empty when everything was.
+async fn step_report(
+    dir: &std::path::Path,
+    globs: &[String],
+    masker: &Masker,
+) -> (Vec<proto::TestCase>, String) {
+    use prost::Message as _;
+    let (d, g) = (dir.to_path_buf(), globs.to_vec());
+    let files = match tokio::task::spawn_blocking(move || split::glob_units(&d, &g)).await {
+        Ok(Ok(files)) => files,
+        Ok(Err(e)) => return (Vec::new(), format!("cannot list the JUnit files: {e}")),
+        Err(e) => return (Vec::new(), format!("cannot list the JUnit files: {e}")),
+    };
+    let mut notes = Vec::new();
+    if files.is_empty() {
+        notes.push(format!("no file matches {}", globs.join(", ")));
+    }
+    if files.len() > MAX_REPORT_FILES {
+        notes.push(format!(
+            "{} files match, only the first {MAX_REPORT_FILES} are read",
+            files.len()
+        ));
+    }
+    let budget = split::MAX_REQUEST_BYTES;
+    let mut cases = Vec::new();
+    let mut size = 0usize;
+    let mut left_out = 0usize;
+    for file in files.iter().take(MAX_REPORT_FILES) {
+        let read = match split::read_junit(&dir.join(file)).await {
+            Ok(Some(read)) => read,
+            Ok(None) => continue,
+            Err(e) => {
+                notes.push(format!("{file}: {e}"));
+                continue;
+            }
+        };
+        for c in read {
+            if cases.len() >= crate::convert::MAX_CASES || size >= budget {
+                left_out += 1;
+                continue;
+            }
+            let short = size > budget / 2;
+            let text = |t: &str| {
+                let t = mask(masker, t);
+                if short {
+                    crate::junit::read::cap(t, SHORT_TEXT)
+                } else {
+                    t
+                }
+            };
+            let case = proto::TestCase {
+                outcome: crate::convert::unit_outcome_to_proto(c.outcome) as i32,
+                name: text(&c.name),
+                classname: text(&c.classname),
+                skipped: c.skipped,
+                duration_ms: c.duration_ms,
+                message: text(&c.message),
+                body: text(&c.body),
+                system_out: text(&c.system_out),
+                system_err: text(&c.system_err),
+            };
+            let len = case.encoded_len() + 8;
+            if size + len > budget {
+                left_out += 1;
+                size = budget;
+                continue;
+            }
+            size += len;
+            cases.push(case);
+        }
+    }
+    if left_out > 0 {
+        notes.push(format!(
+            "{left_out} test case(s) left out: the report would pass {budget} bytes or \
+             {} cases",
+            crate::convert::MAX_CASES
+        ));
+    }
+    let mut note = notes.join("; ");
+    if note.len() > crate::convert::MAX_REPORT_NOTE {
+        note = crate::junit::read::cap(note, crate::convert::MAX_REPORT_NOTE - 64);
+    }
+    (cases, note)
+}
+
+/// `text` with the job's secrets masked.
+fn mask(masker: &Masker, text: &str) -> String {
+    if text.is_empty() {
+        return String::new();
+    }
+    let mut m = masker.clone();
+    let mut out = m.push(text.as_bytes());
+    out.extend(m.finish());
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Runs a plain (not split) step's command.
@@ -391,6 +521,7 @@ fn skip(shared: &Shared, output: &Output<'_>, step: &proto::StepSpec) {
             signal: None,
             duration_ms: 0,
             last_seq: output.seq,
+            ..Default::default()
         })),
     );
 }
@@ -441,4 +572,36 @@ fn finish(
             last_seq: output.seq,
         })),
     );
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const REPORT: &str = r#"<?xml version="1.0"?><testsuite name="t"><testcase classname="m" name="ok" time="0.001"/><testcase classname="m" name="bad" time="0.002"><failure message="token hunter2secret leaked">line 1
+line 2</failure></testcase></testsuite>"#;
+
+    #[tokio::test]
+    async fn a_steps_reports_are_read_masked_and_what_is_not_read_is_noted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("reports/sub")).unwrap();
+        std::fs::write(dir.path().join("reports/a.xml"), REPORT).unwrap();
+        std::fs::write(dir.path().join("reports/sub/b.xml"), REPORT).unwrap();
+        std::fs::write(dir.path().join("reports/broken.xml"), "not xml at all").unwrap();
+        let masker = Masker::new(&["hunter2secret"]);
+        let (cases, note) = step_report(dir.path(), &["reports/*.xml".into()], &masker).await;
+        // `*` does not cross `/`: b.xml is not read.
+        assert_eq!(cases.len(), 2, "{cases:?}");
+        assert_eq!(cases[1].name, "bad");
+        assert_eq!(cases[1].body, "line 1\nline 2");
+        assert!(!cases[1].message.contains("hunter2secret"), "{cases:?}");
+        assert!(cases[1].message.starts_with("token "), "{cases:?}");
+        assert!(note.starts_with("reports/broken.xml: "), "{note}");
+        let (cases, _) = step_report(dir.path(), &["reports/**/*.xml".into()], &masker).await;
+        assert_eq!(cases.len(), 4);
+        let (cases, note) = step_report(dir.path(), &["out/*.xml".into()], &masker).await;
+        assert!(cases.is_empty());
+        assert_eq!(note, "no file matches out/*.xml");
+    }
 }

@@ -44,7 +44,7 @@ const MAX_DISCOVERY_OUTPUT: usize = 64 << 20;
 const MAX_JUNIT_BYTES: u64 = 256 << 20;
 /// Largest NextUnits sent: the dispatcher takes runner messages up to
 /// [`crate::api::MAX_RUNNER_MESSAGE_BYTES`]; keep a margin for the envelope.
-const MAX_REQUEST_BYTES: usize = crate::api::MAX_RUNNER_MESSAGE_BYTES - (64 << 10);
+pub(super) const MAX_REQUEST_BYTES: usize = crate::api::MAX_RUNNER_MESSAGE_BYTES - (64 << 10);
 /// Texts of test cases are cut to these, one after the other, while a request is too big.
 const SHORT_TEXTS: [usize; 2] = [4096, 128];
 /// Longest command line or `KILN_UNITS` of a batch (Linux takes at most 128 KiB per argument
@@ -558,7 +558,7 @@ impl Shard<'_, '_, '_, '_> {
 }
 
 /// The cases of a JUnit file; `None` when there is no file.
-async fn read_junit(path: &Path) -> Result<Option<Vec<ReadCase>>, String> {
+pub(super) async fn read_junit(path: &Path) -> Result<Option<Vec<ReadCase>>, String> {
     let meta = match tokio::fs::metadata(path).await {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -873,7 +873,7 @@ fn too_many() -> String {
 
 /// Files of `dir` matching any of `globs` (`*` does not cross `/`, `**` does), as relative
 /// paths with `/`, sorted; `.git` is skipped.
-fn glob_units(dir: &Path, globs: &[String]) -> Result<Vec<String>, String> {
+pub(super) fn glob_units(dir: &Path, globs: &[String]) -> Result<Vec<String>, String> {
     let mut set = GlobSetBuilder::new();
     for g in globs {
         let pattern = g.trim().trim_start_matches("./");

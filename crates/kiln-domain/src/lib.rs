@@ -238,6 +238,9 @@ pub struct StepSpec {
     /// shard this job is; `None` for a normal step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split: Option<split::SplitSpec>,
+    /// Glob patterns of the JUnit XML files a plain step writes (`junit`); empty for none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub junit: Vec<String>,
 }
 
 /// When a post step runs: after the normal steps, depending on how they ended.
@@ -375,6 +378,13 @@ pub struct StepResult {
     pub exit_code: Option<i32>,
     /// Wall-clock duration.
     pub duration_ms: u64,
+    /// The test cases of the step's JUnit XML files (`junit`), as the runner read them; empty
+    /// when it names none (or as listed with a build: the report has them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cases: Vec<split::TestCase>,
+    /// Why some of the step's reports were not read; empty when all were.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub report_note: String,
 }
 
 /// A runner known to the store.

@@ -409,6 +409,19 @@ pub struct SplitReport {
     pub interaction_policy: InteractionPolicy,
 }
 
+/// The test cases a plain step's JUnit XML files gave, for its job's current attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepReport {
+    /// The build.
+    pub build_id: u64,
+    /// Job name and step name (`job/step`), as a split's key.
+    pub key: String,
+    /// The cases, in file order.
+    pub cases: Vec<TestCase>,
+    /// Why some of its reports were not read; empty when all were.
+    pub note: String,
+}
+
 /// A queued unit as [`batch_len`] sees it: its estimated duration.
 pub type EstimateMs = u64;
 

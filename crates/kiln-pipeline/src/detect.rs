@@ -309,6 +309,7 @@ fn step(name: &str, run: &str) -> Step {
         labels: BTreeMap::new(),
         post: None,
         split: None,
+        junit: Vec::new(),
     }
 }
 

@@ -428,6 +428,11 @@ pub struct Step {
     /// post step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split: Option<SplitDef>,
+    /// Glob patterns (relative to the checkout, as `units.glob`) of the JUnit XML files the
+    /// step writes; the runner reads them when the step ends, passed or failed, and they join
+    /// the build's test report. Empty when the step names none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub junit: Vec<String>,
 }
 
 /// How a split step is split: its `parallel`, `units` and `retry`, as
@@ -543,6 +548,7 @@ fn apply_step_defaults(
         labels,
         post: step.post,
         split: step.split,
+        junit: step.junit,
     }
 }
 

@@ -48,6 +48,7 @@ pub(crate) const STEP_FIELDS: &[&str] = &[
     "units",
     "retry",
     "interaction",
+    "junit",
 ];
 /// The keys of a step that make it a split step.
 const SPLIT_FIELDS: &[&str] = &["parallel", "units", "retry", "interaction"];
@@ -81,6 +82,7 @@ pub(crate) struct RawStep {
     pub(crate) labels: BTreeMap<String, String>,
     pub(crate) post: Option<crate::Post>,
     pub(crate) split: Option<SplitDef>,
+    pub(crate) junit: Vec<String>,
 }
 
 /// Quotes user text in a message, shortened if it is long.
@@ -406,6 +408,7 @@ impl<'de> Visitor<'de> for StepSeed<'_> {
         let mut units = None;
         let mut retry = None;
         let mut interaction = None;
+        let mut junit = Vec::new();
         loop {
             let refuse = self.refusals(
                 post.is_some(),
@@ -437,6 +440,7 @@ impl<'de> Visitor<'de> for StepSeed<'_> {
                 "interaction" => {
                     interaction = Some(map.next_value_seed(split::InteractionSeed)?);
                 }
+                "junit" => junit = map.next_value_seed(JunitSeed)?,
                 other => return Err(de::Error::unknown_field(other, STEP_FIELDS)),
             }
         }
@@ -444,6 +448,12 @@ impl<'de> Visitor<'de> for StepSeed<'_> {
             return Err(de::Error::custom(
                 "`interaction` needs `units`: it says what a failure between the units of a \
                  split step's batch does",
+            ));
+        }
+        if !junit.is_empty() && (parallel.is_some() || units.is_some() || retry.is_some()) {
+            return Err(de::Error::custom(
+                "`junit` cannot be used in a split step (a step with `parallel`, `units` or \
+                 `retry`): a split step's report comes from its units' JUnit files",
             ));
         }
         let split = match (parallel, units, retry) {
@@ -473,6 +483,7 @@ impl<'de> Visitor<'de> for StepSeed<'_> {
         Ok(RawStep {
             post,
             split,
+            junit,
             name: name.ok_or_else(|| de::Error::missing_field("name"))?,
             run: run.ok_or_else(|| de::Error::missing_field("run"))?,
             env,
@@ -481,6 +492,60 @@ impl<'de> Visitor<'de> for StepSeed<'_> {
         })
     }
 }
+
+/// `junit`: a glob pattern or a non-empty list of them, naming the JUnit XML files the step
+/// writes (relative to the checkout, checked like `units.glob`).
+struct JunitSeed;
+
+impl<'de> DeserializeSeed<'de> for JunitSeed {
+    type Value = Vec<String>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for JunitSeed {
+    type Value = Vec<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a glob pattern of JUnit XML files or a list of them")
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Err(E::custom(
+            "`junit` is empty; expected a glob pattern of the JUnit XML files the step writes, \
+             such as `reports/*.xml`, or a list of them",
+        ))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        self.visit_none()
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        split::GlobSeed.visit_str(v).map(|p| vec![p])
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut patterns = Vec::new();
+        while let Some(pattern) = seq.next_element_seed(split::GlobSeed)? {
+            if patterns.len() >= MAX_JUNIT_GLOBS {
+                return Err(de::Error::custom(format!(
+                    "`junit` has more than {MAX_JUNIT_GLOBS} patterns"
+                )));
+            }
+            patterns.push(pattern);
+        }
+        if patterns.is_empty() {
+            return self.visit_none();
+        }
+        Ok(patterns)
+    }
+}
+
+/// Most patterns in a step's `junit`.
+pub(crate) const MAX_JUNIT_GLOBS: usize = 64;
 
 /// A step name: 1..=64 characters of `[A-Za-z0-9_.-]`, unique in the file.
 struct NameSeed<'a> {

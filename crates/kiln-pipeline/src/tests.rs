@@ -91,6 +91,7 @@ fn full_valid_file() {
             labels: map(&[("os", "linux"), ("arch", "x86_64")]),
             post: None,
             split: None,
+            junit: Vec::new(),
         },
         Step {
             name: "test.unit_1".into(),
@@ -104,6 +105,7 @@ fn full_valid_file() {
             labels: map(&[("os", "linux"), ("arch", "arm64"), ("gpu", "yes")]),
             post: None,
             split: None,
+            junit: Vec::new(),
         },
         Step {
             name: "build-docs".into(),
@@ -113,6 +115,7 @@ fn full_valid_file() {
             labels: map(&[("os", "linux"), ("arch", "x86_64")]),
             post: None,
             split: None,
+            junit: Vec::new(),
         },
     ];
     assert_eq!(pipeline.steps, expected);
@@ -132,6 +135,7 @@ fn minimal_file_has_no_defaults() {
                 labels: BTreeMap::new(),
                 post: None,
                 split: None,
+                junit: Vec::new(),
             }],
             jobs: Vec::new(),
             source: Source::File,
@@ -263,7 +267,7 @@ fn unknown_step_key() {
     assert_eq!(err.column(), Some(5));
     assert_eq!(
         err.to_string(),
-        ".kiln.yml:3:5: unknown field `rn`, expected one of `name`, `run`, `env`, `timeout`, `labels`, `post`, `parallel`, `units`, `retry`, `interaction`"
+        ".kiln.yml:3:5: unknown field `rn`, expected one of `name`, `run`, `env`, `timeout`, `labels`, `post`, `parallel`, `units`, `retry`, `interaction`, `junit`"
     );
 }
 
@@ -1020,6 +1024,7 @@ fn step(name: &str, run: &str, env: &[(&str, &str)]) -> Step {
         labels: BTreeMap::new(),
         post: None,
         split: None,
+        junit: Vec::new(),
     }
 }
 
@@ -2666,4 +2671,62 @@ fn a_run_longer_than_the_limit_is_refused_where_it_is() {
     let text = format!("steps:\n  - name: d\n    run: echo {exact}\n");
     let p = parse(FILE_NAME, &text).unwrap();
     assert_eq!(p.steps[0].run.len(), crate::MAX_RUN_BYTES);
+}
+
+#[test]
+fn a_step_names_its_junit_reports_as_a_pattern_or_a_list() {
+    let p = parse(
+        FILE_NAME,
+        "steps:\n  - name: test\n    run: pytest --junitxml=reports/a.xml\n    junit: reports/*.xml\n  - name: more\n    run: x\n    junit: [a.xml, 'out/**/*.xml']\n  - name: none\n    run: y\n",
+    )
+    .expect("valid");
+    assert_eq!(p.steps[0].junit, vec!["reports/*.xml".to_owned()]);
+    assert_eq!(
+        p.steps[1].junit,
+        vec!["a.xml".to_owned(), "out/**/*.xml".to_owned()]
+    );
+    assert!(p.steps[2].junit.is_empty());
+}
+
+#[test]
+fn bad_junit_keys_are_refused_where_they_are_written() {
+    let at = |step: &str, line: usize, column: usize, want: &str| {
+        let text = format!("steps:\n  - name: a\n    run: x\n{step}");
+        let (l, c, message) = error_at(&text);
+        assert!(
+            message.contains(want),
+            "{text:?}: {message:?} does not contain {want:?}"
+        );
+        assert_eq!((l, c), (line, column), "{text:?}: {message}");
+    };
+    at("    junit: ''\n", 4, 12, "empty glob pattern");
+    at("    junit: '   '\n", 4, 12, "empty glob pattern");
+    at("    junit: []\n", 4, 12, "`junit` is empty");
+    at("    junit:\n", 4, 11, "`junit` is empty");
+    at(
+        "    junit: {a: b}\n",
+        4,
+        12,
+        "invalid type: map, expected a glob pattern of JUnit XML files",
+    );
+    at("    junit: 3\n", 4, 12, "invalid type: integer `3`");
+    at(
+        "    junit: [a.xml, {b: c}]\n",
+        4,
+        20,
+        "invalid type: map, expected a glob pattern",
+    );
+    at(
+        "    junit: /tmp/*.xml\n",
+        4,
+        12,
+        "invalid glob pattern `/tmp/*.xml`: it must be relative to the checkout",
+    );
+    at("    junit: '[a'\n", 4, 12, "invalid glob pattern");
+    at(
+        "    junit: a.xml\n    parallel: 2\n    units:\n      glob: '*'\n",
+        2,
+        5,
+        "`junit` cannot be used in a split step",
+    );
 }

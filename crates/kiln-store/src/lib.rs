@@ -266,6 +266,9 @@ pub trait Store: Send + Sync + 'static {
     fn next_units(&self, req: &UnitsRequest) -> Result<UnitsReply>;
     /// The split reports of a build (merged over its shards), in split order.
     fn split_reports(&self, build: BuildId) -> Result<Vec<SplitReport>>;
+    /// The test cases plain steps' JUnit files gave (`junit`), for each job's current attempt,
+    /// in job and step order.
+    fn step_reports(&self, build: BuildId) -> Result<Vec<kiln_domain::split::StepReport>>;
     /// Records known unit durations for a repository's split key, as if they had been measured
     /// (imports a timing history; the benchmark seeds one with deliberate errors).
     fn seed_unit_durations(&self, repo: &str, key: &str, durations: &[(String, u64)])

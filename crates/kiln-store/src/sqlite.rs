@@ -196,6 +196,18 @@ CREATE TABLE split_interactions (
     PRIMARY KEY (split_id, attempt_id, request, seq)
 );
 "#,
+    // 8: the test cases of a plain step's JUnit files (`junit`), keyed by attempt and step so
+    // a re-sent StepFinished records them once; only the job's current attempt's count.
+    r#"
+CREATE TABLE step_tests (
+    attempt_id INTEGER NOT NULL REFERENCES attempts(id),
+    position   INTEGER NOT NULL,
+    step_name  TEXT NOT NULL,
+    cases      TEXT NOT NULL,
+    note       TEXT NOT NULL,
+    PRIMARY KEY (attempt_id, position)
+);
+"#,
 ];
 
 /// The SQLite implementation of [`Store`]: one connection behind a mutex (SQLite serialises
@@ -404,6 +416,8 @@ fn load_detail(tx: &Connection, id: BuildId) -> Result<Option<BuildDetail>> {
                     .map_err(|e| corrupt("step outcome", e))?,
                 exit_code,
                 duration_ms: duration.max(0) as u64,
+                cases: Vec::new(),
+                report_note: String::new(),
             });
         }
         steps.insert(job.id, list);
@@ -624,6 +638,34 @@ impl Store for SqliteStore {
         self.split_reports_of(build)
     }
 
+    fn step_reports(&self, build: BuildId) -> Result<Vec<kiln_domain::split::StepReport>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT j.name, t.step_name, t.cases, t.note FROM step_tests t \
+             JOIN jobs j ON j.current_attempt = t.attempt_id \
+             WHERE j.build_id = ?1 ORDER BY j.position, j.id, t.position",
+        )?;
+        let rows = stmt.query_map([build as i64], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (job, step, cases, note) = row?;
+            out.push(kiln_domain::split::StepReport {
+                build_id: build,
+                key: format!("{job}/{step}"),
+                cases: serde_json::from_str(&cases).map_err(|e| corrupt("test cases", e))?,
+                note,
+            });
+        }
+        Ok(out)
+    }
+
     fn seed_unit_durations(
         &self,
         repo: &str,
@@ -836,6 +878,24 @@ impl Store for SqliteStore {
                     step.duration_ms as i64
                 ],
             )?;
+            if !step.cases.is_empty() || !step.report_note.is_empty() {
+                let steps: String =
+                    tx.query_row("SELECT steps FROM jobs WHERE id = ?1", [job], |r| r.get(0))?;
+                let steps: Vec<StepSpec> =
+                    serde_json::from_str(&steps).map_err(|e| corrupt("job steps", e))?;
+                let name = steps
+                    .iter()
+                    .find(|s| s.index == step.index)
+                    .map(|s| s.name.clone())
+                    .unwrap_or_else(|| format!("step {}", step.index));
+                let cases =
+                    serde_json::to_string(&step.cases).map_err(|e| corrupt("test cases", e))?;
+                tx.execute(
+                    "INSERT OR IGNORE INTO step_tests (attempt_id, position, step_name, cases, \
+                     note) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![attempt as i64, step.index, name, cases, step.report_note],
+                )?;
+            }
             Ok(true)
         })
     }
@@ -1183,6 +1243,7 @@ mod tests {
                         timeout_ms: 0,
                         post: None,
                         split: None,
+                        junit: Vec::new(),
                     }],
                     needs: vec![],
                 })
@@ -1196,6 +1257,63 @@ mod tests {
         s.upsert_runner(name, &BTreeMap::new(), 1, "test")
             .unwrap()
             .id
+    }
+
+    fn case(name: &str, outcome: kiln_domain::split::UnitOutcome) -> kiln_domain::split::TestCase {
+        kiln_domain::split::TestCase {
+            name: name.into(),
+            classname: "t".into(),
+            outcome,
+            skipped: false,
+            duration_ms: 1,
+            message: String::new(),
+            body: String::new(),
+            system_out: String::new(),
+            system_err: String::new(),
+        }
+    }
+
+    fn with_cases(cases: Vec<kiln_domain::split::TestCase>) -> StepResult {
+        StepResult {
+            index: 0,
+            outcome: StepOutcome::Failed,
+            exit_code: Some(1),
+            duration_ms: 1,
+            cases,
+            report_note: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_step_report_counts_once_and_only_for_the_current_attempt() {
+        use kiln_domain::split::UnitOutcome;
+        let s = SqliteStore::in_memory().unwrap();
+        let d = s.create_build(&new_build(1)).unwrap();
+        let job = d.jobs[0].id;
+        let r1 = runner(&s, "r1");
+        assert!(s.step_reports(d.build.id).unwrap().is_empty());
+        let (a1, _) = s.assign(job, r1, "r1").unwrap().unwrap();
+        assert!(s.start_attempt(a1).unwrap().is_some());
+        let first = with_cases(vec![case("a", UnitOutcome::Failed)]);
+        assert!(s.record_step(a1, &first).unwrap());
+        // A re-sent StepFinished (another list) records nothing more.
+        let resent = with_cases(vec![case("b", UnitOutcome::Passed)]);
+        assert!(s.record_step(a1, &resent).unwrap());
+        let reports = s.step_reports(d.build.id).unwrap();
+        assert_eq!(reports.len(), 1);
+        assert_eq!(reports[0].key, "job0/s");
+        assert_eq!(reports[0].cases, first.cases);
+        // The job runs again: the lost attempt's report no longer counts.
+        s.requeue_attempt(a1, "runner lost", 3, true)
+            .unwrap()
+            .unwrap();
+        let (a2, _) = s.assign(job, r1, "r1").unwrap().unwrap();
+        assert!(s.start_attempt(a2).unwrap().is_some());
+        assert!(s.step_reports(d.build.id).unwrap().is_empty());
+        assert!(s.record_step(a2, &resent).unwrap());
+        let reports = s.step_reports(d.build.id).unwrap();
+        assert_eq!(reports.len(), 1);
+        assert_eq!(reports[0].cases, resent.cases);
     }
 
     #[test]
@@ -1231,7 +1349,9 @@ mod tests {
                     index: 0,
                     outcome: StepOutcome::Failed,
                     exit_code: Some(1),
-                    duration_ms: 1
+                    duration_ms: 1,
+                    cases: Vec::new(),
+                    report_note: String::new(),
                 }
             )
             .unwrap()

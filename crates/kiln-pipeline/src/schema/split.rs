@@ -255,8 +255,8 @@ impl<'de> Visitor<'de> for GlobsSeed {
     }
 }
 
-/// One glob pattern of `units.glob`.
-struct GlobSeed;
+/// One glob pattern of `units.glob` (or of a step's `junit`).
+pub(crate) struct GlobSeed;
 
 impl<'de> DeserializeSeed<'de> for GlobSeed {
     type Value = String;

@@ -34,6 +34,7 @@ fn step(spec: Option<SplitSpec>) -> StepSpec {
         timeout_ms: 0,
         post: None,
         split: spec,
+        junit: Vec::new(),
     }
 }
 
