@@ -427,17 +427,25 @@ pub const BATCH_TARGET_MIN_MS: u64 = 200;
 pub const START_SHARE_INV: u64 = 10;
 
 /// How many units of the queue (estimates, in the order they will be handed out) go in the
-/// next batch for one of `shards` shards, when starting a batch's process costs `start_ms`.
+/// next batch for one of `shards` shards, when starting a batch's process costs `start_ms` and
+/// other shards hold batches estimated at `in_flight_ms` in all.
 ///
 /// A batch takes units while their estimated total stays under a target: a slice of the time
 /// left divided among the shards (an eighth of each shard's share), so batches shrink as the
 /// queue drains and the tail stays short, but never under [`BATCH_TARGET_MIN_MS`] worth of
 /// tiny units, and never more than `max` (0: no limit). With a start cost, the target is also
 /// at least `(START_SHARE_INV - 1) * start_ms`, so start-up stays under a tenth of a batch,
-/// but never more than the shard's fair share of the time left (so the last batches still
-/// shrink and no shard takes another's share). Always at least one unit when the queue is not
-/// empty.
-pub fn batch_len(queue: &[EstimateMs], shards: u32, max: u32, start_ms: u64) -> usize {
+/// but never more than the shard's fair share of the work left (queued and in flight, divided
+/// among the shards), so the last batches still shrink and no shard takes another's share.
+/// Without a start cost `in_flight_ms` is not used. Always at least one unit when the queue is
+/// not empty.
+pub fn batch_len(
+    queue: &[EstimateMs],
+    shards: u32,
+    max: u32,
+    start_ms: u64,
+    in_flight_ms: u64,
+) -> usize {
     if queue.is_empty() {
         return 0;
     }
@@ -446,7 +454,8 @@ pub fn batch_len(queue: &[EstimateMs], shards: u32, max: u32, start_ms: u64) -> 
     let mut target = (per_shard / 8).max(BATCH_TARGET_MIN_MS.min(per_shard));
     let amortized = start_ms.saturating_mul(START_SHARE_INV - 1);
     if amortized > target {
-        target = amortized.min(per_shard.max(target));
+        let fair = (left.saturating_add(in_flight_ms) / u64::from(shards.max(1))).min(left);
+        target = amortized.min(fair.max(target));
     }
     let cap = if max == 0 { usize::MAX } else { max as usize };
     let mut total = 0u64;
@@ -676,33 +685,38 @@ mod tests {
     #[test]
     fn batches_shrink_as_the_queue_drains() {
         let queue = vec![30u64; 1000];
-        let big = batch_len(&queue, 4, 0, 0);
-        let small = batch_len(&queue[..40], 4, 0, 0);
+        let big = batch_len(&queue, 4, 0, 0, 0);
+        let small = batch_len(&queue[..40], 4, 0, 0, 0);
         assert!(big > small, "{big} > {small}");
         assert!(small >= 1);
-        assert_eq!(batch_len(&[5000, 10, 10], 4, 0, 0), 1);
-        assert_eq!(batch_len(&queue, 4, 3, 0), 3);
-        assert_eq!(batch_len(&[], 4, 0, 0), 0);
+        assert_eq!(batch_len(&[5000, 10, 10], 4, 0, 0, 0), 1);
+        assert_eq!(batch_len(&queue, 4, 3, 0, 0), 3);
+        assert_eq!(batch_len(&[], 4, 0, 0, 0), 0);
     }
 
     #[test]
     fn a_start_cost_makes_batches_big_enough_to_pay_for_it() {
         // 300 ms to start a process, 10 ms units: start-up under a tenth of a batch.
         let queue = vec![10u64; 10_000];
-        let before = batch_len(&queue, 4, 0, 0);
-        let n = batch_len(&queue, 4, 0, 300);
+        let before = batch_len(&queue, 4, 0, 0, 0);
+        let n = batch_len(&queue, 4, 0, 300, 0);
         assert!(n >= 270, "{n} units, {before} without a start cost");
         // Early in a small queue: bigger than without a start cost, but never more than the
         // shard's fair share.
         let small = vec![10u64; 200];
-        let n = batch_len(&small, 4, 0, 300);
+        let n = batch_len(&small, 4, 0, 300, 0);
         assert!((27..=50).contains(&n), "{n}");
-        assert!(n > batch_len(&small, 4, 0, 0), "{n}");
+        assert!(n > batch_len(&small, 4, 0, 0, 0), "{n}");
         // The tail still shrinks: a nearly drained queue hands out less.
-        assert!(batch_len(&small[..20], 4, 0, 300) < n);
-        assert_eq!(batch_len(&small[..20], 4, 0, 300), 5);
+        assert!(batch_len(&small[..20], 4, 0, 300, 0) < n);
+        assert_eq!(batch_len(&small[..20], 4, 0, 300, 0), 5);
+        // Other shards' batches in flight count in the fair share: the last of 4 shards to
+        // ask at the start takes the rest (not a quarter of it), so no shard pays a second
+        // start in the tail.
+        assert_eq!(batch_len(&small[..50], 4, 0, 300, 1500), 50);
+        assert_eq!(batch_len(&small[..100], 4, 0, 300, 1000), 50);
         // The shard's own limit still holds.
-        assert_eq!(batch_len(&queue, 4, 7, 300), 7);
+        assert_eq!(batch_len(&queue, 4, 7, 300, 0), 7);
         // Zero start cost keeps the plain rule.
         for len in [1usize, 3, 40, 200, 1000] {
             for shards in [1u32, 4, 16] {
@@ -722,7 +736,16 @@ mod tests {
                     }
                     n
                 };
-                assert_eq!(batch_len(&q, shards, 0, 0), plain, "{len} units, {shards}");
+                assert_eq!(
+                    batch_len(&q, shards, 0, 0, 0),
+                    plain,
+                    "{len} units, {shards}"
+                );
+                assert_eq!(
+                    batch_len(&q, shards, 0, 0, 9000),
+                    plain,
+                    "{len} units, {shards}"
+                );
             }
         }
     }

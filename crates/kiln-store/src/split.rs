@@ -334,6 +334,17 @@ struct Candidate {
     previous_runner: Option<i64>,
 }
 
+/// Estimated time of the tries of `round` other attempts hold.
+fn in_flight_ms(tx: &Connection, split: i64, round: u32, attempt: i64) -> Result<u64> {
+    let ms: i64 = tx
+        .prepare_cached(
+            "SELECT COALESCE(SUM(estimate_ms), 0) FROM unit_tries WHERE split_id = ?1 \
+             AND try_number = ?2 AND state = 'leased' AND attempt_id != ?3",
+        )?
+        .query_row(params![split, round, attempt], |r| r.get(0))?;
+    Ok(to_u64(ms))
+}
+
 /// Durations of the split's tries that ended with an outcome.
 fn ended_durations(tx: &Connection, split: i64) -> Result<Vec<u64>> {
     let mut stmt = tx.prepare_cached(
@@ -920,7 +931,12 @@ fn next_units_tx(tx: &Transaction<'_>, req: &UnitsRequest, now: Millis) -> Resul
                 })
                 .collect();
             let start = start_estimate(tx, &split.repo, &split.key)?;
-            let n = batch_len(&estimates, shards_for_round, max, start);
+            let in_flight = if start > 0 {
+                in_flight_ms(tx, split.id, round, attempt)?
+            } else {
+                0
+            };
+            let n = batch_len(&estimates, shards_for_round, max, start, in_flight);
             let runner_name: Option<String> = tx
                 .query_row("SELECT name FROM runners WHERE id = ?1", [runner], |r| {
                     r.get(0)

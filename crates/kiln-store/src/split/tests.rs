@@ -1105,6 +1105,13 @@ fn the_start_cost_seen_in_batches_makes_the_next_batches_bigger() {
     let mut next = start(&s, jobs[0], "r2");
     let (_, first) = ask_timed(&s, &mut next, &list, 10, None);
     assert_eq!(first.len(), 50, "a fair share of 2000 ms over 4 shards");
+    // The other shards' fair shares count the batches in flight: each gets a quarter too,
+    // and the last one the rest.
+    for (i, runner) in ["r3", "r4", "r5"].into_iter().enumerate() {
+        let mut other = start(&s, jobs[i + 1], runner);
+        let (_, got) = ask_timed(&s, &mut other, &list, 10, None);
+        assert_eq!(got.len(), 50, "shard {}", i + 2);
+    }
 }
 
 #[test]
