@@ -388,6 +388,8 @@ pub fn units_request_from_proto(
         results,
         interactions,
         max_units: m.max_units,
+        batch_ms: m.batch_ms,
+        batch_processes: m.batch_processes,
     })
 }
 

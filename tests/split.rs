@@ -651,3 +651,45 @@ fn files_failing_only_together_are_an_interaction_failure() {
         }
     }
 }
+
+/// Issue 9 item 11: a suite of fast test files whose process takes far longer to start than
+/// its tests run must not get one process per file. The first batch (nothing known) has one
+/// file; its process's start cost (wall time less its test cases' times) and the file's own
+/// time then size the next batches, so the 12 files run in a few processes, not 12.
+#[test]
+fn fast_files_share_a_process_once_its_start_cost_is_seen() {
+    let tmp = tempdir();
+    let server = Server::start(&tmp.path().join("data"), &[]);
+    let mut runner = server.runner(tmp.path(), "r1", &[]);
+    server.wait_runners_attached(&["r1"]);
+    let repo = Repo::init(&tmp.path().join("repo"));
+    let files: Vec<(String, String)> = (0..12)
+        .map(|f| {
+            (
+                format!("tests/test_fast{f:02}.py"),
+                format!("def test_{f}_a():\n    assert True\n\n\ndef test_{f}_b():\n    assert 1 + 1 == 2\n"),
+            )
+        })
+        .collect();
+    let sha = commit_files(
+        &repo,
+        &files,
+        "steps:\n  - name: tests\n    run: python3 -m pytest -q -p no:cacheprovider --junitxml={junit} {units}\n    parallel: 1\n    units:\n      glob: tests/test_*.py\n",
+    );
+    let b = server.submit(&repo.path, &sha);
+    let build = server.wait_final(id_of(&b), SPLIT_TIMEOUT);
+    assert_eq!(build["state"], "passed", "{build}");
+    assert_eq!(units(the_split(&build)).len(), 12);
+    let logs = server.cli(&["logs", &id_of(&b).to_string()]);
+    let batches = logs
+        .out()
+        .lines()
+        .filter(|l| l.contains("kiln: batch ") && l.contains(" (try 1): "))
+        .count();
+    assert!(
+        (2..=3).contains(&batches),
+        "12 fast files in {batches} processes:\n{}",
+        logs.out()
+    );
+    runner.kill_all();
+}

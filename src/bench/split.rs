@@ -29,6 +29,9 @@
 //!   labelled flaky (must be 0).
 //! - `broken`: 30% of the tests fail every try, same retry policy: retry time / first-pass time,
 //!   from the report's tries.
+//! - `startup`: every process starts in `--start-ms` (300 ms) before its first test, as an
+//!   interpreter does; the dynamic queue at N = 4 and 16 of `--runners` (else the largest) learns that start cost from
+//!   the batches it runs: makespan / (lower bound + one start per shard), goal 1.10x.
 //! - `kill`: the dynamic run again, one runner SIGKILLed (with its batch) at half the dynamic
 //!   run's makespan, the one running the batch with the most test time (the worst case): every
 //!   unit must have exactly one final verdict; makespan vs lower bound + lease (heartbeat
@@ -51,7 +54,7 @@ use kiln_store::Store as _;
 use tonic::transport::Channel;
 
 pub use harness::SplitUnitArgs;
-use harness::{ENV_BROKEN, ENV_FLAKY, ENV_SCALE, ENV_SEED, ENV_TRACE, Trace};
+use harness::{ENV_BROKEN, ENV_FLAKY, ENV_SCALE, ENV_SEED, ENV_START, ENV_TRACE, Trace};
 use suite::{Kind, Recorded, Suite};
 
 use super::util::{
@@ -79,6 +82,8 @@ pub enum Scenario {
     Broken,
     /// A runner killed at half time (with the dynamic run at that N).
     Kill,
+    /// Processes that take --start-ms to start, at N = 4 and 16 of --runners (else the largest).
+    Startup,
 }
 
 /// `kiln bench split`.
@@ -107,6 +112,9 @@ pub struct SplitArgs {
     /// deliberate errors (to tell the cost of the errors from kiln's own overhead).
     #[arg(long)]
     pub exact_history: bool,
+    /// Start-up cost of every process in the startup scenario, ms.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub start_ms: u64,
     /// Missed heartbeats before a runner is lost, in every run.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub missed_heartbeats: u32,
@@ -160,6 +168,7 @@ impl SplitArgs {
             shards,
             strategy,
             scale,
+            start_ms: 0,
         };
         let mut plan = vec![Spec {
             scale: 0.0,
@@ -213,6 +222,23 @@ impl SplitArgs {
                 Strategy::Dynamic,
             ));
         }
+        if self.wants(Scenario::Startup) {
+            // At N = 4 and 16 of --runners, else at the largest.
+            let mut at: Vec<u32> = runners
+                .iter()
+                .copied()
+                .filter(|n| [4, 16].contains(n))
+                .collect();
+            if at.is_empty() {
+                at.push(nmax);
+            }
+            for n in at {
+                plan.push(Spec {
+                    start_ms: self.start_ms,
+                    ..spec(format!("startup-{n}"), RunKind::Plain, n, Strategy::Dynamic)
+                });
+            }
+        }
         if self.wants(Scenario::Kill) {
             plan.push(spec(
                 format!("kill-{nmax}"),
@@ -259,6 +285,8 @@ struct Spec {
     shards: u32,
     strategy: Strategy,
     scale: f64,
+    /// Start-up cost of every process, ms.
+    start_ms: u64,
 }
 
 impl Spec {
@@ -326,9 +354,10 @@ impl Run {
             .fold(0.0, f64::max)
     }
 
-    /// max(total / N, longest), ms.
+    /// max(total / N, longest), plus one process start per shard, ms.
     fn bound_ms(&self) -> f64 {
         (self.total_ms() / f64::from(self.spec.shards.max(1))).max(self.longest_ms())
+            + self.spec.start_ms as f64
     }
 
     fn ratio(&self) -> f64 {
@@ -509,6 +538,7 @@ impl Bench {
              \x20     {ENV_SCALE}: \"{scale}\"\n\
              \x20     {ENV_FLAKY}: \"{flaky}\"\n\
              \x20     {ENV_BROKEN}: \"{broken}\"\n\
+             \x20     {ENV_START}: \"{start}\"\n\
              \x20     {ENV_TRACE}: {trace}\n",
             label = spec.label,
             run = q(&run),
@@ -516,6 +546,7 @@ impl Bench {
             strategy = spec.strategy.as_str(),
             seed = self.args.seed,
             scale = spec.scale,
+            start = spec.start_ms,
             trace = q(&trace.to_string_lossy()),
         )
     }
@@ -1125,6 +1156,31 @@ fn report(bench: &Bench, args: &SplitArgs, runs: &HashMap<String, Run>, nmax: u3
             );
         }
     }
+    if args.wants(Scenario::Startup) {
+        for n in &runners {
+            let Some(r) = runs.get(&format!("startup-{n}")) else {
+                continue;
+            };
+            figure(
+                &format!(
+                    "startup {} ms, N={n}: makespan/(bound + one start)",
+                    r.spec.start_ms
+                ),
+                format!("{:.3}x", r.ratio()),
+                "goal <= 1.10x",
+                Some(r.ratio() <= 1.10),
+                &format!(
+                    "makespan {}, bound {} (unit time {} / {n} = {}, + {} ms), {} processes",
+                    secs(r.makespan_ms),
+                    secs(r.bound_ms()),
+                    secs(r.total_ms()),
+                    secs(r.total_ms() / f64::from(*n)),
+                    r.spec.start_ms,
+                    r.traces.len()
+                ),
+            );
+        }
+    }
     let dynamic = runs.get(&format!("dynamic-{nmax}"));
     if args.wants(Scenario::Static)
         && let Some(d) = dynamic
@@ -1344,6 +1400,8 @@ mod tests {
                 "timing-16",
                 "flaky-16",
                 "broken-16",
+                "startup-4",
+                "startup-16",
                 "kill-16"
             ]
         );
@@ -1351,6 +1409,12 @@ mod tests {
         let some = Cli::parse_from(["x", "--only", "kill", "--runners", "4,2"]).args;
         let labels: Vec<String> = some.plan().into_iter().map(|s| s.label).collect();
         assert_eq!(labels, ["warm-up-4", "dynamic-4", "kill-4"]);
+        let start = Cli::parse_from(["x", "--only", "startup", "--runners", "4,16"]).args;
+        let plan = start.plan();
+        let labels: Vec<&str> = plan.iter().map(|s| s.label.as_str()).collect();
+        assert_eq!(labels, ["warm-up-16", "startup-4", "startup-16"]);
+        assert_eq!(plan[0].start_ms, 0);
+        assert!(plan[1..].iter().all(|s| s.start_ms == 300));
         let quick = Cli::parse_from(["x", "--quick"]).args;
         assert_eq!(
             split_key("steps:\n  - name: tests\n    run: x {units}\n    parallel: 2\n    units:\n      glob: '*.t'\n")

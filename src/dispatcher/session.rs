@@ -707,6 +707,8 @@ impl Dispatcher {
                     results: Vec::new(),
                     interactions: Vec::new(),
                     max_units: req.max_units,
+                    batch_ms: 0,
+                    batch_processes: 0,
                 };
                 let reply = self
                     .db(move |s| s.next_units(&req))

@@ -429,6 +429,7 @@ fn next_units(attempt: u64, request: u32, discovered: &[&str]) -> proto::NextUni
         results: vec![],
         max_units: 0,
         interactions: vec![],
+        ..Default::default()
     }
 }
 

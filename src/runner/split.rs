@@ -89,6 +89,7 @@ pub(super) async fn run(s: &Split<'_>, output: &mut Output<'_>, message: &mut St
         deadline,
         batches: 0,
         interactions: Vec::new(),
+        timing: BatchTiming::default(),
     };
     let end = shard.go().await;
     let index = s.step.index;
@@ -145,6 +146,54 @@ struct Shard<'s, 'a, 'o, 'p> {
     batches: u32,
     /// Interaction failures to report with the next request.
     interactions: Vec<proto::Interaction>,
+    /// The previous answer's processes, to report with the next request.
+    timing: BatchTiming,
+}
+
+/// Wall time of the processes that ran one answer's units, for the dispatcher to learn the
+/// per-process start cost from (wall time less the units' own times).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct BatchTiming {
+    wall_ms: u64,
+    processes: u32,
+    /// False once a process's units' own times were not all known (no test cases for some
+    /// unit, or a failed batch re-run unit by unit): nothing to learn then.
+    known: bool,
+}
+
+impl BatchTiming {
+    fn start() -> Self {
+        BatchTiming {
+            known: true,
+            ..BatchTiming::default()
+        }
+    }
+
+    /// (batch_ms, batch_processes) for the request.
+    fn report(self) -> (u64, u32) {
+        if self.known && self.processes > 0 {
+            (self.wall_ms, self.processes)
+        } else {
+            (0, 0)
+        }
+    }
+}
+
+/// Each unit's own time, from its test cases, when every unit has some (the sum of its cases'
+/// durations); `None` when a unit has none, so its time cannot be told from the batch's.
+fn own_times(judged: &[(UnitOutcome, Vec<TestCase>)]) -> Option<Vec<Duration>> {
+    judged
+        .iter()
+        .map(|(_, cases)| {
+            (!cases.is_empty()).then(|| {
+                Duration::from_millis(
+                    cases
+                        .iter()
+                        .fold(0u64, |a, c| a.saturating_add(c.duration_ms)),
+                )
+            })
+        })
+        .collect()
 }
 
 impl Shard<'_, '_, '_, '_> {
@@ -203,6 +252,7 @@ impl Shard<'_, '_, '_, '_> {
         loop {
             request += 1;
             let first = discovered.is_some();
+            let (batch_ms, batch_processes) = std::mem::take(&mut self.timing).report();
             let mut req = proto::NextUnits {
                 attempt_id: self.s.attempt,
                 step_index: self.s.step.index,
@@ -211,6 +261,8 @@ impl Shard<'_, '_, '_, '_> {
                 results: std::mem::take(&mut results),
                 max_units: 0,
                 interactions: std::mem::take(&mut self.interactions),
+                batch_ms,
+                batch_processes,
             };
             if first && req.encoded_len() > MAX_REQUEST_BYTES {
                 return End::Errored(format!(
@@ -371,6 +423,7 @@ impl Shard<'_, '_, '_, '_> {
         units: Vec<proto::LeasedUnit>,
     ) -> Result<Vec<proto::UnitResult>, End> {
         let mut results = Vec::with_capacity(units.len());
+        self.timing = BatchTiming::start();
         for (try_number, group) in by_try(units) {
             for chunk in fit_args(group, self.s.step.run.len()) {
                 self.batches += 1;
@@ -408,12 +461,28 @@ impl Shard<'_, '_, '_, '_> {
         let n = units.len().max(1) as u32;
         let share = batch.duration / n;
         if let Some(judged) = judge(&units, batch.ran, batch.cases.as_deref()) {
+            // Each unit's own time when its test cases tell it (so the batch's wall time less
+            // theirs is the process's start cost), else its share of the batch's.
+            let own = own_times(&judged);
+            match &own {
+                Some(_) => {
+                    self.timing.wall_ms = self
+                        .timing
+                        .wall_ms
+                        .saturating_add(u64::try_from(batch.duration.as_millis()).unwrap_or(0));
+                    self.timing.processes += 1;
+                }
+                None => self.timing.known = false,
+            }
+            let times = own.unwrap_or_else(|| vec![share; units.len()]);
             return Ok(units
                 .into_iter()
                 .zip(judged)
-                .map(|(unit, (outcome, cases))| result(unit, try_number, outcome, share, cases))
+                .zip(times)
+                .map(|((unit, (outcome, cases)), t)| result(unit, try_number, outcome, t, cases))
                 .collect());
         }
+        self.timing.known = false;
         self.log(format!(
             "kiln: batch {k} failed; running its units one by one\n"
         ))
@@ -1269,6 +1338,41 @@ mod tests {
         assert!(stripped >= 1);
         assert!(req.results[3].cases.is_empty(), "the biggest go first");
         assert!(!req.results[0].cases.is_empty());
+    }
+
+    #[test]
+    fn own_times_come_from_the_cases_and_the_rest_is_start_up() {
+        let case = |ms| TestCase {
+            name: "t".into(),
+            classname: String::new(),
+            outcome: UnitOutcome::Passed,
+            skipped: false,
+            duration_ms: ms,
+            message: String::new(),
+            body: String::new(),
+            system_out: String::new(),
+            system_err: String::new(),
+        };
+        let judged = vec![
+            (UnitOutcome::Passed, vec![case(10), case(20)]),
+            (UnitOutcome::Passed, vec![case(5)]),
+        ];
+        assert_eq!(
+            own_times(&judged),
+            Some(vec![Duration::from_millis(30), Duration::from_millis(5)])
+        );
+        // A unit without cases: its time cannot be told apart from the batch's.
+        let partial = vec![judged[0].clone(), (UnitOutcome::Passed, Vec::new())];
+        assert_eq!(own_times(&partial), None);
+        // Reported only when every process of the answer was timed.
+        let mut t = BatchTiming::start();
+        t.wall_ms = 400;
+        t.processes = 1;
+        assert_eq!(t.report(), (400, 1));
+        t.known = false;
+        assert_eq!(t.report(), (0, 0));
+        assert_eq!(BatchTiming::default().report(), (0, 0));
+        assert_eq!(BatchTiming::start().report(), (0, 0));
     }
 
     #[test]

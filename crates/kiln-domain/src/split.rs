@@ -301,6 +301,12 @@ pub struct UnitsRequest {
     pub interactions: Vec<Interaction>,
     /// Most units the shard wants (0: no limit beyond the dispatcher's).
     pub max_units: u32,
+    /// Wall-clock milliseconds of the processes that ran the previous batch, when each unit's
+    /// duration in `results` is the unit's own time (from its test cases): the difference is
+    /// what starting the processes cost. 0 with `batch_processes` 0: nothing to learn.
+    pub batch_ms: u64,
+    /// How many processes `batch_ms` covers (0: the batch's start cost is not known).
+    pub batch_processes: u32,
 }
 
 /// The dispatcher's answer.
@@ -429,21 +435,41 @@ pub type EstimateMs = u64;
 /// (a process start, a round trip) stays small.
 pub const BATCH_TARGET_MIN_MS: u64 = 200;
 
+/// Start-up may take at most this share of a batch: a batch's units are estimated to take at
+/// least `START_SHARE_INV - 1` times the per-process start cost.
+pub const START_SHARE_INV: u64 = 10;
+
 /// How many units of the queue (estimates, in the order they will be handed out) go in the
-/// next batch for one of `shards` shards.
+/// next batch for one of `shards` shards, when starting a batch's process costs `start_ms` and
+/// other shards hold batches estimated at `in_flight_ms` in all.
 ///
 /// A batch takes units while their estimated total stays under a target: a slice of the time
 /// left divided among the shards (an eighth of each shard's share), so batches shrink as the
 /// queue drains and the tail stays short, but never under [`BATCH_TARGET_MIN_MS`] worth of
-/// tiny units, and never more than `max` (0: no limit). Always at least one unit when the
-/// queue is not empty.
-pub fn batch_len(queue: &[EstimateMs], shards: u32, max: u32) -> usize {
+/// tiny units, and never more than `max` (0: no limit). With a start cost, the target is also
+/// at least `(START_SHARE_INV - 1) * start_ms`, so start-up stays under a tenth of a batch,
+/// but never more than the shard's fair share of the work left (queued and in flight, divided
+/// among the shards), so the last batches still shrink and no shard takes another's share.
+/// Without a start cost `in_flight_ms` is not used. Always at least one unit when the queue is
+/// not empty.
+pub fn batch_len(
+    queue: &[EstimateMs],
+    shards: u32,
+    max: u32,
+    start_ms: u64,
+    in_flight_ms: u64,
+) -> usize {
     if queue.is_empty() {
         return 0;
     }
     let left: u64 = queue.iter().sum();
     let per_shard = left / u64::from(shards.max(1));
-    let target = (per_shard / 8).max(BATCH_TARGET_MIN_MS.min(per_shard));
+    let mut target = (per_shard / 8).max(BATCH_TARGET_MIN_MS.min(per_shard));
+    let amortized = start_ms.saturating_mul(START_SHARE_INV - 1);
+    if amortized > target {
+        let fair = (left.saturating_add(in_flight_ms) / u64::from(shards.max(1))).min(left);
+        target = amortized.min(fair.max(target));
+    }
     let cap = if max == 0 { usize::MAX } else { max as usize };
     let mut total = 0u64;
     let mut n = 0usize;
@@ -455,6 +481,16 @@ pub fn batch_len(queue: &[EstimateMs], shards: u32, max: u32) -> usize {
         n += 1;
     }
     n.max(1)
+}
+
+/// The per-process start cost seen in one batch: its processes' wall time less its units' own
+/// times, per process; `None` when the batch tells nothing (no process, or no wall time).
+pub fn start_cost(batch_ms: u64, processes: u32, unit_ms: &[u64]) -> Option<u64> {
+    if processes == 0 || batch_ms == 0 {
+        return None;
+    }
+    let own: u64 = unit_ms.iter().fold(0u64, |a, &d| a.saturating_add(d));
+    Some(batch_ms.saturating_sub(own) / u64::from(processes))
 }
 
 /// The median of recorded estimates, for units without history; `None` when none is known.
@@ -662,13 +698,78 @@ mod tests {
     #[test]
     fn batches_shrink_as_the_queue_drains() {
         let queue = vec![30u64; 1000];
-        let big = batch_len(&queue, 4, 0);
-        let small = batch_len(&queue[..40], 4, 0);
+        let big = batch_len(&queue, 4, 0, 0, 0);
+        let small = batch_len(&queue[..40], 4, 0, 0, 0);
         assert!(big > small, "{big} > {small}");
         assert!(small >= 1);
-        assert_eq!(batch_len(&[5000, 10, 10], 4, 0), 1);
-        assert_eq!(batch_len(&queue, 4, 3), 3);
-        assert_eq!(batch_len(&[], 4, 0), 0);
+        assert_eq!(batch_len(&[5000, 10, 10], 4, 0, 0, 0), 1);
+        assert_eq!(batch_len(&queue, 4, 3, 0, 0), 3);
+        assert_eq!(batch_len(&[], 4, 0, 0, 0), 0);
+    }
+
+    #[test]
+    fn a_start_cost_makes_batches_big_enough_to_pay_for_it() {
+        // 300 ms to start a process, 10 ms units: start-up under a tenth of a batch.
+        let queue = vec![10u64; 10_000];
+        let before = batch_len(&queue, 4, 0, 0, 0);
+        let n = batch_len(&queue, 4, 0, 300, 0);
+        assert!(n >= 270, "{n} units, {before} without a start cost");
+        // Early in a small queue: bigger than without a start cost, but never more than the
+        // shard's fair share.
+        let small = vec![10u64; 200];
+        let n = batch_len(&small, 4, 0, 300, 0);
+        assert!((27..=50).contains(&n), "{n}");
+        assert!(n > batch_len(&small, 4, 0, 0, 0), "{n}");
+        // The tail still shrinks: a nearly drained queue hands out less.
+        assert!(batch_len(&small[..20], 4, 0, 300, 0) < n);
+        assert_eq!(batch_len(&small[..20], 4, 0, 300, 0), 5);
+        // Other shards' batches in flight count in the fair share: the last of 4 shards to
+        // ask at the start takes the rest (not a quarter of it), so no shard pays a second
+        // start in the tail.
+        assert_eq!(batch_len(&small[..50], 4, 0, 300, 1500), 50);
+        assert_eq!(batch_len(&small[..100], 4, 0, 300, 1000), 50);
+        // The shard's own limit still holds.
+        assert_eq!(batch_len(&queue, 4, 7, 300, 0), 7);
+        // Zero start cost keeps the plain rule.
+        for len in [1usize, 3, 40, 200, 1000] {
+            for shards in [1u32, 4, 16] {
+                let q: Vec<u64> = (0..len as u64).map(|i| 5 + i % 40).collect();
+                let plain = {
+                    let left: u64 = q.iter().sum();
+                    let per = left / u64::from(shards);
+                    let target = (per / 8).max(BATCH_TARGET_MIN_MS.min(per));
+                    let mut t = 0;
+                    let mut n = 0;
+                    for &e in &q {
+                        if n > 0 && t + e > target {
+                            break;
+                        }
+                        t += e;
+                        n += 1;
+                    }
+                    n
+                };
+                assert_eq!(
+                    batch_len(&q, shards, 0, 0, 0),
+                    plain,
+                    "{len} units, {shards}"
+                );
+                assert_eq!(
+                    batch_len(&q, shards, 0, 0, 9000),
+                    plain,
+                    "{len} units, {shards}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_start_cost_is_what_the_units_own_times_leave() {
+        assert_eq!(start_cost(1000, 1, &[100, 200, 400]), Some(300));
+        assert_eq!(start_cost(1000, 2, &[100, 200, 100]), Some(300));
+        assert_eq!(start_cost(500, 1, &[400, 400]), Some(0));
+        assert_eq!(start_cost(1000, 0, &[1]), None);
+        assert_eq!(start_cost(0, 1, &[1]), None);
     }
 
     #[test]

@@ -12,14 +12,16 @@
 //!   whether it was sent away as done),
 //!   used to fence stale re-sends and to spread retry rounds over runners.
 //! - `unit_history`: per (repository, split key, unit) the last durations and how often the
-//!   unit was flaky or failed.
+//!   unit was flaky or failed. The row with the empty unit id (never a real unit's) holds the
+//!   last per-process start costs seen in that split's batches ([`START_UNIT`]).
 
 use std::collections::{BTreeMap, HashSet};
 
 use kiln_domain::split::{
     FailedUnit, Interaction, InteractionPolicy, LeasedUnit, RetryPolicy, RoundDecision, RoundStats,
     SplitReport, SplitSpec, Strategy, TestCase, UnitOutcome, UnitSource, UnitSummary, UnitTry,
-    UnitVerdict, UnitsReply, UnitsRequest, batch_len, median, next_round, static_shards,
+    UnitVerdict, UnitsReply, UnitsRequest, batch_len, median, next_round, start_cost,
+    static_shards,
 };
 use kiln_domain::{AttemptId, BuildId, JobState, Millis, StepSpec, now_millis};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
@@ -31,6 +33,10 @@ use crate::sqlite::{SqliteStore, corrupt};
 const DEFAULT_ESTIMATE_MS: u64 = 1000;
 /// Durations kept per unit in the history (the estimate is their median).
 const HISTORY_LEN: usize = 5;
+/// The `unit_history` row of a (repository, split key) that holds per-process start costs.
+const START_UNIT: &str = "";
+/// Start costs kept per (repository, split key) (the estimate is their median).
+const START_HISTORY_LEN: usize = 9;
 /// A shard that asked this recently counts as available for a retry round's units.
 const RECENT_MS: Millis = 5000;
 
@@ -176,6 +182,29 @@ fn history_durations(tx: &Connection, repo: &str, key: &str, unit: &str) -> Resu
     }
 }
 
+/// The per-process start cost of a split's batches: the median of the last ones seen for the
+/// repository and split key (0 when none was seen).
+fn start_estimate(tx: &Connection, repo: &str, key: &str) -> Result<u64> {
+    Ok(median(history_durations(tx, repo, key, START_UNIT)?).unwrap_or(0))
+}
+
+/// Records a start cost seen in a batch, keeping the last [`START_HISTORY_LEN`].
+fn record_start(tx: &Connection, repo: &str, key: &str, ms: u64, now: Millis) -> Result<()> {
+    let mut list = history_durations(tx, repo, key, START_UNIT)?;
+    list.push(ms);
+    if list.len() > START_HISTORY_LEN {
+        list.drain(..list.len() - START_HISTORY_LEN);
+    }
+    let text = serde_json::to_string(&list).map_err(|e| corrupt("start costs", e))?;
+    tx.execute(
+        "INSERT INTO unit_history (repo, split_key, unit, durations, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (repo, split_key, unit) DO UPDATE SET \
+         durations = excluded.durations, updated_at = excluded.updated_at",
+        params![repo, key, START_UNIT, text, now],
+    )?;
+    Ok(())
+}
+
 /// Why a split with no discovered units cannot start.
 fn no_units(source: &UnitSource) -> String {
     match source {
@@ -303,6 +332,27 @@ struct Candidate {
     estimate: u64,
     /// Runner of the unit's previous (failed) try, in a retry round.
     previous_runner: Option<i64>,
+}
+
+/// Estimated time of the tries of `round` other attempts hold.
+fn in_flight_ms(tx: &Connection, split: i64, round: u32, attempt: i64) -> Result<u64> {
+    let ms: i64 = tx
+        .prepare_cached(
+            "SELECT COALESCE(SUM(estimate_ms), 0) FROM unit_tries WHERE split_id = ?1 \
+             AND try_number = ?2 AND state = 'leased' AND attempt_id != ?3",
+        )?
+        .query_row(params![split, round, attempt], |r| r.get(0))?;
+    Ok(to_u64(ms))
+}
+
+/// Durations of the split's tries that ended with an outcome.
+fn ended_durations(tx: &Connection, split: i64) -> Result<Vec<u64>> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT duration_ms FROM unit_tries WHERE split_id = ?1 AND state = 'ended' \
+         AND outcome IS NOT NULL",
+    )?;
+    let rows = stmt.query_map([split], |r| r.get::<_, i64>(0))?;
+    rows.map(|r| Ok(to_u64(r?))).collect()
 }
 
 /// Queued tries of `round` that `shard` may take, longest estimate first, then discovery order.
@@ -749,10 +799,11 @@ fn next_units_tx(tx: &Transaction<'_>, req: &UnitsRequest, now: Millis) -> Resul
              AND state = 'leased' AND position = \
              (SELECT position FROM split_units WHERE split_id = ?5 AND unit = ?8)",
         )?;
+        let mut recorded = Vec::with_capacity(req.results.len());
         for r in &req.results {
             let cases = serde_json::to_string::<Vec<TestCase>>(&r.cases)
                 .map_err(|e| corrupt("test cases", e))?;
-            stmt.execute(params![
+            let n = stmt.execute(params![
                 r.outcome.as_str(),
                 to_i64(r.duration_ms),
                 cases,
@@ -762,6 +813,16 @@ fn next_units_tx(tx: &Transaction<'_>, req: &UnitsRequest, now: Millis) -> Resul
                 attempt,
                 r.unit
             ])?;
+            if n > 0 {
+                recorded.push(r.duration_ms);
+            }
+        }
+        // The batch's start cost, learned only from results recorded now (not a re-send's)
+        // and only when every result of the batch was.
+        if recorded.len() == req.results.len()
+            && let Some(ms) = start_cost(req.batch_ms, req.batch_processes, &recorded)
+        {
+            record_start(tx, &split.repo, &split.key, ms, now)?;
         }
     }
     // Interaction failures, once per request.
@@ -855,8 +916,27 @@ fn next_units_tx(tx: &Transaction<'_>, req: &UnitsRequest, now: Millis) -> Resul
             cap as u32
         };
         if !candidates.is_empty() {
-            let estimates: Vec<u64> = candidates.iter().map(|c| c.estimate).collect();
-            let n = batch_len(&estimates, shards_for_round, max);
+            // Units queued with the default estimate (no history anywhere) are estimated by
+            // what the split's units took so far, once some have ended.
+            let seen = if candidates.iter().any(|c| c.estimate == DEFAULT_ESTIMATE_MS) {
+                median(ended_durations(tx, split.id)?)
+            } else {
+                None
+            };
+            let estimates: Vec<u64> = candidates
+                .iter()
+                .map(|c| match seen {
+                    Some(ms) if c.estimate == DEFAULT_ESTIMATE_MS => ms.max(1),
+                    _ => c.estimate,
+                })
+                .collect();
+            let start = start_estimate(tx, &split.repo, &split.key)?;
+            let in_flight = if start > 0 {
+                in_flight_ms(tx, split.id, round, attempt)?
+            } else {
+                0
+            };
+            let n = batch_len(&estimates, shards_for_round, max, start, in_flight);
             let runner_name: Option<String> = tx
                 .query_row("SELECT name FROM runners WHERE id = ?1", [runner], |r| {
                     r.get(0)

@@ -11,7 +11,8 @@
 //! attribute naming its unit), appends one JSON line per process to the trace file (see
 //! [`Trace`]), and exits 1 when a test failed (2 when it could not run). Settings come from the
 //! step's environment: [`ENV_SEED`], [`ENV_SCALE`], [`ENV_FLAKY`], [`ENV_BROKEN`],
-//! [`ENV_TRACE`].
+//! [`ENV_TRACE`], [`ENV_START`] (a process start-up cost: it sleeps that long before its first
+//! test, outside every test case's time, as an interpreter's start and imports are).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -33,6 +34,8 @@ pub const ENV_SCALE: &str = "KILN_BENCH_SPLIT_SCALE";
 pub const ENV_FLAKY: &str = "KILN_BENCH_SPLIT_FLAKY";
 /// Permille of tests that are broken (fail every try), by hash (default 0).
 pub const ENV_BROKEN: &str = "KILN_BENCH_SPLIT_BROKEN";
+/// Milliseconds each process sleeps before its first test (default 0): its start-up cost.
+pub const ENV_START: &str = "KILN_BENCH_SPLIT_START_MS";
 /// File each process appends its [`Trace`] line to (none: no trace).
 pub const ENV_TRACE: &str = "KILN_BENCH_SPLIT_TRACE";
 
@@ -80,6 +83,8 @@ pub struct Settings {
     pub broken_permille: u32,
     /// Which try this is.
     pub try_number: u32,
+    /// Start-up cost of the process, ms.
+    pub start_ms: u64,
 }
 
 impl Settings {
@@ -101,6 +106,7 @@ impl Settings {
             flaky: std::env::var(ENV_FLAKY).is_ok_and(|v| v.trim() == "1"),
             broken_permille: get(ENV_BROKEN, 0)?,
             try_number: get("KILN_UNIT_TRY", 1)?,
+            start_ms: get(ENV_START, 0)?,
         })
     }
 
@@ -167,6 +173,9 @@ fn run_inner(args: &SplitUnitArgs, start_ns: u128) -> Result<i32, String> {
     };
     if let Some(path) = &trace_file {
         append(path, &trace)?;
+    }
+    if settings.start_ms > 0 {
+        std::thread::sleep(Duration::from_millis(settings.start_ms));
     }
     let mut report = Report::new("kiln-bench-split");
     let mut slept = Duration::ZERO;
@@ -277,6 +286,7 @@ mod tests {
             flaky: false,
             broken_permille: 0,
             try_number: 1,
+            start_ms: 0,
         };
         assert_eq!(s.failure(&t("a", 1000)), None);
         s.flaky = true;

@@ -328,7 +328,7 @@ pub fn simulate(suite: &Suite, strategy: Strategy, n: u32, perfect: bool) -> u64
     let mut at = 0;
     while at < queue.len() {
         let ests: Vec<u64> = queue[at..].iter().map(|&i| est[i]).collect();
-        let k = batch_len(&ests, n, 0);
+        let k = batch_len(&ests, n, 0, 0, 0);
         let Some((shard, _)) = load.iter().enumerate().min_by_key(|&(i, t)| (*t, i)) else {
             break;
         };

@@ -148,6 +148,8 @@ impl Shard {
             results,
             interactions: Vec::new(),
             max_units: self.max_units,
+            batch_ms: 0,
+            batch_processes: 0,
         }
     }
 
@@ -1027,4 +1029,103 @@ fn a_split_whose_shards_all_ended_is_closed() {
             .iter()
             .any(|u| u.verdict == kiln_domain::split::UnitVerdict::NotRun)
     );
+}
+
+/// Reports the batch `sh` holds (each unit's own time `own_ms`, and, with `start_ms`, the
+/// batch's wall time: the units' times plus `start_ms`) and returns the next batch.
+fn ask_timed(
+    s: &SqliteStore,
+    sh: &mut Shard,
+    discovered: &[String],
+    own_ms: u64,
+    start_ms: Option<u64>,
+) -> (UnitsRequest, Vec<LeasedUnit>) {
+    sh.request += 1;
+    let results: Vec<UnitReport> = sh
+        .held
+        .iter()
+        .map(|u| UnitReport {
+            unit: u.unit.clone(),
+            try_number: u.try_number,
+            outcome: UnitOutcome::Passed,
+            duration_ms: own_ms,
+            cases: Vec::new(),
+        })
+        .collect();
+    let mut req = sh.request(discovered, results);
+    if let Some(start_ms) = start_ms.filter(|_| !sh.held.is_empty()) {
+        req.batch_ms = own_ms * sh.held.len() as u64 + start_ms;
+        req.batch_processes = 1;
+    }
+    match s.next_units(&req).unwrap() {
+        UnitsReply::Batch(b) => {
+            sh.held = b.clone();
+            (req, b)
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_start_cost_seen_in_batches_makes_the_next_batches_bigger() {
+    let (_dir, s) = store();
+    let list = units(200);
+    let seeded: Vec<(String, u64)> = list.iter().map(|u| (u.clone(), 10)).collect();
+    s.seed_unit_durations(REPO, KEY, &seeded).unwrap();
+
+    // Without a start cost reported, batches keep the plain size.
+    let jobs = split_build(&s, 'a', 4, Strategy::Dynamic, retries(1));
+    let mut plain = start(&s, jobs[0], "r1");
+    let (_, first) = ask_timed(&s, &mut plain, &list, 10, None);
+    assert_eq!(first.len(), 20, "200 units of 10 ms over 4 shards");
+    let (_, second) = ask_timed(&s, &mut plain, &list, 10, None);
+    assert_eq!(second.len(), 20);
+
+    // A batch that took 300 ms more than its units: start-up must stay under a tenth of a
+    // batch, so the next one has at least 27 units of 10 ms (within the shard's fair share).
+    let (req, third) = ask_timed(&s, &mut plain, &list, 10, Some(300));
+    assert!(third.len() >= 27, "{} units", third.len());
+    let left = 200 - 20 - 20;
+    assert!(third.len() <= left / 4, "{} units of {left}", third.len());
+    assert_eq!(
+        super::history_durations(&s.conn(), REPO, KEY, "").unwrap(),
+        vec![300]
+    );
+
+    // A re-send records nothing twice.
+    let mut again = req.clone();
+    again.batch_ms += 10_000;
+    assert!(matches!(s.next_units(&again).unwrap(), UnitsReply::Batch(b) if b == third));
+    assert_eq!(
+        super::history_durations(&s.conn(), REPO, KEY, "").unwrap(),
+        vec![300]
+    );
+
+    // The start cost is kept with the history: the next build starts with big batches.
+    let jobs = split_build(&s, 'b', 4, Strategy::Dynamic, retries(1));
+    let mut next = start(&s, jobs[0], "r2");
+    let (_, first) = ask_timed(&s, &mut next, &list, 10, None);
+    assert_eq!(first.len(), 50, "a fair share of 2000 ms over 4 shards");
+    // The other shards' fair shares count the batches in flight: each gets a quarter too,
+    // and the last one the rest.
+    for (i, runner) in ["r3", "r4", "r5"].into_iter().enumerate() {
+        let mut other = start(&s, jobs[i + 1], runner);
+        let (_, got) = ask_timed(&s, &mut other, &list, 10, None);
+        assert_eq!(got.len(), 50, "shard {}", i + 2);
+    }
+}
+
+#[test]
+fn units_without_history_are_estimated_from_the_split_once_some_ended() {
+    let (_dir, s) = store();
+    let list = units(30);
+    let jobs = split_build(&s, 'a', 4, Strategy::Dynamic, retries(1));
+    let mut sh = start(&s, jobs[0], "r1");
+    // Nothing known: 1000 ms each, one unit per batch.
+    let (_, first) = ask_timed(&s, &mut sh, &list, 60, None);
+    assert_eq!(first.len(), 1);
+    // It took 60 ms and its process 300 ms to start: 29 units of about 60 ms are left, a
+    // fair share of 435 ms per shard.
+    let (_, second) = ask_timed(&s, &mut sh, &list, 60, Some(300));
+    assert_eq!(second.len(), 7);
 }
