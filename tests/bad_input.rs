@@ -334,6 +334,7 @@ fn runner_stream_refuses_bad_handshakes() {
                 running_attempts: vec![],
                 sent_at_ms: 1,
                 draining: false,
+                lists_held: false,
             })),
         },
     );

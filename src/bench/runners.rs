@@ -135,6 +135,7 @@ async fn session(
                     running_attempts: vec![],
                     sent_at_ms: kiln_domain::now_millis(),
                     draining: false,
+                    lists_held: true,
                 };
                 if tx.send(proto::RunnerMessage { kind: Some(Out::Heartbeat(hb)) }).await.is_err() {
                     return Err("the stream closed".into());

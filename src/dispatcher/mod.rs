@@ -386,6 +386,11 @@ struct LiveAttempt {
     /// Hash of the secret of the session that last held it (`None` after a restart): a runner
     /// re-attaching must present that secret (or its own token) to claim it.
     secret_hash: Option<String>,
+    /// When it was last put on a session (assigned, or re-attached): until it had time to
+    /// arrive, heartbeats that do not list it say nothing.
+    on_session_since: Instant,
+    /// Full heartbeats in a row (`lists_held`) of its session that did not list it.
+    unlisted: u8,
 }
 
 impl LiveAttempt {
@@ -415,6 +420,8 @@ impl LiveAttempt {
             job_deadline: Some(Instant::now() + budget),
             step_deadline: None,
             secret_hash: None,
+            on_session_since: Instant::now(),
+            unlisted: 0,
         }
     }
 }

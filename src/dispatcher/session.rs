@@ -272,7 +272,7 @@ impl Dispatcher {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = heartbeat.tick() => {
-                    let hb = Out::Heartbeat(proto::Heartbeat { running_attempts: vec![], sent_at_ms: now_millis(), draining: false });
+                    let hb = Out::Heartbeat(proto::Heartbeat { running_attempts: vec![], sent_at_ms: now_millis(), draining: false, lists_held: false });
                     // Never wait on a heartbeat: if the channel is full, the runner is busy reading anyway.
                     let _ = tx.try_send(msg(hb));
                 }
@@ -389,6 +389,8 @@ impl Dispatcher {
                     live.session = Some(sid);
                     live.orphan_deadline = None;
                     live.secret_hash = Some(secret_hash.clone());
+                    live.on_session_since = Instant::now();
+                    live.unlisted = 0;
                 }
                 Some(_) => {
                     // Someone else's, or this runner's without proof: left as it is.
@@ -461,6 +463,29 @@ impl Dispatcher {
         if let Some(s) = st.sessions.get_mut(&runner).filter(|s| s.id == sid) {
             s.draining = true;
         }
+    }
+
+    /// Attempts this session should hold that the runner's last two full heartbeats (`listed`)
+    /// did not list, once they had time to arrive (two heartbeat intervals on the session): the
+    /// runner forgot them (a lost message, a bug), and only their deadline would catch them.
+    fn forgotten(&self, runner: RunnerId, sid: u64, listed: &[AttemptId]) -> Vec<AttemptId> {
+        let settle = self.inner.config.heartbeat_interval * 2;
+        let mut st = self.state();
+        let mut out = Vec::new();
+        for (id, a) in st.attempts.iter_mut() {
+            if a.runner_id != runner || a.session != Some(sid) {
+                continue;
+            }
+            if listed.contains(id) || a.on_session_since.elapsed() < settle {
+                a.unlisted = 0;
+                continue;
+            }
+            a.unlisted = a.unlisted.saturating_add(1);
+            if a.unlisted >= 2 {
+                out.push(*id);
+            }
+        }
+        out
     }
 
     fn touch(&self, runner: RunnerId, sid: u64) {
@@ -540,6 +565,18 @@ impl Dispatcher {
             Some(In::Heartbeat(hb)) => {
                 if hb.draining {
                     self.set_draining(runner, sid);
+                }
+                if hb.lists_held {
+                    for a in self.forgotten(runner, sid, &hb.running_attempts) {
+                        tracing::warn!(
+                            attempt = a,
+                            runner,
+                            "the runner no longer holds the attempt; it goes back to the queue"
+                        );
+                        if let Err(e) = self.requeue(a, "the runner no longer holds it").await {
+                            tracing::error!(attempt = a, cause = %error_chain(&e), "requeue failed");
+                        }
+                    }
                 }
                 Ok(())
             }

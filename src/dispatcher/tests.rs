@@ -806,3 +806,71 @@ async fn a_runner_token_binds_the_session_to_its_runner() {
     // The runner restarted (no secret) but holds its token: it takes over at once.
     let (_tx2, _out2, _) = hello(&d, with("a", "token-a")).await.unwrap();
 }
+
+/// A runner whose full heartbeats (`lists_held`) stop listing an attempt it accepted has
+/// forgotten it: the dispatcher sends it back to the queue after two such heartbeats, without
+/// waiting for the job's deadline. Heartbeats that do not claim to list everything (older
+/// runners) change nothing.
+#[tokio::test]
+async fn an_attempt_the_runner_no_longer_lists_goes_back_to_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dispatcher(dir.path());
+    let stop = CancellationToken::new();
+    let bg = d.spawn_background(stop.clone());
+    let b = build(&d, 1).await;
+    let (tx, mut out, _) = attach(&d, "forgetful", vec![]).await;
+    let a = assigned(&mut out).await;
+    tx.send(m(In::Accepted(proto::Accepted {
+        attempt_id: a.attempt_id,
+    })))
+    .await
+    .unwrap();
+    let beat = |lists_held: bool, running: Vec<u64>| {
+        m(In::Heartbeat(proto::Heartbeat {
+            running_attempts: running,
+            sent_at_ms: 0,
+            draining: false,
+            lists_held,
+        }))
+    };
+    let job = b.jobs[0].id;
+    let attempt_of = |d: &Dispatcher| {
+        let d = d.clone();
+        async move {
+            let detail = d.get_build(b.build.id).await.unwrap();
+            detail.jobs[0].current_attempt
+        }
+    };
+    // Listed, or not claiming to list everything: it stays, however long that goes on.
+    for _ in 0..6 {
+        tx.send(beat(true, vec![a.attempt_id])).await.unwrap();
+        tx.send(beat(false, vec![])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(attempt_of(&d).await, Some(a.attempt_id));
+    assert!(d.state().attempts.contains_key(&a.attempt_id));
+    // Full heartbeats without it: back to the queue, and offered again (to this runner, the
+    // only one).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let again = loop {
+        tx.send(beat(true, vec![])).await.unwrap();
+        let next = tokio::time::timeout(Duration::from_millis(200), out.next()).await;
+        if let Ok(Some(Ok(proto::DispatcherMessage {
+            kind: Some(Out::Assign(x)),
+        }))) = next
+        {
+            break x;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the forgotten attempt was never given out again"
+        );
+    };
+    assert_eq!(again.job_id, job);
+    assert_ne!(again.attempt_id, a.attempt_id);
+    let detail = d.get_build(b.build.id).await.unwrap();
+    assert_eq!(detail.jobs[0].lost_attempts, 1);
+    drop(tx);
+    stop.cancel();
+    bg.await.unwrap();
+}

@@ -617,22 +617,22 @@ async fn session(
                     tracing::warn!("the dispatcher stopped heartbeating; reconnecting");
                     break SessionEnd::Welcomed;
                 }
-                let running = shared.jobs().keys().copied().collect();
                 let _ = tx.try_send(out(Out::Heartbeat(proto::Heartbeat {
-                    running_attempts: running,
+                    running_attempts: shared.held(),
                     sent_at_ms: kiln_domain::now_millis(),
                     draining: shared.draining.load(Ordering::SeqCst),
+                    lists_held: true,
                 })));
             }
             _ = shared.outbox.changed() => {
                 // Tell the dispatcher at once when draining starts, so it sends no more work.
                 if shared.draining.load(Ordering::SeqCst) && !announced_drain {
                     announced_drain = true;
-                    let running = shared.jobs().keys().copied().collect();
                     let _ = tx.try_send(out(Out::Heartbeat(proto::Heartbeat {
-                        running_attempts: running,
+                        running_attempts: shared.held(),
                         sent_at_ms: kiln_domain::now_millis(),
                         draining: true,
+                        lists_held: true,
                     })));
                 }
             }
