@@ -91,23 +91,6 @@ fn runner(server: &Server, tmp: &Path, name: &str, how: &str, token: &str) -> Pr
     Proc::spawn(format!("kiln runner {name}"), cmd)
 }
 
-/// Every file under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                todo.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 /// For each way of giving a runner its token, a step that looks for it everywhere finds it
 /// nowhere, the runner's command line shows no token, and no stored log holds it.
 #[test]
@@ -180,7 +163,7 @@ fn build_steps_cannot_read_the_runners_token() {
     let logs = files_under(&data.join("logs"));
     assert!(!logs.is_empty());
     for p in files_under(&data) {
-        let bytes = std::fs::read(&p).unwrap();
+        let bytes = stored_bytes(&p);
         assert!(
             !contains(&bytes, token.as_bytes()),
             "{} holds the token",

@@ -516,23 +516,6 @@ fn mutual_tls_is_required_of_runners() {
 // Secrets
 // ---------------------------------------------------------------------------------------------
 
-/// Every file under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                todo.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 /// A secret from `--secrets-file` reaches the step, shows as `***` in `kiln logs`, and is in
 /// no stored log file (nor anywhere else in the data dir).
 #[test]
@@ -570,16 +553,7 @@ fn secrets_are_masked_and_never_stored() {
         .collect();
     assert!(!logs.is_empty(), "no log file under {}", data.display());
     for p in &logs {
-        let mut bytes = std::fs::read(p).unwrap();
-        if p.extension().is_some_and(|e| e == "zst") {
-            let mut plain = Vec::new();
-            std::io::Read::read_to_end(
-                &mut zeekstd::Decoder::new(std::fs::File::open(p).unwrap()).unwrap(),
-                &mut plain,
-            )
-            .unwrap();
-            bytes = plain;
-        }
+        let bytes = stored_bytes(p);
         assert!(
             contains(&bytes, b"key=***"),
             "{} holds no masked line",
@@ -596,7 +570,7 @@ fn secrets_are_masked_and_never_stored() {
     server.proc.signal(Signal::SIGTERM);
     server.proc.wait(LONG).expect_code(0);
     for p in files_under(&data) {
-        let bytes = std::fs::read(&p).unwrap();
+        let bytes = stored_bytes(&p);
         assert!(
             !contains(&bytes, SECRET.as_bytes()),
             "{} holds the secret",

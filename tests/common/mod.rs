@@ -773,3 +773,34 @@ pub fn stream_bytes(chunks: &[proto::LogChunk], stream: proto::OutputStream) -> 
         .flat_map(|c| c.data.iter().copied())
         .collect()
 }
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// What a stored file holds, as plain bytes: a sealed log (`.zst`, seekable zstd) is
+/// decompressed, so a search for a secret cannot miss one hidden by compression.
+pub fn stored_bytes(path: &Path) -> Vec<u8> {
+    if path.extension().is_some_and(|e| e == "zst") {
+        let mut plain = Vec::new();
+        zeekstd::Decoder::new(std::fs::File::open(path).unwrap())
+            .unwrap()
+            .read_to_end(&mut plain)
+            .unwrap();
+        return plain;
+    }
+    std::fs::read(path).unwrap()
+}
