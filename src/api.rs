@@ -40,6 +40,7 @@ impl From<DispatchError> for Status {
             DispatchError::FailedPrecondition(m) => Status::failed_precondition(m),
             DispatchError::AlreadyExists(m) => Status::already_exists(m),
             DispatchError::Unavailable(m) => Status::unavailable(m),
+            DispatchError::ResourceExhausted(m) => Status::resource_exhausted(m),
             DispatchError::Internal(m) => {
                 tracing::error!(cause = %m, "internal error");
                 Status::internal("internal error (see the dispatcher's log)")

@@ -145,7 +145,10 @@ impl From<tonic::Status> for CliError {
             _ if transport => exit::UNAVAILABLE,
             Code::NotFound => exit::NOT_FOUND,
             Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => exit::INVALID,
-            Code::Unavailable | Code::DeadlineExceeded => exit::UNAVAILABLE,
+            // A full disk on the dispatcher: try again later, as for an unreachable one.
+            Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => {
+                exit::UNAVAILABLE
+            }
             Code::Unauthenticated | Code::PermissionDenied => exit::DENIED,
             Code::AlreadyExists => exit::DUPLICATE,
             Code::Unknown
@@ -473,6 +476,12 @@ pub struct ServeArgs {
     /// before its jobs go to other runners (a silent runner keeps the whole lease).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub reconnect_grace: Duration,
+    /// Free space the data directory must keep (e.g. 64MiB, 2G). Below it the disk counts
+    /// as full: submits are refused (RESOURCE_EXHAUSTED) and running jobs pause, their output
+    /// kept by the runners, until space is freed. Default: 64 MiB, or 5% of the file system
+    /// if that is less.
+    #[arg(long, value_parser = crate::dispatcher::parse_size)]
+    pub min_free_space: Option<u64>,
     /// API token required for writes (submit, cancel, retry) and, with --closed-reads, reads.
     #[arg(long, env = "KILN_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
@@ -920,6 +929,7 @@ async fn serve(args: ServeArgs) -> Result<i32, CliError> {
     config.heartbeat_interval = args.heartbeat_interval;
     config.missed_heartbeats = args.missed_heartbeats;
     config.reconnect_grace = args.reconnect_grace;
+    config.min_free_space = args.min_free_space;
     config.runner_token = args.runner_token.clone();
     config.newest_only = args.newest_only.clone();
     if let Some(path) = &args.secrets_file {

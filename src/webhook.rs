@@ -457,6 +457,7 @@ fn dispatch_error(e: DispatchError) -> Response {
             error(StatusCode::CONFLICT, m)
         }
         DispatchError::Unavailable(m) => error(StatusCode::SERVICE_UNAVAILABLE, m),
+        DispatchError::ResourceExhausted(m) => error(StatusCode::INSUFFICIENT_STORAGE, m),
         DispatchError::Internal(m) => {
             tracing::error!(cause = %m, "internal error");
             error(

@@ -9,6 +9,7 @@ mod fault_support;
 use common::*;
 use fault_support::*;
 use kiln::proto;
+use nix::sys::signal::Signal;
 use tonic::Code;
 use tonic::codec::{Codec, EncodeBuf, Encoder};
 
@@ -153,4 +154,194 @@ fn a_plaintext_client_on_a_tls_port_is_told_to_use_https() {
             assert!(out.err().contains("https://"), "{args:?}: {out}");
         }
     }
+}
+
+/// A tmpfs of `size` mounted on `dir` until dropped; `None` where mounting is impossible (not
+/// root), and the test says it skipped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+
+    /// Fills the file system with `filler` until a write fails for want of space.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        for chunk in [1 << 20, 4096, 64] {
+            let buf = vec![b'x'; chunk];
+            while f.write_all(&buf).is_ok() {}
+        }
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A dispatcher whose data directory is a tmpfs of `size`, a repository whose one step echoes
+/// `started`, waits (at most 2 minutes) for the file `go` in `tmp`, then runs `then`, and
+/// runner `r1` running that commit's build. `None` where a tmpfs cannot be mounted.
+struct FullDiskFarm {
+    server: Server,
+    repo: Repo,
+    build: u64,
+    go: std::path::PathBuf,
+    r1: Proc,
+    // Dropped last: the processes above go first, then the mount.
+    disk: Tmpfs,
+}
+
+impl FullDiskFarm {
+    fn start(tmp: &std::path::Path, size: &str, then: &str) -> Option<FullDiskFarm> {
+        let data = tmp.join("data");
+        let Some(disk) = Tmpfs::mount(&data, size) else {
+            eprintln!("skipping: cannot mount a tmpfs here (not root?)");
+            return None;
+        };
+        let go = tmp.join("go");
+        let pipeline = format!(
+            "steps:\n  - name: step\n    run: |\n      echo started\n      for i in $(seq 1 2400); do [ -e {go} ] && break; sleep 0.05; done\n      {then}\n      echo finished\n",
+            go = go.display(),
+        );
+        let (repo, first) = Repo::with_pipeline(&tmp.join("repo"), &pipeline);
+        let server = Server::start(
+            &data,
+            &["--heartbeat-interval", "300ms", "--min-free-space", "1MiB"],
+        );
+        let r1 = server.runner(tmp, "r1", &[]);
+        server.wait_runners_attached(&["r1"]);
+        let build = id_of(&server.submit(&repo.path, &first));
+        wait_for("the step to start", LONG, || {
+            let out = server.cli(&["logs", &build.to_string()]);
+            out.out()
+                .contains("\nstarted\n")
+                .then_some(())
+                .ok_or(out.out())
+        });
+        Some(FullDiskFarm {
+            server,
+            repo,
+            build,
+            go,
+            r1,
+            disk,
+        })
+    }
+}
+
+/// The dispatcher's disk fills up while a job writes 8 MB of output: submits are refused with
+/// RESOURCE_EXHAUSTED (exit 6) naming the cause, the job pauses (its runner keeps the output;
+/// `kiln show` says why) and is neither requeued nor ended while its runner heartbeats; once
+/// space is freed it resumes by itself and passes on its first attempt with its output stored
+/// exactly once, and submits are accepted again.
+#[test]
+fn a_full_disk_pauses_jobs_refuses_submits_and_recovers() {
+    let tmp = tempdir();
+    // Steps left behind by a failing test are killed.
+    let _reaper = MarkerReaper(tmp.path().display().to_string());
+    let expected = tmp.path().join("expected");
+    let then = format!(
+        "head -c 6000000 /dev/urandom | base64 | tee {}",
+        expected.display()
+    );
+    let Some(farm) = FullDiskFarm::start(tmp.path(), "24m", &then) else {
+        return;
+    };
+    let (server, repo, id, go) = (&farm.server, &farm.repo, farm.build, &farm.go);
+    let second = repo.new_commit("second");
+
+    let filler = farm.disk.fill();
+    let api = Api::connect(&server.url);
+    let refused = api
+        .submit(proto::SubmitBuildRequest {
+            repo: repo.path_str().to_string(),
+            commit: second.clone(),
+            branch: String::new(),
+            trigger: "test".into(),
+        })
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("disk is full"), "{refused:?}");
+    let cli = server.cli(&["submit", "--repo", repo.path_str(), "--commit", &second]);
+    assert_eq!(cli.code(), 6, "{cli}");
+    assert!(cli.err().contains("disk is full"), "{cli}");
+
+    // The output cannot be stored: the job pauses and says why.
+    std::fs::write(&go, b"").unwrap();
+    server.wait_build(id, "the job to pause", LONG, |b| {
+        job0(b)["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("paused: the dispatcher's disk is full"))
+    });
+    // Several leases pass (the window in which a requeue or an end would happen): the runner
+    // heartbeats, so the job stays on its first attempt, running.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let b = server.show(id);
+    assert_eq!(b["state"], "running", "{b:#}");
+    assert_eq!(job0(&b)["attempts"], 1, "{b:#}");
+
+    std::fs::remove_file(&filler).unwrap();
+    let b = server.wait_final(id, LONG);
+    assert_eq!(b["state"], "passed", "{b:#}");
+    assert_eq!(job0(&b)["attempts"], 1, "{b:#}");
+    assert_eq!(job0(&b)["message"].as_str().unwrap_or(""), "", "{b:#}");
+    let want = std::fs::read_to_string(&expected).unwrap();
+    assert!(want.len() > 7_000_000, "{}", want.len());
+    let log = server.cli(&["logs", &id.to_string()]).expect_code(0).out();
+    // The step's output exactly once, whole and in order (besides kiln's own system lines).
+    assert_eq!(
+        log.matches(want.as_str()).count(),
+        1,
+        "{} bytes of log",
+        log.len()
+    );
+    assert!(log.contains(&format!("started\n{want}finished\n")));
+    assert_eq!(log.matches("\nstarted\n").count(), 1);
+    // New work is accepted again.
+    let again = id_of(&server.submit(&repo.path, &second));
+    assert_eq!(server.wait_final(again, LONG)["state"], "passed");
+}
+
+/// A runner dies while the dispatcher's disk is full: its job cannot be requeued then (that
+/// is a write), and must not be lost from memory while the store still says it runs. Once
+/// space is freed the job goes back to the queue by itself and passes on another runner.
+#[test]
+fn a_job_lost_while_the_disk_is_full_runs_again_once_space_is_back() {
+    let tmp = tempdir();
+    let _reaper = MarkerReaper(tmp.path().display().to_string());
+    let Some(mut farm) = FullDiskFarm::start(tmp.path(), "16m", ":") else {
+        return;
+    };
+    let (server, id) = (&farm.server, farm.build);
+    // A runner new to the dispatcher needs a row: it attaches before the disk fills.
+    let _r2 = server.runner(tmp.path(), "r2", &[]);
+    server.wait_runners_attached(&["r2"]);
+    let filler = farm.disk.fill();
+    farm.r1.signal(Signal::SIGKILL);
+    farm.r1.wait(LONG);
+    // The lost runner's grace and lease pass many times over while the disk is full.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let b = server.show(id);
+    assert_eq!(b["state"], "running", "{b:#}");
+    std::fs::write(&farm.go, b"").unwrap();
+    std::fs::remove_file(&filler).unwrap();
+    let b = server.wait_final(id, LONG);
+    assert_eq!(b["state"], "passed", "{b:#}");
+    assert_eq!(job0(&b)["runner"], "r2", "{b:#}");
+    assert_eq!(job0(&b)["attempts"], 2, "{b:#}");
 }

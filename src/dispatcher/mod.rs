@@ -13,6 +13,9 @@ mod health;
 mod hub;
 mod scheduler;
 mod session;
+mod space;
+
+pub use space::parse_size;
 #[cfg(test)]
 mod tests;
 
@@ -69,6 +72,9 @@ pub struct Config {
     /// Runners that never held an attempt are forgotten (their name freed, `kiln runners`
     /// no longer lists them) this long after they were last seen.
     pub forget_idle_runners_after: Duration,
+    /// Free space the data directory must keep; below it the disk counts as full (new work is
+    /// refused, running jobs pause). `None`: 64 MiB, or 5% of the file system if less.
+    pub min_free_space: Option<u64>,
 }
 
 impl Config {
@@ -87,6 +93,7 @@ impl Config {
             newest_only: Vec::new(),
             forget_idle_runners_after: Duration::from_secs(3600),
             reconnect_grace: Duration::from_secs(1),
+            min_free_space: None,
         }
     }
 
@@ -111,6 +118,9 @@ pub enum DispatchError {
     /// The thing asked for exists already (a build of the same commit and pipeline).
     #[error("{0}")]
     AlreadyExists(String),
+    /// The data directory's disk is full: nothing new is accepted until space is freed.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// Something outside kiln failed and a retry may help (fetching a repository).
     #[error("{0}")]
     Unavailable(String),
@@ -235,6 +245,8 @@ struct Inner {
     next_session: AtomicU64,
     /// Compiled `Config::newest_only`.
     newest_only: Vec<kiln_domain::BranchPattern>,
+    /// The data directory's free space, and whether the disk counts as full.
+    space: space::Space,
 }
 
 /// What is in memory about runners and the attempts they hold.
@@ -391,6 +403,10 @@ struct LiveAttempt {
     on_session_since: Instant,
     /// Full heartbeats in a row (`lists_held`) of its session that did not list it.
     unlisted: u8,
+    /// Something the runner sent about it could not be stored (the disk is full): its later
+    /// messages are dropped unacknowledged until its session ends once space is back, and the
+    /// runner sends them again (see `space`).
+    paused: bool,
 }
 
 impl LiveAttempt {
@@ -422,6 +438,7 @@ impl LiveAttempt {
             secret_hash: None,
             on_session_since: Instant::now(),
             unlisted: 0,
+            paused: false,
         }
     }
 }
@@ -461,6 +478,7 @@ impl Dispatcher {
         let newest_only = kiln_domain::branch::branch_patterns(&config.newest_only)
             .map_err(DispatchError::InvalidArgument)?;
         let (events, _) = broadcast::channel(1024);
+        let (dir, min_free) = (config.data_dir.clone(), config.min_free_space);
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -475,6 +493,7 @@ impl Dispatcher {
                 hub: hub::Hub::default(),
                 next_session: AtomicU64::new(1),
                 newest_only,
+                space: space::Space::new(dir.clone(), min_free),
             }),
         })
     }
@@ -495,7 +514,30 @@ impl Dispatcher {
         F: FnOnce(&dyn Store) -> Result<T, kiln_store::StoreError> + Send + 'static,
     {
         let store = self.inner.store.clone();
-        Ok(tokio::task::spawn_blocking(move || f(store.as_ref())).await??)
+        match tokio::task::spawn_blocking(move || f(store.as_ref())).await? {
+            Ok(v) => Ok(v),
+            Err(e) if e.is_disk_full() => Err(self.disk_full("writing the database")),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Marks the disk full (a write failed for want of space) and returns the error to report.
+    fn disk_full(&self, what: &str) -> DispatchError {
+        self.inner.space.mark_full(what);
+        DispatchError::ResourceExhausted(
+            self.inner
+                .space
+                .cause()
+                .unwrap_or_else(|| "the dispatcher's disk is full".into()),
+        )
+    }
+
+    /// Refuses new work while the data directory's disk is full.
+    fn admit(&self) -> Result<(), DispatchError> {
+        self.inner
+            .space
+            .admit()
+            .map_err(DispatchError::ResourceExhausted)
     }
 
     /// Publishes what a state change did, and wakes followers of a job that ended.
@@ -550,6 +592,7 @@ impl Dispatcher {
     /// `errored`, with the reason (file, line, column) and no jobs.
     pub async fn submit(&self, req: SubmitRequest) -> Result<BuildDetail, DispatchError> {
         let req = validate_submit(req)?;
+        self.admit()?;
         let (repo, branch) = (req.repo.clone(), req.branch.clone());
         let new = self
             .prepare(req.repo, req.commit, req.branch, req.trigger)
@@ -687,6 +730,7 @@ impl Dispatcher {
         if req.branch.is_empty() {
             return Err(DispatchError::InvalidArgument("branch is required".into()));
         }
+        self.admit()?;
         if commits.len() > MAX_REPORTED_COMMITS {
             return Err(DispatchError::InvalidArgument(format!(
                 "at most {MAX_REPORTED_COMMITS} commits per report, got {}",
@@ -822,9 +866,31 @@ impl Dispatcher {
                 "build_id is required".into(),
             ));
         }
-        self.db(move |s| s.get_build(id))
+        let mut detail = self
+            .db(move |s| s.get_build(id))
             .await?
-            .ok_or_else(|| DispatchError::NotFound(format!("build {id} not found")))
+            .ok_or_else(|| DispatchError::NotFound(format!("build {id} not found")))?;
+        self.show_paused(&mut detail);
+        Ok(detail)
+    }
+
+    /// Says on each running job whose attempt is paused (the disk is full) why it waits.
+    fn show_paused(&self, detail: &mut BuildDetail) {
+        let Some(cause) = self.inner.space.cause() else {
+            return;
+        };
+        let st = self.state();
+        for job in &mut detail.jobs {
+            let paused = job
+                .current_attempt
+                .and_then(|a| st.attempts.get(&a))
+                .is_some_and(|a| a.paused);
+            if paused {
+                job.message = Some(format!(
+                    "paused: {cause}; the runner keeps the job's output until then"
+                ));
+            }
+        }
     }
 
     /// The test report of a build: its split steps, its plain steps' `junit` files, and the
@@ -893,6 +959,7 @@ impl Dispatcher {
 
     /// Builds a finished build's commit again, with the same jobs, as a new build.
     pub async fn retry_build(&self, id: BuildId) -> Result<BuildDetail, DispatchError> {
+        self.admit()?;
         let old = self.get_build(id).await?;
         if !old.build.state.is_final() {
             return Err(DispatchError::FailedPrecondition(format!(

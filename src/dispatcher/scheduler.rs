@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{DispatchError, Dispatcher, LiveAttempt, error_chain};
+use super::{DispatchError, Dispatcher, LiveAttempt, error_chain, space};
 use crate::proto;
 
 /// The longest the loop sleeps when nothing is due sooner. Every deadline it watches is set
@@ -36,6 +36,19 @@ impl Dispatcher {
                 // round left jobs queued, or every RESCAN_EVERY.
                 let mut last_scan = tokio::time::Instant::now();
                 loop {
+                    if d.inner.space.is_full() {
+                        // Nothing can be written: no requeue, no assignment, no deadline
+                        // acted on (a failed write must not leave memory and the store
+                        // apart). Look at the space again in a while.
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(space::PROBE_EVERY) => {}
+                        }
+                        if !d.inner.space.recovered() {
+                            continue;
+                        }
+                        d.resume_paused();
+                    }
                     let wake = d.next_due(tokio::time::Instant::now() + MAX_SLEEP);
                     let kicked = tokio::select! {
                         _ = shutdown.cancelled() => break,
@@ -44,6 +57,11 @@ impl Dispatcher {
                         _ = tokio::time::sleep_until(wake) => {
                             if let Err(e) = d.check_liveness().await {
                                 tracing::error!(cause = %e, "liveness check failed");
+                                // What failed is still due: try again in a while, not in a loop.
+                                tokio::select! {
+                                    _ = shutdown.cancelled() => break,
+                                    _ = tokio::time::sleep(space::PROBE_EVERY) => {}
+                                }
                             }
                             false
                         }
@@ -191,8 +209,8 @@ impl Dispatcher {
                 job,
                 "runner did not confirm the cancel; ending the job"
             );
-            self.state().attempts.remove(&a);
-            if let Some(ch) = self
+            // Out of memory only once the store has it (a failed write leaves both as they were).
+            let ended = self
                 .db(move |s| {
                     s.end_job(
                         job,
@@ -200,8 +218,9 @@ impl Dispatcher {
                         "cancelled by user (runner did not confirm)",
                     )
                 })
-                .await?
-            {
+                .await?;
+            self.state().attempts.remove(&a);
+            if let Some(ch) = ended {
                 self.publish(&ch);
             }
         }
@@ -242,13 +261,16 @@ impl Dispatcher {
         reason: &str,
         counts: bool,
     ) -> Result<(), DispatchError> {
-        self.state().attempts.remove(&attempt);
         let max = self.inner.config.max_lost_attempts;
         let why = reason.to_string();
-        if let Some(ch) = self
+        // Out of memory only once the store has it: a failed write (a full disk) leaves the
+        // attempt in both, to be requeued when the store can be written again, never current
+        // in the store with nothing in memory driving it.
+        let requeued = self
             .db(move |s| s.requeue_attempt(attempt, &why, max, counts))
-            .await?
-        {
+            .await?;
+        self.state().attempts.remove(&attempt);
+        if let Some(ch) = requeued {
             tracing::info!(attempt, job = ch.job_id, state = %ch.job_state, reason, "attempt lost");
             self.publish(&ch);
             self.kick();

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::Instrument;
 
-use super::{Dispatcher, Session, error_chain, next_session_id};
+use super::{DispatchError, Dispatcher, Session, error_chain, next_session_id};
 use crate::convert;
 use crate::proto::{self, dispatcher_message::Kind as Out, runner_message::Kind as In};
 
@@ -192,11 +192,31 @@ impl Dispatcher {
         };
         let labels = hello.labels.clone().into_iter().collect();
         let (n, slots, version) = (name.clone(), hello.slots, hello.version.clone());
-        let record = match self
+        let mut record = self
             .db(move |s| s.upsert_runner(&n, &labels, slots, &version))
-            .await
-        {
+            .await;
+        if let Err(DispatchError::ResourceExhausted(_)) = &record {
+            // A full disk: a runner known before re-attaches with its stored record (a read),
+            // so it keeps its attempts; only a new runner must wait for space.
+            let (n, why) = (name.clone(), self.inner.space.cause().unwrap_or_default());
+            let known = self
+                .db(move |s| s.list_runners())
+                .await
+                .map(|rs| rs.into_iter().find(|r| r.name == n));
+            record = match known {
+                Ok(Some(mut r)) => {
+                    r.slots = hello.slots;
+                    Ok(r)
+                }
+                Ok(None) | Err(_) => Err(DispatchError::ResourceExhausted(why)),
+            };
+        }
+        let record = match record {
             Ok(r) => r,
+            Err(DispatchError::ResourceExhausted(why)) => {
+                let _ = tx.send(Err(Status::resource_exhausted(why))).await;
+                return;
+            }
             Err(e) => {
                 tracing::error!(cause = %e, "cannot register runner");
                 let _ = tx
@@ -270,7 +290,12 @@ impl Dispatcher {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = stop.cancelled() => break,
+                _ = stop.cancelled() => {
+                    // Ended by the dispatcher (declared lost, space back after a full disk, a
+                    // drain, shutdown): tell the runner, which re-attaches if it is alive.
+                    let _ = tx.try_send(Err(Status::unavailable("the dispatcher ended this session; attach again")));
+                    break;
+                }
                 _ = heartbeat.tick() => {
                     let hb = Out::Heartbeat(proto::Heartbeat { running_attempts: vec![], sent_at_ms: now_millis(), draining: false, lists_held: false });
                     // Never wait on a heartbeat: if the channel is full, the runner is busy reading anyway.
@@ -522,6 +547,8 @@ impl Dispatcher {
             if a.session == Some(sid) {
                 a.session = None;
                 a.orphan_deadline = Some(deadline);
+                // Its runner sends again everything unacknowledged on its next session.
+                a.paused = false;
             }
         }
         drop(st);
@@ -540,7 +567,69 @@ impl Dispatcher {
         }
     }
 
+    /// Handles one message. A message about an attempt that cannot be stored because the disk
+    /// is full pauses the attempt instead of ending the session (see `space`).
     async fn handle(
+        &self,
+        runner: RunnerId,
+        sid: u64,
+        tx: &Tx,
+        stop: &CancellationToken,
+        m: proto::RunnerMessage,
+    ) -> Result<(), Status> {
+        let attempt = attempt_of(&m);
+        if let Some(a) = attempt
+            && self.state().attempts.get(&a).is_some_and(|a| a.paused)
+        {
+            // Not acknowledged: the runner sends it again once space is back.
+            return Ok(());
+        }
+        match self.handle_message(runner, sid, tx, stop, m).await {
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => match attempt {
+                Some(a) => {
+                    self.pause(a);
+                    Ok(())
+                }
+                None => Err(status),
+            },
+            other => other,
+        }
+    }
+
+    /// Space is back: ends the sessions holding paused attempts, so that their runners
+    /// re-attach at once (their attempts wait one lease for them, as after any reconnect) and
+    /// send again, in order, everything not acknowledged.
+    pub(super) fn resume_paused(&self) {
+        let st = self.state();
+        let sessions: std::collections::HashSet<u64> = st
+            .attempts
+            .values()
+            .filter(|a| a.paused)
+            .filter_map(|a| a.session)
+            .collect();
+        for s in st.sessions.values().filter(|s| sessions.contains(&s.id)) {
+            tracing::info!(runner = %s.name, "space is back: the runner re-attaches to send what waited");
+            s.stop.cancel();
+        }
+        drop(st);
+        self.kick();
+    }
+
+    /// Pauses an attempt whose message could not be stored for want of space.
+    fn pause(&self, attempt: AttemptId) {
+        if let Some(a) = self.state().attempts.get_mut(&attempt)
+            && !a.paused
+        {
+            tracing::warn!(
+                attempt,
+                job = a.job_id,
+                "paused: the disk is full; the runner keeps what it sends until space is back"
+            );
+            a.paused = true;
+        }
+    }
+
+    async fn handle_message(
         &self,
         runner: RunnerId,
         sid: u64,
@@ -933,6 +1022,11 @@ impl Dispatcher {
             .logs
             .append(job, &header, &chunk.data)
             .map_err(|e| {
+                if e.is_disk_full() {
+                    return Status::resource_exhausted(
+                        self.disk_full("appending output").to_string(),
+                    );
+                }
                 tracing::error!(job, cause = %error_chain(&e), "cannot store output");
                 Status::unavailable("the dispatcher cannot store output right now")
             })?;
@@ -1036,6 +1130,11 @@ impl Dispatcher {
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?
                 .map_err(|e| {
+                    if e.is_disk_full() {
+                        return Status::resource_exhausted(
+                            self.disk_full("flushing a log").to_string(),
+                        );
+                    }
                     tracing::error!(cause = %error_chain(&e), "cannot flush log");
                     Status::unavailable("cannot flush the job's log")
                 })?;
@@ -1089,6 +1188,23 @@ fn refused(attempt: AttemptId, reason: String) -> Result<proto::DispatcherMessag
 }
 
 fn internal(e: &super::DispatchError) -> Status {
+    if let super::DispatchError::ResourceExhausted(m) = e {
+        return Status::resource_exhausted(m.clone());
+    }
     tracing::error!(cause = %e, "internal error in runner session");
     Status::internal("internal error")
+}
+
+/// The attempt a runner message is about, if any.
+fn attempt_of(m: &proto::RunnerMessage) -> Option<AttemptId> {
+    Some(match m.kind.as_ref()? {
+        In::Hello(_) | In::Heartbeat(_) => return None,
+        In::Accepted(a) => a.attempt_id,
+        In::Rejected(r) => r.attempt_id,
+        In::Output(o) => o.attempt_id,
+        In::StepStarted(s) => s.attempt_id,
+        In::StepFinished(f) => f.attempt_id,
+        In::JobFinished(f) => f.attempt_id,
+        In::NextUnits(n) => n.attempt_id,
+    })
 }

@@ -24,7 +24,7 @@ use kiln_domain::{
     StepResult,
 };
 
-pub use logs::{Frame, FrameHeader, LogError, LogStore, MAX_FRAME, ReadResult};
+pub use logs::{Frame, FrameHeader, LogError, LogStore, MAX_FRAME, ReadResult, is_disk_full};
 pub use sqlite::SqliteStore;
 
 /// Errors from the store.
@@ -51,6 +51,20 @@ pub enum StoreError {
         #[source]
         cause: std::io::Error,
     },
+}
+
+impl StoreError {
+    /// Whether the store failed because its disk (or quota) is full: nothing can be written
+    /// until space is freed, and a retry then succeeds.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                e.code == rusqlite::ErrorCode::DiskFull
+            }
+            StoreError::Sqlite(_) | StoreError::Corrupt(_) | StoreError::Duplicate { .. } => false,
+            StoreError::Open { cause, .. } => logs::is_disk_full(cause),
+        }
+    }
 }
 
 /// Result alias for the store.

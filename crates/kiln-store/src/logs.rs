@@ -58,6 +58,21 @@ pub enum LogError {
     TooLarge(usize),
 }
 
+impl LogError {
+    /// Whether the write failed because the disk (or the quota) is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, LogError::Io { cause, .. } if is_disk_full(cause))
+    }
+}
+
+/// Whether an i/o error means "no space left" (ENOSPC, or EDQUOT: out of quota).
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
 /// What a frame says about its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
