@@ -282,7 +282,7 @@ fn a_full_disk_pauses_jobs_refuses_submits_and_recovers() {
     assert!(cli.err().contains("disk is full"), "{cli}");
 
     // The output cannot be stored: the job pauses and says why.
-    std::fs::write(&go, b"").unwrap();
+    std::fs::write(go, b"").unwrap();
     server.wait_build(id, "the job to pause", LONG, |b| {
         job0(b)["message"]
             .as_str()
