@@ -559,6 +559,7 @@ impl Dispatcher {
         }
         if change.job_state.is_final() {
             self.inner.hub.finish(change.job_id, change.job_state);
+            self.seal_log(change.job_id);
         }
         for job in &change.skipped {
             let _ = self.inner.events.send(Event {
@@ -569,6 +570,21 @@ impl Dispatcher {
             });
             self.inner.hub.finish(*job, JobState::Skipped);
         }
+    }
+
+    /// A job ended (with its runner's result, or ended by the dispatcher: a deadline, an
+    /// unanswered cancel, too many lost attempts): its log is final, so it is flushed, closed
+    /// and compressed at rest, off the caller's path. A late append unseals it.
+    fn seal_log(&self, job: JobId) {
+        let logs = self.inner.logs.clone();
+        tokio::task::spawn_blocking(move || {
+            let sealed = logs.sync(job).and_then(|()| logs.seal(job));
+            match sealed {
+                Ok(Some((plain, sealed))) => tracing::debug!(job, plain, sealed, "log sealed"),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(job, cause = %error_chain(&e), "cannot seal the log"),
+            }
+        });
     }
 
     /// Subscribes to state changes.

@@ -1145,15 +1145,6 @@ impl Dispatcher {
             .await
             .map_err(|e| internal(&e))?;
         self.state().attempts.remove(&attempt);
-        if let (Some(job), Finish::Recorded(_)) = (job, &finish) {
-            // The job's output is final: compress it at rest, off the result's path.
-            let logs = self.inner.logs.clone();
-            tokio::task::spawn_blocking(move || match logs.seal(job) {
-                Ok(Some((plain, sealed))) => tracing::debug!(job, plain, sealed, "log sealed"),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(job, cause = %error_chain(&e), "cannot seal the log"),
-            });
-        }
         let reply = match finish {
             Finish::Recorded(ch) => {
                 tracing::info!(attempt, job = ch.job_id, state = %state, "job finished");

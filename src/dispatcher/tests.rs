@@ -874,3 +874,70 @@ async fn an_attempt_the_runner_no_longer_lists_goes_back_to_the_queue() {
     stop.cancel();
     bg.await.unwrap();
 }
+
+/// A job the dispatcher ends itself (here a cancel its runner never confirmed) has its log
+/// compressed at rest like a job that ended with a result, and it reads the same.
+#[tokio::test]
+async fn a_job_ended_without_its_runner_has_its_log_sealed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Config::new(dir.path());
+    c.heartbeat_interval = Duration::from_millis(200);
+    c.cancel_grace = Duration::from_millis(300);
+    c.deadline_slack = Duration::from_millis(100);
+    let d = Dispatcher::open(c).unwrap();
+    let stop = CancellationToken::new();
+    let bg = d.spawn_background(stop.clone());
+    let b = build(&d, 1).await;
+    let (tx, mut out, _) = attach(&d, "mute", vec![]).await;
+    let a = assigned(&mut out).await;
+    for seq in 1..=3 {
+        tx.send(output(a.attempt_id, seq, b"some output\n"))
+            .await
+            .unwrap();
+        assert!(matches!(
+            next(&mut out).await.unwrap().kind,
+            Some(Out::OutputAck(_))
+        ));
+    }
+    let before = stored(&d, a.job_id).await;
+    assert_eq!(before.len(), 3);
+    // The runner keeps heartbeating but never answers the cancel.
+    let beat = tx.clone();
+    tokio::spawn(async move {
+        while beat
+            .send(m(In::Heartbeat(proto::Heartbeat::default())))
+            .await
+            .is_ok()
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    d.cancel_build(b.build.id).await.unwrap();
+    let sealed = dir
+        .path()
+        .join("logs")
+        .join(format!("{}.log.zst", a.job_id));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let state = d.get_build(b.build.id).await.unwrap().build.state;
+        if state == JobState::Cancelled && sealed.exists() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "state {state}, sealed {}",
+            sealed.exists()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !dir.path()
+            .join("logs")
+            .join(format!("{}.log", a.job_id))
+            .exists()
+    );
+    assert_eq!(stored(&d, a.job_id).await, before);
+    drop(out);
+    stop.cancel();
+    bg.await.unwrap();
+}
