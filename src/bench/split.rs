@@ -31,7 +31,9 @@
 //!   from the report's tries.
 //! - `startup`: every process starts in `--start-ms` (300 ms) before its first test, as an
 //!   interpreter does; the dynamic queue at N = 4 and 16 of `--runners` (else the largest) learns that start cost from
-//!   the batches it runs: makespan / (lower bound + one start per shard), goal 1.10x.
+//!   the batches it runs (in a build of the same step at scale 0 before the measured one, as
+//!   a farm keeps it from the step's earlier builds; `--cold-start`: during the measured
+//!   build): makespan / (lower bound + one start per shard), goal 1.10x.
 //! - `kill`: the dynamic run again, one runner SIGKILLed (with its batch) at half the dynamic
 //!   run's makespan, the one running the batch with the most test time (the worst case): every
 //!   unit must have exactly one final verdict; makespan vs lower bound + lease (heartbeat
@@ -115,6 +117,11 @@ pub struct SplitArgs {
     /// Start-up cost of every process in the startup scenario, ms.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub start_ms: u64,
+    /// In the startup scenario, measure a dispatcher that has not seen the step before: the
+    /// start cost is learned during the measured build (by default one build of the step at
+    /// scale 0 runs first, as a farm has run the step before).
+    #[arg(long)]
+    pub cold_start: bool,
     /// Missed heartbeats before a runner is lost, in every run.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub missed_heartbeats: u32,
@@ -672,10 +679,26 @@ impl Bench {
         // build does not pay the runner processes' cold start (the first git and process work
         // of 16 fresh processes on 2 CPUs). Its split key (`warm`) is not the measured one, so
         // the seeded history is untouched.
-        let warm = format!(
-            "steps:\n  - name: warm\n    run: \"true {{units}}\"\n    parallel: {}\n    units:\n      glob: \"suite/*.t\"\n",
-            spec.shards
-        );
+        //
+        // With a start cost (the startup scenario), the warm-up build is the measured step
+        // itself at scale 0 (every process pays its start, no test sleeps): the dispatcher
+        // learns the start cost as a farm has from the step's previous builds. The timing
+        // history it records is then put back as seeded, so the measured build sees the same
+        // deliberate errors as every other run. `--cold-start` skips this.
+        let learn = spec.start_ms > 0 && !self.args.cold_start;
+        let warm = if learn {
+            let warm_spec = Spec {
+                label: format!("{}-learn", spec.label),
+                scale: 0.0,
+                ..spec.clone()
+            };
+            self.pipeline(&warm_spec, &dir.join("learn-trace.jsonl"))
+        } else {
+            format!(
+                "steps:\n  - name: warm\n    run: \"true {{units}}\"\n    parallel: {}\n    units:\n      glob: \"suite/*.t\"\n",
+                spec.shards
+            )
+        };
         let warm_commit = self.repo.commit(
             &[(".kiln.yml", &warm)],
             &format!("bench split: warm-up of {}", spec.label),
@@ -700,6 +723,13 @@ impl Bench {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if learn {
+            let store = kiln_store::SqliteStore::open(&data.join("kiln.db"))
+                .map_err(|e| fail(format!("cannot open the dispatcher's store: {e}")))?;
+            store
+                .seed_unit_durations(&self.repo.path, &key, &history)
+                .map_err(|e| fail(format!("cannot seed the timing history again: {e}")))?;
         }
         let commit = self.repo.commit(
             &[(".kiln.yml", &kiln_yml)],
