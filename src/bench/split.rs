@@ -44,6 +44,7 @@
 //! the exit code 1, and a run that could not be made 7; the other scenarios still run.
 
 pub mod harness;
+pub mod real;
 pub mod suite;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -122,6 +123,19 @@ pub struct SplitArgs {
     /// scale 0 runs first, as a farm has run the step before).
     #[arg(long)]
     pub cold_start: bool,
+    /// Instead of the synthetic suite: a git checkout of a real project whose committed
+    /// `.kiln.yml` has a split step; its HEAD is built by kiln on as many local runners as the
+    /// step has shards, against the same units in one process (see --direct), interleaved.
+    #[arg(long, value_name = "DIR")]
+    pub suite: Option<PathBuf>,
+    /// With --suite: the single-process command (`sh -c`, in DIR); default: the split step's
+    /// `run` with `{units}` replaced by every unit its glob finds and `{junit}` by a scratch
+    /// file, with the step's `env`.
+    #[arg(long, value_name = "CMD", requires = "suite")]
+    pub direct: Option<String>,
+    /// With --suite: measured rounds (a direct run and a build each), after one unmeasured.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub suite_runs: u32,
     /// Missed heartbeats before a runner is lost, in every run.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub missed_heartbeats: u32,
@@ -259,6 +273,11 @@ impl SplitArgs {
 
     /// The benchmark's own time limit.
     pub fn limit(&self) -> Duration {
+        if self.suite.is_some() {
+            // Rounds of a suite whose length is not known in advance; each build has its own
+            // limit (20x the first direct run, plus 2 minutes).
+            return Duration::from_secs(4 * 3600);
+        }
         let total = Suite::generate(self.seed).total_ms();
         let per: Duration = self
             .plan()
@@ -1023,6 +1042,9 @@ fn flaky_stats(suite: &Suite, run: &Run) -> FlakyStats {
 
 /// Runs the benchmark.
 pub async fn run(args: &SplitArgs) -> Result<(), CliError> {
+    if let Some(dir) = &args.suite {
+        return real::run(args, dir).await;
+    }
     let runners = args.runners();
     let nmax = runners.last().copied().unwrap_or(1);
     let scale = args.scale();
