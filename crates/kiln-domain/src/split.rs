@@ -788,7 +788,7 @@ mod tests {
     struct Rng(u64);
 
     impl Rng {
-        fn next(&mut self) -> u64 {
+        fn step(&mut self) -> u64 {
             self.0 ^= self.0 << 13;
             self.0 ^= self.0 >> 7;
             self.0 ^= self.0 << 17;
@@ -796,7 +796,7 @@ mod tests {
         }
 
         fn below(&mut self, n: u64) -> u64 {
-            self.next() % n.max(1)
+            self.step() % n.max(1)
         }
     }
 
@@ -816,7 +816,12 @@ mod tests {
                         }
                     })
                     .sum();
-                ordinary + if i % 20 == 0 { 1000 + rng.below(3000) } else { 0 }
+                ordinary
+                    + if i % 20 == 0 {
+                        1000 + rng.below(3000)
+                    } else {
+                        0
+                    }
             })
             .collect();
         let total: u64 = units.iter().sum::<u64>() * 16 / 14;
@@ -872,18 +877,19 @@ mod tests {
         for seed in [1u64, 42, 7, 1234, 99] {
             let truth = bench_like_suite(seed);
             let b = bound(&truth, 4, 300);
-            let (makespan, processes) = simulate(&truth, 4, 300, 30, |q, n, s, f| {
-                batch_len(q, n, 0, s, f)
-            });
+            let (makespan, processes) =
+                simulate(&truth, 4, 300, 30, |q, n, s, f| batch_len(q, n, 0, s, f));
             assert!(
                 makespan * 100 <= b * 110,
                 "seed {seed}: makespan {makespan} ms, bound {b} ms, {processes} processes"
             );
             // Without start cost known the same suite pays far more starts.
-            let (plain, plain_processes) = simulate(&truth, 4, 300, 30, |q, n, _, f| {
-                batch_len(q, n, 0, 0, f)
-            });
-            assert!(processes * 2 < plain_processes, "{processes} vs {plain_processes}");
+            let (plain, plain_processes) =
+                simulate(&truth, 4, 300, 30, |q, n, _, f| batch_len(q, n, 0, 0, f));
+            assert!(
+                processes * 2 < plain_processes,
+                "{processes} vs {plain_processes}"
+            );
             assert!(makespan < plain, "{makespan} vs {plain}");
         }
     }
@@ -893,9 +899,8 @@ mod tests {
         // 16 shards: each pays about log2(share / 2 start) + 1 starts, not share / (9 start).
         for seed in [3u64, 5, 8] {
             let truth = bench_like_suite(seed);
-            let (makespan, processes) = simulate(&truth, 16, 300, 30, |q, n, s, f| {
-                batch_len(q, n, 0, s, f)
-            });
+            let (makespan, processes) =
+                simulate(&truth, 16, 300, 30, |q, n, s, f| batch_len(q, n, 0, s, f));
             let b = bound(&truth, 16, 300);
             assert!(processes <= 16 * 4, "seed {seed}: {processes} processes");
             assert!(
@@ -946,7 +951,11 @@ mod tests {
                 })
                 .collect();
             let shards = 1 + rng.below(32) as u32;
-            let max = if rng.below(3) == 0 { rng.below(20) as u32 } else { 0 };
+            let max = if rng.below(3) == 0 {
+                rng.below(20) as u32
+            } else {
+                0
+            };
             let start = [0, 1, 50, 300, 2_000][rng.below(5) as usize];
             let in_flight = rng.below(100_000);
             let n = batch_len(&queue, shards, max, start, in_flight);

@@ -52,10 +52,14 @@ struct Checkout {
 
 /// Reads `dir`'s HEAD and its committed `.kiln.yml`.
 fn inspect(dir: &Path, direct: Option<&str>, scratch: &Path) -> Result<Checkout, CliError> {
-    let dir = std::fs::canonicalize(dir)
-        .map_err(|e| fail(format!("--suite {}: {e}", dir.display())))?;
-    let repo = git2::Repository::open(&dir)
-        .map_err(|e| fail(format!("--suite {}: not a git checkout: {e}", dir.display())))?;
+    let dir =
+        std::fs::canonicalize(dir).map_err(|e| fail(format!("--suite {}: {e}", dir.display())))?;
+    let repo = git2::Repository::open(&dir).map_err(|e| {
+        fail(format!(
+            "--suite {}: not a git checkout: {e}",
+            dir.display()
+        ))
+    })?;
     let head = repo
         .head()
         .map_err(|e| fail(format!("--suite {}: no HEAD: {e}", dir.display())))?;
@@ -63,9 +67,12 @@ fn inspect(dir: &Path, direct: Option<&str>, scratch: &Path) -> Result<Checkout,
         Ok(name) if head.is_branch() => name.to_string(),
         _ => "main".to_string(),
     };
-    let commit = head
-        .peel_to_commit()
-        .map_err(|e| fail(format!("--suite {}: HEAD is not a commit: {e}", dir.display())))?;
+    let commit = head.peel_to_commit().map_err(|e| {
+        fail(format!(
+            "--suite {}: HEAD is not a commit: {e}",
+            dir.display()
+        ))
+    })?;
     let entry = commit
         .tree()
         .and_then(|t| t.get_path(Path::new(kiln_pipeline::FILE_NAME)))
@@ -173,23 +180,27 @@ async fn run_build(
     log: &Path,
 ) -> Result<proto::Build, CliError> {
     let id = match again {
-        None => client
-            .submit_build(proto::SubmitBuildRequest {
-                repo: c.dir.to_string_lossy().into_owned(),
-                commit: c.commit.clone(),
-                branch: c.branch.clone(),
-                trigger: "bench".into(),
-            })
-            .await
-            .map_err(|s| fail(format!("SubmitBuild: {}", s.message())))?
-            .into_inner()
-            .id,
-        Some(build_id) => client
-            .retry_build(proto::RetryBuildRequest { build_id })
-            .await
-            .map_err(|s| fail(format!("RetryBuild {build_id}: {}", s.message())))?
-            .into_inner()
-            .id,
+        None => {
+            client
+                .submit_build(proto::SubmitBuildRequest {
+                    repo: c.dir.to_string_lossy().into_owned(),
+                    commit: c.commit.clone(),
+                    branch: c.branch.clone(),
+                    trigger: "bench".into(),
+                })
+                .await
+                .map_err(|s| fail(format!("SubmitBuild: {}", s.message())))?
+                .into_inner()
+                .id
+        }
+        Some(build_id) => {
+            client
+                .retry_build(proto::RetryBuildRequest { build_id })
+                .await
+                .map_err(|s| fail(format!("RetryBuild {build_id}: {}", s.message())))?
+                .into_inner()
+                .id
+        }
     };
     let deadline = Instant::now() + limit;
     loop {
@@ -254,7 +265,11 @@ pub async fn run(args: &SplitArgs, dir: &Path) -> Result<(), CliError> {
         c.units,
         args.suite_runs
     ));
-    note(format!("direct: sh -c {:?} in {}", c.direct, c.dir.display()));
+    note(format!(
+        "direct: sh -c {:?} in {}",
+        c.direct,
+        c.dir.display()
+    ));
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&data).map_err(fail)?;
     let log = tmp.path().join("serve.log");
