@@ -1435,6 +1435,17 @@ mod tests {
     }
 
     #[test]
+    fn suite_flags_parse_and_direct_needs_suite() {
+        let a = Cli::parse_from(["x", "--suite", "/p", "--suite-runs", "3"]).args;
+        assert_eq!(a.suite.as_deref(), Some(Path::new("/p")));
+        assert_eq!(a.suite_runs, 3);
+        assert_eq!(a.limit(), Duration::from_secs(4 * 3600));
+        assert!(Cli::try_parse_from(["x", "--direct", "pytest"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--suite", "/p", "--suite-runs", "0"]).is_err());
+        assert_eq!(Cli::parse_from(["x"]).args.suite_runs, 5);
+    }
+
+    #[test]
     fn the_plan_follows_the_flags() {
         let all = Cli::parse_from(["x"]).args;
         let labels: Vec<String> = all.plan().into_iter().map(|s| s.label).collect();

@@ -360,3 +360,103 @@ pub async fn run(args: &SplitArgs, dir: &Path) -> Result<(), CliError> {
         Err(wrong(problems.join("; ")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A repository at `dir` with `files` committed on `main`.
+    fn repo(dir: &Path, files: &[(&str, &str)]) {
+        let mut opts = git2::RepositoryInitOptions::new();
+        opts.initial_head("main");
+        let repo = git2::Repository::init_opts(dir, &opts).unwrap();
+        let mut index = repo.index().unwrap();
+        for (path, text) in files {
+            let full = dir.join(path);
+            std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+            std::fs::write(&full, text).unwrap();
+            index.add_path(Path::new(path)).unwrap();
+        }
+        index.write().unwrap();
+        let tree = repo.find_tree(index.write_tree().unwrap()).unwrap();
+        let sig = git2::Signature::now("t", "t@example.com").unwrap();
+        repo.commit(Some("HEAD"), &sig, &sig, "c", &tree, &[])
+            .unwrap();
+    }
+
+    #[test]
+    fn the_direct_run_is_the_split_step_with_every_unit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("p");
+        repo(
+            &dir,
+            &[
+                (
+                    ".kiln.yml",
+                    "steps:\n  - name: tests\n    run: py -m pytest --junitxml={junit} {units}\n    parallel: 4\n    units:\n      glob: \"tests/test_*.py\"\n    env:\n      A: b\n",
+                ),
+                ("tests/test_b.py", ""),
+                ("tests/test_a.py", ""),
+                ("tests/helper.py", ""),
+            ],
+        );
+        let c = inspect(&dir, None, Path::new("/scratch")).unwrap();
+        assert_eq!(c.shards, 4);
+        assert_eq!(c.key, "tests");
+        assert_eq!(c.branch, "main");
+        assert_eq!(c.units, 2);
+        assert_eq!(
+            c.direct,
+            "py -m pytest --junitxml=/scratch/direct-junit.xml tests/test_a.py tests/test_b.py"
+        );
+        assert_eq!(c.env, [("A".to_string(), "b".to_string())]);
+        // --direct wins.
+        let c = inspect(&dir, Some("make test"), Path::new("/scratch")).unwrap();
+        assert_eq!(c.direct, "make test");
+    }
+
+    #[test]
+    fn a_checkout_that_cannot_be_measured_is_refused_with_the_reason() {
+        let tmp = tempfile::tempdir().unwrap();
+        let scratch = Path::new("/scratch");
+        // Not there.
+        let e = inspect(&tmp.path().join("nope"), None, scratch).unwrap_err();
+        assert!(e.message.contains("--suite"), "{}", e.message);
+        // Not a git checkout.
+        let plain = tmp.path().join("plain");
+        std::fs::create_dir_all(&plain).unwrap();
+        let e = inspect(&plain, None, scratch).unwrap_err();
+        assert!(e.message.contains("not a git checkout"), "{}", e.message);
+        // No committed .kiln.yml.
+        let bare = tmp.path().join("bare");
+        repo(&bare, &[("README", "x")]);
+        let e = inspect(&bare, None, scratch).unwrap_err();
+        assert!(
+            e.message.contains("no committed .kiln.yml"),
+            "{}",
+            e.message
+        );
+        // No split step.
+        let plain_step = tmp.path().join("plain-step");
+        repo(
+            &plain_step,
+            &[(".kiln.yml", "steps:\n  - name: t\n    run: make test\n")],
+        );
+        let e = inspect(&plain_step, None, scratch).unwrap_err();
+        assert!(e.message.contains("no split step"), "{}", e.message);
+        // Units by a command: the direct command must be given.
+        let cmd = tmp.path().join("cmd");
+        repo(
+            &cmd,
+            &[(
+                ".kiln.yml",
+                "steps:\n  - name: t\n    run: x {units}\n    parallel: 2\n    units:\n      command: ./list\n",
+            )],
+        );
+        let e = inspect(&cmd, None, scratch).unwrap_err();
+        assert!(e.message.contains("--direct"), "{}", e.message);
+        assert!(inspect(&cmd, Some("x"), scratch).is_ok());
+    }
+}
