@@ -31,7 +31,9 @@
 //!   from the report's tries.
 //! - `startup`: every process starts in `--start-ms` (300 ms) before its first test, as an
 //!   interpreter does; the dynamic queue at N = 4 and 16 of `--runners` (else the largest) learns that start cost from
-//!   the batches it runs: makespan / (lower bound + one start per shard), goal 1.10x.
+//!   the batches it runs (in a build of the same step at scale 0 before the measured one, as
+//!   a farm keeps it from the step's earlier builds; `--cold-start`: during the measured
+//!   build): makespan / (lower bound + one start per shard), goal 1.10x.
 //! - `kill`: the dynamic run again, one runner SIGKILLed (with its batch) at half the dynamic
 //!   run's makespan, the one running the batch with the most test time (the worst case): every
 //!   unit must have exactly one final verdict; makespan vs lower bound + lease (heartbeat
@@ -42,6 +44,7 @@
 //! the exit code 1, and a run that could not be made 7; the other scenarios still run.
 
 pub mod harness;
+pub mod real;
 pub mod suite;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -115,6 +118,24 @@ pub struct SplitArgs {
     /// Start-up cost of every process in the startup scenario, ms.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub start_ms: u64,
+    /// In the startup scenario, measure a dispatcher that has not seen the step before: the
+    /// start cost is learned during the measured build (by default one build of the step at
+    /// scale 0 runs first, as a farm has run the step before).
+    #[arg(long)]
+    pub cold_start: bool,
+    /// Instead of the synthetic suite: a git checkout of a real project whose committed
+    /// `.kiln.yml` has a split step; its HEAD is built by kiln on as many local runners as the
+    /// step has shards, against the same units in one process (see --direct), interleaved.
+    #[arg(long, value_name = "DIR")]
+    pub suite: Option<PathBuf>,
+    /// With --suite: the single-process command (`sh -c`, in DIR); default: the split step's
+    /// `run` with `{units}` replaced by every unit its glob finds and `{junit}` by a scratch
+    /// file, with the step's `env`.
+    #[arg(long, value_name = "CMD", requires = "suite")]
+    pub direct: Option<String>,
+    /// With --suite: measured rounds (a direct run and a build each), after one unmeasured.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub suite_runs: u32,
     /// Missed heartbeats before a runner is lost, in every run.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub missed_heartbeats: u32,
@@ -252,6 +273,11 @@ impl SplitArgs {
 
     /// The benchmark's own time limit.
     pub fn limit(&self) -> Duration {
+        if self.suite.is_some() {
+            // Rounds of a suite whose length is not known in advance; each build has its own
+            // limit (20x the first direct run, plus 2 minutes).
+            return Duration::from_secs(4 * 3600);
+        }
         let total = Suite::generate(self.seed).total_ms();
         let per: Duration = self
             .plan()
@@ -672,10 +698,26 @@ impl Bench {
         // build does not pay the runner processes' cold start (the first git and process work
         // of 16 fresh processes on 2 CPUs). Its split key (`warm`) is not the measured one, so
         // the seeded history is untouched.
-        let warm = format!(
-            "steps:\n  - name: warm\n    run: \"true {{units}}\"\n    parallel: {}\n    units:\n      glob: \"suite/*.t\"\n",
-            spec.shards
-        );
+        //
+        // With a start cost (the startup scenario), the warm-up build is the measured step
+        // itself at scale 0 (every process pays its start, no test sleeps): the dispatcher
+        // learns the start cost as a farm has from the step's previous builds. The timing
+        // history it records is then put back as seeded, so the measured build sees the same
+        // deliberate errors as every other run. `--cold-start` skips this.
+        let learn = spec.start_ms > 0 && !self.args.cold_start;
+        let warm = if learn {
+            let warm_spec = Spec {
+                label: format!("{}-learn", spec.label),
+                scale: 0.0,
+                ..spec.clone()
+            };
+            self.pipeline(&warm_spec, &dir.join("learn-trace.jsonl"))
+        } else {
+            format!(
+                "steps:\n  - name: warm\n    run: \"true {{units}}\"\n    parallel: {}\n    units:\n      glob: \"suite/*.t\"\n",
+                spec.shards
+            )
+        };
         let warm_commit = self.repo.commit(
             &[(".kiln.yml", &warm)],
             &format!("bench split: warm-up of {}", spec.label),
@@ -700,6 +742,13 @@ impl Bench {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if learn {
+            let store = kiln_store::SqliteStore::open(&data.join("kiln.db"))
+                .map_err(|e| fail(format!("cannot open the dispatcher's store: {e}")))?;
+            store
+                .seed_unit_durations(&self.repo.path, &key, &history)
+                .map_err(|e| fail(format!("cannot seed the timing history again: {e}")))?;
         }
         let commit = self.repo.commit(
             &[(".kiln.yml", &kiln_yml)],
@@ -993,6 +1042,9 @@ fn flaky_stats(suite: &Suite, run: &Run) -> FlakyStats {
 
 /// Runs the benchmark.
 pub async fn run(args: &SplitArgs) -> Result<(), CliError> {
+    if let Some(dir) = &args.suite {
+        return real::run(args, dir).await;
+    }
     let runners = args.runners();
     let nmax = runners.last().copied().unwrap_or(1);
     let scale = args.scale();
@@ -1380,6 +1432,17 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         args: SplitArgs,
+    }
+
+    #[test]
+    fn suite_flags_parse_and_direct_needs_suite() {
+        let a = Cli::parse_from(["x", "--suite", "/p", "--suite-runs", "3"]).args;
+        assert_eq!(a.suite.as_deref(), Some(Path::new("/p")));
+        assert_eq!(a.suite_runs, 3);
+        assert_eq!(a.limit(), Duration::from_secs(4 * 3600));
+        assert!(Cli::try_parse_from(["x", "--direct", "pytest"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--suite", "/p", "--suite-runs", "0"]).is_err());
+        assert_eq!(Cli::parse_from(["x"]).args.suite_runs, 5);
     }
 
     #[test]

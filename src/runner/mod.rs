@@ -9,7 +9,7 @@
 
 mod job;
 mod outbox;
-mod split;
+pub(crate) mod split;
 pub mod token;
 
 use std::collections::{BTreeMap, HashMap};

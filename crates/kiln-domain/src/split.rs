@@ -435,23 +435,39 @@ pub type EstimateMs = u64;
 /// (a process start, a round trip) stays small.
 pub const BATCH_TARGET_MIN_MS: u64 = 200;
 
-/// Start-up may take at most this share of a batch: a batch's units are estimated to take at
-/// least `START_SHARE_INV - 1` times the per-process start cost.
-pub const START_SHARE_INV: u64 = 10;
+/// With a start cost, a shard's batch takes at most this fraction (its inverse) of the
+/// shard's fair share of the work left: batches halve as the work drains, so a shard pays
+/// about log2(share / (2 * start)) starts and the tail is short.
+pub const START_SHARE_DIV: u64 = 2;
+
+/// With a start cost, a batch is estimated to take at least this many times the start cost
+/// (start-up at most a third of the smallest batch), unless the shard's fair share is less.
+pub const START_MIN_BATCHES: u64 = 2;
+
+/// With a start cost, batches need never be estimated at more than this many times it (start
+/// at most 2% of a batch): where the start is cheap, the plain rule's finer batches apply.
+pub const START_MAX_BATCHES: u64 = 50;
 
 /// How many units of the queue (estimates, in the order they will be handed out) go in the
 /// next batch for one of `shards` shards, when starting a batch's process costs `start_ms` and
 /// other shards hold batches estimated at `in_flight_ms` in all.
 ///
-/// A batch takes units while their estimated total stays under a target: a slice of the time
-/// left divided among the shards (an eighth of each shard's share), so batches shrink as the
-/// queue drains and the tail stays short, but never under [`BATCH_TARGET_MIN_MS`] worth of
-/// tiny units, and never more than `max` (0: no limit). With a start cost, the target is also
-/// at least `(START_SHARE_INV - 1) * start_ms`, so start-up stays under a tenth of a batch,
-/// but never more than the shard's fair share of the work left (queued and in flight, divided
-/// among the shards), so the last batches still shrink and no shard takes another's share.
-/// Without a start cost `in_flight_ms` is not used. Always at least one unit when the queue is
-/// not empty.
+/// Without a start cost (`start_ms == 0`: none learned yet), a batch takes units while their
+/// estimated total stays under a slice of the time left divided among the shards (an eighth
+/// of each shard's share), so batches shrink as the queue drains and the tail stays short, but
+/// never under [`BATCH_TARGET_MIN_MS`] worth of tiny units.
+///
+/// With a start cost, every batch pays one start, and a shard that gets many small batches
+/// pays many; few big ones leave a long tail. The target is then half of the shard's fair
+/// share of the work left (queued and in flight on other shards, divided among the shards;
+/// [`START_SHARE_DIV`]): as the work drains, each shard's batches halve, so it pays about
+/// log2(share / (2 * start)) + 1 starts and its last batch is small. The target is at least
+/// [`START_MIN_BATCHES`] times the start cost (so a suite whose share is under that runs in
+/// one process per shard), never more than [`START_MAX_BATCHES`] times it nor under the plain
+/// rule's target, and never more than the shard's fair share, so no shard takes another's.
+///
+/// Never more than `max` units (0: no limit). Always at least one unit when the queue is not
+/// empty.
 pub fn batch_len(
     queue: &[EstimateMs],
     shards: u32,
@@ -462,22 +478,27 @@ pub fn batch_len(
     if queue.is_empty() {
         return 0;
     }
-    let left: u64 = queue.iter().sum();
-    let per_shard = left / u64::from(shards.max(1));
-    let mut target = (per_shard / 8).max(BATCH_TARGET_MIN_MS.min(per_shard));
-    let amortized = start_ms.saturating_mul(START_SHARE_INV - 1);
-    if amortized > target {
-        let fair = (left.saturating_add(in_flight_ms) / u64::from(shards.max(1))).min(left);
-        target = amortized.min(fair.max(target));
-    }
+    let shards = u64::from(shards.max(1));
+    let left: u64 = queue.iter().fold(0u64, |a, &e| a.saturating_add(e));
+    let per_shard = left / shards;
+    let plain = (per_shard / 8).max(BATCH_TARGET_MIN_MS.min(per_shard));
+    let target = if start_ms == 0 {
+        plain
+    } else {
+        let fair = (left.saturating_add(in_flight_ms) / shards).min(left);
+        let halved = (fair / START_SHARE_DIV)
+            .max(start_ms.saturating_mul(START_MIN_BATCHES))
+            .min(start_ms.saturating_mul(START_MAX_BATCHES));
+        halved.max(plain).min(fair.max(plain))
+    };
     let cap = if max == 0 { usize::MAX } else { max as usize };
     let mut total = 0u64;
     let mut n = 0usize;
     for &est in queue {
-        if n >= cap || (n > 0 && total + est > target) {
+        if n >= cap || (n > 0 && total.saturating_add(est) > target) {
             break;
         }
-        total += est;
+        total = total.saturating_add(est);
         n += 1;
     }
     n.max(1)
@@ -709,7 +730,7 @@ mod tests {
 
     #[test]
     fn a_start_cost_makes_batches_big_enough_to_pay_for_it() {
-        // 300 ms to start a process, 10 ms units: start-up under a tenth of a batch.
+        // 300 ms to start a process, 10 ms units: half of a shard's share in the first batch.
         let queue = vec![10u64; 10_000];
         let before = batch_len(&queue, 4, 0, 0, 0);
         let n = batch_len(&queue, 4, 0, 300, 0);
@@ -759,6 +780,207 @@ mod tests {
                     plain,
                     "{len} units, {shards}"
                 );
+            }
+        }
+    }
+
+    /// A deterministic xorshift generator for the sizing tests.
+    struct Rng(u64);
+
+    impl Rng {
+        fn step(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.step() % n.max(1)
+        }
+    }
+
+    /// A suite shaped as `kiln bench split`'s: 200 units, most of tens to hundreds of ms, a
+    /// few of seconds, two of about 5 s; true durations in ms.
+    fn bench_like_suite(seed: u64) -> Vec<u64> {
+        let mut rng = Rng(seed | 1);
+        let mut units: Vec<u64> = (0..198)
+            .map(|i| {
+                let tests = 2 + rng.below(7);
+                let ordinary: u64 = (0..tests)
+                    .map(|_| {
+                        if rng.below(10) == 0 {
+                            100 + rng.below(400)
+                        } else {
+                            10 + rng.below(80)
+                        }
+                    })
+                    .sum();
+                ordinary
+                    + if i % 20 == 0 {
+                        1000 + rng.below(3000)
+                    } else {
+                        0
+                    }
+            })
+            .collect();
+        let total: u64 = units.iter().sum::<u64>() * 16 / 14;
+        units.push(total * 95 / 100 / 16);
+        units.push(total * 95 / 100 / 16);
+        units
+    }
+
+    /// Shards pulling batches sized by `rule` from a queue ordered longest first (estimates
+    /// = truth), each batch costing `start_ms` + `overhead_ms` + its units' time: the makespan
+    /// and the number of processes.
+    fn simulate(
+        truth: &[u64],
+        shards: u32,
+        start_ms: u64,
+        overhead_ms: u64,
+        rule: impl Fn(&[u64], u32, u64, u64) -> usize,
+    ) -> (u64, usize) {
+        let mut queue = truth.to_vec();
+        queue.sort_unstable_by(|a, b| b.cmp(a));
+        // Per shard: (free at, estimate of the batch it holds).
+        let mut shard: Vec<(u64, u64)> = vec![(0, 0); shards as usize];
+        let (mut at, mut processes, mut end) = (0usize, 0usize, 0u64);
+        while at < queue.len() {
+            let (i, &(now, _)) = shard
+                .iter()
+                .enumerate()
+                .min_by_key(|&(i, s)| (s.0, i))
+                .unwrap_or((0, &(0, 0)));
+            shard[i].1 = 0;
+            let in_flight: u64 = shard.iter().filter(|s| s.0 > now).map(|s| s.1).sum();
+            let k = rule(&queue[at..], shards, start_ms, in_flight).max(1);
+            let work: u64 = queue[at..(at + k).min(queue.len())].iter().sum();
+            at += k;
+            processes += 1;
+            shard[i] = (now + start_ms + overhead_ms + work, work);
+            end = end.max(shard[i].0);
+        }
+        (end, processes)
+    }
+
+    /// The lower bound that counts one start per shard.
+    fn bound(truth: &[u64], shards: u32, start_ms: u64) -> u64 {
+        let total: u64 = truth.iter().sum();
+        let longest = truth.iter().copied().max().unwrap_or(0);
+        (total / u64::from(shards)).max(longest) + start_ms
+    }
+
+    #[test]
+    fn with_a_start_cost_of_300_ms_4_shards_come_within_a_tenth_of_the_bound() {
+        // The sizing rule alone (estimates right, 30 ms per round trip): at N = 4 within
+        // 1.10x of max(total / N, longest) + one start, for several suites.
+        for seed in [1u64, 42, 7, 1234, 99] {
+            let truth = bench_like_suite(seed);
+            let b = bound(&truth, 4, 300);
+            let (makespan, processes) =
+                simulate(&truth, 4, 300, 30, |q, n, s, f| batch_len(q, n, 0, s, f));
+            assert!(
+                makespan * 100 <= b * 110,
+                "seed {seed}: makespan {makespan} ms, bound {b} ms, {processes} processes"
+            );
+            // Without start cost known the same suite pays far more starts.
+            let (plain, plain_processes) =
+                simulate(&truth, 4, 300, 30, |q, n, _, f| batch_len(q, n, 0, 0, f));
+            assert!(
+                processes * 2 < plain_processes,
+                "{processes} vs {plain_processes}"
+            );
+            assert!(makespan < plain, "{makespan} vs {plain}");
+        }
+    }
+
+    #[test]
+    fn with_a_start_cost_a_shard_pays_a_few_starts_whatever_the_suite() {
+        // 16 shards: each pays about log2(share / 2 start) + 1 starts, not share / (9 start).
+        for seed in [3u64, 5, 8] {
+            let truth = bench_like_suite(seed);
+            let (makespan, processes) =
+                simulate(&truth, 16, 300, 30, |q, n, s, f| batch_len(q, n, 0, s, f));
+            let b = bound(&truth, 16, 300);
+            assert!(processes <= 16 * 4, "seed {seed}: {processes} processes");
+            assert!(
+                makespan * 100 <= b * 125,
+                "seed {seed}: makespan {makespan} ms, bound {b} ms"
+            );
+        }
+    }
+
+    #[test]
+    fn a_suite_whose_share_is_under_two_starts_runs_in_one_process_per_shard() {
+        // Files of about 65 ms over 4 shards with a 300 ms start: one batch each when they
+        // divide evenly, one more for what is left when they do not.
+        let batches = |queue: &[u64]| {
+            let (mut at, mut in_flight, mut out) = (0, 0, Vec::new());
+            while at < queue.len() {
+                let n = batch_len(&queue[at..], 4, 0, 300, in_flight);
+                in_flight += queue[at..at + n].iter().sum::<u64>();
+                at += n;
+                out.push(n);
+            }
+            out
+        };
+        assert_eq!(batches(&[65; 28]), [7, 7, 7, 7]);
+        assert_eq!(batches(&[65; 30]), [7, 7, 7, 7, 2]);
+        // Without a start cost the same suite is cut in batches of 200 ms.
+        let mut at = 0;
+        let mut plain = 0;
+        let queue = [65u64; 28];
+        while at < queue.len() {
+            at += batch_len(&queue[at..], 4, 0, 0, 0);
+            plain += 1;
+        }
+        assert!(plain >= 9, "{plain}");
+    }
+
+    #[test]
+    fn batch_len_properties_hold_for_random_queues() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..5000 {
+            let len = rng.below(300) as usize;
+            let queue: Vec<u64> = (0..len)
+                .map(|_| match rng.below(4) {
+                    0 => rng.below(5),
+                    1 => rng.below(100),
+                    2 => rng.below(2_000),
+                    _ => rng.below(60_000),
+                })
+                .collect();
+            let shards = 1 + rng.below(32) as u32;
+            let max = if rng.below(3) == 0 {
+                rng.below(20) as u32
+            } else {
+                0
+            };
+            let start = [0, 1, 50, 300, 2_000][rng.below(5) as usize];
+            let in_flight = rng.below(100_000);
+            let n = batch_len(&queue, shards, max, start, in_flight);
+            let case = format!("{len} units, {shards} shards, max {max}, start {start}");
+            if queue.is_empty() {
+                assert_eq!(n, 0, "{case}");
+                continue;
+            }
+            // Some unit, no more than the queue and the limit.
+            assert!(n >= 1 && n <= len, "{case}: {n}");
+            if max > 0 {
+                assert!(n <= (max as usize).max(1), "{case}: {n}");
+            }
+            // A higher start cost never makes a batch smaller.
+            let higher = batch_len(&queue, shards, max, start * 2 + 1, in_flight);
+            assert!(higher >= n, "{case}: {higher} < {n}");
+            // Beyond its first unit, a batch never holds more than the larger of the shard's
+            // fair share (with the work in flight) and the plain target.
+            let left: u64 = queue.iter().sum();
+            let fair = ((left + in_flight) / u64::from(shards)).min(left);
+            let per = left / u64::from(shards);
+            let plain = (per / 8).max(BATCH_TARGET_MIN_MS.min(per));
+            let took: u64 = queue[..n].iter().sum();
+            if n > 1 {
+                assert!(took <= fair.max(plain), "{case}: {took} > {fair}, {plain}");
             }
         }
     }
