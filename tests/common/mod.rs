@@ -243,12 +243,17 @@ impl Proc {
         }
     }
 
-    /// Spawns `kiln` with these arguments.
+    /// Spawns `kiln` with these arguments. A runner's default mirror cache is one under cargo's
+    /// temp dir for tests, not the user's (`Server::runner` gives each test its own).
     pub fn kiln(name: impl Into<String>, args: &[&str]) -> Proc {
         let mut cmd = Command::new(KILN);
         cmd.args(args)
             .env_remove("KILN_DISPATCHER")
-            .env_remove("KILN_LOG");
+            .env_remove("KILN_LOG")
+            .env(
+                "KILN_CACHE_DIR",
+                Path::new(env!("CARGO_TARGET_TMPDIR")).join("runner-mirrors"),
+            );
         Proc::spawn(name, cmd)
     }
 
@@ -480,9 +485,12 @@ impl Server {
         out.json()
     }
 
-    /// Starts a runner for this dispatcher with its own work dir under `tmp`.
+    /// Starts a runner for this dispatcher with its own work dir under `tmp` and the mirror
+    /// cache it shares with the test's other runners (`tmp/runner-cache`, as the runners of one
+    /// machine share one) unless `extra` names one.
     pub fn runner(&self, tmp: &Path, name: &str, extra: &[&str]) -> Proc {
         let work = tmp.join(format!("work-{name}"));
+        let cache = tmp.join("runner-cache");
         let mut args = vec![
             "--dispatcher",
             &self.url,
@@ -492,6 +500,9 @@ impl Server {
             "--work-dir",
             work.to_str().unwrap(),
         ];
+        if !extra.contains(&"--cache-dir") {
+            args.extend(["--cache-dir", cache.to_str().unwrap()]);
+        }
         args.extend_from_slice(extra);
         Proc::kiln(format!("kiln runner {name}"), &args)
     }
