@@ -503,7 +503,7 @@ impl Mirrors {
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| SystemTime::now().duration_since(t).ok());
-            if !age.is_some_and(|age| age > STALE_TMP_AGE) {
+            if age.is_none_or(|age| age <= STALE_TMP_AGE) {
                 continue;
             }
             // `.tmp-<mirror>-<pid>-<n>`: leave it to a process that holds the mirror's lock (it may be
