@@ -115,3 +115,32 @@ fn three_runners_on_one_machine_fetch_each_new_commit_once() {
         assert!(!own.exists(), "{} exists", own.display());
     }
 }
+
+/// A cache directory the runner cannot use is refused at start, naming it, before the runner
+/// connects or takes work.
+#[test]
+fn an_unusable_cache_dir_is_refused_at_start() {
+    let tmp = tempdir();
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let bad = file.join("mirrors");
+    let work = tmp.path().join("work");
+    let out = kiln(&[
+        "--dispatcher",
+        "http://127.0.0.1:1",
+        "runner",
+        "--name",
+        "r1",
+        "--work-dir",
+        work.to_str().unwrap(),
+        "--cache-dir",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code(), 5, "{out}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("mirror cache") && err.contains(bad.to_str().unwrap()),
+        "{out}"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"not a directory");
+}

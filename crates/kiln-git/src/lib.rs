@@ -469,6 +469,11 @@ impl Mirrors {
             .create(true)
             .truncate(false)
             .open(&path)
+            .or_else(|e| match e.kind() {
+                // Made by another user sharing the cache: an `flock` needs only a read handle.
+                io::ErrorKind::PermissionDenied => std::fs::File::open(&path),
+                _ => Err(e),
+            })
             .map_err(|e| GitError::io(context("open"), e))?;
         // `File::lock` of the standard library is newer than the crate's minimum Rust version.
         match fs4::FileExt::try_lock(&file) {
