@@ -215,6 +215,14 @@ impl Proc {
     /// collected.
     pub fn spawn_with_stdout(name: impl Into<String>, mut cmd: Command, stdout: Stdio) -> Proc {
         let name = name.into();
+        // A runner's default mirror cache, unless the test names one: under cargo's temp dir for
+        // tests, not the user's (`Server::runner` gives each test its own).
+        if cmd.get_program() == KILN && !cmd.get_envs().any(|(k, _)| k == "KILN_CACHE_DIR") {
+            cmd.env(
+                "KILN_CACHE_DIR",
+                Path::new(env!("CARGO_TARGET_TMPDIR")).join("runner-mirrors"),
+            );
+        }
         cmd.stdin(Stdio::null())
             .stdout(stdout)
             .stderr(Stdio::piped());
@@ -243,17 +251,12 @@ impl Proc {
         }
     }
 
-    /// Spawns `kiln` with these arguments. A runner's default mirror cache is one under cargo's
-    /// temp dir for tests, not the user's (`Server::runner` gives each test its own).
+    /// Spawns `kiln` with these arguments.
     pub fn kiln(name: impl Into<String>, args: &[&str]) -> Proc {
         let mut cmd = Command::new(KILN);
         cmd.args(args)
             .env_remove("KILN_DISPATCHER")
-            .env_remove("KILN_LOG")
-            .env(
-                "KILN_CACHE_DIR",
-                Path::new(env!("CARGO_TARGET_TMPDIR")).join("runner-mirrors"),
-            );
+            .env_remove("KILN_LOG");
         Proc::spawn(name, cmd)
     }
 
