@@ -568,9 +568,15 @@ pub struct RunnerArgs {
     /// Label offered to jobs, as key=value (repeatable).
     #[arg(long = "label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
-    /// Where mirrors and checkouts live (default: a directory under the system temp dir).
+    /// Where checkouts and unsent output live (default: a directory under the system temp dir).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
+    /// Where repository mirrors live, shared by every runner given the same directory: the
+    /// runners of one machine fetch each new commit once, and one waits while another fetches
+    /// (a lock file per mirror). Keep it on a local disk. Default: kiln/mirrors under the user's
+    /// cache directory ($XDG_CACHE_HOME or ~/.cache), else `mirrors` in the work dir.
+    #[arg(long, env = "KILN_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
     /// Most unacknowledged output spooled to local disk while the dispatcher is away, in bytes.
     #[arg(long, default_value_t = 1 << 30)]
     pub max_spool_bytes: u64,
@@ -1002,6 +1008,7 @@ async fn runner(conn: &Connection, args: RunnerArgs) -> Result<i32, CliError> {
     if let Some(dir) = args.work_dir {
         config.work_dir = dir;
     }
+    config.cache_dir = args.cache_dir.or_else(crate::runner::default_cache_dir);
     let drain = CancellationToken::new();
     let stop = CancellationToken::new();
     {

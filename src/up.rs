@@ -4,10 +4,10 @@
 //! every build's state changes as they happen, until SIGTERM or Ctrl-C.
 //!
 //! Everything lives in the data directory: the database, logs and mirrors of the dispatcher,
-//! the observer's mirrors (`observer/`) and the runners' work directories (`runners/`). Started
-//! again on the same directory it continues where it stopped: builds already made are not made
-//! again, commits pushed meanwhile are built, and jobs that were running when it stopped run
-//! again.
+//! the observer's mirrors (`observer/`), the runners' work directories and their one shared
+//! mirror cache (`runners/`). Started again on the same directory it continues where it
+//! stopped: builds already made are not made again, commits pushed meanwhile are built, and jobs
+//! that were running when it stopped run again.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -138,6 +138,8 @@ pub async fn run(
     for i in 1..=args.runners {
         let mut rc = crate::runner::RunnerConfig::new(url.clone(), format!("up-runner-{i}"));
         rc.work_dir = data_dir.join("runners").join(format!("runner-{i}"));
+        // One mirror per repository for all of them.
+        rc.cache_dir = Some(data_dir.join("runners").join("mirrors"));
         runners.push(tokio::spawn(crate::runner::run(
             rc,
             drain.clone(),

@@ -536,18 +536,21 @@ fn pipeline_typo_or_cycle_errors_the_build_with_its_location() {
         assert_eq!(r["state"], "idle", "{r}");
         assert_eq!(r["running_jobs"], Value::Array(Vec::new()), "{r}");
     }
-    for name in ["r1", "r2"] {
-        for sub in ["mirrors", "checkouts"] {
-            let dir = farm.dir().join(format!("work-{name}")).join(sub);
-            let used: Vec<_> = std::fs::read_dir(&dir)
-                .map(|d| d.flatten().map(|e| e.file_name()).collect())
-                .unwrap_or_default();
-            assert!(
-                used.is_empty(),
-                "runner {name} fetched or checked out something: {} holds {used:?}",
-                dir.display()
-            );
-        }
+    // Their checkouts, and the mirror cache they share.
+    for (name, sub) in [
+        ("r1", "work-r1/checkouts"),
+        ("r2", "work-r2/checkouts"),
+        ("r1 or r2", "runner-cache"),
+    ] {
+        let dir = farm.dir().join(sub);
+        let used: Vec<_> = std::fs::read_dir(&dir)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            used.is_empty(),
+            "runner {name} fetched or checked out something: {} holds {used:?}",
+            dir.display()
+        );
     }
 }
 

@@ -410,6 +410,7 @@ impl Farm {
         let mut cmd = kiln_command()?;
         cmd.args(["--dispatcher", &url, "runner", "--name", name, "--work-dir"])
             .arg(dir.join("runner"))
+            .env("KILN_CACHE_DIR", dir.join("runner-mirrors"))
             .env("KILN_LOG", child_log_filter())
             .stdout(Stdio::null())
             .stderr(log_file(&runner_log)?);

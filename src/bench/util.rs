@@ -310,7 +310,8 @@ pub(crate) async fn start_runner(url: &str, dir: &Path, name: &str) -> Result<Pr
 }
 
 /// Spawns a `kiln runner` child for the dispatcher at `url` (work dir `work`, stderr to `log`,
-/// `extra` runner arguments) without waiting for it.
+/// `extra` runner arguments) without waiting for it. Its mirror cache is `runner-mirrors` beside
+/// `work`, shared with the benchmark's other runners (not the user's cache).
 pub(crate) fn spawn_runner(
     url: &str,
     name: &str,
@@ -325,6 +326,10 @@ pub(crate) fn spawn_runner(
         .args(extra)
         .arg("--work-dir")
         .arg(work)
+        .env(
+            "KILN_CACHE_DIR",
+            work.parent().unwrap_or(work).join("runner-mirrors"),
+        )
         .env("KILN_LOG", child_log_filter())
         .stdout(Stdio::null())
         .stderr(log_file);

@@ -48,8 +48,11 @@ pub struct RunnerConfig {
     pub slots: u32,
     /// Labels offered to jobs.
     pub labels: BTreeMap<String, String>,
-    /// Where mirrors and checkouts live.
+    /// Where checkouts and the outbox live (and the mirrors, without `cache_dir`).
     pub work_dir: PathBuf,
+    /// Where the repository mirrors live, shared by every runner given the same directory (the
+    /// runners of one machine fetch each new commit once); `None`: `mirrors` in `work_dir`.
+    pub cache_dir: Option<PathBuf>,
     /// Unacknowledged output kept in memory when the spool disk fails, in bytes.
     pub max_buffered_output: usize,
     /// Unacknowledged output spooled to local disk (while the dispatcher is away), in bytes;
@@ -73,6 +76,7 @@ impl RunnerConfig {
         Self {
             dispatcher: dispatcher.into(),
             work_dir: std::env::temp_dir().join(format!("kiln-runner-{name}")),
+            cache_dir: None,
             name,
             slots: 1,
             labels: BTreeMap::new(),
@@ -84,6 +88,21 @@ impl RunnerConfig {
             pass_env: Vec::new(),
         }
     }
+}
+
+/// The default mirror cache of `kiln runner`, shared by the runners of one user on a machine:
+/// `kiln/mirrors` under the user's cache directory (`$XDG_CACHE_HOME`, else `~/.cache`, on
+/// Linux). The directories it creates are the user's alone (mode 0700): mirrors hold the
+/// repositories' code. `None` when there is no home directory.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    let kiln = dirs::cache_dir()?.join("kiln");
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    // A failure shows when the cache is opened, with the path.
+    let _ = builder.create(&kiln);
+    Some(kiln.join("mirrors"))
 }
 
 /// Errors that stop a runner.
@@ -237,8 +256,13 @@ pub async fn run(
             config.work_dir.display()
         ))
     })?;
-    let mirrors = Mirrors::new(config.work_dir.join("mirrors"))
-        .map_err(|e| RunnerError::Config(format!("mirrors: {e}")))?;
+    let mirror_dir = config
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| config.work_dir.join("mirrors"));
+    let mirrors =
+        Mirrors::new(&mirror_dir).map_err(|e| RunnerError::Config(format!("mirror cache: {e}")))?;
+    tracing::info!(cache_dir = %mirrors.root().display(), "repository mirrors");
     let shared = Arc::new(Shared {
         free_slots: Mutex::new((0..config.slots).rev().collect()),
         outbox: Outbox::new(

@@ -215,6 +215,14 @@ impl Proc {
     /// collected.
     pub fn spawn_with_stdout(name: impl Into<String>, mut cmd: Command, stdout: Stdio) -> Proc {
         let name = name.into();
+        // A runner's default mirror cache, unless the test names one: under cargo's temp dir for
+        // tests, not the user's (`Server::runner` gives each test its own).
+        if cmd.get_program() == KILN && !cmd.get_envs().any(|(k, _)| k == "KILN_CACHE_DIR") {
+            cmd.env(
+                "KILN_CACHE_DIR",
+                Path::new(env!("CARGO_TARGET_TMPDIR")).join("runner-mirrors"),
+            );
+        }
         cmd.stdin(Stdio::null())
             .stdout(stdout)
             .stderr(Stdio::piped());
@@ -480,9 +488,12 @@ impl Server {
         out.json()
     }
 
-    /// Starts a runner for this dispatcher with its own work dir under `tmp`.
+    /// Starts a runner for this dispatcher with its own work dir under `tmp` and the mirror
+    /// cache it shares with the test's other runners (`tmp/runner-cache`, as the runners of one
+    /// machine share one) unless `extra` names one.
     pub fn runner(&self, tmp: &Path, name: &str, extra: &[&str]) -> Proc {
         let work = tmp.join(format!("work-{name}"));
+        let cache = tmp.join("runner-cache");
         let mut args = vec![
             "--dispatcher",
             &self.url,
@@ -492,6 +503,9 @@ impl Server {
             "--work-dir",
             work.to_str().unwrap(),
         ];
+        if !extra.contains(&"--cache-dir") {
+            args.extend(["--cache-dir", cache.to_str().unwrap()]);
+        }
         args.extend_from_slice(extra);
         Proc::kiln(format!("kiln runner {name}"), &args)
     }

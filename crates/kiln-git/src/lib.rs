@@ -42,6 +42,9 @@ const MAX_CREDENTIAL_ATTEMPTS: u32 = 3;
 const MAX_SYMLINK_HOPS: usize = 8;
 /// Prefix of the directories in which new mirrors are built before being renamed into place.
 const TMP_PREFIX: &str = ".tmp-";
+/// The directory under the cache root holding one lock file per mirror (never removed: removing
+/// a lock file another process has open would let two processes hold "the" lock).
+const LOCK_DIR: &str = ".locks";
 /// Temporary mirror directories older than this are left over from a crash and removed by [`Mirrors::new`].
 const STALE_TMP_AGE: Duration = Duration::from_secs(3600);
 /// Git's file mode for symbolic links.
@@ -364,9 +367,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A cache of bare mirrors, one per repository URL, under a root directory. Each mirror's directory name is
 /// derived from a hash of the URL plus a readable suffix. Mirrors fetch every ref (`+refs/*:refs/*`, pruned).
 ///
-/// `Mirrors` is `Send + Sync` and may be shared between threads: a lock per URL makes sure two fetches of one
-/// mirror never run at once, while reads need no lock (git writes objects and refs atomically). The lock is
-/// inside this process only: two processes should not share one root.
+/// `Mirrors` is `Send + Sync` and may be shared between threads, and several processes (the runners of one
+/// machine) may share one root: a lock per mirror makes sure two fetches (or a fetch and a repack) of one
+/// mirror never run at once, while reads need no lock (git writes objects and refs atomically). The lock is a
+/// mutex inside the process, then an exclusive `flock` on the mirror's file under `.locks/`, which the
+/// operating system releases when its holder dies. Whoever waited for it looks for the commit again before
+/// fetching, so N processes that need one new commit fetch it once. A fetch killed midway leaves git's lock
+/// files and a partial pack behind; the next holder of the lock removes them (no live writer can own them)
+/// before it fetches.
 #[derive(Debug)]
 pub struct Mirrors {
     /// The absolute directory holding the mirrors.
@@ -374,6 +382,8 @@ pub struct Mirrors {
     /// One lock per mirror directory name, held while the mirror is created or fetched; an entry is removed
     /// when nobody holds or waits for it, so bad URLs do not make the map grow.
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Fetches started by this value (a mirror's creation included), for tests and figures.
+    fetches: AtomicU64,
 }
 
 /// Holds a mirror's lock; removes the map entry on drop when no one else uses it.
@@ -384,9 +394,11 @@ struct MirrorLock<'a> {
 }
 
 impl MirrorLock<'_> {
-    fn with<R>(&self, f: impl FnOnce() -> R) -> R {
-        let Some(lock) = &self.lock else { return f() };
-        let _guard = self::lock(lock);
+    /// Runs `f` holding the mirror's lock: the mutex of this process, then the lock file shared with other
+    /// processes (waiting for both).
+    fn with<R>(&self, f: impl FnOnce() -> Result<R, GitError>) -> Result<R, GitError> {
+        let _guard = self.lock.as_deref().map(self::lock);
+        let _file = self.mirrors.lock_file(&self.key, true)?;
         f()
     }
 }
@@ -420,6 +432,7 @@ impl Mirrors {
         let mirrors = Mirrors {
             root,
             locks: Mutex::new(HashMap::new()),
+            fetches: AtomicU64::new(0),
         };
         mirrors.remove_stale_tmp_dirs();
         Ok(mirrors)
@@ -428,6 +441,53 @@ impl Mirrors {
     /// The directory holding the mirrors.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// How many fetches this value started (each creation of a mirror included). Other processes sharing
+    /// the root count their own.
+    pub fn fetches(&self) -> u64 {
+        self.fetches.load(Ordering::Relaxed)
+    }
+
+    /// Takes the cross-process lock of the mirror `dir_name`: an exclusive `flock` on `.locks/<dir_name>`,
+    /// released when the returned file is closed (or its process dies). Without `wait`, answers `None` when
+    /// another process holds it.
+    fn lock_file(&self, dir_name: &str, wait: bool) -> Result<Option<std::fs::File>, GitError> {
+        let dir = self.root.join(LOCK_DIR);
+        let path = dir.join(dir_name);
+        let context = |what: &str| {
+            format!(
+                "cannot {what} the lock file {} of the mirror cache (every process sharing the cache needs to \
+                 write in it)",
+                path.display()
+            )
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| GitError::io(context("create"), e))?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .or_else(|e| match e.kind() {
+                // Made by another user sharing the cache: an `flock` needs only a read handle.
+                io::ErrorKind::PermissionDenied => std::fs::File::open(&path),
+                _ => Err(e),
+            })
+            .map_err(|e| GitError::io(context("open"), e))?;
+        // `File::lock` of the standard library is newer than the crate's minimum Rust version.
+        match fs4::FileExt::try_lock(&file) {
+            Ok(()) => return Ok(Some(file)),
+            Err(fs4::TryLockError::WouldBlock) if !wait => return Ok(None),
+            Err(fs4::TryLockError::WouldBlock) => {}
+            Err(fs4::TryLockError::Error(e)) => return Err(GitError::io(context("lock"), e)),
+        }
+        info!(
+            mirror = dir_name,
+            "waiting for another process to finish fetching the mirror"
+        );
+        fs4::FileExt::lock(&file).map_err(|e| GitError::io(context("lock"), e))?;
+        Ok(Some(file))
     }
 
     /// Where the mirror of `url` lives (whether or not it exists yet).
@@ -448,7 +508,17 @@ impl Mirrors {
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| SystemTime::now().duration_since(t).ok());
-            if age.is_some_and(|age| age > STALE_TMP_AGE) {
+            if age.is_none_or(|age| age <= STALE_TMP_AGE) {
+                continue;
+            }
+            // `.tmp-<mirror>-<pid>-<n>`: leave it to a process that holds the mirror's lock (it may be
+            // building it still).
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let mirror = name[TMP_PREFIX.len()..]
+                .rsplitn(3, '-')
+                .nth(2)
+                .unwrap_or("");
+            if mirror.is_empty() || matches!(self.lock_file(mirror, false), Ok(Some(_))) {
                 debug!(path = %entry.path().display(), "removing stale temporary mirror");
                 let _ = std::fs::remove_dir_all(entry.path());
             }
@@ -505,7 +575,7 @@ impl Mirrors {
             };
             if !fetched {
                 source.check_local()?;
-                fetch_mirror(&repo, source)?;
+                fetch_mirror(&repo, source, &self.fetches)?;
             }
             match find_commit(&repo, source, &commit)? {
                 Some(oid) => Ok(oid),
@@ -535,7 +605,7 @@ impl Mirrors {
         guard.with(|| match Repository::open_bare(&path) {
             Ok(repo) => {
                 source.check_local()?;
-                fetch_mirror(&repo, &source)
+                fetch_mirror(&repo, &source, &self.fetches)
             }
             Err(_) => self.create_mirror(&source, &path).map(drop),
         })
@@ -553,6 +623,17 @@ impl Mirrors {
                 GitError::io(format!("cannot remove broken mirror {}", path.display()), e)
             })?;
         }
+        // Temporary directories of this mirror are leftovers of a process that died building it: whoever
+        // builds one holds the lock.
+        if let Ok(entries) = std::fs::read_dir(&self.root) {
+            let prefix = format!("{TMP_PREFIX}{}-", source.dir_name);
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    debug!(path = %entry.path().display(), "removing a mirror left half-built");
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let tmp = self.root.join(format!(
             "{TMP_PREFIX}{}-{}-{}",
@@ -567,7 +648,7 @@ impl Mirrors {
             let repo = Repository::init_opts(&tmp, &opts)
                 .map_err(|e| GitError::git(format!("cannot create mirror {}", tmp.display()), e))?;
             configure_mirror_remote(&repo, source)?;
-            fetch_mirror(&repo, source)
+            fetch_mirror(&repo, source, &self.fetches)
         })();
         if let Err(e) = built {
             let _ = std::fs::remove_dir_all(&tmp);
@@ -728,9 +809,11 @@ fn configure_mirror_remote(repo: &Repository, source: &Source) -> Result<(), Git
     Ok(())
 }
 
-/// Fetches every ref of the mirror's remote, pruning refs that are gone. Any failure means the URL cannot be
-/// fetched: [`GitError::RepositoryNotFound`].
-fn fetch_mirror(repo: &Repository, source: &Source) -> Result<(), GitError> {
+/// Fetches every ref of the mirror's remote, pruning refs that are gone, counting it in `fetches`. Any
+/// failure means the URL cannot be fetched: [`GitError::RepositoryNotFound`]. Call with the mirror's lock
+/// held: what an interrupted fetch left behind is removed first.
+fn fetch_mirror(repo: &Repository, source: &Source, fetches: &AtomicU64) -> Result<(), GitError> {
+    remove_interrupted_writes(repo.path());
     let mut remote = match repo.find_remote(REMOTE_NAME) {
         Ok(remote) => remote,
         Err(_) => {
@@ -746,6 +829,7 @@ fn fetch_mirror(repo: &Repository, source: &Source) -> Result<(), GitError> {
         .prune(FetchPrune::On)
         .download_tags(AutotagOption::None);
     let started = std::time::Instant::now();
+    fetches.fetch_add(1, Ordering::Relaxed);
     remote
         .fetch(&[MIRROR_REFSPEC], Some(&mut options), Some("kiln: fetch"))
         .map_err(|e| {
@@ -770,6 +854,47 @@ fn fetch_mirror(repo: &Repository, source: &Source) -> Result<(), GitError> {
         warn!(url = %source.url, error = %e, "cannot repack mirror");
     }
     Ok(())
+}
+
+/// Removes what a writer killed midway (a fetch, a repack) leaves in the mirror at `git_dir`: git's lock
+/// files (`HEAD.lock`, `packed-refs.lock`, `refs/**/*.lock`, `*.idx.lock`), which would make every later
+/// fetch fail, and partial packs (`pack_git2_*`, `tmp_pack_*`, a `.pack` without its `.idx`), which only
+/// take space. What was written completely stays: git writes packs before the refs that need them. Call
+/// with the mirror's lock held: every writer of a mirror holds it, so no live writer owns these files.
+fn remove_interrupted_writes(git_dir: &Path) {
+    fn walk(dir: &Path, pack_dir: &Path, removed: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                walk(&path, pack_dir, removed);
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let leftover = name.ends_with(".lock")
+                || (dir == pack_dir && {
+                    let ext = path.extension().and_then(OsStr::to_str).unwrap_or("");
+                    !matches!(
+                        ext,
+                        "pack" | "idx" | "rev" | "bitmap" | "keep" | "mtimes" | "promisor"
+                    ) || (ext == "pack" && !path.with_extension("idx").exists())
+                });
+            if leftover && std::fs::remove_file(&path).is_ok() {
+                removed.push(path);
+            }
+        }
+    }
+    let pack_dir = git_dir.join("objects").join("pack");
+    let mut removed = Vec::new();
+    walk(git_dir, &pack_dir, &mut removed);
+    if !removed.is_empty() {
+        warn!(mirror = %git_dir.display(), files = ?removed, "removed what an interrupted fetch left in the mirror");
+    }
 }
 
 /// The pack files (`*.pack`) of a repository's object database.

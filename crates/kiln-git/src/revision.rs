@@ -88,7 +88,7 @@ impl Mirrors {
         let repo = guard.with(|| match Repository::open_bare(&path) {
             Ok(repo) => {
                 source.check_local()?;
-                fetch_mirror(&repo, &source)?;
+                fetch_mirror(&repo, &source, &self.fetches)?;
                 Ok(repo)
             }
             Err(_) => self.create_mirror(&source, &path),

@@ -90,10 +90,12 @@ fn mirrors() -> (TempDir, Mirrors) {
     (dir, mirrors)
 }
 
+/// The mirrors (and temporary directories) under the root; the lock files' directory is left out.
 fn root_entries(mirrors: &Mirrors) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(mirrors.root())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name != LOCK_DIR)
         .collect();
     names.sort();
     names
@@ -1080,4 +1082,136 @@ fn many_fetches_keep_the_pack_count_bounded() {
         .checkout(&src.url(), &first.to_string(), &work)
         .unwrap();
     assert_eq!(std::fs::read(work.join("a")).unwrap(), b"0");
+}
+
+/// Several processes share one cache root (the runners of one machine): each `Mirrors` here has
+/// its own in-process locks, as separate processes do, and its own open lock files (an `flock`
+/// is per open file, so they exclude each other as processes would). All of them need one new
+/// commit at once: exactly one fetches it, the others wait on the mirror's lock file and find it
+/// there. A commit already present is never fetched.
+#[test]
+fn caches_sharing_a_root_fetch_a_new_commit_once() {
+    let src = Source::new();
+    let url = src.url();
+    let c1 = src.commit(&[("a", File(b"1"))]);
+    let root = TempDir::new().unwrap();
+    let caches: Vec<Mirrors> = (0..6).map(|_| Mirrors::new(root.path()).unwrap()).collect();
+    let total = |caches: &[Mirrors]| caches.iter().map(Mirrors::fetches).sum::<u64>();
+    let work = TempDir::new().unwrap();
+    for (round, files) in [&[("a", File(b"2"))], &[("a", File(b"3"))]]
+        .iter()
+        .enumerate()
+    {
+        let before = total(&caches);
+        // The first round also races on creating the mirror.
+        let commit = if round == 0 { c1 } else { src.commit(*files) };
+        let barrier = std::sync::Barrier::new(caches.len());
+        std::thread::scope(|s| {
+            for (i, cache) in caches.iter().enumerate() {
+                let (barrier, url, work) = (&barrier, &url, work.path());
+                s.spawn(move || {
+                    barrier.wait();
+                    let dest = work.join(i.to_string());
+                    cache.checkout(url, &commit.to_string(), &dest).unwrap();
+                    assert_eq!(
+                        Repository::open(&dest).unwrap().head().unwrap().target(),
+                        Some(commit)
+                    );
+                });
+            }
+        });
+        assert_eq!(total(&caches) - before, 1, "round {round}: fetches");
+    }
+    // Present already: no fetch at all.
+    let before = total(&caches);
+    for cache in &caches {
+        cache.ensure_commit(&url, &c1.to_string()).unwrap();
+    }
+    assert_eq!(total(&caches), before);
+    assert_eq!(root_entries(&caches[0]).len(), 1);
+}
+
+/// The lock is the operating system's: a process that holds a mirror's lock and is killed
+/// (SIGKILL, no chance to clean up) releases it, and a cache waiting for it goes on.
+#[test]
+fn a_killed_lock_holder_releases_the_mirror() {
+    let src = Source::new();
+    let url = src.url();
+    src.commit(&[("a", File(b"1"))]);
+    let (_dir, mirrors) = mirrors();
+    mirrors.fetch(&url).unwrap();
+    let c2 = src.commit(&[("a", File(b"2"))]);
+    let dir_name = super::Source::parse(&url).unwrap().dir_name;
+    let lock_path = mirrors.root().join(LOCK_DIR).join(&dir_name);
+    // Another process takes the mirror's lock and keeps it.
+    let script = "import fcntl, sys, time\n\
+                  f = open(sys.argv[1], 'a')\n\
+                  fcntl.flock(f, fcntl.LOCK_EX)\n\
+                  print('locked', flush=True)\n\
+                  time.sleep(600)\n";
+    let Ok(mut holder) = Command::new("python3")
+        .args(["-c", script, lock_path.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("python3 not found; skipping");
+        return;
+    };
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "locked");
+    assert!(mirrors.lock_file(&dir_name, false).unwrap().is_none());
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| mirrors.ensure_commit(&url, &c2.to_string()));
+        holder.kill().unwrap();
+        holder.wait().unwrap();
+        assert_eq!(waiter.join().unwrap().unwrap(), c2.to_string());
+    });
+    assert_eq!(mirrors.fetches(), 2);
+}
+
+/// A fetch killed midway leaves git's lock files and a partial pack in the mirror; with them a
+/// later fetch fails ("the lock file exists"). The next holder of the mirror's lock removes them
+/// (no live writer owns them) and fetches; what was complete stays.
+#[test]
+fn a_fetch_killed_midway_does_not_break_the_mirror() {
+    let src = Source::new();
+    let url = src.url();
+    let c1 = src.commit(&[("a", File(b"1"))]);
+    let (dir, mirrors) = mirrors();
+    mirrors.ensure_commit(&url, &c1.to_string()).unwrap();
+    let mirror = mirrors.mirror_path(&url).unwrap();
+    let pack_dir = mirror.join("objects/pack");
+    let packs_before = pack_files(&Repository::open_bare(&mirror).unwrap()).unwrap();
+    let leftovers = [
+        mirror.join("HEAD.lock"),
+        mirror.join("packed-refs.lock"),
+        mirror.join("refs/heads/main.lock"),
+        pack_dir.join("pack_git2_a1b2c3"),
+        pack_dir.join(format!("pack-{}.pack", "0".repeat(40))),
+        pack_dir.join(format!("pack-{}.idx.lock", "1".repeat(40))),
+    ];
+    for path in &leftovers {
+        std::fs::write(path, b"partial").unwrap();
+    }
+    let c2 = src.commit(&[("a", File(b"2"))]);
+    assert_eq!(
+        mirrors.ensure_commit(&url, &c2.to_string()).unwrap(),
+        c2.to_string()
+    );
+    for path in &leftovers {
+        assert!(!path.exists(), "{} is left", path.display());
+    }
+    for pack in &packs_before {
+        assert!(pack.exists(), "{} was removed", pack.display());
+    }
+    let repo = Repository::open_bare(&mirror).unwrap();
+    assert_eq!(repo.refname_to_id("refs/heads/main").unwrap(), c2);
+    let work = dir.path().join("work");
+    mirrors.checkout(&url, &c1.to_string(), &work).unwrap();
+    assert_eq!(std::fs::read(work.join("a")).unwrap(), b"1");
 }
