@@ -523,7 +523,9 @@ impl Dispatcher {
 
     /// Marks the disk full (a write failed for want of space) and returns the error to report.
     fn disk_full(&self, what: &str) -> DispatchError {
-        self.inner.space.mark_full(what);
+        if self.inner.space.mark_full(what) {
+            self.free_space();
+        }
         DispatchError::ResourceExhausted(
             self.inner
                 .space
@@ -534,10 +536,41 @@ impl Dispatcher {
 
     /// Refuses new work while the data directory's disk is full.
     fn admit(&self) -> Result<(), DispatchError> {
-        self.inner
-            .space
-            .admit()
-            .map_err(DispatchError::ResourceExhausted)
+        let was_full = self.inner.space.is_full();
+        let admitted = self.inner.space.admit();
+        if !was_full && self.inner.space.is_full() {
+            self.free_space();
+        }
+        admitted.map_err(DispatchError::ResourceExhausted)
+    }
+
+    /// The disk just filled up: drops from running jobs' logs the output of their superseded
+    /// attempts (runners lost earlier), which nobody needs to finish the job.
+    fn free_space(&self) {
+        let live: Vec<(JobId, AttemptId)> = self
+            .state()
+            .attempts
+            .iter()
+            .map(|(a, live)| (live.job_id, *a))
+            .collect();
+        let logs = self.inner.logs.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut freed = 0;
+            for (job, keep) in live {
+                match logs.drop_attempts(job, keep) {
+                    Ok(n) => freed += n,
+                    Err(e) => {
+                        tracing::warn!(job, cause = %error_chain(&e), "cannot drop superseded output")
+                    }
+                }
+            }
+            if freed > 0 {
+                tracing::warn!(
+                    freed,
+                    "dropped superseded attempts' output from running jobs' logs to free space"
+                );
+            }
+        });
     }
 
     /// Publishes what a state change did, and wakes followers of a job that ended.

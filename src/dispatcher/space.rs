@@ -100,10 +100,11 @@ impl Space {
         }
     }
 
-    /// Records that a write failed for want of space.
-    pub(super) fn mark_full(&self, what: &str) {
+    /// Records that a write failed for want of space; `true` when the disk was not full yet.
+    pub(super) fn mark_full(&self, what: &str) -> bool {
         let mut full = self.full();
-        if full.is_none() {
+        let newly = full.is_none();
+        if newly {
             let cause = format!("{what} failed: {}", self.describe());
             tracing::error!(cause = %cause, "the data directory's disk is full; new work is refused and running jobs pause until space is freed");
             *full = Some(Full {
@@ -111,6 +112,7 @@ impl Space {
                 cause,
             });
         }
+        newly
     }
 
     /// Before accepting new work: an error while the disk is full (or below the minimum).

@@ -11,6 +11,12 @@
 //! decompresses at most one such frame before its data: offsets, lengths and reads are the same
 //! before and after. Any zstd decoder can read a sealed log whole (`zstd -d`). A late append to
 //! a sealed log unseals it first.
+//!
+//! Each frame names its attempt, so the output of attempts that were superseded (their runner
+//! was lost and the job runs again) can be dropped from a running job's log when the disk is
+//! full ([`LogStore::drop_attempts`]): each run of such frames becomes one *dropped* frame
+//! (stream 0, no payload, `seq` = the bytes that follow it) over a hole punched in the file.
+//! Offsets stay valid; readers get one system line saying what was dropped in its place.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -28,6 +34,10 @@ pub const SEAL_FRAME: u32 = 1 << 20;
 /// zstd level of sealed logs (the library's default: fast, and output compresses well).
 const SEAL_LEVEL: i32 = 3;
 const HEADER_LEN: usize = 28;
+/// `stream` of a dropped frame: the `seq` bytes after its header were dropped (a hole).
+const DROPPED: u8 = 0;
+/// `stream` of kiln's own lines (the wire's `OutputStream::System`).
+const SYSTEM: u8 = 3;
 /// Largest frame payload accepted.
 pub const MAX_FRAME: usize = 1 << 20;
 
@@ -168,6 +178,15 @@ fn decode_header(b: &[u8; HEADER_LEN]) -> Option<(FrameHeader, usize)> {
     ))
 }
 
+/// Bytes after a frame's header: its payload, or for a dropped frame the hole it stands for.
+fn body_len(h: &FrameHeader, len: usize) -> u64 {
+    if h.stream == DROPPED {
+        h.seq
+    } else {
+        len as u64
+    }
+}
+
 /// Walks the frames of a file from the start; returns the offset after the last whole frame and
 /// the last sequence number seen per attempt.
 fn scan(file: &mut File, path: &Path) -> Result<(u64, HashMap<AttemptId, u64>), LogError> {
@@ -191,16 +210,19 @@ fn scan_reader(
         let Some((h, len)) = decode_header(&header) else {
             break;
         };
-        if pos + (HEADER_LEN + len) as u64 > size {
+        let body = body_len(&h, len);
+        if pos + HEADER_LEN as u64 + body > size {
             break;
         }
-        let skipped = std::io::copy(&mut (&mut reader).take(len as u64), &mut std::io::sink())
+        let skipped = std::io::copy(&mut (&mut reader).take(body), &mut std::io::sink())
             .map_err(io_err(path))?;
-        if skipped != len as u64 {
+        if skipped != body {
             break;
         }
-        pos += (HEADER_LEN + len) as u64;
-        last.insert(h.attempt, h.seq);
+        pos += HEADER_LEN as u64 + body;
+        if h.stream != DROPPED {
+            last.insert(h.attempt, h.seq);
+        }
     }
     Ok((pos, last))
 }
@@ -390,6 +412,77 @@ impl LogStore {
         Ok(())
     }
 
+    /// Drops the output of every attempt but `keep` from a job's plain log (a running job
+    /// whose earlier attempts were superseded), to free disk space: each run of their frames
+    /// becomes a dropped frame over a hole punched in the file (see the module docs). Returns
+    /// the bytes freed (0 for a sealed log, or where the file system cannot punch holes: the
+    /// log is still consistent, the bytes just stay).
+    pub fn drop_attempts(&self, job: JobId, keep: AttemptId) -> Result<u64, LogError> {
+        use nix::fcntl::{FallocateFlags, fallocate};
+        use std::os::unix::fs::FileExt;
+        let path = self.path(job);
+        // No append to this job meanwhile.
+        let writers = self.writers();
+        let mut file = match OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let size = match writers.get(&job) {
+            Some((_, len)) => *len,
+            None => file.metadata().map_err(io_err(&path))?.len(),
+        };
+        // Runs of consecutive frames of one attempt other than `keep`: (start, end, attempt).
+        let mut runs: Vec<(u64, u64, AttemptId)> = Vec::new();
+        let mut reader = std::io::BufReader::new(&mut file);
+        let (mut pos, mut header) = (0u64, [0u8; HEADER_LEN]);
+        while pos + HEADER_LEN as u64 <= size {
+            reader.read_exact(&mut header).map_err(io_err(&path))?;
+            let Some((h, len)) = decode_header(&header) else {
+                break;
+            };
+            let body = body_len(&h, len);
+            let end = pos + HEADER_LEN as u64 + body;
+            if end > size {
+                break;
+            }
+            reader.seek_relative(body as i64).map_err(io_err(&path))?;
+            if h.attempt != keep && h.stream != DROPPED {
+                match runs.last_mut() {
+                    Some((_, e, a)) if *e == pos && *a == h.attempt => *e = end,
+                    _ => runs.push((pos, end, h.attempt)),
+                }
+            }
+            pos = end;
+        }
+        drop(reader);
+        let mut freed = 0;
+        for (start, end, attempt) in runs {
+            let hole = end - start - HEADER_LEN as u64;
+            let h = FrameHeader {
+                attempt,
+                seq: hole,
+                step: 0,
+                stream: DROPPED,
+            };
+            // The header first: from then on readers skip the range, whatever it holds.
+            file.write_all_at(&encode_header(&h, 0), start)
+                .map_err(io_err(&path))?;
+            let punched = fallocate(
+                &file,
+                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                (start + HEADER_LEN as u64) as i64,
+                hole as i64,
+            );
+            if punched.is_ok() {
+                freed += hole;
+            }
+        }
+        file.sync_data().map_err(io_err(&path))?;
+        drop(writers);
+        Ok(freed)
+    }
+
     /// The log's current length (0 if it has no output).
     pub fn len(&self, job: JobId) -> Result<u64, LogError> {
         if let Some((_, len)) = self.writers().get(&job) {
@@ -483,15 +576,32 @@ impl LogStore {
                     size: limit,
                 });
             };
-            if pos + (HEADER_LEN + len) as u64 > limit {
+            let body = body_len(&h, len);
+            if pos + HEADER_LEN as u64 + body > limit {
                 break;
             }
-            let mut data = vec![0u8; len];
-            reader.read_exact(&mut data).map_err(io_err(&path))?;
-            pos += (HEADER_LEN + len) as u64;
-            total += len;
+            let (header, data) = if h.stream == DROPPED {
+                std::io::copy(&mut (&mut reader).take(body), &mut std::io::sink())
+                    .map_err(io_err(&path))?;
+                let note = format!(
+                    "kiln: {body} bytes of output of attempt {} were dropped to free disk space\n",
+                    h.attempt
+                );
+                let header = FrameHeader {
+                    stream: SYSTEM,
+                    seq: 0,
+                    ..h
+                };
+                (header, note.into_bytes())
+            } else {
+                let mut data = vec![0u8; len];
+                reader.read_exact(&mut data).map_err(io_err(&path))?;
+                (h, data)
+            };
+            pos += HEADER_LEN as u64 + body;
+            total += data.len();
             frames.push(Frame {
-                header: h,
+                header,
                 data,
                 next_offset: pos,
             });
@@ -685,6 +795,59 @@ mod tests {
         let tail = logs.read(3, end, next, 100).unwrap();
         assert_eq!(tail.frames[0].data, b"late\n");
         assert_eq!(logs.read(3, 0, next, usize::MAX).unwrap().frames.len(), 901);
+    }
+
+    /// A superseded attempt's output is dropped from a running job's log: the disk blocks are
+    /// freed, every offset of the kept attempt reads the same, a reader from the start gets one
+    /// line saying what was dropped, and appends, sequence numbers and sealing go on as before.
+    #[test]
+    fn a_superseded_attempts_output_is_dropped_and_offsets_stay() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let logs = LogStore::open(dir.path()).unwrap();
+        let chunk = [b'x'; 64 << 10];
+        for seq in 1..=32 {
+            logs.append(5, &h(1, seq), &chunk).unwrap();
+        }
+        let kept_from = logs.len(5).unwrap();
+        let mut ends = vec![kept_from];
+        for seq in 1..=4 {
+            ends.push(logs.append(5, &h(2, seq), b"second attempt\n").unwrap());
+        }
+        let end = *ends.last().unwrap();
+        let before: Vec<ReadResult> = ends
+            .iter()
+            .map(|&o| logs.read(5, o, end, 1 << 20).unwrap())
+            .collect();
+        let path = dir.path().join("5.log");
+        let blocks = || std::fs::metadata(&path).unwrap().blocks() * 512;
+        let on_disk = blocks();
+        let freed = logs.drop_attempts(5, 2).unwrap();
+        assert_eq!(freed, 32 * (64 << 10) + 31 * HEADER_LEN as u64);
+        assert!(
+            blocks() + (1 << 20) < on_disk,
+            "{} of {on_disk} bytes still on disk",
+            blocks()
+        );
+        assert_eq!(logs.len(5).unwrap(), end);
+        for (o, want) in ends.iter().zip(&before) {
+            assert_eq!(&logs.read(5, *o, end, 1 << 20).unwrap(), want, "offset {o}");
+        }
+        let all = logs.read(5, 0, end, usize::MAX).unwrap();
+        assert_eq!(all.frames.len(), 5);
+        assert_eq!(all.frames[0].header.stream, SYSTEM);
+        assert_eq!(all.frames[0].header.attempt, 1);
+        assert_eq!(all.frames[0].next_offset, kept_from);
+        let note = String::from_utf8(all.frames[0].data.clone()).unwrap();
+        assert!(note.contains("attempt 1 were dropped"), "{note}");
+        assert_eq!(logs.last_seq(5, 2).unwrap(), 4);
+        assert_eq!(logs.drop_attempts(5, 2).unwrap(), 0, "nothing left to drop");
+        let next = logs.append(5, &h(2, 5), b"more\n").unwrap();
+        logs.sync(5).unwrap();
+        logs.seal(5).unwrap().unwrap();
+        let sealed = logs.read(5, 0, next, usize::MAX).unwrap();
+        assert_eq!(sealed.frames[..5], all.frames[..]);
+        assert_eq!(sealed.frames[5].data, b"more\n");
     }
 
     #[test]
