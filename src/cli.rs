@@ -725,6 +725,9 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
             if before.json {
                 return Err(CliError::new(exit::USAGE, "kiln runner takes no --json"));
             }
+            // Files the runner's parent left open (a supervisor, a shell's `exec 3<file`) are
+            // not handed on to build steps, nor to the runner started again without its token.
+            close_fds::set_fds_cloexec_threadsafe(3, &[]);
             let conn = ClientArgs::from(args.client.clone()).connection(&before);
             runner(&conn, args).await
         }

@@ -272,3 +272,39 @@ fn a_runner_whose_certificate_is_refused_stops_with_the_reason() {
     let _good = spawn_runner(&server.url, "good", &tmp.path().join("w-good"), &cert, &[]);
     wait_attached(&server.url, &["--tls-ca", ca], "good");
 }
+
+/// A runner started by a process that left file descriptors open (a supervisor, a CI agent, a
+/// shell with `exec 3<file`) does not hand them to its build steps: a step lists its own
+/// descriptors and finds only its standard ones.
+#[test]
+fn build_steps_do_not_inherit_the_runners_open_files() {
+    let tmp = tempdir();
+    let (repo, sha) = Repo::with_pipeline(
+        &tmp.path().join("repo"),
+        "steps:\n  - name: fds\n    run: ls -l /proc/$$/fd\n",
+    );
+    let server = Server::start(&tmp.path().join("data"), HEARTBEATS);
+    // An open file the runner inherits: `dup` makes a descriptor without close-on-exec.
+    let held = tmp.path().join("held-by-the-runners-parent.txt");
+    let file = std::fs::File::create(&held).unwrap();
+    let inherited = nix::unistd::dup(&file).unwrap();
+    let runner = server.runner(tmp.path(), "r1", &[]);
+    drop(inherited);
+    server.wait_runners_attached(&["r1"]);
+    let runner_fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", runner.pid()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .map(|p| p.display().to_string())
+        .collect();
+    assert!(
+        runner_fds
+            .iter()
+            .any(|p| p.contains("held-by-the-runners-parent")),
+        "the runner did not inherit the file (the test proves nothing): {runner_fds:?}"
+    );
+    let id = id_of(&server.submit(&repo.path, &sha));
+    assert_eq!(server.wait_final(id, LONG)["state"], "passed");
+    let log = server.cli(&["logs", &id.to_string()]).expect_code(0).out();
+    assert!(!log.contains("held-by-the-runners-parent"), "{log}");
+    assert!(log.contains("/dev/null") || log.contains("pipe:"), "{log}");
+}
