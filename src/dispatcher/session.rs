@@ -286,8 +286,6 @@ impl Dispatcher {
         // the session being stopped by the dispatcher.
         let mut closed = false;
 
-        let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => {
@@ -295,11 +293,6 @@ impl Dispatcher {
                     // drain, shutdown): tell the runner, which re-attaches if it is alive.
                     let _ = tx.try_send(Err(Status::unavailable("the dispatcher ended this session; attach again")));
                     break;
-                }
-                _ = heartbeat.tick() => {
-                    let hb = Out::Heartbeat(proto::Heartbeat { running_attempts: vec![], sent_at_ms: now_millis(), draining: false, lists_held: false });
-                    // Never wait on a heartbeat: if the channel is full, the runner is busy reading anyway.
-                    let _ = tx.try_send(msg(hb));
                 }
                 m = inbound.next() => match m {
                     Some(Ok(m)) => {
@@ -652,6 +645,15 @@ impl Dispatcher {
                 "hello may only be sent once per stream",
             )),
             Some(In::Heartbeat(hb)) => {
+                // The dispatcher's heartbeat answers the runner's (one wake-up per runner and
+                // interval, not two): the runner hears from the dispatcher at its interval.
+                // Never wait on it: if the channel is full, the runner is busy reading anyway.
+                let _ = tx.try_send(msg(Out::Heartbeat(proto::Heartbeat {
+                    running_attempts: vec![],
+                    sent_at_ms: now_millis(),
+                    draining: false,
+                    lists_held: false,
+                })));
                 if hb.draining {
                     self.set_draining(runner, sid);
                 }

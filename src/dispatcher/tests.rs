@@ -941,3 +941,26 @@ async fn a_job_ended_without_its_runner_has_its_log_sealed() {
     stop.cancel();
     bg.await.unwrap();
 }
+
+/// The dispatcher answers each runner heartbeat with its own (the runner hears from it at its
+/// own interval) and sends none unasked (an idle farm wakes it once per runner and interval).
+#[tokio::test]
+async fn the_dispatcher_answers_heartbeats() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dispatcher(dir.path());
+    let (tx, mut out, _) = attach(&d, "beating", vec![]).await;
+    // Three intervals without a runner heartbeat: nothing comes.
+    let quiet = tokio::time::timeout(Duration::from_millis(600), out.next()).await;
+    assert!(quiet.is_err(), "unasked: {quiet:?}");
+    for _ in 0..3 {
+        tx.send(m(In::Heartbeat(proto::Heartbeat::default())))
+            .await
+            .unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(20), out.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(matches!(answer.kind, Some(Out::Heartbeat(_))), "{answer:?}");
+    }
+}
