@@ -58,19 +58,6 @@ fn wait_log(server: &Server, id: u64, needle: &str) {
     );
 }
 
-/// Processes of one attempt's steps still alive (found by the marker and the attempt id in
-/// their environment).
-fn attempt_processes(marker: &str, attempt: u64) -> Vec<(i32, String)> {
-    let want = format!("KILN_ATTEMPT_ID={attempt}\0");
-    processes_with(marker)
-        .into_iter()
-        .filter(|(pid, _)| {
-            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            contains(&env, want.as_bytes())
-        })
-        .collect()
-}
-
 fn wait_no_processes(what: &str, timeout: Duration, mut left: impl FnMut() -> Vec<(i32, String)>) {
     wait_for(what, timeout, || {
         let l = left();
@@ -137,6 +124,9 @@ struct Farm {
     server: Server,
     names: [&'static str; 3],
     runners: Vec<Proc>,
+    /// When each runner process was started (ms since the epoch): attempts given to it are
+    /// those created since.
+    born: Vec<i64>,
     started: Instant,
 }
 
@@ -145,6 +135,7 @@ impl Farm {
         let data = tmp.join("data");
         let server = Server::start(&data, SHORT_HEARTBEATS);
         let names = ["c1", "c2", "c3"];
+        let born = vec![epoch_ms(); names.len()];
         let runners = names
             .iter()
             .map(|n| server.runner(tmp, n, &["--slots", "1"]))
@@ -157,6 +148,7 @@ impl Farm {
             server,
             names,
             runners,
+            born,
             started: Instant::now(),
         }
     }
@@ -170,6 +162,7 @@ impl Farm {
                 let v = rng.range(0, self.names.len() as u64) as usize;
                 self.runners[v].signal(Signal::SIGKILL);
                 self.runners[v].wait(LONG);
+                self.born[v] = epoch_ms();
                 self.runners[v] = self
                     .server
                     .runner(&self.tmp, self.names[v], &["--slots", "1"]);
@@ -213,22 +206,25 @@ impl Farm {
             Fault::StopRunnerBriefly => {
                 let v = rng.range(0, self.names.len() as u64) as usize;
                 let name = self.names[v];
-                let lost_before = lost_attempts_of(&self.data, name);
+                let lost_before = lost_attempts_of(&self.data, name, self.born[v]);
                 let pids = signal_tree(self.runners[v].pid(), Signal::SIGSTOP);
                 let pause = rng.millis(50, 400);
                 std::thread::sleep(pause);
                 for &p in &pids {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), Signal::SIGCONT);
                 }
-                let lost = lost_attempts_of(&self.data, name) - lost_before;
+                let lost: Vec<i64> = lost_attempts_of(&self.data, name, self.born[v])
+                    .into_iter()
+                    .filter(|a| !lost_before.contains(a))
+                    .collect();
                 format!(
                     "SIGSTOP runner {name} with its steps ({} processes) at {at:?} for \
                      {pause:?}: {}",
                     pids.len(),
-                    if lost == 0 {
+                    if lost.is_empty() {
                         "lease kept".to_string()
                     } else {
-                        format!("{lost} attempts lost")
+                        format!("attempts {lost:?} lost meanwhile")
                     }
                 )
             }

@@ -395,16 +395,28 @@ pub fn attempt_state(data: &Path, attempt: i64) -> String {
     .unwrap()
 }
 
-/// How many of `runner`'s attempts the dispatcher declared lost.
-pub fn lost_attempts_of(data: &Path, runner: &str) -> i64 {
+/// The attempts given to `runner` at or after `since` (ms since the epoch, the store's
+/// clock) that the dispatcher declared lost.
+pub fn lost_attempts_of(data: &Path, runner: &str, since: i64) -> Vec<i64> {
     let db = open_db(data);
-    db.query_row(
-        "SELECT COUNT(*) FROM attempts a JOIN runners r ON r.id = a.runner_id \
-         WHERE r.name = ?1 AND a.state = 'lost'",
-        [runner],
-        |r| r.get(0),
-    )
-    .unwrap()
+    let mut stmt = db
+        .prepare(
+            "SELECT a.id FROM attempts a JOIN runners r ON r.id = a.runner_id \
+             WHERE r.name = ?1 AND a.state = 'lost' AND a.created_at >= ?2 ORDER BY a.id",
+        )
+        .unwrap();
+    stmt.query_map(rusqlite::params![runner, since], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+}
+
+/// Now, in ms since the epoch (the store's clock).
+pub fn epoch_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 /// `kiln logs --all-attempts ID` (stdout: every attempt's output and kiln's own lines).
@@ -612,6 +624,19 @@ pub fn processes_with(marker: &str) -> Vec<(i32, String)> {
     found
 }
 
+/// Processes of one attempt's steps still alive (found by the marker and the attempt id in
+/// their environment).
+pub fn attempt_processes(marker: &str, attempt: u64) -> Vec<(i32, String)> {
+    let want = format!("KILN_ATTEMPT_ID={attempt}\0");
+    processes_with(marker)
+        .into_iter()
+        .filter(|(pid, _)| {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            contains(&env, want.as_bytes())
+        })
+        .collect()
+}
+
 /// Kills, on drop, every process carrying `marker` (steps this test made and kiln left
 /// behind), so a failing test does not leak them.
 pub struct MarkerReaper(pub String);
@@ -759,16 +784,22 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// Creates `kiln-<pid>` with veth `kvh<pid>`/`kvn<pid>` on 10.200.X.0/30, X from the pid.
+    /// Creates `kiln-<pid>-<k>` with veth `kvh<pid>x<k>`/`kvn<pid>x<k>` on 10.200.X.4k/30, X
+    /// from the pid, k counting the namespaces this process made (tests of one file run at
+    /// the same time, each with its own).
     pub fn create() -> Result<Netns, String> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 64;
         let pid = std::process::id();
         let x = pid % 250 + 1;
+        // Interface names have at most 15 bytes: "kvh" + 7 digits + "x" + 2 digits.
+        let tag = format!("{}x{k}", pid % 10_000_000);
         let ns = Netns {
-            name: format!("kiln-{pid}"),
-            host_if: format!("kvh{}", pid % 1_000_000_000),
-            ns_if: format!("kvn{}", pid % 1_000_000_000),
-            host_ip: format!("10.200.{x}.1"),
-            ns_ip: format!("10.200.{x}.2"),
+            name: format!("kiln-{pid}-{k}"),
+            host_if: format!("kvh{tag}"),
+            ns_if: format!("kvn{tag}"),
+            host_ip: format!("10.200.{x}.{}", 4 * k + 1),
+            ns_ip: format!("10.200.{x}.{}", 4 * k + 2),
         };
         // Leftovers of an earlier run with the same pid.
         let _ = ip(&["link", "del", &ns.host_if]);
