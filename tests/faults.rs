@@ -169,13 +169,13 @@ impl Farm {
                 format!("SIGKILL runner {} at {at:?}", self.names[v])
             }
             Fault::StopRunnerPastLease => {
-                // A runner in the middle of a job that was never lost (so this loss is its
-                // first): the first one found from a random start.
+                // A runner process in the middle of a job of its own that was never lost (so
+                // this loss is its first): the first one found from a random start.
                 let first = rng.range(0, self.names.len() as u64) as usize;
                 let busy = (0..self.names.len())
                     .map(|i| (first + i) % self.names.len())
                     .find_map(|v| {
-                        fresh_running_attempts(&self.data, self.names[v])
+                        fresh_running_attempts(&self.data, self.names[v], self.born[v])
                             .first()
                             .map(|&(_, a)| (v, a))
                     });

@@ -165,7 +165,7 @@ fn partitioned_runners_late_result_is_refused() {
     drop(island);
 }
 
-/// Fifteen builds of a 3 s step on the island and two mainland runners (one slot each). Three
+/// Twenty builds of a 3 s step on the island and two mainland runners (one slot each). Three
 /// times, a seeded moment into one of the island's steps (of a job never lost before), the
 /// island's link is cut; it stays cut until the dispatcher has declared the attempt lost (the
 /// island shows offline) and the job runs again on the mainland, and a random while longer,
@@ -177,7 +177,7 @@ fn partitioned_runners_late_result_is_refused() {
 /// process left. `KILN_CHAOS_SEED=N` replays the same moments.
 #[test]
 fn chaos_link_cuts_past_the_lease_refuse_the_late_claims() {
-    const BUILDS: usize = 15;
+    const BUILDS: usize = 20;
     const LINES: u32 = 60;
     const CUTS: usize = 3;
     let Some(ns) = namespace_or_skip() else {
@@ -216,7 +216,7 @@ fn chaos_link_cuts_past_the_lease_refuse_the_late_claims() {
     let mut ran_on = 0;
     for _ in 0..CUTS {
         let (job, attempt) = wait_for("the island to run a job never lost", LONG, || {
-            fresh_running_attempts(&data, "island")
+            fresh_running_attempts(&data, "island", 0)
                 .first()
                 .copied()
                 .ok_or_else(|| "none".to_string())

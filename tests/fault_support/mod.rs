@@ -369,21 +369,25 @@ pub fn wait_calm(data: &Path) -> bool {
     risky_jobs(data) == 0
 }
 
-/// Running attempts of `runner`'s whose job was never lost, as (job, attempt).
-pub fn fresh_running_attempts(data: &Path, runner: &str) -> Vec<(i64, i64)> {
+/// Running attempts given to `runner` at or after `since` (ms since the epoch: its process's
+/// start, so not an attempt of a killed process under the same name) whose job was never lost,
+/// as (job, attempt).
+pub fn fresh_running_attempts(data: &Path, runner: &str, since: i64) -> Vec<(i64, i64)> {
     let db = open_db(data);
     let mut stmt = db
         .prepare(
             "SELECT j.id, a.id FROM attempts a JOIN jobs j ON j.current_attempt = a.id \
              JOIN runners r ON r.id = a.runner_id \
              WHERE r.name = ?1 AND a.state = 'running' AND j.state = 'running' \
-             AND j.lost_attempts = 0",
+             AND j.lost_attempts = 0 AND a.created_at >= ?2",
         )
         .unwrap();
-    stmt.query_map([runner], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap()
+    stmt.query_map(rusqlite::params![runner, since], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
+    .unwrap()
+    .collect::<Result<Vec<_>, _>>()
+    .unwrap()
 }
 
 /// An attempt's state in the database (`running`, `lost`, `finished`, ...).
