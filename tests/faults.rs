@@ -84,6 +84,10 @@ enum Fault {
     /// job runs elsewhere; the runner comes back holding a superseded attempt, which must be
     /// refused, dropped, and its slot freed.
     StopRunnerPastLease,
+    /// The same with the runner's steps stopped too (a paused machine): its step is still
+    /// running when it comes back, so it must drop the attempt while the step runs, stop the
+    /// step and free the slot (issue 10's leaked slot).
+    FreezeRunnerPastLease,
     /// SIGSTOP one runner with all its steps (a paused machine) for 50-400 ms, under the
     /// lease; SIGCONT. Usually nothing is lost; when the lease runs out anyway (a slow
     /// machine), the job runs elsewhere as above.
@@ -168,23 +172,41 @@ impl Farm {
                     .runner(&self.tmp, self.names[v], &["--slots", "1"]);
                 format!("SIGKILL runner {} at {at:?}", self.names[v])
             }
-            Fault::StopRunnerPastLease => {
+            Fault::StopRunnerPastLease | Fault::FreezeRunnerPastLease => {
                 // A runner process in the middle of a job of its own that was never lost (so
-                // this loss is its first): the first one found from a random start.
+                // this loss is its first): the first one found from a random start, waiting up
+                // to 10 s for one (e.g. while runners re-attach after a dispatcher restart).
                 let first = rng.range(0, self.names.len() as u64) as usize;
-                let busy = (0..self.names.len())
-                    .map(|i| (first + i) % self.names.len())
-                    .find_map(|v| {
-                        fresh_running_attempts(&self.data, self.names[v], self.born[v])
-                            .first()
-                            .map(|&(_, a)| (v, a))
-                    });
+                let find = || {
+                    (0..self.names.len())
+                        .map(|i| (first + i) % self.names.len())
+                        .find_map(|v| {
+                            fresh_running_attempts(&self.data, self.names[v], self.born[v])
+                                .first()
+                                .map(|&(_, a)| (v, a))
+                        })
+                };
+                let looking = Instant::now();
+                let mut busy = find();
+                while busy.is_none()
+                    && looking.elapsed() < Duration::from_secs(10)
+                    && !all_final(&self.data)
+                {
+                    std::thread::sleep(POLL);
+                    busy = find();
+                }
                 let Some((v, attempt)) = busy else {
                     return skipped("no runner was in the middle of a job");
                 };
                 let name = self.names[v];
                 let stopped = Instant::now();
-                self.runners[v].signal(Signal::SIGSTOP);
+                let alone = fault == Fault::StopRunnerPastLease;
+                let pids = if alone {
+                    self.runners[v].signal(Signal::SIGSTOP);
+                    vec![self.runners[v].pid()]
+                } else {
+                    signal_tree(self.runners[v].pid(), Signal::SIGSTOP)
+                };
                 let data = self.data.clone();
                 wait_for(
                     &format!("the dispatcher to declare {name}'s attempt {attempt} lost"),
@@ -196,10 +218,11 @@ impl Farm {
                 );
                 let lost_after = stopped.elapsed();
                 std::thread::sleep(rng.millis(0, 1500));
-                self.runners[v].signal(Signal::SIGCONT);
+                cont(&pids);
                 format!(
-                    "SIGSTOP runner {name} (alone) at {at:?} in attempt {attempt}: lost after \
+                    "SIGSTOP runner {name} ({}) at {at:?} in attempt {attempt}: lost after \
                      {lost_after:?}, SIGCONT after {:?}",
+                    if alone { "alone" } else { "with its steps" },
                     stopped.elapsed()
                 )
             }
@@ -210,9 +233,7 @@ impl Farm {
                 let pids = signal_tree(self.runners[v].pid(), Signal::SIGSTOP);
                 let pause = rng.millis(50, 400);
                 std::thread::sleep(pause);
-                for &p in &pids {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), Signal::SIGCONT);
-                }
+                cont(&pids);
                 let lost: Vec<i64> = lost_attempts_of(&self.data, name, self.born[v])
                     .into_iter()
                     .filter(|a| !lost_before.contains(a))
@@ -259,16 +280,24 @@ impl Farm {
     }
 }
 
+/// Resumes stopped processes.
+fn cont(pids: &[i32]) {
+    for &p in pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), Signal::SIGCONT);
+    }
+}
+
 /// Thirty-six builds on three runners while a seeded harness SIGKILLs runners (restarting each
-/// under the same name), SIGSTOPs busy runners until the dispatcher declares their attempt
-/// lost and then SIGCONTs them, pauses runners with their steps for less than the lease, and
+/// under the same name), SIGSTOPs busy runners (alone, or with their steps) until the
+/// dispatcher declares their attempt lost and then SIGCONTs them, pauses runners with their steps for less than the lease, and
 /// kills the dispatcher twice (SIGKILL once, SIGTERM once), each time restarting it on the
 /// same port and data dir, so that the runners reconnect by themselves and re-send what the
 /// dispatcher had not acknowledged. Afterwards: every build passed once; each job's log holds,
 /// per attempt, a prefix of its sequence with no line twice, and the last attempt's sequence
 /// whole; no job has two finished attempts in the database; no result of a current attempt was
-/// refused; every runner drains and exits 0 (a runner that kept a slot for an attempt it
-/// dropped would not get work); no step process is left. (A network partition of a runner is
+/// refused; each runner then runs one more build at the same time as the others (a runner that
+/// kept the slot of an attempt it dropped would refuse it); every runner drains and exits 0; no
+/// step process is left. (A network partition of a runner is
 /// the chaos test of `tests/partition.rs`, which needs root.)
 ///
 /// `KILN_CHAOS_SEED=N` replays the same faults (victims, moments, durations); the machine's
@@ -303,9 +332,9 @@ fn chaos_run_kills_runners_and_the_dispatcher() {
         .map(|c| id_of(&farm.server.submit(&repo.path, c)))
         .collect();
 
-    // The plan: the two dispatcher restarts, three runner kills, two stops past the lease and
-    // two brief ones among the first nine faults (while there is surely work), then more
-    // kills and stops.
+    // The plan: the two dispatcher restarts, three runner kills, two stops past the lease (one
+    // of the runner alone, one with its steps) and two brief ones among the first nine faults
+    // (while there is surely work), then more kills and stops.
     let mut head = vec![
         Fault::KillDispatcher,
         Fault::StopDispatcher,
@@ -313,7 +342,7 @@ fn chaos_run_kills_runners_and_the_dispatcher() {
         Fault::KillRunner,
         Fault::KillRunner,
         Fault::StopRunnerPastLease,
-        Fault::StopRunnerPastLease,
+        Fault::FreezeRunnerPastLease,
         Fault::StopRunnerBriefly,
         Fault::StopRunnerBriefly,
     ];
@@ -322,6 +351,7 @@ fn chaos_run_kills_runners_and_the_dispatcher() {
         Fault::KillRunner,
         Fault::KillRunner,
         Fault::StopRunnerPastLease,
+        Fault::FreezeRunnerPastLease,
         Fault::StopRunnerBriefly,
     ];
     rng.shuffle(&mut head);
@@ -355,14 +385,15 @@ fn chaos_run_kills_runners_and_the_dispatcher() {
             .filter(|d| matches!(d, Done::Injected { fault, .. } if *fault == f))
             .count()
     };
-    let (restarts, kills, stops_long, stops_brief) = (
+    let (restarts, kills, stops_long, freezes, stops_brief) = (
         count(Fault::KillDispatcher) + count(Fault::StopDispatcher),
         count(Fault::KillRunner),
         count(Fault::StopRunnerPastLease),
+        count(Fault::FreezeRunnerPastLease),
         count(Fault::StopRunnerBriefly),
     );
     assert!(
-        restarts == 2 && kills >= 3 && stops_long >= 2 && stops_brief >= 2,
+        restarts == 2 && kills >= 3 && stops_long >= 1 && freezes >= 1 && stops_brief >= 2,
         "the chaos did not happen as planned (too little work?):{}",
         listed(&done)
     );
@@ -379,6 +410,7 @@ fn chaos_run_kills_runners_and_the_dispatcher() {
     let mut problems = Vec::new();
     let mut tally = Tally::default();
     check_builds(server, &ids, "count", LINES, &mut tally, &mut problems);
+    every_runner_takes_work(server, &repo, &farm.names, &marker, &mut problems);
 
     // Stop everything, cleanly: runners drain (nothing is left to run), then the dispatcher.
     for r in &mut farm.runners {
@@ -408,8 +440,9 @@ fn chaos_run_kills_runners_and_the_dispatcher() {
 
     eprintln!(
         "chaos: {BUILDS} builds; faults: {kills} runner SIGKILLs, {stops_long} runner SIGSTOPs \
-         past the lease, {stops_brief} brief SIGSTOPs, {restarts} dispatcher restarts; {} \
-         attempts, {} lost, {} refusals, {:?} in all",
+         past the lease (runner alone), {freezes} with its steps, {stops_brief} brief SIGSTOPs \
+         with its steps, {restarts} dispatcher restarts; {} attempts, {} lost, {} refusals, {:?} \
+         in all",
         tally.attempts,
         tally.lost,
         tally.refusals,

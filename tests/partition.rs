@@ -173,8 +173,9 @@ fn partitioned_runners_late_result_is_refused() {
 /// on the superseded attempt refused (whether its step ended while cut, a late result, or still
 /// ran, dropped) and takes work again. The pass rule is the chaos run's (`tests/faults.rs`): every build passed,
 /// each attempt's lines a prefix once each, the result attempt's log whole once, one finished
-/// attempt per job, no refusal of a current attempt, every runner drains and exits 0, no step
-/// process left. `KILN_CHAOS_SEED=N` replays the same moments.
+/// attempt per job, no refusal of a current attempt, each runner runs one more build at the
+/// same time as the others (none kept a dropped attempt's slot), every runner drains and exits
+/// 0, no step process left. `KILN_CHAOS_SEED=N` replays the same moments.
 #[test]
 fn chaos_link_cuts_past_the_lease_refuse_the_late_claims() {
     const BUILDS: usize = 20;
@@ -291,6 +292,13 @@ fn chaos_link_cuts_past_the_lease_refuse_the_late_claims() {
     let mut problems = Vec::new();
     let mut tally = Tally::default();
     check_builds(&server, &ids, "count", LINES, &mut tally, &mut problems);
+    every_runner_takes_work(
+        &server,
+        &repo,
+        &["island", "m1", "m2"],
+        &marker,
+        &mut problems,
+    );
     // Each cut attempt's claim was refused once the island was back (a refusal is recorded
     // when it re-attaches holding it, or when its late result arrives).
     let db = open_db(&data);

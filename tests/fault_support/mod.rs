@@ -580,6 +580,71 @@ pub fn check_attempt_rows(data: &Path, tally: &mut Tally, problems: &mut Vec<Str
     tally.refusals = int_rows(&db, "SELECT COUNT(*) FROM refusals")[0][0];
 }
 
+/// The end of a chaos run: every runner still takes work (a runner that kept the slot of an
+/// attempt it dropped would refuse it). Submits one build per runner whose step (with
+/// `MARKER=1`) waits for a flag, so each holds a one-slot runner: all of them must be running,
+/// one on each runner, before the flag is written; then each must pass. Call it once every
+/// earlier build has ended. Adds what is wrong to `problems`.
+pub fn every_runner_takes_work(
+    server: &Server,
+    repo: &Repo,
+    runners: &[&str],
+    marker: &str,
+    problems: &mut Vec<String>,
+) {
+    let flag = repo.path.with_extension("probe-go");
+    let pipeline = format!(
+        "steps:\n  - name: probe\n    env:\n      {marker}: \"1\"\n    run: |\n      {}\n",
+        wait_flag_sh(&flag)
+    );
+    let ids: Vec<u64> = runners
+        .iter()
+        .enumerate()
+        .map(|(i, _)| {
+            let c = repo.commit(
+                &[
+                    (".kiln.yml", pipeline.as_bytes()),
+                    ("probe.txt", i.to_string().as_bytes()),
+                ],
+                &format!("probe {i}"),
+            );
+            id_of(&server.submit(&repo.path, &c))
+        })
+        .collect();
+    let deadline = Instant::now() + LONG;
+    let mut on: Vec<String> = Vec::new();
+    while Instant::now() < deadline {
+        on = ids
+            .iter()
+            .filter_map(|&id| {
+                let b = server.show(id);
+                (job0(&b)["state"] == "running")
+                    .then(|| job0(&b)["runner"].as_str().unwrap_or("?").to_string())
+            })
+            .collect();
+        on.sort();
+        if on.len() == runners.len() {
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    let mut want: Vec<String> = runners.iter().map(|r| r.to_string()).collect();
+    want.sort();
+    if on != want {
+        problems.push(format!(
+            "one build per runner should have been running on each of {want:?}; running on: \
+             {on:?} (a runner that kept a dropped attempt's slot refuses work)"
+        ));
+    }
+    std::fs::write(&flag, b"").unwrap();
+    for id in ids {
+        let b = server.wait_final(id, LONG);
+        if b["state"] != "passed" {
+            problems.push(format!("probe build {id} did not pass: {b}"));
+        }
+    }
+}
+
 /// Waits a little (5 s) for processes carrying `marker` to go; returns those still there.
 pub fn wait_for_none(marker: &str) -> Vec<(i32, String)> {
     let start = Instant::now();
