@@ -39,9 +39,7 @@ fn one_step(name: &str, marker: &str, run: &str, extra: &str) -> String {
 
 /// `kiln logs --all-attempts ID` (stdout: every attempt's output and kiln's own lines).
 fn logs(server: &Server, id: u64) -> String {
-    server
-        .cli(&["logs", "--all-attempts", &id.to_string()])
-        .out()
+    logs_all_attempts(server, id)
 }
 
 /// Waits until the build's log contains `needle`.
@@ -60,19 +58,6 @@ fn wait_log(server: &Server, id: u64, needle: &str) {
     );
 }
 
-/// Processes of one attempt's steps still alive (found by the marker and the attempt id in
-/// their environment).
-fn attempt_processes(marker: &str, attempt: u64) -> Vec<(i32, String)> {
-    let want = format!("KILN_ATTEMPT_ID={attempt}\0");
-    processes_with(marker)
-        .into_iter()
-        .filter(|(pid, _)| {
-            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            contains(&env, want.as_bytes())
-        })
-        .collect()
-}
-
 fn wait_no_processes(what: &str, timeout: Duration, mut left: impl FnMut() -> Vec<(i32, String)>) {
     wait_for(what, timeout, || {
         let l = left();
@@ -88,142 +73,191 @@ fn wait_no_processes(what: &str, timeout: Duration, mut left: impl FnMut() -> Ve
 // Chaos
 // ---------------------------------------------------------------------------------------------
 
+/// One fault the chaos harness can inject. Each is a variant here, an arm of
+/// [`Farm::inject`], a count in the plan and in the plan's check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
     /// SIGKILL one runner process (its steps become orphans), start a new one with its name.
     KillRunner,
+    /// SIGSTOP one busy runner process alone (its step runs on and may end meanwhile) until
+    /// the dispatcher has declared its attempt lost, then a random while longer; SIGCONT. The
+    /// job runs elsewhere; the runner comes back holding a superseded attempt, which must be
+    /// refused, dropped, and its slot freed.
+    StopRunnerPastLease,
+    /// The same with the runner's steps stopped too (a paused machine): its step is still
+    /// running when it comes back, so it must drop the attempt while the step runs, stop the
+    /// step and free the slot (issue 10's leaked slot).
+    FreezeRunnerPastLease,
+    /// SIGSTOP one runner with all its steps (a paused machine) for 50-400 ms, under the
+    /// lease; SIGCONT. Usually nothing is lost; when the lease runs out anyway (a slow
+    /// machine), the job runs elsewhere as above.
+    StopRunnerBriefly,
     /// SIGKILL the dispatcher, start it again on the same port and data dir.
     KillDispatcher,
     /// SIGTERM the dispatcher (graceful), start it again on the same port and data dir.
     StopDispatcher,
 }
 
-const FINAL: &str = "('passed','failed','cancelled','timed_out','errored','skipped')";
-
-/// Jobs that the next fault could push towards the dispatcher's limit (the third lost attempt
-/// ends a job `errored`, by design): running jobs already lost once, and unfinished jobs lost
-/// twice. The harness injects a fault only when there are none, so no job is lost three times.
-fn risky_jobs(data: &std::path::Path) -> i64 {
-    let db = open_db(data);
-    int_rows(
-        &db,
-        &format!(
-            "SELECT COUNT(*) FROM jobs WHERE \
-             (state IN ('assigned', 'running') AND lost_attempts > 0) \
-             OR (state NOT IN {FINAL} AND lost_attempts > 1)"
-        ),
-    )[0][0]
+/// What the harness did (or why it did not), for the log and the plan's check.
+#[derive(Debug)]
+enum Done {
+    Injected { fault: Fault, what: String },
+    Skipped { fault: Fault, why: &'static str },
 }
 
-/// Thirty builds on three runners while a seeded harness SIGKILLs runners (restarting each
-/// under the same name) and kills the dispatcher twice (SIGKILL once, SIGTERM once), each time
-/// restarting it on the same port and data dir, so that the runners reconnect by themselves and
-/// re-send what the dispatcher had not acknowledged. Afterwards: every build passed once; each
-/// job's log holds, per attempt, a prefix of its sequence with no line twice, and the last
-/// attempt's sequence whole; no job has two finished attempts in the database; no step process
-/// is left.
-///
-/// The dispatcher is restarted on the same port (tokio binds with SO_REUSEADDR, and the port was
-/// just released by the dead dispatcher), which keeps the runners' processes and their outboxes
-/// alive across the restart: that is the path worth testing. If another process took the port
-/// in the moment between, the test fails saying so.
-#[test]
-fn chaos_run_kills_runners_and_the_dispatcher() {
-    const BUILDS: usize = 30;
-    const LINES: u32 = 40;
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(180);
-    let tmp = tempdir();
-    let marker = marker("chaos");
-    let _reaper = MarkerReaper(marker.clone());
-    let (mut rng, seed) = Rng::from_env_or_clock();
-    eprintln!("chaos seed {seed} (replay the same faults with KILN_CHAOS_SEED={seed})");
+impl std::fmt::Display for Done {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Done::Injected { what, .. } => f.write_str(what),
+            Done::Skipped { fault, why } => write!(f, "{fault:?} skipped: {why}"),
+        }
+    }
+}
 
-    let pipeline = one_step(
-        "count",
-        &marker,
-        &format!(": {marker}\nfor i in $(seq 1 {LINES}); do echo \"line $i\"; sleep 0.05; done"),
-        "",
-    );
-    let (repo, first) = Repo::with_pipeline(&tmp.path().join("repo"), &pipeline);
-    let mut commits = vec![first];
-    for i in 1..BUILDS {
-        commits.push(repo.commit(&[("n.txt", i.to_string().as_bytes())], &format!("c{i}")));
+/// The faults done, one a line.
+fn listed(done: &[Done]) -> String {
+    done.iter().map(|d| format!("\n  {d}")).collect()
+}
+
+/// A dispatcher and three one-slot runners (`c1`..`c3`) on loopback, and what is needed to
+/// restart each.
+struct Farm {
+    tmp: std::path::PathBuf,
+    data: std::path::PathBuf,
+    addr: String,
+    server: Server,
+    names: [&'static str; 3],
+    runners: Vec<Proc>,
+    /// When each runner process was started (ms since the epoch): attempts given to it are
+    /// those created since.
+    born: Vec<i64>,
+    started: Instant,
+}
+
+impl Farm {
+    fn start(tmp: &std::path::Path) -> Farm {
+        let data = tmp.join("data");
+        let server = Server::start(&data, SHORT_HEARTBEATS);
+        let names = ["c1", "c2", "c3"];
+        let born = vec![epoch_ms(); names.len()];
+        let runners = names
+            .iter()
+            .map(|n| server.runner(tmp, n, &["--slots", "1"]))
+            .collect();
+        server.wait_runners_attached(&names);
+        Farm {
+            tmp: tmp.to_path_buf(),
+            data,
+            addr: server.addr.clone(),
+            server,
+            names,
+            runners,
+            born,
+            started: Instant::now(),
+        }
     }
 
-    let data = tmp.path().join("data");
-    let mut server = Server::start(&data, SHORT_HEARTBEATS);
-    let addr = server.addr.clone();
-    let names = ["c1", "c2", "c3"];
-    let mut runners: Vec<Proc> = names
-        .iter()
-        .map(|n| server.runner(tmp.path(), n, &["--slots", "1"]))
-        .collect();
-    server.wait_runners_attached(&names);
-    let ids: Vec<u64> = commits
-        .iter()
-        .map(|c| id_of(&server.submit(&repo.path, c)))
-        .collect();
-
-    // The plan: seven runner kills and the two dispatcher restarts among the first five faults.
-    let mut plan = vec![Fault::KillRunner; 7];
-    let mut head = vec![
-        Fault::KillDispatcher,
-        Fault::StopDispatcher,
-        Fault::KillRunner,
-        Fault::KillRunner,
-        Fault::KillRunner,
-    ];
-    rng.shuffle(&mut head);
-    head.append(&mut plan.split_off(3));
-    let plan = head;
-    let mut done: Vec<String> = Vec::new();
-    let all_final = |data: &std::path::Path| {
-        let db = open_db(data);
-        int_rows(
-            &db,
-            &format!("SELECT COUNT(*) FROM jobs WHERE state NOT IN {FINAL}"),
-        )[0][0]
-            == 0
-    };
-    for fault in plan {
-        // A random moment (this is the fault's timing, not a wait for a condition).
-        std::thread::sleep(rng.millis(400, 2200));
-        if all_final(&data) {
-            done.push(format!("{fault:?} skipped: all builds had finished"));
-            continue;
-        }
-        // Never let one job be lost three times (the dispatcher would end it `errored`, by
-        // design): wait until no running job has been lost already.
-        let calm = Instant::now();
-        while risky_jobs(&data) > 0 && calm.elapsed() < Duration::from_secs(15) {
-            std::thread::sleep(POLL);
-        }
-        if risky_jobs(&data) > 0 {
-            done.push(format!("{fault:?} skipped: jobs already lost were running"));
-            continue;
-        }
-        let t = Instant::now();
-        match fault {
+    /// Injects one fault; the random source picks the victim and the timings.
+    fn inject(&mut self, fault: Fault, rng: &mut Rng) -> Done {
+        let at = self.started.elapsed();
+        let skipped = |why| Done::Skipped { fault, why };
+        let what = match fault {
             Fault::KillRunner => {
-                let v = rng.range(0, names.len() as u64) as usize;
-                runners[v].signal(Signal::SIGKILL);
-                runners[v].wait(LONG);
-                runners[v] = server.runner(tmp.path(), names[v], &["--slots", "1"]);
-                done.push(format!(
-                    "SIGKILL runner {} at {:?}",
-                    names[v],
-                    started.elapsed()
-                ));
+                let v = rng.range(0, self.names.len() as u64) as usize;
+                self.runners[v].signal(Signal::SIGKILL);
+                self.runners[v].wait(LONG);
+                self.born[v] = epoch_ms();
+                self.runners[v] = self
+                    .server
+                    .runner(&self.tmp, self.names[v], &["--slots", "1"]);
+                format!("SIGKILL runner {} at {at:?}", self.names[v])
+            }
+            Fault::StopRunnerPastLease | Fault::FreezeRunnerPastLease => {
+                // A runner process in the middle of a job of its own that was never lost (so
+                // this loss is its first): the first one found from a random start, waiting up
+                // to 10 s for one (e.g. while runners re-attach after a dispatcher restart).
+                let first = rng.range(0, self.names.len() as u64) as usize;
+                let find = || {
+                    (0..self.names.len())
+                        .map(|i| (first + i) % self.names.len())
+                        .find_map(|v| {
+                            fresh_running_attempts(&self.data, self.names[v], self.born[v])
+                                .first()
+                                .map(|&(_, a)| (v, a))
+                        })
+                };
+                let looking = Instant::now();
+                let mut busy = find();
+                while busy.is_none()
+                    && looking.elapsed() < Duration::from_secs(10)
+                    && !all_final(&self.data)
+                {
+                    std::thread::sleep(POLL);
+                    busy = find();
+                }
+                let Some((v, attempt)) = busy else {
+                    return skipped("no runner was in the middle of a job");
+                };
+                let name = self.names[v];
+                let stopped = Instant::now();
+                let alone = fault == Fault::StopRunnerPastLease;
+                let pids = if alone {
+                    self.runners[v].signal(Signal::SIGSTOP);
+                    vec![self.runners[v].pid()]
+                } else {
+                    signal_tree(self.runners[v].pid(), Signal::SIGSTOP)
+                };
+                let data = self.data.clone();
+                wait_for(
+                    &format!("the dispatcher to declare {name}'s attempt {attempt} lost"),
+                    LONG,
+                    || match attempt_state(&data, attempt).as_str() {
+                        "lost" => Ok(()),
+                        s => Err(s.to_string()),
+                    },
+                );
+                let lost_after = stopped.elapsed();
+                std::thread::sleep(rng.millis(0, 1500));
+                cont(&pids);
+                format!(
+                    "SIGSTOP runner {name} ({}) at {at:?} in attempt {attempt}: lost after \
+                     {lost_after:?}, SIGCONT after {:?}",
+                    if alone { "alone" } else { "with its steps" },
+                    stopped.elapsed()
+                )
+            }
+            Fault::StopRunnerBriefly => {
+                let v = rng.range(0, self.names.len() as u64) as usize;
+                let name = self.names[v];
+                let lost_before = lost_attempts_of(&self.data, name, self.born[v]);
+                let pids = signal_tree(self.runners[v].pid(), Signal::SIGSTOP);
+                let pause = rng.millis(50, 400);
+                std::thread::sleep(pause);
+                cont(&pids);
+                let lost: Vec<i64> = lost_attempts_of(&self.data, name, self.born[v])
+                    .into_iter()
+                    .filter(|a| !lost_before.contains(a))
+                    .collect();
+                format!(
+                    "SIGSTOP runner {name} with its steps ({} processes) at {at:?} for \
+                     {pause:?}: {}",
+                    pids.len(),
+                    if lost.is_empty() {
+                        "lease kept".to_string()
+                    } else {
+                        format!("attempts {lost:?} lost meanwhile")
+                    }
+                )
             }
             Fault::KillDispatcher | Fault::StopDispatcher => {
+                let t = Instant::now();
                 let sig = if fault == Fault::KillDispatcher {
                     Signal::SIGKILL
                 } else {
                     Signal::SIGTERM
                 };
-                server.proc.signal(sig);
-                let out = server.proc.wait(Duration::from_secs(30));
+                self.server.proc.signal(sig);
+                let out = self.server.proc.wait(Duration::from_secs(30));
                 if sig == Signal::SIGTERM {
                     assert_eq!(
                         out.status.code(),
@@ -235,113 +269,154 @@ fn chaos_run_kills_runners_and_the_dispatcher() {
                 // outboxes, and runners back off (some come back after the lease).
                 let down = rng.millis(200, 2500);
                 std::thread::sleep(down);
-                server = restart_dispatcher_on(&addr, &data, SHORT_HEARTBEATS);
-                done.push(format!(
-                    "{sig:?} dispatcher at {:?} (down {down:?}, back after {:?})",
-                    started.elapsed(),
+                self.server = restart_dispatcher_on(&self.addr, &self.data, SHORT_HEARTBEATS);
+                format!(
+                    "{sig:?} dispatcher at {at:?} (down {down:?}, back after {:?})",
                     t.elapsed()
-                ));
+                )
             }
-        }
+        };
+        Done::Injected { fault, what }
     }
-    eprintln!("faults: {done:#?}");
-    let restarts = done.iter().filter(|d| d.contains("dispatcher at")).count();
-    let kills = done
+}
+
+/// Resumes stopped processes.
+fn cont(pids: &[i32]) {
+    for &p in pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), Signal::SIGCONT);
+    }
+}
+
+/// Thirty-six builds on three runners while a seeded harness SIGKILLs runners (restarting each
+/// under the same name), SIGSTOPs busy runners (alone, or with their steps) until the
+/// dispatcher declares their attempt lost and then SIGCONTs them, pauses runners with their steps for less than the lease, and
+/// kills the dispatcher twice (SIGKILL once, SIGTERM once), each time restarting it on the
+/// same port and data dir, so that the runners reconnect by themselves and re-send what the
+/// dispatcher had not acknowledged. Afterwards: every build passed once; each job's log holds,
+/// per attempt, a prefix of its sequence with no line twice, and the last attempt's sequence
+/// whole; no job has two finished attempts in the database; no result of a current attempt was
+/// refused; each runner then runs one more build at the same time as the others (a runner that
+/// kept the slot of an attempt it dropped would refuse it); every runner drains and exits 0; no
+/// step process is left. (A network partition of a runner is
+/// the chaos test of `tests/partition.rs`, which needs root.)
+///
+/// `KILN_CHAOS_SEED=N` replays the same faults (victims, moments, durations); the machine's
+/// timing is not replayed.
+///
+/// The dispatcher is restarted on the same port (tokio binds with SO_REUSEADDR, and the port was
+/// just released by the dead dispatcher), which keeps the runners' processes and their outboxes
+/// alive across the restart: that is the path worth testing. If another process took the port
+/// in the moment between, the test fails saying so.
+#[test]
+fn chaos_run_kills_runners_and_the_dispatcher() {
+    const BUILDS: usize = 36;
+    const LINES: u32 = 40;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(240);
+    let tmp = tempdir();
+    let marker = marker("chaos");
+    let _reaper = MarkerReaper(marker.clone());
+    let (mut rng, seed) = Rng::from_env_or_clock();
+    eprintln!("chaos seed {seed} (replay the same faults with KILN_CHAOS_SEED={seed})");
+
+    let pipeline = counting_pipeline("count", &marker, LINES);
+    let (repo, first) = Repo::with_pipeline(&tmp.path().join("repo"), &pipeline);
+    let mut commits = vec![first];
+    for i in 1..BUILDS {
+        commits.push(repo.commit(&[("n.txt", i.to_string().as_bytes())], &format!("c{i}")));
+    }
+
+    let mut farm = Farm::start(tmp.path());
+    let ids: Vec<u64> = commits
         .iter()
-        .filter(|d| d.starts_with("SIGKILL runner"))
-        .count();
+        .map(|c| id_of(&farm.server.submit(&repo.path, c)))
+        .collect();
+
+    // The plan: the two dispatcher restarts, three runner kills, two stops past the lease (one
+    // of the runner alone, one with its steps) and two brief ones among the first nine faults
+    // (while there is surely work), then more kills and stops.
+    let mut head = vec![
+        Fault::KillDispatcher,
+        Fault::StopDispatcher,
+        Fault::KillRunner,
+        Fault::KillRunner,
+        Fault::KillRunner,
+        Fault::StopRunnerPastLease,
+        Fault::FreezeRunnerPastLease,
+        Fault::StopRunnerBriefly,
+        Fault::StopRunnerBriefly,
+    ];
+    let mut tail = vec![
+        Fault::KillRunner,
+        Fault::KillRunner,
+        Fault::KillRunner,
+        Fault::StopRunnerPastLease,
+        Fault::FreezeRunnerPastLease,
+        Fault::StopRunnerBriefly,
+    ];
+    rng.shuffle(&mut head);
+    rng.shuffle(&mut tail);
+    head.append(&mut tail);
+    let mut done: Vec<Done> = Vec::new();
+    for fault in head {
+        // A random moment (this is the fault's timing, not a wait for a condition).
+        std::thread::sleep(rng.millis(300, 1800));
+        if all_final(&farm.data) {
+            done.push(Done::Skipped {
+                fault,
+                why: "all builds had finished",
+            });
+            continue;
+        }
+        // Never let one job be lost three times (the dispatcher would end it `errored`, by
+        // design): wait until no running job has been lost already.
+        if !wait_calm(&farm.data) {
+            done.push(Done::Skipped {
+                fault,
+                why: "jobs already lost were running",
+            });
+            continue;
+        }
+        done.push(farm.inject(fault, &mut rng));
+    }
+    eprintln!("faults:{}", listed(&done));
+    let count = |f: Fault| {
+        done.iter()
+            .filter(|d| matches!(d, Done::Injected { fault, .. } if *fault == f))
+            .count()
+    };
+    let (restarts, kills, stops_long, freezes, stops_brief) = (
+        count(Fault::KillDispatcher) + count(Fault::StopDispatcher),
+        count(Fault::KillRunner),
+        count(Fault::StopRunnerPastLease),
+        count(Fault::FreezeRunnerPastLease),
+        count(Fault::StopRunnerBriefly),
+    );
     assert!(
-        restarts == 2 && kills >= 3,
-        "the chaos did not happen as planned (too little work?): {done:#?}"
+        restarts == 2 && kills >= 3 && stops_long >= 1 && freezes >= 1 && stops_brief >= 2,
+        "the chaos did not happen as planned (too little work?):{}",
+        listed(&done)
     );
 
     // Everything ends, passed, within the deadline.
     let remaining = deadline.saturating_duration_since(Instant::now());
-    let builds = wait_for("every build to finish", remaining, || {
-        let out = server.cli(&["--json", "builds", "--limit", "100"]);
-        if out.status.code() != Some(0) {
-            return Err(out.to_string());
-        }
-        let v = out.json();
-        let list = v["builds"].as_array().unwrap().clone();
-        let unfinished: Vec<String> = list
-            .iter()
-            .filter(|b| matches!(b["state"].as_str(), Some("queued" | "running" | "assigned")))
-            .map(|b| format!("{}:{}", b["id"], b["state"]))
-            .collect();
-        if list.len() == BUILDS && unfinished.is_empty() {
-            Ok(list)
-        } else {
-            Err(format!("{} builds, unfinished: {unfinished:?}", list.len()))
-        }
-    });
+    let server = &farm.server;
+    let builds = wait_builds_final(server, BUILDS, remaining);
     let not_passed: Vec<String> = builds
         .iter()
         .filter(|b| b["state"] != "passed")
         .map(|b| b.to_string())
         .collect();
-
     let mut problems = Vec::new();
-    let mut total_attempts = 0;
-    let mut total_lost = 0;
-    for &id in &ids {
-        let b = server.show(id);
-        let job = job0(&b);
-        if b["state"] != "passed" || job["state"] != "passed" {
-            problems.push(format!("build {id} did not pass: {b}"));
-            continue;
-        }
-        let attempts = job["attempts"].as_u64().unwrap() as u32;
-        total_attempts += attempts;
-        total_lost += job["lost_attempts"].as_u64().unwrap();
-        let text = logs(&server, id);
-        let segments = attempt_segments(&text);
-        let Some(last) = segments.last() else {
-            problems.push(format!("build {id}: no attempt in its log:\n{text}"));
-            continue;
-        };
-        let mut previous = 0;
-        for s in &segments {
-            if s.attempt <= previous {
-                problems.push(format!(
-                    "build {id}: attempt {} logged after attempt {previous}:\n{text}",
-                    s.attempt
-                ));
-            }
-            previous = s.attempt;
-            if s.job != job["id"].as_u64().unwrap() {
-                problems.push(format!("build {id}: header of job {} in its log", s.job));
-            }
-            let numbers = numbered_lines(&s.text, "line ");
-            let expected: Vec<u32> = (1..=numbers.len() as u32).collect();
-            if numbers != expected {
-                problems.push(format!(
-                    "build {id}, attempt {} on {}: lines {numbers:?} are not 1..{} once each in order",
-                    s.attempt,
-                    s.runner,
-                    numbers.len()
-                ));
-            }
-        }
-        let numbers = numbered_lines(&last.text, "line ");
-        if numbers != (1..=LINES).collect::<Vec<_>>()
-            || last.attempt != attempts
-            || job["runner"] != last.runner.as_str()
-            || !last.text.contains("kiln: step count exit 0")
-        {
-            problems.push(format!(
-                "build {id}: the last attempt's log is not the whole passing sequence of attempt \
-                 {attempts} on {}:\n{}",
-                job["runner"], last.text
-            ));
-        }
-    }
+    let mut tally = Tally::default();
+    check_builds(server, &ids, "count", LINES, &mut tally, &mut problems);
+    every_runner_takes_work(server, &repo, &farm.names, &marker, &mut problems);
 
     // Stop everything, cleanly: runners drain (nothing is left to run), then the dispatcher.
-    for r in &mut runners {
+    for r in &mut farm.runners {
         r.signal(Signal::SIGTERM);
     }
-    for r in &mut runners {
+    for r in &mut farm.runners {
         let out = r.wait(Duration::from_secs(30));
         if out.status.code() != Some(0) {
             problems.push(format!(
@@ -350,56 +425,12 @@ fn chaos_run_kills_runners_and_the_dispatcher() {
             ));
         }
     }
-    server.proc.signal(Signal::SIGTERM);
-    let out = server.proc.wait(Duration::from_secs(30));
+    farm.server.proc.signal(Signal::SIGTERM);
+    let out = farm.server.proc.wait(Duration::from_secs(30));
     if out.status.code() != Some(0) {
         problems.push(format!("the dispatcher did not exit 0 on SIGTERM: {out}"));
     }
-
-    // The database: exactly one finished attempt per job, and it is the current one.
-    let db = open_db(&data);
-    let twice = int_rows(
-        &db,
-        "SELECT job_id, COUNT(*) FROM attempts WHERE state = 'finished' \
-         GROUP BY job_id HAVING COUNT(*) > 1",
-    );
-    if !twice.is_empty() {
-        problems.push(format!(
-            "jobs with several finished attempts (job, count): {twice:?}"
-        ));
-    }
-    let unsettled = int_rows(
-        &db,
-        "SELECT j.id FROM jobs j JOIN attempts a ON a.id = j.current_attempt \
-         WHERE a.state <> 'finished'",
-    );
-    if !unsettled.is_empty() {
-        problems.push(format!(
-            "jobs whose current attempt is not finished: {unsettled:?}"
-        ));
-    }
-    let miscounted = int_rows(
-        &db,
-        "SELECT j.id, j.attempts, (SELECT COUNT(*) FROM attempts a WHERE a.job_id = j.id) \
-         FROM jobs j WHERE j.attempts <> (SELECT COUNT(*) FROM attempts a WHERE a.job_id = j.id)",
-    );
-    if !miscounted.is_empty() {
-        problems.push(format!(
-            "jobs whose attempt count differs from their attempts (job, count, rows): {miscounted:?}"
-        ));
-    }
-    let refused_current = int_rows(
-        &db,
-        "SELECT r.job_id, r.attempt_id FROM refusals r JOIN jobs j ON j.id = r.job_id \
-         WHERE r.attempt_id = j.current_attempt",
-    );
-    if !refused_current.is_empty() {
-        problems.push(format!(
-            "results of current attempts were refused (job, attempt): {refused_current:?}"
-        ));
-    }
-    let refusals = int_rows(&db, "SELECT COUNT(*) FROM refusals")[0][0];
-    drop(db);
+    check_attempt_rows(&farm.data, &mut tally, &mut problems);
 
     // No step process outlived its runner (orphans of a killed runner die on their next write).
     let left = wait_for_none(&marker);
@@ -408,24 +439,17 @@ fn chaos_run_kills_runners_and_the_dispatcher() {
     }
 
     eprintln!(
-        "chaos: {BUILDS} builds, {total_attempts} attempts, {total_lost} lost, {refusals} refusals, \
-         {:?} in all",
+        "chaos: {BUILDS} builds; faults: {kills} runner SIGKILLs, {stops_long} runner SIGSTOPs \
+         past the lease (runner alone), {freezes} with its steps, {stops_brief} brief SIGSTOPs \
+         with its steps, {restarts} dispatcher restarts; {} attempts, {} lost, {} refusals, {:?} \
+         in all",
+        tally.attempts,
+        tally.lost,
+        tally.refusals,
         started.elapsed()
     );
     assert!(not_passed.is_empty(), "builds not passed: {not_passed:#?}");
     assert!(problems.is_empty(), "seed {seed}: {problems:#?}");
-}
-
-/// Waits a little for processes carrying `marker` to go; returns those still there.
-fn wait_for_none(marker: &str) -> Vec<(i32, String)> {
-    let start = Instant::now();
-    loop {
-        let left = processes_with(marker);
-        if left.is_empty() || start.elapsed() > Duration::from_secs(5) {
-            return left;
-        }
-        std::thread::sleep(POLL);
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,13 +2,15 @@
 //!
 //! 1. **Runner death.** A `kiln serve` child and two `kiln runner` children (one slot each). A
 //!    build's step marks that it started (a file named after its attempt) and then waits,
-//!    bounded, on a flag file. Once it runs on one runner, that runner is killed with SIGKILL
-//!    (with its step, as a machine going away); the time is taken from the kill until the job's
-//!    `running` event of the new attempt arrives on a `WatchBuilds` stream opened before the
-//!    build (and the new runner is checked with `GetBuild`). Also: until the step started on
-//!    the other runner. The flag then lets the build pass, and a fresh runner replaces the dead
-//!    one. Done with kiln's default heartbeat (2 s x 3) and with `--heartbeat-interval 500ms
-//!    --missed-heartbeats 3`. Baseline: the lease (interval x missed).
+//!    bounded, on a flag file, then works for [`STEP_WORK`] (3 s). Once it runs on one runner,
+//!    that runner is killed with SIGKILL (with its step, as a machine going away) and the flag
+//!    is written; the time is taken from the kill until the job's `running` event of the new
+//!    attempt arrives on a `WatchBuilds` stream opened before the build (and the new runner is
+//!    checked with `GetBuild`), until the step started on the other runner, and until the
+//!    build's final event (passed: the new attempt's whole 3 s step). A fresh runner then
+//!    replaces the dead one. Done with kiln's default heartbeat (2 s x 3) and with
+//!    `--heartbeat-interval 500ms --missed-heartbeats 3`. Baseline: the lease (interval x
+//!    missed), which a closed stream no longer waits for (`--reconnect-grace`, 1 s).
 //! 2. **Dispatcher restart.** `--runners` real runners (`crate::runner::run`, in this process,
 //!    each with its own name, work dir and connection) attach to a serve child; it gets SIGTERM
 //!    and a new serve child is started on the same address and data dir. Time from the new one's
@@ -160,8 +162,8 @@ const SETTINGS: [Setting; 2] = [
         flags: &[],
         interval: Duration::from_secs(2),
         missed: 3,
-        goal: Duration::from_secs(10),
-        goal_text: "goal < 10 s",
+        goal: Duration::from_secs(2),
+        goal_text: "goal <= 2 s",
     },
     Setting {
         label: "fast",
@@ -173,6 +175,10 @@ const SETTINGS: [Setting; 2] = [
     },
 ];
 
+/// What the step does once the flag is there: as long as the step of the side-by-side run
+/// with Buildbot in issue 10 (its re-run took 3.1 s from running to the result, in both).
+const STEP_WORK: Duration = Duration::from_secs(3);
+
 /// One kill, ms from the kill.
 #[derive(Debug, Clone, Copy)]
 struct Kill {
@@ -180,6 +186,8 @@ struct Kill {
     running: f64,
     /// Its step's start mark appeared.
     step: f64,
+    /// The build's final event arrived (passed).
+    result: f64,
 }
 
 /// Events of one `WatchBuilds` stream, stamped on arrival.
@@ -281,9 +289,10 @@ async fn runner_death(tmp: &Path, s: &Setting, kills: u32) -> Result<Vec<Kill>, 
         std::fs::create_dir_all(&marks).map_err(fail)?;
         let script = format!(
             "touch {}/started-\"$KILN_ATTEMPT_ID\"; i=0; while [ ! -e {} ]; do i=$((i+1)); \
-             if [ $i -gt 1200 ]; then echo 'flag never came'; exit 7; fi; sleep 0.05; done; echo done",
+             if [ $i -gt 1200 ]; then echo 'flag never came'; exit 7; fi; sleep 0.05; done; sleep {}; echo done",
             sh_quote(&marks.to_string_lossy()),
             sh_quote(&flag.to_string_lossy()),
+            STEP_WORK.as_secs(),
         );
         let commit = repo.commit(
             &[(".kiln.yml", &pipeline("wait", &script))],
@@ -316,6 +325,8 @@ async fn runner_death(tmp: &Path, s: &Setting, kills: u32) -> Result<Vec<Kill>, 
         // SIGKILL: the runner is frozen first, then it and its step are killed.
         let killed = Instant::now();
         drop(proc);
+        // The next attempt does its whole step (the dead one cannot see the flag any more).
+        std::fs::write(&flag, b"").map_err(fail)?;
         let (at, _) = wait_event(
             &mut events,
             build,
@@ -336,15 +347,15 @@ async fn runner_death(tmp: &Path, s: &Setting, kills: u32) -> Result<Vec<Kill>, 
             PATIENCE,
         )
         .await?;
-        out.push(Kill {
-            running: ms(at.duration_since(killed)),
-            step: ms(step.duration_since(killed)),
-        });
-        std::fs::write(&flag, b"").map_err(fail)?;
-        let (_, end) = wait_event(&mut events, build, PATIENCE, "the end", |ev| {
+        let (end_at, end) = wait_event(&mut events, build, PATIENCE, "the end", |ev| {
             ev.job_id == 0 && is_final(ev.state)
         })
         .await?;
+        out.push(Kill {
+            running: ms(at.duration_since(killed)),
+            step: ms(step.duration_since(killed)),
+            result: ms(end_at.duration_since(killed)),
+        });
         if end.state != JobState::Passed as i32 {
             return Err(wrong(format!(
                 "build {build} ended {} after its runner was killed",
@@ -400,11 +411,26 @@ fn report_death(s: &Setting, kills: &[Kill]) {
             percentile(&step, 50.0) / lease
         ),
     );
+    let result = sorted(&kills.iter().map(|k| k.result).collect::<Vec<_>>());
+    figure(
+        &format!(
+            "kill -> result ({} s step run again), median",
+            STEP_WORK.as_secs()
+        ),
+        secs(percentile(&result, 50.0)),
+        "",
+        None,
+        &format!(
+            "max {}; lease + step {}",
+            secs(percentile(&result, 100.0)),
+            secs(lease + ms(STEP_WORK))
+        ),
+    );
     note(format!(
-        "each kill -> running: {}",
+        "each kill -> running / result: {}",
         kills
             .iter()
-            .map(|k| format!("{:.2}", k.running / 1000.0))
+            .map(|k| format!("{:.2} / {:.2}", k.running / 1000.0, k.result / 1000.0))
             .collect::<Vec<_>>()
             .join(", ")
     ));
@@ -652,7 +678,7 @@ pub async fn run(args: &FailoverArgs) -> Result<(), CliError> {
     let rs = restarts(tmp.path(), count, args.restarts).await?;
     report_restarts(count, &rs);
     note(
-        "runner death: from the SIGKILL (1 to 2 heartbeat intervals after the step started) to the new attempt's `running` event on WatchBuilds (set when the runner accepts, before its checkout); step start from a file the step makes; both settings ran at the same time",
+        "runner death: from the SIGKILL (1 to 2 heartbeat intervals after the step started) to the new attempt's `running` event on WatchBuilds (set when the runner accepts, before its checkout), and to the build's final event (the new attempt's whole step); step start from a file the step makes; the stream closed, so the reconnect grace (1 s), not the lease, applies; both settings ran at the same time",
     );
     Ok(())
 }

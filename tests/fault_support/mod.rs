@@ -319,6 +319,345 @@ pub fn int_rows(db: &rusqlite::Connection, sql: &str) -> Vec<Vec<i64>> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Chaos runs: the farm's state, and the pass rule
+// ---------------------------------------------------------------------------------------------
+
+/// The final job states, as an SQL list.
+pub const FINAL_STATES: &str = "('passed','failed','cancelled','timed_out','errored','skipped')";
+
+/// A pipeline of one step `NAME` that prints `line 1` .. `line LINES`, one every 50 ms, with
+/// `MARKER=1` in its environment (so its processes can be found in /proc).
+pub fn counting_pipeline(name: &str, marker: &str, lines: u32) -> String {
+    format!(
+        "steps:\n  - name: {name}\n    env:\n      {marker}: \"1\"\n    run: |\n      : {marker}\n      \
+         for i in $(seq 1 {lines}); do echo \"line $i\"; sleep 0.05; done\n"
+    )
+}
+
+/// Whether every job in the database is final.
+pub fn all_final(data: &Path) -> bool {
+    let db = open_db(data);
+    int_rows(
+        &db,
+        &format!("SELECT COUNT(*) FROM jobs WHERE state NOT IN {FINAL_STATES}"),
+    )[0][0]
+        == 0
+}
+
+/// Jobs that the next fault could push towards the dispatcher's limit (the third lost attempt
+/// ends a job `errored`, by design): running jobs already lost once, and unfinished jobs lost
+/// twice. A chaos harness injects a fault only when there are none, so no job is lost three
+/// times.
+pub fn risky_jobs(data: &Path) -> i64 {
+    let db = open_db(data);
+    int_rows(
+        &db,
+        &format!(
+            "SELECT COUNT(*) FROM jobs WHERE \
+             (state IN ('assigned', 'running') AND lost_attempts > 0) \
+             OR (state NOT IN {FINAL_STATES} AND lost_attempts > 1)"
+        ),
+    )[0][0]
+}
+
+/// Waits (at most 15 s) until no job is risky (see [`risky_jobs`]); false if some still are.
+pub fn wait_calm(data: &Path) -> bool {
+    let calm = Instant::now();
+    while risky_jobs(data) > 0 && calm.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(POLL);
+    }
+    risky_jobs(data) == 0
+}
+
+/// Running attempts given to `runner` at or after `since` (ms since the epoch: its process's
+/// start, so not an attempt of a killed process under the same name) whose job was never lost,
+/// as (job, attempt).
+pub fn fresh_running_attempts(data: &Path, runner: &str, since: i64) -> Vec<(i64, i64)> {
+    let db = open_db(data);
+    let mut stmt = db
+        .prepare(
+            "SELECT j.id, a.id FROM attempts a JOIN jobs j ON j.current_attempt = a.id \
+             JOIN runners r ON r.id = a.runner_id \
+             WHERE r.name = ?1 AND a.state = 'running' AND j.state = 'running' \
+             AND j.lost_attempts = 0 AND a.created_at >= ?2",
+        )
+        .unwrap();
+    stmt.query_map(rusqlite::params![runner, since], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
+    .unwrap()
+    .collect::<Result<Vec<_>, _>>()
+    .unwrap()
+}
+
+/// An attempt's state in the database (`running`, `lost`, `finished`, ...).
+pub fn attempt_state(data: &Path, attempt: i64) -> String {
+    let db = open_db(data);
+    db.query_row("SELECT state FROM attempts WHERE id = ?1", [attempt], |r| {
+        r.get(0)
+    })
+    .unwrap()
+}
+
+/// The attempts given to `runner` at or after `since` (ms since the epoch, the store's
+/// clock) that the dispatcher declared lost.
+pub fn lost_attempts_of(data: &Path, runner: &str, since: i64) -> Vec<i64> {
+    let db = open_db(data);
+    let mut stmt = db
+        .prepare(
+            "SELECT a.id FROM attempts a JOIN runners r ON r.id = a.runner_id \
+             WHERE r.name = ?1 AND a.state = 'lost' AND a.created_at >= ?2 ORDER BY a.id",
+        )
+        .unwrap();
+    stmt.query_map(rusqlite::params![runner, since], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+}
+
+/// Now, in ms since the epoch (the store's clock).
+pub fn epoch_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// `kiln logs --all-attempts ID` (stdout: every attempt's output and kiln's own lines).
+pub fn logs_all_attempts(server: &Server, id: u64) -> String {
+    server
+        .cli(&["logs", "--all-attempts", &id.to_string()])
+        .out()
+}
+
+/// Waits until `count` builds exist and every one is final (at most `timeout`); returns them.
+pub fn wait_builds_final(
+    server: &Server,
+    count: usize,
+    timeout: Duration,
+) -> Vec<serde_json::Value> {
+    wait_for("every build to finish", timeout, || {
+        let out = server.cli(&["--json", "builds", "--limit", "500"]);
+        if out.status.code() != Some(0) {
+            return Err(out.to_string());
+        }
+        let list = out.json()["builds"].as_array().unwrap().clone();
+        let unfinished: Vec<String> = list
+            .iter()
+            .filter(|b| matches!(b["state"].as_str(), Some("queued" | "running" | "assigned")))
+            .map(|b| format!("{}:{}", b["id"], b["state"]))
+            .collect();
+        if list.len() == count && unfinished.is_empty() {
+            Ok(list)
+        } else {
+            Err(format!("{} builds, unfinished: {unfinished:?}", list.len()))
+        }
+    })
+}
+
+/// What a chaos run's builds came to.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Tally {
+    /// Attempts over all jobs.
+    pub attempts: u64,
+    /// Attempts the dispatcher declared lost.
+    pub lost: u64,
+    /// Refused results and claims (rows of `refusals`).
+    pub refusals: i64,
+}
+
+/// The pass rule of a chaos run, part 1 (the dispatcher still up): every build passed; each
+/// job's log holds, per attempt in order, a prefix of `line 1..` with no line twice, and the
+/// last attempt (the one that gave the result, on the job's runner) the whole `1..=lines`
+/// followed by `kiln: step STEP exit 0`. Adds what is wrong to `problems`.
+pub fn check_builds(
+    server: &Server,
+    ids: &[u64],
+    step: &str,
+    lines: u32,
+    tally: &mut Tally,
+    problems: &mut Vec<String>,
+) {
+    for &id in ids {
+        let b = server.show(id);
+        let job = job0(&b);
+        if b["state"] != "passed" || job["state"] != "passed" {
+            problems.push(format!("build {id} did not pass: {b}"));
+            continue;
+        }
+        let attempts = job["attempts"].as_u64().unwrap() as u32;
+        tally.attempts += u64::from(attempts);
+        tally.lost += job["lost_attempts"].as_u64().unwrap();
+        let text = logs_all_attempts(server, id);
+        let segments = attempt_segments(&text);
+        let Some(last) = segments.last() else {
+            problems.push(format!("build {id}: no attempt in its log:\n{text}"));
+            continue;
+        };
+        let mut previous = 0;
+        for s in &segments {
+            if s.attempt <= previous {
+                problems.push(format!(
+                    "build {id}: attempt {} logged after attempt {previous}:\n{text}",
+                    s.attempt
+                ));
+            }
+            previous = s.attempt;
+            if s.job != job["id"].as_u64().unwrap() {
+                problems.push(format!("build {id}: header of job {} in its log", s.job));
+            }
+            let numbers = numbered_lines(&s.text, "line ");
+            let expected: Vec<u32> = (1..=numbers.len() as u32).collect();
+            if numbers != expected {
+                problems.push(format!(
+                    "build {id}, attempt {} on {}: lines {numbers:?} are not 1..{} once each in order",
+                    s.attempt,
+                    s.runner,
+                    numbers.len()
+                ));
+            }
+        }
+        let numbers = numbered_lines(&last.text, "line ");
+        if numbers != (1..=lines).collect::<Vec<_>>()
+            || last.attempt != attempts
+            || job["runner"] != last.runner.as_str()
+            || !last.text.contains(&format!("kiln: step {step} exit 0"))
+        {
+            problems.push(format!(
+                "build {id}: the last attempt's log is not the whole passing sequence of attempt \
+                 {attempts} on {}:\n{}",
+                job["runner"], last.text
+            ));
+        }
+    }
+}
+
+/// The pass rule of a chaos run, part 2 (read from the database, best once everything
+/// stopped): exactly one finished attempt per job and it is the current one, attempt counts
+/// that match the rows, no refusal of a current attempt. Counts the refusals into `tally`.
+pub fn check_attempt_rows(data: &Path, tally: &mut Tally, problems: &mut Vec<String>) {
+    let db = open_db(data);
+    let twice = int_rows(
+        &db,
+        "SELECT job_id, COUNT(*) FROM attempts WHERE state = 'finished' \
+         GROUP BY job_id HAVING COUNT(*) > 1",
+    );
+    if !twice.is_empty() {
+        problems.push(format!(
+            "jobs with several finished attempts (job, count): {twice:?}"
+        ));
+    }
+    let unsettled = int_rows(
+        &db,
+        "SELECT j.id FROM jobs j JOIN attempts a ON a.id = j.current_attempt \
+         WHERE a.state <> 'finished'",
+    );
+    if !unsettled.is_empty() {
+        problems.push(format!(
+            "jobs whose current attempt is not finished: {unsettled:?}"
+        ));
+    }
+    let miscounted = int_rows(
+        &db,
+        "SELECT j.id, j.attempts, (SELECT COUNT(*) FROM attempts a WHERE a.job_id = j.id) \
+         FROM jobs j WHERE j.attempts <> (SELECT COUNT(*) FROM attempts a WHERE a.job_id = j.id)",
+    );
+    if !miscounted.is_empty() {
+        problems.push(format!(
+            "jobs whose attempt count differs from their attempts (job, count, rows): {miscounted:?}"
+        ));
+    }
+    let refused_current = int_rows(
+        &db,
+        "SELECT r.job_id, r.attempt_id FROM refusals r JOIN jobs j ON j.id = r.job_id \
+         WHERE r.attempt_id = j.current_attempt",
+    );
+    if !refused_current.is_empty() {
+        problems.push(format!(
+            "results of current attempts were refused (job, attempt): {refused_current:?}"
+        ));
+    }
+    tally.refusals = int_rows(&db, "SELECT COUNT(*) FROM refusals")[0][0];
+}
+
+/// The end of a chaos run: every runner still takes work (a runner that kept the slot of an
+/// attempt it dropped would refuse it). Submits one build per runner whose step (with
+/// `MARKER=1`) waits for a flag, so each holds a one-slot runner: all of them must be running,
+/// one on each runner, before the flag is written; then each must pass. Call it once every
+/// earlier build has ended. Adds what is wrong to `problems`.
+pub fn every_runner_takes_work(
+    server: &Server,
+    repo: &Repo,
+    runners: &[&str],
+    marker: &str,
+    problems: &mut Vec<String>,
+) {
+    let flag = repo.path.with_extension("probe-go");
+    let pipeline = format!(
+        "steps:\n  - name: probe\n    env:\n      {marker}: \"1\"\n    run: |\n      {}\n",
+        wait_flag_sh(&flag)
+    );
+    let ids: Vec<u64> = runners
+        .iter()
+        .enumerate()
+        .map(|(i, _)| {
+            let c = repo.commit(
+                &[
+                    (".kiln.yml", pipeline.as_bytes()),
+                    ("probe.txt", i.to_string().as_bytes()),
+                ],
+                &format!("probe {i}"),
+            );
+            id_of(&server.submit(&repo.path, &c))
+        })
+        .collect();
+    let deadline = Instant::now() + LONG;
+    let mut on: Vec<String> = Vec::new();
+    while Instant::now() < deadline {
+        on = ids
+            .iter()
+            .filter_map(|&id| {
+                let b = server.show(id);
+                (job0(&b)["state"] == "running")
+                    .then(|| job0(&b)["runner"].as_str().unwrap_or("?").to_string())
+            })
+            .collect();
+        on.sort();
+        if on.len() == runners.len() {
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    let mut want: Vec<String> = runners.iter().map(|r| r.to_string()).collect();
+    want.sort();
+    if on != want {
+        problems.push(format!(
+            "one build per runner should have been running on each of {want:?}; running on: \
+             {on:?} (a runner that kept a dropped attempt's slot refuses work)"
+        ));
+    }
+    std::fs::write(&flag, b"").unwrap();
+    for id in ids {
+        let b = server.wait_final(id, LONG);
+        if b["state"] != "passed" {
+            problems.push(format!("probe build {id} did not pass: {b}"));
+        }
+    }
+}
+
+/// Waits a little (5 s) for processes carrying `marker` to go; returns those still there.
+pub fn wait_for_none(marker: &str) -> Vec<(i32, String)> {
+    let start = Instant::now();
+    loop {
+        let left = processes_with(marker);
+        if left.is_empty() || start.elapsed() > Duration::from_secs(5) {
+            return left;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Processes left behind
 // ---------------------------------------------------------------------------------------------
 
@@ -352,6 +691,19 @@ pub fn processes_with(marker: &str) -> Vec<(i32, String)> {
         }
     }
     found
+}
+
+/// Processes of one attempt's steps still alive (found by the marker and the attempt id in
+/// their environment).
+pub fn attempt_processes(marker: &str, attempt: u64) -> Vec<(i32, String)> {
+    let want = format!("KILN_ATTEMPT_ID={attempt}\0");
+    processes_with(marker)
+        .into_iter()
+        .filter(|(pid, _)| {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            contains(&env, want.as_bytes())
+        })
+        .collect()
 }
 
 /// Kills, on drop, every process carrying `marker` (steps this test made and kiln left
@@ -501,16 +853,22 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// Creates `kiln-<pid>` with veth `kvh<pid>`/`kvn<pid>` on 10.200.X.0/30, X from the pid.
+    /// Creates `kiln-<pid>-<k>` with veth `kvh<pid>x<k>`/`kvn<pid>x<k>` on 10.200.X.4k/30, X
+    /// from the pid, k counting the namespaces this process made (tests of one file run at
+    /// the same time, each with its own).
     pub fn create() -> Result<Netns, String> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 64;
         let pid = std::process::id();
         let x = pid % 250 + 1;
+        // Interface names have at most 15 bytes: "kvh" + 7 digits + "x" + 2 digits.
+        let tag = format!("{}x{k}", pid % 10_000_000);
         let ns = Netns {
-            name: format!("kiln-{pid}"),
-            host_if: format!("kvh{}", pid % 1_000_000_000),
-            ns_if: format!("kvn{}", pid % 1_000_000_000),
-            host_ip: format!("10.200.{x}.1"),
-            ns_ip: format!("10.200.{x}.2"),
+            name: format!("kiln-{pid}-{k}"),
+            host_if: format!("kvh{tag}"),
+            ns_if: format!("kvn{tag}"),
+            host_ip: format!("10.200.{x}.{}", 4 * k + 1),
+            ns_ip: format!("10.200.{x}.{}", 4 * k + 2),
         };
         // Leftovers of an earlier run with the same pid.
         let _ = ip(&["link", "del", &ns.host_if]);
