@@ -156,43 +156,6 @@ fn a_plaintext_client_on_a_tls_port_is_told_to_use_https() {
     }
 }
 
-/// A tmpfs of `size` mounted on `dir` until dropped; `None` where mounting is impossible (not
-/// root), and the test says it skipped.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| Tmpfs(dir.to_path_buf()))
-    }
-
-    /// Fills the file system with `filler` until a write fails for want of space.
-    fn fill(&self) -> std::path::PathBuf {
-        use std::io::Write;
-        let path = self.0.join("filler");
-        let mut f = std::fs::File::create(&path).unwrap();
-        for chunk in [1 << 20, 4096, 64] {
-            let buf = vec![b'x'; chunk];
-            while f.write_all(&buf).is_ok() {}
-        }
-        path
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// A dispatcher whose data directory is a tmpfs of `size`, a repository whose one step runs
 /// `before`, echoes `started`, waits (at most 2 minutes) for the file `go` in `tmp`, then runs
 /// `then`, and runner `r1` running that commit's build. `None` where a tmpfs cannot be mounted.

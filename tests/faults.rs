@@ -92,6 +92,10 @@ enum Fault {
     /// lease; SIGCONT. Usually nothing is lost; when the lease runs out anyway (a slow
     /// machine), the job runs elsewhere as above.
     StopRunnerBriefly,
+    /// Fill the dispatcher's disk (its data dir is a small tmpfs) for a random while, then
+    /// empty it: submits are refused, output that cannot be stored waits in the runners and
+    /// its jobs pause; all of it goes on by itself once the space is back.
+    FillDisk,
     /// SIGKILL the dispatcher, start it again on the same port and data dir.
     KillDispatcher,
     /// SIGTERM the dispatcher (graceful), start it again on the same port and data dir.
@@ -132,12 +136,19 @@ struct Farm {
     /// those created since.
     born: Vec<i64>,
     started: Instant,
+    /// The data dir's own small file system (`None` where a tmpfs cannot be mounted: the disk
+    /// fault is then skipped, and says so). Dropped last.
+    disk: Option<Tmpfs>,
 }
 
 impl Farm {
     fn start(tmp: &std::path::Path) -> Farm {
         let data = tmp.join("data");
-        let server = Server::start(&data, SHORT_HEARTBEATS);
+        let disk = Tmpfs::mount(&data, "64m");
+        let server = Server::start(
+            &data,
+            &[SHORT_HEARTBEATS, &["--min-free-space", "1MiB"]].concat(),
+        );
         let names = ["c1", "c2", "c3"];
         let born = vec![epoch_ms(); names.len()];
         let runners = names
@@ -154,6 +165,7 @@ impl Farm {
             runners,
             born,
             started: Instant::now(),
+            disk,
         }
     }
 
@@ -249,6 +261,16 @@ impl Farm {
                     }
                 )
             }
+            Fault::FillDisk => {
+                let Some(disk) = &self.disk else {
+                    return skipped("no tmpfs could be mounted for the data dir (not root?)");
+                };
+                let filler = disk.fill();
+                let full = rng.millis(300, 2500);
+                std::thread::sleep(full);
+                std::fs::remove_file(&filler).unwrap();
+                format!("filled the dispatcher's disk at {at:?} for {full:?}")
+            }
             Fault::KillDispatcher | Fault::StopDispatcher => {
                 let t = Instant::now();
                 let sig = if fault == Fault::KillDispatcher {
@@ -269,7 +291,11 @@ impl Farm {
                 // outboxes, and runners back off (some come back after the lease).
                 let down = rng.millis(200, 2500);
                 std::thread::sleep(down);
-                self.server = restart_dispatcher_on(&self.addr, &self.data, SHORT_HEARTBEATS);
+                self.server = restart_dispatcher_on(
+                    &self.addr,
+                    &self.data,
+                    &[SHORT_HEARTBEATS, &["--min-free-space", "1MiB"]].concat(),
+                );
                 format!(
                     "{sig:?} dispatcher at {at:?} (down {down:?}, back after {:?})",
                     t.elapsed()
@@ -289,7 +315,8 @@ fn cont(pids: &[i32]) {
 
 /// Thirty-six builds on three runners while a seeded harness SIGKILLs runners (restarting each
 /// under the same name), SIGSTOPs busy runners (alone, or with their steps) until the
-/// dispatcher declares their attempt lost and then SIGCONTs them, pauses runners with their steps for less than the lease, and
+/// dispatcher declares their attempt lost and then SIGCONTs them, pauses runners with their
+/// steps for less than the lease, fills the dispatcher's disk (a tmpfs) and empties it, and
 /// kills the dispatcher twice (SIGKILL once, SIGTERM once), each time restarting it on the
 /// same port and data dir, so that the runners reconnect by themselves and re-send what the
 /// dispatcher had not acknowledged. Afterwards: every build passed once; each job's log holds,
@@ -345,6 +372,7 @@ fn chaos_run_kills_runners_and_the_dispatcher() {
         Fault::FreezeRunnerPastLease,
         Fault::StopRunnerBriefly,
         Fault::StopRunnerBriefly,
+        Fault::FillDisk,
     ];
     let mut tail = vec![
         Fault::KillRunner,
@@ -353,6 +381,7 @@ fn chaos_run_kills_runners_and_the_dispatcher() {
         Fault::StopRunnerPastLease,
         Fault::FreezeRunnerPastLease,
         Fault::StopRunnerBriefly,
+        Fault::FillDisk,
     ];
     rng.shuffle(&mut head);
     rng.shuffle(&mut tail);
@@ -392,8 +421,14 @@ fn chaos_run_kills_runners_and_the_dispatcher() {
         count(Fault::FreezeRunnerPastLease),
         count(Fault::StopRunnerBriefly),
     );
+    let (fills, fills_needed) = (count(Fault::FillDisk), usize::from(farm.disk.is_some()));
     assert!(
-        restarts == 2 && kills >= 3 && stops_long >= 1 && freezes >= 1 && stops_brief >= 2,
+        restarts == 2
+            && kills >= 3
+            && stops_long >= 1
+            && freezes >= 1
+            && stops_brief >= 2
+            && fills >= fills_needed,
         "the chaos did not happen as planned (too little work?):{}",
         listed(&done)
     );
@@ -441,8 +476,8 @@ fn chaos_run_kills_runners_and_the_dispatcher() {
     eprintln!(
         "chaos: {BUILDS} builds; faults: {kills} runner SIGKILLs, {stops_long} runner SIGSTOPs \
          past the lease (runner alone), {freezes} with its steps, {stops_brief} brief SIGSTOPs \
-         with its steps, {restarts} dispatcher restarts; {} attempts, {} lost, {} refusals, {:?} \
-         in all",
+         with its steps, {fills} disk fills, {restarts} dispatcher restarts; {} attempts, {} lost, \
+         {} refusals, {:?} in all",
         tally.attempts,
         tally.lost,
         tally.refusals,

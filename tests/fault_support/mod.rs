@@ -719,6 +719,47 @@ impl Drop for MarkerReaper {
 }
 
 // ---------------------------------------------------------------------------------------------
+// A small disk to fill
+// ---------------------------------------------------------------------------------------------
+
+/// A tmpfs of `size` mounted on `dir` until dropped; `None` where mounting is impossible (not
+/// root), and the test says it skipped.
+pub struct Tmpfs(pub std::path::PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+
+    /// Fills the file system with `filler` until a write fails for want of space.
+    pub fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        for chunk in [1 << 20, 4096, 64] {
+            let buf = vec![b'x'; chunk];
+            while f.write_all(&buf).is_ok() {}
+        }
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // TLS material
 // ---------------------------------------------------------------------------------------------
 
