@@ -66,12 +66,21 @@ impl RunnerService for RunnerApi {
         &self,
         request: Request<Streaming<proto::RunnerMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
-        if self.require_cert && request.peer_certs().is_none_or(|c| c.is_empty()) {
+        let certs = request.peer_certs();
+        let leaf = certs.as_ref().and_then(|c| c.first());
+        if self.require_cert && leaf.is_none() {
             return Err(Status::unauthenticated(
                 "runners must present a client certificate (mutual TLS)",
             ));
         }
-        Ok(Response::new(self.dispatcher.attach(request.into_inner())))
+        // A certificate names the runner: it may attach only under one of its names.
+        let names = leaf
+            .map(|cert| crate::tls::certificate_names(cert.as_ref()))
+            .transpose()
+            .map_err(Status::unauthenticated)?;
+        Ok(Response::new(
+            self.dispatcher.attach_named(request.into_inner(), names),
+        ))
     }
 }
 

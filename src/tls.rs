@@ -82,3 +82,25 @@ impl ClientTls {
         Ok(endpoint)
     }
 }
+
+/// The names a client certificate (DER) gives its holder: its DNS subject alternative names and
+/// its subject's common names. With mutual TLS a runner may attach only under one of them.
+pub fn certificate_names(der: &[u8]) -> Result<Vec<String>, String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| format!("the client certificate cannot be read: {e}"))?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::DNSName(n) = name {
+                names.push((*n).to_string());
+            }
+        }
+    }
+    for cn in cert.subject().iter_common_name() {
+        if let Ok(cn) = cn.as_str() {
+            names.push(cn.to_string());
+        }
+    }
+    Ok(names)
+}

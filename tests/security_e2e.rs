@@ -433,7 +433,8 @@ fn runner_over_tls_runs_a_build() {
 }
 
 /// `--client-ca --require-runner-cert`: a runner without a client certificate, or with one
-/// from another CA, is refused; one with a certificate from the CA attaches and runs a build.
+/// from another CA, is refused; one with a certificate from the CA attaches (under a name the
+/// certificate gives it, and under no other) and runs a build.
 /// Clients (submit, builds) still need no certificate.
 #[test]
 fn mutual_tls_is_required_of_runners() {
@@ -505,6 +506,24 @@ fn mutual_tls_is_required_of_runners() {
         &[],
     );
     expect_unattached_after_a_try(&server.url, &global, &rogue, "rogue");
+    // The certificate names its runner ("trusted", "good"): it attaches under no other name.
+    let mut impostor = spawn_runner(
+        &server.url,
+        "impostor",
+        &tmp.path().join("w-impostor"),
+        &cert,
+        &[],
+    );
+    let out = impostor.wait(LONG);
+    assert_ne!(out.status.code(), Some(0), "{out}");
+    assert!(
+        out.err()
+            .contains("certificate names it \"trusted\", \"good\"")
+            && out.err().contains("not \"impostor\""),
+        "{out}"
+    );
+    let states = runner_states(&server.url, &global).unwrap();
+    assert!(!is_attached(&states, "impostor"), "{states:?}");
 
     let id = submit_tls(&server.url, &global, &repo, &sha);
     let b = wait_final_tls(&server.url, &global, id);

@@ -141,16 +141,29 @@ impl Dispatcher {
     where
         S: Stream<Item = Result<proto::RunnerMessage, Status>> + Send + Unpin + 'static,
     {
+        self.attach_named(inbound, None)
+    }
+
+    /// Like `attach`, for a runner whose client certificate gives it `names` (mutual TLS): its
+    /// Hello must use one of them.
+    pub fn attach_named<S>(
+        &self,
+        inbound: S,
+        names: Option<Vec<String>>,
+    ) -> ReceiverStream<Result<proto::DispatcherMessage, Status>>
+    where
+        S: Stream<Item = Result<proto::RunnerMessage, Status>> + Send + Unpin + 'static,
+    {
         let (tx, rx) = mpsc::channel(64);
         let d = self.clone();
         tokio::spawn(
-            async move { d.run_session(inbound, tx).await }
+            async move { d.run_session(inbound, tx, names).await }
                 .instrument(tracing::info_span!("runner_session")),
         );
         ReceiverStream::new(rx)
     }
 
-    async fn run_session<S>(self, mut inbound: S, tx: Tx)
+    async fn run_session<S>(self, mut inbound: S, tx: Tx, names: Option<Vec<String>>)
     where
         S: Stream<Item = Result<proto::RunnerMessage, Status>> + Send + Unpin + 'static,
     {
@@ -182,6 +195,16 @@ impl Dispatcher {
             return;
         }
         let name = hello.name.trim().to_string();
+        if let Some(names) = names.filter(|n| !n.contains(&name)) {
+            let shown: Vec<String> = names.iter().take(8).map(|n| format!("{n:?}")).collect();
+            let status = Status::permission_denied(format!(
+                "this runner's certificate names it {}; it may attach only under one of those names, not {name:?}",
+                shown.join(", ")
+            ));
+            tracing::warn!(runner = %name, why = %status.message(), "runner refused");
+            let _ = tx.send(Err(status)).await;
+            return;
+        }
         let own_token = match self.authenticate(&name, &hello.token).await {
             Ok(own) => own,
             Err(status) => {

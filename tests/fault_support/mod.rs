@@ -831,9 +831,10 @@ impl TlsFiles {
             "kiln dispatcher",
             ExtendedKeyUsagePurpose::ServerAuth,
         );
+        // The runner names the tests use with this certificate (mutual TLS binds the name).
         let (cli, cli_key) = leaf(
             &issuer,
-            vec!["runner.kiln.test".into()],
+            vec!["trusted".into(), "good".into()],
             "kiln runner",
             ExtendedKeyUsagePurpose::ClientAuth,
         );
