@@ -488,6 +488,15 @@ pub fn split_report_to_proto(r: &split::SplitReport) -> proto::SplitReport {
     }
 }
 
+/// The name of a wire job state, as people read it (`passed`, `running`, ...; `unknown` for a
+/// value this build does not know).
+pub fn state_name(state: i32) -> &'static str {
+    proto::JobState::try_from(state)
+        .ok()
+        .and_then(job_state_from_proto)
+        .map_or("unknown", |s| s.as_str())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -236,7 +236,7 @@ pub async fn run(args: DemoArgs) -> Result<i32, CliError> {
         println!(
             "  build {}  {:<7} commit {}  on {runner}",
             b.id,
-            crate::cli::state_name(b.state),
+            crate::convert::state_name(b.state),
             &b.commit[..12]
         );
         as_expected &= b.state == want as i32;

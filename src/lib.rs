@@ -12,11 +12,9 @@
 //! - [`webhook`]: the signed push webhook served next to the gRPC services.
 //! - [`cli`]: the `kiln` command line.
 //! - [`demo`]: `kiln demo`, the all-in-one showcase.
-//! - [`bench`]: `kiln bench`, the benchmarks behind `BENCHMARKS.md`.
 
 pub mod api;
 pub mod auth;
-pub mod bench;
 pub mod cli;
 pub mod codec;
 pub mod convert;

@@ -530,7 +530,7 @@ fn print_builds(repo: &str, branch: &str, builds: &[proto::Build]) {
             out,
             "build {} {} {}@{} {}",
             b.id,
-            crate::cli::state_name(b.state),
+            crate::convert::state_name(b.state),
             branch,
             b.commit.get(..12).unwrap_or(&b.commit),
             repo

@@ -9,7 +9,7 @@
 
 mod job;
 mod outbox;
-pub(crate) mod split;
+pub mod split;
 pub mod token;
 
 use std::collections::{BTreeMap, HashMap};

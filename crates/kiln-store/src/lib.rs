@@ -283,10 +283,6 @@ pub trait Store: Send + Sync + 'static {
     /// The test cases plain steps' JUnit files gave (`junit`), for each job's current attempt,
     /// in job and step order.
     fn step_reports(&self, build: BuildId) -> Result<Vec<kiln_domain::split::StepReport>>;
-    /// Records known unit durations for a repository's split key, as if they had been measured
-    /// (imports a timing history; the benchmark seeds one with deliberate errors).
-    fn seed_unit_durations(&self, repo: &str, key: &str, durations: &[(String, u64)])
-    -> Result<()>;
     /// The failures `attempt` reported in the current round of an unfinished split are not
     /// believed (its runner was found broken): those tries go back to the queue, to be run
     /// again by another shard under the same try number. Returns how many.

@@ -230,6 +230,19 @@ const BUILD_COLUMNS: &str = "id, repo, commit_id, branch, trigger_by, state, err
      pipeline";
 
 impl SqliteStore {
+    /// Records known unit durations for a repository's split key, as if they had been measured:
+    /// imports a timing history into this database file (the split benchmark seeds one with
+    /// deliberate errors before its dispatcher starts). Not part of [`Store`]: no dispatcher
+    /// needs it.
+    pub fn seed_unit_durations(
+        &self,
+        repo: &str,
+        key: &str,
+        durations: &[(String, u64)],
+    ) -> Result<()> {
+        self.split_seed_durations(repo, key, durations)
+    }
+
     /// Opens (creating if needed) the database file and brings its schema up to date.
     pub fn open(path: &Path) -> Result<Self> {
         let conn = Connection::open(path)?;
@@ -664,15 +677,6 @@ impl Store for SqliteStore {
             });
         }
         Ok(out)
-    }
-
-    fn seed_unit_durations(
-        &self,
-        repo: &str,
-        key: &str,
-        durations: &[(String, u64)],
-    ) -> Result<()> {
-        self.split_seed_durations(repo, key, durations)
     }
 
     fn create_build(&self, new: &NewBuild) -> Result<BuildDetail> {

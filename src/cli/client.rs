@@ -1,0 +1,206 @@
+//! The client side every command shares: `--dispatcher`, `--token`, `--tls-*` and `--json`
+//! (given before or after the command), and the gRPC channel and clients made from them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use tonic::transport::Channel;
+
+use super::{CliError, exit};
+use crate::proto::build_service_client::BuildServiceClient;
+
+/// Client options accepted before the command for compatibility (hidden; each command that
+/// uses them lists its own).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ClientBefore {
+    #[arg(long, hide = true, value_name = "URL")]
+    dispatcher: Option<String>,
+    #[arg(long, hide = true)]
+    pub(super) json: bool,
+    #[arg(long, hide = true)]
+    pub(crate) token: Option<String>,
+    #[arg(long, hide = true)]
+    tls_ca: Option<PathBuf>,
+    #[arg(long, hide = true)]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, hide = true)]
+    tls_key: Option<PathBuf>,
+}
+
+impl ClientBefore {
+    pub(super) fn given(&self) -> bool {
+        self.dispatcher.is_some()
+            || self.json
+            || self.token.is_some()
+            || self.tls_ca.is_some()
+            || self.tls_cert.is_some()
+            || self.tls_key.is_some()
+    }
+}
+
+/// How a client command reaches the dispatcher.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ClientArgs {
+    /// The dispatcher's URL [env: KILN_DISPATCHER] [default: http://127.0.0.1:7878].
+    #[arg(long, value_name = "URL")]
+    pub dispatcher: Option<String>,
+    /// API token for the dispatcher [env: KILN_TOKEN].
+    #[arg(long)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// dispatcher, instead of the system roots
+    /// [env: KILN_TLS_CA].
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS [env: KILN_TLS_CERT].
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS [env: KILN_TLS_KEY].
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// How `kiln runner` reaches the dispatcher.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RunnerClientArgs {
+    /// The dispatcher's URL [env: KILN_DISPATCHER] [default: http://127.0.0.1:7878].
+    #[arg(long, value_name = "URL")]
+    pub dispatcher: Option<String>,
+    /// The runner's token, as the dispatcher expects it (shared or per runner) [env:
+    /// KILN_TOKEN].
+    #[arg(long)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// dispatcher, instead of the system roots
+    /// [env: KILN_TLS_CA].
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS [env: KILN_TLS_CERT].
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS [env: KILN_TLS_KEY].
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl From<RunnerClientArgs> for ClientArgs {
+    fn from(r: RunnerClientArgs) -> Self {
+        ClientArgs {
+            dispatcher: r.dispatcher,
+            token: r.token,
+            tls_ca: r.tls_ca,
+            tls_cert: r.tls_cert,
+            tls_key: r.tls_key,
+        }
+    }
+}
+
+impl ClientArgs {
+    /// These options, each completed from `other` where not given.
+    pub(super) fn or(self, other: ClientArgs) -> ClientArgs {
+        ClientArgs {
+            dispatcher: self.dispatcher.or(other.dispatcher),
+            token: self.token.or(other.token),
+            tls_ca: self.tls_ca.or(other.tls_ca),
+            tls_cert: self.tls_cert.or(other.tls_cert),
+            tls_key: self.tls_key.or(other.tls_key),
+        }
+    }
+
+    /// The connection: this command's options, else those before the command, else the
+    /// environment, else the default URL.
+    pub(super) fn connection(self, before: &ClientBefore) -> Connection {
+        fn env(name: &str) -> Option<String> {
+            std::env::var(name).ok().filter(|v| !v.is_empty())
+        }
+        Connection {
+            url: self
+                .dispatcher
+                .or_else(|| before.dispatcher.clone())
+                .or_else(|| env("KILN_DISPATCHER"))
+                .unwrap_or_else(|| "http://127.0.0.1:7878".into()),
+            token: self
+                .token
+                .or_else(|| before.token.clone())
+                .or_else(|| env("KILN_TOKEN")),
+            tls: crate::tls::ClientTls {
+                ca: self
+                    .tls_ca
+                    .or_else(|| before.tls_ca.clone())
+                    .or_else(|| env("KILN_TLS_CA").map(PathBuf::from)),
+                cert: self
+                    .tls_cert
+                    .or_else(|| before.tls_cert.clone())
+                    .or_else(|| env("KILN_TLS_CERT").map(PathBuf::from)),
+                key: self
+                    .tls_key
+                    .or_else(|| before.tls_key.clone())
+                    .or_else(|| env("KILN_TLS_KEY").map(PathBuf::from)),
+            },
+        }
+    }
+}
+
+/// `--json`, for the commands that print it.
+#[derive(Debug, Clone, Copy, Default, Args)]
+pub struct JsonArg {
+    /// Print machine-readable JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How a client reaches the dispatcher.
+#[derive(Debug, Clone, Default)]
+pub struct Connection {
+    /// The dispatcher's URL.
+    pub url: String,
+    /// API token.
+    pub token: Option<String>,
+    /// TLS files.
+    pub tls: crate::tls::ClientTls,
+}
+
+impl Connection {
+    /// Plaintext, no token.
+    pub fn plain(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// A `BuildService` client that sends the API token.
+pub type BuildClient = BuildServiceClient<
+    tonic::service::interceptor::InterceptedService<Channel, crate::auth::BearerToken>,
+>;
+
+/// Connects a `BuildService` client.
+pub async fn build_client(conn: &Connection) -> Result<BuildClient, CliError> {
+    Ok(BuildServiceClient::with_interceptor(
+        channel(conn).await?,
+        bearer(conn)?,
+    ))
+}
+
+pub(super) fn bearer(conn: &Connection) -> Result<crate::auth::BearerToken, CliError> {
+    crate::auth::BearerToken::new(conn.token.as_deref()).map_err(|e| CliError::new(exit::USAGE, e))
+}
+
+pub(super) async fn channel(conn: &Connection) -> Result<Channel, CliError> {
+    let url = &conn.url;
+    let endpoint = conn
+        .tls
+        .endpoint(url)
+        .map_err(|e| CliError::new(exit::USAGE, e))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    endpoint.connect().await.map_err(|e| {
+        CliError::new(
+            exit::UNAVAILABLE,
+            format!(
+                "cannot reach the dispatcher at {url}: {}",
+                crate::dispatcher::error_chain(&e)
+            ),
+        )
+    })
+}

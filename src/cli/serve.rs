@@ -1,0 +1,163 @@
+//! `kiln serve`: the dispatcher.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{CliError, exit, signal};
+
+/// `kiln serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub listen: SocketAddr,
+    /// Where the database, logs and mirrors live.
+    #[arg(long, env = "KILN_DATA_DIR", default_value = "kiln-data")]
+    pub data_dir: PathBuf,
+    /// How often runners heartbeat.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// Missed heartbeats before a runner is declared lost.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub missed_heartbeats: u32,
+    /// How long a runner whose stream closed (process died, socket reset) has to re-attach
+    /// before its jobs go to other runners (a silent runner keeps the whole lease).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub reconnect_grace: Duration,
+    /// Free space the data directory must keep (e.g. 64MiB, 2G). Below it the disk counts
+    /// as full: submits are refused (RESOURCE_EXHAUSTED) and running jobs pause, their output
+    /// kept by the runners, until space is freed. Default: 64 MiB, or 5% of the file system
+    /// if that is less.
+    #[arg(long, value_parser = crate::dispatcher::parse_size)]
+    pub min_free_space: Option<u64>,
+    /// API token required for writes (submit, cancel, retry) and, with --closed-reads, reads.
+    #[arg(long, env = "KILN_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Reads need the API token too.
+    #[arg(long, requires = "api_token")]
+    pub closed_reads: bool,
+    /// Shared token every runner must present (per-runner tokens: `kiln admin runner-token`).
+    #[arg(long, env = "KILN_RUNNER_TOKEN", hide_env_values = true)]
+    pub runner_token: Option<String>,
+    /// Serve TLS with this certificate chain (PEM).
+    #[arg(long, requires = "server_key")]
+    pub server_cert: Option<PathBuf>,
+    /// The TLS private key (PEM).
+    #[arg(long, requires = "server_cert")]
+    pub server_key: Option<PathBuf>,
+    /// Accept client certificates signed by this CA (PEM).
+    #[arg(long, requires = "server_cert")]
+    pub client_ca: Option<PathBuf>,
+    /// Runners must present a client certificate signed by --client-ca (mutual TLS).
+    #[arg(long, requires = "client_ca")]
+    pub require_runner_cert: bool,
+    /// Branches (pattern, repeatable: `*` within a path segment, `**` across segments) that
+    /// build only their newest commit and cancel their older unfinished builds; other branches
+    /// build every commit.
+    #[arg(long = "newest-only", value_name = "PATTERN")]
+    pub newest_only: Vec<String>,
+    /// YAML file of secrets (`NAME: value`), given to every job as environment variables and
+    /// masked in its output.
+    #[arg(long, env = "KILN_SECRETS_FILE")]
+    pub secrets_file: Option<PathBuf>,
+    /// Shared secret of the push webhook (`POST /webhooks/push` on the same port, signed
+    /// HMAC-SHA256 as GitHub and Gitea do); without it the webhook is disabled (404).
+    #[arg(long, env = "KILN_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+}
+
+/// Reads a secrets file: a YAML mapping of environment variable names to values.
+pub(super) fn read_secrets(path: &std::path::Path) -> Result<BTreeMap<String, String>, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        CliError::new(
+            exit::USAGE,
+            format!("cannot read secrets file {}: {e}", path.display()),
+        )
+    })?;
+    let map: BTreeMap<String, String> = serde_norway::from_str(&text).map_err(|e| {
+        CliError::new(
+            exit::USAGE,
+            format!(
+                "secrets file {}: {e} (expected `NAME: value` lines)",
+                path.display()
+            ),
+        )
+    })?;
+    for k in map.keys() {
+        let valid = k
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(CliError::new(
+                exit::USAGE,
+                format!(
+                    "secrets file {}: {k:?} is not an environment variable name",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    Ok(map)
+}
+
+pub(super) async fn serve(args: ServeArgs) -> Result<i32, CliError> {
+    let mut config = crate::dispatcher::Config::new(&args.data_dir);
+    config.heartbeat_interval = args.heartbeat_interval;
+    config.missed_heartbeats = args.missed_heartbeats;
+    config.reconnect_grace = args.reconnect_grace;
+    config.min_free_space = args.min_free_space;
+    config.runner_token = args.runner_token.clone();
+    config.newest_only = args.newest_only.clone();
+    if let Some(path) = &args.secrets_file {
+        config.secrets = read_secrets(path)?;
+    }
+    let tls = match (&args.server_cert, &args.server_key) {
+        (Some(cert), Some(key)) => Some(
+            crate::tls::ServerTls {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.client_ca.clone(),
+            }
+            .load()
+            .map_err(|e| CliError::new(exit::USAGE, e))?,
+        ),
+        _ => None,
+    };
+    let options = crate::api::ServeOptions {
+        tls,
+        api_auth: match &args.api_token {
+            Some(t) => crate::auth::ApiAuth::with_token(t, args.closed_reads),
+            None => crate::auth::ApiAuth::open(),
+        },
+        require_runner_cert: args.require_runner_cert,
+        webhook: crate::webhook::WebhookConfig::from_option(args.webhook_secret.as_deref())
+            .map_err(|e| CliError::new(exit::USAGE, e))?,
+    };
+    let dispatcher = crate::dispatcher::Dispatcher::open(config)
+        .map_err(|e| CliError::new(exit::INTERNAL, format!("cannot open data dir: {e}")))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| {
+            CliError::new(
+                exit::UNAVAILABLE,
+                format!("cannot listen on {}: {e}", args.listen),
+            )
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CliError::new(exit::INTERNAL, e.to_string()))?;
+    // One line on stdout, so scripts (and tests) can learn the port.
+    println!("kiln dispatcher listening on {addr}");
+    let _ = std::io::stdout().flush();
+    crate::api::serve(listener, dispatcher, options, signal())
+        .await
+        .map_err(|e| CliError::new(exit::INTERNAL, format!("server failed: {e}")))?;
+    Ok(exit::OK)
+}

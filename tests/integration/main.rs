@@ -1,0 +1,27 @@
+//! Kiln's end-to-end tests, one integration binary: real `kiln` processes (the binary cargo
+//! built) on loopback ports, real git repositories in temp dirs, the real SQLite file, real
+//! grpcurl and pytest. The helpers are the `kiln-testkit` crate.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod bad_input;
+mod dispatcher_edges;
+mod e2e;
+mod faults;
+mod grpcurl;
+mod hook;
+mod lifecycle;
+mod mirror_cache;
+mod observer;
+mod partition;
+mod pipelines;
+mod restart;
+mod run_limit;
+mod runner_death;
+mod runner_security;
+mod runner_stop;
+mod security;
+mod security_e2e;
+mod sessions;
+mod split;
+mod webhook;
