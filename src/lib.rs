@@ -11,14 +11,12 @@
 //! - [`runner`]: the runner's client loop (one stream, reconnects) and its job execution.
 //! - [`webhook`]: the signed push webhook served next to the gRPC services.
 //! - [`cli`]: the `kiln` command line.
-//! - [`demo`]: `kiln demo`, the all-in-one showcase.
 
 pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod codec;
 pub mod convert;
-pub mod demo;
 pub mod dispatcher;
 pub mod downloads;
 pub mod junit;
@@ -27,5 +25,4 @@ pub mod proto;
 pub mod report;
 pub mod runner;
 pub mod tls;
-pub mod up;
 pub mod webhook;

@@ -19,12 +19,14 @@
 //!
 //! One file per command (`serve.rs`, `runner.rs`, `submit.rs`, `logs.rs`, ...); `client.rs`
 //! the client options and connection every client command shares; `output.rs` how builds are
-//! printed. `kiln demo`, `kiln watch` and `kiln up` live in `crate::demo`, `crate::observer`
-//! and `crate::up`.
+//! printed. `demo.rs` is `kiln demo`, the
+//! all-in-one showcase; `up.rs` is `kiln up` (dispatcher, runners and observer in one
+//! process); `kiln watch` runs `crate::observer`.
 
 mod admin;
 mod builds;
 mod client;
+mod demo;
 mod logs;
 mod man;
 mod output;
@@ -34,6 +36,7 @@ mod serve;
 mod show;
 mod submit;
 mod test_report;
+mod up;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -272,7 +275,7 @@ pub enum Command {
     },
     /// Showcase: a sample repository, a dispatcher and two runners in this process, a passing
     /// and a failing commit, their output live and their results.
-    Demo(crate::demo::DemoArgs),
+    Demo(demo::DemoArgs),
     /// Watch repositories and report every new commit of matching branches to the dispatcher.
     Watch {
         #[command(flatten)]
@@ -281,7 +284,7 @@ pub enum Command {
         client: ClientArgs,
     },
     /// The whole farm in one process: dispatcher, runners and an observer of the repositories.
-    Up(crate::up::UpArgs),
+    Up(up::UpArgs),
     /// Administration on the dispatcher's data directory.
     #[command(subcommand)]
     Admin(AdminCommand),
@@ -380,7 +383,7 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         } => runners::drain(&own.or(client).connection(&before), name).await,
         Command::Demo(args) => {
             no_client_options("demo")?;
-            crate::demo::run(args).await
+            demo::run(args).await
         }
         Command::Watch { args, client } => {
             if before.json {
@@ -390,7 +393,7 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         }
         Command::Up(args) => {
             no_client_options("up")?;
-            crate::up::run(args, signal()).await
+            up::run(args, signal()).await
         }
         Command::Completions { shell } => {
             no_client_options("completions")?;

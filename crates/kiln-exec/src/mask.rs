@@ -444,6 +444,8 @@ impl Automaton {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     /// Masks `input` in one go with the naive definition: every byte of every
@@ -492,30 +494,6 @@ mod tests {
         out
     }
 
-    /// Small deterministic PRNG (SplitMix64).
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-
-        /// Uniform in `0..n` (n > 0).
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-
-        fn bytes(&mut self, alphabet: &[u8], len: usize) -> Vec<u8> {
-            (0..len)
-                .map(|_| alphabet[self.below(alphabet.len())])
-                .collect()
-        }
-    }
-
     /// A tiny alphabet (including non-UTF-8 bytes and newlines) so that
     /// partial matches, overlaps and nesting are frequent.
     const ALPHABET: &[u8] = b"ab\n\xff\x00";
@@ -548,90 +526,96 @@ mod tests {
         out
     }
 
-    /// Random secrets (some too short, some multi-line) and an input built
-    /// from random filler and copies of secrets and their fragments.
-    fn random_case(rng: &mut Rng) -> (Vec<Vec<u8>>, Vec<u8>) {
-        let secrets: Vec<Vec<u8>> = (0..1 + rng.below(4))
-            .map(|_| {
-                let len = 1 + rng.below(9);
-                rng.bytes(ALPHABET, len)
-            })
-            .collect();
-        let mut input = Vec::new();
-        for _ in 0..rng.below(12) {
-            match rng.below(3) {
-                0 => {
-                    let len = rng.below(8);
-                    input.extend(rng.bytes(ALPHABET, len));
-                }
-                1 => input.extend(&secrets[rng.below(secrets.len())]),
-                _ => {
-                    let s = &secrets[rng.below(secrets.len())];
-                    let from = rng.below(s.len());
-                    let to = from + rng.below(s.len() - from + 1);
-                    input.extend(&s[from..to]);
-                }
-            }
-        }
-        (secrets, input)
+    /// A piece of input: filler from the alphabet, a whole secret, or a fragment of one
+    /// (indices taken modulo the secrets and their lengths when the case is built).
+    #[derive(Debug, Clone)]
+    enum Piece {
+        Filler(Vec<u8>),
+        Secret(usize),
+        Fragment(usize, usize, usize),
     }
 
-    fn random_cuts(rng: &mut Rng, len: usize) -> Vec<usize> {
-        let mut cuts: Vec<usize> = (0..rng.below(6)).map(|_| rng.below(len + 1)).collect();
-        cuts.sort_unstable();
-        cuts
+    fn piece() -> impl Strategy<Value = Piece> {
+        prop_oneof![
+            proptest::collection::vec(proptest::sample::select(ALPHABET), 0..8)
+                .prop_map(Piece::Filler),
+            any::<usize>().prop_map(Piece::Secret),
+            (any::<usize>(), any::<usize>(), any::<usize>())
+                .prop_map(|(i, from, to)| Piece::Fragment(i, from, to)),
+        ]
+    }
+
+    /// Random secrets (some too short, some multi-line) and an input built from random filler
+    /// and copies of secrets and their fragments, with the positions where it is cut into
+    /// chunks (sorted). proptest shrinks a failing case to a small one.
+    fn case() -> impl Strategy<Value = (Vec<Vec<u8>>, Vec<u8>, Vec<usize>)> {
+        let secrets = proptest::collection::vec(
+            proptest::collection::vec(proptest::sample::select(ALPHABET), 1..10),
+            1..5,
+        );
+        let pieces = proptest::collection::vec(piece(), 0..12);
+        let cuts = proptest::collection::vec(any::<proptest::sample::Index>(), 0..6);
+        (secrets, pieces, cuts).prop_map(|(secrets, pieces, cuts)| {
+            let mut input = Vec::new();
+            for p in pieces {
+                match p {
+                    Piece::Filler(f) => input.extend(f),
+                    Piece::Secret(i) => input.extend(&secrets[i % secrets.len()]),
+                    Piece::Fragment(i, from, to) => {
+                        let s = &secrets[i % secrets.len()];
+                        let from = from % s.len();
+                        let to = from + to % (s.len() - from + 1);
+                        input.extend(&s[from..to]);
+                    }
+                }
+            }
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(input.len() + 1)).collect();
+            cuts.sort_unstable();
+            (secrets, input, cuts)
+        })
     }
 
     fn used_patterns(secrets: &[Vec<u8>]) -> Vec<Vec<u8>> {
         patterns(secrets.iter().map(Vec::as_slice))
     }
 
-    #[test]
-    fn mask_random_chunking_matches_whole_input_masking() {
-        let mut rng = Rng(0x6b69_6c6e);
-        for _ in 0..20_000 {
-            let (secrets, input) = random_case(&mut rng);
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5_000))]
+
+        #[test]
+        fn mask_random_chunking_matches_whole_input_masking((secrets, input, cuts) in case()) {
             let expected = reference(&secrets, &input);
-            let cuts = random_cuts(&mut rng, input.len());
             let mut masker = Masker::new(&secrets);
             let out = run_chunks(&mut masker, &input, &cuts);
-            assert_eq!(
-                out, expected,
-                "secrets {secrets:?} input {input:?} cuts {cuts:?}"
-            );
+            prop_assert_eq!(&out, &expected);
             // Whole input at once, too.
             let mut whole = Masker::new(&secrets);
             let mut once = whole.push(&input);
             once.extend(whole.finish());
-            assert_eq!(once, expected);
+            prop_assert_eq!(&once, &expected);
             for p in used_patterns(&secrets) {
-                assert!(!contains(&out, &p), "{p:?} leaked in {out:?}");
+                prop_assert!(!contains(&out, &p), "{:?} leaked in {:?}", p, out);
             }
         }
-    }
 
-    #[test]
-    fn mask_never_leaks_a_whole_secret_even_with_flushes() {
-        let mut rng = Rng(42);
-        for _ in 0..10_000 {
-            let (secrets, input) = random_case(&mut rng);
-            let cuts = random_cuts(&mut rng, input.len());
+        #[test]
+        fn mask_never_leaks_a_whole_secret_even_with_flushes(
+            (secrets, input, cuts) in case(),
+            flushes in proptest::collection::vec(any::<bool>(), 6),
+        ) {
             let mut masker = Masker::new(&secrets);
             let mut out = Vec::new();
             let mut prev = 0;
-            for &cut in cuts.iter().chain(std::iter::once(&input.len())) {
+            for (n, &cut) in cuts.iter().chain(std::iter::once(&input.len())).enumerate() {
                 out.extend(masker.push(&input[prev..cut]));
-                if rng.below(2) == 0 {
+                if flushes.get(n).copied().unwrap_or(false) {
                     out.extend(masker.finish());
                 }
                 prev = cut;
             }
             out.extend(masker.finish());
             for p in used_patterns(&secrets) {
-                assert!(
-                    !contains(&out, &p),
-                    "{p:?} leaked in {out:?} (input {input:?}, cuts {cuts:?})"
-                );
+                prop_assert!(!contains(&out, &p), "{:?} leaked in {:?}", p, out);
             }
         }
     }

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng as _, SeedableRng};
 
 use crate::*;
 
@@ -167,9 +170,10 @@ pub use crate::process::signal_tree;
 // Seeded randomness
 // ---------------------------------------------------------------------------------------------
 
-/// SplitMix64: small, seeded, good enough to pick victims and moments.
+/// The chaos tests' random source: `rand`'s seeded generator behind the few draws they make
+/// (victims, moments, orders), so a run is replayed from its seed.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng(StdRng);
 
 impl Rng {
     /// From `KILN_CHAOS_SEED` if set, else from the clock; the seed is printed so a failing
@@ -178,27 +182,22 @@ impl Rng {
         let seed = std::env::var("KILN_CHAOS_SEED")
             .ok()
             .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            });
-        (Rng(seed), seed)
+            .unwrap_or_else(|| rand::rng().random());
+        (Rng(StdRng::seed_from_u64(seed)), seed)
     }
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.random()
     }
 
-    /// Uniform in `lo..hi`.
+    /// Uniform in `lo..hi` (`lo` when the range is empty).
     pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next_u64() % (hi - lo).max(1)
+        if hi <= lo {
+            lo
+        } else {
+            self.0.random_range(lo..hi)
+        }
     }
 
     /// A duration uniform in `lo..hi` milliseconds.
@@ -206,12 +205,9 @@ impl Rng {
         Duration::from_millis(self.range(lo, hi))
     }
 
-    /// Shuffles in place (Fisher-Yates).
+    /// Shuffles in place.
     pub fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.range(0, i as u64 + 1) as usize;
-            v.swap(i, j);
-        }
+        v.shuffle(&mut self.0);
     }
 }
 

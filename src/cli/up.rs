@@ -21,7 +21,7 @@ use kiln_domain::{BuildId, JobState};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{CliError, Connection, exit};
+use super::{CliError, Connection, exit};
 use crate::observer::{ObserverConfig, parse_interval};
 
 /// `kiln up` arguments.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{CliError, exit};
+use super::{CliError, exit};
 use crate::proto;
 
 /// `kiln demo` arguments.
@@ -162,7 +162,7 @@ pub async fn run(args: DemoArgs) -> Result<i32, CliError> {
         runners.push(tokio::spawn(crate::runner::run(rc, drain, stop)));
     }
 
-    let mut client = crate::cli::build_client(&crate::cli::Connection::plain(url.clone())).await?;
+    let mut client = super::build_client(&super::Connection::plain(url.clone())).await?;
     let mut builds = Vec::new();
     for (commit, label) in [(&good, "passing"), (&bad, "failing")] {
         let b = client
