@@ -10,11 +10,13 @@
 //! - [`auth`]: API and runner tokens. [`tls`]: TLS files for the listener and the clients.
 //! - [`runner`]: the runner's client loop (one stream, reconnects) and its job execution.
 //! - [`webhook`]: the signed push webhook served next to the gRPC services.
+//! - [`client`]: how a client reaches a dispatcher, and the clients connected from it.
 //! - [`cli`]: the `kiln` command line.
 
 pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod client;
 pub mod codec;
 pub mod convert;
 pub mod dispatcher;

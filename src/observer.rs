@@ -38,7 +38,7 @@ use kiln_domain::BranchPattern;
 use kiln_git::Mirrors;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{BuildClient, CliError, Connection, exit};
+use crate::client::{BuildClient, ClientError, Connection};
 use crate::proto;
 
 /// At most this many commits are reported in one `ReportCommits` (the dispatcher's limit).
@@ -123,12 +123,12 @@ impl ObserverConfig {
 }
 
 /// `kiln watch`: runs the observer until `shutdown` resolves (SIGTERM, Ctrl-C), or for one
-/// pass with `--once`. Returns the exit code.
+/// pass with `--once`.
 pub async fn run(
     conn: &Connection,
     args: WatchArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<i32, CliError> {
+) -> Result<(), ObserverError> {
     let config = ObserverConfig::from_args(&args);
     let stop = CancellationToken::new();
     let on_signal = {
@@ -140,18 +140,15 @@ pub async fn run(
     };
     let result = observe(conn.clone(), config, args.once, stop).await;
     on_signal.abort();
-    result.map(|()| exit::OK)
+    result
 }
 
 /// Makes a local repository path absolute (resolving symbolic links when it exists, as
 /// `kiln submit` does, so both name the repository alike); URLs pass through.
-pub fn normalize_repo(repo: &str) -> Result<String, CliError> {
+pub fn normalize_repo(repo: &str) -> Result<String, ObserverError> {
     let repo = repo.trim();
     if repo.is_empty() {
-        return Err(CliError {
-            code: exit::USAGE,
-            message: "--repo must not be empty".into(),
-        });
+        return Err(ObserverError::Config("--repo must not be empty".into()));
     }
     if repo.contains("://") || (repo.contains('@') && repo.contains(':')) {
         return Ok(repo.to_string());
@@ -159,20 +156,15 @@ pub fn normalize_repo(repo: &str) -> Result<String, CliError> {
     if let Ok(p) = std::fs::canonicalize(repo) {
         return Ok(p.to_string_lossy().into_owned());
     }
-    let p = std::path::absolute(repo).map_err(|e| CliError {
-        code: exit::USAGE,
-        message: format!("repository path {repo:?}: {e}"),
-    })?;
+    let p = std::path::absolute(repo)
+        .map_err(|e| ObserverError::Config(format!("repository path {repo:?}: {e}")))?;
     tracing::warn!(repo = %p.display(), "the repository does not exist (yet); watching it anyway");
     Ok(p.to_string_lossy().into_owned())
 }
 
 /// Compiles branch patterns (see [`kiln_domain::branch`]).
-pub fn branch_globs(patterns: &[String]) -> Result<Vec<BranchPattern>, CliError> {
-    kiln_domain::branch::branch_patterns(patterns).map_err(|message| CliError {
-        code: exit::USAGE,
-        message,
-    })
+pub fn branch_globs(patterns: &[String]) -> Result<Vec<BranchPattern>, ObserverError> {
+    kiln_domain::branch::branch_patterns(patterns).map_err(ObserverError::Config)
 }
 
 /// Runs an observer until `stop` is cancelled (a pass in progress gets a few seconds to
@@ -183,7 +175,7 @@ pub async fn observe(
     config: ObserverConfig,
     once: bool,
     stop: CancellationToken,
-) -> Result<(), CliError> {
+) -> Result<(), ObserverError> {
     let mut repos = Vec::new();
     for r in &config.repos {
         let r = normalize_repo(r)?;
@@ -192,25 +184,22 @@ pub async fn observe(
         }
     }
     if repos.is_empty() {
-        return Err(CliError {
-            code: exit::USAGE,
-            message: "no repository to watch (--repo)".into(),
-        });
+        return Err(ObserverError::Config(
+            "no repository to watch (--repo)".into(),
+        ));
     }
     let globs = branch_globs(&config.branches)?;
     if config.backfill == 0 {
-        return Err(CliError {
-            code: exit::USAGE,
-            message: "--backfill must be at least 1".into(),
-        });
+        return Err(ObserverError::Config(
+            "--backfill must be at least 1".into(),
+        ));
     }
-    let mirrors = Mirrors::new(&config.work_dir).map_err(|e| CliError {
-        code: exit::INTERNAL,
-        message: format!(
+    let mirrors = Mirrors::new(&config.work_dir).map_err(|e| {
+        ObserverError::Internal(format!(
             "observer work dir {}: {}",
             config.work_dir.display(),
             crate::dispatcher::error_chain(&e)
-        ),
+        ))
     })?;
     if config.print {
         println!(
@@ -240,10 +229,9 @@ pub async fn observe(
     let mut first_error = None;
     while let Some(done) = tasks.join_next().await {
         let result = done.unwrap_or_else(|e| {
-            Err(CliError {
-                code: exit::INTERNAL,
-                message: format!("observer task failed: {e}"),
-            })
+            Err(ObserverError::Internal(format!(
+                "observer task failed: {e}"
+            )))
         });
         if let Err(e) = result {
             first_error.get_or_insert(e);
@@ -268,53 +256,54 @@ struct Shared {
 }
 
 impl Shared {
-    async fn client(&self) -> Result<BuildClient, CliError> {
+    async fn client(&self) -> Result<BuildClient, ClientError> {
         let mut slot = self.client.lock().await;
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let c = crate::cli::build_client(&self.conn).await?;
+        let c = self.conn.build_client().await?;
         *slot = Some(c.clone());
         Ok(c)
     }
 }
 
-/// Why a pass (or a branch) failed.
-#[derive(Debug)]
-enum PassError {
-    /// Fetching or reading the repository failed.
+/// Why the observer stopped, or (every pass is retried until then) why a pass failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ObserverError {
+    /// The configuration is wrong (no repository, an empty one, a bad branch pattern).
+    #[error("{0}")]
+    Config(String),
+    /// Fetching or reading a repository failed.
+    #[error("{0}")]
     Git(String),
-    /// The dispatcher could not be reached or refused; the code says how.
-    Dispatcher(CliError),
+    /// The dispatcher could not be connected to.
+    #[error(transparent)]
+    Connect(#[from] ClientError),
+    /// The dispatcher's answer to a call.
+    #[error("{}", .0.message())]
+    Dispatcher(#[from] tonic::Status),
+    /// The observer's own machinery failed (its work dir, a task).
+    #[error("{0}")]
+    Internal(String),
 }
 
-impl PassError {
-    fn message(&self) -> String {
-        match self {
-            PassError::Git(m) => m.clone(),
-            PassError::Dispatcher(e) => e.message.clone(),
-        }
-    }
-
-    fn into_cli(self) -> CliError {
-        match self {
-            PassError::Git(m) => CliError {
-                code: exit::NOT_FOUND,
-                message: m,
-            },
-            PassError::Dispatcher(e) => e,
-        }
-    }
-
-    /// The dispatcher itself is unreachable: no point in trying the other branches.
+impl ObserverError {
+    /// The dispatcher itself is unreachable (or cannot take work now): no point in trying the
+    /// other branches.
     fn is_unavailable(&self) -> bool {
-        matches!(self, PassError::Dispatcher(e) if e.code == exit::UNAVAILABLE)
+        match self {
+            ObserverError::Connect(ClientError::Unreachable { .. }) => true,
+            ObserverError::Dispatcher(s) => crate::client::is_unavailable(s),
+            _ => false,
+        }
     }
-}
 
-impl From<tonic::Status> for PassError {
-    fn from(s: tonic::Status) -> Self {
-        PassError::Dispatcher(CliError::from(s))
+    /// The dispatcher refused the request as invalid: trying again will not help.
+    fn is_refusal(&self) -> bool {
+        matches!(self, ObserverError::Dispatcher(s) if matches!(
+            s.code(),
+            tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition | tonic::Code::OutOfRange
+        ))
     }
 }
 
@@ -348,7 +337,7 @@ impl RepoWatch {
         interval: Duration,
         once: bool,
         stop: CancellationToken,
-    ) -> Result<(), CliError> {
+    ) -> Result<(), ObserverError> {
         loop {
             if stop.is_cancelled() {
                 return Ok(());
@@ -370,9 +359,9 @@ impl RepoWatch {
                         tracing::info!(repo = %self.repo, "observer: working again");
                     }
                 }
-                Err(e) if once => return Err(e.into_cli()),
+                Err(e) if once => return Err(e),
                 Err(e) => {
-                    let message = e.message();
+                    let message = e.to_string();
                     if self.last_error.as_deref() == Some(message.as_str()) {
                         tracing::debug!(repo = %self.repo, error = %message, "observer: still failing; retrying");
                     } else {
@@ -393,7 +382,7 @@ impl RepoWatch {
     }
 
     /// One pass: fetch, list the branches, report what is new on each matching one.
-    async fn pass(&mut self, stop: &CancellationToken) -> Result<(), PassError> {
+    async fn pass(&mut self, stop: &CancellationToken) -> Result<(), ObserverError> {
         let mirrors = self.shared.mirrors.clone();
         let url = self.repo.clone();
         let branches = tokio::task::spawn_blocking(move || {
@@ -401,8 +390,8 @@ impl RepoWatch {
             mirrors.branches(&url)
         })
         .await
-        .map_err(|e| PassError::Git(format!("fetch task failed: {e}")))?
-        .map_err(|e| PassError::Git(crate::dispatcher::error_chain(&e)))?;
+        .map_err(|e| ObserverError::Git(format!("fetch task failed: {e}")))?
+        .map_err(|e| ObserverError::Git(crate::dispatcher::error_chain(&e)))?;
         let branches: Vec<(String, String)> = branches
             .into_iter()
             .filter(|(b, _)| kiln_domain::branch::any_matches(&self.shared.globs, b))
@@ -433,13 +422,13 @@ impl RepoWatch {
                     self.synced.insert(branch, (head, Instant::now()));
                 }
                 Err(e) if e.is_unavailable() => return Err(e),
-                Err(PassError::Dispatcher(e)) if e.code == exit::INVALID => {
-                    tracing::warn!(repo = %self.repo, %branch, %head, error = %e.message,
+                Err(e) if e.is_refusal() => {
+                    tracing::warn!(repo = %self.repo, %branch, %head, error = %e,
                         "observer: the dispatcher refused this branch's commits; not trying again until it moves");
                     self.refused.insert(branch, head);
                 }
                 Err(e) => {
-                    tracing::warn!(repo = %self.repo, %branch, %head, error = %e.message(),
+                    tracing::warn!(repo = %self.repo, %branch, %head, error = %e,
                         "observer: cannot report this branch; trying again next time");
                     failed.get_or_insert(e);
                 }
@@ -452,8 +441,8 @@ impl RepoWatch {
     }
 
     /// Reports what is new on one branch whose head is `head`.
-    async fn branch(&mut self, branch: &str, head: &str) -> Result<(), PassError> {
-        let mut client = self.shared.client().await.map_err(PassError::Dispatcher)?;
+    async fn branch(&mut self, branch: &str, head: &str) -> Result<(), ObserverError> {
+        let mut client = self.shared.client().await?;
         let cursor = client
             .get_branch_cursor(proto::GetBranchCursorRequest {
                 repo: self.repo.clone(),
@@ -478,8 +467,8 @@ impl RepoWatch {
                 mirrors.first_parent_since(&url, &h, since.as_deref(), cap)
             })
             .await
-            .map_err(|e| PassError::Git(format!("history task failed: {e}")))?
-            .map_err(|e| PassError::Git(crate::dispatcher::error_chain(&e)))?
+            .map_err(|e| ObserverError::Git(format!("history task failed: {e}")))?
+            .map_err(|e| ObserverError::Git(crate::dispatcher::error_chain(&e)))?
         };
         let commits = match &cursor {
             None => {

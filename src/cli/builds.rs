@@ -2,7 +2,7 @@
 
 use clap::Args;
 
-use super::client::{ClientArgs, Connection, JsonArg, build_client};
+use super::client::{ClientArgs, Connection, JsonArg};
 use super::output::{build_json, fmt_time};
 use super::submit::normalize_repo;
 use super::{CliError, exit};
@@ -37,7 +37,7 @@ pub(super) async fn builds(
     json: bool,
     args: BuildsArgs,
 ) -> Result<i32, CliError> {
-    let mut c = build_client(conn).await?;
+    let mut c = conn.build_client().await?;
     let r = c
         .list_builds(proto::ListBuildsRequest {
             repo: args

@@ -1,14 +1,11 @@
 //! The client side every command shares: `--dispatcher`, `--token`, `--tls-*` and `--json`
-//! (given before or after the command), and the gRPC channel and clients made from them.
+//! (given before or after the command), and the [`Connection`] made from them.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Args;
-use tonic::transport::Channel;
 
-use super::{CliError, exit};
-use crate::proto::build_service_client::BuildServiceClient;
+pub use crate::client::Connection;
 
 /// Client options accepted before the command for compatibility (hidden; each command that
 /// uses them lists its own).
@@ -146,61 +143,4 @@ pub struct JsonArg {
     /// Print machine-readable JSON instead of text.
     #[arg(long)]
     pub json: bool,
-}
-
-/// How a client reaches the dispatcher.
-#[derive(Debug, Clone, Default)]
-pub struct Connection {
-    /// The dispatcher's URL.
-    pub url: String,
-    /// API token.
-    pub token: Option<String>,
-    /// TLS files.
-    pub tls: crate::tls::ClientTls,
-}
-
-impl Connection {
-    /// Plaintext, no token.
-    pub fn plain(url: impl Into<String>) -> Self {
-        Self {
-            url: url.into(),
-            ..Self::default()
-        }
-    }
-}
-
-/// A `BuildService` client that sends the API token.
-pub type BuildClient = BuildServiceClient<
-    tonic::service::interceptor::InterceptedService<Channel, crate::auth::BearerToken>,
->;
-
-/// Connects a `BuildService` client.
-pub async fn build_client(conn: &Connection) -> Result<BuildClient, CliError> {
-    Ok(BuildServiceClient::with_interceptor(
-        channel(conn).await?,
-        bearer(conn)?,
-    ))
-}
-
-pub(super) fn bearer(conn: &Connection) -> Result<crate::auth::BearerToken, CliError> {
-    crate::auth::BearerToken::new(conn.token.as_deref()).map_err(|e| CliError::new(exit::USAGE, e))
-}
-
-pub(super) async fn channel(conn: &Connection) -> Result<Channel, CliError> {
-    let url = &conn.url;
-    let endpoint = conn
-        .tls
-        .endpoint(url)
-        .map_err(|e| CliError::new(exit::USAGE, e))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
-    endpoint.connect().await.map_err(|e| {
-        CliError::new(
-            exit::UNAVAILABLE,
-            format!(
-                "cannot reach the dispatcher at {url}: {}",
-                crate::dispatcher::error_chain(&e)
-            ),
-        )
-    })
 }

@@ -3,7 +3,7 @@
 
 use clap::Args;
 
-use super::client::{ClientArgs, Connection, build_client};
+use super::client::{ClientArgs, Connection};
 use super::output::state_exit;
 use super::{CliError, exit, write_out};
 use crate::proto;
@@ -129,7 +129,7 @@ pub async fn logs(conn: &Connection, opts: &LogsOptions) -> Result<i32, CliError
     let build: u64 = build
         .parse()
         .map_err(|_| CliError::new(exit::USAGE, format!("{target:?} is not BUILD or BUILD/JOB")))?;
-    let mut c = build_client(conn).await?;
+    let mut c = conn.build_client().await?;
     let b = c
         .get_build(proto::GetBuildRequest { build_id: build })
         .await?

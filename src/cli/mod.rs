@@ -45,9 +45,7 @@ use clap::{Parser, Subcommand};
 
 pub use admin::{AdminCommand, RunnerTokenCommand};
 pub use builds::BuildsArgs;
-pub use client::{
-    BuildClient, ClientArgs, ClientBefore, Connection, JsonArg, RunnerClientArgs, build_client,
-};
+pub use client::{ClientArgs, ClientBefore, Connection, JsonArg, RunnerClientArgs};
 pub use logs::{LogsArgs, LogsOptions, logs};
 pub use output::state_exit;
 pub use runner::RunnerArgs;
@@ -150,29 +148,34 @@ impl CliError {
     }
 }
 
-/// Whether a call failed in the connection under it rather than at the dispatcher: the
-/// status carries (somewhere in its source chain) the transport's own error: an I/O error, a
-/// connection (hyper) error or an HTTP/2 protocol error. A plaintext client on a TLS port sees
-/// one of these, which of them depending on timing.
-fn failed_in_transport(s: &tonic::Status) -> bool {
-    let mut next: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
-    while let Some(e) = next {
-        if e.is::<tonic::transport::Error>()
-            || e.is::<std::io::Error>()
-            || e.is::<hyper::Error>()
-            || e.is::<h2::Error>()
-        {
-            return true;
-        }
-        next = e.source();
+impl From<crate::client::ClientError> for CliError {
+    fn from(e: crate::client::ClientError) -> Self {
+        use crate::client::ClientError;
+        let code = match e {
+            ClientError::Config(_) => exit::USAGE,
+            ClientError::Unreachable { .. } => exit::UNAVAILABLE,
+        };
+        CliError::new(code, e.to_string())
     }
-    false
+}
+
+impl From<crate::observer::ObserverError> for CliError {
+    fn from(e: crate::observer::ObserverError) -> Self {
+        use crate::observer::ObserverError;
+        match e {
+            ObserverError::Config(m) => CliError::new(exit::USAGE, m),
+            ObserverError::Git(m) => CliError::new(exit::NOT_FOUND, m),
+            ObserverError::Connect(e) => e.into(),
+            ObserverError::Dispatcher(s) => s.into(),
+            ObserverError::Internal(m) => CliError::new(exit::INTERNAL, m),
+        }
+    }
 }
 
 impl From<tonic::Status> for CliError {
     fn from(s: tonic::Status) -> Self {
         use tonic::Code;
-        let transport = s.code() != Code::Unavailable && failed_in_transport(&s);
+        let transport = s.code() != Code::Unavailable && crate::client::failed_in_transport(&s);
         let code = match s.code() {
             _ if transport => exit::UNAVAILABLE,
             Code::NotFound => exit::NOT_FOUND,
@@ -389,7 +392,8 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
             if before.json {
                 return Err(CliError::new(exit::USAGE, "kiln watch takes no --json"));
             }
-            crate::observer::run(&client.connection(&before), args, signal()).await
+            crate::observer::run(&client.connection(&before), args, signal()).await?;
+            Ok(exit::OK)
         }
         Command::Up(args) => {
             no_client_options("up")?;

@@ -2,10 +2,10 @@
 
 use clap::Subcommand;
 
-use super::client::{ClientArgs, Connection, bearer, channel};
+use super::client::{ClientArgs, Connection};
 use super::output::fmt_time;
 use super::{CliError, exit};
-use crate::proto::{self, runner_admin_service_client::RunnerAdminServiceClient};
+use crate::proto;
 
 /// `kiln runners ...`.
 #[derive(Debug, Subcommand)]
@@ -20,7 +20,7 @@ pub enum RunnersAction {
 }
 
 pub(super) async fn runners(conn: &Connection, json: bool) -> Result<i32, CliError> {
-    let mut c = RunnerAdminServiceClient::with_interceptor(channel(conn).await?, bearer(conn)?);
+    let mut c = conn.admin_client().await?;
     let r = c
         .list_runners(proto::ListRunnersRequest {})
         .await?
@@ -74,7 +74,7 @@ pub(super) async fn runners(conn: &Connection, json: bool) -> Result<i32, CliErr
 
 /// `kiln runners drain NAME`: the runner takes no new work and leaves once its jobs end.
 pub(super) async fn drain(conn: &Connection, name: String) -> Result<i32, CliError> {
-    let mut c = RunnerAdminServiceClient::with_interceptor(channel(conn).await?, bearer(conn)?);
+    let mut c = conn.admin_client().await?;
     let r = c
         .drain_runner(proto::DrainRunnerRequest { name })
         .await?

@@ -1,7 +1,7 @@
 //! `kiln show`: one build, its jobs and steps (the exit code says how it ended); `kiln cancel`
 //! and `kiln retry` of a build.
 
-use super::client::{Connection, build_client};
+use super::client::Connection;
 use super::output::{build_json, print_build, state_exit};
 use super::{CliError, exit};
 use crate::proto;
@@ -11,7 +11,7 @@ pub(super) async fn build_and_tests(
     conn: &Connection,
     build: u64,
 ) -> Result<(proto::Build, proto::TestReport), CliError> {
-    let mut c = build_client(conn).await?;
+    let mut c = conn.build_client().await?;
     let b = c
         .get_build(proto::GetBuildRequest { build_id: build })
         .await?
@@ -38,7 +38,7 @@ pub(super) async fn show(conn: &Connection, json: bool, build: u64) -> Result<i3
 
 /// `kiln cancel BUILD`.
 pub(super) async fn cancel(conn: &Connection, json: bool, build: u64) -> Result<i32, CliError> {
-    let mut c = build_client(conn).await?;
+    let mut c = conn.build_client().await?;
     let b = c
         .cancel_build(proto::CancelBuildRequest { build_id: build })
         .await?
@@ -49,7 +49,7 @@ pub(super) async fn cancel(conn: &Connection, json: bool, build: u64) -> Result<
 
 /// `kiln retry BUILD`: builds the same commit and pipeline again, as a new build.
 pub(super) async fn retry(conn: &Connection, json: bool, build: u64) -> Result<i32, CliError> {
-    let mut c = build_client(conn).await?;
+    let mut c = conn.build_client().await?;
     let b = c
         .retry_build(proto::RetryBuildRequest { build_id: build })
         .await?

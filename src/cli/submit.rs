@@ -2,7 +2,7 @@
 
 use clap::Args;
 
-use super::client::{ClientArgs, Connection, JsonArg, build_client};
+use super::client::{ClientArgs, Connection, JsonArg};
 use super::logs::{LogsOptions, logs};
 use super::output::print_build;
 use super::{CliError, exit};
@@ -87,7 +87,7 @@ pub(super) async fn submit(
 ) -> Result<i32, CliError> {
     let repo = normalize_repo(&args.repo)?;
     let (commit, branch) = submit_revision(&repo, args.commit, args.branch)?;
-    let mut c = build_client(conn).await?;
+    let mut c = conn.build_client().await?;
     let b = c
         .submit_build(proto::SubmitBuildRequest {
             repo,

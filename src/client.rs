@@ -1,0 +1,123 @@
+//! kiln's gRPC clients as the CLI, the observer and scripts use them: how to reach a
+//! dispatcher ([`Connection`]: URL, token, TLS files) and the clients connected from it.
+
+use std::time::Duration;
+
+use tonic::transport::Channel;
+
+use crate::auth::BearerToken;
+use crate::proto::build_service_client::BuildServiceClient;
+use crate::proto::runner_admin_service_client::RunnerAdminServiceClient;
+
+/// How a client reaches the dispatcher.
+#[derive(Debug, Clone, Default)]
+pub struct Connection {
+    /// The dispatcher's URL.
+    pub url: String,
+    /// API token.
+    pub token: Option<String>,
+    /// TLS files.
+    pub tls: crate::tls::ClientTls,
+}
+
+impl Connection {
+    /// Plaintext, no token.
+    pub fn plain(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// Why a client could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The connection's settings are wrong (a token that cannot be a header, unreadable TLS
+    /// files, a URL that is not one).
+    #[error("{0}")]
+    Config(String),
+    /// The dispatcher could not be reached.
+    #[error("cannot reach the dispatcher at {url}: {reason}")]
+    Unreachable {
+        /// The URL tried.
+        url: String,
+        /// Why (the transport's error chain).
+        reason: String,
+    },
+}
+
+/// A `BuildService` client that sends the API token.
+pub type BuildClient =
+    BuildServiceClient<tonic::service::interceptor::InterceptedService<Channel, BearerToken>>;
+
+/// A `RunnerAdminService` client that sends the API token.
+pub type AdminClient =
+    RunnerAdminServiceClient<tonic::service::interceptor::InterceptedService<Channel, BearerToken>>;
+
+impl Connection {
+    /// Connects a `BuildService` client.
+    pub async fn build_client(&self) -> Result<BuildClient, ClientError> {
+        Ok(BuildServiceClient::with_interceptor(
+            self.channel().await?,
+            self.bearer()?,
+        ))
+    }
+
+    /// Connects a `RunnerAdminService` client.
+    pub async fn admin_client(&self) -> Result<AdminClient, ClientError> {
+        Ok(RunnerAdminServiceClient::with_interceptor(
+            self.channel().await?,
+            self.bearer()?,
+        ))
+    }
+
+    fn bearer(&self) -> Result<BearerToken, ClientError> {
+        BearerToken::new(self.token.as_deref()).map_err(ClientError::Config)
+    }
+
+    async fn channel(&self) -> Result<Channel, ClientError> {
+        let endpoint = self
+            .tls
+            .endpoint(&self.url)
+            .map_err(ClientError::Config)?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        endpoint
+            .connect()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: self.url.clone(),
+                reason: crate::dispatcher::error_chain(&e),
+            })
+    }
+}
+
+/// Whether a call failed in the connection under it rather than at the dispatcher: the
+/// status carries (somewhere in its source chain) the transport's own error: an I/O error, a
+/// connection (hyper) error or an HTTP/2 protocol error. A plaintext client on a TLS port sees
+/// one of these, which of them depending on timing.
+pub fn failed_in_transport(s: &tonic::Status) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    while let Some(e) = next {
+        if e.is::<tonic::transport::Error>()
+            || e.is::<std::io::Error>()
+            || e.is::<hyper::Error>()
+            || e.is::<h2::Error>()
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// Whether a failed call means the dispatcher cannot take requests now (unreachable, shutting
+/// down, out of time, or its disk is full): try again later rather than elsewhere.
+pub fn is_unavailable(s: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted
+    ) || failed_in_transport(s)
+}
