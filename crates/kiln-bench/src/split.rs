@@ -675,23 +675,7 @@ impl Bench {
                 .map_err(|e| fail(format!("cannot seed the timing history: {e}")))?;
         }
         let log = dir.join("serve.log");
-        let hb = humantime::format_duration(self.args.heartbeat_interval).to_string();
-        let missed = self.args.missed_heartbeats.to_string();
-        let (serve, addr) = spawn_serve(
-            &log,
-            "127.0.0.1:0",
-            &data,
-            &["--heartbeat-interval", &hb, "--missed-heartbeats", &missed],
-        )
-        .await?;
-        let Some(addr) = addr else {
-            return Err(fail(format!(
-                "kiln serve did not say where it listens; its log:\n{}",
-                tail(&log, 20)
-            )));
-        };
-        let url = format!("http://{addr}");
-        let mut client = ready(&url, &log).await?;
+        let (serve, url, mut client) = start_dispatcher(&self.args, &log, &data).await?;
         let mut runners = self.start_runners(&url, &dir, spec.shards).await?;
         // Runners of a farm are long-lived: one small split build first, so that the measured
         // build does not pay the runner processes' cold start (the first git and process work
@@ -1418,6 +1402,34 @@ fn report(bench: &Bench, args: &SplitArgs, runs: &HashMap<String, Run>, nmax: u3
     if nmax != 16 {
         note("goals are for N = 16: none is judged at this N");
     }
+}
+
+/// Starts the split benchmark's `kiln serve` (data in `data`, its log in `log`, the
+/// benchmark's heartbeat settings) on a free loopback port; returns it, its URL and a
+/// connected client once it answers.
+pub(super) async fn start_dispatcher(
+    args: &SplitArgs,
+    log: &Path,
+    data: &Path,
+) -> Result<(Proc, String, BuildServiceClient<Channel>), BenchError> {
+    let hb = humantime::format_duration(args.heartbeat_interval).to_string();
+    let missed = args.missed_heartbeats.to_string();
+    let (serve, addr) = spawn_serve(
+        log,
+        "127.0.0.1:0",
+        data,
+        &["--heartbeat-interval", &hb, "--missed-heartbeats", &missed],
+    )
+    .await?;
+    let Some(addr) = addr else {
+        return Err(fail(format!(
+            "kiln serve did not say where it listens; its log:\n{}",
+            tail(log, 20)
+        )));
+    };
+    let url = format!("http://{addr}");
+    let client = ready(&url, log).await?;
+    Ok((serve, url, client))
 }
 
 #[cfg(test)]

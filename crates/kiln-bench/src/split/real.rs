@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
 use super::super::util::{
-    Proc, Scratch, fail, figure, header, is_final, ms, note, ready, secs, sorted, spawn_runner,
-    spawn_serve, tail, wait_idle, wrong,
+    Proc, Scratch, fail, figure, header, is_final, ms, note, secs, sorted, spawn_runner, tail,
+    wait_idle, wrong,
 };
 use super::SplitArgs;
 use crate::BenchError;
@@ -273,23 +273,7 @@ pub async fn run(args: &SplitArgs, dir: &Path) -> Result<(), BenchError> {
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&data).map_err(fail)?;
     let log = tmp.path().join("serve.log");
-    let hb = humantime::format_duration(args.heartbeat_interval).to_string();
-    let missed = args.missed_heartbeats.to_string();
-    let (_serve, addr) = spawn_serve(
-        &log,
-        "127.0.0.1:0",
-        &data,
-        &["--heartbeat-interval", &hb, "--missed-heartbeats", &missed],
-    )
-    .await?;
-    let Some(addr) = addr else {
-        return Err(fail(format!(
-            "kiln serve did not say where it listens; its log:\n{}",
-            tail(&log, 20)
-        )));
-    };
-    let url = format!("http://{addr}");
-    let mut client = ready(&url, &log).await?;
+    let (_serve, url, mut client) = super::start_dispatcher(args, &log, &data).await?;
     let mut runners: Vec<Proc> = Vec::new();
     let mut names = Vec::new();
     for i in 0..c.shards {
