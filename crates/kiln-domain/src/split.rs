@@ -466,6 +466,10 @@ pub const START_MAX_BATCHES: u64 = 50;
 /// one process per shard), never more than [`START_MAX_BATCHES`] times it nor under the plain
 /// rule's target, and never more than the shard's fair share, so no shard takes another's.
 ///
+/// The estimates are the ones to size with: the store passes [`sizing_estimates`], where, with
+/// a start cost, a unit whose history is not [`reliable`] counts for at least
+/// [`sizing_floor`].
+///
 /// Never more than `max` units (0: no limit). Always at least one unit when the queue is not
 /// empty.
 pub fn batch_len(
