@@ -466,6 +466,10 @@ pub const START_MAX_BATCHES: u64 = 50;
 /// one process per shard), never more than [`START_MAX_BATCHES`] times it nor under the plain
 /// rule's target, and never more than the shard's fair share, so no shard takes another's.
 ///
+/// The estimates are the ones to size with: the store passes [`sizing_estimates`], where, with
+/// a start cost, a unit whose history is not [`reliable`] counts for at least
+/// [`sizing_floor`].
+///
 /// Never more than `max` units (0: no limit). Always at least one unit when the queue is not
 /// empty.
 pub fn batch_len(
@@ -502,6 +506,59 @@ pub fn batch_len(
         n += 1;
     }
     n.max(1)
+}
+
+/// A unit's recorded durations are trusted as they are for sizing batches when there are at
+/// least this many of them ...
+pub const RELIABLE_SAMPLES: usize = 3;
+
+/// ... and the longest is at most this many times the shortest.
+pub const RELIABLE_SPREAD: u64 = 2;
+
+/// With a start cost, a unit whose history is not [`reliable`] counts for at least this
+/// fraction (numerator, denominator) of the split's median estimate when batches are sized.
+pub const UNRELIABLE_FLOOR: (u64, u64) = (3, 4);
+
+/// Whether a unit's recorded durations (oldest first) are trusted as they are for sizing
+/// batches: at least [`RELIABLE_SAMPLES`] of them, the longest at most [`RELIABLE_SPREAD`]
+/// times the shortest. One recorded run, or runs that disagree, may be far off the unit's
+/// time today (a unit that got slower, a flaky machine); no history at all is not reliable.
+pub fn reliable(history: &[u64]) -> bool {
+    let (Some(&min), Some(&max)) = (history.iter().min(), history.iter().max()) else {
+        return false;
+    };
+    history.len() >= RELIABLE_SAMPLES && max <= min.max(1).saturating_mul(RELIABLE_SPREAD)
+}
+
+/// The least estimate an unreliable unit counts for when a batch is sized with a start cost of
+/// `start_ms`: [`UNRELIABLE_FLOOR`] of the median of the split's estimates (`split_estimates`,
+/// every unit's, in any order), never more than the start cost; 0 without a start cost.
+///
+/// Why: the queue is longest first, so the units recorded far under a typical unit come last,
+/// and the last batches, sized to a few starts' worth, take many of them at once. A unit
+/// recorded once at a fifth of its time then hides in a batch estimated as small, and that
+/// batch ends long after the others. Counting such units as at least most of a typical unit
+/// keeps the last batches to fewer of them (and the shards' fair shares honest); capping the
+/// floor at the start cost leaves splits whose start is cheap (batches of many short units)
+/// as they were.
+pub fn sizing_floor(split_estimates: &[EstimateMs], start_ms: u64) -> EstimateMs {
+    if start_ms == 0 {
+        return 0;
+    }
+    let (num, den) = UNRELIABLE_FLOOR;
+    median(split_estimates.to_vec())
+        .map(|m| (m.saturating_mul(num) / den).min(start_ms))
+        .unwrap_or(0)
+}
+
+/// The estimates [`batch_len`] sizes with, from the queue's (estimate, [`reliable`]) pairs:
+/// an unreliable unit's estimate is raised to `floor` (see [`sizing_floor`]); a reliable
+/// unit's is kept. The queue's order is not changed.
+pub fn sizing_estimates(queue: &[(EstimateMs, bool)], floor: EstimateMs) -> Vec<EstimateMs> {
+    queue
+        .iter()
+        .map(|&(est, ok)| if ok { est } else { est.max(floor) })
+        .collect()
 }
 
 /// The per-process start cost seen in one batch: its processes' wall time less its units' own
@@ -863,6 +920,81 @@ mod tests {
         (end, processes)
     }
 
+    /// The history `kiln bench split` seeds, made deterministically for `truth` (a
+    /// [`bench_like_suite`]): the longest heavy unit recorded 5x too short, another 5x too long,
+    /// 18 ordinary units 5x one way or the other, 10 not recorded (estimated at the median of
+    /// the recorded ones), the rest exact. Every unit has one recorded run at most, so none is
+    /// [`reliable`].
+    fn wrong_history(truth: &[u64], seed: u64) -> Vec<u64> {
+        let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1);
+        let n = truth.len();
+        let heavy: Vec<usize> = (0..n - 2).filter(|i| i % 20 == 0).collect();
+        let longest = heavy
+            .iter()
+            .copied()
+            .max_by_key(|&i| (truth[i], i))
+            .unwrap_or(0);
+        let mut est: Vec<Option<u64>> = truth.iter().map(|&t| Some(t)).collect();
+        est[longest] = Some(truth[longest] / 5);
+        let other =
+            heavy[(heavy.iter().position(|&i| i == longest).unwrap_or(0) + 1) % heavy.len()];
+        est[other] = Some(truth[other] * 5);
+        let mut ordinary: Vec<usize> = (0..n - 2).filter(|i| i % 20 != 0).collect();
+        for k in 0..28 {
+            let j = k + rng.below((ordinary.len() - k) as u64) as usize;
+            ordinary.swap(k, j);
+            let i = ordinary[k];
+            est[i] = match (k < 18, rng.below(2)) {
+                (false, _) => None,
+                (true, 0) => Some((truth[i] / 5).max(1)),
+                (true, _) => Some(truth[i] * 5),
+            };
+        }
+        let fallback = median(est.iter().flatten().copied().collect()).unwrap_or(1);
+        est.into_iter().map(|e| e.unwrap_or(fallback)).collect()
+    }
+
+    /// As [`simulate`], with estimates apart from the truth: the queue longest first by
+    /// estimate; every unit unreliable, so with `floor` its sizing estimate is raised to
+    /// [`sizing_floor`] (without, batches are sized on the estimates as recorded).
+    fn simulate_estimated(
+        truth: &[u64],
+        est: &[u64],
+        shards: u32,
+        start_ms: u64,
+        floor: bool,
+    ) -> (u64, usize) {
+        let mut order: Vec<usize> = (0..truth.len()).collect();
+        order.sort_unstable_by_key(|&i| (std::cmp::Reverse(est[i]), i));
+        let low = if floor {
+            sizing_floor(est, start_ms)
+        } else {
+            0
+        };
+        let mut shard: Vec<(u64, u64)> = vec![(0, 0); shards as usize];
+        let (mut at, mut processes, mut end) = (0usize, 0usize, 0u64);
+        while at < order.len() {
+            let (i, &(now, _)) = shard
+                .iter()
+                .enumerate()
+                .min_by_key(|&(i, s)| (s.0, i))
+                .unwrap_or((0, &(0, 0)));
+            shard[i].1 = 0;
+            let in_flight: u64 = shard.iter().filter(|s| s.0 > now).map(|s| s.1).sum();
+            let queue: Vec<(u64, bool)> = order[at..].iter().map(|&u| (est[u], false)).collect();
+            let sizing = sizing_estimates(&queue, low);
+            let k = batch_len(&sizing, shards, 0, start_ms, in_flight).max(1);
+            let taken = &order[at..(at + k).min(order.len())];
+            let work: u64 = taken.iter().map(|&u| truth[u]).sum();
+            let estimated: u64 = taken.iter().map(|&u| est[u]).sum();
+            at += k;
+            processes += 1;
+            shard[i] = (now + start_ms + 30 + work, estimated);
+            end = end.max(shard[i].0);
+        }
+        (end, processes)
+    }
+
     /// The lower bound that counts one start per shard.
     fn bound(truth: &[u64], shards: u32, start_ms: u64) -> u64 {
         let total: u64 = truth.iter().sum();
@@ -908,6 +1040,90 @@ mod tests {
                 "seed {seed}: makespan {makespan} ms, bound {b} ms"
             );
         }
+    }
+
+    #[test]
+    fn a_history_is_reliable_with_three_runs_that_agree() {
+        assert!(!reliable(&[]));
+        assert!(!reliable(&[500]));
+        assert!(!reliable(&[500, 510]));
+        assert!(reliable(&[500, 510, 490]));
+        assert!(reliable(&[300, 600, 450, 400, 500]));
+        // A run more than twice another: not to be trusted as it is.
+        assert!(!reliable(&[300, 601, 450]));
+        assert!(!reliable(&[100, 100, 100, 100, 1000]));
+        assert!(reliable(&[0, 0, 1]));
+    }
+
+    #[test]
+    fn the_sizing_floor_is_most_of_a_typical_unit_at_most_one_start() {
+        let est = [10, 40, 200, 240, 300, 900, 5000];
+        // Median 240: three quarters of it, under the start cost.
+        assert_eq!(sizing_floor(&est, 300), 180);
+        // Capped at the start cost: a cheap start leaves the units as recorded.
+        assert_eq!(sizing_floor(&est, 50), 50);
+        assert_eq!(sizing_floor(&est, 1), 1);
+        // No start cost, no floor; no estimates, no floor.
+        assert_eq!(sizing_floor(&est, 0), 0);
+        assert_eq!(sizing_floor(&[], 300), 0);
+    }
+
+    #[test]
+    fn only_unreliable_units_are_raised_to_the_floor() {
+        let queue = [
+            (900, false),
+            (900, true),
+            (100, true),
+            (100, false),
+            (20, false),
+        ];
+        assert_eq!(sizing_estimates(&queue, 180), [900, 900, 100, 180, 180]);
+        assert_eq!(sizing_estimates(&queue, 0), [900, 900, 100, 100, 20]);
+        assert!(sizing_estimates(&[], 180).is_empty());
+    }
+
+    #[test]
+    fn the_floor_keeps_units_recorded_too_short_from_piling_up_in_the_last_batch() {
+        // The end of a queue, longest first: ordinary units of about 240 ms, then eight that
+        // one old run recorded at 20-65 ms (each really about 5x that).
+        let mut queue: Vec<(u64, bool)> = vec![(240, false); 12];
+        queue.extend([65, 56, 53, 43, 32, 24, 18, 17].map(|e| (e, false)));
+        let raw = sizing_estimates(&queue, 0);
+        let floored = sizing_estimates(&queue, sizing_floor(&raw, 320));
+        // A batch is at least two starts' worth (640 ms): as recorded, the eight fit in one
+        // (308 ms estimated, about 1.5 s in truth, on one shard at the very end); with the
+        // floor, four per batch.
+        assert_eq!(batch_len(&raw[12..], 1, 0, 320, 0), 8);
+        assert_eq!(batch_len(&floored[12..], 1, 0, 320, 0), 4);
+        assert_eq!(floored[12..], [180; 8]);
+    }
+
+    #[test]
+    fn with_a_start_cost_and_a_wrong_history_the_floor_shortens_the_split() {
+        // The bench's design at N = 16 (see `wrong_history`), 300 ms per start, for 8 suites:
+        // with every unit unreliable and the floor, the makespan is shorter on average and in
+        // the worst case, and no suite is much worse.
+        let (mut with, mut without, mut worst_with, mut worst_without) = (0f64, 0f64, 0f64, 0f64);
+        for seed in 1u64..=8 {
+            let truth = bench_like_suite(seed);
+            let est = wrong_history(&truth, seed);
+            let b = bound(&truth, 16, 300) as f64;
+            let (floored, _) = simulate_estimated(&truth, &est, 16, 300, true);
+            let (plain, _) = simulate_estimated(&truth, &est, 16, 300, false);
+            let (f, p) = (floored as f64 / b, plain as f64 / b);
+            assert!(
+                f <= p + 0.05,
+                "seed {seed}: {f:.3} with the floor, {p:.3} without"
+            );
+            with += f / 8.0;
+            without += p / 8.0;
+            worst_with = worst_with.max(f);
+            worst_without = worst_without.max(p);
+        }
+        assert!(
+            with < without && worst_with < worst_without,
+            "mean {with:.3} vs {without:.3}, worst {worst_with:.3} vs {worst_without:.3}"
+        );
     }
 
     #[test]

@@ -20,8 +20,8 @@ use std::collections::{BTreeMap, HashSet};
 use kiln_domain::split::{
     FailedUnit, Interaction, InteractionPolicy, LeasedUnit, RetryPolicy, RoundDecision, RoundStats,
     SplitReport, SplitSpec, Strategy, TestCase, UnitOutcome, UnitSource, UnitSummary, UnitTry,
-    UnitVerdict, UnitsReply, UnitsRequest, batch_len, median, next_round, start_cost,
-    static_shards,
+    UnitVerdict, UnitsReply, UnitsRequest, batch_len, median, next_round, reliable,
+    sizing_estimates, sizing_floor, start_cost, static_shards,
 };
 use kiln_domain::{AttemptId, BuildId, JobState, Millis, StepSpec, now_millis};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
@@ -343,6 +343,44 @@ fn in_flight_ms(tx: &Connection, split: i64, round: u32, attempt: i64) -> Result
         )?
         .query_row(params![split, round, attempt], |r| r.get(0))?;
     Ok(to_u64(ms))
+}
+
+/// Round-1 estimates of every unit of the split, those queued with the default estimate (no
+/// history anywhere) taken as `seen` when known: what the split's units are estimated at.
+fn split_estimates(tx: &Connection, split: i64, seen: Option<u64>) -> Result<Vec<u64>> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT estimate_ms FROM unit_tries WHERE split_id = ?1 AND try_number = 1",
+    )?;
+    let rows = stmt.query_map([split], |r| r.get::<_, i64>(0))?;
+    rows.map(|r| {
+        let est = to_u64(r?);
+        Ok(match seen {
+            Some(ms) if est == DEFAULT_ESTIMATE_MS => ms.max(1),
+            _ => est,
+        })
+    })
+    .collect()
+}
+
+/// Units of (repository, split key) whose recorded durations are [`reliable`].
+fn reliable_units(tx: &Connection, repo: &str, key: &str) -> Result<HashSet<String>> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT unit, durations FROM unit_history WHERE repo = ?1 AND split_key = ?2 \
+         AND unit != ?3",
+    )?;
+    let rows = stmt.query_map(params![repo, key, START_UNIT], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })?;
+    let mut out = HashSet::new();
+    for row in rows {
+        let (unit, text) = row?;
+        let durations: Vec<u64> =
+            serde_json::from_str(&text).map_err(|e| corrupt("unit history", e))?;
+        if reliable(&durations) {
+            out.insert(unit);
+        }
+    }
+    Ok(out)
 }
 
 /// Durations of the split's tries that ended with an outcome.
@@ -935,6 +973,24 @@ fn next_units_tx(tx: &Transaction<'_>, req: &UnitsRequest, now: Millis) -> Resul
                 in_flight_ms(tx, split.id, round, attempt)?
             } else {
                 0
+            };
+            // With a start cost, units whose history is not to be trusted as it is count for
+            // at least most of a typical unit of the split (see `sizing_floor`).
+            let floor = if start > 0 {
+                sizing_floor(&split_estimates(tx, split.id, seen)?, start)
+            } else {
+                0
+            };
+            let estimates = if floor > 0 {
+                let trusted = reliable_units(tx, &split.repo, &split.key)?;
+                let queue: Vec<(u64, bool)> = candidates
+                    .iter()
+                    .zip(&estimates)
+                    .map(|(c, &e)| (e, trusted.contains(&c.unit)))
+                    .collect();
+                sizing_estimates(&queue, floor)
+            } else {
+                estimates
             };
             let n = batch_len(&estimates, shards_for_round, max, start, in_flight);
             let runner_name: Option<String> = tx

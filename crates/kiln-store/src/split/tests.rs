@@ -1129,3 +1129,69 @@ fn units_without_history_are_estimated_from_the_split_once_some_ended() {
     let (_, second) = ask_timed(&s, &mut sh, &list, 60, Some(300));
     assert_eq!(second.len(), 7);
 }
+
+#[test]
+fn with_a_start_cost_units_recorded_once_count_as_most_of_a_typical_unit() {
+    // 40 units: 20 recorded at 400 ms, 20 at 40 ms; a start cost of 300 ms known from earlier
+    // builds. The split's median estimate is 400 ms, so a unit whose history is not to be
+    // trusted as it is counts for at least 300 ms (three quarters of it, at most one start).
+    let list = units(40);
+    let seeded: Vec<(String, u64)> = list
+        .iter()
+        .enumerate()
+        .map(|(i, u)| (u.clone(), if i < 20 { 400 } else { 40 }))
+        .chain([(String::new(), 300)])
+        .collect();
+    let first_batch = |runs: usize| {
+        let (_dir, s) = store();
+        s.seed_unit_durations(REPO, KEY, &seeded).unwrap();
+        if runs > 1 {
+            s.conn()
+                .execute(
+                    "UPDATE unit_history SET durations = '[' || \
+                     trim(durations, '[]') || ',' || trim(durations, '[]') || ',' || \
+                     trim(durations, '[]') || ']' WHERE unit != ''",
+                    [],
+                )
+                .unwrap();
+        }
+        let jobs = split_build(&s, 'a', 4, Strategy::Dynamic, retries(1));
+        let mut sh = start(&s, jobs[0], "r1");
+        let (_, got) = ask_timed(&s, &mut sh, &list, 0, None);
+        assert!(got.iter().all(|u| list[..20].contains(&u.unit)), "{got:?}");
+        got.len()
+    };
+    // Recorded once: 20 x 400 + 20 x 300 = 14 s, 3.5 s per shard, half of it in the first
+    // batch: four units of 400 ms.
+    assert_eq!(first_batch(1), 4);
+    // Recorded three times alike: 20 x 400 + 20 x 40 = 8.8 s, 2.2 s per shard, half of it:
+    // two units, as without the floor.
+    assert_eq!(first_batch(3), 2);
+}
+
+#[test]
+fn without_a_start_cost_units_recorded_once_count_as_recorded() {
+    let (_dir, s) = store();
+    let list = units(40);
+    let seeded: Vec<(String, u64)> = list
+        .iter()
+        .enumerate()
+        .map(|(i, u)| (u.clone(), if i < 20 { 400 } else { 40 }))
+        .collect();
+    s.seed_unit_durations(REPO, KEY, &seeded).unwrap();
+    let jobs = split_build(&s, 'a', 4, Strategy::Dynamic, retries(1));
+    let mut sh = start(&s, jobs[0], "r1");
+    // The plain rule: an eighth of 8.8 s / 4 = 275 ms: one unit of 400 ms.
+    let (_, got) = ask_timed(&s, &mut sh, &list, 0, None);
+    assert_eq!(got.len(), 1);
+    // Batches of one 400 ms unit each until those are gone.
+    let mut n = 1;
+    while n < 20 {
+        let (_, got) = ask_timed(&s, &mut sh, &list, 400, None);
+        n += got.len();
+    }
+    // 20 units of 40 ms as recorded: an eighth of 800 / 4 ms is under 200 ms, so 200 ms of
+    // them: five.
+    let (_, got) = ask_timed(&s, &mut sh, &list, 400, None);
+    assert_eq!(got.len(), 5, "{got:?}");
+}
