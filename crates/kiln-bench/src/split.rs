@@ -671,7 +671,7 @@ impl Bench {
             let store = kiln_store::SqliteStore::open(&data.join("kiln.db"))
                 .map_err(|e| fail(format!("cannot open the dispatcher's store: {e}")))?;
             store
-                .seed_unit_durations(&self.repo.path, &key, &history)
+                .seed_unit_durations(self.repo.path(), &key, &history)
                 .map_err(|e| fail(format!("cannot seed the timing history: {e}")))?;
         }
         let log = dir.join("serve.log");
@@ -730,7 +730,7 @@ impl Bench {
             let store = kiln_store::SqliteStore::open(&data.join("kiln.db"))
                 .map_err(|e| fail(format!("cannot open the dispatcher's store: {e}")))?;
             store
-                .seed_unit_durations(&self.repo.path, &key, &history)
+                .seed_unit_durations(self.repo.path(), &key, &history)
                 .map_err(|e| fail(format!("cannot seed the timing history again: {e}")))?;
         }
         let commit = self.repo.commit(

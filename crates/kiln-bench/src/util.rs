@@ -349,49 +349,26 @@ pub(crate) async fn connect(url: &str) -> Result<Channel, BenchError> {
 // Repositories
 // ---------------------------------------------------------------------------------------------
 
-/// A git repository in a temp dir, committed to with git2.
-pub(crate) struct Repo {
-    /// Its absolute path (what is submitted).
-    pub path: String,
-    repo: git2::Repository,
-}
+/// A throwaway git repository on branch `main` (the testkit's).
+pub(crate) struct Repo(kiln_testkit::Repo);
 
 impl Repo {
     /// Creates a repository at `dir` on branch `main`.
     pub fn init(dir: &Path) -> Result<Repo, BenchError> {
-        let mut opts = git2::RepositoryInitOptions::new();
-        opts.initial_head("main");
-        let repo = git2::Repository::init_opts(dir, &opts).map_err(fail)?;
-        let path = std::fs::canonicalize(dir)
-            .map_err(fail)?
-            .to_string_lossy()
-            .into_owned();
-        Ok(Repo { path, repo })
+        kiln_testkit::Repo::try_init(dir, Some("main"))
+            .map(Repo)
+            .map_err(fail)
+    }
+
+    /// Its absolute path (what is submitted).
+    pub fn path(&self) -> &str {
+        self.0.path_str()
     }
 
     /// Writes `files` into the work tree and commits them; returns the commit id.
     pub fn commit(&self, files: &[(&str, &str)], message: &str) -> Result<String, BenchError> {
-        let root = self.repo.workdir().ok_or_else(|| fail("bare repository"))?;
-        for (path, text) in files {
-            std::fs::write(root.join(path), text).map_err(fail)?;
-        }
-        let mut index = self.repo.index().map_err(fail)?;
-        index
-            .add_all(["*", ".kiln.yml"], git2::IndexAddOption::DEFAULT, None)
-            .map_err(fail)?;
-        index.write().map_err(fail)?;
-        let tree = self
-            .repo
-            .find_tree(index.write_tree().map_err(fail)?)
-            .map_err(fail)?;
-        let sig = git2::Signature::now("kiln bench", "bench@kiln.invalid").map_err(fail)?;
-        let parent = self.repo.head().ok().and_then(|h| h.peel_to_commit().ok());
-        let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
-        let id = self
-            .repo
-            .commit(Some("HEAD"), &sig, &sig, message, &tree, &parents)
-            .map_err(fail)?;
-        Ok(id.to_string())
+        let files: Vec<(&str, &[u8])> = files.iter().map(|(p, t)| (*p, t.as_bytes())).collect();
+        self.0.try_commit(&files, message).map_err(fail)
     }
 }
 
@@ -410,7 +387,7 @@ pub(crate) async fn submit(
 ) -> Result<proto::Build, BenchError> {
     Ok(client
         .submit_build(proto::SubmitBuildRequest {
-            repo: repo.path.clone(),
+            repo: repo.path().to_string(),
             commit: commit.to_string(),
             branch: "main".into(),
             trigger: "bench".into(),

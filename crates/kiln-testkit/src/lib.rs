@@ -558,12 +558,21 @@ pub struct Repo {
 impl Repo {
     /// Creates an empty repository at `path`.
     pub fn init(path: &Path) -> Repo {
-        std::fs::create_dir_all(path).unwrap();
-        let repo = git2::Repository::init(path).unwrap();
-        Repo {
-            path: path.canonicalize().unwrap(),
-            repo,
+        Repo::try_init(path, None).unwrap()
+    }
+
+    /// Creates an empty repository at `path`, its first branch `branch` (else git's default).
+    pub fn try_init(path: &Path, branch: Option<&str>) -> Result<Repo, RepoError> {
+        std::fs::create_dir_all(path)?;
+        let mut opts = git2::RepositoryInitOptions::new();
+        if let Some(b) = branch {
+            opts.initial_head(b);
         }
+        let repo = git2::Repository::init_opts(path, &opts)?;
+        Ok(Repo {
+            path: path.canonicalize()?,
+            repo,
+        })
     }
 
     /// Creates a repository whose first commit holds `.kiln.yml` with `pipeline`; returns it
@@ -576,27 +585,33 @@ impl Repo {
 
     /// Writes the files and commits them on HEAD; returns the full commit id.
     pub fn commit(&self, files: &[(&str, &[u8])], message: &str) -> String {
+        self.try_commit(files, message).unwrap()
+    }
+
+    /// [`Repo::commit`], returning what went wrong instead of panicking.
+    pub fn try_commit(&self, files: &[(&str, &[u8])], message: &str) -> Result<String, RepoError> {
         for (name, data) in files {
             let p = self.path.join(name);
             if let Some(dir) = p.parent() {
-                std::fs::create_dir_all(dir).unwrap();
+                std::fs::create_dir_all(dir)?;
             }
-            std::fs::write(&p, data).unwrap();
+            std::fs::write(&p, data)?;
         }
-        let mut index = self.repo.index().unwrap();
-        index
-            .add_all(["*"].iter(), git2::IndexAddOption::DEFAULT, None)
-            .unwrap();
-        index.write().unwrap();
-        let tree = self.repo.find_tree(index.write_tree().unwrap()).unwrap();
-        let sig = git2::Signature::now("kiln tests", "tests@kiln.invalid").unwrap();
+        let mut index = self.repo.index()?;
+        index.add_all(
+            ["*", ".kiln.yml"].iter(),
+            git2::IndexAddOption::DEFAULT,
+            None,
+        )?;
+        index.write()?;
+        let tree = self.repo.find_tree(index.write_tree()?)?;
+        let sig = git2::Signature::now("kiln tests", "tests@kiln.invalid")?;
         let parent = self.repo.head().ok().and_then(|h| h.peel_to_commit().ok());
         let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
         let id = self
             .repo
-            .commit(Some("HEAD"), &sig, &sig, message, &tree, &parents)
-            .unwrap();
-        id.to_string()
+            .commit(Some("HEAD"), &sig, &sig, message, &tree, &parents)?;
+        Ok(id.to_string())
     }
 
     /// Commits a change to a file of its own (`.kiln-test-tag`), so that the same pipeline
@@ -609,6 +624,17 @@ impl Repo {
     pub fn path_str(&self) -> &str {
         self.path.to_str().unwrap()
     }
+}
+
+/// Why a throwaway repository could not be made or committed to.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    /// Writing its files failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// git failed.
+    #[error("{0}")]
+    Git(#[from] git2::Error),
 }
 
 /// A fresh temp dir for one test.
