@@ -171,7 +171,7 @@ pub fn attempt_to_proto(a: &kiln_store::AttemptInfo) -> proto::JobAttempt {
         id: a.id,
         number: a.number,
         runner: a.runner.clone(),
-        state: a.state.clone(),
+        state: a.state.as_str().to_string(),
         started_at: Some(timestamp(a.created_at)),
         finished_at: a.finished_at.map(timestamp),
         note: a.note.clone().unwrap_or_default(),

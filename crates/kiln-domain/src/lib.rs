@@ -125,6 +125,13 @@ impl fmt::Display for JobState {
 )]
 pub struct UnknownState(pub String);
 
+/// Error for an attempt state name that is not one of [`AttemptState::ALL`].
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "unknown attempt state `{0}` (expected one of offered, running, finished, lost, superseded)"
+)]
+pub struct UnknownAttemptState(pub String);
+
 impl FromStr for JobState {
     type Err = UnknownState;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -132,6 +139,65 @@ impl FromStr for JobState {
             .into_iter()
             .find(|st| st.as_str() == s)
             .ok_or_else(|| UnknownState(s.to_string()))
+    }
+}
+
+/// The state of one attempt (one assignment of a job to a runner).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptState {
+    /// Sent to the runner, not yet accepted.
+    Offered,
+    /// Accepted: the runner is running it.
+    Running,
+    /// Its result was recorded (it is the job's result).
+    Finished,
+    /// Its runner was lost (or came back without it); the job went back to the queue.
+    Lost,
+    /// The job ended or moved on without it (cancelled, timed out, given to another runner).
+    Superseded,
+}
+
+impl AttemptState {
+    /// Every state, in declaration order.
+    pub const ALL: [AttemptState; 5] = [
+        AttemptState::Offered,
+        AttemptState::Running,
+        AttemptState::Finished,
+        AttemptState::Lost,
+        AttemptState::Superseded,
+    ];
+
+    /// The name used in the store, the CLI and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptState::Offered => "offered",
+            AttemptState::Running => "running",
+            AttemptState::Finished => "finished",
+            AttemptState::Lost => "lost",
+            AttemptState::Superseded => "superseded",
+        }
+    }
+
+    /// Whether the attempt may still report (offered or running).
+    pub fn is_live(self) -> bool {
+        matches!(self, AttemptState::Offered | AttemptState::Running)
+    }
+}
+
+impl fmt::Display for AttemptState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for AttemptState {
+    type Err = UnknownAttemptState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        AttemptState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| UnknownAttemptState(s.to_string()))
     }
 }
 
@@ -434,6 +500,16 @@ pub fn now_millis() -> Millis {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attempt_states_round_trip_through_their_names() {
+        for s in AttemptState::ALL {
+            assert_eq!(s.as_str().parse::<AttemptState>().ok(), Some(s));
+        }
+        let e = "done".parse::<AttemptState>().unwrap_err();
+        assert!(e.to_string().contains("`done`"), "{e}");
+        assert!(AttemptState::Running.is_live() && !AttemptState::Lost.is_live());
+    }
 
     #[test]
     fn state_names_round_trip() {

@@ -20,8 +20,8 @@ use std::collections::BTreeMap;
 
 use kiln_domain::split::{SplitReport, UnitsReply, UnitsRequest};
 use kiln_domain::{
-    AttemptId, Build, BuildId, Job, JobId, JobState, Millis, NewBuild, RunnerId, RunnerRecord,
-    StepResult,
+    AttemptId, AttemptState, Build, BuildId, Job, JobId, JobState, Millis, NewBuild, RunnerId,
+    RunnerRecord, StepResult,
 };
 
 pub use logs::{Frame, FrameHeader, LogError, LogStore, MAX_FRAME, ReadResult, is_disk_full};
@@ -97,8 +97,8 @@ pub struct AttemptInfo {
     pub number: u32,
     /// The runner's name.
     pub runner: String,
-    /// `offered`, `running`, `finished`, `lost`, `superseded`.
-    pub state: String,
+    /// Where it is.
+    pub state: AttemptState,
     /// When it was given to the runner.
     pub created_at: Millis,
     /// When it ended.
@@ -133,8 +133,8 @@ pub struct Attempt {
     pub build_id: BuildId,
     /// The runner it was given to.
     pub runner_id: RunnerId,
-    /// `offered`, `running`, `finished`, `lost`, `superseded`.
-    pub state: String,
+    /// Where it is.
+    pub state: AttemptState,
 }
 
 /// What a state change did, so the caller can publish events.

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use kiln_domain::{
-    AttemptId, Build, BuildId, Job, JobId, JobState, Millis, NewBuild, RunnerId, RunnerRecord,
-    StepOutcome, StepResult, StepSpec, build_state, now_millis,
+    AttemptId, AttemptState, Build, BuildId, Job, JobId, JobState, Millis, NewBuild, RunnerId,
+    RunnerRecord, StepOutcome, StepResult, StepSpec, build_state, now_millis,
 };
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
@@ -462,7 +462,7 @@ fn load_detail(tx: &Connection, id: BuildId) -> Result<Option<BuildDetail>> {
                 Ok((
                     r.get::<_, i64>(0)? as u64,
                     r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
+                    attempt_state(r, 2)?,
                     r.get::<_, i64>(3)?,
                     r.get::<_, Option<i64>>(4)?,
                     r.get::<_, Option<String>>(5)?,
@@ -925,12 +925,12 @@ impl Store for SqliteStore {
             };
             let job_state = parse_state(&job_state)?;
             if current == Some(attempt as i64) && job_state.is_final() {
-                let attempt_state: String = tx.query_row(
+                let state = tx.query_row(
                     "SELECT state FROM attempts WHERE id = ?1",
                     [attempt as i64],
-                    |r| r.get(0),
+                    |r| attempt_state(r, 0),
                 )?;
-                if attempt_state == "finished" {
+                if state == AttemptState::Finished {
                     return Ok(Finish::AlreadyRecorded);
                 }
             }
@@ -1217,7 +1217,16 @@ fn attempt_from_row(r: &Row<'_>) -> rusqlite::Result<Attempt> {
         job_id: r.get::<_, i64>(1)? as u64,
         build_id: r.get::<_, i64>(2)? as u64,
         runner_id: r.get::<_, i64>(3)? as u64,
-        state: r.get(4)?,
+        state: attempt_state(r, 4)?,
+    })
+}
+
+/// Column `idx` of `r` as an attempt state (a name the store does not know is a conversion
+/// error: the file is corrupt or from a newer kiln).
+fn attempt_state(r: &Row<'_>, idx: usize) -> rusqlite::Result<AttemptState> {
+    let name: String = r.get(idx)?;
+    name.parse().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
     })
 }
 
