@@ -788,13 +788,31 @@ fn fence(tx: &Connection, req: &UnitsRequest) -> Result<std::result::Result<Fenc
     }))
 }
 
+/// One `NextUnits` request being answered, inside its transaction: who asks (fenced) and about
+/// which split.
+struct Ask<'t, 'r> {
+    tx: &'t Transaction<'t>,
+    req: &'r UnitsRequest,
+    attempt: i64,
+    runner: i64,
+    now: Millis,
+}
+
+/// Answers a shard's `NextUnits`: fences it, records what it reports, re-sends what a repeated
+/// request got, else leases the next batch of the current round (or waits, or moves the split
+/// to its next round or its end).
 fn next_units_tx(tx: &Transaction<'_>, req: &UnitsRequest, now: Millis) -> Result<UnitsReply> {
     let f = match fence(tx, req)? {
         Ok(f) => f,
         Err(why) => return Ok(UnitsReply::Refused(why)),
     };
-    let attempt = to_i64(req.attempt);
-    let runner = to_i64(req.runner);
+    let ask = Ask {
+        tx,
+        req,
+        attempt: to_i64(req.attempt),
+        runner: to_i64(req.runner),
+        now,
+    };
     let mut split = match load_split(tx, f.build_id, &f.spec.key)? {
         Some(s) => s,
         None if req.discovered.is_empty() => {
@@ -808,236 +826,304 @@ fn next_units_tx(tx: &Transaction<'_>, req: &UnitsRequest, now: Millis) -> Resul
             summary: split.summary,
         });
     }
-
-    // A request older than one already seen from this attempt is a late duplicate: its
-    // results were recorded when it first came and the shard no longer waits for its answer.
-    let last: Option<u32> = tx
-        .query_row(
-            "SELECT last_request FROM split_members WHERE split_id = ?1 AND attempt_id = ?2",
-            params![split.id, attempt],
-            |r| r.get(0),
-        )
-        .optional()?;
-    if last.is_some_and(|l| req.request < l) {
+    if ask.is_late_duplicate(&split)? {
         return Ok(UnitsReply::Wait);
     }
-    tx.execute(
-        "INSERT INTO split_members (split_id, attempt_id, runner_id, last_request, \
-         last_request_at) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (split_id, attempt_id) \
-         DO UPDATE SET runner_id = excluded.runner_id, last_request = excluded.last_request, \
-         last_request_at = excluded.last_request_at",
-        params![split.id, attempt, runner, req.request, now],
-    )?;
+    ask.record_results(&split)?;
+    ask.record_interactions(&split)?;
+    let again = ask.release_dropped_and_repeat(&split)?;
+    if !again.is_empty() {
+        return Ok(UnitsReply::Batch(again));
+    }
+    ask.lease_or_advance(&mut split, f.spec.shard)
+}
 
-    // Results: only for a try leased to this attempt and not ended, so a re-send is a no-op.
-    {
-        let mut stmt = tx.prepare_cached(
+impl Ask<'_, '_> {
+    /// A request older than one already seen from this attempt is a late duplicate: its
+    /// results were recorded when it first came and the shard no longer waits for its answer.
+    /// Otherwise the attempt is (still) a member of the split, asking now.
+    fn is_late_duplicate(&self, split: &SplitRow) -> Result<bool> {
+        let last: Option<u32> = self
+            .tx
+            .query_row(
+                "SELECT last_request FROM split_members WHERE split_id = ?1 AND attempt_id = ?2",
+                params![split.id, self.attempt],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if last.is_some_and(|l| self.req.request < l) {
+            return Ok(true);
+        }
+        self.tx.execute(
+            "INSERT INTO split_members (split_id, attempt_id, runner_id, last_request, \
+             last_request_at) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (split_id, attempt_id) \
+             DO UPDATE SET runner_id = excluded.runner_id, last_request = excluded.last_request, \
+             last_request_at = excluded.last_request_at",
+            params![
+                split.id,
+                self.attempt,
+                self.runner,
+                self.req.request,
+                self.now
+            ],
+        )?;
+        Ok(false)
+    }
+
+    /// Results: only for a try leased to this attempt and not ended, so a re-send is a no-op.
+    /// The batch's start cost is learned only from results recorded now (not a re-send's) and
+    /// only when every result of the batch was.
+    fn record_results(&self, split: &SplitRow) -> Result<()> {
+        let mut stmt = self.tx.prepare_cached(
             "UPDATE unit_tries SET state = 'ended', outcome = ?1, duration_ms = ?2, cases = ?3, \
              ended_at = ?4 WHERE split_id = ?5 AND try_number = ?6 AND attempt_id = ?7 \
              AND state = 'leased' AND position = \
              (SELECT position FROM split_units WHERE split_id = ?5 AND unit = ?8)",
         )?;
-        let mut recorded = Vec::with_capacity(req.results.len());
-        for r in &req.results {
+        let mut recorded = Vec::with_capacity(self.req.results.len());
+        for r in &self.req.results {
             let cases = serde_json::to_string::<Vec<TestCase>>(&r.cases)
                 .map_err(|e| corrupt("test cases", e))?;
             let n = stmt.execute(params![
                 r.outcome.as_str(),
                 to_i64(r.duration_ms),
                 cases,
-                now,
+                self.now,
                 split.id,
                 r.try_number,
-                attempt,
+                self.attempt,
                 r.unit
             ])?;
             if n > 0 {
                 recorded.push(r.duration_ms);
             }
         }
-        // The batch's start cost, learned only from results recorded now (not a re-send's)
-        // and only when every result of the batch was.
-        if recorded.len() == req.results.len()
-            && let Some(ms) = start_cost(req.batch_ms, req.batch_processes, &recorded)
+        if recorded.len() == self.req.results.len()
+            && let Some(ms) = start_cost(self.req.batch_ms, self.req.batch_processes, &recorded)
         {
-            record_start(tx, &split.repo, &split.key, ms, now)?;
+            record_start(self.tx, &split.repo, &split.key, ms, self.now)?;
         }
+        Ok(())
     }
-    // Interaction failures, once per request.
-    if !req.interactions.is_empty() {
-        let runner_name: Option<String> = tx
-            .query_row("SELECT name FROM runners WHERE id = ?1", [runner], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        let mut stmt = tx.prepare_cached(
+
+    /// Interaction failures, once per request.
+    fn record_interactions(&self, split: &SplitRow) -> Result<()> {
+        if self.req.interactions.is_empty() {
+            return Ok(());
+        }
+        let runner_name = self.runner_name()?;
+        let mut stmt = self.tx.prepare_cached(
             "INSERT OR IGNORE INTO split_interactions (split_id, attempt_id, request, seq, \
              try_number, units, detail, runner, created_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?;
-        for (seq, i) in req.interactions.iter().enumerate() {
+        for (seq, i) in self.req.interactions.iter().enumerate() {
             let units =
                 serde_json::to_string(&i.units).map_err(|e| corrupt("interaction units", e))?;
             stmt.execute(params![
                 split.id,
-                attempt,
-                req.request,
+                self.attempt,
+                self.req.request,
                 seq as i64,
                 i.try_number,
                 units,
                 i.detail,
                 runner_name,
-                now
+                self.now
             ])?;
         }
+        Ok(())
     }
-    // Units leased by an earlier request of this attempt and not reported with this newer one
-    // were dropped by the shard: they go back to the queue.
-    tx.execute(
-        "UPDATE unit_tries SET state = 'queued', attempt_id = NULL, request = NULL, \
-         runner_id = NULL, runner = NULL, leased_at = NULL \
-         WHERE attempt_id = ?1 AND split_id = ?2 AND state = 'leased' AND request < ?3",
-        params![attempt, split.id, req.request],
-    )?;
-    // A re-sent request gets the units it got before.
-    let again: Vec<LeasedUnit> = {
-        let mut stmt = tx.prepare_cached(
+
+    /// Units leased by an earlier request of this attempt and not reported with this newer one
+    /// were dropped by the shard: they go back to the queue. A re-sent request gets the units
+    /// it got before (returned; empty for a new request).
+    fn release_dropped_and_repeat(&self, split: &SplitRow) -> Result<Vec<LeasedUnit>> {
+        self.tx.execute(
+            "UPDATE unit_tries SET state = 'queued', attempt_id = NULL, request = NULL, \
+             runner_id = NULL, runner = NULL, leased_at = NULL \
+             WHERE attempt_id = ?1 AND split_id = ?2 AND state = 'leased' AND request < ?3",
+            params![self.attempt, split.id, self.req.request],
+        )?;
+        let mut stmt = self.tx.prepare_cached(
             "SELECT u.unit, t.try_number FROM unit_tries t \
              JOIN split_units u ON u.split_id = t.split_id AND u.position = t.position \
              WHERE t.attempt_id = ?1 AND t.split_id = ?2 AND t.state = 'leased' AND t.request = ?3 \
              ORDER BY t.estimate_ms DESC, t.position",
         )?;
-        let rows = stmt.query_map(params![attempt, split.id, req.request], |r| {
+        let rows = stmt.query_map(params![self.attempt, split.id, self.req.request], |r| {
             Ok(LeasedUnit {
                 unit: r.get(0)?,
                 try_number: r.get(1)?,
             })
         })?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
-    if !again.is_empty() {
-        return Ok(UnitsReply::Batch(again));
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    let max = match (req.max_units, split.max_batch) {
-        (0, m) | (m, 0) => m,
-        (a, b) => a.min(b),
-    };
-    let shard = f.spec.shard;
-    loop {
+    /// The asking runner's name (kept on leases and interactions for reports).
+    fn runner_name(&self) -> Result<Option<String>> {
+        Ok(self
+            .tx
+            .query_row(
+                "SELECT name FROM runners WHERE id = ?1",
+                [self.runner],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Leases the next batch of the current round to this shard; when the round has nothing
+    /// left for it, waits while the round runs elsewhere, or, once the round is over, starts
+    /// the next round (and tries again) or ends the split.
+    fn lease_or_advance(&self, split: &mut SplitRow, shard: u32) -> Result<UnitsReply> {
+        let max = match (self.req.max_units, split.max_batch) {
+            (0, m) | (m, 0) => m,
+            (a, b) => a.min(b),
+        };
+        loop {
+            let round = split.round;
+            let (candidates, crowded, shards_for_round) = self.candidates(split, shard)?;
+            if !candidates.is_empty() {
+                let n = self.batch_size(split, &candidates, shards_for_round, max)?;
+                return self.lease(split, candidates, n);
+            }
+            if round_busy(self.tx, split.id, round)? {
+                if crowded {
+                    self.tx.execute(
+                        "UPDATE split_members SET done = 1 WHERE split_id = ?1 AND attempt_id = ?2",
+                        params![split.id, self.attempt],
+                    )?;
+                    return Ok(UnitsReply::Done {
+                        passed: true,
+                        summary: format!(
+                            "retry round {round} runs on fewer shards; this shard is done"
+                        ),
+                    });
+                }
+                return Ok(UnitsReply::Wait);
+            }
+            if let Some(done) = self.end_round(split)? {
+                return Ok(done);
+            }
+        }
+    }
+
+    /// What this shard may lease in the current round, whether the round's shards are all
+    /// taken by others (`crowded`: this shard is not needed), and how many shards share the
+    /// round's queue.
+    fn candidates(&self, split: &SplitRow, shard: u32) -> Result<(Vec<Candidate>, bool, u32)> {
         let round = split.round;
-        let mut candidates = leasable(tx, split.id, round, shard)?;
-        let mut crowded = false;
-        let shards_for_round = if round == 1 {
-            if split.strategy == Strategy::Dynamic {
+        let mut candidates = leasable(self.tx, split.id, round, shard)?;
+        if round == 1 {
+            let shards = if split.strategy == Strategy::Dynamic {
                 split.shards
             } else {
                 // The queue seen here is this shard's own: nobody shares it.
                 1
-            }
+            };
+            return Ok((candidates, false, shards));
+        }
+        let cap = split.retry.retry_shards(split.shards) as usize;
+        let holders = round_holders(self.tx, split.id, round)?;
+        if !holders.contains(&self.attempt) && holders.len() >= cap {
+            return Ok((Vec::new(), true, cap as u32));
+        }
+        // Prefer another runner than the one a unit failed on, when another shard that may
+        // take units of this round asked recently.
+        let other_runner = recent_members(self.tx, split.id, self.attempt, self.now)?
+            .iter()
+            .any(|&(a, r)| r != self.runner && (holders.contains(&a) || holders.len() < cap));
+        if other_runner {
+            candidates.retain(|c| c.previous_runner != Some(self.runner));
+        }
+        Ok((candidates, false, cap as u32))
+    }
+
+    /// How many of `candidates` (queue order) the next batch takes (`batch_len`), from their
+    /// estimates, the learned start cost and the work other shards hold.
+    fn batch_size(
+        &self,
+        split: &SplitRow,
+        candidates: &[Candidate],
+        shards_for_round: u32,
+        max: u32,
+    ) -> Result<usize> {
+        let tx = self.tx;
+        // Units queued with the default estimate (no history anywhere) are estimated by what
+        // the split's units took so far, once some have ended.
+        let seen = if candidates.iter().any(|c| c.estimate == DEFAULT_ESTIMATE_MS) {
+            median(ended_durations(tx, split.id)?)
         } else {
-            let cap = split.retry.retry_shards(split.shards) as usize;
-            let holders = round_holders(tx, split.id, round)?;
-            if !holders.contains(&attempt) && holders.len() >= cap {
-                crowded = true;
-                candidates.clear();
-            } else {
-                // Prefer another runner than the one a unit failed on, when another shard that
-                // may take units of this round asked recently.
-                let other_runner = recent_members(tx, split.id, attempt, now)?
-                    .iter()
-                    .any(|&(a, r)| r != runner && (holders.contains(&a) || holders.len() < cap));
-                if other_runner {
-                    candidates.retain(|c| c.previous_runner != Some(runner));
-                }
-            }
-            cap as u32
+            None
         };
-        if !candidates.is_empty() {
-            // Units queued with the default estimate (no history anywhere) are estimated by
-            // what the split's units took so far, once some have ended.
-            let seen = if candidates.iter().any(|c| c.estimate == DEFAULT_ESTIMATE_MS) {
-                median(ended_durations(tx, split.id)?)
-            } else {
-                None
-            };
-            let estimates: Vec<u64> = candidates
+        let estimates: Vec<u64> = candidates
+            .iter()
+            .map(|c| match seen {
+                Some(ms) if c.estimate == DEFAULT_ESTIMATE_MS => ms.max(1),
+                _ => c.estimate,
+            })
+            .collect();
+        let start = start_estimate(tx, &split.repo, &split.key)?;
+        if start == 0 {
+            return Ok(batch_len(&estimates, shards_for_round, max, 0, 0));
+        }
+        let in_flight = in_flight_ms(tx, split.id, split.round, self.attempt)?;
+        // With a start cost, units whose history is not to be trusted as it is count for at
+        // least most of a typical unit of the split (see `sizing_floor`).
+        let floor = sizing_floor(&split_estimates(tx, split.id, seen)?, start);
+        let estimates = if floor > 0 {
+            let trusted = reliable_units(tx, &split.repo, &split.key)?;
+            let queue: Vec<(u64, bool)> = candidates
                 .iter()
-                .map(|c| match seen {
-                    Some(ms) if c.estimate == DEFAULT_ESTIMATE_MS => ms.max(1),
-                    _ => c.estimate,
-                })
+                .zip(&estimates)
+                .map(|(c, &e)| (e, trusted.contains(&c.unit)))
                 .collect();
-            let start = start_estimate(tx, &split.repo, &split.key)?;
-            let in_flight = if start > 0 {
-                in_flight_ms(tx, split.id, round, attempt)?
-            } else {
-                0
-            };
-            // With a start cost, units whose history is not to be trusted as it is count for
-            // at least most of a typical unit of the split (see `sizing_floor`).
-            let floor = if start > 0 {
-                sizing_floor(&split_estimates(tx, split.id, seen)?, start)
-            } else {
-                0
-            };
-            let estimates = if floor > 0 {
-                let trusted = reliable_units(tx, &split.repo, &split.key)?;
-                let queue: Vec<(u64, bool)> = candidates
-                    .iter()
-                    .zip(&estimates)
-                    .map(|(c, &e)| (e, trusted.contains(&c.unit)))
-                    .collect();
-                sizing_estimates(&queue, floor)
-            } else {
-                estimates
-            };
-            let n = batch_len(&estimates, shards_for_round, max, start, in_flight);
-            let runner_name: Option<String> = tx
-                .query_row("SELECT name FROM runners WHERE id = ?1", [runner], |r| {
-                    r.get(0)
-                })
-                .optional()?;
-            let mut stmt = tx.prepare_cached(
-                "UPDATE unit_tries SET state = 'leased', attempt_id = ?1, request = ?2, \
-                 runner_id = ?3, runner = ?4, leased_at = ?5 \
-                 WHERE split_id = ?6 AND position = ?7 AND try_number = ?8",
-            )?;
-            let mut out = Vec::with_capacity(n);
-            for c in candidates.into_iter().take(n) {
-                stmt.execute(params![
-                    attempt,
-                    req.request,
-                    runner,
-                    runner_name,
-                    now,
-                    split.id,
-                    c.position,
-                    c.try_number
-                ])?;
-                out.push(LeasedUnit {
-                    unit: c.unit,
-                    try_number: c.try_number,
-                });
-            }
-            return Ok(UnitsReply::Batch(out));
+            sizing_estimates(&queue, floor)
+        } else {
+            estimates
+        };
+        Ok(batch_len(
+            &estimates,
+            shards_for_round,
+            max,
+            start,
+            in_flight,
+        ))
+    }
+
+    /// Leases the first `n` candidates to this attempt.
+    fn lease(&self, split: &SplitRow, candidates: Vec<Candidate>, n: usize) -> Result<UnitsReply> {
+        let runner_name = self.runner_name()?;
+        let mut stmt = self.tx.prepare_cached(
+            "UPDATE unit_tries SET state = 'leased', attempt_id = ?1, request = ?2, \
+             runner_id = ?3, runner = ?4, leased_at = ?5 \
+             WHERE split_id = ?6 AND position = ?7 AND try_number = ?8",
+        )?;
+        let mut out = Vec::with_capacity(n);
+        for c in candidates.into_iter().take(n) {
+            stmt.execute(params![
+                self.attempt,
+                self.req.request,
+                self.runner,
+                runner_name,
+                self.now,
+                split.id,
+                c.position,
+                c.try_number
+            ])?;
+            out.push(LeasedUnit {
+                unit: c.unit,
+                try_number: c.try_number,
+            });
         }
-        if round_busy(tx, split.id, round)? {
-            if crowded {
-                tx.execute(
-                    "UPDATE split_members SET done = 1 WHERE split_id = ?1 AND attempt_id = ?2",
-                    params![split.id, attempt],
-                )?;
-                return Ok(UnitsReply::Done {
-                    passed: true,
-                    summary: format!(
-                        "retry round {round} runs on fewer shards; this shard is done"
-                    ),
-                });
-            }
-            return Ok(UnitsReply::Wait);
-        }
-        // The round is over.
+        Ok(UnitsReply::Batch(out))
+    }
+
+    /// The round is over: queues a retry round (`None`: lease again) or ends the split (its
+    /// verdict).
+    fn end_round(&self, split: &mut SplitRow) -> Result<Option<UnitsReply>> {
+        let tx = self.tx;
+        let round = split.round;
         let tries = load_tries(tx, split.id)?;
         let units: i64 = tx.query_row(
             "SELECT COUNT(*) FROM split_units WHERE split_id = ?1",
@@ -1066,13 +1152,14 @@ fn next_units_tx(tx: &Transaction<'_>, req: &UnitsRequest, now: Millis) -> Resul
                     "UPDATE splits SET round = ?1, retry_note = ?2 WHERE id = ?3",
                     params![split.round, split.retry_note, split.id],
                 )?;
+                Ok(None)
             }
             RoundDecision::Stop(note) => {
-                finish_split_row(tx, &mut split, &tries, note, now)?;
-                return Ok(UnitsReply::Done {
+                finish_split_row(tx, split, &tries, note, self.now)?;
+                Ok(Some(UnitsReply::Done {
                     passed: split.passed,
-                    summary: split.summary,
-                });
+                    summary: split.summary.clone(),
+                }))
             }
         }
     }
