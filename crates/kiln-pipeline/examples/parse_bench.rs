@@ -38,7 +38,7 @@ fn job(out: &mut String, i: usize) {
             .collect();
         let _ = writeln!(out, "    depends_on: [{}]", deps.join(", "));
     }
-    if i % 3 == 0 {
+    if i.is_multiple_of(3) {
         out.push_str("    matrix:\n      python: [\"3.11\", \"3.12\"]\n      os: [linux, macos]\n");
     }
     if i % 4 == 1 {
@@ -51,7 +51,7 @@ fn job(out: &mut String, i: usize) {
     out.push_str("    steps:\n");
     out.push_str("      - name: checkout-deps\n        run:\n          - pip install -r requirements.txt\n          - pip install -e .\n        env: {PIP_NO_INPUT: \"1\"}\n");
     out.push_str("      - name: build\n        run: |\n          make -j4 all\n          echo \"built ${JOB}\"\n        timeout: 10m\n        labels: {arch: x86_64}\n");
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         out.push_str(
             "      - name: tests\n        run: python3 -m pytest {units} --junitxml={junit}\n        parallel: 4\n        units:\n          glob: [\"tests/test_*.py\", \"tests/**/test_*.py\"]\n          strategy: dynamic\n          max_batch: 10\n        retry:\n          attempts: 3\n          max_failures: \"20%\"\n          budget: \"5% or 1m\"\n          shards: 2\n        interaction: warn\n",
         );
