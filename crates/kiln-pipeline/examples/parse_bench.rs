@@ -16,7 +16,10 @@
 //!
 //! It prints the file's size, the median time per parse of each side over
 //! `ROUNDS` rounds (default 15; each round parses the file enough times to
-//! take about 50 ms), and the ratio parse / baseline.
+//! take about 50 ms), and the ratio parse / baseline. It also times
+//! `serde-saphyr` (the YAML crate issue 11 proposes for the front end) reading
+//! the same text into `IgnoredAny`, and how long each side takes to refuse
+//! three hostile files (deep flow nesting, deep block nesting, an alias bomb).
 
 use std::fmt::Write as _;
 use std::hint::black_box;
@@ -139,6 +142,12 @@ fn main() {
     base.sort();
     ours.sort();
     let (base, ours) = (base[1], ours[1]);
+    // The YAML crate the front end would move to, reading the same text
+    // (syntax, default budgets, no schema): what one read costs there.
+    let saphyr = median(rounds, || {
+        let v: Result<serde::de::IgnoredAny, _> = serde_saphyr::from_str(black_box(&text));
+        black_box(v.is_ok());
+    });
     println!(
         "baseline (serde_norway -> untyped Value): {:.3} ms per parse",
         base.as_secs_f64() * 1e3
@@ -151,4 +160,57 @@ fn main() {
         "ratio parse / baseline:                   {:.2}x",
         ours.as_secs_f64() / base.as_secs_f64()
     );
+    println!(
+        "serde-saphyr -> IgnoredAny:               {:.3} ms per parse ({:.2}x the baseline)",
+        saphyr.as_secs_f64() * 1e3,
+        saphyr.as_secs_f64() / base.as_secs_f64()
+    );
+    hostile();
+}
+
+/// Hostile inputs: how long today's parser and serde-saphyr (default
+/// budgets) take to refuse them, and what they say.
+fn hostile() {
+    let nested = format!("steps: {}", "[".repeat(kiln_pipeline::MAX_FILE_SIZE - 16));
+    let block = format!("steps:\n  {}x\n", "- ".repeat(10_000));
+    let mut bomb = String::from("steps:\n  - name: a\n    run: &a [x, x, x, x, x, x, x, x]\n");
+    for i in 1..10u8 {
+        let prev = (b'a' + i - 1) as char;
+        let this = (b'a' + i) as char;
+        let _ = writeln!(
+            bomb,
+            "  - name: {this}\n    run: &{this} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]"
+        );
+    }
+    for (what, text) in [
+        ("1 MiB of `[`", &nested),
+        ("10,000 nested block lists", &block),
+        ("alias bomb (8^10 nodes)", &bomb),
+    ] {
+        let start = Instant::now();
+        let ours = kiln_pipeline::parse(kiln_pipeline::FILE_NAME, text);
+        let ours_time = start.elapsed();
+        let start = Instant::now();
+        let theirs: Result<serde::de::IgnoredAny, _> = serde_saphyr::from_str(text);
+        let theirs_time = start.elapsed();
+        let short = |s: String| {
+            s.lines()
+                .next()
+                .unwrap_or("")
+                .chars()
+                .take(110)
+                .collect::<String>()
+        };
+        println!("{what}:");
+        println!(
+            "  kiln_pipeline::parse {:>9.3} ms: {}",
+            ours_time.as_secs_f64() * 1e3,
+            short(ours.map_or_else(|e| e.to_string(), |_| "accepted".to_owned()))
+        );
+        println!(
+            "  serde-saphyr         {:>9.3} ms: {}",
+            theirs_time.as_secs_f64() * 1e3,
+            short(theirs.map_or_else(|e| e.to_string(), |_| "accepted".to_owned()))
+        );
+    }
 }
