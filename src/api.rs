@@ -28,7 +28,7 @@ use crate::proto::{
 /// Largest request a client may send to `BuildService` and `RunnerAdminService`.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 /// Largest message a runner may send on its stream (output chunks are at most 64 KiB).
-pub const MAX_RUNNER_MESSAGE_BYTES: usize = 4 << 20;
+pub const MAX_RUNNER_MESSAGE_BYTES: usize = kiln_domain::protocol::MAX_MESSAGE_BYTES;
 /// Payload read from the log store per step of a follower.
 const FOLLOW_READ_BYTES: usize = 1 << 20;
 
@@ -41,6 +41,10 @@ impl From<DispatchError> for Status {
             DispatchError::AlreadyExists(m) => Status::already_exists(m),
             DispatchError::Unavailable(m) => Status::unavailable(m),
             DispatchError::ResourceExhausted(m) => Status::resource_exhausted(m),
+            DispatchError::Unauthenticated(m) => Status::unauthenticated(m),
+            DispatchError::PermissionDenied(m) => Status::permission_denied(m),
+            DispatchError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
+            DispatchError::DataLoss(m) => Status::data_loss(m),
             DispatchError::Internal(m) => {
                 tracing::error!(cause = %m, "internal error");
                 Status::internal("internal error (see the dispatcher's log)")
@@ -60,7 +64,7 @@ pub struct RunnerApi {
 
 #[tonic::async_trait]
 impl RunnerService for RunnerApi {
-    type AttachStream = ReceiverStream<Result<proto::DispatcherMessage, Status>>;
+    type AttachStream = BoxStream<proto::DispatcherMessage>;
 
     async fn attach(
         &self,
@@ -78,9 +82,21 @@ impl RunnerService for RunnerApi {
             .map(|cert| crate::tls::certificate_names(cert.as_ref()))
             .transpose()
             .map_err(Status::unauthenticated)?;
-        Ok(Response::new(
-            self.dispatcher.attach_named(request.into_inner(), names),
-        ))
+        // The session speaks domain messages: wire messages become them here (one that does
+        // not fit ends the session with INVALID_ARGUMENT), and its answers become wire ones.
+        let inbound = request.into_inner().map(|m| match m {
+            Ok(m) => convert::runner_message_from_proto(m)
+                .map_err(|message| kiln_domain::protocol::StreamError::InvalidArgument { message }),
+            Err(status) => Err(convert::stream_error_from_status(&status)),
+        });
+        let outbound = self
+            .dispatcher
+            .attach_named(Box::pin(inbound), names)
+            .map(|m| {
+                m.map(convert::dispatcher_message_to_proto)
+                    .map_err(Status::from)
+            });
+        Ok(Response::new(Box::pin(outbound)))
     }
 }
 
@@ -453,7 +469,7 @@ impl RunnerAdminService for RunnerAdminApi {
             .await?;
         Ok(Response::new(convert::runner_to_proto(
             &r.record,
-            proto::RunnerState::Draining,
+            crate::dispatcher::RunnerState::Draining,
             r.running_jobs,
             r.last_heartbeat,
         )))

@@ -458,7 +458,11 @@ fn dispatch_error(e: DispatchError) -> Response {
         }
         DispatchError::Unavailable(m) => error(StatusCode::SERVICE_UNAVAILABLE, m),
         DispatchError::ResourceExhausted(m) => error(StatusCode::INSUFFICIENT_STORAGE, m),
-        DispatchError::Internal(m) => {
+        // Runner-session errors; a webhook does not meet them.
+        DispatchError::Unauthenticated(m) => error(StatusCode::UNAUTHORIZED, m),
+        DispatchError::PermissionDenied(m) => error(StatusCode::FORBIDDEN, m),
+        DispatchError::DeadlineExceeded(m) => error(StatusCode::REQUEST_TIMEOUT, m),
+        DispatchError::DataLoss(m) | DispatchError::Internal(m) => {
             tracing::error!(cause = %m, "internal error");
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use hub::LogProgress;
 
-use crate::proto;
+use kiln_domain::protocol::{self, DispatcherMessage};
 
 /// How the dispatcher behaves; every field has a sensible default.
 #[derive(Debug, Clone)]
@@ -121,9 +121,22 @@ pub enum DispatchError {
     /// The data directory's disk is full: nothing new is accepted until space is freed.
     #[error("{0}")]
     ResourceExhausted(String),
-    /// Something outside kiln failed and a retry may help (fetching a repository).
+    /// Something outside kiln failed and a retry may help (fetching a repository), or a
+    /// runner's session ended and the runner should attach again.
     #[error("{0}")]
     Unavailable(String),
+    /// A runner did not present a valid token.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A runner asked for what it may not have (a name its certificate does not give).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A runner did not send its Hello in time.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// A runner's messages went missing on the way (it reconnects and sends them again).
+    #[error("{0}")]
+    DataLoss(String),
     /// A bug or a broken disk; details are logged, not sent.
     #[error("internal error: {0}")]
     Internal(String),
@@ -155,16 +168,19 @@ impl From<tokio::task::JoinError> for DispatchError {
     }
 }
 
-/// An error with its causes, on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+pub use kiln_domain::error_chain;
+
+/// A runner as `kiln runners` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunnerState {
+    /// Attached, no job running.
+    Idle,
+    /// Attached, running jobs.
+    Busy,
+    /// Attached, taking no new work.
+    Draining,
+    /// Not attached.
+    Offline,
 }
 
 /// A request to build a commit, already decoded from the wire.
@@ -186,7 +202,7 @@ pub struct RunnerView {
     /// The stored record.
     pub record: kiln_domain::RunnerRecord,
     /// Attached and taking work, busy, draining, or offline.
-    pub state: proto::RunnerState,
+    pub state: RunnerState,
     /// Jobs it runs now.
     pub running_jobs: Vec<JobId>,
     /// Last heartbeat (or last seen, when offline).
@@ -296,13 +312,11 @@ impl State {
         };
         session
             .tx
-            .try_send(Ok(proto::DispatcherMessage {
-                kind: Some(proto::dispatcher_message::Kind::Cancel(proto::Cancel {
-                    attempt_id: attempt,
-                    grace_ms: grace.as_millis() as u64,
-                    reason: reason.to_string(),
-                })),
-            }))
+            .try_send(Ok(DispatcherMessage::Cancel(protocol::Cancel {
+                attempt_id: attempt,
+                grace_ms: grace.as_millis() as u64,
+                reason: reason.to_string(),
+            })))
             .is_ok()
     }
 }
@@ -318,7 +332,7 @@ struct Session {
     /// Jobs it can run at once.
     slots: u32,
     /// Sends to the runner's stream (bounded).
-    tx: mpsc::Sender<Result<proto::DispatcherMessage, tonic::Status>>,
+    tx: mpsc::Sender<Result<DispatcherMessage, DispatchError>>,
     /// Takes no new work.
     draining: bool,
     /// When it last spoke.
@@ -1071,12 +1085,10 @@ impl Dispatcher {
                     .collect();
                 running_jobs.sort_unstable();
                 let (state, hb) = match st.sessions.get(&r.id) {
-                    None => (proto::RunnerState::Offline, r.last_seen),
-                    Some(s) if s.draining => (proto::RunnerState::Draining, s.last_heartbeat_ms),
-                    Some(s) if running_jobs.is_empty() => {
-                        (proto::RunnerState::Idle, s.last_heartbeat_ms)
-                    }
-                    Some(s) => (proto::RunnerState::Busy, s.last_heartbeat_ms),
+                    None => (RunnerState::Offline, r.last_seen),
+                    Some(s) if s.draining => (RunnerState::Draining, s.last_heartbeat_ms),
+                    Some(s) if running_jobs.is_empty() => (RunnerState::Idle, s.last_heartbeat_ms),
+                    Some(s) => (RunnerState::Busy, s.last_heartbeat_ms),
                 };
                 RunnerView {
                     record: r,
@@ -1128,11 +1140,9 @@ impl Dispatcher {
             match session {
                 Some(s) => {
                     s.draining = true;
-                    let _ = s.tx.try_send(Ok(proto::DispatcherMessage {
-                        kind: Some(proto::dispatcher_message::Kind::Drain(proto::Drain {
-                            reason: "drained by an administrator".into(),
-                        })),
-                    }));
+                    let _ = s.tx.try_send(Ok(DispatcherMessage::Drain(protocol::Drain {
+                        reason: "drained by an administrator".into(),
+                    })));
                     true
                 }
                 None => false,
@@ -1163,11 +1173,9 @@ impl Dispatcher {
     pub fn drain_all(&self, reason: &str) {
         let st = self.state();
         for s in st.sessions.values() {
-            let _ = s.tx.try_send(Ok(proto::DispatcherMessage {
-                kind: Some(proto::dispatcher_message::Kind::Drain(proto::Drain {
-                    reason: reason.to_string(),
-                })),
-            }));
+            let _ = s.tx.try_send(Ok(DispatcherMessage::Drain(protocol::Drain {
+                reason: reason.to_string(),
+            })));
         }
     }
 
