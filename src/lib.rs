@@ -5,7 +5,8 @@
 //!
 //! - [`proto`]: the generated `kiln.v1` types and the descriptor set for reflection.
 //! - [`convert`]: the one place wire types become domain types and back.
-//! - [`dispatcher`]: the dispatcher engine (submit, scheduling, runner sessions, live log fan-out).
+//! - [`dispatcher`]: the dispatcher engine (crate `kiln-dispatcher`: submit, scheduling, runner
+//!   sessions, live log fan-out).
 //! - [`api`]: the tonic services over the engine, the error-to-status mapping, and [`api::serve`].
 //! - [`auth`]: API and runner tokens. [`tls`]: TLS files for the listener and the clients.
 //! - [`runner`]: the runner's client loop (one stream, reconnects) and its job execution.
@@ -21,9 +22,7 @@ pub mod cli;
 pub mod codec;
 pub mod convert;
 pub mod demo;
-pub mod dispatcher;
 pub mod downloads;
-pub mod junit;
 pub mod observer;
 pub mod proto;
 pub mod report;
@@ -31,3 +30,12 @@ pub mod runner;
 pub mod tls;
 pub mod up;
 pub mod webhook;
+
+/// The dispatcher engine (crate `kiln-dispatcher`).
+pub use kiln_dispatcher as dispatcher;
+
+/// JUnit XML: reading (crate `kiln-junit`) and a build's merged report (`kiln-dispatcher`).
+pub mod junit {
+    pub use kiln_dispatcher::junit::*;
+    pub use kiln_junit as read;
+}

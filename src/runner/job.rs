@@ -339,7 +339,7 @@ async fn step_report(
             let text = |t: &str| {
                 let t = mask(masker, t);
                 if short {
-                    crate::junit::read::cap(t, SHORT_TEXT)
+                    kiln_junit::cap(t, SHORT_TEXT)
                 } else {
                     t
                 }
@@ -374,7 +374,7 @@ async fn step_report(
     }
     let mut note = notes.join("; ");
     if note.len() > protocol::MAX_REPORT_NOTE {
-        note = crate::junit::read::cap(note, protocol::MAX_REPORT_NOTE - 64);
+        note = kiln_junit::cap(note, protocol::MAX_REPORT_NOTE - 64);
     }
     (cases, note)
 }

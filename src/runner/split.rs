@@ -31,10 +31,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::job::{Capture, Output, StepEnd, exec};
-use crate::junit::read::{ReadCase, cap, read_cases};
 use kiln_domain::StepOutcome;
 use kiln_domain::protocol::{self, MAX_CASES, MAX_UNIT_LEN, MAX_UNITS};
 use kiln_domain::split::{Interaction, LeasedUnit, UnitReport, UnitSource, UnitsReply};
+use kiln_junit::{ReadCase, cap, read_cases};
 
 /// Pause before asking again after a WAIT (with ±25% jitter).
 const WAIT: Duration = Duration::from_millis(100);

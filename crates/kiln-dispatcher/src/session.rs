@@ -52,7 +52,7 @@ impl Proof<'_> {
             None => true,
             Some(hash) => {
                 self.own_token
-                    || (!self.secret.is_empty() && crate::auth::token_matches(self.secret, hash))
+                    || (!self.secret.is_empty() && crate::tokens::token_matches(self.secret, hash))
             }
         }
     }
@@ -100,31 +100,41 @@ pub(crate) fn check_runner_name(name: &str, field: &str) -> Result<(), String> {
 }
 
 fn validate_hello(h: &protocol::Hello) -> Result<(), DispatchError> {
-    check_runner_name(h.name.trim(), "hello.name").map_err(DispatchError::InvalidArgument)?;
+    check_runner_name(h.name.trim(), "hello.name")
+        .map_err(|m| DispatchError::invalid("hello.name", m))?;
     if h.slots == 0 || h.slots > MAX_SLOTS {
-        return Err(DispatchError::InvalidArgument(format!(
-            "hello.slots must be between 1 and {MAX_SLOTS}, got {}",
-            h.slots
-        )));
+        return Err(DispatchError::invalid(
+            "hello.slots",
+            format!(
+                "hello.slots must be between 1 and {MAX_SLOTS}, got {}",
+                h.slots
+            ),
+        ));
     }
     if h.labels.len() > MAX_LABELS
         || h.labels
             .iter()
             .any(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > 256)
     {
-        return Err(DispatchError::InvalidArgument(format!(
-            "hello.labels: at most {MAX_LABELS} labels, non-empty keys of at most 128 bytes, values of at most 256"
-        )));
+        return Err(DispatchError::invalid(
+            "hello.labels",
+            format!(
+                "hello.labels: at most {MAX_LABELS} labels, non-empty keys of at most 128 bytes, values of at most 256"
+            ),
+        ));
     }
     // A runner holds at most its slots running, plus as many finished attempts whose results
     // are not yet acknowledged.
     let max_held = 2 * h.slots as usize;
     if h.held_attempts.len() > max_held {
-        return Err(DispatchError::InvalidArgument(format!(
-            "hello.held_attempts lists {} attempts; a runner with {} slots holds at most {max_held}",
-            h.held_attempts.len(),
-            h.slots
-        )));
+        return Err(DispatchError::invalid(
+            "hello.held_attempts",
+            format!(
+                "hello.held_attempts lists {} attempts; a runner with {} slots holds at most {max_held}",
+                h.held_attempts.len(),
+                h.slots
+            ),
+        ));
     }
     Ok(())
 }
@@ -166,23 +176,25 @@ impl Dispatcher {
             Ok(Some(Ok(In::Hello(h)))) => h,
             Ok(Some(Ok(_))) => {
                 let _ = tx
-                    .send(Err(DispatchError::InvalidArgument(
-                        "the first message on a runner stream must be a hello".into(),
+                    .send(Err(DispatchError::invalid(
+                        "kind",
+                        "the first message on a runner stream must be a hello",
                     )))
                     .await;
                 return;
             }
             Ok(Some(Err(StreamError::InvalidArgument { message }))) => {
-                let _ = tx.send(Err(DispatchError::InvalidArgument(message))).await;
+                let _ = tx
+                    .send(Err(DispatchError::invalid("message", message)))
+                    .await;
                 return;
             }
             Ok(Some(Err(_)) | None) => return,
             Err(_) => {
                 let _ = tx
-                    .send(Err(DispatchError::DeadlineExceeded(format!(
-                        "no hello within {}s",
-                        HELLO_TIMEOUT.as_secs()
-                    ))))
+                    .send(Err(DispatchError::HelloTimeout {
+                        waited: HELLO_TIMEOUT,
+                    }))
                     .await;
                 return;
             }
@@ -193,11 +205,10 @@ impl Dispatcher {
         }
         let name = hello.name.trim().to_string();
         if let Some(names) = names.filter(|n| !n.contains(&name)) {
-            let shown: Vec<String> = names.iter().take(8).map(|n| format!("{n:?}")).collect();
-            let status = DispatchError::PermissionDenied(format!(
-                "this runner's certificate names it {}; it may attach only under one of those names, not {name:?}",
-                shown.join(", ")
-            ));
+            let status = DispatchError::PermissionDenied {
+                runner: name.clone(),
+                certificate_names: names,
+            };
             tracing::warn!(runner = %name, why = %status, "runner refused");
             let _ = tx.send(Err(status)).await;
             return;
@@ -215,7 +226,7 @@ impl Dispatcher {
         let mut record = self
             .db(move |s| s.upsert_runner(&n, &labels, slots, &version))
             .await;
-        if let Err(DispatchError::ResourceExhausted(_)) = &record {
+        if let Err(DispatchError::ResourceExhausted { .. }) = &record {
             // A full disk: a runner known before re-attaches with its stored record (a read),
             // so it keeps its attempts; only a new runner must wait for space.
             let (n, why) = (name.clone(), self.inner.space.cause().unwrap_or_default());
@@ -228,13 +239,13 @@ impl Dispatcher {
                     r.slots = hello.slots;
                     Ok(r)
                 }
-                Ok(None) | Err(_) => Err(DispatchError::ResourceExhausted(why)),
+                Ok(None) | Err(_) => Err(DispatchError::ResourceExhausted { reason: why }),
             };
         }
         let record = match record {
             Ok(r) => r,
-            Err(DispatchError::ResourceExhausted(why)) => {
-                let _ = tx.send(Err(DispatchError::ResourceExhausted(why))).await;
+            Err(e @ DispatchError::ResourceExhausted { .. }) => {
+                let _ = tx.send(Err(e)).await;
                 return;
             }
             Err(e) => {
@@ -250,12 +261,12 @@ impl Dispatcher {
         let runner = record.id;
         let sid = next_session_id(&self.inner);
         let stop = CancellationToken::new();
-        let secret = crate::auth::new_token();
+        let secret = crate::tokens::new_token();
         let proof = Proof {
             own_token,
             secret: &hello.session_secret,
         };
-        let new_secret = crate::auth::hash_token(&secret);
+        let new_secret = crate::tokens::hash_token(&secret);
         let reconciled = self.register(
             &record,
             sid,
@@ -313,7 +324,7 @@ impl Dispatcher {
                 _ = stop.cancelled() => {
                     // Ended by the dispatcher (declared lost, space back after a full disk, a
                     // drain, shutdown): tell the runner, which re-attaches if it is alive.
-                    let _ = tx.try_send(Err(DispatchError::Unavailable("the dispatcher ended this session; attach again".into())));
+                    let _ = tx.try_send(Err(DispatchError::Unavailable { message: "the dispatcher ended this session; attach again".into() }));
                     break;
                 }
                 m = inbound.next() => match m {
@@ -328,7 +339,7 @@ impl Dispatcher {
                     }
                     Some(Err(StreamError::InvalidArgument { message })) => {
                         tracing::warn!(runner = %name, status = %message, "closing runner stream");
-                        let _ = tx.try_send(Err(DispatchError::InvalidArgument(message)));
+                        let _ = tx.try_send(Err(DispatchError::invalid("message", message)));
                         closed = true;
                         break;
                     }
@@ -361,22 +372,24 @@ impl Dispatcher {
         let shared = self.inner.config.runner_token.as_deref();
         let own_token = own.is_some();
         let ok = match (own, shared) {
-            (Some(hash), _) => crate::auth::token_matches(token, &hash),
+            (Some(hash), _) => crate::tokens::token_matches(token, &hash),
             (None, Some(shared)) => {
-                crate::auth::token_matches(token, &crate::auth::hash_token(shared))
+                crate::tokens::token_matches(token, &crate::tokens::hash_token(shared))
             }
             (None, None) => !any,
         };
         if ok {
             Ok(own_token)
         } else if token.is_empty() {
-            Err(DispatchError::Unauthenticated(format!(
-                "runner {name} must present a token (kiln runner --token)"
-            )))
+            Err(DispatchError::Unauthenticated {
+                runner: name.to_string(),
+                token_given: false,
+            })
         } else {
-            Err(DispatchError::Unauthenticated(format!(
-                "the token of runner {name} is not valid"
-            )))
+            Err(DispatchError::Unauthenticated {
+                runner: name.to_string(),
+                token_given: true,
+            })
         }
     }
 
@@ -414,10 +427,9 @@ impl Dispatcher {
         {
             // Another runner already uses this name (or an impostor tries to): refuse, rather
             // than let the two replace each other or let anyone speak for the runner.
-            return Err(DispatchError::AlreadyExists(format!(
-                "a runner named {} is attached already; give each runner its own --name",
-                record.name
-            )));
+            return Err(DispatchError::RunnerAttached {
+                name: record.name.clone(),
+            });
         }
         if let Some(old) = st.sessions.remove(&record.id) {
             // The runner came back on a new stream; the old one went silent.
@@ -606,7 +618,7 @@ impl Dispatcher {
             return Ok(());
         }
         match self.handle_message(runner, sid, tx, stop, m).await {
-            Err(status @ DispatchError::ResourceExhausted(_)) => match attempt {
+            Err(status @ DispatchError::ResourceExhausted { .. }) => match attempt {
                 Some(a) => {
                     self.pause(a);
                     Ok(())
@@ -666,8 +678,9 @@ impl Dispatcher {
             }))
         };
         match m {
-            In::Hello(_) => Err(DispatchError::InvalidArgument(
-                "hello may only be sent once per stream".into(),
+            In::Hello(_) => Err(DispatchError::invalid(
+                "kind",
+                "hello may only be sent once per stream",
             )),
             In::Heartbeat(hb) => {
                 // The dispatcher's heartbeat answers the runner's (one wake-up per runner and
@@ -829,7 +842,8 @@ impl Dispatcher {
         let reply = match self.check_held(runner, sid, attempt) {
             Err(why) => kiln_domain::split::UnitsReply::Refused(why),
             Ok(_) => {
-                n.check().map_err(DispatchError::InvalidArgument)?;
+                n.check()
+                    .map_err(|m| DispatchError::invalid("next_units", m))?;
                 let req = kiln_domain::split::UnitsRequest {
                     attempt: n.attempt_id,
                     runner,
@@ -971,11 +985,14 @@ impl Dispatcher {
         let attempt = chunk.attempt_id;
         let stream = chunk.stream.code();
         if chunk.data.len() > kiln_store::MAX_FRAME {
-            return Err(DispatchError::InvalidArgument(format!(
-                "output chunk of {} bytes is larger than {}",
-                chunk.data.len(),
-                kiln_store::MAX_FRAME
-            )));
+            return Err(DispatchError::invalid(
+                "output.data",
+                format!(
+                    "output chunk of {} bytes is larger than {}",
+                    chunk.data.len(),
+                    kiln_store::MAX_FRAME
+                ),
+            ));
         }
         let job = match self.check_held(runner, sid, attempt) {
             Ok(job) => job,
@@ -1009,10 +1026,11 @@ impl Dispatcher {
         if chunk.seq > expected {
             // Chunks went missing on the way: end the session. The runner reconnects and sends
             // everything not acknowledged again, in order, so the gap is filled.
-            return Err(DispatchError::DataLoss(format!(
-                "output seq {} of attempt {attempt} out of order: expected {expected}; reconnect and resend",
-                chunk.seq
-            )));
+            return Err(DispatchError::OutputGap {
+                attempt,
+                expected,
+                got: chunk.seq,
+            });
         }
         let header = FrameHeader {
             attempt,
@@ -1029,7 +1047,9 @@ impl Dispatcher {
                     return self.disk_full("appending output");
                 }
                 tracing::error!(job, cause = %error_chain(&e), "cannot store output");
-                DispatchError::Unavailable("the dispatcher cannot store output right now".into())
+                DispatchError::Unavailable {
+                    message: "the dispatcher cannot store output right now".into(),
+                }
             })?;
         if let Some(a) = self.state().attempts.get_mut(&attempt) {
             a.next_seq = Some(chunk.seq + 1);
@@ -1058,7 +1078,9 @@ impl Dispatcher {
             .map_err(DispatchError::from)?
             .map_err(|e| {
                 tracing::error!(cause = %error_chain(&e), "cannot read log");
-                DispatchError::Unavailable("cannot read the job's log".into())
+                DispatchError::Unavailable {
+                    message: "cannot read the job's log".into(),
+                }
             })?;
         if let Some(a) = self.state().attempts.get_mut(&attempt) {
             a.next_seq = Some(last + 1);
@@ -1077,9 +1099,10 @@ impl Dispatcher {
         let attempt = f.attempt_id;
         let state = f.state;
         if !state.is_final() {
-            return Err(DispatchError::InvalidArgument(format!(
-                "job_finished.state {state} is not a final job state"
-            )));
+            return Err(DispatchError::invalid(
+                "job_finished.state",
+                format!("job_finished.state {state} is not a final job state"),
+            ));
         }
         // An attempt no longer in memory may be a result re-sent after it was recorded; the
         // store's compare-and-set tells. It must at least belong to this runner.
@@ -1117,10 +1140,11 @@ impl Dispatcher {
             // A result is only taken once all of the attempt's output is stored.
             let stored = self.next_seq(attempt, job).await? - 1;
             if f.last_seq > stored {
-                return Err(DispatchError::DataLoss(format!(
-                    "attempt {attempt} ended after output seq {} but only {stored} arrived; reconnect and resend",
-                    f.last_seq
-                )));
+                return Err(DispatchError::OutputMissing {
+                    attempt,
+                    last_seq: f.last_seq,
+                    stored,
+                });
             }
             let logs = self.inner.logs.clone();
             tokio::task::spawn_blocking(move || logs.sync(job))
@@ -1131,7 +1155,9 @@ impl Dispatcher {
                         return self.disk_full("flushing a log");
                     }
                     tracing::error!(cause = %error_chain(&e), "cannot flush log");
-                    DispatchError::Unavailable("cannot flush the job's log".into())
+                    DispatchError::Unavailable {
+                        message: "cannot flush the job's log".into(),
+                    }
                 })?;
         }
         let message = (!f.message.is_empty()).then(|| f.message.clone());
@@ -1176,8 +1202,10 @@ fn refused(attempt: AttemptId, reason: String) -> Result<Out, DispatchError> {
 /// An engine error to end a session with: a full disk keeps its reason (the attempt pauses);
 /// anything else is logged here and sent as a bare internal error.
 fn internal(e: &DispatchError) -> DispatchError {
-    if let DispatchError::ResourceExhausted(m) = e {
-        return DispatchError::ResourceExhausted(m.clone());
+    if let DispatchError::ResourceExhausted { reason } = e {
+        return DispatchError::ResourceExhausted {
+            reason: reason.clone(),
+        };
     }
     tracing::error!(cause = %e, "internal error in runner session");
     DispatchError::Internal("internal error in a runner session".into())

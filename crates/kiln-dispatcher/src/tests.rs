@@ -88,7 +88,11 @@ async fn next(out: &mut Outbound) -> Result<Out, DispatchError> {
         let msg = tokio::time::timeout(Duration::from_secs(20), out.next())
             .await
             .expect("no message from the dispatcher within 20s")
-            .unwrap_or_else(|| Err(DispatchError::Unavailable("stream ended".into())))?;
+            .unwrap_or_else(|| {
+                Err(DispatchError::Unavailable {
+                    message: "stream ended".into(),
+                })
+            })?;
         if !matches!(msg, Out::Heartbeat(_)) {
             return Ok(msg);
         }
@@ -141,7 +145,7 @@ async fn first_message_must_be_hello() {
         .await
         .unwrap();
     let err = next(&mut out).await.unwrap_err();
-    assert!(matches!(err, DispatchError::InvalidArgument(_)));
+    assert!(matches!(err, DispatchError::InvalidArgument { .. }));
     assert!(err.to_string().contains("hello"), "{}", err.to_string());
 }
 
@@ -178,7 +182,7 @@ async fn output_is_stored_once_in_order_and_results_are_fenced() {
     };
     assert_eq!(acks, vec![1, 2, 2]);
     // The gap ends the session: the runner must reconnect and send again what is not acked.
-    assert!(matches!(gap, DispatchError::DataLoss(_)), "{gap:?}");
+    assert!(matches!(gap, DispatchError::OutputGap { .. }), "{gap:?}");
     // It re-attaches presenting its session secret, so it gets its attempt back.
     let (tx, mut out, w) = hello(&d, hello_of("r1", vec![a.attempt_id], &w.session_secret))
         .await
@@ -189,7 +193,7 @@ async fn output_is_stored_once_in_order_and_results_are_fenced() {
         .unwrap();
     assert!(matches!(
         next(&mut out).await.unwrap_err(),
-        DispatchError::DataLoss(_)
+        DispatchError::OutputMissing { .. }
     ));
     let (tx, mut out, _) = hello(&d, hello_of("r1", vec![a.attempt_id], &w.session_secret))
         .await
@@ -469,7 +473,10 @@ async fn next_units_is_fenced_and_checked() {
     bad.request = 2;
     tx.send(m(In::NextUnits(bad))).await.unwrap();
     let err = next(&mut out).await.unwrap_err();
-    assert!(matches!(err, DispatchError::InvalidArgument(_)), "{err:?}");
+    assert!(
+        matches!(err, DispatchError::InvalidArgument { .. }),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("newline"), "{err:?}");
     stop.cancel();
 }
@@ -587,7 +594,7 @@ async fn a_hello_claims_only_its_own_attempts_and_a_valid_name() {
         },
     )
     .await;
-    assert!(matches!(s, DispatchError::InvalidArgument(_)));
+    assert!(matches!(s, DispatchError::InvalidArgument { .. }));
     assert!(
         s.to_string().contains("hello.held_attempts"),
         "{}",
@@ -612,7 +619,10 @@ async fn a_hello_claims_only_its_own_attempts_and_a_valid_name() {
             },
         )
         .await;
-        assert!(matches!(s, DispatchError::InvalidArgument(_)), "{name:?}");
+        assert!(
+            matches!(s, DispatchError::InvalidArgument { .. }),
+            "{name:?}"
+        );
         assert!(s.to_string().contains("hello.name"), "{}", s.to_string());
         assert!(s.to_string().len() < 300, "{}", s.to_string());
     }
@@ -731,7 +741,7 @@ async fn a_runner_cannot_be_impersonated_within_its_lease() {
             .await
             .err()
             .unwrap();
-        assert!(matches!(s, DispatchError::AlreadyExists(_)), "{s:?}");
+        assert!(matches!(s, DispatchError::RunnerAttached { .. }), "{s:?}");
     }
     // The runner's stream closes; its attempt waits for it. An impostor may now use the name
     // but gets nothing of the runner's: the attempt is not re-attached and its forged result
@@ -776,7 +786,7 @@ async fn a_runner_token_binds_the_session_to_its_runner() {
     let dir = tempfile::tempdir().unwrap();
     let d = dispatcher(dir.path());
     for (name, token) in [("a", "token-a"), ("b", "token-b")] {
-        let hash = crate::auth::hash_token(token);
+        let hash = crate::tokens::hash_token(token);
         d.inner.store.set_runner_token(name, Some(&hash)).unwrap();
     }
     let with = |name: &str, token: &str| protocol::Hello {
@@ -785,7 +795,7 @@ async fn a_runner_token_binds_the_session_to_its_runner() {
     };
     let (_tx, _out, _) = hello(&d, with("a", "token-a")).await.unwrap();
     let s = hello(&d, with("a", "token-b")).await.err().unwrap();
-    assert!(matches!(s, DispatchError::Unauthenticated(_)), "{s:?}");
+    assert!(matches!(s, DispatchError::Unauthenticated { .. }), "{s:?}");
     // The runner restarted (no secret) but holds its token: it takes over at once.
     let (_tx2, _out2, _) = hello(&d, with("a", "token-a")).await.unwrap();
 }
