@@ -8,10 +8,10 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
-use super::transport::{ConnectError, Inbound, Transport};
 use crate::convert;
 use crate::proto::runner_service_client::RunnerServiceClient;
 use crate::tls::ClientTls;
+use kiln_runner::{ConnectError, Inbound, Transport};
 
 /// Opens runner streams over gRPC.
 #[derive(Debug, Clone)]

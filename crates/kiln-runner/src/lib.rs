@@ -1,5 +1,7 @@
-//! The runner: one long-lived `Attach` stream to the dispatcher, reconnecting with backoff and
-//! jitter when it breaks, and the jobs it runs.
+//! The runner engine: one long-lived stream to the dispatcher, reconnecting with backoff and
+//! jitter when it breaks, and the jobs it runs. It speaks the domain messages of
+//! `kiln_domain::protocol` over a [`Transport`] (gRPC in the `kiln` program, in-memory channels
+//! in tests), so nothing here knows the wire.
 //!
 //! Everything the runner says about an attempt (accepted, output, step and job results) goes
 //! through the [`outbox::Outbox`] in order and stays there until the dispatcher acknowledges
@@ -7,10 +9,9 @@
 //! keep running while the stream is down; their output waits in the outbox (bounded: a full
 //! outbox pauses the step's output pipe, and so the step).
 
-pub mod grpc;
 mod job;
 mod outbox;
-pub(crate) mod split;
+pub mod split;
 pub mod token;
 pub mod transport;
 
@@ -39,8 +40,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How a runner behaves.
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
-    /// The dispatcher's URL, e.g. `http://127.0.0.1:7878`.
-    pub dispatcher: String,
     /// Unique name (the dispatcher knows the runner by it across restarts).
     pub name: String,
     /// Jobs run at once.
@@ -61,19 +60,16 @@ pub struct RunnerConfig {
     pub kill_grace: Duration,
     /// The runner's token (its own, or the farm's shared one); empty for none.
     pub token: String,
-    /// TLS files for an https:// dispatcher.
-    pub tls: crate::tls::ClientTls,
     /// Variables of the runner's environment given to steps besides the allow-listed ones
     /// (`--pass-env`).
     pub pass_env: Vec<(String, String)>,
 }
 
 impl RunnerConfig {
-    /// Defaults for a dispatcher URL and a name.
-    pub fn new(dispatcher: impl Into<String>, name: impl Into<String>) -> Self {
+    /// Defaults for a runner name.
+    pub fn new(name: impl Into<String>) -> Self {
         let name = name.into();
         Self {
-            dispatcher: dispatcher.into(),
             work_dir: std::env::temp_dir().join(format!("kiln-runner-{name}")),
             cache_dir: None,
             name,
@@ -83,7 +79,6 @@ impl RunnerConfig {
             max_spool_bytes: 1 << 30,
             kill_grace: Duration::from_secs(5),
             token: String::new(),
-            tls: crate::tls::ClientTls::default(),
             pass_env: Vec::new(),
         }
     }
@@ -234,20 +229,9 @@ impl Shared {
     }
 }
 
-/// Runs a runner until `drain` is cancelled and its jobs are done (or `stop` is cancelled, which
-/// cancels the jobs). Reconnects whenever the stream breaks.
-pub async fn run(
-    config: RunnerConfig,
-    drain: CancellationToken,
-    stop: CancellationToken,
-) -> Result<(), RunnerError> {
-    let transport =
-        grpc::TonicTransport::new(&config.dispatcher, &config.tls).map_err(RunnerError::Config)?;
-    run_with(config, transport, drain, stop).await
-}
-
-/// [`run`] over any transport (tests use in-memory streams).
-pub async fn run_with<T: Transport>(
+/// Runs a runner over `transport` until `drain` is cancelled and its jobs are done (or `stop`
+/// is cancelled, which cancels the jobs). Opens a new stream whenever one breaks.
+pub async fn run<T: Transport>(
     config: RunnerConfig,
     transport: T,
     drain: CancellationToken,

@@ -878,7 +878,7 @@ fn stem(path: &str) -> String {
 
 /// The step's `run` with `{units}` replaced by the units, shell-quoted and space-separated, and
 /// `{junit}` by the quoted JUnit path, in one pass (a unit containing `{junit}` stays as is).
-pub(crate) fn substitute(run: &str, units: &[String], junit: &str) -> Result<String, String> {
+pub fn substitute(run: &str, units: &[String], junit: &str) -> Result<String, String> {
     let quoted_units = shlex::try_join(units.iter().map(String::as_str))
         .map_err(|e| format!("a unit id cannot be quoted: {e}"))?;
     let quoted_junit =
@@ -921,7 +921,7 @@ fn too_many() -> String {
 
 /// Files of `dir` matching any of `globs` (`*` does not cross `/`, `**` does), as relative
 /// paths with `/`, sorted; `.git` is skipped.
-pub(crate) fn glob_units(dir: &Path, globs: &[String]) -> Result<Vec<String>, String> {
+pub fn glob_units(dir: &Path, globs: &[String]) -> Result<Vec<String>, String> {
     let mut set = GlobSetBuilder::new();
     for g in globs {
         let pattern = g.trim().trim_start_matches("./");
