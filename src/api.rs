@@ -17,34 +17,42 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::ApiAuth;
 use crate::convert;
-use crate::dispatcher::{DispatchError, Dispatcher, SubmitRequest};
 use crate::proto::{
     self, build_service_server::BuildService, build_service_server::BuildServiceServer,
     runner_admin_service_server::RunnerAdminService,
     runner_admin_service_server::RunnerAdminServiceServer, runner_service_server::RunnerService,
     runner_service_server::RunnerServiceServer,
 };
+use kiln_dispatcher::{DispatchError, Dispatcher, SubmitRequest};
 
 /// Largest request a client may send to `BuildService` and `RunnerAdminService`.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 /// Largest message a runner may send on its stream (output chunks are at most 64 KiB).
-pub const MAX_RUNNER_MESSAGE_BYTES: usize = 4 << 20;
+pub const MAX_RUNNER_MESSAGE_BYTES: usize = kiln_domain::protocol::MAX_MESSAGE_BYTES;
 /// Payload read from the log store per step of a follower.
 const FOLLOW_READ_BYTES: usize = 1 << 20;
 
-impl From<DispatchError> for Status {
-    fn from(e: DispatchError) -> Self {
-        match e {
-            DispatchError::InvalidArgument(m) => Status::invalid_argument(m),
-            DispatchError::NotFound(m) => Status::not_found(m),
-            DispatchError::FailedPrecondition(m) => Status::failed_precondition(m),
-            DispatchError::AlreadyExists(m) => Status::already_exists(m),
-            DispatchError::Unavailable(m) => Status::unavailable(m),
-            DispatchError::ResourceExhausted(m) => Status::resource_exhausted(m),
-            DispatchError::Internal(m) => {
-                tracing::error!(cause = %m, "internal error");
-                Status::internal("internal error (see the dispatcher's log)")
-            }
+/// The one mapping of engine errors to gRPC statuses.
+pub fn status(e: DispatchError) -> Status {
+    let message = e.to_string();
+    match e {
+        DispatchError::InvalidArgument { .. } => Status::invalid_argument(message),
+        DispatchError::NotFound(_) => Status::not_found(message),
+        DispatchError::FailedPrecondition { .. } => Status::failed_precondition(message),
+        DispatchError::AlreadyBuilt { .. } | DispatchError::RunnerAttached { .. } => {
+            Status::already_exists(message)
+        }
+        DispatchError::Unavailable { .. } => Status::unavailable(message),
+        DispatchError::ResourceExhausted { .. } => Status::resource_exhausted(message),
+        DispatchError::Unauthenticated { .. } => Status::unauthenticated(message),
+        DispatchError::PermissionDenied { .. } => Status::permission_denied(message),
+        DispatchError::HelloTimeout { .. } => Status::deadline_exceeded(message),
+        DispatchError::OutputGap { .. } | DispatchError::OutputMissing { .. } => {
+            Status::data_loss(message)
+        }
+        DispatchError::Internal(cause) => {
+            tracing::error!(cause = %cause, "internal error");
+            Status::internal("internal error (see the dispatcher's log)")
         }
     }
 }
@@ -60,7 +68,7 @@ pub struct RunnerApi {
 
 #[tonic::async_trait]
 impl RunnerService for RunnerApi {
-    type AttachStream = ReceiverStream<Result<proto::DispatcherMessage, Status>>;
+    type AttachStream = BoxStream<proto::DispatcherMessage>;
 
     async fn attach(
         &self,
@@ -78,9 +86,18 @@ impl RunnerService for RunnerApi {
             .map(|cert| crate::tls::certificate_names(cert.as_ref()))
             .transpose()
             .map_err(Status::unauthenticated)?;
-        Ok(Response::new(
-            self.dispatcher.attach_named(request.into_inner(), names),
-        ))
+        // The session speaks domain messages: wire messages become them here (one that does
+        // not fit ends the session with INVALID_ARGUMENT), and its answers become wire ones.
+        let inbound = request.into_inner().map(|m| match m {
+            Ok(m) => convert::runner_message_from_proto(m)
+                .map_err(|message| kiln_domain::protocol::StreamError::InvalidArgument { message }),
+            Err(status) => Err(convert::stream_error_from_status(&status)),
+        });
+        let outbound = self
+            .dispatcher
+            .attach_named(Box::pin(inbound), names)
+            .map(|m| m.map(convert::dispatcher_message_to_proto).map_err(status));
+        Ok(Response::new(Box::pin(outbound)))
     }
 }
 
@@ -100,7 +117,7 @@ impl BuildService for BuildApi {
     ) -> Result<Response<proto::TestReport>, Status> {
         self.auth.check_read(request.metadata())?;
         let build = request.into_inner().build_id;
-        let r = self.dispatcher.test_report(build).await?;
+        let r = self.dispatcher.test_report(build).await.map_err(status)?;
         Ok(Response::new(proto::TestReport {
             build_id: build,
             splits: r
@@ -109,7 +126,7 @@ impl BuildService for BuildApi {
                 .map(convert::split_report_to_proto)
                 .collect(),
             steps: r.steps.iter().map(convert::step_report_to_proto).collect(),
-            junit_xml: r.xml.unwrap_or_default(),
+            junit_xml: r.junit_xml().unwrap_or_default(),
         }))
     }
 
@@ -127,7 +144,8 @@ impl BuildService for BuildApi {
                 branch: r.branch,
                 trigger: r.trigger,
             })
-            .await?;
+            .await
+            .map_err(status)?;
         Ok(Response::new(convert::build_to_proto(&d)))
     }
 
@@ -139,7 +157,8 @@ impl BuildService for BuildApi {
         let d = self
             .dispatcher
             .get_build(request.into_inner().build_id)
-            .await?;
+            .await
+            .map_err(status)?;
         Ok(Response::new(convert::build_to_proto(&d)))
     }
 
@@ -179,7 +198,7 @@ impl BuildService for BuildApi {
             before,
             limit: limit + 1,
         };
-        let mut builds = self.dispatcher.list_builds(filter).await?;
+        let mut builds = self.dispatcher.list_builds(filter).await.map_err(status)?;
         let next_page_token = if builds.len() > limit as usize {
             builds.truncate(limit as usize);
             builds.last().map(|b| b.id.to_string()).unwrap_or_default()
@@ -204,7 +223,7 @@ impl BuildService for BuildApi {
         let job: JobId = match (r.job_id, r.build_id) {
             (0, 0) => return Err(Status::invalid_argument("job_id or build_id is required")),
             (0, b) => {
-                let detail = d.get_build(b).await?;
+                let detail = d.get_build(b).await.map_err(status)?;
                 match detail.jobs.first() {
                     Some(j) => j.id,
                     None => {
@@ -218,8 +237,8 @@ impl BuildService for BuildApi {
             (j, _) => j,
         };
         // Subscribe first, then look at the job: an end in between cannot be missed.
-        let mut progress = d.follow(job)?;
-        let state = d.get_job(job).await?.state;
+        let mut progress = d.follow(job).map_err(status)?;
+        let state = d.get_job(job).await.map_err(status)?.state;
         d.settle_follow(job, state);
         if r.offset > progress.borrow().len {
             return Err(Status::invalid_argument(format!(
@@ -255,7 +274,7 @@ impl BuildService for BuildApi {
                             offset = read.next_offset;
                         }
                         Err(e) => {
-                            let _ = tx.send(Err(Status::from(e))).await;
+                            let _ = tx.send(Err(status(e))).await;
                             return;
                         }
                     }
@@ -285,7 +304,7 @@ impl BuildService for BuildApi {
                             // The channel was replaced; subscribe again.
                             match d.follow(job) {
                                 Ok(p) => progress = p,
-                                Err(e) => { let _ = tx.send(Err(Status::from(e))).await; return; }
+                                Err(e) => { let _ = tx.send(Err(status(e))).await; return; }
                             }
                             if let Ok(j) = d.get_job(job).await {
                                 d.settle_follow(job, j.state);
@@ -357,7 +376,8 @@ impl BuildService for BuildApi {
         let d = self
             .dispatcher
             .cancel_build(request.into_inner().build_id)
-            .await?;
+            .await
+            .map_err(status)?;
         Ok(Response::new(convert::build_to_proto(&d)))
     }
 
@@ -375,11 +395,13 @@ impl BuildService for BuildApi {
         let builds = self
             .dispatcher
             .report_commits(&r.repo, &r.branch, &r.commits, &trigger)
-            .await?;
+            .await
+            .map_err(status)?;
         let cursor = self
             .dispatcher
             .branch_cursor(r.repo.trim(), &r.branch)
-            .await?
+            .await
+            .map_err(status)?
             .unwrap_or_default();
         Ok(Response::new(proto::ReportCommitsResponse {
             builds: builds.iter().map(convert::build_to_proto).collect(),
@@ -399,7 +421,8 @@ impl BuildService for BuildApi {
         let head = self
             .dispatcher
             .branch_cursor(r.repo.trim(), &r.branch)
-            .await?
+            .await
+            .map_err(status)?
             .unwrap_or_default();
         Ok(Response::new(proto::BranchCursor { head }))
     }
@@ -412,7 +435,8 @@ impl BuildService for BuildApi {
         let d = self
             .dispatcher
             .retry_build(request.into_inner().build_id)
-            .await?;
+            .await
+            .map_err(status)?;
         Ok(Response::new(convert::build_to_proto(&d)))
     }
 }
@@ -431,7 +455,7 @@ impl RunnerAdminService for RunnerAdminApi {
         request: Request<proto::ListRunnersRequest>,
     ) -> Result<Response<proto::ListRunnersResponse>, Status> {
         self.auth.check_read(request.metadata())?;
-        let runners = self.dispatcher.list_runners().await?;
+        let runners = self.dispatcher.list_runners().await.map_err(status)?;
         Ok(Response::new(proto::ListRunnersResponse {
             runners: runners
                 .into_iter()
@@ -450,10 +474,11 @@ impl RunnerAdminService for RunnerAdminApi {
         let r = self
             .dispatcher
             .drain_runner(&request.into_inner().name)
-            .await?;
+            .await
+            .map_err(status)?;
         Ok(Response::new(convert::runner_to_proto(
             &r.record,
-            proto::RunnerState::Draining,
+            kiln_dispatcher::RunnerState::Draining,
             r.running_jobs,
             r.last_heartbeat,
         )))

@@ -7,7 +7,6 @@
 //!   exists, runners without a valid token are refused.
 //! - Tokens are compared in constant time (`subtle`), on their hashes.
 
-use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::Status;
@@ -22,28 +21,10 @@ pub struct ApiAuth {
     closed_reads: bool,
 }
 
+pub use kiln_dispatcher::tokens::{hash_token, new_token, token_matches};
+
 fn sha256(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
-}
-
-/// The stored form of a token.
-pub fn hash_token(token: &str) -> String {
-    hex::encode(sha256(token))
-}
-
-/// A new random token (256 bits).
-pub fn new_token() -> String {
-    let mut bytes = [0u8; 32];
-    rand::rng().fill_bytes(&mut bytes);
-    format!("kiln_{}", hex::encode(bytes))
-}
-
-/// Constant-time comparison of a presented token with a stored hash (hex).
-pub fn token_matches(presented: &str, stored_hash_hex: &str) -> bool {
-    let Ok(stored) = hex::decode(stored_hash_hex) else {
-        return false;
-    };
-    bool::from(sha256(presented).as_slice().ct_eq(stored.as_slice()))
 }
 
 /// The bearer token of a request, if any.

@@ -88,7 +88,7 @@ impl Connection {
             .await
             .map_err(|e| ClientError::Unreachable {
                 url: self.url.clone(),
-                reason: crate::dispatcher::error_chain(&e),
+                reason: kiln_domain::error_chain(&e),
             })
     }
 }

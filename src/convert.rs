@@ -1,7 +1,7 @@
 //! The one place where wire types (`proto`) and domain types (`kiln-domain`, `kiln-store`)
 //! are converted into each other.
 
-use kiln_domain::{JobState, Millis, RunnerRecord, StepOutcome, split};
+use kiln_domain::{JobState, Millis, RunnerRecord, StepOutcome, protocol, split};
 use kiln_store::BuildDetail;
 
 use crate::proto;
@@ -192,10 +192,17 @@ pub fn build_summary_to_proto(b: &kiln_domain::Build) -> proto::Build {
 /// A runner as the dispatcher sees it, to wire.
 pub fn runner_to_proto(
     r: &RunnerRecord,
-    state: proto::RunnerState,
+    state: kiln_dispatcher::RunnerState,
     running_jobs: Vec<u64>,
     last_heartbeat: Millis,
 ) -> proto::Runner {
+    use kiln_dispatcher::RunnerState;
+    let state = match state {
+        RunnerState::Idle => proto::RunnerState::Idle,
+        RunnerState::Busy => proto::RunnerState::Busy,
+        RunnerState::Draining => proto::RunnerState::Draining,
+        RunnerState::Offline => proto::RunnerState::Offline,
+    };
     proto::Runner {
         id: r.id,
         name: r.name.clone(),
@@ -205,21 +212,6 @@ pub fn runner_to_proto(
         running_jobs,
         last_heartbeat: Some(timestamp(last_heartbeat)),
         version: r.version.clone(),
-    }
-}
-
-/// A split step's spec to wire (what the runner needs of it).
-pub fn split_to_proto(s: &split::SplitSpec) -> proto::SplitStep {
-    let (glob, command) = match &s.units {
-        split::UnitSource::Glob(g) => (g.clone(), String::new()),
-        split::UnitSource::Command(c) => (Vec::new(), c.clone()),
-    };
-    proto::SplitStep {
-        key: s.key.clone(),
-        shards: s.shards,
-        shard: s.shard,
-        glob,
-        command,
     }
 }
 
@@ -242,40 +234,7 @@ pub fn unit_outcome_from_proto(o: i32) -> Option<split::UnitOutcome> {
     }
 }
 
-/// Most units one NextUnits may list as discovered, and longest unit id.
-pub const MAX_UNITS: usize = 100_000;
-/// Longest unit id, in bytes.
-pub const MAX_UNIT_LEN: usize = 4096;
-/// Most test cases reported for one unit.
-pub const MAX_CASES: usize = 100_000;
-
-/// Longest note a StepFinished may carry about reports it could not read, in bytes.
-pub const MAX_REPORT_NOTE: usize = 4096;
-
-/// The test cases (and note) of a StepFinished, checked: at most [`MAX_CASES`] cases, each
-/// with an outcome, and a note of at most [`MAX_REPORT_NOTE`] bytes.
-pub fn step_cases_from_proto(
-    cases: Vec<proto::TestCase>,
-    note: String,
-) -> Result<(Vec<split::TestCase>, String), String> {
-    if cases.len() > MAX_CASES {
-        return Err(format!(
-            "step_finished lists {} test cases, more than {MAX_CASES}",
-            cases.len()
-        ));
-    }
-    if note.len() > MAX_REPORT_NOTE {
-        return Err(format!(
-            "step_finished.report_note has {} bytes, more than {MAX_REPORT_NOTE}",
-            note.len()
-        ));
-    }
-    let cases = cases
-        .into_iter()
-        .map(case_from_proto)
-        .collect::<Result<_, _>>()?;
-    Ok((cases, note))
-}
+pub use kiln_domain::protocol::{MAX_CASES, MAX_REPORT_NOTE, MAX_UNIT_LEN, MAX_UNITS};
 
 /// A plain step's report as the API gives it.
 pub fn step_report_to_proto(r: &split::StepReport) -> proto::StepReport {
@@ -301,45 +260,41 @@ fn case_from_proto(c: proto::TestCase) -> Result<split::TestCase, String> {
     })
 }
 
-fn check_unit(unit: &str) -> Result<(), String> {
-    if unit.is_empty() || unit.len() > MAX_UNIT_LEN || unit.contains('\n') {
+/// The test cases (and note) of a StepFinished, checked: at most [`MAX_CASES`] cases, each
+/// with an outcome, and a note of at most [`MAX_REPORT_NOTE`] bytes.
+fn step_cases_from_proto(
+    cases: Vec<proto::TestCase>,
+    note: String,
+) -> Result<(Vec<split::TestCase>, String), String> {
+    if cases.len() > MAX_CASES {
         return Err(format!(
-            "unit id {:?} must be 1 to {MAX_UNIT_LEN} bytes without a newline",
-            unit.chars().take(80).collect::<String>()
+            "step_finished lists {} test cases, more than {MAX_CASES}",
+            cases.len()
         ));
     }
-    Ok(())
+    if note.len() > MAX_REPORT_NOTE {
+        return Err(format!(
+            "step_finished.report_note has {} bytes, more than {MAX_REPORT_NOTE}",
+            note.len()
+        ));
+    }
+    let cases = cases
+        .into_iter()
+        .map(case_from_proto)
+        .collect::<Result<_, _>>()?;
+    Ok((cases, note))
 }
 
-/// A shard's NextUnits to the engine's request, checking every field.
-pub fn units_request_from_proto(
-    runner: u64,
-    m: proto::NextUnits,
-) -> Result<split::UnitsRequest, String> {
-    if m.request == 0 {
-        return Err("next_units.request must start at 1".into());
-    }
-    if m.discovered.len() > MAX_UNITS {
+/// A shard's NextUnits from the wire, checking every field.
+fn next_units_from_proto(m: proto::NextUnits) -> Result<protocol::NextUnits, String> {
+    // Bounded before anything is converted, so a huge message costs no copies.
+    if m.results.iter().any(|r| r.cases.len() > MAX_CASES) || m.results.len() > MAX_UNITS {
         return Err(format!(
-            "next_units.discovered lists {} units, more than {MAX_UNITS}",
-            m.discovered.len()
+            "next_units carries more than {MAX_UNITS} results or {MAX_CASES} test cases in one"
         ));
-    }
-    for u in &m.discovered {
-        check_unit(u)?;
     }
     let mut results = Vec::with_capacity(m.results.len());
     for r in m.results {
-        check_unit(&r.unit)?;
-        if r.try_number == 0 {
-            return Err(format!("result of unit {:?} has try_number 0", r.unit));
-        }
-        if r.cases.len() > MAX_CASES {
-            return Err(format!(
-                "result of unit {:?} has too many test cases",
-                r.unit
-            ));
-        }
         let outcome = unit_outcome_from_proto(r.outcome)
             .ok_or_else(|| format!("result of unit {:?} has no outcome", r.unit))?;
         let cases = r
@@ -355,33 +310,18 @@ pub fn units_request_from_proto(
             cases,
         });
     }
-    if m.interactions.len() > MAX_UNITS {
-        return Err("next_units.interactions has too many entries".into());
-    }
-    let mut interactions = Vec::with_capacity(m.interactions.len());
-    for i in m.interactions {
-        if i.units.is_empty() || i.units.len() > MAX_UNITS {
-            return Err(format!(
-                "an interaction must list 1 to {MAX_UNITS} units, not {}",
-                i.units.len()
-            ));
-        }
-        for u in &i.units {
-            check_unit(u)?;
-        }
-        if i.try_number == 0 {
-            return Err("an interaction has try_number 0".into());
-        }
-        interactions.push(split::Interaction {
+    let interactions = m
+        .interactions
+        .into_iter()
+        .map(|i| split::Interaction {
             units: i.units,
             try_number: i.try_number,
             detail: i.detail.chars().take(1000).collect(),
             runner: None,
-        });
-    }
-    Ok(split::UnitsRequest {
-        attempt: m.attempt_id,
-        runner,
+        })
+        .collect();
+    let n = protocol::NextUnits {
+        attempt_id: m.attempt_id,
         step_index: m.step_index,
         request: m.request,
         discovered: m.discovered,
@@ -390,18 +330,52 @@ pub fn units_request_from_proto(
         max_units: m.max_units,
         batch_ms: m.batch_ms,
         batch_processes: m.batch_processes,
-    })
+    };
+    n.check()?;
+    Ok(n)
 }
 
-/// The engine's answer to a NextUnits, to wire.
-pub fn units_reply_to_proto(req: &proto::NextUnits, reply: split::UnitsReply) -> proto::Units {
+fn next_units_to_proto(m: protocol::NextUnits) -> proto::NextUnits {
+    proto::NextUnits {
+        attempt_id: m.attempt_id,
+        step_index: m.step_index,
+        request: m.request,
+        discovered: m.discovered,
+        results: m
+            .results
+            .into_iter()
+            .map(|r| proto::UnitResult {
+                unit: r.unit,
+                try_number: r.try_number,
+                outcome: unit_outcome_to_proto(r.outcome) as i32,
+                duration_ms: r.duration_ms,
+                cases: r.cases.iter().map(case_to_proto).collect(),
+            })
+            .collect(),
+        max_units: m.max_units,
+        interactions: m
+            .interactions
+            .into_iter()
+            .map(|i| proto::Interaction {
+                units: i.units,
+                try_number: i.try_number,
+                detail: i.detail,
+                runner: i.runner.unwrap_or_default(),
+            })
+            .collect(),
+        batch_ms: m.batch_ms,
+        batch_processes: m.batch_processes,
+    }
+}
+
+fn units_to_proto(u: protocol::Units) -> proto::Units {
     let mut out = proto::Units {
-        attempt_id: req.attempt_id,
-        step_index: req.step_index,
-        request: req.request,
+        attempt_id: u.attempt_id,
+        step_index: u.step_index,
+        request: u.request,
         ..Default::default()
     };
-    match reply {
+    match u.reply {
         split::UnitsReply::Batch(units) => {
             out.state = proto::UnitsState::Batch as i32;
             out.units = units
@@ -424,6 +398,408 @@ pub fn units_reply_to_proto(req: &proto::NextUnits, reply: split::UnitsReply) ->
         }
     }
     out
+}
+
+fn units_from_proto(u: proto::Units) -> Result<protocol::Units, String> {
+    let reply = match proto::UnitsState::try_from(u.state) {
+        Ok(proto::UnitsState::Batch) => split::UnitsReply::Batch(
+            u.units
+                .into_iter()
+                .map(|l| split::LeasedUnit {
+                    unit: l.unit,
+                    try_number: l.try_number,
+                })
+                .collect(),
+        ),
+        Ok(proto::UnitsState::Wait) => split::UnitsReply::Wait,
+        Ok(proto::UnitsState::Done) => split::UnitsReply::Done {
+            passed: u.passed,
+            summary: u.message,
+        },
+        Ok(proto::UnitsState::Refused) => split::UnitsReply::Refused(u.message),
+        Ok(proto::UnitsState::Unspecified) | Err(_) => {
+            return Err(format!("units.state {} is not a units state", u.state));
+        }
+    };
+    Ok(protocol::Units {
+        attempt_id: u.attempt_id,
+        step_index: u.step_index,
+        request: u.request,
+        reply,
+    })
+}
+
+fn output_stream_to_proto(s: protocol::OutputStream) -> proto::OutputStream {
+    match s {
+        protocol::OutputStream::Stdout => proto::OutputStream::Stdout,
+        protocol::OutputStream::Stderr => proto::OutputStream::Stderr,
+        protocol::OutputStream::System => proto::OutputStream::System,
+    }
+}
+
+fn output_stream_from_proto(s: i32) -> Option<protocol::OutputStream> {
+    match proto::OutputStream::try_from(s).ok()? {
+        proto::OutputStream::Stdout => Some(protocol::OutputStream::Stdout),
+        proto::OutputStream::Stderr => Some(protocol::OutputStream::Stderr),
+        proto::OutputStream::System => Some(protocol::OutputStream::System),
+        proto::OutputStream::Unspecified => None,
+    }
+}
+
+fn split_step_to_proto(s: protocol::SplitStep) -> proto::SplitStep {
+    let (glob, command) = match s.units {
+        split::UnitSource::Glob(g) => (g, String::new()),
+        split::UnitSource::Command(c) => (Vec::new(), c),
+    };
+    proto::SplitStep {
+        key: s.key,
+        shards: s.shards,
+        shard: s.shard,
+        glob,
+        command,
+    }
+}
+
+fn split_step_from_proto(s: proto::SplitStep) -> protocol::SplitStep {
+    protocol::SplitStep {
+        key: s.key,
+        shards: s.shards,
+        shard: s.shard,
+        units: if s.command.is_empty() {
+            split::UnitSource::Glob(s.glob)
+        } else {
+            split::UnitSource::Command(s.command)
+        },
+    }
+}
+
+fn assign_to_proto(a: protocol::Assign) -> proto::Assign {
+    proto::Assign {
+        attempt_id: a.attempt_id,
+        job_id: a.job_id,
+        build_id: a.build_id,
+        repo_url: a.repo_url,
+        commit: a.commit,
+        branch: a.branch,
+        steps: a
+            .steps
+            .into_iter()
+            .map(|s| proto::StepSpec {
+                index: s.index,
+                name: s.name,
+                run: s.run,
+                env: s.env.into_iter().collect(),
+                timeout_ms: s.timeout_ms,
+                post: post_to_proto(s.post) as i32,
+                split: s.split.map(split_step_to_proto),
+                junit: s.junit,
+            })
+            .collect(),
+        env: a.env.into_iter().collect(),
+        trace_context: a.trace_context.into_iter().collect(),
+        attempt_number: a.attempt_number,
+        secrets: a.secrets.into_iter().collect(),
+    }
+}
+
+fn assign_from_proto(a: proto::Assign) -> Result<protocol::Assign, String> {
+    let mut steps = Vec::with_capacity(a.steps.len());
+    for s in a.steps {
+        let post = match proto::PostCondition::try_from(s.post) {
+            Ok(proto::PostCondition::Unspecified) => None,
+            Ok(_) => post_from_proto(s.post),
+            Err(_) => {
+                return Err(format!(
+                    "assign.steps[{}].post {} is not a post condition",
+                    s.index, s.post
+                ));
+            }
+        };
+        steps.push(protocol::AssignedStep {
+            index: s.index,
+            name: s.name,
+            run: s.run,
+            env: s.env.into_iter().collect(),
+            timeout_ms: s.timeout_ms,
+            post,
+            split: s.split.map(split_step_from_proto),
+            junit: s.junit,
+        });
+    }
+    Ok(protocol::Assign {
+        attempt_id: a.attempt_id,
+        job_id: a.job_id,
+        build_id: a.build_id,
+        repo_url: a.repo_url,
+        commit: a.commit,
+        branch: a.branch,
+        steps,
+        env: a.env.into_iter().collect(),
+        trace_context: a.trace_context.into_iter().collect(),
+        attempt_number: a.attempt_number,
+        secrets: a.secrets.into_iter().collect(),
+    })
+}
+
+fn heartbeat_to_proto(h: protocol::Heartbeat) -> proto::Heartbeat {
+    proto::Heartbeat {
+        running_attempts: h.running_attempts,
+        sent_at_ms: h.sent_at_ms,
+        draining: h.draining,
+        lists_held: h.lists_held,
+    }
+}
+
+fn heartbeat_from_proto(h: proto::Heartbeat) -> protocol::Heartbeat {
+    protocol::Heartbeat {
+        running_attempts: h.running_attempts,
+        sent_at_ms: h.sent_at_ms,
+        draining: h.draining,
+        lists_held: h.lists_held,
+    }
+}
+
+/// A runner's message from the wire; `Err` says what is not valid (answered INVALID_ARGUMENT).
+pub fn runner_message_from_proto(
+    m: proto::RunnerMessage,
+) -> Result<protocol::RunnerMessage, String> {
+    use proto::runner_message::Kind;
+    use protocol::RunnerMessage as M;
+    Ok(match m.kind {
+        None => {
+            return Err(
+                "runner message has no kind (is the runner newer than the dispatcher?)".into(),
+            );
+        }
+        Some(Kind::Hello(h)) => M::Hello(protocol::Hello {
+            name: h.name,
+            labels: h.labels.into_iter().collect(),
+            slots: h.slots,
+            version: h.version,
+            held_attempts: h.held_attempts,
+            token: h.token,
+            session_secret: h.session_secret,
+        }),
+        Some(Kind::Heartbeat(h)) => M::Heartbeat(heartbeat_from_proto(h)),
+        Some(Kind::Accepted(a)) => M::Accepted(protocol::Accepted {
+            attempt_id: a.attempt_id,
+        }),
+        Some(Kind::Rejected(r)) => M::Rejected(protocol::Rejected {
+            attempt_id: r.attempt_id,
+            reason: r.reason,
+        }),
+        Some(Kind::Output(o)) => M::Output(protocol::OutputChunk {
+            attempt_id: o.attempt_id,
+            seq: o.seq,
+            step_index: o.step_index,
+            stream: output_stream_from_proto(o.stream).ok_or_else(|| {
+                format!("output.stream {} is not stdout, stderr or system", o.stream)
+            })?,
+            data: o.data,
+        }),
+        Some(Kind::StepStarted(s)) => M::StepStarted(protocol::StepStarted {
+            attempt_id: s.attempt_id,
+            step_index: s.step_index,
+        }),
+        Some(Kind::StepFinished(f)) => {
+            let outcome = proto::StepOutcome::try_from(f.outcome)
+                .ok()
+                .and_then(step_outcome_from_proto)
+                .ok_or_else(|| {
+                    format!("step_finished.outcome {} is not a step outcome", f.outcome)
+                })?;
+            let (cases, report_note) = step_cases_from_proto(f.cases, f.report_note)?;
+            M::StepFinished(protocol::StepFinished {
+                attempt_id: f.attempt_id,
+                step_index: f.step_index,
+                outcome,
+                exit_code: f.exit_code,
+                signal: f.signal,
+                duration_ms: f.duration_ms,
+                last_seq: f.last_seq,
+                cases,
+                report_note,
+            })
+        }
+        Some(Kind::JobFinished(f)) => {
+            let state = proto::JobState::try_from(f.state)
+                .ok()
+                .and_then(job_state_from_proto)
+                .filter(|s| s.is_final())
+                .ok_or_else(|| {
+                    format!("job_finished.state {} is not a final job state", f.state)
+                })?;
+            M::JobFinished(protocol::JobFinished {
+                attempt_id: f.attempt_id,
+                state,
+                message: f.message,
+                last_seq: f.last_seq,
+            })
+        }
+        Some(Kind::NextUnits(n)) => M::NextUnits(next_units_from_proto(n)?),
+    })
+}
+
+/// A runner's message to the wire.
+pub fn runner_message_to_proto(m: protocol::RunnerMessage) -> proto::RunnerMessage {
+    use proto::runner_message::Kind;
+    use protocol::RunnerMessage as M;
+    let kind = match m {
+        M::Hello(h) => Kind::Hello(proto::Hello {
+            name: h.name,
+            labels: h.labels.into_iter().collect(),
+            slots: h.slots,
+            version: h.version,
+            held_attempts: h.held_attempts,
+            token: h.token,
+            session_secret: h.session_secret,
+        }),
+        M::Heartbeat(h) => Kind::Heartbeat(heartbeat_to_proto(h)),
+        M::Accepted(a) => Kind::Accepted(proto::Accepted {
+            attempt_id: a.attempt_id,
+        }),
+        M::Rejected(r) => Kind::Rejected(proto::Rejected {
+            attempt_id: r.attempt_id,
+            reason: r.reason,
+        }),
+        M::Output(o) => Kind::Output(proto::OutputChunk {
+            attempt_id: o.attempt_id,
+            seq: o.seq,
+            step_index: o.step_index,
+            stream: output_stream_to_proto(o.stream) as i32,
+            data: o.data,
+        }),
+        M::StepStarted(s) => Kind::StepStarted(proto::StepStarted {
+            attempt_id: s.attempt_id,
+            step_index: s.step_index,
+        }),
+        M::StepFinished(f) => Kind::StepFinished(proto::StepFinished {
+            attempt_id: f.attempt_id,
+            step_index: f.step_index,
+            outcome: step_outcome_to_proto(f.outcome) as i32,
+            exit_code: f.exit_code,
+            signal: f.signal,
+            duration_ms: f.duration_ms,
+            last_seq: f.last_seq,
+            cases: f.cases.iter().map(case_to_proto).collect(),
+            report_note: f.report_note,
+        }),
+        M::JobFinished(f) => Kind::JobFinished(proto::JobFinished {
+            attempt_id: f.attempt_id,
+            state: job_state_to_proto(f.state) as i32,
+            message: f.message,
+            last_seq: f.last_seq,
+        }),
+        M::NextUnits(n) => Kind::NextUnits(next_units_to_proto(n)),
+    };
+    proto::RunnerMessage { kind: Some(kind) }
+}
+
+/// A dispatcher's message to the wire.
+pub fn dispatcher_message_to_proto(m: protocol::DispatcherMessage) -> proto::DispatcherMessage {
+    use proto::dispatcher_message::Kind;
+    use protocol::DispatcherMessage as M;
+    let kind = match m {
+        M::Welcome(w) => Kind::Welcome(proto::Welcome {
+            runner_id: w.runner_id,
+            heartbeat_interval_ms: w.heartbeat_interval_ms,
+            missed_heartbeats_allowed: w.missed_heartbeats_allowed,
+            stale_attempts: w.stale_attempts,
+            session_secret: w.session_secret,
+        }),
+        M::Heartbeat(h) => Kind::Heartbeat(heartbeat_to_proto(h)),
+        M::Assign(a) => Kind::Assign(assign_to_proto(a)),
+        M::OutputAck(a) => Kind::OutputAck(proto::OutputAck {
+            attempt_id: a.attempt_id,
+            up_to_seq: a.up_to_seq,
+        }),
+        M::ResultAck(a) => Kind::ResultAck(proto::ResultAck {
+            attempt_id: a.attempt_id,
+        }),
+        M::Refused(r) => Kind::Refused(proto::Refused {
+            attempt_id: r.attempt_id,
+            reason: r.reason,
+        }),
+        M::Cancel(c) => Kind::Cancel(proto::Cancel {
+            attempt_id: c.attempt_id,
+            grace_ms: c.grace_ms,
+            reason: c.reason,
+        }),
+        M::Drain(d) => Kind::Drain(proto::Drain { reason: d.reason }),
+        M::Units(u) => Kind::Units(units_to_proto(u)),
+    };
+    proto::DispatcherMessage { kind: Some(kind) }
+}
+
+/// A dispatcher's message from the wire; `Err` says what is not valid. `Ok(None)` for a
+/// message of a kind this runner does not know (a newer dispatcher): it is ignored.
+pub fn dispatcher_message_from_proto(
+    m: proto::DispatcherMessage,
+) -> Result<Option<protocol::DispatcherMessage>, String> {
+    use proto::dispatcher_message::Kind;
+    use protocol::DispatcherMessage as M;
+    Ok(Some(match m.kind {
+        None => return Ok(None),
+        Some(Kind::Welcome(w)) => M::Welcome(protocol::Welcome {
+            runner_id: w.runner_id,
+            heartbeat_interval_ms: w.heartbeat_interval_ms,
+            missed_heartbeats_allowed: w.missed_heartbeats_allowed,
+            stale_attempts: w.stale_attempts,
+            session_secret: w.session_secret,
+        }),
+        Some(Kind::Heartbeat(h)) => M::Heartbeat(heartbeat_from_proto(h)),
+        Some(Kind::Assign(a)) => M::Assign(assign_from_proto(a)?),
+        Some(Kind::OutputAck(a)) => M::OutputAck(protocol::OutputAck {
+            attempt_id: a.attempt_id,
+            up_to_seq: a.up_to_seq,
+        }),
+        Some(Kind::ResultAck(a)) => M::ResultAck(protocol::ResultAck {
+            attempt_id: a.attempt_id,
+        }),
+        Some(Kind::Refused(r)) => M::Refused(protocol::Refused {
+            attempt_id: r.attempt_id,
+            reason: r.reason,
+        }),
+        Some(Kind::Cancel(c)) => M::Cancel(protocol::Cancel {
+            attempt_id: c.attempt_id,
+            grace_ms: c.grace_ms,
+            reason: c.reason,
+        }),
+        Some(Kind::Drain(d)) => M::Drain(protocol::Drain { reason: d.reason }),
+        Some(Kind::Units(u)) => M::Units(units_from_proto(u)?),
+    }))
+}
+
+/// A status's message and the errors under it (tonic's `Display` of a `Status` is a debug
+/// dump).
+pub fn status_chain(s: &tonic::Status) -> String {
+    let mut chain = s.message().to_string();
+    if let Some(source) = std::error::Error::source(s) {
+        chain.push_str(": ");
+        chain.push_str(&kiln_domain::error_chain(source));
+    }
+    chain
+}
+
+/// A status on a runner stream, as the engine sees it.
+pub fn stream_error_from_status(s: &tonic::Status) -> protocol::StreamError {
+    use protocol::StreamError as E;
+    let message = s.message().to_string();
+    match s.code() {
+        tonic::Code::InvalidArgument => E::InvalidArgument { message },
+        tonic::Code::Unauthenticated => E::Unauthenticated { message },
+        tonic::Code::PermissionDenied => E::PermissionDenied { message },
+        tonic::Code::AlreadyExists => E::AlreadyExists { message },
+        tonic::Code::DeadlineExceeded => E::DeadlineExceeded { message },
+        tonic::Code::DataLoss => E::DataLoss { message },
+        tonic::Code::ResourceExhausted => E::ResourceExhausted { message },
+        tonic::Code::Unavailable => E::Unavailable {
+            message: status_chain(s),
+        },
+        _ => E::Other {
+            message: status_chain(s),
+        },
+    }
 }
 
 fn case_to_proto(c: &split::TestCase) -> proto::TestCase {

@@ -11,7 +11,7 @@ use axum::routing::get;
 use tonic::metadata::MetadataMap;
 
 use crate::auth::ApiAuth;
-use crate::dispatcher::Dispatcher;
+use kiln_dispatcher::Dispatcher;
 
 /// Path of a build's JUnit report.
 pub const JUNIT_PATH: &str = "/builds/{id}/junit.xml";
@@ -48,29 +48,31 @@ async fn junit(State(d): State<Downloads>, Path(id): Path<String>, headers: Head
         );
     };
     match d.dispatcher.test_report(id).await {
-        Ok(crate::dispatcher::TestReport { xml: None, .. }) => text(
-            StatusCode::NOT_FOUND,
-            format!(
-                "build {id} has no test report: no split step, and no step's `junit` files gave \
-                 test cases"
+        Ok(r) => match r.junit_xml() {
+            None => text(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "build {id} has no test report: no split step, and no step's `junit` files \
+                     gave test cases"
+                ),
             ),
-        ),
-        Ok(crate::dispatcher::TestReport { xml: Some(xml), .. }) => {
-            let mut r = xml.into_response();
-            let h = r.headers_mut();
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/xml; charset=utf-8"),
-            );
-            if let Ok(v) =
-                HeaderValue::from_str(&format!("attachment; filename=\"kiln-build-{id}.xml\""))
-            {
-                h.insert(header::CONTENT_DISPOSITION, v);
+            Some(xml) => {
+                let mut r = xml.into_response();
+                let h = r.headers_mut();
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/xml; charset=utf-8"),
+                );
+                if let Ok(v) =
+                    HeaderValue::from_str(&format!("attachment; filename=\"kiln-build-{id}.xml\""))
+                {
+                    h.insert(header::CONTENT_DISPOSITION, v);
+                }
+                r
             }
-            r
-        }
+        },
         Err(e) => {
-            let s = tonic::Status::from(e);
+            let s = crate::api::status(e);
             let code = match s.code() {
                 tonic::Code::NotFound => StatusCode::NOT_FOUND,
                 tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,

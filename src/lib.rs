@@ -1,17 +1,21 @@
 //! Kiln: a distributed build farm and CI system.
 //!
 //! This crate is the program: the gRPC edge and everything that talks over the network. The
-//! engine it drives lives in the `kiln-*` crates, which know nothing of gRPC.
+//! engine it drives lives in the `kiln-*` crates, which know nothing of gRPC: the dispatcher
+//! (`kiln-dispatcher`) and the runner (`kiln-runner`) speak the domain's messages
+//! (`kiln_domain::protocol`), and this crate carries them over tonic.
 //!
-//! - [`proto`]: the generated `kiln.v1` types and the descriptor set for reflection.
+//! - [`proto`]: the generated `kiln.v1` types and the descriptor set for reflection;
+//!   [`codec`]: prost's codec that answers INVALID_ARGUMENT to a message that does not decode.
 //! - [`convert`]: the one place wire types become domain types and back.
-//! - [`dispatcher`]: the dispatcher engine (submit, scheduling, runner sessions, live log fan-out).
-//! - [`api`]: the tonic services over the engine, the error-to-status mapping, and [`api::serve`].
+//! - [`api`]: the tonic services over the dispatcher engine, the error-to-status mapping, and
+//!   [`api::serve`]; [`webhook`] and [`downloads`]: the plain HTTP routes beside them.
 //! - [`auth`]: API and runner tokens. [`tls`]: TLS files for the listener and the clients.
-//! - [`runner`]: the runner's client loop (one stream, reconnects) and its job execution.
-//! - [`webhook`]: the signed push webhook served next to the gRPC services.
+//! - [`runner`]: the runner engine over gRPC (its tonic transport, TLS, token start-up).
 //! - [`client`]: how a client reaches a dispatcher, and the clients connected from it.
-//! - [`cli`]: the `kiln` command line.
+//! - [`observer`]: `kiln watch`, reporting new commits of watched repositories.
+//! - [`cli`]: the `kiln` command line, one file per command; [`report`]: how it prints a
+//!   test report.
 
 pub mod api;
 pub mod auth;
@@ -19,9 +23,7 @@ pub mod cli;
 pub mod client;
 pub mod codec;
 pub mod convert;
-pub mod dispatcher;
 pub mod downloads;
-pub mod junit;
 pub mod observer;
 pub mod proto;
 pub mod report;

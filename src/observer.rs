@@ -198,7 +198,7 @@ pub async fn observe(
         ObserverError::Internal(format!(
             "observer work dir {}: {}",
             config.work_dir.display(),
-            crate::dispatcher::error_chain(&e)
+            kiln_domain::error_chain(&e)
         ))
     })?;
     if config.print {
@@ -391,7 +391,7 @@ impl RepoWatch {
         })
         .await
         .map_err(|e| ObserverError::Git(format!("fetch task failed: {e}")))?
-        .map_err(|e| ObserverError::Git(crate::dispatcher::error_chain(&e)))?;
+        .map_err(|e| ObserverError::Git(kiln_domain::error_chain(&e)))?;
         let branches: Vec<(String, String)> = branches
             .into_iter()
             .filter(|(b, _)| kiln_domain::branch::any_matches(&self.shared.globs, b))
@@ -468,7 +468,7 @@ impl RepoWatch {
             })
             .await
             .map_err(|e| ObserverError::Git(format!("history task failed: {e}")))?
-            .map_err(|e| ObserverError::Git(crate::dispatcher::error_chain(&e)))?
+            .map_err(|e| ObserverError::Git(kiln_domain::error_chain(&e)))?
         };
         let commits = match &cursor {
             None => {

@@ -49,7 +49,7 @@ use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use crate::dispatcher::{DispatchError, Dispatcher};
+use kiln_dispatcher::{DispatchError, Dispatcher};
 
 /// The webhook's path.
 pub const PUSH_PATH: &str = "/webhooks/push";
@@ -450,16 +450,23 @@ async fn read_body(body: Body) -> Result<Vec<u8>, Response> {
 }
 
 fn dispatch_error(e: DispatchError) -> Response {
+    let message = e.to_string();
     match e {
-        DispatchError::InvalidArgument(m) => error(StatusCode::BAD_REQUEST, m),
-        DispatchError::NotFound(m) => error(StatusCode::NOT_FOUND, m),
-        DispatchError::FailedPrecondition(m) | DispatchError::AlreadyExists(m) => {
-            error(StatusCode::CONFLICT, m)
-        }
-        DispatchError::Unavailable(m) => error(StatusCode::SERVICE_UNAVAILABLE, m),
-        DispatchError::ResourceExhausted(m) => error(StatusCode::INSUFFICIENT_STORAGE, m),
-        DispatchError::Internal(m) => {
-            tracing::error!(cause = %m, "internal error");
+        DispatchError::InvalidArgument { .. } => error(StatusCode::BAD_REQUEST, message),
+        DispatchError::NotFound(_) => error(StatusCode::NOT_FOUND, message),
+        DispatchError::FailedPrecondition { .. }
+        | DispatchError::AlreadyBuilt { .. }
+        | DispatchError::RunnerAttached { .. } => error(StatusCode::CONFLICT, message),
+        DispatchError::Unavailable { .. } => error(StatusCode::SERVICE_UNAVAILABLE, message),
+        DispatchError::ResourceExhausted { .. } => error(StatusCode::INSUFFICIENT_STORAGE, message),
+        // Runner-session errors; a webhook does not meet them.
+        DispatchError::Unauthenticated { .. } => error(StatusCode::UNAUTHORIZED, message),
+        DispatchError::PermissionDenied { .. } => error(StatusCode::FORBIDDEN, message),
+        DispatchError::HelloTimeout { .. }
+        | DispatchError::OutputGap { .. }
+        | DispatchError::OutputMissing { .. }
+        | DispatchError::Internal(_) => {
+            tracing::error!(cause = %message, "internal error");
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal error (see the dispatcher's log)",

@@ -129,9 +129,9 @@ pub async fn run(args: DemoArgs) -> Result<i32, CliError> {
     println!("  {good} calc: add and mul");
     println!("  {bad} calc: faster mul (broken)");
 
-    let mut config = crate::dispatcher::Config::new(dir.join("data"));
+    let mut config = kiln_dispatcher::Config::new(dir.join("data"));
     config.heartbeat_interval = Duration::from_secs(1);
-    let dispatcher = crate::dispatcher::Dispatcher::open(config).map_err(err)?;
+    let dispatcher = kiln_dispatcher::Dispatcher::open(config).map_err(err)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(err)?;

@@ -33,7 +33,7 @@ pub struct ServeArgs {
     /// as full: submits are refused (RESOURCE_EXHAUSTED) and running jobs pause, their output
     /// kept by the runners, until space is freed. Default: 64 MiB, or 5% of the file system
     /// if that is less.
-    #[arg(long, value_parser = crate::dispatcher::parse_size)]
+    #[arg(long, value_parser = kiln_dispatcher::parse_size)]
     pub min_free_space: Option<u64>,
     /// API token required for writes (submit, cancel, retry) and, with --closed-reads, reads.
     #[arg(long, env = "KILN_API_TOKEN", hide_env_values = true)]
@@ -108,7 +108,7 @@ pub(super) fn read_secrets(path: &std::path::Path) -> Result<BTreeMap<String, St
 }
 
 pub(super) async fn serve(args: ServeArgs) -> Result<i32, CliError> {
-    let mut config = crate::dispatcher::Config::new(&args.data_dir);
+    let mut config = kiln_dispatcher::Config::new(&args.data_dir);
     config.heartbeat_interval = args.heartbeat_interval;
     config.missed_heartbeats = args.missed_heartbeats;
     config.reconnect_grace = args.reconnect_grace;
@@ -140,7 +140,7 @@ pub(super) async fn serve(args: ServeArgs) -> Result<i32, CliError> {
         webhook: crate::webhook::WebhookConfig::from_option(args.webhook_secret.as_deref())
             .map_err(|e| CliError::new(exit::USAGE, e))?,
     };
-    let dispatcher = crate::dispatcher::Dispatcher::open(config)
+    let dispatcher = kiln_dispatcher::Dispatcher::open(config)
         .map_err(|e| CliError::new(exit::INTERNAL, format!("cannot open data dir: {e}")))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -91,7 +91,7 @@ pub async fn run(
             format!("data dir {}: {e}", args.data_dir.display()),
         )
     })?;
-    let dispatcher = crate::dispatcher::Dispatcher::open(crate::dispatcher::Config::new(&data_dir))
+    let dispatcher = kiln_dispatcher::Dispatcher::open(kiln_dispatcher::Config::new(&data_dir))
         .map_err(|e| err(exit::INTERNAL, format!("cannot open data dir: {e}")))?;
     let mut events = dispatcher.subscribe();
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -218,7 +218,7 @@ struct Printer {
 impl Printer {
     async fn build_event(
         &mut self,
-        dispatcher: &crate::dispatcher::Dispatcher,
+        dispatcher: &kiln_dispatcher::Dispatcher,
         id: BuildId,
         state: JobState,
     ) {

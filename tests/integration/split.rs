@@ -91,7 +91,7 @@ fn one_process_outcomes(dir: &Path) -> BTreeMap<String, String> {
         "the suite has failing tests: {out:?}"
     );
     let text = std::fs::read_to_string(&xml).unwrap();
-    let cases = kiln::junit::read::read_cases(&text).unwrap();
+    let cases = kiln_junit::read_cases(&text).unwrap();
     cases
         .into_iter()
         .map(|c| {
@@ -150,7 +150,7 @@ fn pytest_suite_split_over_three_runners_matches_one_process() {
     // Failure messages and tracebacks as pytest wrote them, through runners, dispatcher and
     // store into the merged report.
     let texts = |xml: &str| -> BTreeMap<String, (String, String)> {
-        kiln::junit::read::read_cases(xml)
+        kiln_junit::read_cases(xml)
             .unwrap()
             .into_iter()
             .filter(|c| c.outcome.as_str() == "failed")

@@ -17,9 +17,22 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 pub mod branch;
+pub mod protocol;
 pub mod split;
 
 pub use branch::BranchPattern;
+
+/// An error with its causes, on one line (`a: b: c`).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
 
 /// Id of a build, assigned by the store, increasing.
 pub type BuildId = u64;

@@ -115,7 +115,7 @@ fn inspect(dir: &Path, direct: Option<&str>, scratch: &Path) -> Result<Checkout,
     let units = if globs.is_empty() {
         Vec::new()
     } else {
-        kiln::runner::split::glob_units(&dir, &globs)
+        kiln_runner::split::glob_units(&dir, &globs)
             .map_err(|e| fail(format!("--suite {}: {e}", dir.display())))?
     };
     let direct = match direct {
@@ -129,7 +129,7 @@ fn inspect(dir: &Path, direct: Option<&str>, scratch: &Path) -> Result<Checkout,
         }
         None => {
             let junit = scratch.join("direct-junit.xml");
-            kiln::runner::split::substitute(&step.run, &units, &junit.to_string_lossy())
+            kiln_runner::split::substitute(&step.run, &units, &junit.to_string_lossy())
                 .map_err(|e| fail(format!("--suite {}: {e}", dir.display())))?
         }
     };

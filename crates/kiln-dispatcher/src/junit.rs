@@ -1,5 +1,7 @@
-//! JUnit XML: reading what a split step's command wrote ([`read`]), and writing a build's merged
-//! report ([`build_report`]) the way cargo-nextest writes one, with `quick-junit`.
+//! A build's merged JUnit XML report ([`build_report`], [`crate::TestReport::junit_xml`]),
+//! written the way cargo-nextest writes one, with `quick-junit`. (Reading JUnit files is the
+//! `kiln-junit` crate's, which the runner uses too.) The engine only gathers the report's
+//! facts; the XML is written here, for the API that serves it.
 //!
 //! In the merged report every split step is one `<testsuite>` named after its key. A unit whose
 //! tries reported test cases gives one `<testcase>` per case (identified by class name and name,
@@ -9,8 +11,6 @@
 //!
 //! Beside them, every plain step whose `junit` files gave test cases is one `<testsuite>` named
 //! after its key (`job/step`), with its cases as the files gave them.
-
-pub mod read;
 
 use std::time::Duration;
 
@@ -22,6 +22,15 @@ use kiln_domain::split::{
 use quick_junit::{
     FlakyOrRerun, NonSuccessKind, NonSuccessReruns, Report, TestCaseStatus, TestRerun, TestSuite,
 };
+
+impl crate::TestReport {
+    /// The report as one JUnit XML document; `None` when the build has no report at all (a
+    /// step whose files gave no case is no report: an empty one would read as a success).
+    pub fn junit_xml(&self) -> Option<String> {
+        (!self.splits.is_empty() || self.steps.iter().any(|s| !s.cases.is_empty()))
+            .then(|| build_report_with(&self.build, &self.splits, &self.steps))
+    }
+}
 
 /// The merged JUnit XML report of a build's split steps.
 pub fn build_report(build: &Build, splits: &[SplitReport]) -> String {
@@ -299,6 +308,7 @@ fn case(
 mod tests {
     use super::*;
     use kiln_domain::split::Strategy;
+    use kiln_junit as read;
 
     fn t(n: u32, outcome: UnitOutcome, cases: Vec<TestCase>) -> UnitTry {
         UnitTry {

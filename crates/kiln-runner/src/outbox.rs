@@ -63,9 +63,9 @@ use kiln_domain::AttemptId;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::proto::{self, runner_message::Kind};
+use kiln_domain::protocol::{self, OutputStream, RunnerMessage};
 
-/// Bytes of a frame header: seq (u64), step (u32), stream (i32), payload length (u32), all
+/// Bytes of a frame header: seq (u64), step (u32), stream (i32 code), payload length (u32), all
 /// little-endian.
 const HEADER_LEN: u64 = 20;
 /// Largest segment size at which a new segment is started.
@@ -142,7 +142,7 @@ enum Item {
     Message {
         pos: u64,
         seq: Option<u64>,
-        msg: proto::RunnerMessage,
+        msg: RunnerMessage,
         bytes: usize,
     },
     /// Output chunks in the spool.
@@ -264,7 +264,7 @@ impl Inner {
         &mut self,
         attempt: AttemptId,
         seq: Option<u64>,
-        msg: proto::RunnerMessage,
+        msg: RunnerMessage,
         bytes: usize,
     ) {
         self.memory_bytes += bytes;
@@ -332,7 +332,7 @@ enum Route {
 struct Head {
     seq: u64,
     step: u32,
-    stream: i32,
+    stream: OutputStream,
     data: Bytes,
 }
 
@@ -353,7 +353,7 @@ enum Send {
         attempt: AttemptId,
         generation: u64,
         pos: u64,
-        msg: proto::RunnerMessage,
+        msg: RunnerMessage,
     },
     /// Frames to read back from a segment.
     Read(ReadBack),
@@ -376,7 +376,7 @@ struct ReadBack {
 /// A frame read back.
 struct Frame {
     step: u32,
-    stream: i32,
+    stream: OutputStream,
     data: Bytes,
     /// Offset of the next frame.
     next: u64,
@@ -435,7 +435,7 @@ impl Outbox {
     }
 
     /// Queues a small message (never waits).
-    pub(crate) fn push(&self, attempt: AttemptId, msg: proto::RunnerMessage) {
+    pub(crate) fn push(&self, attempt: AttemptId, msg: RunnerMessage) {
         self.inner().insert_message(attempt, None, msg, 0);
         self.to_send.notify_one();
         self.wake.notify_waiters();
@@ -446,12 +446,12 @@ impl Outbox {
         &self,
         attempt: AttemptId,
         seq: u64,
-        msg: proto::RunnerMessage,
+        msg: RunnerMessage,
         bytes: usize,
     ) {
         // Only a well-formed chunk goes to the spool (it is rebuilt from the frame).
-        let head = match &msg.kind {
-            Some(Kind::Output(c))
+        let head = match &msg {
+            RunnerMessage::Output(c)
                 if self.max_spool_bytes > 0
                     && c.attempt_id == attempt
                     && c.seq == seq
@@ -534,7 +534,7 @@ impl Outbox {
         inner: &mut Inner,
         attempt: AttemptId,
         seq: u64,
-        msg: &proto::RunnerMessage,
+        msg: &RunnerMessage,
         bytes: usize,
         disk: bool,
         frame_len: u64,
@@ -672,7 +672,7 @@ impl Outbox {
         res: Reservation,
         written: Result<Arc<Segment>, (io::Error, Option<Arc<Segment>>)>,
         head: &Head,
-        msg: &proto::RunnerMessage,
+        msg: &RunnerMessage,
         bytes: usize,
         garbage: &mut Vec<Arc<Segment>>,
     ) -> (bool, bool) {
@@ -860,11 +860,7 @@ impl Outbox {
     }
 
     /// Sends every attempt's messages, oldest first, then new ones as they come, until `stop`.
-    pub(crate) async fn pump(
-        &self,
-        tx: &mpsc::Sender<proto::RunnerMessage>,
-        stop: &CancellationToken,
-    ) {
+    pub(crate) async fn pump(&self, tx: &mpsc::Sender<RunnerMessage>, stop: &CancellationToken) {
         let mut progress = HashMap::new();
         loop {
             let batch = self.plan(&mut progress);
@@ -1001,7 +997,7 @@ fn encode_frame(head: &Head) -> Vec<u8> {
     let mut buf = Vec::with_capacity(HEADER_LEN as usize + head.data.len());
     buf.extend_from_slice(&head.seq.to_le_bytes());
     buf.extend_from_slice(&head.step.to_le_bytes());
-    buf.extend_from_slice(&head.stream.to_le_bytes());
+    buf.extend_from_slice(&i32::from(head.stream.code()).to_le_bytes());
     // Checked by the caller: fits in u32.
     buf.extend_from_slice(&(head.data.len() as u32).to_le_bytes());
     buf.extend_from_slice(&head.data);
@@ -1015,14 +1011,17 @@ fn read_frame(file: &File, offset: u64, seq: u64, payload: bool) -> io::Result<F
     let field = |at: usize| [h[at], h[at + 1], h[at + 2], h[at + 3]];
     let found = u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]);
     let step = u32::from_le_bytes(field(8));
-    let stream = i32::from_le_bytes(field(12));
+    let code = i32::from_le_bytes(field(12));
+    let stream = u8::try_from(code).ok().and_then(OutputStream::from_code);
     let len = u32::from_le_bytes(field(16));
-    if found != seq || len > MAX_PAYLOAD {
+    let Some(stream) = stream.filter(|_| found == seq && len <= MAX_PAYLOAD) else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("bad frame at offset {offset}: seq {found} (expected {seq}), length {len}"),
+            format!(
+                "bad frame at offset {offset}: seq {found} (expected {seq}), stream {code}, length {len}"
+            ),
         ));
-    }
+    };
     let mut data = Vec::new();
     if payload {
         data = vec![0; len as usize];
@@ -1040,25 +1039,23 @@ fn chunk(
     attempt: AttemptId,
     seq: u64,
     step: u32,
-    stream: i32,
+    stream: OutputStream,
     data: Bytes,
-) -> proto::RunnerMessage {
-    proto::RunnerMessage {
-        kind: Some(Kind::Output(proto::OutputChunk {
-            attempt_id: attempt,
-            seq,
-            step_index: step,
-            stream,
-            data,
-        })),
-    }
+) -> RunnerMessage {
+    RunnerMessage::Output(protocol::OutputChunk {
+        attempt_id: attempt,
+        seq,
+        step_index: step,
+        stream,
+        data,
+    })
 }
 
 /// Sends one message unless `stop` comes first; false if the session is over.
 async fn deliver(
-    tx: &mpsc::Sender<proto::RunnerMessage>,
+    tx: &mpsc::Sender<RunnerMessage>,
     stop: &CancellationToken,
-    msg: proto::RunnerMessage,
+    msg: RunnerMessage,
 ) -> bool {
     tokio::select! {
         r = tx.send(msg) => r.is_ok(),
@@ -1071,7 +1068,7 @@ async fn deliver(
 /// has no gap.
 async fn read_back(
     r: ReadBack,
-    tx: &mpsc::Sender<proto::RunnerMessage>,
+    tx: &mpsc::Sender<RunnerMessage>,
     stop: &CancellationToken,
     progress: &mut HashMap<AttemptId, Progress>,
 ) -> bool {
@@ -1117,7 +1114,7 @@ async fn read_back(
                     } else {
                         String::new()
                     };
-                    let stream = proto::OutputStream::System as i32;
+                    let stream = OutputStream::System;
                     let msg = chunk(r.attempt, r.first_seq + k, r.step, stream, text.into());
                     let sent = deliver(tx, stop, msg).await;
                     progress.insert(
@@ -1145,7 +1142,6 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::proto::runner_message::Kind;
 
     impl Outbox {
         /// Sets the hot window (below `max_memory_bytes`).
@@ -1165,22 +1161,26 @@ mod tests {
             .into()
     }
 
-    fn small(attempt: u64) -> proto::RunnerMessage {
-        proto::RunnerMessage {
-            kind: Some(Kind::Accepted(proto::Accepted {
-                attempt_id: attempt,
-            })),
-        }
+    fn small(attempt: u64) -> RunnerMessage {
+        RunnerMessage::Accepted(protocol::Accepted {
+            attempt_id: attempt,
+        })
     }
 
     /// Pushes chunk `seq` of `len` bytes.
     async fn push(outbox: &Outbox, attempt: u64, seq: u64, len: usize) {
-        let msg = chunk(attempt, seq, 0, 1, payload(attempt, seq, len));
+        let msg = chunk(
+            attempt,
+            seq,
+            0,
+            OutputStream::Stdout,
+            payload(attempt, seq, len),
+        );
         outbox.push_output(attempt, seq, msg, len).await;
     }
 
     /// Runs a writer until it has sent `n` messages.
-    async fn collect(outbox: &Outbox, n: usize) -> Vec<proto::RunnerMessage> {
+    async fn collect(outbox: &Outbox, n: usize) -> Vec<RunnerMessage> {
         let (tx, mut rx) = mpsc::channel(16);
         let stop = CancellationToken::new();
         let (_, got) = tokio::join!(outbox.pump(&tx, &stop), async {
@@ -1195,7 +1195,7 @@ mod tests {
     }
 
     /// Runs a writer until it is idle; returns everything it sent.
-    async fn collect_all(outbox: &Outbox) -> Vec<proto::RunnerMessage> {
+    async fn collect_all(outbox: &Outbox) -> Vec<RunnerMessage> {
         let (tx, mut rx) = mpsc::channel(100_000);
         let stop = CancellationToken::new();
         tokio::join!(outbox.pump(&tx, &stop), async {
@@ -1210,10 +1210,10 @@ mod tests {
     }
 
     /// (attempt, seq) of output chunks, (attempt, 0) of other messages; checks payloads.
-    fn keys(msgs: &[proto::RunnerMessage], len: impl Fn(u64, u64) -> usize) -> Vec<(u64, u64)> {
+    fn keys(msgs: &[RunnerMessage], len: impl Fn(u64, u64) -> usize) -> Vec<(u64, u64)> {
         msgs.iter()
-            .map(|m| match &m.kind {
-                Some(Kind::Output(c)) => {
+            .map(|m| match m {
+                RunnerMessage::Output(c) => {
                     assert_eq!(
                         c.data,
                         payload(c.attempt_id, c.seq, len(c.attempt_id, c.seq)),
@@ -1223,7 +1223,7 @@ mod tests {
                     );
                     (c.attempt_id, c.seq)
                 }
-                Some(Kind::Accepted(a)) => (a.attempt_id, 0),
+                RunnerMessage::Accepted(a) => (a.attempt_id, 0),
                 other => panic!("{other:?}"),
             })
             .collect()
@@ -1719,7 +1719,7 @@ mod tests {
                         let o = outbox.clone();
                         tokio::spawn(async move {
                             while let Some(m) = rx.recv().await {
-                                if let Some(Kind::Output(c)) = m.kind {
+                                if let RunnerMessage::Output(c) = m {
                                     o.ack_output(c.attempt_id, c.seq);
                                     let _ = acked_tx.send(c.seq);
                                     if c.seq == n {
@@ -1735,7 +1735,7 @@ mod tests {
                         if seq > window {
                             acked.wait_for(|a| *a >= seq - window).await.unwrap();
                         }
-                        let msg = chunk(1, seq, 0, 1, data.clone());
+                        let msg = chunk(1, seq, 0, OutputStream::Stdout, data.clone());
                         outbox.push_output(1, seq, msg, len).await;
                     }
                     acker.await.unwrap();

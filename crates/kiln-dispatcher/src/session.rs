@@ -15,12 +15,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 use tracing::Instrument;
 
+use kiln_domain::protocol::{self, DispatcherMessage as Out, RunnerMessage as In, StreamError};
+
 use super::{DispatchError, Dispatcher, Session, error_chain, next_session_id};
-use crate::convert;
-use crate::proto::{self, dispatcher_message::Kind as Out, runner_message::Kind as In};
 
 /// How long a new stream may take to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,7 +30,7 @@ const MAX_SLOTS: u32 = 1024;
 /// Most labels a runner may offer.
 const MAX_LABELS: usize = 64;
 
-type Tx = mpsc::Sender<Result<proto::DispatcherMessage, Status>>;
+type Tx = mpsc::Sender<Result<Out, DispatchError>>;
 
 /// What `register` returns: attempts to drop, the superseded ones among them, lost ones.
 type Reconciled = (Vec<AttemptId>, Vec<AttemptId>, Vec<AttemptId>);
@@ -53,7 +52,7 @@ impl Proof<'_> {
             None => true,
             Some(hash) => {
                 self.own_token
-                    || (!self.secret.is_empty() && crate::auth::token_matches(self.secret, hash))
+                    || (!self.secret.is_empty() && crate::tokens::token_matches(self.secret, hash))
             }
         }
     }
@@ -62,16 +61,12 @@ impl Proof<'_> {
 /// Longest time a shard's NextUnits is held waiting for units before it is answered `Wait`.
 const UNITS_HOLD: Duration = Duration::from_secs(2);
 
-fn msg(kind: Out) -> Result<proto::DispatcherMessage, Status> {
-    Ok(proto::DispatcherMessage { kind: Some(kind) })
+fn msg(m: Out) -> Result<Out, DispatchError> {
+    Ok(m)
 }
 
 /// Sends to the runner unless the session is stopped first. False when the runner is gone.
-async fn send(
-    tx: &Tx,
-    stop: &CancellationToken,
-    m: Result<proto::DispatcherMessage, Status>,
-) -> bool {
+async fn send(tx: &Tx, stop: &CancellationToken, m: Result<Out, DispatchError>) -> bool {
     tokio::select! {
         r = tx.send(m) => r.is_ok(),
         _ = stop.cancelled() => false,
@@ -104,32 +99,42 @@ pub(crate) fn check_runner_name(name: &str, field: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn validate_hello(h: &proto::Hello) -> Result<(), Status> {
-    check_runner_name(h.name.trim(), "hello.name").map_err(Status::invalid_argument)?;
+fn validate_hello(h: &protocol::Hello) -> Result<(), DispatchError> {
+    check_runner_name(h.name.trim(), "hello.name")
+        .map_err(|m| DispatchError::invalid("hello.name", m))?;
     if h.slots == 0 || h.slots > MAX_SLOTS {
-        return Err(Status::invalid_argument(format!(
-            "hello.slots must be between 1 and {MAX_SLOTS}, got {}",
-            h.slots
-        )));
+        return Err(DispatchError::invalid(
+            "hello.slots",
+            format!(
+                "hello.slots must be between 1 and {MAX_SLOTS}, got {}",
+                h.slots
+            ),
+        ));
     }
     if h.labels.len() > MAX_LABELS
         || h.labels
             .iter()
             .any(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > 256)
     {
-        return Err(Status::invalid_argument(format!(
-            "hello.labels: at most {MAX_LABELS} labels, non-empty keys of at most 128 bytes, values of at most 256"
-        )));
+        return Err(DispatchError::invalid(
+            "hello.labels",
+            format!(
+                "hello.labels: at most {MAX_LABELS} labels, non-empty keys of at most 128 bytes, values of at most 256"
+            ),
+        ));
     }
     // A runner holds at most its slots running, plus as many finished attempts whose results
     // are not yet acknowledged.
     let max_held = 2 * h.slots as usize;
     if h.held_attempts.len() > max_held {
-        return Err(Status::invalid_argument(format!(
-            "hello.held_attempts lists {} attempts; a runner with {} slots holds at most {max_held}",
-            h.held_attempts.len(),
-            h.slots
-        )));
+        return Err(DispatchError::invalid(
+            "hello.held_attempts",
+            format!(
+                "hello.held_attempts lists {} attempts; a runner with {} slots holds at most {max_held}",
+                h.held_attempts.len(),
+                h.slots
+            ),
+        ));
     }
     Ok(())
 }
@@ -137,9 +142,9 @@ fn validate_hello(h: &proto::Hello) -> Result<(), Status> {
 impl Dispatcher {
     /// Runs a runner's stream: give it the runner's messages, get back the dispatcher's.
     /// Any stream works, so tests can drive a session without a network.
-    pub fn attach<S>(&self, inbound: S) -> ReceiverStream<Result<proto::DispatcherMessage, Status>>
+    pub fn attach<S>(&self, inbound: S) -> ReceiverStream<Result<Out, DispatchError>>
     where
-        S: Stream<Item = Result<proto::RunnerMessage, Status>> + Send + Unpin + 'static,
+        S: Stream<Item = Result<In, StreamError>> + Send + Unpin + 'static,
     {
         self.attach_named(inbound, None)
     }
@@ -150,9 +155,9 @@ impl Dispatcher {
         &self,
         inbound: S,
         names: Option<Vec<String>>,
-    ) -> ReceiverStream<Result<proto::DispatcherMessage, Status>>
+    ) -> ReceiverStream<Result<Out, DispatchError>>
     where
-        S: Stream<Item = Result<proto::RunnerMessage, Status>> + Send + Unpin + 'static,
+        S: Stream<Item = Result<In, StreamError>> + Send + Unpin + 'static,
     {
         let (tx, rx) = mpsc::channel(64);
         let d = self.clone();
@@ -165,27 +170,31 @@ impl Dispatcher {
 
     async fn run_session<S>(self, mut inbound: S, tx: Tx, names: Option<Vec<String>>)
     where
-        S: Stream<Item = Result<proto::RunnerMessage, Status>> + Send + Unpin + 'static,
+        S: Stream<Item = Result<In, StreamError>> + Send + Unpin + 'static,
     {
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
-            Ok(Some(Ok(proto::RunnerMessage {
-                kind: Some(In::Hello(h)),
-            }))) => h,
+            Ok(Some(Ok(In::Hello(h)))) => h,
             Ok(Some(Ok(_))) => {
                 let _ = tx
-                    .send(Err(Status::invalid_argument(
+                    .send(Err(DispatchError::invalid(
+                        "kind",
                         "the first message on a runner stream must be a hello",
                     )))
+                    .await;
+                return;
+            }
+            Ok(Some(Err(StreamError::InvalidArgument { message }))) => {
+                let _ = tx
+                    .send(Err(DispatchError::invalid("message", message)))
                     .await;
                 return;
             }
             Ok(Some(Err(_)) | None) => return,
             Err(_) => {
                 let _ = tx
-                    .send(Err(Status::deadline_exceeded(format!(
-                        "no hello within {}s",
-                        HELLO_TIMEOUT.as_secs()
-                    ))))
+                    .send(Err(DispatchError::HelloTimeout {
+                        waited: HELLO_TIMEOUT,
+                    }))
                     .await;
                 return;
             }
@@ -196,19 +205,18 @@ impl Dispatcher {
         }
         let name = hello.name.trim().to_string();
         if let Some(names) = names.filter(|n| !n.contains(&name)) {
-            let shown: Vec<String> = names.iter().take(8).map(|n| format!("{n:?}")).collect();
-            let status = Status::permission_denied(format!(
-                "this runner's certificate names it {}; it may attach only under one of those names, not {name:?}",
-                shown.join(", ")
-            ));
-            tracing::warn!(runner = %name, why = %status.message(), "runner refused");
+            let status = DispatchError::PermissionDenied {
+                runner: name.clone(),
+                certificate_names: names,
+            };
+            tracing::warn!(runner = %name, why = %status, "runner refused");
             let _ = tx.send(Err(status)).await;
             return;
         }
         let own_token = match self.authenticate(&name, &hello.token).await {
             Ok(own) => own,
             Err(status) => {
-                tracing::warn!(runner = %name, why = %status.message(), "runner refused");
+                tracing::warn!(runner = %name, why = %status, "runner refused");
                 let _ = tx.send(Err(status)).await;
                 return;
             }
@@ -218,7 +226,7 @@ impl Dispatcher {
         let mut record = self
             .db(move |s| s.upsert_runner(&n, &labels, slots, &version))
             .await;
-        if let Err(DispatchError::ResourceExhausted(_)) = &record {
+        if let Err(DispatchError::ResourceExhausted { .. }) = &record {
             // A full disk: a runner known before re-attaches with its stored record (a read),
             // so it keeps its attempts; only a new runner must wait for space.
             let (n, why) = (name.clone(), self.inner.space.cause().unwrap_or_default());
@@ -231,19 +239,21 @@ impl Dispatcher {
                     r.slots = hello.slots;
                     Ok(r)
                 }
-                Ok(None) | Err(_) => Err(DispatchError::ResourceExhausted(why)),
+                Ok(None) | Err(_) => Err(DispatchError::ResourceExhausted { reason: why }),
             };
         }
         let record = match record {
             Ok(r) => r,
-            Err(DispatchError::ResourceExhausted(why)) => {
-                let _ = tx.send(Err(Status::resource_exhausted(why))).await;
+            Err(e @ DispatchError::ResourceExhausted { .. }) => {
+                let _ = tx.send(Err(e)).await;
                 return;
             }
             Err(e) => {
                 tracing::error!(cause = %e, "cannot register runner");
                 let _ = tx
-                    .send(Err(Status::internal("cannot register runner")))
+                    .send(Err(DispatchError::Internal(
+                        "cannot register runner".into(),
+                    )))
                     .await;
                 return;
             }
@@ -251,12 +261,12 @@ impl Dispatcher {
         let runner = record.id;
         let sid = next_session_id(&self.inner);
         let stop = CancellationToken::new();
-        let secret = crate::auth::new_token();
+        let secret = crate::tokens::new_token();
         let proof = Proof {
             own_token,
             secret: &hello.session_secret,
         };
-        let new_secret = crate::auth::hash_token(&secret);
+        let new_secret = crate::tokens::hash_token(&secret);
         let reconciled = self.register(
             &record,
             sid,
@@ -269,7 +279,7 @@ impl Dispatcher {
         let (stale, superseded, lost) = match reconciled {
             Ok(r) => r,
             Err(status) => {
-                tracing::warn!(runner = %name, "refused: {}", status.message());
+                tracing::warn!(runner = %name, "refused: {status}");
                 let _ = tx.send(Err(status)).await;
                 return;
             }
@@ -292,7 +302,7 @@ impl Dispatcher {
             }
         }
         let config = &self.inner.config;
-        let welcome = Out::Welcome(proto::Welcome {
+        let welcome = Out::Welcome(protocol::Welcome {
             runner_id: runner,
             heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u32,
             missed_heartbeats_allowed: config.missed_heartbeats,
@@ -314,21 +324,27 @@ impl Dispatcher {
                 _ = stop.cancelled() => {
                     // Ended by the dispatcher (declared lost, space back after a full disk, a
                     // drain, shutdown): tell the runner, which re-attaches if it is alive.
-                    let _ = tx.try_send(Err(Status::unavailable("the dispatcher ended this session; attach again")));
+                    let _ = tx.try_send(Err(DispatchError::Unavailable { message: "the dispatcher ended this session; attach again".into() }));
                     break;
                 }
                 m = inbound.next() => match m {
                     Some(Ok(m)) => {
                         self.touch(runner, sid);
                         if let Err(status) = self.handle(runner, sid, &tx, &stop, m).await {
-                            tracing::warn!(runner = %name, status = %status.message(), "closing runner stream");
+                            tracing::warn!(runner = %name, status = %status, "closing runner stream");
                             let _ = tx.try_send(Err(status));
                             closed = true;
                             break;
                         }
                     }
+                    Some(Err(StreamError::InvalidArgument { message })) => {
+                        tracing::warn!(runner = %name, status = %message, "closing runner stream");
+                        let _ = tx.try_send(Err(DispatchError::invalid("message", message)));
+                        closed = true;
+                        break;
+                    }
                     Some(Err(status)) => {
-                        tracing::info!(runner = %name, status = %status.message(), "runner stream broke");
+                        tracing::info!(runner = %name, status = %status, "runner stream broke");
                         closed = true;
                         break;
                     }
@@ -347,7 +363,7 @@ impl Dispatcher {
     /// Checks a runner's token: its own token if it has one, else the shared token if one is
     /// configured; with neither (and no runner tokens at all), runners are not authenticated.
     /// `Ok(true)` when the runner proved who it is with its own per-runner token.
-    async fn authenticate(&self, name: &str, token: &str) -> Result<bool, Status> {
+    async fn authenticate(&self, name: &str, token: &str) -> Result<bool, DispatchError> {
         let n = name.to_string();
         let (own, any) = self
             .db(move |s| s.runner_token_hash(&n))
@@ -356,22 +372,24 @@ impl Dispatcher {
         let shared = self.inner.config.runner_token.as_deref();
         let own_token = own.is_some();
         let ok = match (own, shared) {
-            (Some(hash), _) => crate::auth::token_matches(token, &hash),
+            (Some(hash), _) => crate::tokens::token_matches(token, &hash),
             (None, Some(shared)) => {
-                crate::auth::token_matches(token, &crate::auth::hash_token(shared))
+                crate::tokens::token_matches(token, &crate::tokens::hash_token(shared))
             }
             (None, None) => !any,
         };
         if ok {
             Ok(own_token)
         } else if token.is_empty() {
-            Err(Status::unauthenticated(format!(
-                "runner {name} must present a token (kiln runner --token)"
-            )))
+            Err(DispatchError::Unauthenticated {
+                runner: name.to_string(),
+                token_given: false,
+            })
         } else {
-            Err(Status::unauthenticated(format!(
-                "the token of runner {name} is not valid"
-            )))
+            Err(DispatchError::Unauthenticated {
+                runner: name.to_string(),
+                token_given: true,
+            })
         }
     }
 
@@ -390,7 +408,7 @@ impl Dispatcher {
         held: &[AttemptId],
         proof: Proof<'_>,
         secret_hash: String,
-    ) -> Result<Reconciled, Status> {
+    ) -> Result<Reconciled, DispatchError> {
         let mut st = self.state();
         // It proves to be the runner by the live session's secret, or by the secret of an
         // attempt of the runner's that waits for it (so a name squatted by an impostor while
@@ -409,10 +427,9 @@ impl Dispatcher {
         {
             // Another runner already uses this name (or an impostor tries to): refuse, rather
             // than let the two replace each other or let anyone speak for the runner.
-            return Err(Status::already_exists(format!(
-                "a runner named {} is attached already; give each runner its own --name",
-                record.name
-            )));
+            return Err(DispatchError::RunnerAttached {
+                name: record.name.clone(),
+            });
         }
         if let Some(old) = st.sessions.remove(&record.id) {
             // The runner came back on a new stream; the old one went silent.
@@ -591,9 +608,9 @@ impl Dispatcher {
         sid: u64,
         tx: &Tx,
         stop: &CancellationToken,
-        m: proto::RunnerMessage,
-    ) -> Result<(), Status> {
-        let attempt = attempt_of(&m);
+        m: In,
+    ) -> Result<(), DispatchError> {
+        let attempt = m.attempt();
         if let Some(a) = attempt
             && self.state().attempts.get(&a).is_some_and(|a| a.paused)
         {
@@ -601,7 +618,7 @@ impl Dispatcher {
             return Ok(());
         }
         match self.handle_message(runner, sid, tx, stop, m).await {
-            Err(status) if status.code() == tonic::Code::ResourceExhausted => match attempt {
+            Err(status @ DispatchError::ResourceExhausted { .. }) => match attempt {
                 Some(a) => {
                     self.pause(a);
                     Ok(())
@@ -651,27 +668,25 @@ impl Dispatcher {
         sid: u64,
         tx: &Tx,
         stop: &CancellationToken,
-        m: proto::RunnerMessage,
-    ) -> Result<(), Status> {
+        m: In,
+    ) -> Result<(), DispatchError> {
         let refused = |attempt: AttemptId, reason: String| {
             tracing::info!(attempt, reason = %reason, "refused");
-            msg(Out::Refused(proto::Refused {
+            msg(Out::Refused(protocol::Refused {
                 attempt_id: attempt,
                 reason,
             }))
         };
-        match m.kind {
-            None => Err(Status::invalid_argument(
-                "runner message has no kind (is the runner newer than the dispatcher?)",
-            )),
-            Some(In::Hello(_)) => Err(Status::invalid_argument(
+        match m {
+            In::Hello(_) => Err(DispatchError::invalid(
+                "kind",
                 "hello may only be sent once per stream",
             )),
-            Some(In::Heartbeat(hb)) => {
+            In::Heartbeat(hb) => {
                 // The dispatcher's heartbeat answers the runner's (one wake-up per runner and
                 // interval, not two): the runner hears from the dispatcher at its interval.
                 // Never wait on it: if the channel is full, the runner is busy reading anyway.
-                let _ = tx.try_send(msg(Out::Heartbeat(proto::Heartbeat {
+                let _ = tx.try_send(msg(Out::Heartbeat(protocol::Heartbeat {
                     running_attempts: vec![],
                     sent_at_ms: now_millis(),
                     draining: false,
@@ -694,7 +709,7 @@ impl Dispatcher {
                 }
                 Ok(())
             }
-            Some(In::Accepted(a)) => {
+            In::Accepted(a) => {
                 if let Err(why) = self.check_held(runner, sid, a.attempt_id) {
                     send(tx, stop, refused(a.attempt_id, why)).await;
                     return Ok(());
@@ -715,7 +730,7 @@ impl Dispatcher {
                 }
                 Ok(())
             }
-            Some(In::Rejected(r)) => {
+            In::Rejected(r) => {
                 if self.check_held(runner, sid, r.attempt_id).is_ok() {
                     // A runner that drains or shuts down hands work back: not a loss, and it
                     // gets no more work.
@@ -739,15 +754,15 @@ impl Dispatcher {
                 send(
                     tx,
                     stop,
-                    msg(Out::ResultAck(proto::ResultAck {
+                    msg(Out::ResultAck(protocol::ResultAck {
                         attempt_id: r.attempt_id,
                     })),
                 )
                 .await;
                 Ok(())
             }
-            Some(In::Output(chunk)) => self.on_output(runner, sid, tx, stop, chunk).await,
-            Some(In::StepStarted(st)) => {
+            In::Output(chunk) => self.on_output(runner, sid, tx, stop, chunk).await,
+            In::StepStarted(st) => {
                 let mut state = self.state();
                 if let Some(a) = state
                     .attempts
@@ -770,29 +785,18 @@ impl Dispatcher {
                 }
                 Ok(())
             }
-            Some(In::StepFinished(f)) => {
+            In::StepFinished(f) => {
                 if let Err(why) = self.check_held(runner, sid, f.attempt_id) {
                     send(tx, stop, refused(f.attempt_id, why)).await;
                     return Ok(());
                 }
-                let Some(outcome) = proto::StepOutcome::try_from(f.outcome)
-                    .ok()
-                    .and_then(convert::step_outcome_from_proto)
-                else {
-                    return Err(Status::invalid_argument(format!(
-                        "step_finished.outcome {} is not a step outcome",
-                        f.outcome
-                    )));
-                };
-                let (cases, report_note) = convert::step_cases_from_proto(f.cases, f.report_note)
-                    .map_err(Status::invalid_argument)?;
                 let result = StepResult {
                     index: f.step_index,
-                    outcome,
+                    outcome: f.outcome,
                     exit_code: f.exit_code,
                     duration_ms: f.duration_ms,
-                    cases,
-                    report_note,
+                    cases: f.cases,
+                    report_note: f.report_note,
                 };
                 let attempt = f.attempt_id;
                 if let Some(a) = self.state().attempts.get_mut(&attempt) {
@@ -812,8 +816,8 @@ impl Dispatcher {
                 }
                 Ok(())
             }
-            Some(In::JobFinished(f)) => self.on_job_finished(runner, sid, tx, stop, f).await,
-            Some(In::NextUnits(n)) => self.on_next_units(runner, sid, tx, stop, n).await,
+            In::JobFinished(f) => self.on_job_finished(runner, sid, tx, stop, f).await,
+            In::NextUnits(n) => self.on_next_units(runner, sid, tx, stop, n).await,
         }
     }
 
@@ -826,22 +830,32 @@ impl Dispatcher {
         sid: u64,
         tx: &Tx,
         stop: &CancellationToken,
-        n: proto::NextUnits,
-    ) -> Result<(), Status> {
-        // What the answer echoes (the request's lists are not copied).
-        let head = proto::NextUnits {
+        n: protocol::NextUnits,
+    ) -> Result<(), DispatchError> {
+        // What the answer echoes.
+        let head = Head {
             attempt_id: n.attempt_id,
             step_index: n.step_index,
             request: n.request,
-            max_units: n.max_units,
-            ..Default::default()
         };
         let attempt = n.attempt_id;
         let reply = match self.check_held(runner, sid, attempt) {
             Err(why) => kiln_domain::split::UnitsReply::Refused(why),
             Ok(_) => {
-                let req = convert::units_request_from_proto(runner, n)
-                    .map_err(Status::invalid_argument)?;
+                n.check()
+                    .map_err(|m| DispatchError::invalid("next_units", m))?;
+                let req = kiln_domain::split::UnitsRequest {
+                    attempt: n.attempt_id,
+                    runner,
+                    step_index: n.step_index,
+                    request: n.request,
+                    discovered: n.discovered,
+                    results: n.results,
+                    interactions: n.interactions,
+                    max_units: n.max_units,
+                    batch_ms: n.batch_ms,
+                    batch_processes: n.batch_processes,
+                };
                 let changes = !req.results.is_empty() || !req.discovered.is_empty();
                 let outcomes: Vec<bool> = req
                     .results
@@ -892,12 +906,7 @@ impl Dispatcher {
                 }
             }
         };
-        send(
-            tx,
-            stop,
-            msg(Out::Units(convert::units_reply_to_proto(&head, reply))),
-        )
-        .await;
+        send(tx, stop, msg(Out::Units(head.answer(reply)))).await;
         Ok(())
     }
 
@@ -907,7 +916,7 @@ impl Dispatcher {
     async fn hold_units(
         self,
         req: kiln_domain::split::UnitsRequest,
-        head: proto::NextUnits,
+        head: Head,
         tx: Tx,
         stop: CancellationToken,
     ) {
@@ -933,12 +942,7 @@ impl Dispatcher {
                 _ = stop.cancelled() => return,
             }
         };
-        send(
-            &tx,
-            &stop,
-            msg(Out::Units(convert::units_reply_to_proto(&head, reply))),
-        )
-        .await;
+        send(&tx, &stop, msg(Out::Units(head.answer(reply)))).await;
     }
 
     /// Drains a runner that fails what others pass and gives its shard to another runner: the
@@ -950,7 +954,7 @@ impl Dispatcher {
         sid: u64,
         attempt: AttemptId,
         why: &str,
-    ) -> Result<(), Status> {
+    ) -> Result<(), DispatchError> {
         tracing::warn!(runner, attempt, reason = %why, "taking the runner out of the pool");
         self.set_draining(runner, sid);
         let reason = format!("runner taken out of the pool: {why}");
@@ -976,28 +980,19 @@ impl Dispatcher {
         sid: u64,
         tx: &Tx,
         stop: &CancellationToken,
-        chunk: proto::OutputChunk,
-    ) -> Result<(), Status> {
+        chunk: protocol::OutputChunk,
+    ) -> Result<(), DispatchError> {
         let attempt = chunk.attempt_id;
-        let stream = match proto::OutputStream::try_from(chunk.stream) {
-            Ok(
-                s @ (proto::OutputStream::Stdout
-                | proto::OutputStream::Stderr
-                | proto::OutputStream::System),
-            ) => s as u8,
-            _ => {
-                return Err(Status::invalid_argument(format!(
-                    "output.stream {} is not stdout, stderr or system",
-                    chunk.stream
-                )));
-            }
-        };
+        let stream = chunk.stream.code();
         if chunk.data.len() > kiln_store::MAX_FRAME {
-            return Err(Status::invalid_argument(format!(
-                "output chunk of {} bytes is larger than {}",
-                chunk.data.len(),
-                kiln_store::MAX_FRAME
-            )));
+            return Err(DispatchError::invalid(
+                "output.data",
+                format!(
+                    "output chunk of {} bytes is larger than {}",
+                    chunk.data.len(),
+                    kiln_store::MAX_FRAME
+                ),
+            ));
         }
         let job = match self.check_held(runner, sid, attempt) {
             Ok(job) => job,
@@ -1005,7 +1000,7 @@ impl Dispatcher {
                 send(
                     tx,
                     stop,
-                    msg(Out::Refused(proto::Refused {
+                    msg(Out::Refused(protocol::Refused {
                         attempt_id: attempt,
                         reason: why,
                     })),
@@ -1020,7 +1015,7 @@ impl Dispatcher {
             send(
                 tx,
                 stop,
-                msg(Out::OutputAck(proto::OutputAck {
+                msg(Out::OutputAck(protocol::OutputAck {
                     attempt_id: attempt,
                     up_to_seq: expected - 1,
                 })),
@@ -1031,10 +1026,11 @@ impl Dispatcher {
         if chunk.seq > expected {
             // Chunks went missing on the way: end the session. The runner reconnects and sends
             // everything not acknowledged again, in order, so the gap is filled.
-            return Err(Status::data_loss(format!(
-                "output seq {} of attempt {attempt} out of order: expected {expected}; reconnect and resend",
-                chunk.seq
-            )));
+            return Err(DispatchError::OutputGap {
+                attempt,
+                expected,
+                got: chunk.seq,
+            });
         }
         let header = FrameHeader {
             attempt,
@@ -1048,12 +1044,12 @@ impl Dispatcher {
             .append(job, &header, &chunk.data)
             .map_err(|e| {
                 if e.is_disk_full() {
-                    return Status::resource_exhausted(
-                        self.disk_full("appending output").to_string(),
-                    );
+                    return self.disk_full("appending output");
                 }
                 tracing::error!(job, cause = %error_chain(&e), "cannot store output");
-                Status::unavailable("the dispatcher cannot store output right now")
+                DispatchError::Unavailable {
+                    message: "the dispatcher cannot store output right now".into(),
+                }
             })?;
         if let Some(a) = self.state().attempts.get_mut(&attempt) {
             a.next_seq = Some(chunk.seq + 1);
@@ -1062,7 +1058,7 @@ impl Dispatcher {
         send(
             tx,
             stop,
-            msg(Out::OutputAck(proto::OutputAck {
+            msg(Out::OutputAck(protocol::OutputAck {
                 attempt_id: attempt,
                 up_to_seq: chunk.seq,
             })),
@@ -1072,17 +1068,19 @@ impl Dispatcher {
     }
 
     /// The next sequence number expected for an attempt (read from the log after a restart).
-    async fn next_seq(&self, attempt: AttemptId, job: u64) -> Result<u64, Status> {
+    async fn next_seq(&self, attempt: AttemptId, job: u64) -> Result<u64, DispatchError> {
         if let Some(n) = self.state().attempts.get(&attempt).and_then(|a| a.next_seq) {
             return Ok(n);
         }
         let logs = self.inner.logs.clone();
         let last = tokio::task::spawn_blocking(move || logs.last_seq(job, attempt))
             .await
-            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(DispatchError::from)?
             .map_err(|e| {
                 tracing::error!(cause = %error_chain(&e), "cannot read log");
-                Status::unavailable("cannot read the job's log")
+                DispatchError::Unavailable {
+                    message: "cannot read the job's log".into(),
+                }
             })?;
         if let Some(a) = self.state().attempts.get_mut(&attempt) {
             a.next_seq = Some(last + 1);
@@ -1096,19 +1094,16 @@ impl Dispatcher {
         sid: u64,
         tx: &Tx,
         stop: &CancellationToken,
-        f: proto::JobFinished,
-    ) -> Result<(), Status> {
+        f: protocol::JobFinished,
+    ) -> Result<(), DispatchError> {
         let attempt = f.attempt_id;
-        let Some(state) = proto::JobState::try_from(f.state)
-            .ok()
-            .and_then(convert::job_state_from_proto)
-            .filter(|s| s.is_final())
-        else {
-            return Err(Status::invalid_argument(format!(
-                "job_finished.state {} is not a final job state",
-                f.state
-            )));
-        };
+        let state = f.state;
+        if !state.is_final() {
+            return Err(DispatchError::invalid(
+                "job_finished.state",
+                format!("job_finished.state {state} is not a final job state"),
+            ));
+        }
         // An attempt no longer in memory may be a result re-sent after it was recorded; the
         // store's compare-and-set tells. It must at least belong to this runner.
         let job = match self.check_held(runner, sid, attempt) {
@@ -1130,7 +1125,7 @@ impl Dispatcher {
                         send(
                             tx,
                             stop,
-                            msg(Out::Refused(proto::Refused {
+                            msg(Out::Refused(protocol::Refused {
                                 attempt_id: attempt,
                                 reason: format!("attempt {attempt} does not belong to this runner"),
                             })),
@@ -1145,23 +1140,24 @@ impl Dispatcher {
             // A result is only taken once all of the attempt's output is stored.
             let stored = self.next_seq(attempt, job).await? - 1;
             if f.last_seq > stored {
-                return Err(Status::data_loss(format!(
-                    "attempt {attempt} ended after output seq {} but only {stored} arrived; reconnect and resend",
-                    f.last_seq
-                )));
+                return Err(DispatchError::OutputMissing {
+                    attempt,
+                    last_seq: f.last_seq,
+                    stored,
+                });
             }
             let logs = self.inner.logs.clone();
             tokio::task::spawn_blocking(move || logs.sync(job))
                 .await
-                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(DispatchError::from)?
                 .map_err(|e| {
                     if e.is_disk_full() {
-                        return Status::resource_exhausted(
-                            self.disk_full("flushing a log").to_string(),
-                        );
+                        return self.disk_full("flushing a log");
                     }
                     tracing::error!(cause = %error_chain(&e), "cannot flush log");
-                    Status::unavailable("cannot flush the job's log")
+                    DispatchError::Unavailable {
+                        message: "cannot flush the job's log".into(),
+                    }
                 })?;
         }
         let message = (!f.message.is_empty()).then(|| f.message.clone());
@@ -1175,17 +1171,17 @@ impl Dispatcher {
                 tracing::info!(attempt, job = ch.job_id, state = %state, "job finished");
                 self.publish(&ch);
                 self.kick();
-                Out::ResultAck(proto::ResultAck {
+                Out::ResultAck(protocol::ResultAck {
                     attempt_id: attempt,
                 })
             }
-            Finish::AlreadyRecorded => Out::ResultAck(proto::ResultAck {
+            Finish::AlreadyRecorded => Out::ResultAck(protocol::ResultAck {
                 attempt_id: attempt,
             }),
             Finish::Refused(reason) => {
                 tracing::warn!(attempt, reason = %reason, "result refused");
                 self.kick();
-                Out::Refused(proto::Refused {
+                Out::Refused(protocol::Refused {
                     attempt_id: attempt,
                     reason,
                 })
@@ -1196,31 +1192,40 @@ impl Dispatcher {
     }
 }
 
-fn refused(attempt: AttemptId, reason: String) -> Result<proto::DispatcherMessage, Status> {
-    msg(Out::Refused(proto::Refused {
+fn refused(attempt: AttemptId, reason: String) -> Result<Out, DispatchError> {
+    msg(Out::Refused(protocol::Refused {
         attempt_id: attempt,
         reason,
     }))
 }
 
-fn internal(e: &super::DispatchError) -> Status {
-    if let super::DispatchError::ResourceExhausted(m) = e {
-        return Status::resource_exhausted(m.clone());
+/// An engine error to end a session with: a full disk keeps its reason (the attempt pauses);
+/// anything else is logged here and sent as a bare internal error.
+fn internal(e: &DispatchError) -> DispatchError {
+    if let DispatchError::ResourceExhausted { reason } = e {
+        return DispatchError::ResourceExhausted {
+            reason: reason.clone(),
+        };
     }
     tracing::error!(cause = %e, "internal error in runner session");
-    Status::internal("internal error")
+    DispatchError::Internal("internal error in a runner session".into())
 }
 
-/// The attempt a runner message is about, if any.
-fn attempt_of(m: &proto::RunnerMessage) -> Option<AttemptId> {
-    Some(match m.kind.as_ref()? {
-        In::Hello(_) | In::Heartbeat(_) => return None,
-        In::Accepted(a) => a.attempt_id,
-        In::Rejected(r) => r.attempt_id,
-        In::Output(o) => o.attempt_id,
-        In::StepStarted(s) => s.attempt_id,
-        In::StepFinished(f) => f.attempt_id,
-        In::JobFinished(f) => f.attempt_id,
-        In::NextUnits(n) => n.attempt_id,
-    })
+/// What the answer to a NextUnits echoes of it.
+#[derive(Clone, Copy)]
+struct Head {
+    attempt_id: AttemptId,
+    step_index: u32,
+    request: u32,
+}
+
+impl Head {
+    fn answer(self, reply: kiln_domain::split::UnitsReply) -> protocol::Units {
+        protocol::Units {
+            attempt_id: self.attempt_id,
+            step_index: self.step_index,
+            request: self.request,
+            reply,
+        }
+    }
 }

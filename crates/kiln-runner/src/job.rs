@@ -11,8 +11,11 @@ use kiln_exec::{StepCommand, Stream, Termination};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Shared, out, split};
-use crate::proto::{self, runner_message::Kind as Out};
+use kiln_domain::protocol::{self, OutputStream, RunnerMessage as Out};
+use kiln_domain::split::TestCase;
+use kiln_domain::{JobState, StepOutcome};
+
+use super::{Shared, split};
 
 /// Numbers an attempt's output chunks and queues them.
 pub(super) struct Output<'a> {
@@ -22,16 +25,16 @@ pub(super) struct Output<'a> {
 }
 
 impl Output<'_> {
-    pub(super) async fn chunk(&mut self, step: u32, stream: proto::OutputStream, data: Bytes) {
+    pub(super) async fn chunk(&mut self, step: u32, stream: OutputStream, data: Bytes) {
         self.seq += 1;
         let bytes = data.len();
-        let msg = out(Out::Output(proto::OutputChunk {
+        let msg = Out::Output(protocol::OutputChunk {
             attempt_id: self.attempt,
             seq: self.seq,
             step_index: step,
-            stream: stream as i32,
+            stream,
             data,
-        }));
+        });
         self.shared
             .outbox
             .push_output(self.attempt, self.seq, msg, bytes)
@@ -40,7 +43,7 @@ impl Output<'_> {
 
     /// A line of kiln's own (a banner, a summary) in the step's log.
     pub(super) async fn system(&mut self, step: u32, text: String) {
-        self.chunk(step, proto::OutputStream::System, Bytes::from(text))
+        self.chunk(step, OutputStream::System, Bytes::from(text))
             .await;
     }
 }
@@ -48,7 +51,7 @@ impl Output<'_> {
 /// Runs the assignment to its end; the final `JobFinished` is in the outbox when this returns.
 pub(super) async fn run(
     shared: &Arc<Shared>,
-    a: proto::Assign,
+    a: protocol::Assign,
     cancel: CancellationToken,
     slot: u32,
 ) {
@@ -80,7 +83,7 @@ pub(super) async fn run(
     };
     let checkout_error = match checkout {
         Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(crate::dispatcher::error_chain(&e)),
+        Ok(Err(e)) => Some(kiln_domain::error_chain(&e)),
         Err(e) => Some(format!("checkout task failed: {e}")),
     };
     if let Some(err) = checkout_error {
@@ -90,7 +93,7 @@ pub(super) async fn run(
         finish(
             shared,
             &output,
-            proto::JobState::Errored,
+            JobState::Errored,
             format!("checkout failed: {err}"),
             slot,
         );
@@ -104,17 +107,15 @@ pub(super) async fn run(
         secrets.push(shared.config.token.as_bytes());
     }
     let masker = Masker::new(&secrets);
-    let mut state = proto::JobState::Passed;
+    let mut state = JobState::Passed;
     let mut message = String::new();
-    let (normal, post): (Vec<&proto::StepSpec>, Vec<&proto::StepSpec>) = a
-        .steps
-        .iter()
-        .partition(|s| crate::convert::post_from_proto(s.post).is_none());
+    let (normal, post): (Vec<&protocol::AssignedStep>, Vec<&protocol::AssignedStep>) =
+        a.steps.iter().partition(|s| s.post.is_none());
     for step in normal {
-        if state == proto::JobState::Passed && cancel.is_cancelled() {
-            state = proto::JobState::Cancelled;
+        if state == JobState::Passed && cancel.is_cancelled() {
+            state = JobState::Cancelled;
         }
-        if state != proto::JobState::Passed {
+        if state != JobState::Passed {
             skip(shared, &output, step);
             continue;
         }
@@ -132,10 +133,9 @@ pub(super) async fn run(
         state = job_state(outcome);
     }
     // Post steps run after a cancel too (only a runner shutdown stops them).
-    let ended =
-        crate::convert::job_state_from_proto(state).unwrap_or(kiln_domain::JobState::Errored);
+    let ended = state;
     for step in post {
-        let applies = crate::convert::post_from_proto(step.post).is_some_and(|p| p.applies(ended));
+        let applies = step.post.is_some_and(|p| p.applies(ended));
         if !applies || shared.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             skip(shared, &output, step);
             continue;
@@ -151,7 +151,7 @@ pub(super) async fn run(
             &mut message,
         )
         .await;
-        if state == proto::JobState::Passed && outcome != proto::StepOutcome::Passed {
+        if state == JobState::Passed && outcome != StepOutcome::Passed {
             state = job_state(outcome);
         }
     }
@@ -161,7 +161,7 @@ pub(super) async fn run(
 /// How a step's process (or, for a split step, its batches) ended.
 pub(super) struct StepEnd {
     /// The step's outcome.
-    pub(super) outcome: proto::StepOutcome,
+    pub(super) outcome: StepOutcome,
     /// Exit status of a plain step's process.
     pub(super) exit_code: Option<i32>,
     /// Signal that killed a plain step's process.
@@ -177,20 +177,20 @@ pub(super) struct StepEnd {
 async fn run_step(
     shared: &Shared,
     output: &mut Output<'_>,
-    a: &proto::Assign,
-    step: &proto::StepSpec,
+    a: &protocol::Assign,
+    step: &protocol::AssignedStep,
     dir: &std::path::Path,
     token: CancellationToken,
     masker: &Masker,
     message: &mut String,
-) -> proto::StepOutcome {
+) -> StepOutcome {
     let attempt = a.attempt_id;
     shared.outbox.push(
         attempt,
-        out(Out::StepStarted(proto::StepStarted {
+        Out::StepStarted(protocol::StepStarted {
             attempt_id: attempt,
             step_index: step.index,
-        })),
+        }),
     );
     let first_line = step.run.lines().next().unwrap_or_default();
     output
@@ -231,7 +231,7 @@ async fn run_step(
             plain_step(output, step, &cmd, token, masker, message).await
         }
     };
-    if end.outcome == proto::StepOutcome::TimedOut {
+    if end.outcome == StepOutcome::TimedOut {
         *message = format!("step {} timed out after {} ms", step.name, step.timeout_ms);
     }
     let index = step.index;
@@ -271,17 +271,17 @@ async fn run_step(
         .await;
     shared.outbox.push(
         attempt,
-        out(Out::StepFinished(proto::StepFinished {
+        Out::StepFinished(protocol::StepFinished {
             attempt_id: attempt,
             step_index: index,
-            outcome: end.outcome as i32,
+            outcome: end.outcome,
             exit_code: end.exit_code,
             signal: end.signal,
             duration_ms: end.duration.as_millis() as u64,
             last_seq: output.seq,
             cases,
             report_note,
-        })),
+        }),
     );
     end.outcome
 }
@@ -293,15 +293,14 @@ const SHORT_TEXT: usize = 4096;
 
 /// The test cases of the JUnit files matching `globs` in the checkout, with secrets masked,
 /// in file order, bounded so that the StepFinished carrying them fits in one runner message:
-/// at most [`MAX_REPORT_FILES`] files and [`crate::convert::MAX_CASES`] cases; texts are cut
+/// at most [`MAX_REPORT_FILES`] files and [`protocol::MAX_CASES`] cases; texts are cut
 /// to [`SHORT_TEXT`] once the report passes half the budget, and cases past the budget are left
 /// out. The note says what was not read, empty when everything was.
 async fn step_report(
     dir: &std::path::Path,
     globs: &[String],
     masker: &Masker,
-) -> (Vec<proto::TestCase>, String) {
-    use prost::Message as _;
+) -> (Vec<TestCase>, String) {
     let (d, g) = (dir.to_path_buf(), globs.to_vec());
     let files = match tokio::task::spawn_blocking(move || split::glob_units(&d, &g)).await {
         Ok(Ok(files)) => files,
@@ -332,7 +331,7 @@ async fn step_report(
             }
         };
         for c in read {
-            if cases.len() >= crate::convert::MAX_CASES || size >= budget {
+            if cases.len() >= protocol::MAX_CASES || size >= budget {
                 left_out += 1;
                 continue;
             }
@@ -340,13 +339,13 @@ async fn step_report(
             let text = |t: &str| {
                 let t = mask(masker, t);
                 if short {
-                    crate::junit::read::cap(t, SHORT_TEXT)
+                    kiln_junit::cap(t, SHORT_TEXT)
                 } else {
                     t
                 }
             };
-            let case = proto::TestCase {
-                outcome: crate::convert::unit_outcome_to_proto(c.outcome) as i32,
+            let case = TestCase {
+                outcome: c.outcome,
                 name: text(&c.name),
                 classname: text(&c.classname),
                 skipped: c.skipped,
@@ -356,7 +355,7 @@ async fn step_report(
                 system_out: text(&c.system_out),
                 system_err: text(&c.system_err),
             };
-            let len = case.encoded_len() + 8;
+            let len = protocol::case_size(&case) + 8;
             if size + len > budget {
                 left_out += 1;
                 size = budget;
@@ -370,12 +369,12 @@ async fn step_report(
         notes.push(format!(
             "{left_out} test case(s) left out: the report would pass {budget} bytes or \
              {} cases",
-            crate::convert::MAX_CASES
+            protocol::MAX_CASES
         ));
     }
     let mut note = notes.join("; ");
-    if note.len() > crate::convert::MAX_REPORT_NOTE {
-        note = crate::junit::read::cap(note, crate::convert::MAX_REPORT_NOTE - 64);
+    if note.len() > protocol::MAX_REPORT_NOTE {
+        note = kiln_junit::cap(note, protocol::MAX_REPORT_NOTE - 64);
     }
     (cases, note)
 }
@@ -394,7 +393,7 @@ fn mask(masker: &Masker, text: &str) -> String {
 /// Runs a plain (not split) step's command.
 async fn plain_step(
     output: &mut Output<'_>,
-    step: &proto::StepSpec,
+    step: &protocol::AssignedStep,
     cmd: &StepCommand,
     token: CancellationToken,
     masker: &Masker,
@@ -405,26 +404,26 @@ async fn plain_step(
     let (outcome, exit_code, signal, duration) = match result {
         Ok(exit) => {
             let (outcome, code, sig) = match exit.termination {
-                Termination::Exited(0) => (proto::StepOutcome::Passed, Some(0), None),
-                Termination::Exited(c) => (proto::StepOutcome::Failed, Some(c), None),
-                Termination::Signaled(s) => (proto::StepOutcome::Failed, None, Some(s)),
-                Termination::TimedOut => (proto::StepOutcome::TimedOut, None, None),
-                Termination::Cancelled => (proto::StepOutcome::Cancelled, None, None),
+                Termination::Exited(0) => (StepOutcome::Passed, Some(0), None),
+                Termination::Exited(c) => (StepOutcome::Failed, Some(c), None),
+                Termination::Signaled(s) => (StepOutcome::Failed, None, Some(s)),
+                Termination::TimedOut => (StepOutcome::TimedOut, None, None),
+                Termination::Cancelled => (StepOutcome::Cancelled, None, None),
             };
             (outcome, code, sig, exit.duration)
         }
         Err(e) => {
-            let err = crate::dispatcher::error_chain(&e);
+            let err = kiln_domain::error_chain(&e);
             output
                 .system(index, format!("kiln: cannot run step: {err}\n"))
                 .await;
             *message = format!("step {}: {err}", step.name);
-            (proto::StepOutcome::Errored, None, None, Duration::ZERO)
+            (StepOutcome::Errored, None, None, Duration::ZERO)
         }
     };
     let summary = match (outcome, exit_code, signal) {
-        (proto::StepOutcome::TimedOut, _, _) => "timed out".to_string(),
-        (proto::StepOutcome::Cancelled, _, _) => "cancelled".to_string(),
+        (StepOutcome::TimedOut, _, _) => "timed out".to_string(),
+        (StepOutcome::Cancelled, _, _) => "cancelled".to_string(),
         (_, Some(c), _) => format!("exit {c}"),
         (_, _, Some(s)) => format!("killed by signal {s}"),
         _ => "errored".to_string(),
@@ -476,15 +475,15 @@ pub(super) async fn exec(
         // never released on a timer (that would leak the start of a secret printed slowly).
         while let Some(c) = rx.recv().await {
             let (i, stream) = match c.stream {
-                Stream::Stdout => (0, proto::OutputStream::Stdout),
-                Stream::Stderr => (1, proto::OutputStream::Stderr),
+                Stream::Stdout => (0, OutputStream::Stdout),
+                Stream::Stderr => (1, OutputStream::Stderr),
             };
             let data = maskers[i].push(&c.data);
             if data.is_empty() {
                 continue;
             }
             match (&mut capture, stream) {
-                (Some(capture), proto::OutputStream::Stdout) => capture.push(&data),
+                (Some(capture), OutputStream::Stdout) => capture.push(&data),
                 _ => output.chunk(index, stream, Bytes::from(data)).await,
             }
         }
@@ -493,7 +492,7 @@ pub(super) async fn exec(
             Some(capture) => capture.push(&rest),
             None if !rest.is_empty() => {
                 output
-                    .chunk(index, proto::OutputStream::Stdout, Bytes::from(rest))
+                    .chunk(index, OutputStream::Stdout, Bytes::from(rest))
                     .await
             }
             None => {}
@@ -501,7 +500,7 @@ pub(super) async fn exec(
         let rest = maskers[1].finish();
         if !rest.is_empty() {
             output
-                .chunk(index, proto::OutputStream::Stderr, Bytes::from(rest))
+                .chunk(index, OutputStream::Stderr, Bytes::from(rest))
                 .await;
         }
     };
@@ -510,67 +509,62 @@ pub(super) async fn exec(
 }
 
 /// Reports a step that did not run.
-fn skip(shared: &Shared, output: &Output<'_>, step: &proto::StepSpec) {
+fn skip(shared: &Shared, output: &Output<'_>, step: &protocol::AssignedStep) {
     shared.outbox.push(
         output.attempt,
-        out(Out::StepFinished(proto::StepFinished {
+        Out::StepFinished(protocol::StepFinished {
             attempt_id: output.attempt,
             step_index: step.index,
-            outcome: proto::StepOutcome::Skipped as i32,
+            outcome: StepOutcome::Skipped,
             exit_code: None,
             signal: None,
             duration_ms: 0,
             last_seq: output.seq,
-            ..Default::default()
-        })),
+            cases: Vec::new(),
+            report_note: String::new(),
+        }),
     );
 }
 
 /// The job state a step's outcome leads to.
-fn job_state(outcome: proto::StepOutcome) -> proto::JobState {
+fn job_state(outcome: StepOutcome) -> JobState {
     match outcome {
-        proto::StepOutcome::Passed => proto::JobState::Passed,
-        proto::StepOutcome::TimedOut => proto::JobState::TimedOut,
-        proto::StepOutcome::Cancelled => proto::JobState::Cancelled,
-        proto::StepOutcome::Errored => proto::JobState::Errored,
-        _ => proto::JobState::Failed,
+        StepOutcome::Passed => JobState::Passed,
+        StepOutcome::TimedOut => JobState::TimedOut,
+        StepOutcome::Cancelled => JobState::Cancelled,
+        StepOutcome::Errored => JobState::Errored,
+        _ => JobState::Failed,
     }
 }
 
 /// Frees the job's slot, then queues its final message: the slot is free before the
 /// dispatcher can hear the result and send the next job.
-fn finish(
-    shared: &Shared,
-    output: &Output<'_>,
-    state: proto::JobState,
-    message: String,
-    slot: u32,
-) {
+fn finish(shared: &Shared, output: &Output<'_>, state: JobState, message: String, slot: u32) {
     shared.release(output.attempt, slot);
     if shared.stopping.load(std::sync::atomic::Ordering::SeqCst)
-        && matches!(state, proto::JobState::Cancelled | proto::JobState::Errored)
+        && matches!(state, JobState::Cancelled | JobState::Errored)
     {
         // The runner is shutting down, not the job failing: give the job back so another
         // runner runs it.
         tracing::info!(attempt = output.attempt, "handing the job back");
         shared.outbox.push(
             output.attempt,
-            out(Out::Rejected(proto::Rejected {
+            Out::Rejected(protocol::Rejected {
                 attempt_id: output.attempt,
                 reason: "runner shutting down".into(),
-            })),
+            }),
         );
         return;
     }
     tracing::info!(attempt = output.attempt, state = ?state, "job finished");
     shared.outbox.push(
         output.attempt,
-        out(Out::JobFinished(proto::JobFinished {
+        Out::JobFinished(protocol::JobFinished {
             attempt_id: output.attempt,
-            state: state as i32,
+            state,
             message,
             last_seq: output.seq,
-        })),
+        }),
     );
 }
 

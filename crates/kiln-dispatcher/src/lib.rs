@@ -11,9 +11,11 @@
 
 mod health;
 mod hub;
+pub mod junit;
 mod scheduler;
 mod session;
 mod space;
+pub mod tokens;
 
 pub use space::parse_size;
 #[cfg(test)]
@@ -36,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use hub::LogProgress;
 
-use crate::proto;
+use kiln_domain::protocol::{self, DispatcherMessage};
 
 /// How the dispatcher behaves; every field has a sensible default.
 #[derive(Debug, Clone)]
@@ -103,38 +105,152 @@ impl Config {
     }
 }
 
-/// Errors the engine reports to callers; `api` maps them to gRPC statuses.
+/// Something a request names that does not exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Missing {
+    /// No build with this id.
+    Build(BuildId),
+    /// No job with this id.
+    Job(JobId),
+    /// No runner of this name.
+    Runner(String),
+    /// The commit or revision is not in the repository (git's words).
+    Revision(String),
+}
+
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Missing::Build(id) => write!(f, "build {id} not found"),
+            Missing::Job(id) => write!(f, "job {id} not found"),
+            Missing::Runner(name) => write!(f, "runner {name} not found"),
+            Missing::Revision(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Errors the engine reports to callers, by what went wrong (the root package's `api` maps
+/// them to gRPC statuses, the webhook to HTTP statuses; the message is the `Display`).
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
-    /// The request is malformed; the message names the field.
-    #[error("{0}")]
-    InvalidArgument(String),
+    /// The request (or a runner's message) is malformed.
+    #[error("{message}")]
+    InvalidArgument {
+        /// The field at fault, as the wire names it (`repo`, `hello.slots`, ...).
+        field: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
     /// Something named in the request does not exist.
     #[error("{0}")]
-    NotFound(String),
+    NotFound(Missing),
     /// The request does not fit the current state (e.g. retrying an unfinished build).
-    #[error("{0}")]
-    FailedPrecondition(String),
-    /// The thing asked for exists already (a build of the same commit and pipeline).
-    #[error("{0}")]
-    AlreadyExists(String),
+    #[error("{message}")]
+    FailedPrecondition {
+        /// Why not now.
+        message: String,
+    },
+    /// This commit was already built with this pipeline.
+    #[error("this commit was already built with this pipeline{}; retry that build to build it again",
+        .build.map(|b| format!(" as build {b}")).unwrap_or_default())]
+    AlreadyBuilt {
+        /// The existing build, when known.
+        build: Option<BuildId>,
+    },
+    /// Another live runner uses this name (and this one did not prove to be it).
+    #[error("a runner named {name} is attached already; give each runner its own --name")]
+    RunnerAttached {
+        /// The name.
+        name: String,
+    },
     /// The data directory's disk is full: nothing new is accepted until space is freed.
-    #[error("{0}")]
-    ResourceExhausted(String),
-    /// Something outside kiln failed and a retry may help (fetching a repository).
-    #[error("{0}")]
-    Unavailable(String),
+    #[error("{reason}")]
+    ResourceExhausted {
+        /// What filled up, and how much is free.
+        reason: String,
+    },
+    /// Something outside kiln failed and a retry may help (fetching a repository), or a
+    /// runner's session ended and the runner should attach again.
+    #[error("{message}")]
+    Unavailable {
+        /// What failed.
+        message: String,
+    },
+    /// A runner did not present a valid token.
+    #[error("{}", if *.token_given {
+        format!("the token of runner {runner} is not valid")
+    } else {
+        format!("runner {runner} must present a token (kiln runner --token)")
+    })]
+    Unauthenticated {
+        /// The runner's name.
+        runner: String,
+        /// Whether it presented a token at all.
+        token_given: bool,
+    },
+    /// A runner's client certificate does not give it the name it asked for.
+    #[error(
+        "this runner's certificate names it {}; it may attach only under one of those names, not {runner:?}",
+        certificate_names.iter().take(8).map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
+    )]
+    PermissionDenied {
+        /// The name it asked for.
+        runner: String,
+        /// The names its certificate gives it.
+        certificate_names: Vec<String>,
+    },
+    /// A runner did not send its Hello in time.
+    #[error("no hello within {}s", .waited.as_secs())]
+    HelloTimeout {
+        /// How long the dispatcher waited.
+        waited: Duration,
+    },
+    /// A runner's output arrived with a gap (chunks went missing on the way): it reconnects
+    /// and sends again what is not acknowledged.
+    #[error(
+        "output seq {got} of attempt {attempt} out of order: expected {expected}; reconnect and resend"
+    )]
+    OutputGap {
+        /// The attempt.
+        attempt: AttemptId,
+        /// The seq the dispatcher expected.
+        expected: u64,
+        /// The seq that came.
+        got: u64,
+    },
+    /// A runner reported a result before all of the attempt's output arrived.
+    #[error(
+        "attempt {attempt} ended after output seq {last_seq} but only {stored} arrived; reconnect and resend"
+    )]
+    OutputMissing {
+        /// The attempt.
+        attempt: AttemptId,
+        /// The last seq the result claims.
+        last_seq: u64,
+        /// The last seq stored.
+        stored: u64,
+    },
     /// A bug or a broken disk; details are logged, not sent.
     #[error("internal error: {0}")]
     Internal(String),
 }
 
+impl DispatchError {
+    /// An invalid `field`.
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        DispatchError::InvalidArgument {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
 impl From<kiln_store::StoreError> for DispatchError {
     fn from(e: kiln_store::StoreError) -> Self {
         match e {
-            kiln_store::StoreError::Duplicate { build } => DispatchError::AlreadyExists(format!(
-                "this commit was already built with this pipeline as build {build}; retry that build to build it again"
-            )),
+            kiln_store::StoreError::Duplicate { build } => {
+                DispatchError::AlreadyBuilt { build: Some(build) }
+            }
             other => DispatchError::Internal(format!("store: {}", error_chain(&other))),
         }
     }
@@ -143,7 +259,9 @@ impl From<kiln_store::StoreError> for DispatchError {
 impl From<kiln_store::LogError> for DispatchError {
     fn from(e: kiln_store::LogError) -> Self {
         match e {
-            kiln_store::LogError::BadOffset { .. } => DispatchError::InvalidArgument(e.to_string()),
+            kiln_store::LogError::BadOffset { .. } => {
+                DispatchError::invalid("offset", e.to_string())
+            }
             other => DispatchError::Internal(format!("log store: {}", error_chain(&other))),
         }
     }
@@ -155,16 +273,19 @@ impl From<tokio::task::JoinError> for DispatchError {
     }
 }
 
-/// An error with its causes, on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+pub use kiln_domain::error_chain;
+
+/// A runner as `kiln runners` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunnerState {
+    /// Attached, no job running.
+    Idle,
+    /// Attached, running jobs.
+    Busy,
+    /// Attached, taking no new work.
+    Draining,
+    /// Not attached.
+    Offline,
 }
 
 /// A request to build a commit, already decoded from the wire.
@@ -186,22 +307,23 @@ pub struct RunnerView {
     /// The stored record.
     pub record: kiln_domain::RunnerRecord,
     /// Attached and taking work, busy, draining, or offline.
-    pub state: proto::RunnerState,
+    pub state: RunnerState,
     /// Jobs it runs now.
     pub running_jobs: Vec<JobId>,
     /// Last heartbeat (or last seen, when offline).
     pub last_heartbeat: Millis,
 }
 
-/// A build's test report (see [`Dispatcher::test_report`]).
+/// A build's test report (see [`Dispatcher::test_report`]; [`TestReport::junit_xml`] writes
+/// it as one JUnit XML document).
 #[derive(Debug, Clone)]
 pub struct TestReport {
+    /// The build.
+    pub build: kiln_domain::Build,
     /// Its split steps, merged over their shards.
     pub splits: Vec<kiln_domain::split::SplitReport>,
     /// Its plain steps whose `junit` files gave test cases.
     pub steps: Vec<kiln_domain::split::StepReport>,
-    /// Both as one JUnit XML document; `None` when the build has no report at all.
-    pub xml: Option<String>,
 }
 
 /// The dispatcher engine. Clone it freely.
@@ -296,13 +418,11 @@ impl State {
         };
         session
             .tx
-            .try_send(Ok(proto::DispatcherMessage {
-                kind: Some(proto::dispatcher_message::Kind::Cancel(proto::Cancel {
-                    attempt_id: attempt,
-                    grace_ms: grace.as_millis() as u64,
-                    reason: reason.to_string(),
-                })),
-            }))
+            .try_send(Ok(DispatcherMessage::Cancel(protocol::Cancel {
+                attempt_id: attempt,
+                grace_ms: grace.as_millis() as u64,
+                reason: reason.to_string(),
+            })))
             .is_ok()
     }
 }
@@ -318,7 +438,7 @@ struct Session {
     /// Jobs it can run at once.
     slots: u32,
     /// Sends to the runner's stream (bounded).
-    tx: mpsc::Sender<Result<proto::DispatcherMessage, tonic::Status>>,
+    tx: mpsc::Sender<Result<DispatcherMessage, DispatchError>>,
     /// Takes no new work.
     draining: bool,
     /// When it last spoke.
@@ -476,7 +596,7 @@ impl Dispatcher {
             );
         }
         let newest_only = kiln_domain::branch::branch_patterns(&config.newest_only)
-            .map_err(DispatchError::InvalidArgument)?;
+            .map_err(|m| DispatchError::invalid("newest_only", m))?;
         let (events, _) = broadcast::channel(1024);
         let (dir, min_free) = (config.data_dir.clone(), config.min_free_space);
         Ok(Self {
@@ -526,12 +646,13 @@ impl Dispatcher {
         if self.inner.space.mark_full(what) {
             self.free_space();
         }
-        DispatchError::ResourceExhausted(
-            self.inner
+        DispatchError::ResourceExhausted {
+            reason: self
+                .inner
                 .space
                 .cause()
                 .unwrap_or_else(|| "the dispatcher's disk is full".into()),
-        )
+        }
     }
 
     /// Refuses new work while the data directory's disk is full.
@@ -541,7 +662,7 @@ impl Dispatcher {
         if !was_full && self.inner.space.is_full() {
             self.free_space();
         }
-        admitted.map_err(DispatchError::ResourceExhausted)
+        admitted.map_err(|reason| DispatchError::ResourceExhausted { reason })
     }
 
     /// The disk just filled up: drops from running jobs' logs the output of their superseded
@@ -651,11 +772,9 @@ impl Dispatcher {
             // older builds of the branch are superseded.
             let head = new.commit.clone();
             let mut created = self.record(&repo, &branch, vec![new], &head).await?;
-            return created.pop().ok_or_else(|| {
-                DispatchError::AlreadyExists(format!(
-                    "commit {head} of {repo} was already built; retry that build to build it again"
-                ))
-            });
+            return created
+                .pop()
+                .ok_or(DispatchError::AlreadyBuilt { build: None });
         }
         self.create(new).await
     }
@@ -777,14 +896,17 @@ impl Dispatcher {
             trigger: trigger.to_string(),
         })?;
         if req.branch.is_empty() {
-            return Err(DispatchError::InvalidArgument("branch is required".into()));
+            return Err(DispatchError::invalid("branch", "branch is required"));
         }
         self.admit()?;
         if commits.len() > MAX_REPORTED_COMMITS {
-            return Err(DispatchError::InvalidArgument(format!(
-                "at most {MAX_REPORTED_COMMITS} commits per report, got {}",
-                commits.len()
-            )));
+            return Err(DispatchError::invalid(
+                "commits",
+                format!(
+                    "at most {MAX_REPORTED_COMMITS} commits per report, got {}",
+                    commits.len()
+                ),
+            ));
         }
         for c in commits {
             kiln_git::validate_commit_id(c).map_err(git_error)?;
@@ -911,14 +1033,12 @@ impl Dispatcher {
     /// One build.
     pub async fn get_build(&self, id: BuildId) -> Result<BuildDetail, DispatchError> {
         if id == 0 {
-            return Err(DispatchError::InvalidArgument(
-                "build_id is required".into(),
-            ));
+            return Err(DispatchError::invalid("build_id", "build_id is required"));
         }
         let mut detail = self
             .db(move |s| s.get_build(id))
             .await?
-            .ok_or_else(|| DispatchError::NotFound(format!("build {id} not found")))?;
+            .ok_or(DispatchError::NotFound(Missing::Build(id)))?;
         self.show_paused(&mut detail);
         Ok(detail)
     }
@@ -950,16 +1070,18 @@ impl Dispatcher {
         let steps = self.db(move |s| s.step_reports(id)).await?;
         // A step whose files gave no case (none written, none readable) is no report: an
         // empty one would read as a success.
-        let xml = (!splits.is_empty() || steps.iter().any(|s| !s.cases.is_empty()))
-            .then(|| crate::junit::build_report_with(&detail.build, &splits, &steps));
-        Ok(TestReport { splits, steps, xml })
+        Ok(TestReport {
+            build: detail.build,
+            splits,
+            steps,
+        })
     }
 
     /// One job.
     pub async fn get_job(&self, id: JobId) -> Result<kiln_domain::Job, DispatchError> {
         self.db(move |s| s.get_job(id))
             .await?
-            .ok_or_else(|| DispatchError::NotFound(format!("job {id} not found")))
+            .ok_or(DispatchError::NotFound(Missing::Job(id)))
     }
 
     /// Builds, newest first.
@@ -1011,10 +1133,12 @@ impl Dispatcher {
         self.admit()?;
         let old = self.get_build(id).await?;
         if !old.build.state.is_final() {
-            return Err(DispatchError::FailedPrecondition(format!(
-                "build {id} is still {}; only a finished build can be retried",
-                old.build.state
-            )));
+            return Err(DispatchError::FailedPrecondition {
+                message: format!(
+                    "build {id} is still {}; only a finished build can be retried",
+                    old.build.state
+                ),
+            });
         }
         if old.jobs.is_empty() {
             // Its pipeline could not be read: read it again, it may have been a transient error.
@@ -1071,12 +1195,10 @@ impl Dispatcher {
                     .collect();
                 running_jobs.sort_unstable();
                 let (state, hb) = match st.sessions.get(&r.id) {
-                    None => (proto::RunnerState::Offline, r.last_seen),
-                    Some(s) if s.draining => (proto::RunnerState::Draining, s.last_heartbeat_ms),
-                    Some(s) if running_jobs.is_empty() => {
-                        (proto::RunnerState::Idle, s.last_heartbeat_ms)
-                    }
-                    Some(s) => (proto::RunnerState::Busy, s.last_heartbeat_ms),
+                    None => (RunnerState::Offline, r.last_seen),
+                    Some(s) if s.draining => (RunnerState::Draining, s.last_heartbeat_ms),
+                    Some(s) if running_jobs.is_empty() => (RunnerState::Idle, s.last_heartbeat_ms),
+                    Some(s) => (RunnerState::Busy, s.last_heartbeat_ms),
                 };
                 RunnerView {
                     record: r,
@@ -1121,18 +1243,16 @@ impl Dispatcher {
     pub async fn drain_runner(&self, name: &str) -> Result<RunnerView, DispatchError> {
         let name = name.trim();
         // A valid name, or an error that quotes only its start (a long name is not echoed).
-        session::check_runner_name(name, "name").map_err(DispatchError::InvalidArgument)?;
+        session::check_runner_name(name, "name").map_err(|m| DispatchError::invalid("name", m))?;
         let found = {
             let mut st = self.state();
             let session = st.sessions.values_mut().find(|s| s.name == name);
             match session {
                 Some(s) => {
                     s.draining = true;
-                    let _ = s.tx.try_send(Ok(proto::DispatcherMessage {
-                        kind: Some(proto::dispatcher_message::Kind::Drain(proto::Drain {
-                            reason: "drained by an administrator".into(),
-                        })),
-                    }));
+                    let _ = s.tx.try_send(Ok(DispatcherMessage::Drain(protocol::Drain {
+                        reason: "drained by an administrator".into(),
+                    })));
                     true
                 }
                 None => false,
@@ -1145,10 +1265,10 @@ impl Dispatcher {
                 tracing::info!(runner = %name, "draining runner");
                 Ok(v)
             }
-            (false, Some(_)) => Err(DispatchError::FailedPrecondition(format!(
-                "runner {name} is not attached"
-            ))),
-            _ => Err(DispatchError::NotFound(format!("runner {name} not found"))),
+            (false, Some(_)) => Err(DispatchError::FailedPrecondition {
+                message: format!("runner {name} is not attached"),
+            }),
+            _ => Err(DispatchError::NotFound(Missing::Runner(name.to_string()))),
         }
     }
 
@@ -1163,11 +1283,9 @@ impl Dispatcher {
     pub fn drain_all(&self, reason: &str) {
         let st = self.state();
         for s in st.sessions.values() {
-            let _ = s.tx.try_send(Ok(proto::DispatcherMessage {
-                kind: Some(proto::dispatcher_message::Kind::Drain(proto::Drain {
-                    reason: reason.to_string(),
-                })),
-            }));
+            let _ = s.tx.try_send(Ok(DispatcherMessage::Drain(protocol::Drain {
+                reason: reason.to_string(),
+            })));
         }
     }
 
@@ -1185,11 +1303,15 @@ fn git_error(e: GitError) -> DispatchError {
     match e {
         GitError::InvalidCommitId { .. }
         | GitError::InvalidRevision { .. }
-        | GitError::AmbiguousCommit { .. } => DispatchError::InvalidArgument(e.to_string()),
+        | GitError::AmbiguousCommit { .. } => DispatchError::invalid("commit", e.to_string()),
         GitError::RepositoryNotFound { .. }
         | GitError::CommitNotFound { .. }
-        | GitError::RevisionNotFound { .. } => DispatchError::NotFound(e.to_string()),
-        other => DispatchError::Unavailable(error_chain(&other)),
+        | GitError::RevisionNotFound { .. } => {
+            DispatchError::NotFound(Missing::Revision(e.to_string()))
+        }
+        other => DispatchError::Unavailable {
+            message: error_chain(&other),
+        },
     }
 }
 
@@ -1216,37 +1338,43 @@ pub fn repo_identity(path: &str) -> String {
 }
 
 fn validate_submit(mut req: SubmitRequest) -> Result<SubmitRequest, DispatchError> {
-    let bad = |m: String| Err(DispatchError::InvalidArgument(m));
+    let bad = |field: &'static str, m: String| Err(DispatchError::invalid(field, m));
     req.repo = req.repo.trim().to_string();
     req.commit = req.commit.trim().to_string();
     if kiln_git::revision::is_commit_id(&req.commit) {
         req.commit.make_ascii_lowercase();
     }
     if req.repo.is_empty() {
-        return bad("repo is required (a URL or an absolute path)".into());
+        return bad(
+            "repo",
+            "repo is required (a URL or an absolute path)".into(),
+        );
     }
     if req.repo.len() > MAX_REPO_LEN {
-        return bad(format!("repo is longer than {MAX_REPO_LEN} bytes"));
+        return bad("repo", format!("repo is longer than {MAX_REPO_LEN} bytes"));
     }
     if req.repo.chars().any(char::is_control) {
-        return bad("repo contains control characters".into());
+        return bad("repo", "repo contains control characters".into());
     }
     let is_url = req.repo.contains("://") || req.repo.contains('@');
     if !is_url && !req.repo.starts_with('/') {
-        return bad(format!(
-            "repo {:?} is neither a URL nor an absolute path",
-            req.repo
-        ));
+        return bad(
+            "repo",
+            format!("repo {:?} is neither a URL nor an absolute path", req.repo),
+        );
     }
     if !is_url {
         req.repo = repo_identity(&req.repo);
     }
     if req.commit.is_empty() {
-        return bad("commit is required".into());
+        return bad("commit", "commit is required".into());
     }
     kiln_git::validate_revision(&req.commit).map_err(git_error)?;
     if req.branch.len() > MAX_BRANCH_LEN {
-        return bad(format!("branch is longer than {MAX_BRANCH_LEN} bytes"));
+        return bad(
+            "branch",
+            format!("branch is longer than {MAX_BRANCH_LEN} bytes"),
+        );
     }
     if req
         .branch
@@ -1255,15 +1383,16 @@ fn validate_submit(mut req: SubmitRequest) -> Result<SubmitRequest, DispatchErro
         || req.branch.contains("..")
         || req.branch.starts_with('-')
     {
-        return bad(format!(
-            "branch {:?} is not a valid branch name",
-            req.branch
-        ));
+        return bad(
+            "branch",
+            format!("branch {:?} is not a valid branch name", req.branch),
+        );
     }
     if req.trigger.len() > MAX_TRIGGER_LEN || req.trigger.chars().any(char::is_control) {
-        return bad(format!(
-            "trigger must be at most {MAX_TRIGGER_LEN} printable characters"
-        ));
+        return bad(
+            "trigger",
+            format!("trigger must be at most {MAX_TRIGGER_LEN} printable characters"),
+        );
     }
     if req.trigger.is_empty() {
         req.trigger = "api".into();
@@ -1407,7 +1536,9 @@ mod validation_tests {
         ];
         for (req, word) in cases {
             match validate_submit(req) {
-                Err(DispatchError::InvalidArgument(m)) => assert!(m.contains(word), "{m}"),
+                Err(DispatchError::InvalidArgument { message: m, .. }) => {
+                    assert!(m.contains(word), "{m}")
+                }
                 other => panic!("{other:?}"),
             }
         }

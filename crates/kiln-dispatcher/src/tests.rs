@@ -10,13 +10,14 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 
+use super::DispatchError;
 use super::{Config, Dispatcher};
-use crate::proto::{self, dispatcher_message::Kind as Out, runner_message::Kind as In};
+use kiln_domain::protocol::{self, DispatcherMessage as Out, RunnerMessage as In, StreamError};
+use kiln_domain::split::UnitsReply;
 
-type Inbound = mpsc::Sender<Result<proto::RunnerMessage, Status>>;
-type Outbound = ReceiverStream<Result<proto::DispatcherMessage, Status>>;
+type Inbound = mpsc::Sender<Result<In, StreamError>>;
+type Outbound = ReceiverStream<Result<Out, DispatchError>>;
 
 fn dispatcher(dir: &std::path::Path) -> Dispatcher {
     let mut c = Config::new(dir);
@@ -56,14 +57,14 @@ async fn build(d: &Dispatcher, jobs: usize) -> kiln_store::BuildDetail {
     .unwrap()
 }
 
-fn m(kind: In) -> Result<proto::RunnerMessage, Status> {
-    Ok(proto::RunnerMessage { kind: Some(kind) })
+fn m(msg: In) -> Result<In, StreamError> {
+    Ok(msg)
 }
 
 async fn attach(d: &Dispatcher, name: &str, held: Vec<u64>) -> (Inbound, Outbound, u64) {
     let (tx, rx) = mpsc::channel(64);
     let mut out = d.attach(ReceiverStream::new(rx));
-    tx.send(m(In::Hello(proto::Hello {
+    tx.send(m(In::Hello(protocol::Hello {
         name: name.into(),
         labels: Default::default(),
         slots: 1,
@@ -75,52 +76,52 @@ async fn attach(d: &Dispatcher, name: &str, held: Vec<u64>) -> (Inbound, Outboun
     .await
     .unwrap();
     let first = next(&mut out).await.unwrap();
-    let Some(Out::Welcome(w)) = first.kind else {
+    let Out::Welcome(w) = first else {
         panic!("expected a welcome, got {first:?}")
     };
     (tx, out, w.runner_id)
 }
 
 /// The next message that is not a heartbeat (`Err` when the stream ended with a status).
-async fn next(out: &mut Outbound) -> Result<proto::DispatcherMessage, Status> {
+async fn next(out: &mut Outbound) -> Result<Out, DispatchError> {
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(20), out.next())
             .await
             .expect("no message from the dispatcher within 20s")
-            .unwrap_or_else(|| Err(Status::cancelled("stream ended")))?;
-        if !matches!(msg.kind, Some(Out::Heartbeat(_))) {
+            .unwrap_or_else(|| {
+                Err(DispatchError::Unavailable {
+                    message: "stream ended".into(),
+                })
+            })?;
+        if !matches!(msg, Out::Heartbeat(_)) {
             return Ok(msg);
         }
     }
 }
 
-async fn assigned(out: &mut Outbound) -> proto::Assign {
+async fn assigned(out: &mut Outbound) -> protocol::Assign {
     let msg = next(out).await.unwrap();
-    let Some(Out::Assign(a)) = msg.kind else {
+    let Out::Assign(a) = msg else {
         panic!("expected an assignment, got {msg:?}")
     };
     a
 }
 
-fn finished(
-    attempt: u64,
-    state: proto::JobState,
-    last_seq: u64,
-) -> Result<proto::RunnerMessage, Status> {
-    m(In::JobFinished(proto::JobFinished {
+fn finished(attempt: u64, state: JobState, last_seq: u64) -> Result<In, StreamError> {
+    m(In::JobFinished(protocol::JobFinished {
         attempt_id: attempt,
-        state: state as i32,
+        state,
         message: String::new(),
         last_seq,
     }))
 }
 
-fn output(attempt: u64, seq: u64, data: &[u8]) -> Result<proto::RunnerMessage, Status> {
-    m(In::Output(proto::OutputChunk {
+fn output(attempt: u64, seq: u64, data: &[u8]) -> Result<In, StreamError> {
+    m(In::Output(protocol::OutputChunk {
         attempt_id: attempt,
         seq,
         step_index: 0,
-        stream: proto::OutputStream::Stdout as i32,
+        stream: protocol::OutputStream::Stdout,
         data: data.to_vec().into(),
     }))
 }
@@ -140,12 +141,12 @@ async fn first_message_must_be_hello() {
     let d = dispatcher(dir.path());
     let (tx, rx) = mpsc::channel(4);
     let mut out = d.attach(ReceiverStream::new(rx));
-    tx.send(m(In::Heartbeat(proto::Heartbeat::default())))
+    tx.send(m(In::Heartbeat(protocol::Heartbeat::default())))
         .await
         .unwrap();
     let err = next(&mut out).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().contains("hello"), "{}", err.message());
+    assert!(matches!(err, DispatchError::InvalidArgument { .. }));
+    assert!(err.to_string().contains("hello"), "{}", err.to_string());
 }
 
 #[tokio::test]
@@ -158,7 +159,7 @@ async fn output_is_stored_once_in_order_and_results_are_fenced() {
     let job = b.jobs[0].id;
     let (tx, mut out, w) = hello(&d, hello_of("r1", vec![], "")).await.unwrap();
     let a = assigned(&mut out).await;
-    tx.send(m(In::Accepted(proto::Accepted {
+    tx.send(m(In::Accepted(protocol::Accepted {
         attempt_id: a.attempt_id,
     })))
     .await
@@ -172,8 +173,8 @@ async fn output_is_stored_once_in_order_and_results_are_fenced() {
     let mut acks = Vec::new();
     let gap = loop {
         match next(&mut out).await {
-            Ok(msg) => match msg.kind {
-                Some(Out::OutputAck(ack)) => acks.push(ack.up_to_seq),
+            Ok(msg) => match msg {
+                Out::OutputAck(ack) => acks.push(ack.up_to_seq),
                 other => panic!("{other:?}"),
             },
             Err(status) => break status,
@@ -181,19 +182,19 @@ async fn output_is_stored_once_in_order_and_results_are_fenced() {
     };
     assert_eq!(acks, vec![1, 2, 2]);
     // The gap ends the session: the runner must reconnect and send again what is not acked.
-    assert_eq!(gap.code(), tonic::Code::DataLoss, "{gap:?}");
+    assert!(matches!(gap, DispatchError::OutputGap { .. }), "{gap:?}");
     // It re-attaches presenting its session secret, so it gets its attempt back.
     let (tx, mut out, w) = hello(&d, hello_of("r1", vec![a.attempt_id], &w.session_secret))
         .await
         .unwrap();
     // A result claiming more output than arrived is not taken either.
-    tx.send(finished(a.attempt_id, proto::JobState::Passed, 4))
+    tx.send(finished(a.attempt_id, JobState::Passed, 4))
         .await
         .unwrap();
-    assert_eq!(
-        next(&mut out).await.unwrap_err().code(),
-        tonic::Code::DataLoss
-    );
+    assert!(matches!(
+        next(&mut out).await.unwrap_err(),
+        DispatchError::OutputMissing { .. }
+    ));
     let (tx, mut out, _) = hello(&d, hello_of("r1", vec![a.attempt_id], &w.session_secret))
         .await
         .unwrap();
@@ -203,8 +204,8 @@ async fn output_is_stored_once_in_order_and_results_are_fenced() {
             .unwrap();
     }
     for want in [3, 4] {
-        match next(&mut out).await.unwrap().kind {
-            Some(Out::OutputAck(ack)) => assert_eq!(ack.up_to_seq, want),
+        match next(&mut out).await.unwrap() {
+            Out::OutputAck(ack) => assert_eq!(ack.up_to_seq, want),
             other => panic!("{other:?}"),
         }
     }
@@ -219,21 +220,15 @@ async fn output_is_stored_once_in_order_and_results_are_fenced() {
         ]
     );
     // A result for an attempt that is not this runner's is refused; the real one is recorded.
-    tx.send(finished(a.attempt_id + 100, proto::JobState::Failed, 0))
+    tx.send(finished(a.attempt_id + 100, JobState::Failed, 0))
         .await
         .unwrap();
-    assert!(matches!(
-        next(&mut out).await.unwrap().kind,
-        Some(Out::Refused(_))
-    ));
+    assert!(matches!(next(&mut out).await.unwrap(), Out::Refused(_)));
     for _ in 0..2 {
-        tx.send(finished(a.attempt_id, proto::JobState::Passed, 4))
+        tx.send(finished(a.attempt_id, JobState::Passed, 4))
             .await
             .unwrap();
-        assert!(matches!(
-            next(&mut out).await.unwrap().kind,
-            Some(Out::ResultAck(_))
-        ));
+        assert!(matches!(next(&mut out).await.unwrap(), Out::ResultAck(_)));
     }
     let b = d.get_build(b.build.id).await.unwrap();
     assert_eq!(b.build.state, JobState::Passed);
@@ -277,22 +272,28 @@ async fn random_runner_streams_never_corrupt_the_log() {
             let msg = match rng.below(12) {
                 0..=5 => output(attempt, 1 + rng.below(8), &[b'x'; 3]),
                 6 => output(attempt + 1 + rng.below(5), 1, b"zz"),
-                7 => m(In::StepFinished(proto::StepFinished {
+                7 => m(In::StepFinished(protocol::StepFinished {
                     attempt_id: attempt,
                     step_index: 0,
-                    outcome: rng.below(9) as i32,
-                    ..Default::default()
+                    outcome: {
+                        use kiln_domain::StepOutcome::*;
+                        [Passed, Failed, TimedOut, Cancelled, Errored, Skipped]
+                            [rng.below(6) as usize]
+                    },
+                    exit_code: None,
+                    signal: None,
+                    duration_ms: 0,
+                    last_seq: 0,
+                    cases: Vec::new(),
+                    report_note: String::new(),
                 })),
-                8 => m(In::Output(proto::OutputChunk {
-                    attempt_id: attempt,
-                    seq: 1,
-                    step_index: 0,
-                    stream: 7 + rng.below(3) as i32,
-                    data: Default::default(),
-                })),
-                9 => Ok(proto::RunnerMessage { kind: None }),
+                // What the edge passes on for a wire message that does not convert (an
+                // unknown stream, no kind at all).
+                8 | 9 => Err(StreamError::InvalidArgument {
+                    message: "output.stream 8 is not stdout, stderr or system".into(),
+                }),
                 10 => output(attempt, 1, &vec![0u8; kiln_store::MAX_FRAME + 1]),
-                _ => m(In::Heartbeat(proto::Heartbeat::default())),
+                _ => m(In::Heartbeat(protocol::Heartbeat::default())),
             };
             if tx.send(msg).await.is_err() {
                 closed = true;
@@ -320,12 +321,12 @@ async fn random_runner_streams_never_corrupt_the_log() {
     let mut a = assigned(&mut out).await;
     while a.job_id != b.jobs[0].id {
         // Jobs of the fuzzed sessions come back after their lease; finish them too.
-        tx.send(finished(a.attempt_id, proto::JobState::Passed, 0))
+        tx.send(finished(a.attempt_id, JobState::Passed, 0))
             .await
             .unwrap();
         loop {
-            match next(&mut out).await.unwrap().kind {
-                Some(Out::Assign(x)) => {
+            match next(&mut out).await.unwrap() {
+                Out::Assign(x) => {
                     a = x;
                     break;
                 }
@@ -333,7 +334,7 @@ async fn random_runner_streams_never_corrupt_the_log() {
             }
         }
     }
-    tx.send(finished(a.attempt_id, proto::JobState::Passed, 0))
+    tx.send(finished(a.attempt_id, JobState::Passed, 0))
         .await
         .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -363,7 +364,7 @@ async fn lost_runner_work_goes_to_another_and_late_result_is_refused() {
     let beat = tx2.clone();
     tokio::spawn(async move {
         while beat
-            .send(m(In::Heartbeat(proto::Heartbeat::default())))
+            .send(m(In::Heartbeat(protocol::Heartbeat::default())))
             .await
             .is_ok()
         {
@@ -379,7 +380,7 @@ async fn lost_runner_work_goes_to_another_and_late_result_is_refused() {
     let (tx1, _out1b, _) = {
         let (tx, rx) = mpsc::channel(8);
         let mut out = d.attach(ReceiverStream::new(rx));
-        tx.send(m(In::Hello(proto::Hello {
+        tx.send(m(In::Hello(protocol::Hello {
             name: "first".into(),
             slots: 1,
             held_attempts: vec![a1.attempt_id],
@@ -388,22 +389,17 @@ async fn lost_runner_work_goes_to_another_and_late_result_is_refused() {
         .await
         .unwrap();
         let w = next(&mut out).await.unwrap();
-        let Some(Out::Welcome(w)) = w.kind else {
-            panic!("{w:?}")
-        };
+        let Out::Welcome(w) = w else { panic!("{w:?}") };
         assert_eq!(w.stale_attempts, vec![a1.attempt_id]);
         (tx, out, w.runner_id)
     };
-    tx1.send(finished(a1.attempt_id, proto::JobState::Failed, 0))
+    tx1.send(finished(a1.attempt_id, JobState::Failed, 0))
         .await
         .unwrap();
-    tx2.send(finished(a2.attempt_id, proto::JobState::Passed, 0))
+    tx2.send(finished(a2.attempt_id, JobState::Passed, 0))
         .await
         .unwrap();
-    assert!(matches!(
-        next(&mut out2).await.unwrap().kind,
-        Some(Out::ResultAck(_))
-    ));
+    assert!(matches!(next(&mut out2).await.unwrap(), Out::ResultAck(_)));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let detail = d.get_build(b.build.id).await.unwrap();
@@ -420,8 +416,8 @@ async fn lost_runner_work_goes_to_another_and_late_result_is_refused() {
     bg.await.unwrap();
 }
 
-fn next_units(attempt: u64, request: u32, discovered: &[&str]) -> proto::NextUnits {
-    proto::NextUnits {
+fn next_units(attempt: u64, request: u32, discovered: &[&str]) -> protocol::NextUnits {
+    protocol::NextUnits {
         attempt_id: attempt,
         step_index: 0,
         request,
@@ -433,9 +429,9 @@ fn next_units(attempt: u64, request: u32, discovered: &[&str]) -> proto::NextUni
     }
 }
 
-async fn units_answer(out: &mut Outbound) -> proto::Units {
+async fn units_answer(out: &mut Outbound) -> protocol::Units {
     let msg = next(out).await.unwrap();
-    let Some(Out::Units(u)) = msg.kind else {
+    let Out::Units(u) = msg else {
         panic!("expected units, got {msg:?}")
     };
     u
@@ -450,7 +446,7 @@ async fn next_units_is_fenced_and_checked() {
     build(&d, 1).await;
     let (tx, mut out, _) = attach(&d, "r1", vec![]).await;
     let a = assigned(&mut out).await;
-    tx.send(m(In::Accepted(proto::Accepted {
+    tx.send(m(In::Accepted(protocol::Accepted {
         attempt_id: a.attempt_id,
     })))
     .await
@@ -460,23 +456,28 @@ async fn next_units_is_fenced_and_checked() {
         .await
         .unwrap();
     let u = units_answer(&mut out).await;
-    assert_eq!(u.state, proto::UnitsState::Refused as i32, "{u:?}");
+    assert!(matches!(u.reply, UnitsReply::Refused(_)), "{u:?}");
     assert_eq!(u.request, 1);
     // An attempt this runner does not hold: refused.
     tx.send(m(In::NextUnits(next_units(999, 1, &["u1"]))))
         .await
         .unwrap();
     let u = units_answer(&mut out).await;
-    assert_eq!(u.state, proto::UnitsState::Refused as i32, "{u:?}");
-    assert!(u.message.contains("999"), "{u:?}");
+    assert!(
+        matches!(&u.reply, UnitsReply::Refused(why) if why.contains("999")),
+        "{u:?}"
+    );
     // A malformed request (request 0, a unit id with a newline) closes the session as
     // INVALID_ARGUMENT.
     let mut bad = next_units(a.attempt_id, 2, &["a\nb"]);
     bad.request = 2;
     tx.send(m(In::NextUnits(bad))).await.unwrap();
     let err = next(&mut out).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
-    assert!(err.message().contains("newline"), "{err:?}");
+    assert!(
+        matches!(err, DispatchError::InvalidArgument { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("newline"), "{err:?}");
     stop.cancel();
 }
 
@@ -502,9 +503,7 @@ async fn a_runner_refusing_every_assignment_is_backed_off() {
         let msg = tokio::time::timeout(Duration::from_secs(90), out.next()).await;
         let a = match msg {
             Err(_) => continue,
-            Ok(Some(Ok(proto::DispatcherMessage {
-                kind: Some(Out::Assign(a)),
-            }))) => a,
+            Ok(Some(Ok(Out::Assign(a)))) => a,
             Ok(Some(Ok(_))) => continue,
             Ok(other) => panic!("the session ended: {other:?}"),
         };
@@ -514,18 +513,15 @@ async fn a_runner_refusing_every_assignment_is_backed_off() {
             "{assignments} assignments to a refusing runner within {:?}",
             start.elapsed()
         );
-        tx.send(m(In::Rejected(proto::Rejected {
+        tx.send(m(In::Rejected(protocol::Rejected {
             attempt_id: a.attempt_id,
             reason: "no free slot".into(),
         })))
         .await
         .unwrap();
-        assert!(matches!(
-            next(&mut out).await.unwrap().kind,
-            Some(Out::ResultAck(_))
-        ));
+        assert!(matches!(next(&mut out).await.unwrap(), Out::ResultAck(_)));
         // Heartbeats, so the runner stays attached.
-        tx.send(m(In::Heartbeat(proto::Heartbeat::default())))
+        tx.send(m(In::Heartbeat(protocol::Heartbeat::default())))
             .await
             .unwrap();
     }
@@ -544,7 +540,7 @@ async fn a_runner_refusing_every_assignment_is_backed_off() {
 }
 
 /// Attaches with a hello and returns the status the stream ended with (the hello refused).
-async fn hello_refused(d: &Dispatcher, hello: proto::Hello) -> Status {
+async fn hello_refused(d: &Dispatcher, hello: protocol::Hello) -> DispatchError {
     let (tx, rx) = mpsc::channel(4);
     let mut out = d.attach(ReceiverStream::new(rx));
     tx.send(m(In::Hello(hello))).await.unwrap();
@@ -568,7 +564,7 @@ async fn a_hello_claims_only_its_own_attempts_and_a_valid_name() {
     // drop them, and nothing is written onto the build.
     let (tx2, rx2) = mpsc::channel(4);
     let mut out2 = d.attach(ReceiverStream::new(rx2));
-    tx2.send(m(In::Hello(proto::Hello {
+    tx2.send(m(In::Hello(protocol::Hello {
         name: "evil".into(),
         slots: 1,
         held_attempts: vec![a.attempt_id, 9000],
@@ -577,9 +573,7 @@ async fn a_hello_claims_only_its_own_attempts_and_a_valid_name() {
     .await
     .unwrap();
     let w = next(&mut out2).await.unwrap();
-    let Some(Out::Welcome(w)) = w.kind else {
-        panic!("{w:?}")
-    };
+    let Out::Welcome(w) = w else { panic!("{w:?}") };
     assert_eq!(w.stale_attempts, vec![a.attempt_id, 9000]);
     let job = b.jobs[0].id;
     assert_eq!(d.inner.store.refusals(job).unwrap(), vec![]);
@@ -592,7 +586,7 @@ async fn a_hello_claims_only_its_own_attempts_and_a_valid_name() {
     // At most twice its slots.
     let s = hello_refused(
         &d,
-        proto::Hello {
+        protocol::Hello {
             name: "greedy".into(),
             slots: 1,
             held_attempts: (1..=9000).collect(),
@@ -600,11 +594,11 @@ async fn a_hello_claims_only_its_own_attempts_and_a_valid_name() {
         },
     )
     .await;
-    assert_eq!(s.code(), tonic::Code::InvalidArgument);
+    assert!(matches!(s, DispatchError::InvalidArgument { .. }));
     assert!(
-        s.message().contains("hello.held_attempts"),
+        s.to_string().contains("hello.held_attempts"),
         "{}",
-        s.message()
+        s.to_string()
     );
 
     // Names: printable ASCII only (no U+200B hiding behind "r3"), bounded.
@@ -618,16 +612,19 @@ async fn a_hello_claims_only_its_own_attempts_and_a_valid_name() {
     ] {
         let s = hello_refused(
             &d,
-            proto::Hello {
+            protocol::Hello {
                 name: name.into(),
                 slots: 1,
                 ..Default::default()
             },
         )
         .await;
-        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{name:?}");
-        assert!(s.message().contains("hello.name"), "{}", s.message());
-        assert!(s.message().len() < 300, "{}", s.message());
+        assert!(
+            matches!(s, DispatchError::InvalidArgument { .. }),
+            "{name:?}"
+        );
+        assert!(s.to_string().contains("hello.name"), "{}", s.to_string());
+        assert!(s.to_string().len() < 300, "{}", s.to_string());
     }
     let names: Vec<String> = d
         .list_runners()
@@ -698,20 +695,20 @@ async fn runners_that_never_held_work_are_forgotten() {
 /// Sends a hello; the Welcome, or the status the stream ended with.
 async fn hello(
     d: &Dispatcher,
-    hello: proto::Hello,
-) -> Result<(Inbound, Outbound, proto::Welcome), Status> {
+    hello: protocol::Hello,
+) -> Result<(Inbound, Outbound, protocol::Welcome), DispatchError> {
     let (tx, rx) = mpsc::channel(16);
     let mut out = d.attach(ReceiverStream::new(rx));
     tx.send(m(In::Hello(hello))).await.unwrap();
     let w = next(&mut out).await?;
-    let Some(Out::Welcome(w)) = w.kind else {
+    let Out::Welcome(w) = w else {
         panic!("expected a welcome, got {w:?}")
     };
     Ok((tx, out, w))
 }
 
-fn hello_of(name: &str, held: Vec<u64>, secret: &str) -> proto::Hello {
-    proto::Hello {
+fn hello_of(name: &str, held: Vec<u64>, secret: &str) -> protocol::Hello {
+    protocol::Hello {
         name: name.into(),
         slots: 1,
         held_attempts: held,
@@ -744,7 +741,7 @@ async fn a_runner_cannot_be_impersonated_within_its_lease() {
             .await
             .err()
             .unwrap();
-        assert_eq!(s.code(), tonic::Code::AlreadyExists, "{s:?}");
+        assert!(matches!(s, DispatchError::RunnerAttached { .. }), "{s:?}");
     }
     // The runner's stream closes; its attempt waits for it. An impostor may now use the name
     // but gets nothing of the runner's: the attempt is not re-attached and its forged result
@@ -758,11 +755,9 @@ async fn a_runner_cannot_be_impersonated_within_its_lease() {
     }
     let (itx, mut iout, iw) = hello(&d, hello_of("victim", vec![a], "")).await.unwrap();
     assert_eq!(iw.stale_attempts, vec![a]);
-    itx.send(finished(a, proto::JobState::Failed, 0))
-        .await
-        .unwrap();
+    itx.send(finished(a, JobState::Failed, 0)).await.unwrap();
     let r = next(&mut iout).await.unwrap();
-    assert!(matches!(r.kind, Some(Out::Refused(_))), "{r:?}");
+    assert!(matches!(r, Out::Refused(_)), "{r:?}");
     let job = d.get_build(b.build.id).await.unwrap().jobs[0].clone();
     assert_eq!(job.state, JobState::Assigned, "{job:?}");
     assert_eq!(d.state().attempts[&a].session, None);
@@ -774,11 +769,9 @@ async fn a_runner_cannot_be_impersonated_within_its_lease() {
         .unwrap();
     assert!(rw.stale_attempts.is_empty(), "{rw:?}");
     assert!(next(&mut iout).await.is_err() || d.state().sessions.len() == 1);
-    rtx.send(finished(a, proto::JobState::Passed, 0))
-        .await
-        .unwrap();
+    rtx.send(finished(a, JobState::Passed, 0)).await.unwrap();
     let r = next(&mut rout).await.unwrap();
-    assert!(matches!(r.kind, Some(Out::ResultAck(_))), "{r:?}");
+    assert!(matches!(r, Out::ResultAck(_)), "{r:?}");
     let detail = d.get_build(b.build.id).await.unwrap();
     assert_eq!(detail.build.state, JobState::Passed);
     drop(itx);
@@ -793,16 +786,16 @@ async fn a_runner_token_binds_the_session_to_its_runner() {
     let dir = tempfile::tempdir().unwrap();
     let d = dispatcher(dir.path());
     for (name, token) in [("a", "token-a"), ("b", "token-b")] {
-        let hash = crate::auth::hash_token(token);
+        let hash = crate::tokens::hash_token(token);
         d.inner.store.set_runner_token(name, Some(&hash)).unwrap();
     }
-    let with = |name: &str, token: &str| proto::Hello {
+    let with = |name: &str, token: &str| protocol::Hello {
         token: token.into(),
         ..hello_of(name, vec![], "")
     };
     let (_tx, _out, _) = hello(&d, with("a", "token-a")).await.unwrap();
     let s = hello(&d, with("a", "token-b")).await.err().unwrap();
-    assert_eq!(s.code(), tonic::Code::Unauthenticated, "{s:?}");
+    assert!(matches!(s, DispatchError::Unauthenticated { .. }), "{s:?}");
     // The runner restarted (no secret) but holds its token: it takes over at once.
     let (_tx2, _out2, _) = hello(&d, with("a", "token-a")).await.unwrap();
 }
@@ -820,13 +813,13 @@ async fn an_attempt_the_runner_no_longer_lists_goes_back_to_the_queue() {
     let b = build(&d, 1).await;
     let (tx, mut out, _) = attach(&d, "forgetful", vec![]).await;
     let a = assigned(&mut out).await;
-    tx.send(m(In::Accepted(proto::Accepted {
+    tx.send(m(In::Accepted(protocol::Accepted {
         attempt_id: a.attempt_id,
     })))
     .await
     .unwrap();
     let beat = |lists_held: bool, running: Vec<u64>| {
-        m(In::Heartbeat(proto::Heartbeat {
+        m(In::Heartbeat(protocol::Heartbeat {
             running_attempts: running,
             sent_at_ms: 0,
             draining: false,
@@ -855,10 +848,7 @@ async fn an_attempt_the_runner_no_longer_lists_goes_back_to_the_queue() {
     let again = loop {
         tx.send(beat(true, vec![])).await.unwrap();
         let next = tokio::time::timeout(Duration::from_millis(200), out.next()).await;
-        if let Ok(Some(Ok(proto::DispatcherMessage {
-            kind: Some(Out::Assign(x)),
-        }))) = next
-        {
+        if let Ok(Some(Ok(Out::Assign(x)))) = next {
             break x;
         }
         assert!(
@@ -894,10 +884,7 @@ async fn a_job_ended_without_its_runner_has_its_log_sealed() {
         tx.send(output(a.attempt_id, seq, b"some output\n"))
             .await
             .unwrap();
-        assert!(matches!(
-            next(&mut out).await.unwrap().kind,
-            Some(Out::OutputAck(_))
-        ));
+        assert!(matches!(next(&mut out).await.unwrap(), Out::OutputAck(_)));
     }
     let before = stored(&d, a.job_id).await;
     assert_eq!(before.len(), 3);
@@ -905,7 +892,7 @@ async fn a_job_ended_without_its_runner_has_its_log_sealed() {
     let beat = tx.clone();
     tokio::spawn(async move {
         while beat
-            .send(m(In::Heartbeat(proto::Heartbeat::default())))
+            .send(m(In::Heartbeat(protocol::Heartbeat::default())))
             .await
             .is_ok()
         {
@@ -953,7 +940,7 @@ async fn the_dispatcher_answers_heartbeats() {
     let quiet = tokio::time::timeout(Duration::from_millis(600), out.next()).await;
     assert!(quiet.is_err(), "unasked: {quiet:?}");
     for _ in 0..3 {
-        tx.send(m(In::Heartbeat(proto::Heartbeat::default())))
+        tx.send(m(In::Heartbeat(protocol::Heartbeat::default())))
             .await
             .unwrap();
         let answer = tokio::time::timeout(Duration::from_secs(20), out.next())
@@ -961,6 +948,6 @@ async fn the_dispatcher_answers_heartbeats() {
             .unwrap()
             .unwrap()
             .unwrap();
-        assert!(matches!(answer.kind, Some(Out::Heartbeat(_))), "{answer:?}");
+        assert!(matches!(answer, Out::Heartbeat(_)), "{answer:?}");
     }
 }

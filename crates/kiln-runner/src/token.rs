@@ -14,8 +14,6 @@ use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 
-use crate::cli::{Cli, Command};
-
 /// The variable a runner may take its token from (clap reads it for `--token`).
 pub const TOKEN_ENV: &str = "KILN_TOKEN";
 /// Set in the environment of the runner started again without its token, so it never loops.
@@ -25,12 +23,10 @@ const MAX_TOKEN_BYTES: usize = 4096;
 
 /// For `kiln runner`, before the runtime starts: warns about `--token` on the command line and,
 /// when the token is on the command line or in the environment, starts the runner again
-/// without it there (does not return then, unless the `exec` fails: then it warns). Other
-/// commands: nothing.
-pub fn secure_start(cli: &Cli) -> Result<(), String> {
-    let Command::Runner(args) = &cli.command else {
-        return Ok(());
-    };
+/// without it there (does not return then, unless the `exec` fails: then it warns).
+/// `token`: the token as the command line gave it (`--token`, or read from `KILN_TOKEN`);
+/// `token_file_given`: the command line also names `--token-file`.
+pub fn secure_start(token: Option<String>, token_file_given: bool) -> Result<(), String> {
     // Not dumpable: a step of the same (non-root) user cannot read this process's memory or
     // environment. Inherited by nothing: `exec` of a step resets it.
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
@@ -40,7 +36,7 @@ pub fn secure_start(cli: &Cli) -> Result<(), String> {
     let on_command_line = argv.iter().skip(1).any(is_token_arg);
     let in_env = std::env::var_os(TOKEN_ENV).is_some();
     if on_command_line {
-        if args.token_file.is_some() {
+        if token_file_given {
             return Err("give the runner's token by --token or --token-file, not both".into());
         }
         tracing::warn!(
@@ -75,15 +71,8 @@ pub fn secure_start(cli: &Cli) -> Result<(), String> {
         .env(RESTARTED_ENV, "1");
     // The token (from --token or KILN_TOKEN, as clap read it) goes on standard input, unless it
     // comes from --token-file anyway.
-    let token = args
-        .client
-        .token
-        .clone()
-        .or_else(|| cli.before.token.clone())
-        .or_else(|| std::env::var(TOKEN_ENV).ok());
-    if args.token_file.is_none()
-        && let Some(token) = token.as_ref().filter(|t| !t.is_empty())
-    {
+    let token = token.or_else(|| std::env::var(TOKEN_ENV).ok());
+    if !token_file_given && let Some(token) = token.as_ref().filter(|t| !t.is_empty()) {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(format!(
                 "the runner's token is longer than {MAX_TOKEN_BYTES} bytes"

@@ -1,5 +1,7 @@
-//! The runner: one long-lived `Attach` stream to the dispatcher, reconnecting with backoff and
-//! jitter when it breaks, and the jobs it runs.
+//! The runner engine: one long-lived stream to the dispatcher, reconnecting with backoff and
+//! jitter when it breaks, and the jobs it runs. It speaks the domain messages of
+//! `kiln_domain::protocol` over a [`Transport`] (gRPC in the `kiln` program, in-memory channels
+//! in tests), so nothing here knows the wire.
 //!
 //! Everything the runner says about an attempt (accepted, output, step and job results) goes
 //! through the [`outbox::Outbox`] in order and stays there until the dispatcher acknowledges
@@ -11,6 +13,7 @@ mod job;
 mod outbox;
 pub mod split;
 pub mod token;
+pub mod transport;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -19,19 +22,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use kiln_domain::AttemptId;
+use kiln_domain::protocol::{self, DispatcherMessage as In, RunnerMessage as Out, StreamError};
 use kiln_git::Mirrors;
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 use tracing::Instrument;
 
-use crate::proto::{
-    self, dispatcher_message::Kind as In, runner_message::Kind as Out,
-    runner_service_client::RunnerServiceClient,
-};
 use outbox::Outbox;
+pub use transport::{ConnectError, Inbound, Transport};
 
 /// Longest wait between two connection attempts (jitter picks a wait up to it), so runners are
 /// back within about this long after a dispatcher restart.
@@ -40,8 +40,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How a runner behaves.
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
-    /// The dispatcher's URL, e.g. `http://127.0.0.1:7878`.
-    pub dispatcher: String,
     /// Unique name (the dispatcher knows the runner by it across restarts).
     pub name: String,
     /// Jobs run at once.
@@ -62,19 +60,16 @@ pub struct RunnerConfig {
     pub kill_grace: Duration,
     /// The runner's token (its own, or the farm's shared one); empty for none.
     pub token: String,
-    /// TLS files for an https:// dispatcher.
-    pub tls: crate::tls::ClientTls,
     /// Variables of the runner's environment given to steps besides the allow-listed ones
     /// (`--pass-env`).
     pub pass_env: Vec<(String, String)>,
 }
 
 impl RunnerConfig {
-    /// Defaults for a dispatcher URL and a name.
-    pub fn new(dispatcher: impl Into<String>, name: impl Into<String>) -> Self {
+    /// Defaults for a runner name.
+    pub fn new(name: impl Into<String>) -> Self {
         let name = name.into();
         Self {
-            dispatcher: dispatcher.into(),
             work_dir: std::env::temp_dir().join(format!("kiln-runner-{name}")),
             cache_dir: None,
             name,
@@ -84,7 +79,6 @@ impl RunnerConfig {
             max_spool_bytes: 1 << 30,
             kill_grace: Duration::from_secs(5),
             token: String::new(),
-            tls: crate::tls::ClientTls::default(),
             pass_env: Vec::new(),
         }
     }
@@ -139,9 +133,9 @@ pub(crate) struct Shared {
     /// Cancelled on a hard stop; post steps run under it (a user's cancel does not stop them).
     hard_stop: CancellationToken,
     /// The current session's sender, for requests that need a live answer (split steps' units).
-    session_tx: Mutex<Option<mpsc::Sender<proto::RunnerMessage>>>,
+    session_tx: Mutex<Option<mpsc::Sender<Out>>>,
     /// Split steps waiting for the answer to a NextUnits, by (attempt, request number).
-    unit_waiters: Mutex<HashMap<(AttemptId, u32), oneshot::Sender<proto::Units>>>,
+    unit_waiters: Mutex<HashMap<(AttemptId, u32), oneshot::Sender<protocol::Units>>>,
     /// The secret of the last Welcome, presented in the next Hello to prove who we are.
     session_secret: Mutex<String>,
 }
@@ -174,7 +168,7 @@ impl Shared {
     }
 
     /// Hands the dispatcher's answer to the split step that asked.
-    fn units_answer(&self, u: proto::Units) {
+    fn units_answer(&self, u: protocol::Units) {
         let waiter = self
             .unit_waiters
             .lock()
@@ -190,9 +184,9 @@ impl Shared {
     /// `cancel` fires first.
     async fn ask_units(
         &self,
-        req: proto::NextUnits,
+        req: protocol::NextUnits,
         cancel: &CancellationToken,
-    ) -> Option<proto::Units> {
+    ) -> Option<protocol::Units> {
         let key = (req.attempt_id, req.request);
         loop {
             let (w, answer) = oneshot::channel();
@@ -206,7 +200,7 @@ impl Shared {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
             let sent = match tx {
-                Some(tx) => tx.send(out(Out::NextUnits(req.clone()))).await.is_ok(),
+                Some(tx) => tx.send(Out::NextUnits(req.clone())).await.is_ok(),
                 None => false,
             };
             let patience = if sent {
@@ -235,21 +229,14 @@ impl Shared {
     }
 }
 
-/// Runs a runner until `drain` is cancelled and its jobs are done (or `stop` is cancelled, which
-/// cancels the jobs). Reconnects whenever the stream breaks.
-pub async fn run(
+/// Runs a runner over `transport` until `drain` is cancelled and its jobs are done (or `stop`
+/// is cancelled, which cancels the jobs). Opens a new stream whenever one breaks.
+pub async fn run<T: Transport>(
     config: RunnerConfig,
+    transport: T,
     drain: CancellationToken,
     stop: CancellationToken,
 ) -> Result<(), RunnerError> {
-    let endpoint = config
-        .tls
-        .endpoint(&config.dispatcher)
-        .map_err(RunnerError::Config)?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20));
     std::fs::create_dir_all(&config.work_dir).map_err(|e| {
         RunnerError::Config(format!(
             "cannot create work dir {}: {e}",
@@ -321,7 +308,7 @@ pub async fn run(
             return Ok(());
         }
         let ended = tokio::select! {
-            ended = session(&endpoint, &shared, &drain) => ended,
+            ended = session(&transport, &shared, &drain) => ended,
             _ = leave.cancelled() => return Ok(()),
         };
         match ended {
@@ -454,63 +441,19 @@ enum SessionError {
     Tls(String),
 }
 
-/// A status's message and the errors under it (tonic's `Display` of a `Status` is a debug dump).
-fn status_chain(s: &tonic::Status) -> String {
-    let mut chain = s.message().to_string();
-    if let Some(source) = std::error::Error::source(s) {
-        chain.push_str(": ");
-        chain.push_str(&crate::dispatcher::error_chain(source));
-    }
-    chain
-}
-
-impl SessionError {
-    /// A failure to connect or attach: permanent when the TLS handshake failed over a
-    /// certificate (ours refused by the dispatcher, or the dispatcher's not trusted by us) or
-    /// the handshake was refused (no common protocol), since trying again changes nothing;
-    /// anything else (refused or reset connections, timeouts, a restarting dispatcher) may pass.
-    fn classify(chain: String) -> SessionError {
-        if is_permanent(&chain) {
-            let hint = if chain.contains("invalid peer certificate") {
-                "this runner does not trust the dispatcher's certificate (see --tls-ca)"
-            } else if chain.contains("Certificate") || chain.contains("UnknownCA") {
-                "the dispatcher refused this runner's certificate (see --tls-cert, --tls-key)"
-            } else {
-                "the dispatcher refused the TLS handshake"
-            };
-            SessionError::Tls(format!("{hint}: {chain}"))
-        } else {
-            SessionError::Retry(chain)
+impl From<ConnectError> for SessionError {
+    fn from(e: ConnectError) -> Self {
+        match e {
+            ConnectError::Unreachable(m) => SessionError::Retry(m),
+            ConnectError::Tls(m) => SessionError::Tls(m),
+            ConnectError::Refused(
+                StreamError::Unauthenticated { message }
+                | StreamError::PermissionDenied { message },
+            ) => SessionError::Fatal(message),
+            ConnectError::Refused(StreamError::Tls { message }) => SessionError::Tls(message),
+            ConnectError::Refused(other) => SessionError::Retry(other.message().to_string()),
         }
     }
-}
-
-/// Whether an error chain (as [`crate::dispatcher::error_chain`] writes it) tells of a TLS
-/// failure that a retry will not mend. rustls writes `invalid peer certificate: ...` when we
-/// refuse the dispatcher's certificate, and `received fatal alert: ...` when the dispatcher
-/// refuses ours (or the handshake).
-fn is_permanent(chain: &str) -> bool {
-    const PERMANENT_ALERTS: &[&str] = &[
-        "BadCertificate",
-        "UnsupportedCertificate",
-        "CertificateRevoked",
-        "CertificateExpired",
-        "CertificateUnknown",
-        "CertificateRequired",
-        "UnknownCA",
-        "AccessDenied",
-        "HandshakeFailure",
-        "ProtocolVersion",
-        "InsufficientSecurity",
-        "NoApplicationProtocol",
-    ];
-    chain.contains("invalid peer certificate")
-        || chain.contains("peer sent no certificates")
-        || chain.contains("peer is incompatible")
-        || chain
-            .split("received fatal alert: ")
-            .skip(1)
-            .any(|rest| PERMANENT_ALERTS.iter().any(|alert| rest.starts_with(alert)))
 }
 
 /// How long a split step waits for the answer to a NextUnits before sending it again.
@@ -519,26 +462,16 @@ const UNITS_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a runner keeps trying when the dispatcher says its name is taken.
 const NAME_TAKEN_PATIENCE: Duration = Duration::from_secs(15);
 
-fn out(kind: Out) -> proto::RunnerMessage {
-    proto::RunnerMessage { kind: Some(kind) }
-}
-
-async fn session(
-    endpoint: &Endpoint,
+async fn session<T: Transport>(
+    transport: &T,
     shared: &Arc<Shared>,
     drain: &CancellationToken,
 ) -> Result<SessionEnd, SessionError> {
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| SessionError::classify(crate::dispatcher::error_chain(&e)))?;
-    let mut client = RunnerServiceClient::new(channel)
-        .max_decoding_message_size(crate::api::MAX_RUNNER_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel(128);
     let config = &shared.config;
-    let hello = out(Out::Hello(proto::Hello {
+    let hello = Out::Hello(protocol::Hello {
         name: config.name.clone(),
-        labels: config.labels.clone().into_iter().collect(),
+        labels: config.labels.clone(),
         slots: config.slots,
         version: env!("CARGO_PKG_VERSION").to_string(),
         held_attempts: shared.held(),
@@ -548,37 +481,24 @@ async fn session(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone(),
-    }));
+    });
     let _ = tx.send(hello).await;
-    let mut inbound = client
-        .attach(ReceiverStream::new(rx))
-        .await
-        .map_err(|s| match s.code() {
-            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
-                SessionError::Fatal(s.message().to_string())
-            }
-            _ => SessionError::classify(status_chain(&s)),
-        })?
-        .into_inner();
-    let welcome = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
-        Ok(Ok(Some(proto::DispatcherMessage {
-            kind: Some(In::Welcome(w)),
-        }))) => w,
-        Ok(Err(s))
-            if matches!(
-                s.code(),
-                tonic::Code::InvalidArgument
-                    | tonic::Code::Unauthenticated
-                    | tonic::Code::PermissionDenied
-            ) =>
-        {
-            return Err(SessionError::Fatal(s.message().to_string()));
+    let mut inbound = transport.attach(rx).await?;
+    let welcome = match tokio::time::timeout(Duration::from_secs(10), inbound.next()).await {
+        Ok(Some(Ok(In::Welcome(w)))) => w,
+        Ok(Some(Err(
+            StreamError::InvalidArgument { message }
+            | StreamError::Unauthenticated { message }
+            | StreamError::PermissionDenied { message },
+        ))) => {
+            return Err(SessionError::Fatal(message));
         }
-        Ok(Err(s)) if s.code() == tonic::Code::AlreadyExists => {
-            return Err(SessionError::NameTaken(s.message().to_string()));
+        Ok(Some(Err(StreamError::AlreadyExists { message }))) => {
+            return Err(SessionError::NameTaken(message));
         }
-        Ok(Err(s)) => return Err(SessionError::classify(status_chain(&s))),
-        Ok(Ok(_)) => return Ok(SessionEnd::NotWelcomed),
+        Ok(Some(Err(StreamError::Tls { message }))) => return Err(SessionError::Tls(message)),
+        Ok(Some(Err(e))) => return Err(SessionError::Retry(e.message().to_string())),
+        Ok(Some(Ok(_)) | None) => return Ok(SessionEnd::NotWelcomed),
         Err(_) => return Err(SessionError::Retry("no welcome within 10s".into())),
     };
     *shared
@@ -622,17 +542,17 @@ async fn session(
             break SessionEnd::Drained;
         }
         tokio::select! {
-            m = inbound.message() => match m {
-                Ok(Some(m)) => {
+            m = inbound.next() => match m {
+                Some(Ok(m)) => {
                     last_heard = tokio::time::Instant::now();
                     handle(shared, &tx, m, drain);
                 }
-                Ok(None) => {
+                None => {
                     tracing::info!("the dispatcher closed the stream");
                     break SessionEnd::Welcomed;
                 }
-                Err(s) => {
-                    tracing::warn!(status = %s.message(), "stream broke");
+                Some(Err(e)) => {
+                    tracing::warn!(status = %e, "stream broke");
                     break SessionEnd::Welcomed;
                 }
             },
@@ -641,23 +561,23 @@ async fn session(
                     tracing::warn!("the dispatcher stopped heartbeating; reconnecting");
                     break SessionEnd::Welcomed;
                 }
-                let _ = tx.try_send(out(Out::Heartbeat(proto::Heartbeat {
+                let _ = tx.try_send(Out::Heartbeat(protocol::Heartbeat {
                     running_attempts: shared.held(),
                     sent_at_ms: kiln_domain::now_millis(),
                     draining: shared.draining.load(Ordering::SeqCst),
                     lists_held: true,
-                })));
+                }));
             }
             _ = shared.outbox.changed() => {
                 // Tell the dispatcher at once when draining starts, so it sends no more work.
                 if shared.draining.load(Ordering::SeqCst) && !announced_drain {
                     announced_drain = true;
-                    let _ = tx.try_send(out(Out::Heartbeat(proto::Heartbeat {
+                    let _ = tx.try_send(Out::Heartbeat(protocol::Heartbeat {
                         running_attempts: shared.held(),
                         sent_at_ms: kiln_domain::now_millis(),
                         draining: true,
                         lists_held: true,
-                    })));
+                    }));
                 }
             }
         }
@@ -669,14 +589,9 @@ async fn session(
 }
 
 /// Handles one message from the dispatcher. Never waits: the reader must always keep reading.
-fn handle(
-    shared: &Arc<Shared>,
-    tx: &mpsc::Sender<proto::RunnerMessage>,
-    m: proto::DispatcherMessage,
-    drain: &CancellationToken,
-) {
-    match m.kind {
-        Some(In::Assign(a)) => {
+fn handle(shared: &Arc<Shared>, tx: &mpsc::Sender<Out>, m: In, drain: &CancellationToken) {
+    match m {
+        In::Assign(a) => {
             let attempt = a.attempt_id;
             let token = CancellationToken::new();
             let slot = if shared.draining.load(Ordering::SeqCst) {
@@ -687,18 +602,18 @@ fn handle(
             let slot = match slot {
                 Ok(slot) => slot,
                 Err(reason) => {
-                    let _ = tx.try_send(out(Out::Rejected(proto::Rejected {
+                    let _ = tx.try_send(Out::Rejected(protocol::Rejected {
                         attempt_id: attempt,
                         reason: reason.into(),
-                    })));
+                    }));
                     return;
                 }
             };
             shared.outbox.push(
                 attempt,
-                out(Out::Accepted(proto::Accepted {
+                Out::Accepted(protocol::Accepted {
                     attempt_id: attempt,
-                })),
+                }),
             );
             let shared = shared.clone();
             tokio::spawn(
@@ -709,9 +624,9 @@ fn handle(
                 .instrument(tracing::info_span!("job", attempt)),
             );
         }
-        Some(In::OutputAck(a)) => shared.outbox.ack_output(a.attempt_id, a.up_to_seq),
-        Some(In::ResultAck(a)) => shared.outbox.drop_attempt(a.attempt_id),
-        Some(In::Refused(r)) => {
+        In::OutputAck(a) => shared.outbox.ack_output(a.attempt_id, a.up_to_seq),
+        In::ResultAck(a) => shared.outbox.drop_attempt(a.attempt_id),
+        In::Refused(r) => {
             tracing::warn!(attempt = r.attempt_id, reason = %r.reason, "dispatcher refused");
             match shared.jobs().get(&r.attempt_id) {
                 // Still running: stop it; its final result will settle the attempt.
@@ -720,47 +635,17 @@ fn handle(
                 None => shared.outbox.drop_attempt(r.attempt_id),
             }
         }
-        Some(In::Cancel(c)) => {
+        In::Cancel(c) => {
             tracing::info!(attempt = c.attempt_id, reason = %c.reason, "cancel");
             if let Some(token) = shared.jobs().get(&c.attempt_id) {
                 token.cancel();
             }
         }
-        Some(In::Drain(d)) => {
+        In::Drain(d) => {
             tracing::info!(reason = %d.reason, "the dispatcher asked us to drain");
             drain.cancel();
         }
-        Some(In::Units(u)) => shared.units_answer(u),
-        Some(In::Heartbeat(_)) | Some(In::Welcome(_)) | None => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_permanent;
-
-    /// Error chains as the runner saw them (rustls' words under tonic's and hyper's).
-    #[test]
-    fn certificate_failures_are_permanent_and_the_rest_are_retried() {
-        for permanent in [
-            "transport error: invalid peer certificate: UnknownIssuer",
-            "transport error: connection error: received fatal alert: UnknownCA",
-            "transport error: connection error: received fatal alert: CertificateRequired",
-            "transport error: received fatal alert: BadCertificate",
-            "transport error: received fatal alert: HandshakeFailure",
-        ] {
-            assert!(is_permanent(permanent), "{permanent}");
-        }
-        for transient in [
-            "transport error: tcp connect error: Connection refused (os error 111)",
-            "transport error: connection error: stream closed because of a broken pipe",
-            "operation was canceled: connection closed",
-            "http2 error: keep-alive timed out: operation timed out",
-            "no welcome within 10s",
-            "transport error: received fatal alert: InternalError",
-            "h2 protocol error: http2 error",
-        ] {
-            assert!(!is_permanent(transient), "{transient}");
-        }
+        In::Units(u) => shared.units_answer(u),
+        In::Heartbeat(_) | In::Welcome(_) => {}
     }
 }

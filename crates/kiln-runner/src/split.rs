@@ -25,16 +25,16 @@ use globset::{GlobBuilder, GlobSetBuilder};
 use kiln_domain::split::{TestCase, UnitOutcome};
 use kiln_exec::mask::Masker;
 use kiln_exec::{StepCommand, Termination};
-use prost::Message;
 use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::job::{Capture, Output, StepEnd, exec};
-use crate::convert::{MAX_CASES, MAX_UNIT_LEN, MAX_UNITS, unit_outcome_to_proto};
-use crate::junit::read::{ReadCase, cap, read_cases};
-use crate::proto;
+use kiln_domain::StepOutcome;
+use kiln_domain::protocol::{self, MAX_CASES, MAX_UNIT_LEN, MAX_UNITS};
+use kiln_domain::split::{Interaction, LeasedUnit, UnitReport, UnitSource, UnitsReply};
+use kiln_junit::{ReadCase, cap, read_cases};
 
 /// Pause before asking again after a WAIT (with ±25% jitter).
 const WAIT: Duration = Duration::from_millis(100);
@@ -43,8 +43,8 @@ const MAX_DISCOVERY_OUTPUT: usize = 64 << 20;
 /// Largest JUnit file read.
 const MAX_JUNIT_BYTES: u64 = 256 << 20;
 /// Largest NextUnits sent: the dispatcher takes runner messages up to
-/// [`crate::api::MAX_RUNNER_MESSAGE_BYTES`]; keep a margin for the envelope.
-pub(super) const MAX_REQUEST_BYTES: usize = crate::api::MAX_RUNNER_MESSAGE_BYTES - (64 << 10);
+/// [`protocol::MAX_MESSAGE_BYTES`]; keep a margin for the envelope.
+pub(super) const MAX_REQUEST_BYTES: usize = protocol::MAX_MESSAGE_BYTES - (64 << 10);
 /// Texts of test cases are cut to these, one after the other, while a request is too big.
 const SHORT_TEXTS: [usize; 2] = [4096, 128];
 /// Longest command line or `KILN_UNITS` of a batch (Linux takes at most 128 KiB per argument
@@ -57,8 +57,8 @@ const BANNER_UNITS: usize = 200;
 pub(super) struct Split<'a> {
     pub(super) shared: &'a Shared,
     pub(super) attempt: u64,
-    pub(super) step: &'a proto::StepSpec,
-    pub(super) spec: &'a proto::SplitStep,
+    pub(super) step: &'a protocol::AssignedStep,
+    pub(super) spec: &'a protocol::SplitStep,
     /// The checkout.
     pub(super) dir: &'a Path,
     /// The step's environment (job env, step env, secrets, `KILN_STEP`).
@@ -94,10 +94,10 @@ pub(super) async fn run(s: &Split<'_>, output: &mut Output<'_>, message: &mut St
     let end = shard.go().await;
     let index = s.step.index;
     let (outcome, summary) = match end {
-        End::Passed => (proto::StepOutcome::Passed, "passed"),
+        End::Passed => (StepOutcome::Passed, "passed"),
         End::Failed(why) => {
             *message = format!("step {}: {why}", s.step.name);
-            (proto::StepOutcome::Failed, "failed")
+            (StepOutcome::Failed, "failed")
         }
         End::Errored(why) => {
             shard
@@ -105,10 +105,10 @@ pub(super) async fn run(s: &Split<'_>, output: &mut Output<'_>, message: &mut St
                 .system(index, format!("kiln: split {}: {why}\n", s.spec.key))
                 .await;
             *message = format!("step {}: {why}", s.step.name);
-            (proto::StepOutcome::Errored, "errored")
+            (StepOutcome::Errored, "errored")
         }
-        End::TimedOut => (proto::StepOutcome::TimedOut, "timed out"),
-        End::Cancelled => (proto::StepOutcome::Cancelled, "cancelled"),
+        End::TimedOut => (StepOutcome::TimedOut, "timed out"),
+        End::Cancelled => (StepOutcome::Cancelled, "cancelled"),
     };
     StepEnd {
         outcome,
@@ -145,7 +145,7 @@ struct Shard<'s, 'a, 'o, 'p> {
     /// Batches run so far (sub-batches of one answer count apart).
     batches: u32,
     /// Interaction failures to report with the next request.
-    interactions: Vec<proto::Interaction>,
+    interactions: Vec<Interaction>,
     /// The previous answer's processes, to report with the next request.
     timing: BatchTiming,
 }
@@ -247,13 +247,13 @@ impl Shard<'_, '_, '_, '_> {
         ))
         .await;
         let mut discovered = Some(discovered);
-        let mut results: Vec<proto::UnitResult> = Vec::new();
+        let mut results: Vec<UnitReport> = Vec::new();
         let mut request = 0u32;
         loop {
             request += 1;
             let first = discovered.is_some();
             let (batch_ms, batch_processes) = std::mem::take(&mut self.timing).report();
-            let mut req = proto::NextUnits {
+            let mut req = protocol::NextUnits {
                 attempt_id: self.s.attempt,
                 step_index: self.s.step.index,
                 request,
@@ -264,12 +264,12 @@ impl Shard<'_, '_, '_, '_> {
                 batch_ms,
                 batch_processes,
             };
-            if first && req.encoded_len() > MAX_REQUEST_BYTES {
+            if first && req.size() > MAX_REQUEST_BYTES {
                 return End::Errored(format!(
                     "the {} units found take {} bytes, more than one request may carry ({} bytes): \
                      use fewer or shorter unit ids",
                     req.discovered.len(),
-                    req.encoded_len(),
+                    req.size(),
                     MAX_REQUEST_BYTES
                 ));
             }
@@ -296,35 +296,28 @@ impl Shard<'_, '_, '_, '_> {
             let Some(answer) = answer else {
                 return End::Cancelled;
             };
-            match proto::UnitsState::try_from(answer.state) {
-                Ok(proto::UnitsState::Batch) if !answer.units.is_empty() => {
-                    match self.run_batch(answer.units).await {
+            match answer.reply {
+                UnitsReply::Batch(units) if !units.is_empty() => {
+                    match self.run_batch(units).await {
                         Ok(r) => results = r,
                         Err(end) => return end,
                     }
                 }
-                Ok(proto::UnitsState::Batch | proto::UnitsState::Wait) => {
+                UnitsReply::Batch(_) | UnitsReply::Wait => {
                     if let Err(end) = self.pause().await {
                         return end;
                     }
                 }
-                Ok(proto::UnitsState::Done) => {
-                    self.log(format!("kiln: split {key}: {}\n", answer.message))
-                        .await;
-                    return if answer.passed {
+                UnitsReply::Done { passed, summary } => {
+                    self.log(format!("kiln: split {key}: {summary}\n")).await;
+                    return if passed {
                         End::Passed
                     } else {
-                        End::Failed(format!("split {key}: {}", answer.message))
+                        End::Failed(format!("split {key}: {summary}"))
                     };
                 }
-                Ok(proto::UnitsState::Refused) => {
-                    return End::Errored(format!("the dispatcher refused: {}", answer.message));
-                }
-                _ => {
-                    return End::Errored(format!(
-                        "unexpected answer from the dispatcher (state {})",
-                        answer.state
-                    ));
+                UnitsReply::Refused(why) => {
+                    return End::Errored(format!("the dispatcher refused: {why}"));
                 }
             }
         }
@@ -344,8 +337,14 @@ impl Shard<'_, '_, '_, '_> {
     /// Finds the units in the checkout.
     async fn discover(&mut self) -> Result<Vec<String>, End> {
         let spec = self.s.spec;
-        if !spec.glob.is_empty() {
-            let (dir, globs) = (self.s.dir.to_path_buf(), spec.glob.clone());
+        let command = match &spec.units {
+            UnitSource::Glob(_) => "",
+            UnitSource::Command(c) => c.as_str(),
+        };
+        if let UnitSource::Glob(globs) = &spec.units
+            && !globs.is_empty()
+        {
+            let (dir, globs) = (self.s.dir.to_path_buf(), globs.clone());
             let found = tokio::select! {
                 r = tokio::task::spawn_blocking(move || glob_units(&dir, &globs)) => r,
                 () = self.s.token.cancelled() => return Err(End::Cancelled),
@@ -357,19 +356,19 @@ impl Shard<'_, '_, '_, '_> {
                 Err(e) => Err(End::Errored(format!("unit discovery failed: {e}"))),
             };
         }
-        if spec.command.trim().is_empty() {
+        if command.trim().is_empty() {
             return Err(End::Errored(
                 "the step names no units (neither a glob nor a command)".into(),
             ));
         }
-        let first_line = spec.command.lines().next().unwrap_or_default();
+        let first_line = command.lines().next().unwrap_or_default();
         self.log(format!(
             "kiln: split {}: finding units: $ {first_line}\n",
             spec.key
         ))
         .await;
         let cmd = StepCommand {
-            script: spec.command.clone(),
+            script: command.to_string(),
             cwd: self.s.dir.to_path_buf(),
             env: self.env(),
             timeout: self.remaining()?,
@@ -395,7 +394,7 @@ impl Shard<'_, '_, '_, '_> {
             Err(e) => {
                 return Err(End::Errored(format!(
                     "cannot run the unit discovery command: {}",
-                    crate::dispatcher::error_chain(&e)
+                    kiln_domain::error_chain(&e)
                 )));
             }
         };
@@ -418,10 +417,7 @@ impl Shard<'_, '_, '_, '_> {
     }
 
     /// Runs the units of one answer: one batch per try number, in the order given.
-    async fn run_batch(
-        &mut self,
-        units: Vec<proto::LeasedUnit>,
-    ) -> Result<Vec<proto::UnitResult>, End> {
+    async fn run_batch(&mut self, units: Vec<LeasedUnit>) -> Result<Vec<UnitReport>, End> {
         let mut results = Vec::with_capacity(units.len());
         self.timing = BatchTiming::start();
         for (try_number, group) in by_try(units) {
@@ -441,7 +437,7 @@ impl Shard<'_, '_, '_, '_> {
         k: u32,
         try_number: u32,
         units: Vec<String>,
-    ) -> Result<Vec<proto::UnitResult>, End> {
+    ) -> Result<Vec<UnitReport>, End> {
         self.log(format!(
             "kiln: batch {k}: {} unit{} (try {try_number}): {}\n",
             units.len(),
@@ -514,11 +510,11 @@ impl Shard<'_, '_, '_, '_> {
                 banner_list(&units_of(&results))
             ))
             .await;
-            self.interactions.push(proto::Interaction {
+            self.interactions.push(Interaction {
                 units: units_of(&results),
                 try_number,
                 detail: batch.status,
-                runner: String::new(),
+                runner: None,
             });
         }
         Ok(results)
@@ -602,7 +598,7 @@ impl Shard<'_, '_, '_, '_> {
             Err(e) => {
                 self.log(format!(
                     "kiln: {label}: cannot run: {}\n",
-                    crate::dispatcher::error_chain(&e)
+                    kiln_domain::error_chain(&e)
                 ))
                 .await;
                 (Ran::Errored, Duration::ZERO)
@@ -653,39 +649,26 @@ fn result(
     outcome: UnitOutcome,
     duration: Duration,
     mut cases: Vec<TestCase>,
-) -> proto::UnitResult {
+) -> UnitReport {
     cases.truncate(MAX_CASES);
-    proto::UnitResult {
+    UnitReport {
         unit,
         try_number,
-        outcome: unit_outcome_to_proto(outcome) as i32,
+        outcome,
         duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
-        cases: cases
-            .into_iter()
-            .map(|c| proto::TestCase {
-                outcome: unit_outcome_to_proto(c.outcome) as i32,
-                name: c.name,
-                classname: c.classname,
-                skipped: c.skipped,
-                duration_ms: c.duration_ms,
-                message: c.message,
-                body: c.body,
-                system_out: c.system_out,
-                system_err: c.system_err,
-            })
-            .collect(),
+        cases,
     }
 }
 
 /// Keeps a request under `max` bytes by cutting the texts of test cases (saying so in each),
 /// then leaving out the test cases of the units with the most; returns how many units lost
 /// their cases.
-fn fit_request(req: &mut proto::NextUnits, max: usize) -> usize {
-    if req.encoded_len() <= max {
+fn fit_request(req: &mut protocol::NextUnits, max: usize) -> usize {
+    if req.size() <= max {
         return 0;
     }
     for short in SHORT_TEXTS {
-        if req.encoded_len() <= max {
+        if req.size() <= max {
             return 0;
         }
         for r in &mut req.results {
@@ -707,7 +690,7 @@ fn fit_request(req: &mut proto::NextUnits, max: usize) -> usize {
     order.sort_by_key(|&i| std::cmp::Reverse(req.results[i].cases.len()));
     let mut stripped = 0;
     for i in order {
-        if req.encoded_len() <= max || req.results[i].cases.is_empty() {
+        if req.size() <= max || req.results[i].cases.is_empty() {
             break;
         }
         req.results[i].cases = Vec::new();
@@ -742,20 +725,16 @@ fn fit_args(units: Vec<String>, run_len: usize) -> Vec<Vec<String>> {
 
 /// Whether a batch that ended `ran` and whose units, run alone, gave `alone` failed only
 /// together: the batch failed, and every unit passed alone.
-fn interacts(ran: Ran, alone: &[proto::UnitResult]) -> bool {
-    ran == Ran::Failed
-        && alone.len() > 1
-        && alone
-            .iter()
-            .all(|r| r.outcome == unit_outcome_to_proto(UnitOutcome::Passed) as i32)
+fn interacts(ran: Ran, alone: &[UnitReport]) -> bool {
+    ran == Ran::Failed && alone.len() > 1 && alone.iter().all(|r| r.outcome == UnitOutcome::Passed)
 }
 
-fn units_of(results: &[proto::UnitResult]) -> Vec<String> {
+fn units_of(results: &[UnitReport]) -> Vec<String> {
     results.iter().map(|r| r.unit.clone()).collect()
 }
 
 /// Units grouped by try number, groups in order of first appearance.
-fn by_try(units: Vec<proto::LeasedUnit>) -> Vec<(u32, Vec<String>)> {
+fn by_try(units: Vec<LeasedUnit>) -> Vec<(u32, Vec<String>)> {
     let mut groups: Vec<(u32, Vec<String>)> = Vec::new();
     for u in units {
         match groups.iter_mut().find(|(t, _)| *t == u.try_number) {
@@ -1263,7 +1242,7 @@ mod tests {
 
     #[test]
     fn units_are_grouped_by_try() {
-        let leased = |u: &str, t: u32| proto::LeasedUnit {
+        let leased = |u: &str, t: u32| LeasedUnit {
             unit: u.into(),
             try_number: t,
         };
@@ -1313,18 +1292,24 @@ mod tests {
 
     #[test]
     fn oversized_requests_lose_cases_not_results() {
-        let big_case = proto::TestCase {
+        let big_case = TestCase {
             name: "t".repeat(1000),
+            classname: String::new(),
+            outcome: UnitOutcome::Passed,
+            skipped: false,
+            duration_ms: 0,
             message: "m".repeat(5000),
-            ..Default::default()
+            body: String::new(),
+            system_out: String::new(),
+            system_err: String::new(),
         };
-        let mut req = proto::NextUnits {
+        let mut req = protocol::NextUnits {
             request: 2,
             results: (0..4)
-                .map(|i| proto::UnitResult {
+                .map(|i| UnitReport {
                     unit: format!("u{i}"),
                     try_number: 1,
-                    outcome: 1,
+                    outcome: UnitOutcome::Passed,
                     duration_ms: 1,
                     cases: vec![big_case.clone(); 10 * (i + 1)],
                 })
@@ -1333,7 +1318,7 @@ mod tests {
         };
         assert_eq!(fit_request(&mut req.clone(), 1 << 20), 0);
         let stripped = fit_request(&mut req, 30_000);
-        assert!(req.encoded_len() <= 30_000, "{}", req.encoded_len());
+        assert!(req.size() <= 30_000, "{}", req.size());
         assert_eq!(req.results.len(), 4);
         assert!(stripped >= 1);
         assert!(req.results[3].cases.is_empty(), "the biggest go first");

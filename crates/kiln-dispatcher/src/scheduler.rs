@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{DispatchError, Dispatcher, LiveAttempt, error_chain, space};
-use crate::proto;
+use kiln_domain::protocol::{self, DispatcherMessage};
 
 /// The longest the loop sleeps when nothing is due sooner. Every deadline it watches is set
 /// with a kick or a rewake, so this is only a safety net.
@@ -306,27 +306,14 @@ impl Dispatcher {
                 }
             };
             self.publish(&change);
-            let assign = proto::Assign {
+            let assign = protocol::Assign {
                 attempt_id: attempt,
                 job_id: job.id,
                 build_id: job.build_id,
                 repo_url: build.repo.clone(),
                 commit: build.commit.clone(),
                 branch: build.branch.clone(),
-                steps: job
-                    .steps
-                    .iter()
-                    .map(|s| proto::StepSpec {
-                        index: s.index,
-                        name: s.name.clone(),
-                        run: s.run.clone(),
-                        env: s.env.clone().into_iter().collect(),
-                        timeout_ms: s.timeout_ms,
-                        post: crate::convert::post_to_proto(s.post) as i32,
-                        split: s.split.as_ref().map(crate::convert::split_to_proto),
-                        junit: s.junit.clone(),
-                    })
-                    .collect(),
+                steps: job.steps.iter().map(protocol::AssignedStep::from).collect(),
                 env: [
                     ("CI", "true".to_string()),
                     ("KILN", "true".to_string()),
@@ -364,10 +351,7 @@ impl Dispatcher {
                         live.next_seq = Some(1);
                         live.secret_hash = Some(secret_hash);
                         st.attempts.insert(attempt, live);
-                        tx.try_send(Ok(proto::DispatcherMessage {
-                            kind: Some(proto::dispatcher_message::Kind::Assign(assign)),
-                        }))
-                        .is_ok()
+                        tx.try_send(Ok(DispatcherMessage::Assign(assign))).is_ok()
                     }
                     None => false,
                 }

@@ -1,0 +1,159 @@
+//! The runner's gRPC transport: `RunnerService.Attach` over tonic (TLS from [`ClientTls`]),
+//! wire messages converted by [`crate::convert`].
+
+use std::time::Duration;
+
+use kiln_domain::protocol::{MAX_MESSAGE_BYTES, RunnerMessage, StreamError};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+use crate::convert;
+use crate::proto::runner_service_client::RunnerServiceClient;
+use crate::tls::ClientTls;
+use kiln_runner::{ConnectError, Inbound, Transport};
+
+/// Opens runner streams over gRPC.
+#[derive(Debug, Clone)]
+pub struct TonicTransport {
+    endpoint: Endpoint,
+}
+
+impl TonicTransport {
+    /// A transport to the dispatcher at `url` (`http://` or `https://` with `tls`).
+    pub fn new(url: &str, tls: &ClientTls) -> Result<Self, String> {
+        let endpoint = tls
+            .endpoint(url)?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20));
+        Ok(Self { endpoint })
+    }
+}
+
+impl Transport for TonicTransport {
+    async fn attach(
+        &self,
+        outbound: tokio::sync::mpsc::Receiver<RunnerMessage>,
+    ) -> Result<Inbound, ConnectError> {
+        let channel = self
+            .endpoint
+            .connect()
+            .await
+            .map_err(|e| classify(kiln_domain::error_chain(&e)))?;
+        let mut client =
+            RunnerServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let outbound = ReceiverStream::new(outbound).map(convert::runner_message_to_proto);
+        let inbound = client
+            .attach(outbound)
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                    ConnectError::Refused(convert::stream_error_from_status(&s))
+                }
+                _ => classify(convert::status_chain(&s)),
+            })?
+            .into_inner();
+        Ok(Box::pin(inbound.filter_map(|m| match m {
+            Ok(m) => match convert::dispatcher_message_from_proto(m) {
+                Ok(Some(m)) => Some(Ok(m)),
+                // A kind this runner does not know (a newer dispatcher): ignored.
+                Ok(None) => None,
+                Err(message) => Some(Err(StreamError::InvalidArgument { message })),
+            },
+            Err(s) => {
+                let chain = convert::status_chain(&s);
+                Some(Err(if is_permanent(&chain) {
+                    StreamError::Tls {
+                        message: tls_hint(&chain),
+                    }
+                } else {
+                    convert::stream_error_from_status(&s)
+                }))
+            }
+        })))
+    }
+}
+
+/// A failure to connect or attach: permanent when the TLS handshake failed over a certificate
+/// (ours refused by the dispatcher, or the dispatcher's not trusted by us) or the handshake was
+/// refused (no common protocol), since trying again changes nothing; anything else (refused or
+/// reset connections, timeouts, a restarting dispatcher) may pass.
+fn classify(chain: String) -> ConnectError {
+    if is_permanent(&chain) {
+        ConnectError::Tls(tls_hint(&chain))
+    } else {
+        ConnectError::Unreachable(chain)
+    }
+}
+
+/// A TLS failure's chain with what to check first.
+fn tls_hint(chain: &str) -> String {
+    let hint = if chain.contains("invalid peer certificate") {
+        "this runner does not trust the dispatcher's certificate (see --tls-ca)"
+    } else if chain.contains("Certificate") || chain.contains("UnknownCA") {
+        "the dispatcher refused this runner's certificate (see --tls-cert, --tls-key)"
+    } else {
+        "the dispatcher refused the TLS handshake"
+    };
+    format!("{hint}: {chain}")
+}
+
+/// Whether an error chain (as [`kiln_domain::error_chain`] writes it) tells of a TLS failure
+/// that a retry will not mend. rustls writes `invalid peer certificate: ...` when we refuse
+/// the dispatcher's certificate, and `received fatal alert: ...` when the dispatcher refuses
+/// ours (or the handshake).
+fn is_permanent(chain: &str) -> bool {
+    const PERMANENT_ALERTS: &[&str] = &[
+        "BadCertificate",
+        "UnsupportedCertificate",
+        "CertificateRevoked",
+        "CertificateExpired",
+        "CertificateUnknown",
+        "CertificateRequired",
+        "UnknownCA",
+        "AccessDenied",
+        "HandshakeFailure",
+        "ProtocolVersion",
+        "InsufficientSecurity",
+        "NoApplicationProtocol",
+    ];
+    chain.contains("invalid peer certificate")
+        || chain.contains("peer sent no certificates")
+        || chain.contains("peer is incompatible")
+        || chain
+            .split("received fatal alert: ")
+            .skip(1)
+            .any(|rest| PERMANENT_ALERTS.iter().any(|alert| rest.starts_with(alert)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_permanent;
+
+    /// Error chains as the runner saw them (rustls' words under tonic's and hyper's).
+    #[test]
+    fn certificate_failures_are_permanent_and_the_rest_are_retried() {
+        for permanent in [
+            "transport error: invalid peer certificate: UnknownIssuer",
+            "transport error: connection error: received fatal alert: UnknownCA",
+            "transport error: connection error: received fatal alert: CertificateRequired",
+            "transport error: received fatal alert: BadCertificate",
+            "transport error: received fatal alert: HandshakeFailure",
+        ] {
+            assert!(is_permanent(permanent), "{permanent}");
+        }
+        for transient in [
+            "transport error: tcp connect error: Connection refused (os error 111)",
+            "transport error: connection error: stream closed because of a broken pipe",
+            "operation was canceled: connection closed",
+            "http2 error: keep-alive timed out: operation timed out",
+            "no welcome within 10s",
+            "transport error: received fatal alert: InternalError",
+            "h2 protocol error: http2 error",
+        ] {
+            assert!(!is_permanent(transient), "{transient}");
+        }
+    }
+}
