@@ -15,6 +15,7 @@ use super::DispatchError;
 use super::{Config, Dispatcher};
 use kiln_domain::protocol::{self, DispatcherMessage as Out, RunnerMessage as In, StreamError};
 use kiln_domain::split::UnitsReply;
+use proptest::prelude::*;
 
 type Inbound = mpsc::Sender<Result<In, StreamError>>;
 type Outbound = ReceiverStream<Result<Out, DispatchError>>;
@@ -236,118 +237,138 @@ async fn output_is_stored_once_in_order_and_results_are_fenced() {
     bg.await.unwrap();
 }
 
-/// A small deterministic generator, so every run sees the same "random" streams.
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
+/// One message of a fuzzing runner's stream.
+#[derive(Debug, Clone)]
+enum Fuzz {
+    /// Output of its attempt with this sequence number (duplicates and gaps included).
+    Output(u64),
+    /// Output of an attempt this many ids after its own (not its attempt).
+    Foreign(u64),
+    /// A step's end with this outcome (index into the outcomes).
+    Finished(usize),
+    /// What the edge passes on for a wire message that does not convert (an unknown stream,
+    /// no kind at all).
+    Invalid,
+    /// A chunk larger than a log frame may be.
+    Oversized,
+    /// A heartbeat.
+    Heartbeat,
+}
+
+fn fuzz() -> impl Strategy<Value = Fuzz> {
+    prop_oneof![
+        6 => (1..9u64).prop_map(Fuzz::Output),
+        1 => (1..6u64).prop_map(Fuzz::Foreign),
+        1 => (0..6usize).prop_map(Fuzz::Finished),
+        2 => Just(Fuzz::Invalid),
+        1 => Just(Fuzz::Oversized),
+        1 => Just(Fuzz::Heartbeat),
+    ]
+}
+
+/// Runs one fuzzing runner's stream against `d`: attaches as `name`, takes a new build's job,
+/// sends `stream`, and returns the job's stored sequence numbers (and whether the dispatcher
+/// closed the stream).
+async fn fuzz_session(d: &Dispatcher, name: &str, stream: &[Fuzz]) -> (Vec<u64>, bool) {
+    use kiln_domain::StepOutcome::*;
+    let b = build(d, 1).await;
+    let job = b.jobs[0].id;
+    let (tx, mut out, _) = attach(d, name, vec![]).await;
+    let attempt = assigned(&mut out).await.attempt_id;
+    let mut closed = false;
+    for f in stream {
+        let msg = match *f {
+            Fuzz::Output(seq) => output(attempt, seq, &[b'x'; 3]),
+            Fuzz::Foreign(offset) => output(attempt + offset, 1, b"zz"),
+            Fuzz::Finished(i) => m(In::StepFinished(protocol::StepFinished {
+                attempt_id: attempt,
+                step_index: 0,
+                outcome: [Passed, Failed, TimedOut, Cancelled, Errored, Skipped][i],
+                exit_code: None,
+                signal: None,
+                duration_ms: 0,
+                last_seq: 0,
+                cases: Vec::new(),
+                report_note: String::new(),
+            })),
+            Fuzz::Invalid => Err(StreamError::InvalidArgument {
+                message: "output.stream 8 is not stdout, stderr or system".into(),
+            }),
+            Fuzz::Oversized => output(attempt, 1, &vec![0u8; kiln_store::MAX_FRAME + 1]),
+            Fuzz::Heartbeat => m(In::Heartbeat(protocol::Heartbeat::default())),
+        };
+        if tx.send(msg).await.is_err() {
+            closed = true;
+            break;
+        }
     }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+    drop(tx);
+    // Drain what the dispatcher said until the stream ends.
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(20), out.next()).await {
+        if msg.is_err() {
+            closed = true;
+        }
     }
+    let seqs = stored(d, job).await.iter().map(|(s, _)| *s).collect();
+    (seqs, closed)
 }
 
 /// Property: whatever a runner sends (duplicates, gaps, unknown attempts, bad enums, empty
 /// messages, oversized chunks, a second hello), the dispatcher never panics, stores each chunk
 /// of the current attempt at most once and in sequence, and keeps serving other runners.
-#[tokio::test]
-async fn random_runner_streams_never_corrupt_the_log() {
+/// proptest shrinks a failing stream to a short one.
+#[test]
+fn random_runner_streams_never_corrupt_the_log() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let d = dispatcher(dir.path());
     let stop = CancellationToken::new();
-    let bg = d.spawn_background(stop.clone());
-    for seed in 1..=12u64 {
-        let mut rng = Lcg(seed);
-        let b = build(&d, 1).await;
-        let job = b.jobs[0].id;
-        let (tx, mut out, _) = attach(&d, &format!("fuzz{seed}"), vec![]).await;
-        let a = assigned(&mut out).await;
-        let attempt = a.attempt_id;
-        let mut closed = false;
-        for _ in 0..60 {
-            let msg = match rng.below(12) {
-                0..=5 => output(attempt, 1 + rng.below(8), &[b'x'; 3]),
-                6 => output(attempt + 1 + rng.below(5), 1, b"zz"),
-                7 => m(In::StepFinished(protocol::StepFinished {
-                    attempt_id: attempt,
-                    step_index: 0,
-                    outcome: {
-                        use kiln_domain::StepOutcome::*;
-                        [Passed, Failed, TimedOut, Cancelled, Errored, Skipped]
-                            [rng.below(6) as usize]
-                    },
-                    exit_code: None,
-                    signal: None,
-                    duration_ms: 0,
-                    last_seq: 0,
-                    cases: Vec::new(),
-                    report_note: String::new(),
-                })),
-                // What the edge passes on for a wire message that does not convert (an
-                // unknown stream, no kind at all).
-                8 | 9 => Err(StreamError::InvalidArgument {
-                    message: "output.stream 8 is not stdout, stderr or system".into(),
-                }),
-                10 => output(attempt, 1, &vec![0u8; kiln_store::MAX_FRAME + 1]),
-                _ => m(In::Heartbeat(protocol::Heartbeat::default())),
-            };
-            if tx.send(msg).await.is_err() {
-                closed = true;
-                break;
-            }
-        }
-        drop(tx);
-        // Drain what the dispatcher said until the stream ends.
-        while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(20), out.next()).await {
-            if msg.is_err() {
-                closed = true;
-            }
-        }
-        let log = stored(&d, job).await;
-        let seqs: Vec<u64> = log.iter().map(|(s, _)| *s).collect();
+    let (d, bg) = rt.block_on(async {
+        let d = dispatcher(dir.path());
+        let bg = d.spawn_background(stop.clone());
+        (d, bg)
+    });
+    let sessions = std::sync::atomic::AtomicU64::new(0);
+    proptest!(ProptestConfig::with_cases(16), |(stream in proptest::collection::vec(fuzz(), 0..60))| {
+        let n = sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (seqs, closed) = rt.block_on(fuzz_session(&d, &format!("fuzz{n}"), &stream));
         let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
-        assert_eq!(
-            seqs, expected,
-            "seed {seed}: log not in sequence ({closed})"
-        );
-    }
+        prop_assert_eq!(seqs, expected, "log not in sequence (stream closed: {})", closed);
+    });
     // Still serving: a well-behaved runner gets work and finishes it.
-    let b = build(&d, 1).await;
-    let (tx, mut out, _) = attach(&d, "good", vec![]).await;
-    let mut a = assigned(&mut out).await;
-    while a.job_id != b.jobs[0].id {
-        // Jobs of the fuzzed sessions come back after their lease; finish them too.
+    rt.block_on(async {
+        let b = build(&d, 1).await;
+        let (tx, mut out, _) = attach(&d, "good", vec![]).await;
+        let mut a = assigned(&mut out).await;
+        while a.job_id != b.jobs[0].id {
+            // Jobs of the fuzzed sessions come back after their lease; finish them too.
+            tx.send(finished(a.attempt_id, JobState::Passed, 0))
+                .await
+                .unwrap();
+            loop {
+                match next(&mut out).await.unwrap() {
+                    Out::Assign(x) => {
+                        a = x;
+                        break;
+                    }
+                    _ => continue,
+                }
+            }
+        }
         tx.send(finished(a.attempt_id, JobState::Passed, 0))
             .await
             .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            match next(&mut out).await.unwrap() {
-                Out::Assign(x) => {
-                    a = x;
-                    break;
-                }
-                _ => continue,
+            let s = d.get_build(b.build.id).await.unwrap().build.state;
+            if s == JobState::Passed {
+                break;
             }
+            assert!(tokio::time::Instant::now() < deadline, "state {s}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-    tx.send(finished(a.attempt_id, JobState::Passed, 0))
-        .await
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = d.get_build(b.build.id).await.unwrap().build.state;
-        if s == JobState::Passed {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "state {s}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stop.cancel();
-    bg.await.unwrap();
+        stop.cancel();
+        bg.await.unwrap();
+    });
 }
 
 #[tokio::test]
