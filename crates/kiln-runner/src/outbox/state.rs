@@ -448,7 +448,7 @@ impl Inner {
                         first_seq: seq,
                         count: 1,
                         acked: 0,
-                        step: step,
+                        step,
                     }));
                 }
                 if inner.spool_failing {
