@@ -9,7 +9,7 @@
 //!   sessions, live log fan-out).
 //! - [`api`]: the tonic services over the engine, the error-to-status mapping, and [`api::serve`].
 //! - [`auth`]: API and runner tokens. [`tls`]: TLS files for the listener and the clients.
-//! - [`runner`]: the runner's client loop (one stream, reconnects) and its job execution.
+//! - [`runner`]: `kiln runner`, the runner engine (crate `kiln-runner`) over gRPC.
 //! - [`webhook`]: the signed push webhook served next to the gRPC services.
 //! - [`cli`]: the `kiln` command line.
 //! - [`demo`]: `kiln demo`, the all-in-one showcase.
