@@ -891,4 +891,257 @@ mod tests {
             assert_eq!(millis(&timestamp(ms)), ms);
         }
     }
+
+    fn wire(kind: proto::runner_message::Kind) -> proto::RunnerMessage {
+        proto::RunnerMessage { kind: Some(kind) }
+    }
+
+    /// Every kind of runner message survives the wire both ways.
+    #[test]
+    fn runner_messages_round_trip() {
+        use protocol::RunnerMessage as M;
+        let case = split::TestCase {
+            name: "t".into(),
+            classname: "c".into(),
+            outcome: split::UnitOutcome::Failed,
+            skipped: false,
+            duration_ms: 3,
+            message: "m".into(),
+            body: "b".into(),
+            system_out: "o".into(),
+            system_err: "e".into(),
+        };
+        let messages = [
+            M::Hello(protocol::Hello {
+                name: "r1".into(),
+                labels: [("os".to_string(), "linux".to_string())].into(),
+                slots: 2,
+                version: "1".into(),
+                held_attempts: vec![4, 5],
+                token: "t".into(),
+                session_secret: "s".into(),
+            }),
+            M::Heartbeat(protocol::Heartbeat {
+                running_attempts: vec![4],
+                sent_at_ms: 9,
+                draining: true,
+                lists_held: true,
+            }),
+            M::Accepted(protocol::Accepted { attempt_id: 4 }),
+            M::Rejected(protocol::Rejected {
+                attempt_id: 4,
+                reason: "no free slot".into(),
+            }),
+            M::Output(protocol::OutputChunk {
+                attempt_id: 4,
+                seq: 1,
+                step_index: 0,
+                stream: protocol::OutputStream::Stderr,
+                data: bytes::Bytes::from_static(b"x"),
+            }),
+            M::StepStarted(protocol::StepStarted {
+                attempt_id: 4,
+                step_index: 1,
+            }),
+            M::StepFinished(protocol::StepFinished {
+                attempt_id: 4,
+                step_index: 1,
+                outcome: StepOutcome::Failed,
+                exit_code: Some(2),
+                signal: None,
+                duration_ms: 7,
+                last_seq: 1,
+                cases: vec![case.clone()],
+                report_note: "n".into(),
+            }),
+            M::JobFinished(protocol::JobFinished {
+                attempt_id: 4,
+                state: JobState::Failed,
+                message: "why".into(),
+                last_seq: 1,
+            }),
+            M::NextUnits(protocol::NextUnits {
+                attempt_id: 4,
+                step_index: 0,
+                request: 2,
+                discovered: vec!["u1".into()],
+                results: vec![split::UnitReport {
+                    unit: "u1".into(),
+                    try_number: 1,
+                    outcome: split::UnitOutcome::Failed,
+                    duration_ms: 5,
+                    cases: vec![case],
+                }],
+                max_units: 3,
+                interactions: vec![split::Interaction {
+                    units: vec!["u1".into(), "u2".into()],
+                    try_number: 1,
+                    detail: "d".into(),
+                    runner: None,
+                }],
+                batch_ms: 11,
+                batch_processes: 1,
+            }),
+        ];
+        for m in messages {
+            let back = runner_message_from_proto(runner_message_to_proto(m.clone()));
+            assert_eq!(back, Ok(m));
+        }
+    }
+
+    /// A wire message that does not fit the protocol is an error naming what is wrong, never
+    /// a panic.
+    #[test]
+    fn invalid_runner_messages_are_refused_with_the_reason() {
+        use proto::runner_message::Kind;
+        let refused = |m: proto::RunnerMessage, word: &str| match runner_message_from_proto(m) {
+            Err(why) => assert!(why.contains(word), "{why}"),
+            Ok(m) => panic!("accepted {m:?}"),
+        };
+        refused(proto::RunnerMessage { kind: None }, "no kind");
+        refused(
+            wire(Kind::Output(proto::OutputChunk {
+                stream: 9,
+                ..Default::default()
+            })),
+            "output.stream",
+        );
+        refused(
+            wire(Kind::StepFinished(proto::StepFinished {
+                outcome: 0,
+                ..Default::default()
+            })),
+            "step_finished.outcome",
+        );
+        refused(
+            wire(Kind::StepFinished(proto::StepFinished {
+                outcome: proto::StepOutcome::Passed as i32,
+                report_note: "x".repeat(MAX_REPORT_NOTE + 1),
+                ..Default::default()
+            })),
+            "report_note",
+        );
+        for state in [0, proto::JobState::Running as i32, 99] {
+            refused(
+                wire(Kind::JobFinished(proto::JobFinished {
+                    state,
+                    ..Default::default()
+                })),
+                "job_finished.state",
+            );
+        }
+        refused(
+            wire(Kind::NextUnits(proto::NextUnits {
+                request: 0,
+                ..Default::default()
+            })),
+            "request",
+        );
+        refused(
+            wire(Kind::NextUnits(proto::NextUnits {
+                request: 1,
+                discovered: vec!["a\nb".into()],
+                ..Default::default()
+            })),
+            "newline",
+        );
+        refused(
+            wire(Kind::NextUnits(proto::NextUnits {
+                request: 1,
+                results: vec![proto::UnitResult {
+                    unit: "u".into(),
+                    try_number: 1,
+                    outcome: 0,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })),
+            "outcome",
+        );
+    }
+
+    /// The dispatcher's messages survive the wire both ways; one of an unknown kind is
+    /// skipped, one that does not fit is an error.
+    #[test]
+    fn dispatcher_messages_round_trip() {
+        use protocol::DispatcherMessage as M;
+        let messages = [
+            M::Welcome(protocol::Welcome {
+                runner_id: 1,
+                heartbeat_interval_ms: 2,
+                missed_heartbeats_allowed: 3,
+                stale_attempts: vec![4],
+                session_secret: "s".into(),
+            }),
+            M::Assign(protocol::Assign {
+                attempt_id: 4,
+                job_id: 5,
+                build_id: 6,
+                repo_url: "/r".into(),
+                commit: "c".into(),
+                branch: "main".into(),
+                steps: vec![
+                    protocol::AssignedStep {
+                        index: 0,
+                        name: "s".into(),
+                        run: "true".into(),
+                        timeout_ms: 10,
+                        split: Some(protocol::SplitStep {
+                            key: "k".into(),
+                            shards: 2,
+                            shard: 1,
+                            units: split::UnitSource::Command("ls".into()),
+                        }),
+                        ..Default::default()
+                    },
+                    protocol::AssignedStep {
+                        index: 1,
+                        post: Some(kiln_domain::PostCondition::Failure),
+                        ..Default::default()
+                    },
+                ],
+                attempt_number: 1,
+                ..Default::default()
+            }),
+            M::OutputAck(protocol::OutputAck {
+                attempt_id: 4,
+                up_to_seq: 9,
+            }),
+            M::ResultAck(protocol::ResultAck { attempt_id: 4 }),
+            M::Refused(protocol::Refused {
+                attempt_id: 4,
+                reason: "r".into(),
+            }),
+            M::Cancel(protocol::Cancel {
+                attempt_id: 4,
+                grace_ms: 5,
+                reason: "c".into(),
+            }),
+            M::Drain(protocol::Drain { reason: "d".into() }),
+            M::Units(protocol::Units {
+                attempt_id: 4,
+                step_index: 0,
+                request: 1,
+                reply: split::UnitsReply::Done {
+                    passed: true,
+                    summary: "ok".into(),
+                },
+            }),
+        ];
+        for m in messages {
+            let back = dispatcher_message_from_proto(dispatcher_message_to_proto(m.clone()));
+            assert_eq!(back, Ok(Some(m)));
+        }
+        assert_eq!(
+            dispatcher_message_from_proto(proto::DispatcherMessage { kind: None }),
+            Ok(None)
+        );
+        let bad = proto::DispatcherMessage {
+            kind: Some(proto::dispatcher_message::Kind::Units(proto::Units {
+                state: 42,
+                ..Default::default()
+            })),
+        };
+        assert!(dispatcher_message_from_proto(bad).is_err());
+    }
 }

@@ -50,291 +50,30 @@
 //! Attempts do not survive a runner restart, so segments left by a previous process are
 //! deleted when the outbox is created.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::fs::{File, OpenOptions};
+mod segment;
+mod state;
+
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use bytes::Bytes;
 use kiln_domain::AttemptId;
+use kiln_domain::protocol::{self, OutputStream, RunnerMessage};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use kiln_domain::protocol::{self, OutputStream, RunnerMessage};
+use segment::{HEADER_LEN, Head, Segment, create_segment, encode_frame, prepare_spool, read_frame};
+use state::{Chunk, Inner, Item, Limits, Reservation, Route, Target};
 
-/// Bytes of a frame header: seq (u64), step (u32), stream (i32 code), payload length (u32), all
-/// little-endian.
-const HEADER_LEN: u64 = 20;
 /// Largest segment size at which a new segment is started.
 const MAX_SEGMENT_BYTES: u64 = 4 << 20;
 /// Most output payload bytes kept in memory while the spool works.
 const HOT_BYTES: usize = 4 << 20;
 /// Most messages the writer takes from one attempt at a time (the others get their turn).
 const BATCH: u64 = 64;
-/// Largest payload length believed when reading a frame back.
-const MAX_PAYLOAD: u32 = 64 << 20;
-/// How often a failing spool is tried again while memory has room.
-const SPOOL_RETRY: Duration = Duration::from_secs(1);
-/// Extension of segment files.
-const SEGMENT_EXT: &str = "seg";
-
-/// A spool file. It is deleted when the last reference to it goes (a writer reading it back
-/// may hold one a little longer than the outbox).
-struct Segment {
-    /// Unique in this process.
-    id: u64,
-    path: PathBuf,
-    file: File,
-}
-
-impl Drop for Segment {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_file(&self.path)
-            && !matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
-            )
-        {
-            tracing::warn!(path = %self.path.display(), cause = %e, "cannot delete an output spool file");
-        }
-    }
-}
-
-/// A segment an attempt has written to.
-struct SegmentUse {
-    seg: Arc<Segment>,
-    /// Bytes in the file, counted against the bound.
-    size: u64,
-    /// Runs still pointing into it.
-    runs: usize,
-}
-
-/// Consecutive output chunks of one attempt and one step, back to back in one segment.
-/// Frame `i` of the run has position `first_pos + i` and sequence number `first_seq + i`.
-struct Run {
-    seg: Arc<Segment>,
-    /// Offset of the first frame.
-    start: u64,
-    /// Offset just past the last frame.
-    end: u64,
-    first_pos: u64,
-    first_seq: u64,
-    /// Frames in the run (at least one).
-    count: u64,
-    /// Frames at the front already acknowledged (never sent again).
-    acked: u64,
-    step: u32,
-}
-
-impl Run {
-    fn last_seq(&self) -> u64 {
-        self.first_seq + (self.count - 1)
-    }
-}
-
-/// Something about an attempt waiting for its acknowledgement.
-enum Item {
-    /// A message kept in memory: a small one (`seq` none), or an output chunk the spool did
-    /// not take (`bytes` of payload counted against the memory bound).
-    Message {
-        pos: u64,
-        seq: Option<u64>,
-        msg: RunnerMessage,
-        bytes: usize,
-    },
-    /// Output chunks in the spool.
-    Spooled(Run),
-}
-
-impl Item {
-    /// The position just past the item.
-    fn end_pos(&self) -> u64 {
-        match self {
-            Item::Message { pos, .. } => pos + 1,
-            Item::Spooled(r) => r.first_pos + r.count,
-        }
-    }
-}
-
-/// Everything kept about one attempt.
-struct Attempt {
-    /// Tells this attempt from an earlier one with the same id that was dropped.
-    generation: u64,
-    /// Unacknowledged messages in order of position.
-    items: VecDeque<Item>,
-    /// Position of the next message.
-    next_pos: u64,
-    /// The segment chunks are appended to.
-    current: Option<SegmentUse>,
-    /// Earlier segments still holding unacknowledged chunks.
-    sealed: Vec<SegmentUse>,
-    /// Bytes reserved by a write in progress (one at a time per attempt).
-    writing: Option<u64>,
-    /// Another `push_output` waits for that write.
-    contended: bool,
-}
-
-impl Attempt {
-    fn new(generation: u64) -> Self {
-        Self {
-            generation,
-            items: VecDeque::new(),
-            next_pos: 0,
-            current: None,
-            sealed: Vec::new(),
-            writing: None,
-            contended: false,
-        }
-    }
-
-    /// Bytes of its segments, counted against the spool bound.
-    fn spool_bytes(&self) -> u64 {
-        self.current.as_ref().map_or(0, |c| c.size)
-            + self.sealed.iter().map(|s| s.size).sum::<u64>()
-            + self.writing.unwrap_or(0)
-    }
-
-    /// Stops appending to a segment; returns the bytes freed (if no run points into it, it is
-    /// deleted).
-    fn retire(&mut self, used: SegmentUse, garbage: &mut Vec<Arc<Segment>>) -> u64 {
-        if used.runs == 0 {
-            garbage.push(used.seg);
-            used.size
-        } else {
-            self.sealed.push(used);
-            0
-        }
-    }
-
-    /// A run left; returns the bytes freed (a finished segment with no runs left is deleted;
-    /// the current one stays until it is full or room is needed).
-    fn release(&mut self, run: Run, garbage: &mut Vec<Arc<Segment>>) -> u64 {
-        if let Some(c) = self.current.as_mut()
-            && c.seg.id == run.seg.id
-        {
-            c.runs -= 1;
-            return 0;
-        }
-        let Some(i) = self.sealed.iter().position(|s| s.seg.id == run.seg.id) else {
-            return 0;
-        };
-        self.sealed[i].runs -= 1;
-        if self.sealed[i].runs > 0 {
-            return 0;
-        }
-        let used = self.sealed.swap_remove(i);
-        garbage.push(used.seg);
-        used.size
-    }
-}
-
-#[derive(Default)]
-struct Inner {
-    attempts: BTreeMap<AttemptId, Attempt>,
-    next_generation: u64,
-    next_segment: u64,
-    /// Bytes of all segments not yet deleted, plus writes in progress.
-    spool_bytes: u64,
-    /// Payload bytes of output chunks kept in memory.
-    memory_bytes: usize,
-    /// The last spool write failed.
-    spool_failing: bool,
-    /// When to try the failing spool again even if memory has room.
-    retry_at: Option<tokio::time::Instant>,
-    /// A warning about the spool was logged and it has not worked since.
-    warned: bool,
-}
-
-impl Inner {
-    fn attempt(&mut self, id: AttemptId) -> &mut Attempt {
-        let generation = self.next_generation;
-        match self.attempts.entry(id) {
-            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::btree_map::Entry::Vacant(e) => {
-                self.next_generation += 1;
-                e.insert(Attempt::new(generation))
-            }
-        }
-    }
-
-    fn insert_message(
-        &mut self,
-        attempt: AttemptId,
-        seq: Option<u64>,
-        msg: RunnerMessage,
-        bytes: usize,
-    ) {
-        self.memory_bytes += bytes;
-        let a = self.attempt(attempt);
-        let pos = a.next_pos;
-        a.next_pos += 1;
-        a.items.push_back(Item::Message {
-            pos,
-            seq,
-            msg,
-            bytes,
-        });
-    }
-
-    /// Deletes current segments whose chunks are all acknowledged.
-    fn reclaim(&mut self, garbage: &mut Vec<Arc<Segment>>) {
-        for a in self.attempts.values_mut() {
-            if a.writing.is_none()
-                && a.current.as_ref().is_some_and(|c| c.runs == 0)
-                && let Some(c) = a.current.take()
-            {
-                self.spool_bytes -= c.size;
-                garbage.push(c.seg);
-            }
-        }
-    }
-
-    fn spool_fail(&mut self, dir: &Path, cause: &io::Error) {
-        self.spool_failing = true;
-        self.retry_at = Some(tokio::time::Instant::now() + SPOOL_RETRY);
-        if !self.warned {
-            self.warned = true;
-            tracing::warn!(
-                dir = %dir.display(),
-                %cause,
-                "cannot write the output spool; keeping output in memory until it works again"
-            );
-        }
-    }
-}
-
-/// Where a frame goes.
-enum Target {
-    /// At the end of the attempt's current segment.
-    Append { seg: Arc<Segment>, offset: u64 },
-    /// At the start of a new segment.
-    New { id: u64 },
-}
-
-/// Room taken in the spool for one frame.
-struct Reservation {
-    generation: u64,
-    target: Target,
-    len: u64,
-}
-
-/// What `push_output` does next.
-enum Route {
-    Stored,
-    Write(Reservation),
-    Wait,
-}
-
-/// The fields of an output chunk kept next to its frame.
-struct Head {
-    seq: u64,
-    step: u32,
-    stream: OutputStream,
-    data: Bytes,
-}
 
 /// Where a writer is in an attempt.
 #[derive(Clone, Copy)]
@@ -373,15 +112,6 @@ struct ReadBack {
     step: u32,
 }
 
-/// A frame read back.
-struct Frame {
-    step: u32,
-    stream: OutputStream,
-    data: Bytes,
-    /// Offset of the next frame.
-    next: u64,
-}
-
 /// The runner's outbox.
 pub(crate) struct Outbox {
     inner: Mutex<Inner>,
@@ -393,14 +123,8 @@ pub(crate) struct Outbox {
     wake: Notify,
     /// Where segments are written.
     spool_dir: PathBuf,
-    /// Most bytes in segment files (0: no spool).
-    max_spool_bytes: u64,
-    /// Size at which a new segment is started.
-    segment_bytes: u64,
-    /// Most output payload bytes kept in memory when the spool fails.
-    max_memory_bytes: usize,
-    /// Most output payload bytes kept in memory while the spool works.
-    hot_limit: usize,
+    /// The spool's and memory's bounds.
+    limits: Limits,
     /// This process (in segment names).
     pid: u32,
 }
@@ -421,11 +145,13 @@ impl Outbox {
             to_send: Notify::new(),
             space: Notify::new(),
             wake: Notify::new(),
-            segment_bytes: (max_spool_bytes / 16).clamp(1, MAX_SEGMENT_BYTES),
+            limits: Limits {
+                segment_bytes: (max_spool_bytes / 16).clamp(1, MAX_SEGMENT_BYTES),
+                max_spool_bytes,
+                max_memory_bytes,
+                hot_limit: HOT_BYTES.min(max_memory_bytes),
+            },
             spool_dir,
-            max_spool_bytes,
-            max_memory_bytes,
-            hot_limit: HOT_BYTES.min(max_memory_bytes),
             pid: std::process::id(),
         }
     }
@@ -452,7 +178,7 @@ impl Outbox {
         // Only a well-formed chunk goes to the spool (it is rebuilt from the frame).
         let head = match &msg {
             RunnerMessage::Output(c)
-                if self.max_spool_bytes > 0
+                if self.limits.max_spool_bytes > 0
                     && c.attempt_id == attempt
                     && c.seq == seq
                     && u32::try_from(c.data.len()).is_ok() =>
@@ -470,23 +196,20 @@ impl Outbox {
             .as_ref()
             .map_or(0, |h| HEADER_LEN + h.data.len() as u64);
         let mut disk = head.is_some();
+        let chunk = Chunk {
+            attempt,
+            seq,
+            msg: &msg,
+            bytes,
+        };
         loop {
             let notified = self.space.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let mut garbage = Vec::new();
             let route = {
-                let mut inner = self.inner();
-                self.route(
-                    &mut inner,
-                    attempt,
-                    seq,
-                    &msg,
-                    bytes,
-                    disk,
-                    frame_len,
-                    &mut garbage,
-                )
+                self.inner()
+                    .route(&self.limits, &chunk, disk, frame_len, &mut garbage)
             };
             drop(garbage);
             match (route, &head) {
@@ -496,15 +219,12 @@ impl Outbox {
                     let written = self.write_frame(attempt, &res, &encode_frame(head));
                     let mut garbage = Vec::new();
                     let (stored, notify) = {
-                        let mut inner = self.inner();
-                        self.complete(
-                            &mut inner,
-                            attempt,
+                        self.inner().complete(
+                            &self.spool_dir,
+                            &chunk,
+                            head.step,
                             res,
                             written,
-                            head,
-                            &msg,
-                            bytes,
                             &mut garbage,
                         )
                     };
@@ -527,97 +247,6 @@ impl Outbox {
         self.to_send.notify_one();
     }
 
-    /// Decides where a chunk goes; stores it if in memory, reserves room if on disk.
-    #[allow(clippy::too_many_arguments)]
-    fn route(
-        &self,
-        inner: &mut Inner,
-        attempt: AttemptId,
-        seq: u64,
-        msg: &RunnerMessage,
-        bytes: usize,
-        disk: bool,
-        frame_len: u64,
-        garbage: &mut Vec<Arc<Segment>>,
-    ) -> Route {
-        if let Some(a) = inner.attempts.get_mut(&attempt)
-            && a.writing.is_some()
-        {
-            a.contended = true;
-            return Route::Wait;
-        }
-        // While acknowledgements keep up, output never leaves memory.
-        let hot = inner.memory_bytes + bytes <= self.hot_limit;
-        let memory_fits =
-            hot || inner.memory_bytes == 0 || inner.memory_bytes + bytes <= self.max_memory_bytes;
-        let retry = inner.memory_bytes == 0
-            || !memory_fits
-            || inner
-                .retry_at
-                .is_none_or(|at| tokio::time::Instant::now() >= at);
-        if disk && !hot && (!inner.spool_failing || retry) {
-            if let Some(res) = self.reserve(inner, attempt, frame_len, garbage) {
-                return Route::Write(res);
-            }
-            if !inner.spool_failing {
-                return Route::Wait;
-            }
-        }
-        if memory_fits {
-            inner.insert_message(attempt, Some(seq), msg.clone(), bytes);
-            return Route::Stored;
-        }
-        Route::Wait
-    }
-
-    /// Takes room for a frame of `len` bytes, if there is some.
-    fn reserve(
-        &self,
-        inner: &mut Inner,
-        attempt: AttemptId,
-        len: u64,
-        garbage: &mut Vec<Arc<Segment>>,
-    ) -> Option<Reservation> {
-        let fits = |inner: &Inner| {
-            inner.spool_bytes == 0 || inner.spool_bytes + len <= self.max_spool_bytes
-        };
-        if !fits(inner) {
-            inner.reclaim(garbage);
-            if !fits(inner) {
-                return None;
-            }
-        }
-        let id = inner.next_segment;
-        let a = inner.attempt(attempt);
-        let mut freed = 0;
-        let target = match a.current.take() {
-            Some(c) if c.size < self.segment_bytes => {
-                let target = Target::Append {
-                    seg: c.seg.clone(),
-                    offset: c.size,
-                };
-                a.current = Some(c);
-                target
-            }
-            Some(c) => {
-                freed = a.retire(c, garbage);
-                Target::New { id }
-            }
-            None => Target::New { id },
-        };
-        a.writing = Some(len);
-        let generation = a.generation;
-        if matches!(target, Target::New { .. }) {
-            inner.next_segment += 1;
-        }
-        inner.spool_bytes = inner.spool_bytes - freed + len;
-        Some(Reservation {
-            generation,
-            target,
-            len,
-        })
-    }
-
     /// Writes a frame where it was reserved (outside the lock).
     fn write_frame(
         &self,
@@ -631,142 +260,14 @@ impl Outbox {
                 Err(e) => Err((e, None)),
             },
             Target::New { id } => {
-                let seg = Arc::new(self.create_segment(attempt, *id).map_err(|e| (e, None))?);
+                let seg = Arc::new(
+                    create_segment(&self.spool_dir, self.pid, attempt, *id)
+                        .map_err(|e| (e, None))?,
+                );
                 match seg.file.write_all_at(frame, 0) {
                     Ok(()) => Ok(seg),
                     Err(e) => Err((e, Some(seg))),
                 }
-            }
-        }
-    }
-
-    fn create_segment(&self, attempt: AttemptId, id: u64) -> io::Result<Segment> {
-        let path = self
-            .spool_dir
-            .join(format!("{}-{attempt}-{id}.{SEGMENT_EXT}", self.pid));
-        let open = || {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-        };
-        let file = match open() {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                // The directory went away (or could never be made): make it again.
-                std::fs::create_dir_all(&self.spool_dir)?;
-                open()?
-            }
-            r => r?,
-        };
-        Ok(Segment { id, path, file })
-    }
-
-    /// Records a frame written (or keeps the chunk in memory if the attempt was dropped
-    /// meanwhile). Returns whether the chunk is stored, and whether to wake waiting producers.
-    #[allow(clippy::too_many_arguments)]
-    fn complete(
-        &self,
-        inner: &mut Inner,
-        attempt: AttemptId,
-        res: Reservation,
-        written: Result<Arc<Segment>, (io::Error, Option<Arc<Segment>>)>,
-        head: &Head,
-        msg: &RunnerMessage,
-        bytes: usize,
-        garbage: &mut Vec<Arc<Segment>>,
-    ) -> (bool, bool) {
-        let Some(a) = inner
-            .attempts
-            .get_mut(&attempt)
-            .filter(|a| a.generation == res.generation)
-        else {
-            // Dropped while we wrote (its segments and reservation are gone): like any late
-            // message about it, the chunk is kept, in memory.
-            match written {
-                Ok(seg) | Err((_, Some(seg))) => garbage.push(seg),
-                Err((_, None)) => {}
-            }
-            if let Target::Append { seg, .. } = res.target {
-                garbage.push(seg);
-            }
-            inner.insert_message(attempt, Some(head.seq), msg.clone(), bytes);
-            return (true, false);
-        };
-        a.writing = None;
-        let notify = std::mem::take(&mut a.contended);
-        match written {
-            Ok(seg) => {
-                let offset = match res.target {
-                    Target::Append { offset, .. } => {
-                        if let Some(c) = a.current.as_mut() {
-                            c.size += res.len;
-                        }
-                        offset
-                    }
-                    Target::New { .. } => {
-                        a.current = Some(SegmentUse {
-                            seg: seg.clone(),
-                            size: res.len,
-                            runs: 0,
-                        });
-                        0
-                    }
-                };
-                let pos = a.next_pos;
-                a.next_pos += 1;
-                let extended = match a.items.back_mut() {
-                    Some(Item::Spooled(r))
-                        if r.seg.id == seg.id
-                            && r.end == offset
-                            && r.step == head.step
-                            && r.first_seq + r.count == head.seq
-                            && r.first_pos + r.count == pos =>
-                    {
-                        r.end += res.len;
-                        r.count += 1;
-                        true
-                    }
-                    _ => false,
-                };
-                if !extended {
-                    if let Some(c) = a.current.as_mut() {
-                        c.runs += 1;
-                    }
-                    a.items.push_back(Item::Spooled(Run {
-                        seg,
-                        start: offset,
-                        end: offset + res.len,
-                        first_pos: pos,
-                        first_seq: head.seq,
-                        count: 1,
-                        acked: 0,
-                        step: head.step,
-                    }));
-                }
-                if inner.spool_failing {
-                    inner.spool_failing = false;
-                    inner.warned = false;
-                    tracing::info!(dir = %self.spool_dir.display(), "the output spool works again");
-                }
-                (true, notify)
-            }
-            Err((cause, created)) => {
-                let mut freed = res.len;
-                match res.target {
-                    Target::Append { .. } => {
-                        // Part of the frame may be in the file: it counts until the segment
-                        // goes, and nothing more is appended to it.
-                        if let Some(mut c) = a.current.take() {
-                            c.size += res.len;
-                            freed = a.retire(c, garbage);
-                        }
-                    }
-                    Target::New { .. } => garbage.extend(created),
-                }
-                inner.spool_bytes -= freed;
-                inner.spool_fail(&self.spool_dir, &cause);
-                (false, true)
             }
         }
     }
@@ -978,63 +479,6 @@ impl Outbox {
     }
 }
 
-/// Creates the spool directory and deletes segments left by an earlier process.
-fn prepare_spool(dir: &Path) -> io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == SEGMENT_EXT)
-            && let Err(cause) = std::fs::remove_file(&path)
-            && cause.kind() != io::ErrorKind::NotFound
-        {
-            tracing::warn!(path = %path.display(), %cause, "cannot delete a leftover output spool file");
-        }
-    }
-    Ok(())
-}
-
-fn encode_frame(head: &Head) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(HEADER_LEN as usize + head.data.len());
-    buf.extend_from_slice(&head.seq.to_le_bytes());
-    buf.extend_from_slice(&head.step.to_le_bytes());
-    buf.extend_from_slice(&i32::from(head.stream.code()).to_le_bytes());
-    // Checked by the caller: fits in u32.
-    buf.extend_from_slice(&(head.data.len() as u32).to_le_bytes());
-    buf.extend_from_slice(&head.data);
-    buf
-}
-
-/// Reads the frame at `offset`, which must be chunk `seq` (its payload only if `payload`).
-fn read_frame(file: &File, offset: u64, seq: u64, payload: bool) -> io::Result<Frame> {
-    let mut h = [0u8; HEADER_LEN as usize];
-    file.read_exact_at(&mut h, offset)?;
-    let field = |at: usize| [h[at], h[at + 1], h[at + 2], h[at + 3]];
-    let found = u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]);
-    let step = u32::from_le_bytes(field(8));
-    let code = i32::from_le_bytes(field(12));
-    let stream = u8::try_from(code).ok().and_then(OutputStream::from_code);
-    let len = u32::from_le_bytes(field(16));
-    let Some(stream) = stream.filter(|_| found == seq && len <= MAX_PAYLOAD) else {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "bad frame at offset {offset}: seq {found} (expected {seq}), stream {code}, length {len}"
-            ),
-        ));
-    };
-    let mut data = Vec::new();
-    if payload {
-        data = vec![0; len as usize];
-        file.read_exact_at(&mut data, offset + HEADER_LEN)?;
-    }
-    Ok(Frame {
-        step,
-        stream,
-        data: data.into(),
-        next: offset + HEADER_LEN + u64::from(len),
-    })
-}
-
 fn chunk(
     attempt: AttemptId,
     seq: u64,
@@ -1139,14 +583,18 @@ async fn read_back(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::time::Instant;
+    use std::collections::BTreeMap;
+    use std::path::Path;
+    use std::time::{Duration, Instant};
 
+    use super::segment::SEGMENT_EXT;
+    use super::state::SPOOL_RETRY;
     use super::*;
 
     impl Outbox {
         /// Sets the hot window (below `max_memory_bytes`).
         fn with_hot_limit(mut self, bytes: usize) -> Self {
-            self.hot_limit = bytes;
+            self.limits.hot_limit = bytes;
             self
         }
     }
