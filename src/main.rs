@@ -21,7 +21,7 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // `kiln runner`: keep its token where build steps cannot read it (may start it again).
-    if let Err(e) = kiln::runner::token::secure_start(&cli) {
+    if let Err(e) = kiln::cli::secure_start(&cli) {
         eprintln!("kiln: {e}");
         std::process::exit(kiln::cli::exit::USAGE);
     }

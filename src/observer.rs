@@ -150,11 +150,8 @@ pub fn normalize_repo(repo: &str) -> Result<String, ObserverError> {
     if repo.is_empty() {
         return Err(ObserverError::Config("--repo must not be empty".into()));
     }
-    if repo.contains("://") || (repo.contains('@') && repo.contains(':')) {
-        return Ok(repo.to_string());
-    }
-    if let Ok(p) = std::fs::canonicalize(repo) {
-        return Ok(p.to_string_lossy().into_owned());
+    if let Ok(location) = kiln_git::location::canonical(repo) {
+        return Ok(location);
     }
     let p = std::path::absolute(repo)
         .map_err(|e| ObserverError::Config(format!("repository path {repo:?}: {e}")))?;

@@ -156,8 +156,8 @@ pub async fn run(args: DemoArgs) -> Result<i32, CliError> {
     let mut runners = Vec::new();
     for i in 1..=2 {
         let mut rc = crate::runner::RunnerConfig::new(url.clone(), format!("demo-runner-{i}"));
-        rc.work_dir = dir.join(format!("runner-{i}"));
-        rc.cache_dir = Some(dir.join("runner-mirrors"));
+        rc.engine.work_dir = dir.join(format!("runner-{i}"));
+        rc.engine.cache_dir = Some(dir.join("runner-mirrors"));
         let (drain, stop) = (drain.clone(), CancellationToken::new());
         runners.push(tokio::spawn(crate::runner::run(rc, drain, stop)));
     }

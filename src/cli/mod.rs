@@ -48,7 +48,7 @@ pub use builds::BuildsArgs;
 pub use client::{ClientArgs, ClientBefore, Connection, JsonArg, RunnerClientArgs};
 pub use logs::{LogsArgs, LogsOptions, logs};
 pub use output::state_exit;
-pub use runner::RunnerArgs;
+pub use runner::{RunnerArgs, secure_start};
 pub use runners::RunnersAction;
 pub use serve::ServeArgs;
 pub use submit::{SubmitArgs, normalize_repo};

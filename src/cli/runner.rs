@@ -61,21 +61,22 @@ pub(super) async fn runner(conn: &Connection, args: RunnerArgs) -> Result<i32, C
             .unwrap_or_else(|| "runner".into()),
     };
     let mut config = crate::runner::RunnerConfig::new(conn.url.clone(), name);
-    config.token = match &args.token_file {
-        Some(path) => crate::runner::token::read_token_file(path)
-            .map_err(|e| CliError::new(exit::USAGE, e))?,
+    config.engine.token = match &args.token_file {
+        Some(path) => {
+            kiln_runner::token::read_token_file(path).map_err(|e| CliError::new(exit::USAGE, e))?
+        }
         None => conn.token.clone().unwrap_or_default(),
     };
-    config.pass_env = crate::runner::token::pass_env(&args.pass_env)
-        .map_err(|e| CliError::new(exit::USAGE, e))?;
+    config.engine.pass_env =
+        kiln_runner::token::pass_env(&args.pass_env).map_err(|e| CliError::new(exit::USAGE, e))?;
     config.tls = conn.tls.clone();
-    config.slots = args.slots;
-    config.max_spool_bytes = args.max_spool_bytes;
-    config.labels = args.labels.into_iter().collect::<BTreeMap<_, _>>();
+    config.engine.slots = args.slots;
+    config.engine.max_spool_bytes = args.max_spool_bytes;
+    config.engine.labels = args.labels.into_iter().collect::<BTreeMap<_, _>>();
     if let Some(dir) = args.work_dir {
-        config.work_dir = dir;
+        config.engine.work_dir = dir;
     }
-    config.cache_dir = args.cache_dir.or_else(crate::runner::default_cache_dir);
+    config.engine.cache_dir = args.cache_dir.or_else(kiln_runner::default_cache_dir);
     let drain = CancellationToken::new();
     let stop = CancellationToken::new();
     {
@@ -93,4 +94,19 @@ pub(super) async fn runner(conn: &Connection, args: RunnerArgs) -> Result<i32, C
         .await
         .map_err(|e| CliError::new(exit::INVALID, e.to_string()))?;
     Ok(exit::OK)
+}
+
+/// For `kiln runner`, before the runtime starts: restarts the runner without its token on the
+/// command line or in the environment (see [`kiln_runner::token::secure_start`]). Other
+/// commands: nothing.
+pub fn secure_start(cli: &super::Cli) -> Result<(), String> {
+    let super::Command::Runner(args) = &cli.command else {
+        return Ok(());
+    };
+    let token = args
+        .client
+        .token
+        .clone()
+        .or_else(|| cli.before.token.clone());
+    kiln_runner::token::secure_start(token, args.token_file.is_some())
 }

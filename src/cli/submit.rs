@@ -36,11 +36,7 @@ pub struct SubmitArgs {
 
 /// Makes a local repository path absolute (URLs pass through).
 pub fn normalize_repo(repo: &str) -> Result<String, CliError> {
-    if repo.contains("://") || (repo.contains('@') && repo.contains(':')) {
-        return Ok(repo.to_string());
-    }
-    std::fs::canonicalize(repo)
-        .map(|p| p.to_string_lossy().into_owned())
+    kiln_git::location::canonical(repo)
         .map_err(|e| CliError::new(exit::NOT_FOUND, format!("repository path {repo:?}: {e}")))
 }
 
@@ -52,8 +48,7 @@ pub(super) fn submit_revision(
     commit: Option<String>,
     branch: String,
 ) -> Result<(String, String), CliError> {
-    let is_url = repo.contains("://") || (repo.contains('@') && repo.contains(':'));
-    if is_url {
+    if kiln_git::location::is_url(repo) {
         return match commit {
             Some(c) => Ok((c, branch)),
             None => Err(CliError::new(

@@ -137,9 +137,9 @@ pub async fn run(
     let mut runners = Vec::new();
     for i in 1..=args.runners {
         let mut rc = crate::runner::RunnerConfig::new(url.clone(), format!("up-runner-{i}"));
-        rc.work_dir = data_dir.join("runners").join(format!("runner-{i}"));
+        rc.engine.work_dir = data_dir.join("runners").join(format!("runner-{i}"));
         // One mirror per repository for all of them.
-        rc.cache_dir = Some(data_dir.join("runners").join("mirrors"));
+        rc.engine.cache_dir = Some(data_dir.join("runners").join("mirrors"));
         runners.push(tokio::spawn(crate::runner::run(
             rc,
             drain.clone(),

@@ -469,7 +469,7 @@ impl Runners {
         for n in 0..count {
             let name = format!("{prefix}-{n}");
             let mut config = kiln::runner::RunnerConfig::new(url, name.clone());
-            config.work_dir = dir.join("work").join(&name);
+            config.engine.work_dir = dir.join("work").join(&name);
             let (drain, stop) = (stop.clone(), stop.clone());
             tasks.spawn(
                 async move {

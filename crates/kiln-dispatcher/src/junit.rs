@@ -422,7 +422,9 @@ mod tests {
             .output()
             .unwrap_or_else(|e| panic!("pytest: {e}"));
         assert_eq!(out.status.code(), Some(1), "{out:?}");
-        let written = std::fs::read_to_string(dir.join("out.xml")).unwrap_or_default();
+        let written = std::fs::read_to_string(dir.join("out.xml")).unwrap_or_else(|e| {
+            panic!("pytest wrote no report ({e}; scripts/test installs pytest): {out:?}")
+        });
 
         // What pytest wrote, read independently of the reader under test.
         let doc = roxmltree::Document::parse(&written).unwrap_or_else(|e| panic!("{e}"));

@@ -985,11 +985,10 @@ impl Dispatcher {
         branch: &str,
     ) -> Result<Option<String>, DispatchError> {
         let repo = repo.trim();
-        let is_url = repo.contains("://") || repo.contains('@');
-        let r = if is_url || !repo.starts_with('/') {
+        let r = if kiln_git::location::is_url(repo) || !repo.starts_with('/') {
             repo.to_string()
         } else {
-            repo_identity(repo)
+            kiln_git::location::local_identity(repo)
         };
         let b = branch.to_string();
         self.db(move |s| s.branch_cursor(&r, &b)).await
@@ -1322,21 +1321,6 @@ const MAX_BRANCH_LEN: usize = 255;
 /// Largest accepted trigger text.
 const MAX_TRIGGER_LEN: usize = 128;
 
-/// The identity of a local repository path, so one repository is one name: repeated `/` and
-/// `.` components dropped, no trailing `/`, and the `.git` directory of a work tree named by
-/// the work tree (`/src/app/.git` is `/src/app`). Purely lexical (`..` and symbolic links are
-/// left alone: the CLI resolves those on the machine that has the path).
-pub fn repo_identity(path: &str) -> String {
-    let mut parts: Vec<&str> = path
-        .split('/')
-        .filter(|p| !p.is_empty() && *p != ".")
-        .collect();
-    if parts.len() > 1 && parts.last() == Some(&".git") {
-        parts.pop();
-    }
-    format!("/{}", parts.join("/"))
-}
-
 fn validate_submit(mut req: SubmitRequest) -> Result<SubmitRequest, DispatchError> {
     let bad = |field: &'static str, m: String| Err(DispatchError::invalid(field, m));
     req.repo = req.repo.trim().to_string();
@@ -1356,7 +1340,7 @@ fn validate_submit(mut req: SubmitRequest) -> Result<SubmitRequest, DispatchErro
     if req.repo.chars().any(char::is_control) {
         return bad("repo", "repo contains control characters".into());
     }
-    let is_url = req.repo.contains("://") || req.repo.contains('@');
+    let is_url = kiln_git::location::is_url(&req.repo);
     if !is_url && !req.repo.starts_with('/') {
         return bad(
             "repo",
@@ -1364,7 +1348,7 @@ fn validate_submit(mut req: SubmitRequest) -> Result<SubmitRequest, DispatchErro
         );
     }
     if !is_url {
-        req.repo = repo_identity(&req.repo);
+        req.repo = kiln_git::location::local_identity(&req.repo);
     }
     if req.commit.is_empty() {
         return bad("commit", "commit is required".into());

@@ -1409,5 +1409,6 @@ impl Mirrors {
 #[cfg(test)]
 mod observe_tests;
 
+pub mod location;
 pub mod revision;
 pub use revision::{Resolved, resolve_local, validate_revision};
