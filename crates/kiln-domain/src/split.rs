@@ -841,26 +841,23 @@ mod tests {
         }
     }
 
-    /// A deterministic xorshift generator for the sizing tests.
-    struct Rng(u64);
+    /// A seeded generator for the sizing tests: the same suites on every run.
+    struct Rng(rand::rngs::StdRng);
 
     impl Rng {
-        fn step(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
+        fn seeded(seed: u64) -> Rng {
+            Rng(rand::SeedableRng::seed_from_u64(seed))
         }
 
         fn below(&mut self, n: u64) -> u64 {
-            self.step() % n.max(1)
+            rand::Rng::random_range(&mut self.0, 0..n.max(1))
         }
     }
 
     /// A suite shaped as `kiln bench split`'s: 200 units, most of tens to hundreds of ms, a
     /// few of seconds, two of about 5 s; true durations in ms.
     fn bench_like_suite(seed: u64) -> Vec<u64> {
-        let mut rng = Rng(seed | 1);
+        let mut rng = Rng::seeded(seed);
         let mut units: Vec<u64> = (0..198)
             .map(|i| {
                 let tests = 2 + rng.below(7);
@@ -926,7 +923,7 @@ mod tests {
     /// the recorded ones), the rest exact. Every unit has one recorded run at most, so none is
     /// [`reliable`].
     fn wrong_history(truth: &[u64], seed: u64) -> Vec<u64> {
-        let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1);
+        let mut rng = Rng::seeded(seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
         let n = truth.len();
         let heavy: Vec<usize> = (0..n - 2).filter(|i| i % 20 == 0).collect();
         let longest = heavy
@@ -1153,41 +1150,37 @@ mod tests {
         assert!(plain >= 9, "{plain}");
     }
 
-    #[test]
-    fn batch_len_properties_hold_for_random_queues() {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-        for _ in 0..5000 {
-            let len = rng.below(300) as usize;
-            let queue: Vec<u64> = (0..len)
-                .map(|_| match rng.below(4) {
-                    0 => rng.below(5),
-                    1 => rng.below(100),
-                    2 => rng.below(2_000),
-                    _ => rng.below(60_000),
-                })
-                .collect();
-            let shards = 1 + rng.below(32) as u32;
-            let max = if rng.below(3) == 0 {
-                rng.below(20) as u32
-            } else {
-                0
-            };
-            let start = [0, 1, 50, 300, 2_000][rng.below(5) as usize];
-            let in_flight = rng.below(100_000);
+    /// A unit's estimate: a few very short, many short, some long, a few very long.
+    fn estimate() -> impl proptest::strategy::Strategy<Value = u64> {
+        proptest::prop_oneof![0..5u64, 0..100u64, 0..2_000u64, 0..60_000u64]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(2000))]
+
+        #[test]
+        fn batch_len_properties_hold_for_random_queues(
+            queue in proptest::collection::vec(estimate(), 0..300),
+            shards in 1..=32u32,
+            max in proptest::prop_oneof![2 => proptest::strategy::Just(0u32), 1 => 0..20u32],
+            start in proptest::sample::select(vec![0u64, 1, 50, 300, 2_000]),
+            in_flight in 0..100_000u64,
+        ) {
+            let len = queue.len();
             let n = batch_len(&queue, shards, max, start, in_flight);
             let case = format!("{len} units, {shards} shards, max {max}, start {start}");
             if queue.is_empty() {
-                assert_eq!(n, 0, "{case}");
-                continue;
+                proptest::prop_assert_eq!(n, 0, "{}", case);
+                return Ok(());
             }
             // Some unit, no more than the queue and the limit.
-            assert!(n >= 1 && n <= len, "{case}: {n}");
+            proptest::prop_assert!(n >= 1 && n <= len, "{}: {}", case, n);
             if max > 0 {
-                assert!(n <= (max as usize).max(1), "{case}: {n}");
+                proptest::prop_assert!(n <= (max as usize).max(1), "{}: {}", case, n);
             }
             // A higher start cost never makes a batch smaller.
             let higher = batch_len(&queue, shards, max, start * 2 + 1, in_flight);
-            assert!(higher >= n, "{case}: {higher} < {n}");
+            proptest::prop_assert!(higher >= n, "{}: {} < {}", case, higher, n);
             // Beyond its first unit, a batch never holds more than the larger of the shard's
             // fair share (with the work in flight) and the plain target.
             let left: u64 = queue.iter().sum();
@@ -1196,7 +1189,7 @@ mod tests {
             let plain = (per / 8).max(BATCH_TARGET_MIN_MS.min(per));
             let took: u64 = queue[..n].iter().sum();
             if n > 1 {
-                assert!(took <= fair.max(plain), "{case}: {took} > {fair}, {plain}");
+                proptest::prop_assert!(took <= fair.max(plain), "{}: {} > {}, {}", case, took, fair, plain);
             }
         }
     }
