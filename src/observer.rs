@@ -25,6 +25,10 @@
 //!
 //! Errors (a repository that cannot be fetched, a dispatcher that cannot be reached) are logged
 //! and tried again at the next interval; only `--once` turns them into an exit code.
+//!
+//! The observer reports through a [`Sink`]: a dispatcher over gRPC ([`Remote`]: `kiln watch`,
+//! `kiln up`) or the dispatcher of its own process ([`Local`]: `kiln serve --watch`, one process
+//! fewer to deploy, as Buildbot's master polls), with the same calls and the same answers.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -138,7 +142,7 @@ pub async fn run(
             stop.cancel();
         })
     };
-    let result = observe(conn.clone(), config, args.once, stop).await;
+    let result = observe(Remote::new(conn.clone()), config, args.once, stop).await;
     on_signal.abort();
     result
 }
@@ -164,11 +168,110 @@ pub fn branch_globs(patterns: &[String]) -> Result<Vec<BranchPattern>, ObserverE
     kiln_domain::branch::branch_patterns(patterns).map_err(ObserverError::Config)
 }
 
+/// Where an observer reports: the two calls it makes of a dispatcher.
+pub trait Sink: Send + Sync + 'static {
+    /// The branch's cursor at the dispatcher (empty when it has none).
+    fn cursor(
+        &self,
+        repo: &str,
+        branch: &str,
+    ) -> impl Future<Output = Result<String, ObserverError>> + Send;
+
+    /// Reports a branch's new commits, oldest first (`ReportCommits`): the builds created and
+    /// the branch's cursor after them.
+    fn report(
+        &self,
+        request: proto::ReportCommitsRequest,
+    ) -> impl Future<Output = Result<proto::ReportCommitsResponse, ObserverError>> + Send;
+}
+
+/// A dispatcher over gRPC, connected lazily (the dispatcher may be down when the observer
+/// starts); tonic's channel reconnects by itself afterwards.
+pub struct Remote {
+    conn: Connection,
+    client: tokio::sync::Mutex<Option<BuildClient>>,
+}
+
+impl Remote {
+    /// A sink for the dispatcher `conn` names.
+    pub fn new(conn: Connection) -> Self {
+        Self {
+            conn,
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn client(&self) -> Result<BuildClient, ClientError> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = self.conn.build_client().await?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+}
+
+impl Sink for Remote {
+    async fn cursor(&self, repo: &str, branch: &str) -> Result<String, ObserverError> {
+        let request = proto::GetBranchCursorRequest {
+            repo: repo.to_string(),
+            branch: branch.to_string(),
+        };
+        Ok(self
+            .client()
+            .await?
+            .get_branch_cursor(request)
+            .await?
+            .into_inner()
+            .head)
+    }
+
+    async fn report(
+        &self,
+        request: proto::ReportCommitsRequest,
+    ) -> Result<proto::ReportCommitsResponse, ObserverError> {
+        Ok(self
+            .client()
+            .await?
+            .report_commits(request)
+            .await?
+            .into_inner())
+    }
+}
+
+/// The dispatcher of this process (`kiln serve --watch`): the calls go to the engine directly,
+/// its errors mapped to statuses as the API maps them, so the observer treats them alike.
+pub struct Local(pub kiln_dispatcher::Dispatcher);
+
+impl Sink for Local {
+    async fn cursor(&self, repo: &str, branch: &str) -> Result<String, ObserverError> {
+        let cursor = self.0.branch_cursor(repo, branch).await;
+        Ok(cursor.map_err(crate::api::status)?.unwrap_or_default())
+    }
+
+    async fn report(
+        &self,
+        r: proto::ReportCommitsRequest,
+    ) -> Result<proto::ReportCommitsResponse, ObserverError> {
+        let builds = self
+            .0
+            .report_commits(&r.repo, &r.branch, &r.commits, &r.trigger)
+            .await
+            .map_err(crate::api::status)?;
+        let cursor = self.0.branch_cursor(&r.repo, &r.branch).await;
+        Ok(proto::ReportCommitsResponse {
+            builds: builds.iter().map(crate::convert::build_to_proto).collect(),
+            cursor: cursor.map_err(crate::api::status)?.unwrap_or_default(),
+        })
+    }
+}
+
 /// Runs an observer until `stop` is cancelled (a pass in progress gets a few seconds to
 /// finish), or for one pass when `once` is set. Errors are logged and retried at the next
 /// interval; with `once`, the first one is returned.
-pub async fn observe(
-    conn: Connection,
+pub async fn observe<S: Sink>(
+    sink: S,
     config: ObserverConfig,
     once: bool,
     stop: CancellationToken,
@@ -209,8 +312,7 @@ pub async fn observe(
         let _ = std::io::stdout().flush();
     }
     let shared = Arc::new(Shared {
-        conn,
-        client: tokio::sync::Mutex::new(None),
+        sink,
         mirrors: Arc::new(mirrors),
         globs,
         backfill: config.backfill as usize,
@@ -241,27 +343,12 @@ pub async fn observe(
 }
 
 /// What every repository's task shares.
-struct Shared {
-    conn: Connection,
-    /// Connected lazily (the dispatcher may be down when the observer starts); tonic's channel
-    /// reconnects by itself afterwards.
-    client: tokio::sync::Mutex<Option<BuildClient>>,
+struct Shared<S> {
+    sink: S,
     mirrors: Arc<Mirrors>,
     globs: Vec<BranchPattern>,
     backfill: usize,
     print: bool,
-}
-
-impl Shared {
-    async fn client(&self) -> Result<BuildClient, ClientError> {
-        let mut slot = self.client.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
-        }
-        let c = self.conn.build_client().await?;
-        *slot = Some(c.clone());
-        Ok(c)
-    }
 }
 
 /// Why the observer stopped, or (every pass is retried until then) why a pass failed.
@@ -306,8 +393,8 @@ impl ObserverError {
 
 /// One repository's loop and what it remembers between passes (nothing that matters for
 /// correctness: see the module documentation).
-struct RepoWatch {
-    shared: Arc<Shared>,
+struct RepoWatch<S> {
+    shared: Arc<Shared<S>>,
     /// The repository as reported (URL, or absolute path).
     repo: String,
     /// Per branch: the head the dispatcher was last known to agree with, and when.
@@ -318,8 +405,8 @@ struct RepoWatch {
     last_error: Option<String>,
 }
 
-impl RepoWatch {
-    fn new(shared: Arc<Shared>, repo: String) -> Self {
+impl<S: Sink> RepoWatch<S> {
+    fn new(shared: Arc<Shared<S>>, repo: String) -> Self {
         Self {
             shared,
             repo,
@@ -439,15 +526,7 @@ impl RepoWatch {
 
     /// Reports what is new on one branch whose head is `head`.
     async fn branch(&mut self, branch: &str, head: &str) -> Result<(), ObserverError> {
-        let mut client = self.shared.client().await?;
-        let cursor = client
-            .get_branch_cursor(proto::GetBranchCursorRequest {
-                repo: self.repo.clone(),
-                branch: branch.to_string(),
-            })
-            .await?
-            .into_inner()
-            .head;
+        let cursor = self.shared.sink.cursor(&self.repo, branch).await?;
         if cursor.eq_ignore_ascii_case(head) {
             return Ok(());
         }
@@ -487,15 +566,16 @@ impl RepoWatch {
             }
         };
         for chunk in commits.chunks(REPORT_CHUNK) {
-            let r = client
-                .report_commits(proto::ReportCommitsRequest {
+            let r = self
+                .shared
+                .sink
+                .report(proto::ReportCommitsRequest {
                     repo: self.repo.clone(),
                     branch: branch.to_string(),
                     commits: chunk.to_vec(),
                     trigger: "observer".into(),
                 })
-                .await?
-                .into_inner();
+                .await?;
             tracing::info!(repo = %self.repo, %branch, reported = chunk.len(), created = r.builds.len(),
                 cursor = %r.cursor, "observer: reported commits");
             if self.shared.print {

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use tokio_util::sync::CancellationToken;
 
 use super::{CliError, exit, signal};
 
@@ -69,6 +70,26 @@ pub struct ServeArgs {
     /// HMAC-SHA256 as GitHub and Gitea do); without it the webhook is disabled (404).
     #[arg(long, env = "KILN_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
+    /// Watch this repository from the dispatcher itself (a URL, or a local path; repeatable):
+    /// every new commit of its matching branches is built, as `kiln watch` would report it,
+    /// without an observer process. Mirrors live in the data dir (`observer/`).
+    #[arg(long = "watch", value_name = "URL_OR_PATH")]
+    pub watch: Vec<String>,
+    /// With --watch: the branches to build, as patterns (repeatable; as `kiln watch --branch`).
+    #[arg(
+        long = "branch",
+        value_name = "PATTERN",
+        default_value = "**",
+        requires = "watch"
+    )]
+    pub branches: Vec<String>,
+    /// With --watch: how often the repositories are fetched.
+    #[arg(long, default_value = "30s", value_parser = crate::observer::parse_interval, requires = "watch")]
+    pub watch_interval: Duration,
+    /// With --watch: a branch seen for the first time builds at most this many of its newest
+    /// first-parent commits.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000), requires = "watch")]
+    pub watch_backfill: u32,
 }
 
 /// Reads a secrets file: a YAML mapping of environment variable names to values.
@@ -140,6 +161,25 @@ pub(super) async fn serve(args: ServeArgs) -> Result<i32, CliError> {
         webhook: crate::webhook::WebhookConfig::from_option(args.webhook_secret.as_deref())
             .map_err(|e| CliError::new(exit::USAGE, e))?,
     };
+    // Checked before anything starts: a bad pattern or path is a usage error.
+    let watch = if args.watch.is_empty() {
+        None
+    } else {
+        crate::observer::branch_globs(&args.branches)?;
+        let repos = args
+            .watch
+            .iter()
+            .map(|r| crate::observer::normalize_repo(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        Some(crate::observer::ObserverConfig {
+            repos,
+            branches: args.branches.clone(),
+            interval: args.watch_interval,
+            backfill: args.watch_backfill,
+            work_dir: crate::observer::work_dir_in(&args.data_dir),
+            print: false,
+        })
+    };
     let dispatcher = kiln_dispatcher::Dispatcher::open(config)
         .map_err(|e| CliError::new(exit::INTERNAL, format!("cannot open data dir: {e}")))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -156,8 +196,28 @@ pub(super) async fn serve(args: ServeArgs) -> Result<i32, CliError> {
     // One line on stdout, so scripts (and tests) can learn the port.
     println!("kiln dispatcher listening on {addr}");
     let _ = std::io::stdout().flush();
-    crate::api::serve(listener, dispatcher, options, signal())
-        .await
-        .map_err(|e| CliError::new(exit::INTERNAL, format!("server failed: {e}")))?;
+    let stop_observer = CancellationToken::new();
+    let observer = watch.map(|config| {
+        tracing::info!(repos = ?config.repos, branches = ?config.branches,
+            interval = %humantime::format_duration(config.interval), "watching repositories");
+        let sink = crate::observer::Local(dispatcher.clone());
+        tokio::spawn(crate::observer::observe(
+            sink,
+            config,
+            false,
+            stop_observer.clone(),
+        ))
+    });
+    let served = crate::api::serve(listener, dispatcher, options, signal()).await;
+    stop_observer.cancel();
+    if let Some(observer) = observer {
+        // A pass in progress gets a few seconds (the observer's own grace) to end.
+        match tokio::time::timeout(Duration::from_secs(10), observer).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "observer stopped with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "observer task failed"),
+            Ok(Ok(Ok(()))) | Err(_) => {}
+        }
+    }
+    served.map_err(|e| CliError::new(exit::INTERNAL, format!("server failed: {e}")))?;
     Ok(exit::OK)
 }

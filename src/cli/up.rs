@@ -149,7 +149,7 @@ pub async fn run(
 
     let stop_observer = CancellationToken::new();
     let observer = tokio::spawn(crate::observer::observe(
-        Connection::plain(url.clone()),
+        crate::observer::Remote::new(Connection::plain(url.clone())),
         ObserverConfig {
             repos,
             branches: args.branches.clone(),

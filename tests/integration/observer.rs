@@ -167,18 +167,13 @@ fn assert_built_in_order(builds: &[Built], commits: &[Oid]) {
     );
 }
 
-/// Starts `kiln serve` on a given address (to restart one where its clients expect it).
-fn serve_at(data: &Path, addr: &str) -> Server {
-    let mut proc = Proc::kiln(
-        "kiln serve again",
-        &[
-            "serve",
-            "--listen",
-            addr,
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-    );
+/// Starts `kiln serve` on a given address (to restart one where its clients expect it), with
+/// `extra` arguments.
+fn serve_at(data: &Path, addr: &str, extra: &[&str]) -> Server {
+    let data_dir = data.to_str().unwrap();
+    let mut args = vec!["serve", "--listen", addr, "--data-dir", data_dir];
+    args.extend_from_slice(extra);
+    let mut proc = Proc::kiln("kiln serve again", &args);
     proc.wait_stdout(format!("listening on {addr}").as_bytes(), LONG);
     Server {
         proc,
@@ -397,7 +392,7 @@ fn the_observer_outlives_a_dispatcher_restart_and_once_reports_unreachable() {
         obs.try_status().is_none(),
         "the observer exited when the dispatcher went away"
     );
-    let server = serve_at(&data, &addr);
+    let server = serve_at(&data, &addr, &[]);
     commits.push(repo.commit("main"));
     let b = settle(&server, &repo, commits.len());
     assert_built_in_order(&b, &commits);
@@ -527,4 +522,69 @@ fn a_branch_pattern_means_the_same_to_the_observer() {
     let b = builds(&server, &repo);
     assert_built_in_order(&b, &[one, rc]);
     assert_eq!(b[1].branch, "release/2.0/rc1");
+}
+
+/// `kiln serve --watch`: the dispatcher polls the repository itself (no observer process):
+/// every new commit of a watched branch is built once, in order, other branches never; after
+/// a restart it goes on from its cursor. A bad pattern is refused before the dispatcher starts.
+#[test]
+fn a_dispatcher_watching_repositories_itself_builds_every_commit_once() {
+    let tmp = tempdir();
+    let repo = Git::init(&tmp.path().join("repo"));
+    let c0 = repo.commit("main");
+    let data = tmp.path().join("data");
+    let watch = [
+        "--watch",
+        repo.path_str(),
+        "--branch",
+        "main",
+        "--branch",
+        "release/*",
+        "--watch-interval",
+        INTERVAL,
+    ];
+    let server = Server::start(&data, &watch);
+    assert_built_in_order(&wait_builds(&server, &repo, 1), &[c0]);
+    let burst: Vec<Oid> = (0..3).map(|_| repo.commit("main")).collect();
+    repo.commit("topic");
+    let r1 = repo.commit("release/1");
+    let b = settle(&server, &repo, 5);
+    // Each branch's builds in commit order (two branches of one pass may interleave).
+    let main: Vec<Built> = b.iter().filter(|x| x.branch == "main").cloned().collect();
+    assert_built_in_order(&main, &[c0, burst[0], burst[1], burst[2]]);
+    let release: Vec<Built> = b
+        .iter()
+        .filter(|x| x.branch == "release/1")
+        .cloned()
+        .collect();
+    assert_built_in_order(&release, &[r1]);
+    assert!(b.iter().all(|x| x.trigger == "observer"), "{b:#?}");
+
+    // Restarted, it continues from the dispatcher's cursor: the commit made while it was down
+    // is built, nothing is built twice.
+    let addr = server.addr.clone();
+    drop(server);
+    let c4 = repo.commit("main");
+    let again = serve_at(&data, &addr, &watch);
+    let b = settle(&again, &repo, 6);
+    assert_eq!(b[5].commit, c4.to_string(), "{b:#?}");
+    assert_eq!(b[5].branch, "main");
+
+    // Refused before anything starts, with the reason.
+    let bad = kiln(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        tmp.path().join("d2").to_str().unwrap(),
+        "--watch",
+        repo.path_str(),
+        "--branch",
+        "[",
+    ]);
+    assert_eq!(bad.code(), 2, "{bad:?}");
+    assert!(bad.err().contains('['), "{}", bad.err());
+    let bad = kiln(&["serve", "--branch", "main"]);
+    assert_eq!(bad.code(), 2, "--branch without --watch: {bad:?}");
+    assert!(bad.err().contains("--watch"), "{}", bad.err());
 }
