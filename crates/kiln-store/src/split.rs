@@ -17,10 +17,11 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use kiln_domain::split::SplitId;
 use kiln_domain::split::{
     FailedUnit, Interaction, InteractionPolicy, LeasedUnit, RetryPolicy, RoundDecision, RoundStats,
     SplitReport, SplitSpec, Strategy, TestCase, UnitOutcome, UnitSource, UnitSummary, UnitTry,
-    UnitVerdict, UnitsReply, UnitsRequest, batch_len, median, next_round, reliable,
+    UnitTryState, UnitVerdict, UnitsReply, UnitsRequest, batch_len, median, next_round, reliable,
     sizing_estimates, sizing_floor, start_cost, static_shards,
 };
 use kiln_domain::{AttemptId, BuildId, JobState, Millis, StepSpec, now_millis};
@@ -60,10 +61,6 @@ fn strategy_parse(s: &str) -> Result<Strategy> {
         "timing" => Ok(Strategy::Timing),
         other => Err(corrupt("split strategy", other)),
     }
-}
-
-fn outcome_parse(s: &str) -> Result<UnitOutcome> {
-    UnitOutcome::parse(s).ok_or_else(|| corrupt("unit outcome", s))
 }
 
 fn is_failure(o: Option<UnitOutcome>) -> bool {
@@ -304,7 +301,7 @@ pub(crate) fn release_units(tx: &Transaction<'_>, attempt: AttemptId) -> Result<
         "UPDATE unit_tries SET state = 'queued', attempt_id = NULL, request = NULL, \
          runner_id = NULL, runner = NULL, leased_at = NULL \
          WHERE attempt_id = ?1 AND state = 'leased'",
-        [to_i64(attempt)],
+        [to_i64(attempt.get())],
     )?;
     Ok(())
 }
@@ -319,7 +316,7 @@ pub(crate) fn requeue_failed_units(tx: &Transaction<'_>, attempt: AttemptId) -> 
          WHERE attempt_id = ?1 AND state = 'ended' AND outcome IN ('failed', 'errored') \
          AND try_number = (SELECT s.round FROM splits s \
                            WHERE s.id = unit_tries.split_id AND s.done = 0)",
-        [to_i64(attempt)],
+        [to_i64(attempt.get())],
     )?;
     Ok(n as u64)
 }
@@ -466,30 +463,36 @@ fn round_busy(tx: &Connection, split: i64, round: u32) -> Result<bool> {
 struct TryRow {
     position: i64,
     try_number: u32,
-    outcome: Option<UnitOutcome>,
+    state: UnitTryState,
     duration: u64,
+}
+
+/// A stored try's state and outcome, or the store's corrupt-data error.
+fn try_state(state: &str, outcome: Option<&str>) -> Result<UnitTryState> {
+    UnitTryState::from_stored(state, outcome).map_err(|e| corrupt("unit try", e))
 }
 
 fn load_tries(tx: &Connection, split: i64) -> Result<Vec<TryRow>> {
     let mut stmt = tx.prepare_cached(
-        "SELECT position, try_number, outcome, duration_ms FROM unit_tries \
+        "SELECT position, try_number, state, outcome, duration_ms FROM unit_tries \
          WHERE split_id = ?1 ORDER BY position, try_number",
     )?;
     let rows = stmt.query_map([split], |r| {
         Ok((
             r.get::<_, i64>(0)?,
             r.get::<_, u32>(1)?,
-            r.get::<_, Option<String>>(2)?,
-            r.get::<_, i64>(3)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, Option<String>>(3)?,
+            r.get::<_, i64>(4)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (position, try_number, outcome, duration) = row?;
+        let (position, try_number, state, outcome, duration) = row?;
         out.push(TryRow {
             position,
             try_number,
-            outcome: outcome.as_deref().map(outcome_parse).transpose()?,
+            state: try_state(&state, outcome.as_deref())?,
             duration: to_u64(duration),
         });
     }
@@ -509,16 +512,16 @@ fn round_stats(tries: &[TryRow], units: u64, round: u32) -> RoundStats {
     for t in tries {
         if t.try_number == 1 {
             s.first_round_ms = s.first_round_ms.saturating_add(t.duration);
-            if is_failure(t.outcome) {
+            if is_failure(t.state.outcome()) {
                 s.first_failed += 1;
             }
         } else {
             s.retry_ms = s.retry_ms.saturating_add(t.duration);
         }
         if t.try_number == round {
-            if is_failure(t.outcome) {
+            if is_failure(t.state.outcome()) {
                 s.failed += 1;
-            } else if round > 1 && t.outcome == Some(UnitOutcome::Passed) {
+            } else if round > 1 && t.state == UnitTryState::Ended(UnitOutcome::Passed) {
                 s.recovered += 1;
             }
         }
@@ -592,10 +595,10 @@ fn join_notes(a: &str, b: &str) -> String {
 
 /// The verdict of a unit from its tries (first first).
 fn verdict(tries: &[&TryRow], no_more_tries: bool) -> UnitVerdict {
-    let Some(last_ended) = tries.iter().rev().find(|t| t.outcome.is_some()) else {
+    let Some(last_ended) = tries.iter().rev().find(|t| t.state.outcome().is_some()) else {
         return UnitVerdict::NotRun;
     };
-    if last_ended.outcome == Some(UnitOutcome::Passed) {
+    if last_ended.state == UnitTryState::Ended(UnitOutcome::Passed) {
         if last_ended.try_number <= 1 {
             UnitVerdict::Passed
         } else {
@@ -670,7 +673,7 @@ fn finish_split_row(
         };
         durations.extend(
             list.iter()
-                .filter(|t| t.outcome.is_some() && t.duration > 0)
+                .filter(|t| t.state.outcome().is_some() && t.duration > 0)
                 .map(|t| t.duration),
         );
         if durations.len() > HISTORY_LEN {
@@ -733,7 +736,7 @@ struct Fenced {
 type AttemptRow = (i64, i64, String, Option<i64>, String, i64, String);
 
 fn fence(tx: &Connection, req: &UnitsRequest) -> Result<std::result::Result<Fenced, String>> {
-    let attempt = to_i64(req.attempt);
+    let attempt = to_i64(req.attempt.get());
     let row: Option<AttemptRow> = tx
         .query_row(
             "SELECT j.id, j.build_id, j.state, j.current_attempt, j.steps, a.runner_id, b.repo \
@@ -765,7 +768,7 @@ fn fence(tx: &Connection, req: &UnitsRequest) -> Result<std::result::Result<Fenc
     if !matches!(state, JobState::Assigned | JobState::Running) {
         return Ok(Err(format!("job {job} is {state}, not running")));
     }
-    if runner != to_i64(req.runner) {
+    if runner != to_i64(req.runner.get()) {
         return Ok(Err(format!(
             "attempt {attempt} was not given to runner {}",
             req.runner
@@ -809,8 +812,8 @@ fn next_units_tx(tx: &Transaction<'_>, req: &UnitsRequest, now: Millis) -> Resul
     let ask = Ask {
         tx,
         req,
-        attempt: to_i64(req.attempt),
-        runner: to_i64(req.runner),
+        attempt: to_i64(req.attempt.get()),
+        runner: to_i64(req.runner.get()),
         now,
     };
     let mut split = match load_split(tx, f.build_id, &f.spec.key)? {
@@ -1174,7 +1177,7 @@ pub(crate) fn close_abandoned_splits(
     build: BuildId,
     now: Millis,
 ) -> Result<()> {
-    let build = to_i64(build);
+    let build = to_i64(build.get());
     let open: Vec<String> = {
         let mut stmt =
             tx.prepare_cached("SELECT split_key FROM splits WHERE build_id = ?1 AND done = 0")?;
@@ -1243,7 +1246,7 @@ fn reports_of(tx: &Connection, build: BuildId) -> Result<Vec<SplitReport>> {
         let mut stmt = tx.prepare_cached(&format!(
             "SELECT {SPLIT_COLUMNS} FROM splits WHERE build_id = ?1 ORDER BY id"
         ))?;
-        let rows = stmt.query_map([to_i64(build)], split_from_row)?;
+        let rows = stmt.query_map([to_i64(build.get())], split_from_row)?;
         rows.map(|r| finish_split(r?)).collect::<Result<_>>()?
     };
     let mut out = Vec::with_capacity(splits.len());
@@ -1264,34 +1267,35 @@ fn reports_of(tx: &Connection, build: BuildId) -> Result<Vec<SplitReport>> {
         let mut tries: BTreeMap<i64, Vec<(TryRow, UnitTry)>> = BTreeMap::new();
         {
             let mut stmt = tx.prepare_cached(
-                "SELECT position, try_number, outcome, runner, duration_ms, cases \
+                "SELECT position, try_number, state, outcome, runner, duration_ms, cases \
                  FROM unit_tries WHERE split_id = ?1 ORDER BY position, try_number",
             )?;
             let rows = stmt.query_map([split.id], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, u32>(1)?,
-                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, String>(2)?,
                     r.get::<_, Option<String>>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, String>(5)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, String>(6)?,
                 ))
             })?;
             for row in rows {
-                let (position, try_number, outcome, runner, duration, cases) = row?;
-                let outcome = outcome.as_deref().map(outcome_parse).transpose()?;
+                let (position, try_number, state, outcome, runner, duration, cases) = row?;
+                let state = try_state(&state, outcome.as_deref())?;
                 let cases: Vec<TestCase> =
                     serde_json::from_str(&cases).map_err(|e| corrupt("test cases", e))?;
                 tries.entry(position).or_default().push((
                     TryRow {
                         position,
                         try_number,
-                        outcome,
+                        state,
                         duration: to_u64(duration),
                     },
                     UnitTry {
                         try_number,
-                        outcome,
+                        state,
                         runner,
                         duration_ms: to_u64(duration),
                         cases,
@@ -1306,7 +1310,7 @@ fn reports_of(tx: &Connection, build: BuildId) -> Result<Vec<SplitReport>> {
             let no_more = ended
                 || rows
                     .last()
-                    .is_some_and(|t| t.outcome.is_some() && t.try_number >= attempts);
+                    .is_some_and(|t| t.state.outcome().is_some() && t.try_number >= attempts);
             let verdict = verdict(&rows, no_more);
             summaries.push(UnitSummary {
                 unit,
@@ -1316,8 +1320,8 @@ fn reports_of(tx: &Connection, build: BuildId) -> Result<Vec<SplitReport>> {
             });
         }
         out.push(SplitReport {
-            id: to_u64(split.id),
-            build_id: to_u64(split.build_id),
+            id: SplitId::new(to_u64(split.id)),
+            build_id: BuildId::new(to_u64(split.build_id)),
             key: split.key,
             shards: split.shards,
             strategy: split.strategy,
