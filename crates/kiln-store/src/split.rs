@@ -24,7 +24,7 @@ use kiln_domain::split::{
     UnitTryState, UnitVerdict, UnitsReply, UnitsRequest, batch_len, median, next_round, reliable,
     sizing_estimates, sizing_floor, start_cost, static_shards,
 };
-use kiln_domain::{AttemptId, BuildId, JobState, Millis, StepSpec, now_millis};
+use kiln_domain::{AttemptId, BuildId, JobId, JobState, Millis, RunnerId, StepSpec, now_millis};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::Result;
@@ -69,8 +69,8 @@ fn is_failure(o: Option<UnitOutcome>) -> bool {
 
 /// A stored split.
 struct SplitRow {
-    id: i64,
-    build_id: i64,
+    id: SplitId,
+    build_id: BuildId,
     repo: String,
     key: String,
     shards: u32,
@@ -88,8 +88,8 @@ const SPLIT_COLUMNS: &str = "id, build_id, repo, split_key, shards, strategy, re
      round, done, passed, summary, retry_note";
 
 type RawSplit = (
-    i64,
-    i64,
+    SplitId,
+    BuildId,
     String,
     String,
     u32,
@@ -154,7 +154,7 @@ fn finish_split(raw: RawSplit) -> Result<SplitRow> {
     })
 }
 
-fn load_split(tx: &Connection, build: i64, key: &str) -> Result<Option<SplitRow>> {
+fn load_split(tx: &Connection, build: BuildId, key: &str) -> Result<Option<SplitRow>> {
     let raw = tx
         .query_row(
             &format!("SELECT {SPLIT_COLUMNS} FROM splits WHERE build_id = ?1 AND split_key = ?2"),
@@ -224,7 +224,7 @@ fn no_units(source: &UnitSource) -> String {
 /// for a static strategy each round-1 unit's shard.
 fn create_split(
     tx: &Transaction<'_>,
-    build: i64,
+    build: BuildId,
     repo: &str,
     spec: &SplitSpec,
     discovered: &[String],
@@ -262,7 +262,7 @@ fn create_split(
             now
         ],
     )?;
-    let id = tx.last_insert_rowid();
+    let id = SplitId::new(tx.last_insert_rowid() as u64);
     {
         let mut unit_stmt = tx.prepare_cached(
             "INSERT INTO split_units (split_id, position, unit) VALUES (?1, ?2, ?3)",
@@ -328,11 +328,11 @@ struct Candidate {
     try_number: u32,
     estimate: u64,
     /// Runner of the unit's previous (failed) try, in a retry round.
-    previous_runner: Option<i64>,
+    previous_runner: Option<RunnerId>,
 }
 
 /// Estimated time of the tries of `round` other attempts hold.
-fn in_flight_ms(tx: &Connection, split: i64, round: u32, attempt: i64) -> Result<u64> {
+fn in_flight_ms(tx: &Connection, split: SplitId, round: u32, attempt: AttemptId) -> Result<u64> {
     let ms: i64 = tx
         .prepare_cached(
             "SELECT COALESCE(SUM(estimate_ms), 0) FROM unit_tries WHERE split_id = ?1 \
@@ -344,7 +344,7 @@ fn in_flight_ms(tx: &Connection, split: i64, round: u32, attempt: i64) -> Result
 
 /// Round-1 estimates of every unit of the split, those queued with the default estimate (no
 /// history anywhere) taken as `seen` when known: what the split's units are estimated at.
-fn split_estimates(tx: &Connection, split: i64, seen: Option<u64>) -> Result<Vec<u64>> {
+fn split_estimates(tx: &Connection, split: SplitId, seen: Option<u64>) -> Result<Vec<u64>> {
     let mut stmt = tx.prepare_cached(
         "SELECT estimate_ms FROM unit_tries WHERE split_id = ?1 AND try_number = 1",
     )?;
@@ -381,7 +381,7 @@ fn reliable_units(tx: &Connection, repo: &str, key: &str) -> Result<HashSet<Stri
 }
 
 /// Durations of the split's tries that ended with an outcome.
-fn ended_durations(tx: &Connection, split: i64) -> Result<Vec<u64>> {
+fn ended_durations(tx: &Connection, split: SplitId) -> Result<Vec<u64>> {
     let mut stmt = tx.prepare_cached(
         "SELECT duration_ms FROM unit_tries WHERE split_id = ?1 AND state = 'ended' \
          AND outcome IS NOT NULL",
@@ -391,7 +391,7 @@ fn ended_durations(tx: &Connection, split: i64) -> Result<Vec<u64>> {
 }
 
 /// Queued tries of `round` that `shard` may take, longest estimate first, then discovery order.
-fn leasable(tx: &Connection, split: i64, round: u32, shard: u32) -> Result<Vec<Candidate>> {
+fn leasable(tx: &Connection, split: SplitId, round: u32, shard: u32) -> Result<Vec<Candidate>> {
     let mut stmt = tx.prepare_cached(
         "SELECT t.position, u.unit, t.try_number, t.estimate_ms, p.runner_id \
          FROM unit_tries t JOIN split_units u ON u.split_id = t.split_id AND u.position = t.position \
@@ -415,7 +415,7 @@ fn leasable(tx: &Connection, split: i64, round: u32, shard: u32) -> Result<Vec<C
 
 /// Attempts that took part in a round (a try of it leased or ended by them) and are still
 /// their job's current, unfinished attempt.
-fn round_holders(tx: &Connection, split: i64, round: u32) -> Result<HashSet<i64>> {
+fn round_holders(tx: &Connection, split: SplitId, round: u32) -> Result<HashSet<AttemptId>> {
     let mut stmt = tx.prepare_cached(
         "SELECT DISTINCT t.attempt_id FROM unit_tries t \
          JOIN attempts a ON a.id = t.attempt_id \
@@ -423,7 +423,7 @@ fn round_holders(tx: &Connection, split: i64, round: u32) -> Result<HashSet<i64>
          WHERE t.split_id = ?1 AND t.try_number = ?2 AND t.attempt_id IS NOT NULL \
          AND j.state IN ('assigned', 'running')",
     )?;
-    let rows = stmt.query_map(params![split, round], |r| r.get::<_, i64>(0))?;
+    let rows = stmt.query_map(params![split, round], |r| r.get::<_, AttemptId>(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
@@ -432,10 +432,10 @@ fn round_holders(tx: &Connection, split: i64, round: u32) -> Result<HashSet<i64>
 /// unfinished attempt.
 fn recent_members(
     tx: &Connection,
-    split: i64,
-    attempt: i64,
+    split: SplitId,
+    attempt: AttemptId,
     now: Millis,
-) -> Result<Vec<(i64, i64)>> {
+) -> Result<Vec<(AttemptId, RunnerId)>> {
     let mut stmt = tx.prepare_cached(
         "SELECT m.attempt_id, m.runner_id FROM split_members m \
          JOIN attempts a ON a.id = m.attempt_id \
@@ -450,7 +450,7 @@ fn recent_members(
 }
 
 /// Whether tries of `round` are still queued or leased.
-fn round_busy(tx: &Connection, split: i64, round: u32) -> Result<bool> {
+fn round_busy(tx: &Connection, split: SplitId, round: u32) -> Result<bool> {
     Ok(tx
         .prepare_cached(
             "SELECT EXISTS (SELECT 1 FROM unit_tries WHERE split_id = ?1 AND try_number = ?2 \
@@ -472,7 +472,7 @@ fn try_state(state: &str, outcome: Option<&str>) -> Result<UnitTryState> {
     UnitTryState::from_stored(state, outcome).map_err(|e| corrupt("unit try", e))
 }
 
-fn load_tries(tx: &Connection, split: i64) -> Result<Vec<TryRow>> {
+fn load_tries(tx: &Connection, split: SplitId) -> Result<Vec<TryRow>> {
     let mut stmt = tx.prepare_cached(
         "SELECT position, try_number, state, outcome, duration_ms FROM unit_tries \
          WHERE split_id = ?1 ORDER BY position, try_number",
@@ -531,7 +531,11 @@ fn round_stats(tries: &[TryRow], units: u64, round: u32) -> RoundStats {
 
 /// The units that failed in `round` (positions, and ids with their durations as estimates),
 /// in position order.
-fn failed_in_round(tx: &Connection, split: i64, round: u32) -> Result<(Vec<i64>, Vec<FailedUnit>)> {
+fn failed_in_round(
+    tx: &Connection,
+    split: SplitId,
+    round: u32,
+) -> Result<(Vec<i64>, Vec<FailedUnit>)> {
     let mut stmt = tx.prepare_cached(
         "SELECT t.position, u.unit, t.duration_ms FROM unit_tries t \
          JOIN split_units u ON u.split_id = t.split_id AND u.position = t.position \
@@ -558,7 +562,7 @@ fn failed_in_round(tx: &Connection, split: i64, round: u32) -> Result<(Vec<i64>,
 }
 
 /// The interaction failures of a split, in the order they were reported.
-fn interactions_of(tx: &Connection, split: i64) -> Result<Vec<Interaction>> {
+fn interactions_of(tx: &Connection, split: SplitId) -> Result<Vec<Interaction>> {
     let mut stmt = tx.prepare_cached(
         "SELECT units, try_number, detail, runner FROM split_interactions WHERE split_id = ?1 \
          ORDER BY created_at, attempt_id, request, seq",
@@ -727,16 +731,24 @@ fn finish_split_row(
 /// The fencing of a request: the job's current, unfinished attempt held by the runner, at a
 /// split step. `Err(reason)` when refused.
 struct Fenced {
-    build_id: i64,
+    build_id: BuildId,
     repo: String,
     spec: SplitSpec,
 }
 
 /// Job id, build id, job state, current attempt, steps JSON, the attempt's runner, repository.
-type AttemptRow = (i64, i64, String, Option<i64>, String, i64, String);
+type AttemptRow = (
+    JobId,
+    BuildId,
+    String,
+    Option<AttemptId>,
+    String,
+    RunnerId,
+    String,
+);
 
 fn fence(tx: &Connection, req: &UnitsRequest) -> Result<std::result::Result<Fenced, String>> {
-    let attempt = to_i64(req.attempt.get());
+    let attempt = req.attempt;
     let row: Option<AttemptRow> = tx
         .query_row(
             "SELECT j.id, j.build_id, j.state, j.current_attempt, j.steps, a.runner_id, b.repo \
@@ -768,7 +780,7 @@ fn fence(tx: &Connection, req: &UnitsRequest) -> Result<std::result::Result<Fenc
     if !matches!(state, JobState::Assigned | JobState::Running) {
         return Ok(Err(format!("job {job} is {state}, not running")));
     }
-    if runner != to_i64(req.runner.get()) {
+    if runner != req.runner {
         return Ok(Err(format!(
             "attempt {attempt} was not given to runner {}",
             req.runner
@@ -796,8 +808,8 @@ fn fence(tx: &Connection, req: &UnitsRequest) -> Result<std::result::Result<Fenc
 struct Ask<'t, 'r> {
     tx: &'t Transaction<'t>,
     req: &'r UnitsRequest,
-    attempt: i64,
-    runner: i64,
+    attempt: AttemptId,
+    runner: RunnerId,
     now: Millis,
 }
 
@@ -812,8 +824,8 @@ fn next_units_tx(tx: &Transaction<'_>, req: &UnitsRequest, now: Millis) -> Resul
     let ask = Ask {
         tx,
         req,
-        attempt: to_i64(req.attempt.get()),
-        runner: to_i64(req.runner.get()),
+        attempt: req.attempt,
+        runner: req.runner,
         now,
     };
     let mut split = match load_split(tx, f.build_id, &f.spec.key)? {
@@ -1177,7 +1189,6 @@ pub(crate) fn close_abandoned_splits(
     build: BuildId,
     now: Millis,
 ) -> Result<()> {
-    let build = to_i64(build.get());
     let open: Vec<String> = {
         let mut stmt =
             tx.prepare_cached("SELECT split_key FROM splits WHERE build_id = ?1 AND done = 0")?;
@@ -1226,7 +1237,7 @@ pub(crate) fn close_abandoned_splits(
     Ok(())
 }
 
-fn build_final(tx: &Connection, build: i64) -> Result<bool> {
+fn build_final(tx: &Connection, build: BuildId) -> Result<bool> {
     let state: Option<String> = tx
         .query_row("SELECT state FROM builds WHERE id = ?1", [build], |r| {
             r.get(0)
@@ -1320,8 +1331,8 @@ fn reports_of(tx: &Connection, build: BuildId) -> Result<Vec<SplitReport>> {
             });
         }
         out.push(SplitReport {
-            id: SplitId::new(to_u64(split.id)),
-            build_id: BuildId::new(to_u64(split.build_id)),
+            id: split.id,
+            build_id: split.build_id,
             key: split.key,
             shards: split.shards,
             strategy: split.strategy,

@@ -846,7 +846,7 @@ impl Store for SqliteStore {
 
     fn record_step(&self, attempt: AttemptId, step: &StepResult) -> Result<bool> {
         self.with_tx(|tx| {
-            let job: Option<i64> = tx
+            let job: Option<JobId> = tx
                 .query_row(
                     "SELECT id FROM jobs WHERE current_attempt = ?1 \
                      AND state IN ('assigned', 'running')",
