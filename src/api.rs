@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use kiln_domain::JobId;
+use kiln_domain::{BuildId, JobId};
 use kiln_store::BuildFilter;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -117,7 +117,11 @@ impl BuildService for BuildApi {
     ) -> Result<Response<proto::TestReport>, Status> {
         self.auth.check_read(request.metadata())?;
         let build = request.into_inner().build_id;
-        let r = self.dispatcher.test_report(build).await.map_err(status)?;
+        let r = self
+            .dispatcher
+            .test_report(BuildId::new(build))
+            .await
+            .map_err(status)?;
         Ok(Response::new(proto::TestReport {
             build_id: build,
             splits: r
@@ -156,7 +160,7 @@ impl BuildService for BuildApi {
         self.auth.check_read(request.metadata())?;
         let d = self
             .dispatcher
-            .get_build(request.into_inner().build_id)
+            .get_build(BuildId::new(request.into_inner().build_id))
             .await
             .map_err(status)?;
         Ok(Response::new(convert::build_to_proto(&d)))
@@ -195,7 +199,7 @@ impl BuildService for BuildApi {
             repo: (!r.repo.is_empty()).then_some(r.repo),
             branch: (!r.branch.is_empty()).then_some(r.branch),
             state,
-            before,
+            before: before.map(BuildId::new),
             limit: limit + 1,
         };
         let mut builds = self.dispatcher.list_builds(filter).await.map_err(status)?;
@@ -223,7 +227,7 @@ impl BuildService for BuildApi {
         let job: JobId = match (r.job_id, r.build_id) {
             (0, 0) => return Err(Status::invalid_argument("job_id or build_id is required")),
             (0, b) => {
-                let detail = d.get_build(b).await.map_err(status)?;
+                let detail = d.get_build(BuildId::new(b)).await.map_err(status)?;
                 match detail.jobs.first() {
                     Some(j) => j.id,
                     None => {
@@ -234,7 +238,7 @@ impl BuildService for BuildApi {
                     }
                 }
             }
-            (j, _) => j,
+            (j, _) => JobId::new(j),
         };
         // Subscribe first, then look at the job: an end in between cannot be missed.
         let mut progress = d.follow(job).map_err(status)?;
@@ -265,7 +269,7 @@ impl BuildService for BuildApi {
                                     data: f.data.into(),
                                     next_offset: f.next_offset,
                                     final_state: 0,
-                                    attempt_id: f.header.attempt,
+                                    attempt_id: f.header.attempt.get(),
                                 };
                                 if tx.send(Ok(chunk)).await.is_err() {
                                     return;
@@ -341,10 +345,10 @@ impl BuildService for BuildApi {
                     _ = shutdown.cancelled() => return,
                 };
                 match ev {
-                    Ok(ev) if only == 0 || ev.build_id == only => {
+                    Ok(ev) if only == 0 || ev.build_id == BuildId::new(only) => {
                         let out = proto::BuildEvent {
-                            build_id: ev.build_id,
-                            job_id: ev.job_id.unwrap_or(0),
+                            build_id: ev.build_id.get(),
+                            job_id: ev.job_id.map_or(0, u64::from),
                             state: convert::job_state_to_proto(ev.state) as i32,
                             at: Some(convert::timestamp(ev.at)),
                         };
@@ -375,7 +379,7 @@ impl BuildService for BuildApi {
         self.auth.check_write(request.metadata())?;
         let d = self
             .dispatcher
-            .cancel_build(request.into_inner().build_id)
+            .cancel_build(BuildId::new(request.into_inner().build_id))
             .await
             .map_err(status)?;
         Ok(Response::new(convert::build_to_proto(&d)))
@@ -434,7 +438,7 @@ impl BuildService for BuildApi {
         self.auth.check_write(request.metadata())?;
         let d = self
             .dispatcher
-            .retry_build(request.into_inner().build_id)
+            .retry_build(BuildId::new(request.into_inner().build_id))
             .await
             .map_err(status)?;
         Ok(Response::new(convert::build_to_proto(&d)))

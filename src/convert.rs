@@ -1,7 +1,7 @@
 //! The one place where wire types (`proto`) and domain types (`kiln-domain`, `kiln-store`)
 //! are converted into each other.
 
-use kiln_domain::{JobState, Millis, RunnerRecord, StepOutcome, protocol, split};
+use kiln_domain::{JobId, JobState, Millis, RunnerRecord, StepOutcome, protocol, split};
 use kiln_store::BuildDetail;
 
 use crate::proto;
@@ -99,7 +99,7 @@ pub fn millis(ts: &prost_types::Timestamp) -> Millis {
 pub fn build_to_proto(d: &BuildDetail) -> proto::Build {
     let b = &d.build;
     proto::Build {
-        id: b.id,
+        id: b.id.into(),
         repo: b.repo.clone(),
         commit: b.commit.clone(),
         branch: b.branch.clone(),
@@ -110,13 +110,13 @@ pub fn build_to_proto(d: &BuildDetail) -> proto::Build {
             .map(|j| {
                 let results = d.steps.get(&j.id);
                 proto::Job {
-                    id: j.id,
-                    build_id: j.build_id,
+                    id: j.id.into(),
+                    build_id: j.build_id.into(),
                     name: j.name.clone(),
                     state: job_state_to_proto(j.state) as i32,
                     labels: j.labels.clone().into_iter().collect(),
                     runner: j.runner.clone().unwrap_or_default(),
-                    attempt_id: j.current_attempt.unwrap_or(0),
+                    attempt_id: j.current_attempt.map_or(0, u64::from),
                     attempts: j.attempts,
                     steps: j
                         .steps
@@ -160,7 +160,7 @@ pub fn build_to_proto(d: &BuildDetail) -> proto::Build {
         finished_at: b.finished_at.map(timestamp),
         error: b.error.clone().unwrap_or_default(),
         trigger: b.trigger.clone(),
-        retry_of: b.retry_of.unwrap_or(0),
+        retry_of: b.retry_of.map_or(0, u64::from),
         pipeline: b.pipeline.clone(),
     }
 }
@@ -168,7 +168,7 @@ pub fn build_to_proto(d: &BuildDetail) -> proto::Build {
 /// One attempt of a job to wire.
 pub fn attempt_to_proto(a: &kiln_store::AttemptInfo) -> proto::JobAttempt {
     proto::JobAttempt {
-        id: a.id,
+        id: a.id.into(),
         number: a.number,
         runner: a.runner.clone(),
         state: a.state.as_str().to_string(),
@@ -189,11 +189,21 @@ pub fn build_summary_to_proto(b: &kiln_domain::Build) -> proto::Build {
     })
 }
 
+/// Ids as their wire numbers.
+fn ids_to_proto<I: Into<u64>>(ids: Vec<I>) -> Vec<u64> {
+    ids.into_iter().map(Into::into).collect()
+}
+
+/// Wire numbers as ids (of the kind the field carries).
+fn ids_from_proto<I: From<u64>>(ids: Vec<u64>) -> Vec<I> {
+    ids.into_iter().map(I::from).collect()
+}
+
 /// A runner as the dispatcher sees it, to wire.
 pub fn runner_to_proto(
     r: &RunnerRecord,
     state: kiln_dispatcher::RunnerState,
-    running_jobs: Vec<u64>,
+    running_jobs: Vec<JobId>,
     last_heartbeat: Millis,
 ) -> proto::Runner {
     use kiln_dispatcher::RunnerState;
@@ -204,12 +214,12 @@ pub fn runner_to_proto(
         RunnerState::Offline => proto::RunnerState::Offline,
     };
     proto::Runner {
-        id: r.id,
+        id: r.id.into(),
         name: r.name.clone(),
         state: state as i32,
         labels: r.labels.clone().into_iter().collect(),
         slots: r.slots,
-        running_jobs,
+        running_jobs: ids_to_proto(running_jobs),
         last_heartbeat: Some(timestamp(last_heartbeat)),
         version: r.version.clone(),
     }
@@ -321,7 +331,7 @@ fn next_units_from_proto(m: proto::NextUnits) -> Result<protocol::NextUnits, Str
         })
         .collect();
     let n = protocol::NextUnits {
-        attempt_id: m.attempt_id,
+        attempt_id: m.attempt_id.into(),
         step_index: m.step_index,
         request: m.request,
         discovered: m.discovered,
@@ -337,7 +347,7 @@ fn next_units_from_proto(m: proto::NextUnits) -> Result<protocol::NextUnits, Str
 
 fn next_units_to_proto(m: protocol::NextUnits) -> proto::NextUnits {
     proto::NextUnits {
-        attempt_id: m.attempt_id,
+        attempt_id: m.attempt_id.into(),
         step_index: m.step_index,
         request: m.request,
         discovered: m.discovered,
@@ -370,7 +380,7 @@ fn next_units_to_proto(m: protocol::NextUnits) -> proto::NextUnits {
 
 fn units_to_proto(u: protocol::Units) -> proto::Units {
     let mut out = proto::Units {
-        attempt_id: u.attempt_id,
+        attempt_id: u.attempt_id.into(),
         step_index: u.step_index,
         request: u.request,
         ..Default::default()
@@ -422,7 +432,7 @@ fn units_from_proto(u: proto::Units) -> Result<protocol::Units, String> {
         }
     };
     Ok(protocol::Units {
-        attempt_id: u.attempt_id,
+        attempt_id: u.attempt_id.into(),
         step_index: u.step_index,
         request: u.request,
         reply,
@@ -475,9 +485,9 @@ fn split_step_from_proto(s: proto::SplitStep) -> protocol::SplitStep {
 
 fn assign_to_proto(a: protocol::Assign) -> proto::Assign {
     proto::Assign {
-        attempt_id: a.attempt_id,
-        job_id: a.job_id,
-        build_id: a.build_id,
+        attempt_id: a.attempt_id.into(),
+        job_id: a.job_id.into(),
+        build_id: a.build_id.into(),
         repo_url: a.repo_url,
         commit: a.commit,
         branch: a.branch,
@@ -527,9 +537,9 @@ fn assign_from_proto(a: proto::Assign) -> Result<protocol::Assign, String> {
         });
     }
     Ok(protocol::Assign {
-        attempt_id: a.attempt_id,
-        job_id: a.job_id,
-        build_id: a.build_id,
+        attempt_id: a.attempt_id.into(),
+        job_id: a.job_id.into(),
+        build_id: a.build_id.into(),
         repo_url: a.repo_url,
         commit: a.commit,
         branch: a.branch,
@@ -543,7 +553,7 @@ fn assign_from_proto(a: proto::Assign) -> Result<protocol::Assign, String> {
 
 fn heartbeat_to_proto(h: protocol::Heartbeat) -> proto::Heartbeat {
     proto::Heartbeat {
-        running_attempts: h.running_attempts,
+        running_attempts: ids_to_proto(h.running_attempts),
         sent_at_ms: h.sent_at_ms,
         draining: h.draining,
         lists_held: h.lists_held,
@@ -552,7 +562,7 @@ fn heartbeat_to_proto(h: protocol::Heartbeat) -> proto::Heartbeat {
 
 fn heartbeat_from_proto(h: proto::Heartbeat) -> protocol::Heartbeat {
     protocol::Heartbeat {
-        running_attempts: h.running_attempts,
+        running_attempts: ids_from_proto(h.running_attempts),
         sent_at_ms: h.sent_at_ms,
         draining: h.draining,
         lists_held: h.lists_held,
@@ -576,20 +586,20 @@ pub fn runner_message_from_proto(
             labels: h.labels.into_iter().collect(),
             slots: h.slots,
             version: h.version,
-            held_attempts: h.held_attempts,
+            held_attempts: ids_from_proto(h.held_attempts),
             token: h.token,
             session_secret: h.session_secret,
         }),
         Some(Kind::Heartbeat(h)) => M::Heartbeat(heartbeat_from_proto(h)),
         Some(Kind::Accepted(a)) => M::Accepted(protocol::Accepted {
-            attempt_id: a.attempt_id,
+            attempt_id: a.attempt_id.into(),
         }),
         Some(Kind::Rejected(r)) => M::Rejected(protocol::Rejected {
-            attempt_id: r.attempt_id,
+            attempt_id: r.attempt_id.into(),
             reason: r.reason,
         }),
         Some(Kind::Output(o)) => M::Output(protocol::OutputChunk {
-            attempt_id: o.attempt_id,
+            attempt_id: o.attempt_id.into(),
             seq: o.seq,
             step_index: o.step_index,
             stream: output_stream_from_proto(o.stream).ok_or_else(|| {
@@ -598,7 +608,7 @@ pub fn runner_message_from_proto(
             data: o.data,
         }),
         Some(Kind::StepStarted(s)) => M::StepStarted(protocol::StepStarted {
-            attempt_id: s.attempt_id,
+            attempt_id: s.attempt_id.into(),
             step_index: s.step_index,
         }),
         Some(Kind::StepFinished(f)) => {
@@ -610,7 +620,7 @@ pub fn runner_message_from_proto(
                 })?;
             let (cases, report_note) = step_cases_from_proto(f.cases, f.report_note)?;
             M::StepFinished(protocol::StepFinished {
-                attempt_id: f.attempt_id,
+                attempt_id: f.attempt_id.into(),
                 step_index: f.step_index,
                 outcome,
                 exit_code: f.exit_code,
@@ -630,7 +640,7 @@ pub fn runner_message_from_proto(
                     format!("job_finished.state {} is not a final job state", f.state)
                 })?;
             M::JobFinished(protocol::JobFinished {
-                attempt_id: f.attempt_id,
+                attempt_id: f.attempt_id.into(),
                 state,
                 message: f.message,
                 last_seq: f.last_seq,
@@ -650,31 +660,31 @@ pub fn runner_message_to_proto(m: protocol::RunnerMessage) -> proto::RunnerMessa
             labels: h.labels.into_iter().collect(),
             slots: h.slots,
             version: h.version,
-            held_attempts: h.held_attempts,
+            held_attempts: ids_to_proto(h.held_attempts),
             token: h.token,
             session_secret: h.session_secret,
         }),
         M::Heartbeat(h) => Kind::Heartbeat(heartbeat_to_proto(h)),
         M::Accepted(a) => Kind::Accepted(proto::Accepted {
-            attempt_id: a.attempt_id,
+            attempt_id: a.attempt_id.into(),
         }),
         M::Rejected(r) => Kind::Rejected(proto::Rejected {
-            attempt_id: r.attempt_id,
+            attempt_id: r.attempt_id.into(),
             reason: r.reason,
         }),
         M::Output(o) => Kind::Output(proto::OutputChunk {
-            attempt_id: o.attempt_id,
+            attempt_id: o.attempt_id.into(),
             seq: o.seq,
             step_index: o.step_index,
             stream: output_stream_to_proto(o.stream) as i32,
             data: o.data,
         }),
         M::StepStarted(s) => Kind::StepStarted(proto::StepStarted {
-            attempt_id: s.attempt_id,
+            attempt_id: s.attempt_id.into(),
             step_index: s.step_index,
         }),
         M::StepFinished(f) => Kind::StepFinished(proto::StepFinished {
-            attempt_id: f.attempt_id,
+            attempt_id: f.attempt_id.into(),
             step_index: f.step_index,
             outcome: step_outcome_to_proto(f.outcome) as i32,
             exit_code: f.exit_code,
@@ -685,7 +695,7 @@ pub fn runner_message_to_proto(m: protocol::RunnerMessage) -> proto::RunnerMessa
             report_note: f.report_note,
         }),
         M::JobFinished(f) => Kind::JobFinished(proto::JobFinished {
-            attempt_id: f.attempt_id,
+            attempt_id: f.attempt_id.into(),
             state: job_state_to_proto(f.state) as i32,
             message: f.message,
             last_seq: f.last_seq,
@@ -701,27 +711,27 @@ pub fn dispatcher_message_to_proto(m: protocol::DispatcherMessage) -> proto::Dis
     use protocol::DispatcherMessage as M;
     let kind = match m {
         M::Welcome(w) => Kind::Welcome(proto::Welcome {
-            runner_id: w.runner_id,
+            runner_id: w.runner_id.into(),
             heartbeat_interval_ms: w.heartbeat_interval_ms,
             missed_heartbeats_allowed: w.missed_heartbeats_allowed,
-            stale_attempts: w.stale_attempts,
+            stale_attempts: ids_to_proto(w.stale_attempts),
             session_secret: w.session_secret,
         }),
         M::Heartbeat(h) => Kind::Heartbeat(heartbeat_to_proto(h)),
         M::Assign(a) => Kind::Assign(assign_to_proto(a)),
         M::OutputAck(a) => Kind::OutputAck(proto::OutputAck {
-            attempt_id: a.attempt_id,
+            attempt_id: a.attempt_id.into(),
             up_to_seq: a.up_to_seq,
         }),
         M::ResultAck(a) => Kind::ResultAck(proto::ResultAck {
-            attempt_id: a.attempt_id,
+            attempt_id: a.attempt_id.into(),
         }),
         M::Refused(r) => Kind::Refused(proto::Refused {
-            attempt_id: r.attempt_id,
+            attempt_id: r.attempt_id.into(),
             reason: r.reason,
         }),
         M::Cancel(c) => Kind::Cancel(proto::Cancel {
-            attempt_id: c.attempt_id,
+            attempt_id: c.attempt_id.into(),
             grace_ms: c.grace_ms,
             reason: c.reason,
         }),
@@ -741,27 +751,27 @@ pub fn dispatcher_message_from_proto(
     Ok(Some(match m.kind {
         None => return Ok(None),
         Some(Kind::Welcome(w)) => M::Welcome(protocol::Welcome {
-            runner_id: w.runner_id,
+            runner_id: w.runner_id.into(),
             heartbeat_interval_ms: w.heartbeat_interval_ms,
             missed_heartbeats_allowed: w.missed_heartbeats_allowed,
-            stale_attempts: w.stale_attempts,
+            stale_attempts: ids_from_proto(w.stale_attempts),
             session_secret: w.session_secret,
         }),
         Some(Kind::Heartbeat(h)) => M::Heartbeat(heartbeat_from_proto(h)),
         Some(Kind::Assign(a)) => M::Assign(assign_from_proto(a)?),
         Some(Kind::OutputAck(a)) => M::OutputAck(protocol::OutputAck {
-            attempt_id: a.attempt_id,
+            attempt_id: a.attempt_id.into(),
             up_to_seq: a.up_to_seq,
         }),
         Some(Kind::ResultAck(a)) => M::ResultAck(protocol::ResultAck {
-            attempt_id: a.attempt_id,
+            attempt_id: a.attempt_id.into(),
         }),
         Some(Kind::Refused(r)) => M::Refused(protocol::Refused {
-            attempt_id: r.attempt_id,
+            attempt_id: r.attempt_id.into(),
             reason: r.reason,
         }),
         Some(Kind::Cancel(c)) => M::Cancel(protocol::Cancel {
-            attempt_id: c.attempt_id,
+            attempt_id: c.attempt_id.into(),
             grace_ms: c.grace_ms,
             reason: c.reason,
         }),
@@ -850,7 +860,8 @@ pub fn split_report_to_proto(r: &split::SplitReport) -> proto::SplitReport {
                     .map(|t| proto::UnitTry {
                         try_number: t.try_number,
                         outcome: t
-                            .outcome
+                            .state
+                            .outcome()
                             .map(unit_outcome_to_proto)
                             .unwrap_or(proto::UnitOutcome::Unspecified)
                             as i32,
@@ -876,6 +887,7 @@ pub fn state_name(state: i32) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_domain::{AttemptId, BuildId, RunnerId};
 
     #[test]
     fn states_round_trip() {
@@ -917,34 +929,36 @@ mod tests {
                 labels: [("os".to_string(), "linux".to_string())].into(),
                 slots: 2,
                 version: "1".into(),
-                held_attempts: vec![4, 5],
+                held_attempts: vec![AttemptId::new(4), AttemptId::new(5)],
                 token: "t".into(),
                 session_secret: "s".into(),
             }),
             M::Heartbeat(protocol::Heartbeat {
-                running_attempts: vec![4],
+                running_attempts: vec![AttemptId::new(4)],
                 sent_at_ms: 9,
                 draining: true,
                 lists_held: true,
             }),
-            M::Accepted(protocol::Accepted { attempt_id: 4 }),
+            M::Accepted(protocol::Accepted {
+                attempt_id: AttemptId::new(4),
+            }),
             M::Rejected(protocol::Rejected {
-                attempt_id: 4,
+                attempt_id: AttemptId::new(4),
                 reason: "no free slot".into(),
             }),
             M::Output(protocol::OutputChunk {
-                attempt_id: 4,
+                attempt_id: AttemptId::new(4),
                 seq: 1,
                 step_index: 0,
                 stream: protocol::OutputStream::Stderr,
                 data: bytes::Bytes::from_static(b"x"),
             }),
             M::StepStarted(protocol::StepStarted {
-                attempt_id: 4,
+                attempt_id: AttemptId::new(4),
                 step_index: 1,
             }),
             M::StepFinished(protocol::StepFinished {
-                attempt_id: 4,
+                attempt_id: AttemptId::new(4),
                 step_index: 1,
                 outcome: StepOutcome::Failed,
                 exit_code: Some(2),
@@ -955,13 +969,13 @@ mod tests {
                 report_note: "n".into(),
             }),
             M::JobFinished(protocol::JobFinished {
-                attempt_id: 4,
+                attempt_id: AttemptId::new(4),
                 state: JobState::Failed,
                 message: "why".into(),
                 last_seq: 1,
             }),
             M::NextUnits(protocol::NextUnits {
-                attempt_id: 4,
+                attempt_id: AttemptId::new(4),
                 step_index: 0,
                 request: 2,
                 discovered: vec!["u1".into()],
@@ -1067,16 +1081,16 @@ mod tests {
         use protocol::DispatcherMessage as M;
         let messages = [
             M::Welcome(protocol::Welcome {
-                runner_id: 1,
+                runner_id: RunnerId::new(1),
                 heartbeat_interval_ms: 2,
                 missed_heartbeats_allowed: 3,
-                stale_attempts: vec![4],
+                stale_attempts: vec![AttemptId::new(4)],
                 session_secret: "s".into(),
             }),
             M::Assign(protocol::Assign {
-                attempt_id: 4,
-                job_id: 5,
-                build_id: 6,
+                attempt_id: AttemptId::new(4),
+                job_id: JobId::new(5),
+                build_id: BuildId::new(6),
                 repo_url: "/r".into(),
                 commit: "c".into(),
                 branch: "main".into(),
@@ -1104,22 +1118,24 @@ mod tests {
                 ..Default::default()
             }),
             M::OutputAck(protocol::OutputAck {
-                attempt_id: 4,
+                attempt_id: AttemptId::new(4),
                 up_to_seq: 9,
             }),
-            M::ResultAck(protocol::ResultAck { attempt_id: 4 }),
+            M::ResultAck(protocol::ResultAck {
+                attempt_id: AttemptId::new(4),
+            }),
             M::Refused(protocol::Refused {
-                attempt_id: 4,
+                attempt_id: AttemptId::new(4),
                 reason: "r".into(),
             }),
             M::Cancel(protocol::Cancel {
-                attempt_id: 4,
+                attempt_id: AttemptId::new(4),
                 grace_ms: 5,
                 reason: "c".into(),
             }),
             M::Drain(protocol::Drain { reason: "d".into() }),
             M::Units(protocol::Units {
-                attempt_id: 4,
+                attempt_id: AttemptId::new(4),
                 step_index: 0,
                 request: 1,
                 reply: split::UnitsReply::Done {

@@ -12,6 +12,7 @@ use tonic::metadata::MetadataMap;
 
 use crate::auth::ApiAuth;
 use kiln_dispatcher::Dispatcher;
+use kiln_domain::BuildId;
 
 /// Path of a build's JUnit report.
 pub const JUNIT_PATH: &str = "/builds/{id}/junit.xml";
@@ -41,7 +42,7 @@ async fn junit(State(d): State<Downloads>, Path(id): Path<String>, headers: Head
         };
         return text(code, s.message().to_string());
     }
-    let Ok(id) = id.parse::<u64>() else {
+    let Ok(id) = id.parse::<BuildId>() else {
         return text(
             StatusCode::BAD_REQUEST,
             format!("{id:?} is not a build id (a positive integer)"),

@@ -2,6 +2,7 @@
 //! of a build at once, each line prefixed by its job.
 
 use clap::Args;
+use kiln_domain::BuildId;
 
 use super::client::{ClientArgs, Connection};
 use super::output::state_exit;
@@ -126,12 +127,14 @@ pub async fn logs(conn: &Connection, opts: &LogsOptions) -> Result<i32, CliError
         }
         (a, b) => a.or(b),
     };
-    let build: u64 = build
+    let build: BuildId = build
         .parse()
         .map_err(|_| CliError::new(exit::USAGE, format!("{target:?} is not BUILD or BUILD/JOB")))?;
     let mut c = conn.build_client().await?;
     let b = c
-        .get_build(proto::GetBuildRequest { build_id: build })
+        .get_build(proto::GetBuildRequest {
+            build_id: build.get(),
+        })
         .await?
         .into_inner();
     let jobs: Vec<&proto::Job> = match job {
@@ -246,7 +249,9 @@ pub async fn logs(conn: &Connection, opts: &LogsOptions) -> Result<i32, CliError
     }
     // The end: the build's own state decides (a skipped job after a failed one is not worse).
     let b = c
-        .get_build(proto::GetBuildRequest { build_id: build })
+        .get_build(proto::GetBuildRequest {
+            build_id: build.get(),
+        })
         .await?
         .into_inner();
     if job.is_none() {

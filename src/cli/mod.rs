@@ -42,6 +42,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use kiln_domain::BuildId;
 
 pub use admin::{AdminCommand, RunnerTokenCommand};
 pub use builds::BuildsArgs;
@@ -227,7 +228,7 @@ pub enum Command {
     /// Show one build with its jobs, their attempts and steps.
     Show {
         /// Build id.
-        build: u64,
+        build: BuildId,
         #[command(flatten)]
         client: ClientArgs,
         #[command(flatten)]
@@ -239,7 +240,7 @@ pub enum Command {
     /// write the merged JUnit XML report to a file (`-` for stdout).
     Tests {
         /// Build id.
-        build: u64,
+        build: BuildId,
         /// Write the JUnit XML report here (`-`: standard output).
         #[arg(long, value_name = "FILE")]
         junit: Option<std::path::PathBuf>,
@@ -251,7 +252,7 @@ pub enum Command {
     /// Cancel a build's unfinished jobs.
     Cancel {
         /// Build id.
-        build: u64,
+        build: BuildId,
         #[command(flatten)]
         client: ClientArgs,
         #[command(flatten)]
@@ -260,7 +261,7 @@ pub enum Command {
     /// Build a finished build's commit again.
     Retry {
         /// Build id.
-        build: u64,
+        build: BuildId,
         #[command(flatten)]
         client: ClientArgs,
         #[command(flatten)]

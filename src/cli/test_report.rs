@@ -1,5 +1,7 @@
 //! `kiln tests`: a build's test report (merged over split shards and retries), or its JUnit XML.
 
+use kiln_domain::BuildId;
+
 use super::client::Connection;
 use super::output::state_exit;
 use super::show::build_and_tests;
@@ -8,7 +10,7 @@ use super::{CliError, exit};
 pub(super) async fn tests(
     conn: &Connection,
     json: bool,
-    build: u64,
+    build: BuildId,
     junit: Option<std::path::PathBuf>,
 ) -> Result<i32, CliError> {
     let (b, report) = build_and_tests(conn, build).await?;

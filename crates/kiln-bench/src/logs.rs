@@ -11,6 +11,7 @@
 use std::time::Instant;
 
 use clap::Args;
+use kiln_domain::{AttemptId, JobId};
 use kiln_store::{FrameHeader, LogStore};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -86,7 +87,7 @@ struct Measured {
 
 fn measure(
     logs: &LogStore,
-    job: u64,
+    job: JobId,
     end: u64,
     offsets: &[u64],
     expect: u64,
@@ -137,7 +138,7 @@ fn run_blocking(a: &LogsArgs) -> Result<(), BenchError> {
     );
     let dir = tempfile::tempdir().map_err(fail)?;
     let logs = LogStore::open(dir.path()).map_err(fail)?;
-    let job = 1;
+    let job = JobId::new(1);
     let total = u64::from(a.mb) * 1_000_000;
     let mut mix = StdRng::seed_from_u64(a.seed);
     let (mut written, mut seq, mut n) = (0u64, 0u64, 0u64);
@@ -152,7 +153,7 @@ fn run_blocking(a: &LogsArgs) -> Result<(), BenchError> {
         }
         seq += 1;
         let header = FrameHeader {
-            attempt: 1,
+            attempt: AttemptId::new(1),
             seq,
             step: 0,
             stream: 1,

@@ -93,9 +93,15 @@ mod tests {
     fn a_runner_failing_what_others_pass_is_flagged() {
         let mut h = UnitHealth::default();
         let now = Instant::now();
-        assert!(h.record(1, 2, [true; 10], now).is_none());
-        assert!(h.record(1, 1, [false; 4], now).is_none());
-        let why = h.record(1, 1, [false], now);
+        assert!(
+            h.record(BuildId::new(1), RunnerId::new(2), [true; 10], now)
+                .is_none()
+        );
+        assert!(
+            h.record(BuildId::new(1), RunnerId::new(1), [false; 4], now)
+                .is_none()
+        );
+        let why = h.record(BuildId::new(1), RunnerId::new(1), [false], now);
         assert!(why.is_some_and(|w| w.contains("5 units in a row")));
     }
 
@@ -104,12 +110,26 @@ mod tests {
         let mut h = UnitHealth::default();
         let now = Instant::now();
         assert!(
-            h.record(1, 2, [false, true, false, false, true], now)
+            h.record(
+                BuildId::new(1),
+                RunnerId::new(2),
+                [false, true, false, false, true],
+                now
+            )
+            .is_none()
+        );
+        assert!(
+            h.record(BuildId::new(1), RunnerId::new(1), [false; 8], now)
                 .is_none()
         );
-        assert!(h.record(1, 1, [false; 8], now).is_none());
         // Another build's passes do not count.
-        assert!(h.record(2, 3, [true; 20], now).is_none());
-        assert!(h.record(1, 1, [false], now).is_none());
+        assert!(
+            h.record(BuildId::new(2), RunnerId::new(3), [true; 20], now)
+                .is_none()
+        );
+        assert!(
+            h.record(BuildId::new(1), RunnerId::new(1), [false], now)
+                .is_none()
+        );
     }
 }

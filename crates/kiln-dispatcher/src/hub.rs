@@ -78,18 +78,18 @@ mod tests {
     #[test]
     fn followers_see_growth_and_end() {
         let hub = Hub::default();
-        let Ok(mut rx) = hub.subscribe(1, || Ok(10)) else {
+        let Ok(mut rx) = hub.subscribe(JobId::new(1), || Ok(10)) else {
             panic!("subscribe failed")
         };
         assert_eq!(rx.borrow_and_update().len, 10);
-        hub.advance(1, 5); // never goes back
+        hub.advance(JobId::new(1), 5); // never goes back
         assert!(!rx.has_changed().unwrap_or(true));
-        hub.advance(1, 20);
+        hub.advance(JobId::new(1), 20);
         assert_eq!(rx.borrow_and_update().len, 20);
-        hub.finish(1, JobState::Passed);
+        hub.finish(JobId::new(1), JobState::Passed);
         assert_eq!(rx.borrow_and_update().done, Some(JobState::Passed));
         // A job nobody follows costs nothing.
-        hub.advance(2, 5);
-        hub.finish(2, JobState::Failed);
+        hub.advance(JobId::new(2), 5);
+        hub.finish(JobId::new(2), JobState::Failed);
     }
 }

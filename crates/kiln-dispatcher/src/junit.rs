@@ -124,7 +124,11 @@ fn keep_line_ends(xml: &str) -> String {
 
 /// The `<testcase>`s of one unit over its tries.
 fn unit_cases(key: &str, unit: &UnitSummary) -> Vec<quick_junit::TestCase> {
-    let ended: Vec<&UnitTry> = unit.tries.iter().filter(|t| t.outcome.is_some()).collect();
+    let ended: Vec<&UnitTry> = unit
+        .tries
+        .iter()
+        .filter(|t| t.state.outcome().is_some())
+        .collect();
     let Some(last) = ended.last() else {
         let mut case = quick_junit::TestCase::new(unit.unit.clone(), TestCaseStatus::skipped());
         case.set_classname(key.to_string());
@@ -132,7 +136,7 @@ fn unit_cases(key: &str, unit: &UnitSummary) -> Vec<quick_junit::TestCase> {
     };
     let earlier = &ended[..ended.len() - 1];
     let mut out = Vec::new();
-    let last_failed = last.outcome != Some(UnitOutcome::Passed);
+    let last_failed = last.state.outcome() != Some(UnitOutcome::Passed);
     for c in &last.cases {
         let reruns: Vec<TestRerun> = earlier
             .iter()
@@ -160,10 +164,10 @@ fn unit_cases(key: &str, unit: &UnitSummary) -> Vec<quick_junit::TestCase> {
     if last.cases.is_empty() || (last_failed && !failing_case) {
         let reruns = earlier
             .iter()
-            .filter(|t| t.outcome != Some(UnitOutcome::Passed))
+            .filter(|t| t.state.outcome() != Some(UnitOutcome::Passed))
             .map(|t| {
                 rerun(
-                    t.outcome.unwrap_or(UnitOutcome::Errored),
+                    t.state.outcome().unwrap_or(UnitOutcome::Errored),
                     &format!("try {} failed", t.try_number),
                     t.duration_ms,
                 )
@@ -172,7 +176,7 @@ fn unit_cases(key: &str, unit: &UnitSummary) -> Vec<quick_junit::TestCase> {
         let whole = TestCase {
             name: unit.unit.clone(),
             classname: key.to_string(),
-            outcome: last.outcome.unwrap_or(UnitOutcome::Errored),
+            outcome: last.state.outcome().unwrap_or(UnitOutcome::Errored),
             skipped: false,
             duration_ms: last.duration_ms,
             message: if last_failed {
@@ -307,13 +311,14 @@ fn case(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_domain::split::Strategy;
+    use kiln_domain::BuildId;
+    use kiln_domain::split::{Strategy, UnitTryState};
     use kiln_junit as read;
 
     fn t(n: u32, outcome: UnitOutcome, cases: Vec<TestCase>) -> UnitTry {
         UnitTry {
             try_number: n,
-            outcome: Some(outcome),
+            state: UnitTryState::Ended(outcome),
             runner: Some("r1".into()),
             duration_ms: 10,
             cases,
@@ -340,7 +345,7 @@ mod tests {
 
     fn build() -> Build {
         Build {
-            id: 7,
+            id: 7.into(),
             repo: "r".into(),
             commit: "c".into(),
             branch: String::new(),
@@ -358,8 +363,8 @@ mod tests {
     fn flaky_and_failed_cases_are_marked_like_nextest() {
         use UnitOutcome::*;
         let split = SplitReport {
-            id: 1,
-            build_id: 7,
+            id: 1.into(),
+            build_id: BuildId::new(7),
             key: "tests".into(),
             shards: 2,
             strategy: Strategy::Dynamic,
@@ -479,14 +484,14 @@ mod tests {
 
         let try_of = |n| UnitTry {
             try_number: n,
-            outcome: Some(UnitOutcome::Failed),
+            state: UnitTryState::Ended(UnitOutcome::Failed),
             runner: Some("r1".into()),
             duration_ms: 10,
             cases: cases.clone(),
         };
         let split = SplitReport {
-            id: 1,
-            build_id: 7,
+            id: 1.into(),
+            build_id: BuildId::new(7),
             key: "tests".into(),
             shards: 1,
             strategy: Strategy::Dynamic,
@@ -540,8 +545,8 @@ mod tests {
         x.message = "line 1\r\nline\t2\nline 3\r \u{FDD0}t".into();
         x.body = "body\r\nwith\ttab\n\u{FDD0}\u{FDD0}r".into();
         let split = SplitReport {
-            id: 1,
-            build_id: 7,
+            id: 1.into(),
+            build_id: BuildId::new(7),
             key: "tests".into(),
             shards: 1,
             strategy: Strategy::Dynamic,

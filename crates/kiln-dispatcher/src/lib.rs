@@ -681,7 +681,7 @@ impl Dispatcher {
                 match logs.drop_attempts(job, keep) {
                     Ok(n) => freed += n,
                     Err(e) => {
-                        tracing::warn!(job, cause = %error_chain(&e), "cannot drop superseded output")
+                        tracing::warn!(%job, cause = %error_chain(&e), "cannot drop superseded output")
                     }
                 }
             }
@@ -734,9 +734,9 @@ impl Dispatcher {
         tokio::task::spawn_blocking(move || {
             let sealed = logs.sync(job).and_then(|()| logs.seal(job));
             match sealed {
-                Ok(Some((plain, sealed))) => tracing::debug!(job, plain, sealed, "log sealed"),
+                Ok(Some((plain, sealed))) => tracing::debug!(%job, plain, sealed, "log sealed"),
                 Ok(None) => {}
-                Err(e) => tracing::warn!(job, cause = %error_chain(&e), "cannot seal the log"),
+                Err(e) => tracing::warn!(%job, cause = %error_chain(&e), "cannot seal the log"),
             }
         });
     }
@@ -1025,13 +1025,13 @@ impl Dispatcher {
                 at,
             });
         }
-        tracing::info!(build = detail.build.id, repo = %detail.build.repo,
+        tracing::info!(build = %detail.build.id, repo = %detail.build.repo,
             commit = %detail.build.commit, state = %detail.build.state, "build accepted");
     }
 
     /// One build.
     pub async fn get_build(&self, id: BuildId) -> Result<BuildDetail, DispatchError> {
-        if id == 0 {
+        if id.get() == 0 {
             return Err(DispatchError::invalid("build_id", "build_id is required"));
         }
         let mut detail = self

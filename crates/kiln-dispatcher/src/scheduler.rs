@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use kiln_domain::{AttemptId, BuildId, JobState, RunnerId, labels_match};
+use kiln_domain::{AttemptId, BuildId, JobId, JobState, RunnerId, labels_match};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -149,13 +149,13 @@ impl Dispatcher {
                 .filter(|(_, a)| a.orphan_deadline.is_some_and(|d| d <= now))
                 .map(|(id, _)| *id)
                 .collect();
-            let unanswered: Vec<(AttemptId, u64)> = st
+            let unanswered: Vec<(AttemptId, JobId)> = st
                 .attempts
                 .iter()
                 .filter(|(_, a)| a.cancel_deadline.is_some_and(|d| d <= now))
                 .map(|(id, a)| (*id, a.job_id))
                 .collect();
-            let overdue: Vec<(AttemptId, u64)> = st
+            let overdue: Vec<(AttemptId, JobId)> = st
                 .attempts
                 .iter()
                 .filter(|(_, a)| {
@@ -181,8 +181,8 @@ impl Dispatcher {
         }
         for (a, job) in overdue {
             tracing::warn!(
-                attempt = a,
-                job,
+                attempt = %a,
+                %job,
                 "job ran past its deadline; the dispatcher ends it"
             );
             self.cancel_on_runner(a, "deadline exceeded");
@@ -205,8 +205,8 @@ impl Dispatcher {
         }
         for (a, job) in unanswered {
             tracing::warn!(
-                attempt = a,
-                job,
+                attempt = %a,
+                %job,
                 "runner did not confirm the cancel; ending the job"
             );
             // Out of memory only once the store has it (a failed write leaves both as they were).
@@ -271,7 +271,7 @@ impl Dispatcher {
             .await?;
         self.state().attempts.remove(&attempt);
         if let Some(ch) = requeued {
-            tracing::info!(attempt, job = ch.job_id, state = %ch.job_state, reason, "attempt lost");
+            tracing::info!(%attempt, job = %ch.job_id, state = %ch.job_state, reason, "attempt lost");
             self.publish(&ch);
             self.kick();
         }
@@ -357,7 +357,7 @@ impl Dispatcher {
                 }
             };
             if sent {
-                tracing::info!(attempt, job = job.id, build = job.build_id, runner = %runner_name, "assigned");
+                tracing::info!(%attempt, job = %job.id, build = %job.build_id, runner = %runner_name, "assigned");
             } else if let Err(e) = self
                 .requeue(attempt, "runner went away during assignment")
                 .await

@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use kiln_domain::{AttemptId, RunnerId, StepResult, now_millis};
+use kiln_domain::{AttemptId, JobId, RunnerId, StepResult, now_millis};
 use kiln_store::{Finish, FrameHeader};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -313,7 +313,7 @@ impl Dispatcher {
             self.end_session(runner, sid, Some(self.inner.config.reconnect_grace));
             return;
         }
-        tracing::info!(runner = %name, id = runner, slots = hello.slots, "runner attached");
+        tracing::info!(runner = %name, id = %runner, slots = hello.slots, "runner attached");
         self.kick();
         // Whether the stream closed under us (the runner died or its socket broke), rather than
         // the session being stopped by the dispatcher.
@@ -591,7 +591,7 @@ impl Dispatcher {
     }
 
     /// Whether `attempt` is held by this session; if not, the reason.
-    fn check_held(&self, runner: RunnerId, sid: u64, attempt: AttemptId) -> Result<u64, String> {
+    fn check_held(&self, runner: RunnerId, sid: u64, attempt: AttemptId) -> Result<JobId, String> {
         let st = self.state();
         match st.attempts.get(&attempt) {
             Some(a) if a.runner_id == runner && a.session == Some(sid) => Ok(a.job_id),
@@ -654,8 +654,8 @@ impl Dispatcher {
             && !a.paused
         {
             tracing::warn!(
-                attempt,
-                job = a.job_id,
+                %attempt,
+                job = %a.job_id,
                 "paused: the disk is full; the runner keeps what it sends until space is back"
             );
             a.paused = true;
@@ -671,7 +671,7 @@ impl Dispatcher {
         m: In,
     ) -> Result<(), DispatchError> {
         let refused = |attempt: AttemptId, reason: String| {
-            tracing::info!(attempt, reason = %reason, "refused");
+            tracing::info!(%attempt, reason = %reason, "refused");
             msg(Out::Refused(protocol::Refused {
                 attempt_id: attempt,
                 reason,
@@ -698,12 +698,12 @@ impl Dispatcher {
                 if hb.lists_held {
                     for a in self.forgotten(runner, sid, &hb.running_attempts) {
                         tracing::warn!(
-                            attempt = a,
-                            runner,
+                            attempt = %a,
+                            %runner,
                             "the runner no longer holds the attempt; it goes back to the queue"
                         );
                         if let Err(e) = self.requeue(a, "the runner no longer holds it").await {
-                            tracing::error!(attempt = a, cause = %error_chain(&e), "requeue failed");
+                            tracing::error!(attempt = %a, cause = %error_chain(&e), "requeue failed");
                         }
                     }
                 }
@@ -955,7 +955,7 @@ impl Dispatcher {
         attempt: AttemptId,
         why: &str,
     ) -> Result<(), DispatchError> {
-        tracing::warn!(runner, attempt, reason = %why, "taking the runner out of the pool");
+        tracing::warn!(%runner, %attempt, reason = %why, "taking the runner out of the pool");
         self.set_draining(runner, sid);
         let reason = format!("runner taken out of the pool: {why}");
         self.state()
@@ -965,7 +965,7 @@ impl Dispatcher {
             .await
             .map_err(|e| internal(&e))?;
         tracing::info!(
-            attempt,
+            %attempt,
             requeued,
             "failed units of a broken runner run again elsewhere"
         );
@@ -1046,7 +1046,7 @@ impl Dispatcher {
                 if e.is_disk_full() {
                     return self.disk_full("appending output");
                 }
-                tracing::error!(job, cause = %error_chain(&e), "cannot store output");
+                tracing::error!(%job, cause = %error_chain(&e), "cannot store output");
                 DispatchError::Unavailable {
                     message: "the dispatcher cannot store output right now".into(),
                 }
@@ -1068,7 +1068,7 @@ impl Dispatcher {
     }
 
     /// The next sequence number expected for an attempt (read from the log after a restart).
-    async fn next_seq(&self, attempt: AttemptId, job: u64) -> Result<u64, DispatchError> {
+    async fn next_seq(&self, attempt: AttemptId, job: JobId) -> Result<u64, DispatchError> {
         if let Some(n) = self.state().attempts.get(&attempt).and_then(|a| a.next_seq) {
             return Ok(n);
         }
@@ -1168,7 +1168,7 @@ impl Dispatcher {
         self.state().attempts.remove(&attempt);
         let reply = match finish {
             Finish::Recorded(ch) => {
-                tracing::info!(attempt, job = ch.job_id, state = %state, "job finished");
+                tracing::info!(%attempt, job = %ch.job_id, state = %state, "job finished");
                 self.publish(&ch);
                 self.kick();
                 Out::ResultAck(protocol::ResultAck {
@@ -1179,7 +1179,7 @@ impl Dispatcher {
                 attempt_id: attempt,
             }),
             Finish::Refused(reason) => {
-                tracing::warn!(attempt, reason = %reason, "result refused");
+                tracing::warn!(%attempt, reason = %reason, "result refused");
                 self.kick();
                 Out::Refused(protocol::Refused {
                     attempt_id: attempt,

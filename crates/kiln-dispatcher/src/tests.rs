@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use kiln_domain::{JobState, NewBuild, NewJob, StepSpec};
+use kiln_domain::{AttemptId, JobId, JobState, NewBuild, NewJob, RunnerId, StepSpec};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -62,7 +62,7 @@ fn m(msg: In) -> Result<In, StreamError> {
     Ok(msg)
 }
 
-async fn attach(d: &Dispatcher, name: &str, held: Vec<u64>) -> (Inbound, Outbound, u64) {
+async fn attach(d: &Dispatcher, name: &str, held: Vec<AttemptId>) -> (Inbound, Outbound, RunnerId) {
     let (tx, rx) = mpsc::channel(64);
     let mut out = d.attach(ReceiverStream::new(rx));
     tx.send(m(In::Hello(protocol::Hello {
@@ -108,7 +108,7 @@ async fn assigned(out: &mut Outbound) -> protocol::Assign {
     a
 }
 
-fn finished(attempt: u64, state: JobState, last_seq: u64) -> Result<In, StreamError> {
+fn finished(attempt: AttemptId, state: JobState, last_seq: u64) -> Result<In, StreamError> {
     m(In::JobFinished(protocol::JobFinished {
         attempt_id: attempt,
         state,
@@ -117,7 +117,7 @@ fn finished(attempt: u64, state: JobState, last_seq: u64) -> Result<In, StreamEr
     }))
 }
 
-fn output(attempt: u64, seq: u64, data: &[u8]) -> Result<In, StreamError> {
+fn output(attempt: AttemptId, seq: u64, data: &[u8]) -> Result<In, StreamError> {
     m(In::Output(protocol::OutputChunk {
         attempt_id: attempt,
         seq,
@@ -127,7 +127,7 @@ fn output(attempt: u64, seq: u64, data: &[u8]) -> Result<In, StreamError> {
     }))
 }
 
-async fn stored(d: &Dispatcher, job: u64) -> Vec<(u64, Vec<u8>)> {
+async fn stored(d: &Dispatcher, job: JobId) -> Vec<(u64, Vec<u8>)> {
     let len = d.inner.logs.len(job).unwrap();
     let r = d.read_log(job, 0, len, usize::MAX).await.unwrap();
     r.frames
@@ -221,9 +221,13 @@ async fn output_is_stored_once_in_order_and_results_are_fenced() {
         ]
     );
     // A result for an attempt that is not this runner's is refused; the real one is recorded.
-    tx.send(finished(a.attempt_id + 100, JobState::Failed, 0))
-        .await
-        .unwrap();
+    tx.send(finished(
+        AttemptId::new(a.attempt_id.get() + 100),
+        JobState::Failed,
+        0,
+    ))
+    .await
+    .unwrap();
     assert!(matches!(next(&mut out).await.unwrap(), Out::Refused(_)));
     for _ in 0..2 {
         tx.send(finished(a.attempt_id, JobState::Passed, 4))
@@ -279,7 +283,7 @@ async fn fuzz_session(d: &Dispatcher, name: &str, stream: &[Fuzz]) -> (Vec<u64>,
     for f in stream {
         let msg = match *f {
             Fuzz::Output(seq) => output(attempt, seq, &[b'x'; 3]),
-            Fuzz::Foreign(offset) => output(attempt + offset, 1, b"zz"),
+            Fuzz::Foreign(offset) => output(AttemptId::new(attempt.get() + offset), 1, b"zz"),
             Fuzz::Finished(i) => m(In::StepFinished(protocol::StepFinished {
                 attempt_id: attempt,
                 step_index: 0,
@@ -437,7 +441,7 @@ async fn lost_runner_work_goes_to_another_and_late_result_is_refused() {
     bg.await.unwrap();
 }
 
-fn next_units(attempt: u64, request: u32, discovered: &[&str]) -> protocol::NextUnits {
+fn next_units(attempt: AttemptId, request: u32, discovered: &[&str]) -> protocol::NextUnits {
     protocol::NextUnits {
         attempt_id: attempt,
         step_index: 0,
@@ -480,9 +484,13 @@ async fn next_units_is_fenced_and_checked() {
     assert!(matches!(u.reply, UnitsReply::Refused(_)), "{u:?}");
     assert_eq!(u.request, 1);
     // An attempt this runner does not hold: refused.
-    tx.send(m(In::NextUnits(next_units(999, 1, &["u1"]))))
-        .await
-        .unwrap();
+    tx.send(m(In::NextUnits(next_units(
+        AttemptId::new(999),
+        1,
+        &["u1"],
+    ))))
+    .await
+    .unwrap();
     let u = units_answer(&mut out).await;
     assert!(
         matches!(&u.reply, UnitsReply::Refused(why) if why.contains("999")),
@@ -588,14 +596,14 @@ async fn a_hello_claims_only_its_own_attempts_and_a_valid_name() {
     tx2.send(m(In::Hello(protocol::Hello {
         name: "evil".into(),
         slots: 1,
-        held_attempts: vec![a.attempt_id, 9000],
+        held_attempts: vec![a.attempt_id, AttemptId::new(9000)],
         ..Default::default()
     })))
     .await
     .unwrap();
     let w = next(&mut out2).await.unwrap();
     let Out::Welcome(w) = w else { panic!("{w:?}") };
-    assert_eq!(w.stale_attempts, vec![a.attempt_id, 9000]);
+    assert_eq!(w.stale_attempts, vec![a.attempt_id, AttemptId::new(9000)]);
     let job = b.jobs[0].id;
     assert_eq!(d.inner.store.refusals(job).unwrap(), vec![]);
     // Its claim changed nothing: the attempt is still the owner's.
@@ -610,7 +618,7 @@ async fn a_hello_claims_only_its_own_attempts_and_a_valid_name() {
         protocol::Hello {
             name: "greedy".into(),
             slots: 1,
-            held_attempts: (1..=9000).collect(),
+            held_attempts: (1..=9000).map(AttemptId::new).collect(),
             ..Default::default()
         },
     )
@@ -659,7 +667,7 @@ async fn a_hello_claims_only_its_own_attempts_and_a_valid_name() {
     bg.await.unwrap();
 }
 
-fn a_runner(d: &Dispatcher, name: &str) -> u64 {
+fn a_runner(d: &Dispatcher, name: &str) -> RunnerId {
     d.inner
         .store
         .list_runners()
@@ -728,7 +736,7 @@ async fn hello(
     Ok((tx, out, w))
 }
 
-fn hello_of(name: &str, held: Vec<u64>, secret: &str) -> protocol::Hello {
+fn hello_of(name: &str, held: Vec<AttemptId>, secret: &str) -> protocol::Hello {
     protocol::Hello {
         name: name.into(),
         slots: 1,
@@ -839,7 +847,7 @@ async fn an_attempt_the_runner_no_longer_lists_goes_back_to_the_queue() {
     })))
     .await
     .unwrap();
-    let beat = |lists_held: bool, running: Vec<u64>| {
+    let beat = |lists_held: bool, running: Vec<AttemptId>| {
         m(In::Heartbeat(protocol::Heartbeat {
             running_attempts: running,
             sent_at_ms: 0,

@@ -34,14 +34,97 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Id of a build, assigned by the store, increasing.
-pub type BuildId = u64;
-/// Id of a job, assigned by the store, increasing.
-pub type JobId = u64;
-/// Id of an attempt (one try of one job on one runner), assigned by the store, increasing.
-pub type AttemptId = u64;
-/// Id of a runner, stable for a runner name.
-pub type RunnerId = u64;
+/// Declares an id: a number with a type of its own, so that one kind of id cannot be passed
+/// where another is expected. It prints (`{}` and `{:?}`), parses and serializes as the bare
+/// number; the default, 0, is no id the store gives (what the wire sends for "none"); with the
+/// `rusqlite` feature it is stored as an SQLite integer (the `u64` as an `i64`, bit for bit).
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(
+            Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash,
+            ::serde::Serialize, ::serde::Deserialize,
+        )]
+        #[serde(transparent)]
+        pub struct $name(u64);
+
+        impl $name {
+            /// The id with this number.
+            pub const fn new(n: u64) -> Self {
+                $name(n)
+            }
+
+            /// Its number.
+            pub const fn get(self) -> u64 {
+                self.0
+            }
+        }
+
+        impl From<u64> for $name {
+            fn from(n: u64) -> Self {
+                $name(n)
+            }
+        }
+
+        impl From<$name> for u64 {
+            fn from(id: $name) -> u64 {
+                id.0
+            }
+        }
+
+        /// The bare number, as `{:?}` of a `u64` (so debug output and logs read as before).
+        impl ::std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                ::std::fmt::Debug::fmt(&self.0, f)
+            }
+        }
+
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                ::std::fmt::Display::fmt(&self.0, f)
+            }
+        }
+
+        impl ::std::str::FromStr for $name {
+            type Err = std::num::ParseIntError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                s.parse().map($name)
+            }
+        }
+
+        #[cfg(feature = "rusqlite")]
+        impl rusqlite::types::ToSql for $name {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(rusqlite::types::ToSqlOutput::from(self.0 as i64))
+            }
+        }
+
+        #[cfg(feature = "rusqlite")]
+        impl rusqlite::types::FromSql for $name {
+            fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+                i64::column_result(v).map(|n| $name(n as u64))
+            }
+        }
+    };
+}
+pub(crate) use id_type;
+
+id_type!(
+    /// Id of a build, assigned by the store, increasing.
+    BuildId
+);
+id_type!(
+    /// Id of a job, assigned by the store, increasing.
+    JobId
+);
+id_type!(
+    /// Id of an attempt (one try of one job on one runner), assigned by the store, increasing.
+    AttemptId
+);
+id_type!(
+    /// Id of a runner, stable for a runner name.
+    RunnerId
+);
 
 /// Milliseconds since the Unix epoch (the store's clock unit).
 pub type Millis = i64;
@@ -513,6 +596,26 @@ pub fn now_millis() -> Millis {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ids of different kinds are different types: `fn f(_: JobId, _: AttemptId)` called as
+    /// `f(attempt, job)` does not compile. What is left to check is that each still reads,
+    /// prints and serializes as the bare number it was when ids were plain `u64`s.
+    #[test]
+    fn ids_print_parse_and_serialize_as_bare_numbers() {
+        let job = JobId::new(42);
+        assert_eq!(job.to_string(), "42");
+        assert_eq!(format!("{job:>4}"), "  42");
+        assert_eq!(format!("{:?}", Some(job)), "Some(42)");
+        assert_eq!("42".parse::<JobId>().ok(), Some(job));
+        assert!("x".parse::<AttemptId>().is_err() && "-1".parse::<BuildId>().is_err());
+        assert_eq!(serde_json::to_string(&job).ok().as_deref(), Some("42"));
+        assert_eq!(
+            serde_json::from_str::<RunnerId>("7").ok(),
+            Some(RunnerId::from(7))
+        );
+        assert_eq!(u64::from(AttemptId::new(9)), 9);
+        assert!(BuildId::new(1) < BuildId::new(2));
+    }
 
     #[test]
     fn attempt_states_round_trip_through_their_names() {

@@ -13,8 +13,12 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Id of a split (one split step of one build), assigned by the store.
-pub type SplitId = u64;
+use crate::{AttemptId, BuildId, RunnerId};
+
+crate::id_type!(
+    /// Id of a split (one split step of one build), assigned by the store.
+    SplitId
+);
 
 /// How a split step's units are found, in the shard's checkout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,9 +289,9 @@ pub struct LeasedUnit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnitsRequest {
     /// The shard's attempt.
-    pub attempt: u64,
+    pub attempt: AttemptId,
     /// The runner asking.
-    pub runner: u64,
+    pub runner: RunnerId,
     /// The split step's index in the job.
     pub step_index: u32,
     /// Number of this request within the attempt, from 1; a repeated number is a re-send
@@ -355,13 +359,89 @@ impl UnitVerdict {
     }
 }
 
+/// Where one try of a unit is: waiting in the queue, leased to a shard, or ended with its
+/// outcome (only an ended try has one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UnitTryState {
+    /// Waiting to be handed out.
+    Queued,
+    /// Handed to a shard (an attempt), not reported yet.
+    Leased,
+    /// Reported by its shard.
+    Ended(UnitOutcome),
+}
+
+/// Error for a stored try state that is not one of `queued`, `leased`, `ended`, or that does
+/// not agree with its outcome (an ended try has one, a queued or leased try has none).
+#[derive(Debug, thiserror::Error)]
+#[error("unit try state `{state}` with outcome `{}`", outcome.as_deref().unwrap_or("none"))]
+pub struct UnknownUnitTryState {
+    /// The stored state.
+    pub state: String,
+    /// The stored outcome.
+    pub outcome: Option<String>,
+}
+
+impl UnitTryState {
+    /// The name used in the store (`queued`, `leased`, `ended`; the outcome is stored apart).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnitTryState::Queued => "queued",
+            UnitTryState::Leased => "leased",
+            UnitTryState::Ended(_) => "ended",
+        }
+    }
+
+    /// The outcome, once ended.
+    pub fn outcome(self) -> Option<UnitOutcome> {
+        match self {
+            UnitTryState::Ended(o) => Some(o),
+            UnitTryState::Queued | UnitTryState::Leased => None,
+        }
+    }
+
+    /// Reads a stored state and outcome ([`UnitTryState::as_str`], [`UnitOutcome::as_str`]).
+    pub fn from_stored(state: &str, outcome: Option<&str>) -> Result<Self, UnknownUnitTryState> {
+        let parsed = match (state, outcome) {
+            ("queued", None) => Some(UnitTryState::Queued),
+            ("leased", None) => Some(UnitTryState::Leased),
+            ("ended", Some(o)) => UnitOutcome::parse(o).map(UnitTryState::Ended),
+            _ => None,
+        };
+        parsed.ok_or_else(|| UnknownUnitTryState {
+            state: state.to_string(),
+            outcome: outcome.map(str::to_string),
+        })
+    }
+}
+
+/// [`UnitTry::state`] in JSON: the outcome, `null` until the try ended (the shape of the time
+/// `UnitTry` had an `outcome` field). Read back, `null` is a queued try.
+mod try_state_json {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{UnitOutcome, UnitTryState};
+
+    pub fn serialize<S: Serializer>(state: &UnitTryState, s: S) -> Result<S::Ok, S::Error> {
+        state.outcome().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<UnitTryState, D::Error> {
+        Ok(
+            Option::<UnitOutcome>::deserialize(d)?
+                .map_or(UnitTryState::Queued, UnitTryState::Ended),
+        )
+    }
+}
+
 /// One try of a unit, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnitTry {
     /// Try number (1-based).
     pub try_number: u32,
-    /// Outcome; `None` while queued or running.
-    pub outcome: Option<UnitOutcome>,
+    /// Queued, leased or ended (with its outcome). In JSON, `outcome`: the outcome or `null`.
+    #[serde(rename = "outcome", with = "try_state_json")]
+    pub state: UnitTryState,
     /// Runner that ran it.
     pub runner: Option<String>,
     /// Duration in milliseconds.
@@ -390,7 +470,7 @@ pub struct SplitReport {
     /// Id.
     pub id: SplitId,
     /// The build.
-    pub build_id: u64,
+    pub build_id: BuildId,
     /// The split's key (job and step).
     pub key: String,
     /// Shards.
@@ -419,7 +499,7 @@ pub struct SplitReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepReport {
     /// The build.
-    pub build_id: u64,
+    pub build_id: BuildId,
     /// Job name and step name (`job/step`), as a split's key.
     pub key: String,
     /// The cases, in file order.
@@ -1371,6 +1451,55 @@ mod tests {
             next_round(&policy, &over, &failed(20, 1)),
             RoundDecision::Stop(w) if w.contains("threshold")
         ));
+    }
+
+    #[test]
+    fn unit_try_states_read_back_from_what_the_store_writes() {
+        use UnitTryState::*;
+        for st in [
+            Queued,
+            Leased,
+            Ended(UnitOutcome::Passed),
+            Ended(UnitOutcome::Errored),
+        ] {
+            let outcome = st.outcome().map(UnitOutcome::as_str);
+            assert_eq!(
+                UnitTryState::from_stored(st.as_str(), outcome).ok(),
+                Some(st)
+            );
+        }
+        for (state, outcome) in [
+            ("ended", None),
+            ("queued", Some("passed")),
+            ("leased", Some("failed")),
+            ("ended", Some("bogus")),
+            ("running", None),
+        ] {
+            let e = UnitTryState::from_stored(state, outcome)
+                .err()
+                .map(|e| e.to_string());
+            assert!(e.is_some_and(|e| e.contains(state)), "{state} {outcome:?}");
+        }
+        // JSON keeps the shape of the old `outcome: Option<UnitOutcome>` field.
+        let t = UnitTry {
+            try_number: 2,
+            state: Ended(UnitOutcome::Failed),
+            runner: None,
+            duration_ms: 5,
+            cases: vec![],
+        };
+        let json = serde_json::to_value(&t).unwrap_or_default();
+        assert_eq!(json["outcome"], "failed");
+        assert_eq!(
+            serde_json::from_value::<UnitTry>(json).ok(),
+            Some(t.clone())
+        );
+        let leased = UnitTry { state: Leased, ..t };
+        let json = serde_json::to_value(&leased).unwrap_or_default();
+        assert!(
+            json["outcome"].is_null() && json.get("state").is_none(),
+            "{json}"
+        );
     }
 
     #[test]

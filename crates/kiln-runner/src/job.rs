@@ -13,14 +13,14 @@ use tokio_util::sync::CancellationToken;
 
 use kiln_domain::protocol::{self, OutputStream, RunnerMessage as Out};
 use kiln_domain::split::TestCase;
-use kiln_domain::{JobState, StepOutcome};
+use kiln_domain::{AttemptId, JobState, StepOutcome};
 
 use super::{Shared, split};
 
 /// Numbers an attempt's output chunks and queues them.
 pub(super) struct Output<'a> {
     shared: &'a Shared,
-    attempt: u64,
+    attempt: AttemptId,
     seq: u64,
 }
 
@@ -546,7 +546,7 @@ fn finish(shared: &Shared, output: &Output<'_>, state: JobState, message: String
     {
         // The runner is shutting down, not the job failing: give the job back so another
         // runner runs it.
-        tracing::info!(attempt = output.attempt, "handing the job back");
+        tracing::info!(attempt = %output.attempt, "handing the job back");
         shared.outbox.push(
             output.attempt,
             Out::Rejected(protocol::Rejected {
@@ -556,7 +556,7 @@ fn finish(shared: &Shared, output: &Output<'_>, state: JobState, message: String
         );
         return;
     }
-    tracing::info!(attempt = output.attempt, state = ?state, "job finished");
+    tracing::info!(attempt = %output.attempt, state = ?state, "job finished");
     shared.outbox.push(
         output.attempt,
         Out::JobFinished(protocol::JobFinished {

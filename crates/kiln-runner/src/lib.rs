@@ -507,10 +507,10 @@ async fn session<T: Transport>(
         .unwrap_or_else(|p| p.into_inner()) = welcome.session_secret.clone();
     let interval = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(50)));
     let lease = interval * welcome.missed_heartbeats_allowed.max(2);
-    tracing::info!(runner_id = welcome.runner_id, held = ?shared.held(), "attached");
+    tracing::info!(runner_id = %welcome.runner_id, held = ?shared.held(), "attached");
     for a in &welcome.stale_attempts {
         tracing::warn!(
-            attempt = a,
+            attempt = %a,
             "attempt was given to another runner while we were away; dropping it"
         );
         if let Some(token) = shared.jobs().remove(a) {
@@ -621,13 +621,13 @@ fn handle(shared: &Arc<Shared>, tx: &mpsc::Sender<Out>, m: In, drain: &Cancellat
                     job::run(&shared, a, token, slot).await;
                     shared.outbox.wake();
                 }
-                .instrument(tracing::info_span!("job", attempt)),
+                .instrument(tracing::info_span!("job", %attempt)),
             );
         }
         In::OutputAck(a) => shared.outbox.ack_output(a.attempt_id, a.up_to_seq),
         In::ResultAck(a) => shared.outbox.drop_attempt(a.attempt_id),
         In::Refused(r) => {
-            tracing::warn!(attempt = r.attempt_id, reason = %r.reason, "dispatcher refused");
+            tracing::warn!(attempt = %r.attempt_id, reason = %r.reason, "dispatcher refused");
             match shared.jobs().get(&r.attempt_id) {
                 // Still running: stop it; its final result will settle the attempt.
                 Some(token) => token.cancel(),
@@ -636,7 +636,7 @@ fn handle(shared: &Arc<Shared>, tx: &mpsc::Sender<Out>, m: In, drain: &Cancellat
             }
         }
         In::Cancel(c) => {
-            tracing::info!(attempt = c.attempt_id, reason = %c.reason, "cancel");
+            tracing::info!(attempt = %c.attempt_id, reason = %c.reason, "cancel");
             if let Some(token) = shared.jobs().get(&c.attempt_id) {
                 token.cancel();
             }

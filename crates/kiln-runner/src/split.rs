@@ -56,7 +56,7 @@ const BANNER_UNITS: usize = 200;
 /// A split step to run, and what it runs with.
 pub(super) struct Split<'a> {
     pub(super) shared: &'a Shared,
-    pub(super) attempt: u64,
+    pub(super) attempt: kiln_domain::AttemptId,
     pub(super) step: &'a protocol::AssignedStep,
     pub(super) spec: &'a protocol::SplitStep,
     /// The checkout.

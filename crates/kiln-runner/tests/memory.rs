@@ -9,7 +9,7 @@ use std::time::Duration;
 use kiln_domain::protocol::{
     self, AssignedStep, DispatcherMessage, OutputStream, RunnerMessage, StreamError,
 };
-use kiln_domain::{JobState, StepOutcome};
+use kiln_domain::{AttemptId, BuildId, JobId, JobState, RunnerId, StepOutcome};
 use kiln_runner::{ConnectError, Inbound, RunnerConfig, Transport};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -72,7 +72,7 @@ impl Stream {
 
     async fn welcome(&self, secret: &str) {
         self.send(DispatcherMessage::Welcome(protocol::Welcome {
-            runner_id: 1,
+            runner_id: RunnerId::new(1),
             heartbeat_interval_ms: 100,
             missed_heartbeats_allowed: 1000,
             stale_attempts: vec![],
@@ -145,9 +145,9 @@ async fn a_runner_over_memory_streams_resends_what_was_not_acknowledged() {
 
     // An assignment: accepted, then its output, its step's end, the job's end.
     s.send(DispatcherMessage::Assign(protocol::Assign {
-        attempt_id: 7,
-        job_id: 3,
-        build_id: 1,
+        attempt_id: AttemptId::new(7),
+        job_id: JobId::new(3),
+        build_id: BuildId::new(1),
         repo_url: url,
         commit,
         branch: "main".into(),
@@ -171,7 +171,8 @@ async fn a_runner_over_memory_streams_resends_what_was_not_acknowledged() {
     assert!(
         matches!(
             first[0],
-            RunnerMessage::Accepted(protocol::Accepted { attempt_id: 7 })
+            RunnerMessage::Accepted(protocol::Accepted { attempt_id })
+                if attempt_id == AttemptId::new(7)
         ),
         "{first:?}"
     );
@@ -206,7 +207,7 @@ async fn a_runner_over_memory_streams_resends_what_was_not_acknowledged() {
 
     // Only the first chunk is acknowledged, then the stream breaks.
     s.send(DispatcherMessage::OutputAck(protocol::OutputAck {
-        attempt_id: 7,
+        attempt_id: AttemptId::new(7),
         up_to_seq: 1,
     }))
     .await;
@@ -222,7 +223,7 @@ async fn a_runner_over_memory_streams_resends_what_was_not_acknowledged() {
     // not acknowledged, in order: chunk 1 is not among it.
     let mut s = streams.recv().await.unwrap();
     let hello = s.hello().await;
-    assert_eq!(hello.held_attempts, vec![7]);
+    assert_eq!(hello.held_attempts, vec![AttemptId::new(7)]);
     assert_eq!(hello.session_secret, "secret-1");
     s.welcome("secret-2").await;
     let again = s.until_finished().await;
@@ -232,12 +233,12 @@ async fn a_runner_over_memory_streams_resends_what_was_not_acknowledged() {
 
     // Everything acknowledged: the runner holds nothing any more, and a drain ends it.
     s.send(DispatcherMessage::OutputAck(protocol::OutputAck {
-        attempt_id: 7,
+        attempt_id: AttemptId::new(7),
         up_to_seq: done.last_seq,
     }))
     .await;
     s.send(DispatcherMessage::ResultAck(protocol::ResultAck {
-        attempt_id: 7,
+        attempt_id: AttemptId::new(7),
     }))
     .await;
     let deadline = tokio::time::Instant::now() + WAIT;

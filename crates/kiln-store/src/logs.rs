@@ -143,7 +143,7 @@ fn encode_header(h: &FrameHeader, len: usize) -> [u8; HEADER_LEN] {
     b[2] = h.stream;
     b[3] = 0;
     b[4..8].copy_from_slice(&h.step.to_le_bytes());
-    b[8..16].copy_from_slice(&h.attempt.to_le_bytes());
+    b[8..16].copy_from_slice(&h.attempt.get().to_le_bytes());
     b[16..24].copy_from_slice(&h.seq.to_le_bytes());
     b[24..28].copy_from_slice(&(len as u32).to_le_bytes());
     b
@@ -171,7 +171,7 @@ fn decode_header(b: &[u8; HEADER_LEN]) -> Option<(FrameHeader, usize)> {
         FrameHeader {
             stream: b[2],
             step: le32(4..8),
-            attempt: le64(8..16),
+            attempt: AttemptId::new(le64(8..16)),
             seq: le64(16..24),
         },
         len,
@@ -627,7 +627,7 @@ mod tests {
 
     fn h(attempt: u64, seq: u64) -> FrameHeader {
         FrameHeader {
-            attempt,
+            attempt: AttemptId::new(attempt),
             seq,
             step: 0,
             stream: 1,
@@ -638,30 +638,32 @@ mod tests {
     fn append_read_and_offsets() {
         let dir = tempfile::tempdir().unwrap();
         let logs = LogStore::open(dir.path()).unwrap();
-        let a = logs.append(7, &h(1, 1), b"hello\n").unwrap();
-        let b = logs.append(7, &h(1, 2), &[0xff, 0xfe, 0x00]).unwrap();
-        assert_eq!(logs.len(7).unwrap(), b);
-        let all = logs.read(7, 0, b, 1 << 20).unwrap();
+        let a = logs.append(JobId::new(7), &h(1, 1), b"hello\n").unwrap();
+        let b = logs
+            .append(JobId::new(7), &h(1, 2), &[0xff, 0xfe, 0x00])
+            .unwrap();
+        assert_eq!(logs.len(JobId::new(7)).unwrap(), b);
+        let all = logs.read(JobId::new(7), 0, b, 1 << 20).unwrap();
         assert_eq!(all.frames.len(), 2);
         assert_eq!(all.frames[1].data, vec![0xff, 0xfe, 0x00]);
         assert_eq!(all.next_offset, b);
-        let rest = logs.read(7, a, b, 1 << 20).unwrap();
+        let rest = logs.read(JobId::new(7), a, b, 1 << 20).unwrap();
         assert_eq!(rest.frames.len(), 1);
         assert!(matches!(
-            logs.read(7, 3, b, 1 << 20),
+            logs.read(JobId::new(7), 3, b, 1 << 20),
             Err(LogError::BadOffset { .. })
         ));
         assert!(matches!(
-            logs.read(7, b + 1, b, 1 << 20),
+            logs.read(JobId::new(7), b + 1, b, 1 << 20),
             Err(LogError::BadOffset { .. })
         ));
         // Reading up to a published length ignores later bytes.
-        let first = logs.read(7, 0, a, 1 << 20).unwrap();
+        let first = logs.read(JobId::new(7), 0, a, 1 << 20).unwrap();
         assert_eq!(first.frames.len(), 1);
-        assert_eq!(logs.last_seq(7, 1).unwrap(), 2);
-        assert_eq!(logs.last_seq(7, 9).unwrap(), 0);
-        assert_eq!(logs.last_seq(8, 1).unwrap(), 0);
-        assert_eq!(logs.len(8).unwrap(), 0);
+        assert_eq!(logs.last_seq(JobId::new(7), AttemptId::new(1)).unwrap(), 2);
+        assert_eq!(logs.last_seq(JobId::new(7), AttemptId::new(9)).unwrap(), 0);
+        assert_eq!(logs.last_seq(JobId::new(8), AttemptId::new(1)).unwrap(), 0);
+        assert_eq!(logs.len(JobId::new(8)).unwrap(), 0);
     }
 
     #[test]
@@ -669,8 +671,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let end = {
             let logs = LogStore::open(dir.path()).unwrap();
-            let end = logs.append(1, &h(1, 1), b"whole").unwrap();
-            logs.sync(1).unwrap();
+            let end = logs.append(JobId::new(1), &h(1, 1), b"whole").unwrap();
+            logs.sync(JobId::new(1)).unwrap();
             end
         };
         // Simulate a crash in the middle of a frame.
@@ -680,10 +682,10 @@ mod tests {
         f.write_all(b"partial").unwrap();
         drop(f);
         let logs = LogStore::open(dir.path()).unwrap();
-        assert_eq!(logs.last_seq(1, 1).unwrap(), 1);
-        let next = logs.append(1, &h(1, 2), b"again").unwrap();
+        assert_eq!(logs.last_seq(JobId::new(1), AttemptId::new(1)).unwrap(), 1);
+        let next = logs.append(JobId::new(1), &h(1, 2), b"again").unwrap();
         assert_eq!(next, end + (HEADER_LEN + 5) as u64);
-        let all = logs.read(1, 0, next, 1 << 20).unwrap();
+        let all = logs.read(JobId::new(1), 0, next, 1 << 20).unwrap();
         assert_eq!(all.frames.len(), 2);
         assert_eq!(all.frames[1].data, b"again");
     }
@@ -716,21 +718,21 @@ mod tests {
         let mut seq = 0;
         let err = loop {
             seq += 1;
-            match logs.append(1, &h(1, seq), &[b'x'; 5000]) {
+            match logs.append(JobId::new(1), &h(1, seq), &[b'x'; 5000]) {
                 Ok(len) => end = len,
                 Err(e) => break e,
             }
             assert!(seq < 1000, "the tmpfs never filled up");
         };
         assert!(matches!(err, LogError::Io { .. }), "{err}");
-        assert_eq!(logs.len(1).unwrap(), end);
-        let all = logs.read(1, 0, end, usize::MAX).unwrap();
+        assert_eq!(logs.len(JobId::new(1)).unwrap(), end);
+        let all = logs.read(JobId::new(1), 0, end, usize::MAX).unwrap();
         assert_eq!(all.frames.len() as u64, seq - 1);
         assert!(all.frames.iter().all(|f| f.data.len() == 5000));
         // A smaller frame may still fit; either way the log stays whole.
-        let _ = logs.append(1, &h(1, seq), b"tail");
-        let n = logs.len(1).unwrap();
-        assert!(logs.read(1, 0, n, usize::MAX).is_ok());
+        let _ = logs.append(JobId::new(1), &h(1, seq), b"tail");
+        let n = logs.len(JobId::new(1)).unwrap();
+        assert!(logs.read(JobId::new(1), 0, n, usize::MAX).is_ok());
     }
 
     /// A sealed log reads the same at every frame offset (also in the middle of its zstd
@@ -746,38 +748,48 @@ mod tests {
             let line = format!("test_module_{i:04}.py::test_case PASSED [{}%]\n", i % 100);
             let chunk = line.repeat(100);
             ends.push(
-                logs.append(3, &h(1 + i % 2, i + 1), chunk.as_bytes())
+                logs.append(JobId::new(3), &h(1 + i % 2, i + 1), chunk.as_bytes())
                     .unwrap(),
             );
         }
         let end = *ends.last().unwrap();
         assert!(
-            logs.seal(3).unwrap().is_none(),
+            logs.seal(JobId::new(3)).unwrap().is_none(),
             "a log being written is not sealed"
         );
-        logs.sync(3).unwrap();
+        logs.sync(JobId::new(3)).unwrap();
         let before: Vec<ReadResult> = ends
             .iter()
-            .map(|&o| logs.read(3, o, end, 50_000).unwrap())
+            .map(|&o| logs.read(JobId::new(3), o, end, 50_000).unwrap())
             .collect();
-        let plain = logs.disk_usage(3).unwrap();
-        let (copied, written) = logs.seal(3).unwrap().unwrap();
+        let plain = logs.disk_usage(JobId::new(3)).unwrap();
+        let (copied, written) = logs.seal(JobId::new(3)).unwrap().unwrap();
         assert_eq!(copied, end);
         assert!(!dir.path().join("3.log").exists());
-        assert_eq!(logs.disk_usage(3).unwrap(), written);
+        assert_eq!(logs.disk_usage(JobId::new(3)).unwrap(), written);
         assert!(written * 10 < plain, "{written} of {plain}");
-        assert_eq!(logs.len(3).unwrap(), end);
-        assert_eq!(logs.last_seq(3, 1).unwrap(), 899);
-        assert_eq!(logs.last_seq(3, 2).unwrap(), 900);
+        assert_eq!(logs.len(JobId::new(3)).unwrap(), end);
+        assert_eq!(
+            logs.last_seq(JobId::new(3), AttemptId::new(1)).unwrap(),
+            899
+        );
+        assert_eq!(
+            logs.last_seq(JobId::new(3), AttemptId::new(2)).unwrap(),
+            900
+        );
         for (o, want) in ends.iter().zip(&before) {
-            assert_eq!(&logs.read(3, *o, end, 50_000).unwrap(), want, "offset {o}");
+            assert_eq!(
+                &logs.read(JobId::new(3), *o, end, 50_000).unwrap(),
+                want,
+                "offset {o}"
+            );
         }
         assert!(matches!(
-            logs.read(3, 5, end, 100),
+            logs.read(JobId::new(3), 5, end, 100),
             Err(LogError::BadOffset { .. })
         ));
         assert!(
-            logs.seal(3).unwrap().is_none(),
+            logs.seal(JobId::new(3)).unwrap().is_none(),
             "sealing twice changes nothing"
         );
         // Any zstd decoder reads it whole.
@@ -789,12 +801,18 @@ mod tests {
         assert_eq!(whole.len() as u64, end);
 
         // A late append unseals, then goes on from the same offset.
-        let next = logs.append(3, &h(2, 901), b"late\n").unwrap();
+        let next = logs.append(JobId::new(3), &h(2, 901), b"late\n").unwrap();
         assert_eq!(next, end + (HEADER_LEN + 5) as u64);
         assert!(dir.path().join("3.log").exists() && !dir.path().join("3.log.zst").exists());
-        let tail = logs.read(3, end, next, 100).unwrap();
+        let tail = logs.read(JobId::new(3), end, next, 100).unwrap();
         assert_eq!(tail.frames[0].data, b"late\n");
-        assert_eq!(logs.read(3, 0, next, usize::MAX).unwrap().frames.len(), 901);
+        assert_eq!(
+            logs.read(JobId::new(3), 0, next, usize::MAX)
+                .unwrap()
+                .frames
+                .len(),
+            901
+        );
     }
 
     /// A superseded attempt's output is dropped from a running job's log: the disk blocks are
@@ -807,45 +825,59 @@ mod tests {
         let logs = LogStore::open(dir.path()).unwrap();
         let chunk = [b'x'; 64 << 10];
         for seq in 1..=32 {
-            logs.append(5, &h(1, seq), &chunk).unwrap();
+            logs.append(JobId::new(5), &h(1, seq), &chunk).unwrap();
         }
-        let kept_from = logs.len(5).unwrap();
+        let kept_from = logs.len(JobId::new(5)).unwrap();
         let mut ends = vec![kept_from];
         for seq in 1..=4 {
-            ends.push(logs.append(5, &h(2, seq), b"second attempt\n").unwrap());
+            ends.push(
+                logs.append(JobId::new(5), &h(2, seq), b"second attempt\n")
+                    .unwrap(),
+            );
         }
         let end = *ends.last().unwrap();
         let before: Vec<ReadResult> = ends
             .iter()
-            .map(|&o| logs.read(5, o, end, 1 << 20).unwrap())
+            .map(|&o| logs.read(JobId::new(5), o, end, 1 << 20).unwrap())
             .collect();
         let path = dir.path().join("5.log");
         let blocks = || std::fs::metadata(&path).unwrap().blocks() * 512;
         let on_disk = blocks();
-        let freed = logs.drop_attempts(5, 2).unwrap();
+        let freed = logs
+            .drop_attempts(JobId::new(5), AttemptId::new(2))
+            .unwrap();
         assert_eq!(freed, 32 * (64 << 10) + 31 * HEADER_LEN as u64);
         assert!(
             blocks() + (1 << 20) < on_disk,
             "{} of {on_disk} bytes still on disk",
             blocks()
         );
-        assert_eq!(logs.len(5).unwrap(), end);
+        assert_eq!(logs.len(JobId::new(5)).unwrap(), end);
         for (o, want) in ends.iter().zip(&before) {
-            assert_eq!(&logs.read(5, *o, end, 1 << 20).unwrap(), want, "offset {o}");
+            assert_eq!(
+                &logs.read(JobId::new(5), *o, end, 1 << 20).unwrap(),
+                want,
+                "offset {o}"
+            );
         }
-        let all = logs.read(5, 0, end, usize::MAX).unwrap();
+        let all = logs.read(JobId::new(5), 0, end, usize::MAX).unwrap();
         assert_eq!(all.frames.len(), 5);
         assert_eq!(all.frames[0].header.stream, SYSTEM);
-        assert_eq!(all.frames[0].header.attempt, 1);
+        assert_eq!(all.frames[0].header.attempt, AttemptId::new(1));
         assert_eq!(all.frames[0].next_offset, kept_from);
         let note = String::from_utf8(all.frames[0].data.clone()).unwrap();
         assert!(note.contains("attempt 1 were dropped"), "{note}");
-        assert_eq!(logs.last_seq(5, 2).unwrap(), 4);
-        assert_eq!(logs.drop_attempts(5, 2).unwrap(), 0, "nothing left to drop");
-        let next = logs.append(5, &h(2, 5), b"more\n").unwrap();
-        logs.sync(5).unwrap();
-        logs.seal(5).unwrap().unwrap();
-        let sealed = logs.read(5, 0, next, usize::MAX).unwrap();
+        assert_eq!(logs.last_seq(JobId::new(5), AttemptId::new(2)).unwrap(), 4);
+        assert_eq!(
+            logs.drop_attempts(JobId::new(5), AttemptId::new(2))
+                .unwrap(),
+            0,
+            "nothing left to drop"
+        );
+        let next = logs.append(JobId::new(5), &h(2, 5), b"more\n").unwrap();
+        logs.sync(JobId::new(5)).unwrap();
+        logs.seal(JobId::new(5)).unwrap().unwrap();
+        let sealed = logs.read(JobId::new(5), 0, next, usize::MAX).unwrap();
         assert_eq!(sealed.frames[..5], all.frames[..]);
         assert_eq!(sealed.frames[5].data, b"more\n");
     }
@@ -856,11 +888,15 @@ mod tests {
         let logs = LogStore::open(dir.path()).unwrap();
         let mut end = 0;
         for i in 0..10 {
-            end = logs.append(1, &h(1, i + 1), &[b'x'; 1000]).unwrap();
+            end = logs
+                .append(JobId::new(1), &h(1, i + 1), &[b'x'; 1000])
+                .unwrap();
         }
-        let part = logs.read(1, 0, end, 2500).unwrap();
+        let part = logs.read(JobId::new(1), 0, end, 2500).unwrap();
         assert_eq!(part.frames.len(), 3);
-        let rest = logs.read(1, part.next_offset, end, 1 << 20).unwrap();
+        let rest = logs
+            .read(JobId::new(1), part.next_offset, end, 1 << 20)
+            .unwrap();
         assert_eq!(rest.frames.len(), 7);
     }
 }

@@ -17,13 +17,14 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use kiln_domain::split::SplitId;
 use kiln_domain::split::{
     FailedUnit, Interaction, InteractionPolicy, LeasedUnit, RetryPolicy, RoundDecision, RoundStats,
     SplitReport, SplitSpec, Strategy, TestCase, UnitOutcome, UnitSource, UnitSummary, UnitTry,
-    UnitVerdict, UnitsReply, UnitsRequest, batch_len, median, next_round, reliable,
+    UnitTryState, UnitVerdict, UnitsReply, UnitsRequest, batch_len, median, next_round, reliable,
     sizing_estimates, sizing_floor, start_cost, static_shards,
 };
-use kiln_domain::{AttemptId, BuildId, JobState, Millis, StepSpec, now_millis};
+use kiln_domain::{AttemptId, BuildId, JobId, JobState, Millis, RunnerId, StepSpec, now_millis};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::Result;
@@ -62,18 +63,14 @@ fn strategy_parse(s: &str) -> Result<Strategy> {
     }
 }
 
-fn outcome_parse(s: &str) -> Result<UnitOutcome> {
-    UnitOutcome::parse(s).ok_or_else(|| corrupt("unit outcome", s))
-}
-
 fn is_failure(o: Option<UnitOutcome>) -> bool {
     matches!(o, Some(UnitOutcome::Failed | UnitOutcome::Errored))
 }
 
 /// A stored split.
 struct SplitRow {
-    id: i64,
-    build_id: i64,
+    id: SplitId,
+    build_id: BuildId,
     repo: String,
     key: String,
     shards: u32,
@@ -91,8 +88,8 @@ const SPLIT_COLUMNS: &str = "id, build_id, repo, split_key, shards, strategy, re
      round, done, passed, summary, retry_note";
 
 type RawSplit = (
-    i64,
-    i64,
+    SplitId,
+    BuildId,
     String,
     String,
     u32,
@@ -157,7 +154,7 @@ fn finish_split(raw: RawSplit) -> Result<SplitRow> {
     })
 }
 
-fn load_split(tx: &Connection, build: i64, key: &str) -> Result<Option<SplitRow>> {
+fn load_split(tx: &Connection, build: BuildId, key: &str) -> Result<Option<SplitRow>> {
     let raw = tx
         .query_row(
             &format!("SELECT {SPLIT_COLUMNS} FROM splits WHERE build_id = ?1 AND split_key = ?2"),
@@ -227,7 +224,7 @@ fn no_units(source: &UnitSource) -> String {
 /// for a static strategy each round-1 unit's shard.
 fn create_split(
     tx: &Transaction<'_>,
-    build: i64,
+    build: BuildId,
     repo: &str,
     spec: &SplitSpec,
     discovered: &[String],
@@ -265,7 +262,7 @@ fn create_split(
             now
         ],
     )?;
-    let id = tx.last_insert_rowid();
+    let id = SplitId::new(tx.last_insert_rowid() as u64);
     {
         let mut unit_stmt = tx.prepare_cached(
             "INSERT INTO split_units (split_id, position, unit) VALUES (?1, ?2, ?3)",
@@ -304,7 +301,7 @@ pub(crate) fn release_units(tx: &Transaction<'_>, attempt: AttemptId) -> Result<
         "UPDATE unit_tries SET state = 'queued', attempt_id = NULL, request = NULL, \
          runner_id = NULL, runner = NULL, leased_at = NULL \
          WHERE attempt_id = ?1 AND state = 'leased'",
-        [to_i64(attempt)],
+        [to_i64(attempt.get())],
     )?;
     Ok(())
 }
@@ -319,7 +316,7 @@ pub(crate) fn requeue_failed_units(tx: &Transaction<'_>, attempt: AttemptId) -> 
          WHERE attempt_id = ?1 AND state = 'ended' AND outcome IN ('failed', 'errored') \
          AND try_number = (SELECT s.round FROM splits s \
                            WHERE s.id = unit_tries.split_id AND s.done = 0)",
-        [to_i64(attempt)],
+        [to_i64(attempt.get())],
     )?;
     Ok(n as u64)
 }
@@ -331,11 +328,11 @@ struct Candidate {
     try_number: u32,
     estimate: u64,
     /// Runner of the unit's previous (failed) try, in a retry round.
-    previous_runner: Option<i64>,
+    previous_runner: Option<RunnerId>,
 }
 
 /// Estimated time of the tries of `round` other attempts hold.
-fn in_flight_ms(tx: &Connection, split: i64, round: u32, attempt: i64) -> Result<u64> {
+fn in_flight_ms(tx: &Connection, split: SplitId, round: u32, attempt: AttemptId) -> Result<u64> {
     let ms: i64 = tx
         .prepare_cached(
             "SELECT COALESCE(SUM(estimate_ms), 0) FROM unit_tries WHERE split_id = ?1 \
@@ -347,7 +344,7 @@ fn in_flight_ms(tx: &Connection, split: i64, round: u32, attempt: i64) -> Result
 
 /// Round-1 estimates of every unit of the split, those queued with the default estimate (no
 /// history anywhere) taken as `seen` when known: what the split's units are estimated at.
-fn split_estimates(tx: &Connection, split: i64, seen: Option<u64>) -> Result<Vec<u64>> {
+fn split_estimates(tx: &Connection, split: SplitId, seen: Option<u64>) -> Result<Vec<u64>> {
     let mut stmt = tx.prepare_cached(
         "SELECT estimate_ms FROM unit_tries WHERE split_id = ?1 AND try_number = 1",
     )?;
@@ -384,7 +381,7 @@ fn reliable_units(tx: &Connection, repo: &str, key: &str) -> Result<HashSet<Stri
 }
 
 /// Durations of the split's tries that ended with an outcome.
-fn ended_durations(tx: &Connection, split: i64) -> Result<Vec<u64>> {
+fn ended_durations(tx: &Connection, split: SplitId) -> Result<Vec<u64>> {
     let mut stmt = tx.prepare_cached(
         "SELECT duration_ms FROM unit_tries WHERE split_id = ?1 AND state = 'ended' \
          AND outcome IS NOT NULL",
@@ -394,7 +391,7 @@ fn ended_durations(tx: &Connection, split: i64) -> Result<Vec<u64>> {
 }
 
 /// Queued tries of `round` that `shard` may take, longest estimate first, then discovery order.
-fn leasable(tx: &Connection, split: i64, round: u32, shard: u32) -> Result<Vec<Candidate>> {
+fn leasable(tx: &Connection, split: SplitId, round: u32, shard: u32) -> Result<Vec<Candidate>> {
     let mut stmt = tx.prepare_cached(
         "SELECT t.position, u.unit, t.try_number, t.estimate_ms, p.runner_id \
          FROM unit_tries t JOIN split_units u ON u.split_id = t.split_id AND u.position = t.position \
@@ -418,7 +415,7 @@ fn leasable(tx: &Connection, split: i64, round: u32, shard: u32) -> Result<Vec<C
 
 /// Attempts that took part in a round (a try of it leased or ended by them) and are still
 /// their job's current, unfinished attempt.
-fn round_holders(tx: &Connection, split: i64, round: u32) -> Result<HashSet<i64>> {
+fn round_holders(tx: &Connection, split: SplitId, round: u32) -> Result<HashSet<AttemptId>> {
     let mut stmt = tx.prepare_cached(
         "SELECT DISTINCT t.attempt_id FROM unit_tries t \
          JOIN attempts a ON a.id = t.attempt_id \
@@ -426,7 +423,7 @@ fn round_holders(tx: &Connection, split: i64, round: u32) -> Result<HashSet<i64>
          WHERE t.split_id = ?1 AND t.try_number = ?2 AND t.attempt_id IS NOT NULL \
          AND j.state IN ('assigned', 'running')",
     )?;
-    let rows = stmt.query_map(params![split, round], |r| r.get::<_, i64>(0))?;
+    let rows = stmt.query_map(params![split, round], |r| r.get::<_, AttemptId>(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
@@ -435,10 +432,10 @@ fn round_holders(tx: &Connection, split: i64, round: u32) -> Result<HashSet<i64>
 /// unfinished attempt.
 fn recent_members(
     tx: &Connection,
-    split: i64,
-    attempt: i64,
+    split: SplitId,
+    attempt: AttemptId,
     now: Millis,
-) -> Result<Vec<(i64, i64)>> {
+) -> Result<Vec<(AttemptId, RunnerId)>> {
     let mut stmt = tx.prepare_cached(
         "SELECT m.attempt_id, m.runner_id FROM split_members m \
          JOIN attempts a ON a.id = m.attempt_id \
@@ -453,7 +450,7 @@ fn recent_members(
 }
 
 /// Whether tries of `round` are still queued or leased.
-fn round_busy(tx: &Connection, split: i64, round: u32) -> Result<bool> {
+fn round_busy(tx: &Connection, split: SplitId, round: u32) -> Result<bool> {
     Ok(tx
         .prepare_cached(
             "SELECT EXISTS (SELECT 1 FROM unit_tries WHERE split_id = ?1 AND try_number = ?2 \
@@ -466,30 +463,36 @@ fn round_busy(tx: &Connection, split: i64, round: u32) -> Result<bool> {
 struct TryRow {
     position: i64,
     try_number: u32,
-    outcome: Option<UnitOutcome>,
+    state: UnitTryState,
     duration: u64,
 }
 
-fn load_tries(tx: &Connection, split: i64) -> Result<Vec<TryRow>> {
+/// A stored try's state and outcome, or the store's corrupt-data error.
+fn try_state(state: &str, outcome: Option<&str>) -> Result<UnitTryState> {
+    UnitTryState::from_stored(state, outcome).map_err(|e| corrupt("unit try", e))
+}
+
+fn load_tries(tx: &Connection, split: SplitId) -> Result<Vec<TryRow>> {
     let mut stmt = tx.prepare_cached(
-        "SELECT position, try_number, outcome, duration_ms FROM unit_tries \
+        "SELECT position, try_number, state, outcome, duration_ms FROM unit_tries \
          WHERE split_id = ?1 ORDER BY position, try_number",
     )?;
     let rows = stmt.query_map([split], |r| {
         Ok((
             r.get::<_, i64>(0)?,
             r.get::<_, u32>(1)?,
-            r.get::<_, Option<String>>(2)?,
-            r.get::<_, i64>(3)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, Option<String>>(3)?,
+            r.get::<_, i64>(4)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (position, try_number, outcome, duration) = row?;
+        let (position, try_number, state, outcome, duration) = row?;
         out.push(TryRow {
             position,
             try_number,
-            outcome: outcome.as_deref().map(outcome_parse).transpose()?,
+            state: try_state(&state, outcome.as_deref())?,
             duration: to_u64(duration),
         });
     }
@@ -509,16 +512,16 @@ fn round_stats(tries: &[TryRow], units: u64, round: u32) -> RoundStats {
     for t in tries {
         if t.try_number == 1 {
             s.first_round_ms = s.first_round_ms.saturating_add(t.duration);
-            if is_failure(t.outcome) {
+            if is_failure(t.state.outcome()) {
                 s.first_failed += 1;
             }
         } else {
             s.retry_ms = s.retry_ms.saturating_add(t.duration);
         }
         if t.try_number == round {
-            if is_failure(t.outcome) {
+            if is_failure(t.state.outcome()) {
                 s.failed += 1;
-            } else if round > 1 && t.outcome == Some(UnitOutcome::Passed) {
+            } else if round > 1 && t.state == UnitTryState::Ended(UnitOutcome::Passed) {
                 s.recovered += 1;
             }
         }
@@ -528,7 +531,11 @@ fn round_stats(tries: &[TryRow], units: u64, round: u32) -> RoundStats {
 
 /// The units that failed in `round` (positions, and ids with their durations as estimates),
 /// in position order.
-fn failed_in_round(tx: &Connection, split: i64, round: u32) -> Result<(Vec<i64>, Vec<FailedUnit>)> {
+fn failed_in_round(
+    tx: &Connection,
+    split: SplitId,
+    round: u32,
+) -> Result<(Vec<i64>, Vec<FailedUnit>)> {
     let mut stmt = tx.prepare_cached(
         "SELECT t.position, u.unit, t.duration_ms FROM unit_tries t \
          JOIN split_units u ON u.split_id = t.split_id AND u.position = t.position \
@@ -555,7 +562,7 @@ fn failed_in_round(tx: &Connection, split: i64, round: u32) -> Result<(Vec<i64>,
 }
 
 /// The interaction failures of a split, in the order they were reported.
-fn interactions_of(tx: &Connection, split: i64) -> Result<Vec<Interaction>> {
+fn interactions_of(tx: &Connection, split: SplitId) -> Result<Vec<Interaction>> {
     let mut stmt = tx.prepare_cached(
         "SELECT units, try_number, detail, runner FROM split_interactions WHERE split_id = ?1 \
          ORDER BY created_at, attempt_id, request, seq",
@@ -592,10 +599,10 @@ fn join_notes(a: &str, b: &str) -> String {
 
 /// The verdict of a unit from its tries (first first).
 fn verdict(tries: &[&TryRow], no_more_tries: bool) -> UnitVerdict {
-    let Some(last_ended) = tries.iter().rev().find(|t| t.outcome.is_some()) else {
+    let Some(last_ended) = tries.iter().rev().find(|t| t.state.outcome().is_some()) else {
         return UnitVerdict::NotRun;
     };
-    if last_ended.outcome == Some(UnitOutcome::Passed) {
+    if last_ended.state == UnitTryState::Ended(UnitOutcome::Passed) {
         if last_ended.try_number <= 1 {
             UnitVerdict::Passed
         } else {
@@ -670,7 +677,7 @@ fn finish_split_row(
         };
         durations.extend(
             list.iter()
-                .filter(|t| t.outcome.is_some() && t.duration > 0)
+                .filter(|t| t.state.outcome().is_some() && t.duration > 0)
                 .map(|t| t.duration),
         );
         if durations.len() > HISTORY_LEN {
@@ -724,16 +731,24 @@ fn finish_split_row(
 /// The fencing of a request: the job's current, unfinished attempt held by the runner, at a
 /// split step. `Err(reason)` when refused.
 struct Fenced {
-    build_id: i64,
+    build_id: BuildId,
     repo: String,
     spec: SplitSpec,
 }
 
 /// Job id, build id, job state, current attempt, steps JSON, the attempt's runner, repository.
-type AttemptRow = (i64, i64, String, Option<i64>, String, i64, String);
+type AttemptRow = (
+    JobId,
+    BuildId,
+    String,
+    Option<AttemptId>,
+    String,
+    RunnerId,
+    String,
+);
 
 fn fence(tx: &Connection, req: &UnitsRequest) -> Result<std::result::Result<Fenced, String>> {
-    let attempt = to_i64(req.attempt);
+    let attempt = req.attempt;
     let row: Option<AttemptRow> = tx
         .query_row(
             "SELECT j.id, j.build_id, j.state, j.current_attempt, j.steps, a.runner_id, b.repo \
@@ -765,7 +780,7 @@ fn fence(tx: &Connection, req: &UnitsRequest) -> Result<std::result::Result<Fenc
     if !matches!(state, JobState::Assigned | JobState::Running) {
         return Ok(Err(format!("job {job} is {state}, not running")));
     }
-    if runner != to_i64(req.runner) {
+    if runner != req.runner {
         return Ok(Err(format!(
             "attempt {attempt} was not given to runner {}",
             req.runner
@@ -793,8 +808,8 @@ fn fence(tx: &Connection, req: &UnitsRequest) -> Result<std::result::Result<Fenc
 struct Ask<'t, 'r> {
     tx: &'t Transaction<'t>,
     req: &'r UnitsRequest,
-    attempt: i64,
-    runner: i64,
+    attempt: AttemptId,
+    runner: RunnerId,
     now: Millis,
 }
 
@@ -809,8 +824,8 @@ fn next_units_tx(tx: &Transaction<'_>, req: &UnitsRequest, now: Millis) -> Resul
     let ask = Ask {
         tx,
         req,
-        attempt: to_i64(req.attempt),
-        runner: to_i64(req.runner),
+        attempt: req.attempt,
+        runner: req.runner,
         now,
     };
     let mut split = match load_split(tx, f.build_id, &f.spec.key)? {
@@ -1174,7 +1189,6 @@ pub(crate) fn close_abandoned_splits(
     build: BuildId,
     now: Millis,
 ) -> Result<()> {
-    let build = to_i64(build);
     let open: Vec<String> = {
         let mut stmt =
             tx.prepare_cached("SELECT split_key FROM splits WHERE build_id = ?1 AND done = 0")?;
@@ -1223,7 +1237,7 @@ pub(crate) fn close_abandoned_splits(
     Ok(())
 }
 
-fn build_final(tx: &Connection, build: i64) -> Result<bool> {
+fn build_final(tx: &Connection, build: BuildId) -> Result<bool> {
     let state: Option<String> = tx
         .query_row("SELECT state FROM builds WHERE id = ?1", [build], |r| {
             r.get(0)
@@ -1243,7 +1257,7 @@ fn reports_of(tx: &Connection, build: BuildId) -> Result<Vec<SplitReport>> {
         let mut stmt = tx.prepare_cached(&format!(
             "SELECT {SPLIT_COLUMNS} FROM splits WHERE build_id = ?1 ORDER BY id"
         ))?;
-        let rows = stmt.query_map([to_i64(build)], split_from_row)?;
+        let rows = stmt.query_map([to_i64(build.get())], split_from_row)?;
         rows.map(|r| finish_split(r?)).collect::<Result<_>>()?
     };
     let mut out = Vec::with_capacity(splits.len());
@@ -1264,34 +1278,35 @@ fn reports_of(tx: &Connection, build: BuildId) -> Result<Vec<SplitReport>> {
         let mut tries: BTreeMap<i64, Vec<(TryRow, UnitTry)>> = BTreeMap::new();
         {
             let mut stmt = tx.prepare_cached(
-                "SELECT position, try_number, outcome, runner, duration_ms, cases \
+                "SELECT position, try_number, state, outcome, runner, duration_ms, cases \
                  FROM unit_tries WHERE split_id = ?1 ORDER BY position, try_number",
             )?;
             let rows = stmt.query_map([split.id], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, u32>(1)?,
-                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, String>(2)?,
                     r.get::<_, Option<String>>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, String>(5)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, String>(6)?,
                 ))
             })?;
             for row in rows {
-                let (position, try_number, outcome, runner, duration, cases) = row?;
-                let outcome = outcome.as_deref().map(outcome_parse).transpose()?;
+                let (position, try_number, state, outcome, runner, duration, cases) = row?;
+                let state = try_state(&state, outcome.as_deref())?;
                 let cases: Vec<TestCase> =
                     serde_json::from_str(&cases).map_err(|e| corrupt("test cases", e))?;
                 tries.entry(position).or_default().push((
                     TryRow {
                         position,
                         try_number,
-                        outcome,
+                        state,
                         duration: to_u64(duration),
                     },
                     UnitTry {
                         try_number,
-                        outcome,
+                        state,
                         runner,
                         duration_ms: to_u64(duration),
                         cases,
@@ -1306,7 +1321,7 @@ fn reports_of(tx: &Connection, build: BuildId) -> Result<Vec<SplitReport>> {
             let no_more = ended
                 || rows
                     .last()
-                    .is_some_and(|t| t.outcome.is_some() && t.try_number >= attempts);
+                    .is_some_and(|t| t.state.outcome().is_some() && t.try_number >= attempts);
             let verdict = verdict(&rows, no_more);
             summaries.push(UnitSummary {
                 unit,
@@ -1316,8 +1331,8 @@ fn reports_of(tx: &Connection, build: BuildId) -> Result<Vec<SplitReport>> {
             });
         }
         out.push(SplitReport {
-            id: to_u64(split.id),
-            build_id: to_u64(split.build_id),
+            id: split.id,
+            build_id: split.build_id,
             key: split.key,
             shards: split.shards,
             strategy: split.strategy,

@@ -305,14 +305,14 @@ fn build_from_row(r: &Row<'_>) -> rusqlite::Result<(Build, String)> {
     let state: String = r.get(5)?;
     Ok((
         Build {
-            id: r.get::<_, i64>(0)? as u64,
+            id: r.get(0)?,
             repo: r.get(1)?,
             commit: r.get(2)?,
             branch: r.get(3)?,
             trigger: r.get(4)?,
             state: JobState::Queued,
             error: r.get(6)?,
-            retry_of: r.get::<_, Option<i64>>(7)?.map(|v| v as u64),
+            retry_of: r.get(7)?,
             created_at: r.get(8)?,
             finished_at: r.get(9)?,
             pipeline: r.get(10)?,
@@ -338,14 +338,14 @@ struct RawJob {
 fn job_from_row(r: &Row<'_>) -> rusqlite::Result<RawJob> {
     Ok(RawJob {
         job: Job {
-            id: r.get::<_, i64>(0)? as u64,
-            build_id: r.get::<_, i64>(1)? as u64,
+            id: r.get(0)?,
+            build_id: r.get(1)?,
             name: r.get(2)?,
             state: JobState::Queued,
             labels: BTreeMap::new(),
             steps: Vec::new(),
             needs: Vec::new(),
-            current_attempt: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+            current_attempt: r.get(6)?,
             attempts: r.get(7)?,
             lost_attempts: r.get(8)?,
             runner: r.get(9)?,
@@ -374,7 +374,7 @@ fn load_job(tx: &Connection, id: JobId) -> Result<Option<Job>> {
     let raw = tx
         .query_row(
             &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"),
-            [id as i64],
+            [id],
             job_from_row,
         )
         .optional()?;
@@ -385,7 +385,7 @@ fn load_jobs_of(tx: &Connection, build: BuildId) -> Result<Vec<Job>> {
     let mut stmt = tx.prepare_cached(&format!(
         "SELECT {JOB_COLUMNS} FROM jobs WHERE build_id = ?1 ORDER BY position"
     ))?;
-    let rows = stmt.query_map([build as i64], job_from_row)?;
+    let rows = stmt.query_map([build], job_from_row)?;
     rows.map(|r| finish_job(r?)).collect()
 }
 
@@ -393,7 +393,7 @@ fn load_build(tx: &Connection, id: BuildId) -> Result<Option<Build>> {
     let row = tx
         .query_row(
             &format!("SELECT {BUILD_COLUMNS} FROM builds WHERE id = ?1"),
-            [id as i64],
+            [id],
             build_from_row,
         )
         .optional()?;
@@ -411,7 +411,7 @@ fn load_detail(tx: &Connection, id: BuildId) -> Result<Option<BuildDetail>> {
          WHERE job_id = ?1 ORDER BY position",
     )?;
     for job in &jobs {
-        let rows = stmt.query_map([job.id as i64], |r| {
+        let rows = stmt.query_map([job.id], |r| {
             Ok((
                 r.get::<_, u32>(0)?,
                 r.get::<_, String>(1)?,
@@ -439,9 +439,7 @@ fn load_detail(tx: &Connection, id: BuildId) -> Result<Option<BuildDetail>> {
     let mut stmt =
         tx.prepare_cached("SELECT attempt_id, reason FROM refusals WHERE job_id = ?1 ORDER BY id")?;
     for job in &jobs {
-        let rows = stmt.query_map([job.id as i64], |r| {
-            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
-        })?;
+        let rows = stmt.query_map([job.id], |r| Ok((r.get(0)?, r.get::<_, String>(1)?)))?;
         let list = rows.collect::<rusqlite::Result<Vec<_>>>()?;
         if !list.is_empty() {
             refusals.insert(job.id, list);
@@ -456,19 +454,16 @@ fn load_detail(tx: &Connection, id: BuildId) -> Result<Option<BuildDetail>> {
          WHERE a.job_id = ?1 ORDER BY a.id DESC LIMIT ?2",
     )?;
     for job in &jobs {
-        let rows = stmt.query_map(
-            params![job.id as i64, crate::MAX_LISTED_ATTEMPTS as i64],
-            |r| {
-                Ok((
-                    r.get::<_, i64>(0)? as u64,
-                    r.get::<_, String>(1)?,
-                    attempt_state(r, 2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, Option<i64>>(4)?,
-                    r.get::<_, Option<String>>(5)?,
-                ))
-            },
-        )?;
+        let rows = stmt.query_map(params![job.id, crate::MAX_LISTED_ATTEMPTS as i64], |r| {
+            Ok((
+                r.get(0)?,
+                r.get::<_, String>(1)?,
+                attempt_state(r, 2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, Option<i64>>(4)?,
+                r.get::<_, Option<String>>(5)?,
+            ))
+        })?;
         let mut list = Vec::new();
         for (k, row) in rows.enumerate() {
             let (id, runner, state, created_at, finished_at, note) = row?;
@@ -498,12 +493,11 @@ fn load_detail(tx: &Connection, id: BuildId) -> Result<Option<BuildDetail>> {
 
 /// Recomputes a build's summary state after one of its jobs changed; returns the change.
 fn settle(tx: &Transaction<'_>, job: JobId, now: Millis) -> Result<Change> {
-    let (build_id, job_state): (i64, String) = tx.query_row(
+    let (build_id, job_state): (BuildId, String) = tx.query_row(
         "SELECT build_id, state FROM jobs WHERE id = ?1",
-        [job as i64],
+        [job],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    let build_id = build_id as u64;
     let job_state = parse_state(&job_state)?;
     if job_state.is_final() {
         crate::split::close_abandoned_splits(tx, build_id, now)?;
@@ -517,22 +511,22 @@ fn settle(tx: &Transaction<'_>, job: JobId, now: Millis) -> Result<Change> {
                 "SELECT j.id FROM jobs j, json_each(j.needs) n \
                  WHERE j.build_id = ?1 AND j.state = 'queued' AND n.value = ?2",
             )?;
-            let ids: Vec<i64> = stmt
-                .query_map(params![build_id as i64, failed as i64], |r| r.get(0))?
+            let ids: Vec<JobId> = stmt
+                .query_map(params![build_id, failed], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
             for id in ids {
                 tx.execute(
                     "UPDATE jobs SET state = 'skipped', message = ?1, finished_at = ?2 WHERE id = ?3",
                     params![format!("skipped: job {failed} it needs ended {how}"), now, id],
                 )?;
-                skipped.push(id as u64);
-                frontier.push((id as u64, JobState::Skipped));
+                skipped.push(id);
+                frontier.push((id, JobState::Skipped));
             }
         }
     }
     let states: Vec<String> = {
         let mut stmt = tx.prepare_cached("SELECT state FROM jobs WHERE build_id = ?1")?;
-        stmt.query_map([build_id as i64], |r| r.get(0))?
+        stmt.query_map([build_id], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?
     };
     let states = states
@@ -540,17 +534,15 @@ fn settle(tx: &Transaction<'_>, job: JobId, now: Millis) -> Result<Change> {
         .map(|s| parse_state(s))
         .collect::<Result<Vec<_>>>()?;
     let new_state = build_state(states);
-    let old: String = tx.query_row(
-        "SELECT state FROM builds WHERE id = ?1",
-        [build_id as i64],
-        |r| r.get(0),
-    )?;
+    let old: String = tx.query_row("SELECT state FROM builds WHERE id = ?1", [build_id], |r| {
+        r.get(0)
+    })?;
     let build_changed = parse_state(&old)? != new_state;
     if build_changed {
         let finished = new_state.is_final().then_some(now);
         tx.execute(
             "UPDATE builds SET state = ?1, finished_at = ?2 WHERE id = ?3",
-            params![new_state.as_str(), finished, build_id as i64],
+            params![new_state.as_str(), finished, build_id],
         )?;
     }
     Ok(Change {
@@ -569,7 +561,7 @@ const FINAL_STATES_SQL: &str = "('passed','failed','cancelled','timed_out','erro
 /// the existing build.
 fn insert_build(tx: &Transaction<'_>, new: &NewBuild, now: Millis) -> Result<BuildDetail> {
     if !new.pipeline_hash.is_empty() && new.retry_of.is_none() {
-        let existing: Option<i64> = tx
+        let existing: Option<BuildId> = tx
             .query_row(
                 "SELECT id FROM builds WHERE repo = ?1 AND commit_id = ?2 AND pipeline_hash = ?3 \
                  AND retry_of IS NULL",
@@ -578,7 +570,7 @@ fn insert_build(tx: &Transaction<'_>, new: &NewBuild, now: Millis) -> Result<Bui
             )
             .optional()?;
         if let Some(id) = existing {
-            return Err(StoreError::Duplicate { build: id as u64 });
+            return Err(StoreError::Duplicate { build: id });
         }
     }
     let (state, finished) = if new.error.is_some() || new.jobs.is_empty() {
@@ -597,21 +589,21 @@ fn insert_build(tx: &Transaction<'_>, new: &NewBuild, now: Millis) -> Result<Bui
             new.trigger,
             state.as_str(),
             new.error,
-            new.retry_of.map(|v| v as i64),
+            new.retry_of,
             now,
             finished,
             new.pipeline_hash,
             new.pipeline
         ],
     )?;
-    let build_id = tx.last_insert_rowid() as u64;
+    let build_id = BuildId::new(tx.last_insert_rowid() as u64);
     if new.error.is_none() {
-        let mut ids: Vec<u64> = Vec::with_capacity(new.jobs.len());
+        let mut ids: Vec<JobId> = Vec::with_capacity(new.jobs.len());
         for (pos, job) in new.jobs.iter().enumerate() {
             let labels =
                 serde_json::to_string(&job.labels).map_err(|e| corrupt("job labels", e))?;
             let steps = serde_json::to_string(&job.steps).map_err(|e| corrupt("job steps", e))?;
-            let needs: Vec<u64> = job
+            let needs: Vec<JobId> = job
                 .needs
                 .iter()
                 .map(|i| {
@@ -626,9 +618,9 @@ fn insert_build(tx: &Transaction<'_>, new: &NewBuild, now: Millis) -> Result<Bui
             tx.execute(
                 "INSERT INTO jobs (build_id, position, name, state, labels, steps, needs) \
                  VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6)",
-                params![build_id as i64, pos as i64, job.name, labels, steps, needs],
+                params![build_id, pos as i64, job.name, labels, steps, needs],
             )?;
-            ids.push(tx.last_insert_rowid() as u64);
+            ids.push(JobId::new(tx.last_insert_rowid() as u64));
         }
     }
     load_detail(tx, build_id)?
@@ -658,7 +650,7 @@ impl Store for SqliteStore {
              JOIN jobs j ON j.current_attempt = t.attempt_id \
              WHERE j.build_id = ?1 ORDER BY j.position, j.id, t.position",
         )?;
-        let rows = stmt.query_map([build as i64], |r| {
+        let rows = stmt.query_map([build], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
@@ -708,8 +700,8 @@ impl Store for SqliteStore {
                      WHERE b.repo = ?1 AND b.branch = ?2 AND b.id < ?3 \
                      AND j.state IN ('queued', 'assigned', 'running')",
                 )?;
-                let rows: Vec<(i64, Option<i64>)> = stmt
-                    .query_map(params![repo, branch, newest as i64], |r| {
+                let rows: Vec<(JobId, Option<AttemptId>)> = stmt
+                    .query_map(params![repo, branch, newest], |r| {
                         Ok((r.get(0)?, r.get(1)?))
                     })?
                     .collect::<rusqlite::Result<_>>()?;
@@ -725,9 +717,9 @@ impl Store for SqliteStore {
                              WHERE id = ?2 AND state IN ('offered', 'running')",
                             params![now, a],
                         )?;
-                        out.to_cancel.push(a as u64);
+                        out.to_cancel.push(a);
                     }
-                    out.superseded.push(settle(tx, job as u64, now)?);
+                    out.superseded.push(settle(tx, job, now)?);
                 }
             }
             tx.execute(
@@ -778,7 +770,7 @@ impl Store for SqliteStore {
             sql.push_str(&format!(" AND state = ?{}", args.len()));
         }
         if let Some(before) = filter.before {
-            args.push((before as i64).into());
+            args.push((before.get() as i64).into());
             sql.push_str(&format!(" AND id < ?{}", args.len()));
         }
         args.push(i64::from(filter.limit).into());
@@ -808,9 +800,7 @@ impl Store for SqliteStore {
         let now = now_millis();
         self.with_tx(|tx| {
             let state: Option<String> = tx
-                .query_row("SELECT state FROM jobs WHERE id = ?1", [job as i64], |r| {
-                    r.get(0)
-                })
+                .query_row("SELECT state FROM jobs WHERE id = ?1", [job], |r| r.get(0))
                 .optional()?;
             if state.as_deref() != Some("queued") {
                 return Ok(None);
@@ -818,13 +808,13 @@ impl Store for SqliteStore {
             tx.execute(
                 "INSERT INTO attempts (job_id, runner_id, state, created_at) \
                  VALUES (?1, ?2, 'offered', ?3)",
-                params![job as i64, runner as i64, now],
+                params![job, runner, now],
             )?;
-            let attempt = tx.last_insert_rowid() as u64;
+            let attempt = AttemptId::new(tx.last_insert_rowid() as u64);
             tx.execute(
                 "UPDATE jobs SET state = 'assigned', current_attempt = ?1, \
                  attempts = attempts + 1, runner = ?2 WHERE id = ?3",
-                params![attempt as i64, runner_name, job as i64],
+                params![attempt, runner_name, job],
             )?;
             Ok(Some((attempt, settle(tx, job, now)?)))
         })
@@ -836,31 +826,31 @@ impl Store for SqliteStore {
             let n = tx.execute(
                 "UPDATE jobs SET state = 'running', started_at = ?1 \
                  WHERE current_attempt = ?2 AND state = 'assigned'",
-                params![now, attempt as i64],
+                params![now, attempt],
             )?;
             if n == 0 {
                 return Ok(None);
             }
             tx.execute(
                 "UPDATE attempts SET state = 'running' WHERE id = ?1",
-                [attempt as i64],
+                [attempt],
             )?;
-            let job: i64 = tx.query_row(
+            let job: JobId = tx.query_row(
                 "SELECT job_id FROM attempts WHERE id = ?1",
-                [attempt as i64],
+                [attempt],
                 |r| r.get(0),
             )?;
-            Ok(Some(settle(tx, job as u64, now)?))
+            Ok(Some(settle(tx, job, now)?))
         })
     }
 
     fn record_step(&self, attempt: AttemptId, step: &StepResult) -> Result<bool> {
         self.with_tx(|tx| {
-            let job: Option<i64> = tx
+            let job: Option<JobId> = tx
                 .query_row(
                     "SELECT id FROM jobs WHERE current_attempt = ?1 \
                      AND state IN ('assigned', 'running')",
-                    [attempt as i64],
+                    [attempt],
                     |r| r.get(0),
                 )
                 .optional()?;
@@ -876,7 +866,7 @@ impl Store for SqliteStore {
                 params![
                     job,
                     step.index,
-                    attempt as i64,
+                    attempt,
                     step.outcome.as_str(),
                     step.exit_code,
                     step.duration_ms as i64
@@ -897,7 +887,7 @@ impl Store for SqliteStore {
                 tx.execute(
                     "INSERT OR IGNORE INTO step_tests (attempt_id, position, step_name, cases, \
                      note) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![attempt as i64, step.index, name, cases, step.report_note],
+                    params![attempt, step.index, name, cases, step.report_note],
                 )?;
             }
             Ok(true)
@@ -912,11 +902,11 @@ impl Store for SqliteStore {
     ) -> Result<Finish> {
         let now = now_millis();
         self.with_tx(|tx| {
-            let row: Option<(i64, Option<i64>, String)> = tx
+            let row: Option<(JobId, Option<AttemptId>, String)> = tx
                 .query_row(
                     "SELECT j.id, j.current_attempt, j.state FROM attempts a \
                      JOIN jobs j ON j.id = a.job_id WHERE a.id = ?1",
-                    [attempt as i64],
+                    [attempt],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
                 .optional()?;
@@ -924,12 +914,11 @@ impl Store for SqliteStore {
                 return Ok(Finish::Refused(format!("unknown attempt {attempt}")));
             };
             let job_state = parse_state(&job_state)?;
-            if current == Some(attempt as i64) && job_state.is_final() {
-                let state = tx.query_row(
-                    "SELECT state FROM attempts WHERE id = ?1",
-                    [attempt as i64],
-                    |r| attempt_state(r, 0),
-                )?;
+            if current == Some(attempt) && job_state.is_final() {
+                let state =
+                    tx.query_row("SELECT state FROM attempts WHERE id = ?1", [attempt], |r| {
+                        attempt_state(r, 0)
+                    })?;
                 if state == AttemptState::Finished {
                     return Ok(Finish::AlreadyRecorded);
                 }
@@ -940,10 +929,10 @@ impl Store for SqliteStore {
             let n = tx.execute(
                 "UPDATE jobs SET state = ?1, message = ?2, finished_at = ?3 \
                  WHERE id = ?4 AND current_attempt = ?5 AND state IN ('assigned', 'running')",
-                params![state.as_str(), message, now, job, attempt as i64],
+                params![state.as_str(), message, now, job, attempt],
             )?;
             if n == 0 {
-                let reason = if current != Some(attempt as i64) {
+                let reason = if current != Some(attempt) {
                     format!(
                         "attempt {attempt} is not the current attempt of job {job} (current: {})",
                         current.map_or("none".to_string(), |c| c.to_string())
@@ -955,16 +944,16 @@ impl Store for SqliteStore {
                 };
                 tx.execute(
                     "INSERT INTO refusals (attempt_id, job_id, reason, at) VALUES (?1, ?2, ?3, ?4)",
-                    params![attempt as i64, job, reason, now],
+                    params![attempt, job, reason, now],
                 )?;
                 return Ok(Finish::Refused(reason));
             }
             tx.execute(
                 "UPDATE attempts SET state = 'finished', finished_at = ?1 WHERE id = ?2",
-                params![now, attempt as i64],
+                params![now, attempt],
             )?;
             crate::split::release_units(tx, attempt)?;
-            Ok(Finish::Recorded(settle(tx, job as u64, now)?))
+            Ok(Finish::Recorded(settle(tx, job, now)?))
         })
     }
 
@@ -977,13 +966,13 @@ impl Store for SqliteStore {
     ) -> Result<Option<Change>> {
         let now = now_millis();
         self.with_tx(|tx| {
-            let row: Option<(i64, u32)> = tx
+            let row: Option<(JobId, u32)> = tx
                 .query_row(
                     &format!(
                         "SELECT id, lost_attempts FROM jobs WHERE current_attempt = ?1 \
                          AND state NOT IN {FINAL_STATES_SQL}"
                     ),
-                    [attempt as i64],
+                    [attempt],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
@@ -992,7 +981,7 @@ impl Store for SqliteStore {
             };
             tx.execute(
                 "UPDATE attempts SET state = 'lost', finished_at = ?1, note = ?2 WHERE id = ?3",
-                params![now, reason, attempt as i64],
+                params![now, reason, attempt],
             )?;
             crate::split::release_units(tx, attempt)?;
             if counts && lost + 1 >= max_lost {
@@ -1013,20 +1002,20 @@ impl Store for SqliteStore {
                 )?;
                 tx.execute("DELETE FROM step_results WHERE job_id = ?1", [job])?;
             }
-            Ok(Some(settle(tx, job as u64, now)?))
+            Ok(Some(settle(tx, job, now)?))
         })
     }
 
     fn end_job(&self, job: JobId, state: JobState, message: &str) -> Result<Option<Change>> {
         let now = now_millis();
         self.with_tx(|tx| {
-            let current: Option<Option<i64>> = tx
+            let current: Option<Option<AttemptId>> = tx
                 .query_row(
                     &format!(
                         "SELECT current_attempt FROM jobs WHERE id = ?1 \
                          AND state NOT IN {FINAL_STATES_SQL}"
                     ),
-                    [job as i64],
+                    [job],
                     |r| r.get(0),
                 )
                 .optional()?;
@@ -1035,7 +1024,7 @@ impl Store for SqliteStore {
             };
             tx.execute(
                 "UPDATE jobs SET state = ?1, message = ?2, finished_at = ?3 WHERE id = ?4",
-                params![state.as_str(), message, now, job as i64],
+                params![state.as_str(), message, now, job],
             )?;
             if let Some(a) = current {
                 tx.execute(
@@ -1043,7 +1032,7 @@ impl Store for SqliteStore {
                      WHERE id = ?3 AND state IN ('offered', 'running')",
                     params![now, message, a],
                 )?;
-                crate::split::release_units(tx, a as u64)?;
+                crate::split::release_units(tx, a)?;
             }
             Ok(Some(settle(tx, job, now)?))
         })
@@ -1055,7 +1044,7 @@ impl Store for SqliteStore {
             .query_row(
                 "SELECT a.id, a.job_id, j.build_id, a.runner_id, a.state FROM attempts a \
                  JOIN jobs j ON j.id = a.job_id WHERE a.id = ?1",
-                [attempt as i64],
+                [attempt],
                 attempt_from_row,
             )
             .optional()?;
@@ -1090,11 +1079,12 @@ impl Store for SqliteStore {
                  last_seen = excluded.last_seen",
                 params![name, labels_json, slots, version, now],
             )?;
-            let id: i64 = tx.query_row("SELECT id FROM runners WHERE name = ?1", [name], |r| {
-                r.get(0)
-            })?;
+            let id: RunnerId =
+                tx.query_row("SELECT id FROM runners WHERE name = ?1", [name], |r| {
+                    r.get(0)
+                })?;
             Ok(RunnerRecord {
-                id: id as u64,
+                id,
                 name: name.to_string(),
                 labels: labels.clone(),
                 slots,
@@ -1108,7 +1098,7 @@ impl Store for SqliteStore {
         let conn = self.conn();
         conn.execute(
             "UPDATE runners SET last_seen = ?1 WHERE id = ?2",
-            params![at, runner as i64],
+            params![at, runner],
         )?;
         Ok(())
     }
@@ -1132,7 +1122,7 @@ impl Store for SqliteStore {
         )?;
         let rows = stmt.query_map([], |r| {
             Ok((
-                r.get::<_, i64>(0)?,
+                r.get::<_, RunnerId>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, String>(2)?,
                 r.get::<_, u32>(3)?,
@@ -1144,7 +1134,7 @@ impl Store for SqliteStore {
         for row in rows {
             let (id, name, labels, slots, version, last_seen) = row?;
             out.push(RunnerRecord {
-                id: id as u64,
+                id,
                 name,
                 labels: serde_json::from_str(&labels).map_err(|e| corrupt("labels", e))?,
                 slots,
@@ -1194,7 +1184,7 @@ impl Store for SqliteStore {
         conn.execute(
             "INSERT INTO refusals (attempt_id, job_id, reason, at) \
              SELECT id, job_id, ?2, ?3 FROM attempts WHERE id = ?1",
-            params![attempt as i64, reason, now_millis()],
+            params![attempt, reason, now_millis()],
         )?;
         Ok(())
     }
@@ -1204,19 +1194,17 @@ impl Store for SqliteStore {
         let mut stmt = conn.prepare_cached(
             "SELECT attempt_id, reason FROM refusals WHERE job_id = ?1 ORDER BY id DESC",
         )?;
-        let rows = stmt.query_map([job as i64], |r| {
-            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
-        })?;
+        let rows = stmt.query_map([job], |r| Ok((r.get(0)?, r.get::<_, String>(1)?)))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 }
 
 fn attempt_from_row(r: &Row<'_>) -> rusqlite::Result<Attempt> {
     Ok(Attempt {
-        id: r.get::<_, i64>(0)? as u64,
-        job_id: r.get::<_, i64>(1)? as u64,
-        build_id: r.get::<_, i64>(2)? as u64,
-        runner_id: r.get::<_, i64>(3)? as u64,
+        id: r.get(0)?,
+        job_id: r.get(1)?,
+        build_id: r.get(2)?,
+        runner_id: r.get(3)?,
         state: attempt_state(r, 4)?,
     })
 }
@@ -1503,9 +1491,9 @@ mod tests {
         b.jobs[2].needs = vec![1];
         // job 3 is independent.
         let d = s.create_build(&b).unwrap();
-        let ids: Vec<u64> = d.jobs.iter().map(|j| j.id).collect();
+        let ids: Vec<JobId> = d.jobs.iter().map(|j| j.id).collect();
         assert_eq!(d.jobs[2].needs, vec![ids[1]]);
-        let queued: Vec<u64> = s.queued_jobs(10).unwrap().iter().map(|j| j.id).collect();
+        let queued: Vec<JobId> = s.queued_jobs(10).unwrap().iter().map(|j| j.id).collect();
         assert_eq!(queued, vec![ids[0], ids[3]]);
         let r = runner(&s, "r");
         let (a, _) = s.assign(ids[0], r, "r").unwrap().unwrap();
@@ -1517,7 +1505,7 @@ mod tests {
         let d = s.get_build(d.build.id).unwrap().unwrap();
         assert_eq!(d.jobs[2].state, JobState::Skipped);
         assert_eq!(d.build.state, JobState::Running);
-        let queued: Vec<u64> = s.queued_jobs(10).unwrap().iter().map(|j| j.id).collect();
+        let queued: Vec<JobId> = s.queued_jobs(10).unwrap().iter().map(|j| j.id).collect();
         assert_eq!(queued, vec![ids[3]]);
     }
 

@@ -542,7 +542,7 @@ async fn read_back(
             }
             Err(cause) => {
                 tracing::error!(
-                    attempt = r.attempt,
+                    attempt = %r.attempt,
                     seq,
                     path = %r.seg.path.display(),
                     %cause,
@@ -611,20 +611,22 @@ mod tests {
 
     fn small(attempt: u64) -> RunnerMessage {
         RunnerMessage::Accepted(protocol::Accepted {
-            attempt_id: attempt,
+            attempt_id: AttemptId::new(attempt),
         })
     }
 
     /// Pushes chunk `seq` of `len` bytes.
     async fn push(outbox: &Outbox, attempt: u64, seq: u64, len: usize) {
         let msg = chunk(
-            attempt,
+            AttemptId::new(attempt),
             seq,
             0,
             OutputStream::Stdout,
             payload(attempt, seq, len),
         );
-        outbox.push_output(attempt, seq, msg, len).await;
+        outbox
+            .push_output(AttemptId::new(attempt), seq, msg, len)
+            .await;
     }
 
     /// Runs a writer until it has sent `n` messages.
@@ -662,16 +664,17 @@ mod tests {
         msgs.iter()
             .map(|m| match m {
                 RunnerMessage::Output(c) => {
+                    let a = c.attempt_id.get();
                     assert_eq!(
                         c.data,
-                        payload(c.attempt_id, c.seq, len(c.attempt_id, c.seq)),
+                        payload(a, c.seq, len(a, c.seq)),
                         "payload of {}:{}",
-                        c.attempt_id,
+                        a,
                         c.seq
                     );
-                    (c.attempt_id, c.seq)
+                    (a, c.seq)
                 }
-                RunnerMessage::Accepted(a) => (a.attempt_id, 0),
+                RunnerMessage::Accepted(a) => (a.attempt_id.get(), 0),
                 other => panic!("{other:?}"),
             })
             .collect()
@@ -723,12 +726,15 @@ mod tests {
             assert_eq!(!segments(&spool).is_empty(), files);
             let got = collect(&outbox, 3).await;
             assert_eq!(keys(&got, |_, _| 10), vec![(7, 1), (7, 2), (7, 3)]);
-            outbox.ack_output(7, 2);
+            outbox.ack_output(AttemptId::new(7), 2);
             // A new session's writer starts over with what is left.
             let next = collect(&outbox, 1).await;
             assert_eq!(keys(&next, |_, _| 10), vec![(7, 3)]);
-            assert_eq!(outbox.attempts().into_iter().collect::<Vec<_>>(), vec![7]);
-            outbox.drop_attempt(7);
+            assert_eq!(
+                outbox.attempts().into_iter().collect::<Vec<_>>(),
+                vec![AttemptId::new(7)]
+            );
+            outbox.drop_attempt(AttemptId::new(7));
             assert!(outbox.attempts().is_empty());
             assert!(segments(&spool).is_empty());
             assert_eq!((spool_bytes(&outbox), memory_bytes(&outbox)), (0, 0));
@@ -750,7 +756,7 @@ mod tests {
                 .await
                 .is_err()
         );
-        outbox.ack_output(1, 1);
+        outbox.ack_output(AttemptId::new(1), 1);
         third.await.unwrap();
     }
 
@@ -781,7 +787,7 @@ mod tests {
             (20, 2 * frame)
         );
         // Acknowledging the first two empties the hot window; the third goes off disk.
-        outbox.ack_output(1, 3);
+        outbox.ack_output(AttemptId::new(1), 3);
         fifth.await.unwrap();
         assert_eq!((memory_bytes(&outbox), spool_bytes(&outbox)), (10, frame));
         assert_eq!(on_disk(dir.path()), frame);
@@ -798,7 +804,7 @@ mod tests {
             push(&outbox, 1, seq, 100).await;
             let got = collect(&outbox, 1).await;
             assert_eq!(keys(&got, |_, _| 100), vec![(1, seq)]);
-            outbox.ack_output(1, seq);
+            outbox.ack_output(AttemptId::new(1), seq);
         }
         assert!(segments(dir.path()).is_empty());
         // The dispatcher is away: ten chunks fill the hot window, the rest goes to disk.
@@ -821,13 +827,13 @@ mod tests {
                 Outbox::new(dir.path().to_path_buf(), 128 << 10, 1 << 20).with_hot_limit(hot);
             let len = |a: u64, s: u64| ((a * 31 + s * 17) % 300) as usize;
             for attempt in [1, 2] {
-                outbox.push(attempt, small(attempt));
+                outbox.push(AttemptId::new(attempt), small(attempt));
             }
             for seq in 1..=200 {
                 for attempt in [1, 2] {
                     push(&outbox, attempt, seq, len(attempt, seq)).await;
                     if seq == 120 {
-                        outbox.push(attempt, small(attempt));
+                        outbox.push(AttemptId::new(attempt), small(attempt));
                     }
                 }
             }
@@ -868,17 +874,17 @@ mod tests {
                 assert_eq!(got, expected(1)[..got.len()].to_vec());
             }
             // Part is acknowledged, in the middle of a segment.
-            outbox.ack_output(1, 50);
+            outbox.ack_output(AttemptId::new(1), 50);
             // The next writer sends the rest, in order, and nothing more.
             let second = keys(&collect_all(&outbox).await, len);
             assert_eq!(of(&second, 1), expected(51));
             assert_eq!(of(&second, 2), expected(1));
             // Acknowledged segments are deleted (the current one when room is needed).
-            outbox.ack_output(1, 200);
+            outbox.ack_output(AttemptId::new(1), 200);
             assert!(spool_bytes(&outbox) <= frames_of(2) + (8 << 10) + 320);
-            outbox.ack_output(2, 200);
-            outbox.drop_attempt(1);
-            outbox.drop_attempt(2);
+            outbox.ack_output(AttemptId::new(2), 200);
+            outbox.drop_attempt(AttemptId::new(1));
+            outbox.drop_attempt(AttemptId::new(2));
             assert_eq!((spool_bytes(&outbox), memory_bytes(&outbox)), (0, 0));
             assert!(segments(dir.path()).is_empty());
         }
@@ -894,12 +900,12 @@ mod tests {
                 .await
                 .unwrap();
             if seq % 7 == 0 {
-                outbox.ack_output(3, seq);
+                outbox.ack_output(AttemptId::new(3), seq);
             }
             assert!(spool_bytes(&outbox) <= bound);
         }
         assert_eq!(on_disk(dir.path()), spool_bytes(&outbox));
-        outbox.drop_attempt(3);
+        outbox.drop_attempt(AttemptId::new(3));
         assert!(segments(dir.path()).is_empty());
     }
 
@@ -921,11 +927,11 @@ mod tests {
         let before = names(dir.path());
         assert!(before.iter().any(|n| n.starts_with(&format!("{pid}-1-"))));
         assert!(before.iter().any(|n| n.starts_with(&format!("{pid}-2-"))));
-        outbox.drop_attempt(1);
+        outbox.drop_attempt(AttemptId::new(1));
         let after = names(dir.path());
         assert!(!after.is_empty());
         assert!(after.iter().all(|n| n.starts_with(&format!("{pid}-2-"))));
-        outbox.drop_attempt(2);
+        outbox.drop_attempt(AttemptId::new(2));
         assert!(segments(dir.path()).is_empty());
         assert_eq!(spool_bytes(&outbox), 0);
     }
@@ -958,7 +964,7 @@ mod tests {
         );
         let got = collect(&outbox, 2).await;
         assert_eq!(keys(&got, |_, _| 10), vec![(1, 1), (1, 2)]);
-        outbox.ack_output(1, 1);
+        outbox.ack_output(AttemptId::new(1), 1);
         third.await.unwrap();
         let got = collect_all(&outbox).await;
         assert_eq!(keys(&got, |_, _| 10), vec![(1, 2), (1, 3)]);
@@ -978,7 +984,7 @@ mod tests {
         // The directory goes away and cannot come back (a file is in its place).
         std::fs::remove_dir_all(&dir).unwrap();
         std::fs::write(&dir, b"").unwrap();
-        outbox.push(1, small(1));
+        outbox.push(AttemptId::new(1), small(1));
         for seq in 11..=30 {
             push(&outbox, 1, seq, 100).await;
         }
@@ -1005,7 +1011,7 @@ mod tests {
         expected.extend(31..=40);
         assert_eq!(of(&got, 1), expected);
         // Once acknowledged, memory is empty again.
-        outbox.ack_output(1, 40);
+        outbox.ack_output(AttemptId::new(1), 40);
         assert_eq!(memory_bytes(&outbox), 0);
         let got = keys(&collect_all(&outbox).await, |_, _| 100);
         assert_eq!(of(&got, 1), vec![0]);
@@ -1052,7 +1058,7 @@ mod tests {
                 let a = 1 + next(3);
                 match next(20) {
                     0..=1 => {
-                        outbox.push(a, small(a));
+                        outbox.push(AttemptId::new(a), small(a));
                         models.entry(a).or_default().pushed.push(0);
                     }
                     2..=11 => {
@@ -1066,7 +1072,7 @@ mod tests {
                         if pushed.is_err() {
                             // Full: the dispatcher acknowledges everything, then it goes in.
                             for (&id, m) in models.iter_mut() {
-                                outbox.ack_output(id, m.next_seq);
+                                outbox.ack_output(AttemptId::new(id), m.next_seq);
                                 m.acked = m.next_seq;
                             }
                             tokio::time::timeout(
@@ -1083,7 +1089,7 @@ mod tests {
                     12..=14 => {
                         let m = models.entry(a).or_default();
                         let up_to = next(m.next_seq + 1);
-                        outbox.ack_output(a, up_to);
+                        outbox.ack_output(AttemptId::new(a), up_to);
                         m.acked = m.acked.max(up_to);
                     }
                     15..=16 => {
@@ -1097,7 +1103,7 @@ mod tests {
                         }
                     }
                     17 => {
-                        outbox.drop_attempt(a);
+                        outbox.drop_attempt(AttemptId::new(a));
                         models.remove(&a);
                     }
                     _ => {
@@ -1124,14 +1130,14 @@ mod tests {
             for (id, m) in &models {
                 assert_eq!(of(&got, *id), m.expected(), "round {round}, attempt {id}");
             }
-            let held: BTreeSet<u64> = models
+            let held: BTreeSet<AttemptId> = models
                 .iter()
                 .filter(|(_, m)| !m.expected().is_empty())
-                .map(|(id, _)| *id)
+                .map(|(id, _)| AttemptId::new(*id))
                 .collect();
             assert_eq!(outbox.attempts(), held);
             for id in 1..=3 {
-                outbox.drop_attempt(id);
+                outbox.drop_attempt(AttemptId::new(id));
             }
             assert_eq!((spool_bytes(&outbox), memory_bytes(&outbox)), (0, 0));
             assert!(segments(&dir).is_empty());
@@ -1183,8 +1189,14 @@ mod tests {
                         if seq > window {
                             acked.wait_for(|a| *a >= seq - window).await.unwrap();
                         }
-                        let msg = chunk(1, seq, 0, OutputStream::Stdout, data.clone());
-                        outbox.push_output(1, seq, msg, len).await;
+                        let msg = chunk(
+                            AttemptId::new(1),
+                            seq,
+                            0,
+                            OutputStream::Stdout,
+                            data.clone(),
+                        );
+                        outbox.push_output(AttemptId::new(1), seq, msg, len).await;
                     }
                     acker.await.unwrap();
                     let took = started.elapsed();

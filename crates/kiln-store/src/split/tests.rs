@@ -8,10 +8,10 @@ use std::path::Path;
 
 use kiln_domain::split::{
     DEFAULT_BUDGET_FLOOR_MS, Interaction, InteractionPolicy, LeasedUnit, RetryPolicy, SplitSpec,
-    Strategy, Threshold, UnitOutcome, UnitReport, UnitSource, UnitVerdict, UnitsReply,
-    UnitsRequest, static_shards,
+    Strategy, Threshold, UnitOutcome, UnitReport, UnitSource, UnitTryState, UnitVerdict,
+    UnitsReply, UnitsRequest, static_shards,
 };
-use kiln_domain::{AttemptId, JobId, JobState, NewBuild, NewJob, RunnerId, StepSpec};
+use kiln_domain::{AttemptId, BuildId, JobId, JobState, NewBuild, NewJob, RunnerId, StepSpec};
 use tempfile::TempDir;
 
 use crate::{Finish, SqliteStore, Store};
@@ -250,7 +250,7 @@ fn two_shards_pull_disjoint_units_until_done() {
     for u in &r.units {
         assert_eq!(u.tries.len(), 1, "{u:?}");
         assert_eq!(u.verdict, UnitVerdict::Passed);
-        assert_eq!(u.tries[0].outcome, Some(UnitOutcome::Passed));
+        assert_eq!(u.tries[0].state.outcome(), Some(UnitOutcome::Passed));
         assert_eq!(u.tries[0].duration_ms, 100);
         assert!(matches!(u.tries[0].runner.as_deref(), Some("r1" | "r2")));
     }
@@ -310,7 +310,7 @@ fn resent_request_gets_the_same_units_and_records_nothing_twice() {
     let ended: Vec<&str> = r
         .units
         .iter()
-        .filter(|u| u.tries.iter().any(|t| t.outcome.is_some()))
+        .filter(|u| u.tries.iter().any(|t| t.state.outcome().is_some()))
         .map(|u| u.unit.as_str())
         .collect();
     assert_eq!(ended.len(), first.len());
@@ -416,7 +416,7 @@ fn refused_when_not_current_not_a_split_or_nothing_found() {
     }
     // Another runner than the attempt's.
     let mut wrong = a.request(&list, Vec::new());
-    wrong.runner += 100;
+    wrong.runner = RunnerId::new(wrong.runner.get() + 100);
     assert!(matches!(
         s.next_units(&wrong).unwrap(),
         UnitsReply::Refused(_)
@@ -439,7 +439,7 @@ fn refused_when_not_current_not_a_split_or_nothing_found() {
         other => panic!("{other:?}"),
     }
     let mut unknown = a.request(&list, Vec::new());
-    unknown.attempt = 9999;
+    unknown.attempt = AttemptId::new(9999);
     assert!(matches!(
         s.next_units(&unknown).unwrap(),
         UnitsReply::Refused(_)
@@ -480,8 +480,8 @@ fn a_flaky_unit_passes_on_retry_and_is_counted_in_the_history() {
             if u.unit == "tests/test_02.py" {
                 assert_eq!(u.verdict, UnitVerdict::Flaky);
                 assert_eq!(u.tries.len(), 2);
-                assert_eq!(u.tries[0].outcome, Some(UnitOutcome::Failed));
-                assert_eq!(u.tries[1].outcome, Some(UnitOutcome::Passed));
+                assert_eq!(u.tries[0].state.outcome(), Some(UnitOutcome::Failed));
+                assert_eq!(u.tries[1].state.outcome(), Some(UnitOutcome::Passed));
                 assert_eq!(u.tries[1].try_number, 2);
                 assert_eq!(u.flaky_history, build);
             } else {
@@ -531,7 +531,7 @@ fn a_unit_failing_every_try_fails_the_split() {
         broken
             .tries
             .iter()
-            .all(|t| t.outcome == Some(UnitOutcome::Failed))
+            .all(|t| t.state.outcome() == Some(UnitOutcome::Failed))
     );
     let flaky = r
         .units
@@ -884,6 +884,44 @@ fn retries_prefer_another_runner() {
     assert_eq!(u0.tries[1].runner.as_deref(), Some("r2"));
 }
 
+/// Tries read back with their state (queued, leased, ended with its outcome); a stored state
+/// that is not one of those, or that disagrees with its outcome, is the store's corrupt-data
+/// error.
+#[test]
+fn unit_try_states_read_back_and_corrupt_ones_are_refused() {
+    let (_dir, s) = store();
+    let list = units(3);
+    let jobs = split_build(&s, 'a', 1, Strategy::Dynamic, retries(2));
+    let mut a = start(&s, jobs[0], "r1");
+    a.max_units = 1;
+    a.ask(&s, &list, &all_pass);
+    a.ask(&s, &list, &all_pass);
+    let r = the_report(&s, jobs[0]);
+    let states: Vec<UnitTryState> = r.units.iter().map(|u| u.tries[0].state).collect();
+    assert_eq!(
+        states,
+        [
+            UnitTryState::Ended(UnitOutcome::Passed),
+            UnitTryState::Leased,
+            UnitTryState::Queued
+        ]
+    );
+    let build = s.get_job(jobs[0]).unwrap().unwrap().build_id;
+    for (state, outcome) in [("ended", None), ("queued", Some("passed")), ("lost", None)] {
+        s.conn()
+            .execute(
+                "UPDATE unit_tries SET state = ?1, outcome = ?2 WHERE position = 2",
+                rusqlite::params![state, outcome],
+            )
+            .unwrap();
+        let e = s.split_reports(build).err();
+        assert!(
+            matches!(&e, Some(crate::StoreError::Corrupt(m)) if m.contains(state)),
+            "{state} {outcome:?}: {e:?}"
+        );
+    }
+}
+
 #[test]
 fn verdicts_while_running() {
     let (_dir, s) = store();
@@ -898,7 +936,7 @@ fn verdicts_while_running() {
     assert!(!r.done && !r.passed);
     // test_00 failed with a retry possible: undecided; the others never ended.
     assert!(r.units.iter().all(|u| u.verdict == UnitVerdict::NotRun));
-    assert_eq!(r.units[1].tries[0].outcome, None);
+    assert_eq!(r.units[1].tries[0].state.outcome(), None);
     // The build is cancelled: what failed stays failed.
     s.end_job(jobs[0], JobState::Cancelled, "by user")
         .unwrap()
@@ -932,7 +970,10 @@ fn the_migration_applies_to_an_existing_older_database() {
     old_database(&path);
     let jobs = {
         let s = SqliteStore::open(&path).unwrap();
-        assert_eq!(s.get_build(1).unwrap().unwrap().build.repo, "/tmp/old");
+        assert_eq!(
+            s.get_build(BuildId::new(1)).unwrap().unwrap().build.repo,
+            "/tmp/old"
+        );
         let jobs = split_build(&s, 'a', 2, Strategy::Dynamic, retries(2));
         let mut shards = vec![start(&s, jobs[0], "r1"), start(&s, jobs[1], "r2")];
         run(&s, &mut shards, &units(8), &flaky_outcome);
@@ -979,7 +1020,7 @@ fn a_broken_runners_failures_run_again_under_the_same_try() {
     // The unit that failed on the broken runner ran again under the same try number.
     assert_eq!(failed_there.len(), 1);
     let again = r.units.iter().find(|u| u.unit == failed_there[0].unit);
-    let again = again.map(|u| (u.tries[0].try_number, u.tries[0].outcome));
+    let again = again.map(|u| (u.tries[0].try_number, u.tries[0].state.outcome()));
     assert_eq!(again, Some((1, Some(UnitOutcome::Passed))));
 }
 
