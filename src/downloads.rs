@@ -1,8 +1,10 @@
 //! Plain HTTP downloads beside the gRPC API, on the same port and TLS: a build's merged JUnit
 //! XML report at `GET /builds/{id}/junit.xml`, for browsers, `curl` and CI dashboards that
 //! read JUnit (404 when the build has no report, rather than an empty one a consumer would
-//! read as success). Reads follow the API's rule: open, unless reads are closed, then the API token
-//! is needed as `Authorization: Bearer TOKEN`.
+//! read as success); the dispatcher's metrics at `GET /metrics` (Prometheus / OpenMetrics
+//! text, see [`kiln_dispatcher::metrics`]). Reads follow the API's rule: open, unless reads are
+//! closed, then the API token is needed as `Authorization: Bearer TOKEN` (Prometheus'
+//! `authorization` scrape setting).
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -16,6 +18,8 @@ use kiln_domain::BuildId;
 
 /// Path of a build's JUnit report.
 pub const JUNIT_PATH: &str = "/builds/{id}/junit.xml";
+/// Path of the metrics.
+pub const METRICS_PATH: &str = "/metrics";
 
 #[derive(Clone)]
 struct Downloads {
@@ -27,6 +31,7 @@ struct Downloads {
 pub fn router(dispatcher: Dispatcher, auth: ApiAuth) -> axum::Router {
     axum::Router::new()
         .route(JUNIT_PATH, get(junit))
+        .route(METRICS_PATH, get(metrics))
         .with_state(Downloads { dispatcher, auth })
 }
 
@@ -34,13 +39,42 @@ fn text(status: StatusCode, message: String) -> Response {
     (status, format!("{message}\n")).into_response()
 }
 
+/// The API's read rule over HTTP: the answer to give when the read is refused.
+fn refuse_read(d: &Downloads, headers: HeaderMap) -> Option<Response> {
+    let s = d
+        .auth
+        .check_read(&MetadataMap::from_headers(headers))
+        .err()?;
+    let code = match s.code() {
+        tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
+        _ => StatusCode::UNAUTHORIZED,
+    };
+    Some(text(code, s.message().to_string()))
+}
+
+async fn metrics(State(d): State<Downloads>, headers: HeaderMap) -> Response {
+    if let Some(r) = refuse_read(&d, headers) {
+        return r;
+    }
+    match d.dispatcher.metrics_text().await {
+        Ok(body) => {
+            let mut r = body.into_response();
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(kiln_dispatcher::metrics::CONTENT_TYPE),
+            );
+            r
+        }
+        Err(e) => {
+            let s = crate::api::status(e);
+            text(StatusCode::SERVICE_UNAVAILABLE, s.message().to_string())
+        }
+    }
+}
+
 async fn junit(State(d): State<Downloads>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    if let Err(s) = d.auth.check_read(&MetadataMap::from_headers(headers)) {
-        let code = match s.code() {
-            tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
-            _ => StatusCode::UNAUTHORIZED,
-        };
-        return text(code, s.message().to_string());
+    if let Some(r) = refuse_read(&d, headers) {
+        return r;
     }
     let Ok(id) = id.parse::<BuildId>() else {
         return text(

@@ -11,6 +11,7 @@ mod faults;
 mod grpcurl;
 mod hook;
 mod lifecycle;
+mod metrics;
 mod mirror_cache;
 mod observer;
 mod partition;

@@ -167,22 +167,6 @@ fn assert_built_in_order(builds: &[Built], commits: &[Oid]) {
     );
 }
 
-/// Starts `kiln serve` on a given address (to restart one where its clients expect it), with
-/// `extra` arguments.
-fn serve_at(data: &Path, addr: &str, extra: &[&str]) -> Server {
-    let data_dir = data.to_str().unwrap();
-    let mut args = vec!["serve", "--listen", addr, "--data-dir", data_dir];
-    args.extend_from_slice(extra);
-    let mut proc = Proc::kiln("kiln serve again", &args);
-    proc.wait_stdout(format!("listening on {addr}").as_bytes(), LONG);
-    Server {
-        proc,
-        addr: addr.to_string(),
-        url: format!("http://{addr}"),
-        data_dir: data.to_path_buf(),
-    }
-}
-
 /// Starts `kiln watch` on `repo` with its own work dir under `tmp`.
 fn observer(server_url: &str, repo: &Git, tmp: &Path, name: &str, extra: &[&str]) -> Proc {
     let work = tmp.join(format!("observer-{name}"));
@@ -392,7 +376,7 @@ fn the_observer_outlives_a_dispatcher_restart_and_once_reports_unreachable() {
         obs.try_status().is_none(),
         "the observer exited when the dispatcher went away"
     );
-    let server = serve_at(&data, &addr, &[]);
+    let server = kiln_testkit::fault::restart_dispatcher_on(&addr, &data, &[]);
     commits.push(repo.commit("main"));
     let b = settle(&server, &repo, commits.len());
     assert_built_in_order(&b, &commits);
@@ -565,7 +549,7 @@ fn a_dispatcher_watching_repositories_itself_builds_every_commit_once() {
     let addr = server.addr.clone();
     drop(server);
     let c4 = repo.commit("main");
-    let again = serve_at(&data, &addr, &watch);
+    let again = kiln_testkit::fault::restart_dispatcher_on(&addr, &data, &watch);
     let b = settle(&again, &repo, 6);
     assert_eq!(b[5].commit, c4.to_string(), "{b:#?}");
     assert_eq!(b[5].branch, "main");

@@ -713,17 +713,6 @@ fn follow_shows_every_job_of_a_build_at_once() {
     assert!(all.out().contains("[slow] slow-ends\n"), "{all}");
 }
 
-/// `curl URL`: the HTTP status and the body.
-fn http_get(url: &str) -> (String, String) {
-    let out = std::process::Command::new("curl")
-        .args(["-s", "-w", "\n%{http_code}", url])
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    let (body, status) = text.rsplit_once('\n').unwrap();
-    (status.to_string(), body.to_string())
-}
-
 const PYTEST_SUITE: &str = "def test_adds():\n    assert 1 + 1 == 2\n\ndef test_breaks():\n    assert 1 + 1 == 3, 'arithmetic is broken'\n";
 
 /// A plain step (not split) names its JUnit files with `junit:`: after it fails (a real pytest
@@ -775,7 +764,7 @@ fn a_plain_steps_junit_files_are_its_test_report() {
     assert!(show.out().contains("test_breaks"), "{show}");
 
     let xml = farm.server.cli(&["tests", &id.to_string(), "--junit", "-"]);
-    let (status, body) = http_get(&format!("{}/builds/{id}/junit.xml", farm.server.url));
+    let (status, body) = http_get(&format!("{}/builds/{id}/junit.xml", farm.server.url), &[]);
     assert_eq!(status, "200", "{body}");
     assert_eq!(body, xml.out());
     assert!(
@@ -789,7 +778,7 @@ fn a_plain_steps_junit_files_are_its_test_report() {
     let (repo, sha) = farm.repo("plain", "steps:\n  - name: ok\n    run: echo ok\n");
     let id = id_of(&farm.submit(&repo, &sha, "main"));
     assert_eq!(farm.server.wait_final(id, LONG)["state"], "passed");
-    let (status, body) = http_get(&format!("{}/builds/{id}/junit.xml", farm.server.url));
+    let (status, body) = http_get(&format!("{}/builds/{id}/junit.xml", farm.server.url), &[]);
     assert_eq!(status, "404", "{body}");
     assert!(body.contains("has no test report"), "{body}");
     let out = farm.server.cli(&["tests", &id.to_string(), "--junit", "-"]);
@@ -803,7 +792,7 @@ fn a_plain_steps_junit_files_are_its_test_report() {
     );
     let id = id_of(&farm.submit(&repo, &sha, "main"));
     assert_eq!(farm.server.wait_final(id, LONG)["state"], "passed");
-    let (status, body) = http_get(&format!("{}/builds/{id}/junit.xml", farm.server.url));
+    let (status, body) = http_get(&format!("{}/builds/{id}/junit.xml", farm.server.url), &[]);
     assert_eq!(status, "404", "{body}");
     let tests = farm.server.cli(&["tests", &id.to_string()]);
     assert!(

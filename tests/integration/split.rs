@@ -316,17 +316,6 @@ fn unittest_suite(n: usize, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     files
 }
 
-/// `curl` GET: (HTTP status, body).
-fn http_get(url: &str) -> (String, String) {
-    let out = std::process::Command::new("curl")
-        .args(["-s", "-w", "\n%{http_code}", url])
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    let (body, status) = text.rsplit_once('\n').unwrap();
-    (status.to_string(), body.to_string())
-}
-
 const FLAKY: &str = "import os\nimport unittest\n\nclass Flaky(unittest.TestCase):\n    def test_sometimes(self):\n        # fails on the first try only\n        self.assertNotEqual(os.environ.get('KILN_UNIT_TRY'), '1')\n";
 const BROKEN: &str = "import unittest\n\nclass Broken(unittest.TestCase):\n    def test_never(self):\n        self.assertEqual(1, 2)\n";
 
@@ -373,10 +362,10 @@ fn flaky_tests_pass_and_are_listed_broken_ones_fail_and_thresholds_stop_retries(
     let xml = server.cli(&["tests", &id.to_string(), "--junit", "-"]);
     assert!(xml.out().contains("<flakyFailure"), "{xml}");
     // The same report as a plain HTTP download on the API's port; an unknown build is a 404.
-    let (status, body) = http_get(&format!("{}/builds/{id}/junit.xml", server.url));
+    let (status, body) = http_get(&format!("{}/builds/{id}/junit.xml", server.url), &[]);
     assert_eq!(status, "200", "{body}");
     assert_eq!(body, xml.out());
-    let (status, _) = http_get(&format!("{}/builds/9999/junit.xml", server.url));
+    let (status, _) = http_get(&format!("{}/builds/9999/junit.xml", server.url), &[]);
     assert_eq!(status, "404");
 
     // 2. A broken test next to the flaky one: the build fails, the broken test is failed (every

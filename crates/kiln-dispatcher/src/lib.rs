@@ -12,6 +12,7 @@
 mod health;
 mod hub;
 pub mod junit;
+pub mod metrics;
 mod scheduler;
 mod session;
 mod space;
@@ -369,6 +370,8 @@ struct Inner {
     newest_only: Vec<kiln_domain::BranchPattern>,
     /// The data directory's free space, and whether the disk counts as full.
     space: space::Space,
+    /// What `/metrics` counts in memory.
+    metrics: metrics::Metrics,
 }
 
 /// What is in memory about runners and the attempts they hold.
@@ -614,6 +617,7 @@ impl Dispatcher {
                 next_session: AtomicU64::new(1),
                 newest_only,
                 space: space::Space::new(dir.clone(), min_free),
+                metrics: metrics::Metrics::new(),
             }),
         })
     }
@@ -694,17 +698,43 @@ impl Dispatcher {
         });
     }
 
+    /// Sends an event to `WatchBuilds` and counts it in the metrics.
+    fn emit(&self, event: Event) {
+        self.inner.metrics.on_event(&event);
+        let _ = self.inner.events.send(event);
+    }
+
+    /// The text of a `/metrics` scrape (see [`metrics`]).
+    pub async fn metrics_text(&self) -> Result<String, DispatchError> {
+        let store = self.db(|s| s.metrics()).await?;
+        let runners = {
+            let st = self.state();
+            let used = st.used_slots();
+            let mut c = metrics::RunnerCounts::default();
+            for s in st.sessions.values() {
+                let held = used.get(&s.id).copied().unwrap_or(0);
+                c.attached += 1;
+                c.busy += u64::from(held > 0);
+                c.draining += u64::from(s.draining);
+                c.slots += u64::from(s.slots);
+                c.slots_used += held;
+            }
+            c
+        };
+        Ok(self.inner.metrics.encode(&store, runners))
+    }
+
     /// Publishes what a state change did, and wakes followers of a job that ended.
     fn publish(&self, change: &Change) {
         let at = now_millis();
-        let _ = self.inner.events.send(Event {
+        self.emit(Event {
             build_id: change.build_id,
             job_id: Some(change.job_id),
             state: change.job_state,
             at,
         });
         if change.build_changed {
-            let _ = self.inner.events.send(Event {
+            self.emit(Event {
                 build_id: change.build_id,
                 job_id: None,
                 state: change.build_state,
@@ -716,7 +746,7 @@ impl Dispatcher {
             self.seal_log(change.job_id);
         }
         for job in &change.skipped {
-            let _ = self.inner.events.send(Event {
+            self.emit(Event {
                 build_id: change.build_id,
                 job_id: Some(*job),
                 state: JobState::Skipped,
@@ -1011,14 +1041,14 @@ impl Dispatcher {
     /// Publishes a new build and its jobs.
     fn announce(&self, detail: &BuildDetail) {
         let at = now_millis();
-        let _ = self.inner.events.send(Event {
+        self.emit(Event {
             build_id: detail.build.id,
             job_id: None,
             state: detail.build.state,
             at,
         });
         for job in &detail.jobs {
-            let _ = self.inner.events.send(Event {
+            self.emit(Event {
                 build_id: detail.build.id,
                 job_id: Some(job.id),
                 state: job.state,

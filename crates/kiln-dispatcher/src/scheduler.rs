@@ -272,6 +272,9 @@ impl Dispatcher {
         self.state().attempts.remove(&attempt);
         if let Some(ch) = requeued {
             tracing::info!(%attempt, job = %ch.job_id, state = %ch.job_state, reason, "attempt lost");
+            if ch.job_state == kiln_domain::JobState::Queued {
+                self.inner.metrics.requeued();
+            }
             self.publish(&ch);
             self.kick();
         }

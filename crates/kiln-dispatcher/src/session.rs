@@ -314,6 +314,9 @@ impl Dispatcher {
             return;
         }
         tracing::info!(runner = %name, id = %runner, slots = hello.slots, "runner attached");
+        self.inner
+            .metrics
+            .attached(&name, !hello.held_attempts.is_empty());
         self.kick();
         // Whether the stream closed under us (the runner died or its socket broke), rather than
         // the session being stopped by the dispatcher.
@@ -802,8 +805,9 @@ impl Dispatcher {
                 if let Some(a) = self.state().attempts.get_mut(&attempt) {
                     a.step_deadline = None;
                 }
+                let duration_ms = f.duration_ms;
                 match self.db(move |s| s.record_step(attempt, &result)).await {
-                    Ok(true) => {}
+                    Ok(true) => self.inner.metrics.step_finished(duration_ms),
                     Ok(false) => {
                         send(
                             tx,
@@ -1054,6 +1058,7 @@ impl Dispatcher {
         if let Some(a) = self.state().attempts.get_mut(&attempt) {
             a.next_seq = Some(chunk.seq + 1);
         }
+        self.inner.metrics.output(chunk.data.len());
         self.inner.hub.advance(job, len);
         send(
             tx,
@@ -1111,6 +1116,7 @@ impl Dispatcher {
             Err(why) if self.state().attempts.contains_key(&attempt) => {
                 // Live, but not on this session (another session of the name that did not
                 // prove to be the runner, or another runner): never recorded from here.
+                self.inner.metrics.result_refused();
                 send(tx, stop, refused(attempt, why)).await;
                 return Ok(());
             }
@@ -1122,6 +1128,7 @@ impl Dispatcher {
                 match a {
                     Some(a) if a.runner_id == runner => None,
                     _ => {
+                        self.inner.metrics.result_refused();
                         send(
                             tx,
                             stop,
@@ -1180,6 +1187,7 @@ impl Dispatcher {
             }),
             Finish::Refused(reason) => {
                 tracing::warn!(%attempt, reason = %reason, "result refused");
+                self.inner.metrics.result_refused();
                 self.kick();
                 Out::Refused(protocol::Refused {
                     attempt_id: attempt,

@@ -154,6 +154,19 @@ pub struct Change {
     pub skipped: Vec<JobId>,
 }
 
+/// The store's part of the dispatcher's metrics: counts that must survive a restart.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreMetrics {
+    /// Jobs ready to run (queued, every job they need passed), per label set they need.
+    pub queued_by_labels: Vec<(BTreeMap<String, String>, u64)>,
+    /// Jobs per state (every job ever created).
+    pub jobs_by_state: Vec<(JobState, u64)>,
+    /// Attempts whose runner was lost (their jobs went back to the queue, or ended errored).
+    pub lost_attempts: u64,
+    /// Ended tries of split units: outcome, whether it was a retry (try 2 or later), count.
+    pub unit_tries: Vec<(kiln_domain::split::UnitOutcome, bool, u64)>,
+}
+
 /// What [`Store::record_commits`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recorded {
@@ -205,6 +218,8 @@ pub trait Store: Send + Sync + 'static {
     fn list_builds(&self, filter: &BuildFilter) -> Result<Vec<Build>>;
     /// Queued jobs, oldest first.
     fn queued_jobs(&self, limit: u32) -> Result<Vec<Job>>;
+    /// What `/metrics` reads from the store, in one read.
+    fn metrics(&self) -> Result<StoreMetrics>;
     /// Gives a queued job to a runner as a new attempt. `None` when the job is no longer queued.
     fn assign(
         &self,

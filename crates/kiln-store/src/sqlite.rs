@@ -12,7 +12,7 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
 use crate::{
     Attempt, AttemptInfo, BuildDetail, BuildFilter, Change, Finish, Recorded, Result, Store,
-    StoreError,
+    StoreError, StoreMetrics,
 };
 
 /// The schema, applied in order; `PRAGMA user_version` records how many ran.
@@ -789,6 +789,62 @@ impl Store for SqliteStore {
         ))?;
         let rows = stmt.query_map([i64::from(limit)], job_from_row)?;
         rows.map(|r| finish_job(r?)).collect()
+    }
+
+    fn metrics(&self) -> Result<StoreMetrics> {
+        // One read transaction (deferred: it takes no write lock), so the counts agree.
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let m = {
+            let mut m = StoreMetrics::default();
+            let mut stmt = tx.prepare_cached(
+                "SELECT labels, COUNT(*) FROM jobs WHERE state = 'queued' AND NOT EXISTS \
+                 (SELECT 1 FROM json_each(jobs.needs) n JOIN jobs d ON d.id = n.value \
+                  WHERE d.state != 'passed') GROUP BY labels",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut by_labels: BTreeMap<BTreeMap<String, String>, u64> = BTreeMap::new();
+            for row in rows {
+                let (labels, n) = row?;
+                let labels = serde_json::from_str(&labels).map_err(|e| corrupt("job labels", e))?;
+                // The same set written with its keys in another order is one set.
+                *by_labels.entry(labels).or_default() += n as u64;
+            }
+            m.queued_by_labels = by_labels.into_iter().collect();
+            let mut stmt = tx.prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            for row in rows {
+                let (state, n) = row?;
+                m.jobs_by_state.push((parse_state(&state)?, n as u64));
+            }
+            m.lost_attempts = tx.query_row(
+                "SELECT COALESCE(SUM(lost_attempts), 0) FROM jobs",
+                [],
+                |r| r.get::<_, i64>(0),
+            )? as u64;
+            let mut stmt = tx.prepare_cached(
+                "SELECT outcome, try_number > 1, COUNT(*) FROM unit_tries WHERE state = 'ended' \
+                 GROUP BY outcome, try_number > 1",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, Option<String>>(0)?,
+                    r.get::<_, bool>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?;
+            for row in rows {
+                let (outcome, retry, n) = row?;
+                let outcome = outcome
+                    .as_deref()
+                    .and_then(kiln_domain::split::UnitOutcome::parse)
+                    .ok_or_else(|| corrupt("unit try outcome", format!("{outcome:?}")))?;
+                m.unit_tries.push((outcome, retry, n as u64));
+            }
+            m
+        };
+        tx.commit()?;
+        Ok(m)
     }
 
     fn assign(

@@ -524,6 +524,19 @@ impl Server {
     }
 }
 
+/// `GET url` with `curl`: the status code and the body.
+pub fn http_get(url: &str, headers: &[&str]) -> (String, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-w", "\n%{http_code}"]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd.arg(url).output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, status) = text.rsplit_once('\n').unwrap();
+    (status.to_string(), body.to_string())
+}
+
 /// Runner arguments giving a runner spare slots (4), for tests that run builds back to back on
 /// one runner and are not about slot accounting. (Used by several test files; keep it.)
 pub const MANY_SLOTS: &[&str] = &["--slots", "4"];
