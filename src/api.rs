@@ -487,6 +487,15 @@ impl RunnerAdminService for RunnerAdminApi {
             r.last_heartbeat,
         )))
     }
+
+    async fn get_queue(
+        &self,
+        request: Request<proto::GetQueueRequest>,
+    ) -> Result<Response<proto::Queue>, Status> {
+        self.auth.check_read(request.metadata())?;
+        let sets = self.dispatcher.queue().await.map_err(status)?;
+        Ok(Response::new(convert::queue_to_proto(sets)))
+    }
 }
 
 /// How the listener is secured.

@@ -884,6 +884,21 @@ pub fn state_name(state: i32) -> &'static str {
         .map_or("unknown", |s| s.as_str())
 }
 
+/// The ready jobs per label set, as `GetQueue` answers.
+pub fn queue_to_proto(
+    sets: Vec<(std::collections::BTreeMap<String, String>, u64)>,
+) -> proto::Queue {
+    proto::Queue {
+        sets: sets
+            .into_iter()
+            .map(|(labels, ready)| proto::QueuedLabelSet {
+                labels: labels.into_iter().collect(),
+                ready,
+            })
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

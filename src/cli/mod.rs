@@ -30,6 +30,7 @@ mod demo;
 mod logs;
 mod man;
 mod output;
+mod pool;
 mod runner;
 mod runners;
 mod serve;
@@ -289,6 +290,14 @@ pub enum Command {
     },
     /// The whole farm in one process: dispatcher, runners and an observer of the repositories.
     Up(up::UpArgs),
+    /// Keep between --min and --max local runners, sized to the queue: grow with the work,
+    /// drain idle runners when it is gone (never a busy one).
+    Pool {
+        #[command(flatten)]
+        args: pool::PoolArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Administration on the dispatcher's data directory.
     #[command(subcommand)]
     Admin(AdminCommand),
@@ -395,6 +404,12 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
             }
             crate::observer::run(&client.connection(&before), args, signal()).await?;
             Ok(exit::OK)
+        }
+        Command::Pool { args, client } => {
+            if before.json {
+                return Err(CliError::new(exit::USAGE, "kiln pool takes no --json"));
+            }
+            pool::pool(client.connection(&before), args).await
         }
         Command::Up(args) => {
             no_client_options("up")?;

@@ -16,6 +16,7 @@ mod mirror_cache;
 mod observer;
 mod partition;
 mod pipelines;
+mod pool;
 mod restart;
 mod run_limit;
 mod runner_death;

@@ -1209,6 +1209,11 @@ impl Dispatcher {
         self.create(new).await
     }
 
+    /// Jobs ready to run and waiting for a runner, per label set they need.
+    pub async fn queue(&self) -> Result<Vec<(BTreeMap<String, String>, u64)>, DispatchError> {
+        self.db(|s| s.ready_by_labels()).await
+    }
+
     /// Every known runner with its live state.
     pub async fn list_runners(&self) -> Result<Vec<RunnerView>, DispatchError> {
         let records = self.db(|s| s.list_runners()).await?;

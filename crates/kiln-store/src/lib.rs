@@ -220,6 +220,8 @@ pub trait Store: Send + Sync + 'static {
     fn queued_jobs(&self, limit: u32) -> Result<Vec<Job>>;
     /// What `/metrics` reads from the store, in one read.
     fn metrics(&self) -> Result<StoreMetrics>;
+    /// Jobs ready to run (queued, every job they need passed), per label set they need.
+    fn ready_by_labels(&self) -> Result<Vec<(BTreeMap<String, String>, u64)>>;
     /// Gives a queued job to a runner as a new attempt. `None` when the job is no longer queued.
     fn assign(
         &self,

@@ -293,6 +293,24 @@ impl SqliteStore {
     }
 }
 
+/// Jobs ready to run (queued, every job they need passed), per label set they need.
+fn ready_by_labels(conn: &Connection) -> Result<Vec<(BTreeMap<String, String>, u64)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT labels, COUNT(*) FROM jobs WHERE state = 'queued' AND NOT EXISTS \
+         (SELECT 1 FROM json_each(jobs.needs) n JOIN jobs d ON d.id = n.value \
+          WHERE d.state != 'passed') GROUP BY labels",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    let mut by_labels: BTreeMap<BTreeMap<String, String>, u64> = BTreeMap::new();
+    for row in rows {
+        let (labels, n) = row?;
+        let labels = serde_json::from_str(&labels).map_err(|e| corrupt("job labels", e))?;
+        // The same set written with its keys in another order is one set.
+        *by_labels.entry(labels).or_default() += n as u64;
+    }
+    Ok(by_labels.into_iter().collect())
+}
+
 pub(crate) fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))
 }
@@ -796,21 +814,10 @@ impl Store for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let m = {
-            let mut m = StoreMetrics::default();
-            let mut stmt = tx.prepare_cached(
-                "SELECT labels, COUNT(*) FROM jobs WHERE state = 'queued' AND NOT EXISTS \
-                 (SELECT 1 FROM json_each(jobs.needs) n JOIN jobs d ON d.id = n.value \
-                  WHERE d.state != 'passed') GROUP BY labels",
-            )?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-            let mut by_labels: BTreeMap<BTreeMap<String, String>, u64> = BTreeMap::new();
-            for row in rows {
-                let (labels, n) = row?;
-                let labels = serde_json::from_str(&labels).map_err(|e| corrupt("job labels", e))?;
-                // The same set written with its keys in another order is one set.
-                *by_labels.entry(labels).or_default() += n as u64;
-            }
-            m.queued_by_labels = by_labels.into_iter().collect();
+            let mut m = StoreMetrics {
+                queued_by_labels: ready_by_labels(&tx)?,
+                ..StoreMetrics::default()
+            };
             let mut stmt = tx.prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
             for row in rows {
@@ -845,6 +852,10 @@ impl Store for SqliteStore {
         };
         tx.commit()?;
         Ok(m)
+    }
+
+    fn ready_by_labels(&self) -> Result<Vec<(BTreeMap<String, String>, u64)>> {
+        ready_by_labels(&self.conn())
     }
 
     fn assign(
