@@ -1,0 +1,1047 @@
+//! The `.kiln.yml` front end: the text is read once, by serde-saphyr, into a
+//! tree of nodes with their locations ([`yaml`]); the [`Outline`] of the
+//! jobs is taken from that tree; then one validation pass walks the tree in
+//! document order, builds the [`RawPipeline`] and returns the first error
+//! with the location of the offending node: a value's errors at the value,
+//! a key's (unknown, given twice, refused next to another key) at the key,
+//! a missing key and the checks over a whole mapping or list at its start.
+//! Messages use serde's wording where it is about types (`invalid type:
+//! integer `3`, expected ...`, `unknown field`, `missing field`).
+
+mod outline;
+mod split;
+mod yaml;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, Error as _};
+
+use self::outline::Outline;
+use self::yaml::{Kind, N, Node, Scalar, at, scalar, unexpected};
+use crate::planner::{Budget, Shape, check_graph, cycle_message, shards_of};
+use crate::{MAX_MATRIX_AXES, MAX_MATRIX_CELLS, MAX_PLANNED_STEPS, MAX_RUN_BYTES, Post, SplitDef};
+
+/// Keys allowed at the top level of the file.
+const TOP_FIELDS: &[&str] = &["version", "env", "labels", "timeout", "steps", "jobs"];
+/// Keys allowed in a step.
+const STEP_FIELDS: &[&str] = &[
+    "name",
+    "run",
+    "env",
+    "timeout",
+    "labels",
+    "post",
+    "parallel",
+    "units",
+    "retry",
+    "interaction",
+    "junit",
+];
+/// The keys of a step that make it a split step.
+const SPLIT_FIELDS: &[&str] = &["parallel", "units", "retry", "interaction"];
+/// Keys allowed in a job.
+const JOB_FIELDS: &[&str] = &[
+    "steps",
+    "depends_on",
+    "matrix",
+    "env",
+    "labels",
+    "timeout",
+    "when",
+];
+/// Longest step (and job) name, in characters.
+const MAX_NAME_LEN: usize = 64;
+/// Longest matrix axis name and value, in characters.
+const MAX_MATRIX_TEXT: usize = 64;
+/// Longest piece of user text quoted back in an error message.
+const MAX_QUOTE: usize = 80;
+/// How many job names an "unknown job" message lists.
+const MAX_LISTED: usize = 10;
+/// Most patterns in a step's `junit`.
+const MAX_JUNIT_GLOBS: usize = 64;
+
+/// The file as written, before the top-level defaults are applied.
+#[derive(Debug)]
+pub(crate) struct RawPipeline {
+    pub(crate) env: BTreeMap<String, String>,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) steps: Vec<RawStep>,
+    pub(crate) jobs: Vec<RawJob>,
+}
+
+/// A step as written.
+#[derive(Debug)]
+pub(crate) struct RawStep {
+    pub(crate) name: String,
+    pub(crate) run: String,
+    pub(crate) env: BTreeMap<String, String>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) post: Option<Post>,
+    pub(crate) split: Option<SplitDef>,
+    pub(crate) junit: Vec<String>,
+}
+
+/// A job as written.
+#[derive(Debug)]
+pub(crate) struct RawJob {
+    pub(crate) name: String,
+    pub(crate) steps: Vec<RawStep>,
+    pub(crate) depends_on: Vec<String>,
+    pub(crate) matrix: BTreeMap<String, Vec<String>>,
+    pub(crate) when: Option<Vec<String>>,
+    pub(crate) env: BTreeMap<String, String>,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) timeout: Option<Duration>,
+}
+
+/// An error of the file: where, and the message.
+#[derive(Debug)]
+pub(crate) struct Fail {
+    /// Line and column, when known.
+    pub(crate) at: Option<(usize, usize)>,
+    /// For an empty value, its byte offset (see [`parse`]).
+    empty: Option<usize>,
+    pub(crate) message: String,
+}
+
+type R<T> = Result<T, Fail>;
+
+fn fail<T>(n: &N, message: impl Into<String>) -> R<T> {
+    let (at, empty) = at(n);
+    Err(Fail {
+        at: Some(at),
+        empty,
+        message: message.into(),
+    })
+}
+
+/// serde's wording of the errors about types and fields.
+#[derive(Debug)]
+struct Msg(String);
+
+impl fmt::Display for Msg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Msg {}
+
+impl de::Error for Msg {
+    fn custom<T: fmt::Display>(msg: T) -> Self {
+        Self(msg.to_string())
+    }
+}
+
+fn serde_fail<T>(n: &N, msg: Msg) -> R<T> {
+    fail(n, msg.0)
+}
+
+/// Quotes user text in a message, shortened if it is long.
+pub(crate) fn quote(text: &str) -> String {
+    if text.chars().count() <= MAX_QUOTE {
+        format!("`{text}`")
+    } else {
+        let short: String = text.chars().take(MAX_QUOTE).collect();
+        format!("`{short}...`")
+    }
+}
+
+/// Reads the pipeline file `text`.
+pub(crate) fn parse(text: &str) -> R<RawPipeline> {
+    let doc = yaml::read(text).map_err(|(at, message)| Fail {
+        at,
+        empty: None,
+        message,
+    })?;
+    let outline = Outline::read(text, &doc);
+    Pass { text, outline }.document(&doc).map_err(|mut fail| {
+        // serde-saphyr places an empty value (`key:`) at its `:`, serde_norway
+        // placed it right after, and so do the messages of today.
+        if let (Some((_, column)), Some(offset)) = (&mut fail.at, fail.empty)
+            && text.get(offset..).is_some_and(|rest| rest.starts_with(':'))
+        {
+            *column += 1;
+        }
+        fail
+    })
+}
+
+/// A node seen through `deserialize_any`.
+enum Any<'a> {
+    Null,
+    Str(String),
+    Int(i128),
+    Seq(&'a [N]),
+    Map(&'a [(N, N)]),
+    Other,
+}
+
+/// The validation pass.
+struct Pass<'t> {
+    text: &'t str,
+    outline: Option<Outline>,
+}
+
+impl Pass<'_> {
+    fn scalar(&self, n: &N) -> Option<Scalar> {
+        scalar(self.text, n)
+    }
+
+    fn any<'a>(&self, n: &'a N) -> Any<'a> {
+        match &n.value {
+            Node::Seq(items) => Any::Seq(items),
+            Node::Map(entries) => Any::Map(entries),
+            _ => match self.scalar(n) {
+                Some(Scalar {
+                    kind: Kind::Null, ..
+                }) => Any::Null,
+                Some(Scalar {
+                    text,
+                    kind: Kind::Str,
+                }) => Any::Str(text),
+                Some(Scalar {
+                    kind: Kind::Int(i), ..
+                }) => Any::Int(i),
+                _ => Any::Other,
+            },
+        }
+    }
+
+    fn invalid<T>(&self, n: &N, expected: &str) -> R<T> {
+        let s = self.scalar(n);
+        serde_fail(n, Msg::invalid_type(unexpected(n, s.as_ref()), &expected))
+    }
+
+    /// Any scalar's text as written (`deserialize_str`).
+    fn str(&self, n: &N, expected: &str) -> R<String> {
+        match self.scalar(n) {
+            Some(s) => Ok(s.text),
+            None => self.invalid(n, expected),
+        }
+    }
+
+    /// Any scalar's text as written, a null being empty.
+    fn text_or_empty(&self, n: &N, expected: &str) -> R<String> {
+        match self.scalar(n) {
+            Some(Scalar {
+                kind: Kind::Null, ..
+            }) => Ok(String::new()),
+            Some(s) => Ok(s.text),
+            None => self.invalid(n, expected),
+        }
+    }
+
+    /// The entries of a struct-like mapping; an empty plain scalar is an
+    /// empty mapping.
+    fn map_of<'a>(&self, n: &'a N, expected: &str) -> R<&'a [(N, N)]> {
+        match self.any(n) {
+            Any::Map(entries) => Ok(entries),
+            Any::Null if self.scalar(n).is_some_and(|s| s.text.is_empty()) => Ok(&[]),
+            _ => self.invalid(n, expected),
+        }
+    }
+
+    /// Reads a key of a struct-like mapping: refuses unknown keys, keys
+    /// given twice, then the keys of `refuse` with their message.
+    fn field(
+        &self,
+        k: &N,
+        fields: &'static [&'static str],
+        seen: &mut Vec<&'static str>,
+        refuse: &[(&str, String)],
+    ) -> R<&'static str> {
+        let v = self.str(k, "a key name")?;
+        let Some(field) = fields.iter().copied().find(|f| *f == v) else {
+            return serde_fail(k, Msg::unknown_field(&v, fields));
+        };
+        if seen.contains(&field) {
+            return serde_fail(k, Msg::duplicate_field(field));
+        }
+        if let Some((_, message)) = refuse.iter().find(|(key, _)| *key == field) {
+            return fail(k, message.clone());
+        }
+        seen.push(field);
+        Ok(field)
+    }
+
+    fn document(&self, n: &N) -> R<RawPipeline> {
+        let expected = "a mapping at the top level, with a `steps` list or a `jobs` mapping";
+        let entries = match self.any(n) {
+            Any::Null => {
+                return fail(
+                    n,
+                    "the file holds no pipeline; it must be a mapping with a non-empty `steps` \
+                     list or `jobs` mapping",
+                );
+            }
+            Any::Map(entries) => entries,
+            _ => return self.invalid(n, expected),
+        };
+        let mut seen = Vec::new();
+        let mut raw = RawPipeline {
+            env: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            timeout: None,
+            steps: Vec::new(),
+            jobs: Vec::new(),
+        };
+        let (mut steps, mut jobs) = (false, false);
+        for (k, v) in entries {
+            let refuse = match (steps, jobs) {
+                (true, _) => Some((
+                    "jobs",
+                    "`jobs` cannot be used with `steps`: a file has either a `steps` list \
+                     (one job) or a `jobs` mapping",
+                )),
+                (_, true) => Some((
+                    "steps",
+                    "`steps` cannot be used with `jobs`: a file has either a `steps` list \
+                     (one job) or a `jobs` mapping, whose jobs have their own `steps`",
+                )),
+                _ => None,
+            };
+            let refuse: Vec<_> = refuse.map(|(k, m)| (k, m.to_owned())).into_iter().collect();
+            match self.field(k, TOP_FIELDS, &mut seen, &refuse)? {
+                "version" => {
+                    let version = self.str(v, "the pipeline file version `1`")?;
+                    if version.trim() != "1" {
+                        return fail(
+                            v,
+                            format!(
+                                "unsupported `version` {}, expected `1` (or no `version` key)",
+                                quote(&version)
+                            ),
+                        );
+                    }
+                }
+                "env" => raw.env = self.string_map(v, true)?,
+                "labels" => raw.labels = self.string_map(v, false)?,
+                "timeout" => raw.timeout = Some(self.duration(v)?),
+                "steps" => (raw.steps, steps) = (self.steps(v)?, true),
+                _ => (raw.jobs, jobs) = (self.jobs(v)?, true),
+            }
+        }
+        if !steps && !jobs {
+            return fail(n, "missing field `steps` or `jobs`");
+        }
+        Ok(raw)
+    }
+
+    // -----------------------------------------------------------------------
+    // Steps
+
+    fn steps(&self, n: &N) -> R<Vec<RawStep>> {
+        const EMPTY: &str = "`steps` is empty; at least one step with `name` and `run` is needed";
+        let items = match self.any(n) {
+            Any::Null => return fail(n, EMPTY),
+            Any::Seq(items) => items,
+            _ => return self.invalid(n, "a non-empty list of steps"),
+        };
+        let mut names = BTreeMap::new();
+        let mut steps: Vec<RawStep> = Vec::new();
+        let mut split: Option<(String, u32)> = None;
+        for item in items {
+            let first = split.as_ref().map(|(name, _)| name.as_str());
+            let step = self.step(item, steps.len() + 1, &mut names, first)?;
+            if let Some(def) = &step.split {
+                split = Some((step.name.clone(), def.shards));
+            }
+            steps.push(step);
+        }
+        if steps.is_empty() {
+            return fail(n, EMPTY);
+        }
+        if steps.iter().all(|s| s.post.is_some()) {
+            return fail(
+                n,
+                "every step is a `post` step; at least one step must run before them",
+            );
+        }
+        if let Some((name, shards)) = &split
+            && steps.len().saturating_mul(*shards as usize) > MAX_PLANNED_STEPS
+        {
+            return fail(
+                n,
+                format!(
+                    "with `parallel: {shards}` (step {}), the job's shards have more than \
+                     {MAX_PLANNED_STEPS} steps in all (every shard runs all the steps of the job)",
+                    quote(name)
+                ),
+            );
+        }
+        Ok(steps)
+    }
+
+    /// The keys refused in the rest of a step, given what was read of it.
+    fn refusals(post: bool, split: bool, first: Option<&str>) -> Vec<(&'static str, String)> {
+        let mut refuse = Vec::new();
+        if post {
+            for &key in SPLIT_FIELDS {
+                refuse.push((
+                    key,
+                    format!(
+                        "`{key}` cannot be used in a `post` step: a post step is never split \
+                         (put the split in a normal step)"
+                    ),
+                ));
+            }
+        }
+        if split {
+            refuse.push((
+                "post",
+                "`post` cannot be used in a split step (a step with `parallel`, `units` or \
+                 `retry`): a post step is never split"
+                    .to_owned(),
+            ));
+        }
+        if let Some(first) = first {
+            for key in ["parallel", "units"] {
+                refuse.push((
+                    key,
+                    format!(
+                        "step {} of this job is already split: a job has at most one split \
+                         step (with `parallel` or `units`)",
+                        quote(first)
+                    ),
+                ));
+            }
+        }
+        refuse
+    }
+
+    fn step(
+        &self,
+        n: &N,
+        number: usize,
+        names: &mut BTreeMap<String, usize>,
+        first_split: Option<&str>,
+    ) -> R<RawStep> {
+        let entries = self.map_of(n, "a step: a mapping with `name` and `run`")?;
+        let mut seen = Vec::new();
+        let (mut name, mut run) = (None, None);
+        let mut step = RawStep {
+            name: String::new(),
+            run: String::new(),
+            env: BTreeMap::new(),
+            timeout: None,
+            labels: BTreeMap::new(),
+            post: None,
+            split: None,
+            junit: Vec::new(),
+        };
+        let (mut parallel, mut units, mut retry, mut interaction) = (None, None, None, None);
+        for (k, v) in entries {
+            let split =
+                parallel.is_some() || units.is_some() || retry.is_some() || interaction.is_some();
+            let refuse = Self::refusals(step.post.is_some(), split, first_split);
+            match self.field(k, STEP_FIELDS, &mut seen, &refuse)? {
+                "name" => {
+                    let text = self.str(v, "a step name")?;
+                    if !is_valid_name(&text) {
+                        return fail(v, invalid_name("step", &text));
+                    }
+                    if let Some(first) = names.get(&text) {
+                        return fail(
+                            v,
+                            format!(
+                                "duplicate step name {}, already used by step {first}",
+                                quote(&text)
+                            ),
+                        );
+                    }
+                    names.insert(text.clone(), number);
+                    name = Some(text);
+                }
+                "run" => run = Some(self.run(v)?),
+                "env" => step.env = self.string_map(v, true)?,
+                "timeout" => step.timeout = Some(self.duration(v)?),
+                "labels" => step.labels = self.string_map(v, false)?,
+                "post" => {
+                    let text = self.str(v, "`always`, `success` or `failure`")?;
+                    step.post = Some(match text.trim() {
+                        "always" => Post::Always,
+                        "success" => Post::Success,
+                        "failure" => Post::Failure,
+                        _ => {
+                            return fail(
+                                v,
+                                format!(
+                                    "invalid `post` {}, expected `always`, `success` or `failure`",
+                                    quote(&text)
+                                ),
+                            );
+                        }
+                    });
+                }
+                "parallel" => parallel = Some(self.int(v, split::PARALLEL)?),
+                "units" => units = Some(self.units(v)?),
+                "retry" => retry = Some(self.retry(v)?),
+                "interaction" => interaction = Some(self.interaction(v)?),
+                _ => step.junit = self.junit(v)?,
+            }
+        }
+        if units.is_none() && interaction.is_some() && parallel.is_none() && retry.is_none() {
+            return fail(
+                n,
+                "`interaction` needs `units`: it says what a failure between the units of a \
+                 split step's batch does",
+            );
+        }
+        if !step.junit.is_empty() && (parallel.is_some() || units.is_some() || retry.is_some()) {
+            return fail(
+                n,
+                "`junit` cannot be used in a split step (a step with `parallel`, `units` or \
+                 `retry`): a split step's report comes from its units' JUnit files",
+            );
+        }
+        step.split = match (parallel, units, retry) {
+            (None, None, None) => None,
+            (Some(shards), None, _) => {
+                return fail(
+                    n,
+                    format!(
+                        "`parallel: {shards}` needs `units`: a mapping with `glob` (patterns of \
+                         test files) or `command` (a command printing one unit id per line)"
+                    ),
+                );
+            }
+            (None, None, Some(_)) => {
+                return fail(
+                    n,
+                    "`retry` needs `units`: only the units of a split step run again",
+                );
+            }
+            (shards, Some(units), retry) => Some(SplitDef {
+                shards: shards.unwrap_or(1),
+                units: units.source,
+                strategy: units.strategy,
+                max_batch: units.max_batch,
+                retry: kiln_domain::split::RetryPolicy {
+                    interaction: interaction.unwrap_or_default(),
+                    ..retry.unwrap_or_default()
+                },
+            }),
+        };
+        let Some(name) = name else {
+            return serde_fail(n, Msg::missing_field("name"));
+        };
+        let Some(run) = run else {
+            return serde_fail(n, Msg::missing_field("run"));
+        };
+        Ok(RawStep { name, run, ..step })
+    }
+
+    /// `run`: a non-blank string, or a list of strings joined with newlines.
+    fn run(&self, n: &N) -> R<String> {
+        const EMPTY: &str = "`run` is empty, expected a shell command";
+        let run = match self.any(n) {
+            Any::Null => return fail(n, EMPTY),
+            Any::Str(text) => text,
+            Any::Seq(items) => {
+                let mut lines = Vec::new();
+                for item in items {
+                    lines.push(self.text_or_empty(item, "a command string")?);
+                }
+                lines.join("\n")
+            }
+            _ => {
+                return self.invalid(
+                    n,
+                    "a shell command string or a list of command strings \
+                     (quote a command that YAML reads as a number or a bool)",
+                );
+            }
+        };
+        if run.trim().is_empty() {
+            return fail(n, EMPTY);
+        }
+        if run.len() > MAX_RUN_BYTES {
+            return fail(
+                n,
+                format!(
+                    "`run` is {} bytes long; at most {MAX_RUN_BYTES} bytes (64 KiB) are allowed, \
+                     since a step runs as `sh -c RUN` and the kernel refuses longer arguments: \
+                     put the script in a file of the repository and run that file",
+                    run.len()
+                ),
+            );
+        }
+        Ok(run)
+    }
+
+    /// `junit`: a glob pattern or a non-empty list of them.
+    fn junit(&self, n: &N) -> R<Vec<String>> {
+        const EMPTY: &str = "`junit` is empty; expected a glob pattern of the JUnit XML files the \
+                             step writes, such as `reports/*.xml`, or a list of them";
+        let patterns = self.patterns(
+            n,
+            "a glob pattern of JUnit XML files or a list of them",
+            "a glob pattern",
+            EMPTY,
+            &|p| split::check_glob(p),
+        )?;
+        if patterns.len() > MAX_JUNIT_GLOBS {
+            return fail(
+                n,
+                format!("`junit` has more than {MAX_JUNIT_GLOBS} patterns"),
+            );
+        }
+        Ok(patterns)
+    }
+
+    /// A pattern or a non-empty list of them, each checked by `check`.
+    fn patterns(
+        &self,
+        n: &N,
+        expected: &str,
+        expected_item: &str,
+        empty: &str,
+        check: &dyn Fn(&str) -> Result<(), String>,
+    ) -> R<Vec<String>> {
+        let mut patterns = Vec::new();
+        match self.any(n) {
+            Any::Null => {}
+            Any::Str(text) => {
+                check(&text).or_else(|e| fail(n, e))?;
+                patterns.push(text);
+            }
+            Any::Seq(items) => {
+                for item in items {
+                    let text = self.str(item, expected_item)?;
+                    check(&text).or_else(|e| fail(item, e))?;
+                    patterns.push(text);
+                }
+            }
+            _ => return self.invalid(n, expected),
+        }
+        if patterns.is_empty() {
+            return fail(n, empty);
+        }
+        Ok(patterns)
+    }
+
+    /// A duration in humantime syntax, greater than zero.
+    fn duration(&self, n: &N) -> R<Duration> {
+        const EXAMPLE: &str = "a duration such as `30s`, `10m` or `1h 30m`";
+        let v = self.str(n, EXAMPLE)?;
+        let text = v.trim();
+        if text.is_empty() {
+            return fail(n, format!("`timeout` is empty, expected {EXAMPLE}"));
+        }
+        match humantime::parse_duration(text) {
+            Ok(duration) if duration.is_zero() => fail(
+                n,
+                format!(
+                    "invalid timeout {}, it must be greater than zero",
+                    quote(&v)
+                ),
+            ),
+            Ok(duration) => Ok(duration),
+            Err(err) => fail(
+                n,
+                format!("invalid duration {} ({err}), expected {EXAMPLE}", quote(&v)),
+            ),
+        }
+    }
+
+    /// `env` (`env` true) or `labels`: names to scalar texts; nothing is
+    /// an empty mapping.
+    fn string_map(&self, n: &N, env: bool) -> R<BTreeMap<String, String>> {
+        let entries = match self.any(n) {
+            Any::Null => &[],
+            Any::Map(entries) => entries,
+            _ if env => {
+                return self.invalid(n, "a mapping of environment variable names to values");
+            }
+            _ => return self.invalid(n, "a mapping of label names to values"),
+        };
+        let mut out = BTreeMap::new();
+        for (k, v) in entries {
+            let what = if env {
+                let key = self.str(k, "an environment variable name")?;
+                if !is_valid_env_name(&key) {
+                    return fail(
+                        k,
+                        format!(
+                            "invalid environment variable name {}, expected \
+                             `[A-Za-z_][A-Za-z0-9_]*`",
+                            quote(&key)
+                        ),
+                    );
+                }
+                ("environment variable", key)
+            } else {
+                let key = self.str(k, "a label name")?;
+                if key.trim().is_empty() {
+                    return fail(k, "empty label name");
+                }
+                ("label", key)
+            };
+            if out.contains_key(&what.1) {
+                return fail(k, format!("duplicate {} {}", what.0, quote(&what.1)));
+            }
+            let value = self.text_or_empty(v, "a string, number or bool")?;
+            out.insert(what.1, value);
+        }
+        Ok(out)
+    }
+
+    // -----------------------------------------------------------------------
+    // Jobs
+
+    fn jobs(&self, n: &N) -> R<Vec<RawJob>> {
+        const EMPTY: &str = "`jobs` is empty; at least one job with `steps` is needed";
+        let entries = match self.any(n) {
+            Any::Null => return fail(n, EMPTY),
+            Any::Map(entries) => entries,
+            _ => return self.invalid(n, "a mapping of job names to jobs"),
+        };
+        let mut names = BTreeMap::new();
+        let mut budget = Budget::default();
+        let mut jobs = Vec::new();
+        for (k, v) in entries {
+            let name = self.str(k, "a job name")?;
+            if !is_valid_name(&name) {
+                return fail(k, invalid_name("job", &name));
+            }
+            if let Some(first) = names.get(&name) {
+                return fail(
+                    k,
+                    format!(
+                        "duplicate job name {}, already used by job {first}",
+                        quote(&name)
+                    ),
+                );
+            }
+            if let Some(outline) = &self.outline
+                && let Some(i) = outline.job(&name)
+                && outline.cells(i) <= MAX_MATRIX_CELLS as u64
+            {
+                let dep_jobs = outline
+                    .deps(i)
+                    .iter()
+                    .fold(0u64, |sum, &d| sum.saturating_add(outline.planned(d)));
+                budget
+                    .add(&name, outline.planned(i), outline.steps(i), dep_jobs)
+                    .or_else(|e| fail(k, e))?;
+            }
+            names.insert(name.clone(), jobs.len() + 1);
+            jobs.push(self.job(v, name)?);
+        }
+        if jobs.is_empty() {
+            return fail(n, EMPTY);
+        }
+        // Checked above, value by value, when the outline is known.
+        let shapes: Vec<Shape<'_>> = jobs
+            .iter()
+            .map(|job| Shape {
+                name: &job.name,
+                deps: &job.depends_on,
+                cells: cells_of(&job.matrix),
+                shards: shards_of(job.steps.iter().map(|step| step.split.as_ref())),
+                steps: job.steps.len(),
+            })
+            .collect();
+        check_graph(&shapes).or_else(|e| fail(n, e))?;
+        Ok(jobs)
+    }
+
+    fn job(&self, n: &N, name: String) -> R<RawJob> {
+        let entries = self.map_of(n, "a job: a mapping with `steps`")?;
+        let too_many_cells: Vec<_> = self
+            .outline
+            .as_ref()
+            .and_then(|outline| outline.job(&name).map(|i| outline.cells(i)))
+            .filter(|&cells| cells > MAX_MATRIX_CELLS as u64)
+            .map(|cells| ("matrix", too_many_cells_message(&name, cells)))
+            .into_iter()
+            .collect();
+        let mut seen = Vec::new();
+        let mut steps = None;
+        let mut job = RawJob {
+            name,
+            steps: Vec::new(),
+            depends_on: Vec::new(),
+            matrix: BTreeMap::new(),
+            when: None,
+            env: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            timeout: None,
+        };
+        for (k, v) in entries {
+            match self.field(k, JOB_FIELDS, &mut seen, &too_many_cells)? {
+                "steps" => steps = Some(self.steps(v)?),
+                "depends_on" => job.depends_on = self.deps(v, &job.name)?,
+                "matrix" => job.matrix = self.matrix(v, &job.name)?,
+                "when" => job.when = Some(self.when(v)?),
+                "env" => job.env = self.string_map(v, true)?,
+                "labels" => job.labels = self.string_map(v, false)?,
+                _ => job.timeout = Some(self.duration(v)?),
+            }
+        }
+        let Some(steps) = steps else {
+            return serde_fail(n, Msg::missing_field("steps"));
+        };
+        Ok(RawJob { steps, ..job })
+    }
+
+    /// `depends_on`: a list of job names, or one name; nothing is none.
+    fn deps(&self, n: &N, job: &str) -> R<Vec<String>> {
+        let mut deps = Vec::new();
+        let mut seen = HashSet::new();
+        match self.any(n) {
+            Any::Null => {}
+            Any::Str(dep) => {
+                self.check_dep(job, &dep, &seen).or_else(|e| fail(n, e))?;
+                deps.push(dep);
+            }
+            Any::Seq(items) => {
+                for item in items {
+                    let dep = self.str(item, "a job name")?;
+                    self.check_dep(job, &dep, &seen)
+                        .or_else(|e| fail(item, e))?;
+                    seen.insert(dep.clone());
+                    deps.push(dep);
+                }
+            }
+            _ => {
+                return self.invalid(
+                    n,
+                    "a job name or a list of job names \
+                     (quote a name that YAML reads as a number or a bool)",
+                );
+            }
+        }
+        Ok(deps)
+    }
+
+    /// Checks that `job` may depend on `dep`, given its earlier dependencies.
+    fn check_dep(&self, job: &str, dep: &str, seen: &HashSet<String>) -> Result<(), String> {
+        if dep == job {
+            return Err(cycle_message(&[job, job]));
+        }
+        if seen.contains(dep) {
+            return Err(format!("duplicate dependency {}", quote(dep)));
+        }
+        let Some(outline) = &self.outline else {
+            return Ok(());
+        };
+        let Some(d) = outline.job(dep) else {
+            return Err(unknown_job_message(dep, outline.names()));
+        };
+        if let Some(i) = outline.job(job)
+            && let Some(cycle) = outline.cycle(i, d)
+        {
+            return Err(cycle_message(&cycle));
+        }
+        Ok(())
+    }
+
+    /// `matrix`: a non-empty mapping of axis names to non-empty lists of
+    /// distinct scalars.
+    fn matrix(&self, n: &N, job: &str) -> R<BTreeMap<String, Vec<String>>> {
+        const EMPTY: &str =
+            "`matrix` is empty; expected a mapping of axis names to lists of values";
+        let entries = match self.any(n) {
+            Any::Null => return fail(n, EMPTY),
+            Any::Map(entries) => entries,
+            _ => return self.invalid(n, "a mapping of matrix axis names to lists of values"),
+        };
+        let mut axes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (k, v) in entries {
+            let axis = self.str(k, "a matrix axis name")?;
+            self.check_axis(&axis, &axes).or_else(|e| fail(k, e))?;
+            let values = self.axis_values(v, &axis)?;
+            axes.insert(axis, values);
+        }
+        if axes.is_empty() {
+            return fail(n, EMPTY);
+        }
+        let cells = cells_of(&axes);
+        if cells > MAX_MATRIX_CELLS as u64 {
+            return fail(n, too_many_cells_message(job, cells));
+        }
+        Ok(axes)
+    }
+
+    fn check_axis(&self, v: &str, axes: &BTreeMap<String, Vec<String>>) -> Result<(), String> {
+        if !is_valid_env_name(v) || v.len() > MAX_MATRIX_TEXT {
+            return Err(format!(
+                "invalid matrix axis name {}, expected at most {MAX_MATRIX_TEXT} characters \
+                 matching `[A-Za-z_][A-Za-z0-9_]*` (the axis is set as the environment \
+                 variable of its upper-cased name)",
+                quote(v)
+            ));
+        }
+        if axes.contains_key(v) {
+            return Err(format!("duplicate matrix axis {}", quote(v)));
+        }
+        let var = v.to_ascii_uppercase();
+        if let Some(other) = axes.keys().find(|a| a.to_ascii_uppercase() == var) {
+            return Err(format!(
+                "matrix axes {} and {} would both set the variable {}",
+                quote(other),
+                quote(v),
+                quote(&var)
+            ));
+        }
+        if axes.len() >= MAX_MATRIX_AXES {
+            return Err(format!("more than {MAX_MATRIX_AXES} matrix axes"));
+        }
+        Ok(())
+    }
+
+    fn axis_values(&self, n: &N, axis: &str) -> R<Vec<String>> {
+        let none = || {
+            fail(
+                n,
+                format!(
+                    "matrix axis {} has no values; expected a non-empty list",
+                    quote(axis)
+                ),
+            )
+        };
+        let items = match self.any(n) {
+            Any::Null => return none(),
+            Any::Seq(items) => items,
+            _ => return self.invalid(n, "a list of values (strings, numbers or bools)"),
+        };
+        let mut values: Vec<String> = Vec::new();
+        for item in items {
+            let v = self.text_or_empty(item, "a matrix value (a string, number or bool)")?;
+            let problem = if values.len() >= MAX_MATRIX_CELLS {
+                Some(format!(
+                    "matrix axis {} has more than {MAX_MATRIX_CELLS} values, the most cells \
+                     a matrix may have",
+                    quote(axis)
+                ))
+            } else if v.trim().is_empty() {
+                Some(format!("empty value in matrix axis {}", quote(axis)))
+            } else if v.chars().count() > MAX_MATRIX_TEXT
+                || v.contains(',')
+                || v.chars().any(char::is_control)
+            {
+                Some(format!(
+                    "invalid matrix value {}, expected at most {MAX_MATRIX_TEXT} characters \
+                     without commas or control characters",
+                    quote(&v)
+                ))
+            } else if values.contains(&v) {
+                Some(format!(
+                    "duplicate value {} in matrix axis {}",
+                    quote(&v),
+                    quote(axis)
+                ))
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return fail(item, problem);
+            }
+            values.push(v);
+        }
+        if values.is_empty() {
+            return none();
+        }
+        Ok(values)
+    }
+
+    /// `when`: only `branch` today.
+    fn when(&self, n: &N) -> R<Vec<String>> {
+        let entries = match self.any(n) {
+            Any::Null => {
+                return fail(
+                    n,
+                    "`when` is empty; expected a condition such as `branch: main`",
+                );
+            }
+            Any::Map(entries) => entries,
+            _ => return self.invalid(n, "a mapping of conditions, such as `{branch: main}`"),
+        };
+        let mut seen = Vec::new();
+        let mut branch = None;
+        for (k, v) in entries {
+            self.field(k, &["branch"], &mut seen, &[])?;
+            branch = Some(self.patterns(
+                v,
+                "a branch pattern or a list of branch patterns \
+                 (quote a pattern that YAML reads as a number or a bool)",
+                "a branch pattern",
+                "`branch` is empty; expected a branch pattern or a list of them",
+                &|p| {
+                    kiln_domain::BranchPattern::new(p)
+                        .map(drop)
+                        .map_err(|m| format!("invalid branch pattern {}: {m}", quote(p)))
+                },
+            )?);
+        }
+        match branch {
+            Some(branch) => Ok(branch),
+            None => serde_fail(n, Msg::missing_field("branch")),
+        }
+    }
+}
+
+/// Whether `name` is a valid step or job name.
+fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+fn invalid_name(what: &str, name: &str) -> String {
+    format!(
+        "invalid {what} name {}, expected 1 to {MAX_NAME_LEN} characters \
+         of `A-Z`, `a-z`, `0-9`, `_`, `.` and `-`",
+        quote(name)
+    )
+}
+
+/// Whether `name` is a valid environment variable name.
+fn is_valid_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// The number of cells of a matrix (1 without a matrix), saturating.
+pub(crate) fn cells_of(matrix: &BTreeMap<String, Vec<String>>) -> u64 {
+    matrix.values().fold(1u64, |cells, values| {
+        cells.saturating_mul(u64::try_from(values.len()).unwrap_or(u64::MAX))
+    })
+}
+
+fn too_many_cells_message(job: &str, cells: u64) -> String {
+    let count = if cells == u64::MAX {
+        "too many".to_owned()
+    } else {
+        cells.to_string()
+    };
+    format!(
+        "the matrix of job {} has {count} cells (the product of the numbers of values \
+         of its axes), more than the limit of {MAX_MATRIX_CELLS}",
+        quote(job)
+    )
+}
+
+/// The message for a `depends_on` naming no job.
+pub(crate) fn unknown_job_message(dep: &str, names: &[String]) -> String {
+    let mut listed: Vec<String> = names.iter().take(MAX_LISTED).map(|n| quote(n)).collect();
+    if names.len() > MAX_LISTED {
+        listed.push("...".to_owned());
+    }
+    format!(
+        "unknown job {} in `depends_on`; the jobs of the file are {}",
+        quote(dep),
+        listed.join(", ")
+    )
+}
