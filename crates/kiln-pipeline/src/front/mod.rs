@@ -12,6 +12,7 @@ mod outline;
 mod split;
 mod yaml;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::time::Duration;
@@ -174,10 +175,10 @@ pub(crate) fn parse(text: &str) -> R<RawPipeline> {
 /// A node seen through `deserialize_any`.
 enum Any<'a> {
     Null,
-    Str(String),
+    Str(Cow<'a, str>),
     Int(i128),
-    Seq(&'a [N]),
-    Map(&'a [(N, N)]),
+    Seq(&'a [N<'a>]),
+    Map(&'a [(N<'a>, N<'a>)]),
     Other,
 }
 
@@ -188,11 +189,11 @@ struct Pass<'t> {
 }
 
 impl Pass<'_> {
-    fn scalar(&self, n: &N) -> Option<Scalar> {
+    fn scalar<'a>(&'a self, n: &'a N) -> Option<Scalar<'a>> {
         scalar(self.text, n)
     }
 
-    fn any<'a>(&self, n: &'a N) -> Any<'a> {
+    fn any<'a>(&'a self, n: &'a N<'a>) -> Any<'a> {
         match &n.value {
             Node::Seq(items) => Any::Seq(items),
             Node::Map(entries) => Any::Map(entries),
@@ -220,7 +221,7 @@ impl Pass<'_> {
     /// Any scalar's text as written (`deserialize_str`).
     fn str(&self, n: &N, expected: &str) -> R<String> {
         match self.scalar(n) {
-            Some(s) => Ok(s.text),
+            Some(s) => Ok(s.text.into_owned()),
             None => self.invalid(n, expected),
         }
     }
@@ -231,14 +232,14 @@ impl Pass<'_> {
             Some(Scalar {
                 kind: Kind::Null, ..
             }) => Ok(String::new()),
-            Some(s) => Ok(s.text),
+            Some(s) => Ok(s.text.into_owned()),
             None => self.invalid(n, expected),
         }
     }
 
     /// The entries of a struct-like mapping; an empty plain scalar is an
     /// empty mapping.
-    fn map_of<'a>(&self, n: &'a N, expected: &str) -> R<&'a [(N, N)]> {
+    fn map_of<'a>(&'a self, n: &'a N<'a>, expected: &str) -> R<&'a [(N<'a>, N<'a>)]> {
         match self.any(n) {
             Any::Map(entries) => Ok(entries),
             Any::Null if self.scalar(n).is_some_and(|s| s.text.is_empty()) => Ok(&[]),
@@ -253,17 +254,19 @@ impl Pass<'_> {
         k: &N,
         fields: &'static [&'static str],
         seen: &mut Vec<&'static str>,
-        refuse: &[(&str, String)],
+        refuse: &dyn Fn(&str) -> Option<String>,
     ) -> R<&'static str> {
-        let v = self.str(k, "a key name")?;
-        let Some(field) = fields.iter().copied().find(|f| *f == v) else {
-            return serde_fail(k, Msg::unknown_field(&v, fields));
+        let Some(v) = self.scalar(k) else {
+            return self.invalid(k, "a key name");
+        };
+        let Some(field) = fields.iter().copied().find(|f| *f == v.text) else {
+            return serde_fail(k, Msg::unknown_field(&v.text, fields));
         };
         if seen.contains(&field) {
             return serde_fail(k, Msg::duplicate_field(field));
         }
-        if let Some((_, message)) = refuse.iter().find(|(key, _)| *key == field) {
-            return fail(k, message.clone());
+        if let Some(message) = refuse(field) {
+            return fail(k, message);
         }
         seen.push(field);
         Ok(field)
@@ -292,20 +295,19 @@ impl Pass<'_> {
         };
         let (mut steps, mut jobs) = (false, false);
         for (k, v) in entries {
-            let refuse = match (steps, jobs) {
-                (true, _) => Some((
-                    "jobs",
+            let refuse = |key: &str| match (key, steps, jobs) {
+                ("jobs", true, _) => Some(
                     "`jobs` cannot be used with `steps`: a file has either a `steps` list \
-                     (one job) or a `jobs` mapping",
-                )),
-                (_, true) => Some((
-                    "steps",
+                     (one job) or a `jobs` mapping"
+                        .to_owned(),
+                ),
+                ("steps", _, true) => Some(
                     "`steps` cannot be used with `jobs`: a file has either a `steps` list \
-                     (one job) or a `jobs` mapping, whose jobs have their own `steps`",
-                )),
+                     (one job) or a `jobs` mapping, whose jobs have their own `steps`"
+                        .to_owned(),
+                ),
                 _ => None,
             };
-            let refuse: Vec<_> = refuse.map(|(k, m)| (k, m.to_owned())).into_iter().collect();
             match self.field(k, TOP_FIELDS, &mut seen, &refuse)? {
                 "version" => {
                     let version = self.str(v, "the pipeline file version `1`")?;
@@ -377,41 +379,28 @@ impl Pass<'_> {
         Ok(steps)
     }
 
-    /// The keys refused in the rest of a step, given what was read of it.
-    fn refusals(post: bool, split: bool, first: Option<&str>) -> Vec<(&'static str, String)> {
-        let mut refuse = Vec::new();
-        if post {
-            for &key in SPLIT_FIELDS {
-                refuse.push((
-                    key,
-                    format!(
-                        "`{key}` cannot be used in a `post` step: a post step is never split \
-                         (put the split in a normal step)"
-                    ),
-                ));
-            }
+    /// Why `key` is refused in the rest of a step, given what was read of
+    /// it: a post step is never split, and a job has one split step at most.
+    fn refusal(key: &str, post: bool, split: bool, first: Option<&str>) -> Option<String> {
+        if post && SPLIT_FIELDS.contains(&key) {
+            return Some(format!(
+                "`{key}` cannot be used in a `post` step: a post step is never split \
+                 (put the split in a normal step)"
+            ));
         }
-        if split {
-            refuse.push((
-                "post",
+        if split && key == "post" {
+            return Some(
                 "`post` cannot be used in a split step (a step with `parallel`, `units` or \
                  `retry`): a post step is never split"
                     .to_owned(),
-            ));
+            );
         }
-        if let Some(first) = first {
-            for key in ["parallel", "units"] {
-                refuse.push((
-                    key,
-                    format!(
-                        "step {} of this job is already split: a job has at most one split \
-                         step (with `parallel` or `units`)",
-                        quote(first)
-                    ),
-                ));
-            }
-        }
-        refuse
+        let first = first.filter(|_| matches!(key, "parallel" | "units"))?;
+        Some(format!(
+            "step {} of this job is already split: a job has at most one split step (with \
+             `parallel` or `units`)",
+            quote(first)
+        ))
     }
 
     fn step(
@@ -438,7 +427,8 @@ impl Pass<'_> {
         for (k, v) in entries {
             let split =
                 parallel.is_some() || units.is_some() || retry.is_some() || interaction.is_some();
-            let refuse = Self::refusals(step.post.is_some(), split, first_split);
+            let post = step.post.is_some();
+            let refuse = |key: &str| Self::refusal(key, post, split, first_split);
             match self.field(k, STEP_FIELDS, &mut seen, &refuse)? {
                 "name" => {
                     let text = self.str(v, "a step name")?;
@@ -541,7 +531,7 @@ impl Pass<'_> {
         const EMPTY: &str = "`run` is empty, expected a shell command";
         let run = match self.any(n) {
             Any::Null => return fail(n, EMPTY),
-            Any::Str(text) => text,
+            Any::Str(text) => text.into_owned(),
             Any::Seq(items) => {
                 let mut lines = Vec::new();
                 for item in items {
@@ -608,7 +598,7 @@ impl Pass<'_> {
             Any::Null => {}
             Any::Str(text) => {
                 check(&text).or_else(|e| fail(n, e))?;
-                patterns.push(text);
+                patterns.push(text.into_owned());
             }
             Any::Seq(items) => {
                 for item in items {
@@ -753,14 +743,11 @@ impl Pass<'_> {
 
     fn job(&self, n: &N, name: String) -> R<RawJob> {
         let entries = self.map_of(n, "a job: a mapping with `steps`")?;
-        let too_many_cells: Vec<_> = self
+        let too_many_cells = self
             .outline
             .as_ref()
             .and_then(|outline| outline.job(&name).map(|i| outline.cells(i)))
-            .filter(|&cells| cells > MAX_MATRIX_CELLS as u64)
-            .map(|cells| ("matrix", too_many_cells_message(&name, cells)))
-            .into_iter()
-            .collect();
+            .filter(|&cells| cells > MAX_MATRIX_CELLS as u64);
         let mut seen = Vec::new();
         let mut steps = None;
         let mut job = RawJob {
@@ -774,7 +761,11 @@ impl Pass<'_> {
             timeout: None,
         };
         for (k, v) in entries {
-            match self.field(k, JOB_FIELDS, &mut seen, &too_many_cells)? {
+            let refuse = |key: &str| {
+                let cells = too_many_cells.filter(|_| key == "matrix")?;
+                Some(too_many_cells_message(&job.name, cells))
+            };
+            match self.field(k, JOB_FIELDS, &mut seen, &refuse)? {
                 "steps" => steps = Some(self.steps(v)?),
                 "depends_on" => job.depends_on = self.deps(v, &job.name)?,
                 "matrix" => job.matrix = self.matrix(v, &job.name)?,
@@ -798,7 +789,7 @@ impl Pass<'_> {
             Any::Null => {}
             Any::Str(dep) => {
                 self.check_dep(job, &dep, &seen).or_else(|e| fail(n, e))?;
-                deps.push(dep);
+                deps.push(dep.into_owned());
             }
             Any::Seq(items) => {
                 for item in items {
@@ -966,7 +957,7 @@ impl Pass<'_> {
         let mut seen = Vec::new();
         let mut branch = None;
         for (k, v) in entries {
-            self.field(k, &["branch"], &mut seen, &[])?;
+            self.field(k, &["branch"], &mut seen, &|_| None)?;
             branch = Some(self.patterns(
                 v,
                 "a branch pattern or a list of branch patterns \

@@ -10,6 +10,7 @@
 //! a key given twice, the first counts, as the pass reads it before it
 //! refuses the second.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use super::yaml::{Kind, N, Node, scalar};
@@ -28,17 +29,17 @@ pub(crate) struct Outline {
 }
 
 /// The text of a key or name, `None` for a collection.
-fn text(t: &str, n: &N) -> Option<String> {
+fn text<'a>(t: &'a str, n: &'a N) -> Option<Cow<'a, str>> {
     scalar(t, n).map(|s| s.text)
 }
 
 /// The entries of a mapping (first definitions), `None` if a key is not a
 /// scalar; empty for anything else than a mapping.
-fn entries<'a>(t: &str, n: &'a N) -> Option<Vec<(String, &'a N)>> {
+fn entries<'a>(t: &'a str, n: &'a N<'a>) -> Option<Vec<(Cow<'a, str>, &'a N<'a>)>> {
     let Node::Map(map) = &n.value else {
         return Some(Vec::new());
     };
-    let mut out: Vec<(String, &N)> = Vec::new();
+    let mut out: Vec<(Cow<'a, str>, &N)> = Vec::new();
     for (k, v) in map {
         let key = text(t, k)?;
         if out.iter().all(|(seen, _)| *seen != key) {
@@ -61,15 +62,15 @@ impl Outline {
         for (name, job) in jobs {
             let (mut deps, mut cells, mut steps, mut shards) = (Vec::new(), 1u64, 0u64, 1u64);
             for (key, v) in entries(t, job)? {
-                match (key.as_str(), &v.value) {
+                match (&*key, &v.value) {
                     ("depends_on", Node::Seq(items)) => {
                         for item in items {
-                            deps.push(text(t, item)?);
+                            deps.push(text(t, item)?.into_owned());
                         }
                     }
                     ("depends_on", Node::Scalar(_)) => {
                         if let Some(s) = scalar(t, v).filter(|s| s.kind == Kind::Str) {
-                            deps.push(s.text);
+                            deps.push(s.text.into_owned());
                         }
                     }
                     ("matrix", _) => {
@@ -99,8 +100,8 @@ impl Outline {
                     _ => {}
                 }
             }
-            outline.index.insert(name.clone(), outline.names.len());
-            outline.names.push(name);
+            outline.index.insert(name.to_string(), outline.names.len());
+            outline.names.push(name.into_owned());
             raw_deps.push(deps);
             outline.cells.push(cells);
             outline.steps.push(steps);

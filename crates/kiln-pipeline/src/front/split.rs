@@ -85,20 +85,14 @@ impl Pass<'_> {
         let mut strategy = Strategy::default();
         let mut max_batch = 0;
         for (k, v) in entries {
-            let refuse = match &source {
-                Some(UnitSource::Glob(_)) => {
-                    vec![(
-                        "command",
-                        format!("`command` cannot be used with `glob`: {BOTH}"),
-                    )]
+            let refuse = |key: &str| match (key, &source) {
+                ("command", Some(UnitSource::Glob(_))) => {
+                    Some(format!("`command` cannot be used with `glob`: {BOTH}"))
                 }
-                Some(UnitSource::Command(_)) => {
-                    vec![(
-                        "glob",
-                        format!("`glob` cannot be used with `command`: {BOTH}"),
-                    )]
+                ("glob", Some(UnitSource::Command(_))) => {
+                    Some(format!("`glob` cannot be used with `command`: {BOTH}"))
                 }
-                None => Vec::new(),
+                _ => None,
             };
             let fields = &["glob", "command", "strategy", "max_batch"];
             match self.field(k, fields, &mut seen, &refuse)? {
@@ -126,7 +120,7 @@ impl Pass<'_> {
                             );
                         }
                     };
-                    source = Some(UnitSource::Command(command));
+                    source = Some(UnitSource::Command(command.into_owned()));
                 }
                 "strategy" => {
                     let text = self.str(v, "`dynamic`, `hash`, `count` or `timing`")?;
@@ -189,7 +183,7 @@ impl Pass<'_> {
         let mut policy = RetryPolicy::default();
         for (k, v) in entries {
             let fields = &["attempts", "max_failures", "budget", "shards"];
-            match self.field(k, fields, &mut seen, &[])? {
+            match self.field(k, fields, &mut seen, &|_| None)? {
                 "attempts" => {
                     let int = Int {
                         key: "attempts",
@@ -281,7 +275,7 @@ impl Pass<'_> {
         };
         let (percent, floor) = match v.split_once(" or ") {
             Some((p, f)) => (p, Some(f.trim())),
-            None => (v.as_str(), None),
+            None => (&*v, None),
         };
         let Some(permille) = parse_percent(percent) else {
             return fail(

@@ -4,44 +4,46 @@
 //! types; a scalar's text as written where the schema takes any scalar as
 //! text, `3.10` staying `3.10`).
 
+use std::borrow::Cow;
 use std::fmt;
+use std::marker::PhantomData;
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Unexpected, Visitor};
 pub(crate) use serde_saphyr::Spanned;
 
 /// A node of the document.
 #[derive(Debug)]
-pub(crate) enum Node {
+pub(crate) enum Node<'t> {
     /// A plain empty, `~` or `null` scalar.
     Null,
     /// Any other scalar: its value when serde-saphyr gave a string, else
     /// `None` (a number or bool, whose text the span gives).
-    Scalar(Option<String>),
-    Seq(Vec<N>),
-    Map(Vec<(N, N)>),
+    Scalar(Option<Cow<'t, str>>),
+    Seq(Vec<N<'t>>),
+    Map(Vec<(N<'t>, N<'t>)>),
 }
 
 /// A node with its location.
-pub(crate) type N = Spanned<Node>;
+pub(crate) type N<'t> = Spanned<Node<'t>>;
 
-impl<'de> Deserialize<'de> for Node {
+impl<'de> Deserialize<'de> for Node<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(NodeVisitor)
+        d.deserialize_any(NodeVisitor(PhantomData))
     }
 }
 
-struct NodeVisitor;
+struct NodeVisitor<'de>(PhantomData<&'de ()>);
 
 macro_rules! scalar_visits {
     ($($f:ident: $t:ty),*) => {$(
-        fn $f<E: de::Error>(self, _: $t) -> Result<Node, E> {
+        fn $f<E: de::Error>(self, _: $t) -> Result<Node<'de>, E> {
             Ok(Node::Scalar(None))
         }
     )*};
 }
 
-impl<'de> Visitor<'de> for NodeVisitor {
-    type Value = Node;
+impl<'de> Visitor<'de> for NodeVisitor<'de> {
+    type Value = Node<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any YAML node")
@@ -50,31 +52,37 @@ impl<'de> Visitor<'de> for NodeVisitor {
     scalar_visits!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_i128: i128,
         visit_u128: u128, visit_f64: f64, visit_char: char);
 
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Node, E> {
-        Ok(Node::Scalar(Some(v.to_owned())))
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Node<'de>, E> {
+        Ok(Node::Scalar(Some(Cow::Borrowed(v))))
     }
 
-    fn visit_string<E: de::Error>(self, v: String) -> Result<Node, E> {
-        Ok(Node::Scalar(Some(v)))
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Node<'de>, E> {
+        Ok(Node::Scalar(Some(Cow::Owned(v.to_owned()))))
     }
 
-    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Node, E> {
-        Ok(Node::Scalar(Some(String::from_utf8_lossy(v).into_owned())))
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Node<'de>, E> {
+        Ok(Node::Scalar(Some(Cow::Owned(v))))
     }
 
-    fn visit_unit<E: de::Error>(self) -> Result<Node, E> {
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Node<'de>, E> {
+        Ok(Node::Scalar(Some(Cow::Owned(
+            String::from_utf8_lossy(v).into_owned(),
+        ))))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Node<'de>, E> {
         Ok(Node::Null)
     }
 
-    fn visit_none<E: de::Error>(self) -> Result<Node, E> {
+    fn visit_none<E: de::Error>(self) -> Result<Node<'de>, E> {
         Ok(Node::Null)
     }
 
-    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Node, D::Error> {
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Node<'de>, D::Error> {
         d.deserialize_any(self)
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node<'de>, A::Error> {
         let mut items = Vec::new();
         while let Some(item) = seq.next_element()? {
             items.push(item);
@@ -82,7 +90,7 @@ impl<'de> Visitor<'de> for NodeVisitor {
         Ok(Node::Seq(items))
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node<'de>, A::Error> {
         let mut entries = Vec::new();
         while let Some(entry) = map.next_entry()? {
             entries.push(entry);
@@ -93,7 +101,7 @@ impl<'de> Visitor<'de> for NodeVisitor {
 
 /// Where a node is: line, column, and for an empty value (`key:`) its byte
 /// offset. For a node read through an alias, where the anchored node is.
-pub(crate) fn at(n: &N) -> ((usize, usize), Option<usize>) {
+pub(crate) fn at(n: &N<'_>) -> ((usize, usize), Option<usize>) {
     let span = n.defined.span();
     let empty = (matches!(n.value, Node::Null) && span.byte_len() == Some(0))
         .then(|| span.byte_offset().and_then(|o| usize::try_from(o).ok()))
@@ -106,7 +114,7 @@ pub(crate) fn at(n: &N) -> ((usize, usize), Option<usize>) {
 const MAX_DEPTH: usize = 24;
 
 /// Reads `text`; the error is its location, when known, and message.
-pub(crate) fn read(text: &str) -> Result<N, (Option<(usize, usize)>, String)> {
+pub(crate) fn read(text: &str) -> Result<N<'_>, (Option<(usize, usize)>, String)> {
     // Deep enough for any pipeline (a `jobs:` file needs 7 levels), and
     // shallow enough for the recursive reading of the tree on a small stack.
     let mut budget = serde_saphyr::Budget::default();
@@ -182,13 +190,13 @@ pub(crate) enum Kind {
 }
 
 /// A scalar: its text and its type.
-pub(crate) struct Scalar {
-    pub(crate) text: String,
+pub(crate) struct Scalar<'a> {
+    pub(crate) text: Cow<'a, str>,
     pub(crate) kind: Kind,
 }
 
 /// The text of the node's span, when serde-saphyr knows it.
-fn source<'t>(text: &'t str, n: &N) -> Option<&'t str> {
+fn source<'t>(text: &'t str, n: &N<'_>) -> Option<&'t str> {
     let span = n.defined.span();
     let start = usize::try_from(span.byte_offset()?).ok()?;
     let len = usize::try_from(span.byte_len()?).ok()?;
@@ -196,25 +204,25 @@ fn source<'t>(text: &'t str, n: &N) -> Option<&'t str> {
 }
 
 /// The scalar of `n`, `None` for a sequence or mapping.
-pub(crate) fn scalar(text: &str, n: &N) -> Option<Scalar> {
+pub(crate) fn scalar<'a>(text: &'a str, n: &'a N<'_>) -> Option<Scalar<'a>> {
     let raw = source(text, n).unwrap_or("");
     match &n.value {
         Node::Null => Some(Scalar {
-            text: raw.trim().to_owned(),
+            text: Cow::Borrowed(raw.trim()),
             kind: Kind::Null,
         }),
         Node::Scalar(Some(v)) => {
             let plain = !raw.starts_with(['\'', '"', '|', '>', '!', '&', '*']);
             let kind = if plain { resolve(v) } else { Kind::Str };
             Some(Scalar {
-                text: v.clone(),
+                text: Cow::Borrowed(v.as_ref()),
                 kind,
             })
         }
         Node::Scalar(None) => {
             let raw = raw.trim();
             Some(Scalar {
-                text: raw.to_owned(),
+                text: Cow::Borrowed(raw),
                 kind: resolve(raw),
             })
         }
@@ -223,7 +231,7 @@ pub(crate) fn scalar(text: &str, n: &N) -> Option<Scalar> {
 }
 
 /// What serde calls the node in an "invalid type" message.
-pub(crate) fn unexpected<'a>(n: &N, s: Option<&'a Scalar>) -> Unexpected<'a> {
+pub(crate) fn unexpected<'a>(n: &N<'_>, s: Option<&'a Scalar<'_>>) -> Unexpected<'a> {
     match (&n.value, s) {
         (Node::Seq(_), _) => Unexpected::Seq,
         (Node::Map(_), _) => Unexpected::Map,
@@ -283,8 +291,8 @@ fn resolve(v: &str) -> Kind {
         && digits
             .bytes()
             .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-'));
-    match v.parse::<f64>() {
-        Ok(f) if number_like => Kind::Float(f),
+    match number_like.then(|| v.parse::<f64>()) {
+        Some(Ok(f)) => Kind::Float(f),
         _ => Kind::Str,
     }
 }
