@@ -306,7 +306,7 @@ fn file_too_large() {
 fn more_than_one_document() {
     let err = parse(FILE_NAME, "steps: [{name: a, run: x}]\n---\nsteps: []\n").unwrap_err();
     // At the second document.
-    assert!(err.to_string().starts_with(".kiln.yml:3:1: "), "{err}");
+    assert!(err.to_string().starts_with(".kiln.yml:2:1: "), "{err}");
     assert!(err.to_string().contains("more than one document"), "{err}");
 }
 

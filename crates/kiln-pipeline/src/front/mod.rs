@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::de::{self, Error as _};
 
 use self::outline::Outline;
-use self::yaml::{Kind, N, Node, Scalar, at, scalar, unexpected};
+use self::yaml::{Kind, N, Node, Scalar, scalar, unexpected};
 use crate::planner::{Budget, Shape, check_graph, cycle_message, shards_of};
 use crate::{MAX_MATRIX_AXES, MAX_MATRIX_CELLS, MAX_PLANNED_STEPS, MAX_RUN_BYTES, Post, SplitDef};
 
@@ -104,18 +104,14 @@ pub(crate) struct RawJob {
 pub(crate) struct Fail {
     /// Line and column, when known.
     pub(crate) at: Option<(usize, usize)>,
-    /// For an empty value, its byte offset (see [`parse`]).
-    empty: Option<usize>,
     pub(crate) message: String,
 }
 
 type R<T> = Result<T, Fail>;
 
 fn fail<T>(n: &N, message: impl Into<String>) -> R<T> {
-    let (at, empty) = at(n);
     Err(Fail {
-        at: Some(at),
-        empty,
+        at: Some((n.line, n.column)),
         message: message.into(),
     })
 }
@@ -154,22 +150,9 @@ pub(crate) fn quote(text: &str) -> String {
 
 /// Reads the pipeline file `text`.
 pub(crate) fn parse(text: &str) -> R<RawPipeline> {
-    let doc = yaml::read(text).map_err(|(at, message)| Fail {
-        at,
-        empty: None,
-        message,
-    })?;
-    let outline = Outline::read(text, &doc);
-    Pass { text, outline }.document(&doc).map_err(|mut fail| {
-        // serde-saphyr places an empty value (`key:`) at its `:`, serde_norway
-        // placed it right after, and so do the messages of today.
-        if let (Some((_, column)), Some(offset)) = (&mut fail.at, fail.empty)
-            && text.get(offset..).is_some_and(|rest| rest.starts_with(':'))
-        {
-            *column += 1;
-        }
-        fail
-    })
+    let doc = yaml::read(text).map_err(|(at, message)| Fail { at, message })?;
+    let outline = Outline::read(&doc);
+    Pass { outline }.document(&doc)
 }
 
 /// A node seen through `deserialize_any`.
@@ -183,14 +166,13 @@ enum Any<'a> {
 }
 
 /// The validation pass.
-struct Pass<'t> {
-    text: &'t str,
+struct Pass {
     outline: Option<Outline>,
 }
 
-impl Pass<'_> {
+impl Pass {
     fn scalar<'a>(&'a self, n: &'a N) -> Option<Scalar<'a>> {
-        scalar(self.text, n)
+        scalar(n)
     }
 
     fn any<'a>(&'a self, n: &'a N<'a>) -> Any<'a> {

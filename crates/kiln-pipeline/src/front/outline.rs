@@ -29,19 +29,19 @@ pub(crate) struct Outline {
 }
 
 /// The text of a key or name, `None` for a collection.
-fn text<'a>(t: &'a str, n: &'a N) -> Option<Cow<'a, str>> {
-    scalar(t, n).map(|s| s.text)
+fn text<'a>(n: &'a N) -> Option<Cow<'a, str>> {
+    scalar(n).map(|s| s.text)
 }
 
 /// The entries of a mapping (first definitions), `None` if a key is not a
 /// scalar; empty for anything else than a mapping.
-fn entries<'a>(t: &'a str, n: &'a N<'a>) -> Option<Vec<(Cow<'a, str>, &'a N<'a>)>> {
+fn entries<'a>(n: &'a N<'a>) -> Option<Vec<(Cow<'a, str>, &'a N<'a>)>> {
     let Node::Map(map) = &n.value else {
         return Some(Vec::new());
     };
     let mut out: Vec<(Cow<'a, str>, &N)> = Vec::new();
     for (k, v) in map {
-        let key = text(t, k)?;
+        let key = text(k)?;
         if out.iter().all(|(seen, _)| *seen != key) {
             out.push((key, v));
         }
@@ -51,30 +51,30 @@ fn entries<'a>(t: &'a str, n: &'a N<'a>) -> Option<Vec<(Cow<'a, str>, &'a N<'a>)
 
 impl Outline {
     /// The outline of the document `doc` of text `t`.
-    pub(crate) fn read(t: &str, doc: &N) -> Option<Self> {
-        let top = entries(t, doc)?;
+    pub(crate) fn read(doc: &N) -> Option<Self> {
+        let top = entries(doc)?;
         let jobs = match top.iter().find(|(k, _)| k == "jobs") {
-            Some((_, jobs)) => entries(t, jobs)?,
+            Some((_, jobs)) => entries(jobs)?,
             None => Vec::new(),
         };
         let mut outline = Self::default();
         let mut raw_deps = Vec::new();
         for (name, job) in jobs {
             let (mut deps, mut cells, mut steps, mut shards) = (Vec::new(), 1u64, 0u64, 1u64);
-            for (key, v) in entries(t, job)? {
+            for (key, v) in entries(job)? {
                 match (&*key, &v.value) {
                     ("depends_on", Node::Seq(items)) => {
                         for item in items {
-                            deps.push(text(t, item)?.into_owned());
+                            deps.push(text(item)?.into_owned());
                         }
                     }
-                    ("depends_on", Node::Scalar(_)) => {
-                        if let Some(s) = scalar(t, v).filter(|s| s.kind == Kind::Str) {
+                    ("depends_on", Node::Scalar(..)) => {
+                        if let Some(s) = scalar(v).filter(|s| s.kind == Kind::Str) {
                             deps.push(s.text.into_owned());
                         }
                     }
                     ("matrix", _) => {
-                        for (_, values) in entries(t, v)? {
+                        for (_, values) in entries(v)? {
                             let count = match &values.value {
                                 Node::Seq(items) => items.len() as u64,
                                 _ => 0,
@@ -85,10 +85,10 @@ impl Outline {
                     ("steps", Node::Seq(items)) => {
                         steps = items.len() as u64;
                         for step in items {
-                            let parallel = entries(t, step)?
+                            let parallel = entries(step)?
                                 .into_iter()
                                 .find(|(k, _)| k == "parallel")
-                                .and_then(|(_, p)| match scalar(t, p)?.kind {
+                                .and_then(|(_, p)| match scalar(p)?.kind {
                                     Kind::Int(i) => u64::try_from(i).ok(),
                                     _ => None,
                                 })

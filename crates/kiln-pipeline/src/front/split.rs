@@ -56,7 +56,7 @@ const BUDGET_EXAMPLE: &str = "such as `5%` or `5% or 1m`";
 const BOTH: &str = "the units are either the files matching `glob` or the lines printed by \
                     `command`";
 
-impl Pass<'_> {
+impl Pass {
     pub(super) fn int(&self, n: &N, int: Int) -> R<u32> {
         match self.any(n) {
             Any::Null => fail(

@@ -1,181 +1,199 @@
-//! The one reading of the text: serde-saphyr (with its `Budget`, which bounds
-//! depth, nodes and alias replay) into a tree of [`Spanned`] nodes, and the
-//! scalars of that tree seen as serde_norway saw them before (YAML 1.2 core
-//! types; a scalar's text as written where the schema takes any scalar as
-//! text, `3.10` staying `3.10`).
+//! The one reading of the text: the events of serde-saphyr's YAML parser
+//! (`granit_parser`) into a tree of nodes with their locations, within
+//! budgets of depth and of nodes (aliases expanded); and the scalars of that
+//! tree seen as serde_norway saw them before (YAML 1.2 core types; a
+//! scalar's text as written where the schema takes any scalar as text,
+//! `3.10` staying `3.10`).
 
 use std::borrow::Cow;
-use std::fmt;
-use std::marker::PhantomData;
+use std::collections::HashMap;
 
-use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Unexpected, Visitor};
-pub(crate) use serde_saphyr::Spanned;
+use serde::de::Unexpected;
+use serde_saphyr::granit_parser::{Event, Parser, ScalarStyle, ScanError, Span};
 
-/// A node of the document.
-#[derive(Debug)]
+/// Deepest nesting of lists and mappings read (a `jobs:` file needs 7).
+const MAX_DEPTH: usize = 24;
+/// Most nodes of a document, those read through aliases included.
+const MAX_NODES: usize = 250_000;
+
+/// A node of the document and where it starts (for a node read through an
+/// alias, where the anchored node starts).
+#[derive(Debug, Clone)]
+pub(crate) struct N<'t> {
+    pub(crate) value: Node<'t>,
+    pub(crate) line: usize,
+    pub(crate) column: usize,
+}
+
+#[derive(Debug, Clone)]
 pub(crate) enum Node<'t> {
-    /// A plain empty, `~` or `null` scalar.
-    Null,
-    /// Any other scalar: its value when serde-saphyr gave a string, else
-    /// `None` (a number or bool, whose text the span gives).
-    Scalar(Option<Cow<'t, str>>),
+    /// A scalar and whether it is plain (unquoted, untagged, not a block
+    /// scalar): only plain scalars are numbers, bools or nulls.
+    Scalar(Cow<'t, str>, bool),
     Seq(Vec<N<'t>>),
     Map(Vec<(N<'t>, N<'t>)>),
 }
 
-/// A node with its location.
-pub(crate) type N<'t> = Spanned<Node<'t>>;
+/// An error of the YAML: where, when known, and the message.
+pub(crate) type YamlError = (Option<(usize, usize)>, String);
 
-impl<'de> Deserialize<'de> for Node<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(NodeVisitor(PhantomData))
-    }
+fn error(span: &Span, message: impl Into<String>) -> YamlError {
+    let at = (span.start.line(), span.start.col() + 1);
+    (Some(at), message.into())
 }
 
-struct NodeVisitor<'de>(PhantomData<&'de ()>);
-
-macro_rules! scalar_visits {
-    ($($f:ident: $t:ty),*) => {$(
-        fn $f<E: de::Error>(self, _: $t) -> Result<Node<'de>, E> {
-            Ok(Node::Scalar(None))
-        }
-    )*};
-}
-
-impl<'de> Visitor<'de> for NodeVisitor<'de> {
-    type Value = Node<'de>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any YAML node")
-    }
-
-    scalar_visits!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_i128: i128,
-        visit_u128: u128, visit_f64: f64, visit_char: char);
-
-    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Node<'de>, E> {
-        Ok(Node::Scalar(Some(Cow::Borrowed(v))))
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Node<'de>, E> {
-        Ok(Node::Scalar(Some(Cow::Owned(v.to_owned()))))
-    }
-
-    fn visit_string<E: de::Error>(self, v: String) -> Result<Node<'de>, E> {
-        Ok(Node::Scalar(Some(Cow::Owned(v))))
-    }
-
-    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Node<'de>, E> {
-        Ok(Node::Scalar(Some(Cow::Owned(
-            String::from_utf8_lossy(v).into_owned(),
-        ))))
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Node<'de>, E> {
-        Ok(Node::Null)
-    }
-
-    fn visit_none<E: de::Error>(self) -> Result<Node<'de>, E> {
-        Ok(Node::Null)
-    }
-
-    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Node<'de>, D::Error> {
-        d.deserialize_any(self)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node<'de>, A::Error> {
-        let mut items = Vec::new();
-        while let Some(item) = seq.next_element()? {
-            items.push(item);
-        }
-        Ok(Node::Seq(items))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node<'de>, A::Error> {
-        let mut entries = Vec::new();
-        while let Some(entry) = map.next_entry()? {
-            entries.push(entry);
-        }
-        Ok(Node::Map(entries))
-    }
-}
-
-/// Where a node is: line, column, and for an empty value (`key:`) its byte
-/// offset. For a node read through an alias, where the anchored node is.
-pub(crate) fn at(n: &N<'_>) -> ((usize, usize), Option<usize>) {
-    let span = n.defined.span();
-    let empty = (matches!(n.value, Node::Null) && span.byte_len() == Some(0))
-        .then(|| span.byte_offset().and_then(|o| usize::try_from(o).ok()))
-        .flatten();
-    let line_column = (to_usize(n.defined.line()), to_usize(n.defined.column()));
-    (line_column, empty)
-}
-
-/// Deepest nesting of lists and mappings read.
-const MAX_DEPTH: usize = 24;
-
-/// Reads `text`; the error is its location, when known, and message.
-pub(crate) fn read(text: &str) -> Result<N<'_>, (Option<(usize, usize)>, String)> {
-    // Deep enough for any pipeline (a `jobs:` file needs 7 levels), and
-    // shallow enough for the recursive reading of the tree on a small stack.
-    let mut budget = serde_saphyr::Budget::default();
-    budget.max_depth = MAX_DEPTH;
-    let options = serde_saphyr::options! {
-        budget: Some(budget),
-        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::PassThrough,
-        merge_keys: serde_saphyr::MergeKeyPolicy::AsOrdinary,
-        non_finite_float_policy: serde_saphyr::NonFiniteFloatPolicy::PassThrough,
-        with_snippet: false,
+fn scan_error(e: &ScanError) -> YamlError {
+    let at = (e.marker().line(), e.marker().col() + 1);
+    let message = match e.info().as_str() {
+        // The parser's limit of nested flow collections.
+        "recursion limit exceeded" => "too many nested or unclosed flow collections (`[`, `{`) \
+                                       up to here; write lists and mappings in block style (one \
+                                       item per line) instead"
+            .to_owned(),
+        "while parsing node, found unknown anchor" => "unknown anchor".to_owned(),
+        info => info.to_owned(),
     };
-    serde_saphyr::from_str_with_options::<N>(text, options).map_err(|e| {
-        let at = e
-            .location()
-            .map(|l| (to_usize(l.line()), to_usize(l.column())));
-        let mut inner = &e;
-        while let serde_saphyr::Error::AliasError { error, .. }
-        | serde_saphyr::Error::WithSnippet { error, .. } = inner
-        {
-            inner = error;
-        }
-        let message = match inner {
-            serde_saphyr::Error::Budget { breach, .. } => format!(
-                "the file is too large or too deeply nested for a pipeline ({}); write lists \
-                 and mappings in block style, without deep nesting or repeated aliases",
-                describe(breach)
-            ),
-            serde_saphyr::Error::MultipleDocuments { .. } => {
-                "the file holds more than one document (`---`); a pipeline is one document"
-                    .to_owned()
-            }
-            _ => {
-                let text = e.to_string();
-                let first = text.lines().next().unwrap_or_default();
-                match first.split(" at line ").next().unwrap_or(first) {
-                    // The parser's limit of nested flow collections.
-                    "recursion limit exceeded" => "too many nested or unclosed flow collections \
-                        (`[`, `{`) up to here; write lists and mappings in block style (one \
-                        item per line) instead"
-                        .to_owned(),
-                    message => message.to_owned(),
-                }
-            }
+    (Some(at), message)
+}
+
+/// A collection being read: the node, the key waiting for its value (in a
+/// mapping), its anchor and the node count where it started.
+struct Open<'t> {
+    node: N<'t>,
+    key: Option<N<'t>>,
+    anchor: usize,
+    start: usize,
+}
+
+/// Reads the one document of `text`; a file without a document (only
+/// comments) is an empty scalar at its end.
+pub(crate) fn read(text: &str) -> Result<N<'_>, YamlError> {
+    let mut stack: Vec<Open<'_>> = Vec::new();
+    let mut anchors: HashMap<usize, (N<'_>, usize)> = HashMap::new();
+    let mut root = None;
+    let mut nodes = 0usize;
+    let mut end = (1, 1);
+    for event in Parser::new_from_str(text) {
+        let (event, span) = event.map_err(|e| scan_error(&e))?;
+        end = (span.start.line(), span.start.col() + 1);
+        let at = |value| N {
+            value,
+            line: span.start.line(),
+            column: span.start.col() + 1,
         };
-        (at, message)
-    })
-}
-
-/// A budget breach, for people.
-fn describe(breach: &serde_saphyr::budget::BudgetBreach) -> String {
-    use serde_saphyr::budget::BudgetBreach as B;
-    match breach {
-        B::Depth { .. } => format!("lists and mappings nested more than {MAX_DEPTH} levels deep"),
-        B::Nodes { nodes } => format!("more than {} values, aliases expanded", nodes - 1),
-        B::Aliases { aliases } => format!("more than {} aliases", aliases - 1),
-        other => format!("{other:?}"),
+        let (done, anchor, start) = match event {
+            Event::DocumentStart(..) if root.is_some() => {
+                return Err(error(
+                    &span,
+                    "the file holds more than one document (`---`); a pipeline is one document",
+                ));
+            }
+            Event::Scalar(value, style, anchor, tag) => {
+                let plain = style == ScalarStyle::Plain && tag.is_none();
+                // The parser reads an empty value (`key:`) as `~`, placed at
+                // its `:`; it is the empty text, placed right after the `:`
+                // (as serde_norway did).
+                let source = span.start.byte_offset().and_then(|o| text.get(o..));
+                let empty = plain && value == "~" && !source.is_some_and(|s| s.starts_with('~'));
+                let mut node = at(Node::Scalar(
+                    if empty { Cow::Borrowed("") } else { value },
+                    plain,
+                ));
+                if empty && source.is_some_and(|s| s.starts_with(':')) {
+                    node.column += 1;
+                }
+                nodes += 1;
+                (node, anchor, nodes - 1)
+            }
+            Event::Alias(id) => {
+                let Some((node, size)) = anchors.get(&id) else {
+                    return Err(error(&span, "unknown anchor"));
+                };
+                nodes += size;
+                if nodes > MAX_NODES {
+                    return Err(error(
+                        &span,
+                        too_big(format!("more than {MAX_NODES} values, aliases expanded")),
+                    ));
+                }
+                (node.clone(), 0, nodes)
+            }
+            Event::UnresolvedAlias(_) => return Err(error(&span, "unknown anchor")),
+            Event::SequenceStart(_, anchor, _) | Event::MappingStart(_, anchor, _) => {
+                if stack.len() >= MAX_DEPTH {
+                    return Err(error(
+                        &span,
+                        too_big(format!(
+                            "lists and mappings nested more than {MAX_DEPTH} levels deep"
+                        )),
+                    ));
+                }
+                let value = if matches!(event, Event::SequenceStart(..)) {
+                    Node::Seq(Vec::new())
+                } else {
+                    Node::Map(Vec::new())
+                };
+                nodes += 1;
+                stack.push(Open {
+                    node: at(value),
+                    key: None,
+                    anchor,
+                    start: nodes - 1,
+                });
+                continue;
+            }
+            Event::SequenceEnd | Event::MappingEnd => match stack.pop() {
+                Some(open) => (open.node, open.anchor, open.start),
+                None => continue,
+            },
+            _ => continue,
+        };
+        if nodes > MAX_NODES {
+            return Err(error(
+                &span,
+                too_big(format!("more than {MAX_NODES} values, aliases expanded")),
+            ));
+        }
+        if anchor != 0 {
+            anchors.insert(anchor, (done.clone(), nodes - start));
+        }
+        match stack.last_mut() {
+            None => root = Some(done),
+            Some(Open {
+                node:
+                    N {
+                        value: Node::Seq(items),
+                        ..
+                    },
+                ..
+            }) => items.push(done),
+            Some(Open {
+                node:
+                    N {
+                        value: Node::Map(entries),
+                        ..
+                    },
+                key,
+                ..
+            }) => match key.take() {
+                None => *key = Some(done),
+                Some(k) => entries.push((k, done)),
+            },
+            Some(_) => {}
+        }
     }
+    Ok(root.unwrap_or(N {
+        value: Node::Scalar(Cow::Borrowed(""), true),
+        line: end.0,
+        column: end.1,
+    }))
 }
 
-fn to_usize(n: u64) -> usize {
-    usize::try_from(n).unwrap_or(usize::MAX)
+fn too_big(what: String) -> String {
+    format!(
+        "the file is too large or too deeply nested for a pipeline ({what}); write lists and \
+         mappings in block style, without deep nesting or repeated aliases"
+    )
 }
 
 /// The type of a scalar, as YAML 1.2's core schema (and serde_norway) resolve
@@ -195,37 +213,13 @@ pub(crate) struct Scalar<'a> {
     pub(crate) kind: Kind,
 }
 
-/// The text of the node's span, when serde-saphyr knows it.
-fn source<'t>(text: &'t str, n: &N<'_>) -> Option<&'t str> {
-    let span = n.defined.span();
-    let start = usize::try_from(span.byte_offset()?).ok()?;
-    let len = usize::try_from(span.byte_len()?).ok()?;
-    text.get(start..start.checked_add(len)?)
-}
-
 /// The scalar of `n`, `None` for a sequence or mapping.
-pub(crate) fn scalar<'a>(text: &'a str, n: &'a N<'_>) -> Option<Scalar<'a>> {
-    let raw = source(text, n).unwrap_or("");
+pub(crate) fn scalar<'a>(n: &'a N<'_>) -> Option<Scalar<'a>> {
     match &n.value {
-        Node::Null => Some(Scalar {
-            text: Cow::Borrowed(raw.trim()),
-            kind: Kind::Null,
+        Node::Scalar(v, plain) => Some(Scalar {
+            text: Cow::Borrowed(v.as_ref()),
+            kind: if *plain { resolve(v) } else { Kind::Str },
         }),
-        Node::Scalar(Some(v)) => {
-            let plain = !raw.starts_with(['\'', '"', '|', '>', '!', '&', '*']);
-            let kind = if plain { resolve(v) } else { Kind::Str };
-            Some(Scalar {
-                text: Cow::Borrowed(v.as_ref()),
-                kind,
-            })
-        }
-        Node::Scalar(None) => {
-            let raw = raw.trim();
-            Some(Scalar {
-                text: Cow::Borrowed(raw),
-                kind: resolve(raw),
-            })
-        }
         Node::Seq(_) | Node::Map(_) => None,
     }
 }
