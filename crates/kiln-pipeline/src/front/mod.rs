@@ -14,13 +14,13 @@ mod yaml;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
-use std::fmt;
+
 use std::time::Duration;
 
 use serde::de::{self, Error as _};
 
 use self::outline::Outline;
-use self::yaml::{Kind, N, Node, Scalar, scalar, unexpected};
+use self::yaml::{Kind, N, Node, scalar, unexpected};
 use crate::planner::{Budget, Shape, check_graph, cycle_message, shards_of};
 use crate::{MAX_MATRIX_AXES, MAX_MATRIX_CELLS, MAX_PLANNED_STEPS, MAX_RUN_BYTES, Post, SplitDef};
 
@@ -64,7 +64,7 @@ const MAX_LISTED: usize = 10;
 const MAX_JUNIT_GLOBS: usize = 64;
 
 /// The file as written, before the top-level defaults are applied.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct RawPipeline {
     pub(crate) env: BTreeMap<String, String>,
     pub(crate) labels: BTreeMap<String, String>,
@@ -74,7 +74,7 @@ pub(crate) struct RawPipeline {
 }
 
 /// A step as written.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct RawStep {
     pub(crate) name: String,
     pub(crate) run: String,
@@ -87,7 +87,7 @@ pub(crate) struct RawStep {
 }
 
 /// A job as written.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct RawJob {
     pub(crate) name: String,
     pub(crate) steps: Vec<RawStep>,
@@ -109,6 +109,14 @@ pub(crate) struct Fail {
 
 type R<T> = Result<T, Fail>;
 
+/// Returns the error `format!(...)` at node `$n`.
+macro_rules! bail {
+    ($n:expr, $($message:tt)+) => {
+        return fail($n, format!($($message)+))
+    };
+}
+pub(crate) use bail;
+
 fn fail<T>(n: &N, message: impl Into<String>) -> R<T> {
     Err(Fail {
         at: Some((n.line, n.column)),
@@ -116,26 +124,9 @@ fn fail<T>(n: &N, message: impl Into<String>) -> R<T> {
     })
 }
 
-/// serde's wording of the errors about types and fields.
-#[derive(Debug)]
-struct Msg(String);
-
-impl fmt::Display for Msg {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Msg {}
-
-impl de::Error for Msg {
-    fn custom<T: fmt::Display>(msg: T) -> Self {
-        Self(msg.to_string())
-    }
-}
-
-fn serde_fail<T>(n: &N, msg: Msg) -> R<T> {
-    fail(n, msg.0)
+/// An error in serde's wording (`invalid type`, `unknown field`, ...).
+fn serde_fail<T>(n: &N, error: de::value::Error) -> R<T> {
+    fail(n, error.to_string())
 }
 
 /// Quotes user text in a message, shortened if it is long.
@@ -171,38 +162,30 @@ struct Pass {
 }
 
 impl Pass {
-    fn scalar<'a>(&'a self, n: &'a N) -> Option<Scalar<'a>> {
-        scalar(n)
-    }
-
     fn any<'a>(&'a self, n: &'a N<'a>) -> Any<'a> {
         match &n.value {
             Node::Seq(items) => Any::Seq(items),
             Node::Map(entries) => Any::Map(entries),
-            _ => match self.scalar(n) {
-                Some(Scalar {
-                    kind: Kind::Null, ..
-                }) => Any::Null,
-                Some(Scalar {
-                    text,
-                    kind: Kind::Str,
-                }) => Any::Str(text),
-                Some(Scalar {
-                    kind: Kind::Int(i), ..
-                }) => Any::Int(i),
+            _ => match scalar(n).map(|s| (s.kind, s.text)) {
+                Some((Kind::Null, _)) => Any::Null,
+                Some((Kind::Str, text)) => Any::Str(text),
+                Some((Kind::Int(i), _)) => Any::Int(i),
                 _ => Any::Other,
             },
         }
     }
 
     fn invalid<T>(&self, n: &N, expected: &str) -> R<T> {
-        let s = self.scalar(n);
-        serde_fail(n, Msg::invalid_type(unexpected(n, s.as_ref()), &expected))
+        let s = scalar(n);
+        serde_fail(
+            n,
+            de::value::Error::invalid_type(unexpected(n, s.as_ref()), &expected),
+        )
     }
 
     /// Any scalar's text as written (`deserialize_str`).
     fn str(&self, n: &N, expected: &str) -> R<String> {
-        match self.scalar(n) {
+        match scalar(n) {
             Some(s) => Ok(s.text.into_owned()),
             None => self.invalid(n, expected),
         }
@@ -210,10 +193,8 @@ impl Pass {
 
     /// Any scalar's text as written, a null being empty.
     fn text_or_empty(&self, n: &N, expected: &str) -> R<String> {
-        match self.scalar(n) {
-            Some(Scalar {
-                kind: Kind::Null, ..
-            }) => Ok(String::new()),
+        match scalar(n) {
+            Some(s) if s.kind == Kind::Null => Ok(String::new()),
             Some(s) => Ok(s.text.into_owned()),
             None => self.invalid(n, expected),
         }
@@ -224,7 +205,7 @@ impl Pass {
     fn map_of<'a>(&'a self, n: &'a N<'a>, expected: &str) -> R<&'a [(N<'a>, N<'a>)]> {
         match self.any(n) {
             Any::Map(entries) => Ok(entries),
-            Any::Null if self.scalar(n).is_some_and(|s| s.text.is_empty()) => Ok(&[]),
+            Any::Null if scalar(n).is_some_and(|s| s.text.is_empty()) => Ok(&[]),
             _ => self.invalid(n, expected),
         }
     }
@@ -238,14 +219,14 @@ impl Pass {
         seen: &mut Vec<&'static str>,
         refuse: &dyn Fn(&str) -> Option<String>,
     ) -> R<&'static str> {
-        let Some(v) = self.scalar(k) else {
+        let Some(v) = scalar(k) else {
             return self.invalid(k, "a key name");
         };
         let Some(field) = fields.iter().copied().find(|f| *f == v.text) else {
-            return serde_fail(k, Msg::unknown_field(&v.text, fields));
+            return serde_fail(k, de::value::Error::unknown_field(&v.text, fields));
         };
         if seen.contains(&field) {
-            return serde_fail(k, Msg::duplicate_field(field));
+            return serde_fail(k, de::value::Error::duplicate_field(field));
         }
         if let Some(message) = refuse(field) {
             return fail(k, message);
@@ -258,23 +239,17 @@ impl Pass {
         let expected = "a mapping at the top level, with a `steps` list or a `jobs` mapping";
         let entries = match self.any(n) {
             Any::Null => {
-                return fail(
+                bail!(
                     n,
                     "the file holds no pipeline; it must be a mapping with a non-empty `steps` \
-                     list or `jobs` mapping",
+                     list or `jobs` mapping"
                 );
             }
             Any::Map(entries) => entries,
             _ => return self.invalid(n, expected),
         };
         let mut seen = Vec::new();
-        let mut raw = RawPipeline {
-            env: BTreeMap::new(),
-            labels: BTreeMap::new(),
-            timeout: None,
-            steps: Vec::new(),
-            jobs: Vec::new(),
-        };
+        let mut raw = RawPipeline::default();
         let (mut steps, mut jobs) = (false, false);
         for (k, v) in entries {
             let refuse = |key: &str| match (key, steps, jobs) {
@@ -294,12 +269,10 @@ impl Pass {
                 "version" => {
                     let version = self.str(v, "the pipeline file version `1`")?;
                     if version.trim() != "1" {
-                        return fail(
+                        bail!(
                             v,
-                            format!(
-                                "unsupported `version` {}, expected `1` (or no `version` key)",
-                                quote(&version)
-                            ),
+                            "unsupported `version` {}, expected `1` (or no `version` key)",
+                            quote(&version)
                         );
                     }
                 }
@@ -311,7 +284,7 @@ impl Pass {
             }
         }
         if !steps && !jobs {
-            return fail(n, "missing field `steps` or `jobs`");
+            bail!(n, "missing field `steps` or `jobs`");
         }
         Ok(raw)
     }
@@ -341,21 +314,19 @@ impl Pass {
             return fail(n, EMPTY);
         }
         if steps.iter().all(|s| s.post.is_some()) {
-            return fail(
+            bail!(
                 n,
-                "every step is a `post` step; at least one step must run before them",
+                "every step is a `post` step; at least one step must run before them"
             );
         }
         if let Some((name, shards)) = &split
             && steps.len().saturating_mul(*shards as usize) > MAX_PLANNED_STEPS
         {
-            return fail(
+            bail!(
                 n,
-                format!(
-                    "with `parallel: {shards}` (step {}), the job's shards have more than \
+                "with `parallel: {shards}` (step {}), the job's shards have more than \
                      {MAX_PLANNED_STEPS} steps in all (every shard runs all the steps of the job)",
-                    quote(name)
-                ),
+                quote(name)
             );
         }
         Ok(steps)
@@ -395,16 +366,7 @@ impl Pass {
         let entries = self.map_of(n, "a step: a mapping with `name` and `run`")?;
         let mut seen = Vec::new();
         let (mut name, mut run) = (None, None);
-        let mut step = RawStep {
-            name: String::new(),
-            run: String::new(),
-            env: BTreeMap::new(),
-            timeout: None,
-            labels: BTreeMap::new(),
-            post: None,
-            split: None,
-            junit: Vec::new(),
-        };
+        let mut step = RawStep::default();
         let (mut parallel, mut units, mut retry, mut interaction) = (None, None, None, None);
         for (k, v) in entries {
             let split =
@@ -418,12 +380,10 @@ impl Pass {
                         return fail(v, invalid_name("step", &text));
                     }
                     if let Some(first) = names.get(&text) {
-                        return fail(
+                        bail!(
                             v,
-                            format!(
-                                "duplicate step name {}, already used by step {first}",
-                                quote(&text)
-                            ),
+                            "duplicate step name {}, already used by step {first}",
+                            quote(&text)
                         );
                     }
                     names.insert(text.clone(), number);
@@ -440,12 +400,10 @@ impl Pass {
                         "success" => Post::Success,
                         "failure" => Post::Failure,
                         _ => {
-                            return fail(
+                            bail!(
                                 v,
-                                format!(
-                                    "invalid `post` {}, expected `always`, `success` or `failure`",
-                                    quote(&text)
-                                ),
+                                "invalid `post` {}, expected `always`, `success` or `failure`",
+                                quote(&text)
                             );
                         }
                     });
@@ -458,34 +416,32 @@ impl Pass {
             }
         }
         if units.is_none() && interaction.is_some() && parallel.is_none() && retry.is_none() {
-            return fail(
+            bail!(
                 n,
                 "`interaction` needs `units`: it says what a failure between the units of a \
-                 split step's batch does",
+                 split step's batch does"
             );
         }
         if !step.junit.is_empty() && (parallel.is_some() || units.is_some() || retry.is_some()) {
-            return fail(
+            bail!(
                 n,
                 "`junit` cannot be used in a split step (a step with `parallel`, `units` or \
-                 `retry`): a split step's report comes from its units' JUnit files",
+                 `retry`): a split step's report comes from its units' JUnit files"
             );
         }
         step.split = match (parallel, units, retry) {
             (None, None, None) => None,
             (Some(shards), None, _) => {
-                return fail(
+                bail!(
                     n,
-                    format!(
-                        "`parallel: {shards}` needs `units`: a mapping with `glob` (patterns of \
+                    "`parallel: {shards}` needs `units`: a mapping with `glob` (patterns of \
                          test files) or `command` (a command printing one unit id per line)"
-                    ),
                 );
             }
             (None, None, Some(_)) => {
-                return fail(
+                bail!(
                     n,
-                    "`retry` needs `units`: only the units of a split step run again",
+                    "`retry` needs `units`: only the units of a split step run again"
                 );
             }
             (shards, Some(units), retry) => Some(SplitDef {
@@ -500,10 +456,10 @@ impl Pass {
             }),
         };
         let Some(name) = name else {
-            return serde_fail(n, Msg::missing_field("name"));
+            return serde_fail(n, de::value::Error::missing_field("name"));
         };
         let Some(run) = run else {
-            return serde_fail(n, Msg::missing_field("run"));
+            return serde_fail(n, de::value::Error::missing_field("run"));
         };
         Ok(RawStep { name, run, ..step })
     }
@@ -533,14 +489,12 @@ impl Pass {
             return fail(n, EMPTY);
         }
         if run.len() > MAX_RUN_BYTES {
-            return fail(
+            bail!(
                 n,
-                format!(
-                    "`run` is {} bytes long; at most {MAX_RUN_BYTES} bytes (64 KiB) are allowed, \
+                "`run` is {} bytes long; at most {MAX_RUN_BYTES} bytes (64 KiB) are allowed, \
                      since a step runs as `sh -c RUN` and the kernel refuses longer arguments: \
                      put the script in a file of the repository and run that file",
-                    run.len()
-                ),
+                run.len()
             );
         }
         Ok(run)
@@ -558,10 +512,7 @@ impl Pass {
             &|p| split::check_glob(p),
         )?;
         if patterns.len() > MAX_JUNIT_GLOBS {
-            return fail(
-                n,
-                format!("`junit` has more than {MAX_JUNIT_GLOBS} patterns"),
-            );
+            bail!(n, "`junit` has more than {MAX_JUNIT_GLOBS} patterns");
         }
         Ok(patterns)
     }
@@ -603,7 +554,7 @@ impl Pass {
         let v = self.str(n, EXAMPLE)?;
         let text = v.trim();
         if text.is_empty() {
-            return fail(n, format!("`timeout` is empty, expected {EXAMPLE}"));
+            bail!(n, "`timeout` is empty, expected {EXAMPLE}");
         }
         match humantime::parse_duration(text) {
             Ok(duration) if duration.is_zero() => fail(
@@ -637,25 +588,23 @@ impl Pass {
             let what = if env {
                 let key = self.str(k, "an environment variable name")?;
                 if !is_valid_env_name(&key) {
-                    return fail(
+                    bail!(
                         k,
-                        format!(
-                            "invalid environment variable name {}, expected \
+                        "invalid environment variable name {}, expected \
                              `[A-Za-z_][A-Za-z0-9_]*`",
-                            quote(&key)
-                        ),
+                        quote(&key)
                     );
                 }
                 ("environment variable", key)
             } else {
                 let key = self.str(k, "a label name")?;
                 if key.trim().is_empty() {
-                    return fail(k, "empty label name");
+                    bail!(k, "empty label name");
                 }
                 ("label", key)
             };
             if out.contains_key(&what.1) {
-                return fail(k, format!("duplicate {} {}", what.0, quote(&what.1)));
+                bail!(k, "duplicate {} {}", what.0, quote(&what.1));
             }
             let value = self.text_or_empty(v, "a string, number or bool")?;
             out.insert(what.1, value);
@@ -682,24 +631,21 @@ impl Pass {
                 return fail(k, invalid_name("job", &name));
             }
             if let Some(first) = names.get(&name) {
-                return fail(
+                bail!(
                     k,
-                    format!(
-                        "duplicate job name {}, already used by job {first}",
-                        quote(&name)
-                    ),
+                    "duplicate job name {}, already used by job {first}",
+                    quote(&name)
                 );
             }
             if let Some(outline) = &self.outline
                 && let Some(i) = outline.job(&name)
-                && outline.cells(i) <= MAX_MATRIX_CELLS as u64
+                && outline.cells[i] <= MAX_MATRIX_CELLS as u64
             {
-                let dep_jobs = outline
-                    .deps(i)
+                let dep_jobs = outline.deps[i]
                     .iter()
                     .fold(0u64, |sum, &d| sum.saturating_add(outline.planned(d)));
                 budget
-                    .add(&name, outline.planned(i), outline.steps(i), dep_jobs)
+                    .add(&name, outline.planned(i), outline.steps[i], dep_jobs)
                     .or_else(|e| fail(k, e))?;
             }
             names.insert(name.clone(), jobs.len() + 1);
@@ -728,19 +674,13 @@ impl Pass {
         let too_many_cells = self
             .outline
             .as_ref()
-            .and_then(|outline| outline.job(&name).map(|i| outline.cells(i)))
+            .and_then(|outline| outline.job(&name).map(|i| outline.cells[i]))
             .filter(|&cells| cells > MAX_MATRIX_CELLS as u64);
         let mut seen = Vec::new();
         let mut steps = None;
         let mut job = RawJob {
             name,
-            steps: Vec::new(),
-            depends_on: Vec::new(),
-            matrix: BTreeMap::new(),
-            when: None,
-            env: BTreeMap::new(),
-            labels: BTreeMap::new(),
-            timeout: None,
+            ..RawJob::default()
         };
         for (k, v) in entries {
             let refuse = |key: &str| {
@@ -758,7 +698,7 @@ impl Pass {
             }
         }
         let Some(steps) = steps else {
-            return serde_fail(n, Msg::missing_field("steps"));
+            return serde_fail(n, de::value::Error::missing_field("steps"));
         };
         Ok(RawJob { steps, ..job })
     }
@@ -805,7 +745,7 @@ impl Pass {
             return Ok(());
         };
         let Some(d) = outline.job(dep) else {
-            return Err(unknown_job_message(dep, outline.names()));
+            return Err(unknown_job_message(dep, &outline.names));
         };
         if let Some(i) = outline.job(job)
             && let Some(cycle) = outline.cycle(i, d)
@@ -928,9 +868,9 @@ impl Pass {
     fn when(&self, n: &N) -> R<Vec<String>> {
         let entries = match self.any(n) {
             Any::Null => {
-                return fail(
+                bail!(
                     n,
-                    "`when` is empty; expected a condition such as `branch: main`",
+                    "`when` is empty; expected a condition such as `branch: main`"
                 );
             }
             Any::Map(entries) => entries,
@@ -955,7 +895,7 @@ impl Pass {
         }
         match branch {
             Some(branch) => Ok(branch),
-            None => serde_fail(n, Msg::missing_field("branch")),
+            None => serde_fail(n, de::value::Error::missing_field("branch")),
         }
     }
 }

@@ -19,11 +19,11 @@ use crate::{MAX_SHARDS, graph};
 /// The jobs of a file, in file order.
 #[derive(Debug, Default)]
 pub(crate) struct Outline {
-    names: Vec<String>,
+    pub(super) names: Vec<String>,
     index: HashMap<String, usize>,
-    deps: Vec<Vec<usize>>,
-    cells: Vec<u64>,
-    steps: Vec<u64>,
+    pub(super) deps: Vec<Vec<usize>>,
+    pub(super) cells: Vec<u64>,
+    pub(super) steps: Vec<u64>,
     shards: Vec<u64>,
     comp: Vec<usize>,
 }
@@ -125,29 +125,9 @@ impl Outline {
         self.index.get(name).copied()
     }
 
-    /// The names of the jobs, in file order.
-    pub(crate) fn names(&self) -> &[String] {
-        &self.names
-    }
-
-    /// Number of matrix cells of job `i` (saturating).
-    pub(crate) fn cells(&self, i: usize) -> u64 {
-        self.cells[i]
-    }
-
-    /// Number of steps of job `i`.
-    pub(crate) fn steps(&self, i: usize) -> u64 {
-        self.steps[i]
-    }
-
     /// Number of jobs job `i` is planned as: cells times shards.
     pub(crate) fn planned(&self, i: usize) -> u64 {
         self.cells[i].saturating_mul(self.shards[i])
-    }
-
-    /// The known dependencies of job `i`.
-    pub(crate) fn deps(&self, i: usize) -> &[usize] {
-        &self.deps[i]
     }
 
     /// If job `from` depending on job `to` closes a cycle, the cycle as job

@@ -5,7 +5,7 @@ use kiln_domain::split::{
 };
 
 use super::yaml::N;
-use super::{Any, Msg, Pass, R, fail, quote, serde_fail};
+use super::{Any, Pass, R, bail, fail, quote, serde_fail};
 use crate::{MAX_ATTEMPTS, MAX_SHARDS};
 use serde::de::Error as _;
 
@@ -71,10 +71,10 @@ impl Pass {
     pub(super) fn units(&self, n: &N) -> R<RawUnits> {
         let entries = match self.any(n) {
             Any::Null => {
-                return fail(
+                bail!(
                     n,
                     "`units` is empty; expected a mapping with `glob` (patterns of test files) \
-                     or `command` (a command printing one unit id per line)",
+                     or `command` (a command printing one unit id per line)"
                 );
             }
             Any::Map(entries) => entries,
@@ -131,13 +131,11 @@ impl Pass {
                         Strategy::Timing,
                     ];
                     let Some(found) = all.into_iter().find(|s| s.as_str() == text.trim()) else {
-                        return fail(
+                        bail!(
                             v,
-                            format!(
-                                "invalid `strategy` {}, expected `dynamic`, `hash`, `count` or \
+                            "invalid `strategy` {}, expected `dynamic`, `hash`, `count` or \
                                  `timing`",
-                                quote(&text)
-                            ),
+                            quote(&text)
                         );
                     };
                     strategy = found;
@@ -153,10 +151,10 @@ impl Pass {
             }
         }
         let Some(source) = source else {
-            return fail(
+            bail!(
                 n,
                 "missing field `glob` or `command` in `units`: the units are the files \
-                 matching `glob` or the lines printed by `command`",
+                 matching `glob` or the lines printed by `command`"
             );
         };
         Ok(RawUnits {
@@ -169,10 +167,10 @@ impl Pass {
     pub(super) fn retry(&self, n: &N) -> R<RetryPolicy> {
         let entries = match self.any(n) {
             Any::Null => {
-                return fail(
+                bail!(
                     n,
                     "`retry` is empty; expected a mapping with `attempts` (tries per unit, the \
-                     first included)",
+                     first included)"
                 );
             }
             Any::Map(entries) => entries,
@@ -208,7 +206,7 @@ impl Pass {
             }
         }
         let Some(attempts) = attempts else {
-            return serde_fail(n, Msg::missing_field("attempts"));
+            return serde_fail(n, serde::de::value::Error::missing_field("attempts"));
         };
         policy.attempts = attempts;
         Ok(policy)
@@ -254,12 +252,10 @@ impl Pass {
     fn budget(&self, n: &N) -> R<(u32, u64)> {
         let v = match self.any(n) {
             Any::Null => {
-                return fail(
+                bail!(
                     n,
-                    format!(
-                        "`budget` is empty, expected a percentage of the first round's time, \
+                    "`budget` is empty, expected a percentage of the first round's time, \
                          {BUDGET_EXAMPLE}"
-                    ),
                 );
             }
             Any::Str(v) => v,
@@ -278,36 +274,30 @@ impl Pass {
             None => (&*v, None),
         };
         let Some(permille) = parse_percent(percent) else {
-            return fail(
+            bail!(
                 n,
-                format!(
-                    "invalid `budget` {}, expected a percentage from `0%` to `100%` with at most \
+                "invalid `budget` {}, expected a percentage from `0%` to `100%` with at most \
                      one decimal and an optional floor, {BUDGET_EXAMPLE}",
-                    quote(&v)
-                ),
+                quote(&v)
             );
         };
         let floor_ms = match floor.map(humantime::parse_duration) {
             None => DEFAULT_BUDGET_FLOOR_MS,
             Some(Ok(d)) if d.is_zero() => {
-                return fail(
+                bail!(
                     n,
-                    format!(
-                        "invalid `budget` {}: the floor must be more than zero, so that each \
+                    "invalid `budget` {}: the floor must be more than zero, so that each \
                          failed unit can be retried once ({BUDGET_EXAMPLE})",
-                        quote(&v)
-                    ),
+                    quote(&v)
                 );
             }
             Some(Ok(d)) => u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
             Some(Err(e)) => {
-                return fail(
+                bail!(
                     n,
-                    format!(
-                        "invalid `budget` {}: the floor {} is not a duration ({e}), {BUDGET_EXAMPLE}",
-                        quote(&v),
-                        quote(floor.unwrap_or_default())
-                    ),
+                    "invalid `budget` {}: the floor {} is not a duration ({e}), {BUDGET_EXAMPLE}",
+                    quote(&v),
+                    quote(floor.unwrap_or_default())
                 );
             }
         };
