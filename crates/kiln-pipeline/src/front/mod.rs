@@ -210,6 +210,26 @@ impl Pass {
         }
     }
 
+    /// The entries of mapping `n`; a null is the error `empty` (no entries
+    /// when `empty` is blank).
+    fn mapping<'a>(&'a self, n: &'a N<'a>, empty: &str, expected: &str) -> R<&'a [(N<'a>, N<'a>)]> {
+        match self.any(n) {
+            Any::Map(entries) => Ok(entries),
+            Any::Null if empty.is_empty() => Ok(&[]),
+            Any::Null => fail(n, empty),
+            _ => self.invalid(n, expected),
+        }
+    }
+
+    /// The items of list `n`; a null is the error `empty`.
+    fn list<'a>(&'a self, n: &'a N<'a>, empty: &str, expected: &str) -> R<&'a [N<'a>]> {
+        match self.any(n) {
+            Any::Seq(items) => Ok(items),
+            Any::Null => fail(n, empty),
+            _ => self.invalid(n, expected),
+        }
+    }
+
     /// Reads a key of a struct-like mapping: refuses unknown keys, keys
     /// given twice, then the keys of `refuse` with their message.
     fn field(
@@ -237,17 +257,12 @@ impl Pass {
 
     fn document(&self, n: &N) -> R<RawPipeline> {
         let expected = "a mapping at the top level, with a `steps` list or a `jobs` mapping";
-        let entries = match self.any(n) {
-            Any::Null => {
-                bail!(
-                    n,
-                    "the file holds no pipeline; it must be a mapping with a non-empty `steps` \
-                     list or `jobs` mapping"
-                );
-            }
-            Any::Map(entries) => entries,
-            _ => return self.invalid(n, expected),
-        };
+        let entries = self.mapping(
+            n,
+            "the file holds no pipeline; it must be a mapping with a non-empty `steps` \
+                     list or `jobs` mapping",
+            expected,
+        )?;
         let mut seen = Vec::new();
         let mut raw = RawPipeline::default();
         let (mut steps, mut jobs) = (false, false);
@@ -294,11 +309,7 @@ impl Pass {
 
     fn steps(&self, n: &N) -> R<Vec<RawStep>> {
         const EMPTY: &str = "`steps` is empty; at least one step with `name` and `run` is needed";
-        let items = match self.any(n) {
-            Any::Null => return fail(n, EMPTY),
-            Any::Seq(items) => items,
-            _ => return self.invalid(n, "a non-empty list of steps"),
-        };
+        let items = self.list(n, EMPTY, "a non-empty list of steps")?;
         let mut names = BTreeMap::new();
         let mut steps: Vec<RawStep> = Vec::new();
         let mut split: Option<(String, u32)> = None;
@@ -575,14 +586,12 @@ impl Pass {
     /// `env` (`env` true) or `labels`: names to scalar texts; nothing is
     /// an empty mapping.
     fn string_map(&self, n: &N, env: bool) -> R<BTreeMap<String, String>> {
-        let entries = match self.any(n) {
-            Any::Null => &[],
-            Any::Map(entries) => entries,
-            _ if env => {
-                return self.invalid(n, "a mapping of environment variable names to values");
-            }
-            _ => return self.invalid(n, "a mapping of label names to values"),
+        let expected = if env {
+            "a mapping of environment variable names to values"
+        } else {
+            "a mapping of label names to values"
         };
+        let entries = self.mapping(n, "", expected)?;
         let mut out = BTreeMap::new();
         for (k, v) in entries {
             let what = if env {
@@ -617,11 +626,7 @@ impl Pass {
 
     fn jobs(&self, n: &N) -> R<Vec<RawJob>> {
         const EMPTY: &str = "`jobs` is empty; at least one job with `steps` is needed";
-        let entries = match self.any(n) {
-            Any::Null => return fail(n, EMPTY),
-            Any::Map(entries) => entries,
-            _ => return self.invalid(n, "a mapping of job names to jobs"),
-        };
+        let entries = self.mapping(n, EMPTY, "a mapping of job names to jobs")?;
         let mut names = BTreeMap::new();
         let mut budget = Budget::default();
         let mut jobs = Vec::new();
@@ -760,11 +765,11 @@ impl Pass {
     fn matrix(&self, n: &N, job: &str) -> R<BTreeMap<String, Vec<String>>> {
         const EMPTY: &str =
             "`matrix` is empty; expected a mapping of axis names to lists of values";
-        let entries = match self.any(n) {
-            Any::Null => return fail(n, EMPTY),
-            Any::Map(entries) => entries,
-            _ => return self.invalid(n, "a mapping of matrix axis names to lists of values"),
-        };
+        let entries = self.mapping(
+            n,
+            EMPTY,
+            "a mapping of matrix axis names to lists of values",
+        )?;
         let mut axes: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (k, v) in entries {
             let axis = self.str(k, "a matrix axis name")?;
@@ -810,20 +815,11 @@ impl Pass {
     }
 
     fn axis_values(&self, n: &N, axis: &str) -> R<Vec<String>> {
-        let none = || {
-            fail(
-                n,
-                format!(
-                    "matrix axis {} has no values; expected a non-empty list",
-                    quote(axis)
-                ),
-            )
-        };
-        let items = match self.any(n) {
-            Any::Null => return none(),
-            Any::Seq(items) => items,
-            _ => return self.invalid(n, "a list of values (strings, numbers or bools)"),
-        };
+        let none = format!(
+            "matrix axis {} has no values; expected a non-empty list",
+            quote(axis)
+        );
+        let items = self.list(n, &none, "a list of values (strings, numbers or bools)")?;
         let mut values: Vec<String> = Vec::new();
         for item in items {
             let v = self.text_or_empty(item, "a matrix value (a string, number or bool)")?;
@@ -859,23 +855,18 @@ impl Pass {
             values.push(v);
         }
         if values.is_empty() {
-            return none();
+            return fail(n, none);
         }
         Ok(values)
     }
 
     /// `when`: only `branch` today.
     fn when(&self, n: &N) -> R<Vec<String>> {
-        let entries = match self.any(n) {
-            Any::Null => {
-                bail!(
-                    n,
-                    "`when` is empty; expected a condition such as `branch: main`"
-                );
-            }
-            Any::Map(entries) => entries,
-            _ => return self.invalid(n, "a mapping of conditions, such as `{branch: main}`"),
-        };
+        let entries = self.mapping(
+            n,
+            "`when` is empty; expected a condition such as `branch: main`",
+            "a mapping of conditions, such as `{branch: main}`",
+        )?;
         let mut seen = Vec::new();
         let mut branch = None;
         for (k, v) in entries {

@@ -69,17 +69,12 @@ impl Pass {
     }
 
     pub(super) fn units(&self, n: &N) -> R<RawUnits> {
-        let entries = match self.any(n) {
-            Any::Null => {
-                bail!(
-                    n,
-                    "`units` is empty; expected a mapping with `glob` (patterns of test files) \
-                     or `command` (a command printing one unit id per line)"
-                );
-            }
-            Any::Map(entries) => entries,
-            _ => return self.invalid(n, "a mapping with `glob` (patterns of files) or `command`"),
-        };
+        let entries = self.mapping(
+            n,
+            "`units` is empty; expected a mapping with `glob` (patterns of test files) \
+                     or `command` (a command printing one unit id per line)",
+            "a mapping with `glob` (patterns of files) or `command`",
+        )?;
         let mut seen = Vec::new();
         let mut source = None;
         let mut strategy = Strategy::default();
@@ -165,17 +160,12 @@ impl Pass {
     }
 
     pub(super) fn retry(&self, n: &N) -> R<RetryPolicy> {
-        let entries = match self.any(n) {
-            Any::Null => {
-                bail!(
-                    n,
-                    "`retry` is empty; expected a mapping with `attempts` (tries per unit, the \
-                     first included)"
-                );
-            }
-            Any::Map(entries) => entries,
-            _ => return self.invalid(n, "a mapping with `attempts`"),
-        };
+        let entries = self.mapping(
+            n,
+            "`retry` is empty; expected a mapping with `attempts` (tries per unit, the \
+                     first included)",
+            "a mapping with `attempts`",
+        )?;
         let mut seen = Vec::new();
         let mut attempts = None;
         let mut policy = RetryPolicy::default();
