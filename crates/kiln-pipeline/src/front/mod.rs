@@ -1,5 +1,5 @@
-//! The `.kiln.yml` front end: the text is read once, by serde-saphyr, into a
-//! tree of nodes with their locations ([`yaml`]); the [`Outline`] of the
+//! The `.kiln.yml` front end: the text is read once, by serde-saphyr's YAML
+//! parser, into a tree of nodes with their locations ([`yaml`]); the [`Outline`] of the
 //! jobs is taken from that tree; then one validation pass walks the tree in
 //! document order, builds the [`RawPipeline`] and returns the first error
 //! with the location of the offending node: a value's errors at the value,
@@ -14,7 +14,6 @@ mod yaml;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
-
 use std::time::Duration;
 
 use serde::de::{self, Error as _};
