@@ -164,9 +164,9 @@
 //! kernel would refuse it as a command-line argument when the step starts.
 //!
 //! Files larger than [`MAX_FILE_SIZE`] are refused, and so are documents
-//! whose lists and mappings nest more than 24 levels deep, or that expand
-//! (through aliases) to more than 250,000 values: no pipeline needs that,
-//! and reading them would take the YAML parser too long.
+//! whose lists and mappings nest more than 24 levels deep, or whose aliases
+//! expand to more than 100,000 values: no pipeline needs that, and reading
+//! them would take too long.
 //!
 //! # Default pipelines
 //!
