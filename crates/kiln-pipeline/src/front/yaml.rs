@@ -1,5 +1,5 @@
-//! The one reading of the text: the events of serde-saphyr's YAML parser
-//! (`granit_parser`) into a tree of nodes with their locations, within
+//! The one reading of the text: the events of `granit_parser` (the YAML
+//! parser of serde-saphyr, without its serde layer) into a tree of nodes with their locations, within
 //! budgets of depth and of nodes read through aliases; and the scalars of that
 //! tree seen as serde_norway saw them before (YAML 1.2 core types; a
 //! scalar's text as written where the schema takes any scalar as text,
@@ -8,8 +8,8 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
+use granit_parser::{Event, Parser, ScalarStyle, ScanError, Span};
 use serde::de::Unexpected;
-use serde_saphyr::granit_parser::{Event, Parser, ScalarStyle, ScanError, Span};
 
 /// Deepest nesting of lists and mappings read (a `jobs:` file needs 7).
 const MAX_DEPTH: usize = 24;
