@@ -67,20 +67,26 @@ struct Open<'t> {
 }
 
 /// Reads the one document of `text`; a file without a document (only
-/// comments) is an empty scalar at its end.
+/// comments) is an empty scalar after its last line.
 pub(crate) fn read(text: &str) -> Result<N<'_>, YamlError> {
     let mut stack: Vec<Open<'_>> = Vec::new();
     let mut anchors: HashMap<usize, (N<'_>, usize)> = HashMap::new();
     let mut root = None;
     let (mut nodes, mut aliased) = (0usize, 0usize);
-    let mut end = (1, 1);
     for event in Parser::new_from_str(text) {
         let (event, span) = event.map_err(|e| scan_error(&e))?;
-        end = (span.start.line(), span.start.col() + 1);
-        let at = |value| N {
-            value,
-            line: span.start.line(),
-            column: span.start.col() + 1,
+        // A node is placed where it starts, or at its anchor (`&name`).
+        let at = |value, anchor: usize| {
+            let (line, column) = (span.start.line(), span.start.col() + 1);
+            let anchored = span.start.byte_offset().filter(|_| anchor != 0);
+            let (line, column) = anchored
+                .and_then(|offset| anchor_place(text, offset, line))
+                .unwrap_or((line, column));
+            N {
+                value,
+                line,
+                column,
+            }
         };
         let (done, anchor, start) = match event {
             Event::DocumentStart(..) if root.is_some() => {
@@ -96,12 +102,19 @@ pub(crate) fn read(text: &str) -> Result<N<'_>, YamlError> {
                 // (as serde_norway did).
                 let source = span.start.byte_offset().and_then(|o| text.get(o..));
                 let empty = plain && value == "~" && !source.is_some_and(|s| s.starts_with('~'));
-                let mut node = at(Node::Scalar(
-                    if empty { Cow::Borrowed("") } else { value },
-                    plain,
-                ));
-                if empty && source.is_some_and(|s| s.starts_with(':')) {
-                    node.column += 1;
+                let mut value = if empty { Cow::Borrowed("") } else { value };
+                // A block scalar ending the file without a line break has
+                // none (as libyaml, and serde_norway, read it).
+                if matches!(style, ScalarStyle::Literal | ScalarStyle::Folded)
+                    && span.end.byte_offset() == Some(text.len())
+                    && !text.ends_with('\n')
+                    && value.ends_with('\n')
+                {
+                    value.to_mut().pop();
+                }
+                let mut node = at(Node::Scalar(value, plain), anchor);
+                if empty && let Some(offset) = span.start.byte_offset() {
+                    node.column = after_indicator(text, offset, node.column);
                 }
                 nodes += 1;
                 (node, anchor, nodes - 1)
@@ -139,7 +152,7 @@ pub(crate) fn read(text: &str) -> Result<N<'_>, YamlError> {
                 };
                 nodes += 1;
                 stack.push(Open {
-                    node: at(value),
+                    node: at(value, anchor),
                     key: None,
                     anchor,
                     start: nodes - 1,
@@ -180,11 +193,45 @@ pub(crate) fn read(text: &str) -> Result<N<'_>, YamlError> {
             Some(_) => {}
         }
     }
+    // A file without a document is an empty one after its last line (where
+    // serde_norway placed it).
     Ok(root.unwrap_or(N {
         value: Node::Scalar(Cow::Borrowed(""), true),
-        line: end.0,
-        column: end.1,
+        line: text.lines().count() + 1,
+        column: 1,
     }))
+}
+
+/// Where the anchor (`&name`) of a node starting at byte `offset` (on line
+/// `line`) is: serde_norway's place of an anchored node.
+fn anchor_place(text: &str, offset: usize, line: usize) -> Option<(usize, usize)> {
+    let before = text.get(..offset)?.trim_end();
+    let start = before
+        .rfind(|c: char| c.is_whitespace() || matches!(c, '[' | '{' | ','))
+        .map_or(0, |i| i + 1);
+    if !before.get(start..)?.starts_with('&') {
+        return None;
+    }
+    let line = line.saturating_sub(text.get(start..offset)?.matches('\n').count());
+    let line_start = before[..start].rfind('\n').map_or(0, |i| i + 1);
+    Some((line, before[line_start..start].chars().count() + 1))
+}
+
+/// The column right after the indicator (`:`, `-`, `?`) of an empty value
+/// the parser placed at `offset` (at the `:`, or after the spaces that
+/// follow a `-`), `column` being that place's column: where serde_norway
+/// placed empty values.
+fn after_indicator(text: &str, offset: usize, column: usize) -> usize {
+    if text.as_bytes().get(offset) == Some(&b':') {
+        return column + 1;
+    }
+    let before = text.get(..offset).unwrap_or_default();
+    let blanks = before.len() - before.trim_end_matches([' ', '\t']).len();
+    if before[..before.len() - blanks].ends_with(['-', ':', '?']) {
+        column.saturating_sub(blanks)
+    } else {
+        column
+    }
 }
 
 fn too_big(what: String) -> String {
