@@ -17,8 +17,9 @@
 //! It prints the file's size, the median time per parse of each side over
 //! `ROUNDS` rounds (default 15; each round parses the file enough times to
 //! take about 50 ms), and the ratio parse / baseline. It also times
-//! `serde-saphyr` (the YAML crate issue 11 proposes for the front end) reading
-//! the same text into `IgnoredAny`, and how long each side takes to refuse
+//! `serde-saphyr`'s serde layer reading the same text into `IgnoredAny` (the
+//! front end uses only its parser, `granit_parser`, whose events it reads
+//! into its own tree), and how long each side takes to refuse
 //! three hostile files (deep flow nesting, deep block nesting, an alias bomb).
 
 use std::fmt::Write as _;
@@ -168,7 +169,7 @@ fn main() {
     hostile();
 }
 
-/// Hostile inputs: how long today's parser and serde-saphyr (default
+/// Hostile inputs: how long `kiln_pipeline::parse` and serde-saphyr (default
 /// budgets) take to refuse them, and what they say.
 fn hostile() {
     let nested = format!("steps: {}", "[".repeat(kiln_pipeline::MAX_FILE_SIZE - 16));

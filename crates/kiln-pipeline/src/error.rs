@@ -1,4 +1,4 @@
-//! The error type of the crate and the conversion from `serde_norway` errors.
+//! The error type of the crate.
 
 use crate::MAX_FILE_SIZE;
 
@@ -115,64 +115,5 @@ impl PipelineError {
         Self::Empty {
             file: file.to_owned(),
         }
-    }
-
-    /// Converts a `serde_norway` error, keeping its location and dropping the
-    /// location text (` at line L column C`) and the key path prefix
-    /// (`steps[0].env: `) that serde_norway puts into its message.
-    pub(crate) fn from_yaml(file: &str, err: &serde_norway::Error) -> Self {
-        let location = err.location();
-        let mut message = err.to_string();
-        if let Some(loc) = &location {
-            let suffix = format!(" at line {} column {}", loc.line(), loc.column());
-            if let Some(at) = message.find(&suffix) {
-                message.replace_range(at..at + suffix.len(), "");
-            }
-        }
-        Self::Invalid {
-            file: file.to_owned(),
-            line: location.as_ref().map(serde_norway::Location::line),
-            column: location.as_ref().map(serde_norway::Location::column),
-            message: strip_path(&message).to_owned(),
-        }
-    }
-}
-
-/// Removes the `path: ` prefix that serde_norway adds to messages of errors
-/// below the top level (`steps[0]: unknown field ...`).
-///
-/// A path is made of keys and `[index]` parts joined with `.`; the messages
-/// of this crate and of serde never contain `: ` before a space or a
-/// backtick, so a prefix without whitespace or backticks is a path. (A key
-/// with whitespace in it stays in the message, which is harmless.)
-fn strip_path(message: &str) -> &str {
-    match message.split_once(": ") {
-        Some((prefix, rest))
-            if !prefix.is_empty()
-                && !prefix.contains(|c: char| c.is_whitespace() || c == '`' || c == '"') =>
-        {
-            rest
-        }
-        _ => message,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::strip_path;
-
-    #[test]
-    fn strips_only_paths() {
-        assert_eq!(
-            strip_path("steps[0]: unknown field `rn`"),
-            "unknown field `rn`"
-        );
-        assert_eq!(strip_path("steps[0].env.A: bad"), "bad");
-        assert_eq!(
-            strip_path("invalid type: string \"x\", expected y"),
-            "invalid type: string \"x\", expected y"
-        );
-        assert_eq!(strip_path("missing field `steps`"), "missing field `steps`");
-        assert_eq!(strip_path("bad name `a: b`: nope"), "bad name `a: b`: nope");
     }
 }

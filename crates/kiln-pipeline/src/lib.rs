@@ -164,8 +164,9 @@
 //! kernel would refuse it as a command-line argument when the step starts.
 //!
 //! Files larger than [`MAX_FILE_SIZE`] are refused, and so are documents
-//! whose flow collections (`[...]`, `{...}`) nest so deeply that the YAML
-//! parser would take too long (it is quadratic in that depth).
+//! whose lists and mappings nest more than 24 levels deep, or whose aliases
+//! expand to more than 100,000 values: no pipeline needs that, and reading
+//! them would take too long.
 //!
 //! # Default pipelines
 //!
@@ -179,19 +180,14 @@
 
 mod detect;
 mod error;
+mod front;
 mod graph;
-mod guard;
-mod outline;
 mod planner;
-mod schema;
 #[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
-
-use serde::Deserialize as _;
-use serde::de::DeserializeSeed as _;
 
 pub use crate::detect::{
     CARGO_RUN, CARGO_STEP, MAX_DETECT_FILE, PYTHON_UNITTEST_RUN, PYTHON_UNITTEST_STEP, PYTHON_VENV,
@@ -493,42 +489,21 @@ pub fn parse(file_name: &str, text: &str) -> Result<Pipeline, PipelineError> {
     if text.trim().is_empty() {
         return Err(PipelineError::empty(file_name));
     }
-    if let Err(at) = guard::check_flow_nesting(text) {
-        return Err(PipelineError::Invalid {
-            file: file_name.to_owned(),
-            line: Some(at.line),
-            column: Some(at.column),
-            message: "too many nested or unclosed flow collections (`[`, `{`) up to here, \
-                      which the YAML parser would take too long to read; write lists and \
-                      mappings in block style (one item per line) instead"
-                .to_owned(),
-        });
-    }
-    // Then the YAML syntax alone: serde_norway parses the whole document
-    // before deserializing it but reports a syntax error only once the
-    // deserializer reaches it, so a schema error in the part before a syntax
-    // error (often a consequence of it, like a "missing" key after a badly
-    // indented line) would otherwise hide it.
-    let yaml_error = |err: serde_norway::Error| PipelineError::from_yaml(file_name, &err);
-    serde::de::IgnoredAny::deserialize(serde_norway::Deserializer::from_str(text))
-        .map_err(yaml_error)?;
-    // The jobs' names and dependencies, so that the checks across jobs are
-    // reported where they fail (see the `outline` module).
-    let outline = outline::Outline::read(text);
-    let raw = schema::DocumentSeed {
-        outline: outline.as_ref(),
-    }
-    .deserialize(serde_norway::Deserializer::from_str(text))
-    .map_err(yaml_error)?;
+    let raw = front::parse(text).map_err(|fail| PipelineError::Invalid {
+        file: file_name.to_owned(),
+        line: fail.at.map(|at| at.0),
+        column: fail.at.map(|at| at.1),
+        message: fail.message,
+    })?;
     Ok(apply_defaults(raw))
 }
 
 /// Applies the defaults (`env`, `labels` and `timeout`) of `outer`, then of
 /// `job` (when given), to a step.
 fn apply_step_defaults(
-    outer: &schema::RawPipeline,
-    job: Option<&schema::RawJob>,
-    step: schema::RawStep,
+    outer: &front::RawPipeline,
+    job: Option<&front::RawJob>,
+    step: front::RawStep,
 ) -> Step {
     let mut env = outer.env.clone();
     let mut labels = outer.labels.clone();
@@ -554,7 +529,7 @@ fn apply_step_defaults(
 
 /// Applies the file-wide `env`, `labels` and `timeout` to every step, and
 /// those of each job to its steps.
-fn apply_defaults(mut raw: schema::RawPipeline) -> Pipeline {
+fn apply_defaults(mut raw: front::RawPipeline) -> Pipeline {
     let raw_steps = std::mem::take(&mut raw.steps);
     let raw_jobs = std::mem::take(&mut raw.jobs);
     let steps = raw_steps

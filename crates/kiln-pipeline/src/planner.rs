@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use kiln_domain::BranchPattern;
 
-use crate::schema::{cells_of, quote, unknown_job_message};
+use crate::front::{cells_of, quote, unknown_job_message};
 use crate::{
     FILE_NAME, JobPlan, MAX_JOBS, MAX_MATRIX_CELLS, MAX_NEEDS, MAX_PLANNED_STEPS, MAX_SHARDS,
     Pipeline, PipelineError, Shard, SplitDef, Step, graph,
