@@ -345,15 +345,12 @@ fn hostile_yaml_does_not_hang_or_panic() {
     assert!(err.to_string().len() < 400, "{err}");
 }
 
-/// Truncations and byte mutations of a valid file (a `steps:` one and a
+/// Truncations, suffixes and line swaps of a valid file (a `steps:` one and a
 /// `jobs:` one) never panic, every error names the file, and every plan
 /// lists a job after the jobs it needs.
 #[test]
 fn mutated_inputs_never_panic() {
-    let jobs_sample = format!(
-        "{JOBS}  deploy:\n    depends_on: [test, lint]\n    when: {{branch: '**'}}\n    steps:\n      \
-         - name: up\n        run: [./deploy.sh]\n      - {{name: down, run: cleanup, post: always}}\n"
-    );
+    let jobs_sample = jobs_sample();
     assert_eq!(plan_of(&jobs_sample, "main").len(), 5);
     for sample in [FULL, jobs_sample.as_str()] {
         check_mutations(sample);
@@ -377,26 +374,98 @@ fn check_plans(pipeline: &Pipeline) {
     }
 }
 
+/// Parses one mutated input (skipped when it is not UTF-8): no panic, every error names the
+/// file and has a location, every plan is ordered. Whether it was checked.
+fn check_input(bytes: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return false;
+    };
+    match parse(FILE_NAME, text) {
+        Ok(pipeline) => {
+            assert!(pipeline.steps.is_empty() != pipeline.jobs.is_empty());
+            check_plans(&pipeline);
+        }
+        Err(err) => {
+            let display = err.to_string();
+            assert!(display.starts_with(FILE_NAME), "{display}");
+            if let Some(line) = err.line() {
+                assert!(line >= 1 && err.column().is_some_and(|c| c >= 1));
+            }
+        }
+    }
+    true
+}
+
+/// Bytes YAML gives a meaning to, which the random edits put in.
+const SPECIAL: &[u8] = b":-[]{}\"'&*!#|>%@`, \t\n\r\0x0~";
+
+/// One random edit of a file: where, which byte, and whether it replaces, inserts or removes.
+fn edit() -> impl proptest::strategy::Strategy<Value = (proptest::sample::Index, usize, u8)> {
+    (
+        proptest::prelude::any::<proptest::sample::Index>(),
+        0..SPECIAL.len(),
+        0..3u8,
+    )
+}
+
+/// `sample` with `edits` applied.
+fn edited(sample: &str, edits: &[(proptest::sample::Index, usize, u8)]) -> Vec<u8> {
+    let mut bytes = sample.as_bytes().to_vec();
+    for (at, byte, kind) in edits {
+        if bytes.is_empty() {
+            break;
+        }
+        let at = at.index(bytes.len());
+        match kind {
+            0 => bytes[at] = SPECIAL[*byte],
+            1 => bytes.insert(at, SPECIAL[*byte]),
+            _ => {
+                bytes.remove(at);
+            }
+        }
+    }
+    bytes
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config::with_cases(600))]
+
+    /// Random byte edits (one to three) of every sample never panic and give located errors;
+    /// proptest shrinks a failing one to its fewest edits.
+    #[test]
+    fn randomly_edited_inputs_never_panic(
+        edits in proptest::collection::vec(edit(), 1..4),
+    ) {
+        for sample in mutation_samples() {
+            check_input(&edited(&sample, &edits));
+        }
+    }
+}
+
+/// The valid files the mutation tests start from: a `steps:` file, a `jobs:` file, split
+/// files.
+fn mutation_samples() -> Vec<String> {
+    vec![
+        FULL.to_string(),
+        jobs_sample(),
+        format!("version: 1\nenv: {{LANG: C.UTF-8}}\ntimeout: 30m\n{SPLIT}"),
+        SPLIT_JOBS.to_string(),
+    ]
+}
+
+fn jobs_sample() -> String {
+    format!(
+        "{JOBS}  deploy:\n    depends_on: [test, lint]\n    when: {{branch: '**'}}\n    steps:\n      \
+         - name: up\n        run: [./deploy.sh]\n      - {{name: down, run: cleanup, post: always}}\n"
+    )
+}
+
 fn check_mutations(sample: &str) {
     let base = sample.as_bytes();
     let mut checked = 0;
     let mut check = |bytes: &[u8]| {
-        let Ok(text) = std::str::from_utf8(bytes) else {
-            return;
-        };
-        checked += 1;
-        match parse(FILE_NAME, text) {
-            Ok(pipeline) => {
-                assert!(pipeline.steps.is_empty() != pipeline.jobs.is_empty());
-                check_plans(&pipeline);
-            }
-            Err(err) => {
-                let display = err.to_string();
-                assert!(display.starts_with(FILE_NAME), "{display}");
-                if let Some(line) = err.line() {
-                    assert!(line >= 1 && err.column().is_some_and(|c| c >= 1));
-                }
-            }
+        if check_input(bytes) {
+            checked += 1;
         }
     };
 
@@ -408,31 +477,6 @@ fn check_mutations(sample: &str) {
     for (start, _) in base.iter().enumerate().filter(|(_, b)| **b == b'\n') {
         check(&base[start + 1..]);
     }
-    // Pseudo-random byte replacements, deterministic (xorshift).
-    const SPECIAL: &[u8] = b":-[]{}\"'&*!#|>%@`, \t\n\r\0x0~";
-    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    for _ in 0..600 {
-        let mut bytes = base.to_vec();
-        let edits = 1 + next() % 3;
-        for _ in 0..edits {
-            let at = (next() % bytes.len() as u64) as usize;
-            let byte = SPECIAL[(next() % SPECIAL.len() as u64) as usize];
-            match next() % 3 {
-                0 => bytes[at] = byte,
-                1 => bytes.insert(at, byte),
-                _ => {
-                    bytes.remove(at);
-                }
-            }
-        }
-        check(&bytes);
-    }
     // Lines swapped and duplicated.
     let lines: Vec<&str> = sample.lines().collect();
     for i in 0..lines.len() {
@@ -443,7 +487,11 @@ fn check_mutations(sample: &str) {
         doubled.insert(i, lines[i]);
         check(doubled.join("\n").as_bytes());
     }
-    assert!(checked > 1000, "only {checked} inputs checked");
+    // Every truncation of an ASCII file is UTF-8, so each was checked.
+    assert!(
+        !sample.is_ascii() || checked > base.len(),
+        "only {checked} inputs checked"
+    );
 }
 
 // ---------------------------------------------------------------------------
