@@ -28,5 +28,6 @@ pub mod observer;
 pub mod proto;
 pub mod report;
 pub mod runner;
+pub mod telemetry;
 pub mod tls;
 pub mod webhook;

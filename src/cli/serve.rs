@@ -136,6 +136,7 @@ pub(super) async fn serve(args: ServeArgs) -> Result<i32, CliError> {
     config.min_free_space = args.min_free_space;
     config.runner_token = args.runner_token.clone();
     config.newest_only = args.newest_only.clone();
+    config.trace = crate::telemetry::configured();
     if let Some(path) = &args.secrets_file {
         config.secrets = read_secrets(path)?;
     }

@@ -14,6 +14,7 @@ mod lifecycle;
 mod metrics;
 mod mirror_cache;
 mod observer;
+mod otel;
 mod partition;
 mod pipelines;
 mod pool;

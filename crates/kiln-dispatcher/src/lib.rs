@@ -17,6 +17,7 @@ mod scheduler;
 mod session;
 mod space;
 pub mod tokens;
+mod trace;
 
 pub use space::parse_size;
 #[cfg(test)]
@@ -78,6 +79,8 @@ pub struct Config {
     /// Free space the data directory must keep; below it the disk counts as full (new work is
     /// refused, running jobs pause). `None`: 64 MiB, or 5% of the file system if less.
     pub min_free_space: Option<u64>,
+    /// Emit one OpenTelemetry trace per build to the global tracer (see `trace`).
+    pub trace: bool,
 }
 
 impl Config {
@@ -97,6 +100,7 @@ impl Config {
             forget_idle_runners_after: Duration::from_secs(3600),
             reconnect_grace: Duration::from_secs(1),
             min_free_space: None,
+            trace: false,
         }
     }
 
@@ -372,6 +376,8 @@ struct Inner {
     space: space::Space,
     /// What `/metrics` counts in memory.
     metrics: metrics::Metrics,
+    /// The traces of builds in flight.
+    traces: trace::Traces,
 }
 
 /// What is in memory about runners and the attempts they hold.
@@ -530,6 +536,8 @@ struct LiveAttempt {
     /// messages are dropped unacknowledged until its session ends once space is back, and the
     /// runner sends them again (see `space`).
     paused: bool,
+    /// When it was assigned (wall clock, for its trace span; `None` after a restart).
+    assigned_at: Option<std::time::SystemTime>,
 }
 
 impl LiveAttempt {
@@ -562,6 +570,7 @@ impl LiveAttempt {
             on_session_since: Instant::now(),
             unlisted: 0,
             paused: false,
+            assigned_at: None,
         }
     }
 }
@@ -602,6 +611,7 @@ impl Dispatcher {
             .map_err(|m| DispatchError::invalid("newest_only", m))?;
         let (events, _) = broadcast::channel(1024);
         let (dir, min_free) = (config.data_dir.clone(), config.min_free_space);
+        let traces = trace::Traces::new(config.trace);
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -618,6 +628,7 @@ impl Dispatcher {
                 newest_only,
                 space: space::Space::new(dir.clone(), min_free),
                 metrics: metrics::Metrics::new(),
+                traces,
             }),
         })
     }
@@ -740,6 +751,9 @@ impl Dispatcher {
                 state: change.build_state,
                 at,
             });
+        }
+        if change.build_changed && change.build_state.is_final() {
+            self.inner.traces.ended(change.build_id);
         }
         if change.job_state.is_final() {
             self.inner.hub.finish(change.job_id, change.job_state);
@@ -1047,6 +1061,7 @@ impl Dispatcher {
             state: detail.build.state,
             at,
         });
+        self.inner.traces.accepted(&detail.build);
         for job in &detail.jobs {
             self.emit(Event {
                 build_id: detail.build.id,

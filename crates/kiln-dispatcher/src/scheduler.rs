@@ -330,7 +330,10 @@ impl Dispatcher {
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),
-                trace_context: Default::default(),
+                trace_context: self
+                    .inner
+                    .traces
+                    .assigned(&build, &job.name, attempt, &runner_name),
                 attempt_number: job.attempts + 1,
                 secrets: self
                     .inner
@@ -352,6 +355,7 @@ impl Dispatcher {
                         let mut live =
                             LiveAttempt::new(&job, runner_id, Some(session_id), &self.inner.config);
                         live.next_seq = Some(1);
+                        live.assigned_at = Some(std::time::SystemTime::now());
                         live.secret_hash = Some(secret_hash);
                         st.attempts.insert(attempt, live);
                         tx.try_send(Ok(DispatcherMessage::Assign(assign))).is_ok()

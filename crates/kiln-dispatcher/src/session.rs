@@ -1172,10 +1172,17 @@ impl Dispatcher {
             .db(move |s| s.finish_attempt(attempt, state, message.as_deref()))
             .await
             .map_err(|e| internal(&e))?;
-        self.state().attempts.remove(&attempt);
+        let assigned_at = self
+            .state()
+            .attempts
+            .remove(&attempt)
+            .and_then(|a| a.assigned_at);
         let reply = match finish {
             Finish::Recorded(ch) => {
                 tracing::info!(%attempt, job = %ch.job_id, state = %state, "job finished");
+                self.inner
+                    .traces
+                    .finished(ch.build_id, attempt, state, assigned_at);
                 self.publish(&ch);
                 self.kick();
                 Out::ResultAck(protocol::ResultAck {

@@ -10,6 +10,7 @@ use kiln_exec::mask::Masker;
 use kiln_exec::{StepCommand, Stream, Termination};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use kiln_domain::protocol::{self, OutputStream, RunnerMessage as Out};
 use kiln_domain::split::TestCase;
@@ -79,7 +80,9 @@ pub(super) async fn run(
     let checkout = {
         let shared = shared.clone();
         let (url, commit, dir) = (a.repo_url.clone(), a.commit.clone(), dir.clone());
-        tokio::task::spawn_blocking(move || shared.mirrors.checkout(&url, &commit, &dir)).await
+        tokio::task::spawn_blocking(move || shared.mirrors.checkout(&url, &commit, &dir))
+            .instrument(tracing::info_span!("checkout", commit = %a.commit))
+            .await
     };
     let checkout_error = match checkout {
         Ok(Ok(())) => None,
@@ -129,6 +132,7 @@ pub(super) async fn run(
             &masker,
             &mut message,
         )
+        .instrument(tracing::info_span!("step", name = %step.name))
         .await;
         state = job_state(outcome);
     }
@@ -150,6 +154,7 @@ pub(super) async fn run(
             &masker,
             &mut message,
         )
+        .instrument(tracing::info_span!("step", name = %step.name))
         .await;
         if state == JobState::Passed && outcome != StepOutcome::Passed {
             state = job_state(outcome);

@@ -616,12 +616,13 @@ fn handle(shared: &Arc<Shared>, tx: &mpsc::Sender<Out>, m: In, drain: &Cancellat
                 }),
             );
             let shared = shared.clone();
+            let span = job_span(&a);
             tokio::spawn(
                 async move {
                     job::run(&shared, a, token, slot).await;
                     shared.outbox.wake();
                 }
-                .instrument(tracing::info_span!("job", %attempt)),
+                .instrument(span),
             );
         }
         In::OutputAck(a) => shared.outbox.ack_output(a.attempt_id, a.up_to_seq),
@@ -648,4 +649,29 @@ fn handle(shared: &Arc<Shared>, tx: &mpsc::Sender<Out>, m: In, drain: &Cancellat
         In::Units(u) => shared.units_answer(u),
         In::Heartbeat(_) | In::Welcome(_) => {}
     }
+}
+
+/// The span a job runs in: a child of the build's span when the dispatcher sent its trace
+/// context (`Assign.trace_context`, W3C `traceparent`), so the runner's spans (checkout, steps,
+/// split batches) join the build's trace. Without a tracer set up, this is a plain span.
+fn job_span(a: &protocol::Assign) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::info_span!(
+        "job",
+        attempt = %a.attempt_id,
+        job = %a.job_id,
+        build = %a.build_id,
+    );
+    if !a.trace_context.is_empty() {
+        let carrier: HashMap<String, String> = a
+            .trace_context
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
+        if let Err(e) = span.set_parent(parent) {
+            tracing::debug!(error = %e, "cannot join the build's trace");
+        }
+    }
+    span
 }

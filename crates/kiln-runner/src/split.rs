@@ -28,6 +28,7 @@ use kiln_exec::{StepCommand, Termination};
 use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::Shared;
 use super::job::{Capture, Output, StepEnd, exec};
@@ -424,7 +425,12 @@ impl Shard<'_, '_, '_, '_> {
             for chunk in fit_args(group, self.s.step.run.len()) {
                 self.batches += 1;
                 let k = self.batches;
-                results.extend(self.run_group(k, try_number, chunk).await?);
+                let span = tracing::info_span!("batch", batch = k, try_number, units = chunk.len());
+                results.extend(
+                    self.run_group(k, try_number, chunk)
+                        .instrument(span)
+                        .await?,
+                );
             }
         }
         Ok(results)
