@@ -5,90 +5,10 @@
 //! runner's `job` span with its checkout and steps under it.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 
+use kiln_testkit::otlp::{Got, start_receiver};
 use kiln_testkit::*;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
-
-/// One received span: service, name, trace id, span id, parent span id (hex).
-#[derive(Debug, Clone)]
-struct Got {
-    service: String,
-    name: String,
-    trace: String,
-    id: String,
-    parent: String,
-}
-
-#[derive(Clone, Default)]
-struct Receiver(Arc<Mutex<Vec<Got>>>);
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-        let mut got = self.0.lock().unwrap();
-        for rs in request.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|a| a.key == "service.name")
-                .and_then(|a| a.value.as_ref()?.value.as_ref())
-                .map(|v| match v {
-                    Value::StringValue(s) => s.clone(),
-                    other => format!("{other:?}"),
-                })
-                .unwrap_or_default();
-            for ss in rs.scope_spans {
-                for s in ss.spans {
-                    got.push(Got {
-                        service: service.clone(),
-                        name: s.name,
-                        trace: hex(&s.trace_id),
-                        id: hex(&s.span_id),
-                        parent: hex(&s.parent_span_id),
-                    });
-                }
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
-/// Starts the receiver on a free loopback port, on a runtime of its own.
-fn start_receiver() -> (SocketAddr, Receiver) {
-    let receiver = Receiver::default();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let service = receiver.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(service))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                .await
-                .unwrap();
-        });
-    });
-    (addr, receiver)
-}
 
 /// `kiln ARGS` with OTLP export to `endpoint`, spans sent every 100 ms.
 fn traced(name: &str, endpoint: &str, args: &[&str]) -> Proc {
@@ -151,7 +71,7 @@ fn one_build_is_one_trace_across_dispatcher_and_runner() {
 
     let build_span = format!("build {id}");
     let spans = wait_for("the build's spans from both processes", LONG, || {
-        let got = receiver.0.lock().unwrap().clone();
+        let got = receiver.spans();
         let Some(root) = got.iter().find(|s| s.name == build_span) else {
             return Err(format!("no {build_span:?} span yet: {got:#?}"));
         };

@@ -281,6 +281,7 @@ async fn all(a: &AllArgs) -> Result<i32, BenchError> {
     };
     let overhead = overhead::OverheadArgs {
         builds: if a.quick { 5 } else { 50 },
+        otel: true,
     };
     let runners = runners::RunnersArgs {
         count: a.runners.unwrap_or(if a.quick { 50 } else { 1000 }),

@@ -26,6 +26,11 @@ pub struct OverheadArgs {
     /// Builds measured (one more, the first, warms the mirrors and is not counted).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub builds: u32,
+    /// Also measure with OpenTelemetry export on (the dispatcher and the runner sending their
+    /// spans over OTLP to a receiver in this process), and print it against the same
+    /// measurement with export off, in this run.
+    #[arg(long)]
+    pub otel: bool,
 }
 
 /// One measured build, times in ms from the `SubmitBuild` call.
@@ -68,6 +73,101 @@ pub async fn run(args: &OverheadArgs) -> Result<(), BenchError> {
     }
     let base = sorted(&base);
 
+    let timings = farm(args.builds).await?;
+    let over = sorted(&timings.iter().map(|t| t.done - t.step).collect::<Vec<_>>());
+    let col = |f: fn(&Timing) -> f64| sorted(&timings.iter().map(f).collect::<Vec<_>>());
+    let (b50, b90) = (percentile(&base, 50.0), percentile(&base, 90.0));
+    let (o50, o90) = (percentile(&over, 50.0), percentile(&over, 90.0));
+    figure(
+        "per-job overhead, median",
+        format!("{o50:.1} ms"),
+        "goal < 20 ms",
+        Some(o50 < 20.0),
+        &format!("baseline `sh -c true` {b50:.2} ms, ratio {:.1}x", o50 / b50),
+    );
+    figure(
+        "per-job overhead, p90",
+        format!("{o90:.1} ms"),
+        "",
+        None,
+        &format!("baseline `sh -c true` {b90:.2} ms, ratio {:.1}x", o90 / b90),
+    );
+    let line = |p: f64| {
+        format!(
+            "SubmitBuild returned {:.1} ms, job assigned {:.1}, running {:.1}, build finished {:.1}; step {:.0} ms",
+            percentile(&col(|t| t.submitted), p),
+            percentile(&col(|t| t.assigned), p),
+            percentile(&col(|t| t.running), p),
+            percentile(&col(|t| t.done), p),
+            percentile(&col(|t| t.step), p),
+        )
+    };
+    note(format!(
+        "timeline from the SubmitBuild call, medians: {}",
+        line(50.0)
+    ));
+    note(format!(
+        "timeline from the SubmitBuild call, p90:     {}",
+        line(90.0)
+    ));
+    note("completion watched with WatchBuilds (streamed events, no polling)");
+    if args.otel {
+        otel(args.builds, o50, o90).await?;
+    }
+    Ok(())
+}
+
+/// The same measurement with OpenTelemetry export on, against `off_50` / `off_90` (export
+/// off, this run).
+async fn otel(builds: u32, off_50: f64, off_90: f64) -> Result<(), BenchError> {
+    let (addr, receiver) = kiln_testkit::otlp::start_receiver();
+    super::util::set_child_env(vec![
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+            format!("http://{addr}"),
+        ),
+        ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+    ]);
+    let timings = farm(builds).await;
+    super::util::set_child_env(Vec::new());
+    let timings = timings?;
+    let over = sorted(&timings.iter().map(|t| t.done - t.step).collect::<Vec<_>>());
+    let (o50, o90) = (percentile(&over, 50.0), percentile(&over, 90.0));
+    figure(
+        "with OTLP export on, median",
+        format!("{o50:.1} ms"),
+        "",
+        None,
+        &format!(
+            "export off {off_50:.1} ms (this run), ratio {:.2}x",
+            o50 / off_50
+        ),
+    );
+    figure(
+        "with OTLP export on, p90",
+        format!("{o90:.1} ms"),
+        "",
+        None,
+        &format!(
+            "export off {off_90:.1} ms (this run), ratio {:.2}x",
+            o90 / off_90
+        ),
+    );
+    let spans = receiver.spans();
+    note(format!(
+        "{} spans received by the in-process OTLP receiver ({} from the dispatcher, {} from the runner)",
+        spans.len(),
+        spans
+            .iter()
+            .filter(|s| s.service == "kiln-dispatcher")
+            .count(),
+        spans.iter().filter(|s| s.service == "kiln-runner").count(),
+    ));
+    Ok(())
+}
+
+/// Runs `builds` measured builds (plus one warm-up) on a fresh dispatcher and runner.
+async fn farm(builds: u32) -> Result<Vec<Timing>, BenchError> {
     let tmp = Scratch::new()?;
     let server = Server::start(tmp.path()).await?;
     let _runner = server.start_runner(tmp.path(), "bench-overhead").await?;
@@ -91,7 +191,7 @@ pub async fn run(args: &OverheadArgs) -> Result<(), BenchError> {
     });
 
     let mut timings = Vec::new();
-    for i in 0..=args.builds {
+    for i in 0..=builds {
         let commit = repo.commit(
             &[(".kiln.yml", &yml), ("counter.txt", &format!("{i}\n"))],
             &format!("build {i}"),
@@ -148,42 +248,5 @@ pub async fn run(args: &OverheadArgs) -> Result<(), BenchError> {
     }
     watcher.abort();
 
-    let over = sorted(&timings.iter().map(|t| t.done - t.step).collect::<Vec<_>>());
-    let col = |f: fn(&Timing) -> f64| sorted(&timings.iter().map(f).collect::<Vec<_>>());
-    let (b50, b90) = (percentile(&base, 50.0), percentile(&base, 90.0));
-    let (o50, o90) = (percentile(&over, 50.0), percentile(&over, 90.0));
-    figure(
-        "per-job overhead, median",
-        format!("{o50:.1} ms"),
-        "goal < 20 ms",
-        Some(o50 < 20.0),
-        &format!("baseline `sh -c true` {b50:.2} ms, ratio {:.1}x", o50 / b50),
-    );
-    figure(
-        "per-job overhead, p90",
-        format!("{o90:.1} ms"),
-        "",
-        None,
-        &format!("baseline `sh -c true` {b90:.2} ms, ratio {:.1}x", o90 / b90),
-    );
-    let line = |p: f64| {
-        format!(
-            "SubmitBuild returned {:.1} ms, job assigned {:.1}, running {:.1}, build finished {:.1}; step {:.0} ms",
-            percentile(&col(|t| t.submitted), p),
-            percentile(&col(|t| t.assigned), p),
-            percentile(&col(|t| t.running), p),
-            percentile(&col(|t| t.done), p),
-            percentile(&col(|t| t.step), p),
-        )
-    };
-    note(format!(
-        "timeline from the SubmitBuild call, medians: {}",
-        line(50.0)
-    ));
-    note(format!(
-        "timeline from the SubmitBuild call, p90:     {}",
-        line(90.0)
-    ));
-    note("completion watched with WatchBuilds (streamed events, no polling)");
-    Ok(())
+    Ok(timings)
 }

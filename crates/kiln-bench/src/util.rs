@@ -107,11 +107,23 @@ pub(crate) fn bench_exe() -> Result<PathBuf, BenchError> {
 pub(crate) fn kiln_command() -> Result<tokio::process::Command, BenchError> {
     let mut cmd = tokio::process::Command::new(kiln_exe()?);
     for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("KILN_") {
+        let k_text = k.to_string_lossy();
+        if k_text.starts_with("KILN_") || k_text.starts_with("OTEL_") {
             cmd.env_remove(k);
         }
     }
+    let extra = CHILD_ENV.lock().unwrap_or_else(|p| p.into_inner());
+    cmd.envs(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     Ok(cmd)
+}
+
+/// Variables the benchmark itself gives the `kiln` children it starts from now on (the
+/// caller's `KILN_*` and `OTEL_*` never reach them): see [`set_child_env`].
+static CHILD_ENV: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// Sets the variables the next `kiln` children get (e.g. an OTLP endpoint).
+pub(crate) fn set_child_env(vars: Vec<(String, String)>) {
+    *CHILD_ENV.lock().unwrap_or_else(|p| p.into_inner()) = vars;
 }
 
 /// The log filter of the `kiln serve` and `kiln runner` children: `KILN_BENCH_LOG`, or `info`

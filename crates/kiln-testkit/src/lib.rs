@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod fault;
+pub mod otlp;
 pub mod process;
 
 pub use process::{comm_of, descendants, kill_tree};
