@@ -22,6 +22,10 @@ pub struct DemoArgs {
     /// Keep the sample repository and data here instead of a temp dir that is removed.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// After the results, keep the farm (dispatcher, web page, runners) serving until Ctrl-C,
+    /// to look at the builds on the web page, retry them or submit more.
+    #[arg(long)]
+    pub keep: bool,
 }
 
 const TEST_FILE: &str = r#"import time
@@ -151,6 +155,7 @@ pub async fn run(args: DemoArgs) -> Result<i32, CliError> {
         "kiln demo: dispatcher on {url}, data in {}",
         dir.join("data").display()
     );
+    println!("kiln demo: web page at {url}/");
 
     let drain = CancellationToken::new();
     let mut runners = Vec::new();
@@ -244,6 +249,16 @@ pub async fn run(args: DemoArgs) -> Result<i32, CliError> {
     println!(
         "\nThe same farm as separate processes: `kiln serve`, `kiln runner`, `kiln submit --repo PATH -f`."
     );
+    if args.keep {
+        println!(
+            "kiln demo: serving {url}/ (web page) and the gRPC API until Ctrl-C; \
+             try `kiln --dispatcher {url} retry {}`",
+            builds.last().map_or(1, |b| b.id)
+        );
+        let _ = std::io::stdout().flush();
+        super::signal().await;
+        println!("kiln demo: stopping");
+    }
 
     drain.cancel();
     for r in runners {

@@ -107,6 +107,7 @@ pub async fn run(
         .map_err(|e| err(exit::INTERNAL, e.to_string()))?;
     let url = format!("http://{addr}");
     println!("kiln up: dispatcher listening on {addr}");
+    println!("kiln up: web page at {url}/");
     println!(
         "kiln up: data in {}; {} runner{}; watching {} (branches {}) every {}",
         data_dir.display(),

@@ -1,0 +1,221 @@
+//! The web page in a real browser (headless chromium through chromedriver): what a person sees
+//! at `http://DISPATCHER/` while builds run. Each test saves a screenshot of its page under
+//! `target/screenshots/`.
+
+use std::path::Path;
+
+use kiln_testkit::browser::Browser;
+use kiln_testkit::{LONG, Repo, Server, id_of, tempdir, wait_flag_sh};
+
+/// A pipeline whose one step prints a line, waits for `flag`, then prints another (`printf`, so
+/// the banner that echoes the command does not contain the text waited for).
+fn waiting_pipeline(flag: &Path) -> String {
+    format!(
+        "steps:\n  - name: live\n    run: |\n      printf 'first-%s\\n' line\n      {}\n      printf 'second-%s\\n' line\n",
+        wait_flag_sh(flag)
+    )
+}
+
+#[test]
+fn a_running_jobs_output_appears_on_its_page_before_the_job_ends() {
+    let tmp = tempdir();
+    let flag = tmp.path().join("go");
+    let (repo, sha) = Repo::with_pipeline(&tmp.path().join("repo"), &waiting_pipeline(&flag));
+    let server = Server::start(&tmp.path().join("data"), &[]);
+    let _r = server.runner(tmp.path(), "r1", &[]);
+    server.wait_runners_attached(&["r1"]);
+    let id = id_of(&server.submit(&repo.path, &sha));
+
+    let browser = Browser::start();
+    browser.goto(&format!("{}/builds/{id}", server.url));
+    let log = "section.job[data-job-name=\"live\"] pre.log";
+    kiln_testkit::wait_for("the first line on the page", LONG, || {
+        let text = browser.text(log).unwrap_or_default();
+        if text.contains("first-line") {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    });
+    // The job is still running: the line came live, not with the result.
+    assert_eq!(server.show(id)["state"], "running");
+    assert!(
+        !browser
+            .text(log)
+            .unwrap_or_default()
+            .contains("second-line")
+    );
+    assert_eq!(
+        browser.attr("#build-state", "data-state").as_deref(),
+        Some("running")
+    );
+    browser.screenshot("build-running");
+
+    std::fs::write(&flag, b"").unwrap();
+    browser.wait_attr("#build-state", "data-state", LONG, |s| s == "passed");
+    let text = browser.wait_css(log, LONG);
+    let text = kiln_testkit::wait_for("the second line on the page", LONG, || {
+        let t = browser.text(log).unwrap_or(text.clone());
+        if t.contains("second-line") {
+            Ok(t)
+        } else {
+            Err(t)
+        }
+    });
+    // Replay then follow: each line once, in order.
+    assert_eq!(text.matches("first-line").count(), 1, "{text}");
+    assert_eq!(text.matches("second-line").count(), 1, "{text}");
+    assert!(text.find("first-line") < text.find("second-line"), "{text}");
+    // Every line has an anchor one can link to.
+    let job = browser
+        .attr("section.job[data-job-name=\"live\"]", "data-job-id")
+        .unwrap();
+    assert!(
+        browser.count(&format!("pre.log span.line[id^=\"L{job}-\"]")) >= 2,
+        "line anchors"
+    );
+    browser.goto(&format!("{}/builds/{id}#L{job}-1", server.url));
+    browser.wait_css(&format!("#L{job}-1"), LONG);
+    browser.screenshot("build");
+}
+
+#[test]
+fn the_builds_list_changes_state_without_a_reload() {
+    let tmp = tempdir();
+    let flag = tmp.path().join("go");
+    let (repo, sha) = Repo::with_pipeline(&tmp.path().join("repo"), &waiting_pipeline(&flag));
+    let server = Server::start(&tmp.path().join("data"), &[]);
+    let _r = server.runner(tmp.path(), "r1", &[]);
+    server.wait_runners_attached(&["r1"]);
+
+    let browser = Browser::start();
+    browser.goto(&format!("{}/", server.url));
+    browser.wait_css("table#builds", LONG);
+    // A mark on the page's window: a reload would lose it.
+    browser.eval("window.__kilnNoReload = 'still here'; return null;");
+
+    let id = id_of(&server.submit(&repo.path, &sha));
+    let row = format!("table#builds tr[data-build-id=\"{id}\"]");
+    browser.wait_attr(&row, "data-state", LONG, |s| s == "running");
+    std::fs::write(&flag, b"").unwrap();
+    browser.wait_attr(&row, "data-state", LONG, |s| s == "passed");
+    assert_eq!(
+        browser.eval("return window.__kilnNoReload || null;"),
+        serde_json::json!("still here"),
+        "the page reloaded"
+    );
+    browser.screenshot("builds");
+
+    // The runners page lists the runner and the (empty) queue.
+    browser.goto(&format!("{}/runners", server.url));
+    browser.wait_css("tr[data-runner=\"r1\"]", LONG);
+    browser.wait_css("table#queue", LONG);
+    browser.screenshot("runners");
+}
+
+#[test]
+fn a_failed_split_shows_the_failed_tests_text_and_the_timeline() {
+    let tmp = tempdir();
+    let server = Server::start(&tmp.path().join("data"), &[]);
+    let _r1 = server.runner(tmp.path(), "r1", &[]);
+    let _r2 = server.runner(tmp.path(), "r2", &[]);
+    server.wait_runners_attached(&["r1", "r2"]);
+    let repo = Repo::init(&tmp.path().join("repo"));
+    let mut files: Vec<(String, String)> = (0..4)
+        .map(|f| {
+            (
+                format!("tests/test_ok{f}.py"),
+                format!("def test_ok_{f}():\n    assert True\n"),
+            )
+        })
+        .collect();
+    files.push((
+        "tests/test_broken.py".into(),
+        "def test_arithmetic():\n    total = 1 + 1\n    assert total == 3, 'arithmetic is broken today'\n".into(),
+    ));
+    files.push((
+        ".kiln.yml".into(),
+        "steps:\n  - name: tests\n    run: python3 -m pytest -q -p no:cacheprovider --junitxml={junit} {units}\n    parallel: 2\n    units:\n      glob: tests/test_*.py\n".into(),
+    ));
+    let all: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(p, t)| (p.as_str(), t.as_bytes()))
+        .collect();
+    let sha = repo.commit(&all, "suite");
+    let id = id_of(&server.submit(&repo.path, &sha));
+    let build = server.wait_final(id, LONG);
+    assert_eq!(build["state"], "failed", "{build}");
+
+    let browser = Browser::start();
+    browser.goto(&format!("{}/builds/{id}/tests", server.url));
+    let failure = browser.wait_css("div.failure[data-test*=\"test_arithmetic\"]", LONG);
+    assert!(
+        failure.contains("arithmetic is broken today"),
+        "the failure's message: {failure}"
+    );
+    // The traceback (the body), not only the message.
+    assert!(
+        failure.contains("assert 2 == 3"),
+        "the failure's text: {failure}"
+    );
+    assert!(
+        browser.count("svg#timeline rect.batch") >= 2,
+        "a box per batch"
+    );
+    browser.screenshot("tests");
+}
+
+#[test]
+fn cancel_from_the_page_cancels_after_logging_in() {
+    let tmp = tempdir();
+    let flag = tmp.path().join("go");
+    let (repo, sha) = Repo::with_pipeline(&tmp.path().join("repo"), &waiting_pipeline(&flag));
+    let server = Server::start(
+        &tmp.path().join("data"),
+        &["--api-token", "s3cret-token", "--closed-reads"],
+    );
+    let _r = server.runner(tmp.path(), "r1", &[]);
+    server.wait_runners_attached(&["r1"]);
+    let out = server.cli(&[
+        "--token",
+        "s3cret-token",
+        "submit",
+        "--repo",
+        repo.path_str(),
+        "--commit",
+        &sha,
+        "--json",
+    ]);
+    let id = id_of(&out.expect_code(0).json());
+    let show = || {
+        server
+            .cli(&["--token", "s3cret-token", "show", &id.to_string(), "--json"])
+            .json()
+    };
+    kiln_testkit::wait_for("the build to run", LONG, || {
+        let b = show();
+        if b["state"] == "running" {
+            Ok(())
+        } else {
+            Err(b.to_string())
+        }
+    });
+
+    let browser = Browser::start();
+    // Reads are closed: the page asks for the token first.
+    browser.goto(&format!("{}/builds/{id}", server.url));
+    browser.wait_css("input#token", LONG);
+    assert_eq!(
+        browser.count("#build-state"),
+        0,
+        "the build shown without a token"
+    );
+    browser.screenshot("login");
+    browser.type_into("input#token", "s3cret-token");
+    browser.click("button#login");
+    browser.wait_attr("#build-state", "data-state", LONG, |s| s == "running");
+    browser.click("button#cancel");
+    browser.wait_attr("#build-state", "data-state", LONG, |s| s == "cancelled");
+    assert_eq!(show()["state"], "cancelled");
+    browser.screenshot("build-cancelled");
+}
