@@ -5,6 +5,11 @@
 //! build; each line's latency is the wall clock when the benchmark read it from the follower's
 //! stdout minus the line's own timestamp. The baseline is the same generator piped straight
 //! into this process.
+//!
+//! With `--browser`, the build's web page is open in a real browser (headless chromium through
+//! chromedriver) in the same run: a `MutationObserver` in the page takes the wall clock when
+//! each line's element is added to the page, and the line's latency there is that minus its
+//! timestamp (the browser and the generator read the same machine clock).
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -34,6 +39,10 @@ pub struct LatencyArgs {
     /// How long the step waits before its first line, so the follower is attached.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub delay: Duration,
+    /// Also measure the lines on the build's web page in a real browser (needs `chromium` and
+    /// `chromedriver` on PATH).
+    #[arg(long)]
+    pub browser: bool,
 }
 
 impl LatencyArgs {
@@ -142,6 +151,16 @@ pub async fn run(args: &LatencyArgs) -> Result<(), BenchError> {
     let commit = repo.commit(&[(".kiln.yml", &pipeline("lines", &run))], "latency")?;
     let mut client = server.build_client().await?;
     let build = submit(&mut client, &repo, &commit).await?;
+    let page = if args.browser {
+        let url = format!("{}/builds/{}", server.url, build.id);
+        Some(
+            tokio::task::spawn_blocking(move || watch_page(&url))
+                .await
+                .map_err(|e| fail(format!("the browser thread: {e}")))??,
+        )
+    } else {
+        None
+    };
     let mut cmd = kiln_command()?;
     cmd.args([
         "--dispatcher",
@@ -198,6 +217,46 @@ pub async fn run(args: &LatencyArgs) -> Result<(), BenchError> {
     row("p50", 50.0, Some(10.0));
     row("p99", 99.0, Some(50.0));
     row("max", 100.0, None);
+    if let Some(page) = page {
+        let seen = tokio::task::spawn_blocking(move || page.collect(expected))
+            .await
+            .map_err(|e| fail(format!("the browser thread: {e}")))??;
+        let w = sorted(&seen.latencies);
+        note(format!(
+            "web page: {} of {expected} lines added to the page{}",
+            seen.latencies.len(),
+            if seen.out_of_order == 0 {
+                " in order".to_string()
+            } else {
+                format!(", {} out of order", seen.out_of_order)
+            }
+        ));
+        for (label, p) in [
+            ("web page p50", 50.0),
+            ("web page p99", 99.0),
+            ("web page max", 100.0),
+        ] {
+            let v = percentile(&w, p);
+            figure(
+                label,
+                format!("{v:.2} ms"),
+                "",
+                None,
+                &format!(
+                    "`kiln logs -f` {:.2} ms, ratio {:.1}x",
+                    percentile(&k, p),
+                    v / percentile(&k, p)
+                ),
+            );
+        }
+        if seen.latencies.len() as u64 != expected || seen.out_of_order != 0 {
+            return Err(wrong(format!(
+                "the web page showed {} of {expected} lines, {} out of order",
+                seen.latencies.len(),
+                seen.out_of_order
+            )));
+        }
+    }
     if !complete {
         return Err(wrong(format!(
             "the follower saw {received} of {expected} lines, {} out of order",
@@ -213,4 +272,85 @@ pub async fn run(args: &LatencyArgs) -> Result<(), BenchError> {
         )));
     }
     Ok(())
+}
+
+/// The build's page, open in a browser that records when each line arrives.
+struct Page {
+    browser: kiln_testkit::browser::Browser,
+}
+
+/// Installed in the page: for every `span.line` added under a job's log, the wall clock (ms
+/// since the epoch, sub-millisecond) minus the timestamp the line starts with (ns), and its
+/// sequence number.
+const OBSERVER_JS: &str = r#"
+window.__kilnLat = [];
+window.__kilnSeq = [];
+const clock = () => performance.timeOrigin + performance.now();
+const take = (el) => {
+  const now = clock();
+  const m = /^(\d{16,}) (\d{10}) /.exec(el.textContent || "");
+  if (m) {
+    window.__kilnLat.push(now - Number(m[1]) / 1e6);
+    window.__kilnSeq.push(Number(m[2]));
+  }
+};
+new MutationObserver((records) => {
+  for (const r of records) {
+    for (const n of r.addedNodes) {
+      if (n.nodeType !== 1) continue;
+      if (n.matches && n.matches("span.line")) take(n);
+      else if (n.querySelectorAll) n.querySelectorAll("span.line").forEach(take);
+    }
+  }
+}).observe(document.body, { childList: true, subtree: true });
+return true;
+"#;
+
+/// Opens `url` and installs the observer (before the step's first line: the step waits
+/// `--delay` before writing).
+fn watch_page(url: &str) -> Result<Page, BenchError> {
+    let browser = kiln_testkit::browser::Browser::start();
+    browser.goto(url);
+    browser.wait_css("#build-state", Duration::from_secs(60));
+    browser.eval(OBSERVER_JS);
+    Ok(Page { browser })
+}
+
+impl Page {
+    /// Waits (at most a minute) until `expected` lines were seen or no more arrive, then
+    /// reads what the page recorded.
+    fn collect(self, expected: u64) -> Result<Seen, BenchError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let count = |b: &kiln_testkit::browser::Browser| {
+            b.eval("return window.__kilnLat.length;")
+                .as_u64()
+                .unwrap_or(0)
+        };
+        while count(&self.browser) < expected && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let lat = self.browser.eval("return window.__kilnLat;");
+        let seq = self.browser.eval("return window.__kilnSeq;");
+        let latencies: Vec<f64> = lat
+            .as_array()
+            .ok_or_else(|| fail("the page recorded no latencies"))?
+            .iter()
+            .filter_map(serde_json::Value::as_f64)
+            .collect();
+        let mut out_of_order = 0;
+        let mut next = 0u64;
+        for s in seq.as_array().into_iter().flatten() {
+            let s = s.as_u64().unwrap_or(u64::MAX);
+            if s != next {
+                out_of_order += 1;
+            }
+            next = s.wrapping_add(1);
+        }
+        Ok(Seen {
+            latencies,
+            out_of_order,
+            first_byte_ns: None,
+            before_attach: 0,
+        })
+    }
 }

@@ -266,6 +266,7 @@ async fn all(a: &AllArgs) -> Result<i32, BenchError> {
             line_bytes: 1024,
             duration: Duration::from_secs(1),
             delay: Duration::from_millis(300),
+            browser: false,
         }
     } else {
         latency::LatencyArgs {
@@ -273,6 +274,7 @@ async fn all(a: &AllArgs) -> Result<i32, BenchError> {
             line_bytes: 1024,
             duration: Duration::from_secs(10),
             delay: Duration::from_secs(1),
+            browser: false,
         }
     };
     let throughput = throughput::ThroughputArgs {

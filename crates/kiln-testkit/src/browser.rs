@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
@@ -17,8 +17,30 @@ use serde_json::{Value, json};
 
 use crate::{LONG, Proc, target_tmpdir, wait_for};
 
-/// One browser at a time per test process.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+/// One browser at a time per test process: whether one is open.
+static OPEN: Mutex<bool> = Mutex::new(false);
+static CLOSED: Condvar = Condvar::new();
+
+/// The turn of one browser; the next may start when it drops.
+struct Turn;
+
+impl Turn {
+    fn take() -> Turn {
+        let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+        while *open {
+            open = CLOSED.wait(open).unwrap_or_else(|p| p.into_inner());
+        }
+        *open = true;
+        Turn
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        *OPEN.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        CLOSED.notify_one();
+    }
+}
 
 /// A headless chromium under WebDriver. Closed (browser and driver) on drop.
 pub struct Browser {
@@ -26,7 +48,7 @@ pub struct Browser {
     client: Option<Client>,
     driver: Proc,
     _profile: tempfile::TempDir,
-    _turn: MutexGuard<'static, ()>,
+    _turn: Turn,
 }
 
 /// The first of these programs that is on `PATH`.
@@ -44,9 +66,7 @@ impl Browser {
     /// Starts `chromedriver` and a headless `chromium` with a fresh profile. Panics with how to
     /// install them when they are missing (the README's test command installs both).
     pub fn start() -> Browser {
-        let turn = ONE_AT_A_TIME
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let turn = Turn::take();
         let driver_bin = which(&["chromedriver"]).expect(
             "no chromedriver on PATH: apt-get install chromium chromium-driver (scripts/test does)",
         );
