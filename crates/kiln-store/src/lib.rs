@@ -312,8 +312,12 @@ pub trait Store: Send + Sync + 'static {
     /// target) exists (so planning again after a crash adds nothing). A delivery that
     /// `supersedes` ends the pending deliveries of the same build and target (a newer commit
     /// status replaces an older one not yet sent). Returns how many deliveries were new.
-    fn plan_deliveries(&self, build: BuildId, mark: Mark, deliveries: &[NewDelivery])
-    -> Result<u64>;
+    fn plan_deliveries(
+        &self,
+        build: BuildId,
+        mark: Mark,
+        deliveries: &[NewDelivery],
+    ) -> Result<u64>;
     /// The marks of a build whose deliveries were planned.
     fn planned_marks(&self, build: BuildId) -> Result<Vec<Mark>>;
     /// Builds created at or after `since` that reached a mark (queued, a job started,
@@ -330,8 +334,12 @@ pub trait Store: Send + Sync + 'static {
     /// When the earliest pending delivery is due.
     fn next_delivery_at(&self) -> Result<Option<Millis>>;
     /// Records one try of a pending delivery (counts it). False if it was not pending.
-    fn record_delivery(&self, id: DeliveryKey, result: &DeliveryResult, now: Millis)
-    -> Result<bool>;
+    fn record_delivery(
+        &self,
+        id: DeliveryKey,
+        result: &DeliveryResult,
+        now: Millis,
+    ) -> Result<bool>;
     /// A build's deliveries, in the order they were planned.
     fn deliveries(&self, build: BuildId) -> Result<Vec<Delivery>>;
 }

@@ -1818,7 +1818,11 @@ mod delivery_tests {
         let due = s.take_due_deliveries(now, now + 10_000, 10).unwrap();
         assert_eq!(due.len(), 2);
         // Leased: not due again until the lease ends.
-        assert!(s.take_due_deliveries(now, now + 10_000, 10).unwrap().is_empty());
+        assert!(
+            s.take_due_deliveries(now, now + 10_000, 10)
+                .unwrap()
+                .is_empty()
+        );
         assert_eq!(s.next_delivery_at().unwrap(), Some(now + 10_000));
         let retry = DeliveryResult::Retry {
             next_at: now,
@@ -1842,7 +1846,10 @@ mod delivery_tests {
         let fin = [delivery("d3", "finished", "status x", true)];
         assert_eq!(s.plan_deliveries(b, Mark::Finished, &fin).unwrap(), 1);
         let all = s.deliveries(b).unwrap();
-        let states: Vec<_> = all.iter().map(|d| (d.delivery_id.as_str(), d.state)).collect();
+        let states: Vec<_> = all
+            .iter()
+            .map(|d| (d.delivery_id.as_str(), d.state))
+            .collect();
         assert_eq!(
             states,
             vec![
@@ -1879,7 +1886,11 @@ mod delivery_tests {
         assert!(s.unplanned_builds(0, 10).unwrap().is_empty());
         s.finish_attempt(attempt, JobState::Passed, None).unwrap();
         assert_eq!(s.unplanned_builds(0, 10).unwrap(), vec![b]);
-        assert!(s.unplanned_builds(now_millis() + 1000, 10).unwrap().is_empty());
+        assert!(
+            s.unplanned_builds(now_millis() + 1000, 10)
+                .unwrap()
+                .is_empty()
+        );
         s.plan_deliveries(b, Mark::Finished, &[]).unwrap();
         assert!(s.unplanned_builds(0, 10).unwrap().is_empty());
     }
