@@ -364,8 +364,14 @@ async fn last_lines(dispatcher: &Dispatcher, job: &kiln_domain::Job) -> Vec<Stri
     let mut partial: Vec<u8> = Vec::new();
     let mut offset = 0;
     let mut scanned = 0u64;
-    loop {
-        let Ok(read) = dispatcher.read_log(job.id, offset, u64::MAX, 1 << 20).await else {
+    // The log's length, as followers learn it (the job has ended: it is all there).
+    let len = match dispatcher.follow(job.id) {
+        Ok(progress) => progress.borrow().len,
+        Err(_) => return Vec::new(),
+    };
+    dispatcher.settle_follow(job.id, job.state);
+    while offset < len {
+        let Ok(read) = dispatcher.read_log(job.id, offset, len, 1 << 20).await else {
             break;
         };
         if read.frames.is_empty() {
