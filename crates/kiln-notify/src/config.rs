@@ -532,17 +532,13 @@ pub fn derive_owner_repo(location: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    /// The example of the README, as written there.
-    pub(crate) const EXAMPLE: &str = r#"
-public_url: https://ci.example.com
-smtp: {host: smtp.example.com, port: 587, security: starttls, from: "kiln <ci@example.com>", username: ci, password_secret: SMTP_PASSWORD}
-rules:
-  - repo: "https://github.com/acme/*"
-    branch: "main"
-    webhook: {url: https://hooks.example.com/kiln, secret_secret: HOOK_SECRET, events: [started, finished, failed, fixed]}
-    mail: {to: [team@example.com], on: [failed, fixed]}
-    status: {forge: github, api: https://api.github.com, token_secret: GITHUB_TOKEN}
-"#;
+    /// The example of the README's "Notifications" section, as written there.
+    fn readme_example() -> &'static str {
+        let readme = include_str!("../../../README.md");
+        let section = &readme[readme.find("## Notifications").unwrap()..];
+        let block = &section[section.find("```yaml\n").unwrap() + 8..];
+        &block[..block.find("```").unwrap()]
+    }
 
     fn secrets() -> BTreeMap<String, String> {
         [
@@ -557,7 +553,7 @@ rules:
 
     #[test]
     fn the_example_parses() {
-        let c = Config::parse(EXAMPLE, "notify.yml", &secrets()).unwrap();
+        let c = Config::parse(readme_example(), "notify.yml", &secrets()).unwrap();
         assert_eq!(c.public_url.as_deref(), Some("https://ci.example.com"));
         let smtp = c.smtp.as_ref().unwrap();
         assert_eq!((smtp.port, smtp.security), (587, Security::Starttls));

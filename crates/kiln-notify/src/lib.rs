@@ -358,3 +358,6 @@ pub fn router(dispatcher: Dispatcher) -> axum::Router {
         .route("/api/builds/{id}/deliveries", get(deliveries))
         .with_state(dispatcher)
 }
+
+#[cfg(test)]
+mod tests;

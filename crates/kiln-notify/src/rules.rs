@@ -72,6 +72,7 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use EventKind::*;

@@ -245,8 +245,11 @@ impl SqliteStore {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached("SELECT mark FROM notify_marks WHERE build_id = ?1")?;
         let rows = stmt.query_map([build], |r| r.get::<_, String>(0))?;
-        rows.map(|m| m?.parse().map_err(|e| corrupt("notify mark", e)))
-            .collect()
+        let mut marks = rows
+            .map(|m| m?.parse().map_err(|e| corrupt("notify mark", e)))
+            .collect::<Result<Vec<Mark>>>()?;
+        marks.sort();
+        Ok(marks)
     }
 
     pub(crate) fn deliveries_unplanned(&self, since: Millis, limit: u32) -> Result<Vec<BuildId>> {

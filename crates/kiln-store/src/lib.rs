@@ -318,7 +318,7 @@ pub trait Store: Send + Sync + 'static {
         mark: Mark,
         deliveries: &[NewDelivery],
     ) -> Result<u64>;
-    /// The marks of a build whose deliveries were planned.
+    /// The marks of a build whose deliveries were planned, in the order a build reaches them.
     fn planned_marks(&self, build: BuildId) -> Result<Vec<Mark>>;
     /// Builds created at or after `since` that reached a mark (queued, a job started,
     /// finished) whose deliveries were never planned, oldest first.
