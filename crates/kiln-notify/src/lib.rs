@@ -201,6 +201,9 @@ async fn sender(
     // must not be overtaken by an older one).
     let mut busy: HashSet<String> = HashSet::new();
     let mut waiting: HashMap<String, Vec<Delivery>> = HashMap::new();
+    // Rows in flight or waiting: one whose lease ran out while it waited is taken again by
+    // the store, and must not be sent twice.
+    let mut held: HashSet<kiln_store::DeliveryKey> = HashSet::new();
     loop {
         // Take what is due, up to the free slots.
         let free = settings.concurrency.saturating_sub(tasks.len());
@@ -214,6 +217,9 @@ async fn sender(
             {
                 Ok(due) => {
                     for d in due {
+                        if !held.insert(d.key) {
+                            continue;
+                        }
                         let key = format!("{} {}", d.build_id, d.target);
                         if busy.contains(&key) {
                             waiting.entry(key).or_default().push(d);
@@ -243,6 +249,7 @@ async fn sender(
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 let Ok(t) = done else { continue };
                 record(&store, &settings, &t).await;
+                held.remove(&t.delivery.key);
                 busy.remove(&t.key);
                 if let Some(list) = waiting.get_mut(&t.key) {
                     if list.is_empty() {
