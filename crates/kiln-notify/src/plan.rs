@@ -148,7 +148,7 @@ async fn deliveries_for(
             for &event in events.iter().filter(|e| m.on.contains(e)) {
                 let to: Vec<String> = m.to.iter().map(|t| t.to_string()).collect();
                 if mail_text.is_none() {
-                    mail_text = Some(mail_body(dispatcher, config, detail).await);
+                    mail_text = Some(mail_body(dispatcher, detail).await);
                 }
                 let payload = json!({
                     "to": to,
@@ -287,7 +287,7 @@ fn mail_intro(config: &Config, b: &Build, event: EventKind) -> String {
 }
 
 /// The failed jobs, failed tests and the last lines of each failed job's log.
-async fn mail_body(dispatcher: &Dispatcher, _config: &Config, detail: &BuildDetail) -> String {
+async fn mail_body(dispatcher: &Dispatcher, detail: &BuildDetail) -> String {
     let mut s = String::new();
     if let Some(e) = &detail.build.error {
         s.push_str(&format!("\nThe pipeline could not be read: {e}\n"));
