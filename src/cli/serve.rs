@@ -90,6 +90,15 @@ pub struct ServeArgs {
     /// first-parent commits.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000), requires = "watch")]
     pub watch_backfill: u32,
+    /// Notifications (webhooks, mail, commit statuses) per repository and branch: a YAML
+    /// file (see the README's "Notifications"); its `*_secret` fields name entries of
+    /// --secrets-file.
+    #[arg(long, env = "KILN_NOTIFY_CONFIG")]
+    pub notify_config: Option<PathBuf>,
+    /// Base URL of build pages in notifications (`{URL}/builds/{id}`); overrides the notify
+    /// config's `public_url`.
+    #[arg(long, env = "KILN_PUBLIC_URL")]
+    pub public_url: Option<String>,
 }
 
 /// Reads a secrets file: a YAML mapping of environment variable names to values.
@@ -140,6 +149,18 @@ pub(super) async fn serve(args: ServeArgs) -> Result<i32, CliError> {
     if let Some(path) = &args.secrets_file {
         config.secrets = read_secrets(path)?;
     }
+    // Checked before anything starts: a bad file is a usage error naming its line.
+    let notify = match &args.notify_config {
+        Some(path) => {
+            let mut notify = kiln_notify::Config::load(path, &config.secrets)
+                .map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+            if let Some(url) = &args.public_url {
+                notify.public_url = Some(url.trim_end_matches('/').to_owned());
+            }
+            Some(notify)
+        }
+        None => None,
+    };
     let tls = match (&args.server_cert, &args.server_key) {
         (Some(cert), Some(key)) => Some(
             crate::tls::ServerTls {
@@ -197,7 +218,7 @@ pub(super) async fn serve(args: ServeArgs) -> Result<i32, CliError> {
     // One line on stdout, so scripts (and tests) can learn the port.
     println!("kiln dispatcher listening on {addr}");
     let _ = std::io::stdout().flush();
-    let stop_observer = CancellationToken::new();
+    let stop_companions = CancellationToken::new();
     let observer = watch.map(|config| {
         tracing::info!(repos = ?config.repos, branches = ?config.branches,
             interval = %humantime::format_duration(config.interval), "watching repositories");
@@ -206,11 +227,23 @@ pub(super) async fn serve(args: ServeArgs) -> Result<i32, CliError> {
             sink,
             config,
             false,
-            stop_observer.clone(),
+            stop_companions.clone(),
+        ))
+    });
+    let notifier = notify.map(|config| {
+        tracing::info!(rules = config.rules.len(), "notifications on");
+        tokio::spawn(kiln_notify::run(
+            dispatcher.clone(),
+            config,
+            stop_companions.clone(),
         ))
     });
     let served = crate::api::serve(listener, dispatcher, options, signal()).await;
-    stop_observer.cancel();
+    stop_companions.cancel();
+    if let Some(notifier) = notifier {
+        // Deliveries in flight are cut off; their lease ends and the next start sends them.
+        let _ = tokio::time::timeout(Duration::from_secs(5), notifier).await;
+    }
     if let Some(observer) = observer {
         // A pass in progress gets a few seconds (the observer's own grace) to end.
         match tokio::time::timeout(Duration::from_secs(10), observer).await {

@@ -14,6 +14,7 @@ mod hook;
 mod lifecycle;
 mod metrics;
 mod mirror_cache;
+mod notify;
 mod observer;
 mod otel;
 mod partition;

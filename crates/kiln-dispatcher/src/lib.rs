@@ -785,6 +785,12 @@ impl Dispatcher {
         });
     }
 
+    /// The store, for the dispatcher's companions in the same process (notifications keep
+    /// their outbox in it). Its methods block: call them from blocking tasks.
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.inner.store.clone()
+    }
+
     /// Subscribes to state changes.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.inner.events.subscribe()

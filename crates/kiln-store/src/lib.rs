@@ -12,6 +12,7 @@
 //!
 //! Everything here is synchronous; the dispatcher calls it from blocking tasks.
 
+mod deliveries;
 mod logs;
 mod split;
 mod sqlite;
@@ -24,6 +25,7 @@ use kiln_domain::{
     RunnerRecord, StepResult,
 };
 
+pub use deliveries::{Delivery, DeliveryKey, DeliveryResult, DeliveryState, Mark, NewDelivery};
 pub use logs::{Frame, FrameHeader, LogError, LogStore, MAX_FRAME, ReadResult, is_disk_full};
 pub use sqlite::SqliteStore;
 
@@ -304,4 +306,40 @@ pub trait Store: Send + Sync + 'static {
     /// believed (its runner was found broken): those tries go back to the queue, to be run
     /// again by another shard under the same try number. Returns how many.
     fn requeue_failed_units(&self, attempt: AttemptId) -> Result<u64>;
+
+    /// Plans the notifications of one point of a build's life (`mark`), in one transaction:
+    /// records the mark, and inserts each delivery unless one for the same (build, event,
+    /// target) exists (so planning again after a crash adds nothing). A delivery that
+    /// `supersedes` ends the pending deliveries of the same build and target (a newer commit
+    /// status replaces an older one not yet sent). Returns how many deliveries were new.
+    fn plan_deliveries(
+        &self,
+        build: BuildId,
+        mark: Mark,
+        deliveries: &[NewDelivery],
+    ) -> Result<u64>;
+    /// The marks of a build whose deliveries were planned, in the order a build reaches them.
+    fn planned_marks(&self, build: BuildId) -> Result<Vec<Mark>>;
+    /// Builds created at or after `since` that reached a mark (queued, a job started,
+    /// finished) whose deliveries were never planned, oldest first.
+    fn unplanned_builds(&self, since: Millis, limit: u32) -> Result<Vec<BuildId>>;
+    /// Pending deliveries due at `now`, oldest first, each leased until `lease_until` (its
+    /// `next_at` moves there, so a sender that dies leaves it due again then).
+    fn take_due_deliveries(
+        &self,
+        now: Millis,
+        lease_until: Millis,
+        limit: u32,
+    ) -> Result<Vec<Delivery>>;
+    /// When the earliest pending delivery is due.
+    fn next_delivery_at(&self) -> Result<Option<Millis>>;
+    /// Records one try of a pending delivery (counts it). False if it was not pending.
+    fn record_delivery(
+        &self,
+        id: DeliveryKey,
+        result: &DeliveryResult,
+        now: Millis,
+    ) -> Result<bool>;
+    /// A build's deliveries, in the order they were planned.
+    fn deliveries(&self, build: BuildId) -> Result<Vec<Delivery>>;
 }

@@ -208,6 +208,41 @@ CREATE TABLE step_tests (
     PRIMARY KEY (attempt_id, position)
 );
 "#,
+    // 9: notifications (kiln-notify). `notify_marks` records which points of a build's life
+    // (queued, started, finished) had their deliveries planned, in the transaction that planned
+    // them; `deliveries` holds one row per (build, event, target), the outbox the notifier
+    // sends from. Builds that existed before this migration count as planned, so enabling
+    // notifications never announces history.
+    r#"
+CREATE TABLE notify_marks (
+    build_id INTEGER NOT NULL REFERENCES builds(id),
+    mark     TEXT NOT NULL,
+    at       INTEGER NOT NULL,
+    PRIMARY KEY (build_id, mark)
+);
+CREATE TABLE deliveries (
+    id          INTEGER PRIMARY KEY,
+    delivery_id TEXT NOT NULL UNIQUE,
+    build_id    INTEGER NOT NULL REFERENCES builds(id),
+    event       TEXT NOT NULL,
+    target      TEXT NOT NULL,
+    payload     TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    next_at     INTEGER NOT NULL,
+    last_error  TEXT,
+    created_at  INTEGER NOT NULL,
+    finished_at INTEGER,
+    UNIQUE (build_id, event, target)
+);
+CREATE INDEX deliveries_due ON deliveries (state, next_at);
+INSERT INTO notify_marks (build_id, mark, at) SELECT id, 'queued', created_at FROM builds;
+INSERT INTO notify_marks (build_id, mark, at)
+    SELECT id, 'started', created_at FROM builds b
+    WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.build_id = b.id AND j.started_at IS NOT NULL);
+INSERT INTO notify_marks (build_id, mark, at)
+    SELECT id, 'finished', finished_at FROM builds WHERE finished_at IS NOT NULL;
+"#,
 ];
 
 /// The SQLite implementation of [`Store`]: one connection behind a mutex (SQLite serialises
@@ -659,6 +694,49 @@ impl Store for SqliteStore {
 
     fn split_reports(&self, build: BuildId) -> Result<Vec<kiln_domain::split::SplitReport>> {
         self.split_reports_of(build)
+    }
+
+    fn plan_deliveries(
+        &self,
+        build: BuildId,
+        mark: crate::Mark,
+        deliveries: &[crate::NewDelivery],
+    ) -> Result<u64> {
+        self.deliveries_plan(build, mark, deliveries)
+    }
+
+    fn planned_marks(&self, build: BuildId) -> Result<Vec<crate::Mark>> {
+        self.deliveries_marks(build)
+    }
+
+    fn unplanned_builds(&self, since: Millis, limit: u32) -> Result<Vec<BuildId>> {
+        self.deliveries_unplanned(since, limit)
+    }
+
+    fn take_due_deliveries(
+        &self,
+        now: Millis,
+        lease_until: Millis,
+        limit: u32,
+    ) -> Result<Vec<crate::Delivery>> {
+        self.deliveries_take_due(now, lease_until, limit)
+    }
+
+    fn next_delivery_at(&self) -> Result<Option<Millis>> {
+        self.deliveries_next_at()
+    }
+
+    fn record_delivery(
+        &self,
+        id: crate::DeliveryKey,
+        result: &crate::DeliveryResult,
+        now: Millis,
+    ) -> Result<bool> {
+        self.deliveries_record(id, result, now)
+    }
+
+    fn deliveries(&self, build: BuildId) -> Result<Vec<crate::Delivery>> {
+        self.deliveries_of(build)
     }
 
     fn step_reports(&self, build: BuildId) -> Result<Vec<kiln_domain::split::StepReport>> {
@@ -1670,5 +1748,150 @@ mod tests {
             s.finish_attempt(a, JobState::Passed, None).unwrap(),
             Finish::Refused(_)
         ));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod delivery_tests {
+    use super::*;
+    use crate::{DeliveryResult, DeliveryState, Mark, NewDelivery};
+
+    fn delivery(id: &str, event: &str, target: &str, supersedes: bool) -> NewDelivery {
+        NewDelivery {
+            delivery_id: id.into(),
+            event: event.into(),
+            target: target.into(),
+            payload: format!("{{\"event\":\"{event}\"}}"),
+            supersedes,
+        }
+    }
+
+    fn build(s: &SqliteStore, commit: char) -> BuildDetail {
+        let new = NewBuild {
+            repo: "/tmp/repo".into(),
+            commit: commit.to_string().repeat(40),
+            branch: "main".into(),
+            trigger: "test".into(),
+            retry_of: None,
+            error: None,
+            jobs: vec![kiln_domain::NewJob {
+                name: "j".into(),
+                labels: BTreeMap::new(),
+                steps: vec![StepSpec {
+                    index: 0,
+                    name: "s".into(),
+                    run: "true".into(),
+                    env: BTreeMap::new(),
+                    timeout_ms: 0,
+                    post: None,
+                    split: None,
+                    junit: Vec::new(),
+                }],
+                needs: vec![],
+            }],
+            pipeline_hash: String::new(),
+            pipeline: String::new(),
+        };
+        s.create_build(&new).unwrap()
+    }
+
+    /// Planning is idempotent per (build, event, target), marks make a build planned, due
+    /// deliveries are leased, tries are counted, and a newer status supersedes a pending one.
+    #[test]
+    fn deliveries_are_planned_once_leased_and_recorded() {
+        let s = SqliteStore::in_memory().unwrap();
+        let b = build(&s, 'a').build.id;
+        assert_eq!(s.unplanned_builds(0, 10).unwrap(), vec![b]);
+        let plan = [
+            delivery("d1", "queued", "status x", true),
+            delivery("d2", "queued", "webhook y", false),
+        ];
+        assert_eq!(s.plan_deliveries(b, Mark::Queued, &plan).unwrap(), 2);
+        // Re-planned after a "crash": nothing new (another random id changes nothing).
+        let again = [delivery("d9", "queued", "status x", true)];
+        assert_eq!(s.plan_deliveries(b, Mark::Queued, &again).unwrap(), 0);
+        assert_eq!(s.planned_marks(b).unwrap(), vec![Mark::Queued]);
+        assert!(s.unplanned_builds(0, 10).unwrap().is_empty());
+
+        let now = now_millis();
+        let due = s.take_due_deliveries(now, now + 10_000, 10).unwrap();
+        assert_eq!(due.len(), 2);
+        // Leased: not due again until the lease ends.
+        assert!(
+            s.take_due_deliveries(now, now + 10_000, 10)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(s.next_delivery_at().unwrap(), Some(now + 10_000));
+        let retry = DeliveryResult::Retry {
+            next_at: now,
+            error: "503".into(),
+        };
+        assert!(s.record_delivery(due[1].key, &retry, now).unwrap());
+        let due2 = s.take_due_deliveries(now, now + 10_000, 10).unwrap();
+        assert_eq!(due2.len(), 1);
+        assert_eq!(due2[0].attempts, 1);
+        assert!(
+            s.record_delivery(due2[0].key, &DeliveryResult::Delivered, now)
+                .unwrap()
+        );
+        // A delivered one is not recorded again.
+        assert!(
+            !s.record_delivery(due2[0].key, &DeliveryResult::Delivered, now)
+                .unwrap()
+        );
+
+        // The status of the finished build supersedes the pending one.
+        let fin = [delivery("d3", "finished", "status x", true)];
+        assert_eq!(s.plan_deliveries(b, Mark::Finished, &fin).unwrap(), 1);
+        let all = s.deliveries(b).unwrap();
+        let states: Vec<_> = all
+            .iter()
+            .map(|d| (d.delivery_id.as_str(), d.state))
+            .collect();
+        assert_eq!(
+            states,
+            vec![
+                ("d1", DeliveryState::Superseded),
+                ("d2", DeliveryState::Delivered),
+                ("d3", DeliveryState::Pending),
+            ]
+        );
+        assert!(
+            !s.record_delivery(all[0].key, &DeliveryResult::Delivered, now)
+                .unwrap()
+        );
+        let failed = DeliveryResult::Failed {
+            error: "gone".into(),
+        };
+        assert!(s.record_delivery(all[2].key, &failed, now).unwrap());
+        assert_eq!(s.next_delivery_at().unwrap(), None);
+    }
+
+    /// A build that starts and finishes needs planning again for each new mark; builds older
+    /// than the window are left alone.
+    #[test]
+    fn unplanned_builds_follow_the_builds_life() {
+        let s = SqliteStore::in_memory().unwrap();
+        let d = build(&s, 'b');
+        let b = d.build.id;
+        s.plan_deliveries(b, Mark::Queued, &[]).unwrap();
+        assert!(s.unplanned_builds(0, 10).unwrap().is_empty());
+        let r = s.upsert_runner("r", &BTreeMap::new(), 1, "t").unwrap().id;
+        let (attempt, _) = s.assign(d.jobs[0].id, r, "r").unwrap().unwrap();
+        s.start_attempt(attempt).unwrap();
+        assert_eq!(s.unplanned_builds(0, 10).unwrap(), vec![b]);
+        s.plan_deliveries(b, Mark::Started, &[]).unwrap();
+        assert!(s.unplanned_builds(0, 10).unwrap().is_empty());
+        s.finish_attempt(attempt, JobState::Passed, None).unwrap();
+        assert_eq!(s.unplanned_builds(0, 10).unwrap(), vec![b]);
+        assert!(
+            s.unplanned_builds(now_millis() + 1000, 10)
+                .unwrap()
+                .is_empty()
+        );
+        s.plan_deliveries(b, Mark::Finished, &[]).unwrap();
+        assert!(s.unplanned_builds(0, 10).unwrap().is_empty());
     }
 }
