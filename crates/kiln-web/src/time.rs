@@ -1,0 +1,62 @@
+//! Times and durations as the pages print them (UTC, no time zone database).
+
+use kiln_domain::Millis;
+
+/// `2026-12-05 07:30:12Z` from milliseconds since the epoch.
+pub(crate) fn utc(ms: Millis) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// `1h 2m`, `3m 4s`, `5.2s`, `120ms`.
+pub(crate) fn duration(ms: u64) -> String {
+    match ms {
+        0..1000 => format!("{ms}ms"),
+        1000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        60_000..3_600_000 => format!("{}m {}s", ms / 60_000, ms % 60_000 / 1000),
+        _ => format!("{}h {}m", ms / 3_600_000, ms % 3_600_000 / 60_000),
+    }
+}
+
+/// The span between two times, when both are known (or until now when it has not ended).
+pub(crate) fn span(start: Option<Millis>, end: Option<Millis>) -> String {
+    match (start, end) {
+        (Some(s), Some(e)) => duration(e.saturating_sub(s).max(0) as u64),
+        (Some(s), None) => format!(
+            "{} so far",
+            duration(kiln_domain::now_millis().saturating_sub(s).max(0) as u64)
+        ),
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00Z");
+        assert_eq!(utc(1_796_455_812_000), "2026-12-05 07:30:12Z");
+        assert_eq!(duration(999), "999ms");
+        assert_eq!(duration(5_200), "5.2s");
+        assert_eq!(duration(185_000), "3m 5s");
+        assert_eq!(duration(3_720_000), "1h 2m");
+    }
+}
