@@ -113,12 +113,7 @@ pub(crate) fn detail_json(d: &BuildDetail, retried_by: &[BuildId]) -> Value {
     b["jobs"] = d
         .jobs
         .iter()
-        .map(|j| {
-            job_json(
-                j,
-                d.steps.get(&j.id).map(Vec::as_slice).unwrap_or_default(),
-            )
-        })
+        .map(|j| job_json(j, d.steps.get(&j.id).map(Vec::as_slice).unwrap_or_default()))
         .collect();
     b
 }
@@ -149,7 +144,10 @@ pub(crate) async fn list_builds(
 ) -> Result<Response, WebError> {
     w.auth.check_read(&headers)?;
     let builds = w.dispatcher.list_builds(q.filter(50)?).await?;
-    Ok(Json(json!({ "builds": builds.iter().map(build_json).collect::<Vec<_>>() })).into_response())
+    Ok(
+        Json(json!({ "builds": builds.iter().map(build_json).collect::<Vec<_>>() }))
+            .into_response(),
+    )
 }
 
 /// `GET /api/builds/{id}`
@@ -207,6 +205,8 @@ pub(crate) async fn log(
     w.auth.check_read(&headers)?;
     let job: JobId = parse_id("job", &id)?;
     let d = &w.dispatcher;
+    // A job that does not exist gets no follower channel.
+    d.get_job(job).await?;
     let progress = d.follow(job)?;
     let j = d.get_job(job).await?;
     d.settle_follow(job, j.state);

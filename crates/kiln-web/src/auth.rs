@@ -111,9 +111,7 @@ impl WebAuth {
             };
         }
         match (cookie(headers, SESSION_COOKIE), self.session_value()) {
-            (Some(c), Some(s)) if bool::from(c.as_bytes().ct_eq(s.as_bytes())) => {
-                Presented::Valid
-            }
+            (Some(c), Some(s)) if bool::from(c.as_bytes().ct_eq(s.as_bytes())) => Presented::Valid,
             _ => Presented::Nothing,
         }
     }
@@ -198,9 +196,7 @@ pub(crate) fn csrf_token(headers: &HeaderMap) -> (String, bool) {
 /// Checks a form's CSRF token against the cookie.
 pub(crate) fn check_csrf(headers: &HeaderMap, form_token: &str) -> Result<(), WebError> {
     match cookie(headers, CSRF_COOKIE) {
-        Some(c) if !c.is_empty() && bool::from(c.as_bytes().ct_eq(form_token.as_bytes())) => {
-            Ok(())
-        }
+        Some(c) if !c.is_empty() && bool::from(c.as_bytes().ct_eq(form_token.as_bytes())) => Ok(()),
         _ => Err(WebError::forbidden(
             "the form's CSRF token is missing or stale: reload the page and try again",
         )),
@@ -236,10 +232,7 @@ mod tests {
         assert!(!session.contains("s3cret"));
         assert!(a.login("nope").is_none());
         let c = format!("a=b; {SESSION_COOKIE}={session}");
-        assert_eq!(
-            a.presented(&headers(&[("cookie", &c)])),
-            Presented::Valid
-        );
+        assert_eq!(a.presented(&headers(&[("cookie", &c)])), Presented::Valid);
         assert_eq!(
             a.presented(&headers(&[("cookie", "kiln_session=00")])),
             Presented::Nothing

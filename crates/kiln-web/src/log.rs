@@ -224,6 +224,8 @@ pub(crate) async fn log_events(
     w.auth.check_read(&headers)?;
     let job: JobId = parse_id("job", &id)?;
     let d = w.dispatcher.clone();
+    // A job that does not exist gets no follower channel.
+    d.get_job(job).await?;
     // Subscribe first, then look at the job: an end in between cannot be missed.
     let mut progress = d.follow(job)?;
     let j = d.get_job(job).await?;
@@ -271,7 +273,9 @@ pub(crate) async fn log_events(
                     Err(e) => {
                         let data = serde_json::json!({ "error": e.to_string() });
                         let _ = tx
-                            .send(Ok(SseEvent::default().event("error").data(data.to_string())))
+                            .send(Ok(SseEvent::default()
+                                .event("error")
+                                .data(data.to_string())))
                             .await;
                         return;
                     }
@@ -402,8 +406,7 @@ mod tests {
 
     #[test]
     fn lines_are_numbered_escaped_and_coloured() {
-        let (html, pending, next) =
-            render_lines(JobId::new(3), "a<b\n\x1b[31mred\x1b[0m\nhalf", 1);
+        let (html, pending, next) = render_lines(JobId::new(3), "a<b\n\x1b[31mred\x1b[0m\nhalf", 1);
         assert!(html.contains("<span class=\"line\" id=\"L3-1\" data-n=\"1\">a&lt;b</span>"));
         assert!(html.contains("id=\"L3-2\""));
         assert!(html.contains("color:"), "{html}");

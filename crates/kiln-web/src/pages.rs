@@ -102,7 +102,11 @@ struct ErrorPage {
 pub(crate) fn error_page(status: StatusCode, message: &str) -> Response {
     let t = ErrorPage {
         frame: Frame {
-            title: format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or("")),
+            title: format!(
+                "{} {}",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            ),
             csrf: String::new(),
             has_token: false,
             logged_in: false,
@@ -215,7 +219,7 @@ pub(crate) async fn builds(
         frame,
         repo: q.repo.unwrap_or_default(),
         branch: q.branch.unwrap_or_default(),
-        state: q.state.unwrap_or_default(),
+        state: q.state.clone().unwrap_or_default(),
         states: JobState::ALL
             .iter()
             .map(|s| (s.as_str(), q.state.as_deref() == Some(s.as_str())))
@@ -472,7 +476,8 @@ async fn tests_page(w: &Web, id: &str, headers: &HeaderMap) -> Result<Response, 
     let id: BuildId = parse_id("build", id)?;
     let r = w.dispatcher.test_report(id).await?;
     let batches = w.dispatcher.split_batches(id).await?;
-    let (mut failures, mut flaky, mut slow, mut notes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut failures, mut flaky, mut slow, mut notes) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut total = 0;
     for s in &r.splits {
         if !s.retry_note.is_empty() {
@@ -602,7 +607,10 @@ pub(crate) async fn runners(State(w): State<Web>, headers: HeaderMap, uri: Uri) 
     if let Err(r) = page_read(&w, &headers, &uri) {
         return r;
     }
-    let (rs, q) = match (w.dispatcher.list_runners().await, w.dispatcher.queue().await) {
+    let (rs, q) = match (
+        w.dispatcher.list_runners().await,
+        w.dispatcher.queue().await,
+    ) {
         (Ok(rs), Ok(q)) => (rs, q),
         (Err(e), _) | (_, Err(e)) => return WebError::from(e).page().into_response(),
     };
