@@ -27,4 +27,5 @@ mod security;
 mod security_e2e;
 mod sessions;
 mod split;
+mod web;
 mod webhook;

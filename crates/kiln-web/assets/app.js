@@ -100,16 +100,28 @@
       const r = await fetch("/api/jobs/" + pre.dataset.jobId + "/log?before=" + start + "&len=262144&attempt=" + (pre.dataset.attempt || 0), { credentials: "same-origin" });
       if (!r.ok) return;
       const d = await r.json();
-      const first = pre.firstElementChild ? Number(pre.firstElementChild.dataset.n) : null;
+      const head = pre.firstElementChild;
       const frag = document.createDocumentFragment();
-      let n = d.first_line, rest = d.text;
+      let n = d.first_line, rest = d.text, partial = d.starts_mid_line;
       let i;
       while ((i = rest.indexOf("\n")) >= 0) {
-        frag.appendChild(lineSpan(pre.dataset.jobId, n++, rest.slice(0, i), false));
+        const s = lineSpan(pre.dataset.jobId, partial ? null : n, rest.slice(0, i), false);
+        if (partial) { s.classList.add("partial"); s.dataset.n = n; partial = false; }
+        n++;
+        frag.appendChild(s);
         frag.appendChild(document.createTextNode("\n"));
         rest = rest.slice(i + 1);
       }
-      if (rest) { frag.appendChild(lineSpan(pre.dataset.jobId, n === first ? null : n, rest, false)); frag.appendChild(document.createTextNode("\n")); }
+      if (rest && head && head.classList.contains("partial")) {
+        // The shown part started in the middle of this line: complete it.
+        const whole = lineSpan(pre.dataset.jobId, partial ? null : n, "", head.classList.contains("open"));
+        whole.innerHTML = ansi(rest) + head.innerHTML;
+        if (partial) { whole.classList.add("partial"); whole.dataset.n = n; }
+        head.replaceWith(whole);
+      } else if (rest) {
+        frag.appendChild(lineSpan(pre.dataset.jobId, null, rest, false));
+        frag.appendChild(document.createTextNode("\n"));
+      }
       const h = pre.scrollHeight;
       pre.insertBefore(frag, pre.firstChild);
       pre.scrollTop += pre.scrollHeight - h;
@@ -149,7 +161,7 @@
     if (table) {
       live(async (ev) => {
         if (ev.job_id !== null) return;
-        const rows = document.querySelectorAll('tr[data-build-id="' + ev.build_id + '"]');
+        const rows = document.querySelectorAll('tr[data-build-id="' + ev.build_id + '"], tr[data-head-of="' + ev.build_id + '"]');
         rows.forEach((tr) => setState(tr, ev.state));
         if (table.querySelector('tr[data-build-id="' + ev.build_id + '"]')) return;
         const top = table.tBodies[0].querySelector("tr[data-build-id]");

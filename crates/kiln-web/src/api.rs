@@ -195,7 +195,8 @@ pub(crate) struct LogQuery {
 
 /// `GET /api/jobs/{id}/log?offset=&len=` (or `?before=&len=`): the output from `offset`,
 /// where to continue (`next_offset`) and whether the job ended (`ended`: nothing more will
-/// come after `next_offset`). With `before`, also `first_line`, the number of its first line.
+/// come after `next_offset`). With `before`, also `first_line`, the number of the line the text
+/// starts in, and `starts_mid_line`, whether it starts in the middle of it.
 pub(crate) async fn log(
     State(w): State<Web>,
     Path(id): Path<String>,
@@ -228,9 +229,9 @@ pub(crate) async fn log(
                     p.len
                 )));
             }
-            let (start, lines) = locate(d, job, before.saturating_sub(len), before, from).await?;
-            let piece = read_range(d, job, start, before, usize::MAX, from).await?;
-            (piece, Some(lines + 1))
+            let at = locate(d, job, before.saturating_sub(len), before, from).await?;
+            let piece = read_range(d, job, at.offset, before, usize::MAX, from).await?;
+            (piece, Some((at.lines + 1, !at.aligned)))
         }
         None => {
             let offset = q.offset.unwrap_or(0);
@@ -250,7 +251,8 @@ pub(crate) async fn log(
         "offset": piece.from,
         "next_offset": piece.next,
         "log_len": p.len,
-        "first_line": first_line,
+        "first_line": first_line.map(|f| f.0),
+        "starts_mid_line": first_line.is_some_and(|f| f.1),
         "attempt": from,
         "text": String::from_utf8_lossy(&piece.text),
         "ended": q.before.is_none() && ended(j.state, p.done, piece.next, p.len),

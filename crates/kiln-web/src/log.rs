@@ -81,32 +81,49 @@ pub(crate) async fn read_range(
     Ok(piece)
 }
 
-/// The first frame boundary at or after `target`, and how many lines (newlines of shown output)
-/// come before it. Reads the log from its start, a MiB at a time.
+/// Where a reader of a log's middle starts: the first frame boundary at or after a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Located {
+    /// The boundary.
+    pub(crate) offset: u64,
+    /// Newlines of shown output before it.
+    pub(crate) lines: u64,
+    /// Whether the shown output before it ends a line (or there is none): otherwise the text
+    /// from `offset` starts in the middle of line `lines + 1`.
+    pub(crate) aligned: bool,
+}
+
+/// The first frame boundary at or after `target` and how many lines come before it. Reads the
+/// log from its start, a MiB at a time.
 pub(crate) async fn locate(
     d: &Dispatcher,
     job: JobId,
     target: u64,
     limit: u64,
     from: Option<AttemptId>,
-) -> Result<(u64, u64), DispatchError> {
-    let (mut pos, mut lines) = (0u64, 0u64);
-    while pos < target && pos < limit {
-        let read = d.read_log(job, pos, limit, READ_BYTES).await?;
+) -> Result<Located, DispatchError> {
+    let mut at = Located {
+        offset: 0,
+        lines: 0,
+        aligned: true,
+    };
+    while at.offset < target && at.offset < limit {
+        let read = d.read_log(job, at.offset, limit, READ_BYTES).await?;
         if read.frames.is_empty() {
             break;
         }
         for f in read.frames {
-            if pos >= target {
-                return Ok((pos, lines));
+            if at.offset >= target {
+                return Ok(at);
             }
-            if shows(from, f.header.attempt) {
-                lines += f.data.iter().filter(|&&b| b == b'\n').count() as u64;
+            if shows(from, f.header.attempt) && !f.data.is_empty() {
+                at.lines += f.data.iter().filter(|&&b| b == b'\n').count() as u64;
+                at.aligned = f.data.ends_with(b"\n");
             }
-            pos = f.next_offset;
+            at.offset = f.next_offset;
         }
     }
-    Ok((pos, lines))
+    Ok(at)
 }
 
 /// Escapes text for HTML.
@@ -147,22 +164,43 @@ pub(crate) struct Tail {
 }
 
 /// Renders lines `text` of `job` numbered from `first` (the last one, when it has no newline,
-/// is left in `pending`).
-pub(crate) fn render_lines(job: JobId, text: &str, first: u64) -> (String, String, u64) {
+/// is left in `pending`). With `partial_first`, the text starts in the middle of line `first`:
+/// that piece gets no anchor (class `partial`; the page completes it when it loads the part
+/// before).
+pub(crate) fn render_lines(
+    job: JobId,
+    text: &str,
+    first: u64,
+    partial_first: bool,
+) -> (String, String, u64) {
     let mut html = String::new();
     let mut n = first;
     let mut rest = text;
+    let mut partial = partial_first;
     while let Some(i) = rest.find('\n') {
-        html.push_str(&format!(
-            "<span class=\"line\" id=\"L{job}-{n}\" data-n=\"{n}\">{}</span>\n",
-            line_html(&rest[..i])
-        ));
+        if partial {
+            html.push_str(&format!(
+                "<span class=\"line partial\" data-n=\"{n}\">{}</span>\n",
+                line_html(&rest[..i])
+            ));
+            partial = false;
+        } else {
+            html.push_str(&format!(
+                "<span class=\"line\" id=\"L{job}-{n}\" data-n=\"{n}\">{}</span>\n",
+                line_html(&rest[..i])
+            ));
+        }
         n += 1;
         rest = &rest[i + 1..];
     }
     if !rest.is_empty() {
+        let (class, id) = if partial {
+            ("line open partial", String::new())
+        } else {
+            ("line open", format!(" id=\"L{job}-{n}\""))
+        };
         html.push_str(&format!(
-            "<span class=\"line open\" id=\"L{job}-{n}\" data-n=\"{n}\">{}</span>",
+            "<span class=\"{class}\"{id} data-n=\"{n}\">{}</span>",
             line_html(rest)
         ));
     }
@@ -176,15 +214,19 @@ pub(crate) async fn tail(
     from: Option<AttemptId>,
 ) -> Result<Tail, DispatchError> {
     let len = log_len(d, job)?;
-    let (start, before) = match len.checked_sub(TAIL_BYTES) {
+    let at = match len.checked_sub(TAIL_BYTES) {
         Some(target) if target > 0 => locate(d, job, target, len, from).await?,
-        _ => (0, 0),
+        _ => Located {
+            offset: 0,
+            lines: 0,
+            aligned: true,
+        },
     };
-    let piece = read_range(d, job, start, len, usize::MAX, from).await?;
+    let piece = read_range(d, job, at.offset, len, usize::MAX, from).await?;
     let text = String::from_utf8_lossy(&piece.text);
-    let (html, pending, next_line) = render_lines(job, &text, before + 1);
+    let (html, pending, next_line) = render_lines(job, &text, at.lines + 1, !at.aligned);
     Ok(Tail {
-        start,
+        start: at.offset,
         end: piece.next,
         html,
         pending,
@@ -406,13 +448,16 @@ mod tests {
 
     #[test]
     fn lines_are_numbered_escaped_and_coloured() {
-        let (html, pending, next) = render_lines(JobId::new(3), "a<b\n\x1b[31mred\x1b[0m\nhalf", 1);
+        let (html, pending, next) =
+            render_lines(JobId::new(3), "a<b\n\x1b[31mred\x1b[0m\nhalf", 1, false);
         assert!(html.contains("<span class=\"line\" id=\"L3-1\" data-n=\"1\">a&lt;b</span>"));
         assert!(html.contains("id=\"L3-2\""));
         assert!(html.contains("color:"), "{html}");
         assert!(html.contains("<span class=\"line open\" id=\"L3-3\""));
         assert_eq!((pending.as_str(), next), ("half", 3));
-        let (_, pending, next) = render_lines(JobId::new(3), "x\n", 7);
-        assert_eq!((pending.as_str(), next), ("", 8));
+        let (html, pending, next) = render_lines(JobId::new(3), "x\ny\n", 7, true);
+        assert_eq!((pending.as_str(), next), ("", 9));
+        assert!(html.starts_with("<span class=\"line partial\" data-n=\"7\">x</span>"));
+        assert!(html.contains("id=\"L3-8\""));
     }
 }
