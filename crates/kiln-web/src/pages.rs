@@ -118,11 +118,11 @@ pub(crate) fn error_page(status: StatusCode, message: &str) -> Response {
 }
 
 /// The read rule for pages: refused reads go to the login form.
-fn page_read(w: &Web, headers: &HeaderMap, uri: &Uri) -> Result<(), Response> {
+fn page_read(w: &Web, headers: &HeaderMap, uri: &Uri) -> Result<(), Box<Response>> {
     match w.auth.check_read(headers) {
         Ok(()) => Ok(()),
-        Err(e) if e.status == StatusCode::UNAUTHORIZED => Err(to_login(uri.path())),
-        Err(e) => Err(e.page().into_response()),
+        Err(e) if e.status == StatusCode::UNAUTHORIZED => Err(Box::new(to_login(uri.path()))),
+        Err(e) => Err(Box::new(e.page().into_response())),
     }
 }
 
@@ -134,13 +134,13 @@ fn to_login(next: &str) -> Response {
 
 /// The write rule for forms: same site, the page's CSRF token, then the API token (the
 /// login form when it is missing).
-fn page_write(w: &Web, headers: &HeaderMap, csrf: &str, back: &str) -> Result<(), Response> {
-    same_site(headers).map_err(|e| e.page().into_response())?;
-    check_csrf(headers, csrf).map_err(|e| e.page().into_response())?;
+fn page_write(w: &Web, headers: &HeaderMap, csrf: &str, back: &str) -> Result<(), Box<Response>> {
+    same_site(headers).map_err(|e| Box::new(e.page().into_response()))?;
+    check_csrf(headers, csrf).map_err(|e| Box::new(e.page().into_response()))?;
     match w.auth.check_write(headers) {
         Ok(()) => Ok(()),
-        Err(e) if e.status == StatusCode::UNAUTHORIZED => Err(to_login(back)),
-        Err(e) => Err(e.page().into_response()),
+        Err(e) if e.status == StatusCode::UNAUTHORIZED => Err(Box::new(to_login(back))),
+        Err(e) => Err(Box::new(e.page().into_response())),
     }
 }
 
@@ -190,7 +190,7 @@ pub(crate) async fn builds(
     uri: Uri,
 ) -> Response {
     if let Err(r) = page_read(&w, &headers, &uri) {
-        return r;
+        return *r;
     }
     let filter = match q.filter(100) {
         Ok(f) => f,
@@ -286,7 +286,7 @@ pub(crate) async fn build(
     uri: Uri,
 ) -> Response {
     if let Err(r) = page_read(&w, &headers, &uri) {
-        return r;
+        return *r;
     }
     match build_page(&w, &id, &headers).await {
         Ok(r) => r,
@@ -373,7 +373,7 @@ pub(crate) async fn cancel(
 ) -> Response {
     let back = format!("/builds/{id}");
     if let Err(r) = page_write(&w, &headers, &f.csrf, &back) {
-        return r;
+        return *r;
     }
     let id: BuildId = match parse_id("build", &id) {
         Ok(id) => id,
@@ -394,7 +394,7 @@ pub(crate) async fn retry(
 ) -> Response {
     let back = format!("/builds/{id}");
     if let Err(r) = page_write(&w, &headers, &f.csrf, &back) {
-        return r;
+        return *r;
     }
     let id: BuildId = match parse_id("build", &id) {
         Ok(id) => id,
@@ -464,7 +464,7 @@ pub(crate) async fn tests(
     uri: Uri,
 ) -> Response {
     if let Err(r) = page_read(&w, &headers, &uri) {
-        return r;
+        return *r;
     }
     match tests_page(&w, &id, &headers).await {
         Ok(r) => r,
@@ -541,7 +541,7 @@ async fn tests_page(w: &Web, id: &str, headers: &HeaderMap) -> Result<Response, 
             }
         }
     }
-    slow.sort_by(|a, b| b.0.cmp(&a.0));
+    slow.sort_by_key(|s| std::cmp::Reverse(s.0));
     let slowest = slow
         .into_iter()
         .take(15)
@@ -605,7 +605,7 @@ struct RunnersPage {
 /// `GET /runners`: runners and the queue.
 pub(crate) async fn runners(State(w): State<Web>, headers: HeaderMap, uri: Uri) -> Response {
     if let Err(r) = page_read(&w, &headers, &uri) {
-        return r;
+        return *r;
     }
     let (rs, q) = match (
         w.dispatcher.list_runners().await,
@@ -651,7 +651,7 @@ pub(crate) async fn drain(
     Form(f): Form<CsrfForm>,
 ) -> Response {
     if let Err(r) = page_write(&w, &headers, &f.csrf, "/runners") {
-        return r;
+        return *r;
     }
     match w.dispatcher.drain_runner(&name).await {
         Ok(_) => Redirect::to("/runners").into_response(),
@@ -690,7 +690,7 @@ pub(crate) async fn new_form(
     uri: Uri,
 ) -> Response {
     if let Err(r) = page_read(&w, &headers, &uri) {
-        return r;
+        return *r;
     }
     let (frame, set) = frame(&w, &headers, "New build");
     let t = NewPage {
@@ -710,7 +710,7 @@ pub(crate) async fn new_submit(
     Form(f): Form<NewForm>,
 ) -> Response {
     if let Err(r) = page_write(&w, &headers, &f.csrf, "/new") {
-        return r;
+        return *r;
     }
     let req = SubmitRequest {
         repo: f.repo.trim().to_string(),
