@@ -6,6 +6,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use kiln_testkit::*;
 use serde_json::Value;
@@ -578,4 +579,148 @@ fn web_auth_login_and_csrf() {
     );
     assert_eq!(anon.status, 303);
     assert!(anon.header("location").unwrap().starts_with("/login"));
+}
+
+/// A split step's tests page: failures first with their text, the timeline with one box per
+/// batch the store recorded; the JUnit download linked.
+#[test]
+fn web_tests_page_of_a_split() {
+    let tmp = tempdir();
+    let repo = Repo::init(&tmp.path().join("repo"));
+    let mut files: Vec<(String, String)> = (0..4)
+        .map(|f| {
+            (
+                format!("tests/test_m{f}.py"),
+                format!("def test_ok_{f}():\n    assert True\n"),
+            )
+        })
+        .collect();
+    files.push((
+        "tests/test_bad.py".into(),
+        "def test_broken():\n    assert 1 + 1 == 3, 'arithmetic is broken'\n".into(),
+    ));
+    let mut all: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(p, t)| (p.as_str(), t.as_bytes()))
+        .collect();
+    let pipeline = "steps:\n  - name: tests\n    run: python3 -m pytest -q -p no:cacheprovider --junitxml={junit} {units}\n    parallel: 2\n    units:\n      glob: tests/test_*.py\n      max_batch: 1\n";
+    all.push((".kiln.yml", pipeline.as_bytes()));
+    let sha = repo.commit(&all, "suite");
+    let server = Server::start(&tmp.path().join("data"), &[]);
+    let _r1 = server.runner(tmp.path(), "r1", &[]);
+    let _r2 = server.runner(tmp.path(), "r2", &[]);
+    let id = id_of(&server.submit(&repo.path, &sha));
+    let b = server.wait_final(id, Duration::from_secs(180));
+    assert_eq!(b["state"], "failed", "{b}");
+
+    let api = get(&format!("{}/api/builds/{id}/tests", server.url), &[]).json();
+    let batches = api["batches"].as_array().unwrap();
+    let units: usize = batches
+        .iter()
+        .map(|b| b["units"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(units, 5, "{api}");
+    assert!(batches.iter().all(|b| b["ended_at"].is_i64()), "{api}");
+    let page = get(&format!("{}/builds/{id}/tests", server.url), &[]);
+    assert_eq!(page.status, 200);
+    let html = page.body;
+    let failure = html
+        .find("<div class=\"failure\" data-test=\"test_bad.test_broken\"")
+        .or_else(|| html.find("<div class=\"failure\" data-test=\"tests.test_bad.test_broken\""))
+        .unwrap_or_else(|| panic!("no failure div: {html}"));
+    let div = &html[failure..failure + html[failure..].find("</div>").unwrap()];
+    assert!(div.contains("arithmetic is broken"), "{div}");
+    assert!(div.contains("assert"), "the body too: {div}");
+    let timeline = &html[html.find("<svg id=\"timeline\"").unwrap()..];
+    let timeline = &timeline[..timeline.find("</svg>").unwrap()];
+    assert_eq!(
+        timeline.matches("<rect class=\"batch").count(),
+        batches.len(),
+        "{timeline}"
+    );
+    assert!(html.contains(&format!("href=\"/builds/{id}/junit.xml\"")));
+    assert_eq!(
+        get(&format!("{}/builds/{id}/junit.xml", server.url), &[]).status,
+        200
+    );
+}
+
+/// The "new build" form submits and redirects to the build; `/events` tells of it; a runner
+/// is drained from its page's button.
+#[test]
+fn web_new_build_form_events_and_drain() {
+    let tmp = tempdir();
+    let (repo, sha) = Repo::with_pipeline(
+        &tmp.path().join("repo"),
+        "steps:\n  - name: s\n    run: echo hi\n",
+    );
+    let server = Server::start(&tmp.path().join("data"), &[]);
+    let _r = server.runner(tmp.path(), "r1", &[]);
+    server.wait_runners_attached(&["r1"]);
+    let mut events = {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-N"]).arg(format!("{}/events", server.url));
+        Proc::spawn("curl sse events", cmd)
+    };
+    // Subscribed: nothing after this is missed.
+    events.wait_stdout(b"event: ready", LONG);
+    let jar = tmp.path().join("jar");
+    let jar = jar.to_str().unwrap();
+    let form = get(&format!("{}/new", server.url), &["-c", jar]).body;
+    let csrf = {
+        let s = &form[form.find("name=\"csrf\" value=\"").unwrap() + 19..];
+        s[..s.find('"').unwrap()].to_string()
+    };
+    let data = format!(
+        "csrf={csrf}&repo={}&commit={sha}&branch=main",
+        enc(repo.path.to_str().unwrap())
+    );
+    let r = http(
+        "POST",
+        &format!("{}/new", server.url),
+        &["-b", jar, "--data", &data],
+    );
+    assert_eq!(r.status, 303, "{}", r.body);
+    let location = r.header("location").unwrap();
+    let id: u64 = location.strip_prefix("/builds/").unwrap().parse().unwrap();
+    assert_eq!(server.wait_final(id, LONG)["state"], "passed");
+    events.wait_stdout(
+        format!("\"build_id\":{id},\"job_id\":null,\"state\":\"passed\"").as_bytes(),
+        LONG,
+    );
+    // A bad repository is the form again with the error.
+    let bad = format!("csrf={csrf}&repo=%2Fno%2Fsuch%2Frepo&commit=HEAD");
+    let r = http(
+        "POST",
+        &format!("{}/new", server.url),
+        &["-b", jar, "--data", &bad],
+    );
+    assert!(r.status >= 400, "{}", r.body);
+    assert!(r.body.contains("id=\"error\""), "{}", r.body);
+
+    // Drain.
+    let runners = get(&format!("{}/runners", server.url), &["-b", jar]).body;
+    assert!(
+        runners.contains("action=\"/runners/r1/drain\""),
+        "{runners}"
+    );
+    let r = http(
+        "POST",
+        &format!("{}/runners/r1/drain", server.url),
+        &["-b", jar, "--data", &format!("csrf={csrf}")],
+    );
+    assert_eq!(r.status, 303, "{}", r.body);
+    wait_for("r1 to drain", LONG, || {
+        let v = get(&format!("{}/api/runners", server.url), &[]).json();
+        match v["runners"][0]["state"].as_str() {
+            Some("draining" | "offline") => Ok(()),
+            _ => Err(v.to_string()),
+        }
+    });
+    let missing = http(
+        "POST",
+        &format!("{}/api/runners/nobody/drain", server.url),
+        &[],
+    );
+    assert_eq!(missing.status, 404, "{}", missing.body);
 }

@@ -352,8 +352,9 @@ pub(crate) async fn log_events(
     Ok(sse_response(ReceiverStream::new(rx)))
 }
 
-/// `GET /events`: every state change as an event `state` (`{"build_id","job_id","state","at"}`);
-/// `resync` when this follower fell behind and missed some (the page re-reads then).
+/// `GET /events`: `ready` once subscribed, then every state change as an event `state`
+/// (`{"build_id","job_id","state","at"}`); `resync` when this follower fell behind and missed
+/// some (the page re-reads then).
 pub(crate) async fn build_events(
     State(w): State<Web>,
     headers: HeaderMap,
@@ -361,6 +362,14 @@ pub(crate) async fn build_events(
     w.auth.check_read(&headers)?;
     let mut events = w.dispatcher.subscribe();
     let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    // Subscribed: say so, so a client knows that nothing after this is missed.
+    let ready = SseEvent::default().event("ready").data("{}");
+    if tx.send(Ok(ready)).await.is_err() {
+        return Err(WebError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error",
+        ));
+    }
     let shutdown = w.shutdown.clone();
     tokio::spawn(async move {
         loop {

@@ -487,39 +487,70 @@ async fn tests_page(w: &Web, id: &str, headers: &HeaderMap) -> Result<Response, 
             total += 1;
             let longest = u.tries.iter().map(|t| t.duration_ms).max().unwrap_or(0);
             slow.push((longest, u.unit.clone()));
-            let failed_tries = u.tries.iter().filter(|t| {
-                matches!(
-                    t.state,
-                    UnitTryState::Ended(UnitOutcome::Failed | UnitOutcome::Errored)
-                )
-            });
-            let mut text = String::new();
-            let mut names = Vec::new();
-            for t in failed_tries {
-                let on = t.runner.as_deref().unwrap_or("?");
-                let cases: Vec<_> = t
-                    .cases
-                    .iter()
-                    .filter(|c| c.outcome != UnitOutcome::Passed)
-                    .collect();
-                text.push_str(&format!("try {} on {on}:\n", t.try_number));
-                if cases.is_empty() {
-                    text.push_str("(the unit failed without a failed test case)\n");
-                }
-                for c in cases {
-                    names.push(case_name(c));
-                    text.push_str(&format!("{}\n{}\n", case_name(c), case_text(c)));
-                }
-            }
-            let v = FailureView {
-                name: u.unit.clone(),
-                place: s.key.clone(),
-                text,
-                flaky: u.verdict == UnitVerdict::Flaky,
-            };
+            let failed_tries: Vec<_> = u
+                .tries
+                .iter()
+                .filter(|t| {
+                    matches!(
+                        t.state,
+                        UnitTryState::Ended(UnitOutcome::Failed | UnitOutcome::Errored)
+                    )
+                })
+                .collect();
             match u.verdict {
-                UnitVerdict::Failed => failures.push(v),
-                UnitVerdict::Flaky => flaky.push(v),
+                UnitVerdict::Failed => {
+                    // Each failed test case of its last failed try, with its text; the unit
+                    // itself when no case says why.
+                    let Some(t) = failed_tries.last() else {
+                        continue;
+                    };
+                    let place = format!(
+                        "{}: {}, try {} on {}",
+                        s.key,
+                        u.unit,
+                        t.try_number,
+                        t.runner.as_deref().unwrap_or("?")
+                    );
+                    let mut any = false;
+                    for c in t.cases.iter().filter(|c| c.outcome != UnitOutcome::Passed) {
+                        any = true;
+                        failures.push(FailureView {
+                            name: case_name(c),
+                            place: place.clone(),
+                            text: case_text(c),
+                            flaky: false,
+                        });
+                    }
+                    if !any {
+                        failures.push(FailureView {
+                            name: u.unit.clone(),
+                            place,
+                            text: "the unit failed without a failed test case in its report \
+                                   (see the shard's output)"
+                                .into(),
+                            flaky: false,
+                        });
+                    }
+                }
+                UnitVerdict::Flaky => {
+                    let mut text = String::new();
+                    for t in &failed_tries {
+                        text.push_str(&format!(
+                            "try {} on {} failed:\n",
+                            t.try_number,
+                            t.runner.as_deref().unwrap_or("?")
+                        ));
+                        for c in t.cases.iter().filter(|c| c.outcome != UnitOutcome::Passed) {
+                            text.push_str(&format!("{}\n{}\n", case_name(c), case_text(c)));
+                        }
+                    }
+                    flaky.push(FailureView {
+                        name: u.unit.clone(),
+                        place: s.key.clone(),
+                        text,
+                        flaky: true,
+                    });
+                }
                 _ => {}
             }
         }
