@@ -25,10 +25,19 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::Web;
 use crate::error::{WebError, parse_id};
 
-/// How much of a log's end a page renders.
+/// How much of a log's end a page renders (less per job when a build has many: see
+/// [`tail_bytes`]).
 pub(crate) const TAIL_BYTES: u64 = 256 * 1024;
 /// Most payload one read of the log store returns.
 const READ_BYTES: usize = 1 << 20;
+/// Most payload one SSE event carries (a follower holds at most a few in its channel).
+const SSE_READ_BYTES: usize = 256 * 1024;
+
+/// The tail each job of a build with `jobs` jobs gets on its page: a page holds about a MiB
+/// of output at most, each job at least 32 KiB of it.
+pub(crate) fn tail_bytes(jobs: usize) -> u64 {
+    ((1u64 << 20) / jobs.max(1) as u64).clamp(32 * 1024, TAIL_BYTES)
+}
 
 /// Which attempts' output is shown: `from` and later ones (`None`: every attempt).
 pub(crate) fn shows(from: Option<AttemptId>, attempt: AttemptId) -> bool {
@@ -207,14 +216,15 @@ pub(crate) fn render_lines(
     (html, rest.to_string(), n)
 }
 
-/// The last [`TAIL_BYTES`] or so of a job's shown output.
+/// The last `bytes` or so of a job's shown output.
 pub(crate) async fn tail(
     d: &Dispatcher,
     job: JobId,
     from: Option<AttemptId>,
+    bytes: u64,
 ) -> Result<Tail, DispatchError> {
     let len = log_len(d, job)?;
-    let at = match len.checked_sub(TAIL_BYTES) {
+    let at = match len.checked_sub(bytes) {
         Some(target) if target > 0 => locate(d, job, target, len, from).await?,
         _ => Located {
             offset: 0,
@@ -287,13 +297,13 @@ pub(crate) async fn log_events(
         Some(a) if a > 0 => Some(AttemptId::new(a)),
         _ => j.current_attempt,
     };
-    let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(16);
+    let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(4);
     let shutdown = w.shutdown.clone();
     tokio::spawn(async move {
         loop {
             let p = *progress.borrow_and_update();
             if offset < p.len {
-                match read_range(&d, job, offset, p.len, READ_BYTES, from).await {
+                match read_range(&d, job, offset, p.len, SSE_READ_BYTES, from).await {
                     Ok(piece) => {
                         let data = serde_json::json!({
                             "from": piece.from,

@@ -314,7 +314,13 @@ async fn build_page(w: &Web, id: &str, headers: &HeaderMap) -> Result<Response, 
                 }
             })
             .collect();
-        let tail = crate::log::tail(&w.dispatcher, j.id, j.current_attempt).await?;
+        let tail = crate::log::tail(
+            &w.dispatcher,
+            j.id,
+            j.current_attempt,
+            crate::log::tail_bytes(d.jobs.len()),
+        )
+        .await?;
         jobs.push(JobView {
             id: j.id,
             name: j.name.clone(),
@@ -614,7 +620,8 @@ struct RunnerRow {
     state: &'static str,
     labels: String,
     slots: u32,
-    jobs: Vec<kiln_domain::JobId>,
+    /// Its running jobs: (build, job).
+    jobs: Vec<(BuildId, kiln_domain::JobId)>,
     heartbeat: String,
     attached: bool,
 }
@@ -645,6 +652,12 @@ pub(crate) async fn runners(State(w): State<Web>, headers: HeaderMap, uri: Uri) 
         (Ok(rs), Ok(q)) => (rs, q),
         (Err(e), _) | (_, Err(e)) => return WebError::from(e).page().into_response(),
     };
+    let mut builds_of = BTreeMap::new();
+    for j in rs.iter().flat_map(|r| &r.running_jobs) {
+        if let Ok(job) = w.dispatcher.get_job(*j).await {
+            builds_of.insert(*j, job.build_id);
+        }
+    }
     let (frame, set) = frame(&w, &headers, "Runners");
     let t = RunnersPage {
         frame,
@@ -655,7 +668,11 @@ pub(crate) async fn runners(State(w): State<Web>, headers: HeaderMap, uri: Uri) 
                 state: runner_state(r.state),
                 labels: labels_text(&r.record.labels),
                 slots: r.record.slots,
-                jobs: r.running_jobs.clone(),
+                jobs: r
+                    .running_jobs
+                    .iter()
+                    .filter_map(|j| builds_of.get(j).map(|b| (*b, *j)))
+                    .collect(),
                 heartbeat: utc(r.last_heartbeat),
                 attached: !matches!(
                     r.state,
