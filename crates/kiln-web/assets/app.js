@@ -68,9 +68,16 @@
   // Follows a job's log from the offset the page was rendered up to: the server replays what
   // is stored from there, then sends new output; each chunk says where it starts, so a chunk
   // that is not the next one is never shown twice and a gap makes us reconnect from our offset.
+  // Browsers open at most 6 HTTP/1.1 connections to a host: follow a few logs at once (the
+  // others wait their turn), leaving room for /events and fetches.
+  const MAX_FOLLOWED = 3;
+  let followed = 0;
+  const waiting = [];
   function follow(pre) {
     if (pre.dataset.following) return;
     pre.dataset.following = "1";
+    if (followed >= MAX_FOLLOWED) { waiting.push(pre); return; }
+    followed++;
     const job = pre.dataset.jobId;
     let es = null;
     const connect = () => {
@@ -86,7 +93,13 @@
         append(pre, d.text);
         pre.dataset.offset = d.next;
       });
-      es.addEventListener("end", () => { es.close(); pre.dataset.live = "false"; delete pre.dataset.following; });
+      es.addEventListener("end", () => {
+        es.close();
+        pre.dataset.live = "false";
+        followed--;
+        const next = waiting.shift();
+        if (next) { delete next.dataset.following; follow(next); }
+      });
     };
     connect();
   }
@@ -196,7 +209,9 @@
         const pre = sec.querySelector("pre.log");
         if (pre && (ev.state === "running" || ev.state === "assigned")) follow(pre);
       });
-      document.querySelectorAll('pre.log[data-live="true"]').forEach(follow);
+      document.querySelectorAll("section.job").forEach((sec) => {
+        if (["running", "assigned"].includes(sec.dataset.state)) follow(sec.querySelector("pre.log"));
+      });
       document.querySelectorAll("pre.log").forEach((pre) => {
         pre.scrollTop = pre.scrollHeight;
         pre.addEventListener("scroll", () => { if (pre.scrollTop === 0) earlier(pre); });
