@@ -232,6 +232,19 @@ fn web_api_pages_and_live_log() {
         .map(|p| p.2.as_str())
         .collect();
     assert_eq!(format!("{before}{rest}"), streamed);
+    // A browser reconnecting says where it was in `Last-Event-ID`, which wins over the URL's.
+    let resumed_at = get(
+        &format!("{}/jobs/{live}/log/events?offset=0", server.url),
+        &["-H", &format!("Last-Event-ID: {mid_next}")],
+    );
+    let (again, ended) = chunks(&resumed_at.body);
+    assert!(ended);
+    assert_eq!(
+        again.first().map(|c| c.0),
+        Some(mid_next),
+        "{}",
+        resumed_at.body
+    );
     let past = get(
         &format!("{}/api/jobs/{live}/log?offset=99999999", server.url),
         &[],

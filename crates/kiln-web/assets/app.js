@@ -163,6 +163,24 @@
     return tr;
   }
 
+  const took = (ms) => ms < 1000 ? ms + "ms" : ms < 60000 ? (ms / 1000).toFixed(1) + "s"
+    : ms < 3600000 ? Math.floor(ms / 60000) + "m " + Math.floor(ms % 60000 / 1000) + "s"
+    : Math.floor(ms / 3600000) + "h " + Math.floor(ms % 3600000 / 60000) + "m";
+
+  // A job ended: its steps' outcomes and durations.
+  async function steps(sec, job) {
+    const r = await fetch("/api/jobs/" + job, { credentials: "same-origin" });
+    if (!r.ok) return;
+    const j = await r.json();
+    sec.querySelectorAll("table.steps tr.step").forEach((tr, i) => {
+      const s = j.steps[i];
+      if (!s || !s.outcome) return;
+      tr.className = "step outcome-" + s.outcome;
+      tr.cells[1].textContent = s.outcome;
+      tr.cells[2].textContent = s.duration_ms === null ? "" : took(s.duration_ms);
+    });
+  }
+
   function live(onEvent) {
     const es = new EventSource("/events");
     es.addEventListener("state", (e) => onEvent(JSON.parse(e.data)));
@@ -208,6 +226,7 @@
         if (node) { node.dataset.state = ev.state; node.setAttribute("class", "node state-" + ev.state); }
         const pre = sec.querySelector("pre.log");
         if (pre && (ev.state === "running" || ev.state === "assigned")) follow(pre);
+        if (FINAL.includes(ev.state)) steps(sec, ev.job_id);
       });
       document.querySelectorAll("section.job").forEach((sec) => {
         if (["running", "assigned"].includes(sec.dataset.state)) follow(sec.querySelector("pre.log"));
