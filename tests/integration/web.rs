@@ -346,6 +346,14 @@ fn web_api_pages_and_live_log() {
         get(&format!("{}/api/builds?state=bogus", server.url), &[]).status,
         400
     );
+    let bad_limit = get(&format!("{}/api/builds?limit=many", server.url), &[]);
+    assert_eq!(bad_limit.status, 400);
+    assert!(
+        bad_limit.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("limit")
+    );
     let list = get(&format!("{}/", server.url), &[]).body;
     assert!(list.contains("<table id=\"builds\""));
     assert!(list.contains(&format!(

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -139,10 +140,11 @@ pub(crate) async fn retried_by(w: &Web, b: &kiln_domain::Build) -> Vec<BuildId> 
 /// `GET /api/builds?repo=&branch=&state=&limit=&before=`
 pub(crate) async fn list_builds(
     State(w): State<Web>,
-    Query(q): Query<ListQuery>,
+    q: Result<Query<ListQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, WebError> {
     w.auth.check_read(&headers)?;
+    let Query(q) = q.map_err(bad_query)?;
     let builds = w.dispatcher.list_builds(q.filter(50)?).await?;
     Ok(
         Json(json!({ "builds": builds.iter().map(build_json).collect::<Vec<_>>() }))
@@ -200,10 +202,11 @@ pub(crate) struct LogQuery {
 pub(crate) async fn log(
     State(w): State<Web>,
     Path(id): Path<String>,
-    Query(q): Query<LogQuery>,
+    q: Result<Query<LogQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, WebError> {
     w.auth.check_read(&headers)?;
+    let Query(q) = q.map_err(bad_query)?;
     let job: JobId = parse_id("job", &id)?;
     let d = &w.dispatcher;
     // A job that does not exist gets no follower channel.
@@ -332,6 +335,11 @@ pub(crate) struct SubmitBody {
     commit: String,
     #[serde(default)]
     branch: String,
+}
+
+/// A query string that does not fit: 400 with what is wrong.
+pub(crate) fn bad_query(e: QueryRejection) -> WebError {
+    WebError::bad_request(e.body_text())
 }
 
 /// Parses a JSON body, with a 400 that says what is wrong.

@@ -270,10 +270,11 @@ where
 pub(crate) async fn log_events(
     State(w): State<Web>,
     Path(id): Path<String>,
-    Query(q): Query<FollowQuery>,
+    q: Result<Query<FollowQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, WebError> {
     w.auth.check_read(&headers)?;
+    let Query(q) = q.map_err(crate::api::bad_query)?;
     let job: JobId = parse_id("job", &id)?;
     let d = w.dispatcher.clone();
     // A job that does not exist gets no follower channel.
