@@ -164,7 +164,8 @@ pub(super) async fn serve(args: ServeArgs) -> Result<i32, CliError> {
         web_auth: match &args.api_token {
             Some(t) => kiln_web::WebAuth::with_token(t, args.closed_reads),
             None => kiln_web::WebAuth::open(),
-        },
+        }
+        .secure_cookies(args.server_cert.is_some() && args.server_key.is_some()),
     };
     // Checked before anything starts: a bad pattern or path is a usage error.
     let watch = if args.watch.is_empty() {

@@ -26,6 +26,8 @@ pub struct WebAuth {
     token_hash: Option<[u8; 32]>,
     /// Whether reads need the token too.
     closed_reads: bool,
+    /// Whether the listener is TLS: cookies are then `Secure`.
+    secure_cookies: bool,
 }
 
 impl std::fmt::Debug for WebAuth {
@@ -33,6 +35,7 @@ impl std::fmt::Debug for WebAuth {
         f.debug_struct("WebAuth")
             .field("token", &self.token_hash.is_some())
             .field("closed_reads", &self.closed_reads)
+            .field("secure_cookies", &self.secure_cookies)
             .finish()
     }
 }
@@ -63,7 +66,21 @@ impl WebAuth {
         Self {
             token_hash: Some(sha256(token.as_bytes())),
             closed_reads,
+            secure_cookies: false,
         }
+    }
+
+    /// Marks cookies `Secure` (the dispatcher serves TLS).
+    pub fn secure_cookies(mut self, secure: bool) -> Self {
+        self.secure_cookies = secure;
+        self
+    }
+
+    /// A cookie's `Set-Cookie` value: HttpOnly, SameSite=Strict, the whole site, and Secure
+    /// under TLS.
+    pub(crate) fn cookie(&self, name: &str, value: &str) -> String {
+        let secure = if self.secure_cookies { "; Secure" } else { "" };
+        format!("{name}={value}; Path=/; HttpOnly; SameSite=Strict{secure}")
     }
 
     /// Whether a token is configured.
@@ -238,6 +255,12 @@ mod tests {
             Presented::Nothing
         );
         assert!(WebAuth::open().check_write(&headers(&[])).is_ok());
+        assert_eq!(a.cookie("c", "v"), "c=v; Path=/; HttpOnly; SameSite=Strict");
+        assert!(
+            a.secure_cookies(true)
+                .cookie("c", "v")
+                .ends_with("; Secure")
+        );
     }
 
     #[test]

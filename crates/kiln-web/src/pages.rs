@@ -48,11 +48,12 @@ fn frame(w: &Web, headers: &HeaderMap, title: impl Into<String>) -> (Frame, Opti
             has_token: w.auth.has_token(),
             logged_in,
         },
-        new.then_some(csrf),
+        new.then(|| w.auth.cookie(CSRF_COOKIE, &csrf)),
     )
 }
 
-/// A rendered page with the headers every page gets (and the CSRF cookie when new).
+/// A rendered page with the headers every page gets (and the CSRF cookie, a whole
+/// `Set-Cookie` value, when new).
 fn page(t: &impl Template, status: StatusCode, set_csrf: Option<String>) -> Response {
     let body = match t.render() {
         Ok(b) => b,
@@ -81,9 +82,7 @@ fn page(t: &impl Template, status: StatusCode, set_csrf: Option<String>) -> Resp
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Some(c) = set_csrf
-        && let Ok(v) = HeaderValue::from_str(&format!(
-            "{CSRF_COOKIE}={c}; Path=/; HttpOnly; SameSite=Strict"
-        ))
+        && let Ok(v) = HeaderValue::from_str(&c)
     {
         h.append(header::SET_COOKIE, v);
     }
@@ -837,9 +836,7 @@ pub(crate) async fn login(
     match w.auth.login(&f.token) {
         Some(session) => {
             let mut r = Redirect::to(&next).into_response();
-            if let Ok(v) = HeaderValue::from_str(&format!(
-                "{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict"
-            )) {
+            if let Ok(v) = HeaderValue::from_str(&w.auth.cookie(SESSION_COOKIE, &session)) {
                 r.headers_mut().append(header::SET_COOKIE, v);
             }
             r
@@ -862,15 +859,16 @@ pub(crate) async fn login(
 }
 
 /// `POST /logout`: forgets the session cookie.
-pub(crate) async fn logout(headers: HeaderMap) -> Response {
+pub(crate) async fn logout(State(w): State<Web>, headers: HeaderMap) -> Response {
     if let Err(e) = same_site(&headers) {
         return e.page().into_response();
     }
     let mut r = Redirect::to("/login").into_response();
-    r.headers_mut().append(
-        header::SET_COOKIE,
-        HeaderValue::from_static("kiln_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
-    );
+    if let Ok(v) =
+        HeaderValue::from_str(&format!("{}; Max-Age=0", w.auth.cookie(SESSION_COOKIE, "")))
+    {
+        r.headers_mut().append(header::SET_COOKIE, v);
+    }
     r
 }
 
