@@ -55,9 +55,12 @@ pub(crate) struct Piece {
     pub(crate) text: Vec<u8>,
 }
 
-/// The log's published length (whole frames below it).
-pub(crate) fn log_len(d: &Dispatcher, job: JobId) -> Result<u64, DispatchError> {
-    Ok(d.follow(job)?.borrow().len)
+/// The log's published length (whole frames below it). Settles the follow of a job that
+/// ended, so that looking at an old job's log leaves nothing behind in the engine's hub.
+pub(crate) fn log_len(d: &Dispatcher, job: &kiln_domain::Job) -> Result<u64, DispatchError> {
+    let len = d.follow(job.id)?.borrow().len;
+    d.settle_follow(job.id, job.state);
+    Ok(len)
 }
 
 /// Reads the shown output in `[offset, limit)`, stopping after about `max` bytes.
@@ -219,11 +222,11 @@ pub(crate) fn render_lines(
 /// The last `bytes` or so of a job's shown output.
 pub(crate) async fn tail(
     d: &Dispatcher,
-    job: JobId,
-    from: Option<AttemptId>,
+    j: &kiln_domain::Job,
     bytes: u64,
 ) -> Result<Tail, DispatchError> {
-    let len = log_len(d, job)?;
+    let (job, from) = (j.id, j.current_attempt);
+    let len = log_len(d, j)?;
     let at = match len.checked_sub(bytes) {
         Some(target) if target > 0 => locate(d, job, target, len, from).await?,
         _ => Located {
@@ -422,7 +425,7 @@ pub(crate) async fn log_txt(
     let job: JobId = parse_id("job", &id)?;
     let d = w.dispatcher.clone();
     let j = d.get_job(job).await?;
-    let len = log_len(&d, job)?;
+    let len = log_len(&d, &j)?;
     let from = j.current_attempt;
     let (tx, rx) = mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
     tokio::spawn(async move {

@@ -313,13 +313,7 @@ async fn build_page(w: &Web, id: &str, headers: &HeaderMap) -> Result<Response, 
                 }
             })
             .collect();
-        let tail = crate::log::tail(
-            &w.dispatcher,
-            j.id,
-            j.current_attempt,
-            crate::log::tail_bytes(d.jobs.len()),
-        )
-        .await?;
+        let tail = crate::log::tail(&w.dispatcher, j, crate::log::tail_bytes(d.jobs.len())).await?;
         jobs.push(JobView {
             id: j.id,
             name: j.name.clone(),
