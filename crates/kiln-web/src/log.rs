@@ -57,9 +57,15 @@ pub(crate) struct Piece {
 
 /// The log's published length (whole frames below it). Settles the follow of a job that
 /// ended, so that looking at an old job's log leaves nothing behind in the engine's hub.
-pub(crate) fn log_len(d: &Dispatcher, job: &kiln_domain::Job) -> Result<u64, DispatchError> {
+pub(crate) async fn log_len(d: &Dispatcher, job: &kiln_domain::Job) -> Result<u64, DispatchError> {
     let len = d.follow(job.id)?.borrow().len;
-    d.settle_follow(job.id, job.state);
+    // Subscribed, then the state: a job that ended meanwhile is seen ended.
+    let state = if job.state.is_final() {
+        job.state
+    } else {
+        d.get_job(job.id).await?.state
+    };
+    d.settle_follow(job.id, state);
     Ok(len)
 }
 
@@ -226,7 +232,7 @@ pub(crate) async fn tail(
     bytes: u64,
 ) -> Result<Tail, DispatchError> {
     let (job, from) = (j.id, j.current_attempt);
-    let len = log_len(d, j)?;
+    let len = log_len(d, j).await?;
     let at = match len.checked_sub(bytes) {
         Some(target) if target > 0 => locate(d, job, target, len, from).await?,
         _ => Located {
@@ -425,7 +431,7 @@ pub(crate) async fn log_txt(
     let job: JobId = parse_id("job", &id)?;
     let d = w.dispatcher.clone();
     let j = d.get_job(job).await?;
-    let len = log_len(&d, &j)?;
+    let len = log_len(&d, &j).await?;
     let from = j.current_attempt;
     let (tx, rx) = mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
     tokio::spawn(async move {
