@@ -509,6 +509,8 @@ pub struct ServeOptions {
     pub require_runner_cert: bool,
     /// The signed push webhook (`POST /webhooks/push`), on this same listener.
     pub webhook: crate::webhook::WebhookConfig,
+    /// The web reporter's authorisation (the same token and rule as `api_auth`).
+    pub web_auth: kiln_web::WebAuth,
 }
 
 /// Serves the dispatcher on `listener` until `shutdown` resolves: every kiln service, the
@@ -545,6 +547,7 @@ pub async fn serve(
         api_auth,
         require_runner_cert,
         webhook,
+        web_auth,
     } = options;
     let (reflection_v1, reflection_v1alpha) = match (reflection_v1, reflection_v1alpha) {
         (Ok(a), Ok(b)) => (a, b),
@@ -600,7 +603,9 @@ pub async fn serve(
         .add_routes(crate::webhook::routes(
             dispatcher.clone(),
             webhook,
-            crate::downloads::router(dispatcher.clone(), api_auth.clone()),
+            crate::downloads::router(dispatcher.clone(), api_auth.clone()).merge(
+                kiln_web::router_with_shutdown(dispatcher.clone(), web_auth, stop.clone()),
+            ),
         ))
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -182,6 +182,11 @@ pub(super) async fn serve(args: ServeArgs) -> Result<i32, CliError> {
         require_runner_cert: args.require_runner_cert,
         webhook: crate::webhook::WebhookConfig::from_option(args.webhook_secret.as_deref())
             .map_err(|e| CliError::new(exit::USAGE, e))?,
+        web_auth: match &args.api_token {
+            Some(t) => kiln_web::WebAuth::with_token(t, args.closed_reads),
+            None => kiln_web::WebAuth::open(),
+        }
+        .secure_cookies(args.server_cert.is_some() && args.server_key.is_some()),
     };
     // Checked before anything starts: a bad pattern or path is a usage error.
     let watch = if args.watch.is_empty() {

@@ -174,8 +174,8 @@ fn cancel_from_the_page_cancels_after_logging_in() {
         &tmp.path().join("data"),
         &["--api-token", "s3cret-token", "--closed-reads"],
     );
+    // (Reads are closed: the build's state, below, is read with the token.)
     let _r = server.runner(tmp.path(), "r1", &[]);
-    server.wait_runners_attached(&["r1"]);
     let out = server.cli(&[
         "--token",
         "s3cret-token",

@@ -29,4 +29,5 @@ mod security;
 mod security_e2e;
 mod sessions;
 mod split;
+mod web;
 mod webhook;

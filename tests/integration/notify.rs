@@ -473,7 +473,7 @@ fn deliveries_survive_a_restart_while_the_receiver_is_down() {
     drop(server);
 
     let receiver = Receiver::on(TcpListener::bind(("127.0.0.1", port)).unwrap());
-    let _server = Server::start(&data, &args);
+    let server = Server::start(&data, &args);
     wait_for("every delivery delivered after the restart", LONG, || {
         let n = undelivered(&data);
         if n == 0 {
@@ -482,6 +482,28 @@ fn deliveries_survive_a_restart_while_the_receiver_is_down() {
             Err(format!("{n} not delivered"))
         }
     });
+    // The delivery log, as the web page and its JSON API show it: the failed tries before the
+    // restart are counted.
+    let (status, body) =
+        kiln_testkit::http_get(&format!("{}/api/builds/{id}/deliveries", server.url), &[]);
+    assert_eq!(status, "200", "{body}");
+    let log: Value = serde_json::from_str(&body).unwrap();
+    let list = log["deliveries"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{log}");
+    assert!(
+        list.iter()
+            .all(|d| d["state"] == "delivered" && d["attempts"].as_u64().unwrap() >= 2),
+        "{log}"
+    );
+    assert!(list.iter().all(|d| d.get("payload").is_none()), "{log}");
+    let (status, page) = kiln_testkit::http_get(&format!("{}/builds/{id}", server.url), &[]);
+    assert_eq!(status, "200");
+    assert_eq!(
+        page.matches("<tr class=\"delivery\" data-state=\"delivered\">")
+            .count(),
+        2,
+        "{page}"
+    );
     let hooks: Vec<Value> = receiver.requests().iter().map(checked_hook).collect();
     let mut events: Vec<_> = hooks.iter().map(|h| h["event"].as_str().unwrap()).collect();
     events.sort();

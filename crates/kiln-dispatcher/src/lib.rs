@@ -1127,6 +1127,23 @@ impl Dispatcher {
         })
     }
 
+    /// The batches of a build's split steps as they ran (which shard's attempt ran which
+    /// units, when, in which round): a timeline's data.
+    pub async fn split_batches(
+        &self,
+        id: BuildId,
+    ) -> Result<Vec<kiln_domain::split::BatchRecord>, DispatchError> {
+        self.db(move |s| s.split_batches(id)).await
+    }
+
+    /// The notifications planned for a build and where each stands (the delivery log).
+    pub async fn deliveries(
+        &self,
+        id: BuildId,
+    ) -> Result<Vec<kiln_store::Delivery>, DispatchError> {
+        self.db(move |s| s.deliveries(id)).await
+    }
+
     /// One job.
     pub async fn get_job(&self, id: JobId) -> Result<kiln_domain::Job, DispatchError> {
         self.db(move |s| s.get_job(id))

@@ -495,6 +495,34 @@ pub struct SplitReport {
     pub interaction_policy: InteractionPolicy,
 }
 
+/// One batch of a split as it ran: the units one shard's attempt got in one round trip, when
+/// they were leased and when the last of them ended (the web page's timeline).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRecord {
+    /// The split.
+    pub split_id: SplitId,
+    /// The split's key (job and step).
+    pub split_key: String,
+    /// The shard's attempt that ran it.
+    pub attempt: AttemptId,
+    /// The shard's job name (its row in a timeline).
+    pub job: String,
+    /// The request number within the attempt that leased it.
+    pub request: u32,
+    /// The round (try number): 1, then one more per retry round.
+    pub round: u32,
+    /// The runner it ran on.
+    pub runner: String,
+    /// When it was leased (ms since the epoch).
+    pub leased_at: crate::Millis,
+    /// When its last unit ended; `None` while one is still out.
+    pub ended_at: Option<crate::Millis>,
+    /// Its units, in lease order.
+    pub units: Vec<String>,
+    /// How many of them did not pass.
+    pub failed: u32,
+}
+
 /// The test cases a plain step's JUnit XML files gave, for its job's current attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepReport {

@@ -329,42 +329,5 @@ async fn record(store: &Arc<dyn Store>, settings: &DeliverySettings, t: &Tried) 
     }
 }
 
-/// `GET /api/builds/{id}/deliveries`: the build's deliveries, in the order they were planned,
-/// as JSON (`{"build_id": 42, "deliveries": [{"delivery_id", "event", "target", "state",
-/// "attempts", "next_at", "last_error", "created_at", "finished_at"}]}`). What is sent and the
-/// secrets are not shown. The caller puts it behind the API's read rule.
-pub fn router(dispatcher: Dispatcher) -> axum::Router {
-    use axum::extract::{Path, State};
-    use axum::http::{StatusCode, header};
-    use axum::routing::get;
-
-    async fn deliveries(
-        State(dispatcher): State<Dispatcher>,
-        Path(id): Path<String>,
-    ) -> (StatusCode, [(header::HeaderName, &'static str); 1], String) {
-        let json = [(header::CONTENT_TYPE, "application/json")];
-        let Ok(id) = id.parse::<BuildId>() else {
-            let body = serde_json::json!({"error": "the build id is not a number"});
-            return (StatusCode::BAD_REQUEST, json, body.to_string());
-        };
-        let store = dispatcher.store();
-        match blocking(&store, move |s| s.deliveries(id)).await {
-            Ok(list) => {
-                let body = serde_json::json!({"build_id": id, "deliveries": list});
-                (StatusCode::OK, json, body.to_string())
-            }
-            Err(e) => {
-                tracing::warn!(build = %id, cause = %e, "cannot read deliveries");
-                let body = serde_json::json!({"error": "cannot read the deliveries"});
-                (StatusCode::INTERNAL_SERVER_ERROR, json, body.to_string())
-            }
-        }
-    }
-
-    axum::Router::new()
-        .route("/api/builds/{id}/deliveries", get(deliveries))
-        .with_state(dispatcher)
-}
-
 #[cfg(test)]
 mod tests;

@@ -299,6 +299,9 @@ pub trait Store: Send + Sync + 'static {
     fn next_units(&self, req: &UnitsRequest) -> Result<UnitsReply>;
     /// The split reports of a build (merged over its shards), in split order.
     fn split_reports(&self, build: BuildId) -> Result<Vec<SplitReport>>;
+    /// The batches of a build's split steps as they ran (leased units grouped by attempt and
+    /// request), in split order then lease time.
+    fn split_batches(&self, build: BuildId) -> Result<Vec<kiln_domain::split::BatchRecord>>;
     /// The test cases plain steps' JUnit files gave (`junit`), for each job's current attempt,
     /// in job and step order.
     fn step_reports(&self, build: BuildId) -> Result<Vec<kiln_domain::split::StepReport>>;

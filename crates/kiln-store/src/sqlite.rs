@@ -739,6 +739,44 @@ impl Store for SqliteStore {
         self.deliveries_of(build)
     }
 
+    fn split_batches(&self, build: BuildId) -> Result<Vec<kiln_domain::split::BatchRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT s.id, s.split_key, t.attempt_id, COALESCE(j.name, ''), t.request, \
+             t.try_number, COALESCE(t.runner, ''), MIN(t.leased_at), \
+             CASE WHEN COUNT(t.ended_at) = COUNT(*) THEN MAX(t.ended_at) END, \
+             group_concat(u.unit, char(10)), \
+             SUM(CASE WHEN t.outcome IS NOT NULL AND t.outcome != 'passed' THEN 1 ELSE 0 END) \
+             FROM unit_tries t JOIN splits s ON s.id = t.split_id \
+             JOIN split_units u ON u.split_id = t.split_id AND u.position = t.position \
+             LEFT JOIN attempts a ON a.id = t.attempt_id LEFT JOIN jobs j ON j.id = a.job_id \
+             WHERE s.build_id = ?1 AND t.attempt_id IS NOT NULL AND t.leased_at IS NOT NULL \
+             GROUP BY s.id, t.attempt_id, t.request, t.try_number \
+             ORDER BY s.id, MIN(t.leased_at), t.attempt_id, t.request",
+        )?;
+        let rows = stmt.query_map([build], |r| {
+            Ok(kiln_domain::split::BatchRecord {
+                split_id: r.get(0)?,
+                split_key: r.get(1)?,
+                attempt: r.get(2)?,
+                job: r.get(3)?,
+                request: r.get::<_, Option<u32>>(4)?.unwrap_or(0),
+                round: r.get(5)?,
+                runner: r.get(6)?,
+                leased_at: r.get(7)?,
+                ended_at: r.get(8)?,
+                units: r
+                    .get::<_, Option<String>>(9)?
+                    .unwrap_or_default()
+                    .lines()
+                    .map(str::to_string)
+                    .collect(),
+                failed: r.get(10)?,
+            })
+        })?;
+        Ok(rows.collect::<std::result::Result<Vec<_>, _>>()?)
+    }
+
     fn step_reports(&self, build: BuildId) -> Result<Vec<kiln_domain::split::StepReport>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(

@@ -1236,3 +1236,41 @@ fn without_a_start_cost_units_recorded_once_count_as_recorded() {
     let (_, got) = ask_timed(&s, &mut sh, &list, 400, None);
     assert_eq!(got.len(), 5, "{got:?}");
 }
+
+/// The batches as the web page's timeline reads them: one per (attempt, request, round), each
+/// unit try in exactly one, with the shard's job and runner, and the retry round's batch apart.
+#[test]
+fn split_batches_group_the_leased_tries_per_request() {
+    let (_dir, s) = store();
+    let list = units(6);
+    let jobs = split_build(&s, 'a', 2, Strategy::Dynamic, retries(3));
+    let mut shards = vec![start(&s, jobs[0], "r1"), start(&s, jobs[1], "r2")];
+    run(&s, &mut shards, &list, &flaky_outcome);
+    let build = s.get_job(jobs[0]).unwrap().unwrap().build_id;
+    let batches = s.split_batches(build).unwrap();
+    let given: usize = shards.iter().map(|sh| sh.got.len()).sum();
+    let listed: usize = batches.iter().map(|b| b.units.len()).sum();
+    assert_eq!(listed, given, "{batches:?}");
+    assert_eq!(given, 7, "6 units and one retry");
+    let mut keys = BTreeSet::new();
+    for b in &batches {
+        assert!(keys.insert((b.attempt, b.request, b.round)), "{b:?} twice");
+        assert_eq!(b.split_key, KEY);
+        let sh = shards.iter().find(|sh| sh.attempt == b.attempt).unwrap();
+        assert!(b.job.starts_with("tests-"), "{b:?}");
+        assert!(matches!(b.runner.as_str(), "r1" | "r2"));
+        assert!(b.ended_at.is_some_and(|e| e >= b.leased_at), "{b:?}");
+        for u in &b.units {
+            assert!(
+                sh.got.contains(&(u.clone(), b.round)),
+                "{u} not given to {b:?}"
+            );
+        }
+    }
+    let retry: Vec<_> = batches.iter().filter(|b| b.round == 2).collect();
+    assert_eq!(retry.len(), 1, "{batches:?}");
+    assert_eq!(retry[0].units, vec!["tests/test_02.py".to_string()]);
+    let failed: u32 = batches.iter().map(|b| b.failed).sum();
+    assert_eq!(failed, 1);
+    assert!(s.split_batches(BuildId::new(99)).unwrap().is_empty());
+}
