@@ -219,3 +219,83 @@ fn cancel_from_the_page_cancels_after_logging_in() {
     assert_eq!(show()["state"], "cancelled");
     browser.screenshot("build-cancelled");
 }
+
+#[test]
+fn a_fast_log_keeps_a_bounded_page_and_scrolling_up_brings_back_earlier_lines() {
+    let tmp = tempdir();
+    let flag = tmp.path().join("go");
+    let pipeline = format!(
+        "steps:\n  - name: loud\n    run: |\n      printf 'begin-%s\\n' here\n      {}\n      i=0; while [ $i -lt 8000 ]; do i=$((i+1)); echo \"n-$i\"; done\n",
+        wait_flag_sh(&flag)
+    );
+    let (repo, sha) = Repo::with_pipeline(&tmp.path().join("repo"), &pipeline);
+    let server = Server::start(&tmp.path().join("data"), &[]);
+    let _r = server.runner(tmp.path(), "r1", &[]);
+    server.wait_runners_attached(&["r1"]);
+    let id = id_of(&server.submit(&repo.path, &sha));
+
+    let browser = Browser::start();
+    browser.goto(&format!("{}/builds/{id}", server.url));
+    let log = "section.job[data-job-name=\"loud\"] pre.log";
+    kiln_testkit::wait_for("the first line", LONG, || {
+        let t = browser.text(log).unwrap_or_default();
+        if t.contains("begin-here") {
+            Ok(())
+        } else {
+            Err(t)
+        }
+    });
+    std::fs::write(&flag, b"").unwrap();
+    browser.wait_attr("#build-state", "data-state", LONG, |s| s == "passed");
+    kiln_testkit::wait_for("the last line on the page", LONG, || {
+        let found = browser.eval(
+            "return [...document.querySelectorAll('pre.log span.line')] \
+             .some(s => s.textContent.trim() === 'n-8000');",
+        );
+        if found == serde_json::json!(true) {
+            Ok(())
+        } else {
+            Err(browser
+                .text(log)
+                .unwrap_or_default()
+                .chars()
+                .rev()
+                .take(200)
+                .collect())
+        }
+    });
+    // Live output did not pile up: the oldest lines left the page.
+    let numbers =
+        "return [...document.querySelectorAll('pre.log span.line')].map(s => Number(s.dataset.n));";
+    let shown: Vec<u64> = serde_json::from_value(browser.eval(numbers)).unwrap();
+    assert!(shown.len() <= 3000, "{} lines on the page", shown.len());
+    let first = shown[0];
+    assert!(first > 1, "nothing was dropped: {first}");
+    // Scrolling to the top brings back the lines before, numbered on from where they were.
+    browser.eval(
+        "const p = document.querySelector('pre.log'); p.scrollTop = 0; \
+         p.dispatchEvent(new Event('scroll')); return null;",
+    );
+    let after: Vec<u64> = kiln_testkit::wait_for("earlier lines", LONG, || {
+        let v: Vec<u64> = serde_json::from_value(browser.eval(numbers)).unwrap();
+        if v[0] < first {
+            Ok(v)
+        } else {
+            Err(format!("first line still {}", v[0]))
+        }
+    });
+    for w in after.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "lines out of sequence around {}", w[0]);
+    }
+    // Line n is the n-th line of the log (the banner and `begin-here` come first).
+    let text = browser
+        .text(&format!(
+            "#L{}-{}",
+            browser.attr("section.job", "data-job-id").unwrap(),
+            first
+        ))
+        .unwrap();
+    let full = server.cli(&["logs", &id.to_string()]).out();
+    let nth = full.lines().nth(first as usize - 1).unwrap();
+    assert_eq!(text.trim(), nth.trim(), "line {first}");
+}

@@ -42,27 +42,70 @@
     return s;
   }
 
-  // Appends text to a log: completes the open line, adds whole lines, keeps the rest open.
-  function append(pre, text) {
+  // How many lines a followed log keeps on the page: older ones are dropped from the top (and
+  // fetched again on scroll-up), so a job printing megabytes a second keeps the page fast.
+  const MAX_LINES = 3000;
+
+  // Appends a chunk of a log (`from`: its offset in the stored log), once per animation frame
+  // whatever the number of chunks that came: completes the open line, adds whole lines, keeps
+  // the rest open. A line that starts a chunk remembers the chunk's offset (`data-off`): the
+  // log can be cut there and read again from there.
+  function append(pre, text, from) {
     if (!text) return;
+    (pre._queue || (pre._queue = [])).push({ text, from });
+    if (pre._scheduled) return;
+    pre._scheduled = true;
+    const run = () => { if (pre._scheduled) { pre._scheduled = false; clearTimeout(pre._timer); flush(pre); } };
+    requestAnimationFrame(run);
+    // A hidden page gets no animation frames: then at most every 100 ms.
+    pre._timer = setTimeout(run, 100);
+  }
+
+  function flush(pre) {
+    const chunks = pre._queue;
+    pre._queue = [];
     const job = pre.dataset.jobId;
     const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
     const last = pre.lastElementChild;
     if (last && last.classList.contains("open")) { last.remove(); pre.lastChild && pre.lastChild.nodeType === 3 && pre.lastChild.remove(); }
-    let all = (pre.dataset.pending || "") + text;
+    let pending = pre.dataset.pending || "";
+    // Where the open line starts, when that is a chunk's start.
+    let openOff = pre._openOff;
     let n = Number(pre.dataset.nextLine || 1);
     const frag = document.createDocumentFragment();
-    let i;
-    while ((i = all.indexOf("\n")) >= 0) {
-      frag.appendChild(lineSpan(job, n++, all.slice(0, i), false));
-      frag.appendChild(document.createTextNode("\n"));
-      all = all.slice(i + 1);
+    for (const c of chunks) {
+      if (pending === "") openOff = c.from;
+      const lines = (pending + c.text).split("\n");
+      pending = lines.pop();
+      for (const l of lines) {
+        const s = lineSpan(job, n++, l, false);
+        if (openOff !== undefined) s.dataset.off = openOff;
+        openOff = undefined;
+        frag.appendChild(s);
+      }
     }
-    if (all) frag.appendChild(lineSpan(job, n, all, true));
-    pre.dataset.pending = all;
+    if (pending) frag.appendChild(lineSpan(job, n, pending, true));
+    pre._openOff = openOff;
+    pre.dataset.pending = pending;
     pre.dataset.nextLine = n;
     pre.appendChild(frag);
-    if (atBottom) pre.scrollTop = pre.scrollHeight;
+    if (atBottom) {
+      trim(pre);
+      pre.scrollTop = pre.scrollHeight;
+    }
+  }
+
+  // Drops the oldest lines of a followed log beyond MAX_LINES (only while its reader is at the
+  // bottom), up to a line that starts a chunk: earlier output is read again from there.
+  function trim(pre) {
+    const spans = pre.querySelectorAll(":scope > span.line");
+    let k = spans.length - MAX_LINES;
+    if (k <= 0) return;
+    while (k < spans.length && spans[k].dataset.off === undefined) k++;
+    if (k >= spans.length - 1) return;
+    const first = spans[k];
+    while (pre.firstChild && pre.firstChild !== first) pre.firstChild.remove();
+    pre.dataset.start = first.dataset.off;
   }
 
   // Follows a job's log from the offset the page was rendered up to: the server replays what
@@ -90,7 +133,7 @@
           if (d.next > at) { es.close(); setTimeout(connect, 500); }
           return;
         }
-        append(pre, d.text);
+        append(pre, d.text, d.from);
         pre.dataset.offset = d.next;
       });
       es.addEventListener("end", () => {
