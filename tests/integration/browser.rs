@@ -7,6 +7,16 @@ use std::path::Path;
 use kiln_testkit::browser::Browser;
 use kiln_testkit::{LONG, Repo, Server, id_of, tempdir, wait_flag_sh};
 
+/// A dispatcher with one runner attached, and a build of `pipeline` submitted to it.
+fn one_build(tmp: &Path, pipeline: &str) -> (Server, kiln_testkit::Proc, u64) {
+    let (repo, sha) = Repo::with_pipeline(&tmp.join("repo"), pipeline);
+    let server = Server::start(&tmp.join("data"), &[]);
+    let runner = server.runner(tmp, "r1", &[]);
+    server.wait_runners_attached(&["r1"]);
+    let id = id_of(&server.submit(&repo.path, &sha));
+    (server, runner, id)
+}
+
 /// A pipeline whose one step prints a line, waits for `flag`, then prints another (`printf`, so
 /// the banner that echoes the command does not contain the text waited for).
 fn waiting_pipeline(flag: &Path) -> String {
@@ -20,23 +30,12 @@ fn waiting_pipeline(flag: &Path) -> String {
 fn a_running_jobs_output_appears_on_its_page_before_the_job_ends() {
     let tmp = tempdir();
     let flag = tmp.path().join("go");
-    let (repo, sha) = Repo::with_pipeline(&tmp.path().join("repo"), &waiting_pipeline(&flag));
-    let server = Server::start(&tmp.path().join("data"), &[]);
-    let _r = server.runner(tmp.path(), "r1", &[]);
-    server.wait_runners_attached(&["r1"]);
-    let id = id_of(&server.submit(&repo.path, &sha));
+    let (server, _r, id) = one_build(tmp.path(), &waiting_pipeline(&flag));
 
     let browser = Browser::start();
     browser.goto(&format!("{}/builds/{id}", server.url));
     let log = "section.job[data-job-name=\"live\"] pre.log";
-    kiln_testkit::wait_for("the first line on the page", LONG, || {
-        let text = browser.text(log).unwrap_or_default();
-        if text.contains("first-line") {
-            Ok(())
-        } else {
-            Err(text)
-        }
-    });
+    browser.wait_text(log, "first-line", LONG);
     // The job is still running: the line came live, not with the result.
     assert_eq!(server.show(id)["state"], "running");
     assert!(
@@ -53,15 +52,7 @@ fn a_running_jobs_output_appears_on_its_page_before_the_job_ends() {
 
     std::fs::write(&flag, b"").unwrap();
     browser.wait_attr("#build-state", "data-state", LONG, |s| s == "passed");
-    let text = browser.wait_css(log, LONG);
-    let text = kiln_testkit::wait_for("the second line on the page", LONG, || {
-        let t = browser.text(log).unwrap_or(text.clone());
-        if t.contains("second-line") {
-            Ok(t)
-        } else {
-            Err(t)
-        }
-    });
+    let text = browser.wait_text(log, "second-line", LONG);
     // Replay then follow: each line once, in order.
     assert_eq!(text.matches("first-line").count(), 1, "{text}");
     assert_eq!(text.matches("second-line").count(), 1, "{text}");
@@ -228,23 +219,12 @@ fn a_fast_log_keeps_a_bounded_page_and_scrolling_up_brings_back_earlier_lines() 
         "steps:\n  - name: loud\n    run: |\n      printf 'begin-%s\\n' here\n      {}\n      i=0; while [ $i -lt 8000 ]; do i=$((i+1)); echo \"n-$i\"; done\n",
         wait_flag_sh(&flag)
     );
-    let (repo, sha) = Repo::with_pipeline(&tmp.path().join("repo"), &pipeline);
-    let server = Server::start(&tmp.path().join("data"), &[]);
-    let _r = server.runner(tmp.path(), "r1", &[]);
-    server.wait_runners_attached(&["r1"]);
-    let id = id_of(&server.submit(&repo.path, &sha));
+    let (server, _r, id) = one_build(tmp.path(), &pipeline);
 
     let browser = Browser::start();
     browser.goto(&format!("{}/builds/{id}", server.url));
     let log = "section.job[data-job-name=\"loud\"] pre.log";
-    kiln_testkit::wait_for("the first line", LONG, || {
-        let t = browser.text(log).unwrap_or_default();
-        if t.contains("begin-here") {
-            Ok(())
-        } else {
-            Err(t)
-        }
-    });
+    browser.wait_text(log, "begin-here", LONG);
     std::fs::write(&flag, b"").unwrap();
     browser.wait_attr("#build-state", "data-state", LONG, |s| s == "passed");
     kiln_testkit::wait_for("the last line on the page", LONG, || {

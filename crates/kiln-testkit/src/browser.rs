@@ -200,6 +200,14 @@ impl Browser {
         )
     }
 
+    /// Waits until the text of the first element matching `css` contains `needle`; returns it.
+    pub fn wait_text(&self, css: &str, needle: &str, timeout: Duration) -> String {
+        wait_for(&format!("{needle:?} in {css:?}"), timeout, || {
+            let t = self.text(css).unwrap_or_default();
+            if t.contains(needle) { Ok(t) } else { Err(t) }
+        })
+    }
+
     /// Waits until `attr` of the first element matching `css` satisfies `check`; returns it.
     pub fn wait_attr(
         &self,
