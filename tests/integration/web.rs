@@ -669,6 +669,62 @@ fn web_tests_page_of_a_split() {
         get(&format!("{}/builds/{id}/junit.xml", server.url), &[]).status,
         200
     );
+
+    // The failed unit's history across builds: fixed in the next commit, broken again in the
+    // one after; the third build's page shows all three verdicts, newest first.
+    let fixed = "def test_broken():\n    assert 1 + 1 == 2\n";
+    let sha2 = repo.commit(&[("tests/test_bad.py", fixed.as_bytes())], "fix");
+    let id2 = id_of(&server.submit(&repo.path, &sha2));
+    assert_eq!(
+        server.wait_final(id2, Duration::from_secs(180))["state"],
+        "passed"
+    );
+    let sha3 = repo.commit(&all, "break it again");
+    let id3 = id_of(&server.submit(&repo.path, &sha3));
+    assert_eq!(
+        server.wait_final(id3, Duration::from_secs(180))["state"],
+        "failed"
+    );
+    let html = get(&format!("{}/builds/{id3}/tests", server.url), &[]).body;
+    let at = html
+        .find("<p class=\"history\" data-unit=\"tests/test_bad.py\">")
+        .unwrap_or_else(|| panic!("no history of the failed unit: {html}"));
+    let history = &html[at..at + html[at..].find("</p>").unwrap()];
+    let cells: Vec<&str> = history
+        .split("<a class=\"cell ")
+        .skip(1)
+        .map(|c| &c[..c.find('"').unwrap()])
+        .collect();
+    assert_eq!(
+        cells,
+        ["v-failed current", "v-passed", "v-failed"],
+        "{history}"
+    );
+    for b in [id3, id2, id] {
+        assert!(
+            history.contains(&format!("href=\"/builds/{b}/tests\"")),
+            "{history}"
+        );
+    }
+    assert!(
+        history.contains("in all: flaky 0 times, failed 2 times"),
+        "{history}"
+    );
+    let api = get(&format!("{}/api/builds/{id3}/tests", server.url), &[]).json();
+    let past = &api["history"][0];
+    assert_eq!(past["split"], "tests", "{api}");
+    assert_eq!(past["past"]["unit"], "tests/test_bad.py", "{api}");
+    assert_eq!(
+        past["past"]["recent"],
+        serde_json::json!([[id3, "failed"], [id2, "passed"], [id, "failed"]]),
+        "{api}"
+    );
+    // A build's page shows its past, not what came after it.
+    let first = get(&format!("{}/builds/{id}/tests", server.url), &[]).body;
+    assert!(
+        first.contains(&format!("title=\"#{id}: failed\"")) && !first.contains(&format!("#{id3}:")),
+        "{first}"
+    );
 }
 
 /// The "new build" form submits and redirects to the build; `/events` tells of it; a runner

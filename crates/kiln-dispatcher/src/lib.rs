@@ -1136,6 +1136,21 @@ impl Dispatcher {
         self.db(move |s| s.split_batches(id)).await
     }
 
+    /// The past of some units of a split of build `id`'s repository: their verdicts in the
+    /// last `limit` builds up to `id` and their flaky and failed counts (the tests page's
+    /// history of flaky and failed tests).
+    pub async fn unit_pasts(
+        &self,
+        id: BuildId,
+        key: String,
+        units: Vec<String>,
+        limit: u32,
+    ) -> Result<Vec<kiln_domain::split::UnitPast>, DispatchError> {
+        let repo = self.get_build(id).await?.build.repo;
+        self.db(move |s| s.unit_pasts(&repo, &key, &units, id, limit))
+            .await
+    }
+
     /// The notifications planned for a build and where each stands (the delivery log).
     pub async fn deliveries(
         &self,

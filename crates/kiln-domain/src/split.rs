@@ -495,6 +495,21 @@ pub struct SplitReport {
     pub interaction_policy: InteractionPolicy,
 }
 
+/// A unit's past in its repository: its verdict in the last builds that ran its split, and how
+/// often it was flaky or failed in all the builds the history has counted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitPast {
+    /// The unit.
+    pub unit: String,
+    /// (build, verdict) of the last builds whose split ran the unit, newest first. A split
+    /// still running gives `NotRun` unless the unit has passed already.
+    pub recent: Vec<(BuildId, UnitVerdict)>,
+    /// Finished splits in which the unit was flaky, over the whole history.
+    pub flaky_total: u64,
+    /// Finished splits in which the unit failed, over the whole history.
+    pub failed_total: u64,
+}
+
 /// One batch of a split as it ran: the units one shard's attempt got in one round trip, when
 /// they were leased and when the last of them ended (the web page's timeline).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -297,6 +297,17 @@ pub trait Store: Send + Sync + 'static {
     /// (a re-sent request number gets the units it got before). When the split ends, the unit
     /// durations and flaky counts of the repository's history are updated.
     fn next_units(&self, req: &UnitsRequest) -> Result<UnitsReply>;
+    /// The past of `units` of split `key` in `repo`: their verdicts in the last `limit` builds
+    /// up to and including `until` whose split ran them (newest first), and their flaky and
+    /// failed counts. A unit the history does not know comes back with nothing recorded.
+    fn unit_pasts(
+        &self,
+        repo: &str,
+        key: &str,
+        units: &[String],
+        until: BuildId,
+        limit: u32,
+    ) -> Result<Vec<kiln_domain::split::UnitPast>>;
     /// The split reports of a build (merged over its shards), in split order.
     fn split_reports(&self, build: BuildId) -> Result<Vec<SplitReport>>;
     /// The batches of a build's split steps as they ran (leased units grouped by attempt and

@@ -20,9 +20,9 @@ use std::collections::{BTreeMap, HashSet};
 use kiln_domain::split::SplitId;
 use kiln_domain::split::{
     FailedUnit, Interaction, InteractionPolicy, LeasedUnit, RetryPolicy, RoundDecision, RoundStats,
-    SplitReport, SplitSpec, Strategy, TestCase, UnitOutcome, UnitSource, UnitSummary, UnitTry,
-    UnitTryState, UnitVerdict, UnitsReply, UnitsRequest, batch_len, median, next_round, reliable,
-    sizing_estimates, sizing_floor, start_cost, static_shards,
+    SplitReport, SplitSpec, Strategy, TestCase, UnitOutcome, UnitPast, UnitSource, UnitSummary,
+    UnitTry, UnitTryState, UnitVerdict, UnitsReply, UnitsRequest, batch_len, median, next_round,
+    reliable, sizing_estimates, sizing_floor, start_cost, static_shards,
 };
 use kiln_domain::{AttemptId, BuildId, JobId, JobState, Millis, RunnerId, StepSpec, now_millis};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
@@ -1357,6 +1357,84 @@ impl SqliteStore {
     pub(crate) fn split_reports_of(&self, build: BuildId) -> Result<Vec<SplitReport>> {
         let conn = self.conn();
         reports_of(&conn, build)
+    }
+
+    pub(crate) fn split_unit_pasts(
+        &self,
+        repo: &str,
+        key: &str,
+        units: &[String],
+        until: BuildId,
+        limit: u32,
+    ) -> Result<Vec<UnitPast>> {
+        let conn = self.conn();
+        // The last `limit` splits that ran the unit (`splits_by_repo`, then
+        // `split_units_by_unit`), each with the unit's tries.
+        let mut recent = conn.prepare_cached(
+            "SELECT s.build_id, s.done, t.try_number, t.state, t.outcome, \
+             COALESCE(t.duration_ms, 0) \
+             FROM (SELECT id, build_id, done FROM splits \
+                   WHERE repo = ?1 AND split_key = ?2 AND build_id <= ?4 AND EXISTS \
+                   (SELECT 1 FROM split_units u WHERE u.split_id = splits.id AND u.unit = ?3) \
+                   ORDER BY build_id DESC LIMIT ?5) s \
+             JOIN split_units su ON su.split_id = s.id AND su.unit = ?3 \
+             LEFT JOIN unit_tries t ON t.split_id = s.id AND t.position = su.position \
+             ORDER BY s.build_id DESC, t.try_number",
+        )?;
+        let mut totals = conn.prepare_cached(
+            "SELECT flaky, failed FROM unit_history \
+             WHERE repo = ?1 AND split_key = ?2 AND unit = ?3",
+        )?;
+        let mut out = Vec::with_capacity(units.len());
+        for unit in units {
+            let rows = recent.query_map(params![repo, key, unit, until, limit], |r| {
+                Ok((
+                    r.get::<_, BuildId>(0)?,
+                    r.get::<_, bool>(1)?,
+                    r.get::<_, Option<u32>>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            })?;
+            // Tries per build, newest build first, each build's tries first first.
+            let mut builds: Vec<(BuildId, bool, Vec<TryRow>)> = Vec::new();
+            for row in rows {
+                let (build, done, try_number, state, outcome, duration) = row?;
+                if builds.last().is_none_or(|(b, _, _)| *b != build) {
+                    builds.push((build, done, Vec::new()));
+                }
+                if let (Some(try_number), Some(state), Some(last)) =
+                    (try_number, state, builds.last_mut())
+                {
+                    last.2.push(TryRow {
+                        position: 0,
+                        try_number,
+                        state: try_state(&state, outcome.as_deref())?,
+                        duration: to_u64(duration),
+                    });
+                }
+            }
+            let (flaky_total, failed_total) = totals
+                .query_row(params![repo, key, unit], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                })
+                .optional()?
+                .unwrap_or((0, 0));
+            out.push(UnitPast {
+                unit: unit.clone(),
+                recent: builds
+                    .iter()
+                    .map(|(b, done, tries)| {
+                        let tries: Vec<&TryRow> = tries.iter().collect();
+                        (*b, verdict(&tries, *done))
+                    })
+                    .collect(),
+                flaky_total: to_u64(flaky_total),
+                failed_total: to_u64(failed_total),
+            });
+        }
+        Ok(out)
     }
 
     pub(crate) fn split_seed_durations(

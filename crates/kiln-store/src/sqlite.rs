@@ -243,6 +243,9 @@ INSERT INTO notify_marks (build_id, mark, at)
 INSERT INTO notify_marks (build_id, mark, at)
     SELECT id, 'finished', finished_at FROM builds WHERE finished_at IS NOT NULL;
 "#,
+    // 10: a unit's past across builds (the tests page): the splits of a repository and key by
+    // build.
+    "CREATE INDEX splits_by_repo ON splits(repo, split_key, build_id);",
 ];
 
 /// The SQLite implementation of [`Store`]: one connection behind a mutex (SQLite serialises
@@ -690,6 +693,17 @@ impl Store for SqliteStore {
         req: &kiln_domain::split::UnitsRequest,
     ) -> Result<kiln_domain::split::UnitsReply> {
         self.split_next_units(req)
+    }
+
+    fn unit_pasts(
+        &self,
+        repo: &str,
+        key: &str,
+        units: &[String],
+        until: BuildId,
+        limit: u32,
+    ) -> Result<Vec<kiln_domain::split::UnitPast>> {
+        self.split_unit_pasts(repo, key, units, until, limit)
     }
 
     fn split_reports(&self, build: BuildId) -> Result<Vec<kiln_domain::split::SplitReport>> {

@@ -273,11 +273,17 @@ pub(crate) async fn tests(
     let id: BuildId = parse_id("build", &id)?;
     let r = w.dispatcher.test_report(id).await?;
     let batches = w.dispatcher.split_batches(id).await?;
+    let history: Vec<Value> = crate::pages::troubled_pasts(&w, &r)
+        .await?
+        .into_iter()
+        .map(|(key, p)| json!({"split": key, "past": p}))
+        .collect();
     Ok(Json(json!({
         "build": build_json(&r.build),
         "splits": r.splits,
         "steps": r.steps,
         "batches": batches,
+        "history": history,
         "junit": r.junit_xml().is_some().then(|| format!("/builds/{id}/junit.xml")),
     }))
     .into_response())

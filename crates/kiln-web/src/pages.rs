@@ -438,6 +438,90 @@ struct FailureView {
     place: String,
     text: String,
     flaky: bool,
+    /// The split key and unit it belongs to, when it is a split's (its past is shown).
+    unit: Option<(String, String)>,
+    history: Option<HistoryView>,
+}
+
+/// A unit's past on the tests page: a cell per recent build that ran it, and a sentence.
+#[derive(Debug, Clone)]
+struct HistoryView {
+    unit: String,
+    cells: Vec<HistoryCell>,
+    summary: String,
+}
+
+#[derive(Debug, Clone)]
+struct HistoryCell {
+    build: BuildId,
+    verdict: &'static str,
+    current: bool,
+}
+
+/// Builds whose verdicts a flaky or failed unit's history shows.
+const HISTORY_BUILDS: u32 = 10;
+/// Units whose history the tests page looks up (each is one store query).
+const HISTORY_UNITS: usize = 100;
+
+fn history_view(id: BuildId, p: &kiln_domain::split::UnitPast) -> HistoryView {
+    let count = |v: UnitVerdict| p.recent.iter().filter(|(_, x)| *x == v).count();
+    let runs = p.recent.len();
+    let mut summary = format!(
+        "last {} {}: {} flaky, {} failed",
+        runs,
+        if runs == 1 { "build" } else { "builds" },
+        count(UnitVerdict::Flaky),
+        count(UnitVerdict::Failed)
+    );
+    summary.push_str(&format!(
+        "; in all: flaky {} {}, failed {} {}",
+        p.flaky_total,
+        if p.flaky_total == 1 { "time" } else { "times" },
+        p.failed_total,
+        if p.failed_total == 1 { "time" } else { "times" }
+    ));
+    HistoryView {
+        unit: p.unit.clone(),
+        cells: p
+            .recent
+            .iter()
+            .map(|(b, v)| HistoryCell {
+                build: *b,
+                verdict: v.as_str(),
+                current: *b == id,
+            })
+            .collect(),
+        summary,
+    }
+}
+
+/// The past of every flaky or failed split unit of a report (at most [`HISTORY_UNITS`]), by
+/// split key: what the tests page and `/api/builds/{id}/tests` show as their history.
+pub(crate) async fn troubled_pasts(
+    w: &Web,
+    r: &kiln_dispatcher::TestReport,
+) -> Result<Vec<(String, kiln_domain::split::UnitPast)>, WebError> {
+    let mut out = Vec::new();
+    let mut n = 0;
+    for s in &r.splits {
+        let units: Vec<String> = s
+            .units
+            .iter()
+            .filter(|u| matches!(u.verdict, UnitVerdict::Flaky | UnitVerdict::Failed))
+            .map(|u| u.unit.clone())
+            .take(HISTORY_UNITS - n)
+            .collect();
+        if units.is_empty() {
+            continue;
+        }
+        n += units.len();
+        let pasts = w
+            .dispatcher
+            .unit_pasts(r.build.id, s.key.clone(), units, HISTORY_BUILDS)
+            .await?;
+        out.extend(pasts.into_iter().map(|p| (s.key.clone(), p)));
+    }
+    Ok(out)
 }
 
 #[derive(Debug)]
@@ -545,6 +629,8 @@ async fn tests_page(w: &Web, id: &str, headers: &HeaderMap) -> Result<Response, 
                             place: place.clone(),
                             text: case_text(c),
                             flaky: false,
+                            unit: Some((s.key.clone(), u.unit.clone())),
+                            history: None,
                         });
                     }
                     if !any {
@@ -555,6 +641,8 @@ async fn tests_page(w: &Web, id: &str, headers: &HeaderMap) -> Result<Response, 
                                    (see the shard's output)"
                                 .into(),
                             flaky: false,
+                            unit: Some((s.key.clone(), u.unit.clone())),
+                            history: None,
                         });
                     }
                 }
@@ -575,6 +663,8 @@ async fn tests_page(w: &Web, id: &str, headers: &HeaderMap) -> Result<Response, 
                         place: s.key.clone(),
                         text,
                         flaky: true,
+                        unit: Some((s.key.clone(), u.unit.clone())),
+                        history: None,
                     });
                 }
                 _ => {}
@@ -594,9 +684,19 @@ async fn tests_page(w: &Web, id: &str, headers: &HeaderMap) -> Result<Response, 
                     place: s.key.clone(),
                     text: case_text(c),
                     flaky: false,
+                    unit: None,
+                    history: None,
                 });
             }
         }
+    }
+    let pasts: BTreeMap<(String, String), HistoryView> = troubled_pasts(w, &r)
+        .await?
+        .into_iter()
+        .map(|(key, p)| ((key, p.unit.clone()), history_view(id, &p)))
+        .collect();
+    for v in failures.iter_mut().chain(flaky.iter_mut()) {
+        v.history = v.unit.as_ref().and_then(|k| pasts.get(k).cloned());
     }
     slow.sort_by_key(|s| std::cmp::Reverse(s.0));
     let slowest = slow

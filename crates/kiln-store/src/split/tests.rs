@@ -1274,3 +1274,69 @@ fn split_batches_group_the_leased_tries_per_request() {
     assert_eq!(failed, 1);
     assert!(s.split_batches(BuildId::new(99)).unwrap().is_empty());
 }
+
+#[test]
+fn a_units_past_lists_its_verdict_per_build_newest_first() {
+    let (_dir, s) = store();
+    let list = units(6);
+    let always_02 = |u: &str, t: u32| match u {
+        "tests/test_02.py" => UnitOutcome::Failed,
+        _ => flaky_outcome(u, t),
+    };
+    let outcomes: [Outcomes<'_>; 3] = [&flaky_outcome, &all_pass, &always_02];
+    let mut builds = Vec::new();
+    for (commit, outcome) in ['a', 'b', 'c'].into_iter().zip(outcomes) {
+        let jobs = split_build(&s, commit, 2, Strategy::Dynamic, retries(3));
+        let mut shards = vec![start(&s, jobs[0], "r1"), start(&s, jobs[1], "r2")];
+        run(&s, &mut shards, &list, outcome);
+        builds.push(s.get_job(jobs[0]).unwrap().unwrap().build_id);
+    }
+    let asked = [
+        "tests/test_02.py".to_string(),
+        "tests/test_03.py".to_string(),
+        "tests/nowhere.py".to_string(),
+    ];
+    let pasts = s.unit_pasts(REPO, KEY, &asked, builds[2], 10).unwrap();
+    assert_eq!(pasts.len(), 3);
+    assert_eq!(pasts[0].unit, "tests/test_02.py");
+    assert_eq!(
+        pasts[0].recent,
+        vec![
+            (builds[2], UnitVerdict::Failed),
+            (builds[1], UnitVerdict::Passed),
+            (builds[0], UnitVerdict::Flaky)
+        ]
+    );
+    assert_eq!((pasts[0].flaky_total, pasts[0].failed_total), (1, 1));
+    assert!(
+        pasts[1]
+            .recent
+            .iter()
+            .all(|(_, v)| *v == UnitVerdict::Passed)
+    );
+    assert_eq!(pasts[1].recent.len(), 3);
+    assert_eq!((pasts[1].flaky_total, pasts[1].failed_total), (0, 0));
+    assert!(pasts[2].recent.is_empty());
+    // Bounded by `limit`, and by `until` (a build's page shows its own past, not its future).
+    let two = s.unit_pasts(REPO, KEY, &asked[..1], builds[2], 2).unwrap();
+    assert_eq!(
+        two[0].recent,
+        vec![
+            (builds[2], UnitVerdict::Failed),
+            (builds[1], UnitVerdict::Passed)
+        ]
+    );
+    let before = s.unit_pasts(REPO, KEY, &asked[..1], builds[1], 10).unwrap();
+    assert_eq!(
+        before[0].recent,
+        vec![
+            (builds[1], UnitVerdict::Passed),
+            (builds[0], UnitVerdict::Flaky)
+        ]
+    );
+    // Another key or repository has no past of these units.
+    let other = s
+        .unit_pasts(REPO, "other", &asked[..1], builds[2], 10)
+        .unwrap();
+    assert!(other[0].recent.is_empty());
+}
