@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use hmac::{Hmac, Mac};
-use kiln_testkit::fault::{int_rows, open_db};
+use kiln_testkit::fault::{TlsFiles, int_rows, open_db};
 use kiln_testkit::*;
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -112,54 +112,120 @@ struct Smtp {
     _proc: Proc,
 }
 
+/// The SMTP server: plain, or (given a certificate and key) two servers that both want a login
+/// (`kiln` / `s3cret`) over TLS: STARTTLS required on the first port, SMTPS on the second.
+/// With TLS each mail gets an `X-Session:` line saying how it came (TLS, the login).
 const SMTP_SERVER: &str = r#"
-import os, socket, sys, time
+import os, socket, ssl, sys, time
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 out = sys.argv[1]
+tls = len(sys.argv) > 3
+
 class Handler:
     async def handle_DATA(self, server, session, envelope):
         n = len(os.listdir(out))
         tmp = os.path.join(out, "%04d.tmp" % n)
         with open(tmp, "wb") as f:
             f.write(b"X-Rcpt-To: " + ",".join(envelope.rcpt_tos).encode() + b"\r\n")
+            if tls:
+                login = session.auth_data.decode() if session.auth_data else "-"
+                wrapped = server.transport.get_extra_info("ssl_object") is not None
+                tls_on = "yes" if session.ssl or wrapped else "no"
+                f.write(("X-Session: tls=%s login=%s\r\n" % (tls_on, login)).encode())
             f.write(envelope.content)
         os.rename(tmp, os.path.join(out, "%04d.eml" % n))
         return "250 OK"
 
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-port = s.getsockname()[1]
-s.close()
-c = Controller(Handler(), hostname="127.0.0.1", port=port)
-c.start()
-print(port, flush=True)
+def authenticate(server, session, envelope, mechanism, auth_data):
+    ok = isinstance(auth_data, LoginPassword) and auth_data.login == b"kiln" \
+        and auth_data.password == b"s3cret"
+    return AuthResult(success=ok, handled=False, auth_data=auth_data.login if ok else None)
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+ports = []
+if tls:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+    starttls = Controller(Handler(), hostname="127.0.0.1", port=free_port(), tls_context=ctx,
+                          require_starttls=True, authenticator=authenticate,
+                          auth_require_tls=True)
+    # aiosmtpd counts only STARTTLS as TLS for auth_require_tls; SMTPS is TLS throughout.
+    smtps = Controller(Handler(), hostname="127.0.0.1", port=free_port(), ssl_context=ctx,
+                       authenticator=authenticate, auth_require_tls=False)
+    for c in (starttls, smtps):
+        c.start()
+        ports.append(c.port)
+else:
+    c = Controller(Handler(), hostname="127.0.0.1", port=free_port())
+    c.start()
+    ports.append(c.port)
+print(" ".join(map(str, ports)), flush=True)
 while True:
     time.sleep(3600)
 "#;
 
 impl Smtp {
+    /// A plain SMTP server.
     fn start(tmp: &Path) -> Smtp {
+        let (mut ports, smtp) = Smtp::spawn(tmp, None);
+        Smtp {
+            port: ports.remove(0),
+            ..smtp
+        }
+    }
+
+    /// The two TLS servers wanting a login; `port` is the STARTTLS one, and the SMTPS port
+    /// comes back beside.
+    fn start_tls(tmp: &Path, tls: &TlsFiles) -> (Smtp, u16) {
+        let (ports, smtp) = Smtp::spawn(tmp, Some(tls));
+        assert_eq!(ports.len(), 2, "{ports:?}");
+        (
+            Smtp {
+                port: ports[0],
+                ..smtp
+            },
+            ports[1],
+        )
+    }
+
+    fn spawn(tmp: &Path, tls: Option<&TlsFiles>) -> (Vec<u16>, Smtp) {
         let dir = tmp.join("mail");
         std::fs::create_dir_all(&dir).unwrap();
         let script = tmp.join("smtp_server.py");
         std::fs::write(&script, SMTP_SERVER).unwrap();
         let mut cmd = Command::new("python3");
         cmd.arg(&script).arg(&dir).stdin(Stdio::null());
+        if let Some(tls) = tls {
+            cmd.arg(&tls.server_cert).arg(&tls.server_key);
+        }
         let mut proc = Proc::spawn("aiosmtpd", cmd);
         proc.wait_stdout(b"\n", LONG);
-        let port = String::from_utf8(proc.stdout())
+        let ports = String::from_utf8(proc.stdout())
             .unwrap()
-            .trim()
-            .parse()
-            .unwrap_or_else(|e| {
-                panic!("aiosmtpd did not print its port ({e}): {:?}", proc.stderr())
-            });
-        Smtp {
-            port,
-            dir,
-            _proc: proc,
-        }
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect::<Vec<u16>>();
+        assert!(
+            !ports.is_empty(),
+            "aiosmtpd did not print its ports: {:?}",
+            proc.stderr()
+        );
+        (
+            ports,
+            Smtp {
+                port: 0,
+                dir,
+                _proc: proc,
+            },
+        )
     }
 
     /// The mails received so far, in order.
@@ -549,4 +615,103 @@ fn a_bad_notify_config_is_a_usage_error() {
         "rules:\n  - repo: x\n    status: {forge: github, api: http://a, token_secret: NOPE}\n",
         &["bad.yml: rules[0].status.token_secret", "NOPE"],
     );
+}
+
+/// Mail over TLS with a login, as a real relay wants it: STARTTLS (required by the server) and
+/// SMTPS, each with the server's certificate from a private CA (`smtp.ca_file`) and the
+/// password from the secrets file. A wrong password and an untrusted certificate are failed
+/// deliveries that say why, and the build is not held up by them.
+#[test]
+fn mail_over_starttls_and_smtps_with_a_login() {
+    let tmp = tempdir();
+    let tls = TlsFiles::generate(&tmp.path().join("pki"));
+    let (smtp, smtps_port) = Smtp::start_tls(tmp.path(), &tls);
+    let secrets = tmp.path().join("secrets.yml");
+    std::fs::write(&secrets, "SMTP_PASSWORD: s3cret\nWRONG_PASSWORD: guess\n").unwrap();
+    let (repo, sha) = Repo::with_pipeline(&tmp.path().join("acme").join("app"), FAILING);
+    // (name, port, security, password secret, whether the CA is given): what happens to the
+    // failure's mail.
+    let cases = [
+        ("starttls", smtp.port, "starttls", "SMTP_PASSWORD", true),
+        ("smtps", smtps_port, "tls", "SMTP_PASSWORD", true),
+        (
+            "wrong-password",
+            smtp.port,
+            "starttls",
+            "WRONG_PASSWORD",
+            true,
+        ),
+        ("untrusted", smtps_port, "tls", "SMTP_PASSWORD", false),
+    ];
+    for (name, port, security, password, with_ca) in cases {
+        let config = tmp.path().join(format!("{name}.yml"));
+        let ca = if with_ca {
+            format!(", ca_file: {}", tls.ca.display())
+        } else {
+            String::new()
+        };
+        std::fs::write(
+            &config,
+            format!(
+                "smtp: {{host: 127.0.0.1, port: {port}, security: {security}, from: \"kiln <ci@example.com>\", username: kiln, password_secret: {password}{ca}}}\n\
+                 delivery: {{first_retry: 50ms, max_retry: 100ms, tries: 2, timeout: 5s}}\n\
+                 rules:\n  - repo: \"**/acme/app\"\n    mail: {{to: [{name}@example.com], on: [failed]}}\n"
+            ),
+        )
+        .unwrap();
+        let data = tmp.path().join(format!("data-{name}"));
+        let server = Server::start(
+            &data,
+            &[
+                "--notify-config",
+                config.to_str().unwrap(),
+                "--secrets-file",
+                secrets.to_str().unwrap(),
+            ],
+        );
+        let _runner = server.runner(tmp.path(), &format!("r-{name}"), &[]);
+        let id = submit(&server, &repo, &sha);
+        assert_eq!(server.wait_final(id, LONG)["state"], "failed");
+        let api = format!("{}/api/builds/{id}/deliveries", server.url);
+        let delivery = wait_for(&format!("{name}: the mail's delivery ends"), LONG, || {
+            let out = Command::new("curl")
+                .args(["-sS", &api])
+                .output()
+                .map_err(|e| e.to_string())?;
+            let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+            match v["deliveries"].as_array().and_then(|l| {
+                l.iter()
+                    .find(|d| d["target"].as_str().unwrap_or("").contains("mail"))
+            }) {
+                Some(d) if d["state"] == "delivered" || d["state"] == "failed" => Ok(d.clone()),
+                other => Err(format!("{other:?}")),
+            }
+        });
+        let mail = smtp
+            .mails()
+            .into_iter()
+            .find(|m| m.starts_with(&format!("X-Rcpt-To: {name}@example.com\r\n")));
+        if name == "starttls" || name == "smtps" {
+            assert_eq!(delivery["state"], "delivered", "{name}: {delivery}");
+            let mail = mail.unwrap_or_else(|| panic!("{name}: no mail: {:#?}", smtp.mails()));
+            assert!(
+                mail.contains("X-Session: tls=yes login=kiln\r\n"),
+                "{name}: {mail}"
+            );
+            assert!(
+                mail.contains(&format!("Subject: kiln: acme/app main #{id} failed")),
+                "{name}: {mail}"
+            );
+        } else {
+            assert_eq!(delivery["state"], "failed", "{name}: {delivery}");
+            assert!(mail.is_none(), "{name}: {mail:?}");
+            let error = delivery["last_error"].as_str().unwrap_or("").to_lowercase();
+            let why = if name == "wrong-password" {
+                "535"
+            } else {
+                "certificate"
+            };
+            assert!(error.contains(why), "{name}: {delivery}");
+        }
+    }
 }

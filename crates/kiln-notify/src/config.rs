@@ -3,7 +3,7 @@
 //! patterns, checks URLs and looks the named secrets up in the dispatcher's secrets file.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kiln_domain::branch::BranchPattern;
@@ -72,6 +72,21 @@ impl Forge {
     }
 }
 
+/// Reads a PEM file of CA certificates: at least one, each one a certificate lettre's TLS
+/// takes.
+fn read_ca(path: &Path) -> Result<Vec<u8>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if !pem
+        .windows(b"-----BEGIN CERTIFICATE-----".len())
+        .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+    {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    lettre::transport::smtp::client::Certificate::from_pem(&pem)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(pem)
+}
+
 // ------------------------------------------------------------------------------------------
 // The file as written.
 // ------------------------------------------------------------------------------------------
@@ -107,6 +122,10 @@ struct SmtpFile {
     username: Option<String>,
     #[serde(default)]
     password_secret: Option<String>,
+    /// PEM file of CA certificates trusted besides the public roots (a mail server with a
+    /// certificate from a private CA); relative to the config file's directory.
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -222,6 +241,8 @@ pub struct Smtp {
     pub from: lettre::message::Mailbox,
     /// User name and password (from the secrets file), when the server wants them.
     pub credentials: Option<(String, String)>,
+    /// CA certificates (PEM) trusted besides the public roots.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// A webhook target.
@@ -305,7 +326,8 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigError(format!("cannot read notify config {}: {e}", path.display()))
         })?;
-        Self::parse(&text, &path.display().to_string(), secrets)
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse_in(&text, &path.display().to_string(), secrets, base)
     }
 
     /// Checks the text of a config file named `name` (for messages).
@@ -313,6 +335,16 @@ impl Config {
         text: &str,
         name: &str,
         secrets: &BTreeMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        Self::parse_in(text, name, secrets, Path::new("."))
+    }
+
+    /// [`Config::parse`], with relative file names (`smtp.ca_file`) read from `base`.
+    pub fn parse_in(
+        text: &str,
+        name: &str,
+        secrets: &BTreeMap<String, String>,
+        base: &Path,
     ) -> Result<Self, ConfigError> {
         let file: File = serde_norway::from_str(text).map_err(|e| match e.location() {
             Some(l) => ConfigError(format!(
@@ -355,6 +387,12 @@ impl Config {
                         ));
                     }
                 };
+                let ca_pem = match s.ca_file {
+                    Some(f) => {
+                        Some(read_ca(&base.join(f)).map_err(|m| err("smtp.ca_file".into(), m))?)
+                    }
+                    None => None,
+                };
                 let port = s.port.unwrap_or(match s.security {
                     Security::Starttls => 587,
                     Security::Tls => 465,
@@ -366,6 +404,7 @@ impl Config {
                     security: s.security,
                     from,
                     credentials,
+                    ca_pem,
                 })
             }
             None => None,
@@ -592,6 +631,44 @@ mod tests {
         assert!(e("rules:\n  - repo: x\n    mail: {to: [a@b.c]}\n").contains("needs an `smtp:`"));
         assert!(e("rules:\n  - repo: x\n    webhook: {url: ftp://a}\n").contains("http(s)"));
         assert!(e("public_url: [1]\n").starts_with("n.yml:1:"));
+    }
+
+    #[test]
+    fn the_smtp_ca_file_is_read_beside_the_config_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let smtp = |ca: &str| {
+            format!("smtp: {{host: mail.example.com, from: ci@example.com, ca_file: {ca}}}\n")
+        };
+        let e = |text: &str| {
+            Config::parse_in(text, "n.yml", &secrets(), dir.path())
+                .unwrap_err()
+                .0
+        };
+        let missing = e(&smtp("nowhere.pem"));
+        assert!(
+            missing.starts_with("n.yml: smtp.ca_file: cannot read ")
+                && missing.contains("nowhere.pem"),
+            "{missing}"
+        );
+        std::fs::write(dir.path().join("junk.pem"), "not a certificate").unwrap();
+        assert!(e(&smtp("junk.pem")).contains("holds no PEM certificate"));
+        std::fs::write(
+            dir.path().join("broken.pem"),
+            "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        assert!(e(&smtp("broken.pem")).starts_with("n.yml: smtp.ca_file: "));
+        let ca = rcgen::generate_simple_self_signed(vec!["mail.example.com".into()])
+            .unwrap()
+            .cert
+            .pem();
+        std::fs::write(dir.path().join("ca.pem"), &ca).unwrap();
+        let c = Config::parse_in(&smtp("ca.pem"), "n.yml", &secrets(), dir.path()).unwrap();
+        assert_eq!(
+            c.smtp.unwrap().ca_pem.as_deref(),
+            Some(ca.as_bytes()),
+            "read relative to the config's directory"
+        );
     }
 
     #[test]

@@ -187,6 +187,20 @@ async fn mail(config: &Config, d: &Delivery) -> Result<(), SendError> {
     let mut builder = builder
         .port(smtp.port)
         .timeout(Some(config.delivery.timeout));
+    if let (Some(pem), Security::Tls | Security::Starttls) = (&smtp.ca_pem, smtp.security) {
+        use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+        let params = Certificate::from_pem(pem)
+            .and_then(|ca| {
+                TlsParameters::builder(smtp.host.clone())
+                    .add_root_certificate(ca)
+                    .build()
+            })
+            .map_err(|e| SendError::Permanent(format!("smtp tls: {e}")))?;
+        builder = builder.tls(match smtp.security {
+            Security::Tls => Tls::Wrapper(params),
+            _ => Tls::Required(params),
+        });
+    }
     if let Some((user, password)) = &smtp.credentials {
         builder = builder.credentials(lettre::transport::smtp::authentication::Credentials::new(
             user.clone(),
