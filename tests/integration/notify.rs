@@ -581,6 +581,17 @@ fn deliveries_survive_a_restart_while_the_receiver_is_down() {
         "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'",
     );
     assert_eq!(delivered, [[2]]);
+    // The metrics say the same, from the store, so the tries before the restart count.
+    let tries = int_rows(&open_db(&data), "SELECT SUM(attempts) FROM deliveries")[0][0];
+    let (status, metrics) = kiln_testkit::http_get(&format!("{}/metrics", server.url), &[]);
+    assert_eq!(status, "200");
+    for want in [
+        "kiln_notify_deliveries{kind=\"webhook\",state=\"delivered\"} 2\n".to_string(),
+        format!("kiln_notify_delivery_tries_total{{kind=\"webhook\"}} {tries}\n"),
+    ] {
+        assert!(metrics.contains(&want), "{want} not in {metrics}");
+    }
+    assert!(tries >= 4, "{tries}");
 }
 
 /// A bad notify config stops `kiln serve` before it starts, naming the file, line and field.

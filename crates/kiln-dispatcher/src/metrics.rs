@@ -3,7 +3,7 @@
 //!
 //! Two sources, so that a restart loses nothing that matters:
 //! - counts the store keeps (jobs per state, ready jobs per label set, lost attempts, split
-//!   unit tries) are read at each scrape in one read transaction: they are exact and survive a
+//!   unit tries, notification deliveries and their tries) are read at each scrape in one read transaction: they are exact and survive a
 //!   restart (a counter of ended jobs never goes back);
 //! - what only passes through the process (output bytes, refused results, runner attaches,
 //!   jobs handed back to the queue, queue waits and durations) is counted in memory since the
@@ -41,6 +41,18 @@ struct LabelsLabel {
 struct AttachLabel {
     /// `first`: the runner's first stream to this dispatcher process; `again`: a stream after
     /// an earlier one, or one that came back holding attempts.
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeliveryLabel {
+    /// `webhook`, `mail` or `status`.
+    kind: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
     kind: String,
 }
 
@@ -222,6 +234,31 @@ impl Metrics {
             "split_unit_tries",
             "Ended tries of split steps' units, per outcome; retry=\"true\" for retries",
             units,
+        );
+        let deliveries = Family::<DeliveryLabel, Gauge>::default();
+        let tries = Family::<KindLabel, Counter>::default();
+        for d in &store.deliveries {
+            deliveries
+                .get_or_create(&DeliveryLabel {
+                    kind: d.kind.clone(),
+                    state: d.state.as_str().into(),
+                })
+                .set(d.count as i64);
+            tries
+                .get_or_create(&KindLabel {
+                    kind: d.kind.clone(),
+                })
+                .inc_by(d.tries);
+        }
+        r.register(
+            "notify_deliveries",
+            "Notification deliveries (webhook, mail, commit status) per kind and state",
+            deliveries,
+        );
+        r.register(
+            "notify_delivery_tries",
+            "Tries made to send notifications (first sends and retries), per kind",
+            tries,
         );
 
         let gauge = |v: u64| {

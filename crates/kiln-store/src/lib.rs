@@ -167,6 +167,22 @@ pub struct StoreMetrics {
     pub lost_attempts: u64,
     /// Ended tries of split units: outcome, whether it was a retry (try 2 or later), count.
     pub unit_tries: Vec<(kiln_domain::split::UnitOutcome, bool, u64)>,
+    /// Notification deliveries: target kind (`webhook`, `mail`, `status`), state, how many,
+    /// and the tries they took.
+    pub deliveries: Vec<DeliveryCount>,
+}
+
+/// Notification deliveries of one target kind in one state (see [`StoreMetrics`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryCount {
+    /// `webhook`, `mail` or `status` (the first word of the target).
+    pub kind: String,
+    /// The deliveries' state.
+    pub state: DeliveryState,
+    /// How many.
+    pub count: u64,
+    /// Tries they took (sent and answered, or failed), all together.
+    pub tries: u64,
 }
 
 /// What [`Store::record_commits`] did.

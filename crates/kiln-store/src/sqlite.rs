@@ -978,6 +978,31 @@ impl Store for SqliteStore {
                     .ok_or_else(|| corrupt("unit try outcome", format!("{outcome:?}")))?;
                 m.unit_tries.push((outcome, retry, n as u64));
             }
+            let mut stmt = tx.prepare_cached(
+                "SELECT CASE WHEN instr(target, ' ') > 0 \
+                 THEN substr(target, 1, instr(target, ' ') - 1) ELSE target END AS kind, \
+                 state, COUNT(*), COALESCE(SUM(attempts), 0) FROM deliveries \
+                 GROUP BY kind, state ORDER BY kind, state",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?;
+            for row in rows {
+                let (kind, state, count, tries) = row?;
+                m.deliveries.push(crate::DeliveryCount {
+                    kind,
+                    state: state
+                        .parse()
+                        .map_err(|e: String| corrupt("delivery state", e))?,
+                    count: count as u64,
+                    tries: tries as u64,
+                });
+            }
             m
         };
         tx.commit()?;
