@@ -36,6 +36,7 @@ mod latency;
 mod logs;
 mod overhead;
 mod runners;
+mod scale;
 mod split;
 mod throughput;
 mod trigger;
@@ -157,7 +158,11 @@ pub enum BenchCommand {
     /// a broken commit and a killed runner (goals at N = 16: <= 1.05x the bound, >= 1.6x faster
     /// than hash and 1.15x than timing, overhead < 2 ms median, retries <= 5% when 30% broken).
     Split(split::SplitArgs),
-    /// All of the above but `split` (run on its own: minutes), `logs` first.
+    /// How the store's costs per operation (submit, a scheduling decision, reads, a scrape)
+    /// grow from 1,000 to 100,000 stored builds (goals: submit p99 < 20 ms, a decision's p50
+    /// at most 1.5x the first stage's).
+    Scale(scale::ScaleArgs),
+    /// All of the above but `split` and `scale` (run on its own: minutes), `logs` first.
     All(AllArgs),
     /// The output generators the benchmarks' steps run.
     #[command(hide = true)]
@@ -212,6 +217,10 @@ async fn run(args: BenchArgs) -> Result<i32, BenchError> {
             }
             BenchCommand::Failover(a) => {
                 bounded("failover", a.limit(), failover::run(&a)).await?;
+                Ok(exit::OK)
+            }
+            BenchCommand::Scale(a) => {
+                bounded("scale", Duration::from_secs(1800), scale::run(&a)).await?;
                 Ok(exit::OK)
             }
             BenchCommand::Idle(a) => {
