@@ -53,6 +53,7 @@ async fn build(d: &Dispatcher, jobs: usize) -> kiln_store::BuildDetail {
             .collect(),
         pipeline_hash: String::new(),
         pipeline: String::new(),
+        params: Default::default(),
     })
     .await
     .unwrap()
