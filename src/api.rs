@@ -23,7 +23,7 @@ use crate::proto::{
     runner_admin_service_server::RunnerAdminServiceServer, runner_service_server::RunnerService,
     runner_service_server::RunnerServiceServer,
 };
-use kiln_dispatcher::{DispatchError, Dispatcher, SubmitRequest};
+use kiln_dispatcher::{DispatchError, Dispatcher};
 
 /// Largest request a client may send to `BuildService` and `RunnerAdminService`.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
@@ -142,12 +142,7 @@ impl BuildService for BuildApi {
         let r = request.into_inner();
         let d = self
             .dispatcher
-            .submit(SubmitRequest {
-                repo: r.repo,
-                commit: r.commit,
-                branch: r.branch,
-                trigger: r.trigger,
-            })
+            .submit(convert::submit_from_proto(r))
             .await
             .map_err(status)?;
         Ok(Response::new(convert::build_to_proto(&d)))

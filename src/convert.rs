@@ -162,6 +162,18 @@ pub fn build_to_proto(d: &BuildDetail) -> proto::Build {
         trigger: b.trigger.clone(),
         retry_of: b.retry_of.map_or(0, u64::from),
         pipeline: b.pipeline.clone(),
+        env: b.params.clone().into_iter().collect(),
+    }
+}
+
+/// A build request from wire (the engine checks it).
+pub fn submit_from_proto(r: proto::SubmitBuildRequest) -> kiln_dispatcher::SubmitRequest {
+    kiln_dispatcher::SubmitRequest {
+        repo: r.repo,
+        commit: r.commit,
+        branch: r.branch,
+        trigger: r.trigger,
+        params: r.env.into_iter().collect(),
     }
 }
 

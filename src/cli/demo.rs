@@ -176,6 +176,7 @@ pub async fn run(args: DemoArgs) -> Result<i32, CliError> {
                 commit: commit.clone(),
                 branch: "main".into(),
                 trigger: "demo".into(),
+                env: Default::default(),
             })
             .await
             .map_err(CliError::from)?

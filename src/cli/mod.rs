@@ -13,7 +13,7 @@
 //! | 7 | any other error |
 //! | 8 | the build or job is still running (`show` only) |
 //! | 9 | the token is missing or not valid |
-//! | 10 | this commit was already built with this pipeline (`kiln retry` builds it again) |
+//! | 10 | this commit was already built with this pipeline and these parameters (`kiln retry` builds it again) |
 //! | 141 | the output's reader went away (`kiln show 1 \| head -c 100`): the command ends at once and quietly, with the status a shell reports for `cat` killed by SIGPIPE |
 
 //!

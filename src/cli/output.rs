@@ -36,6 +36,7 @@ pub(super) fn build_json(b: &proto::Build) -> serde_json::Value {
         "error": (!b.error.is_empty()).then_some(&b.error),
         "pipeline": (!b.pipeline.is_empty()).then_some(&b.pipeline),
         "retry_of": (b.retry_of != 0).then_some(b.retry_of),
+        "env": b.env.iter().collect::<std::collections::BTreeMap<_, _>>(),
         "created_at": b.created_at.as_ref().map(crate::convert::millis),
         "finished_at": b.finished_at.as_ref().map(crate::convert::millis),
         "jobs": b.jobs.iter().map(|j| serde_json::json!({
@@ -91,6 +92,16 @@ pub(super) fn print_build(b: &proto::Build, json: bool) {
     );
     if !b.pipeline.is_empty() && !b.jobs.is_empty() {
         println!("  pipeline: {}", b.pipeline);
+    }
+    let mut env: Vec<_> = b.env.iter().collect();
+    env.sort();
+    for (name, value) in env {
+        // Control characters (a newline, an escape sequence) are shown quoted, not obeyed.
+        if value.chars().any(char::is_control) {
+            println!("  env: {name}={value:?}");
+        } else {
+            println!("  env: {name}={value}");
+        }
     }
     if !b.error.is_empty() {
         println!("  error: {}", b.error);

@@ -29,9 +29,20 @@ pub struct SubmitArgs {
     /// Who is asking (shown with the build).
     #[arg(long, default_value = "cli")]
     pub trigger: String,
+    /// A build parameter: an environment variable every step of the build gets, over the
+    /// pipeline's `env` (repeatable; the last of a name wins). The same commit with other
+    /// parameters is another build; `kiln retry` keeps them. KILN_* names and the dispatcher's
+    /// secrets are refused.
+    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
     /// Follow the build's output until it ends; exit with its status.
     #[arg(long, short = 'f')]
     pub follow: bool,
+}
+
+/// One `--env NAME=VALUE` (a malformed one is a usage error, before anything is sent).
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    kiln_domain::params::parse_assignment(s)
 }
 
 /// Makes a local repository path absolute (URLs pass through).
@@ -89,6 +100,7 @@ pub(super) async fn submit(
             commit,
             branch,
             trigger: args.trigger,
+            env: args.env.into_iter().collect(),
         })
         .await?
         .into_inner();

@@ -15,6 +15,7 @@ fn req(repo: &str, commit: &str) -> proto::SubmitBuildRequest {
         commit: commit.to_string(),
         branch: String::new(),
         trigger: "test".to_string(),
+        env: Default::default(),
     }
 }
 

@@ -112,6 +112,7 @@ fn a_repository_and_its_git_dir_are_one_repository() {
         commit: sha.clone(),
         branch: String::new(),
         trigger: "test".into(),
+        env: Default::default(),
     };
     let first = api.submit(req(format!("{path}/.git"))).unwrap();
     assert_eq!(first.repo, path);
@@ -231,6 +232,7 @@ fn a_full_disk_pauses_jobs_refuses_submits_and_recovers() {
             commit: second.clone(),
             branch: String::new(),
             trigger: "test".into(),
+            env: Default::default(),
         })
         .unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");

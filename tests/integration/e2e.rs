@@ -517,6 +517,7 @@ fn list_builds_pages_and_filters() {
                     "dev".into()
                 },
                 trigger: "test".into(),
+                env: Default::default(),
             })
             .unwrap();
         ids.push(b.id);

@@ -17,6 +17,7 @@ mod mirror_cache;
 mod notify;
 mod observer;
 mod otel;
+mod params;
 mod partition;
 mod pipelines;
 mod pool;

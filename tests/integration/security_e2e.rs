@@ -228,6 +228,7 @@ fn api_token_statuses_and_closed_reads() {
         commit: sha.clone(),
         branch: String::new(),
         trigger: "test".into(),
+        env: Default::default(),
     };
     let s = api.submit(req()).unwrap_err();
     assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");

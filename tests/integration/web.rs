@@ -806,3 +806,122 @@ fn web_new_build_form_events_and_drain() {
     );
     assert_eq!(missing.status, 404, "{}", missing.body);
 }
+
+/// Whether `html` holds `text` HTML-escaped (named or numeric character references).
+fn shows_escaped(html: &str, text: &str) -> bool {
+    let with =
+        |amp: &str, lt: &str, gt: &str| text.replace('&', amp).replace('<', lt).replace('>', gt);
+    html.contains(&with("&amp;", "&lt;", "&gt;")) || html.contains(&with("&#38;", "&#60;", "&#62;"))
+}
+
+/// Build parameters through the web: the new-build form's environment field (NAME=VALUE
+/// lines, comments and blank lines ignored) builds with them over the pipeline's `env`; the
+/// build page and `/api/builds/N` show them, escaped; a malformed line shows the form again
+/// with the error and what was typed, and makes no build; the JSON API takes `"env"` and
+/// refuses a KILN_ name with a 400 naming it.
+#[test]
+fn web_build_with_parameters() {
+    let tmp = tempdir();
+    let (repo, sha) = Repo::with_pipeline(
+        &tmp.path().join("repo"),
+        "env:\n  GREETING: from-file\nsteps:\n  - name: s\n    run: echo \"greeting=$GREETING extra=$EXTRA\"\n",
+    );
+    let server = Server::start(&tmp.path().join("data"), &[]);
+    let _r = server.runner(tmp.path(), "r1", &[]);
+    server.wait_runners_attached(&["r1"]);
+    let api = |path: &str| get(&format!("{}{path}", server.url), &[]).json();
+    let jar = tmp.path().join("jar");
+    let jar = jar.to_str().unwrap();
+    let form = get(&format!("{}/new", server.url), &["-c", jar]).body;
+    assert!(form.contains("<textarea name=\"env\""), "{form}");
+    let csrf = {
+        let s = &form[form.find("name=\"csrf\" value=\"").unwrap() + 19..];
+        s[..s.find('"').unwrap()].to_string()
+    };
+    let post = |env: &str| {
+        let data = format!(
+            "csrf={csrf}&repo={}&commit={sha}&branch=main&env={}",
+            enc(repo.path.to_str().unwrap()),
+            enc(env)
+        );
+        http(
+            "POST",
+            &format!("{}/new", server.url),
+            &["-b", jar, "--data", &data],
+        )
+    };
+
+    // A malformed line: the form again, with the error and what was typed; no build.
+    let typed = "GREETING=<i>x</i>\r\nnot a line\r\n";
+    let r = post(typed);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("id=\"error\""), "{}", r.body);
+    assert!(r.body.contains("line 2"), "{}", r.body);
+    assert!(
+        shows_escaped(&r.body, "GREETING=<i>x</i>") && !r.body.contains("<i>x</i>"),
+        "what was typed is shown again, escaped: {}",
+        r.body
+    );
+    assert_eq!(api("/api/builds")["builds"].as_array().unwrap().len(), 0);
+
+    // Comments and blank lines ignored; the parameters win over the file's env.
+    let r = post("# what to greet\r\nGREETING=from-form\r\n\r\nEXTRA=<b>&amp;\r\n");
+    assert_eq!(r.status, 303, "{}", r.body);
+    let id: u64 = r
+        .header("location")
+        .unwrap()
+        .strip_prefix("/builds/")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(server.wait_final(id, LONG)["state"], "passed");
+    let log = server.cli(&["logs", &format!("{id}/s")]).out();
+    assert!(log.contains("greeting=from-form extra=<b>&amp;"), "{log}");
+    let b = api(&format!("/api/builds/{id}"));
+    assert_eq!(
+        b["env"],
+        serde_json::json!({"GREETING": "from-form", "EXTRA": "<b>&amp;"}),
+        "{b}"
+    );
+    let page = get(&format!("{}/builds/{id}", server.url), &[]).body;
+    assert!(page.contains("id=\"build-env\""), "{page}");
+    assert!(
+        shows_escaped(&page, "<b>&amp;") && !page.contains("<b>&amp;"),
+        "the page shows the value escaped: {page}"
+    );
+
+    // The JSON API.
+    let body = serde_json::json!({
+        "repo": repo.path_str(), "commit": sha, "branch": "main",
+        "env": {"GREETING": "from-api"},
+    })
+    .to_string();
+    let r = http(
+        "POST",
+        &format!("{}/api/builds", server.url),
+        &["-H", "content-type: application/json", "--data", &body],
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let b = r.json();
+    assert_eq!(b["env"], serde_json::json!({"GREETING": "from-api"}), "{b}");
+    let aid = b["id"].as_u64().unwrap();
+    assert_eq!(server.wait_final(aid, LONG)["state"], "passed");
+    let log = server.cli(&["logs", &format!("{aid}/s")]).out();
+    assert!(log.contains("greeting=from-api extra="), "{log}");
+    let bad = serde_json::json!({
+        "repo": repo.path_str(), "commit": sha, "env": {"KILN_BRANCH": "x"},
+    })
+    .to_string();
+    let r = http(
+        "POST",
+        &format!("{}/api/builds", server.url),
+        &["-H", "content-type: application/json", "--data", &bad],
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.json()["error"].as_str().unwrap().contains("KILN_BRANCH"),
+        "{}",
+        r.body
+    );
+    assert_eq!(api("/api/builds")["builds"].as_array().unwrap().len(), 2);
+}

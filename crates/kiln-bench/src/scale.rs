@@ -74,6 +74,7 @@ fn one_job_build(repo: &str, commit: String, n: u64) -> NewBuild {
         }],
         pipeline_hash: "bench".into(),
         pipeline: ".kiln.yml".into(),
+        params: BTreeMap::new(),
     }
 }
 

@@ -403,6 +403,7 @@ pub(crate) async fn submit(
             commit: commit.to_string(),
             branch: "main".into(),
             trigger: "bench".into(),
+            env: Default::default(),
         })
         .await
         .map_err(|s| fail(format!("submit failed: {}", s.message())))?

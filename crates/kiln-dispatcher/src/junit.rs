@@ -356,6 +356,7 @@ mod tests {
             created_at: 0,
             finished_at: None,
             pipeline: String::new(),
+            params: Default::default(),
         }
     }
 

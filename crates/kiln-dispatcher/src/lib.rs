@@ -304,6 +304,9 @@ pub struct SubmitRequest {
     pub branch: String,
     /// Who asked.
     pub trigger: String,
+    /// Build parameters: environment variables for every step, over the pipeline's `env`
+    /// (checked by `kiln_domain::params`; a name of a secret is refused).
+    pub params: BTreeMap<String, String>,
 }
 
 /// A runner as [`Dispatcher::list_runners`] reports it.
@@ -811,11 +814,11 @@ impl Dispatcher {
     /// pipeline is read at that commit. A pipeline that cannot be read still makes a build,
     /// `errored`, with the reason (file, line, column) and no jobs.
     pub async fn submit(&self, req: SubmitRequest) -> Result<BuildDetail, DispatchError> {
-        let req = validate_submit(req)?;
+        let req = validate_submit(req, &self.inner.config.secrets)?;
         self.admit()?;
         let (repo, branch) = (req.repo.clone(), req.branch.clone());
         let new = self
-            .prepare(req.repo, req.commit, req.branch, req.trigger)
+            .prepare(req.repo, req.commit, req.branch, req.trigger, req.params)
             .await?;
         if self.newest_only(&branch) {
             // The branch builds only its newest commit: record it through the cursor so that
@@ -831,13 +834,14 @@ impl Dispatcher {
 
     /// Checks out what a commit's build needs: the commit exists, its pipeline file (or the
     /// detected default), planned into jobs. A pipeline that cannot be read gives a build with
-    /// the error and no jobs.
+    /// the error and no jobs. `params` are the build's parameters, already checked.
     async fn prepare(
         &self,
         repo: String,
         commit: String,
         branch: String,
         trigger: String,
+        params: BTreeMap<String, String>,
     ) -> Result<NewBuild, DispatchError> {
         let mirrors = self.inner.mirrors.clone();
         let (r, c) = (repo.clone(), commit.clone());
@@ -909,7 +913,7 @@ impl Dispatcher {
             Ok(jobs) => (jobs, None),
             Err(e) => (Vec::new(), Some(e)),
         };
-        let pipeline_hash = pipeline_hash(&jobs, error.as_deref());
+        let pipeline_hash = pipeline_hash(&jobs, error.as_deref(), &params);
         Ok(NewBuild {
             repo,
             commit: full,
@@ -920,6 +924,7 @@ impl Dispatcher {
             jobs,
             pipeline_hash,
             pipeline: source,
+            params,
         })
     }
 
@@ -939,12 +944,16 @@ impl Dispatcher {
         commits: &[String],
         trigger: &str,
     ) -> Result<Vec<BuildDetail>, DispatchError> {
-        let req = validate_submit(SubmitRequest {
-            repo: repo.to_string(),
-            commit: commits.last().cloned().unwrap_or_default(),
-            branch: branch.to_string(),
-            trigger: trigger.to_string(),
-        })?;
+        let req = validate_submit(
+            SubmitRequest {
+                repo: repo.to_string(),
+                commit: commits.last().cloned().unwrap_or_default(),
+                branch: branch.to_string(),
+                trigger: trigger.to_string(),
+                params: BTreeMap::new(),
+            },
+            &self.inner.config.secrets,
+        )?;
         if req.branch.is_empty() {
             return Err(DispatchError::invalid("branch", "branch is required"));
         }
@@ -995,6 +1004,7 @@ impl Dispatcher {
                     c.to_ascii_lowercase(),
                     req.branch.clone(),
                     req.trigger.clone(),
+                    BTreeMap::new(),
                 )
                 .await?,
             );
@@ -1210,7 +1220,8 @@ impl Dispatcher {
         self.get_build(id).await
     }
 
-    /// Builds a finished build's commit again, with the same jobs, as a new build.
+    /// Builds a finished build's commit again, with the same jobs and parameters, as a new
+    /// build.
     pub async fn retry_build(&self, id: BuildId) -> Result<BuildDetail, DispatchError> {
         self.admit()?;
         let old = self.get_build(id).await?;
@@ -1230,6 +1241,7 @@ impl Dispatcher {
                     old.build.commit.clone(),
                     old.build.branch.clone(),
                     format!("retry of {id}"),
+                    old.build.params.clone(),
                 )
                 .await?;
             new.retry_of = Some(id);
@@ -1258,6 +1270,7 @@ impl Dispatcher {
                 .collect(),
             pipeline_hash: String::new(),
             pipeline: old.build.pipeline.clone(),
+            params: old.build.params.clone(),
         };
         self.create(new).await
     }
@@ -1409,7 +1422,10 @@ const MAX_BRANCH_LEN: usize = 255;
 /// Largest accepted trigger text.
 const MAX_TRIGGER_LEN: usize = 128;
 
-fn validate_submit(mut req: SubmitRequest) -> Result<SubmitRequest, DispatchError> {
+fn validate_submit(
+    mut req: SubmitRequest,
+    secrets: &BTreeMap<String, String>,
+) -> Result<SubmitRequest, DispatchError> {
     let bad = |field: &'static str, m: String| Err(DispatchError::invalid(field, m));
     req.repo = req.repo.trim().to_string();
     req.commit = req.commit.trim().to_string();
@@ -1468,6 +1484,9 @@ fn validate_submit(mut req: SubmitRequest) -> Result<SubmitRequest, DispatchErro
     }
     if req.trigger.is_empty() {
         req.trigger = "api".into();
+    }
+    if let Some(why) = kiln_domain::params::check_all(&req.params, |n| secrets.contains_key(n)) {
+        return bad("env", why);
     }
     Ok(req)
 }
@@ -1545,10 +1564,22 @@ fn pipeline_jobs(p: kiln_pipeline::Pipeline, branch: &str) -> Result<Vec<NewJob>
 /// Most commits one report may carry.
 const MAX_REPORTED_COMMITS: usize = 1000;
 
-/// The identity of a build's pipeline: a hash of its planned jobs (or of its error).
-fn pipeline_hash(jobs: &[NewJob], error: Option<&str>) -> String {
+/// The identity of a build's pipeline: a hash of its planned jobs (or of its error) and of its
+/// parameters, so a build with other parameters is another build.
+fn pipeline_hash(
+    jobs: &[NewJob],
+    error: Option<&str>,
+    params: &BTreeMap<String, String>,
+) -> String {
     use sha2::{Digest, Sha256};
-    let text = serde_json::to_string(&(jobs, error)).unwrap_or_default();
+    // Without parameters, the text hashed before builds had them: a commit built then is
+    // still a duplicate now.
+    let text = if params.is_empty() {
+        serde_json::to_string(&(jobs, error))
+    } else {
+        serde_json::to_string(&(jobs, error, params))
+    }
+    .unwrap_or_default();
     hex::encode(Sha256::digest(text.as_bytes()))
 }
 
@@ -1558,6 +1589,7 @@ fn next_session_id(inner: &Inner) -> u64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod validation_tests {
     use super::*;
 
@@ -1568,7 +1600,7 @@ mod validation_tests {
             commit: "a".repeat(40),
             ..Default::default()
         };
-        assert!(validate_submit(ok.clone()).is_ok());
+        assert!(validate_submit(ok.clone(), &BTreeMap::new()).is_ok());
         let cases = [
             (
                 SubmitRequest {
@@ -1607,12 +1639,80 @@ mod validation_tests {
             ),
         ];
         for (req, word) in cases {
-            match validate_submit(req) {
+            match validate_submit(req, &BTreeMap::new()) {
                 Err(DispatchError::InvalidArgument { message: m, .. }) => {
                     assert!(m.contains(word), "{m}")
                 }
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn build_parameters_are_checked_and_each_refusal_names_the_variable() {
+        let secrets: BTreeMap<String, String> =
+            [("DEPLOY_TOKEN".to_string(), "s3cret".to_string())]
+                .into_iter()
+                .collect();
+        let with = |pairs: &[(&str, &str)]| SubmitRequest {
+            repo: "/tmp/r".into(),
+            commit: "a".repeat(40),
+            params: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        let ok = validate_submit(with(&[("GREETING", "hi"), ("_X9", "")]), &secrets).unwrap();
+        assert_eq!(ok.params.len(), 2);
+        let long_name = "N".repeat(129);
+        let long_value = "v".repeat(4097);
+        let cases: Vec<(SubmitRequest, String)> = vec![
+            (with(&[("9LIVES", "x")]), "\"9LIVES\"".into()),
+            (with(&[("A-B", "x")]), "\"A-B\"".into()),
+            (with(&[("", "x")]), "empty name".into()),
+            (with(&[("KILN_BRANCH", "x")]), "\"KILN_BRANCH\"".into()),
+            (with(&[("KILN", "x")]), "\"KILN\"".into()),
+            (with(&[("NUL", "a\0b")]), "\"NUL\"".into()),
+            (with(&[("BIG", &long_value)]), "\"BIG\"".into()),
+            (with(&[(&long_name, "x")]), "128 bytes".into()),
+            (with(&[("DEPLOY_TOKEN", "x")]), "\"DEPLOY_TOKEN\"".into()),
+            (
+                SubmitRequest {
+                    params: (0..65).map(|i| (format!("V{i}"), String::new())).collect(),
+                    ..with(&[])
+                },
+                "at most 64".into(),
+            ),
+        ];
+        for (req, want) in cases {
+            match validate_submit(req, &secrets) {
+                Err(DispatchError::InvalidArgument { field, message }) => {
+                    assert_eq!(field, "env");
+                    assert!(message.contains(&want), "{message:?} lacks {want:?}");
+                }
+                other => panic!("{want}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn parameters_are_part_of_a_builds_identity() {
+        let none = BTreeMap::new();
+        let a: BTreeMap<String, String> = [("A".to_string(), "1".to_string())].into();
+        let b: BTreeMap<String, String> = [("A".to_string(), "2".to_string())].into();
+        let h = |p: &BTreeMap<String, String>| pipeline_hash(&[], Some("e"), p);
+        let same = a.clone();
+        assert_eq!(h(&a), h(&same));
+        assert_ne!(h(&a), h(&b));
+        assert_ne!(h(&a), h(&none));
+        // Unchanged for builds without parameters (stored before they existed).
+        use sha2::{Digest, Sha256};
+        let before = hex::encode(Sha256::digest(
+            serde_json::to_string(&(Vec::<NewJob>::new(), Some("e")))
+                .unwrap()
+                .as_bytes(),
+        ));
+        assert_eq!(h(&none), before);
     }
 }

@@ -316,7 +316,17 @@ impl Dispatcher {
                 repo_url: build.repo.clone(),
                 commit: build.commit.clone(),
                 branch: build.branch.clone(),
-                steps: job.steps.iter().map(protocol::AssignedStep::from).collect(),
+                // The build's parameters win over the pipeline's `env`, which the plan put in
+                // each step's env (the runner applies a step's env after the assignment's).
+                steps: job
+                    .steps
+                    .iter()
+                    .map(|s| {
+                        let mut step = protocol::AssignedStep::from(s);
+                        step.env.extend(build.params.clone());
+                        step
+                    })
+                    .collect(),
                 env: [
                     ("CI", "true".to_string()),
                     ("KILN", "true".to_string()),

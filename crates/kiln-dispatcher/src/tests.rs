@@ -53,6 +53,7 @@ async fn build(d: &Dispatcher, jobs: usize) -> kiln_store::BuildDetail {
             .collect(),
         pipeline_hash: String::new(),
         pipeline: String::new(),
+        params: Default::default(),
     })
     .await
     .unwrap()
@@ -979,4 +980,65 @@ async fn the_dispatcher_answers_heartbeats() {
             .unwrap();
         assert!(matches!(answer, Out::Heartbeat(_)), "{answer:?}");
     }
+}
+
+/// A build's parameters reach the runner in each step's env, over what the pipeline put there
+/// (the runner applies a step's env after the assignment's), and not as a KILN_ variable.
+#[tokio::test]
+async fn an_assignment_carries_the_build_parameters_over_the_step_env() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dispatcher(dir.path());
+    let stop = CancellationToken::new();
+    let bg = d.spawn_background(stop.clone());
+    let step = |index: u32, env: &[(&str, &str)]| StepSpec {
+        index,
+        name: format!("s{index}"),
+        run: "true".into(),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        timeout_ms: 0,
+        post: None,
+        split: None,
+        junit: Vec::new(),
+    };
+    let params: BTreeMap<String, String> = [("GREETING", "param"), ("EXTRA", "x")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let b = d
+        .create(NewBuild {
+            repo: "/nonexistent/repo".into(),
+            commit: "a".repeat(40),
+            branch: "main".into(),
+            trigger: "test".into(),
+            retry_of: None,
+            error: None,
+            jobs: vec![NewJob {
+                name: "j".into(),
+                labels: BTreeMap::new(),
+                steps: vec![
+                    step(0, &[("GREETING", "pipeline"), ("KEEP", "kept")]),
+                    step(1, &[]),
+                ],
+                needs: vec![],
+            }],
+            pipeline_hash: String::new(),
+            pipeline: String::new(),
+            params: params.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(b.build.params, params);
+    let (_tx, mut out, _w) = hello(&d, hello_of("r1", vec![], "")).await.unwrap();
+    let a = assigned(&mut out).await;
+    assert_eq!(a.steps[0].env["GREETING"], "param");
+    assert_eq!(a.steps[0].env["KEEP"], "kept");
+    assert_eq!(a.steps[0].env["EXTRA"], "x");
+    assert_eq!(a.steps[1].env, params);
+    assert_eq!(a.env["KILN_BUILD_ID"], b.build.id.to_string());
+    assert!(!a.env.contains_key("GREETING"), "{:?}", a.env);
+    stop.cancel();
+    bg.await.unwrap();
 }

@@ -17,6 +17,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 pub mod branch;
+pub mod params;
 pub mod protocol;
 pub mod split;
 
@@ -466,6 +467,9 @@ pub struct NewBuild {
     pub pipeline_hash: String,
     /// How the pipeline was found: `.kiln.yml`, or what was detected and why.
     pub pipeline: String,
+    /// Build parameters (see [`params`]): environment variables given to every step of every
+    /// job, over the pipeline's `env`. Part of what makes two builds of a commit different.
+    pub params: BTreeMap<String, String>,
 }
 
 /// A stored build.
@@ -494,6 +498,9 @@ pub struct Build {
     /// How the pipeline was found: `.kiln.yml`, or what was detected and why (empty for builds
     /// stored before kiln recorded it).
     pub pipeline: String,
+    /// Build parameters (see [`params`]): environment variables given to every step of every
+    /// job, over the pipeline's `env`; empty for none.
+    pub params: BTreeMap<String, String>,
 }
 
 /// A stored job.

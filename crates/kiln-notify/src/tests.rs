@@ -53,6 +53,7 @@ fn new_build(commit: char, branch: &str) -> NewBuild {
         }],
         pipeline_hash: String::new(),
         pipeline: commit.to_string(),
+        params: Default::default(),
     }
 }
 

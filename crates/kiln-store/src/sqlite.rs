@@ -246,6 +246,9 @@ INSERT INTO notify_marks (build_id, mark, at)
     // 10: a unit's past across builds (the tests page): the splits of a repository and key by
     // build.
     "CREATE INDEX splits_by_repo ON splits(repo, split_key, build_id);",
+    // 11: a build's parameters (environment variables over the pipeline's `env`), a JSON object
+    // of strings; `{}` for none and for builds made before.
+    "ALTER TABLE builds ADD COLUMN params TEXT NOT NULL DEFAULT '{}';",
 ];
 
 /// The SQLite implementation of [`Store`]: one connection behind a mutex (SQLite serialises
@@ -265,7 +268,7 @@ impl std::fmt::Debug for SqliteStore {
 const JOB_COLUMNS: &str = "id, build_id, name, state, labels, steps, current_attempt, attempts, \
      lost_attempts, runner, message, started_at, finished_at, needs";
 const BUILD_COLUMNS: &str = "id, repo, commit_id, branch, trigger_by, state, error, retry_of, created_at, finished_at, \
-     pipeline";
+     pipeline, params";
 
 impl SqliteStore {
     /// Records known unit durations for a repository's split key, as if they had been measured:
@@ -357,7 +360,9 @@ fn parse_state(s: &str) -> Result<JobState> {
     s.parse().map_err(|e| corrupt("job state", e))
 }
 
-fn build_from_row(r: &Row<'_>) -> rusqlite::Result<(Build, String)> {
+/// A build row: the build, then its state and its parameters as stored (parsed by
+/// [`finish_build`]).
+fn build_from_row(r: &Row<'_>) -> rusqlite::Result<(Build, String, String)> {
     let state: String = r.get(5)?;
     Ok((
         Build {
@@ -372,14 +377,17 @@ fn build_from_row(r: &Row<'_>) -> rusqlite::Result<(Build, String)> {
             created_at: r.get(8)?,
             finished_at: r.get(9)?,
             pipeline: r.get(10)?,
+            params: BTreeMap::new(),
         },
         state,
+        r.get(11)?,
     ))
 }
 
-fn finish_build(row: (Build, String)) -> Result<Build> {
-    let (mut b, state) = row;
+fn finish_build(row: (Build, String, String)) -> Result<Build> {
+    let (mut b, state, params) = row;
     b.state = parse_state(&state)?;
+    b.params = serde_json::from_str(&params).map_err(|e| corrupt("build params", e))?;
     Ok(b)
 }
 
@@ -634,10 +642,12 @@ fn insert_build(tx: &Transaction<'_>, new: &NewBuild, now: Millis) -> Result<Bui
     } else {
         (JobState::Queued, None)
     };
+    let build_params =
+        serde_json::to_string(&new.params).map_err(|e| corrupt("build params", e))?;
     tx.execute(
         "INSERT INTO builds (repo, commit_id, branch, trigger_by, state, error, retry_of, \
-         created_at, finished_at, pipeline_hash, pipeline) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+         created_at, finished_at, pipeline_hash, pipeline, params) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         params![
             new.repo,
             new.commit,
@@ -649,7 +659,8 @@ fn insert_build(tx: &Transaction<'_>, new: &NewBuild, now: Millis) -> Result<Bui
             now,
             finished,
             new.pipeline_hash,
-            new.pipeline
+            new.pipeline,
+            build_params
         ],
     )?;
     let build_id = BuildId::new(tx.last_insert_rowid() as u64);
@@ -1473,6 +1484,7 @@ mod tests {
                 .collect(),
             pipeline_hash: String::new(),
             pipeline: String::new(),
+            params: Default::default(),
         }
     }
 
@@ -1749,6 +1761,27 @@ mod tests {
     }
 
     #[test]
+    fn a_builds_parameters_are_stored_with_it() {
+        let s = SqliteStore::in_memory().unwrap();
+        let mut b = new_build(1);
+        b.params = [("GREETING", "hi \"there\""), ("EMPTY", "")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let made = s.create_build(&b).unwrap();
+        assert_eq!(made.build.params, b.params);
+        let read = s.get_build(made.build.id).unwrap().unwrap();
+        assert_eq!(read.build.params, b.params);
+        let listed = s.list_builds(&BuildFilter {
+            limit: 10,
+            ..BuildFilter::default()
+        });
+        assert_eq!(listed.unwrap()[0].params, b.params);
+        let plain = s.create_build(&new_build(1)).unwrap();
+        assert!(plain.build.params.is_empty());
+    }
+
+    #[test]
     fn record_commits_moves_the_cursor_and_supersedes() {
         let s = SqliteStore::in_memory().unwrap();
         let mk = |c: char| {
@@ -1869,6 +1902,7 @@ mod delivery_tests {
             }],
             pipeline_hash: String::new(),
             pipeline: String::new(),
+            params: Default::default(),
         };
         s.create_build(&new).unwrap()
     }

@@ -77,6 +77,7 @@ pub(crate) fn build_json(b: &kiln_domain::Build) -> Value {
         "created_at": b.created_at,
         "finished_at": b.finished_at,
         "pipeline": b.pipeline,
+        "env": b.params,
     })
 }
 
@@ -356,6 +357,9 @@ pub(crate) struct SubmitBody {
     commit: String,
     #[serde(default)]
     branch: String,
+    /// Build parameters: `{"NAME": "VALUE"}`, over the pipeline's `env`.
+    #[serde(default)]
+    env: BTreeMap<String, String>,
 }
 
 /// A query string that does not fit: 400 with what is wrong.
@@ -369,7 +373,7 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, WebError
         .map_err(|e| WebError::bad_request(format!("the body is not valid JSON for this: {e}")))
 }
 
-/// `POST /api/builds` `{"repo","commit","branch"}`: 201 with the new build.
+/// `POST /api/builds` `{"repo","commit","branch","env"}`: 201 with the new build.
 pub(crate) async fn submit(
     State(w): State<Web>,
     headers: HeaderMap,
@@ -384,6 +388,7 @@ pub(crate) async fn submit(
             commit: b.commit,
             branch: b.branch,
             trigger: "web".into(),
+            params: b.env,
         })
         .await?;
     Ok((StatusCode::CREATED, Json(detail_json(&d, &[]))).into_response())

@@ -266,6 +266,8 @@ struct BuildPage {
     branch: String,
     trigger: String,
     pipeline: String,
+    /// The build's parameters (NAME, VALUE), by name.
+    env: Vec<(String, String)>,
     error: String,
     created: String,
     finished: String,
@@ -369,6 +371,11 @@ async fn build_page(w: &Web, id: &str, headers: &HeaderMap) -> Result<Response, 
         branch: b.branch.clone(),
         trigger: b.trigger.clone(),
         pipeline: b.pipeline.clone(),
+        env: b
+            .params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         error: b.error.clone().unwrap_or_default(),
         created: utc(b.created_at),
         finished: b.finished_at.map(utc).unwrap_or_default(),
@@ -834,6 +841,8 @@ struct NewPage {
     repo: String,
     commit: String,
     branch: String,
+    /// The environment field as typed (NAME=VALUE lines).
+    env: String,
     error: String,
 }
 
@@ -848,6 +857,34 @@ pub(crate) struct NewForm {
     commit: String,
     #[serde(default)]
     branch: String,
+    /// Environment overrides: `NAME=VALUE` lines (blank lines and `#` comments ignored).
+    #[serde(default)]
+    env: String,
+}
+
+/// The form's environment field: one `NAME=VALUE` per line (split at the first `=`, the value
+/// kept as typed but for a line end's `\r`); blank lines and lines starting with `#` are
+/// ignored, and so is indentation before a name. A malformed line, or a name given twice, is
+/// an error naming the line. The dispatcher checks the rest (limits, reserved names).
+pub(crate) fn parse_env_lines(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut env = BTreeMap::new();
+    let mut first_line = BTreeMap::new();
+    for (i, line) in text.split('\n').enumerate() {
+        let n = i + 1;
+        let line = line.strip_suffix('\r').unwrap_or(line).trim_start();
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, value) = kiln_domain::params::parse_assignment(line)
+            .map_err(|e| format!("environment, line {n}: {e}"))?;
+        if let Some(before) = first_line.insert(name.clone(), n) {
+            return Err(format!(
+                "environment, line {n}: {name} is already set on line {before}"
+            ));
+        }
+        env.insert(name, value);
+    }
+    Ok(env)
 }
 
 /// `GET /new`: the form.
@@ -866,6 +903,7 @@ pub(crate) async fn new_form(
         repo: f.repo,
         commit: f.commit,
         branch: f.branch,
+        env: f.env,
         error: String::new(),
     };
     page(&t, StatusCode::OK, set)
@@ -880,22 +918,29 @@ pub(crate) async fn new_submit(
     if let Err(r) = page_write(&w, &headers, &f.csrf, "/new") {
         return *r;
     }
-    let req = SubmitRequest {
-        repo: f.repo.trim().to_string(),
-        commit: f.commit.trim().to_string(),
-        branch: f.branch.trim().to_string(),
-        trigger: "web".into(),
+    let submitted = match parse_env_lines(&f.env) {
+        Ok(params) => {
+            let req = SubmitRequest {
+                repo: f.repo.trim().to_string(),
+                commit: f.commit.trim().to_string(),
+                branch: f.branch.trim().to_string(),
+                trigger: "web".into(),
+                params,
+            };
+            w.dispatcher.submit(req).await.map_err(WebError::from)
+        }
+        Err(e) => Err(WebError::bad_request(e)),
     };
-    match w.dispatcher.submit(req).await {
+    match submitted {
         Ok(d) => Redirect::to(&format!("/builds/{}", d.build.id)).into_response(),
         Err(e) => {
-            let e = WebError::from(e);
             let (frame, set) = frame(&w, &headers, "New build");
             let t = NewPage {
                 frame,
                 repo: f.repo,
                 commit: f.commit,
                 branch: f.branch,
+                env: f.env,
                 error: e.message,
             };
             page(&t, e.status, set)
@@ -1012,4 +1057,43 @@ pub(crate) async fn style() -> Response {
 /// `GET /static/app.js`
 pub(crate) async fn script() -> Response {
     asset(SCRIPT, "text/javascript; charset=utf-8")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_lines_skip_blanks_and_comments_and_keep_values_as_typed() {
+        let text = "# parameters\r\nGREETING=hello world\r\n\r\n  INDENTED=1\n   \nURL=a=b#c\nEMPTY=\n  # another comment\nSPACES= x \n";
+        let env = parse_env_lines(text).unwrap();
+        let want: BTreeMap<String, String> = [
+            ("GREETING", "hello world"),
+            ("INDENTED", "1"),
+            ("URL", "a=b#c"),
+            ("EMPTY", ""),
+            ("SPACES", " x "),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(env, want);
+        assert!(parse_env_lines("").unwrap().is_empty());
+        assert!(parse_env_lines("\n# only a comment\n").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_malformed_env_line_is_an_error_naming_the_line() {
+        for (text, want) in [
+            ("A=1\nno equals sign", "line 2"),
+            ("=value", "line 1"),
+            ("A=1\n\n9X=2", "line 3"),
+            ("A B=1", "line 1"),
+            ("A=1\nB=2\nA=3", "line 3: A is already set on line 1"),
+        ] {
+            let e = parse_env_lines(text).unwrap_err();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+    }
 }

@@ -187,6 +187,7 @@ async fn run_build(
                     commit: c.commit.clone(),
                     branch: c.branch.clone(),
                     trigger: "bench".into(),
+                    env: Default::default(),
                 })
                 .await
                 .map_err(|s| fail(format!("SubmitBuild: {}", s.message())))?

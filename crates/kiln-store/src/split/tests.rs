@@ -73,6 +73,7 @@ fn split_build(
             jobs,
             pipeline_hash: String::new(),
             pipeline: String::new(),
+            params: Default::default(),
         })
         .unwrap();
     d.jobs.iter().map(|j| j.id).collect()
