@@ -1284,15 +1284,15 @@ impl Dispatcher {
     pub async fn list_runners(&self) -> Result<Vec<RunnerView>, DispatchError> {
         let records = self.db(|s| s.list_runners()).await?;
         let st = self.state();
+        // One pass over the live attempts, not one per runner.
+        let mut running: HashMap<RunnerId, Vec<JobId>> = HashMap::new();
+        for a in st.attempts.values().filter(|a| a.session.is_some()) {
+            running.entry(a.runner_id).or_default().push(a.job_id);
+        }
         Ok(records
             .into_iter()
             .map(|r| {
-                let mut running_jobs: Vec<JobId> = st
-                    .attempts
-                    .values()
-                    .filter(|a| a.runner_id == r.id && a.session.is_some())
-                    .map(|a| a.job_id)
-                    .collect();
+                let mut running_jobs = running.remove(&r.id).unwrap_or_default();
                 running_jobs.sort_unstable();
                 let (state, hb) = match st.sessions.get(&r.id) {
                     None => (RunnerState::Offline, r.last_seen),
