@@ -1,5 +1,5 @@
-//! Keeps `kiln-bench` compiling and working: `kiln-bench all --quick` and `kiln-bench split
-//! --quick` (tiny sizes) must exit 0 and print every section and figure. Their figures are not
+//! Keeps `kiln-bench` compiling and working: `kiln-bench all --quick`, `kiln-bench split
+//! --quick` and a small `kiln-bench scale` (tiny sizes) must exit 0 and print every section and figure. Their figures are not
 //! checked: timing belongs in BENCHMARKS.md, not in tests.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -121,4 +121,33 @@ fn bench_split_quick_runs_every_scenario() {
         assert!(out.contains(figure), "no {figure:?} figure\n{out}");
     }
     assert!(!out.contains("WRONG"), "wrong results\n{out}");
+}
+
+#[test]
+fn bench_scale_small_prints_every_operation_per_stage() {
+    let (status, out, err) = run_bench(
+        &["scale", "--builds", "200,400", "--samples", "10"],
+        Duration::from_secs(120),
+    );
+    let status = status.unwrap_or_else(|| panic!("kiln-bench scale timed out\n{out}\n{err}"));
+    assert_eq!(status, 0, "kiln-bench scale failed\n{out}\n{err}");
+    assert!(out.contains("bench scale: done"), "{out}");
+    for stage in ["-- 200 stored builds", "-- 400 stored builds"] {
+        assert!(out.contains(stage), "no {stage:?}\n{out}");
+    }
+    for figure in [
+        "submit (create_build)",
+        "decision (assign..finish)",
+        "get_build",
+        "list_builds, first 50",
+        "list_builds, one repo",
+        "list_runners",
+        "metrics (a scrape)",
+    ] {
+        assert_eq!(
+            out.matches(figure).count(),
+            2,
+            "{figure:?} once per stage\n{out}"
+        );
+    }
 }
