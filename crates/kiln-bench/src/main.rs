@@ -318,7 +318,7 @@ async fn all(a: &AllArgs) -> Result<i32, BenchError> {
     };
     let tail = tail::TailArgs {
         small_mb: 2,
-        large_mb: if a.quick { 20 } else { 200 },
+        large_mb: if a.quick { 10 } else { 200 },
         seed: 42,
     };
     let idle = idle::IdleArgs {
