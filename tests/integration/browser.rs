@@ -48,10 +48,16 @@ fn a_running_jobs_output_appears_on_its_page_before_the_job_ends() {
         browser.attr("#build-state", "data-state").as_deref(),
         Some("running")
     );
+    let took = browser.text("#took").unwrap_or_default();
+    assert!(took.ends_with(" so far"), "{took:?}");
     browser.screenshot("build-running");
 
     std::fs::write(&flag, b"").unwrap();
     browser.wait_attr("#build-state", "data-state", LONG, |s| s == "passed");
+    // The build's duration becomes its final one, live.
+    browser.wait_attr("#took", "data-final", LONG, |s| s == "true");
+    let took = browser.text("#took").unwrap_or_default();
+    assert!(!took.is_empty() && !took.contains("so far"), "{took:?}");
     let text = browser.wait_text(log, "second-line", LONG);
     // Replay then follow: each line once, in order.
     assert_eq!(text.matches("first-line").count(), 1, "{text}");
@@ -67,6 +73,8 @@ fn a_running_jobs_output_appears_on_its_page_before_the_job_ends() {
     );
     browser.goto(&format!("{}/builds/{id}#L{job}-1", server.url));
     browser.wait_css(&format!("#L{job}-1"), LONG);
+    // As the server renders it.
+    assert_eq!(browser.text("#took").as_deref(), Some(took.as_str()));
     browser.screenshot("build");
 }
 
@@ -85,11 +93,61 @@ fn the_builds_list_changes_state_without_a_reload() {
     // A mark on the page's window: a reload would lose it.
     browser.eval("window.__kilnNoReload = 'still here'; return null;");
 
-    let id = id_of(&server.submit(&repo.path, &sha));
+    // No build yet: no branches table shown.
+    assert_eq!(
+        browser.eval("return document.getElementById('branches').hidden;"),
+        serde_json::json!(true)
+    );
+    let submit_on = |branch: &str, sha: &str| {
+        let out = server.cli(&[
+            "--json",
+            "submit",
+            "--repo",
+            repo.path.to_str().unwrap(),
+            "--commit",
+            sha,
+            "--branch",
+            branch,
+        ]);
+        out.expect_code(0);
+        id_of(&out.json())
+    };
+    let id = submit_on("main", &sha);
     let row = format!("table#builds tr[data-build-id=\"{id}\"]");
     browser.wait_attr(&row, "data-state", LONG, |s| s == "running");
+    // The branches table shows up with the new branch's row, live.
+    let head = format!("table#heads tr[data-head-of=\"{id}\"][data-branch=\"main\"]");
+    browser.wait_css(&head, LONG);
     std::fs::write(&flag, b"").unwrap();
     browser.wait_attr(&row, "data-state", LONG, |s| s == "passed");
+    browser.wait_attr(&head, "data-state", LONG, |s| s == "passed");
+    assert_eq!(
+        browser.eval("return document.getElementById('branches').hidden;"),
+        serde_json::json!(false)
+    );
+    // A build on another new branch adds its row on top; then a newer build on `main`
+    // replaces that branch's row.
+    // (A commit is built once: new commits.)
+    let other = submit_on("feature/live", &repo.commit(&[("b.txt", b"b")], "b"));
+    let other_head =
+        format!("table#heads tr[data-head-of=\"{other}\"][data-branch=\"feature/live\"]");
+    browser.wait_attr(&other_head, "data-state", LONG, |s| s == "passed");
+    assert_eq!(
+        browser.attr("table#heads tbody tr:first-child", "data-head-of"),
+        Some(other.to_string())
+    );
+    let newer = submit_on("main", &repo.commit(&[("c.txt", b"c")], "c"));
+    browser.wait_attr(
+        &format!("table#heads tr[data-head-of=\"{newer}\"][data-branch=\"main\"]"),
+        "data-state",
+        LONG,
+        |s| s == "passed",
+    );
+    assert_eq!(
+        browser.count("table#heads tbody tr"),
+        2,
+        "one row per branch"
+    );
     assert_eq!(
         browser.eval("return window.__kilnNoReload || null;"),
         serde_json::json!("still here"),

@@ -367,7 +367,9 @@ fn web_api_pages_and_live_log() {
     let filtered = get(&format!("{}/?state=failed", server.url), &[]).body;
     let table = &filtered[filtered.find("<table id=\"builds\"").unwrap()..];
     assert!(!table.contains(&format!("<tr data-build-id=\"{id}\"")));
-    assert!(filtered.contains(&format!("<tr data-head-of=\"{id}\" data-state=\"passed\">")));
+    assert!(filtered.contains(&format!(
+        "<tr data-head-of=\"{id}\" data-state=\"passed\" data-repo=\""
+    )));
 
     // Badge.
     let badge = get(

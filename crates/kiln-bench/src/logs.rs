@@ -36,7 +36,7 @@ const CHUNK: usize = 16 * 1024;
 const RANDOM_READS: usize = 200;
 
 /// One line of build-like output.
-fn line(mix: &mut StdRng, n: u64) -> String {
+pub(crate) fn line(mix: &mut StdRng, n: u64) -> String {
     let r: u64 = mix.random();
     match r % 8 {
         0..=3 => format!(

@@ -21,6 +21,8 @@
 //!   restart.
 //! - [`idle`]: the dispatcher's CPU with idle runners attached.
 //! - [`logs`]: stored output on disk and read speed, plain against sealed (seekable zstd).
+//! - [`tail`]: the web page's tail of a small and a large log, with the checkpoint index and
+//!   with a whole read.
 //! - [`split`]: a synthetic test suite split over real runners: kiln's dynamic queue against
 //!   the lower bound and static splits, per-unit overhead, flaky tests, a broken commit, a
 //!   killed runner.
@@ -38,6 +40,7 @@ mod overhead;
 mod runners;
 mod scale;
 mod split;
+mod tail;
 mod throughput;
 mod trigger;
 mod util;
@@ -153,6 +156,10 @@ pub enum BenchCommand {
     /// Stored output: disk per MB and read speed of a finished job's log, plain against sealed
     /// (seekable zstd) (goals: < 0.25 MB per MB, >= 200 MB/s replay, < 10 ms p50 at an offset).
     Logs(logs::LogsArgs),
+    /// Time to render a log's tail on the web page (locate + read of the last 256 KiB), a small
+    /// against a large log, with the checkpoint index against a whole read (goal: the large
+    /// one's < 2x the small one's).
+    Tail(tail::TailArgs),
     /// A synthetic suite of about 1,000 tests split over 1 to 16 real runners: makespan against
     /// the lower bound, against hash, count and timing splits, per-unit overhead, flaky tests,
     /// a broken commit and a killed runner (goals at N = 16: <= 1.05x the bound, >= 1.6x faster
@@ -162,7 +169,8 @@ pub enum BenchCommand {
     /// grow from 1,000 to 100,000 stored builds (goals: submit p99 < 20 ms, a decision's p50
     /// at most 1.5x the first stage's).
     Scale(scale::ScaleArgs),
-    /// All of the above but `split` and `scale` (run on its own: minutes), `logs` first.
+    /// All of the above but `split` and `scale` (each run on its own: minutes), `logs` and
+    /// `tail` first.
     All(AllArgs),
     /// The output generators the benchmarks' steps run.
     #[command(hide = true)]
@@ -234,6 +242,10 @@ async fn run(args: BenchArgs) -> Result<i32, BenchError> {
             }
             BenchCommand::Logs(a) => {
                 bounded("logs", Duration::from_secs(600), logs::run(&a)).await?;
+                Ok(exit::OK)
+            }
+            BenchCommand::Tail(a) => {
+                bounded("tail", Duration::from_secs(600), tail::run(&a)).await?;
                 Ok(exit::OK)
             }
             BenchCommand::Split(a) => {
@@ -314,6 +326,11 @@ async fn all(a: &AllArgs) -> Result<i32, BenchError> {
         mb: if a.quick { 2 } else { 64 },
         seed: 42,
     };
+    let tail = tail::TailArgs {
+        small_mb: 2,
+        large_mb: if a.quick { 10 } else { 200 },
+        seed: 42,
+    };
     let idle = idle::IdleArgs {
         runners: 3,
         duration: Duration::from_secs(if a.quick { 1 } else { 30 }),
@@ -331,6 +348,10 @@ async fn all(a: &AllArgs) -> Result<i32, BenchError> {
         (
             "logs",
             bounded("logs", Duration::from_secs(600), logs::run(&logs)).await,
+        ),
+        (
+            "tail",
+            bounded("tail", Duration::from_secs(600), tail::run(&tail)).await,
         ),
         (
             "latency",

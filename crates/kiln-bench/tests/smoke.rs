@@ -63,6 +63,7 @@ fn bench_all_quick_runs_every_benchmark() {
     for section in [
         "idle",
         "logs",
+        "tail",
         "latency",
         "throughput",
         "overhead",
@@ -83,6 +84,8 @@ fn bench_all_quick_runs_every_benchmark() {
         "dispatcher CPU, idle runners",
         "disk per MB of output",
         "whole read (replay)",
+        "tail of 2 MB, indexed",
+        "MB / 2 MB tail, indexed",
         "p50",
         "p99",
         "follower rate",

@@ -1331,6 +1331,20 @@ impl Dispatcher {
         Ok(tokio::task::spawn_blocking(move || logs.read(job, offset, limit, max_bytes)).await??)
     }
 
+    /// The first frame boundary of `job`'s log at or after `target` (at most `limit`, a
+    /// published length) and the lines of `shown` attempts' output before it, read from the
+    /// log's checkpoint index: about a MiB of log whatever its size.
+    pub async fn locate_log(
+        &self,
+        job: JobId,
+        target: u64,
+        limit: u64,
+        shown: impl Fn(AttemptId) -> bool + Send + 'static,
+    ) -> Result<kiln_store::Located, DispatchError> {
+        let logs = self.inner.logs.clone();
+        Ok(tokio::task::spawn_blocking(move || logs.locate(job, target, limit, shown)).await??)
+    }
+
     /// Marks a job's followers done if the job already ended (used right after subscribing).
     pub fn settle_follow(&self, job: JobId, state: JobState) {
         if state.is_final() {

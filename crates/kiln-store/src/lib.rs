@@ -26,7 +26,10 @@ use kiln_domain::{
 };
 
 pub use deliveries::{Delivery, DeliveryKey, DeliveryResult, DeliveryState, Mark, NewDelivery};
-pub use logs::{Frame, FrameHeader, LogError, LogStore, MAX_FRAME, ReadResult, is_disk_full};
+pub use logs::{
+    AttemptLines, CHECKPOINT_EVERY, Checkpoint, Frame, FrameHeader, Located, LogError, LogStore,
+    MAX_FRAME, ReadResult, is_disk_full,
+};
 pub use sqlite::SqliteStore;
 
 /// Errors from the store.

@@ -17,15 +17,30 @@
 //! full ([`LogStore::drop_attempts`]): each run of such frames becomes one *dropped* frame
 //! (stream 0, no payload, `seq` = the bytes that follow it) over a hole punched in the file.
 //! Offsets stay valid; readers get one system line saying what was dropped in its place.
+//!
+//! Each log has a checkpoint index, `<job>.idx` (see [`index`]): every [`CHECKPOINT_EVERY`]
+//! bytes or so, per attempt, the newlines of its output so far, so a reader finds the line
+//! number at any offset ([`LogStore::locate`]) by reading about a MiB from the checkpoint before
+//! it. The writer keeps the checkpoints in memory and appends them to the file when the log is
+//! synced (after the log itself), so the file never describes output a machine crash could
+//! lose. A missing or short index is extended from its last checkpoint by the next writer (when
+//! it opens the log) or reader (who saves it). Sealing keeps it (offsets are the same).
+//! Dropping frames cuts it back to the first dropped frame and counts again from there: the
+//! kept attempt's counts do not change, and a dropped attempt counts as readers see it (one
+//! line per dropped run).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use kiln_domain::{AttemptId, JobId};
 use zeekstd::{EncodeOptions, FrameSizePolicy};
+
+mod index;
+pub use index::{AttemptLines, CHECKPOINT_EVERY, Checkpoint};
 
 const MAGIC: [u8; 2] = *b"KL";
 /// Bytes of log per independent zstd frame of a sealed log: what a reader at an arbitrary
@@ -116,12 +131,45 @@ pub struct ReadResult {
     pub next_offset: u64,
 }
 
+/// Most payload [`LogStore::locate_from`] reads at once.
+const LOCATE_READ: usize = 1 << 20;
+
+/// Where a reader of a log's middle starts: the first frame boundary at or after a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Located {
+    /// The boundary.
+    pub offset: u64,
+    /// Newlines of shown output before it.
+    pub lines: u64,
+    /// Whether the shown output before it ends a line (or there is none): otherwise the text
+    /// from `offset` starts in the middle of line `lines + 1`.
+    pub aligned: bool,
+}
+
+/// A log open for appending.
+struct Writer {
+    file: File,
+    /// The log's length.
+    len: u64,
+    /// What the log holds up to `len`, counted as its index counts.
+    tally: Checkpoint,
+    /// Every checkpoint of the log so far.
+    checkpoints: Vec<Checkpoint>,
+    /// How many of them the index file holds (written when the log is synced)...
+    persisted: usize,
+    /// ...in its first `index_len` bytes.
+    index_len: u64,
+}
+
 /// One file per job under a directory.
 pub struct LogStore {
     /// The directory holding `<job>.log` files.
     dir: PathBuf,
-    /// Files open for appending, with their current length.
-    writers: Mutex<HashMap<JobId, (File, u64)>>,
+    /// Files open for appending.
+    writers: Mutex<HashMap<JobId, Writer>>,
+    /// Bumped (under the writers' lock) whenever frames are dropped: a reader that extended an
+    /// index meanwhile does not save it.
+    epoch: AtomicU64,
 }
 
 impl std::fmt::Debug for LogStore {
@@ -185,6 +233,12 @@ fn body_len(h: &FrameHeader, len: usize) -> u64 {
     } else {
         len as u64
     }
+}
+
+/// What a reader gets in place of a dropped frame of `attempt` over `body` bytes: one line.
+fn dropped_note(attempt: AttemptId, body: u64) -> Vec<u8> {
+    format!("kiln: {body} bytes of output of attempt {attempt} were dropped to free disk space\n")
+        .into_bytes()
 }
 
 /// Walks the frames of a file from the start; returns the offset after the last whole frame and
@@ -254,6 +308,7 @@ impl LogStore {
         Ok(Self {
             dir,
             writers: Mutex::new(HashMap::new()),
+            epoch: AtomicU64::new(0),
         })
     }
 
@@ -263,6 +318,10 @@ impl LogStore {
 
     fn sealed_path(&self, job: JobId) -> PathBuf {
         self.dir.join(format!("{job}.log.zst"))
+    }
+
+    fn index_path(&self, job: JobId) -> PathBuf {
+        self.dir.join(format!("{job}.idx"))
     }
 
     /// Turns a sealed log back into a plain one (a late append to a finished job). Called with
@@ -343,7 +402,7 @@ impl LogStore {
         Ok(total)
     }
 
-    fn writers(&self) -> MutexGuard<'_, HashMap<JobId, (File, u64)>> {
+    fn writers(&self) -> MutexGuard<'_, HashMap<JobId, Writer>> {
         self.writers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -356,58 +415,297 @@ impl LogStore {
         }
         let path = self.path(job);
         let mut writers = self.writers();
-        let (file, len) = match writers.entry(job) {
+        let w = match writers.entry(job) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                if !path.exists() {
-                    self.unseal(job)?;
-                }
-                let mut file = OpenOptions::new()
-                    .create(true)
-                    .read(true)
-                    .write(true)
-                    .truncate(false)
-                    .open(&path)
-                    .map_err(io_err(&path))?;
-                let (end, _) = scan(&mut file, &path)?;
-                // Cut off a frame a crash left half written.
-                file.set_len(end).map_err(io_err(&path))?;
-                file.seek(SeekFrom::Start(end)).map_err(io_err(&path))?;
-                e.insert((file, end))
-            }
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.open_writer(job)?),
         };
         let mut buf = Vec::with_capacity(HEADER_LEN + data.len());
         buf.extend_from_slice(&encode_header(header, data.len()));
         buf.extend_from_slice(data);
-        if let Err(cause) = file.write_all(&buf) {
+        if let Err(cause) = w.file.write_all(&buf) {
             // Leave no half frame behind: cut back to the last whole one.
-            let _ = file.set_len(*len);
-            let _ = file.seek(SeekFrom::Start(*len));
+            let _ = w.file.set_len(w.len);
+            let _ = w.file.seek(SeekFrom::Start(w.len));
             return Err(LogError::Io { path, cause });
         }
-        *len += buf.len() as u64;
-        Ok(*len)
+        w.len += buf.len() as u64;
+        w.tally.add(header.attempt, data, w.len);
+        if w.len >= w.checkpoints.last().map_or(0, |c| c.offset) + CHECKPOINT_EVERY {
+            w.checkpoints.push(w.tally.clone());
+        }
+        Ok(w.len)
     }
 
-    /// Flushes a job's log to disk and closes its writer (call when the job ends).
+    /// Opens a job's log for appending (unsealing it if needed): cuts off a frame a crash left
+    /// half written, and brings the index up to the log's end, from its last checkpoint that
+    /// is still a frame boundary of the log (the index file keeps its valid records only).
+    /// Called with the writers' lock held.
+    fn open_writer(&self, job: JobId) -> Result<Writer, LogError> {
+        use std::os::unix::fs::FileExt;
+        let path = self.path(job);
+        if !path.exists() {
+            self.unseal(job)?;
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let size = file.metadata().map_err(io_err(&path))?.len();
+        let idx = self.index_path(job);
+        // An index that cannot be read is rebuilt.
+        let mut saved = index::load(&idx).unwrap_or_default();
+        saved.truncate(saved.partition_point(|(c, _)| c.offset <= size));
+        // The last checkpoint must start a frame (or be the end); else start over.
+        if let Some((c, _)) = saved.last()
+            && c.offset < size
+        {
+            let mut header = [0u8; HEADER_LEN];
+            let whole = file.read_exact_at(&mut header, c.offset).is_ok();
+            if !whole || decode_header(&header).is_none() {
+                saved.clear();
+            }
+        }
+        let start = saved.last().map(|(c, _)| c.clone()).unwrap_or_default();
+        file.seek(SeekFrom::Start(start.offset))
+            .map_err(io_err(&path))?;
+        let from = start.offset;
+        let (tally, fresh) = index::scan(&mut file, start, from, size, &path)?;
+        let end = tally.offset;
+        // Cut off a frame a crash left half written.
+        file.set_len(end).map_err(io_err(&path))?;
+        file.seek(SeekFrom::Start(end)).map_err(io_err(&path))?;
+        let index_len = saved.last().map_or(0, |(_, e)| *e);
+        if std::fs::metadata(&idx).is_ok_and(|m| m.len() != index_len) {
+            // Cut what does not hold; if that fails, the records written later are unreachable
+            // behind it (never wrong, only not used).
+            let _ = OpenOptions::new()
+                .write(true)
+                .open(&idx)
+                .and_then(|f| f.set_len(index_len));
+        }
+        let persisted = saved.len();
+        let mut checkpoints: Vec<Checkpoint> = saved.into_iter().map(|(c, _)| c).collect();
+        checkpoints.extend(fresh);
+        Ok(Writer {
+            file,
+            len: end,
+            tally,
+            checkpoints,
+            persisted,
+            index_len,
+        })
+    }
+
+    /// Writes a writer's new checkpoints to the index file (after its log was synced, so the
+    /// index never describes output a machine crash could lose). The index is a cache: if this
+    /// fails, the file is cut back to what it held and readers scan from there.
+    fn save_index(&self, job: JobId, w: &mut Writer) {
+        use std::os::unix::fs::FileExt;
+        if w.persisted >= w.checkpoints.len() {
+            return;
+        }
+        let idx = self.index_path(job);
+        let buf = index::encode_all(&w.checkpoints[w.persisted..]);
+        let Ok(f) = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&idx)
+        else {
+            return;
+        };
+        let written = f
+            .set_len(w.index_len)
+            .and_then(|()| f.write_all_at(&buf, w.index_len))
+            .and_then(|()| f.sync_data());
+        match written {
+            Ok(()) => {
+                w.index_len += buf.len() as u64;
+                w.persisted = w.checkpoints.len();
+            }
+            Err(_) => {
+                let _ = f.set_len(w.index_len);
+            }
+        }
+    }
+
+    /// A reader of a job's log positioned at `offset` (plain or sealed) and the file it reads.
+    fn reader_at(&self, job: JobId, offset: u64) -> Result<(Box<dyn Read>, PathBuf), LogError> {
+        let path = self.path(job);
+        match File::open(&path) {
+            Ok(mut file) => {
+                file.seek(SeekFrom::Start(offset)).map_err(io_err(&path))?;
+                Ok((Box::new(file), path))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let sealed = self.sealed_path(job);
+                let Some((mut decoder, size)) = open_sealed(&sealed)? else {
+                    return Err(io_err(&path)(e));
+                };
+                if offset > size {
+                    return Err(LogError::BadOffset { job, offset, size });
+                }
+                decoder
+                    .set_offset(offset)
+                    .map_err(zstd_io)
+                    .map_err(io_err(&sealed))?;
+                Ok((Box::new(decoder), sealed))
+            }
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// The last checkpoint of the log's index at or before `target` (the log's start if there
+    /// is none): a frame boundary, with each attempt's newlines before it. An index that is
+    /// missing or more than two checkpoints behind `target` (an old log, a crash) is extended
+    /// first by scanning the log from its last checkpoint, and saved when the log is not open
+    /// for appending (its writer keeps it then).
+    pub fn checkpoint_before(&self, job: JobId, target: u64) -> Result<Checkpoint, LogError> {
+        if let Some(w) = self.writers().get(&job) {
+            return Ok(index::before(&w.checkpoints, target.min(w.len)));
+        }
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let mut cps: Vec<Checkpoint> = index::load(&self.index_path(job))?
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect();
+        let len = self.len(job)?;
+        cps.truncate(cps.partition_point(|c| c.offset <= len));
+        let target = target.min(len);
+        let last = cps.last().cloned().unwrap_or_default();
+        if target >= last.offset + 2 * CHECKPOINT_EVERY {
+            let from = last.offset;
+            let (reader, path) = self.reader_at(job, from)?;
+            let (_, fresh) = index::scan(reader, last, from, len, &path)?;
+            self.extend_index(job, epoch, &fresh);
+            cps.extend(fresh);
+        }
+        Ok(index::before(&cps, target))
+    }
+
+    /// Saves checkpoints a reader found beyond a closed log's index, unless the log was opened
+    /// for appending or had frames dropped meanwhile. Best effort: the index is a cache.
+    fn extend_index(&self, job: JobId, epoch: u64, fresh: &[Checkpoint]) {
+        use std::os::unix::fs::FileExt;
+        if fresh.is_empty() {
+            return;
+        }
+        // The log first: the index never describes output a machine crash could lose.
+        if let Ok(f) = File::open(self.path(job))
+            && f.sync_data().is_err()
+        {
+            return;
+        }
+        let writers = self.writers();
+        if writers.contains_key(&job) || self.epoch.load(Ordering::SeqCst) != epoch {
+            return;
+        }
+        let idx = self.index_path(job);
+        let Ok(saved) = index::load(&idx) else {
+            return;
+        };
+        let (valid, last) = saved
+            .last()
+            .map_or((0, None), |(c, e)| (*e, Some(c.offset)));
+        let new: Vec<Checkpoint> = fresh
+            .iter()
+            .filter(|c| last.is_none_or(|l| c.offset > l))
+            .cloned()
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        let buf = index::encode_all(&new);
+        let Ok(f) = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&idx)
+        else {
+            return;
+        };
+        let written = f
+            .set_len(valid)
+            .and_then(|()| f.write_all_at(&buf, valid))
+            .and_then(|()| f.sync_data());
+        if written.is_err() {
+            let _ = f.set_len(valid);
+        }
+        drop(writers);
+    }
+
+    /// The first frame boundary at or after `target` (or `limit`, a published length) and the
+    /// lines of shown output before it, reading from the checkpoint before `target`: at most
+    /// about [`CHECKPOINT_EVERY`] plus one frame of log, whatever its size.
+    pub fn locate(
+        &self,
+        job: JobId,
+        target: u64,
+        limit: u64,
+        shown: impl Fn(AttemptId) -> bool,
+    ) -> Result<Located, LogError> {
+        let start = self.checkpoint_before(job, target.min(limit))?;
+        self.locate_from(job, start, target, limit, shown)
+    }
+
+    /// [`LogStore::locate`] from a given checkpoint at or before `target`. From
+    /// `Checkpoint::default()` it reads the log from its start, as the web page did before logs
+    /// had an index (kept as the benchmark's baseline).
+    pub fn locate_from(
+        &self,
+        job: JobId,
+        start: Checkpoint,
+        target: u64,
+        limit: u64,
+        shown: impl Fn(AttemptId) -> bool,
+    ) -> Result<Located, LogError> {
+        let (lines, aligned) = start.lines(&shown);
+        let mut at = Located {
+            offset: start.offset,
+            lines,
+            aligned,
+        };
+        while at.offset < target && at.offset < limit {
+            let read = self.read(job, at.offset, limit, LOCATE_READ)?;
+            if read.frames.is_empty() {
+                break;
+            }
+            for f in read.frames {
+                if at.offset >= target {
+                    return Ok(at);
+                }
+                if shown(f.header.attempt) && !f.data.is_empty() {
+                    at.lines += f.data.iter().filter(|&&b| b == b'\n').count() as u64;
+                    at.aligned = f.data.ends_with(b"\n");
+                }
+                at.offset = f.next_offset;
+            }
+        }
+        Ok(at)
+    }
+
+    /// Flushes a job's log to disk, then its index, and closes its writer (call when the job
+    /// ends).
     pub fn sync(&self, job: JobId) -> Result<(), LogError> {
         let path = self.path(job);
-        if let Some((file, _)) = self.writers().remove(&job) {
-            file.sync_data().map_err(io_err(&path))?;
+        let writer = self.writers().remove(&job);
+        if let Some(mut w) = writer {
+            w.file.sync_data().map_err(io_err(&path))?;
+            self.save_index(job, &mut w);
         }
         Ok(())
     }
 
-    /// Flushes every open log to disk and closes the writers (on shutdown).
+    /// Flushes every open log to disk (and its index) and closes the writers (on shutdown).
     pub fn sync_all(&self) -> Result<(), LogError> {
-        let writers: Vec<(JobId, File)> = self
-            .writers()
-            .drain()
-            .map(|(job, (file, _))| (job, file))
-            .collect();
-        for (job, file) in writers {
+        let writers: Vec<(JobId, Writer)> = self.writers().drain().collect();
+        for (job, mut w) in writers {
             let path = self.path(job);
-            file.sync_data().map_err(io_err(&path))?;
+            w.file.sync_data().map_err(io_err(&path))?;
+            self.save_index(job, &mut w);
         }
         Ok(())
     }
@@ -422,14 +720,14 @@ impl LogStore {
         use std::os::unix::fs::FileExt;
         let path = self.path(job);
         // No append to this job meanwhile.
-        let writers = self.writers();
+        let mut writers = self.writers();
         let mut file = match OpenOptions::new().read(true).write(true).open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(io_err(&path)(e)),
         };
         let size = match writers.get(&job) {
-            Some((_, len)) => *len,
+            Some(w) => w.len,
             None => file.metadata().map_err(io_err(&path))?.len(),
         };
         // Runs of consecutive frames of one attempt other than `keep`: (start, end, attempt).
@@ -456,6 +754,30 @@ impl LogStore {
             pos = end;
         }
         drop(reader);
+        let Some(&(first, _, _)) = runs.first() else {
+            return Ok(0);
+        };
+        // The index first: its checkpoints past the first run are no longer frame boundaries,
+        // or count lines that go. A reader that extended it meanwhile does not save that.
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let idx = self.index_path(job);
+        let saved = index::load(&idx).unwrap_or_default();
+        let kept = saved.partition_point(|(c, _)| c.offset <= first);
+        let kept_len = kept.checked_sub(1).map_or(0, |i| saved[i].1);
+        if std::fs::metadata(&idx).is_ok_and(|m| m.len() > kept_len) {
+            let cut = OpenOptions::new()
+                .write(true)
+                .open(&idx)
+                .and_then(|f| f.set_len(kept_len))
+                .or_else(|_| std::fs::remove_file(&idx));
+            cut.map_err(io_err(&idx))?;
+        }
+        if let Some(w) = writers.get_mut(&job) {
+            w.checkpoints
+                .truncate(w.checkpoints.partition_point(|c| c.offset <= first));
+            w.persisted = kept.min(w.checkpoints.len());
+            w.index_len = kept_len;
+        }
         let mut freed = 0;
         for (start, end, attempt) in runs {
             let hole = end - start - HEADER_LEN as u64;
@@ -479,14 +801,33 @@ impl LogStore {
             }
         }
         file.sync_data().map_err(io_err(&path))?;
+        // Count again from the last checkpoint that holds.
+        if let Some(w) = writers.get_mut(&job) {
+            let start = w.checkpoints.last().cloned().unwrap_or_default();
+            let from = start.offset;
+            let counted = (&file)
+                .seek(SeekFrom::Start(from))
+                .map_err(io_err(&path))
+                .and_then(|_| index::scan(&file, start, from, w.len, &path));
+            match counted {
+                Ok((tally, fresh)) if tally.offset == w.len => {
+                    w.tally = tally;
+                    w.checkpoints.extend(fresh);
+                }
+                // The next append opens the log again and counts it from the index.
+                _ => {
+                    writers.remove(&job);
+                }
+            }
+        }
         drop(writers);
         Ok(freed)
     }
 
     /// The log's current length (0 if it has no output).
     pub fn len(&self, job: JobId) -> Result<u64, LogError> {
-        if let Some((_, len)) = self.writers().get(&job) {
-            return Ok(*len);
+        if let Some(w) = self.writers().get(&job) {
+            return Ok(w.len);
         }
         let path = self.path(job);
         match std::fs::metadata(&path) {
@@ -537,28 +878,7 @@ impl LogStore {
                 next_offset: offset,
             });
         }
-        let mut path = self.path(job);
-        let source: Box<dyn Read> = match File::open(&path) {
-            Ok(mut file) => {
-                file.seek(SeekFrom::Start(offset)).map_err(io_err(&path))?;
-                Box::new(file)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                path = self.sealed_path(job);
-                let Some((mut decoder, size)) = open_sealed(&path)? else {
-                    return Err(io_err(&self.path(job))(e));
-                };
-                if offset > size {
-                    return Err(LogError::BadOffset { job, offset, size });
-                }
-                decoder
-                    .set_offset(offset)
-                    .map_err(zstd_io)
-                    .map_err(io_err(&path))?;
-                Box::new(decoder)
-            }
-            Err(e) => return Err(io_err(&path)(e)),
-        };
+        let (source, path) = self.reader_at(job, offset)?;
         let want = (limit - offset)
             .min((max_bytes.saturating_add(HEADER_LEN) as u64).saturating_mul(2))
             as usize;
@@ -583,16 +903,12 @@ impl LogStore {
             let (header, data) = if h.stream == DROPPED {
                 std::io::copy(&mut (&mut reader).take(body), &mut std::io::sink())
                     .map_err(io_err(&path))?;
-                let note = format!(
-                    "kiln: {body} bytes of output of attempt {} were dropped to free disk space\n",
-                    h.attempt
-                );
                 let header = FrameHeader {
                     stream: SYSTEM,
                     seq: 0,
                     ..h
                 };
-                (header, note.into_bytes())
+                (header, dropped_note(h.attempt, body))
             } else {
                 let mut data = vec![0u8; len];
                 reader.read_exact(&mut data).map_err(io_err(&path))?;
@@ -880,6 +1196,253 @@ mod tests {
         let sealed = logs.read(JobId::new(5), 0, next, usize::MAX).unwrap();
         assert_eq!(sealed.frames[..5], all.frames[..]);
         assert_eq!(sealed.frames[5].data, b"more\n");
+    }
+
+    /// A small deterministic generator (xorshift64*), so the random logs repeat.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// Appends `bytes` or so of frames of attempt `attempt`, of random sizes (some empty, some
+    /// larger than a checkpoint's span is small), with newlines at random and not always at
+    /// the end.
+    fn fill(logs: &LogStore, job: JobId, attempt: u64, bytes: u64, rng: &mut Rng) -> u64 {
+        let mut end = logs.len(job).unwrap();
+        let stop = end + bytes;
+        let mut seq = logs.last_seq(job, AttemptId::new(attempt)).unwrap();
+        while end < stop {
+            let len = match rng.below(10) {
+                0 => 0,
+                1 => rng.below(MAX_FRAME as u64 + 1) as usize,
+                _ => rng.below(40_000) as usize,
+            };
+            let data: Vec<u8> = (0..len)
+                .map(|_| if rng.below(60) == 0 { b'\n' } else { b'a' })
+                .collect();
+            seq += 1;
+            end = logs.append(job, &h(attempt, seq), &data).unwrap();
+        }
+        end
+    }
+
+    /// A frame boundary: its offset, the bytes of dropped output before it, and per filter of
+    /// `from` the lines before it and whether they end a line.
+    type Boundary = (u64, u64, Vec<(u64, bool)>);
+
+    /// Every frame boundary, counted from a whole read of the log.
+    fn boundaries(logs: &LogStore, job: JobId, froms: &[Option<u64>]) -> Vec<Boundary> {
+        let end = logs.len(job).unwrap();
+        let all = logs.read(job, 0, end, usize::MAX).unwrap();
+        let mut at: Vec<(u64, bool)> = vec![(0, true); froms.len()];
+        let (mut prev, mut dropped) = (0, 0);
+        let mut out = vec![(0, 0, at.clone())];
+        for f in &all.frames {
+            // A dropped frame spans more than its note.
+            dropped += (f.next_offset - prev).saturating_sub((HEADER_LEN + f.data.len()) as u64);
+            prev = f.next_offset;
+            for (i, from) in froms.iter().enumerate() {
+                let shown = from.is_none_or(|a| f.header.attempt >= AttemptId::new(a));
+                if shown && !f.data.is_empty() {
+                    at[i].0 += f.data.iter().filter(|&&b| b == b'\n').count() as u64;
+                    at[i].1 = f.data.ends_with(b"\n");
+                }
+            }
+            out.push((f.next_offset, dropped, at.clone()));
+        }
+        out
+    }
+
+    /// `locate` from the index finds what a full scan finds, at every checkpoint and at
+    /// random targets, for every filter of attempts, and starts from a checkpoint at most
+    /// about a MiB (plus one frame, not counting dropped output) before its target.
+    fn check_against_scan(logs: &LogStore, job: JobId, rng: &mut Rng) {
+        let froms = [None, Some(1), Some(2), Some(3), Some(9)];
+        let bounds = boundaries(logs, job, &froms);
+        let end = logs.len(job).unwrap();
+        let mut targets: Vec<u64> = (0..40).map(|_| rng.below(end + 1)).collect();
+        targets.extend([0, 1, end.saturating_sub(1), end]);
+        let mut checked = 0;
+        for &t in &targets {
+            let cp = logs.checkpoint_before(job, t).unwrap();
+            assert!(cp.offset <= t, "checkpoint {} after target {t}", cp.offset);
+            // The checkpoint itself is a boundary and counts what a scan counts there.
+            let i = bounds.partition_point(|b| b.0 < cp.offset);
+            assert_eq!(bounds[i].0, cp.offset, "checkpoint is not a frame boundary");
+            if cp.offset > 0 {
+                checked += 1;
+            }
+            // The first boundary at or after the target.
+            let j = bounds.partition_point(|b| b.0 < t);
+            let skipped = bounds[j].1 - bounds[i].1;
+            assert!(
+                t - cp.offset - skipped.min(t - cp.offset)
+                    <= 2 * CHECKPOINT_EVERY + (HEADER_LEN + MAX_FRAME) as u64,
+                "checkpoint {} far before target {t}",
+                cp.offset
+            );
+            for (k, from) in froms.iter().enumerate() {
+                let shown = |a: AttemptId| from.is_none_or(|f| a >= AttemptId::new(f));
+                assert_eq!(
+                    cp.lines(shown),
+                    bounds[i].2[k],
+                    "checkpoint {} from {from:?}",
+                    cp.offset
+                );
+                let got = logs.locate(job, t, end, shown).unwrap();
+                let want = Located {
+                    offset: bounds[j].0,
+                    lines: bounds[j].2[k].0,
+                    aligned: bounds[j].2[k].1,
+                };
+                assert_eq!(got, want, "target {t} from {from:?}");
+            }
+        }
+        assert!(
+            checked > 0 || end < 2 * CHECKPOINT_EVERY,
+            "no checkpoint was used"
+        );
+    }
+
+    fn idx_len(dir: &Path, job: u64) -> u64 {
+        std::fs::metadata(dir.join(format!("{job}.idx"))).map_or(0, |m| m.len())
+    }
+
+    /// The index agrees with a full scan while the log is written, after it is synced and
+    /// reopened, after a torn index record, after sealing and a late append, and after its
+    /// first attempt's output is dropped.
+    #[test]
+    fn checkpoints_equal_a_full_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = JobId::new(4);
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        {
+            let logs = LogStore::open(dir.path()).unwrap();
+            fill(&logs, job, 1, 3 << 20, &mut rng);
+            fill(&logs, job, 2, 2 << 20, &mut rng);
+            // While written: from the writer's checkpoints, nothing saved yet.
+            assert_eq!(idx_len(dir.path(), 4), 0);
+            check_against_scan(&logs, job, &mut rng);
+            logs.sync(job).unwrap();
+            assert!(
+                idx_len(dir.path(), 4) > 0,
+                "the index is saved with the log"
+            );
+            check_against_scan(&logs, job, &mut rng);
+        }
+        // Reopened (a new process): from the file, then appended to.
+        let logs = LogStore::open(dir.path()).unwrap();
+        check_against_scan(&logs, job, &mut rng);
+        fill(&logs, job, 3, 2 << 20, &mut rng);
+        check_against_scan(&logs, job, &mut rng);
+        logs.sync(job).unwrap();
+
+        // A torn last record (a crash while it was written) is cut off and rebuilt.
+        let idx = dir.path().join("4.idx");
+        let whole = idx_len(dir.path(), 4);
+        OpenOptions::new()
+            .write(true)
+            .open(&idx)
+            .unwrap()
+            .set_len(whole - 7)
+            .unwrap();
+        let logs = LogStore::open(dir.path()).unwrap();
+        check_against_scan(&logs, job, &mut rng);
+        fill(&logs, job, 3, 1 << 20, &mut rng);
+        logs.sync(job).unwrap();
+        assert!(idx_len(dir.path(), 4) > whole, "rebuilt and extended");
+        check_against_scan(&logs, job, &mut rng);
+        // Garbage after the records is no record.
+        OpenOptions::new()
+            .append(true)
+            .open(&idx)
+            .unwrap()
+            .write_all(b"KX\x01\x00garbage-garbage-garbage-garbage-garbage")
+            .unwrap();
+        check_against_scan(&logs, job, &mut rng);
+
+        // Sealed: the index stays beside the .zst and reads the same.
+        let before = std::fs::read(&idx).unwrap();
+        logs.seal(job).unwrap().unwrap();
+        assert!(dir.path().join("4.log.zst").exists() && idx.exists());
+        check_against_scan(&logs, job, &mut rng);
+        // A late append unseals and goes on counting.
+        fill(&logs, job, 3, 3 << 19, &mut rng);
+        check_against_scan(&logs, job, &mut rng);
+        logs.sync(job).unwrap();
+        // The garbage was cut off; the records before it stay.
+        let valid = index::decode(&before).last().unwrap().1 as usize;
+        let after = std::fs::read(&idx).unwrap();
+        assert!(after.len() > valid && after.starts_with(&before[..valid]));
+    }
+
+    /// Dropping superseded attempts' output (a running job, a full disk) keeps the kept
+    /// attempt's counts; the dropped one counts as readers see it (one line per dropped run).
+    #[test]
+    fn checkpoints_after_dropped_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = Rng(7);
+        let logs = LogStore::open(dir.path()).unwrap();
+        let (a, b) = (JobId::new(1), JobId::new(2));
+        for job in [a, b] {
+            fill(&logs, job, 1, 3 << 20, &mut rng);
+            fill(&logs, job, 2, 3 << 20, &mut rng);
+        }
+        // One closed with its index saved, one still written.
+        logs.sync(b).unwrap();
+        let keep = |a: AttemptId| a >= AttemptId::new(2);
+        // Targets in the kept attempt's output: located the same before and after.
+        let located = |job| {
+            let end = logs.len(job).unwrap();
+            [end, end - 500_000, end - 2_000_000].map(|t| logs.locate(job, t, end, keep).unwrap())
+        };
+        let kept = (located(a), located(b));
+        assert!(logs.drop_attempts(a, AttemptId::new(2)).unwrap() > 0);
+        assert!(logs.drop_attempts(b, AttemptId::new(2)).unwrap() > 0);
+        assert_eq!((located(a), located(b)), kept);
+        for job in [a, b] {
+            check_against_scan(&logs, job, &mut rng);
+            fill(&logs, job, 2, 1 << 20, &mut rng);
+            check_against_scan(&logs, job, &mut rng);
+            logs.sync(job).unwrap();
+        }
+        let logs = LogStore::open(dir.path()).unwrap();
+        for job in [a, b] {
+            check_against_scan(&logs, job, &mut rng);
+        }
+    }
+
+    /// A log written before logs had an index gets one from its first reader, saved beside it.
+    #[test]
+    fn a_log_without_an_index_gets_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = Rng(99);
+        let job = JobId::new(8);
+        {
+            let logs = LogStore::open(dir.path()).unwrap();
+            fill(&logs, job, 1, 5 << 20, &mut rng);
+            logs.sync(job).unwrap();
+            logs.seal(job).unwrap().unwrap();
+        }
+        std::fs::remove_file(dir.path().join("8.idx")).unwrap();
+        let logs = LogStore::open(dir.path()).unwrap();
+        let end = logs.len(job).unwrap();
+        let cp = logs.checkpoint_before(job, end).unwrap();
+        assert!(
+            cp.offset + 2 * CHECKPOINT_EVERY > end,
+            "{} of {end}",
+            cp.offset
+        );
+        assert!(idx_len(dir.path(), 8) > 0, "the index was saved");
+        check_against_scan(&logs, job, &mut rng);
     }
 
     #[test]

@@ -197,6 +197,26 @@
 
   const FINAL = ["passed", "failed", "cancelled", "timed_out", "errored", "skipped"];
 
+  // A branch's newest build in the branches table (`heads`): a build newer than the row of its
+  // branch replaces it, a build on a branch not listed adds one; either goes to the top.
+  function head(b) {
+    const heads = document.getElementById("heads");
+    if (!heads || !b.branch) return;
+    const rows = Array.from(heads.tBodies[0].rows);
+    const old = rows.find((tr) => tr.dataset.repo === b.repo && tr.dataset.branch === b.branch);
+    if (old && Number(old.dataset.headOf) >= b.id) return;
+    const tr = document.createElement("tr");
+    tr.dataset.headOf = b.id; tr.dataset.state = b.state; tr.dataset.repo = b.repo; tr.dataset.branch = b.branch;
+    const badge = "/badge/" + encodeURIComponent(b.repo) + "/" + b.branch.split("/").map(encodeURIComponent).join("/") + ".svg";
+    tr.innerHTML = "<td>" + esc(b.repo) + "</td><td>" + esc(b.branch) + '</td><td><a href="/builds/' + b.id + '">#' + b.id + "</a></td>"
+      + '<td class="state"><span class="pill state-' + esc(b.state) + '">' + esc(b.state) + "</span></td>"
+      + '<td><img alt="' + esc(b.state) + '" src="' + esc(badge) + '"></td>';
+    if (old) old.remove();
+    heads.tBodies[0].insertBefore(tr, heads.tBodies[0].firstChild);
+    const section = document.getElementById("branches");
+    if (section) section.hidden = false;
+  }
+
   function buildRow(b) {
     const tr = document.createElement("tr");
     tr.dataset.buildId = b.id; tr.dataset.state = b.state;
@@ -206,7 +226,8 @@
     return tr;
   }
 
-  const took = (ms) => ms < 1000 ? ms + "ms" : ms < 60000 ? (ms / 1000).toFixed(1) + "s"
+  // As the server formats durations (kiln-web's time::duration): tenths rounded half up.
+  const took = (ms) => ms < 1000 ? ms + "ms" : ms < 60000 ? Math.floor((ms + 50) / 1000) + "." + Math.floor((ms + 50) / 100) % 10 + "s"
     : ms < 3600000 ? Math.floor(ms / 60000) + "m " + Math.floor(ms % 60000 / 1000) + "s"
     : Math.floor(ms / 3600000) + "h " + Math.floor(ms % 3600000 / 60000) + "m";
 
@@ -240,6 +261,7 @@
       const show = (b) => {
         const rows = document.querySelectorAll('tr[data-build-id="' + b.id + '"], tr[data-head-of="' + b.id + '"]');
         rows.forEach((tr) => setState(tr, b.state));
+        if (b.repo !== undefined) head(b);
         if (table.querySelector('tr[data-build-id="' + b.id + '"]')) return;
         const top = table.tBodies[0].querySelector("tr[data-build-id]");
         if (top && Number(top.dataset.buildId) > b.id) return;
@@ -279,6 +301,17 @@
         });
         if (badge.dataset.state !== b.state) onState({ build_id: id, job_id: null, state: b.state });
       });
+      // The build ended: "Took ... so far" becomes its final duration.
+      async function ended() {
+        const el = document.getElementById("took");
+        if (!el || el.dataset.final) return;
+        const r = await fetch("/api/builds/" + id, { credentials: "same-origin" });
+        if (!r.ok) return;
+        const b = await r.json();
+        if (b.finished_at === null || b.finished_at === undefined) return;
+        el.textContent = took(Math.max(0, b.finished_at - b.created_at));
+        el.dataset.final = "true";
+      }
       function onState(ev) {
         if (ev.build_id !== id) return;
         if (ev.job_id === null) {
@@ -287,6 +320,7 @@
           const c = document.getElementById("cancel"), r = document.getElementById("retry");
           if (c) c.disabled = fin;
           if (r) r.disabled = !fin;
+          if (fin) ended();
           return;
         }
         const sec = document.querySelector('section.job[data-job-id="' + ev.job_id + '"]');

@@ -18,6 +18,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use kiln_dispatcher::{DispatchError, Dispatcher};
 use kiln_domain::{AttemptId, JobId, JobState};
+use kiln_store::Located;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -99,20 +100,8 @@ pub(crate) async fn read_range(
     Ok(piece)
 }
 
-/// Where a reader of a log's middle starts: the first frame boundary at or after a target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Located {
-    /// The boundary.
-    pub(crate) offset: u64,
-    /// Newlines of shown output before it.
-    pub(crate) lines: u64,
-    /// Whether the shown output before it ends a line (or there is none): otherwise the text
-    /// from `offset` starts in the middle of line `lines + 1`.
-    pub(crate) aligned: bool,
-}
-
-/// The first frame boundary at or after `target` and how many lines come before it. Reads the
-/// log from its start, a MiB at a time.
+/// The first frame boundary at or after `target` and how many lines come before it (from the
+/// log's checkpoint index: about a MiB of log is read, whatever its size).
 pub(crate) async fn locate(
     d: &Dispatcher,
     job: JobId,
@@ -120,28 +109,8 @@ pub(crate) async fn locate(
     limit: u64,
     from: Option<AttemptId>,
 ) -> Result<Located, DispatchError> {
-    let mut at = Located {
-        offset: 0,
-        lines: 0,
-        aligned: true,
-    };
-    while at.offset < target && at.offset < limit {
-        let read = d.read_log(job, at.offset, limit, READ_BYTES).await?;
-        if read.frames.is_empty() {
-            break;
-        }
-        for f in read.frames {
-            if at.offset >= target {
-                return Ok(at);
-            }
-            if shows(from, f.header.attempt) && !f.data.is_empty() {
-                at.lines += f.data.iter().filter(|&&b| b == b'\n').count() as u64;
-                at.aligned = f.data.ends_with(b"\n");
-            }
-            at.offset = f.next_offset;
-        }
-    }
-    Ok(at)
+    d.locate_log(job, target, limit, move |a| shows(from, a))
+        .await
 }
 
 /// Escapes text for HTML.

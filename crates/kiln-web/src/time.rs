@@ -14,7 +14,11 @@ pub(crate) fn utc(ms: Millis) -> String {
 pub(crate) fn duration(ms: u64) -> String {
     match ms {
         0..1000 => format!("{ms}ms"),
-        1000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        // Tenths rounded half up in integers, as the page's script does.
+        1000..60_000 => {
+            let tenths = (ms + 50) / 100;
+            format!("{}.{}s", tenths / 10, tenths % 10)
+        }
         60_000..3_600_000 => format!("{}m {}s", ms / 60_000, ms % 60_000 / 1000),
         _ => format!("{}h {}m", ms / 3_600_000, ms % 3_600_000 / 60_000),
     }
@@ -42,6 +46,9 @@ mod tests {
         assert_eq!(utc(1_796_455_812_000), "2026-12-05T07:30:12Z");
         assert_eq!(duration(999), "999ms");
         assert_eq!(duration(5_200), "5.2s");
+        assert_eq!(duration(1_250), "1.3s");
+        assert_eq!(duration(1_149), "1.1s");
+        assert_eq!(duration(59_960), "60.0s");
         assert_eq!(duration(185_000), "3m 5s");
         assert_eq!(duration(3_720_000), "1h 2m");
     }
