@@ -7,6 +7,8 @@
 //! the benchmark times, through the `Store` trait the dispatcher uses:
 //!
 //! - **submit**: `create_build` of a new build with one job (what `SubmitBuild` writes);
+//! - **observer push**: `record_commits` of one new commit of the branch with the long history
+//!   (its build, the branch's cursor, older unfinished builds of the branch superseded);
 //! - **decision**: what the scheduler does per assignment of a job that ends at once:
 //!   `queued_jobs`, `assign`, `get_build` (the assignment names the build's repository and
 //!   commit), `start_attempt`, `finish_attempt`;
@@ -126,8 +128,7 @@ fn measure(
     let runner = store
         .upsert_runner("bench-runner", &BTreeMap::new(), 1, "bench")
         .map_err(|e| fail(format!("store: {e}")))?;
-    let (mut submit, mut decision, mut get, mut list, mut list_repo, mut runners, mut scrape) = (
-        Vec::new(),
+    let (mut submit, mut push, mut decision, mut get, mut list, mut list_repo) = (
         Vec::new(),
         Vec::new(),
         Vec::new(),
@@ -135,9 +136,19 @@ fn measure(
         Vec::new(),
         Vec::new(),
     );
+    let (mut runners, mut scrape) = (Vec::new(), Vec::new());
     for i in 0..u64::from(samples) {
         let b = one_job_build(WORK_REPO, commit_id('w', stage * 1_000_000 + i), i);
         time(&mut submit, || store.create_build(&b))?;
+    }
+    // An observer reporting one new commit of a branch with a long history: the build, the
+    // cursor, and the branch's older unfinished builds superseded.
+    for i in 0..u64::from(samples) {
+        let b = one_job_build(FILL_REPO, commit_id('p', stage * 1_000_000 + i), i);
+        let head = b.commit.clone();
+        time(&mut push, || {
+            store.record_commits(FILL_REPO, "main", std::slice::from_ref(&b), &head, true)
+        })?;
     }
     for _ in 0..samples {
         let t = Instant::now();
@@ -190,6 +201,7 @@ fn measure(
         fill_per_s: 0.0,
         ops: vec![
             ("submit (create_build)", sorted(&submit)),
+            ("observer push (record_commits)", sorted(&push)),
             ("decision (assign..finish)", sorted(&decision)),
             ("get_build", sorted(&get)),
             ("list_builds, first 50", sorted(&list)),
@@ -238,8 +250,8 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
             let added = target - filled;
             filled = target;
             let mut stage = measure(&store, i as u64, samples, filled)?;
-            // The measured builds are stored builds too.
-            filled += u64::from(samples);
+            // The measured builds are stored builds too (submitted and pushed).
+            filled += 2 * u64::from(samples);
             stage.fill_per_s = added as f64 / took.as_secs_f64();
             out.push(stage);
         }
@@ -260,6 +272,9 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
             let ratio = if b50 > 0.0 { p50 / b50 } else { 0.0 };
             let (goal, met) = match *name {
                 "submit (create_build)" => ("p99 < 20 ms", Some(p99 < 20.0)),
+                "observer push (record_commits)" if stage.stored != first.stored => {
+                    ("p50 ≤ 1.5× first", Some(ratio <= 1.5))
+                }
                 "decision (assign..finish)" if stage.stored != first.stored => {
                     ("p50 ≤ 1.5× first", Some(ratio <= 1.5))
                 }

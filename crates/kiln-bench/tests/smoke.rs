@@ -140,6 +140,7 @@ fn bench_scale_small_prints_every_operation_per_stage() {
     }
     for figure in [
         "submit (create_build)",
+        "observer push (record_commits)",
         "decision (assign..finish)",
         "get_build",
         "list_builds, first 50",

@@ -621,14 +621,26 @@ fn settle(tx: &Transaction<'_>, job: JobId, now: Millis) -> Result<Change> {
 
 const FINAL_STATES_SQL: &str = "('passed','failed','cancelled','timed_out','errored','skipped')";
 
+/// The build a new one would duplicate. The partial index's own condition is spelled out, so
+/// the planner takes `builds_once` instead of walking the repository's builds.
+const DEDUPE_SQL: &str = "SELECT id FROM builds WHERE repo = ?1 AND commit_id = ?2 \
+     AND pipeline_hash = ?3 AND retry_of IS NULL AND pipeline_hash != ''";
+
+/// The unfinished jobs of a branch's builds older than a new one (superseded by it). From the
+/// unfinished jobs (`jobs_by_state`) to their builds, never from the branch's builds: a
+/// branch's history grows without bound, its unfinished jobs do not (CROSS JOIN keeps SQLite's
+/// planner to this order).
+const SUPERSEDED_SQL: &str = "SELECT j.id, j.current_attempt FROM jobs j CROSS JOIN builds b \
+     ON b.id = j.build_id WHERE j.state IN ('queued', 'assigned', 'running') \
+     AND b.repo = ?1 AND b.branch = ?2 AND b.id < ?3";
+
 /// Inserts a build and its jobs; a duplicate of (repo, commit, pipeline) is an error naming
 /// the existing build.
 fn insert_build(tx: &Transaction<'_>, new: &NewBuild, now: Millis) -> Result<BuildDetail> {
     if !new.pipeline_hash.is_empty() && new.retry_of.is_none() {
         let existing: Option<BuildId> = tx
             .query_row(
-                "SELECT id FROM builds WHERE repo = ?1 AND commit_id = ?2 AND pipeline_hash = ?3 \
-                 AND retry_of IS NULL",
+                DEDUPE_SQL,
                 params![new.repo, new.commit, new.pipeline_hash],
                 |r| r.get(0),
             )
@@ -854,11 +866,7 @@ impl Store for SqliteStore {
                 }
             }
             if supersede && let Some(newest) = out.created.last().map(|d| d.build.id) {
-                let mut stmt = tx.prepare_cached(
-                    "SELECT j.id, j.current_attempt FROM jobs j JOIN builds b ON b.id = j.build_id \
-                     WHERE b.repo = ?1 AND b.branch = ?2 AND b.id < ?3 \
-                     AND j.state IN ('queued', 'assigned', 'running')",
-                )?;
+                let mut stmt = tx.prepare_cached(SUPERSEDED_SQL)?;
                 let rows: Vec<(JobId, Option<AttemptId>)> = stmt
                     .query_map(params![repo, branch, newest], |r| {
                         Ok((r.get(0)?, r.get(1)?))
@@ -2004,5 +2012,48 @@ mod delivery_tests {
         );
         s.plan_deliveries(b, Mark::Finished, &[]).unwrap();
         assert!(s.unplanned_builds(0, 10).unwrap().is_empty());
+    }
+}
+
+/// The queries whose cost must not grow with the builds stored take the index meant for them
+/// (`kiln-bench scale` measures the costs; this keeps the plans from sliding back).
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod plan_tests {
+    use super::*;
+
+    fn plan(s: &SqliteStore, sql: &str) -> String {
+        let conn = s.conn();
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let rows = stmt
+            .query_map(params!["/tmp/repo", "a".repeat(40), "p"], |r| {
+                r.get::<_, String>(3)
+            })
+            .unwrap();
+        rows.map(|r| r.unwrap()).collect::<Vec<_>>().join("\n")
+    }
+
+    #[test]
+    fn dedupe_and_supersede_do_not_walk_the_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("kiln.db")).unwrap();
+        let dedupe = plan(&s, DEDUPE_SQL);
+        assert!(dedupe.contains("USING INDEX builds_once"), "{dedupe}");
+        let superseded = plan(&s, SUPERSEDED_SQL);
+        let mut lines = superseded.lines();
+        assert!(
+            lines
+                .next()
+                .unwrap()
+                .contains("SEARCH j USING INDEX jobs_by_state"),
+            "{superseded}"
+        );
+        assert!(
+            lines
+                .next()
+                .unwrap()
+                .contains("SEARCH b USING INTEGER PRIMARY KEY"),
+            "{superseded}"
+        );
     }
 }
