@@ -48,7 +48,10 @@ impl std::fmt::Debug for PgCluster {
 /// The cluster this test process shares (started on first use).
 pub fn shared() -> Result<&'static PgCluster, Error> {
     static SHARED: OnceLock<Result<PgCluster, Error>> = OnceLock::new();
-    SHARED.get_or_init(PgCluster::start).as_ref().map_err(Clone::clone)
+    SHARED
+        .get_or_init(PgCluster::start)
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
 /// A new empty database on the shared cluster: its URL.
@@ -155,11 +158,15 @@ impl PgCluster {
         };
         cluster.spawn_watchdog()?;
         run(
-            cluster
-                .command("initdb")
-                .arg("-D")
-                .arg(&data)
-                .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"]),
+            cluster.command("initdb").arg("-D").arg(&data).args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]),
             "initdb",
         )?;
         cluster.port = TcpListener::bind("127.0.0.1:0")

@@ -18,6 +18,8 @@ mod logs;
 mod pg;
 mod split;
 mod sqlite;
+#[cfg(test)]
+mod testing;
 
 use std::collections::BTreeMap;
 

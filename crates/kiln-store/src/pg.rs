@@ -35,6 +35,9 @@ mod deliveries;
 pub(crate) mod schema;
 mod split;
 
+#[cfg(test)]
+pub(crate) use split::history_durations as split_history;
+
 use std::collections::BTreeMap;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -205,7 +208,9 @@ impl PgStore {
 
     fn rt(&self) -> &tokio::runtime::Runtime {
         // Only `drop` takes it.
-        self.rt.as_ref().unwrap_or_else(|| unreachable!("runtime taken before drop"))
+        self.rt
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("runtime taken before drop"))
     }
 
     fn migrate(&self) -> Result<()> {
@@ -776,8 +781,7 @@ impl Store for PgStore {
                     .as_deref()
                     .and_then(kiln_domain::split::UnitOutcome::parse)
                     .ok_or_else(|| corrupt("unit try outcome", format!("{outcome:?}")))?;
-                m.unit_tries
-                    .push((outcome, r.try_get(1)?, get_u64(&r, 2)?));
+                m.unit_tries.push((outcome, r.try_get(1)?, get_u64(&r, 2)?));
             }
             Ok(m)
         })

@@ -166,7 +166,12 @@ fn load_split(tx: &Connection, build: BuildId, key: &str) -> Result<Option<Split
 }
 
 /// The recorded durations of a unit, oldest first.
-fn history_durations(tx: &Connection, repo: &str, key: &str, unit: &str) -> Result<Vec<u64>> {
+pub(crate) fn history_durations(
+    tx: &Connection,
+    repo: &str,
+    key: &str,
+    unit: &str,
+) -> Result<Vec<u64>> {
     let text: Option<String> = tx
         .prepare_cached(
             "SELECT durations FROM unit_history WHERE repo = ?1 AND split_key = ?2 AND unit = ?3",

@@ -66,7 +66,14 @@ impl PgStore {
                 new += db.execute(
                     "INSERT INTO deliveries (delivery_id, build_id, event, target, payload, \
                      state, next_at, created_at) VALUES ($1, $2, $3, $4, $5, 'pending', $6, $6)",
-                    &[&d.delivery_id, &build, &d.event, &d.target, &d.payload, &now],
+                    &[
+                        &d.delivery_id,
+                        &build,
+                        &d.event,
+                        &d.target,
+                        &d.payload,
+                        &now,
+                    ],
                 )?;
             }
             Ok(new)
@@ -76,7 +83,10 @@ impl PgStore {
     pub(crate) fn deliveries_marks(&self, build: BuildId) -> Result<Vec<Mark>> {
         self.read(|db| {
             let mut marks = db
-                .query("SELECT mark FROM notify_marks WHERE build_id = $1", &[&build])?
+                .query(
+                    "SELECT mark FROM notify_marks WHERE build_id = $1",
+                    &[&build],
+                )?
                 .iter()
                 .map(|r| {
                     r.try_get::<_, String>(0)?

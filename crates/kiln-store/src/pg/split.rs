@@ -12,10 +12,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use kiln_domain::split::SplitId;
 use kiln_domain::split::{
-    FailedUnit, Interaction, InteractionPolicy, LeasedUnit, RoundDecision, SplitReport,
-    SplitSpec, Strategy, TestCase, UnitsReply, UnitsRequest, UnitSummary, UnitTry, UnitVerdict,
-    batch_len, median, next_round, reliable, sizing_estimates, sizing_floor, start_cost,
-    static_shards,
+    FailedUnit, Interaction, InteractionPolicy, LeasedUnit, RoundDecision, SplitReport, SplitSpec,
+    Strategy, TestCase, UnitSummary, UnitTry, UnitVerdict, UnitsReply, UnitsRequest, batch_len,
+    median, next_round, reliable, sizing_estimates, sizing_floor, start_cost, static_shards,
 };
 use kiln_domain::{AttemptId, BuildId, JobId, JobState, Millis, RunnerId, StepSpec};
 use tokio_postgres::Row;
@@ -63,7 +62,12 @@ fn load_split(db: &Db<'_>, build: BuildId, key: &str) -> Result<Option<SplitRow>
 }
 
 /// The recorded durations of a unit, oldest first.
-pub(crate) fn history_durations(db: &Db<'_>, repo: &str, key: &str, unit: &str) -> Result<Vec<u64>> {
+pub(crate) fn history_durations(
+    db: &Db<'_>,
+    repo: &str,
+    key: &str,
+    unit: &str,
+) -> Result<Vec<u64>> {
     let text: Option<String> = db
         .query_opt(
             "SELECT durations FROM unit_history WHERE repo = $1 AND split_key = $2 AND unit = $3",
@@ -351,11 +355,7 @@ fn load_tries(db: &Db<'_>, split: SplitId) -> Result<Vec<TryRow>> {
     .collect()
 }
 
-fn failed_in_round(
-    db: &Db<'_>,
-    split: SplitId,
-    round: u32,
-) -> Result<(Vec<i64>, Vec<FailedUnit>)> {
+fn failed_in_round(db: &Db<'_>, split: SplitId, round: u32) -> Result<(Vec<i64>, Vec<FailedUnit>)> {
     let (mut positions, mut failed) = (Vec::new(), Vec::new());
     for r in db.query(
         "SELECT t.position, u.unit, t.duration_ms FROM unit_tries t \
@@ -900,7 +900,10 @@ pub(crate) fn close_abandoned_splits(db: &Db<'_>, build: BuildId, now: Millis) -
         return Ok(());
     }
     let jobs = db
-        .query("SELECT state, steps FROM jobs WHERE build_id = $1", &[&build])?
+        .query(
+            "SELECT state, steps FROM jobs WHERE build_id = $1",
+            &[&build],
+        )?
         .iter()
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
         .collect::<Result<Vec<(String, String)>>>()?;
