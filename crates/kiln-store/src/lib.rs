@@ -13,6 +13,8 @@
 //!
 //! Everything here is synchronous; the dispatcher calls it from blocking tasks.
 
+#[cfg(test)]
+mod concurrent_tests;
 mod deliveries;
 mod logs;
 mod pg;

@@ -20,9 +20,12 @@
 //!     so competing writers queue on the row instead of failing and retrying: the job row in
 //!     `assign`, `record_step`, `finish_attempt`, `requeue_attempt`, `end_job`, the superseded
 //!     jobs of `record_commits`; the build row in `settle` (a build's state recomputed from its
-//!     jobs); the split row in `next_units` (one shard's round trip at a time per split, as in
-//!     SQLite); the branch cursor row in `record_commits`. Locks are taken job before build,
-//!     so two writers of one build cannot wait on each other in a cycle.
+//!     jobs); the branch cursor row in `record_commits`; the split rows whose tries an ended
+//!     attempt releases. Locks are taken job before build, so two writers of one build cannot
+//!     wait on each other in a cycle.
+//!   - `next_units` (a split shard's round trip) runs `READ COMMITTED` with explicit locks
+//!     instead: the asking job's row `FOR SHARE`, the split's row `FOR UPDATE` (one round trip
+//!     of a split at a time, as in SQLite), unit history rows `FOR UPDATE`; see `pg/split.rs`.
 //!   - `take_due_deliveries` runs `READ COMMITTED` with `FOR UPDATE SKIP LOCKED`: several
 //!     senders take disjoint due rows without waiting for each other.
 //!   - Reads of several statements (`get_build`, `metrics`, the reports) run `REPEATABLE READ
@@ -1202,7 +1205,8 @@ impl Store for PgStore {
         req: &kiln_domain::split::UnitsRequest,
     ) -> Result<kiln_domain::split::UnitsReply> {
         let now = now_millis();
-        self.write(|db| split::next_units_tx(db, req, now))
+        // READ COMMITTED with the job's and the split's row locks: see `pg/split.rs`.
+        self.write_committed(|db| split::next_units_tx(db, req, now))
     }
 
     fn split_reports(&self, build: BuildId) -> Result<Vec<kiln_domain::split::SplitReport>> {

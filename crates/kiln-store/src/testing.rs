@@ -71,7 +71,23 @@ pub(crate) enum Backend {
 /// A fresh, empty store (and the temp dir a SQLite file lives in).
 pub(crate) struct Opened {
     store: Box<dyn TestStore>,
+    /// Where another handle opens the same database: a SQLite file or a PostgreSQL URL.
+    place: String,
+    backend: Backend,
     _dir: Option<tempfile::TempDir>,
+}
+
+impl Opened {
+    /// Another store on the same database, as a second dispatcher would open it (its own
+    /// connection, or pool).
+    pub(crate) fn another(&self) -> Box<dyn TestStore> {
+        match self.backend {
+            Backend::Sqlite => {
+                Box::new(SqliteStore::open(std::path::Path::new(&self.place)).unwrap())
+            }
+            Backend::Postgres => Box::new(PgStore::connect(&self.place).unwrap()),
+        }
+    }
 }
 
 impl Deref for Opened {
@@ -87,9 +103,12 @@ impl Backend {
         match self {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().unwrap();
-                let s = SqliteStore::open(&dir.path().join("kiln.db")).unwrap();
+                let path = dir.path().join("kiln.db");
+                let s = SqliteStore::open(&path).unwrap();
                 Opened {
                     store: Box::new(s),
+                    place: path.to_string_lossy().into_owned(),
+                    backend: self,
                     _dir: Some(dir),
                 }
             }
@@ -97,6 +116,8 @@ impl Backend {
                 let url = kiln_pgtest::database().expect("a throwaway PostgreSQL database");
                 Opened {
                     store: Box::new(PgStore::connect(&url).unwrap()),
+                    place: url,
+                    backend: self,
                     _dir: None,
                 }
             }

@@ -2,11 +2,21 @@
 //! whose module documentation describes them; the pure rules (round statistics, verdicts,
 //! notes) are shared with it.
 //!
-//! Where SQLite's single writer made a round trip exclusive, here `next_units` locks the
-//! split's row (`FOR UPDATE`) once it exists, so the round trips of one split's shards run one
-//! at a time, as they did in SQLite: leases, round ends and the history update see each
-//! other's writes. Two shards creating the split at once collide on `splits_by_build`; the
-//! later transaction runs again and finds it (see `PgStore::write`).
+//! Where SQLite's single writer made a round trip exclusive, here `next_units` runs `READ
+//! COMMITTED` with explicit locks, so each statement sees what committed before it:
+//! - the asking attempt's job row `FOR SHARE` (the fence): the job cannot be finished, lost
+//!   or ended (those take it `FOR UPDATE`) until the round trip commits, and then they
+//!   release what it leased;
+//! - the split's row `FOR UPDATE` once it exists: the round trips of one split's shards run
+//!   one at a time, as in SQLite (leases are disjoint; a round ends once). Two shards creating
+//!   the split at once collide on `splits_by_build`; the later one runs again and finds it;
+//! - whatever else changes a split's tries (`release_units`, `requeue_failed_units`, closing
+//!   an abandoned split) takes the same split row lock first;
+//! - a unit history row is read for update (created first if missing), so two builds'
+//!   splits of one repository and key cannot lose each other's durations.
+//!
+//! (A `SERIALIZABLE` round trip is correct too, but shards of one split all conflict with each
+//! other on the split's tries: with eight shards at once most of them failed and ran again.)
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -90,7 +100,7 @@ const PUT_HISTORY: &str = "INSERT INTO unit_history (repo, split_key, unit, dura
      durations = excluded.durations, updated_at = excluded.updated_at";
 
 fn record_start(db: &Db<'_>, repo: &str, key: &str, ms: u64, now: Millis) -> Result<()> {
-    let mut list = history_durations(db, repo, key, START_UNIT)?;
+    let mut list = history_for_update(db, repo, key, START_UNIT, now)?;
     list.push(ms);
     if list.len() > START_HISTORY_LEN {
         list.drain(..list.len() - START_HISTORY_LEN);
@@ -188,8 +198,45 @@ fn create_split(
     })
 }
 
+/// Locks the rows of the splits `attempt` holds or ran tries of (in id order), so a change to
+/// their tries waits for a shard's round trip in progress and the next one sees it.
+fn lock_splits_of(db: &Db<'_>, attempt: AttemptId) -> Result<()> {
+    db.query(
+        "SELECT id FROM splits WHERE id IN \
+         (SELECT split_id FROM unit_tries WHERE attempt_id = $1) ORDER BY id FOR UPDATE",
+        &[&attempt],
+    )?;
+    Ok(())
+}
+
+/// The durations of a unit's history row, the row created if missing and locked, for a
+/// read-modify-write that no concurrent writer (another build's split of the same
+/// repository and key) can lose.
+fn history_for_update(
+    db: &Db<'_>,
+    repo: &str,
+    key: &str,
+    unit: &str,
+    now: Millis,
+) -> Result<Vec<u64>> {
+    db.execute(
+        "INSERT INTO unit_history (repo, split_key, unit, durations, updated_at) \
+         VALUES ($1, $2, $3, '[]', $4) ON CONFLICT DO NOTHING",
+        &[&repo, &key, &unit, &now],
+    )?;
+    let text: String = db
+        .query_one(
+            "SELECT durations FROM unit_history WHERE repo = $1 AND split_key = $2 \
+             AND unit = $3 FOR UPDATE",
+            &[&repo, &key, &unit],
+        )?
+        .try_get(0)?;
+    serde_json::from_str(&text).map_err(|e| corrupt("unit history", e))
+}
+
 /// Returns the units leased by `attempt` and not ended to the queue.
 pub(crate) fn release_units(db: &Db<'_>, attempt: AttemptId) -> Result<()> {
+    lock_splits_of(db, attempt)?;
     db.execute(
         "UPDATE unit_tries SET state = 'queued', attempt_id = NULL, request = NULL, \
          runner_id = NULL, runner = NULL, leased_at = NULL \
@@ -201,6 +248,7 @@ pub(crate) fn release_units(db: &Db<'_>, attempt: AttemptId) -> Result<()> {
 
 /// See `Store::requeue_failed_units`.
 pub(crate) fn requeue_failed_units(db: &Db<'_>, attempt: AttemptId) -> Result<u64> {
+    lock_splits_of(db, attempt)?;
     db.execute(
         "UPDATE unit_tries SET state = 'queued', attempt_id = NULL, request = NULL, \
          runner_id = NULL, runner = NULL, leased_at = NULL, outcome = NULL, duration_ms = 0, \
@@ -419,7 +467,7 @@ fn finish_split_row(
             UnitVerdict::Failed => failed += 1,
             UnitVerdict::NotRun => not_run += 1,
         }
-        let mut durations = history_durations(db, &split.repo, &split.key, unit)?;
+        let mut durations = history_for_update(db, &split.repo, &split.key, unit, now)?;
         durations.extend(
             list.iter()
                 .filter(|t| t.state.outcome().is_some() && t.duration > 0)
@@ -494,7 +542,7 @@ fn fence(db: &Db<'_>, req: &UnitsRequest) -> Result<std::result::Result<Fenced, 
     let row = db.query_opt(
         "SELECT j.id, j.build_id, j.state, j.current_attempt, j.steps, a.runner_id, b.repo \
          FROM attempts a JOIN jobs j ON j.id = a.job_id JOIN builds b ON b.id = j.build_id \
-         WHERE a.id = $1",
+         WHERE a.id = $1 FOR SHARE OF j",
         &[&attempt],
     )?;
     let Some(row) = row else {
