@@ -33,7 +33,7 @@ use kiln_domain::{
 
 pub use deliveries::{Delivery, DeliveryKey, DeliveryResult, DeliveryState, Mark, NewDelivery};
 pub use logs::{Frame, FrameHeader, LogError, LogStore, MAX_FRAME, ReadResult, is_disk_full};
-pub use pg::PgStore;
+pub use pg::{PgConfig, PgStore};
 pub use sqlite::SqliteStore;
 
 /// Errors from the store.

@@ -65,6 +65,10 @@ pub(crate) const MAX_TRIES: u32 = 50;
 /// The advisory lock key migrations hold ("kiln" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6b69_6c6e;
 
+/// A PostgreSQL database's connection settings (parsed from a `postgres://` URL or the
+/// key=value form; its `Debug` hides the password).
+pub type PgConfig = tokio_postgres::Config;
+
 /// Parameters of a statement.
 pub(crate) type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
@@ -168,7 +172,12 @@ impl PgStore {
     /// form) and brings its schema up to date. Call it from a thread that is not running async
     /// code (see the module's documentation).
     pub fn connect(url: &str) -> Result<Self> {
-        let config: tokio_postgres::Config = url.parse()?;
+        Self::connect_with(url.parse()?)
+    }
+
+    /// [`PgStore::connect`] with the settings parsed already (their `Debug` hides the
+    /// password).
+    pub fn connect_with(config: PgConfig) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("kiln-pg")
