@@ -23,9 +23,13 @@ pub struct ServeArgs {
     /// Keep the farm's state in this PostgreSQL database (`postgres://USER:PASSWORD@HOST:PORT/DB`
     /// or `host=... dbname=...`) instead of the data dir's SQLite file; logs and mirrors stay
     /// in the data dir. The schema is created or brought up to date at start.
-    #[arg(long, env = "KILN_DATABASE_URL", hide_env_values = true, value_name = "URL",
-          value_parser = parse_database)]
-    pub database: Option<kiln_store::PgConfig>,
+    #[arg(
+        long,
+        env = "KILN_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub database: Option<String>,
     /// How often runners heartbeat.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
@@ -107,11 +111,15 @@ pub struct ServeArgs {
     pub public_url: Option<String>,
 }
 
-/// A `--database` value: a PostgreSQL URL or key=value settings (the error never repeats
-/// the value, which may hold a password).
-fn parse_database(s: &str) -> Result<kiln_store::PgConfig, String> {
-    s.parse::<kiln_store::PgConfig>()
-        .map_err(|e| format!("not a PostgreSQL URL: {e}"))
+/// A `--database` value: a PostgreSQL URL or key=value settings. Parsed here rather than by
+/// clap, whose error would repeat the value (and its password).
+fn parse_database(s: &str) -> Result<kiln_store::PgConfig, CliError> {
+    s.parse::<kiln_store::PgConfig>().map_err(|e| {
+        CliError::new(
+            exit::USAGE,
+            format!("--database: not a PostgreSQL URL: {e}"),
+        )
+    })
 }
 
 /// Reads a secrets file: a YAML mapping of environment variable names to values.
@@ -152,7 +160,7 @@ pub(super) fn read_secrets(path: &std::path::Path) -> Result<BTreeMap<String, St
 
 pub(super) async fn serve(args: ServeArgs) -> Result<i32, CliError> {
     let mut config = kiln_dispatcher::Config::new(&args.data_dir);
-    config.database = args.database.clone();
+    config.database = args.database.as_deref().map(parse_database).transpose()?;
     config.heartbeat_interval = args.heartbeat_interval;
     config.missed_heartbeats = args.missed_heartbeats;
     config.reconnect_grace = args.reconnect_grace;

@@ -77,4 +77,18 @@ fn an_unreachable_database_fails_the_start() {
         "the password was printed: {out}"
     );
     assert!(!data.join("kiln.db").exists());
+    // A value that is no URL at all: a usage error that does not repeat it.
+    let out = kiln(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--database",
+        "postgres://kiln:secret-password@host:noport/kiln",
+    ]);
+    assert_ne!(out.code(), 0, "{out}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a PostgreSQL URL"), "{out}");
+    assert!(!err.contains("secret-password"), "the password was printed: {out}");
 }

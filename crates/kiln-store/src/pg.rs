@@ -135,6 +135,18 @@ impl Db<'_> {
     }
 }
 
+/// An error and its causes, one line (a pool error's own text does not say why).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 /// Column `i` of a row as a `u32` (stored as a `BIGINT`).
 pub(crate) fn get_u32(r: &Row, i: usize) -> Result<u32> {
     let v: i64 = r.try_get(i)?;
@@ -291,7 +303,7 @@ impl PgStore {
         let rt = self.rt();
         let mut client = rt
             .block_on(self.pool.get())
-            .map_err(|e| StoreError::Pool(e.to_string()))?;
+            .map_err(|e| StoreError::Pool(chain(&e)))?;
         let tx = rt.block_on(
             client
                 .build_transaction()
