@@ -90,5 +90,8 @@ fn an_unreachable_database_fails_the_start() {
     assert_ne!(out.code(), 0, "{out}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a PostgreSQL URL"), "{out}");
-    assert!(!err.contains("secret-password"), "the password was printed: {out}");
+    assert!(
+        !err.contains("secret-password"),
+        "the password was printed: {out}"
+    );
 }

@@ -351,3 +351,30 @@ on_both_backends!(
     shards_on_two_handles_run_each_unit_once,
     senders_on_two_handles_take_disjoint_deliveries,
 );
+
+/// Dispatchers starting together on a new PostgreSQL database apply the migrations once.
+#[test]
+fn stores_opening_a_new_postgres_database_at_once_migrate_it_once() {
+    let url = kiln_pgtest::database().expect("a throwaway PostgreSQL database");
+    let barrier = Barrier::new(4);
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            let (url, barrier) = (&url, &barrier);
+            scope.spawn(move || {
+                barrier.wait();
+                crate::PgStore::connect(url).unwrap();
+            });
+        }
+    });
+    let s = crate::PgStore::connect(&url).unwrap();
+    let versions = s
+        .read(|db| {
+            db.query("SELECT version FROM kiln_migrations ORDER BY version", &[])?
+                .iter()
+                .map(|r| Ok(r.try_get::<_, i64>(0)?))
+                .collect::<crate::Result<Vec<_>>>()
+        })
+        .unwrap();
+    let expected: Vec<i64> = (1..=crate::pg::schema::MIGRATIONS.len() as i64).collect();
+    assert_eq!(versions, expected);
+}

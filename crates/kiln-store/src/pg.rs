@@ -31,8 +31,8 @@
 //!   - Reads of several statements (`get_build`, `metrics`, the reports) run `REPEATABLE READ
 //!     READ ONLY`: one snapshot, so their counts agree, and never a serialization failure.
 //! - Migrations: [`schema::MIGRATIONS`], recorded in `kiln_migrations` (version, when), applied
-//!   in one transaction under an advisory lock so two dispatchers starting together apply
-//!   them once.
+//!   in one `READ COMMITTED` transaction under an advisory lock, so two dispatchers starting
+//!   together apply them once.
 
 mod deliveries;
 pub(crate) mod schema;
@@ -239,7 +239,10 @@ impl PgStore {
 
     fn migrate(&self) -> Result<()> {
         let latest = schema::MIGRATIONS.len() as i64;
-        self.write(|db| {
+        // READ COMMITTED: the statements after the advisory lock see what a dispatcher that
+        // held it before committed (a serializable snapshot would predate the wait and apply
+        // the migrations again).
+        self.write_committed(|db| {
             db.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
             db.rt.block_on(db.tx.batch_execute(
                 "CREATE TABLE IF NOT EXISTS kiln_migrations (\
