@@ -20,6 +20,16 @@ pub struct ServeArgs {
     /// Where the database, logs and mirrors live.
     #[arg(long, env = "KILN_DATA_DIR", default_value = "kiln-data")]
     pub data_dir: PathBuf,
+    /// Keep the farm's state in this PostgreSQL database (`postgres://USER:PASSWORD@HOST:PORT/DB`
+    /// or `host=... dbname=...`) instead of the data dir's SQLite file; logs and mirrors stay
+    /// in the data dir. The schema is created or brought up to date at start.
+    #[arg(
+        long,
+        env = "KILN_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub database: Option<String>,
     /// How often runners heartbeat.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
@@ -101,6 +111,17 @@ pub struct ServeArgs {
     pub public_url: Option<String>,
 }
 
+/// A `--database` value: a PostgreSQL URL or key=value settings. Parsed here rather than by
+/// clap, whose error would repeat the value (and its password).
+fn parse_database(s: &str) -> Result<kiln_store::PgConfig, CliError> {
+    s.parse::<kiln_store::PgConfig>().map_err(|e| {
+        CliError::new(
+            exit::USAGE,
+            format!("--database: not a PostgreSQL URL: {e}"),
+        )
+    })
+}
+
 /// Reads a secrets file: a YAML mapping of environment variable names to values.
 pub(super) fn read_secrets(path: &std::path::Path) -> Result<BTreeMap<String, String>, CliError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
@@ -139,6 +160,7 @@ pub(super) fn read_secrets(path: &std::path::Path) -> Result<BTreeMap<String, St
 
 pub(super) async fn serve(args: ServeArgs) -> Result<i32, CliError> {
     let mut config = kiln_dispatcher::Config::new(&args.data_dir);
+    config.database = args.database.as_deref().map(parse_database).transpose()?;
     config.heartbeat_interval = args.heartbeat_interval;
     config.missed_heartbeats = args.missed_heartbeats;
     config.reconnect_grace = args.reconnect_grace;
@@ -207,8 +229,16 @@ pub(super) async fn serve(args: ServeArgs) -> Result<i32, CliError> {
             print: false,
         })
     };
-    let dispatcher = kiln_dispatcher::Dispatcher::open(config)
-        .map_err(|e| CliError::new(exit::INTERNAL, format!("cannot open data dir: {e}")))?;
+    // On a blocking thread: the store is synchronous (PostgreSQL's blocks on its network).
+    let what = if config.database.is_some() {
+        "cannot open the database"
+    } else {
+        "cannot open data dir"
+    };
+    let dispatcher = tokio::task::spawn_blocking(move || kiln_dispatcher::Dispatcher::open(config))
+        .await
+        .map_err(|e| CliError::new(exit::INTERNAL, format!("{what}: {e}")))?
+        .map_err(|e| CliError::new(exit::INTERNAL, format!("{what}: {e}")))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| {

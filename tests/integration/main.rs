@@ -1,6 +1,6 @@
 //! Kiln's end-to-end tests, one integration binary: real `kiln` processes (the binary cargo
-//! built) on loopback ports, real git repositories in temp dirs, the real SQLite file, real
-//! grpcurl and pytest. The helpers are the `kiln-testkit` crate.
+//! built) on loopback ports, real git repositories in temp dirs, the real SQLite file, a real
+//! PostgreSQL (`kiln-pgtest`), real grpcurl and pytest. The helpers are the `kiln-testkit` crate.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -21,6 +21,7 @@ mod params;
 mod partition;
 mod pipelines;
 mod pool;
+mod postgres;
 mod restart;
 mod run_limit;
 mod runner_death;

@@ -34,7 +34,7 @@ use kiln_domain::{
     StepSpec, now_millis,
 };
 use kiln_git::{GitError, Mirrors};
-use kiln_store::{BuildDetail, BuildFilter, Change, LogStore, SqliteStore, Store};
+use kiln_store::{BuildDetail, BuildFilter, Change, LogStore, PgStore, SqliteStore, Store};
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -47,6 +47,10 @@ use kiln_domain::protocol::{self, DispatcherMessage};
 pub struct Config {
     /// Where the database, logs and repository mirrors live.
     pub data_dir: PathBuf,
+    /// A PostgreSQL database to keep the state in instead of the data directory's SQLite
+    /// file (logs and mirrors stay in the data directory). With it, [`Dispatcher::open`]
+    /// blocks on the network: call it from a blocking context.
+    pub database: Option<kiln_store::PgConfig>,
     /// How often runners heartbeat (told to them in the Welcome).
     pub heartbeat_interval: Duration,
     /// A runner silent for this many intervals is lost and its jobs go to others.
@@ -88,6 +92,7 @@ impl Config {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
+            database: None,
             heartbeat_interval: Duration::from_secs(2),
             missed_heartbeats: 3,
             max_lost_attempts: 3,
@@ -579,14 +584,19 @@ impl LiveAttempt {
 }
 
 impl Dispatcher {
-    /// Opens the data directory (database, logs, mirrors) and reconciles what was in flight
-    /// when the dispatcher last stopped: those attempts wait one lease for their runners.
+    /// Opens the data directory (database, logs, mirrors), or the PostgreSQL database of
+    /// `config.database`, and reconciles what was in flight when the dispatcher last stopped:
+    /// those attempts wait one lease for their runners. It calls the store directly: not from
+    /// an async task with a PostgreSQL database (see [`kiln_store::PgStore`]).
     pub fn open(config: Config) -> Result<Self, DispatchError> {
         let dir = &config.data_dir;
         std::fs::create_dir_all(dir).map_err(|e| {
             DispatchError::Internal(format!("cannot create data dir {}: {e}", dir.display()))
         })?;
-        let store = SqliteStore::open(&dir.join("kiln.db"))?;
+        let store: Arc<dyn Store> = match &config.database {
+            Some(db) => Arc::new(PgStore::connect_with(db.clone())?),
+            None => Arc::new(SqliteStore::open(&dir.join("kiln.db"))?),
+        };
         let logs = LogStore::open(dir.join("logs"))?;
         let mirrors = Mirrors::new(dir.join("mirrors"))
             .map_err(|e| DispatchError::Internal(format!("mirrors: {}", error_chain(&e))))?;
@@ -618,7 +628,7 @@ impl Dispatcher {
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
-                store: Arc::new(store),
+                store,
                 logs: Arc::new(logs),
                 mirrors: Arc::new(mirrors),
                 state: Mutex::new(state),

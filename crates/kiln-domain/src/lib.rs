@@ -38,7 +38,8 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// Declares an id: a number with a type of its own, so that one kind of id cannot be passed
 /// where another is expected. It prints (`{}` and `{:?}`), parses and serializes as the bare
 /// number; the default, 0, is no id the store gives (what the wire sends for "none"); with the
-/// `rusqlite` feature it is stored as an SQLite integer (the `u64` as an `i64`, bit for bit).
+/// `rusqlite` feature it is stored as an SQLite integer, with the `postgres` feature as a
+/// PostgreSQL `BIGINT` (the `u64` as an `i64`, bit for bit, in both).
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
@@ -104,6 +105,37 @@ macro_rules! id_type {
         impl rusqlite::types::FromSql for $name {
             fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
                 i64::column_result(v).map(|n| $name(n as u64))
+            }
+        }
+
+        #[cfg(feature = "postgres")]
+        impl postgres_types::ToSql for $name {
+            fn to_sql(
+                &self,
+                ty: &postgres_types::Type,
+                out: &mut bytes::BytesMut,
+            ) -> Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+                (self.0 as i64).to_sql(ty, out)
+            }
+
+            fn accepts(ty: &postgres_types::Type) -> bool {
+                <i64 as postgres_types::ToSql>::accepts(ty)
+            }
+
+            postgres_types::to_sql_checked!();
+        }
+
+        #[cfg(feature = "postgres")]
+        impl<'a> postgres_types::FromSql<'a> for $name {
+            fn from_sql(
+                ty: &postgres_types::Type,
+                raw: &'a [u8],
+            ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+                <i64 as postgres_types::FromSql>::from_sql(ty, raw).map(|n| $name(n as u64))
+            }
+
+            fn accepts(ty: &postgres_types::Type) -> bool {
+                <i64 as postgres_types::FromSql>::accepts(ty)
             }
         }
     };

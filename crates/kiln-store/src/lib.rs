@@ -4,18 +4,24 @@
 //! - [`Store`] is the interface the dispatcher talks to. Every state change is one transaction,
 //!   and a job's final result is written with a compare-and-set on its current attempt, so a
 //!   result from any other attempt changes nothing ("exactly one final result").
-//! - [`SqliteStore`] implements it on one SQLite file (WAL, `synchronous=FULL`). A PostgreSQL
-//!   implementation can follow behind the same trait.
+//! - [`SqliteStore`] implements it on one SQLite file (WAL, `synchronous=FULL`); [`PgStore`]
+//!   on PostgreSQL (several dispatchers can share one database), with the same rules as
+//!   transactions and row locks.
 //! - [`LogStore`] keeps each job's output as a file of frames (attempt, sequence number, step,
 //!   stream, bytes), so output is kept byte for byte and a restarted dispatcher can tell which
 //!   chunks it already has.
 //!
 //! Everything here is synchronous; the dispatcher calls it from blocking tasks.
 
+#[cfg(test)]
+mod concurrent_tests;
 mod deliveries;
 mod logs;
+mod pg;
 mod split;
 mod sqlite;
+#[cfg(test)]
+mod testing;
 
 use std::collections::BTreeMap;
 
@@ -30,6 +36,7 @@ pub use logs::{
     AttemptLines, CHECKPOINT_EVERY, Checkpoint, Frame, FrameHeader, Located, LogError, LogStore,
     MAX_FRAME, ReadResult, is_disk_full,
 };
+pub use pg::{PgConfig, PgStore};
 pub use sqlite::SqliteStore;
 
 /// Errors from the store.
@@ -38,6 +45,12 @@ pub enum StoreError {
     /// The database failed.
     #[error("database error")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL failed (see [`PgStore`]).
+    #[error("database error")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No PostgreSQL connection could be had from the pool.
+    #[error("database connection pool: {0}")]
+    Pool(String),
     /// A stored value could not be decoded (corruption or a newer schema).
     #[error("corrupt stored value: {0}")]
     Corrupt(String),
@@ -66,7 +79,13 @@ impl StoreError {
             StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
                 e.code == rusqlite::ErrorCode::DiskFull
             }
-            StoreError::Sqlite(_) | StoreError::Corrupt(_) | StoreError::Duplicate { .. } => false,
+            StoreError::Postgres(e) => {
+                e.code() == Some(&tokio_postgres::error::SqlState::DISK_FULL)
+            }
+            StoreError::Sqlite(_)
+            | StoreError::Pool(_)
+            | StoreError::Corrupt(_)
+            | StoreError::Duplicate { .. } => false,
             StoreError::Open { cause, .. } => logs::is_disk_full(cause),
         }
     }

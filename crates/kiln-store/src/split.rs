@@ -31,29 +31,29 @@ use crate::Result;
 use crate::sqlite::{SqliteStore, corrupt};
 
 /// Estimate of every unit when no unit of the split has a recorded duration.
-const DEFAULT_ESTIMATE_MS: u64 = 1000;
+pub(crate) const DEFAULT_ESTIMATE_MS: u64 = 1000;
 /// Durations kept per unit in the history (the estimate is their median).
-const HISTORY_LEN: usize = 5;
+pub(crate) const HISTORY_LEN: usize = 5;
 /// The `unit_history` row of a (repository, split key) that holds per-process start costs.
-const START_UNIT: &str = "";
+pub(crate) const START_UNIT: &str = "";
 /// Start costs kept per (repository, split key) (the estimate is their median).
-const START_HISTORY_LEN: usize = 9;
+pub(crate) const START_HISTORY_LEN: usize = 9;
 /// A shard that asked this recently counts as available for a retry round's units.
-const RECENT_MS: Millis = 5000;
+pub(crate) const RECENT_MS: Millis = 5000;
 
-fn to_i64(v: u64) -> i64 {
+pub(crate) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn to_u64(v: i64) -> u64 {
+pub(crate) fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-fn to_u32(v: i64) -> u32 {
+pub(crate) fn to_u32(v: i64) -> u32 {
     u32::try_from(v.max(0)).unwrap_or(u32::MAX)
 }
 
-fn strategy_parse(s: &str) -> Result<Strategy> {
+pub(crate) fn strategy_parse(s: &str) -> Result<Strategy> {
     match s {
         "dynamic" => Ok(Strategy::Dynamic),
         "hash" => Ok(Strategy::Hash),
@@ -63,28 +63,28 @@ fn strategy_parse(s: &str) -> Result<Strategy> {
     }
 }
 
-fn is_failure(o: Option<UnitOutcome>) -> bool {
+pub(crate) fn is_failure(o: Option<UnitOutcome>) -> bool {
     matches!(o, Some(UnitOutcome::Failed | UnitOutcome::Errored))
 }
 
 /// A stored split.
-struct SplitRow {
-    id: SplitId,
-    build_id: BuildId,
-    repo: String,
-    key: String,
-    shards: u32,
-    strategy: Strategy,
-    retry: RetryPolicy,
-    max_batch: u32,
-    round: u32,
-    done: bool,
-    passed: bool,
-    summary: String,
-    retry_note: String,
+pub(crate) struct SplitRow {
+    pub(crate) id: SplitId,
+    pub(crate) build_id: BuildId,
+    pub(crate) repo: String,
+    pub(crate) key: String,
+    pub(crate) shards: u32,
+    pub(crate) strategy: Strategy,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) max_batch: u32,
+    pub(crate) round: u32,
+    pub(crate) done: bool,
+    pub(crate) passed: bool,
+    pub(crate) summary: String,
+    pub(crate) retry_note: String,
 }
 
-const SPLIT_COLUMNS: &str = "id, build_id, repo, split_key, shards, strategy, retry, max_batch, \
+pub(crate) const SPLIT_COLUMNS: &str = "id, build_id, repo, split_key, shards, strategy, retry, max_batch, \
      round, done, passed, summary, retry_note";
 
 type RawSplit = (
@@ -166,7 +166,12 @@ fn load_split(tx: &Connection, build: BuildId, key: &str) -> Result<Option<Split
 }
 
 /// The recorded durations of a unit, oldest first.
-fn history_durations(tx: &Connection, repo: &str, key: &str, unit: &str) -> Result<Vec<u64>> {
+pub(crate) fn history_durations(
+    tx: &Connection,
+    repo: &str,
+    key: &str,
+    unit: &str,
+) -> Result<Vec<u64>> {
     let text: Option<String> = tx
         .prepare_cached(
             "SELECT durations FROM unit_history WHERE repo = ?1 AND split_key = ?2 AND unit = ?3",
@@ -203,7 +208,7 @@ fn record_start(tx: &Connection, repo: &str, key: &str, ms: u64, now: Millis) ->
 }
 
 /// Why a split with no discovered units cannot start.
-fn no_units(source: &UnitSource) -> String {
+pub(crate) fn no_units(source: &UnitSource) -> String {
     match source {
         UnitSource::Glob(globs) => format!(
             "no units found: no file of the checkout matches {}",
@@ -322,13 +327,13 @@ pub(crate) fn requeue_failed_units(tx: &Transaction<'_>, attempt: AttemptId) -> 
 }
 
 /// A try that may be leased.
-struct Candidate {
-    position: i64,
-    unit: String,
-    try_number: u32,
-    estimate: u64,
+pub(crate) struct Candidate {
+    pub(crate) position: i64,
+    pub(crate) unit: String,
+    pub(crate) try_number: u32,
+    pub(crate) estimate: u64,
     /// Runner of the unit's previous (failed) try, in a retry round.
-    previous_runner: Option<RunnerId>,
+    pub(crate) previous_runner: Option<RunnerId>,
 }
 
 /// Estimated time of the tries of `round` other attempts hold.
@@ -460,15 +465,15 @@ fn round_busy(tx: &Connection, split: SplitId, round: u32) -> Result<bool> {
 }
 
 /// One stored try, as the round rules and the report see it.
-struct TryRow {
-    position: i64,
-    try_number: u32,
-    state: UnitTryState,
-    duration: u64,
+pub(crate) struct TryRow {
+    pub(crate) position: i64,
+    pub(crate) try_number: u32,
+    pub(crate) state: UnitTryState,
+    pub(crate) duration: u64,
 }
 
 /// A stored try's state and outcome, or the store's corrupt-data error.
-fn try_state(state: &str, outcome: Option<&str>) -> Result<UnitTryState> {
+pub(crate) fn try_state(state: &str, outcome: Option<&str>) -> Result<UnitTryState> {
     UnitTryState::from_stored(state, outcome).map_err(|e| corrupt("unit try", e))
 }
 
@@ -499,7 +504,7 @@ fn load_tries(tx: &Connection, split: SplitId) -> Result<Vec<TryRow>> {
     Ok(out)
 }
 
-fn round_stats(tries: &[TryRow], units: u64, round: u32) -> RoundStats {
+pub(crate) fn round_stats(tries: &[TryRow], units: u64, round: u32) -> RoundStats {
     let mut s = RoundStats {
         round,
         units,
@@ -589,7 +594,7 @@ fn interactions_of(tx: &Connection, split: SplitId) -> Result<Vec<Interaction>> 
 }
 
 /// Two notes of a split's retries as one.
-fn join_notes(a: &str, b: &str) -> String {
+pub(crate) fn join_notes(a: &str, b: &str) -> String {
     match (a.is_empty(), b.is_empty()) {
         (_, true) => a.to_string(),
         (true, false) => b.to_string(),
@@ -598,7 +603,7 @@ fn join_notes(a: &str, b: &str) -> String {
 }
 
 /// The verdict of a unit from its tries (first first).
-fn verdict(tries: &[&TryRow], no_more_tries: bool) -> UnitVerdict {
+pub(crate) fn verdict(tries: &[&TryRow], no_more_tries: bool) -> UnitVerdict {
     let Some(last_ended) = tries.iter().rev().find(|t| t.state.outcome().is_some()) else {
         return UnitVerdict::NotRun;
     };
@@ -616,7 +621,7 @@ fn verdict(tries: &[&TryRow], no_more_tries: bool) -> UnitVerdict {
 }
 
 /// Tries grouped by unit position.
-fn by_unit(tries: &[TryRow]) -> BTreeMap<i64, Vec<&TryRow>> {
+pub(crate) fn by_unit(tries: &[TryRow]) -> BTreeMap<i64, Vec<&TryRow>> {
     let mut out: BTreeMap<i64, Vec<&TryRow>> = BTreeMap::new();
     for t in tries {
         out.entry(t.position).or_default().push(t);
@@ -624,7 +629,7 @@ fn by_unit(tries: &[TryRow]) -> BTreeMap<i64, Vec<&TryRow>> {
     out
 }
 
-fn plural(n: u64, word: &str) -> String {
+pub(crate) fn plural(n: u64, word: &str) -> String {
     if n == 1 {
         format!("{n} {word}")
     } else {

@@ -1463,6 +1463,7 @@ fn attempt_state(r: &Row<'_>, idx: usize) -> rusqlite::Result<AttemptState> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::testing::{Backend, TestStore, on_both_backends};
     use kiln_domain::NewJob;
 
     fn new_build(jobs: usize) -> NewBuild {
@@ -1496,7 +1497,7 @@ mod tests {
         }
     }
 
-    fn runner(s: &SqliteStore, name: &str) -> RunnerId {
+    fn runner(s: &dyn TestStore, name: &str) -> RunnerId {
         s.upsert_runner(name, &BTreeMap::new(), 1, "test")
             .unwrap()
             .id
@@ -1527,13 +1528,13 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_step_report_counts_once_and_only_for_the_current_attempt() {
+    fn a_step_report_counts_once_and_only_for_the_current_attempt(b: Backend) {
         use kiln_domain::split::UnitOutcome;
-        let s = SqliteStore::in_memory().unwrap();
+        let opened = b.open();
+        let s: &dyn TestStore = &*opened;
         let d = s.create_build(&new_build(1)).unwrap();
         let job = d.jobs[0].id;
-        let r1 = runner(&s, "r1");
+        let r1 = runner(s, "r1");
         assert!(s.step_reports(d.build.id).unwrap().is_empty());
         let (a1, _) = s.assign(job, r1, "r1").unwrap().unwrap();
         assert!(s.start_attempt(a1).unwrap().is_some());
@@ -1559,14 +1560,14 @@ mod tests {
         assert_eq!(reports[0].cases, resent.cases);
     }
 
-    #[test]
-    fn build_lifecycle_and_fencing() {
-        let s = SqliteStore::in_memory().unwrap();
+    fn build_lifecycle_and_fencing(b: Backend) {
+        let opened = b.open();
+        let s: &dyn TestStore = &*opened;
         let d = s.create_build(&new_build(1)).unwrap();
         assert_eq!(d.build.state, JobState::Queued);
         let job = d.jobs[0].id;
-        let r1 = runner(&s, "r1");
-        let r2 = runner(&s, "r2");
+        let r1 = runner(s, "r1");
+        let r2 = runner(s, "r2");
         let (a1, ch) = s.assign(job, r1, "r1").unwrap().unwrap();
         assert_eq!(ch.job_state, JobState::Assigned);
         assert_eq!(ch.build_state, JobState::Running);
@@ -1621,13 +1622,13 @@ mod tests {
         assert_eq!(s.refusals(job).unwrap().len(), 1);
     }
 
-    #[test]
-    fn runners_that_never_held_work_are_forgotten() {
-        let s = SqliteStore::in_memory().unwrap();
+    fn runners_that_never_held_work_are_forgotten(b: Backend) {
+        let opened = b.open();
+        let s: &dyn TestStore = &*opened;
         let d = s.create_build(&new_build(1)).unwrap();
-        let worker = runner(&s, "worker");
-        let ghost = runner(&s, "ghost");
-        let attached = runner(&s, "attached");
+        let worker = runner(s, "worker");
+        let ghost = runner(s, "ghost");
+        let attached = runner(s, "attached");
         s.assign(d.jobs[0].id, worker, "worker").unwrap().unwrap();
         // Seen after the cutoff: kept.
         assert_eq!(s.forget_idle_runners(0, &[]).unwrap(), 0);
@@ -1641,15 +1642,15 @@ mod tests {
             .collect();
         assert_eq!(names, ["attached", "worker"]);
         // A forgotten name registers again as a new runner.
-        assert_ne!(runner(&s, "ghost"), ghost);
+        assert_ne!(runner(s, "ghost"), ghost);
     }
 
-    #[test]
-    fn lost_too_often_errors() {
-        let s = SqliteStore::in_memory().unwrap();
+    fn lost_too_often_errors(b: Backend) {
+        let opened = b.open();
+        let s: &dyn TestStore = &*opened;
         let d = s.create_build(&new_build(1)).unwrap();
         let job = d.jobs[0].id;
-        let r = runner(&s, "r");
+        let r = runner(s, "r");
         for _ in 0..2 {
             let (a, _) = s.assign(job, r, "r").unwrap().unwrap();
             s.requeue_attempt(a, "lost", 3, true).unwrap();
@@ -1660,9 +1661,9 @@ mod tests {
         assert_eq!(ch.build_state, JobState::Errored);
     }
 
-    #[test]
-    fn list_filters_and_pages() {
-        let s = SqliteStore::in_memory().unwrap();
+    fn list_filters_and_pages(b: Backend) {
+        let opened = b.open();
+        let s: &dyn TestStore = &*opened;
         for i in 0..5 {
             let mut b = new_build(1);
             b.branch = if i % 2 == 0 { "main" } else { "dev" }.into();
@@ -1725,9 +1726,9 @@ mod tests {
         assert_eq!(s.queued_jobs(10).unwrap().len(), 2);
     }
 
-    #[test]
-    fn dependents_wait_and_are_skipped_when_a_need_fails() {
-        let s = SqliteStore::in_memory().unwrap();
+    fn dependents_wait_and_are_skipped_when_a_need_fails(b: Backend) {
+        let opened = b.open();
+        let s: &dyn TestStore = &*opened;
         let mut b = new_build(4);
         b.jobs[1].needs = vec![0];
         b.jobs[2].needs = vec![1];
@@ -1737,7 +1738,7 @@ mod tests {
         assert_eq!(d.jobs[2].needs, vec![ids[1]]);
         let queued: Vec<JobId> = s.queued_jobs(10).unwrap().iter().map(|j| j.id).collect();
         assert_eq!(queued, vec![ids[0], ids[3]]);
-        let r = runner(&s, "r");
+        let r = runner(s, "r");
         let (a, _) = s.assign(ids[0], r, "r").unwrap().unwrap();
         let ch = match s.finish_attempt(a, JobState::Failed, None).unwrap() {
             Finish::Recorded(ch) => ch,
@@ -1751,9 +1752,9 @@ mod tests {
         assert_eq!(queued, vec![ids[3]]);
     }
 
-    #[test]
-    fn same_commit_and_pipeline_is_built_once_unless_retried() {
-        let s = SqliteStore::in_memory().unwrap();
+    fn same_commit_and_pipeline_is_built_once_unless_retried(b: Backend) {
+        let opened = b.open();
+        let s: &dyn TestStore = &*opened;
         let mut b = new_build(1);
         b.pipeline_hash = "p1".into();
         let first = s.create_build(&b).unwrap();
@@ -1768,9 +1769,9 @@ mod tests {
         assert!(s.create_build(&b).is_ok());
     }
 
-    #[test]
-    fn a_builds_parameters_are_stored_with_it() {
-        let s = SqliteStore::in_memory().unwrap();
+    fn a_builds_parameters_are_stored_with_it(b: Backend) {
+        let opened = b.open();
+        let s: &dyn TestStore = &*opened;
         let mut b = new_build(1);
         b.params = [("GREETING", "hi \"there\""), ("EMPTY", "")]
             .into_iter()
@@ -1789,9 +1790,9 @@ mod tests {
         assert!(plain.build.params.is_empty());
     }
 
-    #[test]
-    fn record_commits_moves_the_cursor_and_supersedes() {
-        let s = SqliteStore::in_memory().unwrap();
+    fn record_commits_moves_the_cursor_and_supersedes(b: Backend) {
+        let opened = b.open();
+        let s: &dyn TestStore = &*opened;
         let mk = |c: char| {
             let mut b = new_build(1);
             b.commit = c.to_string().repeat(40);
@@ -1843,11 +1844,11 @@ mod tests {
         }
     }
 
-    #[test]
-    fn cancel_supersedes() {
-        let s = SqliteStore::in_memory().unwrap();
+    fn cancel_supersedes(b: Backend) {
+        let opened = b.open();
+        let s: &dyn TestStore = &*opened;
         let d = s.create_build(&new_build(2)).unwrap();
-        let r = runner(&s, "r");
+        let r = runner(s, "r");
         let (a, _) = s.assign(d.jobs[0].id, r, "r").unwrap().unwrap();
         s.end_job(d.jobs[0].id, JobState::Cancelled, "by user")
             .unwrap()
@@ -1867,12 +1868,26 @@ mod tests {
             Finish::Refused(_)
         ));
     }
+
+    on_both_backends!(
+        a_step_report_counts_once_and_only_for_the_current_attempt,
+        build_lifecycle_and_fencing,
+        runners_that_never_held_work_are_forgotten,
+        lost_too_often_errors,
+        list_filters_and_pages,
+        dependents_wait_and_are_skipped_when_a_need_fails,
+        same_commit_and_pipeline_is_built_once_unless_retried,
+        a_builds_parameters_are_stored_with_it,
+        record_commits_moves_the_cursor_and_supersedes,
+        cancel_supersedes,
+    );
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod delivery_tests {
     use super::*;
+    use crate::testing::{Backend, TestStore, on_both_backends};
     use crate::{DeliveryResult, DeliveryState, Mark, NewDelivery};
 
     fn delivery(id: &str, event: &str, target: &str, supersedes: bool) -> NewDelivery {
@@ -1885,7 +1900,7 @@ mod delivery_tests {
         }
     }
 
-    fn build(s: &SqliteStore, commit: char) -> BuildDetail {
+    fn build(s: &dyn TestStore, commit: char) -> BuildDetail {
         let new = NewBuild {
             repo: "/tmp/repo".into(),
             commit: commit.to_string().repeat(40),
@@ -1917,10 +1932,10 @@ mod delivery_tests {
 
     /// Planning is idempotent per (build, event, target), marks make a build planned, due
     /// deliveries are leased, tries are counted, and a newer status supersedes a pending one.
-    #[test]
-    fn deliveries_are_planned_once_leased_and_recorded() {
-        let s = SqliteStore::in_memory().unwrap();
-        let b = build(&s, 'a').build.id;
+    fn deliveries_are_planned_once_leased_and_recorded(b: Backend) {
+        let opened = b.open();
+        let s: &dyn TestStore = &*opened;
+        let b = build(s, 'a').build.id;
         assert_eq!(s.unplanned_builds(0, 10).unwrap(), vec![b]);
         let plan = [
             delivery("d1", "queued", "status x", true),
@@ -1990,10 +2005,10 @@ mod delivery_tests {
 
     /// A build that starts and finishes needs planning again for each new mark; builds older
     /// than the window are left alone.
-    #[test]
-    fn unplanned_builds_follow_the_builds_life() {
-        let s = SqliteStore::in_memory().unwrap();
-        let d = build(&s, 'b');
+    fn unplanned_builds_follow_the_builds_life(b: Backend) {
+        let opened = b.open();
+        let s: &dyn TestStore = &*opened;
+        let d = build(s, 'b');
         let b = d.build.id;
         s.plan_deliveries(b, Mark::Queued, &[]).unwrap();
         assert!(s.unplanned_builds(0, 10).unwrap().is_empty());
@@ -2013,6 +2028,11 @@ mod delivery_tests {
         s.plan_deliveries(b, Mark::Finished, &[]).unwrap();
         assert!(s.unplanned_builds(0, 10).unwrap().is_empty());
     }
+
+    on_both_backends!(
+        deliveries_are_planned_once_leased_and_recorded,
+        unplanned_builds_follow_the_builds_life,
+    );
 }
 
 /// The queries whose cost must not grow with the builds stored take the index meant for them

@@ -1,4 +1,5 @@
-//! Split steps against real SQLite files: shards pulling units, re-sends, lost attempts,
+//! Split steps against both backends (a SQLite file, a PostgreSQL database; see
+//! `testing.rs`): shards pulling units, re-sends, lost attempts,
 //! retry rounds, history, static strategies and the migration.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -12,18 +13,12 @@ use kiln_domain::split::{
     UnitsReply, UnitsRequest, static_shards,
 };
 use kiln_domain::{AttemptId, BuildId, JobId, JobState, NewBuild, NewJob, RunnerId, StepSpec};
-use tempfile::TempDir;
 
+use crate::testing::{Backend, TestStore, on_both_backends};
 use crate::{Finish, SqliteStore, Store};
 
 const REPO: &str = "/tmp/repo";
 const KEY: &str = "tests";
-
-fn store() -> (TempDir, SqliteStore) {
-    let dir = tempfile::tempdir().unwrap();
-    let s = SqliteStore::open(&dir.path().join("kiln.db")).unwrap();
-    (dir, s)
-}
 
 fn step(spec: Option<SplitSpec>) -> StepSpec {
     StepSpec {
@@ -40,7 +35,7 @@ fn step(spec: Option<SplitSpec>) -> StepSpec {
 
 /// A build with one job per shard, each with one split step; returns the job ids by shard.
 fn split_build(
-    s: &SqliteStore,
+    s: &dyn TestStore,
     commit: char,
     shards: u32,
     strategy: Strategy,
@@ -102,7 +97,7 @@ struct Shard {
     got: Vec<(String, u32)>,
 }
 
-fn start(s: &SqliteStore, job: JobId, runner: &str) -> Shard {
+fn start(s: &dyn TestStore, job: JobId, runner: &str) -> Shard {
     let r = s
         .upsert_runner(runner, &BTreeMap::new(), 1, "test")
         .unwrap()
@@ -155,7 +150,12 @@ impl Shard {
     }
 
     /// Reports what it holds (outcomes from `outcome`) and asks for more.
-    fn ask(&mut self, s: &SqliteStore, discovered: &[String], outcome: Outcomes<'_>) -> UnitsReply {
+    fn ask(
+        &mut self,
+        s: &dyn TestStore,
+        discovered: &[String],
+        outcome: Outcomes<'_>,
+    ) -> UnitsReply {
         self.request += 1;
         let results = report(&self.held, outcome);
         let reply = s.next_units(&self.request(discovered, results)).unwrap();
@@ -183,7 +183,7 @@ impl Shard {
 /// lease when it asks, so it must get units or the verdict, never WAIT. Without that check a
 /// rule that only times out (a window in milliseconds) would make the loop end or not
 /// depending on the machine's speed.
-fn run(s: &SqliteStore, shards: &mut [Shard], discovered: &[String], outcome: Outcomes<'_>) {
+fn run(s: &dyn TestStore, shards: &mut [Shard], discovered: &[String], outcome: Outcomes<'_>) {
     for _ in 0..10_000 {
         if shards.iter().all(|sh| sh.done.is_some()) {
             return;
@@ -215,20 +215,20 @@ fn all_pass(_: &str, _: u32) -> UnitOutcome {
     UnitOutcome::Passed
 }
 
-fn the_report(s: &SqliteStore, job: JobId) -> kiln_domain::split::SplitReport {
+fn the_report(s: &dyn TestStore, job: JobId) -> kiln_domain::split::SplitReport {
     let build = s.get_job(job).unwrap().unwrap().build_id;
     let mut reports = s.split_reports(build).unwrap();
     assert_eq!(reports.len(), 1);
     reports.remove(0)
 }
 
-#[test]
-fn two_shards_pull_disjoint_units_until_done() {
-    let (_dir, s) = store();
-    let jobs = split_build(&s, 'a', 2, Strategy::Dynamic, retries(1));
+fn two_shards_pull_disjoint_units_until_done(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
+    let jobs = split_build(s, 'a', 2, Strategy::Dynamic, retries(1));
     let list = units(40);
-    let mut shards = vec![start(&s, jobs[0], "r1"), start(&s, jobs[1], "r2")];
-    run(&s, &mut shards, &list, &all_pass);
+    let mut shards = vec![start(s, jobs[0], "r1"), start(s, jobs[1], "r2")];
+    run(s, &mut shards, &list, &all_pass);
     let mut seen = BTreeSet::new();
     for sh in &shards {
         assert!(!sh.got.is_empty(), "both shards took units");
@@ -241,7 +241,7 @@ fn two_shards_pull_disjoint_units_until_done() {
         assert_eq!(summary, "40 units in 1 round: 40 passed, 0 flaky, 0 failed");
     }
     assert_eq!(seen.len(), 40);
-    let r = the_report(&s, jobs[0]);
+    let r = the_report(s, jobs[0]);
     assert!(r.done && r.passed);
     assert_eq!(r.rounds, 1);
     assert_eq!(r.shards, 2);
@@ -259,33 +259,33 @@ fn two_shards_pull_disjoint_units_until_done() {
     let mut again = shards.remove(0);
     again.done = None;
     assert!(matches!(
-        again.ask(&s, &list, &all_pass),
+        again.ask(s, &list, &all_pass),
         UnitsReply::Done { passed: true, .. }
     ));
 }
 
-#[test]
-fn duplicate_discovery_and_later_discoveries_are_ignored() {
-    let (_dir, s) = store();
-    let jobs = split_build(&s, 'a', 2, Strategy::Dynamic, retries(1));
-    let mut a = start(&s, jobs[0], "r1");
-    let mut b = start(&s, jobs[1], "r2");
+fn duplicate_discovery_and_later_discoveries_are_ignored(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
+    let jobs = split_build(s, 'a', 2, Strategy::Dynamic, retries(1));
+    let mut a = start(s, jobs[0], "r1");
+    let mut b = start(s, jobs[1], "r2");
     let first = vec!["x".to_string(), "y".to_string(), "x".to_string()];
-    a.ask(&s, &first, &all_pass);
-    b.ask(&s, &["z".to_string()], &all_pass);
+    a.ask(s, &first, &all_pass);
+    b.ask(s, &["z".to_string()], &all_pass);
     let mut shards = vec![a, b];
-    run(&s, &mut shards, &first, &all_pass);
-    let r = the_report(&s, jobs[0]);
+    run(s, &mut shards, &first, &all_pass);
+    let r = the_report(s, jobs[0]);
     let order: Vec<&str> = r.units.iter().map(|u| u.unit.as_str()).collect();
     assert_eq!(order, ["x", "y"]);
 }
 
-#[test]
-fn resent_request_gets_the_same_units_and_records_nothing_twice() {
-    let (_dir, s) = store();
-    let jobs = split_build(&s, 'a', 2, Strategy::Dynamic, retries(1));
+fn resent_request_gets_the_same_units_and_records_nothing_twice(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
+    let jobs = split_build(s, 'a', 2, Strategy::Dynamic, retries(1));
     let list = units(40);
-    let mut a = start(&s, jobs[0], "r1");
+    let mut a = start(s, jobs[0], "r1");
     a.request = 1;
     let req1 = a.request(&list, Vec::new());
     let UnitsReply::Batch(first) = s.next_units(&req1).unwrap() else {
@@ -307,7 +307,7 @@ fn resent_request_gets_the_same_units_and_records_nothing_twice() {
     );
     // A late copy of an older request changes nothing.
     assert_eq!(s.next_units(&req1).unwrap(), UnitsReply::Wait);
-    let r = the_report(&s, jobs[0]);
+    let r = the_report(s, jobs[0]);
     let ended: Vec<&str> = r
         .units
         .iter()
@@ -320,11 +320,11 @@ fn resent_request_gets_the_same_units_and_records_nothing_twice() {
     }
     a.request = 2;
     a.held = second;
-    let mut b = start(&s, jobs[1], "r2");
+    let mut b = start(s, jobs[1], "r2");
     b.request = 1;
     let mut shards = vec![a, b];
-    run(&s, &mut shards, &list, &all_pass);
-    let r = the_report(&s, jobs[0]);
+    run(s, &mut shards, &list, &all_pass);
+    let r = the_report(s, jobs[0]);
     assert!(
         r.units
             .iter()
@@ -332,16 +332,16 @@ fn resent_request_gets_the_same_units_and_records_nothing_twice() {
     );
 }
 
-#[test]
-fn a_lost_attempt_returns_its_units_to_another_shard() {
-    let (_dir, s) = store();
-    let jobs = split_build(&s, 'a', 2, Strategy::Dynamic, retries(1));
+fn a_lost_attempt_returns_its_units_to_another_shard(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
+    let jobs = split_build(s, 'a', 2, Strategy::Dynamic, retries(1));
     let list = units(30);
-    let mut a = start(&s, jobs[0], "r1");
-    let mut b = start(&s, jobs[1], "r2");
-    a.ask(&s, &list, &all_pass);
-    b.ask(&s, &list, &all_pass);
-    a.ask(&s, &list, &all_pass);
+    let mut a = start(s, jobs[0], "r1");
+    let mut b = start(s, jobs[1], "r2");
+    a.ask(s, &list, &all_pass);
+    b.ask(s, &list, &all_pass);
+    a.ask(s, &list, &all_pass);
     let lost = a.held.clone();
     assert!(!lost.is_empty());
     s.requeue_attempt(a.attempt, "runner lost", 3, true)
@@ -354,12 +354,12 @@ fn a_lost_attempt_returns_its_units_to_another_shard() {
         .unwrap();
     assert!(matches!(late, UnitsReply::Refused(_)), "{late:?}");
     let mut shards = vec![b];
-    run(&s, &mut shards, &list, &all_pass);
+    run(s, &mut shards, &list, &all_pass);
     let got: BTreeSet<&String> = shards[0].got.iter().map(|(u, _)| u).collect();
     for u in &lost {
         assert!(got.contains(&u.unit), "{} was not handed out again", u.unit);
     }
-    let r = the_report(&s, jobs[0]);
+    let r = the_report(s, jobs[0]);
     assert!(r.done && r.passed);
     for u in &r.units {
         assert_eq!(u.tries.len(), 1, "{u:?}");
@@ -370,17 +370,17 @@ fn a_lost_attempt_returns_its_units_to_another_shard() {
     }
 }
 
-#[test]
-fn finished_and_ended_jobs_return_their_units() {
-    let (_dir, s) = store();
-    let jobs = split_build(&s, 'a', 3, Strategy::Dynamic, retries(1));
+fn finished_and_ended_jobs_return_their_units(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
+    let jobs = split_build(s, 'a', 3, Strategy::Dynamic, retries(1));
     let list = units(30);
-    let mut a = start(&s, jobs[0], "r1");
-    let mut b = start(&s, jobs[1], "r2");
-    let mut c = start(&s, jobs[2], "r3");
-    a.ask(&s, &list, &all_pass);
-    b.ask(&s, &list, &all_pass);
-    c.ask(&s, &list, &all_pass);
+    let mut a = start(s, jobs[0], "r1");
+    let mut b = start(s, jobs[1], "r2");
+    let mut c = start(s, jobs[2], "r3");
+    a.ask(s, &list, &all_pass);
+    b.ask(s, &list, &all_pass);
+    c.ask(s, &list, &all_pass);
     let a_units = a.held.clone();
     let b_units = b.held.clone();
     assert!(matches!(
@@ -392,20 +392,20 @@ fn finished_and_ended_jobs_return_their_units() {
         .unwrap()
         .unwrap();
     let mut shards = vec![c];
-    run(&s, &mut shards, &list, &all_pass);
+    run(s, &mut shards, &list, &all_pass);
     let got: BTreeSet<&String> = shards[0].got.iter().map(|(u, _)| u).collect();
     for u in a_units.iter().chain(&b_units) {
         assert!(got.contains(&u.unit), "{} not handed out again", u.unit);
     }
-    assert!(the_report(&s, jobs[0]).passed);
+    assert!(the_report(s, jobs[0]).passed);
 }
 
-#[test]
-fn refused_when_not_current_not_a_split_or_nothing_found() {
-    let (_dir, s) = store();
-    let jobs = split_build(&s, 'a', 2, Strategy::Dynamic, retries(1));
+fn refused_when_not_current_not_a_split_or_nothing_found(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
+    let jobs = split_build(s, 'a', 2, Strategy::Dynamic, retries(1));
     let list = units(4);
-    let mut a = start(&s, jobs[0], "r1");
+    let mut a = start(s, jobs[0], "r1");
     // No units found by the first request: refused, saying so.
     a.request = 1;
     match s.next_units(&a.request(&[], Vec::new())).unwrap() {
@@ -430,10 +430,10 @@ fn refused_when_not_current_not_a_split_or_nothing_found() {
         other => panic!("{other:?}"),
     }
     a.request = 0;
-    assert!(matches!(a.ask(&s, &list, &all_pass), UnitsReply::Batch(_)));
+    assert!(matches!(a.ask(s, &list, &all_pass), UnitsReply::Batch(_)));
     // Attempt no longer current.
     s.requeue_attempt(a.attempt, "lost", 3, true).unwrap();
-    let a2 = start(&s, jobs[0], "r1");
+    let a2 = start(s, jobs[0], "r1");
     a.request += 1;
     match s.next_units(&a.request(&list, Vec::new())).unwrap() {
         UnitsReply::Refused(why) => assert!(why.contains("not the current attempt"), "{why}"),
@@ -448,8 +448,8 @@ fn refused_when_not_current_not_a_split_or_nothing_found() {
     // The new attempt goes on, without discovering again.
     let mut shards = vec![a2];
     shards[0].request = 1;
-    run(&s, &mut shards, &[], &all_pass);
-    assert!(the_report(&s, jobs[0]).passed);
+    run(s, &mut shards, &[], &all_pass);
+    assert!(the_report(s, jobs[0]).passed);
 }
 
 fn flaky_outcome(unit: &str, try_number: u32) -> UnitOutcome {
@@ -460,20 +460,20 @@ fn flaky_outcome(unit: &str, try_number: u32) -> UnitOutcome {
     }
 }
 
-#[test]
-fn a_flaky_unit_passes_on_retry_and_is_counted_in_the_history() {
-    let (_dir, s) = store();
+fn a_flaky_unit_passes_on_retry_and_is_counted_in_the_history(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
     let list = units(6);
     for (build, commit) in [(1, 'a'), (2, 'b')] {
-        let jobs = split_build(&s, commit, 2, Strategy::Dynamic, retries(3));
-        let mut shards = vec![start(&s, jobs[0], "r1"), start(&s, jobs[1], "r2")];
-        let before = the_report_opt(&s, jobs[0]);
+        let jobs = split_build(s, commit, 2, Strategy::Dynamic, retries(3));
+        let mut shards = vec![start(s, jobs[0], "r1"), start(s, jobs[1], "r2")];
+        let before = the_report_opt(s, jobs[0]);
         assert!(before.is_none());
-        run(&s, &mut shards, &list, &flaky_outcome);
+        run(s, &mut shards, &list, &flaky_outcome);
         let (passed, summary) = split_done(&shards);
         assert!(passed);
         assert_eq!(summary, "6 units in 2 rounds: 5 passed, 1 flaky, 0 failed");
-        let r = the_report(&s, jobs[0]);
+        let r = the_report(s, jobs[0]);
         assert!(r.done && r.passed);
         assert_eq!(r.rounds, 2);
         assert_eq!(r.retry_note, "");
@@ -494,30 +494,30 @@ fn a_flaky_unit_passes_on_retry_and_is_counted_in_the_history() {
     }
 }
 
-fn the_report_opt(s: &SqliteStore, job: JobId) -> Option<kiln_domain::split::SplitReport> {
+fn the_report_opt(s: &dyn TestStore, job: JobId) -> Option<kiln_domain::split::SplitReport> {
     let build = s.get_job(job).unwrap().unwrap().build_id;
     s.split_reports(build).unwrap().pop()
 }
 
-#[test]
-fn a_unit_failing_every_try_fails_the_split() {
-    let (_dir, s) = store();
+fn a_unit_failing_every_try_fails_the_split(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
     let list = units(6);
-    let jobs = split_build(&s, 'a', 2, Strategy::Dynamic, retries(3));
-    let mut shards = vec![start(&s, jobs[0], "r1"), start(&s, jobs[1], "r2")];
+    let jobs = split_build(s, 'a', 2, Strategy::Dynamic, retries(3));
+    let mut shards = vec![start(s, jobs[0], "r1"), start(s, jobs[1], "r2")];
     // test_01 always fails; test_02 is flaky, so round 2 recovers something and round 3 runs.
     let outcome = |u: &str, t: u32| match u {
         "tests/test_01.py" => UnitOutcome::Failed,
         _ => flaky_outcome(u, t),
     };
-    run(&s, &mut shards, &list, &outcome);
+    run(s, &mut shards, &list, &outcome);
     let (passed, summary) = split_done(&shards);
     assert!(!passed);
     assert!(
         summary.starts_with("6 units in 3 rounds: 4 passed, 1 flaky, 1 failed"),
         "{summary}"
     );
-    let r = the_report(&s, jobs[0]);
+    let r = the_report(s, jobs[0]);
     assert!(r.done && !r.passed);
     assert_eq!(r.rounds, 3);
     assert!(r.retry_note.contains("3 times"), "{}", r.retry_note);
@@ -543,8 +543,8 @@ fn a_unit_failing_every_try_fails_the_split() {
     assert_eq!(flaky.tries.len(), 2);
 
     // Alone, a broken unit stops retries after a round that recovered nothing.
-    let jobs = split_build(&s, 'b', 1, Strategy::Dynamic, retries(5));
-    let mut shards = vec![start(&s, jobs[0], "r1")];
+    let jobs = split_build(s, 'b', 1, Strategy::Dynamic, retries(5));
+    let mut shards = vec![start(s, jobs[0], "r1")];
     let outcome = |u: &str, _: u32| {
         if u == "tests/test_01.py" {
             UnitOutcome::Errored
@@ -552,8 +552,8 @@ fn a_unit_failing_every_try_fails_the_split() {
             UnitOutcome::Passed
         }
     };
-    run(&s, &mut shards, &list, &outcome);
-    let r = the_report(&s, jobs[0]);
+    run(s, &mut shards, &list, &outcome);
+    let r = the_report(s, jobs[0]);
     assert!(!r.passed);
     assert_eq!(r.rounds, 2);
     assert!(
@@ -563,17 +563,17 @@ fn a_unit_failing_every_try_fails_the_split() {
     );
 }
 
-#[test]
-fn more_failures_than_the_threshold_means_no_retry_round() {
-    let (_dir, s) = store();
+fn more_failures_than_the_threshold_means_no_retry_round(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
     let list = units(6);
     let retry = RetryPolicy {
         attempts: 3,
         max_failures: Some(Threshold::Count(2)),
         ..RetryPolicy::default()
     };
-    let jobs = split_build(&s, 'a', 2, Strategy::Dynamic, retry);
-    let mut shards = vec![start(&s, jobs[0], "r1"), start(&s, jobs[1], "r2")];
+    let jobs = split_build(s, 'a', 2, Strategy::Dynamic, retry);
+    let mut shards = vec![start(s, jobs[0], "r1"), start(s, jobs[1], "r2")];
     let outcome = |u: &str, _: u32| {
         if u < "tests/test_03.py" {
             UnitOutcome::Failed
@@ -581,9 +581,9 @@ fn more_failures_than_the_threshold_means_no_retry_round() {
             UnitOutcome::Passed
         }
     };
-    run(&s, &mut shards, &list, &outcome);
+    run(s, &mut shards, &list, &outcome);
     assert!(!split_done(&shards).0);
-    let r = the_report(&s, jobs[0]);
+    let r = the_report(s, jobs[0]);
     assert_eq!(r.rounds, 1);
     assert!(r.retry_note.contains("threshold"), "{}", r.retry_note);
     for u in &r.units {
@@ -599,9 +599,9 @@ fn more_failures_than_the_threshold_means_no_retry_round() {
     );
 }
 
-#[test]
-fn the_retry_budget_stops_retries_and_its_floor_leaves_room_for_one() {
-    let (_dir, s) = store();
+fn the_retry_budget_stops_retries_and_its_floor_leaves_room_for_one(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
     let list = units(10);
     // Round 1: 10 units of 100 ms; a 10% budget is 100 ms; the failed unit took 100 ms, so a
     // retry fits; with 5% and no floor it does not, and the report names it; with 5% and the
@@ -617,10 +617,10 @@ fn the_retry_budget_stops_retries_and_its_floor_leaves_room_for_one() {
             budget_floor_ms: floor,
             ..RetryPolicy::default()
         };
-        let jobs = split_build(&s, commit, 1, Strategy::Dynamic, retry);
-        let mut shards = vec![start(&s, jobs[0], "r1")];
-        run(&s, &mut shards, &list, &flaky_outcome);
-        let r = the_report(&s, jobs[0]);
+        let jobs = split_build(s, commit, 1, Strategy::Dynamic, retry);
+        let mut shards = vec![start(s, jobs[0], "r1")];
+        run(s, &mut shards, &list, &flaky_outcome);
+        let r = the_report(s, jobs[0]);
         assert_eq!(r.rounds, rounds, "{commit}");
         if rounds == 1 {
             assert!(!r.passed);
@@ -638,9 +638,9 @@ fn the_retry_budget_stops_retries_and_its_floor_leaves_room_for_one() {
 
 /// Two units fail; the budget (its floor) has room for the cheaper one only: it is retried,
 /// the other is not, and the report says which and why.
-#[test]
-fn units_over_the_budget_are_named_in_the_report() {
-    let (_dir, s) = store();
+fn units_over_the_budget_are_named_in_the_report(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
     let list = units(4);
     let retry = RetryPolicy {
         attempts: 2,
@@ -648,8 +648,8 @@ fn units_over_the_budget_are_named_in_the_report() {
         budget_floor_ms: 150,
         ..RetryPolicy::default()
     };
-    let jobs = split_build(&s, 'a', 1, Strategy::Dynamic, retry);
-    let mut shards = vec![start(&s, jobs[0], "r1")];
+    let jobs = split_build(s, 'a', 1, Strategy::Dynamic, retry);
+    let mut shards = vec![start(s, jobs[0], "r1")];
     let outcome = |unit: &str, _try: u32| {
         if unit == "tests/test_00.py" || unit == "tests/test_01.py" {
             UnitOutcome::Failed
@@ -657,8 +657,8 @@ fn units_over_the_budget_are_named_in_the_report() {
             UnitOutcome::Passed
         }
     };
-    run(&s, &mut shards, &list, &outcome);
-    let r = the_report(&s, jobs[0]);
+    run(s, &mut shards, &list, &outcome);
+    let r = the_report(s, jobs[0]);
     assert_eq!(r.rounds, 2);
     let tries = |u: &str| {
         r.units
@@ -685,9 +685,9 @@ fn units_over_the_budget_are_named_in_the_report() {
 /// A shard reports an interaction failure with its batch's results (each unit passed alone):
 /// recorded once even when the request is re-sent, listed in the report, and the step's
 /// policy decides the verdict.
-#[test]
-fn interaction_failures_are_reported_and_the_policy_decides() {
-    let (_dir, s) = store();
+fn interaction_failures_are_reported_and_the_policy_decides(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
     let list = units(3);
     for (commit, policy, passes) in [
         ('a', InteractionPolicy::Warn, true),
@@ -697,9 +697,9 @@ fn interaction_failures_are_reported_and_the_policy_decides() {
             interaction: policy,
             ..RetryPolicy::default()
         };
-        let jobs = split_build(&s, commit, 1, Strategy::Dynamic, retry);
-        let mut sh = start(&s, jobs[0], "r1");
-        let UnitsReply::Batch(batch) = sh.ask(&s, &list, &all_pass) else {
+        let jobs = split_build(s, commit, 1, Strategy::Dynamic, retry);
+        let mut sh = start(s, jobs[0], "r1");
+        let UnitsReply::Batch(batch) = sh.ask(s, &list, &all_pass) else {
             panic!("no batch");
         };
         sh.request += 1;
@@ -719,11 +719,11 @@ fn interaction_failures_are_reported_and_the_policy_decides() {
             _ => Vec::new(),
         };
         let mut shards = vec![sh];
-        run(&s, &mut shards, &list, &all_pass);
+        run(s, &mut shards, &list, &all_pass);
         let (passed, summary) = split_done(&shards);
         assert_eq!(passed, passes, "{summary}");
         assert!(summary.contains("1 interaction failure"), "{summary}");
-        let r = the_report(&s, jobs[0]);
+        let r = the_report(s, jobs[0]);
         assert_eq!(r.passed, passes);
         assert_eq!(r.interaction_policy, policy);
         assert_eq!(r.interactions.len(), 1, "{r:?}");
@@ -734,9 +734,9 @@ fn interaction_failures_are_reported_and_the_policy_decides() {
     }
 }
 
-#[test]
-fn longest_units_first_from_the_history_and_the_median_for_new_ones() {
-    let (_dir, s) = store();
+fn longest_units_first_from_the_history_and_the_median_for_new_ones(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
     s.seed_unit_durations(
         REPO,
         KEY,
@@ -752,48 +752,48 @@ fn longest_units_first_from_the_history_and_the_median_for_new_ones() {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let jobs = split_build(&s, 'a', 1, Strategy::Dynamic, retries(1));
-    let mut sh = start(&s, jobs[0], "r1");
+    let jobs = split_build(s, 'a', 1, Strategy::Dynamic, retries(1));
+    let mut sh = start(s, jobs[0], "r1");
     sh.max_units = 1;
     let mut shards = vec![sh];
-    run(&s, &mut shards, &list, &all_pass);
+    run(s, &mut shards, &list, &all_pass);
     // The median of the known units of the split (100, 300, 500) is 300 for u3 and u4; equal
     // estimates go in discovery order (u3, u2, u4).
     let order: Vec<&str> = shards[0].got.iter().map(|(u, _)| u.as_str()).collect();
     assert_eq!(order, ["u1", "u3", "u2", "u4", "u0"]);
     // The durations of this build join the history: u1 is now 500 and 100, median 500 (the
     // upper middle); u3 has 100.
-    let h = |u: &str| super::history_durations(&s.conn(), REPO, KEY, u).unwrap();
+    let h = |u: &str| s.history(REPO, KEY, u);
     assert_eq!(h("u1"), vec![500, 100]);
     assert_eq!(h("u3"), vec![100]);
     // Only the last five are kept.
     for (i, c) in ['b', 'c', 'd', 'e', 'f'].into_iter().enumerate() {
-        let jobs = split_build(&s, c, 1, Strategy::Dynamic, retries(1));
-        let mut shards = vec![start(&s, jobs[0], &format!("r{i}"))];
-        run(&s, &mut shards, &list, &all_pass);
+        let jobs = split_build(s, c, 1, Strategy::Dynamic, retries(1));
+        let mut shards = vec![start(s, jobs[0], &format!("r{i}"))];
+        run(s, &mut shards, &list, &all_pass);
     }
     assert_eq!(h("u1"), vec![100; 5]);
 }
 
-#[test]
-fn static_hash_gives_each_shard_only_its_own_units() {
-    let (_dir, s) = store();
+fn static_hash_gives_each_shard_only_its_own_units(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
     let list = units(30);
-    let jobs = split_build(&s, 'a', 3, Strategy::Hash, retries(1));
+    let jobs = split_build(s, 'a', 3, Strategy::Hash, retries(1));
     let with_estimates: Vec<(String, u64)> = list.iter().map(|u| (u.clone(), 1000)).collect();
     let expected = static_shards(Strategy::Hash, &with_estimates, 3);
     let mut shards: Vec<Shard> = (0..3)
-        .map(|i| start(&s, jobs[i], &format!("r{i}")))
+        .map(|i| start(s, jobs[i], &format!("r{i}")))
         .collect();
     // Shard 0 alone: it takes its own units, then waits for the others.
     loop {
-        match shards[0].ask(&s, &list, &all_pass) {
+        match shards[0].ask(s, &list, &all_pass) {
             UnitsReply::Batch(_) => {}
             UnitsReply::Wait => break,
             other => panic!("{other:?}"),
         }
     }
-    run(&s, &mut shards, &list, &all_pass);
+    run(s, &mut shards, &list, &all_pass);
     let mut all = BTreeSet::new();
     for (i, sh) in shards.iter().enumerate() {
         for (u, _) in &sh.got {
@@ -804,21 +804,21 @@ fn static_hash_gives_each_shard_only_its_own_units() {
         assert!(sh.done.clone().unwrap().0);
     }
     assert_eq!(all.len(), 30);
-    assert_eq!(the_report(&s, jobs[0]).strategy, Strategy::Hash);
+    assert_eq!(the_report(s, jobs[0]).strategy, Strategy::Hash);
 }
 
-#[test]
-fn retry_rounds_run_on_fewer_shards() {
-    let (_dir, s) = store();
+fn retry_rounds_run_on_fewer_shards(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
     let list = units(12);
     let retry = RetryPolicy {
         attempts: 2,
         shards: 1,
         ..RetryPolicy::default()
     };
-    let jobs = split_build(&s, 'a', 3, Strategy::Dynamic, retry);
+    let jobs = split_build(s, 'a', 3, Strategy::Dynamic, retry);
     let mut shards: Vec<Shard> = (0..3)
-        .map(|i| start(&s, jobs[i], &format!("r{i}")))
+        .map(|i| start(s, jobs[i], &format!("r{i}")))
         .collect();
     let outcome = |u: &str, t: u32| {
         if t == 1 && (u == "tests/test_01.py" || u == "tests/test_07.py") {
@@ -827,7 +827,7 @@ fn retry_rounds_run_on_fewer_shards() {
             UnitOutcome::Passed
         }
     };
-    run(&s, &mut shards, &list, &outcome);
+    run(s, &mut shards, &list, &outcome);
     let retried: Vec<usize> = (0..3)
         .filter(|&i| shards[i].got.iter().any(|(_, t)| *t == 2))
         .collect();
@@ -839,18 +839,18 @@ fn retry_rounds_run_on_fewer_shards() {
         .filter(|s| s.contains("fewer shards"))
         .collect();
     assert_eq!(early.len(), 2, "{early:?}");
-    let r = the_report(&s, jobs[0]);
+    let r = the_report(s, jobs[0]);
     assert!(r.done && r.passed);
     assert_eq!(r.rounds, 2);
 }
 
-#[test]
-fn retries_prefer_another_runner() {
-    let (_dir, s) = store();
+fn retries_prefer_another_runner(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
     let list: Vec<String> = vec!["u0".into(), "u1".into()];
-    let jobs = split_build(&s, 'a', 2, Strategy::Dynamic, retries(2));
-    let mut a = start(&s, jobs[0], "r1");
-    let mut b = start(&s, jobs[1], "r2");
+    let jobs = split_build(s, 'a', 2, Strategy::Dynamic, retries(2));
+    let mut a = start(s, jobs[0], "r1");
+    let mut b = start(s, jobs[1], "r2");
     let outcome = |u: &str, t: u32| {
         if u == "u0" && t == 1 {
             UnitOutcome::Failed
@@ -859,26 +859,26 @@ fn retries_prefer_another_runner() {
         }
     };
     assert_eq!(
-        a.ask(&s, &list, &outcome),
+        a.ask(s, &list, &outcome),
         UnitsReply::Batch(vec![LeasedUnit {
             unit: "u0".into(),
             try_number: 1
         }])
     );
-    assert!(matches!(b.ask(&s, &list, &outcome), UnitsReply::Batch(_)));
-    assert_eq!(b.ask(&s, &list, &outcome), UnitsReply::Wait);
+    assert!(matches!(b.ask(s, &list, &outcome), UnitsReply::Batch(_)));
+    assert_eq!(b.ask(s, &list, &outcome), UnitsReply::Wait);
     // a ends round 1 with u0 failed; b asked just now from another runner: u0 waits for it.
-    assert_eq!(a.ask(&s, &list, &outcome), UnitsReply::Wait);
+    assert_eq!(a.ask(s, &list, &outcome), UnitsReply::Wait);
     assert_eq!(
-        b.ask(&s, &list, &outcome),
+        b.ask(s, &list, &outcome),
         UnitsReply::Batch(vec![LeasedUnit {
             unit: "u0".into(),
             try_number: 2
         }])
     );
     let mut shards = vec![a, b];
-    run(&s, &mut shards, &list, &outcome);
-    let r = the_report(&s, jobs[0]);
+    run(s, &mut shards, &list, &outcome);
+    let r = the_report(s, jobs[0]);
     let u0 = &r.units[0];
     assert_eq!(u0.verdict, UnitVerdict::Flaky);
     assert_eq!(u0.tries[0].runner.as_deref(), Some("r1"));
@@ -888,16 +888,16 @@ fn retries_prefer_another_runner() {
 /// Tries read back with their state (queued, leased, ended with its outcome); a stored state
 /// that is not one of those, or that disagrees with its outcome, is the store's corrupt-data
 /// error.
-#[test]
-fn unit_try_states_read_back_and_corrupt_ones_are_refused() {
-    let (_dir, s) = store();
+fn unit_try_states_read_back_and_corrupt_ones_are_refused(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
     let list = units(3);
-    let jobs = split_build(&s, 'a', 1, Strategy::Dynamic, retries(2));
-    let mut a = start(&s, jobs[0], "r1");
+    let jobs = split_build(s, 'a', 1, Strategy::Dynamic, retries(2));
+    let mut a = start(s, jobs[0], "r1");
     a.max_units = 1;
-    a.ask(&s, &list, &all_pass);
-    a.ask(&s, &list, &all_pass);
-    let r = the_report(&s, jobs[0]);
+    a.ask(s, &list, &all_pass);
+    a.ask(s, &list, &all_pass);
+    let r = the_report(s, jobs[0]);
     let states: Vec<UnitTryState> = r.units.iter().map(|u| u.tries[0].state).collect();
     assert_eq!(
         states,
@@ -909,12 +909,10 @@ fn unit_try_states_read_back_and_corrupt_ones_are_refused() {
     );
     let build = s.get_job(jobs[0]).unwrap().unwrap().build_id;
     for (state, outcome) in [("ended", None), ("queued", Some("passed")), ("lost", None)] {
-        s.conn()
-            .execute(
-                "UPDATE unit_tries SET state = ?1, outcome = ?2 WHERE position = 2",
-                rusqlite::params![state, outcome],
-            )
-            .unwrap();
+        s.exec(&format!(
+            "UPDATE unit_tries SET state = '{state}', outcome = {} WHERE position = 2",
+            outcome.map_or("NULL".to_string(), |o| format!("'{o}'"))
+        ));
         let e = s.split_reports(build).err();
         assert!(
             matches!(&e, Some(crate::StoreError::Corrupt(m)) if m.contains(state)),
@@ -923,17 +921,17 @@ fn unit_try_states_read_back_and_corrupt_ones_are_refused() {
     }
 }
 
-#[test]
-fn verdicts_while_running() {
-    let (_dir, s) = store();
+fn verdicts_while_running(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
     let list = units(3);
-    let jobs = split_build(&s, 'a', 1, Strategy::Dynamic, retries(2));
-    let mut a = start(&s, jobs[0], "r1");
+    let jobs = split_build(s, 'a', 1, Strategy::Dynamic, retries(2));
+    let mut a = start(s, jobs[0], "r1");
     a.max_units = 1;
-    a.ask(&s, &list, &all_pass);
+    a.ask(s, &list, &all_pass);
     let fail = |_: &str, _: u32| UnitOutcome::Failed;
-    a.ask(&s, &list, &fail);
-    let r = the_report(&s, jobs[0]);
+    a.ask(s, &list, &fail);
+    let r = the_report(s, jobs[0]);
     assert!(!r.done && !r.passed);
     // test_00 failed with a retry possible: undecided; the others never ended.
     assert!(r.units.iter().all(|u| u.verdict == UnitVerdict::NotRun));
@@ -942,7 +940,7 @@ fn verdicts_while_running() {
     s.end_job(jobs[0], JobState::Cancelled, "by user")
         .unwrap()
         .unwrap();
-    let r = the_report(&s, jobs[0]);
+    let r = the_report(s, jobs[0]);
     assert_eq!(r.units[0].verdict, UnitVerdict::Failed);
     assert_eq!(r.units[2].verdict, UnitVerdict::NotRun);
 }
@@ -993,26 +991,26 @@ fn the_migration_applies_to_an_existing_older_database() {
     assert_eq!(r.units[2].flaky_history, 1);
 }
 
-#[test]
-fn a_broken_runners_failures_run_again_under_the_same_try() {
-    let (_dir, s) = store();
-    let jobs = split_build(&s, 'q', 2, Strategy::Dynamic, retries(1));
+fn a_broken_runners_failures_run_again_under_the_same_try(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
+    let jobs = split_build(s, 'q', 2, Strategy::Dynamic, retries(1));
     let list = units(20);
-    let mut bad = start(&s, jobs[0], "bad");
-    let mut good = start(&s, jobs[1], "good");
+    let mut bad = start(s, jobs[0], "bad");
+    let mut good = start(s, jobs[1], "good");
     bad.max_units = 1;
-    bad.ask(&s, &list, &all_pass);
-    good.ask(&s, &list, &all_pass);
+    bad.ask(s, &list, &all_pass);
+    good.ask(s, &list, &all_pass);
     let failed_there = bad.held.clone();
     let fail = |_: &str, _: u32| UnitOutcome::Failed;
-    bad.ask(&s, &list, &fail);
+    bad.ask(s, &list, &fail);
     assert_eq!(s.requeue_failed_units(bad.attempt).unwrap(), 1);
     s.requeue_attempt(bad.attempt, "taken out of the pool", 3, false)
         .unwrap()
         .unwrap();
     let mut shards = vec![good];
-    run(&s, &mut shards, &list, &all_pass);
-    let r = the_report(&s, jobs[0]);
+    run(s, &mut shards, &list, &all_pass);
+    let r = the_report(s, jobs[0]);
     assert!(r.done && r.passed, "{r:?}");
     for u in &r.units {
         assert_eq!(u.tries.len(), 1, "{u:?}");
@@ -1025,11 +1023,11 @@ fn a_broken_runners_failures_run_again_under_the_same_try() {
     assert_eq!(again, Some((1, Some(UnitOutcome::Passed))));
 }
 
-#[test]
-fn a_lost_attempt_cannot_finish_its_queued_job() {
-    let (_dir, s) = store();
-    let jobs = split_build(&s, 'l', 1, Strategy::Dynamic, retries(1));
-    let a = start(&s, jobs[0], "r1");
+fn a_lost_attempt_cannot_finish_its_queued_job(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
+    let jobs = split_build(s, 'l', 1, Strategy::Dynamic, retries(1));
+    let a = start(s, jobs[0], "r1");
     s.requeue_attempt(a.attempt, "runner lost", 3, false)
         .unwrap()
         .unwrap();
@@ -1045,25 +1043,25 @@ fn a_lost_attempt_cannot_finish_its_queued_job() {
     );
 }
 
-#[test]
-fn a_split_whose_shards_all_ended_is_closed() {
-    let (_dir, s) = store();
-    let jobs = split_build(&s, 'c', 2, Strategy::Dynamic, retries(1));
+fn a_split_whose_shards_all_ended_is_closed(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
+    let jobs = split_build(s, 'c', 2, Strategy::Dynamic, retries(1));
     let list = units(6);
-    let mut a = start(&s, jobs[0], "r1");
-    a.ask(&s, &list, &all_pass);
-    a.ask(&s, &list, &all_pass);
+    let mut a = start(s, jobs[0], "r1");
+    a.ask(s, &list, &all_pass);
+    a.ask(s, &list, &all_pass);
     s.end_job(jobs[0], kiln_domain::JobState::TimedOut, "deadline")
         .unwrap()
         .unwrap();
     assert!(
-        !the_report(&s, jobs[0]).done,
+        !the_report(s, jobs[0]).done,
         "the other shard may still run"
     );
     s.end_job(jobs[1], kiln_domain::JobState::Cancelled, "cancelled")
         .unwrap()
         .unwrap();
-    let r = the_report(&s, jobs[0]);
+    let r = the_report(s, jobs[0]);
     assert!(r.done && !r.passed, "{r:?}");
     assert!(r.retry_note.contains("every shard ended"), "{r:?}");
     assert!(
@@ -1076,7 +1074,7 @@ fn a_split_whose_shards_all_ended_is_closed() {
 /// Reports the batch `sh` holds (each unit's own time `own_ms`, and, with `start_ms`, the
 /// batch's wall time: the units' times plus `start_ms`) and returns the next batch.
 fn ask_timed(
-    s: &SqliteStore,
+    s: &dyn TestStore,
     sh: &mut Shard,
     discovered: &[String],
     own_ms: u64,
@@ -1108,72 +1106,65 @@ fn ask_timed(
     }
 }
 
-#[test]
-fn the_start_cost_seen_in_batches_makes_the_next_batches_bigger() {
-    let (_dir, s) = store();
+fn the_start_cost_seen_in_batches_makes_the_next_batches_bigger(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
     let list = units(200);
     let seeded: Vec<(String, u64)> = list.iter().map(|u| (u.clone(), 10)).collect();
     s.seed_unit_durations(REPO, KEY, &seeded).unwrap();
 
     // Without a start cost reported, batches keep the plain size.
-    let jobs = split_build(&s, 'a', 4, Strategy::Dynamic, retries(1));
-    let mut plain = start(&s, jobs[0], "r1");
-    let (_, first) = ask_timed(&s, &mut plain, &list, 10, None);
+    let jobs = split_build(s, 'a', 4, Strategy::Dynamic, retries(1));
+    let mut plain = start(s, jobs[0], "r1");
+    let (_, first) = ask_timed(s, &mut plain, &list, 10, None);
     assert_eq!(first.len(), 20, "200 units of 10 ms over 4 shards");
-    let (_, second) = ask_timed(&s, &mut plain, &list, 10, None);
+    let (_, second) = ask_timed(s, &mut plain, &list, 10, None);
     assert_eq!(second.len(), 20);
 
     // A batch that took 300 ms more than its units: the next batch is half of the shard's
     // fair share or two starts' worth, whichever is more, within the fair share: 160 units of
     // 10 ms are left, 400 ms per shard, less than two starts, so it takes all of its share.
-    let (req, third) = ask_timed(&s, &mut plain, &list, 10, Some(300));
+    let (req, third) = ask_timed(s, &mut plain, &list, 10, Some(300));
     let left = 200 - 20 - 20;
     assert_eq!(third.len(), left / 4, "{} units of {left}", third.len());
-    assert_eq!(
-        super::history_durations(&s.conn(), REPO, KEY, "").unwrap(),
-        vec![300]
-    );
+    assert_eq!(s.history(REPO, KEY, ""), vec![300]);
 
     // A re-send records nothing twice.
     let mut again = req.clone();
     again.batch_ms += 10_000;
     assert!(matches!(s.next_units(&again).unwrap(), UnitsReply::Batch(b) if b == third));
-    assert_eq!(
-        super::history_durations(&s.conn(), REPO, KEY, "").unwrap(),
-        vec![300]
-    );
+    assert_eq!(s.history(REPO, KEY, ""), vec![300]);
 
     // The start cost is kept with the history: the next build starts with big batches.
-    let jobs = split_build(&s, 'b', 4, Strategy::Dynamic, retries(1));
-    let mut next = start(&s, jobs[0], "r2");
-    let (_, first) = ask_timed(&s, &mut next, &list, 10, None);
+    let jobs = split_build(s, 'b', 4, Strategy::Dynamic, retries(1));
+    let mut next = start(s, jobs[0], "r2");
+    let (_, first) = ask_timed(s, &mut next, &list, 10, None);
     assert_eq!(first.len(), 50, "a fair share of 2000 ms over 4 shards");
     // The other shards' fair shares count the batches in flight: each gets a quarter too,
     // and the last one the rest.
     for (i, runner) in ["r3", "r4", "r5"].into_iter().enumerate() {
-        let mut other = start(&s, jobs[i + 1], runner);
-        let (_, got) = ask_timed(&s, &mut other, &list, 10, None);
+        let mut other = start(s, jobs[i + 1], runner);
+        let (_, got) = ask_timed(s, &mut other, &list, 10, None);
         assert_eq!(got.len(), 50, "shard {}", i + 2);
     }
 }
 
-#[test]
-fn units_without_history_are_estimated_from_the_split_once_some_ended() {
-    let (_dir, s) = store();
+fn units_without_history_are_estimated_from_the_split_once_some_ended(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
     let list = units(30);
-    let jobs = split_build(&s, 'a', 4, Strategy::Dynamic, retries(1));
-    let mut sh = start(&s, jobs[0], "r1");
+    let jobs = split_build(s, 'a', 4, Strategy::Dynamic, retries(1));
+    let mut sh = start(s, jobs[0], "r1");
     // Nothing known: 1000 ms each, one unit per batch.
-    let (_, first) = ask_timed(&s, &mut sh, &list, 60, None);
+    let (_, first) = ask_timed(s, &mut sh, &list, 60, None);
     assert_eq!(first.len(), 1);
     // It took 60 ms and its process 300 ms to start: 29 units of about 60 ms are left, a
     // fair share of 435 ms per shard.
-    let (_, second) = ask_timed(&s, &mut sh, &list, 60, Some(300));
+    let (_, second) = ask_timed(s, &mut sh, &list, 60, Some(300));
     assert_eq!(second.len(), 7);
 }
 
-#[test]
-fn with_a_start_cost_units_recorded_once_count_as_most_of_a_typical_unit() {
+fn with_a_start_cost_units_recorded_once_count_as_most_of_a_typical_unit(b: Backend) {
     // 40 units: 20 recorded at 400 ms, 20 at 40 ms; a start cost of 300 ms known from earlier
     // builds. The split's median estimate is 400 ms, so a unit whose history is not to be
     // trusted as it is counts for at least 300 ms (three quarters of it, at most one start).
@@ -1185,21 +1176,19 @@ fn with_a_start_cost_units_recorded_once_count_as_most_of_a_typical_unit() {
         .chain([(String::new(), 300)])
         .collect();
     let first_batch = |runs: usize| {
-        let (_dir, s) = store();
+        let opened = b.open();
+        let s: &dyn TestStore = &*opened;
         s.seed_unit_durations(REPO, KEY, &seeded).unwrap();
         if runs > 1 {
-            s.conn()
-                .execute(
-                    "UPDATE unit_history SET durations = '[' || \
-                     trim(durations, '[]') || ',' || trim(durations, '[]') || ',' || \
-                     trim(durations, '[]') || ']' WHERE unit != ''",
-                    [],
-                )
-                .unwrap();
+            s.exec(
+                "UPDATE unit_history SET durations = '[' || \
+                 trim(durations, '[]') || ',' || trim(durations, '[]') || ',' || \
+                 trim(durations, '[]') || ']' WHERE unit != ''",
+            );
         }
-        let jobs = split_build(&s, 'a', 4, Strategy::Dynamic, retries(1));
-        let mut sh = start(&s, jobs[0], "r1");
-        let (_, got) = ask_timed(&s, &mut sh, &list, 0, None);
+        let jobs = split_build(s, 'a', 4, Strategy::Dynamic, retries(1));
+        let mut sh = start(s, jobs[0], "r1");
+        let (_, got) = ask_timed(s, &mut sh, &list, 0, None);
         assert!(got.iter().all(|u| list[..20].contains(&u.unit)), "{got:?}");
         got.len()
     };
@@ -1211,9 +1200,9 @@ fn with_a_start_cost_units_recorded_once_count_as_most_of_a_typical_unit() {
     assert_eq!(first_batch(3), 2);
 }
 
-#[test]
-fn without_a_start_cost_units_recorded_once_count_as_recorded() {
-    let (_dir, s) = store();
+fn without_a_start_cost_units_recorded_once_count_as_recorded(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
     let list = units(40);
     let seeded: Vec<(String, u64)> = list
         .iter()
@@ -1221,32 +1210,32 @@ fn without_a_start_cost_units_recorded_once_count_as_recorded() {
         .map(|(i, u)| (u.clone(), if i < 20 { 400 } else { 40 }))
         .collect();
     s.seed_unit_durations(REPO, KEY, &seeded).unwrap();
-    let jobs = split_build(&s, 'a', 4, Strategy::Dynamic, retries(1));
-    let mut sh = start(&s, jobs[0], "r1");
+    let jobs = split_build(s, 'a', 4, Strategy::Dynamic, retries(1));
+    let mut sh = start(s, jobs[0], "r1");
     // The plain rule: an eighth of 8.8 s / 4 = 275 ms: one unit of 400 ms.
-    let (_, got) = ask_timed(&s, &mut sh, &list, 0, None);
+    let (_, got) = ask_timed(s, &mut sh, &list, 0, None);
     assert_eq!(got.len(), 1);
     // Batches of one 400 ms unit each until those are gone.
     let mut n = 1;
     while n < 20 {
-        let (_, got) = ask_timed(&s, &mut sh, &list, 400, None);
+        let (_, got) = ask_timed(s, &mut sh, &list, 400, None);
         n += got.len();
     }
     // 20 units of 40 ms as recorded: an eighth of 800 / 4 ms is under 200 ms, so 200 ms of
     // them: five.
-    let (_, got) = ask_timed(&s, &mut sh, &list, 400, None);
+    let (_, got) = ask_timed(s, &mut sh, &list, 400, None);
     assert_eq!(got.len(), 5, "{got:?}");
 }
 
 /// The batches as the web page's timeline reads them: one per (attempt, request, round), each
 /// unit try in exactly one, with the shard's job and runner, and the retry round's batch apart.
-#[test]
-fn split_batches_group_the_leased_tries_per_request() {
-    let (_dir, s) = store();
+fn split_batches_group_the_leased_tries_per_request(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
     let list = units(6);
-    let jobs = split_build(&s, 'a', 2, Strategy::Dynamic, retries(3));
-    let mut shards = vec![start(&s, jobs[0], "r1"), start(&s, jobs[1], "r2")];
-    run(&s, &mut shards, &list, &flaky_outcome);
+    let jobs = split_build(s, 'a', 2, Strategy::Dynamic, retries(3));
+    let mut shards = vec![start(s, jobs[0], "r1"), start(s, jobs[1], "r2")];
+    run(s, &mut shards, &list, &flaky_outcome);
     let build = s.get_job(jobs[0]).unwrap().unwrap().build_id;
     let batches = s.split_batches(build).unwrap();
     let given: usize = shards.iter().map(|sh| sh.got.len()).sum();
@@ -1276,9 +1265,9 @@ fn split_batches_group_the_leased_tries_per_request() {
     assert!(s.split_batches(BuildId::new(99)).unwrap().is_empty());
 }
 
-#[test]
-fn a_units_past_lists_its_verdict_per_build_newest_first() {
-    let (_dir, s) = store();
+fn a_units_past_lists_its_verdict_per_build_newest_first(b: Backend) {
+    let opened = b.open();
+    let s: &dyn TestStore = &*opened;
     let list = units(6);
     let always_02 = |u: &str, t: u32| match u {
         "tests/test_02.py" => UnitOutcome::Failed,
@@ -1287,9 +1276,9 @@ fn a_units_past_lists_its_verdict_per_build_newest_first() {
     let outcomes: [Outcomes<'_>; 3] = [&flaky_outcome, &all_pass, &always_02];
     let mut builds = Vec::new();
     for (commit, outcome) in ['a', 'b', 'c'].into_iter().zip(outcomes) {
-        let jobs = split_build(&s, commit, 2, Strategy::Dynamic, retries(3));
-        let mut shards = vec![start(&s, jobs[0], "r1"), start(&s, jobs[1], "r2")];
-        run(&s, &mut shards, &list, outcome);
+        let jobs = split_build(s, commit, 2, Strategy::Dynamic, retries(3));
+        let mut shards = vec![start(s, jobs[0], "r1"), start(s, jobs[1], "r2")];
+        run(s, &mut shards, &list, outcome);
         builds.push(s.get_job(jobs[0]).unwrap().unwrap().build_id);
     }
     let asked = [
@@ -1341,3 +1330,33 @@ fn a_units_past_lists_its_verdict_per_build_newest_first() {
         .unwrap();
     assert!(other[0].recent.is_empty());
 }
+
+on_both_backends!(
+    two_shards_pull_disjoint_units_until_done,
+    duplicate_discovery_and_later_discoveries_are_ignored,
+    resent_request_gets_the_same_units_and_records_nothing_twice,
+    a_lost_attempt_returns_its_units_to_another_shard,
+    finished_and_ended_jobs_return_their_units,
+    refused_when_not_current_not_a_split_or_nothing_found,
+    a_flaky_unit_passes_on_retry_and_is_counted_in_the_history,
+    a_unit_failing_every_try_fails_the_split,
+    more_failures_than_the_threshold_means_no_retry_round,
+    the_retry_budget_stops_retries_and_its_floor_leaves_room_for_one,
+    units_over_the_budget_are_named_in_the_report,
+    interaction_failures_are_reported_and_the_policy_decides,
+    longest_units_first_from_the_history_and_the_median_for_new_ones,
+    static_hash_gives_each_shard_only_its_own_units,
+    retry_rounds_run_on_fewer_shards,
+    retries_prefer_another_runner,
+    unit_try_states_read_back_and_corrupt_ones_are_refused,
+    verdicts_while_running,
+    a_broken_runners_failures_run_again_under_the_same_try,
+    a_lost_attempt_cannot_finish_its_queued_job,
+    a_split_whose_shards_all_ended_is_closed,
+    the_start_cost_seen_in_batches_makes_the_next_batches_bigger,
+    units_without_history_are_estimated_from_the_split_once_some_ended,
+    without_a_start_cost_units_recorded_once_count_as_recorded,
+    split_batches_group_the_leased_tries_per_request,
+    with_a_start_cost_units_recorded_once_count_as_most_of_a_typical_unit,
+    a_units_past_lists_its_verdict_per_build_newest_first,
+);

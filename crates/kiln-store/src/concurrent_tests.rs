@@ -1,0 +1,381 @@
+//! The exactly-once rules with several writers at once: threads on two store handles of one
+//! database (as two dispatchers sharing it would be), started together at a barrier, on both
+//! backends. With SQLite the file's lock serialises them; with PostgreSQL the transactions
+//! and row locks of `pg.rs` must.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Barrier;
+
+use kiln_domain::split::{
+    LeasedUnit, RetryPolicy, SplitSpec, Strategy, UnitOutcome, UnitReport, UnitSource, UnitsReply,
+    UnitsRequest,
+};
+use kiln_domain::{JobState, NewBuild, NewJob, StepSpec};
+
+use crate::testing::{Backend, TestStore, on_both_backends};
+use crate::{Finish, NewDelivery};
+
+/// Writers racing in each test.
+const WRITERS: usize = 8;
+
+fn step(split: Option<SplitSpec>) -> StepSpec {
+    StepSpec {
+        index: 0,
+        name: "s".into(),
+        run: "true".into(),
+        env: BTreeMap::new(),
+        timeout_ms: 0,
+        post: None,
+        split,
+        junit: Vec::new(),
+    }
+}
+
+fn build(commit: &str, jobs: Vec<NewJob>, hash: &str) -> NewBuild {
+    NewBuild {
+        repo: "/tmp/repo".into(),
+        commit: commit.into(),
+        branch: "main".into(),
+        trigger: "test".into(),
+        retry_of: None,
+        error: None,
+        jobs,
+        pipeline_hash: hash.into(),
+        pipeline: String::new(),
+        params: BTreeMap::new(),
+    }
+}
+
+fn plain_job(name: &str) -> NewJob {
+    NewJob {
+        name: name.into(),
+        labels: BTreeMap::new(),
+        steps: vec![step(None)],
+        needs: vec![],
+    }
+}
+
+/// Runs `f(i, store)` on `WRITERS` threads at once, alternating the two handles.
+fn race<T: Send>(
+    a: &dyn TestStore,
+    b: &dyn TestStore,
+    f: impl Fn(usize, &dyn TestStore) -> T + Sync,
+) -> Vec<T> {
+    let barrier = Barrier::new(WRITERS);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..WRITERS)
+            .map(|i| {
+                let (f, barrier) = (&f, &barrier);
+                let s: &dyn TestStore = if i % 2 == 0 { a } else { b };
+                scope.spawn(move || {
+                    barrier.wait();
+                    f(i, s)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn one_queued_job_is_assigned_once(b: Backend) {
+    let opened = b.open();
+    let other = opened.another();
+    let s: &dyn TestStore = &*opened;
+    let d = s
+        .create_build(&build("a", vec![plain_job("j")], ""))
+        .unwrap();
+    let job = d.jobs[0].id;
+    let runners: Vec<_> = (0..WRITERS)
+        .map(|i| {
+            s.upsert_runner(&format!("r{i}"), &BTreeMap::new(), 1, "t")
+                .unwrap()
+                .id
+        })
+        .collect();
+    let won = race(s, &*other, |i, st| {
+        st.assign(job, runners[i], &format!("r{i}")).unwrap()
+    });
+    let winners: Vec<_> = won.into_iter().flatten().collect();
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    let job = s.get_job(job).unwrap().unwrap();
+    assert_eq!(job.state, JobState::Assigned);
+    assert_eq!(job.attempts, 1);
+    assert_eq!(job.current_attempt, Some(winners[0].0));
+}
+
+fn one_final_result_among_racing_reports(b: Backend) {
+    let opened = b.open();
+    let other = opened.another();
+    let s: &dyn TestStore = &*opened;
+    let d = s
+        .create_build(&build("a", vec![plain_job("j")], ""))
+        .unwrap();
+    let job = d.jobs[0].id;
+    let r = s.upsert_runner("r", &BTreeMap::new(), 1, "t").unwrap().id;
+    let (attempt, _) = s.assign(job, r, "r").unwrap().unwrap();
+    s.start_attempt(attempt).unwrap().unwrap();
+    // Results (passed or failed), a loss and a cancel of the same attempt, all at once.
+    let outcomes = race(s, &*other, |i, st| match i % 4 {
+        0 => matches!(
+            st.finish_attempt(attempt, JobState::Passed, None).unwrap(),
+            Finish::Recorded(_)
+        ),
+        1 => matches!(
+            st.finish_attempt(attempt, JobState::Failed, Some("exit 1"))
+                .unwrap(),
+            Finish::Recorded(_)
+        ),
+        2 => st
+            .requeue_attempt(attempt, "runner lost", 1, true)
+            .unwrap()
+            .is_some(),
+        _ => st
+            .end_job(job, JobState::Cancelled, "cancelled")
+            .unwrap()
+            .is_some(),
+    });
+    assert_eq!(outcomes.iter().filter(|w| **w).count(), 1, "{outcomes:?}");
+    let job = s.get_job(job).unwrap().unwrap();
+    assert!(job.state.is_final(), "{:?}", job.state);
+    let detail = s.get_build(d.build.id).unwrap().unwrap();
+    assert_eq!(detail.build.state, job.state);
+}
+
+fn every_job_of_a_build_ends_and_the_build_agrees(b: Backend) {
+    // Jobs of one build finishing at once on both handles: the build's state is computed
+    // from all of them (no lost update of the build row).
+    let opened = b.open();
+    let other = opened.another();
+    let s: &dyn TestStore = &*opened;
+    let jobs = (0..WRITERS).map(|i| plain_job(&format!("j{i}"))).collect();
+    let d = s.create_build(&build("a", jobs, "")).unwrap();
+    let r = s.upsert_runner("r", &BTreeMap::new(), 8, "t").unwrap().id;
+    let attempts: Vec<_> = d
+        .jobs
+        .iter()
+        .map(|j| {
+            let (a, _) = s.assign(j.id, r, "r").unwrap().unwrap();
+            s.start_attempt(a).unwrap().unwrap();
+            a
+        })
+        .collect();
+    let changes = race(s, &*other, |i, st| {
+        let state = if i == 3 {
+            JobState::Failed
+        } else {
+            JobState::Passed
+        };
+        match st.finish_attempt(attempts[i], state, None).unwrap() {
+            Finish::Recorded(c) => c,
+            other => panic!("{other:?}"),
+        }
+    });
+    // Exactly one change ended the build, and the build failed (one job failed).
+    assert_eq!(
+        changes
+            .iter()
+            .filter(|c| c.build_changed && c.build_state.is_final())
+            .count(),
+        1
+    );
+    let detail = s.get_build(d.build.id).unwrap().unwrap();
+    assert_eq!(detail.build.state, JobState::Failed);
+    assert!(detail.build.finished_at.is_some());
+}
+
+fn observers_racing_on_a_branch_record_each_commit_once(b: Backend) {
+    let opened = b.open();
+    let other = opened.another();
+    let s: &dyn TestStore = &*opened;
+    let commits: Vec<NewBuild> = ["c1", "c2", "c3"]
+        .iter()
+        .map(|c| build(c, vec![plain_job("j")], "hash"))
+        .collect();
+    let recorded = race(s, &*other, |_, st| {
+        st.record_commits("/tmp/repo", "main", &commits, "c3", true)
+            .unwrap()
+    });
+    let created: Vec<_> = recorded
+        .iter()
+        .flat_map(|r| r.created.iter().map(|d| d.build.commit.clone()))
+        .collect();
+    let unique: BTreeSet<_> = created.iter().cloned().collect();
+    assert_eq!(created.len(), 3, "{created:?}");
+    assert_eq!(unique.len(), 3);
+    assert_eq!(
+        s.branch_cursor("/tmp/repo", "main").unwrap().as_deref(),
+        Some("c3")
+    );
+    let all = s
+        .list_builds(&crate::BuildFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(all.len(), 3);
+}
+
+fn shards_on_two_handles_run_each_unit_once(b: Backend) {
+    let opened = b.open();
+    let other = opened.another();
+    let s: &dyn TestStore = &*opened;
+    let shards = WRITERS as u32;
+    let spec = |shard| SplitSpec {
+        key: "tests".into(),
+        shards,
+        shard,
+        units: UnitSource::Glob(vec!["t/*".into()]),
+        strategy: Strategy::Dynamic,
+        retry: RetryPolicy::default(),
+        max_batch: 2,
+    };
+    let jobs = (0..shards)
+        .map(|i| NewJob {
+            name: format!("shard{i}"),
+            labels: BTreeMap::new(),
+            steps: vec![step(Some(spec(i)))],
+            needs: vec![],
+        })
+        .collect();
+    let d = s.create_build(&build("a", jobs, "")).unwrap();
+    let units: Vec<String> = (0..40).map(|i| format!("t/{i:02}")).collect();
+    let started: Vec<_> = d
+        .jobs
+        .iter()
+        .enumerate()
+        .map(|(i, j)| {
+            let r = s
+                .upsert_runner(&format!("r{i}"), &BTreeMap::new(), 1, "t")
+                .unwrap()
+                .id;
+            let (a, _) = s.assign(j.id, r, &format!("r{i}")).unwrap().unwrap();
+            s.start_attempt(a).unwrap().unwrap();
+            (a, r)
+        })
+        .collect();
+    let got = race(s, &*other, |i, st| {
+        let (attempt, runner) = started[i];
+        let mut held: Vec<LeasedUnit> = Vec::new();
+        let mut got = Vec::new();
+        // Each shard asks until the split's verdict; WAIT is answered by asking again (the
+        // other shards' batches end as they report), bounded by a deadline.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        for request in 1.. {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the split never ended"
+            );
+            let req = UnitsRequest {
+                attempt,
+                runner,
+                step_index: 0,
+                request,
+                discovered: units.clone(),
+                results: held
+                    .iter()
+                    .map(|u| UnitReport {
+                        unit: u.unit.clone(),
+                        try_number: u.try_number,
+                        outcome: UnitOutcome::Passed,
+                        duration_ms: 10,
+                        cases: Vec::new(),
+                    })
+                    .collect(),
+                interactions: Vec::new(),
+                max_units: 0,
+                batch_ms: 0,
+                batch_processes: 0,
+            };
+            held.clear();
+            match st.next_units(&req).unwrap() {
+                UnitsReply::Batch(batch) => {
+                    got.extend(batch.iter().map(|u| u.unit.clone()));
+                    held = batch;
+                }
+                UnitsReply::Wait => std::thread::yield_now(),
+                UnitsReply::Done { passed, .. } => {
+                    assert!(passed);
+                    break;
+                }
+                UnitsReply::Refused(why) => panic!("refused: {why}"),
+            }
+        }
+        got
+    });
+    let all: Vec<String> = got.into_iter().flatten().collect();
+    let unique: BTreeSet<&String> = all.iter().collect();
+    assert_eq!(all.len(), units.len(), "a unit leased twice or never");
+    assert_eq!(unique.len(), units.len());
+    let report = &s.split_reports(d.build.id).unwrap()[0];
+    assert!(report.done && report.passed, "{}", report.retry_note);
+}
+
+fn senders_on_two_handles_take_disjoint_deliveries(b: Backend) {
+    let opened = b.open();
+    let other = opened.another();
+    let s: &dyn TestStore = &*opened;
+    let d = s
+        .create_build(&build("a", vec![plain_job("j")], ""))
+        .unwrap();
+    let planned: Vec<NewDelivery> = (0..40)
+        .map(|i| NewDelivery {
+            delivery_id: format!("d{i}"),
+            event: format!("e{i}"),
+            target: "webhook http://x".into(),
+            payload: "{}".into(),
+            supersedes: false,
+        })
+        .collect();
+    s.plan_deliveries(d.build.id, crate::Mark::Queued, &planned)
+        .unwrap();
+    let now = kiln_domain::now_millis() + 1;
+    let taken = race(s, &*other, |_, st| {
+        st.take_due_deliveries(now, now + 60_000, 10)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.key)
+            .collect::<Vec<_>>()
+    });
+    let all: Vec<_> = taken.into_iter().flatten().collect();
+    let unique: BTreeSet<_> = all.iter().collect();
+    assert_eq!(all.len(), unique.len(), "a delivery taken twice");
+    assert_eq!(all.len(), 40);
+}
+
+on_both_backends!(
+    one_queued_job_is_assigned_once,
+    one_final_result_among_racing_reports,
+    every_job_of_a_build_ends_and_the_build_agrees,
+    observers_racing_on_a_branch_record_each_commit_once,
+    shards_on_two_handles_run_each_unit_once,
+    senders_on_two_handles_take_disjoint_deliveries,
+);
+
+/// Dispatchers starting together on a new PostgreSQL database apply the migrations once.
+#[test]
+fn stores_opening_a_new_postgres_database_at_once_migrate_it_once() {
+    let url = kiln_pgtest::database().expect("a throwaway PostgreSQL database");
+    let barrier = Barrier::new(4);
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            let (url, barrier) = (&url, &barrier);
+            scope.spawn(move || {
+                barrier.wait();
+                crate::PgStore::connect(url).unwrap();
+            });
+        }
+    });
+    let s = crate::PgStore::connect(&url).unwrap();
+    let versions = s
+        .read(|db| {
+            db.query("SELECT version FROM kiln_migrations ORDER BY version", &[])?
+                .iter()
+                .map(|r| Ok(r.try_get::<_, i64>(0)?))
+                .collect::<crate::Result<Vec<_>>>()
+        })
+        .unwrap();
+    let expected: Vec<i64> = (1..=crate::pg::schema::MIGRATIONS.len() as i64).collect();
+    assert_eq!(versions, expected);
+}

@@ -1,0 +1,1350 @@
+//! [`Store`] on PostgreSQL, so that several dispatchers can share one farm.
+//!
+//! - The driver is `tokio-postgres` (async) with a `deadpool-postgres` pool, run on a small
+//!   runtime the store owns (one worker thread), so the store does not depend on its caller's
+//!   runtime. The [`Store`] trait is synchronous: each method blocks its thread on that
+//!   runtime (`Runtime::block_on`), once per statement. **Invariant: call a `PgStore` only
+//!   from threads that are not running async code** (`tokio::task::spawn_blocking`, plain
+//!   threads, tests), as every caller of the [`Store`] trait already does for SQLite; from
+//!   inside an async task `block_on` panics rather than stall a worker.
+//! - Every method is one transaction ([`PgStore::write`] or [`PgStore::read`]):
+//!   - Writes run `SERIALIZABLE`: PostgreSQL then guarantees the outcome of some serial
+//!     order, which is what SQLite's single writer gave the same statements, so every rule
+//!     the SQLite code states (the compare-and-set on the current attempt, unit leases, branch
+//!     cursors, build dedupe) holds with several dispatchers writing at once. A transaction
+//!     that loses a conflict (SQLSTATE 40001 serialization failure, 40P01 deadlock, 23505 a
+//!     unique index another transaction filled first) is run again from the start, at most
+//!     [`MAX_TRIES`] times, re-reading everything.
+//!   - Where the SQLite code read a row and then changed it relying on being the only
+//!     writer, the PostgreSQL code also takes the row's lock first (`SELECT ... FOR UPDATE`),
+//!     so competing writers queue on the row instead of failing and retrying: the job row in
+//!     `assign`, `record_step`, `finish_attempt`, `requeue_attempt`, `end_job`, the superseded
+//!     jobs of `record_commits`; the build row in `settle` (a build's state recomputed from its
+//!     jobs); the branch cursor row in `record_commits`; the split rows whose tries an ended
+//!     attempt releases. Locks are taken job before build, so two writers of one build cannot
+//!     wait on each other in a cycle.
+//!   - `next_units` (a split shard's round trip) runs `READ COMMITTED` with explicit locks
+//!     instead: the asking job's row `FOR SHARE`, the split's row `FOR UPDATE` (one round trip
+//!     of a split at a time, as in SQLite), unit history rows `FOR UPDATE`; see `pg/split.rs`.
+//!   - `take_due_deliveries` runs `READ COMMITTED` with `FOR UPDATE SKIP LOCKED`: several
+//!     senders take disjoint due rows without waiting for each other.
+//!   - Reads of several statements (`get_build`, `metrics`, the reports) run `REPEATABLE READ
+//!     READ ONLY`: one snapshot, so their counts agree, and never a serialization failure.
+//! - Migrations: [`schema::MIGRATIONS`], recorded in `kiln_migrations` (version, when), applied
+//!   in one `READ COMMITTED` transaction under an advisory lock, so two dispatchers starting
+//!   together apply them once.
+
+mod deliveries;
+pub(crate) mod schema;
+mod split;
+
+#[cfg(test)]
+pub(crate) use split::history_durations as split_history;
+
+use std::collections::BTreeMap;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use kiln_domain::{
+    AttemptId, AttemptState, Build, BuildId, Job, JobId, JobState, Millis, NewBuild, RunnerId,
+    RunnerRecord, StepOutcome, StepResult, StepSpec, build_state, now_millis,
+};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{IsolationLevel, NoTls, Row};
+
+use crate::sqlite::corrupt;
+use crate::{
+    Attempt, AttemptInfo, BuildDetail, BuildFilter, Change, Finish, Recorded, Result, Store,
+    StoreError, StoreMetrics,
+};
+
+/// Most connections one store keeps open.
+const MAX_CONNECTIONS: usize = 16;
+/// Most runs of one transaction that lost a conflict with another writer.
+pub(crate) const MAX_TRIES: u32 = 50;
+/// The advisory lock key migrations hold ("kiln" in ASCII).
+const MIGRATION_LOCK: i64 = 0x6b69_6c6e;
+
+/// A PostgreSQL database's connection settings (parsed from a `postgres://` URL or the
+/// key=value form; its `Debug` hides the password).
+pub type PgConfig = tokio_postgres::Config;
+
+/// Parameters of a statement.
+pub(crate) type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+/// The PostgreSQL implementation of [`Store`]. See the module's documentation for the
+/// threading invariant and the isolation of each operation.
+pub struct PgStore {
+    pool: Pool,
+    /// The runtime the connections run on; `None` only while dropping.
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").finish_non_exhaustive()
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // Without waiting: the store may be dropped on an async thread.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// One transaction: each statement blocks on the store's runtime.
+pub(crate) struct Db<'c> {
+    tx: deadpool_postgres::Transaction<'c>,
+    rt: &'c tokio::runtime::Runtime,
+}
+
+impl Db<'_> {
+    /// Runs a statement (prepared once per connection); returns the rows it changed.
+    pub(crate) fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64> {
+        self.rt.block_on(async {
+            let st = self.tx.prepare_cached(sql).await?;
+            Ok(self.tx.execute(&st, params).await?)
+        })
+    }
+
+    /// Runs a query; returns its rows.
+    pub(crate) fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
+        self.rt.block_on(async {
+            let st = self.tx.prepare_cached(sql).await?;
+            Ok(self.tx.query(&st, params).await?)
+        })
+    }
+
+    /// Runs a query of at most one row.
+    pub(crate) fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
+        self.rt.block_on(async {
+            let st = self.tx.prepare_cached(sql).await?;
+            Ok(self.tx.query_opt(&st, params).await?)
+        })
+    }
+
+    /// Runs a query of exactly one row.
+    pub(crate) fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row> {
+        self.rt.block_on(async {
+            let st = self.tx.prepare_cached(sql).await?;
+            Ok(self.tx.query_one(&st, params).await?)
+        })
+    }
+}
+
+/// An error and its causes, one line (a pool error's own text does not say why).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+/// Column `i` of a row as a `u32` (stored as a `BIGINT`).
+pub(crate) fn get_u32(r: &Row, i: usize) -> Result<u32> {
+    let v: i64 = r.try_get(i)?;
+    u32::try_from(v).map_err(|e| corrupt("stored number", e))
+}
+
+/// Column `i` of a row as a `u64` (stored as a `BIGINT`).
+pub(crate) fn get_u64(r: &Row, i: usize) -> Result<u64> {
+    let v: i64 = r.try_get(i)?;
+    u64::try_from(v).map_err(|e| corrupt("stored number", e))
+}
+
+/// A `u64` as a `BIGINT` (saturating).
+pub(crate) fn big(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl StoreError {
+    /// Whether the transaction lost a conflict with another writer and may be run again.
+    pub(crate) fn is_conflict(&self) -> bool {
+        match self {
+            StoreError::Postgres(e) => matches!(
+                e.code(),
+                Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *c == SqlState::T_R_DEADLOCK_DETECTED
+                    || *c == SqlState::UNIQUE_VIOLATION
+            ),
+            _ => false,
+        }
+    }
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (`postgres://user@host:port/db`, or the key=value
+    /// form) and brings its schema up to date. Call it from a thread that is not running async
+    /// code (see the module's documentation).
+    pub fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url.parse()?)
+    }
+
+    /// [`PgStore::connect`] with the settings parsed already (their `Debug` hides the
+    /// password).
+    pub fn connect_with(config: PgConfig) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("kiln-pg")
+            .enable_all()
+            .build()
+            .map_err(|cause| StoreError::Open {
+                path: "the PostgreSQL store's runtime".into(),
+                cause,
+            })?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(MAX_CONNECTIONS)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(std::time::Duration::from_secs(60)))
+            .create_timeout(Some(std::time::Duration::from_secs(10)))
+            .build()
+            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        let store = Self { pool, rt: Some(rt) };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Records known unit durations for a repository's split key, as if they had been
+    /// measured (see [`crate::SqliteStore::seed_unit_durations`]).
+    pub fn seed_unit_durations(
+        &self,
+        repo: &str,
+        key: &str,
+        durations: &[(String, u64)],
+    ) -> Result<()> {
+        let now = now_millis();
+        self.write(|db| split::seed_durations(db, repo, key, durations, now))
+    }
+
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        // Only `drop` takes it.
+        self.rt
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("runtime taken before drop"))
+    }
+
+    fn migrate(&self) -> Result<()> {
+        let latest = schema::MIGRATIONS.len() as i64;
+        // READ COMMITTED: the statements after the advisory lock see what a dispatcher that
+        // held it before committed (a serializable snapshot would predate the wait and apply
+        // the migrations again).
+        self.write_committed(|db| {
+            db.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+            db.rt.block_on(db.tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS kiln_migrations (\
+                 version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+            ))?;
+            let row = db.query_one("SELECT COALESCE(MAX(version), 0) FROM kiln_migrations", &[])?;
+            let version: i64 = row.try_get(0)?;
+            if version > latest {
+                return Err(StoreError::Corrupt(format!(
+                    "database schema version {version} is newer than this kiln ({latest})"
+                )));
+            }
+            for (n, m) in schema::MIGRATIONS.iter().enumerate().skip(version as usize) {
+                db.rt.block_on(db.tx.batch_execute(m))?;
+                db.execute(
+                    "INSERT INTO kiln_migrations (version, applied_at) VALUES ($1, $2)",
+                    &[&(n as i64 + 1), &now_millis()],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// One write transaction (`SERIALIZABLE`), run again while it loses conflicts.
+    pub(crate) fn write<T>(&self, f: impl Fn(&Db<'_>) -> Result<T>) -> Result<T> {
+        self.run(IsolationLevel::Serializable, false, &f)
+    }
+
+    /// One write transaction at `READ COMMITTED` (for `SKIP LOCKED` queues).
+    pub(crate) fn write_committed<T>(&self, f: impl Fn(&Db<'_>) -> Result<T>) -> Result<T> {
+        self.run(IsolationLevel::ReadCommitted, false, &f)
+    }
+
+    /// One read-only transaction on one snapshot (`REPEATABLE READ READ ONLY`).
+    pub(crate) fn read<T>(&self, f: impl Fn(&Db<'_>) -> Result<T>) -> Result<T> {
+        self.run(IsolationLevel::RepeatableRead, true, &f)
+    }
+
+    fn run<T>(
+        &self,
+        level: IsolationLevel,
+        read_only: bool,
+        f: &dyn Fn(&Db<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.once(level, read_only, f) {
+                Err(e) if e.is_conflict() && tries < MAX_TRIES => continue,
+                other => return other,
+            }
+        }
+    }
+
+    fn once<T>(
+        &self,
+        level: IsolationLevel,
+        read_only: bool,
+        f: &dyn Fn(&Db<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let rt = self.rt();
+        let mut client = rt
+            .block_on(self.pool.get())
+            .map_err(|e| StoreError::Pool(chain(&e)))?;
+        let tx = rt.block_on(
+            client
+                .build_transaction()
+                .isolation_level(level)
+                .read_only(read_only)
+                .start(),
+        )?;
+        let db = Db { tx, rt };
+        match f(&db) {
+            Ok(out) => {
+                rt.block_on(db.tx.commit())?;
+                Ok(out)
+            }
+            Err(e) => {
+                // The error is what matters; a failed rollback leaves the connection to the
+                // pool's recycling check.
+                let _ = rt.block_on(db.tx.rollback());
+                Err(e)
+            }
+        }
+    }
+}
+
+const JOB_COLUMNS: &str = "id, build_id, name, state, labels, steps, current_attempt, attempts, \
+     lost_attempts, runner, message, started_at, finished_at, needs";
+const BUILD_COLUMNS: &str = "id, repo, commit_id, branch, trigger_by, state, error, retry_of, \
+     created_at, finished_at, pipeline, params";
+const FINAL_STATES_SQL: &str = "('passed','failed','cancelled','timed_out','errored','skipped')";
+/// Jobs ready to run: queued, and every job they need passed.
+const READY_SQL: &str = "state = 'queued' AND NOT EXISTS \
+     (SELECT 1 FROM jobs d WHERE d.id = ANY(jobs.needs) AND d.state <> 'passed')";
+
+fn parse_state(s: &str) -> Result<JobState> {
+    s.parse().map_err(|e| corrupt("job state", e))
+}
+
+fn parse_attempt_state(s: &str) -> Result<AttemptState> {
+    s.parse().map_err(|e| corrupt("attempt state", e))
+}
+
+fn build_from_row(r: &Row) -> Result<Build> {
+    let state: String = r.try_get(5)?;
+    Ok(Build {
+        id: r.try_get(0)?,
+        repo: r.try_get(1)?,
+        commit: r.try_get(2)?,
+        branch: r.try_get(3)?,
+        trigger: r.try_get(4)?,
+        state: parse_state(&state)?,
+        error: r.try_get(6)?,
+        retry_of: r.try_get(7)?,
+        created_at: r.try_get(8)?,
+        finished_at: r.try_get(9)?,
+        pipeline: r.try_get(10)?,
+        params: serde_json::from_str(&r.try_get::<_, String>(11)?)
+            .map_err(|e| corrupt("build params", e))?,
+    })
+}
+
+fn job_from_row(r: &Row) -> Result<Job> {
+    let state: String = r.try_get(3)?;
+    let labels: String = r.try_get(4)?;
+    let steps: String = r.try_get(5)?;
+    Ok(Job {
+        id: r.try_get(0)?,
+        build_id: r.try_get(1)?,
+        name: r.try_get(2)?,
+        state: parse_state(&state)?,
+        labels: serde_json::from_str(&labels).map_err(|e| corrupt("job labels", e))?,
+        steps: serde_json::from_str::<Vec<StepSpec>>(&steps)
+            .map_err(|e| corrupt("job steps", e))?,
+        needs: r.try_get(13)?,
+        current_attempt: r.try_get(6)?,
+        attempts: get_u32(r, 7)?,
+        lost_attempts: get_u32(r, 8)?,
+        runner: r.try_get(9)?,
+        message: r.try_get(10)?,
+        started_at: r.try_get(11)?,
+        finished_at: r.try_get(12)?,
+    })
+}
+
+fn attempt_from_row(r: &Row) -> Result<Attempt> {
+    let state: String = r.try_get(4)?;
+    Ok(Attempt {
+        id: r.try_get(0)?,
+        job_id: r.try_get(1)?,
+        build_id: r.try_get(2)?,
+        runner_id: r.try_get(3)?,
+        state: parse_attempt_state(&state)?,
+    })
+}
+
+fn load_job(db: &Db<'_>, id: JobId) -> Result<Option<Job>> {
+    db.query_opt(
+        &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"),
+        &[&id],
+    )?
+    .map(|r| job_from_row(&r))
+    .transpose()
+}
+
+fn load_jobs_of(db: &Db<'_>, build: BuildId) -> Result<Vec<Job>> {
+    db.query(
+        &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE build_id = $1 ORDER BY position"),
+        &[&build],
+    )?
+    .iter()
+    .map(job_from_row)
+    .collect()
+}
+
+fn load_build(db: &Db<'_>, id: BuildId) -> Result<Option<Build>> {
+    db.query_opt(
+        &format!("SELECT {BUILD_COLUMNS} FROM builds WHERE id = $1"),
+        &[&id],
+    )?
+    .map(|r| build_from_row(&r))
+    .transpose()
+}
+
+fn load_detail(db: &Db<'_>, id: BuildId) -> Result<Option<BuildDetail>> {
+    let Some(build) = load_build(db, id)? else {
+        return Ok(None);
+    };
+    let jobs = load_jobs_of(db, id)?;
+    let mut steps = BTreeMap::new();
+    let mut refusals = BTreeMap::new();
+    let mut attempts = BTreeMap::new();
+    for job in &jobs {
+        let mut list = Vec::new();
+        for r in db.query(
+            "SELECT position, outcome, exit_code, duration_ms FROM step_results \
+             WHERE job_id = $1 ORDER BY position",
+            &[&job.id],
+        )? {
+            let outcome: String = r.try_get(1)?;
+            list.push(StepResult {
+                index: get_u32(&r, 0)?,
+                outcome: outcome
+                    .parse::<StepOutcome>()
+                    .map_err(|e| corrupt("step outcome", e))?,
+                exit_code: r.try_get(2)?,
+                duration_ms: r.try_get::<_, i64>(3)?.max(0) as u64,
+                cases: Vec::new(),
+                report_note: String::new(),
+            });
+        }
+        steps.insert(job.id, list);
+        let list = db
+            .query(
+                "SELECT attempt_id, reason FROM refusals WHERE job_id = $1 ORDER BY id",
+                &[&job.id],
+            )?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<Vec<(AttemptId, String)>>>()?;
+        if !list.is_empty() {
+            refusals.insert(job.id, list);
+        }
+        // The latest attempts of the job, numbered from the job's count (every attempt row
+        // counted once when it was made).
+        let mut list = Vec::new();
+        for (k, r) in db
+            .query(
+                "SELECT a.id, COALESCE(r.name, ''), a.state, a.created_at, a.finished_at, \
+                 a.note FROM attempts a LEFT JOIN runners r ON r.id = a.runner_id \
+                 WHERE a.job_id = $1 ORDER BY a.id DESC LIMIT $2",
+                &[&job.id, &(crate::MAX_LISTED_ATTEMPTS as i64)],
+            )?
+            .iter()
+            .enumerate()
+        {
+            let state: String = r.try_get(2)?;
+            list.push(AttemptInfo {
+                id: r.try_get(0)?,
+                number: job.attempts.saturating_sub(k as u32),
+                runner: r.try_get(1)?,
+                state: parse_attempt_state(&state)?,
+                created_at: r.try_get(3)?,
+                finished_at: r.try_get(4)?,
+                note: r.try_get(5)?,
+            });
+        }
+        if !list.is_empty() {
+            list.reverse();
+            attempts.insert(job.id, list);
+        }
+    }
+    Ok(Some(BuildDetail {
+        build,
+        jobs,
+        steps,
+        refusals,
+        attempts,
+    }))
+}
+
+fn ready_by_labels(db: &Db<'_>) -> Result<Vec<(BTreeMap<String, String>, u64)>> {
+    let mut by_labels: BTreeMap<BTreeMap<String, String>, u64> = BTreeMap::new();
+    for r in db.query(
+        &format!("SELECT labels, COUNT(*) FROM jobs WHERE {READY_SQL} GROUP BY labels"),
+        &[],
+    )? {
+        let labels: String = r.try_get(0)?;
+        let labels = serde_json::from_str(&labels).map_err(|e| corrupt("job labels", e))?;
+        // The same set written with its keys in another order is one set.
+        *by_labels.entry(labels).or_default() += get_u64(&r, 1)?;
+    }
+    Ok(by_labels.into_iter().collect())
+}
+
+/// Recomputes a build's summary state after one of its jobs changed; returns the change.
+/// Locks the build's row (after the job's: the lock order every writer keeps).
+fn settle(db: &Db<'_>, job: JobId, now: Millis) -> Result<Change> {
+    let r = db.query_one("SELECT build_id, state FROM jobs WHERE id = $1", &[&job])?;
+    let build_id: BuildId = r.try_get(0)?;
+    let job_state = parse_state(&r.try_get::<_, String>(1)?)?;
+    let old: String = db
+        .query_one(
+            "SELECT state FROM builds WHERE id = $1 FOR UPDATE",
+            &[&build_id],
+        )?
+        .try_get(0)?;
+    if job_state.is_final() {
+        split::close_abandoned_splits(db, build_id, now)?;
+    }
+    // Jobs waiting on a job that did not pass will never run: skip them, transitively.
+    let mut skipped = Vec::new();
+    if job_state.is_final() && job_state != JobState::Passed {
+        let mut frontier = vec![(job, job_state)];
+        while let Some((failed, how)) = frontier.pop() {
+            let ids = db
+                .query(
+                    "SELECT id FROM jobs WHERE build_id = $1 AND state = 'queued' \
+                     AND $2 = ANY(needs) ORDER BY id",
+                    &[&build_id, &failed],
+                )?
+                .iter()
+                .map(|r| Ok(r.try_get(0)?))
+                .collect::<Result<Vec<JobId>>>()?;
+            for id in ids {
+                db.execute(
+                    "UPDATE jobs SET state = 'skipped', message = $1, finished_at = $2 \
+                     WHERE id = $3",
+                    &[
+                        &format!("skipped: job {failed} it needs ended {how}"),
+                        &now,
+                        &id,
+                    ],
+                )?;
+                skipped.push(id);
+                frontier.push((id, JobState::Skipped));
+            }
+        }
+    }
+    let states = db
+        .query("SELECT state FROM jobs WHERE build_id = $1", &[&build_id])?
+        .iter()
+        .map(|r| parse_state(&r.try_get::<_, String>(0)?))
+        .collect::<Result<Vec<_>>>()?;
+    let new_state = build_state(states);
+    let build_changed = parse_state(&old)? != new_state;
+    if build_changed {
+        let finished = new_state.is_final().then_some(now);
+        db.execute(
+            "UPDATE builds SET state = $1, finished_at = $2 WHERE id = $3",
+            &[&new_state.as_str(), &finished, &build_id],
+        )?;
+    }
+    Ok(Change {
+        build_id,
+        job_id: job,
+        job_state,
+        build_state: new_state,
+        build_changed,
+        skipped,
+    })
+}
+
+/// Inserts a build and its jobs; a duplicate of (repo, commit, pipeline) is an error naming
+/// the existing build. (Two transactions inserting the same one at once: the unique index
+/// `builds_once` fails the later, which runs again and finds the build.)
+fn insert_build(db: &Db<'_>, new: &NewBuild, now: Millis) -> Result<BuildDetail> {
+    if !new.pipeline_hash.is_empty() && new.retry_of.is_none() {
+        let existing = db.query_opt(
+            // `builds_once`'s own condition spelled out, so the planner can take that
+            // partial index (a parameter does not prove `pipeline_hash <> ''`).
+            "SELECT id FROM builds WHERE repo = $1 AND commit_id = $2 AND pipeline_hash = $3 \
+             AND retry_of IS NULL AND pipeline_hash <> ''",
+            &[&new.repo, &new.commit, &new.pipeline_hash],
+        )?;
+        if let Some(r) = existing {
+            return Err(StoreError::Duplicate {
+                build: r.try_get(0)?,
+            });
+        }
+    }
+    let (state, finished) = if new.error.is_some() || new.jobs.is_empty() {
+        (JobState::Errored, Some(now))
+    } else {
+        (JobState::Queued, None)
+    };
+    let build_params =
+        serde_json::to_string(&new.params).map_err(|e| corrupt("build params", e))?;
+    let build_id: BuildId = db
+        .query_one(
+            "INSERT INTO builds (repo, commit_id, branch, trigger_by, state, error, retry_of, \
+             created_at, finished_at, pipeline_hash, pipeline, params) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id",
+            &[
+                &new.repo,
+                &new.commit,
+                &new.branch,
+                &new.trigger,
+                &state.as_str(),
+                &new.error,
+                &new.retry_of,
+                &now,
+                &finished,
+                &new.pipeline_hash,
+                &new.pipeline,
+                &build_params,
+            ],
+        )?
+        .try_get(0)?;
+    if new.error.is_none() {
+        let mut ids: Vec<JobId> = Vec::with_capacity(new.jobs.len());
+        for (pos, job) in new.jobs.iter().enumerate() {
+            let labels =
+                serde_json::to_string(&job.labels).map_err(|e| corrupt("job labels", e))?;
+            let steps = serde_json::to_string(&job.steps).map_err(|e| corrupt("job steps", e))?;
+            let needs: Vec<JobId> = job
+                .needs
+                .iter()
+                .map(|i| {
+                    ids.get(*i).copied().ok_or_else(|| {
+                        StoreError::Corrupt(format!(
+                            "job {pos} needs job {i}, which does not come before it"
+                        ))
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let id: JobId = db
+                .query_one(
+                    "INSERT INTO jobs (build_id, position, name, state, labels, steps, needs) \
+                     VALUES ($1, $2, $3, 'queued', $4, $5, $6) RETURNING id",
+                    &[&build_id, &(pos as i64), &job.name, &labels, &steps, &needs],
+                )?
+                .try_get(0)?;
+            ids.push(id);
+        }
+    }
+    load_detail(db, build_id)?
+        .ok_or_else(|| StoreError::Corrupt("build vanished inside its transaction".into()))
+}
+
+impl Store for PgStore {
+    fn create_build(&self, new: &NewBuild) -> Result<BuildDetail> {
+        let now = now_millis();
+        self.write(|db| insert_build(db, new, now))
+    }
+
+    fn record_commits(
+        &self,
+        repo: &str,
+        branch: &str,
+        builds: &[NewBuild],
+        head: &str,
+        supersede: bool,
+    ) -> Result<Recorded> {
+        let now = now_millis();
+        self.write(|db| {
+            // The branch's cursor row first: two observers of one branch queue here.
+            db.query_opt(
+                "SELECT head FROM branch_cursors WHERE repo = $1 AND branch = $2 FOR UPDATE",
+                &[&repo, &branch],
+            )?;
+            let mut out = Recorded::default();
+            for b in builds {
+                match insert_build(db, b, now) {
+                    Ok(d) => out.created.push(d),
+                    Err(StoreError::Duplicate { build }) => out.duplicates.push(build),
+                    Err(e) => return Err(e),
+                }
+            }
+            if supersede && let Some(newest) = out.created.last().map(|d| d.build.id) {
+                let rows = db.query(
+                    // From the unfinished jobs (`jobs_by_state`) to their builds; the
+                    // branch's history grows without bound, its unfinished jobs do not.
+                    "SELECT j.id, j.current_attempt FROM jobs j JOIN builds b ON b.id = j.build_id \
+                     WHERE j.state IN ('queued', 'assigned', 'running') \
+                     AND b.repo = $1 AND b.branch = $2 AND b.id < $3 ORDER BY j.id FOR UPDATE OF j",
+                    &[&repo, &branch, &newest],
+                )?;
+                for r in rows {
+                    let job: JobId = r.try_get(0)?;
+                    let attempt: Option<AttemptId> = r.try_get(1)?;
+                    db.execute(
+                        "UPDATE jobs SET state = 'cancelled', message = $1, finished_at = $2 \
+                         WHERE id = $3",
+                        &[&format!("superseded by build {newest}"), &now, &job],
+                    )?;
+                    if let Some(a) = attempt {
+                        db.execute(
+                            "UPDATE attempts SET state = 'superseded', finished_at = $1 \
+                             WHERE id = $2 AND state IN ('offered', 'running')",
+                            &[&now, &a],
+                        )?;
+                        out.to_cancel.push(a);
+                    }
+                    out.superseded.push(settle(db, job, now)?);
+                }
+            }
+            db.execute(
+                "INSERT INTO branch_cursors (repo, branch, head, updated_at) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (repo, branch) DO UPDATE SET \
+                 head = excluded.head, updated_at = excluded.updated_at",
+                &[&repo, &branch, &head, &now],
+            )?;
+            Ok(out)
+        })
+    }
+
+    fn branch_cursor(&self, repo: &str, branch: &str) -> Result<Option<String>> {
+        self.read(|db| {
+            db.query_opt(
+                "SELECT head FROM branch_cursors WHERE repo = $1 AND branch = $2",
+                &[&repo, &branch],
+            )?
+            .map(|r| Ok(r.try_get(0)?))
+            .transpose()
+        })
+    }
+
+    fn get_build(&self, id: BuildId) -> Result<Option<BuildDetail>> {
+        self.read(|db| load_detail(db, id))
+    }
+
+    fn get_job(&self, id: JobId) -> Result<Option<Job>> {
+        self.read(|db| load_job(db, id))
+    }
+
+    fn list_builds(&self, filter: &BuildFilter) -> Result<Vec<Build>> {
+        let state = filter.state.map(|s| s.as_str().to_string());
+        let limit = i64::from(filter.limit);
+        self.read(|db| {
+            let mut sql = format!("SELECT {BUILD_COLUMNS} FROM builds WHERE TRUE");
+            let mut args: Vec<&(dyn ToSql + Sync)> = Vec::new();
+            if let Some(repo) = &filter.repo {
+                args.push(repo);
+                sql.push_str(&format!(" AND repo = ${}", args.len()));
+            }
+            if let Some(branch) = &filter.branch {
+                args.push(branch);
+                sql.push_str(&format!(" AND branch = ${}", args.len()));
+            }
+            if let Some(state) = &state {
+                args.push(state);
+                sql.push_str(&format!(" AND state = ${}", args.len()));
+            }
+            if let Some(before) = &filter.before {
+                args.push(before);
+                sql.push_str(&format!(" AND id < ${}", args.len()));
+            }
+            args.push(&limit);
+            sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", args.len()));
+            db.query(&sql, &args)?.iter().map(build_from_row).collect()
+        })
+    }
+
+    fn queued_jobs(&self, limit: u32) -> Result<Vec<Job>> {
+        self.read(|db| {
+            db.query(
+                &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE {READY_SQL} ORDER BY id LIMIT $1"),
+                &[&i64::from(limit)],
+            )?
+            .iter()
+            .map(job_from_row)
+            .collect()
+        })
+    }
+
+    fn metrics(&self) -> Result<StoreMetrics> {
+        self.read(|db| {
+            let mut m = StoreMetrics {
+                queued_by_labels: ready_by_labels(db)?,
+                ..StoreMetrics::default()
+            };
+            for r in db.query("SELECT state, COUNT(*) FROM jobs GROUP BY state", &[])? {
+                m.jobs_by_state
+                    .push((parse_state(&r.try_get::<_, String>(0)?)?, get_u64(&r, 1)?));
+            }
+            m.lost_attempts = get_u64(
+                &db.query_one(
+                    "SELECT COALESCE(SUM(lost_attempts), 0)::BIGINT FROM jobs",
+                    &[],
+                )?,
+                0,
+            )?;
+            for r in db.query(
+                "SELECT outcome, try_number > 1, COUNT(*) FROM unit_tries WHERE state = 'ended' \
+                 GROUP BY outcome, try_number > 1",
+                &[],
+            )? {
+                let outcome: Option<String> = r.try_get(0)?;
+                let outcome = outcome
+                    .as_deref()
+                    .and_then(kiln_domain::split::UnitOutcome::parse)
+                    .ok_or_else(|| corrupt("unit try outcome", format!("{outcome:?}")))?;
+                m.unit_tries.push((outcome, r.try_get(1)?, get_u64(&r, 2)?));
+            }
+            for r in db.query(
+                "SELECT split_part(target, ' ', 1) AS kind, state, COUNT(*), \
+                 COALESCE(SUM(attempts), 0)::BIGINT FROM deliveries \
+                 GROUP BY kind, state ORDER BY kind, state",
+                &[],
+            )? {
+                let state: String = r.try_get(1)?;
+                m.deliveries.push(crate::DeliveryCount {
+                    kind: r.try_get(0)?,
+                    state: state
+                        .parse()
+                        .map_err(|e: String| corrupt("delivery state", e))?,
+                    count: get_u64(&r, 2)?,
+                    tries: get_u64(&r, 3)?,
+                });
+            }
+            Ok(m)
+        })
+    }
+
+    fn ready_by_labels(&self) -> Result<Vec<(BTreeMap<String, String>, u64)>> {
+        self.read(ready_by_labels)
+    }
+
+    fn assign(
+        &self,
+        job: JobId,
+        runner: RunnerId,
+        runner_name: &str,
+    ) -> Result<Option<(AttemptId, Change)>> {
+        let now = now_millis();
+        self.write(|db| {
+            // The job's row lock: one assignment of a queued job wins.
+            let state: Option<String> = db
+                .query_opt("SELECT state FROM jobs WHERE id = $1 FOR UPDATE", &[&job])?
+                .map(|r| r.try_get(0))
+                .transpose()?;
+            if state.as_deref() != Some("queued") {
+                return Ok(None);
+            }
+            let attempt: AttemptId = db
+                .query_one(
+                    "INSERT INTO attempts (job_id, runner_id, state, created_at) \
+                     VALUES ($1, $2, 'offered', $3) RETURNING id",
+                    &[&job, &runner, &now],
+                )?
+                .try_get(0)?;
+            db.execute(
+                "UPDATE jobs SET state = 'assigned', current_attempt = $1, \
+                 attempts = attempts + 1, runner = $2 WHERE id = $3",
+                &[&attempt, &runner_name, &job],
+            )?;
+            Ok(Some((attempt, settle(db, job, now)?)))
+        })
+    }
+
+    fn start_attempt(&self, attempt: AttemptId) -> Result<Option<Change>> {
+        let now = now_millis();
+        self.write(|db| {
+            // One statement: the compare-and-set takes the job's row lock itself.
+            let job: Option<JobId> = db
+                .query_opt(
+                    "UPDATE jobs SET state = 'running', started_at = $1 \
+                     WHERE current_attempt = $2 AND state = 'assigned' RETURNING id",
+                    &[&now, &attempt],
+                )?
+                .map(|r| r.try_get(0))
+                .transpose()?;
+            let Some(job) = job else {
+                return Ok(None);
+            };
+            db.execute(
+                "UPDATE attempts SET state = 'running' WHERE id = $1",
+                &[&attempt],
+            )?;
+            Ok(Some(settle(db, job, now)?))
+        })
+    }
+
+    fn record_step(&self, attempt: AttemptId, step: &StepResult) -> Result<bool> {
+        self.write(|db| {
+            let row = db.query_opt(
+                "SELECT id, steps FROM jobs WHERE current_attempt = $1 \
+                 AND state IN ('assigned', 'running') FOR UPDATE",
+                &[&attempt],
+            )?;
+            let Some(row) = row else {
+                return Ok(false);
+            };
+            let job: JobId = row.try_get(0)?;
+            db.execute(
+                "INSERT INTO step_results (job_id, position, attempt_id, outcome, exit_code, \
+                 duration_ms) VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (job_id, position) DO UPDATE SET attempt_id = excluded.attempt_id, \
+                 outcome = excluded.outcome, exit_code = excluded.exit_code, \
+                 duration_ms = excluded.duration_ms",
+                &[
+                    &job,
+                    &i64::from(step.index),
+                    &attempt,
+                    &step.outcome.as_str(),
+                    &step.exit_code,
+                    &big(step.duration_ms),
+                ],
+            )?;
+            if !step.cases.is_empty() || !step.report_note.is_empty() {
+                let steps: String = row.try_get(1)?;
+                let steps: Vec<StepSpec> =
+                    serde_json::from_str(&steps).map_err(|e| corrupt("job steps", e))?;
+                let name = steps
+                    .iter()
+                    .find(|s| s.index == step.index)
+                    .map(|s| s.name.clone())
+                    .unwrap_or_else(|| format!("step {}", step.index));
+                let cases =
+                    serde_json::to_string(&step.cases).map_err(|e| corrupt("test cases", e))?;
+                db.execute(
+                    "INSERT INTO step_tests (attempt_id, position, step_name, cases, note) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                    &[
+                        &attempt,
+                        &i64::from(step.index),
+                        &name,
+                        &cases,
+                        &step.report_note,
+                    ],
+                )?;
+            }
+            Ok(true)
+        })
+    }
+
+    fn finish_attempt(
+        &self,
+        attempt: AttemptId,
+        state: JobState,
+        message: Option<&str>,
+    ) -> Result<Finish> {
+        let now = now_millis();
+        self.write(|db| {
+            // The job's row lock, then the compare-and-set below decides.
+            let row = db.query_opt(
+                "SELECT j.id, j.current_attempt, j.state, a.state FROM attempts a \
+                 JOIN jobs j ON j.id = a.job_id WHERE a.id = $1 FOR UPDATE OF j",
+                &[&attempt],
+            )?;
+            let Some(row) = row else {
+                return Ok(Finish::Refused(format!("unknown attempt {attempt}")));
+            };
+            let job: JobId = row.try_get(0)?;
+            let current: Option<AttemptId> = row.try_get(1)?;
+            let job_state = parse_state(&row.try_get::<_, String>(2)?)?;
+            if current == Some(attempt)
+                && job_state.is_final()
+                && parse_attempt_state(&row.try_get::<_, String>(3)?)? == AttemptState::Finished
+            {
+                return Ok(Finish::AlreadyRecorded);
+            }
+            // The compare-and-set: only the current attempt of a job that is out on a runner
+            // may finish it (a lost attempt stays `current_attempt` of its queued job until
+            // the job is given out again, and must not finish it).
+            let n = db.execute(
+                "UPDATE jobs SET state = $1, message = $2, finished_at = $3 \
+                 WHERE id = $4 AND current_attempt = $5 AND state IN ('assigned', 'running')",
+                &[&state.as_str(), &message, &now, &job, &attempt],
+            )?;
+            if n == 0 {
+                let reason = if current != Some(attempt) {
+                    format!(
+                        "attempt {attempt} is not the current attempt of job {job} (current: {})",
+                        current.map_or("none".to_string(), |c| c.to_string())
+                    )
+                } else if job_state == JobState::Queued {
+                    format!("attempt {attempt} was lost; job {job} is queued again")
+                } else {
+                    format!("job {job} already ended as {job_state}")
+                };
+                db.execute(
+                    "INSERT INTO refusals (attempt_id, job_id, reason, at) VALUES ($1, $2, $3, $4)",
+                    &[&attempt, &job, &reason, &now],
+                )?;
+                return Ok(Finish::Refused(reason));
+            }
+            db.execute(
+                "UPDATE attempts SET state = 'finished', finished_at = $1 WHERE id = $2",
+                &[&now, &attempt],
+            )?;
+            split::release_units(db, attempt)?;
+            Ok(Finish::Recorded(settle(db, job, now)?))
+        })
+    }
+
+    fn requeue_attempt(
+        &self,
+        attempt: AttemptId,
+        reason: &str,
+        max_lost: u32,
+        counts: bool,
+    ) -> Result<Option<Change>> {
+        let now = now_millis();
+        self.write(|db| {
+            let row = db.query_opt(
+                &format!(
+                    "SELECT id, lost_attempts FROM jobs WHERE current_attempt = $1 \
+                     AND state NOT IN {FINAL_STATES_SQL} FOR UPDATE"
+                ),
+                &[&attempt],
+            )?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            let job: JobId = row.try_get(0)?;
+            let lost = get_u32(&row, 1)?;
+            db.execute(
+                "UPDATE attempts SET state = 'lost', finished_at = $1, note = $2 WHERE id = $3",
+                &[&now, &reason, &attempt],
+            )?;
+            split::release_units(db, attempt)?;
+            if counts && lost + 1 >= max_lost {
+                db.execute(
+                    "UPDATE jobs SET state = 'errored', lost_attempts = lost_attempts + 1, \
+                     message = $1, finished_at = $2 WHERE id = $3",
+                    &[
+                        &format!("gave up after {} lost attempts; last: {reason}", lost + 1),
+                        &now,
+                        &job,
+                    ],
+                )?;
+            } else {
+                db.execute(
+                    "UPDATE jobs SET state = 'queued', lost_attempts = lost_attempts + $2, \
+                     runner = NULL, started_at = NULL WHERE id = $1",
+                    &[&job, &i64::from(counts)],
+                )?;
+                db.execute("DELETE FROM step_results WHERE job_id = $1", &[&job])?;
+            }
+            Ok(Some(settle(db, job, now)?))
+        })
+    }
+
+    fn end_job(&self, job: JobId, state: JobState, message: &str) -> Result<Option<Change>> {
+        let now = now_millis();
+        self.write(|db| {
+            let row = db.query_opt(
+                &format!(
+                    "SELECT current_attempt FROM jobs WHERE id = $1 \
+                     AND state NOT IN {FINAL_STATES_SQL} FOR UPDATE"
+                ),
+                &[&job],
+            )?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            let current: Option<AttemptId> = row.try_get(0)?;
+            db.execute(
+                "UPDATE jobs SET state = $1, message = $2, finished_at = $3 WHERE id = $4",
+                &[&state.as_str(), &message, &now, &job],
+            )?;
+            if let Some(a) = current {
+                db.execute(
+                    "UPDATE attempts SET state = 'superseded', finished_at = $1, note = $2 \
+                     WHERE id = $3 AND state IN ('offered', 'running')",
+                    &[&now, &message, &a],
+                )?;
+                split::release_units(db, a)?;
+            }
+            Ok(Some(settle(db, job, now)?))
+        })
+    }
+
+    fn get_attempt(&self, attempt: AttemptId) -> Result<Option<Attempt>> {
+        self.read(|db| {
+            db.query_opt(
+                "SELECT a.id, a.job_id, j.build_id, a.runner_id, a.state FROM attempts a \
+                 JOIN jobs j ON j.id = a.job_id WHERE a.id = $1",
+                &[&attempt],
+            )?
+            .map(|r| attempt_from_row(&r))
+            .transpose()
+        })
+    }
+
+    fn unfinished_attempts(&self) -> Result<Vec<Attempt>> {
+        self.read(|db| {
+            db.query(
+                "SELECT a.id, a.job_id, j.build_id, a.runner_id, a.state FROM jobs j \
+                 JOIN attempts a ON a.id = j.current_attempt \
+                 WHERE j.state IN ('assigned', 'running') ORDER BY a.id",
+                &[],
+            )?
+            .iter()
+            .map(attempt_from_row)
+            .collect()
+        })
+    }
+
+    fn upsert_runner(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+        slots: u32,
+        version: &str,
+    ) -> Result<RunnerRecord> {
+        let now = now_millis();
+        let labels_json = serde_json::to_string(labels).map_err(|e| corrupt("labels", e))?;
+        self.write(|db| {
+            let id: RunnerId = db
+                .query_one(
+                    "INSERT INTO runners (name, labels, slots, version, last_seen) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET \
+                     labels = excluded.labels, slots = excluded.slots, \
+                     version = excluded.version, last_seen = excluded.last_seen RETURNING id",
+                    &[&name, &labels_json, &i64::from(slots), &version, &now],
+                )?
+                .try_get(0)?;
+            Ok(RunnerRecord {
+                id,
+                name: name.to_string(),
+                labels: labels.clone(),
+                slots,
+                version: version.to_string(),
+                last_seen: now,
+            })
+        })
+    }
+
+    fn touch_runner(&self, runner: RunnerId, at: Millis) -> Result<()> {
+        self.write(|db| {
+            db.execute(
+                "UPDATE runners SET last_seen = $1 WHERE id = $2",
+                &[&at, &runner],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn forget_idle_runners(&self, before: Millis, keep: &[RunnerId]) -> Result<u64> {
+        self.write(|db| {
+            db.execute(
+                "DELETE FROM runners WHERE last_seen < $1 AND id <> ALL($2) \
+                 AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.runner_id = runners.id)",
+                &[&before, &keep],
+            )
+        })
+    }
+
+    fn list_runners(&self) -> Result<Vec<RunnerRecord>> {
+        self.read(|db| {
+            db.query(
+                "SELECT id, name, labels, slots, version, last_seen FROM runners ORDER BY name",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                let labels: String = r.try_get(2)?;
+                Ok(RunnerRecord {
+                    id: r.try_get(0)?,
+                    name: r.try_get(1)?,
+                    labels: serde_json::from_str(&labels).map_err(|e| corrupt("labels", e))?,
+                    slots: get_u32(r, 3)?,
+                    version: r.try_get(4)?,
+                    last_seen: r.try_get(5)?,
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn set_runner_token(&self, name: &str, token_hash: Option<&str>) -> Result<bool> {
+        let now = now_millis();
+        self.write(|db| {
+            let n = match token_hash {
+                Some(h) => db.execute(
+                    "INSERT INTO runner_tokens (name, token_hash, created_at) \
+                     VALUES ($1, $2, $3) ON CONFLICT (name) DO UPDATE SET \
+                     token_hash = excluded.token_hash, created_at = excluded.created_at",
+                    &[&name, &h, &now],
+                )?,
+                // Revoked, not deleted: the row keeps runner authentication on (and this name
+                // out) even when it was the last token.
+                None => db.execute(
+                    "UPDATE runner_tokens SET token_hash = '' WHERE name = $1 \
+                     AND token_hash <> ''",
+                    &[&name],
+                )?,
+            };
+            Ok(n > 0)
+        })
+    }
+
+    fn runner_token_hash(&self, name: &str) -> Result<(Option<String>, bool)> {
+        self.read(|db| {
+            let hash = db
+                .query_opt(
+                    "SELECT token_hash FROM runner_tokens WHERE name = $1",
+                    &[&name],
+                )?
+                .map(|r| r.try_get(0))
+                .transpose()?;
+            let any: bool = db
+                .query_one("SELECT EXISTS (SELECT 1 FROM runner_tokens)", &[])?
+                .try_get(0)?;
+            Ok((hash, any))
+        })
+    }
+
+    fn record_refusal(&self, attempt: AttemptId, reason: &str) -> Result<()> {
+        let now = now_millis();
+        self.write(|db| {
+            db.execute(
+                "INSERT INTO refusals (attempt_id, job_id, reason, at) \
+                 SELECT id, job_id, $2, $3 FROM attempts WHERE id = $1",
+                &[&attempt, &reason, &now],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn refusals(&self, job: JobId) -> Result<Vec<(AttemptId, String)>> {
+        self.read(|db| {
+            db.query(
+                "SELECT attempt_id, reason FROM refusals WHERE job_id = $1 ORDER BY id DESC",
+                &[&job],
+            )?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+        })
+    }
+
+    fn next_units(
+        &self,
+        req: &kiln_domain::split::UnitsRequest,
+    ) -> Result<kiln_domain::split::UnitsReply> {
+        let now = now_millis();
+        // READ COMMITTED with the job's and the split's row locks: see `pg/split.rs`.
+        self.write_committed(|db| split::next_units_tx(db, req, now))
+    }
+
+    fn split_reports(&self, build: BuildId) -> Result<Vec<kiln_domain::split::SplitReport>> {
+        self.read(|db| split::reports_of(db, build))
+    }
+
+    fn split_batches(&self, build: BuildId) -> Result<Vec<kiln_domain::split::BatchRecord>> {
+        self.read(|db| split::batches_of(db, build))
+    }
+
+    fn unit_pasts(
+        &self,
+        repo: &str,
+        key: &str,
+        units: &[String],
+        until: BuildId,
+        limit: u32,
+    ) -> Result<Vec<kiln_domain::split::UnitPast>> {
+        self.read(|db| split::unit_pasts_of(db, repo, key, units, until, limit))
+    }
+
+    fn step_reports(&self, build: BuildId) -> Result<Vec<kiln_domain::split::StepReport>> {
+        self.read(|db| {
+            db.query(
+                "SELECT j.name, t.step_name, t.cases, t.note FROM step_tests t \
+                 JOIN jobs j ON j.current_attempt = t.attempt_id \
+                 WHERE j.build_id = $1 ORDER BY j.position, j.id, t.position",
+                &[&build],
+            )?
+            .iter()
+            .map(|r| {
+                let job: String = r.try_get(0)?;
+                let step: String = r.try_get(1)?;
+                let cases: String = r.try_get(2)?;
+                Ok(kiln_domain::split::StepReport {
+                    build_id: build,
+                    key: format!("{job}/{step}"),
+                    cases: serde_json::from_str(&cases).map_err(|e| corrupt("test cases", e))?,
+                    note: r.try_get(3)?,
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn requeue_failed_units(&self, attempt: AttemptId) -> Result<u64> {
+        self.write(|db| split::requeue_failed_units(db, attempt))
+    }
+
+    fn plan_deliveries(
+        &self,
+        build: BuildId,
+        mark: crate::Mark,
+        deliveries: &[crate::NewDelivery],
+    ) -> Result<u64> {
+        self.deliveries_plan(build, mark, deliveries)
+    }
+
+    fn planned_marks(&self, build: BuildId) -> Result<Vec<crate::Mark>> {
+        self.deliveries_marks(build)
+    }
+
+    fn unplanned_builds(&self, since: Millis, limit: u32) -> Result<Vec<BuildId>> {
+        self.deliveries_unplanned(since, limit)
+    }
+
+    fn take_due_deliveries(
+        &self,
+        now: Millis,
+        lease_until: Millis,
+        limit: u32,
+    ) -> Result<Vec<crate::Delivery>> {
+        self.deliveries_take_due(now, lease_until, limit)
+    }
+
+    fn next_delivery_at(&self) -> Result<Option<Millis>> {
+        self.deliveries_next_at()
+    }
+
+    fn record_delivery(
+        &self,
+        id: crate::DeliveryKey,
+        result: &crate::DeliveryResult,
+        now: Millis,
+    ) -> Result<bool> {
+        self.deliveries_record(id, result, now)
+    }
+
+    fn deliveries(&self, build: BuildId) -> Result<Vec<crate::Delivery>> {
+        self.deliveries_of(build)
+    }
+}

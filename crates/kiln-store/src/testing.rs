@@ -1,0 +1,149 @@
+//! The store's test suite runs against both backends: a behavioural test is a function of a
+//! [`Backend`], listed in [`on_both_backends!`], which makes one `#[test]` per backend
+//! (`on_sqlite::NAME` on a SQLite file in a temp dir, `on_postgres::NAME` on a new database of
+//! the test process's throwaway PostgreSQL cluster, `kiln-pgtest`). Tests of what only one
+//! backend has (SQLite files, reopening, its migrations) stay plain `#[test]`s.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::ops::Deref;
+
+use crate::{PgStore, Result, SqliteStore, Store};
+
+/// What the shared tests need beyond [`Store`]: a look at the unit history, a statement to
+/// bend stored data (SQL both backends understand), and seeding.
+pub(crate) trait TestStore: Store {
+    /// The recorded durations of a unit of (repository, split key).
+    fn history(&self, repo: &str, key: &str, unit: &str) -> Vec<u64>;
+    /// Runs one SQL statement (in the dialect both backends share).
+    fn exec(&self, sql: &str);
+    /// See [`SqliteStore::seed_unit_durations`].
+    fn seed_unit_durations(&self, repo: &str, key: &str, durations: &[(String, u64)])
+    -> Result<()>;
+}
+
+impl TestStore for SqliteStore {
+    fn history(&self, repo: &str, key: &str, unit: &str) -> Vec<u64> {
+        crate::split::history_durations(&self.conn(), repo, key, unit).unwrap()
+    }
+
+    fn exec(&self, sql: &str) {
+        self.conn().execute_batch(sql).unwrap();
+    }
+
+    fn seed_unit_durations(
+        &self,
+        repo: &str,
+        key: &str,
+        durations: &[(String, u64)],
+    ) -> Result<()> {
+        SqliteStore::seed_unit_durations(self, repo, key, durations)
+    }
+}
+
+impl TestStore for PgStore {
+    fn history(&self, repo: &str, key: &str, unit: &str) -> Vec<u64> {
+        self.read(|db| crate::pg::split_history(db, repo, key, unit))
+            .unwrap()
+    }
+
+    fn exec(&self, sql: &str) {
+        self.write(|db| db.execute(sql, &[])).unwrap();
+    }
+
+    fn seed_unit_durations(
+        &self,
+        repo: &str,
+        key: &str,
+        durations: &[(String, u64)],
+    ) -> Result<()> {
+        PgStore::seed_unit_durations(self, repo, key, durations)
+    }
+}
+
+/// Which store a shared test runs on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A fresh, empty store (and the temp dir a SQLite file lives in).
+pub(crate) struct Opened {
+    store: Box<dyn TestStore>,
+    /// Where another handle opens the same database: a SQLite file or a PostgreSQL URL.
+    place: String,
+    backend: Backend,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Opened {
+    /// Another store on the same database, as a second dispatcher would open it (its own
+    /// connection, or pool).
+    pub(crate) fn another(&self) -> Box<dyn TestStore> {
+        match self.backend {
+            Backend::Sqlite => {
+                Box::new(SqliteStore::open(std::path::Path::new(&self.place)).unwrap())
+            }
+            Backend::Postgres => Box::new(PgStore::connect(&self.place).unwrap()),
+        }
+    }
+}
+
+impl Deref for Opened {
+    type Target = dyn TestStore;
+    fn deref(&self) -> &Self::Target {
+        self.store.as_ref()
+    }
+}
+
+impl Backend {
+    /// A fresh, empty store of this backend.
+    pub(crate) fn open(self) -> Opened {
+        match self {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("kiln.db");
+                let s = SqliteStore::open(&path).unwrap();
+                Opened {
+                    store: Box::new(s),
+                    place: path.to_string_lossy().into_owned(),
+                    backend: self,
+                    _dir: Some(dir),
+                }
+            }
+            Backend::Postgres => {
+                let url = kiln_pgtest::database().expect("a throwaway PostgreSQL database");
+                Opened {
+                    store: Box::new(PgStore::connect(&url).unwrap()),
+                    place: url,
+                    backend: self,
+                    _dir: None,
+                }
+            }
+        }
+    }
+}
+
+/// One `#[test]` per backend for each listed `fn NAME(b: Backend)` of the calling module.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name($crate::testing::Backend::Sqlite)
+                }
+            )*
+        }
+        mod on_postgres {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name($crate::testing::Backend::Postgres)
+                }
+            )*
+        }
+    };
+}
+pub(crate) use on_both_backends;
