@@ -1,6 +1,7 @@
 //! `kiln-bench scale`: how the store's per-decision costs grow with the builds it holds.
 //!
-//! One store (the dispatcher's SQLite file, in a temp dir, opened as `kiln serve` opens it)
+//! One store (the dispatcher's SQLite file, in a temp dir, opened as `kiln serve` opens it; with
+//! `--postgres` a database on a throwaway PostgreSQL cluster with fsync on)
 //! grows through stages of stored builds (`--builds 1000,10000,100000`). The history is
 //! recorded as an observer records it (`record_commits`, a thousand commits per transaction,
 //! older builds superseded), so every stored build has a job and a final state. At each stage
@@ -26,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use kiln_domain::{BuildId, JobState, NewBuild, NewJob, StepSpec};
-use kiln_store::{BuildFilter, SqliteStore, Store};
+use kiln_store::{BuildFilter, PgStore, SqliteStore, Store};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -42,6 +43,11 @@ pub struct ScaleArgs {
     /// Samples of each operation per stage.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(10..=100_000))]
     pub samples: u32,
+    /// Measure PostgreSQL instead of SQLite: a throwaway cluster from the installed server
+    /// binaries (`kiln-pgtest`), with PostgreSQL's durability defaults (fsync on), as `kiln
+    /// serve --database` would use it.
+    #[arg(long)]
+    pub postgres: bool,
 }
 
 /// Commits recorded per `record_commits` transaction while filling.
@@ -103,7 +109,7 @@ fn time<T>(out: &mut Samples, f: impl FnOnce() -> kiln_store::Result<T>) -> Resu
 }
 
 /// Grows the history from `from` to `to` stored builds.
-fn fill(store: &SqliteStore, from: u64, to: u64) -> Result<(), BenchError> {
+fn fill(store: &dyn Store, from: u64, to: u64) -> Result<(), BenchError> {
     let mut n = from;
     while n < to {
         let batch: Vec<NewBuild> = (n..(n + FILL_BATCH).min(to))
@@ -119,12 +125,7 @@ fn fill(store: &SqliteStore, from: u64, to: u64) -> Result<(), BenchError> {
 }
 
 /// Measures the operations at the current size.
-fn measure(
-    store: &SqliteStore,
-    stage: u64,
-    samples: u32,
-    stored: u64,
-) -> Result<Stage, BenchError> {
+fn measure(store: &dyn Store, stage: u64, samples: u32, stored: u64) -> Result<Stage, BenchError> {
     let runner = store
         .upsert_runner("bench-runner", &BTreeMap::new(), 1, "bench")
         .map_err(|e| fail(format!("store: {e}")))?;
@@ -223,33 +224,50 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
     header(
         "scale",
         &format!(
-            "store costs per operation at {} stored builds (SQLite, {} samples each)",
+            "store costs per operation at {} stored builds ({}, {} samples each)",
             stages
                 .iter()
                 .map(u64::to_string)
                 .collect::<Vec<_>>()
                 .join(" / "),
+            if args.postgres {
+                "PostgreSQL, fsync on"
+            } else {
+                "SQLite"
+            },
             args.samples
         ),
     );
     let tmp = Scratch::new()?;
-    let store = Arc::new(
-        SqliteStore::open(&tmp.path().join("kiln.db"))
-            .map_err(|e| fail(format!("opening the store: {e}")))?,
-    );
-    let samples = args.samples;
+    let db_path = tmp.path().join("kiln.db");
+    let (samples, postgres) = (args.samples, args.postgres);
     // The store is synchronous: the whole run is on a blocking thread, as the dispatcher
-    // calls it.
+    // calls it (a PgStore must never be called from an async task).
     let results = tokio::task::spawn_blocking(move || -> Result<Vec<Stage>, BenchError> {
+        let (store, _cluster): (Arc<dyn Store>, _) = if postgres {
+            let cluster = kiln_pgtest::PgCluster::start_durable()
+                .map_err(|e| fail(format!("starting PostgreSQL: {e}")))?;
+            let url = cluster
+                .database()
+                .map_err(|e| fail(format!("creating the database: {e}")))?;
+            let store =
+                PgStore::connect(&url).map_err(|e| fail(format!("opening the store: {e}")))?;
+            (Arc::new(store), Some(cluster))
+        } else {
+            let store =
+                SqliteStore::open(&db_path).map_err(|e| fail(format!("opening the store: {e}")))?;
+            (Arc::new(store), None)
+        };
+        let store = store.as_ref();
         let mut out = Vec::new();
         let mut filled = 0;
         for (i, &target) in stages.iter().enumerate() {
             let t = Instant::now();
-            fill(&store, filled, target)?;
+            fill(store, filled, target)?;
             let took = t.elapsed().max(Duration::from_millis(1));
             let added = target - filled;
             filled = target;
-            let mut stage = measure(&store, i as u64, samples, filled)?;
+            let mut stage = measure(store, i as u64, samples, filled)?;
             // The measured builds are stored builds too (submitted and pushed).
             filled += 2 * u64::from(samples);
             stage.fill_per_s = added as f64 / took.as_secs_f64();
