@@ -128,30 +128,40 @@ fn bench_split_quick_runs_every_scenario() {
 
 #[test]
 fn bench_scale_small_prints_every_operation_per_stage() {
-    let (status, out, err) = run_bench(
-        &["scale", "--builds", "200,400", "--samples", "10"],
-        Duration::from_secs(120),
-    );
-    let status = status.unwrap_or_else(|| panic!("kiln-bench scale timed out\n{out}\n{err}"));
-    assert_eq!(status, 0, "kiln-bench scale failed\n{out}\n{err}");
-    assert!(out.contains("bench scale: done"), "{out}");
-    for stage in ["-- 200 stored builds", "-- 400 stored builds"] {
-        assert!(out.contains(stage), "no {stage:?}\n{out}");
-    }
-    for figure in [
-        "submit (create_build)",
-        "observer push (record_commits)",
-        "decision (assign..finish)",
-        "get_build",
-        "list_builds, first 50",
-        "list_builds, one repo",
-        "list_runners",
-        "metrics (a scrape)",
-    ] {
-        assert_eq!(
-            out.matches(figure).count(),
-            2,
-            "{figure:?} once per stage\n{out}"
+    for backend in [None, Some("--postgres")] {
+        let mut args = vec!["scale", "--builds", "200,400", "--samples", "10"];
+        args.extend(backend);
+        let (status, out, err) = run_bench(&args, Duration::from_secs(180));
+        let status =
+            status.unwrap_or_else(|| panic!("kiln-bench {args:?} timed out\n{out}\n{err}"));
+        assert_eq!(status, 0, "kiln-bench {args:?} failed\n{out}\n{err}");
+        let name = if backend.is_some() {
+            "PostgreSQL, fsync on"
+        } else {
+            "SQLite"
+        };
+        assert!(
+            out.contains("== scale:") && out.contains(name),
+            "{args:?}\n{out}"
         );
+        for stage in ["-- 200 stored builds", "-- 400 stored builds"] {
+            assert!(out.contains(stage), "no {stage:?}\n{out}");
+        }
+        for figure in [
+            "submit (create_build)",
+            "observer push (record_commits)",
+            "decision (assign..finish)",
+            "get_build",
+            "list_builds, first 50",
+            "list_builds, one repo",
+            "list_runners",
+            "metrics (a scrape)",
+        ] {
+            assert_eq!(
+                out.matches(figure).count(),
+                2,
+                "{figure:?} once per stage\n{out}"
+            );
+        }
     }
 }
