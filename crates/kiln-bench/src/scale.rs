@@ -1,7 +1,8 @@
 //! `kiln-bench scale`: how the store's per-decision costs grow with the builds it holds.
 //!
 //! One store (the dispatcher's SQLite file, in a temp dir, opened as `kiln serve` opens it; with
-//! `--postgres` a database on a throwaway PostgreSQL cluster with fsync on)
+//! `--postgres` a database on a throwaway PostgreSQL cluster with fsync on, analyzed after each
+//! fill as autovacuum would have by the time a real history is that long)
 //! grows through stages of stored builds (`--builds 1000,10000,100000`). The history is
 //! recorded as an observer records it (`record_commits`, a thousand commits per transaction,
 //! older builds superseded), so every stored build has a job and a final state. At each stage
@@ -244,19 +245,20 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
     // The store is synchronous: the whole run is on a blocking thread, as the dispatcher
     // calls it (a PgStore must never be called from an async task).
     let results = tokio::task::spawn_blocking(move || -> Result<Vec<Stage>, BenchError> {
-        let (store, _cluster): (Arc<dyn Store>, _) = if postgres {
+        let (store, pg, _cluster): (Arc<dyn Store>, Option<Arc<PgStore>>, _) = if postgres {
             let cluster = kiln_pgtest::PgCluster::start_durable()
                 .map_err(|e| fail(format!("starting PostgreSQL: {e}")))?;
             let url = cluster
                 .database()
                 .map_err(|e| fail(format!("creating the database: {e}")))?;
-            let store =
-                PgStore::connect(&url).map_err(|e| fail(format!("opening the store: {e}")))?;
-            (Arc::new(store), Some(cluster))
+            let store = Arc::new(
+                PgStore::connect(&url).map_err(|e| fail(format!("opening the store: {e}")))?,
+            );
+            (store.clone(), Some(store), Some(cluster))
         } else {
             let store =
                 SqliteStore::open(&db_path).map_err(|e| fail(format!("opening the store: {e}")))?;
-            (Arc::new(store), None)
+            (Arc::new(store), None, None)
         };
         let store = store.as_ref();
         let mut out = Vec::new();
@@ -264,6 +266,13 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
         for (i, &target) in stages.iter().enumerate() {
             let t = Instant::now();
             fill(store, filled, target)?;
+            // The fill adds builds thousands of times faster than a farm does; autovacuum
+            // would have analyzed the tables many times over by the time a real history is
+            // this long.
+            if let Some(pg) = &pg {
+                pg.analyze()
+                    .map_err(|e| fail(format!("ANALYZE after the fill: {e}")))?;
+            }
             let took = t.elapsed().max(Duration::from_millis(1));
             let added = target - filled;
             filled = target;

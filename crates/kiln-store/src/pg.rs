@@ -187,6 +187,17 @@ impl PgStore {
         Self::connect_with(url.parse()?)
     }
 
+    /// Refreshes the planner's statistics of kiln's tables (`ANALYZE`), which autovacuum does
+    /// by itself once enough rows changed. For after a bulk load: plans made on a young table's
+    /// statistics can cost the size of the table per statement (`kiln-bench scale --postgres`
+    /// calls this after each fill; BENCHMARKS.md says what it measured without).
+    pub fn analyze(&self) -> Result<()> {
+        self.write_committed(|db| {
+            db.execute("ANALYZE", &[])?;
+            Ok(())
+        })
+    }
+
     /// [`PgStore::connect`] with the settings parsed already (their `Debug` hides the
     /// password).
     pub fn connect_with(config: PgConfig) -> Result<Self> {
@@ -695,11 +706,16 @@ impl Store for PgStore {
             }
             if supersede && let Some(newest) = out.created.last().map(|d| d.build.id) {
                 let rows = db.query(
-                    // From the unfinished jobs (`jobs_by_state`) to their builds; the
-                    // branch's history grows without bound, its unfinished jobs do not.
-                    "SELECT j.id, j.current_attempt FROM jobs j JOIN builds b ON b.id = j.build_id \
-                     WHERE j.state IN ('queued', 'assigned', 'running') \
-                     AND b.repo = $1 AND b.branch = $2 AND b.id < $3 ORDER BY j.id FOR UPDATE OF j",
+                    // From the unfinished jobs (`jobs_by_state`) to their builds (by primary
+                    // key): the branch's history grows without bound, its unfinished jobs do
+                    // not. Written as EXISTS so that even a plan made on a young table's
+                    // statistics cannot become a nested loop over builds x jobs (measured:
+                    // 3.8 s at 10,000 builds before autovacuum's first ANALYZE).
+                    "SELECT j.id, j.current_attempt FROM jobs j \
+                     WHERE j.state IN ('queued', 'assigned', 'running') AND EXISTS \
+                     (SELECT 1 FROM builds b WHERE b.id = j.build_id \
+                      AND b.repo = $1 AND b.branch = $2 AND b.id < $3) \
+                     ORDER BY j.id FOR UPDATE OF j",
                     &[&repo, &branch, &newest],
                 )?;
                 for r in rows {
