@@ -708,9 +708,9 @@ impl Store for PgStore {
                 let rows = db.query(
                     // From the unfinished jobs (`jobs_by_state`) to their builds (by primary
                     // key): the branch's history grows without bound, its unfinished jobs do
-                    // not. Written as EXISTS so that even a plan made on a young table's
-                    // statistics cannot become a nested loop over builds x jobs (measured:
-                    // 3.8 s at 10,000 builds before autovacuum's first ANALYZE).
+                    // not. On a young table's statistics the planner may still walk both
+                    // (measured: 3.8 s at 10,000 builds before autovacuum's first ANALYZE,
+                    // and this EXISTS form alone did not prevent it); `PgStore::analyze`.
                     "SELECT j.id, j.current_attempt FROM jobs j \
                      WHERE j.state IN ('queued', 'assigned', 'running') AND EXISTS \
                      (SELECT 1 FROM builds b WHERE b.id = j.build_id \
