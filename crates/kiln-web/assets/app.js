@@ -188,6 +188,9 @@
 
   function setState(el, state) {
     if (!el) return;
+    // A final state is never left: a read-back answered before an event it crossed must not
+    // put an ended build or job back to running.
+    if (FINAL.includes(el.dataset.state) && !FINAL.includes(state)) return;
     el.dataset.state = state;
     const pill = el.matches(".pill") ? el : el.querySelector(".job-state, td.state .pill");
     const cell = el.querySelector && el.querySelector("td.state");
