@@ -274,7 +274,7 @@ fn a_fast_log_keeps_a_bounded_page_and_scrolling_up_brings_back_earlier_lines() 
     let tmp = tempdir();
     let flag = tmp.path().join("go");
     let pipeline = format!(
-        "steps:\n  - name: loud\n    run: |\n      printf 'begin-%s\\n' here\n      {}\n      i=0; while [ $i -lt 8000 ]; do i=$((i+1)); echo \"n-$i\"; done\n",
+        "steps:\n  - name: loud\n    run: |\n      printf 'begin-%s\\n' here\n      {}\n      i=0; while [ $i -lt 4000 ]; do i=$((i+1)); echo \"n-$i\"; done\n      python3 -c 'import sys; sys.stdout.write(\"\".join(\"n-%d\\n\" % i for i in range(4001, 12001)))'\n",
         wait_flag_sh(&flag)
     );
     let (server, _r, id) = one_build(tmp.path(), &pipeline);
@@ -288,7 +288,7 @@ fn a_fast_log_keeps_a_bounded_page_and_scrolling_up_brings_back_earlier_lines() 
     kiln_testkit::wait_for("the last line on the page", LONG, || {
         let found = browser.eval(
             "return [...document.querySelectorAll('pre.log span.line')] \
-             .some(s => s.textContent.trim() === 'n-8000');",
+             .some(s => s.textContent.trim() === 'n-12000');",
         );
         if found == serde_json::json!(true) {
             Ok(())

@@ -96,16 +96,43 @@
   }
 
   // Drops the oldest lines of a followed log beyond MAX_LINES (only while its reader is at the
-  // bottom), up to a line that starts a chunk: earlier output is read again from there.
+  // bottom). The log is cut at a line that starts a chunk when one is at or after the bound:
+  // earlier output is read again from that chunk's offset (`start`). A chunk longer than the
+  // bound (the server sends what piled up, and one pipe read may hold thousands of short lines)
+  // is cut at the bound all the same: its lines above the cut are kept aside (`_cut`, at most
+  // one chunk of text, off the document) and put back first on scroll-up, and earlier output
+  // is read from the chunk's start.
   function trim(pre) {
     const spans = pre.querySelectorAll(":scope > span.line");
-    let k = spans.length - MAX_LINES;
+    const k = spans.length - MAX_LINES;
     if (k <= 0) return;
-    while (k < spans.length && spans[k].dataset.off === undefined) k++;
-    if (k >= spans.length - 1) return;
-    const first = spans[k];
-    while (pre.firstChild && pre.firstChild !== first) pre.firstChild.remove();
-    pre.dataset.start = first.dataset.off;
+    let c = k;
+    while (c < spans.length - 1 && spans[c].dataset.off === undefined) c++;
+    if (c < spans.length - 1) {
+      cutBefore(pre, spans[c], null);
+      pre._cut = null;
+      pre.dataset.start = spans[c].dataset.off;
+      return;
+    }
+    // The line at the bound is inside a chunk: the start of that chunk is the nearest line
+    // above with an offset, or else the page's first line (which is at `start`).
+    let j = k;
+    while (j >= 0 && spans[j].dataset.off === undefined) j--;
+    if (j >= 0) {
+      cutBefore(pre, spans[j], null);
+      pre.dataset.start = spans[j].dataset.off;
+      pre._cut = document.createDocumentFragment();
+    } else if (!pre._cut) {
+      pre._cut = document.createDocumentFragment();
+    }
+    cutBefore(pre, spans[k], pre._cut);
+  }
+
+  // Removes what comes before `first` in `pre`, into `keep` when given.
+  function cutBefore(pre, first, keep) {
+    while (pre.firstChild && pre.firstChild !== first) {
+      if (keep) keep.appendChild(pre.firstChild); else pre.firstChild.remove();
+    }
   }
 
   // Follows a job's log from the offset the page was rendered up to: the server replays what
@@ -149,6 +176,14 @@
 
   // Loads the part of a log before what is shown (scroll-up, or the "Earlier output" link).
   async function earlier(pre) {
+    if (pre._cut) {
+      // The lines of a long chunk cut off at the bound come back first, without a fetch.
+      const h = pre.scrollHeight;
+      pre.insertBefore(pre._cut, pre.firstChild);
+      pre._cut = null;
+      pre.scrollTop += pre.scrollHeight - h;
+      return;
+    }
     const start = Number(pre.dataset.start);
     if (!start || pre.dataset.loading) return;
     pre.dataset.loading = "1";
