@@ -9,10 +9,24 @@ use crate::auth::BearerToken;
 use crate::proto::build_service_client::BuildServiceClient;
 use crate::proto::runner_admin_service_client::RunnerAdminServiceClient;
 
+/// The dispatcher URLs a `--dispatcher` value names: one URL, or several separated by commas
+/// (several dispatchers sharing one farm on PostgreSQL). Blanks around each are ignored; an
+/// empty entry is an error.
+pub fn dispatcher_urls(value: &str) -> Result<Vec<String>, String> {
+    let urls: Vec<String> = value.split(',').map(|u| u.trim().to_string()).collect();
+    if urls.iter().any(String::is_empty) {
+        return Err(format!(
+            "dispatcher URL list {value:?} has an empty entry (give URLs separated by commas)"
+        ));
+    }
+    Ok(urls)
+}
+
 /// How a client reaches the dispatcher.
 #[derive(Debug, Clone, Default)]
 pub struct Connection {
-    /// The dispatcher's URL.
+    /// The dispatcher's URL, or several separated by commas: a client uses the first it can
+    /// reach.
     pub url: String,
     /// API token.
     pub token: Option<String>,
@@ -76,20 +90,34 @@ impl Connection {
         BearerToken::new(self.token.as_deref()).map_err(ClientError::Config)
     }
 
+    /// A channel to the first of the dispatchers that can be reached, tried in the order
+    /// given; the error names the last one tried.
     async fn channel(&self) -> Result<Channel, ClientError> {
-        let endpoint = self
-            .tls
-            .endpoint(&self.url)
-            .map_err(ClientError::Config)?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true);
-        endpoint
-            .connect()
-            .await
-            .map_err(|e| ClientError::Unreachable {
-                url: self.url.clone(),
-                reason: kiln_domain::error_chain(&e),
+        let urls = dispatcher_urls(&self.url).map_err(ClientError::Config)?;
+        let endpoints = urls
+            .iter()
+            .map(|url| {
+                Ok(self
+                    .tls
+                    .endpoint(url)
+                    .map_err(ClientError::Config)?
+                    .connect_timeout(Duration::from_secs(5))
+                    .tcp_nodelay(true))
             })
+            .collect::<Result<Vec<_>, ClientError>>()?;
+        let mut failed = None;
+        for (url, endpoint) in urls.iter().zip(endpoints) {
+            match endpoint.connect().await {
+                Ok(channel) => return Ok(channel),
+                Err(e) => {
+                    failed = Some(ClientError::Unreachable {
+                        url: url.clone(),
+                        reason: kiln_domain::error_chain(&e),
+                    })
+                }
+            }
+        }
+        Err(failed.unwrap_or_else(|| ClientError::Config("no dispatcher URL given".into())))
     }
 }
 
@@ -120,4 +148,31 @@ pub fn is_unavailable(s: &tonic::Status) -> bool {
         s.code(),
         Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted
     ) || failed_in_transport(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dispatcher_value_names_one_url_or_several() {
+        assert_eq!(
+            dispatcher_urls("http://a:1").as_deref(),
+            Ok(&["http://a:1".to_string()][..])
+        );
+        assert_eq!(
+            dispatcher_urls("http://a:1, http://b:2 ,http://c:3").as_deref(),
+            Ok(&[
+                "http://a:1".to_string(),
+                "http://b:2".to_string(),
+                "http://c:3".to_string()
+            ][..])
+        );
+        for bad in ["", "http://a:1,", ",http://a:1", "http://a:1,,http://b:2"] {
+            let Err(e) = dispatcher_urls(bad) else {
+                panic!("{bad:?} accepted")
+            };
+            assert!(e.contains("empty entry"), "{e}");
+        }
+    }
 }

@@ -39,8 +39,10 @@ impl ClientBefore {
 /// How a client command reaches the dispatcher.
 #[derive(Debug, Clone, Default, Args)]
 pub struct ClientArgs {
-    /// The dispatcher's URL [env: KILN_DISPATCHER] [default: http://127.0.0.1:7878].
-    #[arg(long, value_name = "URL")]
+    /// The dispatcher's URL, or several separated by commas (dispatchers sharing one farm: the
+    /// first that can be reached answers) [env: KILN_DISPATCHER] [default:
+    /// http://127.0.0.1:7878].
+    #[arg(long, value_name = "URL[,URL...]")]
     pub dispatcher: Option<String>,
     /// API token for the dispatcher [env: KILN_TOKEN].
     #[arg(long)]
@@ -60,8 +62,10 @@ pub struct ClientArgs {
 /// How `kiln runner` reaches the dispatcher.
 #[derive(Debug, Clone, Default, Args)]
 pub struct RunnerClientArgs {
-    /// The dispatcher's URL [env: KILN_DISPATCHER] [default: http://127.0.0.1:7878].
-    #[arg(long, value_name = "URL")]
+    /// The dispatcher's URL, or several separated by commas (dispatchers sharing one farm: the
+    /// runner stays with the one it reached and moves to the next when that one cannot be
+    /// reached) [env: KILN_DISPATCHER] [default: http://127.0.0.1:7878].
+    #[arg(long, value_name = "URL[,URL...]")]
     pub dispatcher: Option<String>,
     /// The runner's token, as the dispatcher expects it (shared or per runner) [env:
     /// KILN_TOKEN].

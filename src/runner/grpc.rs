@@ -1,6 +1,7 @@
 //! The runner's gRPC transport: `RunnerService.Attach` over tonic (TLS from [`ClientTls`]),
 //! wire messages converted by [`crate::convert`].
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use kiln_domain::protocol::{MAX_MESSAGE_BYTES, RunnerMessage, StreamError};
@@ -13,22 +14,71 @@ use crate::proto::runner_service_client::RunnerServiceClient;
 use crate::tls::ClientTls;
 use kiln_runner::{ConnectError, Inbound, Transport};
 
-/// Opens runner streams over gRPC.
-#[derive(Debug, Clone)]
+/// Opens runner streams over gRPC, to one dispatcher or to the first reachable of several.
+#[derive(Debug)]
 pub struct TonicTransport {
-    endpoint: Endpoint,
+    /// The dispatchers, in the order given.
+    endpoints: Vec<Endpoint>,
+    /// The one that took the last stream: tried first next time, so a runner stays with its
+    /// dispatcher and moves on only when that one cannot be reached.
+    current: AtomicUsize,
 }
 
 impl TonicTransport {
-    /// A transport to the dispatcher at `url` (`http://` or `https://` with `tls`).
+    /// A transport to the dispatcher at `url` (`http://` or `https://` with `tls`), or to the
+    /// dispatchers of a comma-separated list of URLs (several dispatchers sharing one farm).
     pub fn new(url: &str, tls: &ClientTls) -> Result<Self, String> {
-        let endpoint = tls
-            .endpoint(url)?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20));
-        Ok(Self { endpoint })
+        let endpoints = crate::client::dispatcher_urls(url)?
+            .iter()
+            .map(|url| {
+                Ok(tls
+                    .endpoint(url)?
+                    .connect_timeout(Duration::from_secs(5))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(20)))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Self {
+            endpoints,
+            current: AtomicUsize::new(0),
+        })
+    }
+
+    /// Connects to the dispatcher that took the last stream, else to the next ones in turn:
+    /// a dispatcher that is gone costs one refused (or timed out) connection.
+    async fn connect(&self) -> Result<tonic::transport::Channel, ConnectError> {
+        let n = self.endpoints.len();
+        let first = self.current.load(Ordering::Relaxed) % n.max(1);
+        let mut failed = ConnectError::Unreachable("no dispatcher URL given".into());
+        for k in 0..n {
+            let i = (first + k) % n;
+            match self.endpoints[i].connect().await {
+                Ok(channel) => {
+                    if i != first {
+                        tracing::info!(dispatcher = %self.endpoints[i].uri(), "moving to another dispatcher");
+                    }
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(channel);
+                }
+                Err(e) => match classify(kiln_domain::error_chain(&e)) {
+                    // Another dispatcher may be reachable.
+                    e @ ConnectError::Unreachable(_) => failed = e,
+                    e => return Err(e),
+                },
+            }
+        }
+        // None could be reached: the next try starts with the one after the first tried.
+        self.move_on();
+        Err(failed)
+    }
+
+    /// The next stream is tried first at the dispatcher after the current one.
+    fn move_on(&self) {
+        let n = self.endpoints.len().max(1);
+        let _ = self
+            .current
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |i| Some((i + 1) % n));
     }
 }
 
@@ -37,11 +87,7 @@ impl Transport for TonicTransport {
         &self,
         outbound: tokio::sync::mpsc::Receiver<RunnerMessage>,
     ) -> Result<Inbound, ConnectError> {
-        let channel = self
-            .endpoint
-            .connect()
-            .await
-            .map_err(|e| classify(kiln_domain::error_chain(&e)))?;
+        let channel = self.connect().await?;
         let mut client =
             RunnerServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let outbound = ReceiverStream::new(outbound).map(convert::runner_message_to_proto);
@@ -52,7 +98,15 @@ impl Transport for TonicTransport {
                 tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
                     ConnectError::Refused(convert::stream_error_from_status(&s))
                 }
-                _ => classify(convert::status_chain(&s)),
+                _ => {
+                    let e = classify(convert::status_chain(&s));
+                    if matches!(e, ConnectError::Unreachable(_)) {
+                        // It answered but cannot take the runner now (shutting down): the
+                        // next try starts with another dispatcher, if there is one.
+                        self.move_on();
+                    }
+                    e
+                }
             })?
             .into_inner();
         Ok(Box::pin(inbound.filter_map(|m| match m {

@@ -7,6 +7,7 @@
 mod bad_input;
 mod browser;
 mod dispatcher_edges;
+mod dispatcher_urls;
 mod e2e;
 mod faults;
 mod grpcurl;

@@ -56,8 +56,8 @@ app.kubernetes.io/component: {{ index . 1 }}
 
 {{/* Checks on values the schema cannot express. */}}
 {{- define "kiln.validate" -}}
-{{- if ne .Values.store.type "sqlite" -}}
-{{- fail "store.type: this version of kiln keeps its state in SQLite only (one dispatcher); PostgreSQL comes with several dispatchers" -}}
+{{- if and (gt (int .Values.dispatcher.replicas) 1) (not .Values.dispatcher.database.existingSecret) -}}
+{{- fail "dispatcher.replicas above 1 needs dispatcher.database.existingSecret: several dispatchers share the farm through PostgreSQL (with SQLite there is one)" -}}
 {{- end -}}
 {{- if and .Values.tls.enabled (not .Values.tls.secretName) -}}
 {{- fail "tls.enabled needs tls.secretName (a kubernetes.io/tls Secret)" -}}
