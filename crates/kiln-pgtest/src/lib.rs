@@ -34,6 +34,8 @@ pub struct PgCluster {
     /// Its stdin is the pipe whose end stops the cluster.
     watchdog: Mutex<Option<(Child, ChildStdin)>>,
     next_db: AtomicU64,
+    /// The server's options (`pg_ctl start -o`): the same port and settings on every start.
+    options: String,
 }
 
 impl std::fmt::Debug for PgCluster {
@@ -163,6 +165,7 @@ impl PgCluster {
             port: 0,
             watchdog: Mutex::new(None),
             next_db: AtomicU64::new(1),
+            options: String::new(),
             bindir,
             dir,
             run_as,
@@ -189,24 +192,48 @@ impl PgCluster {
         } else {
             " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         };
-        let options = format!(
+        cluster.options = format!(
             "-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories={}{relaxed} \
              -c max_connections=300",
             cluster.port,
             cluster.dir.display()
         );
+        cluster.start_server()?;
+        Ok(cluster)
+    }
+
+    /// `pg_ctl start -w`: returns once the server accepts connections.
+    fn start_server(&self) -> Result<(), Error> {
         run(
-            cluster
-                .command("pg_ctl")
+            self.command("pg_ctl")
                 .arg("-D")
-                .arg(&data)
+                .arg(self.dir.join("data"))
                 .arg("-l")
-                .arg(cluster.dir.join("server.log"))
-                .args(["-o", &options, "-w", "-t", "60", "start"]),
+                .arg(self.dir.join("server.log"))
+                .args(["-o", &self.options, "-w", "-t", "60", "start"]),
             "pg_ctl start",
         )
-        .map_err(|e| format!("{e}\nserver log:\n{}", cluster.log()))?;
-        Ok(cluster)
+        .map_err(|e| format!("{e}\nserver log:\n{}", self.log()))
+    }
+
+    /// Stops the server as a crash would (`pg_ctl stop -m immediate`: every connection cut, no
+    /// checkpoint; the next start recovers from the write-ahead log). For tests of what kiln
+    /// does while its database is away. Only a [`PgCluster::start_durable`] cluster keeps
+    /// every commit across it: the others commit without waiting for the log
+    /// (`synchronous_commit=off`), so their last commits may be lost, as the settings say.
+    pub fn crash(&self) -> Result<(), Error> {
+        run(
+            self.command("pg_ctl")
+                .arg("-D")
+                .arg(self.dir.join("data"))
+                .args(["stop", "-m", "immediate", "-w", "-t", "60"]),
+            "pg_ctl stop",
+        )
+    }
+
+    /// Starts the server again on the same port after [`PgCluster::crash`].
+    pub fn restart(&self) -> Result<(), Error> {
+        self.start_server()
     }
 
     /// A server binary, run as the cluster's user.
@@ -314,4 +341,37 @@ impl Drop for PgCluster {
             let _ = child.wait();
         }
     }
+}
+
+/// Runs `sql` on the database at `url` with the server binaries' `psql` (unaligned, tuples
+/// only): each row's columns as text. For tests that check what kiln stored.
+pub fn query(url: &str, sql: &str) -> Result<Vec<Vec<String>>, Error> {
+    let out = Command::new(bindir()?.join("psql"))
+        .args([
+            url,
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-A",
+            "-t",
+            "-F",
+            "\t",
+            "-c",
+            sql,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("psql: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "psql {sql:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| l.split('\t').map(str::to_string).collect())
+        .collect())
 }
