@@ -730,6 +730,7 @@ impl Dispatcher {
 
     /// The text of a `/metrics` scrape (see [`metrics`]).
     pub async fn metrics_text(&self) -> Result<String, DispatchError> {
+        self.fold_tallies().await;
         let store = self.db(|s| s.metrics()).await?;
         let runners = {
             let st = self.state();
@@ -746,6 +747,14 @@ impl Dispatcher {
             c
         };
         Ok(self.inner.metrics.encode(&store, runners))
+    }
+
+    /// Folds the store's tally deltas (see [`Store::fold_tallies`]). A failure (a full disk)
+    /// only leaves them for the next fold: what the scrape reads is the same either way.
+    async fn fold_tallies(&self) {
+        if let Err(e) = self.db(|s| s.fold_tallies()).await {
+            tracing::warn!(cause = %error_chain(&e), "cannot fold the metrics' tallies");
+        }
     }
 
     /// Publishes what a state change did, and wakes followers of a job that ended.

@@ -178,6 +178,8 @@ impl Dispatcher {
         };
         if let Some(attached) = forget {
             self.forget_idle_runners(&attached).await?;
+            // The same cadence keeps the metrics' tally deltas few between scrapes.
+            self.fold_tallies().await;
         }
         for (a, job) in overdue {
             tracing::warn!(

@@ -20,6 +20,7 @@ mod logs;
 mod pg;
 mod split;
 mod sqlite;
+mod tallies;
 #[cfg(test)]
 mod testing;
 
@@ -258,8 +259,12 @@ pub trait Store: Send + Sync + 'static {
     fn list_builds(&self, filter: &BuildFilter) -> Result<Vec<Build>>;
     /// Queued jobs, oldest first.
     fn queued_jobs(&self, limit: u32) -> Result<Vec<Job>>;
-    /// What `/metrics` reads from the store, in one read.
+    /// What `/metrics` reads from the store, in one read: the kept tallies (see `tallies.rs`),
+    /// so its cost does not grow with the stored builds.
     fn metrics(&self) -> Result<StoreMetrics>;
+    /// Folds the tallies' deltas into their totals (at each scrape, and every minute, so the
+    /// deltas stay few); returns how many were folded.
+    fn fold_tallies(&self) -> Result<u64>;
     /// Jobs ready to run (queued, every job they need passed), per label set they need.
     fn ready_by_labels(&self) -> Result<Vec<(BTreeMap<String, String>, u64)>>;
     /// Gives a queued job to a runner as a new attempt. `None` when the job is no longer queued.

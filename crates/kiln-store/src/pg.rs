@@ -187,15 +187,20 @@ impl PgStore {
         Self::connect_with(url.parse()?)
     }
 
-    /// Refreshes the planner's statistics of kiln's tables (`ANALYZE`), which autovacuum does
-    /// by itself once enough rows changed. For after a bulk load: plans made on a young table's
-    /// statistics can cost the size of the table per statement (`kiln-bench scale --postgres`
-    /// calls this after each fill; BENCHMARKS.md says what it measured without).
+    /// Vacuums kiln's tables and refreshes the planner's statistics (`VACUUM (ANALYZE)`), which
+    /// autovacuum does by itself once enough rows changed. For after a bulk load: plans made on
+    /// a young table's statistics can cost the size of the table per statement, and a queue
+    /// table emptied at once (the tallies' deltas) is scanned with its dead rows until
+    /// vacuumed (`kiln-bench scale --postgres` calls this after each fill; BENCHMARKS.md says
+    /// what it measured without).
     pub fn analyze(&self) -> Result<()> {
-        self.write_committed(|db| {
-            db.execute("ANALYZE", &[])?;
-            Ok(())
-        })
+        let rt = self.rt();
+        let client = rt
+            .block_on(self.pool.get())
+            .map_err(|e| StoreError::Pool(chain(&e)))?;
+        // VACUUM runs outside a transaction block.
+        rt.block_on(client.batch_execute("VACUUM (ANALYZE)"))?;
+        Ok(())
     }
 
     /// [`PgStore::connect`] with the settings parsed already (their `Debug` hides the
@@ -812,46 +817,40 @@ impl Store for PgStore {
                 queued_by_labels: ready_by_labels(db)?,
                 ..StoreMetrics::default()
             };
-            for r in db.query("SELECT state, COUNT(*) FROM jobs GROUP BY state", &[])? {
-                m.jobs_by_state
-                    .push((parse_state(&r.try_get::<_, String>(0)?)?, get_u64(&r, 1)?));
-            }
-            m.lost_attempts = get_u64(
+            let rows = db
+                .query(crate::tallies::READ, &[])?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))
+                .collect::<Result<Vec<_>>>()?;
+            crate::tallies::into_metrics(rows, &mut m)?;
+            Ok(m)
+        })
+    }
+
+    fn fold_tallies(&self) -> Result<u64> {
+        // Most scrapes find nothing to fold: no write transaction for them.
+        let any: bool = self.read(|db| {
+            Ok(db
+                .query_one("SELECT EXISTS (SELECT 1 FROM tally_deltas)", &[])?
+                .try_get(0)?)
+        })?;
+        if !any {
+            return Ok(0);
+        }
+        // Deletes only the deltas its snapshot sees: a change committed meanwhile stays for
+        // the next fold; two folds at once conflict and one runs again.
+        self.write(|db| {
+            get_u64(
                 &db.query_one(
-                    "SELECT COALESCE(SUM(lost_attempts), 0)::BIGINT FROM jobs",
+                    "WITH moved AS (DELETE FROM tally_deltas RETURNING metric, k1, k2, d), \
+                     folded AS (INSERT INTO tallies (metric, k1, k2, n) \
+                     SELECT metric, k1, k2, SUM(d)::BIGINT FROM moved GROUP BY metric, k1, k2 \
+                     ON CONFLICT (metric, k1, k2) DO UPDATE SET n = tallies.n + EXCLUDED.n) \
+                     SELECT COUNT(*) FROM moved",
                     &[],
                 )?,
                 0,
-            )?;
-            for r in db.query(
-                "SELECT outcome, try_number > 1, COUNT(*) FROM unit_tries WHERE state = 'ended' \
-                 GROUP BY outcome, try_number > 1",
-                &[],
-            )? {
-                let outcome: Option<String> = r.try_get(0)?;
-                let outcome = outcome
-                    .as_deref()
-                    .and_then(kiln_domain::split::UnitOutcome::parse)
-                    .ok_or_else(|| corrupt("unit try outcome", format!("{outcome:?}")))?;
-                m.unit_tries.push((outcome, r.try_get(1)?, get_u64(&r, 2)?));
-            }
-            for r in db.query(
-                "SELECT split_part(target, ' ', 1) AS kind, state, COUNT(*), \
-                 COALESCE(SUM(attempts), 0)::BIGINT FROM deliveries \
-                 GROUP BY kind, state ORDER BY kind, state",
-                &[],
-            )? {
-                let state: String = r.try_get(1)?;
-                m.deliveries.push(crate::DeliveryCount {
-                    kind: r.try_get(0)?,
-                    state: state
-                        .parse()
-                        .map_err(|e: String| corrupt("delivery state", e))?,
-                    count: get_u64(&r, 2)?,
-                    tries: get_u64(&r, 3)?,
-                });
-            }
-            Ok(m)
+            )
         })
     }
 

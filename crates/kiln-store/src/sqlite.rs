@@ -249,6 +249,92 @@ INSERT INTO notify_marks (build_id, mark, at)
     // 11: a build's parameters (environment variables over the pipeline's `env`), a JSON object
     // of strings; `{}` for none and for builds made before.
     "ALTER TABLE builds ADD COLUMN params TEXT NOT NULL DEFAULT '{}';",
+    // 12: what `/metrics` counts (jobs per state, lost attempts, ended unit tries, deliveries),
+    // kept as it changes so a scrape does not scan the store (`tallies.rs`): triggers add a
+    // row of `tally_deltas` per change, in the changing transaction; a scrape sums `tallies`
+    // and the deltas, and folds the deltas into `tallies`. Counted from the rows at migration.
+    r#"
+-- A delivery's target kind (`webhook`, `mail`, `status`): the first word of its target.
+ALTER TABLE deliveries ADD COLUMN kind TEXT GENERATED ALWAYS AS (
+    CASE WHEN instr(target, ' ') > 0 THEN substr(target, 1, instr(target, ' ') - 1) ELSE target END
+) VIRTUAL;
+CREATE TABLE tallies (
+    metric TEXT NOT NULL,
+    k1     TEXT NOT NULL,
+    k2     TEXT NOT NULL,
+    n      INTEGER NOT NULL,
+    PRIMARY KEY (metric, k1, k2)
+) WITHOUT ROWID;
+CREATE TABLE tally_deltas (
+    id     INTEGER PRIMARY KEY,
+    metric TEXT NOT NULL,
+    k1     TEXT NOT NULL,
+    k2     TEXT NOT NULL,
+    d      INTEGER NOT NULL
+);
+INSERT INTO tallies SELECT 'jobs', state, '', COUNT(*) FROM jobs GROUP BY state;
+INSERT INTO tallies SELECT 'lost', '', '', COALESCE(SUM(lost_attempts), 0) FROM jobs;
+INSERT INTO tallies
+    SELECT 'unit_tries', COALESCE(outcome, ''), CASE WHEN try_number > 1 THEN 'retry' ELSE 'first' END,
+           COUNT(*)
+    FROM unit_tries WHERE state = 'ended' GROUP BY 2, 3;
+INSERT INTO tallies SELECT 'deliveries', kind, state, COUNT(*) FROM deliveries GROUP BY 2, 3;
+INSERT INTO tallies
+    SELECT 'delivery_tries', kind, state, COALESCE(SUM(attempts), 0) FROM deliveries GROUP BY 2, 3;
+CREATE TRIGGER jobs_tally_insert AFTER INSERT ON jobs BEGIN
+    INSERT INTO tally_deltas (metric, k1, k2, d) VALUES ('jobs', NEW.state, '', 1);
+    INSERT INTO tally_deltas (metric, k1, k2, d)
+        SELECT 'lost', '', '', NEW.lost_attempts WHERE NEW.lost_attempts <> 0;
+END;
+CREATE TRIGGER jobs_tally_update AFTER UPDATE OF state, lost_attempts ON jobs BEGIN
+    INSERT INTO tally_deltas (metric, k1, k2, d)
+        SELECT 'jobs', OLD.state, '', -1 WHERE OLD.state <> NEW.state
+        UNION ALL SELECT 'jobs', NEW.state, '', 1 WHERE OLD.state <> NEW.state
+        UNION ALL SELECT 'lost', '', '', NEW.lost_attempts - OLD.lost_attempts
+            WHERE NEW.lost_attempts <> OLD.lost_attempts;
+END;
+CREATE TRIGGER jobs_tally_delete AFTER DELETE ON jobs BEGIN
+    INSERT INTO tally_deltas (metric, k1, k2, d)
+        SELECT 'jobs', OLD.state, '', -1
+        UNION ALL SELECT 'lost', '', '', -OLD.lost_attempts WHERE OLD.lost_attempts <> 0;
+END;
+CREATE TRIGGER unit_tries_tally_insert AFTER INSERT ON unit_tries WHEN NEW.state = 'ended' BEGIN
+    INSERT INTO tally_deltas (metric, k1, k2, d) VALUES ('unit_tries', COALESCE(NEW.outcome, ''),
+        CASE WHEN NEW.try_number > 1 THEN 'retry' ELSE 'first' END, 1);
+END;
+CREATE TRIGGER unit_tries_tally_update AFTER UPDATE OF state, outcome, try_number ON unit_tries
+    WHEN OLD.state = 'ended' OR NEW.state = 'ended' BEGIN
+    INSERT INTO tally_deltas (metric, k1, k2, d)
+        SELECT 'unit_tries', COALESCE(OLD.outcome, ''),
+               CASE WHEN OLD.try_number > 1 THEN 'retry' ELSE 'first' END, -1
+        WHERE OLD.state = 'ended'
+        UNION ALL SELECT 'unit_tries', COALESCE(NEW.outcome, ''),
+               CASE WHEN NEW.try_number > 1 THEN 'retry' ELSE 'first' END, 1
+        WHERE NEW.state = 'ended';
+END;
+CREATE TRIGGER unit_tries_tally_delete AFTER DELETE ON unit_tries WHEN OLD.state = 'ended' BEGIN
+    INSERT INTO tally_deltas (metric, k1, k2, d) VALUES ('unit_tries', COALESCE(OLD.outcome, ''),
+        CASE WHEN OLD.try_number > 1 THEN 'retry' ELSE 'first' END, -1);
+END;
+CREATE TRIGGER deliveries_tally_insert AFTER INSERT ON deliveries BEGIN
+    INSERT INTO tally_deltas (metric, k1, k2, d)
+        SELECT 'deliveries', NEW.kind, NEW.state, 1
+        UNION ALL SELECT 'delivery_tries', NEW.kind, NEW.state, NEW.attempts
+            WHERE NEW.attempts <> 0;
+END;
+CREATE TRIGGER deliveries_tally_update AFTER UPDATE OF state, attempts, target ON deliveries BEGIN
+    INSERT INTO tally_deltas (metric, k1, k2, d)
+        SELECT 'deliveries', OLD.kind, OLD.state, -1
+        UNION ALL SELECT 'delivery_tries', OLD.kind, OLD.state, -OLD.attempts
+        UNION ALL SELECT 'deliveries', NEW.kind, NEW.state, 1
+        UNION ALL SELECT 'delivery_tries', NEW.kind, NEW.state, NEW.attempts;
+END;
+CREATE TRIGGER deliveries_tally_delete AFTER DELETE ON deliveries BEGIN
+    INSERT INTO tally_deltas (metric, k1, k2, d)
+        SELECT 'deliveries', OLD.kind, OLD.state, -1
+        UNION ALL SELECT 'delivery_tries', OLD.kind, OLD.state, -OLD.attempts;
+END;
+"#,
 ];
 
 /// The SQLite implementation of [`Store`]: one connection behind a mutex (SQLite serialises
@@ -962,70 +1048,39 @@ impl Store for SqliteStore {
         // One read transaction (deferred: it takes no write lock), so the counts agree.
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let m = {
-            let mut m = StoreMetrics {
-                queued_by_labels: ready_by_labels(&tx)?,
-                ..StoreMetrics::default()
-            };
-            let mut stmt = tx.prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-            for row in rows {
-                let (state, n) = row?;
-                m.jobs_by_state.push((parse_state(&state)?, n as u64));
-            }
-            m.lost_attempts = tx.query_row(
-                "SELECT COALESCE(SUM(lost_attempts), 0) FROM jobs",
-                [],
-                |r| r.get::<_, i64>(0),
-            )? as u64;
-            let mut stmt = tx.prepare_cached(
-                "SELECT outcome, try_number > 1, COUNT(*) FROM unit_tries WHERE state = 'ended' \
-                 GROUP BY outcome, try_number > 1",
-            )?;
-            let rows = stmt.query_map([], |r| {
-                Ok((
-                    r.get::<_, Option<String>>(0)?,
-                    r.get::<_, bool>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            })?;
-            for row in rows {
-                let (outcome, retry, n) = row?;
-                let outcome = outcome
-                    .as_deref()
-                    .and_then(kiln_domain::split::UnitOutcome::parse)
-                    .ok_or_else(|| corrupt("unit try outcome", format!("{outcome:?}")))?;
-                m.unit_tries.push((outcome, retry, n as u64));
-            }
-            let mut stmt = tx.prepare_cached(
-                "SELECT CASE WHEN instr(target, ' ') > 0 \
-                 THEN substr(target, 1, instr(target, ' ') - 1) ELSE target END AS kind, \
-                 state, COUNT(*), COALESCE(SUM(attempts), 0) FROM deliveries \
-                 GROUP BY kind, state ORDER BY kind, state",
-            )?;
-            let rows = stmt.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, i64>(3)?,
-                ))
-            })?;
-            for row in rows {
-                let (kind, state, count, tries) = row?;
-                m.deliveries.push(crate::DeliveryCount {
-                    kind,
-                    state: state
-                        .parse()
-                        .map_err(|e: String| corrupt("delivery state", e))?,
-                    count: count as u64,
-                    tries: tries as u64,
-                });
-            }
-            m
+        let mut m = StoreMetrics {
+            queued_by_labels: ready_by_labels(&tx)?,
+            ..StoreMetrics::default()
         };
+        let rows = {
+            let mut stmt = tx.prepare_cached(crate::tallies::READ)?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        crate::tallies::into_metrics(rows, &mut m)?;
         tx.commit()?;
         Ok(m)
+    }
+
+    fn fold_tallies(&self) -> Result<u64> {
+        // Most scrapes find nothing to fold: no write transaction for them.
+        let any: bool = self.conn().query_row(
+            "SELECT EXISTS (SELECT 1 FROM tally_deltas)",
+            [],
+            |r| r.get(0),
+        )?;
+        if !any {
+            return Ok(0);
+        }
+        self.with_tx(|tx| {
+            tx.execute(
+                "INSERT INTO tallies (metric, k1, k2, n) \
+                 SELECT metric, k1, k2, SUM(d) FROM tally_deltas WHERE true GROUP BY metric, k1, k2 \
+                 ON CONFLICT (metric, k1, k2) DO UPDATE SET n = n + excluded.n",
+                [],
+            )?;
+            Ok(tx.execute("DELETE FROM tally_deltas", [])? as u64)
+        })
     }
 
     fn ready_by_labels(&self) -> Result<Vec<(BTreeMap<String, String>, u64)>> {
@@ -1620,6 +1675,7 @@ mod tests {
         assert_eq!(d.jobs[0].attempts, 2);
         assert_eq!(d.jobs[0].lost_attempts, 1);
         assert_eq!(s.refusals(job).unwrap().len(), 1);
+        crate::testing::check_tallies(s);
     }
 
     fn runners_that_never_held_work_are_forgotten(b: Backend) {
@@ -1659,6 +1715,7 @@ mod tests {
         let ch = s.requeue_attempt(a, "lost", 3, true).unwrap().unwrap();
         assert_eq!(ch.job_state, JobState::Errored);
         assert_eq!(ch.build_state, JobState::Errored);
+        crate::testing::check_tallies(s);
     }
 
     fn list_filters_and_pages(b: Backend) {
@@ -1750,6 +1807,7 @@ mod tests {
         assert_eq!(d.build.state, JobState::Running);
         let queued: Vec<JobId> = s.queued_jobs(10).unwrap().iter().map(|j| j.id).collect();
         assert_eq!(queued, vec![ids[3]]);
+        crate::testing::check_tallies(s);
     }
 
     fn same_commit_and_pipeline_is_built_once_unless_retried(b: Backend) {
@@ -1867,6 +1925,7 @@ mod tests {
             s.finish_attempt(a, JobState::Passed, None).unwrap(),
             Finish::Refused(_)
         ));
+        crate::testing::check_tallies(s);
     }
 
     on_both_backends!(
@@ -2001,6 +2060,7 @@ mod delivery_tests {
         };
         assert!(s.record_delivery(all[2].key, &failed, now).unwrap());
         assert_eq!(s.next_delivery_at().unwrap(), None);
+        crate::testing::check_tallies(s);
     }
 
     /// A build that starts and finishes needs planning again for each new mark; builds older
@@ -2027,6 +2087,42 @@ mod delivery_tests {
         );
         s.plan_deliveries(b, Mark::Finished, &[]).unwrap();
         assert!(s.unplanned_builds(0, 10).unwrap().is_empty());
+    }
+
+    /// A database made before the tallies (migration 12) gets them counted from its rows.
+    #[test]
+    fn the_tallies_migration_counts_what_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            let d = build(&s, 'c');
+            let plan = [
+                delivery("m1", "queued", "webhook y", false),
+                delivery("m2", "queued", "mail a@b", false),
+            ];
+            s.plan_deliveries(d.build.id, Mark::Queued, &plan).unwrap();
+            let r = s.upsert_runner("r", &BTreeMap::new(), 1, "t").unwrap().id;
+            let (a, _) = s.assign(d.jobs[0].id, r, "r").unwrap().unwrap();
+            s.requeue_attempt(a, "lost", 3, true).unwrap();
+            // Back to before migration 12.
+            s.conn()
+                .execute_batch(
+                    "DROP TABLE tallies; DROP TABLE tally_deltas; \
+                     DROP TRIGGER jobs_tally_insert; DROP TRIGGER jobs_tally_update; \
+                     DROP TRIGGER jobs_tally_delete; DROP TRIGGER unit_tries_tally_insert; \
+                     DROP TRIGGER unit_tries_tally_update; DROP TRIGGER unit_tries_tally_delete; \
+                     DROP TRIGGER deliveries_tally_insert; DROP TRIGGER deliveries_tally_update; \
+                     DROP TRIGGER deliveries_tally_delete; \
+                     ALTER TABLE deliveries DROP COLUMN kind; PRAGMA user_version = 11;",
+                )
+                .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        let m = s.metrics().unwrap();
+        assert_eq!(m.lost_attempts, 1);
+        assert_eq!(m.deliveries.len(), 2);
+        crate::testing::check_tallies(&s);
     }
 
     on_both_backends!(

@@ -17,6 +17,8 @@ pub(crate) trait TestStore: Store {
     fn history(&self, repo: &str, key: &str, unit: &str) -> Vec<u64>;
     /// Runs one SQL statement (in the dialect both backends share).
     fn exec(&self, sql: &str);
+    /// Rows of a query whose columns are all text (`CAST(x AS TEXT)` where they are not).
+    fn text_rows(&self, sql: &str) -> Vec<Vec<String>>;
     /// See [`SqliteStore::seed_unit_durations`].
     fn seed_unit_durations(&self, repo: &str, key: &str, durations: &[(String, u64)])
     -> Result<()>;
@@ -29,6 +31,16 @@ impl TestStore for SqliteStore {
 
     fn exec(&self, sql: &str) {
         self.conn().execute_batch(sql).unwrap();
+    }
+
+    fn text_rows(&self, sql: &str) -> Vec<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(sql).unwrap();
+        let n = stmt.column_count();
+        stmt.query_map([], |r| (0..n).map(|i| r.get::<_, String>(i)).collect())
+            .unwrap()
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .unwrap()
     }
 
     fn seed_unit_durations(
@@ -49,6 +61,17 @@ impl TestStore for PgStore {
 
     fn exec(&self, sql: &str) {
         self.write(|db| db.execute(sql, &[])).unwrap();
+    }
+
+    fn text_rows(&self, sql: &str) -> Vec<Vec<String>> {
+        self.read(|db| {
+            Ok(db
+                .query(sql, &[])?
+                .iter()
+                .map(|r| (0..r.len()).map(|i| r.get::<_, String>(i)).collect())
+                .collect())
+        })
+        .unwrap()
     }
 
     fn seed_unit_durations(
@@ -147,3 +170,65 @@ macro_rules! on_both_backends {
     };
 }
 pub(crate) use on_both_backends;
+
+/// Checks that what `/metrics` reads from the store's tallies is what counting the rows gives,
+/// before and after folding the deltas (call it at the end of tests that change many rows).
+pub(crate) fn check_tallies(s: &dyn TestStore) {
+    use std::collections::BTreeMap;
+    let counted = || {
+        let jobs: Vec<(String, u64)> = s
+            .text_rows(
+                "SELECT state, CAST(COUNT(*) AS TEXT) FROM jobs GROUP BY state ORDER BY state",
+            )
+            .into_iter()
+            .map(|r| (r[0].clone(), r[1].parse().unwrap()))
+            .collect();
+        let lost: u64 = s
+            .text_rows("SELECT CAST(COALESCE(SUM(lost_attempts), 0) AS TEXT) FROM jobs")[0][0]
+            .parse()
+            .unwrap();
+        let units: Vec<(String, bool, u64)> = s
+            .text_rows(
+                "SELECT COALESCE(outcome, ''), CASE WHEN try_number > 1 THEN 'retry' ELSE 'first' END, \
+                 CAST(COUNT(*) AS TEXT) FROM unit_tries WHERE state = 'ended' GROUP BY 1, 2 ORDER BY 1, 2",
+            )
+            .into_iter()
+            .map(|r| (r[0].clone(), r[1] == "retry", r[2].parse().unwrap()))
+            .collect();
+        let mut deliveries: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
+        for r in s.text_rows("SELECT target, state, CAST(attempts AS TEXT) FROM deliveries") {
+            let kind = r[0].split(' ').next().unwrap().to_string();
+            let e = deliveries.entry((kind, r[1].clone())).or_default();
+            e.0 += 1;
+            e.1 += r[2].parse::<u64>().unwrap();
+        }
+        (jobs, lost, units, deliveries)
+    };
+    let read = || {
+        let m = s.metrics().unwrap();
+        let mut jobs: Vec<(String, u64)> = m
+            .jobs_by_state
+            .iter()
+            .map(|(st, n)| (st.to_string(), *n))
+            .collect();
+        jobs.sort();
+        let mut units: Vec<(String, bool, u64)> = m
+            .unit_tries
+            .iter()
+            .map(|(o, retry, n)| (o.as_str().to_string(), *retry, *n))
+            .collect();
+        units.sort();
+        let deliveries: BTreeMap<(String, String), (u64, u64)> = m
+            .deliveries
+            .iter()
+            .map(|d| ((d.kind.clone(), d.state.to_string()), (d.count, d.tries)))
+            .collect();
+        (jobs, m.lost_attempts, units, deliveries)
+    };
+    let want = counted();
+    assert_eq!(read(), want, "tallies with their deltas");
+    s.fold_tallies().unwrap();
+    assert_eq!(read(), want, "tallies folded");
+    assert_eq!(s.fold_tallies().unwrap(), 0, "nothing left to fold");
+    assert_eq!(read(), want, "tallies folded twice");
+}

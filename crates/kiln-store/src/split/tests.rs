@@ -368,6 +368,7 @@ fn a_lost_attempt_returns_its_units_to_another_shard(b: Backend) {
             assert_eq!(runner, Some("r2"));
         }
     }
+    crate::testing::check_tallies(s);
 }
 
 fn finished_and_ended_jobs_return_their_units(b: Backend) {
@@ -492,6 +493,7 @@ fn a_flaky_unit_passes_on_retry_and_is_counted_in_the_history(b: Backend) {
             }
         }
     }
+    crate::testing::check_tallies(s);
 }
 
 fn the_report_opt(s: &dyn TestStore, job: JobId) -> Option<kiln_domain::split::SplitReport> {
@@ -561,6 +563,7 @@ fn a_unit_failing_every_try_fails_the_split(b: Backend) {
         "{}",
         r.retry_note
     );
+    crate::testing::check_tallies(s);
 }
 
 fn more_failures_than_the_threshold_means_no_retry_round(b: Backend) {
