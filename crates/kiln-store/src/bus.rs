@@ -166,7 +166,7 @@ impl Bus {
             logs_ready: logs_ready.clone(),
         };
         let mut config = config;
-        config.application_name(&format!("kiln-bus-{me}"));
+        config.application_name(format!("kiln-bus-{me}"));
         let task = Task {
             config,
             me,
@@ -318,7 +318,10 @@ impl Task {
 
     /// Sends one message; false when the connection broke (the message is lost).
     async fn notify(&self, client: &tokio_postgres::Client, said: Said) -> bool {
-        let m = BusMessage { from: self.me, said };
+        let m = BusMessage {
+            from: self.me,
+            said,
+        };
         let json = match serde_json::to_string(&m) {
             Ok(j) => j,
             Err(e) => {
@@ -474,7 +477,10 @@ mod tests {
         });
         assert_eq!(
             got,
-            vec![Said::Log { job: j1, len: 30 }, Said::Log { job: j2, len: 5 }]
+            vec![
+                Said::Log { job: j1, len: 30 },
+                Said::Log { job: j2, len: 5 }
+            ]
         );
         // Later growth is sent again.
         a.log(j1, 40);

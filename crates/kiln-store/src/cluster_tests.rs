@@ -111,13 +111,24 @@ fn requeue_is_fenced_by_the_owner(b: Backend) {
     let r = s.upsert_runner("r", &BTreeMap::new(), 1, "t").unwrap().id;
     let a = owned_attempt(&*s, "a1", r, Some(da));
     // Not C's: nothing changes.
-    assert!(s.requeue_owned(a, "lost", 3, true, Some(dc)).unwrap().is_none());
+    assert!(
+        s.requeue_owned(a, "lost", 3, true, Some(dc))
+            .unwrap()
+            .is_none()
+    );
     let job = s.get_attempt(a).unwrap().unwrap().job_id;
     assert_eq!(s.get_job(job).unwrap().unwrap().state, JobState::Assigned);
     // Once C claimed it, A's requeue is refused and C's goes through.
     assert!(s.claim_attempt(a, r, Some(da), &owner(dc, "h2")).unwrap());
-    assert!(s.requeue_owned(a, "lost", 3, true, Some(da)).unwrap().is_none());
-    let ch = s.requeue_owned(a, "lost", 3, true, Some(dc)).unwrap().unwrap();
+    assert!(
+        s.requeue_owned(a, "lost", 3, true, Some(da))
+            .unwrap()
+            .is_none()
+    );
+    let ch = s
+        .requeue_owned(a, "lost", 3, true, Some(dc))
+        .unwrap()
+        .unwrap();
     assert_eq!(ch.job_state, JobState::Queued);
     // Unfenced (SQLite's one dispatcher) as before.
     let a2 = owned_attempt(&*s, "a2", r, Some(da));
@@ -134,7 +145,10 @@ fn a_claim_is_a_compare_and_set_on_the_owner(b: Backend) {
     let other = s.upsert_runner("o", &BTreeMap::new(), 1, "t").unwrap().id;
     let a = owned_attempt(&*s, "a1", r, Some(da));
     // Another runner cannot claim it, nor can a claim from a wrong owner.
-    assert!(!s.claim_attempt(a, other, Some(da), &owner(dc, "x")).unwrap());
+    assert!(
+        !s.claim_attempt(a, other, Some(da), &owner(dc, "x"))
+            .unwrap()
+    );
     assert!(!s.claim_attempt(a, r, Some(dc), &owner(dc, "x")).unwrap());
     assert!(!s.claim_attempt(a, r, None, &owner(dc, "x")).unwrap());
     assert!(s.claim_attempt(a, r, Some(da), &owner(dc, "h2")).unwrap());
