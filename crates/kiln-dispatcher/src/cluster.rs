@@ -30,6 +30,8 @@ pub(crate) struct Cluster {
     bus: OnceLock<BusSender>,
     /// Whether the bus listens (it said so once); for tests, which must not send before.
     listening: tokio::sync::watch::Sender<bool>,
+    /// When this dispatcher's row was last refreshed (`None` before the first round).
+    last_seen: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Cluster {
@@ -39,6 +41,7 @@ impl Cluster {
             config,
             bus: OnceLock::new(),
             listening: tokio::sync::watch::Sender::new(false),
+            last_seen: std::sync::Mutex::new(Some(Instant::now())),
         }
     }
 
@@ -132,10 +135,33 @@ impl Dispatcher {
         if !listed {
             tracing::error!(dispatcher = %me, "this dispatcher's row is gone (it was taken for dead); its attempts went to others");
         }
+        let gap = {
+            let mut last = cluster.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+            let gap = last
+                .is_none_or(|t| t.elapsed() >= Duration::from_millis(DISPATCHER_LEASE_MS as u64));
+            *last = Some(Instant::now());
+            gap
+        };
+        if gap {
+            // Others may have taken this one for dead (it could not reach the database, or
+            // was paused) and adopted its attempts.
+            self.reconcile_owners().await?;
+        }
+        self.adopt(now - DISPATCHER_LEASE_MS).await
+    }
+
+    /// Adopts the attempts of dispatchers not seen since `dead_before` (see `liveness_round`).
+    pub(crate) async fn adopt(
+        &self,
+        dead_before: kiln_domain::Millis,
+    ) -> Result<(), DispatchError> {
+        let Some(me) = self.me() else {
+            return Ok(());
+        };
         let adopted = self
             .db(move |s| {
                 let mut out = Vec::new();
-                for a in s.adopt_attempts(me, now - DISPATCHER_LEASE_MS)? {
+                for a in s.adopt_attempts(me, dead_before)? {
                     let hash = s.owned_attempt(a.id)?.and_then(|o| o.secret_hash);
                     if let Some(job) = s.get_job(a.job_id)? {
                         out.push((a, job, hash));
@@ -165,6 +191,64 @@ impl Dispatcher {
         }
         self.deadlines_changed();
         Ok(())
+    }
+
+    /// After this dispatcher was away from the database for a lease: each attempt in memory
+    /// that another dispatcher adopted meanwhile is claimed back when its runner is still
+    /// attached here (the old owner is told `Moved`), and forgotten otherwise.
+    async fn reconcile_owners(&self) -> Result<(), DispatchError> {
+        let Some(me) = self.me() else {
+            return Ok(());
+        };
+        let held: Vec<(AttemptId, kiln_domain::RunnerId, bool, Option<String>)> = self
+            .state()
+            .attempts
+            .iter()
+            .map(|(a, l)| (*a, l.runner_id, l.session.is_some(), l.secret_hash.clone()))
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let outcome = self
+            .db(move |s| {
+                let mut out = Vec::new();
+                for (a, runner, attached, hash) in held {
+                    let Some(o) = s.owned_attempt(a)? else {
+                        continue;
+                    };
+                    if !o.current || o.owner == Some(me) {
+                        continue;
+                    }
+                    let to = kiln_store::Owner {
+                        dispatcher: me,
+                        secret_hash: hash.or(o.secret_hash).unwrap_or_default(),
+                    };
+                    let back = attached && s.claim_attempt(a, runner, o.owner, &to)?;
+                    out.push((a, back));
+                }
+                Ok(out)
+            })
+            .await?;
+        for (a, back) in outcome {
+            if back {
+                tracing::info!(attempt = %a, "claimed back an attempt adopted while this dispatcher was away");
+                if let Some(c) = &self.inner.cluster {
+                    c.send(Said::Moved { attempt: a, to: me });
+                }
+            } else {
+                tracing::info!(attempt = %a, "another dispatcher adopted this attempt while this one was away");
+                self.state().attempts.remove(&a);
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the next liveness round act as after an absence (tests).
+    #[cfg(test)]
+    pub(crate) fn forget_last_seen(&self) {
+        if let Some(c) = &self.inner.cluster {
+            *c.last_seen.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
     }
 
     /// Another dispatcher's message.

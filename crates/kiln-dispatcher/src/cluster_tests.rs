@@ -312,3 +312,42 @@ async fn a_dead_dispatchers_attempt_is_adopted_and_its_runner_finishes_it_elsewh
     let d = b.get_build(detail.build.id).await.unwrap();
     assert_eq!(d.jobs[0].attempts, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_back_from_an_absence_claims_back_what_its_runners_still_run() {
+    let url = kiln_pgtest::database().unwrap();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, _sa) = open(&url, da.path()).await;
+    let (b, _sb) = open(&url, db.path()).await;
+    let (tx, mut out, _) = attach(&a, "r1", vec![], "").await;
+    let detail = build(&b, 1).await;
+    let job = detail.jobs[0].id;
+    let attempt = assigned(&mut out).await.attempt_id;
+    tx.send(accepted(attempt)).await.unwrap();
+    let mut events = b.subscribe();
+    wait_event(&mut events, job, JobState::Running).await;
+    // B takes A for dead (as if A's row had not been refreshed for a lease) and adopts.
+    b.adopt(kiln_domain::now_millis() + 60_000).await.unwrap();
+    assert!(b.state().attempts.contains_key(&attempt));
+    // A notices its absence: the runner is still here, so A claims the attempt back and B
+    // lets go of it.
+    a.forget_last_seen();
+    a.liveness_round().await.unwrap();
+    let store = b.store();
+    let owner = tokio::task::spawn_blocking(move || store.owned_attempt(attempt))
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .owner;
+    assert_eq!(owner, a.me());
+    wait_until("B let go of the attempt", || {
+        !b.state().attempts.contains_key(&attempt)
+    })
+    .await;
+    tx.send(finished(attempt, JobState::Passed, 0))
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut out).await.unwrap(), Out::ResultAck(_)));
+    wait_event(&mut events, job, JobState::Passed).await;
+}
