@@ -185,6 +185,7 @@ impl Dispatcher {
                     let mut live = LiveAttempt::new(&job, a.runner_id, None, &self.inner.config);
                     live.orphan_deadline = Some(deadline);
                     live.secret_hash = hash;
+                    live.taken_over = true;
                     live
                 });
             }

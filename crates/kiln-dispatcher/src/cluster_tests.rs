@@ -11,7 +11,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use super::tests::{Inbound, Outbound, assigned, build, finished, m, next};
+use super::tests::{Inbound, Outbound, assigned, build, finished, m, next, output};
 use super::{Config, Dispatcher, RunnerState};
 use kiln_domain::protocol::{self, DispatcherMessage as Out, RunnerMessage as In};
 
@@ -236,6 +236,14 @@ async fn a_runner_re_attaching_to_another_dispatcher_takes_its_attempt_along() {
     tx.send(accepted(attempt)).await.unwrap();
     let mut events = b.subscribe();
     wait_event(&mut events, job, JobState::Running).await;
+    // Output A stored and acknowledged.
+    for seq in 1..=2 {
+        tx.send(output(attempt, seq, b"on A\n")).await.unwrap();
+        match next(&mut out).await.unwrap() {
+            Out::OutputAck(ack) => assert_eq!(ack.up_to_seq, seq),
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
     let store = b.store();
     let owner = move |s: std::sync::Arc<dyn kiln_store::Store>| {
         s.owned_attempt(attempt).unwrap().unwrap().owner
@@ -262,7 +270,13 @@ async fn a_runner_re_attaching_to_another_dispatcher_takes_its_attempt_along() {
         !a.state().attempts.contains_key(&attempt)
     })
     .await;
-    btx.send(finished(attempt, JobState::Passed, 0))
+    // B takes the output up where A left it (A's log has 1 and 2), then the result.
+    btx.send(output(attempt, 3, b"on B\n")).await.unwrap();
+    match next(&mut bout).await.unwrap() {
+        Out::OutputAck(ack) => assert_eq!(ack.up_to_seq, 3),
+        other => panic!("expected an ack, got {other:?}"),
+    }
+    btx.send(finished(attempt, JobState::Passed, 3))
         .await
         .unwrap();
     assert!(matches!(next(&mut bout).await.unwrap(), Out::ResultAck(_)));
@@ -304,7 +318,8 @@ async fn a_dead_dispatchers_attempt_is_adopted_and_its_runner_finishes_it_elsewh
     .await;
     let (btx, mut bout, bw) = attach(&b, "r1", vec![attempt], &welcome.session_secret).await;
     assert!(bw.stale_attempts.is_empty(), "{bw:?}");
-    btx.send(finished(attempt, JobState::Passed, 0))
+    // Its output went to A (acknowledged); the result comes to B, which has none of it.
+    btx.send(finished(attempt, JobState::Passed, 5))
         .await
         .unwrap();
     assert!(matches!(next(&mut bout).await.unwrap(), Out::ResultAck(_)));

@@ -551,6 +551,11 @@ struct LiveAttempt {
     paused: bool,
     /// When it was assigned (wall clock, for its trace span; `None` after a restart).
     assigned_at: Option<std::time::SystemTime>,
+    /// Taken over from another dispatcher (adopted, or claimed by its re-attaching runner):
+    /// output that dispatcher acknowledged may be in its log and not in this one's, so the
+    /// first chunk (or result) the runner sends is where this log takes up the attempt when
+    /// it has nothing of it (see `session::takes_up`).
+    taken_over: bool,
 }
 
 impl LiveAttempt {
@@ -584,6 +589,7 @@ impl LiveAttempt {
             unlisted: 0,
             paused: false,
             assigned_at: None,
+            taken_over: false,
         }
     }
 }
@@ -636,6 +642,7 @@ impl Dispatcher {
                 // Recorded with PostgreSQL: the runner proves itself with it, as to the
                 // dispatcher that gave it out.
                 live.secret_hash = store.owned_attempt(a.id)?.and_then(|o| o.secret_hash);
+                live.taken_over = true;
             }
             state.attempts.insert(a.id, live);
         }

@@ -598,6 +598,7 @@ impl Dispatcher {
                 // What the runner proved: `register` checks it again and moves it to the
                 // new session.
                 live.secret_hash = o.secret_hash.clone();
+                live.taken_over = true;
                 st.attempts.entry(a).or_insert(live);
             }
             if let Some(c) = &self.inner.cluster {
@@ -1175,7 +1176,10 @@ impl Dispatcher {
                 return Ok(());
             }
         };
-        let expected = self.next_seq(attempt, job).await?;
+        let mut expected = self.next_seq(attempt, job).await?;
+        if chunk.seq > expected && self.takes_up(attempt, expected, chunk.seq) {
+            expected = chunk.seq;
+        }
         if chunk.seq < expected {
             // Already stored (re-sent after a reconnect): acknowledge, do not store twice.
             send(
@@ -1235,6 +1239,24 @@ impl Dispatcher {
         )
         .await;
         Ok(())
+    }
+
+    /// Whether an attempt taken over from another dispatcher, of which this dispatcher's log has
+    /// nothing (`expected` is 1), takes up its runner's output at `seq`: what came before was
+    /// acknowledged by the other dispatcher, so it is in that one's log, not lost. Only then,
+    /// and once: a gap anywhere else ends the session as always.
+    fn takes_up(&self, attempt: AttemptId, expected: u64, seq: u64) -> bool {
+        let mut st = self.state();
+        let Some(a) = st.attempts.get_mut(&attempt) else {
+            return false;
+        };
+        if !a.taken_over || expected != 1 {
+            return false;
+        }
+        a.taken_over = false;
+        a.next_seq = Some(seq);
+        tracing::info!(%attempt, seq, "taking up an attempt's output where another dispatcher left it");
+        true
     }
 
     /// The next sequence number expected for an attempt (read from the log after a restart).
@@ -1310,7 +1332,10 @@ impl Dispatcher {
         };
         if let Some(job) = job {
             // A result is only taken once all of the attempt's output is stored.
-            let stored = self.next_seq(attempt, job).await? - 1;
+            let mut stored = self.next_seq(attempt, job).await? - 1;
+            if f.last_seq > stored && self.takes_up(attempt, stored + 1, f.last_seq + 1) {
+                stored = f.last_seq;
+            }
             if f.last_seq > stored {
                 return Err(DispatchError::OutputMissing {
                     attempt,

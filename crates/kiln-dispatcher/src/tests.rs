@@ -122,7 +122,7 @@ pub(crate) fn finished(
     }))
 }
 
-fn output(attempt: AttemptId, seq: u64, data: &[u8]) -> Result<In, StreamError> {
+pub(crate) fn output(attempt: AttemptId, seq: u64, data: &[u8]) -> Result<In, StreamError> {
     m(In::Output(protocol::OutputChunk {
         attempt_id: attempt,
         seq,
