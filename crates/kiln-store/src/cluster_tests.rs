@@ -239,6 +239,27 @@ fn a_runner_is_attached_while_its_dispatcher_lives(b: Backend) {
     assert!(s.attached_runners(NOW + 5_000).unwrap().is_empty());
 }
 
+fn a_runner_attached_to_another_live_dispatcher_is_not_forgotten(b: Backend) {
+    let s = b.open();
+    let d = s.register_dispatcher("other", NOW).unwrap();
+    let r = s.upsert_runner("r", &BTreeMap::new(), 1, "t").unwrap();
+    let q = s.upsert_runner("q", &BTreeMap::new(), 1, "t").unwrap();
+    s.touch_runner(r.id, 0).unwrap();
+    s.touch_runner(q.id, 0).unwrap();
+    s.set_runner_dispatcher(r.id, Some(d), d).unwrap();
+    // Both idle for long; r is attached to a dispatcher seen since: only q goes.
+    assert_eq!(s.forget_idle_runners(NOW, &[]).unwrap(), 1);
+    let names: Vec<String> = s
+        .list_runners()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(names, vec!["r".to_string()]);
+    // Once that dispatcher is dead for long, r goes too.
+    assert_eq!(s.forget_idle_runners(NOW + 1, &[]).unwrap(), 1);
+}
+
 on_both_backends!(
     dispatchers_register_heartbeat_and_are_listed,
     assign_records_the_owner_and_the_secret_hash,
@@ -246,4 +267,5 @@ on_both_backends!(
     a_claim_is_a_compare_and_set_on_the_owner,
     live_dispatchers_adopt_the_attempts_of_dead_ones,
     a_runner_is_attached_while_its_dispatcher_lives,
+    a_runner_attached_to_another_live_dispatcher_is_not_forgotten,
 );

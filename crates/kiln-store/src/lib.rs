@@ -392,7 +392,8 @@ pub trait Store: Send + Sync + 'static {
     /// Every known runner, by name.
     fn list_runners(&self) -> Result<Vec<RunnerRecord>>;
     /// Forgets runners last seen before `before` that never held an attempt, except those in
-    /// `keep` (attached now). Returns how many were forgotten.
+    /// `keep` (attached now) and those attached to a dispatcher seen since `before` (another
+    /// dispatcher's). Returns how many were forgotten.
     fn forget_idle_runners(&self, before: Millis, keep: &[RunnerId]) -> Result<u64>;
     /// Sets (or with `None`, revokes) the hashed token of a runner name. Returns whether a row
     /// changed.

@@ -1340,7 +1340,9 @@ impl Store for PgStore {
         self.write(|db| {
             db.execute(
                 "DELETE FROM runners WHERE last_seen < $1 AND id <> ALL($2) \
-                 AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.runner_id = runners.id)",
+                 AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.runner_id = runners.id) \
+                 AND NOT EXISTS (SELECT 1 FROM dispatchers d WHERE d.id = runners.dispatcher \
+                                 AND d.seen_at >= $1)",
                 &[&before, &keep],
             )
         })

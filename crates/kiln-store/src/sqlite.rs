@@ -1513,7 +1513,9 @@ impl Store for SqliteStore {
         let n = conn.execute(
             "DELETE FROM runners WHERE last_seen < ?1 \
              AND id NOT IN (SELECT value FROM json_each(?2)) \
-             AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.runner_id = runners.id)",
+             AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.runner_id = runners.id) \
+             AND NOT EXISTS (SELECT 1 FROM dispatchers d WHERE d.id = runners.dispatcher \
+                             AND d.seen_at >= ?1)",
             params![before, keep],
         )?;
         Ok(n as u64)
