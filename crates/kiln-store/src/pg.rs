@@ -1191,6 +1191,25 @@ impl Store for PgStore {
     }
 
     fn adopt_attempts(&self, me: DispatcherId, dead_before: Millis) -> Result<Vec<Attempt>> {
+        // Every dispatcher asks every second: a read-only look first (no serializable
+        // transaction, so no conflict with the writers of running jobs when, as nearly always,
+        // there is nothing to adopt or forget).
+        let forget_before = dead_before - crate::FORGET_DISPATCHERS_MS;
+        let anything = self.read(|db| {
+            Ok(db
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM jobs j JOIN attempts a ON a.id = j.current_attempt \
+                     WHERE j.state IN ('assigned', 'running') \
+                     AND (a.owner IS NULL OR (a.owner <> $1 AND NOT EXISTS \
+                       (SELECT 1 FROM dispatchers d WHERE d.id = a.owner AND d.seen_at >= $2)))) \
+                     OR EXISTS (SELECT 1 FROM dispatchers WHERE seen_at < $3 AND id <> $1)",
+                    &[&me, &dead_before, &forget_before],
+                )?
+                .try_get::<_, bool>(0)?)
+        })?;
+        if !anything {
+            return Ok(Vec::new());
+        }
         self.write(|db| {
             // The attempts' row locks, then the compare-and-set of each owner: two dispatchers
             // adopting at once queue on the rows, and the second finds them owned by a live one.
@@ -1216,7 +1235,7 @@ impl Store for PgStore {
             }
             db.execute(
                 "DELETE FROM dispatchers WHERE seen_at < $1 AND id <> $2",
-                &[&(dead_before - crate::FORGET_DISPATCHERS_MS), &me],
+                &[&forget_before, &me],
             )?;
             Ok(adopted)
         })
