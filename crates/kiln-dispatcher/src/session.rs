@@ -554,10 +554,8 @@ impl Dispatcher {
         let wanted: Vec<kiln_store::OwnedAttempt> = stored
             .into_iter()
             .filter(|o| {
-                o.current
-                    && o.attempt.runner_id == runner
-                    && o.owner != Some(me)
-                    && proof.proves(o.secret_hash.as_deref())
+                // Owned here too: adopted, and not yet in memory.
+                o.current && o.attempt.runner_id == runner && proof.proves(o.secret_hash.as_deref())
             })
             .collect();
         if wanted.is_empty() {
@@ -601,7 +599,9 @@ impl Dispatcher {
                 live.taken_over = true;
                 st.attempts.entry(a).or_insert(live);
             }
-            if let Some(c) = &self.inner.cluster {
+            if o.owner != Some(me)
+                && let Some(c) = &self.inner.cluster
+            {
                 c.send(kiln_store::Said::Moved { attempt: a, to: me });
             }
         }
