@@ -366,3 +366,27 @@ async fn a_dispatcher_back_from_an_absence_claims_back_what_its_runners_still_ru
     assert!(matches!(next(&mut out).await.unwrap(), Out::ResultAck(_)));
     wait_event(&mut events, job, JobState::Passed).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_attempt_held_elsewhere_is_stopped_by_its_owner() {
+    let url = kiln_pgtest::database().unwrap();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, _sa) = open(&url, da.path()).await;
+    let (b, _sb) = open(&url, db.path()).await;
+    let (tx, mut out, _) = attach(&a, "r1", vec![], "").await;
+    let detail = build(&b, 1).await;
+    let job = detail.jobs[0].id;
+    let attempt = assigned(&mut out).await.attempt_id;
+    tx.send(accepted(attempt)).await.unwrap();
+    let mut events = b.subscribe();
+    wait_event(&mut events, job, JobState::Running).await;
+    // What B does for the running attempts of builds a newer commit superseded.
+    b.cancel_on_runner(attempt, "superseded by a newer build");
+    match next(&mut out).await.unwrap() {
+        Out::Cancel(c) => {
+            assert_eq!(c.attempt_id, attempt);
+            assert_eq!(c.reason, "superseded by a newer build");
+        }
+        other => panic!("expected a cancel, got {other:?}"),
+    }
+}

@@ -1120,11 +1120,22 @@ impl Dispatcher {
         self.db(move |s| s.branch_cursor(&r, &b)).await
     }
 
-    /// Tells the runner of an attempt (if attached) to stop it; the attempt is forgotten.
+    /// Tells the runner of an attempt (if attached) to stop it; the attempt is forgotten. With
+    /// PostgreSQL, an attempt not held here is another dispatcher's: that one is asked.
     fn cancel_on_runner(&self, attempt: AttemptId, reason: &str) {
-        let mut st = self.state();
-        st.send_cancel(attempt, self.inner.config.cancel_grace, reason);
-        st.attempts.remove(&attempt);
+        let grace = self.inner.config.cancel_grace;
+        let held = {
+            let mut st = self.state();
+            st.send_cancel(attempt, grace, reason);
+            st.attempts.remove(&attempt).is_some()
+        };
+        if !held && let Some(c) = &self.inner.cluster {
+            c.send(kiln_store::Said::Cancel {
+                attempt,
+                grace_ms: grace.as_millis() as u64,
+                reason: reason.to_string(),
+            });
+        }
     }
 
     async fn create(&self, new: NewBuild) -> Result<BuildDetail, DispatchError> {
