@@ -167,6 +167,13 @@ impl Bus {
         };
         let mut config = config;
         config.application_name(format!("kiln-bus-{me}"));
+        // A connection that only listens notices a silent network only through TCP
+        // keepalives: find a dead one within about 20 s, not the system's two hours.
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(5))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3);
         let task = Task {
             config,
             me,
