@@ -6,6 +6,7 @@
 
 mod bad_input;
 mod browser;
+mod cluster;
 mod dispatcher_edges;
 mod dispatcher_urls;
 mod e2e;

@@ -9,6 +9,7 @@
 //!   which attempt is on which runner, the next output sequence number) is rebuilt after a
 //!   restart from the store and from the runners' handshakes.
 
+mod cluster;
 mod health;
 mod hub;
 pub mod junit;
@@ -20,6 +21,8 @@ pub mod tokens;
 mod trace;
 
 pub use space::parse_size;
+#[cfg(test)]
+mod cluster_tests;
 #[cfg(test)]
 mod tests;
 
@@ -386,6 +389,8 @@ struct Inner {
     metrics: metrics::Metrics,
     /// The traces of builds in flight.
     traces: trace::Traces,
+    /// With PostgreSQL: this dispatcher among the others on the database (`cluster`).
+    cluster: Option<cluster::Cluster>,
 }
 
 /// What is in memory about runners and the attempts they hold.
@@ -546,6 +551,11 @@ struct LiveAttempt {
     paused: bool,
     /// When it was assigned (wall clock, for its trace span; `None` after a restart).
     assigned_at: Option<std::time::SystemTime>,
+    /// Taken over from another dispatcher (adopted, or claimed by its re-attaching runner):
+    /// output that dispatcher acknowledged may be in its log and not in this one's, so the
+    /// first chunk (or result) the runner sends is where this log takes up the attempt when
+    /// it has nothing of it (see `session::takes_up`).
+    taken_over: bool,
 }
 
 impl LiveAttempt {
@@ -579,6 +589,7 @@ impl LiveAttempt {
             unlisted: 0,
             paused: false,
             assigned_at: None,
+            taken_over: false,
         }
     }
 }
@@ -597,6 +608,17 @@ impl Dispatcher {
             Some(db) => Arc::new(PgStore::connect_with(db.clone())?),
             None => Arc::new(SqliteStore::open(&dir.join("kiln.db"))?),
         };
+        // With PostgreSQL, other dispatchers may be running on the database: this one registers
+        // and takes only the attempts of dead ones (its own earlier process's, once that is
+        // dead; the liveness round adopts the rest later).
+        let cluster = match &config.database {
+            Some(db) => {
+                let me = store.register_dispatcher(&cluster::process_name(), now_millis())?;
+                tracing::info!(dispatcher = %me, "registered among the database's dispatchers");
+                Some(cluster::Cluster::new(me, db.clone()))
+            }
+            None => None,
+        };
         let logs = LogStore::open(dir.join("logs"))?;
         let mirrors = Mirrors::new(dir.join("mirrors"))
             .map_err(|e| DispatchError::Internal(format!("mirrors: {}", error_chain(&e))))?;
@@ -604,7 +626,11 @@ impl Dispatcher {
         // Runners reconnect with backoff (up to 2 s) and a connect timeout: give them at least
         // 10 s to re-attach what they hold before their jobs run elsewhere.
         let deadline = Instant::now() + config.lease().max(Duration::from_secs(10));
-        for a in store.unfinished_attempts()? {
+        let in_flight = match &cluster {
+            Some(c) => store.adopt_attempts(c.me, cluster::alive_since())?,
+            None => store.unfinished_attempts()?,
+        };
+        for a in in_flight {
             let Some(job) = store.get_job(a.job_id)? else {
                 continue;
             };
@@ -612,6 +638,12 @@ impl Dispatcher {
             // the dispatcher was away.
             let mut live = LiveAttempt::new(&job, a.runner_id, None, &config);
             live.orphan_deadline = Some(deadline);
+            if cluster.is_some() {
+                // Recorded with PostgreSQL: the runner proves itself with it, as to the
+                // dispatcher that gave it out.
+                live.secret_hash = store.owned_attempt(a.id)?.and_then(|o| o.secret_hash);
+                live.taken_over = true;
+            }
             state.attempts.insert(a.id, live);
         }
         if !state.attempts.is_empty() {
@@ -642,6 +674,7 @@ impl Dispatcher {
                 space: space::Space::new(dir.clone(), min_free),
                 metrics: metrics::Metrics::new(),
                 traces,
+                cluster,
             }),
         })
     }
@@ -722,10 +755,33 @@ impl Dispatcher {
         });
     }
 
-    /// Sends an event to `WatchBuilds` and counts it in the metrics.
+    /// Sends an event to `WatchBuilds` and counts it in the metrics (and with PostgreSQL, to
+    /// the other dispatchers, which re-emit it to theirs).
     fn emit(&self, event: Event) {
         self.inner.metrics.on_event(&event);
+        if let Some(c) = &self.inner.cluster {
+            c.send(kiln_store::Said::Event {
+                event: event.clone(),
+            });
+        }
         let _ = self.inner.events.send(event);
+    }
+
+    /// The owner this dispatcher records for an attempt on session `sid` of `runner` (with
+    /// PostgreSQL; `None` with SQLite, whose one dispatcher owns everything).
+    fn owner_for(&self, runner: RunnerId, sid: u64) -> Option<kiln_store::Owner> {
+        let c = self.inner.cluster.as_ref()?;
+        let st = self.state();
+        let s = st.sessions.get(&runner).filter(|s| s.id == sid)?;
+        Some(kiln_store::Owner {
+            dispatcher: c.me,
+            secret_hash: s.secret_hash.clone(),
+        })
+    }
+
+    /// This dispatcher's id among the database's dispatchers (PostgreSQL only).
+    fn me(&self) -> Option<kiln_domain::DispatcherId> {
+        self.inner.cluster.as_ref().map(|c| c.me)
     }
 
     /// The text of a `/metrics` scrape (see [`metrics`]).
@@ -1073,11 +1129,22 @@ impl Dispatcher {
         self.db(move |s| s.branch_cursor(&r, &b)).await
     }
 
-    /// Tells the runner of an attempt (if attached) to stop it; the attempt is forgotten.
+    /// Tells the runner of an attempt (if attached) to stop it; the attempt is forgotten. With
+    /// PostgreSQL, an attempt not held here is another dispatcher's: that one is asked.
     fn cancel_on_runner(&self, attempt: AttemptId, reason: &str) {
-        let mut st = self.state();
-        st.send_cancel(attempt, self.inner.config.cancel_grace, reason);
-        st.attempts.remove(&attempt);
+        let grace = self.inner.config.cancel_grace;
+        let held = {
+            let mut st = self.state();
+            st.send_cancel(attempt, grace, reason);
+            st.attempts.remove(&attempt).is_some()
+        };
+        if !held && let Some(c) = &self.inner.cluster {
+            c.send(kiln_store::Said::Cancel {
+                attempt,
+                grace_ms: grace.as_millis() as u64,
+                reason: reason.to_string(),
+            });
+        }
     }
 
     async fn create(&self, new: NewBuild) -> Result<BuildDetail, DispatchError> {
@@ -1209,34 +1276,102 @@ impl Dispatcher {
     pub async fn cancel_build(&self, id: BuildId) -> Result<BuildDetail, DispatchError> {
         let detail = self.get_build(id).await?;
         let grace = self.inner.config.cancel_grace;
+        let reason = "cancelled by user";
         for job in detail.jobs.iter().filter(|j| !j.state.is_final()) {
-            let sent = job.current_attempt.is_some_and(|a| {
-                let mut st = self.state();
-                let sent = st.send_cancel(a, grace, "cancelled by user");
-                if sent && let Some(live) = st.attempts.get_mut(&a) {
-                    // Post steps still run after a cancel: give them time before stepping in.
-                    live.cancel_deadline =
-                        Some(Instant::now() + grace + self.inner.config.deadline_slack * 2);
-                }
-                sent
-            });
-            if sent {
-                self.deadlines_changed();
+            if let Some(a) = job.current_attempt
+                && self.cancel_elsewhere(a, grace, reason).await?
+            {
+                continue;
             }
-            if !sent {
-                let job_id = job.id;
-                if let Some(ch) = self
-                    .db(move |s| s.end_job(job_id, JobState::Cancelled, "cancelled by user"))
-                    .await?
-                {
-                    if let Some(a) = job.current_attempt {
-                        self.state().attempts.remove(&a);
-                    }
-                    self.publish(&ch);
-                }
+            match job.current_attempt {
+                Some(a) => self.cancel_attempt(job.id, a, grace, reason).await?,
+                None => self.end_cancelled(job.id, None).await?,
             }
         }
         self.get_build(id).await
+    }
+
+    /// Cancels a job whose current attempt is `attempt`: down its runner's stream when its
+    /// runner is attached here (the job ends when the runner reports, or when the grace period
+    /// and a margin have passed), else at once.
+    async fn cancel_attempt(
+        &self,
+        job: JobId,
+        attempt: AttemptId,
+        grace: Duration,
+        reason: &str,
+    ) -> Result<(), DispatchError> {
+        let sent = {
+            let mut st = self.state();
+            let sent = st.send_cancel(attempt, grace, reason);
+            if sent && let Some(live) = st.attempts.get_mut(&attempt) {
+                // Post steps still run after a cancel: give them time before stepping in.
+                live.cancel_deadline =
+                    Some(Instant::now() + grace + self.inner.config.deadline_slack * 2);
+            }
+            sent
+        };
+        if sent {
+            self.deadlines_changed();
+            return Ok(());
+        }
+        self.end_cancelled(job, Some(attempt)).await
+    }
+
+    /// Ends a job `cancelled` at once (its attempt, if any, leaves memory).
+    async fn end_cancelled(
+        &self,
+        job: JobId,
+        attempt: Option<AttemptId>,
+    ) -> Result<(), DispatchError> {
+        if let Some(ch) = self
+            .db(move |s| s.end_job(job, JobState::Cancelled, "cancelled by user"))
+            .await?
+        {
+            if let Some(a) = attempt {
+                self.state().attempts.remove(&a);
+            }
+            self.publish(&ch);
+        }
+        Ok(())
+    }
+
+    /// With PostgreSQL, an attempt not in this dispatcher's memory may be another live
+    /// dispatcher's: that one is asked (over the bus) to cancel it on its runner. True when
+    /// it was asked.
+    async fn cancel_elsewhere(
+        &self,
+        attempt: AttemptId,
+        grace: Duration,
+        reason: &str,
+    ) -> Result<bool, DispatchError> {
+        let Some(me) = self.me() else {
+            return Ok(false);
+        };
+        if self.state().attempts.contains_key(&attempt) {
+            return Ok(false);
+        }
+        let (owned, dispatchers) = self
+            .db(move |s| Ok((s.owned_attempt(attempt)?, s.dispatchers()?)))
+            .await?;
+        let now = now_millis();
+        let owner = owned
+            .filter(|o| o.current)
+            .and_then(|o| o.owner)
+            .filter(|o| *o != me && dispatchers.iter().any(|d| d.id == *o && d.alive(now)));
+        let Some(owner) = owner else {
+            // Nobody alive holds it: ended here (its runner is told when it re-attaches).
+            return Ok(false);
+        };
+        tracing::info!(%attempt, %owner, "asking the attempt's dispatcher to cancel it");
+        if let Some(c) = &self.inner.cluster {
+            c.send(kiln_store::Said::Cancel {
+                attempt,
+                grace_ms: grace.as_millis() as u64,
+                reason: reason.to_string(),
+            });
+        }
+        Ok(true)
     }
 
     /// Builds a finished build's commit again, with the same jobs and parameters, as a new
@@ -1302,11 +1437,38 @@ impl Dispatcher {
     /// Every known runner with its live state.
     pub async fn list_runners(&self) -> Result<Vec<RunnerView>, DispatchError> {
         let records = self.db(|s| s.list_runners()).await?;
+        // With PostgreSQL: runners attached to other live dispatchers, and what they run.
+        let (elsewhere, remote_running) = match self.me() {
+            Some(me) => {
+                let since = cluster::alive_since();
+                self.db(move |s| {
+                    let attached: std::collections::HashSet<RunnerId> = s
+                        .attached_runners(since)?
+                        .into_iter()
+                        .filter(|(_, d)| *d != me)
+                        .map(|(r, _)| r)
+                        .collect();
+                    let running = if attached.is_empty() {
+                        Vec::new()
+                    } else {
+                        s.unfinished_attempts()?
+                    };
+                    Ok((attached, running))
+                })
+                .await?
+            }
+            None => Default::default(),
+        };
         let st = self.state();
         // One pass over the live attempts, not one per runner.
         let mut running: HashMap<RunnerId, Vec<JobId>> = HashMap::new();
         for a in st.attempts.values().filter(|a| a.session.is_some()) {
             running.entry(a.runner_id).or_default().push(a.job_id);
+        }
+        for a in remote_running {
+            if elsewhere.contains(&a.runner_id) && !st.sessions.contains_key(&a.runner_id) {
+                running.entry(a.runner_id).or_default().push(a.job_id);
+            }
         }
         Ok(records
             .into_iter()
@@ -1314,6 +1476,11 @@ impl Dispatcher {
                 let mut running_jobs = running.remove(&r.id).unwrap_or_default();
                 running_jobs.sort_unstable();
                 let (state, hb) = match st.sessions.get(&r.id) {
+                    // Attached to another dispatcher (whether it drains is that one's).
+                    None if elsewhere.contains(&r.id) && running_jobs.is_empty() => {
+                        (RunnerState::Idle, r.last_seen)
+                    }
+                    None if elsewhere.contains(&r.id) => (RunnerState::Busy, r.last_seen),
                     None => (RunnerState::Offline, r.last_seen),
                     Some(s) if s.draining => (RunnerState::Draining, s.last_heartbeat_ms),
                     Some(s) if running_jobs.is_empty() => (RunnerState::Idle, s.last_heartbeat_ms),
@@ -1377,22 +1544,20 @@ impl Dispatcher {
         let name = name.trim();
         // A valid name, or an error that quotes only its start (a long name is not echoed).
         session::check_runner_name(name, "name").map_err(|m| DispatchError::invalid("name", m))?;
-        let found = {
-            let mut st = self.state();
-            let session = st.sessions.values_mut().find(|s| s.name == name);
-            match session {
-                Some(s) => {
-                    s.draining = true;
-                    let _ = s.tx.try_send(Ok(DispatcherMessage::Drain(protocol::Drain {
-                        reason: "drained by an administrator".into(),
-                    })));
-                    true
-                }
-                None => false,
-            }
-        };
+        let found = self.drain_local(name);
         let runners = self.list_runners().await?;
-        let view = runners.into_iter().find(|r| r.record.name == name);
+        let mut view = runners.into_iter().find(|r| r.record.name == name);
+        // With PostgreSQL: attached to another live dispatcher, which is asked to drain it.
+        let found = match (&self.inner.cluster, &mut view) {
+            (Some(c), Some(v)) if !found && v.state != RunnerState::Offline => {
+                c.send(kiln_store::Said::Drain {
+                    runner: name.to_string(),
+                });
+                v.state = RunnerState::Draining;
+                true
+            }
+            _ => found,
+        };
         match (found, view) {
             (true, Some(v)) => {
                 tracing::info!(runner = %name, "draining runner");

@@ -28,6 +28,8 @@ const ROUND: u32 = 256;
 impl Dispatcher {
     /// Starts the scheduler and liveness loop; it stops when `shutdown` is cancelled.
     pub fn spawn_background(&self, shutdown: CancellationToken) -> JoinHandle<()> {
+        // With PostgreSQL: the bus and the dispatchers' liveness round, beside this loop.
+        self.spawn_cluster(shutdown.clone());
         let d = self.clone();
         tokio::spawn(
             async move {
@@ -133,6 +135,7 @@ impl Dispatcher {
                 .collect();
             for id in silent {
                 if let Some(s) = st.sessions.remove(&id) {
+                    self.detached(id);
                     tracing::warn!(runner = %s.name, "runner missed its heartbeats; declaring it lost");
                     s.stop.cancel();
                     for a in st.attempts.values_mut() {
@@ -268,8 +271,11 @@ impl Dispatcher {
         // Out of memory only once the store has it: a failed write (a full disk) leaves the
         // attempt in both, to be requeued when the store can be written again, never current
         // in the store with nothing in memory driving it.
+        // With PostgreSQL, only while this dispatcher still owns it: one that lost it to another
+        // (its runner re-attached there) just forgets it.
+        let me = self.me();
         let requeued = self
-            .db(move |s| s.requeue_attempt(attempt, &why, max, counts))
+            .db(move |s| s.requeue_owned(attempt, &why, max, counts, me))
             .await?;
         self.state().attempts.remove(&attempt);
         if let Some(ch) = requeued {
@@ -297,8 +303,14 @@ impl Dispatcher {
                 continue;
             };
             let (job_id, name) = (job.id, runner_name.clone());
-            let Some((attempt, change)) =
-                self.db(move |s| s.assign(job_id, runner_id, &name)).await?
+            let owner = self.owner_for(runner_id, session_id);
+            if self.inner.cluster.is_some() && owner.is_none() {
+                // The session ended meanwhile: nobody here to own the attempt.
+                continue;
+            }
+            let Some((attempt, change)) = self
+                .db(move |s| s.assign_owned(job_id, runner_id, &name, owner.as_ref()))
+                .await?
             else {
                 continue;
             };

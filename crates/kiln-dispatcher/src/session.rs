@@ -267,6 +267,10 @@ impl Dispatcher {
             secret: &hello.session_secret,
         };
         let new_secret = crate::tokens::hash_token(&secret);
+        if self.me().is_some() {
+            self.claim_held(runner, &hello.held_attempts, proof, &new_secret)
+                .await;
+        }
         let reconciled = self.register(
             &record,
             sid,
@@ -274,7 +278,7 @@ impl Dispatcher {
             &stop,
             &hello.held_attempts,
             proof,
-            new_secret,
+            new_secret.clone(),
         );
         let (stale, superseded, lost) = match reconciled {
             Ok(r) => r,
@@ -300,6 +304,9 @@ impl Dispatcher {
             if let Err(e) = self.requeue(a, "runner came back without it").await {
                 tracing::error!(cause = %e, "requeue failed");
             }
+        }
+        if self.me().is_some() {
+            self.attached_here(runner, sid, new_secret).await;
         }
         let config = &self.inner.config;
         let welcome = Out::Welcome(protocol::Welcome {
@@ -500,6 +507,161 @@ impl Dispatcher {
         Ok((stale, superseded, lost))
     }
 
+    /// With PostgreSQL: attempts the runner says it holds that this dispatcher does not have
+    /// in memory may be another dispatcher's (the runner re-attached here after that one died,
+    /// or moved). Each one that is current, unfinished, this runner's, and whose stored secret
+    /// hash the Hello proves (or the runner's own token does) is claimed: its owner moves here
+    /// (a compare-and-set, so one dispatcher wins), the old owner is told `Moved`, and it
+    /// waits in memory for `register` to put it on the new session.
+    async fn claim_held(
+        &self,
+        runner: RunnerId,
+        held: &[AttemptId],
+        proof: Proof<'_>,
+        new_secret: &str,
+    ) {
+        let Some(me) = self.me() else {
+            return;
+        };
+        let missing: Vec<AttemptId> = {
+            let st = self.state();
+            held.iter()
+                .filter(|a| !st.attempts.contains_key(a))
+                .copied()
+                .collect()
+        };
+        if missing.is_empty() {
+            return;
+        }
+        let stored = match self
+            .db(move |s| {
+                let mut out = Vec::new();
+                for a in missing {
+                    if let Some(o) = s.owned_attempt(a)? {
+                        out.push(o);
+                    }
+                }
+                Ok(out)
+            })
+            .await
+        {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::error!(cause = %e, "cannot read held attempts");
+                return;
+            }
+        };
+        let wanted: Vec<kiln_store::OwnedAttempt> = stored
+            .into_iter()
+            .filter(|o| {
+                // Owned here too: adopted, and not yet in memory.
+                o.current && o.attempt.runner_id == runner && proof.proves(o.secret_hash.as_deref())
+            })
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let to = kiln_store::Owner {
+            dispatcher: me,
+            secret_hash: new_secret.to_string(),
+        };
+        let claimed = self
+            .db(move |s| {
+                let mut out = Vec::new();
+                for o in wanted {
+                    if s.claim_attempt(o.attempt.id, runner, o.owner, &to)?
+                        && let Some(job) = s.get_job(o.attempt.job_id)?
+                    {
+                        out.push((o, job));
+                    }
+                }
+                Ok(out)
+            })
+            .await;
+        let claimed = match claimed {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(cause = %e, "cannot claim held attempts");
+                return;
+            }
+        };
+        let deadline = Instant::now() + self.inner.config.lease();
+        for (o, job) in claimed {
+            let a = o.attempt.id;
+            tracing::info!(attempt = %a, from = ?o.owner.map(|d| d.get()), "claimed an attempt its runner re-attached here with");
+            {
+                let mut st = self.state();
+                let mut live = super::LiveAttempt::new(&job, runner, None, &self.inner.config);
+                live.orphan_deadline = Some(deadline);
+                // What the runner proved: `register` checks it again and moves it to the
+                // new session.
+                live.secret_hash = o.secret_hash.clone();
+                live.taken_over = true;
+                st.attempts.entry(a).or_insert(live);
+            }
+            if o.owner != Some(me)
+                && let Some(c) = &self.inner.cluster
+            {
+                c.send(kiln_store::Said::Moved { attempt: a, to: me });
+            }
+        }
+        self.deadlines_changed();
+    }
+
+    /// With PostgreSQL, after a session was installed: the store says which dispatcher holds
+    /// the runner, and its re-attached attempts record the new session's secret hash (so the
+    /// runner proves itself with the new secret to whichever dispatcher it reaches next).
+    async fn attached_here(&self, runner: RunnerId, sid: u64, secret_hash: String) {
+        let Some(me) = self.me() else {
+            return;
+        };
+        let on_session: Vec<AttemptId> = self
+            .state()
+            .attempts
+            .iter()
+            .filter(|(_, l)| l.session == Some(sid))
+            .map(|(a, _)| *a)
+            .collect();
+        let to = kiln_store::Owner {
+            dispatcher: me,
+            secret_hash,
+        };
+        let done = self
+            .db(move |s| {
+                s.set_runner_dispatcher(runner, Some(me), me)?;
+                let mut gone = Vec::new();
+                for a in on_session {
+                    if !s.claim_attempt(a, runner, Some(me), &to)? {
+                        gone.push(a);
+                    }
+                }
+                Ok(gone)
+            })
+            .await;
+        match done {
+            Ok(gone) => {
+                for a in gone {
+                    // Ended, or taken by another dispatcher meanwhile (its `Moved` follows).
+                    tracing::info!(attempt = %a, "attempt no longer owned here");
+                }
+            }
+            Err(e) => tracing::error!(cause = %e, "cannot record the runner's dispatcher"),
+        }
+    }
+
+    /// With PostgreSQL: the runner's stream is no longer here.
+    pub(super) fn detached(&self, runner: RunnerId) {
+        let Some(me) = self.me() else {
+            return;
+        };
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.set_runner_dispatcher(runner, None, me) {
+                tracing::warn!(cause = %error_chain(&e), "cannot record a runner's detach");
+            }
+        });
+    }
+
     /// Counts an assignment the runner refused and backs off from it.
     fn refused_assignment(&self, runner: RunnerId, sid: u64, reason: &str) {
         let mut st = self.state();
@@ -579,6 +741,7 @@ impl Dispatcher {
         }
         let last_seen = s.last_heartbeat_ms;
         st.sessions.remove(&runner);
+        self.detached(runner);
         for a in st.attempts.values_mut() {
             if a.session == Some(sid) {
                 a.session = None;
@@ -1013,7 +1176,10 @@ impl Dispatcher {
                 return Ok(());
             }
         };
-        let expected = self.next_seq(attempt, job).await?;
+        let mut expected = self.next_seq(attempt, job).await?;
+        if chunk.seq > expected && self.takes_up(attempt, expected, chunk.seq) {
+            expected = chunk.seq;
+        }
         if chunk.seq < expected {
             // Already stored (re-sent after a reconnect): acknowledge, do not store twice.
             send(
@@ -1060,6 +1226,9 @@ impl Dispatcher {
         }
         self.inner.metrics.output(chunk.data.len());
         self.inner.hub.advance(job, len);
+        if let Some(c) = &self.inner.cluster {
+            c.log(job, len);
+        }
         send(
             tx,
             stop,
@@ -1070,6 +1239,24 @@ impl Dispatcher {
         )
         .await;
         Ok(())
+    }
+
+    /// Whether an attempt taken over from another dispatcher, of which this dispatcher's log has
+    /// nothing (`expected` is 1), takes up its runner's output at `seq`: what came before was
+    /// acknowledged by the other dispatcher, so it is in that one's log, not lost. Only then,
+    /// and once: a gap anywhere else ends the session as always.
+    fn takes_up(&self, attempt: AttemptId, expected: u64, seq: u64) -> bool {
+        let mut st = self.state();
+        let Some(a) = st.attempts.get_mut(&attempt) else {
+            return false;
+        };
+        if !a.taken_over || expected != 1 {
+            return false;
+        }
+        a.taken_over = false;
+        a.next_seq = Some(seq);
+        tracing::info!(%attempt, seq, "taking up an attempt's output where another dispatcher left it");
+        true
     }
 
     /// The next sequence number expected for an attempt (read from the log after a restart).
@@ -1145,7 +1332,10 @@ impl Dispatcher {
         };
         if let Some(job) = job {
             // A result is only taken once all of the attempt's output is stored.
-            let stored = self.next_seq(attempt, job).await? - 1;
+            let mut stored = self.next_seq(attempt, job).await? - 1;
+            if f.last_seq > stored && self.takes_up(attempt, stored + 1, f.last_seq + 1) {
+                stored = f.last_seq;
+            }
             if f.last_seq > stored {
                 return Err(DispatchError::OutputMissing {
                     attempt,

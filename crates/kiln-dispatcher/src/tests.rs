@@ -17,8 +17,8 @@ use kiln_domain::protocol::{self, DispatcherMessage as Out, RunnerMessage as In,
 use kiln_domain::split::UnitsReply;
 use proptest::prelude::*;
 
-type Inbound = mpsc::Sender<Result<In, StreamError>>;
-type Outbound = ReceiverStream<Result<Out, DispatchError>>;
+pub(crate) type Inbound = mpsc::Sender<Result<In, StreamError>>;
+pub(crate) type Outbound = ReceiverStream<Result<Out, DispatchError>>;
 
 fn dispatcher(dir: &std::path::Path) -> Dispatcher {
     let mut c = Config::new(dir);
@@ -26,7 +26,7 @@ fn dispatcher(dir: &std::path::Path) -> Dispatcher {
     Dispatcher::open(c).unwrap()
 }
 
-async fn build(d: &Dispatcher, jobs: usize) -> kiln_store::BuildDetail {
+pub(crate) async fn build(d: &Dispatcher, jobs: usize) -> kiln_store::BuildDetail {
     d.create(NewBuild {
         repo: "/nonexistent/repo".into(),
         commit: "a".repeat(40),
@@ -59,7 +59,7 @@ async fn build(d: &Dispatcher, jobs: usize) -> kiln_store::BuildDetail {
     .unwrap()
 }
 
-fn m(msg: In) -> Result<In, StreamError> {
+pub(crate) fn m(msg: In) -> Result<In, StreamError> {
     Ok(msg)
 }
 
@@ -85,7 +85,7 @@ async fn attach(d: &Dispatcher, name: &str, held: Vec<AttemptId>) -> (Inbound, O
 }
 
 /// The next message that is not a heartbeat (`Err` when the stream ended with a status).
-async fn next(out: &mut Outbound) -> Result<Out, DispatchError> {
+pub(crate) async fn next(out: &mut Outbound) -> Result<Out, DispatchError> {
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(20), out.next())
             .await
@@ -101,7 +101,7 @@ async fn next(out: &mut Outbound) -> Result<Out, DispatchError> {
     }
 }
 
-async fn assigned(out: &mut Outbound) -> protocol::Assign {
+pub(crate) async fn assigned(out: &mut Outbound) -> protocol::Assign {
     let msg = next(out).await.unwrap();
     let Out::Assign(a) = msg else {
         panic!("expected an assignment, got {msg:?}")
@@ -109,7 +109,11 @@ async fn assigned(out: &mut Outbound) -> protocol::Assign {
     a
 }
 
-fn finished(attempt: AttemptId, state: JobState, last_seq: u64) -> Result<In, StreamError> {
+pub(crate) fn finished(
+    attempt: AttemptId,
+    state: JobState,
+    last_seq: u64,
+) -> Result<In, StreamError> {
     m(In::JobFinished(protocol::JobFinished {
         attempt_id: attempt,
         state,
@@ -118,7 +122,7 @@ fn finished(attempt: AttemptId, state: JobState, last_seq: u64) -> Result<In, St
     }))
 }
 
-fn output(attempt: AttemptId, seq: u64, data: &[u8]) -> Result<In, StreamError> {
+pub(crate) fn output(attempt: AttemptId, seq: u64, data: &[u8]) -> Result<In, StreamError> {
     m(In::Output(protocol::OutputChunk {
         attempt_id: attempt,
         seq,

@@ -158,6 +158,10 @@ id_type!(
     /// Id of a runner, stable for a runner name.
     RunnerId
 );
+id_type!(
+    /// Id of a dispatcher process sharing a PostgreSQL store (a new one per process start).
+    DispatcherId
+);
 
 /// Milliseconds since the Unix epoch (the store's clock unit).
 pub type Millis = i64;
@@ -612,7 +616,7 @@ pub fn labels_match(needed: &BTreeMap<String, String>, offered: &BTreeMap<String
 
 /// A state change, published to whoever subscribes (CLI watchers, later the web page and
 /// notifications).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     /// The build.
     pub build_id: BuildId,

@@ -344,7 +344,105 @@ fn senders_on_two_handles_take_disjoint_deliveries(b: Backend) {
     assert_eq!(all.len(), 40);
 }
 
+/// Dispatchers claiming one attempt from its owner at once (its runner re-attached to several
+/// of them, or twice): exactly one claim wins, and the attempt ends up with that one.
+fn one_claim_of_an_attempt_wins(b: Backend) {
+    let opened = b.open();
+    let other = opened.another();
+    let s: &dyn TestStore = &*opened;
+    let old = s.register_dispatcher("old", 0).unwrap();
+    let ds: Vec<_> = (0..WRITERS)
+        .map(|i| s.register_dispatcher(&format!("d{i}"), 0).unwrap())
+        .collect();
+    let r = s.upsert_runner("r", &BTreeMap::new(), 1, "t").unwrap().id;
+    let a = crate::cluster_tests::owned_attempt(s, "a", r, Some(old));
+    let won = race(s, &*other, |i, st| {
+        let to = crate::Owner {
+            dispatcher: ds[i],
+            secret_hash: format!("h{i}"),
+        };
+        st.claim_attempt(a, r, Some(old), &to).unwrap().then_some(i)
+    });
+    let winners: Vec<usize> = won.into_iter().flatten().collect();
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    let o = s.owned_attempt(a).unwrap().unwrap();
+    assert_eq!(o.owner, Some(ds[winners[0]]));
+    assert_eq!(o.secret_hash, Some(format!("h{}", winners[0])));
+}
+
+/// Live dispatchers adopting a dead one's attempts at once: each attempt is adopted by exactly
+/// one of them.
+fn each_orphan_of_a_dead_dispatcher_is_adopted_once(b: Backend) {
+    let opened = b.open();
+    let other = opened.another();
+    let s: &dyn TestStore = &*opened;
+    let dead = s.register_dispatcher("dead", 0).unwrap();
+    let ds: Vec<_> = (0..WRITERS)
+        .map(|i| s.register_dispatcher(&format!("d{i}"), 100_000).unwrap())
+        .collect();
+    let r = s.upsert_runner("r", &BTreeMap::new(), 64, "t").unwrap().id;
+    let attempts: BTreeSet<_> = (0..20)
+        .map(|i| crate::cluster_tests::owned_attempt(s, &format!("c{i}"), r, Some(dead)))
+        .collect();
+    let adopted = race(s, &*other, |i, st| {
+        st.adopt_attempts(ds[i], 50_000)
+            .unwrap()
+            .into_iter()
+            .map(|a| (a.id, ds[i]))
+            .collect::<Vec<_>>()
+    });
+    let all: Vec<_> = adopted.into_iter().flatten().collect();
+    let ids: BTreeSet<_> = all.iter().map(|(a, _)| *a).collect();
+    assert_eq!(all.len(), attempts.len(), "adopted twice: {all:?}");
+    assert_eq!(ids, attempts);
+    for (a, d) in all {
+        assert_eq!(s.owned_attempt(a).unwrap().unwrap().owner, Some(d));
+    }
+}
+
+/// The old owner requeueing an attempt while another dispatcher claims it: either the claim
+/// wins (the requeue changes nothing) or the requeue does (the claim fails), never both.
+fn a_claim_and_a_fenced_requeue_exclude_each_other(b: Backend) {
+    let opened = b.open();
+    let other = opened.another();
+    let s: &dyn TestStore = &*opened;
+    let (old, new) = (
+        s.register_dispatcher("old", 0).unwrap(),
+        s.register_dispatcher("new", 0).unwrap(),
+    );
+    let r = s.upsert_runner("r", &BTreeMap::new(), 1, "t").unwrap().id;
+    for round in 0..10 {
+        let a = crate::cluster_tests::owned_attempt(s, &format!("x{round}"), r, Some(old));
+        // One requeue (its owner declared the runner lost) against claims from the others.
+        let results = race(s, &*other, |i, st| {
+            if i != 1 {
+                let to = crate::Owner {
+                    dispatcher: new,
+                    secret_hash: "h".into(),
+                };
+                (st.claim_attempt(a, r, Some(old), &to).unwrap(), false)
+            } else {
+                (
+                    false,
+                    st.requeue_owned(a, "lost", 100, true, Some(old))
+                        .unwrap()
+                        .is_some(),
+                )
+            }
+        });
+        let claims = results.iter().filter(|(c, _)| *c).count();
+        let requeues = results.iter().filter(|(_, q)| *q).count();
+        assert_eq!(claims + requeues, 1, "round {round}: {results:?}");
+        let o = s.owned_attempt(a).unwrap().unwrap();
+        assert_eq!(o.current, claims == 1);
+        assert_eq!(o.owner, Some(if claims == 1 { new } else { old }));
+    }
+}
+
 on_both_backends!(
+    one_claim_of_an_attempt_wins,
+    each_orphan_of_a_dead_dispatcher_is_adopted_once,
+    a_claim_and_a_fenced_requeue_exclude_each_other,
     one_queued_job_is_assigned_once,
     one_final_result_among_racing_reports,
     every_job_of_a_build_ends_and_the_build_agrees,

@@ -13,6 +13,9 @@
 //!
 //! Everything here is synchronous; the dispatcher calls it from blocking tasks.
 
+mod bus;
+#[cfg(test)]
+mod cluster_tests;
 #[cfg(test)]
 mod concurrent_tests;
 mod deliveries;
@@ -28,10 +31,11 @@ use std::collections::BTreeMap;
 
 use kiln_domain::split::{SplitReport, UnitsReply, UnitsRequest};
 use kiln_domain::{
-    AttemptId, AttemptState, Build, BuildId, Job, JobId, JobState, Millis, NewBuild, RunnerId,
-    RunnerRecord, StepResult,
+    AttemptId, AttemptState, Build, BuildId, DispatcherId, Job, JobId, JobState, Millis, NewBuild,
+    RunnerId, RunnerRecord, StepResult,
 };
 
+pub use bus::{Bus, BusMessage, BusReceiver, BusSender, Heard, Said};
 pub use deliveries::{Delivery, DeliveryKey, DeliveryResult, DeliveryState, Mark, NewDelivery};
 pub use logs::{
     AttemptLines, CHECKPOINT_EVERY, Checkpoint, Frame, FrameHeader, Located, LogError, LogStore,
@@ -221,6 +225,59 @@ pub struct Recorded {
     pub to_cancel: Vec<AttemptId>,
 }
 
+/// How long a dispatcher that stopped refreshing its row still counts as alive: after it,
+/// the attempts it owned are adopted by the others, and the runners it held count as detached.
+pub const DISPATCHER_LEASE_MS: i64 = 3_000;
+
+/// A dispatcher dead for this long is forgotten (its row deleted) by the next adoption.
+pub(crate) const FORGET_DISPATCHERS_MS: i64 = 3_600_000;
+
+/// A dispatcher process sharing the store (see [`Store::register_dispatcher`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DispatcherRecord {
+    /// Its id (new for every process start).
+    pub id: DispatcherId,
+    /// What it says it is (host and address), for people reading `dispatchers`.
+    pub name: String,
+    /// When it registered.
+    pub started_at: Millis,
+    /// When it last said it was alive.
+    pub seen_at: Millis,
+}
+
+impl DispatcherRecord {
+    /// Whether it counts as alive at `now`.
+    pub fn alive(&self, now: Millis) -> bool {
+        self.seen_at >= now - DISPATCHER_LEASE_MS
+    }
+}
+
+/// Who holds an attempt's runner: the dispatcher, and the hash of the session secret a runner
+/// must present to take the attempt to another session (or dispatcher).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// The dispatcher holding the runner's stream.
+    pub dispatcher: DispatcherId,
+    /// Hash of the secret of the session the attempt is on.
+    pub secret_hash: String,
+}
+
+/// An attempt with its owner, as a dispatcher that does not have it in memory reads it (a
+/// runner re-attaching elsewhere, a cancel for a job running elsewhere).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedAttempt {
+    /// The attempt.
+    pub attempt: Attempt,
+    /// Whether it is its job's current attempt and the job is out on a runner (assigned or
+    /// running).
+    pub current: bool,
+    /// Its owner (`None` for attempts given out before owners were recorded, or by a SQLite
+    /// store's dispatcher).
+    pub owner: Option<DispatcherId>,
+    /// Hash of the secret of the session it was last on, when recorded.
+    pub secret_hash: Option<String>,
+}
+
 /// The answer to a final result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Finish {
@@ -273,6 +330,16 @@ pub trait Store: Send + Sync + 'static {
         job: JobId,
         runner: RunnerId,
         runner_name: &str,
+    ) -> Result<Option<(AttemptId, Change)>> {
+        self.assign_owned(job, runner, runner_name, None)
+    }
+    /// [`Store::assign`], recording the attempt's `owner` (several dispatchers).
+    fn assign_owned(
+        &self,
+        job: JobId,
+        runner: RunnerId,
+        runner_name: &str,
+        owner: Option<&Owner>,
     ) -> Result<Option<(AttemptId, Change)>>;
     /// The runner accepted: the job is running. `None` if the attempt is not current.
     fn start_attempt(&self, attempt: AttemptId) -> Result<Option<Change>>;
@@ -295,6 +362,19 @@ pub trait Store: Send + Sync + 'static {
         reason: &str,
         max_lost: u32,
         counts: bool,
+    ) -> Result<Option<Change>> {
+        self.requeue_owned(attempt, reason, max_lost, counts, None)
+    }
+    /// [`Store::requeue_attempt`] fenced by ownership: with `owner`, only while the attempt's
+    /// recorded owner is still that dispatcher (`None` when another one took it: the caller
+    /// drops it from memory, it is not the caller's to requeue any more).
+    fn requeue_owned(
+        &self,
+        attempt: AttemptId,
+        reason: &str,
+        max_lost: u32,
+        counts: bool,
+        owner: Option<DispatcherId>,
     ) -> Result<Option<Change>>;
     /// Ends an unfinished job in a final `state` decided by the dispatcher (a cancel, a
     /// deadline); its current attempt, if any, is superseded, so whatever its runner reports
@@ -317,13 +397,49 @@ pub trait Store: Send + Sync + 'static {
     /// Every known runner, by name.
     fn list_runners(&self) -> Result<Vec<RunnerRecord>>;
     /// Forgets runners last seen before `before` that never held an attempt, except those in
-    /// `keep` (attached now). Returns how many were forgotten.
+    /// `keep` (attached now) and those attached to a dispatcher seen since `before` (another
+    /// dispatcher's). Returns how many were forgotten.
     fn forget_idle_runners(&self, before: Millis, keep: &[RunnerId]) -> Result<u64>;
     /// Sets (or with `None`, revokes) the hashed token of a runner name. Returns whether a row
     /// changed.
     fn set_runner_token(&self, name: &str, token_hash: Option<&str>) -> Result<bool>;
     /// The hashed token of a runner name, and whether any runner has a token at all.
     fn runner_token_hash(&self, name: &str) -> Result<(Option<String>, bool)>;
+    /// Registers a dispatcher process (a new id each time) as seen at `now`.
+    fn register_dispatcher(&self, name: &str, now: Millis) -> Result<DispatcherId>;
+    /// A dispatcher says it is alive at `now`. False when its row is gone (forgotten after
+    /// being dead for long): it must register again.
+    fn dispatcher_seen(&self, id: DispatcherId, now: Millis) -> Result<bool>;
+    /// Every registered dispatcher, by id.
+    fn dispatchers(&self) -> Result<Vec<DispatcherRecord>>;
+    /// Adopts, for dispatcher `me`, the unfinished current attempts whose owner is dead (not
+    /// seen since `dead_before`, or gone, or never recorded): a compare-and-set of each
+    /// owner, so an attempt is adopted by one dispatcher only. Returns what `me` adopted.
+    /// Also forgets dispatchers dead for an hour.
+    fn adopt_attempts(&self, me: DispatcherId, dead_before: Millis) -> Result<Vec<Attempt>>;
+    /// An attempt with its owner and secret hash.
+    fn owned_attempt(&self, attempt: AttemptId) -> Result<Option<OwnedAttempt>>;
+    /// Moves an attempt of `runner` from owner `from` to `to` (a runner re-attaching, to the
+    /// same dispatcher with a new session or to another one): a compare-and-set on the owner,
+    /// only while the attempt is current and its job out on a runner. Returns whether it moved.
+    fn claim_attempt(
+        &self,
+        attempt: AttemptId,
+        runner: RunnerId,
+        from: Option<DispatcherId>,
+        to: &Owner,
+    ) -> Result<bool>;
+    /// Records which dispatcher holds a runner's stream: `Some(d)` when it attached to `d`;
+    /// `None` when it detached from `by` (only if `by` still holds it).
+    fn set_runner_dispatcher(
+        &self,
+        runner: RunnerId,
+        to: Option<DispatcherId>,
+        by: DispatcherId,
+    ) -> Result<()>;
+    /// Runners whose stream a dispatcher seen since `alive_since` holds, with that dispatcher.
+    fn attached_runners(&self, alive_since: Millis) -> Result<Vec<(RunnerId, DispatcherId)>>;
+
     /// Records that something from `attempt` (output, a held attempt) was refused.
     fn record_refusal(&self, attempt: AttemptId, reason: &str) -> Result<()>;
     /// Results refused by fencing (attempt, reason), newest first; for inspection and tests.

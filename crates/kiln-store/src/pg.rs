@@ -45,8 +45,8 @@ use std::collections::BTreeMap;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use kiln_domain::{
-    AttemptId, AttemptState, Build, BuildId, Job, JobId, JobState, Millis, NewBuild, RunnerId,
-    RunnerRecord, StepOutcome, StepResult, StepSpec, build_state, now_millis,
+    AttemptId, AttemptState, Build, BuildId, DispatcherId, Job, JobId, JobState, Millis, NewBuild,
+    RunnerId, RunnerRecord, StepOutcome, StepResult, StepSpec, build_state, now_millis,
 };
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -136,7 +136,7 @@ impl Db<'_> {
 }
 
 /// An error and its causes, one line (a pool error's own text does not say why).
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
@@ -858,13 +858,18 @@ impl Store for PgStore {
         self.read(ready_by_labels)
     }
 
-    fn assign(
+    fn assign_owned(
         &self,
         job: JobId,
         runner: RunnerId,
         runner_name: &str,
+        owner: Option<&crate::Owner>,
     ) -> Result<Option<(AttemptId, Change)>> {
         let now = now_millis();
+        let (by, hash) = (
+            owner.map(|o| o.dispatcher),
+            owner.map(|o| o.secret_hash.as_str()),
+        );
         self.write(|db| {
             // The job's row lock: one assignment of a queued job wins.
             let state: Option<String> = db
@@ -876,9 +881,9 @@ impl Store for PgStore {
             }
             let attempt: AttemptId = db
                 .query_one(
-                    "INSERT INTO attempts (job_id, runner_id, state, created_at) \
-                     VALUES ($1, $2, 'offered', $3) RETURNING id",
-                    &[&job, &runner, &now],
+                    "INSERT INTO attempts (job_id, runner_id, state, created_at, owner, \
+                     secret_hash) VALUES ($1, $2, 'offered', $3, $4, $5) RETURNING id",
+                    &[&job, &runner, &now, &by, &hash],
                 )?
                 .try_get(0)?;
             db.execute(
@@ -1026,12 +1031,13 @@ impl Store for PgStore {
         })
     }
 
-    fn requeue_attempt(
+    fn requeue_owned(
         &self,
         attempt: AttemptId,
         reason: &str,
         max_lost: u32,
         counts: bool,
+        owner: Option<DispatcherId>,
     ) -> Result<Option<Change>> {
         let now = now_millis();
         self.write(|db| {
@@ -1045,6 +1051,18 @@ impl Store for PgStore {
             let Some(row) = row else {
                 return Ok(None);
             };
+            if let Some(me) = owner {
+                // The fence: the attempt's row lock (after the job's), then its owner.
+                let stored: Option<DispatcherId> = db
+                    .query_one(
+                        "SELECT owner FROM attempts WHERE id = $1 FOR UPDATE",
+                        &[&attempt],
+                    )?
+                    .try_get(0)?;
+                if stored != Some(me) {
+                    return Ok(None);
+                }
+            }
             let job: JobId = row.try_get(0)?;
             let lost = get_u32(&row, 1)?;
             db.execute(
@@ -1130,6 +1148,172 @@ impl Store for PgStore {
         })
     }
 
+    fn register_dispatcher(&self, name: &str, now: Millis) -> Result<DispatcherId> {
+        self.write(|db| {
+            Ok(db
+                .query_one(
+                    "INSERT INTO dispatchers (name, started_at, seen_at) VALUES ($1, $2, $2) \
+                     RETURNING id",
+                    &[&name, &now],
+                )?
+                .try_get(0)?)
+        })
+    }
+
+    fn dispatcher_seen(&self, id: DispatcherId, now: Millis) -> Result<bool> {
+        // READ COMMITTED: a heartbeat of its own row, never worth a serialization retry.
+        self.write_committed(|db| {
+            Ok(db.execute(
+                "UPDATE dispatchers SET seen_at = GREATEST(seen_at, $1) WHERE id = $2",
+                &[&now, &id],
+            )? == 1)
+        })
+    }
+
+    fn dispatchers(&self) -> Result<Vec<crate::DispatcherRecord>> {
+        self.read(|db| {
+            db.query(
+                "SELECT id, name, started_at, seen_at FROM dispatchers ORDER BY id",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(crate::DispatcherRecord {
+                    id: r.try_get(0)?,
+                    name: r.try_get(1)?,
+                    started_at: r.try_get(2)?,
+                    seen_at: r.try_get(3)?,
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn adopt_attempts(&self, me: DispatcherId, dead_before: Millis) -> Result<Vec<Attempt>> {
+        // Every dispatcher asks every second: a read-only look first (no serializable
+        // transaction, so no conflict with the writers of running jobs when, as nearly always,
+        // there is nothing to adopt or forget).
+        let forget_before = dead_before - crate::FORGET_DISPATCHERS_MS;
+        let anything = self.read(|db| {
+            Ok(db
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM jobs j JOIN attempts a ON a.id = j.current_attempt \
+                     WHERE j.state IN ('assigned', 'running') \
+                     AND (a.owner IS NULL OR (a.owner <> $1 AND NOT EXISTS \
+                       (SELECT 1 FROM dispatchers d WHERE d.id = a.owner AND d.seen_at >= $2)))) \
+                     OR EXISTS (SELECT 1 FROM dispatchers WHERE seen_at < $3 AND id <> $1)",
+                    &[&me, &dead_before, &forget_before],
+                )?
+                .try_get::<_, bool>(0)?)
+        })?;
+        if !anything {
+            return Ok(Vec::new());
+        }
+        self.write(|db| {
+            // The attempts' row locks, then the compare-and-set of each owner: two dispatchers
+            // adopting at once queue on the rows, and the second finds them owned by a live one.
+            let adopted: Vec<Attempt> = db
+                .query(
+                    "SELECT a.id, a.job_id, j.build_id, a.runner_id, a.state FROM jobs j \
+                     JOIN attempts a ON a.id = j.current_attempt \
+                     WHERE j.state IN ('assigned', 'running') \
+                     AND (a.owner IS NULL OR (a.owner <> $1 AND NOT EXISTS \
+                       (SELECT 1 FROM dispatchers d WHERE d.id = a.owner AND d.seen_at >= $2))) \
+                     ORDER BY a.id FOR UPDATE OF a",
+                    &[&me, &dead_before],
+                )?
+                .iter()
+                .map(attempt_from_row)
+                .collect::<Result<_>>()?;
+            let ids: Vec<AttemptId> = adopted.iter().map(|a| a.id).collect();
+            if !ids.is_empty() {
+                db.execute(
+                    "UPDATE attempts SET owner = $1 WHERE id = ANY($2)",
+                    &[&me, &ids],
+                )?;
+            }
+            db.execute(
+                "DELETE FROM dispatchers WHERE seen_at < $1 AND id <> $2",
+                &[&forget_before, &me],
+            )?;
+            Ok(adopted)
+        })
+    }
+
+    fn owned_attempt(&self, attempt: AttemptId) -> Result<Option<crate::OwnedAttempt>> {
+        self.read(|db| {
+            db.query_opt(
+                "SELECT a.id, a.job_id, j.build_id, a.runner_id, a.state, \
+                 j.current_attempt IS NOT DISTINCT FROM a.id \
+                   AND j.state IN ('assigned', 'running'), \
+                 a.owner, a.secret_hash FROM attempts a \
+                 JOIN jobs j ON j.id = a.job_id WHERE a.id = $1",
+                &[&attempt],
+            )?
+            .map(|r| {
+                Ok(crate::OwnedAttempt {
+                    attempt: attempt_from_row(&r)?,
+                    current: r.try_get(5)?,
+                    owner: r.try_get(6)?,
+                    secret_hash: r.try_get(7)?,
+                })
+            })
+            .transpose()
+        })
+    }
+
+    fn claim_attempt(
+        &self,
+        attempt: AttemptId,
+        runner: RunnerId,
+        from: Option<DispatcherId>,
+        to: &crate::Owner,
+    ) -> Result<bool> {
+        self.write(|db| {
+            // One statement: the compare-and-set of the owner takes the attempt's row lock.
+            Ok(db.execute(
+                "UPDATE attempts a SET owner = $1, secret_hash = $2 FROM jobs j \
+                 WHERE a.id = $3 AND a.runner_id = $4 AND a.owner IS NOT DISTINCT FROM $5 \
+                 AND j.current_attempt = a.id AND j.state IN ('assigned', 'running')",
+                &[&to.dispatcher, &to.secret_hash, &attempt, &runner, &from],
+            )? == 1)
+        })
+    }
+
+    fn set_runner_dispatcher(
+        &self,
+        runner: RunnerId,
+        to: Option<DispatcherId>,
+        by: DispatcherId,
+    ) -> Result<()> {
+        self.write_committed(|db| {
+            match to {
+                Some(d) => db.execute(
+                    "UPDATE runners SET dispatcher = $1 WHERE id = $2",
+                    &[&d, &runner],
+                )?,
+                None => db.execute(
+                    "UPDATE runners SET dispatcher = NULL WHERE id = $1 AND dispatcher = $2",
+                    &[&runner, &by],
+                )?,
+            };
+            Ok(())
+        })
+    }
+
+    fn attached_runners(&self, alive_since: Millis) -> Result<Vec<(RunnerId, DispatcherId)>> {
+        self.read(|db| {
+            db.query(
+                "SELECT r.id, r.dispatcher FROM runners r \
+                 JOIN dispatchers d ON d.id = r.dispatcher WHERE d.seen_at >= $1 ORDER BY r.id",
+                &[&alive_since],
+            )?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+        })
+    }
+
     fn upsert_runner(
         &self,
         name: &str,
@@ -1174,7 +1358,9 @@ impl Store for PgStore {
         self.write(|db| {
             db.execute(
                 "DELETE FROM runners WHERE last_seen < $1 AND id <> ALL($2) \
-                 AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.runner_id = runners.id)",
+                 AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.runner_id = runners.id) \
+                 AND NOT EXISTS (SELECT 1 FROM dispatchers d WHERE d.id = runners.dispatcher \
+                                 AND d.seen_at >= $1)",
                 &[&before, &keep],
             )
         })

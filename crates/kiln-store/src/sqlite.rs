@@ -5,8 +5,8 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use kiln_domain::{
-    AttemptId, AttemptState, Build, BuildId, Job, JobId, JobState, Millis, NewBuild, RunnerId,
-    RunnerRecord, StepOutcome, StepResult, StepSpec, build_state, now_millis,
+    AttemptId, AttemptState, Build, BuildId, DispatcherId, Job, JobId, JobState, Millis, NewBuild,
+    RunnerId, RunnerRecord, StepOutcome, StepResult, StepSpec, build_state, now_millis,
 };
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
@@ -249,7 +249,21 @@ INSERT INTO notify_marks (build_id, mark, at)
     // 11: a build's parameters (environment variables over the pipeline's `env`), a JSON object
     // of strings; `{}` for none and for builds made before.
     "ALTER TABLE builds ADD COLUMN params TEXT NOT NULL DEFAULT '{}';",
-    // 12: what `/metrics` counts (jobs per state, lost attempts, ended unit tries, deliveries),
+    // 12: several dispatchers (PostgreSQL's 4; a SQLite file has one dispatcher, which never
+    // registers, so these stay empty there): the dispatcher processes, who owns an attempt and
+    // the hash of its session's secret, which dispatcher holds a runner's stream.
+    r#"
+CREATE TABLE dispatchers (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    name       TEXT NOT NULL,
+    started_at INTEGER NOT NULL,
+    seen_at    INTEGER NOT NULL
+);
+ALTER TABLE attempts ADD COLUMN owner INTEGER;
+ALTER TABLE attempts ADD COLUMN secret_hash TEXT;
+ALTER TABLE runners ADD COLUMN dispatcher INTEGER;
+"#,
+    // 13: what `/metrics` counts (jobs per state, lost attempts, ended unit tries, deliveries),
     // kept as it changes so a scrape does not scan the store (`tallies.rs`): triggers add a
     // row of `tally_deltas` per change, in the changing transaction; a scrape sums `tallies`
     // and the deltas, and folds the deltas into `tallies`. Counted from the rows at migration.
@@ -1064,11 +1078,11 @@ impl Store for SqliteStore {
 
     fn fold_tallies(&self) -> Result<u64> {
         // Most scrapes find nothing to fold: no write transaction for them.
-        let any: bool = self.conn().query_row(
-            "SELECT EXISTS (SELECT 1 FROM tally_deltas)",
-            [],
-            |r| r.get(0),
-        )?;
+        let any: bool =
+            self.conn()
+                .query_row("SELECT EXISTS (SELECT 1 FROM tally_deltas)", [], |r| {
+                    r.get(0)
+                })?;
         if !any {
             return Ok(0);
         }
@@ -1087,11 +1101,12 @@ impl Store for SqliteStore {
         ready_by_labels(&self.conn())
     }
 
-    fn assign(
+    fn assign_owned(
         &self,
         job: JobId,
         runner: RunnerId,
         runner_name: &str,
+        owner: Option<&crate::Owner>,
     ) -> Result<Option<(AttemptId, Change)>> {
         let now = now_millis();
         self.with_tx(|tx| {
@@ -1102,9 +1117,15 @@ impl Store for SqliteStore {
                 return Ok(None);
             }
             tx.execute(
-                "INSERT INTO attempts (job_id, runner_id, state, created_at) \
-                 VALUES (?1, ?2, 'offered', ?3)",
-                params![job, runner, now],
+                "INSERT INTO attempts (job_id, runner_id, state, created_at, owner, secret_hash) \
+                 VALUES (?1, ?2, 'offered', ?3, ?4, ?5)",
+                params![
+                    job,
+                    runner,
+                    now,
+                    owner.map(|o| o.dispatcher),
+                    owner.map(|o| o.secret_hash.as_str())
+                ],
             )?;
             let attempt = AttemptId::new(tx.last_insert_rowid() as u64);
             tx.execute(
@@ -1253,12 +1274,13 @@ impl Store for SqliteStore {
         })
     }
 
-    fn requeue_attempt(
+    fn requeue_owned(
         &self,
         attempt: AttemptId,
         reason: &str,
         max_lost: u32,
         counts: bool,
+        owner: Option<DispatcherId>,
     ) -> Result<Option<Change>> {
         let now = now_millis();
         self.with_tx(|tx| {
@@ -1275,6 +1297,15 @@ impl Store for SqliteStore {
             let Some((job, lost)) = row else {
                 return Ok(None);
             };
+            if let Some(me) = owner {
+                let stored: Option<DispatcherId> =
+                    tx.query_row("SELECT owner FROM attempts WHERE id = ?1", [attempt], |r| {
+                        r.get(0)
+                    })?;
+                if stored != Some(me) {
+                    return Ok(None);
+                }
+            }
             tx.execute(
                 "UPDATE attempts SET state = 'lost', finished_at = ?1, note = ?2 WHERE id = ?3",
                 params![now, reason, attempt],
@@ -1358,6 +1389,138 @@ impl Store for SqliteStore {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    fn register_dispatcher(&self, name: &str, now: Millis) -> Result<DispatcherId> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "INSERT INTO dispatchers (name, started_at, seen_at) VALUES (?1, ?2, ?2)",
+                params![name, now],
+            )?;
+            Ok(DispatcherId::new(tx.last_insert_rowid() as u64))
+        })
+    }
+
+    fn dispatcher_seen(&self, id: DispatcherId, now: Millis) -> Result<bool> {
+        let conn = self.conn();
+        let n = conn.execute(
+            "UPDATE dispatchers SET seen_at = MAX(seen_at, ?1) WHERE id = ?2",
+            params![now, id],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn dispatchers(&self) -> Result<Vec<crate::DispatcherRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT id, name, started_at, seen_at FROM dispatchers ORDER BY id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(crate::DispatcherRecord {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                started_at: r.get(2)?,
+                seen_at: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn adopt_attempts(&self, me: DispatcherId, dead_before: Millis) -> Result<Vec<Attempt>> {
+        self.with_tx(|tx| {
+            let adopted: Vec<Attempt> = {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT a.id, a.job_id, j.build_id, a.runner_id, a.state FROM jobs j \
+                     JOIN attempts a ON a.id = j.current_attempt \
+                     WHERE j.state IN ('assigned', 'running') \
+                     AND (a.owner IS NULL OR (a.owner <> ?1 AND NOT EXISTS \
+                       (SELECT 1 FROM dispatchers d WHERE d.id = a.owner AND d.seen_at >= ?2))) \
+                     ORDER BY a.id",
+                )?;
+                let rows = stmt.query_map(params![me, dead_before], attempt_from_row)?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            for a in &adopted {
+                tx.execute(
+                    "UPDATE attempts SET owner = ?1 WHERE id = ?2",
+                    params![me, a.id],
+                )?;
+            }
+            tx.execute(
+                "DELETE FROM dispatchers WHERE seen_at < ?1 AND id <> ?2",
+                params![dead_before - crate::FORGET_DISPATCHERS_MS, me],
+            )?;
+            Ok(adopted)
+        })
+    }
+
+    fn owned_attempt(&self, attempt: AttemptId) -> Result<Option<crate::OwnedAttempt>> {
+        let conn = self.conn();
+        let row = conn
+            .query_row(
+                "SELECT a.id, a.job_id, j.build_id, a.runner_id, a.state, \
+                 j.current_attempt = a.id AND j.state IN ('assigned', 'running'), \
+                 a.owner, a.secret_hash FROM attempts a \
+                 JOIN jobs j ON j.id = a.job_id WHERE a.id = ?1",
+                [attempt],
+                |r| {
+                    Ok(crate::OwnedAttempt {
+                        attempt: attempt_from_row(r)?,
+                        current: r.get::<_, Option<bool>>(5)?.unwrap_or(false),
+                        owner: r.get(6)?,
+                        secret_hash: r.get(7)?,
+                    })
+                },
+            )
+            .optional()?;
+        Ok(row)
+    }
+
+    fn claim_attempt(
+        &self,
+        attempt: AttemptId,
+        runner: RunnerId,
+        from: Option<DispatcherId>,
+        to: &crate::Owner,
+    ) -> Result<bool> {
+        let conn = self.conn();
+        let n = conn.execute(
+            "UPDATE attempts SET owner = ?1, secret_hash = ?2 \
+             WHERE id = ?3 AND runner_id = ?4 AND owner IS ?5 \
+             AND EXISTS (SELECT 1 FROM jobs j WHERE j.current_attempt = attempts.id \
+                         AND j.state IN ('assigned', 'running'))",
+            params![to.dispatcher, to.secret_hash, attempt, runner, from],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn set_runner_dispatcher(
+        &self,
+        runner: RunnerId,
+        to: Option<DispatcherId>,
+        by: DispatcherId,
+    ) -> Result<()> {
+        let conn = self.conn();
+        match to {
+            Some(d) => conn.execute(
+                "UPDATE runners SET dispatcher = ?1 WHERE id = ?2",
+                params![d, runner],
+            )?,
+            None => conn.execute(
+                "UPDATE runners SET dispatcher = NULL WHERE id = ?1 AND dispatcher = ?2",
+                params![runner, by],
+            )?,
+        };
+        Ok(())
+    }
+
+    fn attached_runners(&self, alive_since: Millis) -> Result<Vec<(RunnerId, DispatcherId)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT r.id, r.dispatcher FROM runners r JOIN dispatchers d ON d.id = r.dispatcher \
+             WHERE d.seen_at >= ?1 ORDER BY r.id",
+        )?;
+        let rows = stmt.query_map([alive_since], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     fn upsert_runner(
         &self,
         name: &str,
@@ -1405,7 +1568,9 @@ impl Store for SqliteStore {
         let n = conn.execute(
             "DELETE FROM runners WHERE last_seen < ?1 \
              AND id NOT IN (SELECT value FROM json_each(?2)) \
-             AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.runner_id = runners.id)",
+             AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.runner_id = runners.id) \
+             AND NOT EXISTS (SELECT 1 FROM dispatchers d WHERE d.id = runners.dispatcher \
+                             AND d.seen_at >= ?1)",
             params![before, keep],
         )?;
         Ok(n as u64)
@@ -2089,7 +2254,7 @@ mod delivery_tests {
         assert!(s.unplanned_builds(0, 10).unwrap().is_empty());
     }
 
-    /// A database made before the tallies (migration 12) gets them counted from its rows.
+    /// A database made before the tallies (migration 13) gets them counted from its rows.
     #[test]
     fn the_tallies_migration_counts_what_is_stored() {
         let dir = tempfile::tempdir().unwrap();
@@ -2105,7 +2270,7 @@ mod delivery_tests {
             let r = s.upsert_runner("r", &BTreeMap::new(), 1, "t").unwrap().id;
             let (a, _) = s.assign(d.jobs[0].id, r, "r").unwrap().unwrap();
             s.requeue_attempt(a, "lost", 3, true).unwrap();
-            // Back to before migration 12.
+            // Back to before migration 13.
             s.conn()
                 .execute_batch(
                     "DROP TABLE tallies; DROP TABLE tally_deltas; \
@@ -2114,7 +2279,7 @@ mod delivery_tests {
                      DROP TRIGGER unit_tries_tally_update; DROP TRIGGER unit_tries_tally_delete; \
                      DROP TRIGGER deliveries_tally_insert; DROP TRIGGER deliveries_tally_update; \
                      DROP TRIGGER deliveries_tally_delete; \
-                     ALTER TABLE deliveries DROP COLUMN kind; PRAGMA user_version = 11;",
+                     ALTER TABLE deliveries DROP COLUMN kind; PRAGMA user_version = 12;",
                 )
                 .unwrap();
         }

@@ -3,7 +3,7 @@
 //! counted at each scrape, so a scrape costs the same at a thousand stored builds and at a
 //! million.
 //!
-//! Triggers (SQLite's migration 12, PostgreSQL's 3) add one row to `tally_deltas` per change,
+//! Triggers (SQLite's migration 13, PostgreSQL's 3) add one row to `tally_deltas` per change,
 //! in the changing transaction: only inserts, so writers on several dispatchers never wait on
 //! a shared counter row. A scrape sums `tallies` and the deltas ([`READ`]); folding
 //! ([`crate::Store::fold_tallies`], at each scrape and every minute) moves the deltas into

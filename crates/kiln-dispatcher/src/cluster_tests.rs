@@ -1,0 +1,392 @@
+//! Several dispatchers on one PostgreSQL database (a throwaway one, `kiln-pgtest`), each with
+//! its own data dir, runners driven through in-memory streams.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use kiln_domain::{AttemptId, Event, JobId, JobState};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use super::tests::{Inbound, Outbound, assigned, build, finished, m, next, output};
+use super::{Config, Dispatcher, RunnerState};
+use kiln_domain::protocol::{self, DispatcherMessage as Out, RunnerMessage as In};
+
+/// A dispatcher on `url` with its background loops (stopped by the token), its bus listening.
+async fn open(url: &str, dir: &std::path::Path) -> (Dispatcher, CancellationToken) {
+    let mut c = Config::new(dir);
+    c.heartbeat_interval = Duration::from_millis(200);
+    c.database = Some(url.parse().unwrap());
+    let d = tokio::task::spawn_blocking(move || Dispatcher::open(c))
+        .await
+        .unwrap()
+        .unwrap();
+    let stop = CancellationToken::new();
+    d.spawn_background(stop.clone());
+    tokio::time::timeout(Duration::from_secs(10), d.bus_listening())
+        .await
+        .expect("the bus listens within 10 s");
+    (d, stop)
+}
+
+/// Attaches a runner; returns its streams and Welcome.
+async fn attach(
+    d: &Dispatcher,
+    name: &str,
+    held: Vec<AttemptId>,
+    secret: &str,
+) -> (Inbound, Outbound, protocol::Welcome) {
+    let (tx, rx) = mpsc::channel(64);
+    let mut out = d.attach(ReceiverStream::new(rx));
+    tx.send(m(In::Hello(protocol::Hello {
+        name: name.into(),
+        labels: Default::default(),
+        slots: 1,
+        version: "test".into(),
+        held_attempts: held,
+        token: String::new(),
+        session_secret: secret.into(),
+    })))
+    .await
+    .unwrap();
+    let first = next(&mut out).await.unwrap();
+    let Out::Welcome(w) = first else {
+        panic!("expected a welcome, got {first:?}")
+    };
+    (tx, out, w)
+}
+
+fn accepted(a: AttemptId) -> Result<In, protocol::StreamError> {
+    m(In::Accepted(protocol::Accepted { attempt_id: a }))
+}
+
+/// Waits (at most 20 s) for an event of `job` in `state`.
+async fn wait_event(rx: &mut broadcast::Receiver<Event>, job: JobId, state: JobState) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let e = rx.recv().await.unwrap();
+            if e.job_id == Some(job) && e.state == state {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no event of job {job} becoming {state} within 20 s"));
+}
+
+/// Waits (at most 20 s) until `cond` holds, looking every 20 ms.
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within 20 s: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_submitted_to_one_dispatcher_runs_on_the_others_runner() {
+    let url = kiln_pgtest::database().unwrap();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, _sa) = open(&url, da.path()).await;
+    let (b, _sb) = open(&url, db.path()).await;
+    let (tx, mut out, _) = attach(&a, "r1", vec![], "").await;
+    let mut events = b.subscribe();
+    let detail = build(&b, 1).await;
+    let job = detail.jobs[0].id;
+    // B's build event kicked A's scheduler.
+    let asg = assigned(&mut out).await;
+    assert_eq!(asg.job_id, job);
+    tx.send(accepted(asg.attempt_id)).await.unwrap();
+    wait_event(&mut events, job, JobState::Running).await;
+    // B lists the runner as attached (to A) and busy.
+    let views = b.list_runners().await.unwrap();
+    let r1 = views.iter().find(|v| v.record.name == "r1").unwrap();
+    assert_eq!(r1.state, RunnerState::Busy);
+    assert_eq!(r1.running_jobs, vec![job]);
+    tx.send(finished(asg.attempt_id, JobState::Passed, 0))
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut out).await.unwrap(), Out::ResultAck(_)));
+    // B's watchers see it end.
+    wait_event(&mut events, job, JobState::Passed).await;
+    assert_eq!(b.get_job(job).await.unwrap().state, JobState::Passed);
+    let views = b.list_runners().await.unwrap();
+    let r1 = views.iter().find(|v| v.record.name == "r1").unwrap();
+    assert_eq!(r1.state, RunnerState::Idle);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_dispatchers_never_give_out_one_job_twice() {
+    let url = kiln_pgtest::database().unwrap();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, _sa) = open(&url, da.path()).await;
+    let (b, _sb) = open(&url, db.path()).await;
+    const JOBS: usize = 12;
+    let stop = CancellationToken::new();
+    let mut runners = Vec::new();
+    for (i, d) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let (tx, mut out, _) = attach(d, &format!("r{i}"), vec![], "").await;
+        let stop = stop.clone();
+        // Each runner runs what it is given, at once.
+        runners.push(tokio::spawn(async move {
+            let mut ran = Vec::new();
+            loop {
+                let msg = tokio::select! {
+                    _ = stop.cancelled() => return ran,
+                    msg = next(&mut out) => msg.unwrap(),
+                };
+                if let Out::Assign(asg) = msg {
+                    ran.push((asg.job_id, asg.attempt_id));
+                    tx.send(accepted(asg.attempt_id)).await.unwrap();
+                    tx.send(finished(asg.attempt_id, JobState::Passed, 0))
+                        .await
+                        .unwrap();
+                }
+            }
+        }));
+    }
+    let mut events = a.subscribe();
+    let detail = build(&b, JOBS).await;
+    let last = detail.jobs.iter().map(|j| j.id).collect::<BTreeSet<_>>();
+    let mut ended = BTreeSet::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while ended != last {
+            let e = events.recv().await.unwrap();
+            if let Some(j) = e.job_id
+                && e.state.is_final()
+            {
+                ended.insert(j);
+            }
+        }
+    })
+    .await
+    .expect("every job ended within 30 s");
+    stop.cancel();
+    let mut ran = Vec::new();
+    for r in runners {
+        ran.extend(r.await.unwrap());
+    }
+    let jobs: BTreeSet<JobId> = ran.iter().map(|(j, _)| *j).collect();
+    assert_eq!(ran.len(), JOBS, "a job given out twice: {ran:?}");
+    assert_eq!(jobs, last);
+    let d = b.get_build(detail.build.id).await.unwrap();
+    assert_eq!(d.build.state, JobState::Passed);
+    assert!(d.jobs.iter().all(|j| j.attempts == 1), "{:?}", d.jobs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_and_a_drain_reach_a_runner_held_by_another_dispatcher() {
+    let url = kiln_pgtest::database().unwrap();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, _sa) = open(&url, da.path()).await;
+    let (b, _sb) = open(&url, db.path()).await;
+    let (tx, mut out, _) = attach(&a, "r1", vec![], "").await;
+    let mut events = b.subscribe();
+    let detail = build(&b, 1).await;
+    let job = detail.jobs[0].id;
+    let asg = assigned(&mut out).await;
+    tx.send(accepted(asg.attempt_id)).await.unwrap();
+    wait_event(&mut events, job, JobState::Running).await;
+    // Cancelled on B: A tells its runner, which answers with the job cancelled.
+    let now = b.cancel_build(detail.build.id).await.unwrap();
+    assert_eq!(
+        now.jobs[0].state,
+        JobState::Running,
+        "ended before its runner stopped"
+    );
+    match next(&mut out).await.unwrap() {
+        Out::Cancel(c) => assert_eq!(c.attempt_id, asg.attempt_id),
+        other => panic!("expected a cancel, got {other:?}"),
+    }
+    tx.send(finished(asg.attempt_id, JobState::Cancelled, 0))
+        .await
+        .unwrap();
+    wait_event(&mut events, job, JobState::Cancelled).await;
+    // Drained on B: A drains it.
+    let view = b.drain_runner("r1").await.unwrap();
+    assert_eq!(view.state, RunnerState::Draining);
+    loop {
+        match next(&mut out).await.unwrap() {
+            Out::Drain(_) => break,
+            Out::ResultAck(_) => continue,
+            other => panic!("expected a drain, got {other:?}"),
+        }
+    }
+    // A runner attached nowhere: not found attached.
+    assert!(b.drain_runner("nobody").await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_re_attaching_to_another_dispatcher_takes_its_attempt_along() {
+    let url = kiln_pgtest::database().unwrap();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, _sa) = open(&url, da.path()).await;
+    let (b, _sb) = open(&url, db.path()).await;
+    let (tx, mut out, welcome) = attach(&a, "r1", vec![], "").await;
+    let detail = build(&b, 1).await;
+    let job = detail.jobs[0].id;
+    let asg = assigned(&mut out).await;
+    let attempt = asg.attempt_id;
+    tx.send(accepted(attempt)).await.unwrap();
+    let mut events = b.subscribe();
+    wait_event(&mut events, job, JobState::Running).await;
+    // Output A stored and acknowledged.
+    for seq in 1..=2 {
+        tx.send(output(attempt, seq, b"on A\n")).await.unwrap();
+        match next(&mut out).await.unwrap() {
+            Out::OutputAck(ack) => assert_eq!(ack.up_to_seq, seq),
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+    let store = b.store();
+    let owner = move |s: std::sync::Arc<dyn kiln_store::Store>| {
+        s.owned_attempt(attempt).unwrap().unwrap().owner
+    };
+    let s = store.clone();
+    let first = tokio::task::spawn_blocking(move || owner(s)).await.unwrap();
+    assert_eq!(first, a.me());
+    // Someone claiming it under the runner's name without the session's secret: told to drop
+    // it, and it stays A's.
+    let (itx, _iout, iw) = attach(&b, "r1", vec![attempt], "not-the-secret").await;
+    assert_eq!(iw.stale_attempts, vec![attempt]);
+    drop(itx);
+    let s = store.clone();
+    let still = tokio::task::spawn_blocking(move || owner(s)).await.unwrap();
+    assert_eq!(still, a.me());
+    assert!(a.state().attempts.contains_key(&attempt));
+    // The runner itself (A's secret): B claims it, A lets go of it, the result counts.
+    let (btx, mut bout, bw) = attach(&b, "r1", vec![attempt], &welcome.session_secret).await;
+    assert!(bw.stale_attempts.is_empty(), "{bw:?}");
+    let s = store.clone();
+    let moved = tokio::task::spawn_blocking(move || owner(s)).await.unwrap();
+    assert_eq!(moved, b.me());
+    wait_until("A dropped the moved attempt", || {
+        !a.state().attempts.contains_key(&attempt)
+    })
+    .await;
+    // B takes the output up where A left it (A's log has 1 and 2), then the result.
+    btx.send(output(attempt, 3, b"on B\n")).await.unwrap();
+    match next(&mut bout).await.unwrap() {
+        Out::OutputAck(ack) => assert_eq!(ack.up_to_seq, 3),
+        other => panic!("expected an ack, got {other:?}"),
+    }
+    btx.send(finished(attempt, JobState::Passed, 3))
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut bout).await.unwrap(), Out::ResultAck(_)));
+    assert_eq!(b.get_job(job).await.unwrap().state, JobState::Passed);
+    // A late result through A changes nothing (the attempt's result is recorded: it is
+    // acknowledged as a re-sent one).
+    tx.send(finished(attempt, JobState::Failed, 0))
+        .await
+        .unwrap();
+    match next(&mut out).await {
+        Ok(Out::Refused(_) | Out::ResultAck(_)) | Err(_) => {}
+        other => panic!("expected an answer, got {other:?}"),
+    }
+    assert_eq!(b.get_job(job).await.unwrap().state, JobState::Passed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_dispatchers_attempt_is_adopted_and_its_runner_finishes_it_elsewhere() {
+    let url = kiln_pgtest::database().unwrap();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, stop_a) = open(&url, da.path()).await;
+    let (b, _sb) = open(&url, db.path()).await;
+    let (tx, mut out, welcome) = attach(&a, "r1", vec![], "").await;
+    let detail = build(&b, 1).await;
+    let job = detail.jobs[0].id;
+    let asg = assigned(&mut out).await;
+    let attempt = asg.attempt_id;
+    tx.send(accepted(attempt)).await.unwrap();
+    let mut events = b.subscribe();
+    wait_event(&mut events, job, JobState::Running).await;
+    // A stops refreshing its row (as if killed): B adopts the attempt after the lease.
+    stop_a.cancel();
+    a.close_sessions();
+    drop(tx);
+    drop(a);
+    wait_until("B adopted the attempt", || {
+        b.state().attempts.contains_key(&attempt)
+    })
+    .await;
+    let (btx, mut bout, bw) = attach(&b, "r1", vec![attempt], &welcome.session_secret).await;
+    assert!(bw.stale_attempts.is_empty(), "{bw:?}");
+    // Its output went to A (acknowledged); the result comes to B, which has none of it.
+    btx.send(finished(attempt, JobState::Passed, 5))
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut bout).await.unwrap(), Out::ResultAck(_)));
+    wait_event(&mut events, job, JobState::Passed).await;
+    let d = b.get_build(detail.build.id).await.unwrap();
+    assert_eq!(d.jobs[0].attempts, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_back_from_an_absence_claims_back_what_its_runners_still_run() {
+    let url = kiln_pgtest::database().unwrap();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, _sa) = open(&url, da.path()).await;
+    let (b, _sb) = open(&url, db.path()).await;
+    let (tx, mut out, _) = attach(&a, "r1", vec![], "").await;
+    let detail = build(&b, 1).await;
+    let job = detail.jobs[0].id;
+    let attempt = assigned(&mut out).await.attempt_id;
+    tx.send(accepted(attempt)).await.unwrap();
+    let mut events = b.subscribe();
+    wait_event(&mut events, job, JobState::Running).await;
+    // B takes A for dead (as if A's row had not been refreshed for a lease) and adopts.
+    b.adopt(kiln_domain::now_millis() + 60_000).await.unwrap();
+    assert!(b.state().attempts.contains_key(&attempt));
+    // A notices its absence: the runner is still here, so A claims the attempt back and B
+    // lets go of it.
+    a.forget_last_seen();
+    a.liveness_round().await.unwrap();
+    let store = b.store();
+    let owner = tokio::task::spawn_blocking(move || store.owned_attempt(attempt))
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .owner;
+    assert_eq!(owner, a.me());
+    wait_until("B let go of the attempt", || {
+        !b.state().attempts.contains_key(&attempt)
+    })
+    .await;
+    tx.send(finished(attempt, JobState::Passed, 0))
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut out).await.unwrap(), Out::ResultAck(_)));
+    wait_event(&mut events, job, JobState::Passed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_attempt_held_elsewhere_is_stopped_by_its_owner() {
+    let url = kiln_pgtest::database().unwrap();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, _sa) = open(&url, da.path()).await;
+    let (b, _sb) = open(&url, db.path()).await;
+    let (tx, mut out, _) = attach(&a, "r1", vec![], "").await;
+    let detail = build(&b, 1).await;
+    let job = detail.jobs[0].id;
+    let attempt = assigned(&mut out).await.attempt_id;
+    tx.send(accepted(attempt)).await.unwrap();
+    let mut events = b.subscribe();
+    wait_event(&mut events, job, JobState::Running).await;
+    // What B does for the running attempts of builds a newer commit superseded.
+    b.cancel_on_runner(attempt, "superseded by a newer build");
+    match next(&mut out).await.unwrap() {
+        Out::Cancel(c) => {
+            assert_eq!(c.attempt_id, attempt);
+            assert_eq!(c.reason, "superseded by a newer build");
+        }
+        other => panic!("expected a cancel, got {other:?}"),
+    }
+}
