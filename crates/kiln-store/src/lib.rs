@@ -33,10 +33,10 @@ use kiln_domain::{
 
 pub use deliveries::{Delivery, DeliveryKey, DeliveryResult, DeliveryState, Mark, NewDelivery};
 pub use logs::{
-    AttemptLines, CHECKPOINT_EVERY, Checkpoint, Frame, FrameHeader, Located, LogError, LogStore,
-    MAX_FRAME, ReadResult, is_disk_full,
+    AttemptLines, CHECKPOINT_EVERY, Checkpoint, Frame, FrameHeader, JobLogs, Located, LogError,
+    LogStore, MAX_FRAME, ReadResult, is_disk_full,
 };
-pub use pg::{PgConfig, PgStore};
+pub use pg::{PgConfig, PgLogStore, PgStore};
 pub use sqlite::SqliteStore;
 
 /// Errors from the store.
