@@ -1042,10 +1042,12 @@ impl Dispatcher {
             step: chunk.step_index,
             stream,
         };
-        let len = self
-            .inner
-            .logs
-            .append(job, &header, &chunk.data)
+        // On a blocking thread: a PostgreSQL log store waits for the database.
+        let logs = self.inner.logs.clone();
+        let (seq, size) = (chunk.seq, chunk.data.len());
+        let len = tokio::task::spawn_blocking(move || logs.append(job, &header, &chunk.data))
+            .await
+            .map_err(DispatchError::from)?
             .map_err(|e| {
                 if e.is_disk_full() {
                     return self.disk_full("appending output");
@@ -1056,16 +1058,16 @@ impl Dispatcher {
                 }
             })?;
         if let Some(a) = self.state().attempts.get_mut(&attempt) {
-            a.next_seq = Some(chunk.seq + 1);
+            a.next_seq = Some(seq + 1);
         }
-        self.inner.metrics.output(chunk.data.len());
+        self.inner.metrics.output(size);
         self.inner.hub.advance(job, len);
         send(
             tx,
             stop,
             msg(Out::OutputAck(protocol::OutputAck {
                 attempt_id: attempt,
-                up_to_seq: chunk.seq,
+                up_to_seq: seq,
             })),
         )
         .await;

@@ -335,8 +335,7 @@ pub(crate) fn read_frames<R: Read>(
     }
     let (source, path) = open()?;
     let path = path.as_path();
-    let want = (limit - offset)
-        .min((max_bytes.saturating_add(HEADER_LEN) as u64).saturating_mul(2))
+    let want = (limit - offset).min((max_bytes.saturating_add(HEADER_LEN) as u64).saturating_mul(2))
         as usize;
     let mut reader = std::io::BufReader::with_capacity(want.clamp(4096, 4 << 20), source);
     let mut frames = Vec::new();
@@ -940,7 +939,9 @@ impl LogStore {
         limit: u64,
         max_bytes: usize,
     ) -> Result<ReadResult, LogError> {
-        read_frames(job, offset, limit, max_bytes, || self.reader_at(job, offset))
+        read_frames(job, offset, limit, max_bytes, || {
+            self.reader_at(job, offset)
+        })
     }
 }
 
@@ -1345,7 +1346,13 @@ mod tests {
     /// Appends `bytes` or so of frames of attempt `attempt`, of random sizes (some empty, some
     /// larger than a checkpoint's span is small), with newlines at random and not always at
     /// the end.
-    pub(crate) fn fill(logs: &dyn JobLogs, job: JobId, attempt: u64, bytes: u64, rng: &mut Rng) -> u64 {
+    pub(crate) fn fill(
+        logs: &dyn JobLogs,
+        job: JobId,
+        attempt: u64,
+        bytes: u64,
+        rng: &mut Rng,
+    ) -> u64 {
         let mut end = logs.len(job).unwrap();
         let stop = end + bytes;
         let mut seq = logs.last_seq(job, AttemptId::new(attempt)).unwrap();
@@ -1369,7 +1376,11 @@ mod tests {
     pub(crate) type Boundary = (u64, u64, Vec<(u64, bool)>);
 
     /// Every frame boundary, counted from a whole read of the log.
-    pub(crate) fn boundaries(logs: &dyn JobLogs, job: JobId, froms: &[Option<u64>]) -> Vec<Boundary> {
+    pub(crate) fn boundaries(
+        logs: &dyn JobLogs,
+        job: JobId,
+        froms: &[Option<u64>],
+    ) -> Vec<Boundary> {
         let end = logs.len(job).unwrap();
         let all = logs.read(job, 0, end, usize::MAX).unwrap();
         let mut at: Vec<(u64, bool)> = vec![(0, true); froms.len()];
@@ -1574,5 +1585,4 @@ mod tests {
         assert!(idx_len(dir.path(), 8) > 0, "the index was saved");
         check_against_scan(&logs, job, &mut rng);
     }
-
 }

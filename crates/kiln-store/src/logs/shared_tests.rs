@@ -39,7 +39,10 @@ fn append_read_and_offsets(b: Backend) {
     assert_eq!(rest.frames[0].data, vec![0xff, 0xfe, 0x00]);
     for bad in [3, a - 1, a + 1] {
         assert!(
-            matches!(logs.read(job, bad, b, 1 << 20), Err(LogError::BadOffset { .. })),
+            matches!(
+                logs.read(job, bad, b, 1 << 20),
+                Err(LogError::BadOffset { .. })
+            ),
             "offset {bad}"
         );
     }
@@ -47,10 +50,13 @@ fn append_read_and_offsets(b: Backend) {
         logs.read(job, b + 1, b, 1 << 20),
         Err(LogError::BadOffset { .. })
     ));
-    assert_eq!(logs.read(job, b, b, 1 << 20).unwrap(), ReadResult {
-        frames: vec![],
-        next_offset: b
-    });
+    assert_eq!(
+        logs.read(job, b, b, 1 << 20).unwrap(),
+        ReadResult {
+            frames: vec![],
+            next_offset: b
+        }
+    );
     // Reading up to a published length ignores later bytes.
     let first = logs.read(job, 0, a, 1 << 20).unwrap();
     assert_eq!(first.frames.len(), 1);
@@ -128,9 +134,7 @@ fn stored_bytes(url: &str, job: JobId) -> Vec<u8> {
             )
         })
         .unwrap();
-    rows.iter()
-        .flat_map(|r| r.get::<_, Vec<u8>>(0))
-        .collect()
+    rows.iter().flat_map(|r| r.get::<_, Vec<u8>>(0)).collect()
 }
 
 /// The same appends to a file and to the database: the database's rows hold the file's bytes,
@@ -151,10 +155,16 @@ fn files_and_the_database_hold_and_read_the_same() {
     assert_eq!(pg.len(job).unwrap(), end);
     let file = std::fs::read(std::path::Path::new(files.place()).join("11.log")).unwrap();
     assert_eq!(file.len() as u64, end);
-    assert!(stored_bytes(pg.place(), job) == file, "the rows are the file's bytes");
+    assert!(
+        stored_bytes(pg.place(), job) == file,
+        "the rows are the file's bytes"
+    );
     for attempt in 0..=4 {
         let a = AttemptId::new(attempt);
-        assert_eq!(pg.last_seq(job, a).unwrap(), files.last_seq(job, a).unwrap());
+        assert_eq!(
+            pg.last_seq(job, a).unwrap(),
+            files.last_seq(job, a).unwrap()
+        );
     }
     let bounds = boundaries(&*files, job, &[None]);
     let mut rng = Rng(5);
@@ -268,7 +278,10 @@ fn two_dispatchers_append_to_one_job_at_once() {
     assert_eq!(all.frames.len() as u64, 3 * CHUNKS);
     let offsets: std::collections::HashSet<u64> =
         all.frames.iter().map(|f| f.next_offset).collect();
-    assert!(ends.iter().all(|e| offsets.contains(e)), "an append returned no boundary");
+    assert!(
+        ends.iter().all(|e| offsets.contains(e)),
+        "an append returned no boundary"
+    );
     for attempt in 1..=3 {
         let seqs: Vec<u64> = all
             .frames

@@ -232,7 +232,11 @@ impl JobLogs for PgLogStore {
         let rows = self
             .db
             .statement("SELECT len FROM log_heads WHERE job_id = $1", &[&job])?;
-        Ok(rows.first().map(|r| get_u64(r, 0)).transpose()?.unwrap_or(0))
+        Ok(rows
+            .first()
+            .map(|r| get_u64(r, 0))
+            .transpose()?
+            .unwrap_or(0))
     }
 
     fn last_seq(&self, job: JobId, attempt: AttemptId) -> Result<u64, LogError> {
@@ -277,7 +281,9 @@ impl JobLogs for PgLogStore {
             &[&job, &big(target)],
         )?;
         match rows.first() {
-            Some(r) => Ok(checkpoint(&r.try_get::<_, Vec<u8>>(0).map_err(StoreError::from)?)?),
+            Some(r) => Ok(checkpoint(
+                &r.try_get::<_, Vec<u8>>(0).map_err(StoreError::from)?,
+            )?),
             None => Ok(Checkpoint::default()),
         }
     }
@@ -309,6 +315,10 @@ impl JobLogs for PgLogStore {
              WHERE job_id = $1",
             &[&job],
         )?;
-        Ok(rows.first().map(|r| get_u64(r, 0)).transpose()?.unwrap_or(0))
+        Ok(rows
+            .first()
+            .map(|r| get_u64(r, 0))
+            .transpose()?
+            .unwrap_or(0))
     }
 }
