@@ -1042,10 +1042,19 @@ impl Dispatcher {
             step: chunk.step_index,
             stream,
         };
-        // On a blocking thread: a PostgreSQL log store waits for the database.
-        let logs = self.inner.logs.clone();
+        // On a blocking thread (a PostgreSQL log store waits for the database), which also
+        // moves the attempt's next sequence number: the two stay together even if this task
+        // is dropped while the append runs.
         let (seq, size) = (chunk.seq, chunk.data.len());
-        let len = tokio::task::spawn_blocking(move || logs.append(job, &header, &chunk.data))
+        let d = self.clone();
+        let appended = move || {
+            let len = d.inner.logs.append(job, &header, &chunk.data)?;
+            if let Some(a) = d.state().attempts.get_mut(&attempt) {
+                a.next_seq = Some(seq + 1);
+            }
+            Ok::<_, kiln_store::LogError>(len)
+        };
+        let len = tokio::task::spawn_blocking(appended)
             .await
             .map_err(DispatchError::from)?
             .map_err(|e| {
@@ -1057,9 +1066,6 @@ impl Dispatcher {
                     message: "the dispatcher cannot store output right now".into(),
                 }
             })?;
-        if let Some(a) = self.state().attempts.get_mut(&attempt) {
-            a.next_seq = Some(seq + 1);
-        }
         self.inner.metrics.output(size);
         self.inner.hub.advance(job, len);
         send(
