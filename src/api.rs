@@ -236,9 +236,9 @@ impl BuildService for BuildApi {
             (j, _) => JobId::new(j),
         };
         // Subscribe first, then look at the job: an end in between cannot be missed.
-        let mut progress = d.follow(job).map_err(status)?;
+        let mut progress = d.follow(job).await.map_err(status)?;
         let state = d.get_job(job).await.map_err(status)?.state;
-        d.settle_follow(job, state);
+        d.settle_follow(job, state).await;
         if r.offset > progress.borrow().len {
             return Err(Status::invalid_argument(format!(
                 "offset {} is past the end of job {job}'s log ({} bytes)",
@@ -301,12 +301,12 @@ impl BuildService for BuildApi {
                     changed = progress.changed() => {
                         if changed.is_err() && progress.borrow().done.is_none() {
                             // The channel was replaced; subscribe again.
-                            match d.follow(job) {
+                            match d.follow(job).await {
                                 Ok(p) => progress = p,
                                 Err(e) => { let _ = tx.send(Err(status(e))).await; return; }
                             }
                             if let Ok(j) = d.get_job(job).await {
-                                d.settle_follow(job, j.state);
+                                d.settle_follow(job, j.state).await;
                             }
                         }
                     }

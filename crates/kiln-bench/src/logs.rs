@@ -7,12 +7,17 @@
 //! one: disk bytes per MB of output, a whole read from offset 0 as a follower replays it (1 MiB
 //! per call), and reads of 64 KiB at 200 seeded random chunk offsets (what `kiln logs` from an
 //! offset does). The plain log is the baseline, measured in the same run.
+//!
+//! With `--postgres`, the same output is also written into a `PgLogStore` (`kiln serve
+//! --database`: job output as rows of the database) on a throwaway cluster with PostgreSQL's
+//! durability defaults (fsync on), and measured the same way, plus each append's time on both
+//! stores (one transaction per chunk there; a write to the page cache for the file).
 
 use std::time::Instant;
 
 use clap::Args;
 use kiln_domain::{AttemptId, JobId};
-use kiln_store::{FrameHeader, LogStore};
+use kiln_store::{FrameHeader, JobLogs, LogStore, PgLogStore};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -28,6 +33,9 @@ pub struct LogsArgs {
     /// Seed of the generated output and of the random offsets.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Also measure job output in PostgreSQL (`PgLogStore`, a throwaway cluster, fsync on).
+    #[arg(long)]
+    pub postgres: bool,
 }
 
 /// Bytes of one chunk.
@@ -86,7 +94,7 @@ struct Measured {
 }
 
 fn measure(
-    logs: &LogStore,
+    logs: &dyn JobLogs,
     job: JobId,
     end: u64,
     offsets: &[u64],
@@ -120,6 +128,62 @@ fn measure(
     })
 }
 
+/// What writing the output took.
+struct Written {
+    /// The log's length.
+    end: u64,
+    /// Bytes of output.
+    written: u64,
+    /// Chunks appended.
+    chunks: u64,
+    /// Each chunk's offset.
+    offsets: Vec<u64>,
+    /// Each append's milliseconds, sorted.
+    append_ms: Vec<f64>,
+    /// The generator after the output (it picks the random offsets).
+    mix: StdRng,
+}
+
+/// Writes `--mb` MB of build-like output (seeded: the same bytes on every store) as 16 KiB
+/// chunks of one attempt.
+fn write(logs: &dyn JobLogs, job: JobId, a: &LogsArgs) -> Result<Written, BenchError> {
+    let total = u64::from(a.mb) * 1_000_000;
+    let mut mix = StdRng::seed_from_u64(a.seed);
+    let (mut written, mut seq, mut n) = (0u64, 0u64, 0u64);
+    let mut offsets = vec![0u64];
+    let mut append_ms = Vec::new();
+    let mut end = 0;
+    let mut chunk = String::with_capacity(CHUNK + 200);
+    while written < total {
+        chunk.clear();
+        while chunk.len() < CHUNK {
+            n += 1;
+            chunk.push_str(&line(&mut mix, n));
+        }
+        seq += 1;
+        let header = FrameHeader {
+            attempt: AttemptId::new(1),
+            seq,
+            step: 0,
+            stream: 1,
+        };
+        let started = Instant::now();
+        end = logs.append(job, &header, chunk.as_bytes()).map_err(fail)?;
+        append_ms.push(ms(started.elapsed()));
+        offsets.push(end);
+        written += chunk.len() as u64;
+    }
+    offsets.pop();
+    Ok(Written {
+        end,
+        written,
+        chunks: seq,
+        offsets,
+        append_ms: sorted(&append_ms),
+        mix,
+    })
+}
+
 /// Runs the benchmark.
 pub async fn run(a: &LogsArgs) -> Result<(), BenchError> {
     let a = a.clone();
@@ -139,30 +203,9 @@ fn run_blocking(a: &LogsArgs) -> Result<(), BenchError> {
     let dir = tempfile::tempdir().map_err(fail)?;
     let logs = LogStore::open(dir.path()).map_err(fail)?;
     let job = JobId::new(1);
-    let total = u64::from(a.mb) * 1_000_000;
-    let mut mix = StdRng::seed_from_u64(a.seed);
-    let (mut written, mut seq, mut n) = (0u64, 0u64, 0u64);
-    let mut offsets = vec![0u64];
-    let mut end = 0;
-    let mut chunk = String::with_capacity(CHUNK + 200);
-    while written < total {
-        chunk.clear();
-        while chunk.len() < CHUNK {
-            n += 1;
-            chunk.push_str(&line(&mut mix, n));
-        }
-        seq += 1;
-        let header = FrameHeader {
-            attempt: AttemptId::new(1),
-            seq,
-            step: 0,
-            stream: 1,
-        };
-        end = logs.append(job, &header, chunk.as_bytes()).map_err(fail)?;
-        offsets.push(end);
-        written += chunk.len() as u64;
-    }
-    offsets.pop();
+    let mut w = write(&logs, job, a)?;
+    let (end, written, seq) = (w.end, w.written, w.chunks);
+    let (offsets, mix) = (&w.offsets, &mut w.mix);
     logs.sync(job).map_err(fail)?;
     let picks: Vec<u64> = (0..RANDOM_READS)
         .map(|_| offsets[mix.random_range(0..offsets.len())])
@@ -235,5 +278,94 @@ fn run_blocking(a: &LogsArgs) -> Result<(), BenchError> {
         None,
         &format!("{:.2} s for the log, after the job's result", seal_s),
     );
+    if a.postgres {
+        postgres(a, &w, &plain, &picks)?;
+    }
+    Ok(())
+}
+
+/// The same output in a `PgLogStore` (fsync on), against the plain file measured above.
+fn postgres(
+    a: &LogsArgs,
+    files: &Written,
+    plain: &Measured,
+    picks: &[u64],
+) -> Result<(), BenchError> {
+    let cluster = kiln_pgtest::PgCluster::start_durable()
+        .map_err(|e| fail(format!("starting PostgreSQL: {e}")))?;
+    let url = cluster
+        .database()
+        .map_err(|e| fail(format!("creating the database: {e}")))?;
+    let logs = PgLogStore::connect(&url).map_err(|e| fail(format!("opening the store: {e}")))?;
+    let job = JobId::new(1);
+    let w = write(&logs, job, a)?;
+    if w.end != files.end {
+        return Err(wrong(format!(
+            "the database's log is {} bytes, the file {}",
+            w.end, files.end
+        )));
+    }
+    let pg = measure(&logs, job, w.end, picks, w.written)?;
+    let mb = w.written as f64 / 1e6;
+    note(format!(
+        "PostgreSQL (PgLogStore, fsync on): the same {} chunks, one transaction each; {} bytes \
+         stored (pg_column_size: TOAST-compressed)",
+        w.chunks, pg.disk
+    ));
+    let p50 = |v: &[f64]| percentile(v, 50.0);
+    let p99 = |v: &[f64]| percentile(v, 99.0);
+    figure(
+        "pg: append of 16 KiB, p50",
+        format!("{:.2} ms", p50(&w.append_ms)),
+        "",
+        None,
+        &format!("file {:.3} ms", p50(&files.append_ms)),
+    );
+    figure(
+        "pg: append of 16 KiB, p99",
+        format!("{:.2} ms", p99(&w.append_ms)),
+        "",
+        None,
+        &format!("file {:.3} ms", p99(&files.append_ms)),
+    );
+    let rate = |v: &[f64]| mb / (v.iter().sum::<f64>() / 1000.0);
+    figure(
+        "pg: output stored, one writer",
+        format!("{:.1} MB/s", rate(&w.append_ms)),
+        "",
+        None,
+        &format!("file {:.0} MB/s", rate(&files.append_ms)),
+    );
+    figure(
+        "pg: disk per MB of output",
+        format!("{:.3} MB", pg.disk as f64 / mb / 1e6),
+        "",
+        None,
+        &format!("plain file {:.3} MB", plain.disk as f64 / mb / 1e6),
+    );
+    figure(
+        "pg: whole read (replay)",
+        format!("{:.0} MB/s", mb / pg.whole_s),
+        "",
+        None,
+        &format!("plain file {:.0} MB/s", mb / plain.whole_s),
+    );
+    figure(
+        "pg: 64 KiB read at an offset, p50",
+        format!("{:.2} ms", p50(&pg.random_ms)),
+        "< 10 ms",
+        Some(p50(&pg.random_ms) < 10.0),
+        &format!("plain file {:.2} ms", p50(&plain.random_ms)),
+    );
+    figure(
+        "pg: 64 KiB read at an offset, p99",
+        format!("{:.2} ms", p99(&pg.random_ms)),
+        "< 20 ms",
+        Some(p99(&pg.random_ms) < 20.0),
+        &format!("plain file {:.2} ms", p99(&plain.random_ms)),
+    );
+    // The store before its database.
+    drop(logs);
+    drop(cluster);
     Ok(())
 }

@@ -325,6 +325,7 @@ async fn all(a: &AllArgs) -> Result<i32, BenchError> {
     let logs = logs::LogsArgs {
         mb: if a.quick { 2 } else { 64 },
         seed: 42,
+        postgres: false,
     };
     let tail = tail::TailArgs {
         small_mb: 2,

@@ -185,7 +185,6 @@ impl Dispatcher {
                     let mut live = LiveAttempt::new(&job, a.runner_id, None, &self.inner.config);
                     live.orphan_deadline = Some(deadline);
                     live.secret_hash = hash;
-                    live.taken_over = true;
                     live
                 });
             }

@@ -5,7 +5,7 @@
 //! - [`Dispatcher`] is cheap to clone (an `Arc`); the gRPC services hold one.
 //! - `session` runs one runner's stream; `scheduler` assigns queued jobs and notices lost
 //!   runners; `hub` tells log followers how far each job's log reached.
-//! - All durable state is in the [`Store`] and the [`LogStore`]; what is in memory (sessions,
+//! - All durable state is in the [`Store`] and the [`JobLogs`]; what is in memory (sessions,
 //!   which attempt is on which runner, the next output sequence number) is rebuilt after a
 //!   restart from the store and from the runners' handshakes.
 
@@ -37,7 +37,9 @@ use kiln_domain::{
     StepSpec, now_millis,
 };
 use kiln_git::{GitError, Mirrors};
-use kiln_store::{BuildDetail, BuildFilter, Change, LogStore, PgStore, SqliteStore, Store};
+use kiln_store::{
+    BuildDetail, BuildFilter, Change, JobLogs, LogStore, PgLogStore, PgStore, SqliteStore, Store,
+};
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -361,8 +363,9 @@ struct Inner {
     config: Config,
     /// Durable state.
     store: Arc<dyn Store>,
-    /// Job output.
-    logs: Arc<LogStore>,
+    /// Job output: files under the data dir, or the PostgreSQL database's rows (so that every
+    /// dispatcher on it reads and appends to any job's log).
+    logs: Arc<dyn JobLogs>,
     /// Mirrors used to check submitted commits and read their pipelines.
     mirrors: Arc<Mirrors>,
     /// Sessions and attempts in flight.
@@ -551,11 +554,6 @@ struct LiveAttempt {
     paused: bool,
     /// When it was assigned (wall clock, for its trace span; `None` after a restart).
     assigned_at: Option<std::time::SystemTime>,
-    /// Taken over from another dispatcher (adopted, or claimed by its re-attaching runner):
-    /// output that dispatcher acknowledged may be in its log and not in this one's, so the
-    /// first chunk (or result) the runner sends is where this log takes up the attempt when
-    /// it has nothing of it (see `session::takes_up`).
-    taken_over: bool,
 }
 
 impl LiveAttempt {
@@ -589,7 +587,6 @@ impl LiveAttempt {
             unlisted: 0,
             paused: false,
             assigned_at: None,
-            taken_over: false,
         }
     }
 }
@@ -604,9 +601,15 @@ impl Dispatcher {
         std::fs::create_dir_all(dir).map_err(|e| {
             DispatchError::Internal(format!("cannot create data dir {}: {e}", dir.display()))
         })?;
-        let store: Arc<dyn Store> = match &config.database {
-            Some(db) => Arc::new(PgStore::connect_with(db.clone())?),
-            None => Arc::new(SqliteStore::open(&dir.join("kiln.db"))?),
+        let (store, logs): (Arc<dyn Store>, Arc<dyn JobLogs>) = match &config.database {
+            Some(db) => {
+                let pg = Arc::new(PgStore::connect_with(db.clone())?);
+                (pg.clone(), Arc::new(PgLogStore::new(pg)))
+            }
+            None => (
+                Arc::new(SqliteStore::open(&dir.join("kiln.db"))?),
+                Arc::new(LogStore::open(dir.join("logs"))?),
+            ),
         };
         // With PostgreSQL, other dispatchers may be running on the database: this one registers
         // and takes only the attempts of dead ones (its own earlier process's, once that is
@@ -619,7 +622,6 @@ impl Dispatcher {
             }
             None => None,
         };
-        let logs = LogStore::open(dir.join("logs"))?;
         let mirrors = Mirrors::new(dir.join("mirrors"))
             .map_err(|e| DispatchError::Internal(format!("mirrors: {}", error_chain(&e))))?;
         let mut state = State::default();
@@ -642,7 +644,6 @@ impl Dispatcher {
                 // Recorded with PostgreSQL: the runner proves itself with it, as to the
                 // dispatcher that gave it out.
                 live.secret_hash = store.owned_attempt(a.id)?.and_then(|o| o.secret_hash);
-                live.taken_over = true;
             }
             state.attempts.insert(a.id, live);
         }
@@ -661,7 +662,7 @@ impl Dispatcher {
             inner: Arc::new(Inner {
                 config,
                 store,
-                logs: Arc::new(logs),
+                logs,
                 mirrors: Arc::new(mirrors),
                 state: Mutex::new(state),
                 kick: Notify::new(),
@@ -1497,12 +1498,28 @@ impl Dispatcher {
     }
 
     /// Where a follower of `job`'s log stands; subscribe first, then read the store, so that
-    /// no end of job can be missed.
-    pub fn follow(
+    /// no end of job can be missed. The log's length is read on a blocking thread (a
+    /// PostgreSQL log store waits for the database): for a job's first follower under the
+    /// hub's lock, so no growth between the read and the subscription is missed; for a job
+    /// already followed too, since with a PostgreSQL log store another dispatcher may have
+    /// appended to it (which only its own hub heard of).
+    pub async fn follow(
         &self,
         job: JobId,
     ) -> Result<tokio::sync::watch::Receiver<LogProgress>, DispatchError> {
-        Ok(self.inner.hub.subscribe(job, || self.inner.logs.len(job))?)
+        let inner = self.inner.clone();
+        let followed = move || {
+            let mut fresh = false;
+            let rx = inner.hub.subscribe(job, || {
+                fresh = true;
+                inner.logs.len(job)
+            })?;
+            if !fresh {
+                inner.hub.advance(job, inner.logs.len(job)?);
+            }
+            Ok::<_, kiln_store::LogError>(rx)
+        };
+        Ok(tokio::task::spawn_blocking(followed).await??)
     }
 
     /// Reads stored output of `job` from `offset` up to `limit`.
@@ -1528,14 +1545,25 @@ impl Dispatcher {
         shown: impl Fn(AttemptId) -> bool + Send + 'static,
     ) -> Result<kiln_store::Located, DispatchError> {
         let logs = self.inner.logs.clone();
-        Ok(tokio::task::spawn_blocking(move || logs.locate(job, target, limit, shown)).await??)
+        Ok(tokio::task::spawn_blocking(move || logs.locate(job, target, limit, &shown)).await??)
     }
 
-    /// Marks a job's followers done if the job already ended (used right after subscribing).
-    pub fn settle_follow(&self, job: JobId, state: JobState) {
-        if state.is_final() {
-            self.inner.hub.finish(job, state);
+    /// Marks a job's followers done if the job already ended (used right after subscribing),
+    /// at the log's stored length: the job may have ended on another dispatcher, after the
+    /// follower's length was read.
+    pub async fn settle_follow(&self, job: JobId, state: JobState) {
+        if !state.is_final() {
+            return;
         }
+        let logs = self.inner.logs.clone();
+        match tokio::task::spawn_blocking(move || logs.len(job)).await {
+            Ok(Ok(len)) => self.inner.hub.advance(job, len),
+            Ok(Err(e)) => {
+                tracing::warn!(%job, cause = %error_chain(&e), "cannot read a log's length")
+            }
+            Err(e) => tracing::warn!(%job, cause = %e, "cannot read a log's length"),
+        }
+        self.inner.hub.finish(job, state);
     }
 
     /// Tells one attached runner to drain: it gets no new work from now on, finishes what it

@@ -596,7 +596,6 @@ impl Dispatcher {
                 // What the runner proved: `register` checks it again and moves it to the
                 // new session.
                 live.secret_hash = o.secret_hash.clone();
-                live.taken_over = true;
                 st.attempts.entry(a).or_insert(live);
             }
             if o.owner != Some(me)
@@ -1176,10 +1175,7 @@ impl Dispatcher {
                 return Ok(());
             }
         };
-        let mut expected = self.next_seq(attempt, job).await?;
-        if chunk.seq > expected && self.takes_up(attempt, expected, chunk.seq) {
-            expected = chunk.seq;
-        }
+        let expected = self.next_seq(attempt, job).await?;
         if chunk.seq < expected {
             // Already stored (re-sent after a reconnect): acknowledge, do not store twice.
             send(
@@ -1208,10 +1204,21 @@ impl Dispatcher {
             step: chunk.step_index,
             stream,
         };
-        let len = self
-            .inner
-            .logs
-            .append(job, &header, &chunk.data)
+        // On a blocking thread (a PostgreSQL log store waits for the database), which also
+        // moves the attempt's next sequence number: the two stay together even if this task
+        // is dropped while the append runs.
+        let (seq, size) = (chunk.seq, chunk.data.len());
+        let d = self.clone();
+        let appended = move || {
+            let len = d.inner.logs.append(job, &header, &chunk.data)?;
+            if let Some(a) = d.state().attempts.get_mut(&attempt) {
+                a.next_seq = Some(seq + 1);
+            }
+            Ok::<_, kiln_store::LogError>(len)
+        };
+        let len = tokio::task::spawn_blocking(appended)
+            .await
+            .map_err(DispatchError::from)?
             .map_err(|e| {
                 if e.is_disk_full() {
                     return self.disk_full("appending output");
@@ -1221,10 +1228,7 @@ impl Dispatcher {
                     message: "the dispatcher cannot store output right now".into(),
                 }
             })?;
-        if let Some(a) = self.state().attempts.get_mut(&attempt) {
-            a.next_seq = Some(chunk.seq + 1);
-        }
-        self.inner.metrics.output(chunk.data.len());
+        self.inner.metrics.output(size);
         self.inner.hub.advance(job, len);
         if let Some(c) = &self.inner.cluster {
             c.log(job, len);
@@ -1234,29 +1238,11 @@ impl Dispatcher {
             stop,
             msg(Out::OutputAck(protocol::OutputAck {
                 attempt_id: attempt,
-                up_to_seq: chunk.seq,
+                up_to_seq: seq,
             })),
         )
         .await;
         Ok(())
-    }
-
-    /// Whether an attempt taken over from another dispatcher, of which this dispatcher's log has
-    /// nothing (`expected` is 1), takes up its runner's output at `seq`: what came before was
-    /// acknowledged by the other dispatcher, so it is in that one's log, not lost. Only then,
-    /// and once: a gap anywhere else ends the session as always.
-    fn takes_up(&self, attempt: AttemptId, expected: u64, seq: u64) -> bool {
-        let mut st = self.state();
-        let Some(a) = st.attempts.get_mut(&attempt) else {
-            return false;
-        };
-        if !a.taken_over || expected != 1 {
-            return false;
-        }
-        a.taken_over = false;
-        a.next_seq = Some(seq);
-        tracing::info!(%attempt, seq, "taking up an attempt's output where another dispatcher left it");
-        true
     }
 
     /// The next sequence number expected for an attempt (read from the log after a restart).
@@ -1332,10 +1318,7 @@ impl Dispatcher {
         };
         if let Some(job) = job {
             // A result is only taken once all of the attempt's output is stored.
-            let mut stored = self.next_seq(attempt, job).await? - 1;
-            if f.last_seq > stored && self.takes_up(attempt, stored + 1, f.last_seq + 1) {
-                stored = f.last_seq;
-            }
+            let stored = self.next_seq(attempt, job).await? - 1;
             if f.last_seq > stored {
                 return Err(DispatchError::OutputMissing {
                     attempt,

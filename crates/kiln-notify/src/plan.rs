@@ -365,11 +365,11 @@ async fn last_lines(dispatcher: &Dispatcher, job: &kiln_domain::Job) -> Vec<Stri
     let mut offset = 0;
     let mut scanned = 0u64;
     // The log's length, as followers learn it (the job has ended: it is all there).
-    let len = match dispatcher.follow(job.id) {
+    let len = match dispatcher.follow(job.id).await {
         Ok(progress) => progress.borrow().len,
         Err(_) => return Vec::new(),
     };
-    dispatcher.settle_follow(job.id, job.state);
+    dispatcher.settle_follow(job.id, job.state).await;
     while offset < len {
         let Ok(read) = dispatcher.read_log(job.id, offset, len, 1 << 20).await else {
             break;

@@ -1,5 +1,5 @@
 //! Kiln's durable state: builds, jobs, attempts, step results and runners in a [`Store`], and
-//! job output in an append-only [`LogStore`].
+//! job output in append-only logs behind [`JobLogs`].
 //!
 //! - [`Store`] is the interface the dispatcher talks to. Every state change is one transaction,
 //!   and a job's final result is written with a compare-and-set on its current attempt, so a
@@ -9,7 +9,8 @@
 //!   transactions and row locks.
 //! - [`LogStore`] keeps each job's output as a file of frames (attempt, sequence number, step,
 //!   stream, bytes), so output is kept byte for byte and a restarted dispatcher can tell which
-//!   chunks it already has.
+//!   chunks it already has. [`PgLogStore`] keeps the same frames, the same bytes at the same
+//!   offsets, as rows of the PostgreSQL database, for several dispatchers on one database.
 //!
 //! Everything here is synchronous; the dispatcher calls it from blocking tasks.
 
@@ -38,10 +39,10 @@ use kiln_domain::{
 pub use bus::{Bus, BusMessage, BusReceiver, BusSender, Heard, Said};
 pub use deliveries::{Delivery, DeliveryKey, DeliveryResult, DeliveryState, Mark, NewDelivery};
 pub use logs::{
-    AttemptLines, CHECKPOINT_EVERY, Checkpoint, Frame, FrameHeader, Located, LogError, LogStore,
-    MAX_FRAME, ReadResult, is_disk_full,
+    AttemptLines, CHECKPOINT_EVERY, Checkpoint, Frame, FrameHeader, JobLogs, Located, LogError,
+    LogStore, MAX_FRAME, ReadResult, is_disk_full,
 };
-pub use pg::{PgConfig, PgStore};
+pub use pg::{PgConfig, PgLogStore, PgStore};
 pub use sqlite::SqliteStore;
 
 /// Errors from the store.

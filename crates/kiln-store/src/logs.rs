@@ -39,7 +39,9 @@ use std::sync::{Mutex, MutexGuard};
 use kiln_domain::{AttemptId, JobId};
 use zeekstd::{EncodeOptions, FrameSizePolicy};
 
-mod index;
+pub(crate) mod index;
+#[cfg(test)]
+mod shared_tests;
 pub use index::{AttemptLines, CHECKPOINT_EVERY, Checkpoint};
 
 const MAGIC: [u8; 2] = *b"KL";
@@ -48,7 +50,7 @@ const MAGIC: [u8; 2] = *b"KL";
 pub const SEAL_FRAME: u32 = 1 << 20;
 /// zstd level of sealed logs (the library's default: fast, and output compresses well).
 const SEAL_LEVEL: i32 = 3;
-const HEADER_LEN: usize = 28;
+pub(crate) const HEADER_LEN: usize = 28;
 /// `stream` of a dropped frame: the `seq` bytes after its header were dropped (a hole).
 const DROPPED: u8 = 0;
 /// `stream` of kiln's own lines (the wire's `OutputStream::System`).
@@ -81,12 +83,19 @@ pub enum LogError {
     /// A frame is larger than [`MAX_FRAME`].
     #[error("output chunk of {0} bytes is larger than the limit of {MAX_FRAME}")]
     TooLarge(usize),
+    /// The database holding the logs failed ([`crate::PgLogStore`]).
+    #[error("log store database error")]
+    Database(#[from] crate::StoreError),
 }
 
 impl LogError {
     /// Whether the write failed because the disk (or the quota) is full.
     pub fn is_disk_full(&self) -> bool {
-        matches!(self, LogError::Io { cause, .. } if is_disk_full(cause))
+        match self {
+            LogError::Io { cause, .. } => is_disk_full(cause),
+            LogError::Database(e) => e.is_disk_full(),
+            LogError::BadOffset { .. } | LogError::TooLarge(_) => false,
+        }
     }
 }
 
@@ -185,7 +194,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
     }
 }
 
-fn encode_header(h: &FrameHeader, len: usize) -> [u8; HEADER_LEN] {
+pub(crate) fn encode_header(h: &FrameHeader, len: usize) -> [u8; HEADER_LEN] {
     let mut b = [0u8; HEADER_LEN];
     b[0..2].copy_from_slice(&MAGIC);
     b[2] = h.stream;
@@ -298,6 +307,87 @@ fn open_sealed(path: &Path) -> Result<Option<(zeekstd::Decoder<'static, File>, u
         .map_err(io_err(path))?;
     let size = decoder.seek_table().size_decomp();
     Ok(Some((decoder, size)))
+}
+
+/// Reads whole frames of `job`'s log starting at `offset` and ending at or before `limit`, at
+/// most about `max_bytes` of payload (always at least one frame), from the source `open` gives
+/// (positioned at `offset`, with the name errors give it): [`JobLogs::read`] of either store,
+/// so both return the same frames, offsets and errors for the same bytes.
+pub(crate) fn read_frames<R: Read>(
+    job: JobId,
+    offset: u64,
+    limit: u64,
+    max_bytes: usize,
+    open: impl FnOnce() -> Result<(R, PathBuf), LogError>,
+) -> Result<ReadResult, LogError> {
+    if offset >= limit {
+        if offset > limit {
+            return Err(LogError::BadOffset {
+                job,
+                offset,
+                size: limit,
+            });
+        }
+        return Ok(ReadResult {
+            frames: Vec::new(),
+            next_offset: offset,
+        });
+    }
+    let (source, path) = open()?;
+    let path = path.as_path();
+    let want = (limit - offset).min((max_bytes.saturating_add(HEADER_LEN) as u64).saturating_mul(2))
+        as usize;
+    let mut reader = std::io::BufReader::with_capacity(want.clamp(4096, 4 << 20), source);
+    let mut frames = Vec::new();
+    let mut pos = offset;
+    let mut total = 0usize;
+    let mut header = [0u8; HEADER_LEN];
+    while pos + HEADER_LEN as u64 <= limit && (frames.is_empty() || total < max_bytes) {
+        reader.read_exact(&mut header).map_err(io_err(path))?;
+        let Some((h, len)) = decode_header(&header) else {
+            return Err(LogError::BadOffset {
+                job,
+                offset,
+                size: limit,
+            });
+        };
+        let body = body_len(&h, len);
+        if pos + HEADER_LEN as u64 + body > limit {
+            break;
+        }
+        let (header, data) = if h.stream == DROPPED {
+            std::io::copy(&mut (&mut reader).take(body), &mut std::io::sink())
+                .map_err(io_err(path))?;
+            let header = FrameHeader {
+                stream: SYSTEM,
+                seq: 0,
+                ..h
+            };
+            (header, dropped_note(h.attempt, body))
+        } else {
+            let mut data = vec![0u8; len];
+            reader.read_exact(&mut data).map_err(io_err(path))?;
+            (h, data)
+        };
+        pos += HEADER_LEN as u64 + body;
+        total += data.len();
+        frames.push(Frame {
+            header,
+            data,
+            next_offset: pos,
+        });
+    }
+    if frames.is_empty() && offset < limit {
+        return Err(LogError::BadOffset {
+            job,
+            offset,
+            size: limit,
+        });
+    }
+    Ok(ReadResult {
+        frames,
+        next_offset: pos,
+    })
 }
 
 impl LogStore {
@@ -430,7 +520,7 @@ impl LogStore {
         }
         w.len += buf.len() as u64;
         w.tally.add(header.attempt, data, w.len);
-        if w.len >= w.checkpoints.last().map_or(0, |c| c.offset) + CHECKPOINT_EVERY {
+        if index::checkpoint_due(w.checkpoints.last().map_or(0, |c| c.offset), w.len) {
             w.checkpoints.push(w.tally.clone());
         }
         Ok(w.len)
@@ -662,29 +752,13 @@ impl LogStore {
         limit: u64,
         shown: impl Fn(AttemptId) -> bool,
     ) -> Result<Located, LogError> {
-        let (lines, aligned) = start.lines(&shown);
-        let mut at = Located {
-            offset: start.offset,
-            lines,
-            aligned,
-        };
-        while at.offset < target && at.offset < limit {
-            let read = self.read(job, at.offset, limit, LOCATE_READ)?;
-            if read.frames.is_empty() {
-                break;
-            }
-            for f in read.frames {
-                if at.offset >= target {
-                    return Ok(at);
-                }
-                if shown(f.header.attempt) && !f.data.is_empty() {
-                    at.lines += f.data.iter().filter(|&&b| b == b'\n').count() as u64;
-                    at.aligned = f.data.ends_with(b"\n");
-                }
-                at.offset = f.next_offset;
-            }
-        }
-        Ok(at)
+        locate_from(
+            |offset, limit, max| self.read(job, offset, limit, max),
+            start,
+            target,
+            limit,
+            &shown,
+        )
     }
 
     /// Flushes a job's log to disk, then its index, and closes its writer (call when the job
@@ -865,74 +939,163 @@ impl LogStore {
         limit: u64,
         max_bytes: usize,
     ) -> Result<ReadResult, LogError> {
-        if offset >= limit {
-            if offset > limit {
-                return Err(LogError::BadOffset {
-                    job,
-                    offset,
-                    size: limit,
-                });
-            }
-            return Ok(ReadResult {
-                frames: Vec::new(),
-                next_offset: offset,
-            });
-        }
-        let (source, path) = self.reader_at(job, offset)?;
-        let want = (limit - offset)
-            .min((max_bytes.saturating_add(HEADER_LEN) as u64).saturating_mul(2))
-            as usize;
-        let mut reader = std::io::BufReader::with_capacity(want.clamp(4096, 4 << 20), source);
-        let mut frames = Vec::new();
-        let mut pos = offset;
-        let mut total = 0usize;
-        let mut header = [0u8; HEADER_LEN];
-        while pos + HEADER_LEN as u64 <= limit && (frames.is_empty() || total < max_bytes) {
-            reader.read_exact(&mut header).map_err(io_err(&path))?;
-            let Some((h, len)) = decode_header(&header) else {
-                return Err(LogError::BadOffset {
-                    job,
-                    offset,
-                    size: limit,
-                });
-            };
-            let body = body_len(&h, len);
-            if pos + HEADER_LEN as u64 + body > limit {
-                break;
-            }
-            let (header, data) = if h.stream == DROPPED {
-                std::io::copy(&mut (&mut reader).take(body), &mut std::io::sink())
-                    .map_err(io_err(&path))?;
-                let header = FrameHeader {
-                    stream: SYSTEM,
-                    seq: 0,
-                    ..h
-                };
-                (header, dropped_note(h.attempt, body))
-            } else {
-                let mut data = vec![0u8; len];
-                reader.read_exact(&mut data).map_err(io_err(&path))?;
-                (h, data)
-            };
-            pos += HEADER_LEN as u64 + body;
-            total += data.len();
-            frames.push(Frame {
-                header,
-                data,
-                next_offset: pos,
-            });
-        }
-        if frames.is_empty() && offset < limit {
-            return Err(LogError::BadOffset {
-                job,
-                offset,
-                size: limit,
-            });
-        }
-        Ok(ReadResult {
-            frames,
-            next_offset: pos,
+        read_frames(job, offset, limit, max_bytes, || {
+            self.reader_at(job, offset)
         })
+    }
+}
+
+/// [`LogStore::locate_from`] over any store's `read(offset, limit, max_bytes)` of one log.
+pub(crate) fn locate_from(
+    read: impl Fn(u64, u64, usize) -> Result<ReadResult, LogError>,
+    start: Checkpoint,
+    target: u64,
+    limit: u64,
+    shown: &dyn Fn(AttemptId) -> bool,
+) -> Result<Located, LogError> {
+    let (lines, aligned) = start.lines(shown);
+    let mut at = Located {
+        offset: start.offset,
+        lines,
+        aligned,
+    };
+    while at.offset < target && at.offset < limit {
+        let read = read(at.offset, limit, LOCATE_READ)?;
+        if read.frames.is_empty() {
+            break;
+        }
+        for f in read.frames {
+            if at.offset >= target {
+                return Ok(at);
+            }
+            if shown(f.header.attempt) && !f.data.is_empty() {
+                at.lines += f.data.iter().filter(|&&b| b == b'\n').count() as u64;
+                at.aligned = f.data.ends_with(b"\n");
+            }
+            at.offset = f.next_offset;
+        }
+    }
+    Ok(at)
+}
+
+/// Job output, the way the dispatcher, the web page and the API use it: a log of frames per
+/// job, with offsets that are the same bytes whichever store keeps them. Synchronous, like
+/// [`crate::Store`]: call it from blocking threads (a [`crate::PgLogStore`] blocks on the
+/// network, and panics rather than stall an async worker).
+///
+/// - [`LogStore`]: files under the dispatcher's data directory (SQLite mode: one dispatcher).
+/// - [`crate::PgLogStore`]: rows in the PostgreSQL database the builds are in, so that every
+///   dispatcher of the farm reads any log live and another one appends to it after its
+///   writer died.
+pub trait JobLogs: Send + Sync + std::fmt::Debug {
+    /// Appends one frame and returns the log's new length (the offset just past it); readers
+    /// see it when this returns. A [`crate::PgLogStore`] stores an (attempt, sequence number)
+    /// once: appending it again changes nothing and returns the current length.
+    fn append(&self, job: JobId, header: &FrameHeader, data: &[u8]) -> Result<u64, LogError>;
+
+    /// The log's current length (0 if it has no output).
+    fn len(&self, job: JobId) -> Result<u64, LogError>;
+
+    /// The last sequence number stored for `attempt` in `job`'s log (0 if none).
+    fn last_seq(&self, job: JobId, attempt: AttemptId) -> Result<u64, LogError>;
+
+    /// Reads whole frames starting at `offset` and ending at or before `limit` (a length the
+    /// writer published), at most about `max_bytes` of payload (always at least one frame).
+    fn read(
+        &self,
+        job: JobId,
+        offset: u64,
+        limit: u64,
+        max_bytes: usize,
+    ) -> Result<ReadResult, LogError>;
+
+    /// The last checkpoint of the log at or before `target` (the log's start if there is
+    /// none): a frame boundary, with each attempt's newlines before it.
+    fn checkpoint_before(&self, job: JobId, target: u64) -> Result<Checkpoint, LogError>;
+
+    /// The first frame boundary at or after `target` (or `limit`, a published length) and the
+    /// lines of shown output before it, reading from the checkpoint before `target`: at most
+    /// about [`CHECKPOINT_EVERY`] plus one frame of log, whatever its size.
+    fn locate(
+        &self,
+        job: JobId,
+        target: u64,
+        limit: u64,
+        shown: &dyn Fn(AttemptId) -> bool,
+    ) -> Result<Located, LogError> {
+        let start = self.checkpoint_before(job, target.min(limit))?;
+        locate_from(
+            |offset, limit, max| self.read(job, offset, limit, max),
+            start,
+            target,
+            limit,
+            shown,
+        )
+    }
+
+    /// A finished job's log is final: compresses it at rest where the store does that itself
+    /// (files); returns the plain and the stored size, or `None` when nothing was done.
+    fn seal(&self, job: JobId) -> Result<Option<(u64, u64)>, LogError>;
+
+    /// Makes a job's log durable and closes its writer (call when the job ends).
+    fn sync(&self, job: JobId) -> Result<(), LogError>;
+
+    /// Makes every open log durable (on shutdown).
+    fn sync_all(&self) -> Result<(), LogError>;
+
+    /// Frees the space of every attempt's output but `keep` in a running job's log, where the
+    /// store can (a full local disk); returns the bytes freed. Offsets stay valid.
+    fn drop_attempts(&self, job: JobId, keep: AttemptId) -> Result<u64, LogError>;
+
+    /// Bytes the job's log takes at rest, for measurements.
+    fn disk_usage(&self, job: JobId) -> Result<u64, LogError>;
+}
+
+impl JobLogs for LogStore {
+    fn append(&self, job: JobId, header: &FrameHeader, data: &[u8]) -> Result<u64, LogError> {
+        LogStore::append(self, job, header, data)
+    }
+
+    fn len(&self, job: JobId) -> Result<u64, LogError> {
+        LogStore::len(self, job)
+    }
+
+    fn last_seq(&self, job: JobId, attempt: AttemptId) -> Result<u64, LogError> {
+        LogStore::last_seq(self, job, attempt)
+    }
+
+    fn read(
+        &self,
+        job: JobId,
+        offset: u64,
+        limit: u64,
+        max_bytes: usize,
+    ) -> Result<ReadResult, LogError> {
+        LogStore::read(self, job, offset, limit, max_bytes)
+    }
+
+    fn checkpoint_before(&self, job: JobId, target: u64) -> Result<Checkpoint, LogError> {
+        LogStore::checkpoint_before(self, job, target)
+    }
+
+    fn seal(&self, job: JobId) -> Result<Option<(u64, u64)>, LogError> {
+        LogStore::seal(self, job)
+    }
+
+    fn sync(&self, job: JobId) -> Result<(), LogError> {
+        LogStore::sync(self, job)
+    }
+
+    fn sync_all(&self) -> Result<(), LogError> {
+        LogStore::sync_all(self)
+    }
+
+    fn drop_attempts(&self, job: JobId, keep: AttemptId) -> Result<u64, LogError> {
+        LogStore::drop_attempts(self, job, keep)
+    }
+
+    fn disk_usage(&self, job: JobId) -> Result<u64, LogError> {
+        LogStore::disk_usage(self, job)
     }
 }
 
@@ -941,45 +1104,13 @@ impl LogStore {
 mod tests {
     use super::*;
 
-    fn h(attempt: u64, seq: u64) -> FrameHeader {
+    pub(crate) fn h(attempt: u64, seq: u64) -> FrameHeader {
         FrameHeader {
             attempt: AttemptId::new(attempt),
             seq,
             step: 0,
             stream: 1,
         }
-    }
-
-    #[test]
-    fn append_read_and_offsets() {
-        let dir = tempfile::tempdir().unwrap();
-        let logs = LogStore::open(dir.path()).unwrap();
-        let a = logs.append(JobId::new(7), &h(1, 1), b"hello\n").unwrap();
-        let b = logs
-            .append(JobId::new(7), &h(1, 2), &[0xff, 0xfe, 0x00])
-            .unwrap();
-        assert_eq!(logs.len(JobId::new(7)).unwrap(), b);
-        let all = logs.read(JobId::new(7), 0, b, 1 << 20).unwrap();
-        assert_eq!(all.frames.len(), 2);
-        assert_eq!(all.frames[1].data, vec![0xff, 0xfe, 0x00]);
-        assert_eq!(all.next_offset, b);
-        let rest = logs.read(JobId::new(7), a, b, 1 << 20).unwrap();
-        assert_eq!(rest.frames.len(), 1);
-        assert!(matches!(
-            logs.read(JobId::new(7), 3, b, 1 << 20),
-            Err(LogError::BadOffset { .. })
-        ));
-        assert!(matches!(
-            logs.read(JobId::new(7), b + 1, b, 1 << 20),
-            Err(LogError::BadOffset { .. })
-        ));
-        // Reading up to a published length ignores later bytes.
-        let first = logs.read(JobId::new(7), 0, a, 1 << 20).unwrap();
-        assert_eq!(first.frames.len(), 1);
-        assert_eq!(logs.last_seq(JobId::new(7), AttemptId::new(1)).unwrap(), 2);
-        assert_eq!(logs.last_seq(JobId::new(7), AttemptId::new(9)).unwrap(), 0);
-        assert_eq!(logs.last_seq(JobId::new(8), AttemptId::new(1)).unwrap(), 0);
-        assert_eq!(logs.len(JobId::new(8)).unwrap(), 0);
     }
 
     #[test]
@@ -1199,15 +1330,15 @@ mod tests {
     }
 
     /// A small deterministic generator (xorshift64*), so the random logs repeat.
-    struct Rng(u64);
+    pub(crate) struct Rng(pub(crate) u64);
     impl Rng {
-        fn next(&mut self) -> u64 {
+        pub(crate) fn next(&mut self) -> u64 {
             self.0 ^= self.0 >> 12;
             self.0 ^= self.0 << 25;
             self.0 ^= self.0 >> 27;
             self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
         }
-        fn below(&mut self, n: u64) -> u64 {
+        pub(crate) fn below(&mut self, n: u64) -> u64 {
             self.next() % n
         }
     }
@@ -1215,7 +1346,13 @@ mod tests {
     /// Appends `bytes` or so of frames of attempt `attempt`, of random sizes (some empty, some
     /// larger than a checkpoint's span is small), with newlines at random and not always at
     /// the end.
-    fn fill(logs: &LogStore, job: JobId, attempt: u64, bytes: u64, rng: &mut Rng) -> u64 {
+    pub(crate) fn fill(
+        logs: &dyn JobLogs,
+        job: JobId,
+        attempt: u64,
+        bytes: u64,
+        rng: &mut Rng,
+    ) -> u64 {
         let mut end = logs.len(job).unwrap();
         let stop = end + bytes;
         let mut seq = logs.last_seq(job, AttemptId::new(attempt)).unwrap();
@@ -1236,10 +1373,14 @@ mod tests {
 
     /// A frame boundary: its offset, the bytes of dropped output before it, and per filter of
     /// `from` the lines before it and whether they end a line.
-    type Boundary = (u64, u64, Vec<(u64, bool)>);
+    pub(crate) type Boundary = (u64, u64, Vec<(u64, bool)>);
 
     /// Every frame boundary, counted from a whole read of the log.
-    fn boundaries(logs: &LogStore, job: JobId, froms: &[Option<u64>]) -> Vec<Boundary> {
+    pub(crate) fn boundaries(
+        logs: &dyn JobLogs,
+        job: JobId,
+        froms: &[Option<u64>],
+    ) -> Vec<Boundary> {
         let end = logs.len(job).unwrap();
         let all = logs.read(job, 0, end, usize::MAX).unwrap();
         let mut at: Vec<(u64, bool)> = vec![(0, true); froms.len()];
@@ -1264,7 +1405,7 @@ mod tests {
     /// `locate` from the index finds what a full scan finds, at every checkpoint and at
     /// random targets, for every filter of attempts, and starts from a checkpoint at most
     /// about a MiB (plus one frame, not counting dropped output) before its target.
-    fn check_against_scan(logs: &LogStore, job: JobId, rng: &mut Rng) {
+    pub(crate) fn check_against_scan(logs: &dyn JobLogs, job: JobId, rng: &mut Rng) {
         let froms = [None, Some(1), Some(2), Some(3), Some(9)];
         let bounds = boundaries(logs, job, &froms);
         let end = logs.len(job).unwrap();
@@ -1297,7 +1438,7 @@ mod tests {
                     "checkpoint {} from {from:?}",
                     cp.offset
                 );
-                let got = logs.locate(job, t, end, shown).unwrap();
+                let got = logs.locate(job, t, end, &shown).unwrap();
                 let want = Located {
                     offset: bounds[j].0,
                     lines: bounds[j].2[k].0,
@@ -1443,23 +1584,5 @@ mod tests {
         );
         assert!(idx_len(dir.path(), 8) > 0, "the index was saved");
         check_against_scan(&logs, job, &mut rng);
-    }
-
-    #[test]
-    fn read_respects_max_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let logs = LogStore::open(dir.path()).unwrap();
-        let mut end = 0;
-        for i in 0..10 {
-            end = logs
-                .append(JobId::new(1), &h(1, i + 1), &[b'x'; 1000])
-                .unwrap();
-        }
-        let part = logs.read(JobId::new(1), 0, end, 2500).unwrap();
-        assert_eq!(part.frames.len(), 3);
-        let rest = logs
-            .read(JobId::new(1), part.next_offset, end, 1 << 20)
-            .unwrap();
-        assert_eq!(rest.frames.len(), 7);
     }
 }

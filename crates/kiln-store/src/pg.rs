@@ -35,6 +35,7 @@
 //!   together apply them once.
 
 mod deliveries;
+mod logs;
 pub(crate) mod schema;
 mod split;
 
@@ -51,6 +52,8 @@ use kiln_domain::{
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, NoTls, Row};
+
+pub use logs::PgLogStore;
 
 use crate::sqlite::corrupt;
 use crate::{

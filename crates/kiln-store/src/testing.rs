@@ -8,7 +8,7 @@
 
 use std::ops::Deref;
 
-use crate::{PgStore, Result, SqliteStore, Store};
+use crate::{JobLogs, LogStore, PgLogStore, PgStore, Result, SqliteStore, Store};
 
 /// What the shared tests need beyond [`Store`]: a look at the unit history, a statement to
 /// bend stored data (SQL both backends understand), and seeding.
@@ -139,6 +139,67 @@ impl Backend {
                 let url = kiln_pgtest::database().expect("a throwaway PostgreSQL database");
                 Opened {
                     store: Box::new(PgStore::connect(&url).unwrap()),
+                    place: url,
+                    backend: self,
+                    _dir: None,
+                }
+            }
+        }
+    }
+}
+
+/// A fresh, empty log store of a backend: the files of SQLite mode ([`LogStore`], in a temp
+/// dir) or the database's ([`PgLogStore`], on a new database).
+pub(crate) struct OpenedLogs {
+    logs: Box<dyn JobLogs>,
+    /// Where another handle opens the same logs: a directory or a PostgreSQL URL.
+    place: String,
+    backend: Backend,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl OpenedLogs {
+    /// Another handle on the same logs, as a second dispatcher would open it (PostgreSQL: its
+    /// own pool; files: a second `LogStore` on the directory, which one process never does
+    /// while the other writes).
+    pub(crate) fn another(&self) -> Box<dyn JobLogs> {
+        match self.backend {
+            Backend::Sqlite => Box::new(LogStore::open(&self.place).unwrap()),
+            Backend::Postgres => Box::new(PgLogStore::connect(&self.place).unwrap()),
+        }
+    }
+
+    /// Where the logs are: a directory or a PostgreSQL URL.
+    pub(crate) fn place(&self) -> &str {
+        &self.place
+    }
+}
+
+impl Deref for OpenedLogs {
+    type Target = dyn JobLogs;
+    fn deref(&self) -> &Self::Target {
+        self.logs.as_ref()
+    }
+}
+
+impl Backend {
+    /// A fresh, empty log store of this backend.
+    pub(crate) fn open_logs(self) -> OpenedLogs {
+        match self {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("logs");
+                OpenedLogs {
+                    logs: Box::new(LogStore::open(&path).unwrap()),
+                    place: path.to_string_lossy().into_owned(),
+                    backend: self,
+                    _dir: Some(dir),
+                }
+            }
+            Backend::Postgres => {
+                let url = kiln_pgtest::database().expect("a throwaway PostgreSQL database");
+                OpenedLogs {
+                    logs: Box::new(PgLogStore::connect(&url).unwrap()),
                     place: url,
                     backend: self,
                     _dir: None,

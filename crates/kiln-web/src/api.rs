@@ -212,9 +212,9 @@ pub(crate) async fn log(
     let d = &w.dispatcher;
     // A job that does not exist gets no follower channel.
     d.get_job(job).await?;
-    let progress = d.follow(job)?;
+    let progress = d.follow(job).await?;
     let j = d.get_job(job).await?;
-    d.settle_follow(job, j.state);
+    d.settle_follow(job, j.state).await;
     let p = *progress.borrow();
     let from = if q.all_attempts {
         None

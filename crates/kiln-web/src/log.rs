@@ -59,14 +59,16 @@ pub(crate) struct Piece {
 /// The log's published length (whole frames below it). Settles the follow of a job that
 /// ended, so that looking at an old job's log leaves nothing behind in the engine's hub.
 pub(crate) async fn log_len(d: &Dispatcher, job: &kiln_domain::Job) -> Result<u64, DispatchError> {
-    let len = d.follow(job.id)?.borrow().len;
+    let progress = d.follow(job.id).await?;
     // Subscribed, then the state: a job that ended meanwhile is seen ended.
     let state = if job.state.is_final() {
         job.state
     } else {
         d.get_job(job.id).await?.state
     };
-    d.settle_follow(job.id, state);
+    d.settle_follow(job.id, state).await;
+    // Read after settling: the length of a job that ended is its final one.
+    let len = progress.borrow().len;
     Ok(len)
 }
 
@@ -258,9 +260,9 @@ pub(crate) async fn log_events(
     // A job that does not exist gets no follower channel.
     d.get_job(job).await?;
     // Subscribe first, then look at the job: an end in between cannot be missed.
-    let mut progress = d.follow(job)?;
+    let mut progress = d.follow(job).await?;
     let j = d.get_job(job).await?;
-    d.settle_follow(job, j.state);
+    d.settle_follow(job, j.state).await;
     let resumed = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -324,12 +326,12 @@ pub(crate) async fn log_events(
                 changed = progress.changed() => {
                     if changed.is_err() && progress.borrow().done.is_none() {
                         // The channel was replaced; subscribe again.
-                        match d.follow(job) {
+                        match d.follow(job).await {
                             Ok(p) => progress = p,
                             Err(_) => return,
                         }
                         if let Ok(j) = d.get_job(job).await {
-                            d.settle_follow(job, j.state);
+                            d.settle_follow(job, j.state).await;
                         }
                     }
                 }

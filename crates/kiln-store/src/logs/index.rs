@@ -71,7 +71,7 @@ impl Checkpoint {
     }
 
     /// Counts one frame (its bytes as a reader gets them) that ends at `end`.
-    pub(super) fn add(&mut self, attempt: AttemptId, data: &[u8], end: u64) {
+    pub(crate) fn add(&mut self, attempt: AttemptId, data: &[u8], end: u64) {
         self.offset = end;
         let Some(&last) = data.last() else {
             return;
@@ -95,7 +95,7 @@ impl Checkpoint {
         a.ends_line = last == b'\n';
     }
 
-    fn encode(&self, out: &mut Vec<u8>) {
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&RECORD_MAGIC);
         out.extend_from_slice(&(self.attempts.len() as u16).to_le_bytes());
@@ -134,7 +134,7 @@ fn le64(b: &[u8]) -> u64 {
 
 /// Decodes the valid records of an index file: each checkpoint with the file offset just past
 /// its record.
-pub(super) fn decode(bytes: &[u8]) -> Vec<(Checkpoint, u64)> {
+pub(crate) fn decode(bytes: &[u8]) -> Vec<(Checkpoint, u64)> {
     let mut out: Vec<(Checkpoint, u64)> = Vec::new();
     let mut pos = 0usize;
     while let Some(head) = bytes.get(pos..pos + 4) {
@@ -178,9 +178,15 @@ pub(super) fn load(path: &Path) -> Result<Vec<(Checkpoint, u64)>, LogError> {
 }
 
 /// The last checkpoint at or before `target` (the log's start if none).
-pub(super) fn before(cps: &[Checkpoint], target: u64) -> Checkpoint {
+pub(crate) fn before(cps: &[Checkpoint], target: u64) -> Checkpoint {
     let i = cps.partition_point(|c| c.offset <= target);
     i.checked_sub(1).map(|i| cps[i].clone()).unwrap_or_default()
+}
+
+/// Whether a log whose last checkpoint is at `last` gets one at the frame boundary `end`: the
+/// first boundary [`CHECKPOINT_EVERY`] or more after it (every writer of either store asks).
+pub(crate) fn checkpoint_due(last: u64, end: u64) -> bool {
+    end >= last + CHECKPOINT_EVERY
 }
 
 /// Walks the whole frames of a log from `start` (a frame boundary; `reader` is positioned
@@ -228,7 +234,7 @@ pub(super) fn scan(
             }
             tally.add(h.attempt, &data, end);
         }
-        if end >= last + CHECKPOINT_EVERY {
+        if checkpoint_due(last, end) {
             last = end;
             cps.push(tally.clone());
         }

@@ -9,7 +9,8 @@
 //!
 //! To add a column or a table: append a migration here AND to `sqlite.rs`'s `MIGRATIONS`
 //! (each backend numbers its own), then read/write it in both `sqlite.rs` and `pg.rs`; the
-//! shared tests (`tests.rs`) run against both.
+//! shared tests (`tests.rs`) run against both. Tables only PostgreSQL has (job output, which
+//! SQLite mode keeps in files: `logs.rs`) are PostgreSQL migrations alone.
 
 /// The migrations; version `n` is `MIGRATIONS[n - 1]`.
 pub(crate) const MIGRATIONS: &[&str] = &[
@@ -307,5 +308,34 @@ CREATE TABLE dispatchers (
 ALTER TABLE attempts ADD COLUMN owner BIGINT;
 ALTER TABLE attempts ADD COLUMN secret_hash TEXT;
 ALTER TABLE runners ADD COLUMN dispatcher BIGINT;
+"#,
+    // 5: job output (`pg/logs.rs`, `PgLogStore`; SQLite mode keeps it in files). Each frame is
+    // the bytes a log file holds at `start` (28-byte header, then the payload); a job's frames
+    // are contiguous from 0 to its head's `len`. A head row is the lock every append of its
+    // job takes; `tally` is the running count of the log's lines at `len` (a checkpoint record
+    // of `logs/index.rs`), `checkpoint` the offset of its last checkpoint. No foreign key to
+    // `jobs`: as with the files, the log store takes any job id.
+    r#"
+CREATE TABLE log_heads (
+    job_id     BIGINT PRIMARY KEY,
+    len        BIGINT NOT NULL,
+    checkpoint BIGINT NOT NULL,
+    tally      BYTEA NOT NULL
+);
+CREATE TABLE log_frames (
+    job_id  BIGINT NOT NULL,
+    start   BIGINT NOT NULL,
+    attempt BIGINT NOT NULL,
+    seq     BIGINT NOT NULL,
+    frame   BYTEA NOT NULL,
+    PRIMARY KEY (job_id, start),
+    UNIQUE (job_id, attempt, seq)
+);
+CREATE TABLE log_checkpoints (
+    job_id BIGINT NOT NULL,
+    at     BIGINT NOT NULL,
+    record BYTEA NOT NULL,
+    PRIMARY KEY (job_id, at)
+);
 "#,
 ];
