@@ -10,6 +10,7 @@ mod cluster;
 mod dispatcher_edges;
 mod dispatcher_urls;
 mod e2e;
+mod failover;
 mod faults;
 mod grpcurl;
 mod hook;

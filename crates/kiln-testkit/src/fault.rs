@@ -293,6 +293,50 @@ pub fn open_db(data_dir: &Path) -> rusqlite::Connection {
     c
 }
 
+/// Where a farm's state is: a dispatcher's data dir (its SQLite file, read-only) or the
+/// PostgreSQL database several dispatchers share. The chaos checks' queries are written for
+/// both.
+#[derive(Debug, Clone)]
+pub enum Db {
+    /// `DIR/kiln.db`.
+    Sqlite(PathBuf),
+    /// A `postgres://` URL.
+    Postgres(String),
+}
+
+impl From<&Path> for Db {
+    fn from(data_dir: &Path) -> Db {
+        Db::Sqlite(data_dir.to_path_buf())
+    }
+}
+
+impl From<&PathBuf> for Db {
+    fn from(data_dir: &PathBuf) -> Db {
+        Db::Sqlite(data_dir.clone())
+    }
+}
+
+impl Db {
+    /// Rows of a query with integer columns only.
+    pub fn int_rows(&self, sql: &str) -> Vec<Vec<i64>> {
+        match self {
+            Db::Sqlite(dir) => int_rows(&open_db(dir), sql),
+            Db::Postgres(url) => kiln_pgtest::query(url, sql)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .into_iter()
+                .map(|row| {
+                    row.iter()
+                        .map(|v| {
+                            v.parse()
+                                .unwrap_or_else(|_| panic!("{v:?} is no integer ({sql})"))
+                        })
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Rows of a query with integer columns only.
 pub fn int_rows(db: &rusqlite::Connection, sql: &str) -> Vec<Vec<i64>> {
     let mut stmt = db.prepare(sql).unwrap();
@@ -320,12 +364,10 @@ pub fn counting_pipeline(name: &str, marker: &str, lines: u32) -> String {
 }
 
 /// Whether every job in the database is final.
-pub fn all_final(data: &Path) -> bool {
-    let db = open_db(data);
-    int_rows(
-        &db,
-        &format!("SELECT COUNT(*) FROM jobs WHERE state NOT IN {FINAL_STATES}"),
-    )[0][0]
+pub fn all_final(db: impl Into<Db>) -> bool {
+    db.into().int_rows(&format!(
+        "SELECT COUNT(*) FROM jobs WHERE state NOT IN {FINAL_STATES}"
+    ))[0][0]
         == 0
 }
 
@@ -333,25 +375,22 @@ pub fn all_final(data: &Path) -> bool {
 /// ends a job `errored`, by design): running jobs already lost once, and unfinished jobs lost
 /// twice. A chaos harness injects a fault only when there are none, so no job is lost three
 /// times.
-pub fn risky_jobs(data: &Path) -> i64 {
-    let db = open_db(data);
-    int_rows(
-        &db,
-        &format!(
-            "SELECT COUNT(*) FROM jobs WHERE \
+pub fn risky_jobs(db: impl Into<Db>) -> i64 {
+    db.into().int_rows(&format!(
+        "SELECT COUNT(*) FROM jobs WHERE \
              (state IN ('assigned', 'running') AND lost_attempts > 0) \
              OR (state NOT IN {FINAL_STATES} AND lost_attempts > 1)"
-        ),
-    )[0][0]
+    ))[0][0]
 }
 
 /// Waits (at most 15 s) until no job is risky (see [`risky_jobs`]); false if some still are.
-pub fn wait_calm(data: &Path) -> bool {
+pub fn wait_calm(db: impl Into<Db>) -> bool {
+    let db = db.into();
     let calm = Instant::now();
-    while risky_jobs(data) > 0 && calm.elapsed() < Duration::from_secs(15) {
+    while risky_jobs(db.clone()) > 0 && calm.elapsed() < Duration::from_secs(15) {
         std::thread::sleep(POLL);
     }
-    risky_jobs(data) == 0
+    risky_jobs(db) == 0
 }
 
 /// Running attempts given to `runner` at or after `since` (ms since the epoch: its process's
@@ -520,10 +559,9 @@ pub fn check_builds(
 /// The pass rule of a chaos run, part 2 (read from the database, best once everything
 /// stopped): exactly one finished attempt per job and it is the current one, attempt counts
 /// that match the rows, no refusal of a current attempt. Counts the refusals into `tally`.
-pub fn check_attempt_rows(data: &Path, tally: &mut Tally, problems: &mut Vec<String>) {
-    let db = open_db(data);
-    let twice = int_rows(
-        &db,
+pub fn check_attempt_rows(db: impl Into<Db>, tally: &mut Tally, problems: &mut Vec<String>) {
+    let db = db.into();
+    let twice = db.int_rows(
         "SELECT job_id, COUNT(*) FROM attempts WHERE state = 'finished' \
          GROUP BY job_id HAVING COUNT(*) > 1",
     );
@@ -532,8 +570,7 @@ pub fn check_attempt_rows(data: &Path, tally: &mut Tally, problems: &mut Vec<Str
             "jobs with several finished attempts (job, count): {twice:?}"
         ));
     }
-    let unsettled = int_rows(
-        &db,
+    let unsettled = db.int_rows(
         "SELECT j.id FROM jobs j JOIN attempts a ON a.id = j.current_attempt \
          WHERE a.state <> 'finished'",
     );
@@ -542,8 +579,7 @@ pub fn check_attempt_rows(data: &Path, tally: &mut Tally, problems: &mut Vec<Str
             "jobs whose current attempt is not finished: {unsettled:?}"
         ));
     }
-    let miscounted = int_rows(
-        &db,
+    let miscounted = db.int_rows(
         "SELECT j.id, j.attempts, (SELECT COUNT(*) FROM attempts a WHERE a.job_id = j.id) \
          FROM jobs j WHERE j.attempts <> (SELECT COUNT(*) FROM attempts a WHERE a.job_id = j.id)",
     );
@@ -552,8 +588,7 @@ pub fn check_attempt_rows(data: &Path, tally: &mut Tally, problems: &mut Vec<Str
             "jobs whose attempt count differs from their attempts (job, count, rows): {miscounted:?}"
         ));
     }
-    let refused_current = int_rows(
-        &db,
+    let refused_current = db.int_rows(
         "SELECT r.job_id, r.attempt_id FROM refusals r JOIN jobs j ON j.id = r.job_id \
          WHERE r.attempt_id = j.current_attempt",
     );
@@ -562,7 +597,7 @@ pub fn check_attempt_rows(data: &Path, tally: &mut Tally, problems: &mut Vec<Str
             "results of current attempts were refused (job, attempt): {refused_current:?}"
         ));
     }
-    tally.refusals = int_rows(&db, "SELECT COUNT(*) FROM refusals")[0][0];
+    tally.refusals = db.int_rows("SELECT COUNT(*) FROM refusals")[0][0];
 }
 
 /// The end of a chaos run: every runner still takes work (a runner that kept the slot of an
