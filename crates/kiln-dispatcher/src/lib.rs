@@ -396,6 +396,11 @@ struct State {
     /// Attempts that are current and unfinished: on a runner, or orphaned (runner gone or not
     /// yet back after a restart).
     attempts: HashMap<AttemptId, LiveAttempt>,
+    /// Attempts per session (`LiveAttempt::session`), kept up to date wherever an attempt
+    /// joins or leaves a session or `attempts` (`insert_attempt`, `remove_attempt`,
+    /// `move_attempt`), so a scheduling decision reads a session's held slots instead of walking
+    /// every attempt in flight. Sessions that hold nothing have no entry.
+    held: HashMap<u64, u64>,
     /// Round-robin counter so equal runners share the work.
     assign_counter: u64,
     /// Split steps' unit results per build and runner, to take out runners that fail what
@@ -409,16 +414,34 @@ struct State {
 }
 
 impl State {
-    /// Attempts held per session, counted in one pass (a scheduling decision looks at every
-    /// session; counting per session would walk all attempts once for each).
-    fn used_slots(&self) -> HashMap<u64, u64> {
-        let mut used = HashMap::with_capacity(self.sessions.len());
-        for a in self.attempts.values() {
-            if let Some(sid) = a.session {
-                *used.entry(sid).or_insert(0) += 1;
-            }
+    /// Attempts held by session `sid`.
+    fn held(&self, sid: u64) -> u64 {
+        self.held.get(&sid).copied().unwrap_or(0)
+    }
+
+    /// Whether the held counts agree with the attempts (what tests and debug builds check
+    /// before each scheduling decision reads them).
+    fn held_counts_agree(&self) -> bool {
+        let mut counted: HashMap<u64, u64> = HashMap::new();
+        for sid in self.attempts.values().filter_map(|a| a.session) {
+            *counted.entry(sid).or_insert(0) += 1;
         }
-        used
+        counted == self.held
+    }
+
+    /// Puts an attempt in flight (replacing one of the same id).
+    fn insert_attempt(&mut self, id: AttemptId, live: LiveAttempt) {
+        count_held(&mut self.held, live.session, 1);
+        if let Some(old) = self.attempts.insert(id, live) {
+            count_held(&mut self.held, old.session, -1);
+        }
+    }
+
+    /// Takes an attempt out of flight.
+    fn remove_attempt(&mut self, id: &AttemptId) -> Option<LiveAttempt> {
+        let live = self.attempts.remove(id)?;
+        count_held(&mut self.held, live.session, -1);
+        Some(live)
     }
 
     /// Sends a cancel for `attempt` down its runner's stream; false when the runner is not
@@ -441,6 +464,29 @@ impl State {
                 reason: reason.to_string(),
             })))
             .is_ok()
+    }
+}
+
+/// Adds `by` (1 or -1) to session `sid`'s held count; a count that reaches 0 is removed.
+fn count_held(held: &mut HashMap<u64, u64>, sid: Option<u64>, by: i8) {
+    let Some(sid) = sid else { return };
+    if by > 0 {
+        *held.entry(sid).or_insert(0) += 1;
+    } else if let Some(n) = held.get_mut(&sid) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            held.remove(&sid);
+        }
+    }
+}
+
+/// Moves an attempt of `State::attempts` to session `to` (`None`: orphaned), keeping
+/// `State::held` (passed apart, so it can be called while iterating the attempts) up to date.
+fn move_attempt(held: &mut HashMap<u64, u64>, live: &mut LiveAttempt, to: Option<u64>) {
+    if live.session != to {
+        count_held(held, live.session, -1);
+        count_held(held, to, 1);
+        live.session = to;
     }
 }
 
@@ -612,7 +658,7 @@ impl Dispatcher {
             // the dispatcher was away.
             let mut live = LiveAttempt::new(&job, a.runner_id, None, &config);
             live.orphan_deadline = Some(deadline);
-            state.attempts.insert(a.id, live);
+            state.insert_attempt(a.id, live);
         }
         if !state.attempts.is_empty() {
             tracing::info!(
@@ -733,10 +779,9 @@ impl Dispatcher {
         let store = self.db(|s| s.metrics()).await?;
         let runners = {
             let st = self.state();
-            let used = st.used_slots();
             let mut c = metrics::RunnerCounts::default();
             for s in st.sessions.values() {
-                let held = used.get(&s.id).copied().unwrap_or(0);
+                let held = st.held(s.id);
                 c.attached += 1;
                 c.busy += u64::from(held > 0);
                 c.draining += u64::from(s.draining);
@@ -1068,7 +1113,7 @@ impl Dispatcher {
     fn cancel_on_runner(&self, attempt: AttemptId, reason: &str) {
         let mut st = self.state();
         st.send_cancel(attempt, self.inner.config.cancel_grace, reason);
-        st.attempts.remove(&attempt);
+        st.remove_attempt(&attempt);
     }
 
     async fn create(&self, new: NewBuild) -> Result<BuildDetail, DispatchError> {
@@ -1221,7 +1266,7 @@ impl Dispatcher {
                     .await?
                 {
                     if let Some(a) = job.current_attempt {
-                        self.state().attempts.remove(&a);
+                        self.state().remove_attempt(&a);
                     }
                     self.publish(&ch);
                 }

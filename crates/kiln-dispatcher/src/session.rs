@@ -442,12 +442,17 @@ impl Dispatcher {
         let mut stale = Vec::new();
         let mut superseded = Vec::new();
         let mut unproven = HashSet::new();
+        let super::State {
+            attempts,
+            held: held_slots,
+            ..
+        } = &mut *st;
         for a in &held {
-            match st.attempts.get_mut(a) {
+            match attempts.get_mut(a) {
                 Some(live)
                     if live.runner_id == record.id && proof.proves(live.secret_hash.as_deref()) =>
                 {
-                    live.session = Some(sid);
+                    super::move_attempt(held_slots, live, Some(sid));
                     live.orphan_deadline = None;
                     live.secret_hash = Some(secret_hash.clone());
                     live.on_session_since = Instant::now();
@@ -579,9 +584,10 @@ impl Dispatcher {
         }
         let last_seen = s.last_heartbeat_ms;
         st.sessions.remove(&runner);
-        for a in st.attempts.values_mut() {
+        let super::State { attempts, held, .. } = &mut *st;
+        for a in attempts.values_mut() {
             if a.session == Some(sid) {
-                a.session = None;
+                super::move_attempt(held, a, None);
                 a.orphan_deadline = Some(deadline);
                 // Its runner sends again everything unacknowledged on its next session.
                 a.paused = false;
@@ -1174,8 +1180,7 @@ impl Dispatcher {
             .map_err(|e| internal(&e))?;
         let assigned_at = self
             .state()
-            .attempts
-            .remove(&attempt)
+            .remove_attempt(&attempt)
             .and_then(|a| a.assigned_at);
         let reply = match finish {
             Finish::Recorded(ch) => {

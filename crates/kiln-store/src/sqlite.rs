@@ -915,6 +915,11 @@ impl Store for SqliteStore {
         load_detail(&conn, id)
     }
 
+    fn get_build_record(&self, id: BuildId) -> Result<Option<Build>> {
+        let conn = self.conn();
+        load_build(&conn, id)
+    }
+
     fn get_job(&self, id: JobId) -> Result<Option<Job>> {
         let conn = self.conn();
         load_job(&conn, id)
