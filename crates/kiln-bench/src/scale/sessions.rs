@@ -201,19 +201,22 @@ async fn runner(
     let mut pending: Vec<u64> = Vec::new();
     let closed = || "the stream closed".to_string();
     loop {
-        let open = *gate.borrow();
+        // Answers held back are sent as soon as the gate is seen open, whichever branch ran
+        // last (the gate may have opened while a heartbeat or a message was being handled).
+        let open = *gate.borrow_and_update();
+        if open {
+            for a in std::mem::take(&mut pending) {
+                for m in answer(a) {
+                    tx.send(m).await.map_err(|_| closed())?;
+                }
+            }
+        }
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
+            // Opened: the top of the loop sends what was held back.
             r = gate.changed(), if !open => {
                 if r.is_err() {
                     return Ok(());
-                }
-                if *gate.borrow() {
-                    for a in std::mem::take(&mut pending) {
-                        for m in answer(a) {
-                            tx.send(m).await.map_err(|_| closed())?;
-                        }
-                    }
                 }
             }
             _ = tick.tick() => {
