@@ -57,8 +57,8 @@ pub struct ScaleArgs {
     /// [`sessions`]). `--samples` is then the number of `GetBuild` and `ListBuilds` samples.
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=20_000))]
     pub sessions: Vec<u32>,
-    /// With `--sessions`: builds submitted per stage beyond the number of runners (the runners
-    /// first hold one each; these flow once they answer).
+    /// With `--sessions`: builds submitted per stage beyond those the runners first hold (one
+    /// each, at most this many runners); these flow once the runners answer.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub jobs: u64,
 }

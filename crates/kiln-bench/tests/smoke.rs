@@ -200,6 +200,7 @@ fn bench_scale_sessions_small_prints_every_figure_per_stage() {
         }
         for figure in [
             "assignments/s",
+            "jobs ended/s",
             "dispatcher CPU per job",
             "submit p50 / p99",
             "GetBuild p50 / p99",

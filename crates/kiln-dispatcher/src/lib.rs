@@ -23,7 +23,7 @@ pub use space::parse_size;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -396,11 +396,12 @@ struct State {
     /// Attempts that are current and unfinished: on a runner, or orphaned (runner gone or not
     /// yet back after a restart).
     attempts: HashMap<AttemptId, LiveAttempt>,
-    /// Attempts per session (`LiveAttempt::session`), kept up to date wherever an attempt
-    /// joins or leaves a session or `attempts` (`insert_attempt`, `remove_attempt`,
-    /// `move_attempt`), so a scheduling decision reads a session's held slots instead of walking
-    /// every attempt in flight. Sessions that hold nothing have no entry.
-    held: HashMap<u64, u64>,
+    /// The attempts on each session (`LiveAttempt::session`), kept up to date wherever an
+    /// attempt joins or leaves a session or `attempts` (`insert_attempt`, `remove_attempt`,
+    /// `move_attempt`), so a scheduling decision reads a session's held slots, and a heartbeat
+    /// looks at its session's attempts, instead of walking every attempt in flight. Sessions
+    /// that hold nothing have no entry.
+    held: HashMap<u64, HashSet<AttemptId>>,
     /// Round-robin counter so equal runners share the work.
     assign_counter: u64,
     /// Split steps' unit results per build and runner, to take out runners that fail what
@@ -414,33 +415,44 @@ struct State {
 }
 
 impl State {
-    /// Attempts held by session `sid`.
+    /// How many attempts session `sid` holds.
     fn held(&self, sid: u64) -> u64 {
-        self.held.get(&sid).copied().unwrap_or(0)
+        self.held.get(&sid).map_or(0, |h| h.len() as u64)
+    }
+
+    /// The attempts on session `sid`.
+    fn held_by(&self, sid: u64) -> Vec<AttemptId> {
+        self.held
+            .get(&sid)
+            .map(|h| h.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     /// Whether the held counts agree with the attempts (what tests and debug builds check
     /// before each scheduling decision reads them).
     fn held_counts_agree(&self) -> bool {
-        let mut counted: HashMap<u64, u64> = HashMap::new();
-        for sid in self.attempts.values().filter_map(|a| a.session) {
-            *counted.entry(sid).or_insert(0) += 1;
+        let mut counted: HashMap<u64, HashSet<AttemptId>> = HashMap::new();
+        for (id, a) in &self.attempts {
+            if let Some(sid) = a.session {
+                counted.entry(sid).or_default().insert(*id);
+            }
         }
         counted == self.held
     }
 
     /// Puts an attempt in flight (replacing one of the same id).
     fn insert_attempt(&mut self, id: AttemptId, live: LiveAttempt) {
-        count_held(&mut self.held, live.session, 1);
+        let session = live.session;
         if let Some(old) = self.attempts.insert(id, live) {
-            count_held(&mut self.held, old.session, -1);
+            hold(&mut self.held, old.session, id, false);
         }
+        hold(&mut self.held, session, id, true);
     }
 
     /// Takes an attempt out of flight.
     fn remove_attempt(&mut self, id: &AttemptId) -> Option<LiveAttempt> {
         let live = self.attempts.remove(id)?;
-        count_held(&mut self.held, live.session, -1);
+        hold(&mut self.held, live.session, *id, false);
         Some(live)
     }
 
@@ -467,25 +479,36 @@ impl State {
     }
 }
 
-/// Adds `by` (1 or -1) to session `sid`'s held count; a count that reaches 0 is removed.
-fn count_held(held: &mut HashMap<u64, u64>, sid: Option<u64>, by: i8) {
+/// Adds `attempt` to session `sid`'s held attempts (`on`) or takes it out; a session left
+/// with none loses its entry.
+fn hold(
+    held: &mut HashMap<u64, HashSet<AttemptId>>,
+    sid: Option<u64>,
+    attempt: AttemptId,
+    on: bool,
+) {
     let Some(sid) = sid else { return };
-    if by > 0 {
-        *held.entry(sid).or_insert(0) += 1;
-    } else if let Some(n) = held.get_mut(&sid) {
-        *n = n.saturating_sub(1);
-        if *n == 0 {
+    if on {
+        held.entry(sid).or_default().insert(attempt);
+    } else if let Some(h) = held.get_mut(&sid) {
+        h.remove(&attempt);
+        if h.is_empty() {
             held.remove(&sid);
         }
     }
 }
 
-/// Moves an attempt of `State::attempts` to session `to` (`None`: orphaned), keeping
+/// Moves attempt `id` of `State::attempts` to session `to` (`None`: orphaned), keeping
 /// `State::held` (passed apart, so it can be called while iterating the attempts) up to date.
-fn move_attempt(held: &mut HashMap<u64, u64>, live: &mut LiveAttempt, to: Option<u64>) {
+fn move_attempt(
+    held: &mut HashMap<u64, HashSet<AttemptId>>,
+    id: AttemptId,
+    live: &mut LiveAttempt,
+    to: Option<u64>,
+) {
     if live.session != to {
-        count_held(held, live.session, -1);
-        count_held(held, to, 1);
+        hold(held, live.session, id, false);
+        hold(held, to, id, true);
         live.session = to;
     }
 }

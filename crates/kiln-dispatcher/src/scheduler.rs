@@ -136,9 +136,9 @@ impl Dispatcher {
                     tracing::warn!(runner = %s.name, "runner missed its heartbeats; declaring it lost");
                     s.stop.cancel();
                     let super::State { attempts, held, .. } = &mut *st;
-                    for a in attempts.values_mut() {
+                    for (id, a) in attempts.iter_mut() {
                         if a.session == Some(s.id) {
-                            super::move_attempt(held, a, None);
+                            super::move_attempt(held, *id, a, None);
                             a.orphan_deadline = Some(now);
                         }
                     }

@@ -452,7 +452,7 @@ impl Dispatcher {
                 Some(live)
                     if live.runner_id == record.id && proof.proves(live.secret_hash.as_deref()) =>
                 {
-                    super::move_attempt(held_slots, live, Some(sid));
+                    super::move_attempt(held_slots, *a, live, Some(sid));
                     live.orphan_deadline = None;
                     live.secret_hash = Some(secret_hash.clone());
                     live.on_session_since = Instant::now();
@@ -538,17 +538,22 @@ impl Dispatcher {
         let settle = self.inner.config.heartbeat_interval * 2;
         let mut st = self.state();
         let mut out = Vec::new();
-        for (id, a) in st.attempts.iter_mut() {
-            if a.runner_id != runner || a.session != Some(sid) {
+        // Only this session's attempts (a heartbeat must not cost a walk over every attempt).
+        for id in st.held_by(sid) {
+            let Some(a) = st
+                .attempts
+                .get_mut(&id)
+                .filter(|a| a.runner_id == runner && a.session == Some(sid))
+            else {
                 continue;
-            }
-            if listed.contains(id) || a.on_session_since.elapsed() < settle {
+            };
+            if listed.contains(&id) || a.on_session_since.elapsed() < settle {
                 a.unlisted = 0;
                 continue;
             }
             a.unlisted = a.unlisted.saturating_add(1);
             if a.unlisted >= 2 {
-                out.push(*id);
+                out.push(id);
             }
         }
         out
@@ -585,9 +590,9 @@ impl Dispatcher {
         let last_seen = s.last_heartbeat_ms;
         st.sessions.remove(&runner);
         let super::State { attempts, held, .. } = &mut *st;
-        for a in attempts.values_mut() {
+        for (id, a) in attempts.iter_mut() {
             if a.session == Some(sid) {
-                super::move_attempt(held, a, None);
+                super::move_attempt(held, *id, a, None);
                 a.orphan_deadline = Some(deadline);
                 // Its runner sends again everything unacknowledged on its next session.
                 a.paused = false;

@@ -13,14 +13,18 @@
 //! At each stage (a number of attached runners; runners are added, never replaced, from one
 //! stage to the next):
 //!
-//! 1. The runners hold back their answers (a gate). `N + --jobs` builds of one job each are
-//!    submitted through `SubmitBuild` (8 at a time): distinct builds of one commit of a real
-//!    git repository, told apart by a build parameter. Submit latency p50/p99 is taken here.
-//!    Every runner ends up holding one assignment; the rest stay queued.
-//! 2. The gate opens: every runner answers, is given the next queued job, answers at once, and
-//!    so on until every job ended. Assignments/s = assignments made after the gate opened /
-//!    time until the last result was acknowledged. The dispatcher's CPU time over this phase
-//!    per job ended is the cost of a decision (assignment, accept, step, result).
+//! 1. The runners hold back their answers (a gate). `H + --jobs` builds of one job each are
+//!    submitted through `SubmitBuild` (8 at a time), H = min(N, `--jobs`): distinct builds of
+//!    one commit of a real git repository, told apart by a build parameter. Submit latency
+//!    p50/p99 is taken here. H runners end up holding one assignment each; with N ≤ `--jobs`
+//!    the rest of the jobs stay queued.
+//! 2. The gate opens: every holding runner answers, is given the next queued job, answers at
+//!    once, and so on until every job ended. Assignments/s = assignments made after the gate
+//!    opened / time until the last result was acknowledged (none when every job found a runner
+//!    at once, N > `--jobs`); jobs ended/s = all the stage's jobs / that time. The dispatcher's
+//!    CPU time over this phase per job ended is the cost of a decision (assignment, accept,
+//!    step, result). H is capped because H runners answering in the same instant queue H × 3
+//!    store writes at once, and each session's heartbeat waits behind its own messages.
 //! 3. `GetBuild` of random stored builds and `ListBuilds` (first page of 50) latency.
 //! 4. The dispatcher's `VmRSS` and `VmHWM` (`/proc/PID/status`) and its CPU over the stage
 //!    (`/proc/PID/stat` utime + stime).
@@ -420,6 +424,7 @@ struct StageResult {
     jobs: u64,
     assigned_after_open: u64,
     assignments_per_s: f64,
+    ended_per_s: f64,
     cpu_ms_per_job: f64,
     cpu_share: f64,
     submit: Vec<f64>,
@@ -584,7 +589,7 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
     header(
         "scale-sessions",
         &format!(
-            "one dispatcher with {} simulated runners at {} stored builds ({}, {} jobs past the runners' count per stage)",
+            "one dispatcher with {} simulated runners at {} stored builds ({}, {} jobs past those the runners hold per stage)",
             list(sessions.iter().map(usize::to_string).collect()),
             list(levels.iter().map(u64::to_string).collect()),
             if args.postgres {
@@ -674,7 +679,8 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
                 );
                 let cpu0 = cpu_ticks(serve.pid).unwrap_or(0);
                 let t_stage = Instant::now();
-                let jobs = n as u64 + args.jobs;
+                let hold = (n as u64).min(args.jobs);
+                let jobs = hold + args.jobs;
                 let (submit, top) =
                     submit_all(&client, repo.path(), &commit, submitted, jobs).await?;
                 submitted += jobs;
@@ -683,7 +689,7 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
                 // Every runner holds one assignment, answered once the gate opens.
                 fleet
                     .shared
-                    .wait_for("every runner holding an assignment", assigned0 + n as u64, |s| {
+                    .wait_for("runners holding an assignment", assigned0 + hold, |s| {
                         s.assigned.load(Ordering::SeqCst)
                     })
                     .await?;
@@ -723,6 +729,7 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
                     assigned_after_open,
                     assignments_per_s: assigned_after_open as f64
                         / flow.as_secs_f64().max(1e-9),
+                    ended_per_s: jobs as f64 / flow.as_secs_f64().max(1e-9),
                     cpu_ms_per_job: (cpu2.saturating_sub(cpu1)) as f64 / ticks * 1000.0
                         / jobs as f64,
                     cpu_share: (cpu3.saturating_sub(cpu0)) as f64
@@ -788,6 +795,17 @@ fn print_stage(r: &StageResult, first: Option<&StageResult>, same_runners: Optio
             &format!("{:.0}/s", first.assignments_per_s),
             r.assignments_per_s,
             first.assignments_per_s,
+        ),
+    );
+    figure(
+        "jobs ended/s",
+        format!("{:.0}/s", r.ended_per_s),
+        "",
+        None,
+        &vs(
+            &format!("{:.0}/s", first.ended_per_s),
+            r.ended_per_s,
+            first.ended_per_s,
         ),
     );
     let (goal, met) = match same_runners {
