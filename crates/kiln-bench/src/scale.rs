@@ -61,6 +61,9 @@ pub struct ScaleArgs {
     /// each, at most this many runners); these flow once the runners answer.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub jobs: u64,
+    /// With `--sessions`: `SubmitBuild` calls in flight at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub submitters: u32,
 }
 
 /// Commits recorded per `record_commits` transaction while filling.

@@ -14,7 +14,7 @@
 //! stage to the next):
 //!
 //! 1. The runners hold back their answers (a gate). `H + --jobs` builds of one job each are
-//!    submitted through `SubmitBuild` (8 at a time), H = min(N, `--jobs`): distinct builds of
+//!    submitted through `SubmitBuild` (`--submitters` at a time), H = min(N, `--jobs`): distinct builds of
 //!    one commit of a real git repository, told apart by a build parameter. Submit latency
 //!    p50/p99 is taken here. H runners end up holding one assignment each; with N ≤ `--jobs`
 //!    the rest of the jobs stay queued.
@@ -62,8 +62,6 @@ use kiln::proto::{
 /// Runner streams that share one HTTP/2 connection (the server's limit on concurrent streams
 /// per connection is higher; runners on one machine behind one proxy look like this).
 pub(crate) const STREAMS_PER_CONNECTION: usize = 100;
-/// Submits in flight at once.
-const SUBMITTERS: usize = 8;
 /// Runner sessions being opened at once.
 const OPENING: usize = 200;
 /// The longest any one wait of a stage may take (welcomes, submits, assignments, ends).
@@ -434,9 +432,10 @@ struct StageResult {
     hwm_kib: u64,
 }
 
-/// Submits `count` distinct builds of `commit`, `SUBMITTERS` at a time; returns each call's
+/// Submits `count` distinct builds of `commit`, `submitters` at a time; returns each call's
 /// latency in ms and the largest build id.
 async fn submit_all(
+    submitters: u32,
     client: &BuildServiceClient<Channel>,
     repo: &str,
     commit: &str,
@@ -446,7 +445,7 @@ async fn submit_all(
     let next = Arc::new(AtomicU64::new(first));
     let end = first + count;
     let mut workers = Vec::new();
-    for _ in 0..SUBMITTERS {
+    for _ in 0..submitters {
         let (mut client, next, repo, commit) = (
             client.clone(),
             next.clone(),
@@ -682,7 +681,8 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
                 let hold = (n as u64).min(args.jobs);
                 let jobs = hold + args.jobs;
                 let (submit, top) =
-                    submit_all(&client, repo.path(), &commit, submitted, jobs).await?;
+                    submit_all(args.submitters, &client, repo.path(), &commit, submitted, jobs)
+                        .await?;
                 submitted += jobs;
                 stored += jobs;
                 max_id = max_id.max(top);
