@@ -1786,6 +1786,14 @@ mod tests {
         assert_eq!(made.build.params, b.params);
         let read = s.get_build(made.build.id).unwrap().unwrap();
         assert_eq!(read.build.params, b.params);
+        // The row alone (what an assignment reads) is the same build.
+        let row = s.get_build_record(made.build.id).unwrap().unwrap();
+        assert_eq!(row, read.build);
+        assert!(
+            s.get_build_record(BuildId::new(made.build.id.get() + 1000))
+                .unwrap()
+                .is_none()
+        );
         let listed = s.list_builds(&BuildFilter {
             limit: 10,
             ..BuildFilter::default()

@@ -14,14 +14,15 @@
 //! stage to the next):
 //!
 //! 1. The runners hold back their answers (a gate). `H + --jobs` builds of one job each are
-//!    submitted through `SubmitBuild` (`--submitters` at a time), H = min(N, `--jobs`): distinct builds of
-//!    one commit of a real git repository, told apart by a build parameter. Submit latency
-//!    p50/p99 is taken here. H runners end up holding one assignment each; with N ≤ `--jobs`
-//!    the rest of the jobs stay queued.
+//!    submitted through `SubmitBuild` (`--submitters` at a time), H = min(N, `--jobs`):
+//!    distinct builds of one commit of a real git repository, told apart by a build parameter.
+//!    Submit latency p50/p99 is taken here. H runners end up holding one assignment each; with
+//!    N ≤ `--jobs` the rest of the jobs stay queued.
 //! 2. The gate opens: every holding runner answers, is given the next queued job, answers at
 //!    once, and so on until every job ended. Assignments/s = assignments made after the gate
-//!    opened / time until the last result was acknowledged (none when every job found a runner
-//!    at once, N > `--jobs`); jobs ended/s = all the stage's jobs / that time. The dispatcher's
+//!    opened / time until the last result was acknowledged (with N > `--jobs` every job has a
+//!    free runner, and those are the assignments the scheduler had not made yet when the gate
+//!    opened); jobs ended/s = all the stage's jobs / that time. The dispatcher's
 //!    CPU time over this phase per job ended is the cost of a decision (assignment, accept,
 //!    step, result). H is capped because H runners answering in the same instant queue H × 3
 //!    store writes at once, and each session's heartbeat waits behind its own messages.
