@@ -167,7 +167,9 @@ pub enum BenchCommand {
     Split(split::SplitArgs),
     /// How the store's costs per operation (submit, a scheduling decision, reads, a scrape)
     /// grow from 1,000 to 100,000 stored builds (goals: submit p99 < 20 ms, a decision's p50
-    /// at most 1.5x the first stage's).
+    /// at most 1.5x the first stage's); with `--sessions 10,100,1000,10000` the whole
+    /// dispatcher with that many simulated runners attached (assignments/s, submit, GetBuild and
+    /// ListBuilds latency, RSS, CPU per decision).
     Scale(scale::ScaleArgs),
     /// All of the above but `split` and `scale` (each run on its own: minutes), `logs` and
     /// `tail` first.
@@ -228,7 +230,10 @@ async fn run(args: BenchArgs) -> Result<i32, BenchError> {
                 Ok(exit::OK)
             }
             BenchCommand::Scale(a) => {
-                bounded("scale", Duration::from_secs(1800), scale::run(&a)).await?;
+                // The dispatcher stages (`--sessions`) fill, restart and attach thousands of
+                // runners per level: longer.
+                let limit = if a.sessions.is_empty() { 1800 } else { 7200 };
+                bounded("scale", Duration::from_secs(limit), scale::run(&a)).await?;
                 Ok(exit::OK)
             }
             BenchCommand::Idle(a) => {

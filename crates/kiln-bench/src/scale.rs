@@ -21,7 +21,8 @@
 //! Each figure is printed with its ratio to the first stage's, measured in the same run: a
 //! ratio near 1 means the cost does not grow with the builds stored. The dispatcher's own
 //! per-decision work (picking a runner among the attached ones) and the gRPC edge are not in
-//! these figures; `runners` and `overhead` measure those.
+//! these figures; with `--sessions`, [`sessions`] measures them: a real `kiln serve` with
+//! simulated runners attached, at the same stored-builds levels.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,6 +33,8 @@ use kiln_domain::{BuildId, JobState, NewBuild, NewJob, StepSpec};
 use kiln_store::{BuildFilter, PgStore, SqliteStore, Store};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+pub mod sessions;
 
 use super::util::{Scratch, fail, figure, header, ms, note, percentile, sorted};
 use crate::BenchError;
@@ -50,6 +53,18 @@ pub struct ScaleArgs {
     /// serve --database` would use it.
     #[arg(long)]
     pub postgres: bool,
+    /// Measure the whole dispatcher instead: a `kiln serve` child with these numbers of
+    /// simulated runners attached on real `Attach` streams, at each of `--builds` (see
+    /// [`sessions`]). `--samples` is then the number of `GetBuild` and `ListBuilds` samples.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=20_000))]
+    pub sessions: Vec<u32>,
+    /// With `--sessions`: builds submitted per stage beyond those the runners first hold (one
+    /// each, at most this many runners); these flow once the runners answer.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub jobs: u64,
+    /// With `--sessions`: `SubmitBuild` calls in flight at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub submitters: u32,
 }
 
 /// Commits recorded per `record_commits` transaction while filling.
@@ -219,8 +234,11 @@ fn measure(store: &dyn Store, stage: u64, samples: u32, stored: u64) -> Result<S
     })
 }
 
-/// Runs the benchmark.
+/// Runs the benchmark: the store's costs, or with `--sessions` the whole dispatcher's.
 pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
+    if !args.sessions.is_empty() {
+        return sessions::run(args).await;
+    }
     let mut stages = args.builds.clone();
     stages.sort_unstable();
     stages.dedup();

@@ -1,5 +1,6 @@
 //! Keeps `kiln-bench` compiling and working: `kiln-bench all --quick`, `kiln-bench split
-//! --quick` and a small `kiln-bench scale` (tiny sizes) must exit 0 and print every section and figure. Their figures are not
+//! --quick`, a small `kiln-bench scale` and a small `kiln-bench scale --sessions` (tiny sizes,
+//! both backends) must exit 0 and print every section and figure. Their figures are not
 //! checked: timing belongs in BENCHMARKS.md, not in tests.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -161,6 +162,69 @@ fn bench_scale_small_prints_every_operation_per_stage() {
                 out.matches(figure).count(),
                 2,
                 "{figure:?} once per stage\n{out}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bench_scale_sessions_small_prints_every_figure_per_stage() {
+    // One submitter and one or two runners: on PostgreSQL, concurrent submits and results
+    // lose serialization conflicts past the store's retries, with 5 runners already
+    // (BENCHMARKS.md, `kiln-bench scale --sessions`).
+    for backend in [None, Some("--postgres")] {
+        let mut args = vec![
+            "scale",
+            "--submitters",
+            "1",
+            "--sessions",
+            "1,2",
+            "--builds",
+            "20,50",
+            "--jobs",
+            "5",
+            "--samples",
+            "10",
+        ];
+        args.extend(backend);
+        let (status, out, err) = run_bench(&args, Duration::from_secs(180));
+        let status =
+            status.unwrap_or_else(|| panic!("kiln-bench {args:?} timed out\n{out}\n{err}"));
+        assert_eq!(status, 0, "kiln-bench {args:?} failed\n{out}\n{err}");
+        let name = if backend.is_some() {
+            "PostgreSQL, fsync on"
+        } else {
+            "SQLite"
+        };
+        assert!(
+            out.contains("== scale-sessions:") && out.contains(name),
+            "{args:?}\n{out}"
+        );
+        for stage in ["-- 20 stored builds", "-- 50 stored builds"] {
+            assert!(out.contains(stage), "no {stage:?}\n{out}");
+        }
+        for figure in [
+            "assignments/s",
+            "jobs ended/s",
+            // Padded: the summary's heading names it in parentheses.
+            "dispatcher CPU per job  ",
+            "submit p50 / p99",
+            "GetBuild p50 / p99",
+            "ListBuilds p50 / p99",
+            "dispatcher RSS / peak",
+            // Padded: "dispatcher CPU per job" is another figure.
+            "dispatcher CPU   ",
+        ] {
+            assert_eq!(
+                out.matches(figure).count(),
+                4,
+                "{figure:?} once per stage (2 levels x 2 runner counts)\n{out}"
+            );
+        }
+        for runners in [1, 2] {
+            assert!(
+                out.contains(&format!("decision ratio, {runners} runners:")),
+                "no decision ratio for {runners} runners\n{out}"
             );
         }
     }

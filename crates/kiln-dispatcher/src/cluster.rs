@@ -181,12 +181,12 @@ impl Dispatcher {
         {
             let mut st = self.state();
             for (a, job, hash) in adopted {
-                st.attempts.entry(a.id).or_insert_with(|| {
+                if !st.attempts.contains_key(&a.id) {
                     let mut live = LiveAttempt::new(&job, a.runner_id, None, &self.inner.config);
                     live.orphan_deadline = Some(deadline);
                     live.secret_hash = hash;
-                    live
-                });
+                    st.insert_attempt(a.id, live);
+                }
             }
         }
         self.deadlines_changed();
@@ -237,7 +237,7 @@ impl Dispatcher {
                 }
             } else {
                 tracing::info!(attempt = %a, "another dispatcher adopted this attempt while this one was away");
-                self.state().attempts.remove(&a);
+                self.state().remove_attempt(&a);
             }
         }
         Ok(())
@@ -299,7 +299,7 @@ impl Dispatcher {
         if self.inner.cluster.as_ref().is_some_and(|c| c.me == to) {
             return;
         }
-        if self.state().attempts.remove(&attempt).is_some() {
+        if self.state().remove_attempt(&attempt).is_some() {
             tracing::info!(%attempt, to = %to, "attempt moved to another dispatcher");
         }
     }

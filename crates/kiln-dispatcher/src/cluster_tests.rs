@@ -270,7 +270,7 @@ async fn a_runner_re_attaching_to_another_dispatcher_takes_its_attempt_along() {
         !a.state().attempts.contains_key(&attempt)
     })
     .await;
-    // B takes the output up where A left it (A's log has 1 and 2), then the result.
+    // B goes on where A left off (the database's log has 1 and 2), then the result.
     btx.send(output(attempt, 3, b"on B\n")).await.unwrap();
     match next(&mut bout).await.unwrap() {
         Out::OutputAck(ack) => assert_eq!(ack.up_to_seq, 3),
@@ -307,6 +307,14 @@ async fn a_dead_dispatchers_attempt_is_adopted_and_its_runner_finishes_it_elsewh
     tx.send(accepted(attempt)).await.unwrap();
     let mut events = b.subscribe();
     wait_event(&mut events, job, JobState::Running).await;
+    // Output A stored (in the database's log) and acknowledged.
+    for seq in 1..=5 {
+        tx.send(output(attempt, seq, b"on A\n")).await.unwrap();
+        match next(&mut out).await.unwrap() {
+            Out::OutputAck(ack) => assert_eq!(ack.up_to_seq, seq),
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
     // A stops refreshing its row (as if killed): B adopts the attempt after the lease.
     stop_a.cancel();
     a.close_sessions();
@@ -318,7 +326,8 @@ async fn a_dead_dispatchers_attempt_is_adopted_and_its_runner_finishes_it_elsewh
     .await;
     let (btx, mut bout, bw) = attach(&b, "r1", vec![attempt], &welcome.session_secret).await;
     assert!(bw.stale_attempts.is_empty(), "{bw:?}");
-    // Its output went to A (acknowledged); the result comes to B, which has none of it.
+    // Its output went to A (acknowledged); the result comes to B, which reads the log's last
+    // sequence number from the database: nothing is missing.
     btx.send(finished(attempt, JobState::Passed, 5))
         .await
         .unwrap();
@@ -326,6 +335,14 @@ async fn a_dead_dispatchers_attempt_is_adopted_and_its_runner_finishes_it_elsewh
     wait_event(&mut events, job, JobState::Passed).await;
     let d = b.get_build(detail.build.id).await.unwrap();
     assert_eq!(d.jobs[0].attempts, 1);
+    let logs = b.inner.logs.clone();
+    let len = tokio::task::spawn_blocking(move || logs.len(job))
+        .await
+        .unwrap()
+        .unwrap();
+    let read = b.read_log(job, 0, len, 1 << 20).await.unwrap();
+    let text: Vec<u8> = read.frames.iter().flat_map(|f| f.data.clone()).collect();
+    assert_eq!(text, b"on A\n".repeat(5));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,7 +26,7 @@ mod cluster_tests;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -404,6 +404,12 @@ struct State {
     /// Attempts that are current and unfinished: on a runner, or orphaned (runner gone or not
     /// yet back after a restart).
     attempts: HashMap<AttemptId, LiveAttempt>,
+    /// The attempts on each session (`LiveAttempt::session`), kept up to date wherever an
+    /// attempt joins or leaves a session or `attempts` (`insert_attempt`, `remove_attempt`,
+    /// `move_attempt`), so a scheduling decision reads a session's held slots, and a heartbeat
+    /// looks at its session's attempts, instead of walking every attempt in flight. Sessions
+    /// that hold nothing have no entry.
+    held: HashMap<u64, HashSet<AttemptId>>,
     /// Round-robin counter so equal runners share the work.
     assign_counter: u64,
     /// Split steps' unit results per build and runner, to take out runners that fail what
@@ -417,16 +423,45 @@ struct State {
 }
 
 impl State {
-    /// Attempts held per session, counted in one pass (a scheduling decision looks at every
-    /// session; counting per session would walk all attempts once for each).
-    fn used_slots(&self) -> HashMap<u64, u64> {
-        let mut used = HashMap::with_capacity(self.sessions.len());
-        for a in self.attempts.values() {
+    /// How many attempts session `sid` holds.
+    fn held(&self, sid: u64) -> u64 {
+        self.held.get(&sid).map_or(0, |h| h.len() as u64)
+    }
+
+    /// The attempts on session `sid`.
+    fn held_by(&self, sid: u64) -> Vec<AttemptId> {
+        self.held
+            .get(&sid)
+            .map(|h| h.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether the held counts agree with the attempts (what tests and debug builds check
+    /// before each scheduling decision reads them).
+    fn held_counts_agree(&self) -> bool {
+        let mut counted: HashMap<u64, HashSet<AttemptId>> = HashMap::new();
+        for (id, a) in &self.attempts {
             if let Some(sid) = a.session {
-                *used.entry(sid).or_insert(0) += 1;
+                counted.entry(sid).or_default().insert(*id);
             }
         }
-        used
+        counted == self.held
+    }
+
+    /// Puts an attempt in flight (replacing one of the same id).
+    fn insert_attempt(&mut self, id: AttemptId, live: LiveAttempt) {
+        let session = live.session;
+        if let Some(old) = self.attempts.insert(id, live) {
+            hold(&mut self.held, old.session, id, false);
+        }
+        hold(&mut self.held, session, id, true);
+    }
+
+    /// Takes an attempt out of flight.
+    fn remove_attempt(&mut self, id: &AttemptId) -> Option<LiveAttempt> {
+        let live = self.attempts.remove(id)?;
+        hold(&mut self.held, live.session, *id, false);
+        Some(live)
     }
 
     /// Sends a cancel for `attempt` down its runner's stream; false when the runner is not
@@ -449,6 +484,40 @@ impl State {
                 reason: reason.to_string(),
             })))
             .is_ok()
+    }
+}
+
+/// Adds `attempt` to session `sid`'s held attempts (`on`) or takes it out; a session left
+/// with none loses its entry.
+fn hold(
+    held: &mut HashMap<u64, HashSet<AttemptId>>,
+    sid: Option<u64>,
+    attempt: AttemptId,
+    on: bool,
+) {
+    let Some(sid) = sid else { return };
+    if on {
+        held.entry(sid).or_default().insert(attempt);
+    } else if let Some(h) = held.get_mut(&sid) {
+        h.remove(&attempt);
+        if h.is_empty() {
+            held.remove(&sid);
+        }
+    }
+}
+
+/// Moves attempt `id` of `State::attempts` to session `to` (`None`: orphaned), keeping
+/// `State::held` (passed apart, so it can be called while iterating the attempts) up to date.
+fn move_attempt(
+    held: &mut HashMap<u64, HashSet<AttemptId>>,
+    id: AttemptId,
+    live: &mut LiveAttempt,
+    to: Option<u64>,
+) {
+    if live.session != to {
+        hold(held, live.session, id, false);
+        hold(held, to, id, true);
+        live.session = to;
     }
 }
 
@@ -645,7 +714,7 @@ impl Dispatcher {
                 // dispatcher that gave it out.
                 live.secret_hash = store.owned_attempt(a.id)?.and_then(|o| o.secret_hash);
             }
-            state.attempts.insert(a.id, live);
+            state.insert_attempt(a.id, live);
         }
         if !state.attempts.is_empty() {
             tracing::info!(
@@ -791,10 +860,9 @@ impl Dispatcher {
         let store = self.db(|s| s.metrics()).await?;
         let runners = {
             let st = self.state();
-            let used = st.used_slots();
             let mut c = metrics::RunnerCounts::default();
             for s in st.sessions.values() {
-                let held = used.get(&s.id).copied().unwrap_or(0);
+                let held = st.held(s.id);
                 c.attached += 1;
                 c.busy += u64::from(held > 0);
                 c.draining += u64::from(s.draining);
@@ -1137,7 +1205,7 @@ impl Dispatcher {
         let held = {
             let mut st = self.state();
             st.send_cancel(attempt, grace, reason);
-            st.attempts.remove(&attempt).is_some()
+            st.remove_attempt(&attempt).is_some()
         };
         if !held && let Some(c) = &self.inner.cluster {
             c.send(kiln_store::Said::Cancel {
@@ -1330,7 +1398,7 @@ impl Dispatcher {
             .await?
         {
             if let Some(a) = attempt {
-                self.state().attempts.remove(&a);
+                self.state().remove_attempt(&a);
             }
             self.publish(&ch);
         }

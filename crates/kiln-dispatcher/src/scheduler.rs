@@ -138,9 +138,10 @@ impl Dispatcher {
                     self.detached(id);
                     tracing::warn!(runner = %s.name, "runner missed its heartbeats; declaring it lost");
                     s.stop.cancel();
-                    for a in st.attempts.values_mut() {
+                    let super::State { attempts, held, .. } = &mut *st;
+                    for (id, a) in attempts.iter_mut() {
                         if a.session == Some(s.id) {
-                            a.session = None;
+                            super::move_attempt(held, *id, a, None);
                             a.orphan_deadline = Some(now);
                         }
                     }
@@ -224,7 +225,7 @@ impl Dispatcher {
                     )
                 })
                 .await?;
-            self.state().attempts.remove(&a);
+            self.state().remove_attempt(&a);
             if let Some(ch) = ended {
                 self.publish(&ch);
             }
@@ -277,7 +278,7 @@ impl Dispatcher {
         let requeued = self
             .db(move |s| s.requeue_owned(attempt, &why, max, counts, me))
             .await?;
-        self.state().attempts.remove(&attempt);
+        self.state().remove_attempt(&attempt);
         if let Some(ch) = requeued {
             tracing::info!(%attempt, job = %ch.job_id, state = %ch.job_state, reason, "attempt lost");
             if ch.job_state == kiln_domain::JobState::Queued {
@@ -300,6 +301,11 @@ impl Dispatcher {
         let mut builds: HashMap<BuildId, kiln_domain::Build> = HashMap::new();
         for job in jobs {
             let Some((runner_id, runner_name, session_id)) = self.pick_runner(&job.labels) else {
+                // No slot left anywhere: the rest of the round would look at every session
+                // once per job for nothing.
+                if !self.any_free_slot() {
+                    break;
+                }
                 continue;
             };
             let (job_id, name) = (job.id, runner_name.clone());
@@ -314,12 +320,18 @@ impl Dispatcher {
             else {
                 continue;
             };
+            // The build's row only (not its jobs): an assignment names its repository,
+            // commit, branch and parameters.
             let build = match builds.get(&job.build_id) {
                 Some(b) => b.clone(),
                 None => {
-                    let d = self.get_build(job.build_id).await?;
-                    builds.insert(job.build_id, d.build.clone());
-                    d.build
+                    let id = job.build_id;
+                    let b = self
+                        .db(move |s| s.get_build_record(id))
+                        .await?
+                        .ok_or(DispatchError::NotFound(super::Missing::Build(id)))?;
+                    builds.insert(id, b.clone());
+                    b
                 }
             };
             self.publish(&change);
@@ -381,7 +393,7 @@ impl Dispatcher {
                         live.next_seq = Some(1);
                         live.assigned_at = Some(std::time::SystemTime::now());
                         live.secret_hash = Some(secret_hash);
-                        st.attempts.insert(attempt, live);
+                        st.insert_attempt(attempt, live);
                         tx.try_send(Ok(DispatcherMessage::Assign(assign))).is_ok()
                     }
                     None => false,
@@ -401,11 +413,14 @@ impl Dispatcher {
 
     fn any_free_slot(&self) -> bool {
         let st = self.state();
-        let used = st.used_slots();
+        debug_assert!(
+            st.held_counts_agree(),
+            "held slots out of step with the attempts"
+        );
         let now = tokio::time::Instant::now();
-        st.sessions.values().any(|s| {
-            s.takes_work(now) && used.get(&s.id).copied().unwrap_or(0) < u64::from(s.slots)
-        })
+        st.sessions
+            .values()
+            .any(|s| s.takes_work(now) && st.held(s.id) < u64::from(s.slots))
     }
 
     /// The least loaded matching runner with a free slot (round robin among equals).
@@ -414,14 +429,17 @@ impl Dispatcher {
         labels: &std::collections::BTreeMap<String, String>,
     ) -> Option<(RunnerId, String, u64)> {
         let mut st = self.state();
-        let used_slots = st.used_slots();
+        debug_assert!(
+            st.held_counts_agree(),
+            "held slots out of step with the attempts"
+        );
         let mut best: Option<(RunnerId, (u64, u64))> = None;
         let now = tokio::time::Instant::now();
         for (id, s) in &st.sessions {
             if !s.takes_work(now) || !labels_match(labels, &s.labels) {
                 continue;
             }
-            let used = used_slots.get(&s.id).copied().unwrap_or(0);
+            let used = st.held(s.id);
             if used >= u64::from(s.slots) {
                 continue;
             }

@@ -449,12 +449,17 @@ impl Dispatcher {
         let mut stale = Vec::new();
         let mut superseded = Vec::new();
         let mut unproven = HashSet::new();
+        let super::State {
+            attempts,
+            held: held_slots,
+            ..
+        } = &mut *st;
         for a in &held {
-            match st.attempts.get_mut(a) {
+            match attempts.get_mut(a) {
                 Some(live)
                     if live.runner_id == record.id && proof.proves(live.secret_hash.as_deref()) =>
                 {
-                    live.session = Some(sid);
+                    super::move_attempt(held_slots, *a, live, Some(sid));
                     live.orphan_deadline = None;
                     live.secret_hash = Some(secret_hash.clone());
                     live.on_session_since = Instant::now();
@@ -596,7 +601,9 @@ impl Dispatcher {
                 // What the runner proved: `register` checks it again and moves it to the
                 // new session.
                 live.secret_hash = o.secret_hash.clone();
-                st.attempts.entry(a).or_insert(live);
+                if !st.attempts.contains_key(&a) {
+                    st.insert_attempt(a, live);
+                }
             }
             if o.owner != Some(me)
                 && let Some(c) = &self.inner.cluster
@@ -694,17 +701,22 @@ impl Dispatcher {
         let settle = self.inner.config.heartbeat_interval * 2;
         let mut st = self.state();
         let mut out = Vec::new();
-        for (id, a) in st.attempts.iter_mut() {
-            if a.runner_id != runner || a.session != Some(sid) {
+        // Only this session's attempts (a heartbeat must not cost a walk over every attempt).
+        for id in st.held_by(sid) {
+            let Some(a) = st
+                .attempts
+                .get_mut(&id)
+                .filter(|a| a.runner_id == runner && a.session == Some(sid))
+            else {
                 continue;
-            }
-            if listed.contains(id) || a.on_session_since.elapsed() < settle {
+            };
+            if listed.contains(&id) || a.on_session_since.elapsed() < settle {
                 a.unlisted = 0;
                 continue;
             }
             a.unlisted = a.unlisted.saturating_add(1);
             if a.unlisted >= 2 {
-                out.push(*id);
+                out.push(id);
             }
         }
         out
@@ -741,9 +753,10 @@ impl Dispatcher {
         let last_seen = s.last_heartbeat_ms;
         st.sessions.remove(&runner);
         self.detached(runner);
-        for a in st.attempts.values_mut() {
+        let super::State { attempts, held, .. } = &mut *st;
+        for (id, a) in attempts.iter_mut() {
             if a.session == Some(sid) {
-                a.session = None;
+                super::move_attempt(held, *id, a, None);
                 a.orphan_deadline = Some(deadline);
                 // Its runner sends again everything unacknowledged on its next session.
                 a.paused = false;
@@ -1347,8 +1360,7 @@ impl Dispatcher {
             .map_err(|e| internal(&e))?;
         let assigned_at = self
             .state()
-            .attempts
-            .remove(&attempt)
+            .remove_attempt(&attempt)
             .and_then(|a| a.assigned_at);
         let reply = match finish {
             Finish::Recorded(ch) => {

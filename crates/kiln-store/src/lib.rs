@@ -311,6 +311,9 @@ pub trait Store: Send + Sync + 'static {
     fn branch_cursor(&self, repo: &str, branch: &str) -> Result<Option<String>>;
     /// One build with its jobs.
     fn get_build(&self, id: BuildId) -> Result<Option<BuildDetail>>;
+    /// One build without its jobs: what an assignment needs of it (repository, commit, branch,
+    /// parameters), one row read whatever the build's size.
+    fn get_build_record(&self, id: BuildId) -> Result<Option<Build>>;
     /// One job.
     fn get_job(&self, id: JobId) -> Result<Option<Job>>;
     /// Builds, newest first.

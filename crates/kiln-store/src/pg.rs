@@ -770,6 +770,10 @@ impl Store for PgStore {
         self.read(|db| load_detail(db, id))
     }
 
+    fn get_build_record(&self, id: BuildId) -> Result<Option<Build>> {
+        self.read(|db| load_build(db, id))
+    }
+
     fn get_job(&self, id: JobId) -> Result<Option<Job>> {
         self.read(|db| load_job(db, id))
     }

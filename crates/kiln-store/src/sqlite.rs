@@ -1015,6 +1015,11 @@ impl Store for SqliteStore {
         load_detail(&conn, id)
     }
 
+    fn get_build_record(&self, id: BuildId) -> Result<Option<Build>> {
+        let conn = self.conn();
+        load_build(&conn, id)
+    }
+
     fn get_job(&self, id: JobId) -> Result<Option<Job>> {
         let conn = self.conn();
         load_job(&conn, id)
@@ -2004,6 +2009,14 @@ mod tests {
         assert_eq!(made.build.params, b.params);
         let read = s.get_build(made.build.id).unwrap().unwrap();
         assert_eq!(read.build.params, b.params);
+        // The row alone (what an assignment reads) is the same build.
+        let row = s.get_build_record(made.build.id).unwrap().unwrap();
+        assert_eq!(row, read.build);
+        assert!(
+            s.get_build_record(BuildId::new(made.build.id.get() + 1000))
+                .unwrap()
+                .is_none()
+        );
         let listed = s.list_builds(&BuildFilter {
             limit: 10,
             ..BuildFilter::default()
