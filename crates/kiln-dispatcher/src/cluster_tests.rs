@@ -89,6 +89,68 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Two dispatchers on one database, a runner `r1` attached to A, and a one-job build
+/// submitted to B running on it (B saw it start).
+struct OnA {
+    a: Dispatcher,
+    stop_a: CancellationToken,
+    b: Dispatcher,
+    _stop_b: CancellationToken,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+    tx: Inbound,
+    out: Outbound,
+    welcome: protocol::Welcome,
+    detail: kiln_store::BuildDetail,
+    job: JobId,
+    attempt: AttemptId,
+    events: broadcast::Receiver<Event>,
+}
+
+async fn running_on_a() -> OnA {
+    let url = kiln_pgtest::database().unwrap();
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, stop_a) = open(&url, dirs.0.path()).await;
+    let (b, stop_b) = open(&url, dirs.1.path()).await;
+    let (tx, mut out, welcome) = attach(&a, "r1", vec![], "").await;
+    let detail = build(&b, 1).await;
+    let job = detail.jobs[0].id;
+    let attempt = assigned(&mut out).await.attempt_id;
+    tx.send(accepted(attempt)).await.unwrap();
+    let mut events = b.subscribe();
+    wait_event(&mut events, job, JobState::Running).await;
+    OnA {
+        a,
+        stop_a,
+        b,
+        _stop_b: stop_b,
+        _dirs: dirs,
+        tx,
+        out,
+        welcome,
+        detail,
+        job,
+        attempt,
+        events,
+    }
+}
+
+/// Sends output chunks `seqs` of `attempt` and checks each is acknowledged.
+async fn acked_output(
+    tx: &Inbound,
+    out: &mut Outbound,
+    attempt: AttemptId,
+    seqs: std::ops::RangeInclusive<u64>,
+    data: &[u8],
+) {
+    for seq in seqs {
+        tx.send(output(attempt, seq, data)).await.unwrap();
+        match next(out).await.unwrap() {
+            Out::OutputAck(ack) => assert_eq!(ack.up_to_seq, seq),
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_submitted_to_one_dispatcher_runs_on_the_others_runner() {
     let url = kiln_pgtest::database().unwrap();
@@ -224,26 +286,22 @@ async fn a_cancel_and_a_drain_reach_a_runner_held_by_another_dispatcher() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runner_re_attaching_to_another_dispatcher_takes_its_attempt_along() {
-    let url = kiln_pgtest::database().unwrap();
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, _sa) = open(&url, da.path()).await;
-    let (b, _sb) = open(&url, db.path()).await;
-    let (tx, mut out, welcome) = attach(&a, "r1", vec![], "").await;
-    let detail = build(&b, 1).await;
-    let job = detail.jobs[0].id;
-    let asg = assigned(&mut out).await;
-    let attempt = asg.attempt_id;
-    tx.send(accepted(attempt)).await.unwrap();
-    let mut events = b.subscribe();
-    wait_event(&mut events, job, JobState::Running).await;
+    let OnA {
+        a,
+        stop_a: _stop_a,
+        b,
+        _stop_b,
+        _dirs,
+        tx,
+        mut out,
+        welcome,
+        detail: _detail,
+        job,
+        attempt,
+        events: _events,
+    } = running_on_a().await;
     // Output A stored and acknowledged.
-    for seq in 1..=2 {
-        tx.send(output(attempt, seq, b"on A\n")).await.unwrap();
-        match next(&mut out).await.unwrap() {
-            Out::OutputAck(ack) => assert_eq!(ack.up_to_seq, seq),
-            other => panic!("expected an ack, got {other:?}"),
-        }
-    }
+    acked_output(&tx, &mut out, attempt, 1..=2, b"on A\n").await;
     let store = b.store();
     let owner = move |s: std::sync::Arc<dyn kiln_store::Store>| {
         s.owned_attempt(attempt).unwrap().unwrap().owner
@@ -295,26 +353,22 @@ async fn a_runner_re_attaching_to_another_dispatcher_takes_its_attempt_along() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_dispatchers_attempt_is_adopted_and_its_runner_finishes_it_elsewhere() {
-    let url = kiln_pgtest::database().unwrap();
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, stop_a) = open(&url, da.path()).await;
-    let (b, _sb) = open(&url, db.path()).await;
-    let (tx, mut out, welcome) = attach(&a, "r1", vec![], "").await;
-    let detail = build(&b, 1).await;
-    let job = detail.jobs[0].id;
-    let asg = assigned(&mut out).await;
-    let attempt = asg.attempt_id;
-    tx.send(accepted(attempt)).await.unwrap();
-    let mut events = b.subscribe();
-    wait_event(&mut events, job, JobState::Running).await;
+    let OnA {
+        a,
+        stop_a,
+        b,
+        _stop_b,
+        _dirs,
+        tx,
+        mut out,
+        welcome,
+        detail,
+        job,
+        attempt,
+        mut events,
+    } = running_on_a().await;
     // Output A stored (in the database's log) and acknowledged.
-    for seq in 1..=5 {
-        tx.send(output(attempt, seq, b"on A\n")).await.unwrap();
-        match next(&mut out).await.unwrap() {
-            Out::OutputAck(ack) => assert_eq!(ack.up_to_seq, seq),
-            other => panic!("expected an ack, got {other:?}"),
-        }
-    }
+    acked_output(&tx, &mut out, attempt, 1..=5, b"on A\n").await;
     // A stops refreshing its row (as if killed): B adopts the attempt after the lease.
     stop_a.cancel();
     a.close_sessions();
@@ -347,17 +401,20 @@ async fn a_dead_dispatchers_attempt_is_adopted_and_its_runner_finishes_it_elsewh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispatcher_back_from_an_absence_claims_back_what_its_runners_still_run() {
-    let url = kiln_pgtest::database().unwrap();
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, _sa) = open(&url, da.path()).await;
-    let (b, _sb) = open(&url, db.path()).await;
-    let (tx, mut out, _) = attach(&a, "r1", vec![], "").await;
-    let detail = build(&b, 1).await;
-    let job = detail.jobs[0].id;
-    let attempt = assigned(&mut out).await.attempt_id;
-    tx.send(accepted(attempt)).await.unwrap();
-    let mut events = b.subscribe();
-    wait_event(&mut events, job, JobState::Running).await;
+    let OnA {
+        a,
+        stop_a: _stop_a,
+        b,
+        _stop_b,
+        _dirs,
+        tx,
+        mut out,
+        welcome: _welcome,
+        detail: _detail,
+        job,
+        attempt,
+        mut events,
+    } = running_on_a().await;
     // B takes A for dead (as if A's row had not been refreshed for a lease) and adopts.
     b.adopt(kiln_domain::now_millis() + 60_000).await.unwrap();
     assert!(b.state().attempts.contains_key(&attempt));
@@ -386,17 +443,20 @@ async fn a_dispatcher_back_from_an_absence_claims_back_what_its_runners_still_ru
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_superseded_attempt_held_elsewhere_is_stopped_by_its_owner() {
-    let url = kiln_pgtest::database().unwrap();
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, _sa) = open(&url, da.path()).await;
-    let (b, _sb) = open(&url, db.path()).await;
-    let (tx, mut out, _) = attach(&a, "r1", vec![], "").await;
-    let detail = build(&b, 1).await;
-    let job = detail.jobs[0].id;
-    let attempt = assigned(&mut out).await.attempt_id;
-    tx.send(accepted(attempt)).await.unwrap();
-    let mut events = b.subscribe();
-    wait_event(&mut events, job, JobState::Running).await;
+    let OnA {
+        a: _a,
+        stop_a: _stop_a,
+        b,
+        _stop_b,
+        _dirs,
+        tx: _tx,
+        mut out,
+        welcome: _welcome,
+        detail: _detail,
+        job: _job,
+        attempt,
+        events: _events,
+    } = running_on_a().await;
     // What B does for the running attempts of builds a newer commit superseded.
     b.cancel_on_runner(attempt, "superseded by a newer build");
     match next(&mut out).await.unwrap() {
