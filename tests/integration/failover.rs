@@ -15,9 +15,6 @@ use kiln_testkit::fault::*;
 use kiln_testkit::*;
 use nix::sys::signal::Signal;
 
-/// Runners are declared lost after about a second of silence.
-const SHORT_HEARTBEATS: &[&str] = &["--heartbeat-interval", "300ms", "--missed-heartbeats", "3"];
-
 fn marker(test: &str) -> String {
     format!("KILN_FAILOVER_{}_{test}", std::process::id())
 }
@@ -145,12 +142,7 @@ fn killing_one_of_three_dispatchers_mid_build_loses_nothing() {
     let marker = marker("kill1");
     let _reaper = MarkerReaper(marker.clone());
     let url = kiln_pgtest::database().expect("a throwaway PostgreSQL database");
-    let pipeline = counting_pipeline("count", &marker, LINES);
-    let (repo, first) = Repo::with_pipeline(&tmp.path().join("repo"), &pipeline);
-    let mut commits = vec![first];
-    for i in 1..6 {
-        commits.push(repo.commit(&[("n.txt", i.to_string().as_bytes())], &format!("c{i}")));
-    }
+    let (repo, commits) = counting_repo(&tmp.path().join("repo"), &marker, LINES, 6);
     let mut c = Cluster::start(tmp.path(), &url, 3, 6);
     // Submitted through dispatcher 1; each runs wherever a runner is free.
     let ids: Vec<u64> = commits
@@ -225,12 +217,7 @@ fn a_postgres_restart_mid_run_loses_nothing() {
     // Its own durable cluster: every commit must survive the crash.
     let pg = kiln_pgtest::PgCluster::start_durable().expect("a throwaway PostgreSQL");
     let url = pg.database().expect("a database");
-    let pipeline = counting_pipeline("count", &marker, LINES);
-    let (repo, first) = Repo::with_pipeline(&tmp.path().join("repo"), &pipeline);
-    let mut commits = vec![first];
-    for i in 1..4 {
-        commits.push(repo.commit(&[("n.txt", i.to_string().as_bytes())], &format!("c{i}")));
-    }
+    let (repo, commits) = counting_repo(&tmp.path().join("repo"), &marker, LINES, 4);
     let c = Cluster::start(tmp.path(), &url, 2, 2);
     let ids: Vec<u64> = commits
         .iter()
@@ -297,12 +284,7 @@ fn chaos_three_dispatchers_six_runners_fifty_builds() {
     let (mut rng, seed) = Rng::from_env_or_clock();
     eprintln!("chaos seed {seed} (replay the same faults with KILN_CHAOS_SEED={seed})");
     let url = kiln_pgtest::database().expect("a throwaway PostgreSQL database");
-    let pipeline = counting_pipeline("count", &marker, LINES);
-    let (repo, first) = Repo::with_pipeline(&tmp.path().join("repo"), &pipeline);
-    let mut commits = vec![first];
-    for i in 1..BUILDS {
-        commits.push(repo.commit(&[("n.txt", i.to_string().as_bytes())], &format!("c{i}")));
-    }
+    let (repo, commits) = counting_repo(&tmp.path().join("repo"), &marker, LINES, BUILDS);
     let mut c = Cluster::start(tmp.path(), &url, 3, 6);
     let ids: Vec<u64> = commits
         .iter()

@@ -11,9 +11,6 @@ use kiln_testkit::fault::*;
 use kiln_testkit::*;
 use nix::sys::signal::Signal;
 
-/// Runners are declared lost after about a second of silence.
-const SHORT_HEARTBEATS: &[&str] = &["--heartbeat-interval", "300ms", "--missed-heartbeats", "3"];
-
 /// An environment variable name unique to this test process and test, given to every step so
 /// that the steps' processes can be found in /proc.
 fn marker(test: &str) -> String {
@@ -341,12 +338,7 @@ fn chaos_run_kills_runners_and_the_dispatcher() {
     let (mut rng, seed) = Rng::from_env_or_clock();
     eprintln!("chaos seed {seed} (replay the same faults with KILN_CHAOS_SEED={seed})");
 
-    let pipeline = counting_pipeline("count", &marker, LINES);
-    let (repo, first) = Repo::with_pipeline(&tmp.path().join("repo"), &pipeline);
-    let mut commits = vec![first];
-    for i in 1..BUILDS {
-        commits.push(repo.commit(&[("n.txt", i.to_string().as_bytes())], &format!("c{i}")));
-    }
+    let (repo, commits) = counting_repo(&tmp.path().join("repo"), &marker, LINES, BUILDS);
 
     let mut farm = Farm::start(tmp.path());
     let ids: Vec<u64> = commits

@@ -17,9 +17,6 @@ use kiln_testkit::fault::*;
 use kiln_testkit::*;
 use nix::sys::signal::Signal;
 
-/// Lost after about a second of silence.
-const SHORT_HEARTBEATS: &[&str] = &["--heartbeat-interval", "300ms", "--missed-heartbeats", "3"];
-
 fn namespace_or_skip() -> Option<Netns> {
     match Netns::create() {
         Ok(ns) => Some(ns),
@@ -187,12 +184,7 @@ fn chaos_link_cuts_past_the_lease_refuse_the_late_claims() {
     let (mut rng, seed) = Rng::from_env_or_clock();
     eprintln!("chaos seed {seed} (replay the same cuts with KILN_CHAOS_SEED={seed})");
 
-    let pipeline = counting_pipeline("count", &marker, LINES);
-    let (repo, first) = Repo::with_pipeline(&tmp.path().join("repo"), &pipeline);
-    let mut commits = vec![first];
-    for i in 1..BUILDS {
-        commits.push(repo.commit(&[("n.txt", i.to_string().as_bytes())], &format!("c{i}")));
-    }
+    let (repo, commits) = counting_repo(&tmp.path().join("repo"), &marker, LINES, BUILDS);
     let data = tmp.path().join("data");
     let server = start_dispatcher(&format!("{}:0", ns.host_ip), &data, SHORT_HEARTBEATS);
     let one = ["--slots", "1"];

@@ -363,6 +363,22 @@ pub fn counting_pipeline(name: &str, marker: &str, lines: u32) -> String {
     )
 }
 
+/// A repository whose `.kiln.yml` is [`counting_pipeline`] (`count`, `LINES` lines) with
+/// `builds` commits (each changes `n.txt`): the repository and the commits, oldest first.
+pub fn counting_repo(dir: &Path, marker: &str, lines: u32, builds: usize) -> (Repo, Vec<String>) {
+    let pipeline = counting_pipeline("count", marker, lines);
+    let (repo, first) = Repo::with_pipeline(dir, &pipeline);
+    let mut commits = vec![first];
+    for i in 1..builds {
+        commits.push(repo.commit(&[("n.txt", i.to_string().as_bytes())], &format!("c{i}")));
+    }
+    (repo, commits)
+}
+
+/// Runners are declared lost after about a second of silence.
+pub const SHORT_HEARTBEATS: &[&str] =
+    &["--heartbeat-interval", "300ms", "--missed-heartbeats", "3"];
+
 /// Whether every job in the database is final.
 pub fn all_final(db: impl Into<Db>) -> bool {
     db.into().int_rows(&format!(
