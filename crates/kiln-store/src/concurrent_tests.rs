@@ -217,6 +217,36 @@ fn observers_racing_on_a_branch_record_each_commit_once(b: Backend) {
     assert_eq!(all.len(), 3);
 }
 
+/// Submits racing on two handles: the same commit and pipeline makes one build (the others
+/// are told it exists), other commits each make theirs, and none fails for a lost conflict.
+fn racing_submits_make_each_build_once(b: Backend) {
+    let opened = b.open();
+    let other = opened.another();
+    let s: &dyn TestStore = &*opened;
+    let results = race(s, &*other, |i, st| {
+        let same = st.create_build(&build("same", vec![plain_job("j")], "hash"));
+        let own = st.create_build(&build(&format!("own{i}"), vec![plain_job("j")], "hash"));
+        (same, own)
+    });
+    let mut made = 0;
+    for (same, own) in results {
+        match same {
+            Ok(_) => made += 1,
+            Err(crate::StoreError::Duplicate { .. }) => {}
+            Err(e) => panic!("a racing submit failed: {e}"),
+        }
+        own.unwrap_or_else(|e| panic!("a submit of its own commit failed: {e}"));
+    }
+    assert_eq!(made, 1, "one build of the shared commit");
+    let all = s
+        .list_builds(&crate::BuildFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(all.len(), 1 + WRITERS);
+}
+
 fn shards_on_two_handles_run_each_unit_once(b: Backend) {
     let opened = b.open();
     let other = opened.another();
@@ -447,6 +477,7 @@ on_both_backends!(
     one_final_result_among_racing_reports,
     every_job_of_a_build_ends_and_the_build_agrees,
     observers_racing_on_a_branch_record_each_commit_once,
+    racing_submits_make_each_build_once,
     shards_on_two_handles_run_each_unit_once,
     senders_on_two_handles_take_disjoint_deliveries,
 );

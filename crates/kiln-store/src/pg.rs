@@ -686,7 +686,11 @@ fn insert_build(db: &Db<'_>, new: &NewBuild, now: Millis) -> Result<BuildDetail>
 impl Store for PgStore {
     fn create_build(&self, new: &NewBuild) -> Result<BuildDetail> {
         let now = now_millis();
-        self.write(|db| insert_build(db, new, now))
+        // READ COMMITTED: it reads only the dedupe check and its own rows, and `builds_once`
+        // (unique) decides between two racing submits of one commit (23505, run again: the
+        // check then finds the winner). Serializable, concurrent submits failed one another on
+        // shared index pages, past the retries (`kiln-bench scale --sessions --postgres`).
+        self.write_committed(|db| insert_build(db, new, now))
     }
 
     fn record_commits(
