@@ -751,6 +751,13 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
         }
         .await;
         fleet.stop().await;
+        // What the dispatcher said goes with a failure (its data dir is removed after).
+        let outcome = outcome.map_err(|e| {
+            fail(format!(
+                "{e}\nthe dispatcher's last log lines:\n{}",
+                tail(&dir.join("serve.log"), 15)
+            ))
+        });
         serve.stop().await?;
         outcome?;
     }
