@@ -102,7 +102,13 @@ impl Connection {
                     .endpoint(url)
                     .map_err(ClientError::Config)?
                     .connect_timeout(Duration::from_secs(5))
-                    .tcp_nodelay(true))
+                    .tcp_nodelay(true)
+                    // A connection that stops answering (a dispatcher that went away without
+                    // closing it, or a TLS port spoken to in plaintext that never answers) is
+                    // given up within half a minute instead of waited on forever.
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(20))
+                    .keep_alive_while_idle(true))
             })
             .collect::<Result<Vec<_>, ClientError>>()?;
         let mut failed = None;

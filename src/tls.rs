@@ -20,6 +20,9 @@ pub struct ServerTls {
     pub client_ca: Option<PathBuf>,
 }
 
+/// How long a connection to a TLS dispatcher has to complete its handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl ServerTls {
     /// Loads the files into tonic's configuration. Client certificates are optional at the TLS
     /// layer; the runner service can require them (`require_runner_cert`).
@@ -28,7 +31,12 @@ impl ServerTls {
             read(&self.cert, "TLS certificate")?,
             read(&self.key, "TLS key")?,
         );
-        let mut cfg = ServerTlsConfig::new().identity(identity);
+        // A connection that never completes its handshake is closed after a while: a
+        // plaintext HTTP/2 client's first bytes read as a TLS record header announcing about
+        // 8 KiB, which the acceptor would otherwise wait for forever (and so would the client).
+        let mut cfg = ServerTlsConfig::new()
+            .identity(identity)
+            .timeout(TLS_HANDSHAKE_TIMEOUT);
         if let Some(ca) = &self.client_ca {
             cfg = cfg
                 .client_ca_root(Certificate::from_pem(read(ca, "client CA")?))
