@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use tonic::transport::Channel;
+use tower::timeout::Timeout;
 
 use crate::auth::BearerToken;
 use crate::proto::build_service_client::BuildServiceClient;
@@ -21,6 +22,16 @@ pub fn dispatcher_urls(value: &str) -> Result<Vec<String>, String> {
     }
     Ok(urls)
 }
+
+/// How long a call waits for the dispatcher's answer (for a streaming call, for the stream to
+/// open: what follows is not limited). A call past it fails with `tower`'s `Elapsed` in its
+/// status's source chain (tonic's own `Endpoint::timeout` would give a plain `Cancelled`, not
+/// told apart from a dispatcher's answer). Every call the dispatcher serves answers in
+/// milliseconds; a call with no answer by then failed in the connection under it. Without a
+/// deadline such a call could wait forever: a request handed to a connection in the instant it
+/// fails (a plaintext client on a TLS port, about one call in a thousand here) is never
+/// answered nor failed by the HTTP/2 client, and no socket is left for the keepalive to watch.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How a client reaches the dispatcher.
 #[derive(Debug, Clone, Default)]
@@ -62,12 +73,14 @@ pub enum ClientError {
 }
 
 /// A `BuildService` client that sends the API token.
-pub type BuildClient =
-    BuildServiceClient<tonic::service::interceptor::InterceptedService<Channel, BearerToken>>;
+pub type BuildClient = BuildServiceClient<
+    tonic::service::interceptor::InterceptedService<Timeout<Channel>, BearerToken>,
+>;
 
 /// A `RunnerAdminService` client that sends the API token.
-pub type AdminClient =
-    RunnerAdminServiceClient<tonic::service::interceptor::InterceptedService<Channel, BearerToken>>;
+pub type AdminClient = RunnerAdminServiceClient<
+    tonic::service::interceptor::InterceptedService<Timeout<Channel>, BearerToken>,
+>;
 
 impl Connection {
     /// Connects a `BuildService` client.
@@ -92,7 +105,7 @@ impl Connection {
 
     /// A channel to the first of the dispatchers that can be reached, tried in the order
     /// given; the error names the last one tried.
-    async fn channel(&self) -> Result<Channel, ClientError> {
+    async fn channel(&self) -> Result<Timeout<Channel>, ClientError> {
         let urls = dispatcher_urls(&self.url).map_err(ClientError::Config)?;
         let endpoints = urls
             .iter()
@@ -114,7 +127,7 @@ impl Connection {
         let mut failed = None;
         for (url, endpoint) in urls.iter().zip(endpoints) {
             match endpoint.connect().await {
-                Ok(channel) => return Ok(channel),
+                Ok(channel) => return Ok(Timeout::new(channel, CALL_TIMEOUT)),
                 Err(e) => {
                     failed = Some(ClientError::Unreachable {
                         url: url.clone(),
@@ -129,16 +142,29 @@ impl Connection {
 
 /// Whether a call failed in the connection under it rather than at the dispatcher: the
 /// status carries (somewhere in its source chain) the transport's own error: an I/O error, a
-/// connection (hyper) error or an HTTP/2 protocol error. A plaintext client on a TLS port sees
+/// connection (hyper) error, an HTTP/2 protocol error, or no answer within [`CALL_TIMEOUT`]. A plaintext client on a TLS port sees
 /// one of these, which of them depending on timing.
 pub fn failed_in_transport(s: &tonic::Status) -> bool {
     let mut next: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
     while let Some(e) = next {
         if e.is::<tonic::transport::Error>()
+            || e.is::<tower::timeout::error::Elapsed>()
             || e.is::<std::io::Error>()
             || e.is::<hyper::Error>()
             || e.is::<h2::Error>()
         {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// Whether a call failed because no answer came within [`CALL_TIMEOUT`].
+pub fn timed_out(s: &tonic::Status) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    while let Some(e) = next {
+        if e.is::<tower::timeout::error::Elapsed>() {
             return true;
         }
         next = e.source();

@@ -32,6 +32,12 @@ pub(crate) struct Cluster {
     listening: tokio::sync::watch::Sender<bool>,
     /// When this dispatcher's row was last refreshed (`None` before the first round).
     last_seen: std::sync::Mutex<Option<Instant>>,
+    /// Tests: how many of the next messages are lost on the way (a broken bus connection).
+    #[cfg(test)]
+    pub(crate) lose: std::sync::atomic::AtomicUsize,
+    /// Tests: every message heard is lost while set.
+    #[cfg(test)]
+    pub(crate) deaf: std::sync::atomic::AtomicBool,
 }
 
 impl Cluster {
@@ -42,11 +48,25 @@ impl Cluster {
             bus: OnceLock::new(),
             listening: tokio::sync::watch::Sender::new(false),
             last_seen: std::sync::Mutex::new(Some(Instant::now())),
+            #[cfg(test)]
+            lose: std::sync::atomic::AtomicUsize::new(0),
+            #[cfg(test)]
+            deaf: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// Tells the other dispatchers (dropped before the bus started).
     pub(crate) fn send(&self, said: Said) {
+        #[cfg(test)]
+        {
+            use std::sync::atomic::Ordering;
+            let lost = self
+                .lose
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            if lost.is_ok() {
+                return;
+            }
+        }
         if let Some(bus) = self.bus.get() {
             bus.send(said);
         }
@@ -111,6 +131,8 @@ impl Dispatcher {
                         }
                         // Queued jobs, ended jobs: the scheduler's round re-reads the store.
                         self.kick();
+                        // Log growth and ends of jobs run elsewhere: read from the store.
+                        self.resync_followers().await;
                     }
                     None => return,
                 },
@@ -251,8 +273,40 @@ impl Dispatcher {
         }
     }
 
+    /// After the bus may have lost messages: this dispatcher's log followers learn each
+    /// followed job's stored length, and whether it ended, from the store.
+    pub(crate) async fn resync_followers(&self) {
+        for job in self.inner.hub.followed() {
+            match self.db(move |s| s.get_job(job)).await {
+                Ok(Some(j)) if j.state.is_final() => self.settle_follow(job, j.state).await,
+                Ok(_) => {
+                    let logs = self.inner.logs.clone();
+                    match tokio::task::spawn_blocking(move || logs.len(job)).await {
+                        Ok(Ok(len)) => self.inner.hub.advance(job, len),
+                        Ok(Err(e)) => {
+                            tracing::warn!(%job, cause = %error_chain(&e), "cannot read a log's length")
+                        }
+                        Err(e) => tracing::warn!(%job, cause = %e, "cannot read a log's length"),
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%job, cause = %error_chain(&e), "cannot read a followed job")
+                }
+            }
+        }
+    }
+
     /// Another dispatcher's message.
     async fn on_bus(&self, m: BusMessage) {
+        #[cfg(test)]
+        if self
+            .inner
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.deaf.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            return;
+        }
         match m.said {
             Said::Event { event } => self.on_remote_event(event),
             Said::Log { job, len } => self.inner.hub.advance(job, len),

@@ -19,6 +19,7 @@ use kiln_domain::protocol::{self, DispatcherMessage as Out, RunnerMessage as In}
 async fn open(url: &str, dir: &std::path::Path) -> (Dispatcher, CancellationToken) {
     let mut c = Config::new(dir);
     c.heartbeat_interval = Duration::from_millis(200);
+    c.cancel_grace = Duration::from_millis(500);
     c.database = Some(url.parse().unwrap());
     let d = tokio::task::spawn_blocking(move || Dispatcher::open(c))
         .await
@@ -92,6 +93,7 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 /// Two dispatchers on one database, a runner `r1` attached to A, and a one-job build
 /// submitted to B running on it (B saw it start).
 struct OnA {
+    url: String,
     a: Dispatcher,
     stop_a: CancellationToken,
     b: Dispatcher,
@@ -119,6 +121,7 @@ async fn running_on_a() -> OnA {
     let mut events = b.subscribe();
     wait_event(&mut events, job, JobState::Running).await;
     OnA {
+        url,
         a,
         stop_a,
         b,
@@ -285,8 +288,104 @@ async fn a_cancel_and_a_drain_reach_a_runner_held_by_another_dispatcher() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_lost_on_the_bus_is_asked_again_until_the_job_ends() {
+    let OnA {
+        a: _a,
+        stop_a: _stop_a,
+        b,
+        tx,
+        mut out,
+        detail,
+        job,
+        attempt,
+        mut events,
+        ..
+    } = running_on_a().await;
+    let lose = |n| {
+        let c = b.inner.cluster.as_ref().unwrap();
+        c.lose.store(n, std::sync::atomic::Ordering::SeqCst);
+    };
+    let lost = || {
+        let c = b.inner.cluster.as_ref().unwrap();
+        c.lose.load(std::sync::atomic::Ordering::SeqCst)
+    };
+    // The runner stays alive while B waits to ask again.
+    let beating = tx.clone();
+    let beat = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            every.tick().await;
+            let hb = m(In::Heartbeat(protocol::Heartbeat::default()));
+            if beating.send(hb).await.is_err() {
+                return;
+            }
+        }
+    });
+    // B's first ask to A is lost; B asks again after the grace period, and A's runner stops.
+    lose(1);
+    let now = b.cancel_build(detail.build.id).await.unwrap();
+    assert_eq!(lost(), 0, "the first ask was not sent on the bus");
+    assert_eq!(now.jobs[0].state, JobState::Running);
+    match next(&mut out).await.unwrap() {
+        Out::Cancel(c) => assert_eq!(c.attempt_id, attempt),
+        other => panic!("expected a cancel, got {other:?}"),
+    }
+    tx.send(finished(attempt, JobState::Cancelled, 0))
+        .await
+        .unwrap();
+    wait_event(&mut events, job, JobState::Cancelled).await;
+    beat.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_catches_up_when_the_bus_may_have_lost_messages() {
+    let OnA {
+        url,
+        a,
+        stop_a: _stop_a,
+        b,
+        tx,
+        mut out,
+        job,
+        attempt,
+        ..
+    } = running_on_a().await;
+    let cluster = b.inner.cluster.as_ref().unwrap();
+    let mut progress = b.follow(job).await.unwrap();
+    let start = progress.borrow().len;
+    // B hears nothing of the output stored through A...
+    cluster
+        .deaf
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    acked_output(&tx, &mut out, attempt, 1..=3, b"through A\n").await;
+    let logs = a.inner.logs.clone();
+    let len = tokio::task::spawn_blocking(move || logs.len(job))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(len > start, "no output stored");
+    // ...then its bus connection breaks: listening again, it may have missed messages, and
+    // its follower learns the stored length from the database.
+    let killed = kiln_pgtest::query(
+        &url,
+        &format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'kiln-bus-{}' AND datname = current_database()",
+            cluster.me
+        ),
+    )
+    .unwrap();
+    assert_eq!(killed.len(), 1, "B's bus connection not found: {killed:?}");
+    tokio::time::timeout(Duration::from_secs(20), progress.wait_for(|p| p.len >= len))
+        .await
+        .expect("the follower on B saw the stored length within 20 s")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runner_re_attaching_to_another_dispatcher_takes_its_attempt_along() {
     let OnA {
+        url: _,
         a,
         stop_a: _stop_a,
         b,
@@ -354,6 +453,7 @@ async fn a_runner_re_attaching_to_another_dispatcher_takes_its_attempt_along() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_dispatchers_attempt_is_adopted_and_its_runner_finishes_it_elsewhere() {
     let OnA {
+        url: _,
         a,
         stop_a,
         b,
@@ -402,6 +502,7 @@ async fn a_dead_dispatchers_attempt_is_adopted_and_its_runner_finishes_it_elsewh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispatcher_back_from_an_absence_claims_back_what_its_runners_still_run() {
     let OnA {
+        url: _,
         a,
         stop_a: _stop_a,
         b,
@@ -444,6 +545,7 @@ async fn a_dispatcher_back_from_an_absence_claims_back_what_its_runners_still_ru
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_superseded_attempt_held_elsewhere_is_stopped_by_its_owner() {
     let OnA {
+        url: _,
         a: _a,
         stop_a: _stop_a,
         b,

@@ -63,6 +63,11 @@ impl Hub {
         }
     }
 
+    /// The jobs followed now.
+    pub fn followed(&self) -> Vec<JobId> {
+        self.jobs().keys().copied().collect()
+    }
+
     /// The job ended: followers read to the end and stop.
     pub fn finish(&self, job: JobId, state: JobState) {
         if let Some(tx) = self.jobs().remove(&job) {

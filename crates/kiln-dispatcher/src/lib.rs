@@ -42,6 +42,7 @@ use kiln_store::{
 };
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub use hub::LogProgress;
 
@@ -557,6 +558,11 @@ const REFUSAL_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_REFUSAL_BACKOFF: Duration = Duration::from_secs(60);
 /// Refusals in a row after which a runner counts as unhealthy.
 pub(crate) const UNHEALTHY_REFUSALS: u32 = 3;
+/// With several dispatchers: how long past the cancel's grace period a job cancelled on
+/// another dispatcher's runner may take to end before that dispatcher is asked again.
+const FOLLOW_UP_CANCEL_AFTER: Duration = Duration::from_secs(5);
+/// How many times a cancel is asked again of another dispatcher.
+const FOLLOW_UP_CANCELS: u32 = 3;
 
 impl Session {
     /// Whether it may be given work now.
@@ -1350,6 +1356,13 @@ impl Dispatcher {
             if let Some(a) = job.current_attempt
                 && self.cancel_elsewhere(a, grace, reason).await?
             {
+                // The bus does not resend a lost message: ask again until the job ends.
+                let d = self.clone();
+                let job = job.id;
+                tokio::spawn(
+                    async move { d.follow_up_cancel(job, a, grace, reason).await }
+                        .instrument(tracing::info_span!("cancel", %job, attempt = %a)),
+                );
                 continue;
             }
             match job.current_attempt {
@@ -1374,9 +1387,11 @@ impl Dispatcher {
             let mut st = self.state();
             let sent = st.send_cancel(attempt, grace, reason);
             if sent && let Some(live) = st.attempts.get_mut(&attempt) {
-                // Post steps still run after a cancel: give them time before stepping in.
-                live.cancel_deadline =
-                    Some(Instant::now() + grace + self.inner.config.deadline_slack * 2);
+                // Post steps still run after a cancel: give them time before stepping in. A
+                // cancel asked again (`follow_up_cancel`) keeps the first deadline.
+                live.cancel_deadline.get_or_insert_with(|| {
+                    Instant::now() + grace + self.inner.config.deadline_slack * 2
+                });
             }
             sent
         };
@@ -1403,6 +1418,66 @@ impl Dispatcher {
             self.publish(&ch);
         }
         Ok(())
+    }
+
+    /// After asking another dispatcher to cancel `attempt` (`cancel_elsewhere`): a message on
+    /// the bus can be lost (its connection broke), so while the job has not ended, it is asked
+    /// again every grace period and [`FOLLOW_UP_CANCEL_AFTER`], [`FOLLOW_UP_CANCELS`] times.
+    /// When its owner is gone, or once the owner's own deadline for the cancel has passed (the
+    /// grace period and twice the deadline slack), the job is ended here: a result its runner
+    /// sends later is refused, that attempt being over.
+    async fn follow_up_cancel(
+        &self,
+        job: JobId,
+        attempt: AttemptId,
+        grace: Duration,
+        reason: &'static str,
+    ) {
+        let asked_at = Instant::now();
+        let give_up = grace + self.inner.config.deadline_slack * 2 + FOLLOW_UP_CANCEL_AFTER;
+        let mut asks = 0;
+        loop {
+            let wait = if asks < FOLLOW_UP_CANCELS {
+                grace + FOLLOW_UP_CANCEL_AFTER
+            } else {
+                give_up.saturating_sub(asked_at.elapsed())
+            };
+            tokio::time::sleep(wait).await;
+            let still = match self.db(move |s| s.get_job(job)).await {
+                Ok(Some(j)) => !j.state.is_final() && j.current_attempt == Some(attempt),
+                Ok(None) => false,
+                Err(e) => {
+                    tracing::warn!(cause = %error_chain(&e), "cannot read the job being cancelled");
+                    true
+                }
+            };
+            if !still {
+                return;
+            }
+            if asks < FOLLOW_UP_CANCELS {
+                asks += 1;
+                match self.cancel_elsewhere(attempt, grace, reason).await {
+                    Ok(true) => {
+                        tracing::warn!(
+                            asks,
+                            "a cancelled job has not ended: asked its dispatcher again"
+                        );
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(cause = %error_chain(&e), "cannot ask for the cancel again");
+                        continue;
+                    }
+                }
+            }
+            // Its owner is gone (or the attempt is held here now), or it never ended there.
+            tracing::warn!("a job cancelled on another dispatcher's runner is ended here");
+            if let Err(e) = self.cancel_attempt(job, attempt, grace, reason).await {
+                tracing::error!(cause = %error_chain(&e), "cancel failed");
+            }
+            return;
+        }
     }
 
     /// With PostgreSQL, an attempt not in this dispatcher's memory may be another live
