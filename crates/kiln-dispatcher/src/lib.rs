@@ -773,8 +773,16 @@ impl Dispatcher {
         let store = self.inner.store.clone();
         match tokio::task::spawn_blocking(move || f(store.as_ref())).await? {
             Ok(v) => Ok(v),
-            Err(e) if e.is_disk_full() => Err(self.disk_full("writing the database")),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(self.store_error(e)),
+        }
+    }
+
+    /// What a store error is to the dispatcher's callers (a full disk marks it full).
+    fn store_error(&self, e: kiln_store::StoreError) -> DispatchError {
+        if e.is_disk_full() {
+            self.disk_full("writing the database")
+        } else {
+            e.into()
         }
     }
 

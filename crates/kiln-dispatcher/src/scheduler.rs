@@ -24,6 +24,13 @@ const RESCAN_EVERY: Duration = Duration::from_secs(10);
 const FORGET_EVERY: Duration = Duration::from_secs(60);
 /// Queued jobs looked at per scheduling round.
 const ROUND: u32 = 256;
+/// Assignments made per store call (one commit with SQLite) within a round.
+const ASSIGN_CHUNK: usize = 64;
+
+/// Slots of session `sid` held by attempts, plus those the current round picked for it.
+fn held_or_taken(st: &super::State, taken: &HashMap<u64, u64>, sid: u64) -> u64 {
+    st.held(sid) + taken.get(&sid).copied().unwrap_or(0)
+}
 
 impl Dispatcher {
     /// Starts the scheduler and liveness loop; it stops when `shutdown` is cancelled.
@@ -291,48 +298,120 @@ impl Dispatcher {
     }
 
     /// One scheduling round: gives queued jobs, oldest first, to runners with free slots.
+    ///
+    /// The round first picks a runner for each job it can place (counting the slots the
+    /// round already took), then makes the assignments in chunks of [`ASSIGN_CHUNK`], one
+    /// store call each ([`kiln_store::Store::assign_many`]): with SQLite a chunk is one
+    /// commit, one fsync, instead of one per assignment. Each chunk is durable before any of
+    /// its assignments is sent.
     pub(super) async fn schedule(&self) -> Result<(), DispatchError> {
-        if !self.any_free_slot() {
+        if !self.any_free_slot(&HashMap::new()) {
             return Ok(());
         }
         let jobs = self.db(|s| s.queued_jobs(ROUND)).await?;
         // Jobs left queued (no matching runner, runners backing off) keep the loop looking.
         self.state().queue_seen = !jobs.is_empty();
-        let mut builds: HashMap<BuildId, kiln_domain::Build> = HashMap::new();
+        // Slots taken by this round's picks, per session, not yet held (not yet assigned).
+        let mut taken: HashMap<u64, u64> = HashMap::new();
+        let mut planned = Vec::new();
         for job in jobs {
-            let Some((runner_id, runner_name, session_id)) = self.pick_runner(&job.labels) else {
+            let Some((runner_id, runner_name, session_id)) = self.pick_runner(&job.labels, &taken)
+            else {
                 // No slot left anywhere: the rest of the round would look at every session
                 // once per job for nothing.
-                if !self.any_free_slot() {
+                if !self.any_free_slot(&taken) {
                     break;
                 }
                 continue;
             };
-            let (job_id, name) = (job.id, runner_name.clone());
             let owner = self.owner_for(runner_id, session_id);
             if self.inner.cluster.is_some() && owner.is_none() {
                 // The session ended meanwhile: nobody here to own the attempt.
                 continue;
             }
-            let Some((attempt, change)) = self
-                .db(move |s| s.assign_owned(job_id, runner_id, &name, owner.as_ref()))
-                .await?
-            else {
-                continue;
-            };
-            // The build's row only (not its jobs): an assignment names its repository,
-            // commit, branch and parameters.
-            let build = match builds.get(&job.build_id) {
-                Some(b) => b.clone(),
-                None => {
-                    let id = job.build_id;
-                    let b = self
-                        .db(move |s| s.get_build_record(id))
-                        .await?
-                        .ok_or(DispatchError::NotFound(super::Missing::Build(id)))?;
-                    builds.insert(id, b.clone());
-                    b
+            *taken.entry(session_id).or_default() += 1;
+            planned.push((job, runner_id, runner_name, session_id, owner));
+        }
+        let mut builds: HashMap<BuildId, kiln_domain::Build> = HashMap::new();
+        while !planned.is_empty() {
+            let rest = planned.split_off(planned.len().min(ASSIGN_CHUNK));
+            let chunk = std::mem::replace(&mut planned, rest);
+            // A chunk that failed ends the round (as one failed assignment did), after the
+            // chunk's own assignments that were made have been sent.
+            self.assign_chunk(chunk, &mut builds).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes one chunk of a round's assignments (one store call) and sends them.
+    async fn assign_chunk(
+        &self,
+        chunk: Vec<(
+            kiln_domain::Job,
+            RunnerId,
+            String,
+            u64,
+            Option<kiln_store::Owner>,
+        )>,
+        builds: &mut HashMap<BuildId, kiln_domain::Build>,
+    ) -> Result<(), DispatchError> {
+        let requests: Vec<kiln_store::AssignRequest> = chunk
+            .iter()
+            .map(|(job, runner, name, _, owner)| kiln_store::AssignRequest {
+                job: job.id,
+                runner: *runner,
+                runner_name: name.clone(),
+                owner: owner.clone(),
+            })
+            .collect();
+        // The build's row only (not its jobs): an assignment names its repository, commit,
+        // branch and parameters. Read in the same blocking call, after the assignments.
+        let wanted: Vec<BuildId> = chunk.iter().map(|(job, ..)| job.build_id).collect();
+        let known: std::collections::HashSet<BuildId> = builds.keys().copied().collect();
+        let (results, fetched) = self
+            .db(move |s| {
+                let results = s.assign_many(&requests);
+                let mut fetched: HashMap<BuildId, kiln_domain::Build> = HashMap::new();
+                for (r, id) in results.iter().zip(wanted) {
+                    if !matches!(r, Ok(Some(_))) || known.contains(&id) || fetched.contains_key(&id)
+                    {
+                        continue;
+                    }
+                    // Not `?`: the assignments are made, each must be sent or given back.
+                    match s.get_build_record(id) {
+                        Ok(Some(b)) => {
+                            fetched.insert(id, b);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::error!(build = %id, cause = %error_chain(&e), "cannot read an assigned job's build")
+                        }
+                    }
                 }
+                Ok((results, fetched))
+            })
+            .await?;
+        builds.extend(fetched);
+        let mut first_error = None;
+        for ((job, runner_id, runner_name, session_id, _), result) in chunk.into_iter().zip(results)
+        {
+            let (attempt, change) = match result {
+                Ok(Some(made)) => made,
+                Ok(None) => continue,
+                Err(e) => {
+                    first_error.get_or_insert(self.store_error(e));
+                    continue;
+                }
+            };
+            let Some(build) = builds.get(&job.build_id).cloned() else {
+                // Not expected (a job's build is never deleted, its read failed): give the job
+                // back.
+                if let Err(e) = self.requeue(attempt, "its build could not be read").await {
+                    tracing::error!(cause = %error_chain(&e), "requeue failed");
+                }
+                first_error
+                    .get_or_insert(DispatchError::NotFound(super::Missing::Build(job.build_id)));
+                continue;
             };
             self.publish(&change);
             let assign = protocol::Assign {
@@ -408,10 +487,15 @@ impl Dispatcher {
                 tracing::error!(cause = %error_chain(&e), "requeue failed");
             }
         }
-        Ok(())
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
-    fn any_free_slot(&self) -> bool {
+    /// Whether any session takes work and has a slot free, beyond those `taken` by the
+    /// current round's picks.
+    fn any_free_slot(&self, taken: &HashMap<u64, u64>) -> bool {
         let st = self.state();
         debug_assert!(
             st.held_counts_agree(),
@@ -420,13 +504,15 @@ impl Dispatcher {
         let now = tokio::time::Instant::now();
         st.sessions
             .values()
-            .any(|s| s.takes_work(now) && st.held(s.id) < u64::from(s.slots))
+            .any(|s| s.takes_work(now) && held_or_taken(&st, taken, s.id) < u64::from(s.slots))
     }
 
     /// The least loaded matching runner with a free slot (round robin among equals).
+    /// `taken`: slots already picked in this round, per session, not yet held.
     fn pick_runner(
         &self,
         labels: &std::collections::BTreeMap<String, String>,
+        taken: &HashMap<u64, u64>,
     ) -> Option<(RunnerId, String, u64)> {
         let mut st = self.state();
         debug_assert!(
@@ -439,7 +525,7 @@ impl Dispatcher {
             if !s.takes_work(now) || !labels_match(labels, &s.labels) {
                 continue;
             }
-            let used = st.held(s.id);
+            let used = held_or_taken(&st, taken, s.id);
             if used >= u64::from(s.slots) {
                 continue;
             }

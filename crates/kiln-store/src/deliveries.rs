@@ -242,7 +242,7 @@ impl SqliteStore {
     }
 
     pub(crate) fn deliveries_marks(&self, build: BuildId) -> Result<Vec<Mark>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         let mut stmt = conn.prepare_cached("SELECT mark FROM notify_marks WHERE build_id = ?1")?;
         let rows = stmt.query_map([build], |r| r.get::<_, String>(0))?;
         let mut marks = rows
@@ -253,7 +253,7 @@ impl SqliteStore {
     }
 
     pub(crate) fn deliveries_unplanned(&self, since: Millis, limit: u32) -> Result<Vec<BuildId>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         let mut stmt = conn.prepare_cached(
             "SELECT b.id FROM builds b WHERE b.created_at >= ?1 AND ( \
                NOT EXISTS (SELECT 1 FROM notify_marks m WHERE m.build_id = b.id AND m.mark = 'queued') \
@@ -294,7 +294,7 @@ impl SqliteStore {
     }
 
     pub(crate) fn deliveries_next_at(&self) -> Result<Option<Millis>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         Ok(conn.query_row(
             "SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'",
             [],
@@ -308,31 +308,32 @@ impl SqliteStore {
         result: &DeliveryResult,
         now: Millis,
     ) -> Result<bool> {
-        let conn = self.conn();
-        let n = match result {
-            DeliveryResult::Delivered => conn.execute(
-                "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1, \
+        let n = self.with_tx(|conn| {
+            Ok(match result {
+                DeliveryResult::Delivered => conn.execute(
+                    "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1, \
                  last_error = NULL, next_at = ?2, finished_at = ?2 \
                  WHERE id = ?1 AND state = 'pending'",
-                params![key, now],
-            )?,
-            DeliveryResult::Retry { next_at, error } => conn.execute(
-                "UPDATE deliveries SET attempts = attempts + 1, last_error = ?3, next_at = ?2 \
+                    params![key, now],
+                )?,
+                DeliveryResult::Retry { next_at, error } => conn.execute(
+                    "UPDATE deliveries SET attempts = attempts + 1, last_error = ?3, next_at = ?2 \
                  WHERE id = ?1 AND state = 'pending'",
-                params![key, next_at, error],
-            )?,
-            DeliveryResult::Failed { error } => conn.execute(
-                "UPDATE deliveries SET state = 'failed', attempts = attempts + 1, \
+                    params![key, next_at, error],
+                )?,
+                DeliveryResult::Failed { error } => conn.execute(
+                    "UPDATE deliveries SET state = 'failed', attempts = attempts + 1, \
                  last_error = ?3, next_at = ?2, finished_at = ?2 \
                  WHERE id = ?1 AND state = 'pending'",
-                params![key, now, error],
-            )?,
-        };
+                    params![key, now, error],
+                )?,
+            })
+        })?;
         Ok(n > 0)
     }
 
     pub(crate) fn deliveries_of(&self, build: BuildId) -> Result<Vec<Delivery>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         let mut stmt = conn.prepare_cached(&format!(
             "SELECT {COLUMNS} FROM deliveries WHERE build_id = ?1 ORDER BY id"
         ))?;

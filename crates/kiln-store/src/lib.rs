@@ -1,10 +1,12 @@
 //! Kiln's durable state: builds, jobs, attempts, step results and runners in a [`Store`], and
 //! job output in append-only logs behind [`JobLogs`].
 //!
-//! - [`Store`] is the interface the dispatcher talks to. Every state change is one transaction,
+//! - [`Store`] is the interface the dispatcher talks to. Every state change is one transaction
+//!   (with SQLite, one savepoint of a group commit shared with concurrent callers),
 //!   and a job's final result is written with a compare-and-set on its current attempt, so a
 //!   result from any other attempt changes nothing ("exactly one final result").
-//! - [`SqliteStore`] implements it on one SQLite file (WAL, `synchronous=FULL`); [`PgStore`]
+//! - [`SqliteStore`] implements it on one SQLite file (WAL, `synchronous=FULL`, group commit,
+//!   reads on read-only connections); [`PgStore`]
 //!   on PostgreSQL (several dispatchers can share one database), with the same rules as
 //!   transactions and row locks.
 //! - [`LogStore`] keeps each job's output as a file of frames (attempt, sequence number, step,
@@ -20,6 +22,9 @@ mod cluster_tests;
 #[cfg(test)]
 mod concurrent_tests;
 mod deliveries;
+mod group_commit;
+#[cfg(test)]
+mod group_commit_tests;
 mod logs;
 mod pg;
 mod split;
@@ -279,6 +284,19 @@ pub struct OwnedAttempt {
     pub secret_hash: Option<String>,
 }
 
+/// One assignment of a [`Store::assign_many`] batch: what [`Store::assign_owned`] takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssignRequest {
+    /// The queued job.
+    pub job: JobId,
+    /// The runner it goes to.
+    pub runner: RunnerId,
+    /// The runner's name.
+    pub runner_name: String,
+    /// The attempt's owner (several dispatchers).
+    pub owner: Option<Owner>,
+}
+
 /// The answer to a final result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Finish {
@@ -345,6 +363,17 @@ pub trait Store: Send + Sync + 'static {
         runner_name: &str,
         owner: Option<&Owner>,
     ) -> Result<Option<(AttemptId, Change)>>;
+    /// Several [`Store::assign_owned`] calls at once (a scheduling round), answered in order.
+    /// Each is its own transaction in effect: one that fails, or whose job is no longer
+    /// queued, changes nothing of the others. Every `Ok` is durable when this returns. A
+    /// store may commit them together: [`SqliteStore`] does, with one fsync for the round
+    /// (the default makes one call per assignment).
+    fn assign_many(&self, batch: &[AssignRequest]) -> Vec<Result<Option<(AttemptId, Change)>>> {
+        batch
+            .iter()
+            .map(|a| self.assign_owned(a.job, a.runner, &a.runner_name, a.owner.as_ref()))
+            .collect()
+    }
     /// The runner accepted: the job is running. `None` if the attempt is not current.
     fn start_attempt(&self, attempt: AttemptId) -> Result<Option<Change>>;
     /// Records a step's result for the current attempt. False if the attempt is not current.

@@ -25,7 +25,7 @@ use kiln_domain::split::{
     reliable, sizing_estimates, sizing_floor, start_cost, static_shards,
 };
 use kiln_domain::{AttemptId, BuildId, JobId, JobState, Millis, RunnerId, StepSpec, now_millis};
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::Result;
 use crate::sqlite::{SqliteStore, corrupt};
@@ -228,7 +228,7 @@ pub(crate) fn no_units(source: &UnitSource) -> String {
 /// estimates from the repository's history (the median of the known ones for the others), and
 /// for a static strategy each round-1 unit's shard.
 fn create_split(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     build: BuildId,
     repo: &str,
     spec: &SplitSpec,
@@ -301,7 +301,7 @@ fn create_split(
 
 /// Returns the units leased by `attempt` and not ended to the queue. Called in the transaction
 /// that ends the attempt (lost, finished, superseded).
-pub(crate) fn release_units(tx: &Transaction<'_>, attempt: AttemptId) -> Result<()> {
+pub(crate) fn release_units(tx: &Connection, attempt: AttemptId) -> Result<()> {
     tx.execute(
         "UPDATE unit_tries SET state = 'queued', attempt_id = NULL, request = NULL, \
          runner_id = NULL, runner = NULL, leased_at = NULL \
@@ -313,7 +313,7 @@ pub(crate) fn release_units(tx: &Transaction<'_>, attempt: AttemptId) -> Result<
 
 /// Puts the failed tries `attempt` ended in the current round of an unfinished split back in
 /// the queue (see `Store::requeue_failed_units`).
-pub(crate) fn requeue_failed_units(tx: &Transaction<'_>, attempt: AttemptId) -> Result<u64> {
+pub(crate) fn requeue_failed_units(tx: &Connection, attempt: AttemptId) -> Result<u64> {
     let n = tx.execute(
         "UPDATE unit_tries SET state = 'queued', attempt_id = NULL, request = NULL, \
          runner_id = NULL, runner = NULL, leased_at = NULL, outcome = NULL, duration_ms = 0, \
@@ -639,7 +639,7 @@ pub(crate) fn plural(n: u64, word: &str) -> String {
 
 /// Ends a split after its last round: verdict, note, summary, and the repository's history.
 fn finish_split_row(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     split: &mut SplitRow,
     tries: &[TryRow],
     note: String,
@@ -811,7 +811,7 @@ fn fence(tx: &Connection, req: &UnitsRequest) -> Result<std::result::Result<Fenc
 /// One `NextUnits` request being answered, inside its transaction: who asks (fenced) and about
 /// which split.
 struct Ask<'t, 'r> {
-    tx: &'t Transaction<'t>,
+    tx: &'t Connection,
     req: &'r UnitsRequest,
     attempt: AttemptId,
     runner: RunnerId,
@@ -821,7 +821,7 @@ struct Ask<'t, 'r> {
 /// Answers a shard's `NextUnits`: fences it, records what it reports, re-sends what a repeated
 /// request got, else leases the next batch of the current round (or waits, or moves the split
 /// to its next round or its end).
-fn next_units_tx(tx: &Transaction<'_>, req: &UnitsRequest, now: Millis) -> Result<UnitsReply> {
+fn next_units_tx(tx: &Connection, req: &UnitsRequest, now: Millis) -> Result<UnitsReply> {
     let f = match fence(tx, req)? {
         Ok(f) => f,
         Err(why) => return Ok(UnitsReply::Refused(why)),
@@ -1189,11 +1189,7 @@ impl Ask<'_, '_> {
 /// Closes the unfinished splits of `build` whose shard jobs have all ended (timed out,
 /// cancelled, errored, superseded): no shard will ask for their units again, so what did not
 /// run is `not_run` and the split failed. Called whenever a job of the build changes.
-pub(crate) fn close_abandoned_splits(
-    tx: &Transaction<'_>,
-    build: BuildId,
-    now: Millis,
-) -> Result<()> {
+pub(crate) fn close_abandoned_splits(tx: &Connection, build: BuildId, now: Millis) -> Result<()> {
     let open: Vec<String> = {
         let mut stmt =
             tx.prepare_cached("SELECT split_key FROM splits WHERE build_id = ?1 AND done = 0")?;
@@ -1360,7 +1356,7 @@ impl SqliteStore {
     }
 
     pub(crate) fn split_reports_of(&self, build: BuildId) -> Result<Vec<SplitReport>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         reports_of(&conn, build)
     }
 
@@ -1372,7 +1368,7 @@ impl SqliteStore {
         until: BuildId,
         limit: u32,
     ) -> Result<Vec<UnitPast>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         // The last `limit` splits that ran the unit (`splits_by_repo`, then
         // `split_units_by_unit`), each with the unit's tries.
         let mut recent = conn.prepare_cached(

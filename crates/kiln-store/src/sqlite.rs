@@ -4,11 +4,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
+use crate::group_commit::GroupCommit;
+
 use kiln_domain::{
     AttemptId, AttemptState, Build, BuildId, DispatcherId, Job, JobId, JobState, Millis, NewBuild,
     RunnerId, RunnerRecord, StepOutcome, StepResult, StepSpec, build_state, now_millis,
 };
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
 use crate::{
     Attempt, AttemptInfo, BuildDetail, BuildFilter, Change, Finish, Recorded, Result, Store,
@@ -351,12 +353,85 @@ END;
 "#,
 ];
 
-/// The SQLite implementation of [`Store`]: one connection behind a mutex (SQLite serialises
-/// writers anyway), WAL journal, `synchronous=FULL` so a committed transaction survives a crash
-/// of the process or the machine.
+/// The SQLite implementation of [`Store`]: WAL journal, `synchronous=FULL` so a committed
+/// transaction survives a crash of the process or the machine.
+///
+/// Writes go through one write connection with group commit ([`GroupCommit`]): concurrent
+/// calls share one transaction and one fsync, each call in its own savepoint (atomic on its
+/// own, its error its own), and none returns before its batch committed. Reads go to a small
+/// pool of read-only connections, each read one read transaction (one consistent state), so
+/// they never wait behind a batch's writes or fsync. An in-memory database (tests) has no
+/// second connection: its reads take the write connection, after committing any open batch.
 pub struct SqliteStore {
-    /// The connection; every method takes it for one transaction.
-    conn: Mutex<Connection>,
+    /// The write connection and its group commit.
+    writer: GroupCommit,
+    /// Read-only connections of the file (`None` in memory).
+    readers: Option<ReadPool>,
+}
+
+/// Read-only connections of one database file, opened as needed, kept up to [`ReadPool::KEEP`].
+pub(crate) struct ReadPool {
+    path: std::path::PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl ReadPool {
+    /// Idle connections kept for reuse (more are opened when more reads run at once).
+    const KEEP: usize = 8;
+
+    fn take(&self) -> Result<Connection> {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        if let Some(c) = idle {
+            return Ok(c);
+        }
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(conn)
+    }
+
+    fn put(&self, conn: Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < Self::KEEP {
+            idle.push(conn);
+        }
+    }
+}
+
+/// A connection to read from, inside one read transaction (ended when it is dropped).
+pub(crate) enum ReadConn<'a> {
+    /// A pooled read-only connection.
+    Pooled(&'a ReadPool, Option<Connection>),
+    /// The write connection, with no batch open (an in-memory database).
+    Writer(MutexGuard<'a, crate::group_commit::WriterState>),
+}
+
+impl std::ops::Deref for ReadConn<'_> {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        match self {
+            ReadConn::Pooled(_, Some(c)) => c,
+            ReadConn::Pooled(_, None) => unreachable!("a read connection is only taken on drop"),
+            ReadConn::Writer(w) => &w.conn,
+        }
+    }
+}
+
+impl Drop for ReadConn<'_> {
+    fn drop(&mut self) {
+        if let ReadConn::Pooled(pool, conn) = self
+            && let Some(conn) = conn.take()
+        {
+            // A read transaction commits nothing; one that cannot end leaves the connection
+            // unfit for reuse.
+            if conn.execute_batch("COMMIT").is_ok() && conn.is_autocommit() {
+                pool.put(conn);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -387,15 +462,15 @@ impl SqliteStore {
     /// Opens (creating if needed) the database file and brings its schema up to date.
     pub fn open(path: &Path) -> Result<Self> {
         let conn = Connection::open(path)?;
-        Self::init(conn)
+        Self::init(conn, Some(path))
     }
 
     /// An in-memory database, for tests.
     pub fn in_memory() -> Result<Self> {
-        Self::init(Connection::open_in_memory()?)
+        Self::init(Connection::open_in_memory()?, None)
     }
 
-    fn init(mut conn: Connection) -> Result<Self> {
+    fn init(mut conn: Connection, path: Option<&Path>) -> Result<Self> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -415,22 +490,42 @@ impl SqliteStore {
         tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
         tx.commit()?;
         Ok(Self {
-            conn: Mutex::new(conn),
+            writer: GroupCommit::new(conn),
+            readers: path.map(|p| ReadPool {
+                path: p.to_path_buf(),
+                idle: Mutex::new(Vec::new()),
+            }),
         })
     }
 
-    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave a half-done transaction (it rolls back
-        // on drop), so a poisoned lock is safe to reuse.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    /// A connection to read committed state from, in one read transaction (until dropped).
+    pub(crate) fn reader(&self) -> Result<ReadConn<'_>> {
+        match &self.readers {
+            Some(pool) => {
+                let conn = pool.take()?;
+                conn.execute_batch("BEGIN")?;
+                Ok(ReadConn::Pooled(pool, Some(conn)))
+            }
+            None => Ok(ReadConn::Writer(self.writer.exclusive())),
+        }
     }
 
-    pub(crate) fn with_tx<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let out = f(&tx)?;
-        tx.commit()?;
-        Ok(out)
+    /// Runs `f` as one write transaction in effect (see [`GroupCommit::write`]): atomic, and
+    /// durable (fsync'd) when this returns `Ok`; it may share its commit with other callers'.
+    pub(crate) fn with_tx<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        self.writer.write(f)
+    }
+
+    /// The group commit, for its tests.
+    #[cfg(test)]
+    pub(crate) fn group(&self) -> &GroupCommit {
+        &self.writer
+    }
+
+    /// (batches committed or failed, write operations run) since the store opened: how much
+    /// group commit grouped.
+    pub fn commit_stats(&self) -> (u64, u64) {
+        self.writer.stats()
     }
 }
 
@@ -656,7 +751,7 @@ fn load_detail(tx: &Connection, id: BuildId) -> Result<Option<BuildDetail>> {
 }
 
 /// Recomputes a build's summary state after one of its jobs changed; returns the change.
-fn settle(tx: &Transaction<'_>, job: JobId, now: Millis) -> Result<Change> {
+fn settle(tx: &Connection, job: JobId, now: Millis) -> Result<Change> {
     let (build_id, job_state): (BuildId, String) = tx.query_row(
         "SELECT build_id, state FROM jobs WHERE id = ?1",
         [job],
@@ -736,7 +831,7 @@ const SUPERSEDED_SQL: &str = "SELECT j.id, j.current_attempt FROM jobs j CROSS J
 
 /// Inserts a build and its jobs; a duplicate of (repo, commit, pipeline) is an error naming
 /// the existing build.
-fn insert_build(tx: &Transaction<'_>, new: &NewBuild, now: Millis) -> Result<BuildDetail> {
+fn insert_build(tx: &Connection, new: &NewBuild, now: Millis) -> Result<BuildDetail> {
     if !new.pipeline_hash.is_empty() && new.retry_of.is_none() {
         let existing: Option<BuildId> = tx
             .query_row(
@@ -804,6 +899,41 @@ fn insert_build(tx: &Transaction<'_>, new: &NewBuild, now: Millis) -> Result<Bui
     }
     load_detail(tx, build_id)?
         .ok_or_else(|| StoreError::Corrupt("build vanished inside its transaction".into()))
+}
+
+/// Gives a queued job to a runner as a new attempt (see [`Store::assign_owned`]).
+fn assign_tx(
+    tx: &Connection,
+    job: JobId,
+    runner: RunnerId,
+    runner_name: &str,
+    owner: Option<&crate::Owner>,
+    now: Millis,
+) -> Result<Option<(AttemptId, Change)>> {
+    let state: Option<String> = tx
+        .query_row("SELECT state FROM jobs WHERE id = ?1", [job], |r| r.get(0))
+        .optional()?;
+    if state.as_deref() != Some("queued") {
+        return Ok(None);
+    }
+    tx.execute(
+        "INSERT INTO attempts (job_id, runner_id, state, created_at, owner, secret_hash) \
+         VALUES (?1, ?2, 'offered', ?3, ?4, ?5)",
+        params![
+            job,
+            runner,
+            now,
+            owner.map(|o| o.dispatcher),
+            owner.map(|o| o.secret_hash.as_str())
+        ],
+    )?;
+    let attempt = AttemptId::new(tx.last_insert_rowid() as u64);
+    tx.execute(
+        "UPDATE jobs SET state = 'assigned', current_attempt = ?1, \
+         attempts = attempts + 1, runner = ?2 WHERE id = ?3",
+        params![attempt, runner_name, job],
+    )?;
+    Ok(Some((attempt, settle(tx, job, now)?)))
 }
 
 impl Store for SqliteStore {
@@ -877,7 +1007,7 @@ impl Store for SqliteStore {
     }
 
     fn split_batches(&self, build: BuildId) -> Result<Vec<kiln_domain::split::BatchRecord>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         let mut stmt = conn.prepare_cached(
             "SELECT s.id, s.split_key, t.attempt_id, COALESCE(j.name, ''), t.request, \
              t.try_number, COALESCE(t.runner, ''), MIN(t.leased_at), \
@@ -915,7 +1045,7 @@ impl Store for SqliteStore {
     }
 
     fn step_reports(&self, build: BuildId) -> Result<Vec<kiln_domain::split::StepReport>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         let mut stmt = conn.prepare_cached(
             "SELECT j.name, t.step_name, t.cases, t.note FROM step_tests t \
              JOIN jobs j ON j.current_attempt = t.attempt_id \
@@ -1000,7 +1130,7 @@ impl Store for SqliteStore {
     }
 
     fn branch_cursor(&self, repo: &str, branch: &str) -> Result<Option<String>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         Ok(conn
             .query_row(
                 "SELECT head FROM branch_cursors WHERE repo = ?1 AND branch = ?2",
@@ -1011,22 +1141,22 @@ impl Store for SqliteStore {
     }
 
     fn get_build(&self, id: BuildId) -> Result<Option<BuildDetail>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         load_detail(&conn, id)
     }
 
     fn get_build_record(&self, id: BuildId) -> Result<Option<Build>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         load_build(&conn, id)
     }
 
     fn get_job(&self, id: JobId) -> Result<Option<Job>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         load_job(&conn, id)
     }
 
     fn list_builds(&self, filter: &BuildFilter) -> Result<Vec<Build>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         let mut sql = format!("SELECT {BUILD_COLUMNS} FROM builds WHERE 1 = 1");
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
         if let Some(repo) = &filter.repo {
@@ -1053,7 +1183,7 @@ impl Store for SqliteStore {
     }
 
     fn queued_jobs(&self, limit: u32) -> Result<Vec<Job>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         let mut stmt = conn.prepare_cached(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'queued' AND NOT EXISTS \
              (SELECT 1 FROM json_each(jobs.needs) n JOIN jobs d ON d.id = n.value \
@@ -1064,9 +1194,8 @@ impl Store for SqliteStore {
     }
 
     fn metrics(&self) -> Result<StoreMetrics> {
-        // One read transaction (deferred: it takes no write lock), so the counts agree.
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        // One read transaction (every reader is one), so the counts agree.
+        let tx = self.reader()?;
         let mut m = StoreMetrics {
             queued_by_labels: ready_by_labels(&tx)?,
             ..StoreMetrics::default()
@@ -1077,14 +1206,13 @@ impl Store for SqliteStore {
                 .collect::<rusqlite::Result<Vec<_>>>()?
         };
         crate::tallies::into_metrics(rows, &mut m)?;
-        tx.commit()?;
         Ok(m)
     }
 
     fn fold_tallies(&self) -> Result<u64> {
         // Most scrapes find nothing to fold: no write transaction for them.
         let any: bool =
-            self.conn()
+            self.reader()?
                 .query_row("SELECT EXISTS (SELECT 1 FROM tally_deltas)", [], |r| {
                     r.get(0)
                 })?;
@@ -1103,7 +1231,8 @@ impl Store for SqliteStore {
     }
 
     fn ready_by_labels(&self) -> Result<Vec<(BTreeMap<String, String>, u64)>> {
-        ready_by_labels(&self.conn())
+        let conn = self.reader()?;
+        ready_by_labels(&conn)
     }
 
     fn assign_owned(
@@ -1114,31 +1243,19 @@ impl Store for SqliteStore {
         owner: Option<&crate::Owner>,
     ) -> Result<Option<(AttemptId, Change)>> {
         let now = now_millis();
-        self.with_tx(|tx| {
-            let state: Option<String> = tx
-                .query_row("SELECT state FROM jobs WHERE id = ?1", [job], |r| r.get(0))
-                .optional()?;
-            if state.as_deref() != Some("queued") {
-                return Ok(None);
-            }
-            tx.execute(
-                "INSERT INTO attempts (job_id, runner_id, state, created_at, owner, secret_hash) \
-                 VALUES (?1, ?2, 'offered', ?3, ?4, ?5)",
-                params![
-                    job,
-                    runner,
-                    now,
-                    owner.map(|o| o.dispatcher),
-                    owner.map(|o| o.secret_hash.as_str())
-                ],
-            )?;
-            let attempt = AttemptId::new(tx.last_insert_rowid() as u64);
-            tx.execute(
-                "UPDATE jobs SET state = 'assigned', current_attempt = ?1, \
-                 attempts = attempts + 1, runner = ?2 WHERE id = ?3",
-                params![attempt, runner_name, job],
-            )?;
-            Ok(Some((attempt, settle(tx, job, now)?)))
+        self.with_tx(|tx| assign_tx(tx, job, runner, runner_name, owner, now))
+    }
+
+    fn assign_many(
+        &self,
+        batch: &[crate::AssignRequest],
+    ) -> Vec<Result<Option<(AttemptId, Change)>>> {
+        // One caller of the group commit with one savepoint per assignment: the round costs
+        // one wait for one commit instead of one per assignment.
+        let now = now_millis();
+        self.writer.write_each(batch.len(), |tx, i| {
+            let a = &batch[i];
+            assign_tx(tx, a.job, a.runner, &a.runner_name, a.owner.as_ref(), now)
         })
     }
 
@@ -1371,7 +1488,7 @@ impl Store for SqliteStore {
     }
 
     fn get_attempt(&self, attempt: AttemptId) -> Result<Option<Attempt>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         let row = conn
             .query_row(
                 "SELECT a.id, a.job_id, j.build_id, a.runner_id, a.state FROM attempts a \
@@ -1384,7 +1501,7 @@ impl Store for SqliteStore {
     }
 
     fn unfinished_attempts(&self) -> Result<Vec<Attempt>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         let mut stmt = conn.prepare_cached(
             "SELECT a.id, a.job_id, j.build_id, a.runner_id, a.state FROM jobs j \
              JOIN attempts a ON a.id = j.current_attempt \
@@ -1405,16 +1522,17 @@ impl Store for SqliteStore {
     }
 
     fn dispatcher_seen(&self, id: DispatcherId, now: Millis) -> Result<bool> {
-        let conn = self.conn();
-        let n = conn.execute(
-            "UPDATE dispatchers SET seen_at = MAX(seen_at, ?1) WHERE id = ?2",
-            params![now, id],
-        )?;
+        let n = self.with_tx(|conn| {
+            Ok(conn.execute(
+                "UPDATE dispatchers SET seen_at = MAX(seen_at, ?1) WHERE id = ?2",
+                params![now, id],
+            )?)
+        })?;
         Ok(n == 1)
     }
 
     fn dispatchers(&self) -> Result<Vec<crate::DispatcherRecord>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         let mut stmt = conn
             .prepare_cached("SELECT id, name, started_at, seen_at FROM dispatchers ORDER BY id")?;
         let rows = stmt.query_map([], |r| {
@@ -1457,7 +1575,7 @@ impl Store for SqliteStore {
     }
 
     fn owned_attempt(&self, attempt: AttemptId) -> Result<Option<crate::OwnedAttempt>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         let row = conn
             .query_row(
                 "SELECT a.id, a.job_id, j.build_id, a.runner_id, a.state, \
@@ -1485,14 +1603,15 @@ impl Store for SqliteStore {
         from: Option<DispatcherId>,
         to: &crate::Owner,
     ) -> Result<bool> {
-        let conn = self.conn();
-        let n = conn.execute(
-            "UPDATE attempts SET owner = ?1, secret_hash = ?2 \
-             WHERE id = ?3 AND runner_id = ?4 AND owner IS ?5 \
-             AND EXISTS (SELECT 1 FROM jobs j WHERE j.current_attempt = attempts.id \
-                         AND j.state IN ('assigned', 'running'))",
-            params![to.dispatcher, to.secret_hash, attempt, runner, from],
-        )?;
+        let n = self.with_tx(|conn| {
+            Ok(conn.execute(
+                "UPDATE attempts SET owner = ?1, secret_hash = ?2 \
+                 WHERE id = ?3 AND runner_id = ?4 AND owner IS ?5 \
+                 AND EXISTS (SELECT 1 FROM jobs j WHERE j.current_attempt = attempts.id \
+                             AND j.state IN ('assigned', 'running'))",
+                params![to.dispatcher, to.secret_hash, attempt, runner, from],
+            )?)
+        })?;
         Ok(n == 1)
     }
 
@@ -1502,22 +1621,23 @@ impl Store for SqliteStore {
         to: Option<DispatcherId>,
         by: DispatcherId,
     ) -> Result<()> {
-        let conn = self.conn();
-        match to {
-            Some(d) => conn.execute(
-                "UPDATE runners SET dispatcher = ?1 WHERE id = ?2",
-                params![d, runner],
-            )?,
-            None => conn.execute(
-                "UPDATE runners SET dispatcher = NULL WHERE id = ?1 AND dispatcher = ?2",
-                params![runner, by],
-            )?,
-        };
-        Ok(())
+        self.with_tx(|conn| {
+            match to {
+                Some(d) => conn.execute(
+                    "UPDATE runners SET dispatcher = ?1 WHERE id = ?2",
+                    params![d, runner],
+                )?,
+                None => conn.execute(
+                    "UPDATE runners SET dispatcher = NULL WHERE id = ?1 AND dispatcher = ?2",
+                    params![runner, by],
+                )?,
+            };
+            Ok(())
+        })
     }
 
     fn attached_runners(&self, alive_since: Millis) -> Result<Vec<(RunnerId, DispatcherId)>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         let mut stmt = conn.prepare_cached(
             "SELECT r.id, r.dispatcher FROM runners r JOIN dispatchers d ON d.id = r.dispatcher \
              WHERE d.seen_at >= ?1 ORDER BY r.id",
@@ -1559,30 +1679,32 @@ impl Store for SqliteStore {
     }
 
     fn touch_runner(&self, runner: RunnerId, at: Millis) -> Result<()> {
-        let conn = self.conn();
-        conn.execute(
-            "UPDATE runners SET last_seen = ?1 WHERE id = ?2",
-            params![at, runner],
-        )?;
-        Ok(())
+        self.with_tx(|conn| {
+            conn.execute(
+                "UPDATE runners SET last_seen = ?1 WHERE id = ?2",
+                params![at, runner],
+            )?;
+            Ok(())
+        })
     }
 
     fn forget_idle_runners(&self, before: Millis, keep: &[RunnerId]) -> Result<u64> {
         let keep = serde_json::to_string(keep).map_err(|e| corrupt("runner ids", e))?;
-        let conn = self.conn();
-        let n = conn.execute(
-            "DELETE FROM runners WHERE last_seen < ?1 \
+        let n = self.with_tx(|conn| {
+            Ok(conn.execute(
+                "DELETE FROM runners WHERE last_seen < ?1 \
              AND id NOT IN (SELECT value FROM json_each(?2)) \
              AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.runner_id = runners.id) \
              AND NOT EXISTS (SELECT 1 FROM dispatchers d WHERE d.id = runners.dispatcher \
                              AND d.seen_at >= ?1)",
-            params![before, keep],
-        )?;
+                params![before, keep],
+            )?)
+        })?;
         Ok(n as u64)
     }
 
     fn list_runners(&self) -> Result<Vec<RunnerRecord>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         let mut stmt = conn.prepare_cached(
             "SELECT id, name, labels, slots, version, last_seen FROM runners ORDER BY name",
         )?;
@@ -1612,26 +1734,27 @@ impl Store for SqliteStore {
     }
 
     fn set_runner_token(&self, name: &str, token_hash: Option<&str>) -> Result<bool> {
-        let conn = self.conn();
-        let n = match token_hash {
-            Some(h) => conn.execute(
-                "INSERT INTO runner_tokens (name, token_hash, created_at) VALUES (?1, ?2, ?3) \
+        let n = self.with_tx(|conn| {
+            Ok(match token_hash {
+                Some(h) => conn.execute(
+                    "INSERT INTO runner_tokens (name, token_hash, created_at) VALUES (?1, ?2, ?3) \
                  ON CONFLICT (name) DO UPDATE SET token_hash = excluded.token_hash, \
                  created_at = excluded.created_at",
-                params![name, h, now_millis()],
-            )?,
-            // Revoked, not deleted: the row keeps runner authentication on (and this name out)
-            // even when it was the last token.
-            None => conn.execute(
-                "UPDATE runner_tokens SET token_hash = '' WHERE name = ?1 AND token_hash != ''",
-                [name],
-            )?,
-        };
+                    params![name, h, now_millis()],
+                )?,
+                // Revoked, not deleted: the row keeps runner authentication on (and this name out)
+                // even when it was the last token.
+                None => conn.execute(
+                    "UPDATE runner_tokens SET token_hash = '' WHERE name = ?1 AND token_hash != ''",
+                    [name],
+                )?,
+            })
+        })?;
         Ok(n > 0)
     }
 
     fn runner_token_hash(&self, name: &str) -> Result<(Option<String>, bool)> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         let hash = conn
             .query_row(
                 "SELECT token_hash FROM runner_tokens WHERE name = ?1",
@@ -1646,17 +1769,19 @@ impl Store for SqliteStore {
     }
 
     fn record_refusal(&self, attempt: AttemptId, reason: &str) -> Result<()> {
-        let conn = self.conn();
-        conn.execute(
-            "INSERT INTO refusals (attempt_id, job_id, reason, at) \
-             SELECT id, job_id, ?2, ?3 FROM attempts WHERE id = ?1",
-            params![attempt, reason, now_millis()],
-        )?;
-        Ok(())
+        let now = now_millis();
+        self.with_tx(|conn| {
+            conn.execute(
+                "INSERT INTO refusals (attempt_id, job_id, reason, at) \
+                 SELECT id, job_id, ?2, ?3 FROM attempts WHERE id = ?1",
+                params![attempt, reason, now],
+            )?;
+            Ok(())
+        })
     }
 
     fn refusals(&self, job: JobId) -> Result<Vec<(AttemptId, String)>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         let mut stmt = conn.prepare_cached(
             "SELECT attempt_id, reason FROM refusals WHERE job_id = ?1 ORDER BY id DESC",
         )?;
@@ -2284,8 +2409,8 @@ mod delivery_tests {
             let (a, _) = s.assign(d.jobs[0].id, r, "r").unwrap().unwrap();
             s.requeue_attempt(a, "lost", 3, true).unwrap();
             // Back to before migration 13.
-            s.conn()
-                .execute_batch(
+            s.with_tx(|c| {
+                Ok(c.execute_batch(
                     "DROP TABLE tallies; DROP TABLE tally_deltas; \
                      DROP TRIGGER jobs_tally_insert; DROP TRIGGER jobs_tally_update; \
                      DROP TRIGGER jobs_tally_delete; DROP TRIGGER unit_tries_tally_insert; \
@@ -2293,8 +2418,9 @@ mod delivery_tests {
                      DROP TRIGGER deliveries_tally_insert; DROP TRIGGER deliveries_tally_update; \
                      DROP TRIGGER deliveries_tally_delete; \
                      ALTER TABLE deliveries DROP COLUMN kind; PRAGMA user_version = 12;",
-                )
-                .unwrap();
+                )?)
+            })
+            .unwrap();
         }
         let s = SqliteStore::open(&path).unwrap();
         let m = s.metrics().unwrap();
@@ -2317,7 +2443,7 @@ mod plan_tests {
     use super::*;
 
     fn plan(s: &SqliteStore, sql: &str) -> String {
-        let conn = s.conn();
+        let conn = s.reader().unwrap();
         let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
         let rows = stmt
             .query_map(params!["/tmp/repo", "a".repeat(40), "p"], |r| {

@@ -26,15 +26,15 @@ pub(crate) trait TestStore: Store {
 
 impl TestStore for SqliteStore {
     fn history(&self, repo: &str, key: &str, unit: &str) -> Vec<u64> {
-        crate::split::history_durations(&self.conn(), repo, key, unit).unwrap()
+        crate::split::history_durations(&self.reader().unwrap(), repo, key, unit).unwrap()
     }
 
     fn exec(&self, sql: &str) {
-        self.conn().execute_batch(sql).unwrap();
+        self.with_tx(|c| Ok(c.execute_batch(sql)?)).unwrap();
     }
 
     fn text_rows(&self, sql: &str) -> Vec<Vec<String>> {
-        let conn = self.conn();
+        let conn = self.reader().unwrap();
         let mut stmt = conn.prepare(sql).unwrap();
         let n = stmt.column_count();
         stmt.query_map([], |r| (0..n).map(|i| r.get::<_, String>(i)).collect())

@@ -983,7 +983,8 @@ fn the_migration_applies_to_an_existing_older_database() {
     };
     let s = SqliteStore::open(&path).unwrap();
     let version: i64 = s
-        .conn()
+        .reader()
+        .unwrap()
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
     assert_eq!(version as usize, crate::sqlite::MIGRATIONS.len());
