@@ -69,12 +69,12 @@ impl TonicTransport {
             }
         }
         // None could be reached: the next try starts with the one after the first tried.
-        self.move_on();
+        self.next_first();
         Err(failed)
     }
 
     /// The next stream is tried first at the dispatcher after the current one.
-    fn move_on(&self) {
+    fn next_first(&self) {
         let n = self.endpoints.len().max(1);
         let _ = self
             .current
@@ -83,6 +83,13 @@ impl TonicTransport {
 }
 
 impl Transport for TonicTransport {
+    fn move_on(&self) {
+        if self.endpoints.len() > 1 {
+            tracing::info!("the dispatcher stopped answering: trying the next one first");
+        }
+        self.next_first();
+    }
+
     async fn attach(
         &self,
         outbound: tokio::sync::mpsc::Receiver<RunnerMessage>,
@@ -103,7 +110,7 @@ impl Transport for TonicTransport {
                     if matches!(e, ConnectError::Unreachable(_)) {
                         // It answered but cannot take the runner now (shutting down): the
                         // next try starts with another dispatcher, if there is one.
-                        self.move_on();
+                        self.next_first();
                     }
                     e
                 }

@@ -137,9 +137,22 @@ fn last_held(runner: &Proc) -> String {
 /// build passes, each log holds each line once in order, read through a surviving dispatcher.
 #[test]
 fn killing_one_of_three_dispatchers_mid_build_loses_nothing() {
+    one_of_three_dispatchers_lost_mid_build(Signal::SIGKILL, "kill1");
+}
+
+/// The same with a dispatcher frozen (SIGSTOP), as a host that hangs or drops off the network
+/// without closing its connections: its runners hear no heartbeat answer, give it up after
+/// the missed heartbeats and re-attach elsewhere first, carrying their attempts, before the
+/// dispatcher that adopted those attempts stops waiting for them.
+#[test]
+fn freezing_one_of_three_dispatchers_mid_build_loses_nothing() {
+    one_of_three_dispatchers_lost_mid_build(Signal::SIGSTOP, "stop1");
+}
+
+fn one_of_three_dispatchers_lost_mid_build(signal: Signal, test: &str) {
     const LINES: u32 = 80;
     let tmp = tempdir();
-    let marker = marker("kill1");
+    let marker = marker(test);
     let _reaper = MarkerReaper(marker.clone());
     let url = kiln_pgtest::database().expect("a throwaway PostgreSQL database");
     let (repo, commits) = counting_repo(&tmp.path().join("repo"), &marker, LINES, 6);
@@ -162,7 +175,12 @@ fn killing_one_of_three_dispatchers_mid_build_loses_nothing() {
     let movers = [0usize, 3];
     let before: Vec<usize> = movers.iter().map(|&i| attaches(&c.runners[i])).collect();
     let killed = Instant::now();
-    c.kill(0);
+    if signal == Signal::SIGKILL {
+        c.kill(0);
+    } else {
+        c.dispatchers[0].proc.signal(signal);
+        c.down[0] = true;
+    }
     let mut took = Vec::new();
     for (k, &i) in movers.iter().enumerate() {
         let r = &c.runners[i];
@@ -179,7 +197,7 @@ fn killing_one_of_three_dispatchers_mid_build_loses_nothing() {
         );
         took.push((c.names[i].clone(), killed.elapsed(), last_held(r)));
     }
-    eprintln!("re-attached after the kill (name, time, held): {took:?}");
+    eprintln!("re-attached after {signal} (name, time, held): {took:?}");
     for (name, _, held) in &took {
         assert!(
             held.trim() != "[]" && !held.is_empty(),

@@ -462,6 +462,9 @@ const UNITS_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a runner keeps trying when the dispatcher says its name is taken.
 const NAME_TAKEN_PATIENCE: Duration = Duration::from_secs(15);
 
+/// How long a new stream may take to open and bring its Welcome.
+const WELCOME_WITHIN: Duration = Duration::from_secs(10);
+
 async fn session<T: Transport>(
     transport: &T,
     shared: &Arc<Shared>,
@@ -483,23 +486,38 @@ async fn session<T: Transport>(
             .clone(),
     });
     let _ = tx.send(hello).await;
-    let mut inbound = transport.attach(rx).await?;
-    let welcome = match tokio::time::timeout(Duration::from_secs(10), inbound.next()).await {
-        Ok(Some(Ok(In::Welcome(w)))) => w,
-        Ok(Some(Err(
+    // A frozen dispatcher host still accepts connections (its kernel does): the stream and
+    // its Welcome get the same 10 s, after which the next try goes elsewhere first.
+    let welcomed = tokio::time::timeout(WELCOME_WITHIN, async {
+        let mut inbound = transport.attach(rx).await?;
+        let first = inbound.next().await;
+        Ok::<_, ConnectError>((inbound, first))
+    });
+    let (mut inbound, first) = match welcomed.await {
+        Ok(attached) => attached?,
+        Err(_) => {
+            transport.move_on();
+            return Err(SessionError::Retry(format!(
+                "no welcome within {} s",
+                WELCOME_WITHIN.as_secs()
+            )));
+        }
+    };
+    let welcome = match first {
+        Some(Ok(In::Welcome(w))) => w,
+        Some(Err(
             StreamError::InvalidArgument { message }
             | StreamError::Unauthenticated { message }
             | StreamError::PermissionDenied { message },
-        ))) => {
+        )) => {
             return Err(SessionError::Fatal(message));
         }
-        Ok(Some(Err(StreamError::AlreadyExists { message }))) => {
+        Some(Err(StreamError::AlreadyExists { message })) => {
             return Err(SessionError::NameTaken(message));
         }
-        Ok(Some(Err(StreamError::Tls { message }))) => return Err(SessionError::Tls(message)),
-        Ok(Some(Err(e))) => return Err(SessionError::Retry(e.message().to_string())),
-        Ok(Some(Ok(_)) | None) => return Ok(SessionEnd::NotWelcomed),
-        Err(_) => return Err(SessionError::Retry("no welcome within 10s".into())),
+        Some(Err(StreamError::Tls { message })) => return Err(SessionError::Tls(message)),
+        Some(Err(e)) => return Err(SessionError::Retry(e.message().to_string())),
+        Some(Ok(_)) | None => return Ok(SessionEnd::NotWelcomed),
     };
     *shared
         .session_secret
@@ -559,6 +577,7 @@ async fn session<T: Transport>(
             _ = heartbeat.tick() => {
                 if last_heard.elapsed() > lease {
                     tracing::warn!("the dispatcher stopped heartbeating; reconnecting");
+                    transport.move_on();
                     break SessionEnd::Welcomed;
                 }
                 let _ = tx.try_send(Out::Heartbeat(protocol::Heartbeat {

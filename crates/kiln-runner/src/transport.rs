@@ -37,4 +37,10 @@ pub trait Transport: Send + Sync + 'static {
         &self,
         outbound: mpsc::Receiver<RunnerMessage>,
     ) -> impl Future<Output = Result<Inbound, ConnectError>> + Send;
+
+    /// The dispatcher of the last stream stopped answering (it did not heartbeat, or a new
+    /// stream got no Welcome in time) without closing the connection, as a frozen or
+    /// unplugged host does: with several dispatchers, the next stream is tried elsewhere
+    /// first. Nothing to do with one.
+    fn move_on(&self) {}
 }
