@@ -326,7 +326,11 @@ async fn a_cancel_lost_on_the_bus_is_asked_again_until_the_job_ends() {
     let now = b.cancel_build(detail.build.id).await.unwrap();
     assert_eq!(lost(), 0, "the first ask was not sent on the bus");
     assert_eq!(now.jobs[0].state, JobState::Running);
-    match next(&mut out).await.unwrap() {
+    // One deadline for the whole wait: `next` skips the heartbeats' answers.
+    let cancel = tokio::time::timeout(Duration::from_secs(20), next(&mut out))
+        .await
+        .expect("no cancel reached the runner within 20 s");
+    match cancel.unwrap() {
         Out::Cancel(c) => assert_eq!(c.attempt_id, attempt),
         other => panic!("expected a cancel, got {other:?}"),
     }
