@@ -136,6 +136,11 @@ fn bench_scale_small_prints_every_operation_per_stage() {
         let status =
             status.unwrap_or_else(|| panic!("kiln-bench {args:?} timed out\n{out}\n{err}"));
         assert_eq!(status, 0, "kiln-bench {args:?} failed\n{out}\n{err}");
+        let name = if backend.is_some() {
+            "PostgreSQL, fsync on"
+        } else {
+            "SQLite"
+        };
         assert!(
             out.contains("== scale:") && out.contains(name),
             "{args:?}\n{out}"

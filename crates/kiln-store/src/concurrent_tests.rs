@@ -378,9 +378,8 @@ fn session_writes_on_many_handles_all_succeed(b: Backend) {
         "SELECT CAST(COUNT(*) AS TEXT), CAST(COUNT(DISTINCT job_id) AS TEXT) FROM step_results",
     );
     assert_eq!(per_job[0], vec![all.len().to_string(); 2]);
-    let attempts = s.text_rows(
-        "SELECT CAST(COUNT(*) AS TEXT) FROM attempts WHERE state = 'finished'",
-    );
+    let attempts =
+        s.text_rows("SELECT CAST(COUNT(*) AS TEXT) FROM attempts WHERE state = 'finished'");
     assert_eq!(attempts[0][0], all.len().to_string());
     assert_eq!(
         s.text_rows("SELECT CAST(COUNT(*) AS TEXT) FROM refusals")[0][0],

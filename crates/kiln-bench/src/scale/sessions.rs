@@ -385,7 +385,11 @@ fn serve_paths(dir: &Path, index: usize) -> (std::path::PathBuf, std::path::Path
     )
 }
 
-async fn start_serve(dir: &Path, index: usize, database: Option<&str>) -> Result<Serve, BenchError> {
+async fn start_serve(
+    dir: &Path,
+    index: usize,
+    database: Option<&str>,
+) -> Result<Serve, BenchError> {
     let (log, data) = serve_paths(dir, index);
     std::fs::create_dir_all(&data).map_err(fail)?;
     let extra: Vec<&str> = match database {
