@@ -65,6 +65,10 @@ pub struct ScaleArgs {
     /// With `--sessions`: `SubmitBuild` calls in flight at once.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub submitters: u32,
+    /// With `--sessions --postgres`: `kiln serve` processes sharing the one database, the
+    /// runners and submits spread over them (see [`sessions`]).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub dispatchers: u32,
 }
 
 /// Commits recorded per `record_commits` transaction while filling.

@@ -169,16 +169,27 @@ fn bench_scale_small_prints_every_operation_per_stage() {
 
 #[test]
 fn bench_scale_sessions_small_prints_every_figure_per_stage() {
-    // One submitter and one or two runners: on PostgreSQL, concurrent submits and results
-    // lose serialization conflicts past the store's retries, with 5 runners already
-    // (BENCHMARKS.md, `kiln-bench scale --sessions`).
-    for backend in [None, Some("--postgres")] {
+    // SQLite, PostgreSQL, and three dispatchers on one PostgreSQL (runners and submits spread
+    // over them), each with two submitters at once (concurrent submits and results on
+    // PostgreSQL failed one another's serializable transactions before the store's writes
+    // ran at READ COMMITTED: BENCHMARKS.md, `kiln-bench scale --sessions`).
+    let runs: [(&[&str], &str, [u32; 2]); 3] = [
+        (&[], "SQLite", [1, 2]),
+        (&["--postgres"], "PostgreSQL, fsync on", [1, 2]),
+        (
+            &["--postgres", "--dispatchers", "3"],
+            "3 dispatchers on one database",
+            [1, 3],
+        ),
+    ];
+    for (backend, name, stages) in runs {
+        let sessions = format!("{},{}", stages[0], stages[1]);
         let mut args = vec![
             "scale",
             "--submitters",
-            "1",
+            "2",
             "--sessions",
-            "1,2",
+            &sessions,
             "--builds",
             "20,50",
             "--jobs",
@@ -191,11 +202,6 @@ fn bench_scale_sessions_small_prints_every_figure_per_stage() {
         let status =
             status.unwrap_or_else(|| panic!("kiln-bench {args:?} timed out\n{out}\n{err}"));
         assert_eq!(status, 0, "kiln-bench {args:?} failed\n{out}\n{err}");
-        let name = if backend.is_some() {
-            "PostgreSQL, fsync on"
-        } else {
-            "SQLite"
-        };
         assert!(
             out.contains("== scale-sessions:") && out.contains(name),
             "{args:?}\n{out}"
@@ -221,7 +227,7 @@ fn bench_scale_sessions_small_prints_every_figure_per_stage() {
                 "{figure:?} once per stage (2 levels x 2 runner counts)\n{out}"
             );
         }
-        for runners in [1, 2] {
+        for runners in stages {
             assert!(
                 out.contains(&format!("decision ratio, {runners} runners:")),
                 "no decision ratio for {runners} runners\n{out}"

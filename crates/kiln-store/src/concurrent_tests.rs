@@ -247,6 +247,154 @@ fn racing_submits_make_each_build_once(b: Backend) {
     assert_eq!(all.len(), 1 + WRITERS);
 }
 
+/// Runner sessions on several dispatchers' handles: each session thread runs the session's
+/// writes (assign, start, a step's result, finish) for jobs of its own, spread over a few
+/// builds, while other threads submit builds and fold the metrics' deltas, all at once. On PostgreSQL these writes once
+/// ran `SERIALIZABLE` and, at ten sessions, failed one another past the retries ("Canceled
+/// on conflict out to pivot"); now every call must succeed, and each job must end once with
+/// its one result, each build with the state its jobs give.
+fn session_writes_on_many_handles_all_succeed(b: Backend) {
+    /// Session threads, and threads submitting builds beside them.
+    const SESSIONS: usize = 16;
+    const SUBMITTERS: usize = 2;
+    /// Builds the sessions' jobs belong to, jobs of each, submits per submitter.
+    const BUILDS: usize = 3;
+    const JOBS: usize = 64;
+    const SUBMITS: usize = 30;
+    let opened = b.open();
+    let handles: Vec<Box<dyn TestStore>> = (0..4).map(|_| opened.another()).collect();
+    let s: &dyn TestStore = &*opened;
+    let builds: Vec<_> = (0..BUILDS)
+        .map(|i| {
+            let jobs = (0..JOBS).map(|j| plain_job(&format!("j{j}"))).collect();
+            s.create_build(&build(&format!("b{i}"), jobs, "h")).unwrap()
+        })
+        .collect();
+    // Build i's job j is session (i * JOBS + j) % SESSIONS's; one job of build 0 fails.
+    let all: Vec<_> = builds
+        .iter()
+        .flat_map(|d| d.jobs.iter().map(|j| j.id))
+        .collect();
+    let failing = all[JOBS / 2];
+    let runners: Vec<_> = (0..SESSIONS)
+        .map(|i| {
+            s.upsert_runner(&format!("r{i}"), &BTreeMap::new(), 4, "t")
+                .unwrap()
+                .id
+        })
+        .collect();
+    let barrier = Barrier::new(SESSIONS + SUBMITTERS);
+    std::thread::scope(|scope| {
+        for i in 0..SESSIONS {
+            let (barrier, all, runners) = (&barrier, &all, &runners);
+            let st: &dyn TestStore = &*handles[i % handles.len()];
+            scope.spawn(move || {
+                barrier.wait();
+                let name = format!("r{i}");
+                for &job in all.iter().skip(i).step_by(SESSIONS) {
+                    let (attempt, _) = st
+                        .assign(job, runners[i], &name)
+                        .unwrap_or_else(|e| panic!("assign of job {job}: {e:?}"))
+                        .expect("a queued job of this session's own is assigned");
+                    st.start_attempt(attempt)
+                        .unwrap_or_else(|e| panic!("start of attempt {attempt}: {e:?}"))
+                        .expect("the attempt starts");
+                    let failed = job == failing;
+                    let step = kiln_domain::StepResult {
+                        index: 0,
+                        outcome: if failed {
+                            kiln_domain::StepOutcome::Failed
+                        } else {
+                            kiln_domain::StepOutcome::Passed
+                        },
+                        exit_code: Some(i32::from(failed)),
+                        duration_ms: 1,
+                        cases: Vec::new(),
+                        report_note: String::new(),
+                    };
+                    assert!(
+                        st.record_step(attempt, &step)
+                            .unwrap_or_else(|e| panic!("step of attempt {attempt}: {e:?}")),
+                        "the step of a running attempt is recorded"
+                    );
+                    let state = if failed {
+                        JobState::Failed
+                    } else {
+                        JobState::Passed
+                    };
+                    match st
+                        .finish_attempt(attempt, state, None)
+                        .unwrap_or_else(|e| panic!("finish of attempt {attempt}: {e:?}"))
+                    {
+                        Finish::Recorded(_) => {}
+                        other => panic!("finish of attempt {attempt}: {other:?}"),
+                    }
+                    // The session's heartbeat.
+                    st.touch_runner(runners[i], kiln_domain::now_millis())
+                        .unwrap_or_else(|e| panic!("heartbeat of runner {i}: {e:?}"));
+                }
+            });
+        }
+        for i in 0..SUBMITTERS {
+            let barrier = &barrier;
+            let st: &dyn TestStore = &*handles[i % handles.len()];
+            scope.spawn(move || {
+                barrier.wait();
+                for n in 0..SUBMITS {
+                    st.create_build(&build(
+                        &format!("s{i}-{n}"),
+                        vec![plain_job("a"), plain_job("b")],
+                        "h",
+                    ))
+                    .unwrap_or_else(|e| panic!("submit {i}-{n}: {e:?}"));
+                    // The dispatcher folds the metrics' deltas as the writes go on.
+                    st.fold_tallies()
+                        .unwrap_or_else(|e| panic!("fold after submit {i}-{n}: {e:?}"));
+                }
+            });
+        }
+    });
+    for (i, d) in builds.iter().enumerate() {
+        let detail = s.get_build(d.build.id).unwrap().unwrap();
+        let want = if i == 0 {
+            JobState::Failed
+        } else {
+            JobState::Passed
+        };
+        assert_eq!(detail.build.state, want, "build {}", d.build.id);
+        assert!(detail.build.finished_at.is_some());
+        for j in &detail.jobs {
+            let state = if j.id == failing {
+                JobState::Failed
+            } else {
+                JobState::Passed
+            };
+            assert_eq!(j.state, state, "job {}", j.id);
+            assert_eq!(j.attempts, 1, "job {}", j.id);
+        }
+    }
+    // One result and one finished attempt per job; nothing refused.
+    let per_job = s.text_rows(
+        "SELECT CAST(COUNT(*) AS TEXT), CAST(COUNT(DISTINCT job_id) AS TEXT) FROM step_results",
+    );
+    assert_eq!(per_job[0], vec![all.len().to_string(); 2]);
+    let attempts =
+        s.text_rows("SELECT CAST(COUNT(*) AS TEXT) FROM attempts WHERE state = 'finished'");
+    assert_eq!(attempts[0][0], all.len().to_string());
+    assert_eq!(
+        s.text_rows("SELECT CAST(COUNT(*) AS TEXT) FROM refusals")[0][0],
+        "0"
+    );
+    let submitted = s
+        .list_builds(&crate::BuildFilter {
+            limit: 1000,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(submitted.len(), BUILDS + SUBMITTERS * SUBMITS);
+    crate::testing::check_tallies(s);
+}
+
 fn shards_on_two_handles_run_each_unit_once(b: Backend) {
     let opened = b.open();
     let other = opened.another();
@@ -478,6 +626,7 @@ on_both_backends!(
     every_job_of_a_build_ends_and_the_build_agrees,
     observers_racing_on_a_branch_record_each_commit_once,
     racing_submits_make_each_build_once,
+    session_writes_on_many_handles_all_succeed,
     shards_on_two_handles_run_each_unit_once,
     senders_on_two_handles_take_disjoint_deliveries,
 );

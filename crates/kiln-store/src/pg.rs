@@ -7,27 +7,42 @@
 //!   from threads that are not running async code** (`tokio::task::spawn_blocking`, plain
 //!   threads, tests), as every caller of the [`Store`] trait already does for SQLite; from
 //!   inside an async task `block_on` panics rather than stall a worker.
-//! - Every method is one transaction ([`PgStore::write`] or [`PgStore::read`]):
-//!   - Writes run `SERIALIZABLE`: PostgreSQL then guarantees the outcome of some serial
-//!     order, which is what SQLite's single writer gave the same statements, so every rule
-//!     the SQLite code states (the compare-and-set on the current attempt, unit leases, branch
-//!     cursors, build dedupe) holds with several dispatchers writing at once. A transaction
-//!     that loses a conflict (SQLSTATE 40001 serialization failure, 40P01 deadlock, 23505 a
-//!     unique index another transaction filled first) is run again from the start, at most
-//!     [`MAX_TRIES`] times, re-reading everything.
-//!   - Where the SQLite code read a row and then changed it relying on being the only
-//!     writer, the PostgreSQL code also takes the row's lock first (`SELECT ... FOR UPDATE`),
-//!     so competing writers queue on the row instead of failing and retrying: the job row in
-//!     `assign`, `record_step`, `finish_attempt`, `requeue_attempt`, `end_job`, the superseded
-//!     jobs of `record_commits`; the build row in `settle` (a build's state recomputed from its
-//!     jobs); the branch cursor row in `record_commits`; the split rows whose tries an ended
-//!     attempt releases. Locks are taken job before build, so two writers of one build cannot
-//!     wait on each other in a cycle.
-//!   - `next_units` (a split shard's round trip) runs `READ COMMITTED` with explicit locks
-//!     instead: the asking job's row `FOR SHARE`, the split's row `FOR UPDATE` (one round trip
-//!     of a split at a time, as in SQLite), unit history rows `FOR UPDATE`; see `pg/split.rs`.
-//!   - `take_due_deliveries` runs `READ COMMITTED` with `FOR UPDATE SKIP LOCKED`: several
-//!     senders take disjoint due rows without waiting for each other.
+//! - Every method is one transaction ([`PgStore::write_committed`], [`PgStore::write`] or
+//!   [`PgStore::read`]). A transaction that loses a conflict (SQLSTATE 40001 serialization
+//!   failure, 40P01 deadlock, 23505 a unique index another transaction filled first) is run
+//!   again from the start, at most [`MAX_TRIES`] times, re-reading everything.
+//!   - Writes run `READ COMMITTED` with explicit row locks, so competing writers queue on a
+//!     row instead of failing one another. Where the SQLite code read a row and then changed
+//!     it relying on being the only writer, the PostgreSQL code takes the row's lock first
+//!     (`SELECT ... FOR UPDATE`, which waits for a writer of the row and then returns the row
+//!     as it committed), and each statement after it sees what committed before it: the job
+//!     row in `assign`, `record_step`, `finish_attempt`, `requeue_attempt`, `end_job`, the
+//!     superseded jobs of `record_commits`; the build row in `settle` (a build's state
+//!     recomputed from its jobs, read after the lock); the attempt rows in `adopt_attempts`
+//!     and the owner fence; the split rows whose tries an ended attempt releases. The
+//!     compare-and-set on the current attempt is a conditional `UPDATE ... WHERE
+//!     current_attempt = $n AND state IN (...)`, checked by rows affected (PostgreSQL
+//!     re-checks the condition on the committed row after waiting for its lock). Locks are
+//!     taken in one order, the job's first (then its attempt's and the split rows it
+//!     releases) and the build's last, so two writers of one build do not wait on each other
+//!     in a cycle; where `settle` locks more after the build's (the jobs it skips, a split it
+//!     closes) a cycle is possible, and PostgreSQL's 40P01 makes one of them run again.
+//!     Dedupe is a unique index (`builds_once`, deliveries' (build, event, target)): the
+//!     later of two racing inserts fails with 23505 and runs again to find the winner. Two
+//!     observers of one branch queue on an advisory lock of the branch (its cursor row may
+//!     not exist yet). Each method says why its isolation is safe.
+//!   - Serializable, these writes failed one another past the retries with ten runner
+//!     sessions (predicate locks on shared index pages and on every job of a build that
+//!     `settle` reads: "Canceled on conflict out to pivot"); the
+//!     `session_writes_on_many_handles_all_succeed` test reproduces that on the old code.
+//!   - Only `seed_unit_durations` (benchmarks' and tests' seeding, never run by a dispatcher)
+//!     still runs `SERIALIZABLE` ([`PgStore::write`]). (`SERIALIZABLE` guarantees hold only
+//!     among serializable transactions, so no dispatcher method may rely on it any more.)
+//!   - `next_units` (a split shard's round trip): the asking job's row `FOR SHARE`, the
+//!     split's row `FOR UPDATE` (one round trip of a split at a time, as in SQLite), unit
+//!     history rows `FOR UPDATE`; see `pg/split.rs`.
+//!   - `take_due_deliveries` uses `FOR UPDATE SKIP LOCKED`: several senders take disjoint
+//!     due rows without waiting for each other.
 //!   - Reads of several statements (`get_build`, `metrics`, the reports) run `REPEATABLE READ
 //!     READ ONLY`: one snapshot, so their counts agree, and never a serialization failure.
 //! - Migrations: [`schema::MIGRATIONS`], recorded in `kiln_migrations` (version, when), applied
@@ -65,6 +80,11 @@ use crate::{
 const MAX_CONNECTIONS: usize = 16;
 /// Most runs of one transaction that lost a conflict with another writer.
 pub(crate) const MAX_TRIES: u32 = 50;
+/// The class (first key) of the advisory locks `record_commits` holds on a branch; the second
+/// key is a hash of the repository and branch (a collision only makes two branches' observers
+/// queue). The two-key form never collides with the migrations' one-key lock.
+const BRANCH_LOCK_CLASS: i32 = 0x6b62_7263; // "kbrc"
+
 /// The advisory lock key migrations hold ("kiln" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6b69_6c6e;
 
@@ -246,6 +266,7 @@ impl PgStore {
         durations: &[(String, u64)],
     ) -> Result<()> {
         let now = now_millis();
+        // SERIALIZABLE: seeding for benchmarks and tests, never concurrent with a dispatcher.
         self.write(|db| split::seed_durations(db, repo, key, durations, now))
     }
 
@@ -285,12 +306,15 @@ impl PgStore {
         })
     }
 
-    /// One write transaction (`SERIALIZABLE`), run again while it loses conflicts.
+    /// One write transaction at `SERIALIZABLE`, run again while it loses conflicts. Its
+    /// guarantee holds only against other serializable transactions, and the dispatcher's
+    /// writes all run [`PgStore::write_committed`]: only for what no dispatcher runs.
     pub(crate) fn write<T>(&self, f: impl Fn(&Db<'_>) -> Result<T>) -> Result<T> {
         self.run(IsolationLevel::Serializable, false, &f)
     }
 
-    /// One write transaction at `READ COMMITTED` (for `SKIP LOCKED` queues).
+    /// One write transaction at `READ COMMITTED` (with the row locks its statements take),
+    /// run again while it loses conflicts (40P01 deadlock, 23505 unique violation).
     pub(crate) fn write_committed<T>(&self, f: impl Fn(&Db<'_>) -> Result<T>) -> Result<T> {
         self.run(IsolationLevel::ReadCommitted, false, &f)
     }
@@ -540,6 +564,14 @@ fn ready_by_labels(db: &Db<'_>) -> Result<Vec<(BTreeMap<String, String>, u64)>> 
 
 /// Recomputes a build's summary state after one of its jobs changed; returns the change.
 /// Locks the build's row (after the job's: the lock order every writer keeps).
+///
+/// Safe at `READ COMMITTED`: every writer that changes a job's state calls `settle` after the
+/// change and before it commits, so it takes this build's row lock while its change is in
+/// place; the jobs' states are read by a statement that starts after the lock is granted, so
+/// it sees every change committed by the writers that held the lock before. The last writer
+/// of a build to take the lock therefore computes the build's state from all its jobs' final
+/// states (a writer that came earlier may compute from a state about to change; the next one
+/// corrects it in the same row).
 fn settle(db: &Db<'_>, job: JobId, now: Millis) -> Result<Change> {
     let r = db.query_one("SELECT build_id, state FROM jobs WHERE id = $1", &[&job])?;
     let build_id: BuildId = r.try_get(0)?;
@@ -568,15 +600,20 @@ fn settle(db: &Db<'_>, job: JobId, now: Millis) -> Result<Change> {
                 .map(|r| Ok(r.try_get(0)?))
                 .collect::<Result<Vec<JobId>>>()?;
             for id in ids {
-                db.execute(
+                // Conditional: at READ COMMITTED the job may have been ended (cancelled) since
+                // the statement above read it; then it is not skipped over that.
+                let n = db.execute(
                     "UPDATE jobs SET state = 'skipped', message = $1, finished_at = $2 \
-                     WHERE id = $3",
+                     WHERE id = $3 AND state = 'queued'",
                     &[
                         &format!("skipped: job {failed} it needs ended {how}"),
                         &now,
                         &id,
                     ],
                 )?;
+                if n == 0 {
+                    continue;
+                }
                 skipped.push(id);
                 frontier.push((id, JobState::Skipped));
             }
@@ -702,11 +739,18 @@ impl Store for PgStore {
         supersede: bool,
     ) -> Result<Recorded> {
         let now = now_millis();
-        self.write(|db| {
-            // The branch's cursor row first: two observers of one branch queue here.
-            db.query_opt(
-                "SELECT head FROM branch_cursors WHERE repo = $1 AND branch = $2 FOR UPDATE",
-                &[&repo, &branch],
+        // READ COMMITTED: two observers of one branch queue on a transaction-scoped advisory
+        // lock of the (repository, branch) pair, taken first (a row lock of the cursor would
+        // not do: the branch's first push has no cursor row yet). Dedupe is `builds_once`'s,
+        // as in `create_build` (23505, run again, then the check finds the winner). The
+        // supersede scan runs after the lock, so it sees every build of the branch an earlier
+        // observer recorded, and it locks each job it cancels (`FOR UPDATE OF j`: a session
+        // writer of that job finishes first, and the scan's row is re-checked against the
+        // committed state: a job that ended meanwhile is no longer in it).
+        self.write_committed(|db| {
+            db.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2::TEXT || chr(10) || $3::TEXT))",
+                &[&BRANCH_LOCK_CLASS, &repo, &branch],
             )?;
             let mut out = Recorded::default();
             for b in builds {
@@ -848,9 +892,11 @@ impl Store for PgStore {
         if !any {
             return Ok(0);
         }
-        // Deletes only the deltas its snapshot sees: a change committed meanwhile stays for
-        // the next fold; two folds at once conflict and one runs again.
-        self.write(|db| {
+        // READ COMMITTED: one statement, one snapshot: it deletes the deltas that snapshot sees
+        // (a change committed meanwhile stays for the next fold). Two folds at once: the later
+        // waits on each row the earlier deletes, then skips it as deleted, so each delta is
+        // moved once; the `ON CONFLICT DO UPDATE` adds to a tally under that row's lock.
+        self.write_committed(|db| {
             get_u64(
                 &db.query_one(
                     "WITH moved AS (DELETE FROM tally_deltas RETURNING metric, k1, k2, d), \
@@ -881,7 +927,11 @@ impl Store for PgStore {
             owner.map(|o| o.dispatcher),
             owner.map(|o| o.secret_hash.as_str()),
         );
-        self.write(|db| {
+        // READ COMMITTED: the job's row lock decides. `FOR UPDATE` waits for any writer of the
+        // job and then returns the row as that writer committed it, so of two dispatchers
+        // assigning one queued job the second sees `assigned` and gives up; then `settle`
+        // (the build's lock, after the job's).
+        self.write_committed(|db| {
             // The job's row lock: one assignment of a queued job wins.
             let state: Option<String> = db
                 .query_opt("SELECT state FROM jobs WHERE id = $1 FOR UPDATE", &[&job])?
@@ -908,7 +958,9 @@ impl Store for PgStore {
 
     fn start_attempt(&self, attempt: AttemptId) -> Result<Option<Change>> {
         let now = now_millis();
-        self.write(|db| {
+        // READ COMMITTED: the compare-and-set is one UPDATE; it takes the job's row lock and
+        // re-checks `current_attempt` and `state` on the committed row after any wait.
+        self.write_committed(|db| {
             // One statement: the compare-and-set takes the job's row lock itself.
             let job: Option<JobId> = db
                 .query_opt(
@@ -930,7 +982,10 @@ impl Store for PgStore {
     }
 
     fn record_step(&self, attempt: AttemptId, step: &StepResult) -> Result<bool> {
-        self.write(|db| {
+        // READ COMMITTED: the job's row lock (re-checked: this attempt current, the job out on
+        // a runner) is held until commit, so the job cannot be finished, lost or ended in
+        // between (those lock it too); the result rows are upserts keyed by (job, step).
+        self.write_committed(|db| {
             let row = db.query_opt(
                 "SELECT id, steps FROM jobs WHERE current_attempt = $1 \
                  AND state IN ('assigned', 'running') FOR UPDATE",
@@ -989,7 +1044,12 @@ impl Store for PgStore {
         message: Option<&str>,
     ) -> Result<Finish> {
         let now = now_millis();
-        self.write(|db| {
+        // READ COMMITTED: the job's row lock, then the conditional UPDATE (`current_attempt =
+        // this attempt AND state out on a runner`, checked by rows affected) is the
+        // compare-and-set: of a finish, a requeue and an end of one job, whichever takes the
+        // lock first wins and the others see its committed row. Then the split rows' locks
+        // (`release_units`) and the build's (`settle`), in that order after the job's.
+        self.write_committed(|db| {
             // The job's row lock, then the compare-and-set below decides.
             let row = db.query_opt(
                 "SELECT j.id, j.current_attempt, j.state, a.state FROM attempts a \
@@ -1051,7 +1111,10 @@ impl Store for PgStore {
         owner: Option<DispatcherId>,
     ) -> Result<Option<Change>> {
         let now = now_millis();
-        self.write(|db| {
+        // READ COMMITTED: the job's row lock, re-checked after any wait (this attempt still
+        // current, the job not ended), then the attempt's (the owner fence), then splits and
+        // build; a finish of the same attempt queues on the job's lock and then refuses.
+        self.write_committed(|db| {
             let row = db.query_opt(
                 &format!(
                     "SELECT id, lost_attempts FROM jobs WHERE current_attempt = $1 \
@@ -1105,7 +1168,9 @@ impl Store for PgStore {
 
     fn end_job(&self, job: JobId, state: JobState, message: &str) -> Result<Option<Change>> {
         let now = now_millis();
-        self.write(|db| {
+        // READ COMMITTED: the job's row lock, re-checked after any wait (not ended yet); its
+        // current attempt is read under that lock, so a finish or requeue cannot slip between.
+        self.write_committed(|db| {
             let row = db.query_opt(
                 &format!(
                     "SELECT current_attempt FROM jobs WHERE id = $1 \
@@ -1160,7 +1225,8 @@ impl Store for PgStore {
     }
 
     fn register_dispatcher(&self, name: &str, now: Millis) -> Result<DispatcherId> {
-        self.write(|db| {
+        // READ COMMITTED: one insert of a new row.
+        self.write_committed(|db| {
             Ok(db
                 .query_one(
                     "INSERT INTO dispatchers (name, started_at, seen_at) VALUES ($1, $2, $2) \
@@ -1220,10 +1286,12 @@ impl Store for PgStore {
         if !anything {
             return Ok(Vec::new());
         }
-        self.write(|db| {
-            // The attempts' row locks, then the compare-and-set of each owner: two dispatchers
-            // adopting at once queue on the rows, and the second finds them owned by a live one.
-            let adopted: Vec<Attempt> = db
+        // READ COMMITTED: the attempts' row locks first, then the compare-and-set of each owner
+        // as one UPDATE whose snapshot starts after the locks are held: two dispatchers
+        // adopting at once queue on the rows, and the second's UPDATE finds them owned by a
+        // live one (or their jobs ended) and adopts none of them.
+        self.write_committed(|db| {
+            let candidates: Vec<Attempt> = db
                 .query(
                     "SELECT a.id, a.job_id, j.build_id, a.runner_id, a.state FROM jobs j \
                      JOIN attempts a ON a.id = j.current_attempt \
@@ -1236,12 +1304,26 @@ impl Store for PgStore {
                 .iter()
                 .map(attempt_from_row)
                 .collect::<Result<_>>()?;
-            let ids: Vec<AttemptId> = adopted.iter().map(|a| a.id).collect();
+            let ids: Vec<AttemptId> = candidates.iter().map(|a| a.id).collect();
+            let mut adopted = Vec::new();
             if !ids.is_empty() {
-                db.execute(
-                    "UPDATE attempts SET owner = $1 WHERE id = ANY($2)",
-                    &[&me, &ids],
-                )?;
+                let taken: std::collections::HashSet<AttemptId> = db
+                    .query(
+                        "UPDATE attempts a SET owner = $1 FROM jobs j \
+                         WHERE a.id = ANY($2) AND j.current_attempt = a.id \
+                         AND j.state IN ('assigned', 'running') \
+                         AND (a.owner IS NULL OR (a.owner <> $1 AND NOT EXISTS \
+                           (SELECT 1 FROM dispatchers d WHERE d.id = a.owner \
+                            AND d.seen_at >= $3))) RETURNING a.id",
+                        &[&me, &ids, &dead_before],
+                    )?
+                    .iter()
+                    .map(|r| Ok(r.try_get(0)?))
+                    .collect::<Result<_>>()?;
+                adopted = candidates
+                    .into_iter()
+                    .filter(|a| taken.contains(&a.id))
+                    .collect();
             }
             db.execute(
                 "DELETE FROM dispatchers WHERE seen_at < $1 AND id <> $2",
@@ -1280,7 +1362,10 @@ impl Store for PgStore {
         from: Option<DispatcherId>,
         to: &crate::Owner,
     ) -> Result<bool> {
-        self.write(|db| {
+        // READ COMMITTED: one statement; the compare-and-set of the owner takes the attempt's
+        // row lock and re-checks `owner` on the committed row after any wait, so of two
+        // dispatchers claiming one attempt from the same owner one wins.
+        self.write_committed(|db| {
             // One statement: the compare-and-set of the owner takes the attempt's row lock.
             Ok(db.execute(
                 "UPDATE attempts a SET owner = $1, secret_hash = $2 FROM jobs j \
@@ -1334,7 +1419,8 @@ impl Store for PgStore {
     ) -> Result<RunnerRecord> {
         let now = now_millis();
         let labels_json = serde_json::to_string(labels).map_err(|e| corrupt("labels", e))?;
-        self.write(|db| {
+        // READ COMMITTED: one upsert keyed by the unique name.
+        self.write_committed(|db| {
             let id: RunnerId = db
                 .query_one(
                     "INSERT INTO runners (name, labels, slots, version, last_seen) \
@@ -1356,7 +1442,8 @@ impl Store for PgStore {
     }
 
     fn touch_runner(&self, runner: RunnerId, at: Millis) -> Result<()> {
-        self.write(|db| {
+        // READ COMMITTED: one update of one row.
+        self.write_committed(|db| {
             db.execute(
                 "UPDATE runners SET last_seen = $1 WHERE id = $2",
                 &[&at, &runner],
@@ -1366,7 +1453,16 @@ impl Store for PgStore {
     }
 
     fn forget_idle_runners(&self, before: Millis, keep: &[RunnerId]) -> Result<u64> {
-        self.write(|db| {
+        // READ COMMITTED: the idle runners' rows are locked first; an assignment inserting an
+        // attempt of one of them takes that row's key-share lock (the foreign key), so it
+        // either committed before (and the DELETE, a later statement with a later snapshot,
+        // sees its attempt and keeps the runner) or waits for this transaction.
+        self.write_committed(|db| {
+            db.query(
+                "SELECT id FROM runners WHERE last_seen < $1 AND id <> ALL($2) \
+                 ORDER BY id FOR UPDATE",
+                &[&before, &keep],
+            )?;
             db.execute(
                 "DELETE FROM runners WHERE last_seen < $1 AND id <> ALL($2) \
                  AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.runner_id = runners.id) \
@@ -1401,7 +1497,8 @@ impl Store for PgStore {
 
     fn set_runner_token(&self, name: &str, token_hash: Option<&str>) -> Result<bool> {
         let now = now_millis();
-        self.write(|db| {
+        // READ COMMITTED: one upsert or one conditional update of the name's row.
+        self.write_committed(|db| {
             let n = match token_hash {
                 Some(h) => db.execute(
                     "INSERT INTO runner_tokens (name, token_hash, created_at) \
@@ -1439,7 +1536,8 @@ impl Store for PgStore {
 
     fn record_refusal(&self, attempt: AttemptId, reason: &str) -> Result<()> {
         let now = now_millis();
-        self.write(|db| {
+        // READ COMMITTED: one insert.
+        self.write_committed(|db| {
             db.execute(
                 "INSERT INTO refusals (attempt_id, job_id, reason, at) \
                  SELECT id, job_id, $2, $3 FROM attempts WHERE id = $1",
@@ -1514,7 +1612,9 @@ impl Store for PgStore {
     }
 
     fn requeue_failed_units(&self, attempt: AttemptId) -> Result<u64> {
-        self.write(|db| split::requeue_failed_units(db, attempt))
+        // READ COMMITTED: the split rows' locks first (as every writer of a split's tries),
+        // then one conditional UPDATE.
+        self.write_committed(|db| split::requeue_failed_units(db, attempt))
     }
 
     fn plan_deliveries(

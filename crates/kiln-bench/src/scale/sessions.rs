@@ -33,6 +33,11 @@
 //! Every figure is printed with its ratio to the first stage of the run, and the cost of a
 //! decision also against the same number of runners at the first stored-builds level: the
 //! ratio that says whether a decision's cost depends on the builds stored.
+//!
+//! With `--dispatchers N` (PostgreSQL only) N `kiln serve` children share the one database,
+//! as a farm's dispatchers do: runner `i` attaches to dispatcher `i mod N`, submitter `w`
+//! submits through dispatcher `w mod N`, `GetBuild` and `ListBuilds` samples go to each in
+//! turn. CPU (per job and share of a core) and RSS are the sums over the N processes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -272,24 +277,26 @@ async fn runner(
 
 /// The simulated runners attached so far, on their shared connections.
 struct Fleet {
-    url: String,
+    /// The dispatchers' URLs: runner `i` attaches to `urls[i % urls.len()]`.
+    urls: Vec<String>,
     shared: Arc<Shared>,
     gate: watch::Sender<bool>,
     opening: Arc<Semaphore>,
     stop: CancellationToken,
-    connections: Vec<Channel>,
+    /// Per dispatcher, its connections (up to [`STREAMS_PER_CONNECTION`] runners each).
+    connections: Vec<Vec<Channel>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Fleet {
-    fn new(url: &str) -> Fleet {
+    fn new(urls: &[String]) -> Fleet {
         Fleet {
-            url: url.to_string(),
+            urls: urls.to_vec(),
             shared: Arc::new(Shared::default()),
             gate: watch::channel(false).0,
             opening: Arc::new(Semaphore::new(OPENING)),
             stop: CancellationToken::new(),
-            connections: Vec::new(),
+            connections: vec![Vec::new(); urls.len()],
             tasks: Vec::new(),
         }
     }
@@ -298,16 +305,23 @@ impl Fleet {
         self.tasks.len()
     }
 
+    /// Connections open, over all dispatchers.
+    fn connections(&self) -> usize {
+        self.connections.iter().map(Vec::len).sum()
+    }
+
     /// Attaches runners until there are `n`; returns how long until all new ones were welcomed.
     async fn grow(&mut self, n: usize) -> Result<Duration, BenchError> {
         let start = Instant::now();
         let (welcomed_tx, mut welcomed) = mpsc::unbounded_channel();
         let adding = n.saturating_sub(self.len());
         for i in self.len()..n {
-            if i / STREAMS_PER_CONNECTION >= self.connections.len() {
-                self.connections.push(connect(&self.url).await?);
+            // The dispatcher's k-th runner shares its connection with k's neighbours.
+            let (d, k) = (i % self.urls.len(), i / self.urls.len());
+            if k / STREAMS_PER_CONNECTION >= self.connections[d].len() {
+                self.connections[d].push(connect(&self.urls[d]).await?);
             }
-            let channel = self.connections[i / STREAMS_PER_CONNECTION].clone();
+            let channel = self.connections[d][k / STREAMS_PER_CONNECTION].clone();
             let (shared, gate, opening, tx, stop) = (
                 self.shared.clone(),
                 self.gate.subscribe(),
@@ -357,13 +371,32 @@ struct Serve {
     proc: Proc,
 }
 
-async fn start_serve(dir: &Path, database: Option<&str>) -> Result<Serve, BenchError> {
-    let log = dir.join("serve.log");
+/// Dispatcher `index`'s log (`serve.log`, then `serve-1.log`, ...) and data dir (`data`,
+/// `data-1`, ...) in `dir`.
+fn serve_paths(dir: &Path, index: usize) -> (std::path::PathBuf, std::path::PathBuf) {
+    let suffix = if index == 0 {
+        String::new()
+    } else {
+        format!("-{index}")
+    };
+    (
+        dir.join(format!("serve{suffix}.log")),
+        dir.join(format!("data{suffix}")),
+    )
+}
+
+async fn start_serve(
+    dir: &Path,
+    index: usize,
+    database: Option<&str>,
+) -> Result<Serve, BenchError> {
+    let (log, data) = serve_paths(dir, index);
+    std::fs::create_dir_all(&data).map_err(fail)?;
     let extra: Vec<&str> = match database {
         Some(url) => vec!["--database", url],
         None => vec![],
     };
-    let (proc, addr) = spawn_serve(&log, "127.0.0.1:0", &dir.join("data"), &extra).await?;
+    let (proc, addr) = spawn_serve(&log, "127.0.0.1:0", &data, &extra).await?;
     let Some(addr) = addr else {
         return Err(fail(format!(
             "kiln serve did not say where it listens; its log:\n{}",
@@ -403,6 +436,18 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
+/// CPU time the processes used so far (user + system), in ticks, summed.
+fn cpu_ticks_all(pids: &[i32]) -> u64 {
+    pids.iter().filter_map(|p| cpu_ticks(*p)).sum()
+}
+
+/// `VmRSS` and `VmHWM` of the processes, in KiB, summed.
+fn rss_kib_all(pids: &[i32]) -> (u64, u64) {
+    pids.iter()
+        .filter_map(|p| rss_kib(*p))
+        .fold((0, 0), |(r, h), (a, b)| (r + a, h + b))
+}
+
 /// CPU time a process used so far (user + system), in ticks.
 fn cpu_ticks(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -433,11 +478,11 @@ struct StageResult {
     hwm_kib: u64,
 }
 
-/// Submits `count` distinct builds of `commit`, `submitters` at a time; returns each call's
-/// latency in ms and the largest build id.
+/// Submits `count` distinct builds of `commit`, `submitters` at a time (submitter `w` through
+/// `clients[w % len]`); returns each call's latency in ms and the largest build id.
 async fn submit_all(
     submitters: u32,
-    client: &BuildServiceClient<Channel>,
+    clients: &[BuildServiceClient<Channel>],
     repo: &str,
     commit: &str,
     first: u64,
@@ -446,9 +491,9 @@ async fn submit_all(
     let next = Arc::new(AtomicU64::new(first));
     let end = first + count;
     let mut workers = Vec::new();
-    for _ in 0..submitters {
+    for w in 0..submitters as usize {
         let (mut client, next, repo, commit) = (
-            client.clone(),
+            clients[w % clients.len()].clone(),
             next.clone(),
             repo.to_string(),
             commit.to_string(),
@@ -492,16 +537,19 @@ async fn submit_all(
     Ok((all, max_id))
 }
 
-/// `GetBuild` of random builds among `1..=max_id` and `ListBuilds` first pages, `samples` each.
+/// `GetBuild` of random builds among `1..=max_id` and `ListBuilds` first pages, `samples` each
+/// (sample `k` through `clients[k % len]`).
 async fn reads(
-    client: &mut BuildServiceClient<Channel>,
+    clients: &mut [BuildServiceClient<Channel>],
     max_id: u64,
     samples: u32,
     seed: u64,
 ) -> Result<(Vec<f64>, Vec<f64>), BenchError> {
     let mut rng = StdRng::seed_from_u64(seed);
     let (mut get, mut list) = (Vec::new(), Vec::new());
-    for _ in 0..samples {
+    let n = clients.len();
+    for k in 0..samples as usize {
+        let client = &mut clients[k % n];
         let id = rng.random_range(1..=max_id.max(1));
         let t = Instant::now();
         match client
@@ -585,11 +633,22 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
             "--builds and --sessions need at least one stage above 0",
         ));
     }
+    let dispatchers = args.dispatchers as usize;
+    if dispatchers > 1 && !args.postgres {
+        return Err(fail(
+            "--dispatchers above 1 needs --postgres (dispatchers share a farm through PostgreSQL)",
+        ));
+    }
     let list = |v: Vec<String>| v.join(" / ");
     header(
         "scale-sessions",
         &format!(
-            "one dispatcher with {} simulated runners at {} stored builds ({}, {} jobs past those the runners hold per stage)",
+            "{} with {} simulated runners at {} stored builds ({}, {} jobs past those the runners hold per stage)",
+            if dispatchers == 1 {
+                "one dispatcher".to_string()
+            } else {
+                format!("{dispatchers} dispatchers on one database (CPU and RSS summed over them)")
+            },
             list(sessions.iter().map(usize::to_string).collect()),
             list(levels.iter().map(u64::to_string).collect()),
             if args.postgres {
@@ -646,28 +705,37 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
             "-- {level} stored builds: filled to {stored} in {:.1} s",
             took.as_secs_f64()
         ));
-        let serve = start_serve(&dir, pg_url.as_deref()).await?;
-        let mut client = BuildServiceClient::new(connect(&serve.url).await?);
-        // A first submit warms the dispatcher's mirror and caches; its build (no runner is
-        // attached yet) is cancelled, so the stages find nothing queued.
-        let warm = client
-            .submit_build(proto::SubmitBuildRequest {
-                repo: repo.path().to_string(),
-                commit: commit.clone(),
-                branch: "main".into(),
-                trigger: "bench".into(),
-                env: [("BENCH_WARM_UP".to_string(), li.to_string())].into(),
-            })
-            .await
-            .map_err(|s| fail(format!("submit failed: {}", s.message())))?
-            .into_inner();
-        client
-            .cancel_build(proto::CancelBuildRequest { build_id: warm.id })
-            .await
-            .map_err(|s| fail(format!("cancel failed: {}", s.message())))?;
-        stored += 1;
-        let mut fleet = Fleet::new(&serve.url);
-        let mut max_id = warm.id;
+        let mut serves = Vec::with_capacity(dispatchers);
+        let mut clients = Vec::with_capacity(dispatchers);
+        let mut max_id = 0;
+        for d in 0..dispatchers {
+            let serve = start_serve(&dir, d, pg_url.as_deref()).await?;
+            let mut client = BuildServiceClient::new(connect(&serve.url).await?);
+            // A first submit warms the dispatcher's mirror and caches; its build (no runner
+            // is attached yet) is cancelled, so the stages find nothing queued.
+            let warm = client
+                .submit_build(proto::SubmitBuildRequest {
+                    repo: repo.path().to_string(),
+                    commit: commit.clone(),
+                    branch: "main".into(),
+                    trigger: "bench".into(),
+                    env: [("BENCH_WARM_UP".to_string(), format!("{li}-{d}"))].into(),
+                })
+                .await
+                .map_err(|s| fail(format!("submit failed: {}", s.message())))?
+                .into_inner();
+            client
+                .cancel_build(proto::CancelBuildRequest { build_id: warm.id })
+                .await
+                .map_err(|s| fail(format!("cancel failed: {}", s.message())))?;
+            stored += 1;
+            max_id = max_id.max(warm.id);
+            serves.push(serve);
+            clients.push(client);
+        }
+        let pids: Vec<i32> = serves.iter().map(|s| s.pid).collect();
+        let urls: Vec<String> = serves.iter().map(|s| s.url.clone()).collect();
+        let mut fleet = Fleet::new(&urls);
         let outcome: Result<(), BenchError> = async {
             for &n in &sessions {
                 let welcome = fleet.grow(n).await?;
@@ -677,12 +745,12 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
                     fleet.shared.assigned.load(Ordering::SeqCst),
                     fleet.shared.ended.load(Ordering::SeqCst),
                 );
-                let cpu0 = cpu_ticks(serve.pid).unwrap_or(0);
+                let cpu0 = cpu_ticks_all(&pids);
                 let t_stage = Instant::now();
                 let hold = (n as u64).min(args.jobs);
                 let jobs = hold + args.jobs;
                 let (submit, top) =
-                    submit_all(args.submitters, &client, repo.path(), &commit, submitted, jobs)
+                    submit_all(args.submitters, &clients, repo.path(), &commit, submitted, jobs)
                         .await?;
                 submitted += jobs;
                 stored += jobs;
@@ -695,7 +763,7 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
                     })
                     .await?;
                 let held = fleet.shared.assigned.load(Ordering::SeqCst) - assigned0;
-                let cpu1 = cpu_ticks(serve.pid).unwrap_or(0);
+                let cpu1 = cpu_ticks_all(&pids);
                 let t0 = Instant::now();
                 fleet.gate.send_replace(true);
                 fleet
@@ -705,14 +773,14 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
                     })
                     .await?;
                 let flow = t0.elapsed();
-                let cpu2 = cpu_ticks(serve.pid).unwrap_or(0);
+                let cpu2 = cpu_ticks_all(&pids);
                 fleet.gate.send_replace(false);
                 let assigned_after_open =
                     fleet.shared.assigned.load(Ordering::SeqCst) - assigned0 - held;
                 let (get_build, list_builds) =
-                    reads(&mut client, max_id.max(stored), args.samples, n as u64).await?;
-                let cpu3 = cpu_ticks(serve.pid).unwrap_or(0);
-                let (rss, hwm) = rss_kib(serve.pid).unwrap_or((0, 0));
+                    reads(&mut clients, max_id.max(stored), args.samples, n as u64).await?;
+                let cpu3 = cpu_ticks_all(&pids);
+                let (rss, hwm) = rss_kib_all(&pids);
                 let refused = fleet.shared.refused.load(Ordering::SeqCst);
                 if refused > 0 {
                     return Err(wrong(format!(
@@ -724,7 +792,7 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
                     builds_level: level,
                     stored: stored_at_start,
                     runners: n,
-                    connections: fleet.connections.len(),
+                    connections: fleet.connections(),
                     welcome,
                     jobs,
                     assigned_after_open,
@@ -751,14 +819,21 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
         }
         .await;
         fleet.stop().await;
-        // What the dispatcher said goes with a failure (its data dir is removed after).
+        // What the dispatchers said goes with a failure (their data dirs are removed after).
         let outcome = outcome.map_err(|e| {
-            fail(format!(
-                "{e}\nthe dispatcher's last log lines:\n{}",
-                tail(&dir.join("serve.log"), 15)
-            ))
+            let logs: Vec<String> = (0..dispatchers)
+                .map(|d| {
+                    format!(
+                        "dispatcher {d}'s last log lines:\n{}",
+                        tail(&serve_paths(&dir, d).0, 15)
+                    )
+                })
+                .collect();
+            fail(format!("{e}\n{}", logs.join("\n")))
         });
-        serve.stop().await?;
+        for serve in serves {
+            serve.stop().await?;
+        }
         outcome?;
     }
     summary(&results, &levels);

@@ -38,7 +38,10 @@ impl PgStore {
         deliveries: &[NewDelivery],
     ) -> Result<u64> {
         let now = now_millis();
-        self.write(|db| {
+        // READ COMMITTED: the marks are keyed inserts (`ON CONFLICT DO NOTHING`), and the
+        // unique (build, event, target) decides between two planners of one build: the later
+        // insert fails (23505), the plan runs again and the check finds the row.
+        self.write_committed(|db| {
             db.execute(
                 "INSERT INTO notify_marks (build_id, mark, at) VALUES ($1, $2, $3) \
                  ON CONFLICT DO NOTHING",
@@ -165,7 +168,9 @@ impl PgStore {
         result: &DeliveryResult,
         now: Millis,
     ) -> Result<bool> {
-        self.write(|db| {
+        // READ COMMITTED: one conditional UPDATE (`state = 'pending'`), re-checked on the
+        // committed row after any wait: a delivery ends once.
+        self.write_committed(|db| {
             let n = match result {
                 DeliveryResult::Delivered => db.execute(
                     "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1, \
