@@ -66,6 +66,9 @@ const LINE_BYTES: usize = 64;
 /// How long to wait for re-attachment after a SIGKILL (and for the farm to settle).
 const PATIENCE: Duration = Duration::from_secs(60);
 
+/// The steps run on for at least this long after the signal.
+const TAIL: Duration = Duration::from_secs(3);
+
 /// How long to wait for re-attachment after a SIGSTOP before giving up on the round.
 const STOP_PATIENCE: Duration = Duration::from_secs(120);
 
@@ -513,9 +516,6 @@ async fn watch_reattach(
         let at = ms(signalled.elapsed());
         for (k, a) in attempts.iter().enumerate() {
             let m = &mut out[k];
-            if m.held.is_some() || m.lost_first {
-                continue;
-            }
             let Some((dispatcher, owner, state, current)) = rows.get(a) else {
                 continue;
             };
@@ -523,23 +523,29 @@ async fn watch_reattach(
             if elsewhere && m.moved.is_none() {
                 m.moved = Some(at);
             }
+            if m.held.is_some() || m.lost_first {
+                continue;
+            }
             if !current || state != "running" {
                 m.lost_first = true;
             } else if elsewhere && owner == dispatcher {
                 m.held = Some(at);
             }
         }
-        if out.iter().all(|m| m.held.is_some() || m.lost_first) || Instant::now() > deadline {
+        // A runner whose attempt was lost is still watched until it comes back.
+        let settled = |m: &Mover| m.moved.is_some() && (m.held.is_some() || m.lost_first);
+        if out.iter().all(settled) || Instant::now() > deadline {
             return Ok(out);
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
-/// When the first line written after `after_ns` reached the follower, ms after `signalled`;
-/// waits for it at most until `deadline`.
+/// When the first line of `attempt` written after `after_ns` reached the follower, ms after
+/// `signalled`; waits for it at most until `deadline`.
 async fn resumed(
     seen: &Mutex<Seen>,
+    attempt: u64,
     after_ns: u128,
     signalled: Instant,
     deadline: Instant,
@@ -547,7 +553,8 @@ async fn resumed(
     loop {
         {
             let s = seen.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((at, _)) = s.lines.iter().find(|(_, l)| l.written_ns > after_ns) {
+            let after = |l: &Line| l.attempt == attempt && l.written_ns > after_ns;
+            if let Some((at, _)) = s.lines.iter().find(|(_, l)| after(l)) {
                 return Some(ms(at.saturating_duration_since(signalled)));
             }
             if s.ended {
@@ -702,11 +709,11 @@ async fn round(
     };
     let deadline = signalled + limit;
     for (m, j) in movers_out.iter_mut().zip(&movers) {
-        m.resumed = resumed(&j.seen, signalled_ns, signalled, deadline).await;
+        m.resumed = resumed(&j.seen, j.attempt, signalled_ns, signalled, deadline).await;
     }
     let mut others = Vec::new();
     for j in jobs.iter().filter(|j| !j.affected) {
-        if let Some(t) = resumed(&j.seen, signalled_ns, signalled, deadline).await {
+        if let Some(t) = resumed(&j.seen, j.attempt, signalled_ns, signalled, deadline).await {
             others.push(t);
         }
     }
@@ -715,7 +722,9 @@ async fn round(
             .map_err(|e| fail(format!("cannot continue dispatcher {victim}: {e}")))?;
     }
 
-    // The end: the flag, every build final, then the checks through a survivor.
+    // The end: the flag (no sooner than TAIL after the signal, so every log holds output from
+    // both sides of it), every build final, then the checks through a survivor.
+    tokio::time::sleep_until((signalled + TAIL).into()).await;
     std::fs::write(&flag, b"").map_err(fail)?;
     let flag_ns = now_ns();
     let mut client = farm.client(victim).await?;
@@ -793,11 +802,7 @@ async fn round(
                 "build {} (runner {}, {}): {} attempts, {} lost, last attempt {} (was {})",
                 j.build,
                 j.runner,
-                if j.affected {
-                    "moved"
-                } else {
-                    "not moved"
-                },
+                if j.affected { "moved" } else { "not moved" },
                 job.attempts,
                 job.lost_attempts,
                 job.attempt_id,
@@ -820,11 +825,7 @@ async fn round(
         }
         for a in &order {
             let ls = &per[a];
-            if let Some((i, l)) = ls
-                .iter()
-                .enumerate()
-                .find(|(i, l)| l.seq != *i as u64)
-            {
+            if let Some((i, l)) = ls.iter().enumerate().find(|(i, l)| l.seq != *i as u64) {
                 problems.push(format!(
                     "attempt {a}: line {i} of the log is number {} ({} lines)",
                     l.seq,
@@ -937,7 +938,10 @@ fn figures(label: &str, values: &[f64], missing: usize, base: Option<f64>) {
 
 /// Times of `f` over every mover of `rounds`, and how many are missing.
 fn times(rounds: &[Round], f: impl Fn(&Mover) -> Option<f64>) -> (Vec<f64>, usize) {
-    let all: Vec<Option<f64>> = rounds.iter().flat_map(|r| r.movers.iter().map(&f)).collect();
+    let all: Vec<Option<f64>> = rounds
+        .iter()
+        .flat_map(|r| r.movers.iter().map(&f))
+        .collect();
     let missing = all.iter().filter(|v| v.is_none()).count();
     (all.into_iter().flatten().collect(), missing)
 }
@@ -969,6 +973,15 @@ fn report(label: &str, rounds: &[Round], base: Option<(f64, f64)>) {
         Fault::Stop => "stop",
         _ => "kill",
     };
+    if rounds[0].fault == Fault::Stop {
+        let (moved, moved_missing) = times(rounds, |m| m.moved);
+        figures(
+            &format!("{what} -> re-attached (holding or not)"),
+            &moved,
+            moved_missing,
+            base.map(|b| b.0),
+        );
+    }
     figures(
         &format!("{what} -> re-attached holding attempt"),
         &held,
@@ -981,7 +994,12 @@ fn report(label: &str, rounds: &[Round], base: Option<(f64, f64)>) {
         resumed_missing,
         base.map(|b| b.1),
     );
-    let others: Vec<f64> = sorted(&rounds.iter().flat_map(|r| r.others.clone()).collect::<Vec<_>>());
+    let others: Vec<f64> = sorted(
+        &rounds
+            .iter()
+            .flat_map(|r| r.others.clone())
+            .collect::<Vec<_>>(),
+    );
     if !others.is_empty() {
         figure(
             "other jobs' output after it, max",
@@ -1005,7 +1023,9 @@ fn report(label: &str, rounds: &[Round], base: Option<(f64, f64)>) {
         format!("{passed}/{jobs} / {first}/{jobs}"),
         "all",
         Some(passed == jobs && first == jobs),
-        &format!("attempts declared lost: {lost}; attempts gone before their runner came back: {lost_first}"),
+        &format!(
+            "attempts declared lost: {lost}; attempts gone before their runner came back: {lost_first}"
+        ),
     );
     figure(
         "logs complete, once, in order",
@@ -1031,7 +1051,11 @@ fn report(label: &str, rounds: &[Round], base: Option<(f64, f64)>) {
                     opt_secs(m.moved),
                     opt_secs(m.held),
                     opt_secs(m.resumed),
-                    if m.lost_first { " (attempt lost first)" } else { "" }
+                    if m.lost_first {
+                        " (attempt lost first)"
+                    } else {
+                        ""
+                    }
                 ))
                 .collect::<Vec<_>>()
                 .join(", "),
@@ -1116,8 +1140,16 @@ pub(super) async fn run(args: &FailoverArgs) -> Result<(), BenchError> {
     }
     let b = p50s(&base);
     report("SIGKILL of one of three", &kills, b);
-    report("SIGSTOP of one of three (its sockets stay open)", &stopped, b);
-    report("baseline: SIGKILL of the only dispatcher, restarted at once", &base, None);
+    report(
+        "SIGSTOP of one of three (its sockets stay open)",
+        &stopped,
+        b,
+    );
+    report(
+        "baseline: SIGKILL of the only dispatcher, restarted at once",
+        &base,
+        None,
+    );
     note(
         "re-attached: the store shows the runner held by a surviving dispatcher that owns its job's running attempt (polled every 10 ms); output resumed: a follower through a survivor received the first line the step wrote after the signal (20 lines/s, so up to 50 ms of the figure is the step's own pace)",
     );
@@ -1133,7 +1165,9 @@ pub(super) async fn run(args: &FailoverArgs) -> Result<(), BenchError> {
         }
         // A SIGSTOP round's jobs may run again (reported above); the rest is a failure.
         let fatal = kills.iter().chain(&base).any(|r| !r.problems.is_empty())
-            || stopped.iter().any(|r| r.passed < r.jobs || r.complete < r.jobs);
+            || stopped
+                .iter()
+                .any(|r| r.passed < r.jobs || r.complete < r.jobs);
         if fatal {
             return Err(wrong(format!(
                 "failover --postgres: {} problems (above)",
