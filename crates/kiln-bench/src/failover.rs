@@ -18,6 +18,8 @@
 //!    shows every runner attached. Baseline: the same number of fresh runners attaching to a
 //!    running dispatcher for the first time.
 
+mod postgres;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -56,6 +58,17 @@ pub struct FailoverArgs {
     /// Dispatcher restarts.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub restarts: u32,
+    /// Instead: three dispatchers on one throwaway PostgreSQL, one of them SIGKILLed (and
+    /// SIGSTOPped) mid-build; its runners re-attach to another, carrying their attempts
+    /// (`--runners` then defaults to 6, 3 with --quick).
+    #[arg(long)]
+    pub postgres: bool,
+    /// With --postgres: SIGKILL rounds, and baseline rounds (default 5, 2 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub rounds: Option<u32>,
+    /// With --postgres: SIGSTOP rounds (default 2, 1 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=20))]
+    pub stop_rounds: Option<u32>,
 }
 
 impl FailoverArgs {
@@ -67,8 +80,26 @@ impl FailoverArgs {
         self.runners.unwrap_or(if self.quick { 10 } else { 100 })
     }
 
+    fn rounds(&self) -> u32 {
+        self.rounds.unwrap_or(if self.quick { 2 } else { 5 })
+    }
+
+    fn stop_rounds(&self) -> u32 {
+        self.stop_rounds.unwrap_or(if self.quick { 1 } else { 2 })
+    }
+
+    /// Runners (and jobs per round) of `--postgres`.
+    fn pg_runners(&self) -> u32 {
+        self.runners.unwrap_or(if self.quick { 3 } else { 6 })
+    }
+
     /// The benchmark's own time limit.
     pub fn limit(&self) -> Duration {
+        if self.postgres {
+            return Duration::from_secs(180)
+                + Duration::from_secs(2 * 120) * self.rounds()
+                + Duration::from_secs(400) * self.stop_rounds();
+        }
         Duration::from_secs(120)
             + Duration::from_secs(2 * 90) * self.kills()
             + Duration::from_secs(150) * self.restarts
@@ -657,6 +688,9 @@ fn report_restarts(count: u32, rs: &[Restart]) {
 
 /// Runs the benchmark.
 pub async fn run(args: &FailoverArgs) -> Result<(), BenchError> {
+    if args.postgres {
+        return postgres::run(args).await;
+    }
     let (kills, count) = (args.kills(), args.runners());
     header(
         "failover",

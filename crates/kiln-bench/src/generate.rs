@@ -44,24 +44,32 @@ pub struct LinesArgs {
     /// Wait this long before the first line (lets a follower attach).
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     pub delay: Duration,
+    /// Stop early, after the first line written once this file exists (`--duration` still
+    /// bounds it): a step that runs until the benchmark says so.
+    #[arg(long)]
+    pub until: Option<std::path::PathBuf>,
 }
 
 impl LinesArgs {
-    /// How many lines the generator writes.
+    /// How many lines the generator writes (at most, with `--until`).
     pub fn count(&self) -> u64 {
         (self.duration.as_secs_f64() * f64::from(self.rate)).round() as u64
     }
 
     /// The command-line arguments that reproduce these settings.
     pub fn argv(&self) -> Vec<String> {
-        vec![
+        let mut argv = vec![
             "gen".into(),
             "lines".into(),
             format!("--rate={}", self.rate),
             format!("--line-bytes={}", self.line_bytes),
             format!("--duration={}ms", self.duration.as_millis()),
             format!("--delay={}ms", self.delay.as_millis()),
-        ]
+        ];
+        if let Some(until) = &self.until {
+            argv.push(format!("--until={}", until.display()));
+        }
+        argv
     }
 }
 
@@ -129,6 +137,9 @@ fn lines(a: &LinesArgs) -> Result<(), BenchError> {
         line.push(b'\n');
         // Stdout is line buffered: one line, one write(2).
         out.write_all(&line).map_err(write_err)?;
+        if a.until.as_deref().is_some_and(std::path::Path::exists) {
+            break;
+        }
     }
     out.flush().map_err(write_err)
 }

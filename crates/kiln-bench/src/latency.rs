@@ -52,6 +52,7 @@ impl LatencyArgs {
             line_bytes: self.line_bytes,
             duration: self.duration,
             delay: self.delay,
+            until: None,
         }
     }
 }

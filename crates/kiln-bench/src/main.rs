@@ -326,6 +326,9 @@ async fn all(a: &AllArgs) -> Result<i32, BenchError> {
         kills: None,
         runners: None,
         restarts: 3,
+        postgres: false,
+        rounds: None,
+        stop_rounds: None,
     };
     let logs = logs::LogsArgs {
         mb: if a.quick { 2 } else { 64 },

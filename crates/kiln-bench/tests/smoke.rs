@@ -1,7 +1,9 @@
 //! Keeps `kiln-bench` compiling and working: `kiln-bench all --quick`, `kiln-bench split
 //! --quick`, a small `kiln-bench scale` and a small `kiln-bench scale --sessions` (tiny sizes,
 //! both backends) must exit 0 and print every section and figure. Their figures are not
-//! checked: timing belongs in BENCHMARKS.md, not in tests.
+//! checked: timing belongs in BENCHMARKS.md, not in tests. A small `kiln-bench failover
+//! --postgres` is checked further: every moved runner has a time (within the round's
+//! patience, not against the goal), and no job was lost.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -234,4 +236,85 @@ fn bench_scale_sessions_small_prints_every_figure_per_stage() {
             );
         }
     }
+}
+
+/// The value of the figure `label` (`  LABEL   VALUE   goal ...`) in `out`, as printed.
+fn figure_value<'a>(out: &'a str, label: &str) -> Option<&'a str> {
+    out.lines()
+        .find_map(|l| l.trim_start().strip_prefix(label))
+        .map(|rest| rest.trim_start())
+        .and_then(|rest| rest.split("   ").next())
+        .map(str::trim)
+}
+
+/// Seconds of a figure printed as `1.23 s`.
+fn seconds(out: &str, label: &str) -> f64 {
+    let v = figure_value(out, label).unwrap_or_else(|| panic!("no {label:?} figure\n{out}"));
+    v.strip_suffix(" s")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{label:?} is {v:?}, not seconds\n{out}"))
+}
+
+#[test]
+fn bench_failover_postgres_small_moves_every_runner_and_loses_nothing() {
+    // Three dispatchers, three runners, two SIGKILL rounds and two baseline rounds; no SIGSTOP
+    // round (each takes over half a minute: BENCHMARKS.md).
+    let args = [
+        "failover",
+        "--postgres",
+        "--rounds",
+        "2",
+        "--stop-rounds",
+        "0",
+        "--runners",
+        "3",
+    ];
+    let (status, out, err) = run_bench(&args, Duration::from_secs(300));
+    let status = status.unwrap_or_else(|| panic!("kiln-bench {args:?} timed out\n{out}\n{err}"));
+    assert_eq!(status, 0, "kiln-bench {args:?} failed\n{out}\n{err}");
+    assert!(out.contains("== failover --postgres:"), "{out}");
+    assert!(!out.contains("WRONG"), "wrong results\n{out}");
+    // Every runner of a killed dispatcher came back holding its attempt and its output
+    // resumed: a time for each (none missing), within the round's patience (60 s).
+    assert!(!out.contains("did not happen"), "{out}");
+    for what in [
+        "kill -> re-attached holding attempt",
+        "kill -> output resumed at follower",
+    ] {
+        for p in ["p50", "p99", "max"] {
+            let label = format!("{what}, {p}");
+            // Twice: the three dispatchers' rounds, then the baseline's.
+            assert_eq!(out.matches(&label).count(), 2, "{label:?}\n{out}");
+            let s = seconds(&out, &label);
+            assert!(s > 0.0 && s < 60.0, "{label:?} = {s} s\n{out}");
+        }
+    }
+    // No job lost: 2 rounds x 3 jobs, each passed as attempt 1, each log whole, once, in
+    // order (the three dispatchers' rounds, then the baseline's).
+    assert_eq!(out.matches("jobs passed / attempt 1").count(), 2, "{out}");
+    for line in out
+        .lines()
+        .filter(|l| l.contains("jobs passed / attempt 1"))
+    {
+        assert!(
+            line.contains("6/6 / 6/6") && line.contains("attempts declared lost: 0"),
+            "{line}\n{out}"
+        );
+    }
+    for line in out
+        .lines()
+        .filter(|l| l.contains("logs complete, once, in order"))
+    {
+        assert!(line.contains(" 6/6 "), "{line}\n{out}");
+    }
+    // Each round lost a dispatcher that held at least one runner.
+    let moved: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("runners moved"))
+        .collect();
+    assert_eq!(moved.len(), 4, "{out}");
+    assert!(
+        moved.iter().all(|l| !l.contains(" 0 runners moved")),
+        "{out}"
+    );
 }

@@ -339,7 +339,11 @@ impl Dispatcher {
         if let Some(job) = job
             && state.is_final()
         {
-            self.inner.hub.finish(job, state);
+            // Its followers here end at the log's stored length: the bus's growth messages
+            // are coalesced and may not have told this hub of the job's last output yet (a
+            // follower through this dispatcher then missed the log's tail).
+            let d = self.clone();
+            tokio::spawn(async move { d.settle_follow(job, state).await });
         }
         // A job became queued (a new build, a lost runner) or ended (its dependents may be
         // ready): this dispatcher's runners may take it.
