@@ -1673,6 +1673,12 @@ impl Dispatcher {
         Ok(tokio::task::spawn_blocking(followed).await??)
     }
 
+    /// The stored length of `job`'s log.
+    pub async fn log_len(&self, job: JobId) -> Result<u64, DispatchError> {
+        let logs = self.inner.logs.clone();
+        Ok(tokio::task::spawn_blocking(move || logs.len(job)).await??)
+    }
+
     /// Reads stored output of `job` from `offset` up to `limit`.
     pub async fn read_log(
         &self,
