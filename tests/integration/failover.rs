@@ -28,13 +28,27 @@ struct Cluster {
     names: Vec<String>,
     /// Which dispatchers are down (killed, not yet started again).
     down: Vec<bool>,
+    /// The dispatchers' heartbeat flags.
+    heartbeats: &'static [&'static str],
     runners: Vec<Proc>,
 }
 
 impl Cluster {
     fn start(tmp: &Path, url: &str, n: usize, runners: usize) -> Cluster {
+        Self::start_with(tmp, url, n, runners, SHORT_HEARTBEATS)
+    }
+
+    /// With the dispatchers' heartbeat flags `heartbeats`.
+    fn start_with(
+        tmp: &Path,
+        url: &str,
+        n: usize,
+        runners: usize,
+        heartbeats: &'static [&'static str],
+    ) -> Cluster {
+        let args = [&["--database", url][..], heartbeats].concat();
         let dispatchers: Vec<Server> = (0..n)
-            .map(|i| start_dispatcher("127.0.0.1:0", &tmp.join(format!("d{i}")), &Self::args(url)))
+            .map(|i| start_dispatcher("127.0.0.1:0", &tmp.join(format!("d{i}")), &args))
             .collect();
         let addrs = dispatchers.iter().map(|d| d.addr.clone()).collect();
         let mut c = Cluster {
@@ -45,6 +59,7 @@ impl Cluster {
             names: (0..runners).map(|i| format!("r{i}")).collect(),
             down: vec![false; n],
             runners: Vec::new(),
+            heartbeats,
         };
         for i in 0..runners {
             let r = c.spawn_runner(i);
@@ -53,10 +68,6 @@ impl Cluster {
         let names: Vec<&str> = c.names.iter().map(String::as_str).collect();
         c.dispatchers[0].wait_runners_attached(&names);
         c
-    }
-
-    fn args(url: &str) -> Vec<&str> {
-        [&["--database", url][..], SHORT_HEARTBEATS].concat()
     }
 
     /// Runner `i`'s dispatcher list starts at dispatcher `i mod n`.
@@ -103,7 +114,7 @@ impl Cluster {
         self.dispatchers[i] = restart_dispatcher_on(
             &self.addrs[i],
             &self.tmp.join(format!("d{i}")),
-            &Self::args(&self.url),
+            &[&["--database", self.url.as_str()][..], self.heartbeats].concat(),
         );
         self.down[i] = false;
     }
@@ -137,26 +148,33 @@ fn last_held(runner: &Proc) -> String {
 /// build passes, each log holds each line once in order, read through a surviving dispatcher.
 #[test]
 fn killing_one_of_three_dispatchers_mid_build_loses_nothing() {
-    one_of_three_dispatchers_lost_mid_build(Signal::SIGKILL, "kill1");
+    one_of_three_dispatchers_lost_mid_build(Signal::SIGKILL, "kill1", SHORT_HEARTBEATS);
 }
 
 /// The same with a dispatcher frozen (SIGSTOP), as a host that hangs or drops off the network
 /// without closing its connections: its runners hear no heartbeat answer, give it up after
 /// the missed heartbeats and re-attach elsewhere first, carrying their attempts, before the
-/// dispatcher that adopted those attempts stops waiting for them.
+/// dispatcher that adopted those attempts stops waiting for them. The frozen dispatcher may
+/// hold row locks of an open transaction (a job's log head): PostgreSQL ends its session after
+/// 5 s idle in a transaction, so the runners' lease here (6 s, as kiln's default 3 x 2 s) is longer.
 #[test]
 fn freezing_one_of_three_dispatchers_mid_build_loses_nothing() {
-    one_of_three_dispatchers_lost_mid_build(Signal::SIGSTOP, "stop1");
+    const HEARTBEATS: &[&str] = &["--heartbeat-interval", "1s", "--missed-heartbeats", "6"];
+    one_of_three_dispatchers_lost_mid_build(Signal::SIGSTOP, "stop1", HEARTBEATS);
 }
 
-fn one_of_three_dispatchers_lost_mid_build(signal: Signal, test: &str) {
+fn one_of_three_dispatchers_lost_mid_build(
+    signal: Signal,
+    test: &str,
+    heartbeats: &'static [&'static str],
+) {
     const LINES: u32 = 80;
     let tmp = tempdir();
     let marker = marker(test);
     let _reaper = MarkerReaper(marker.clone());
     let url = kiln_pgtest::database().expect("a throwaway PostgreSQL database");
     let (repo, commits) = counting_repo(&tmp.path().join("repo"), &marker, LINES, 6);
-    let mut c = Cluster::start(tmp.path(), &url, 3, 6);
+    let mut c = Cluster::start_with(tmp.path(), &url, 3, 6, heartbeats);
     // Submitted through dispatcher 1; each runs wherever a runner is free.
     let ids: Vec<u64> = commits
         .iter()

@@ -202,6 +202,10 @@ impl StoreError {
     }
 }
 
+/// The server-side limit on a session left idle inside a transaction (see
+/// [`PgStore::connect_with`]).
+const IDLE_IN_TRANSACTION: &str = "-c idle_in_transaction_session_timeout=5s";
+
 impl PgStore {
     /// Connects to the database at `url` (`postgres://user@host:port/db`, or the key=value
     /// form) and brings its schema up to date. Call it from a thread that is not running async
@@ -228,7 +232,17 @@ impl PgStore {
 
     /// [`PgStore::connect`] with the settings parsed already (their `Debug` hides the
     /// password).
-    pub fn connect_with(config: PgConfig) -> Result<Self> {
+    pub fn connect_with(mut config: PgConfig) -> Result<Self> {
+        // A dispatcher frozen (stopped, or its host hung) inside a transaction would hold its
+        // row locks for ever, and every other dispatcher's write of those rows (a job's log
+        // head, a runner's row) would wait behind it: the server ends such a session after
+        // IDLE_IN_TRANSACTION, sooner than runners give up on a silent dispatcher (their
+        // lease, 6 s by default). A live dispatcher never waits inside a transaction.
+        let options = match config.get_options() {
+            Some(o) if !o.trim().is_empty() => format!("{o} {IDLE_IN_TRANSACTION}"),
+            _ => IDLE_IN_TRANSACTION.to_string(),
+        };
+        config.options(&options);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("kiln-pg")
