@@ -279,16 +279,7 @@ impl Dispatcher {
         for job in self.inner.hub.followed() {
             match self.db(move |s| s.get_job(job)).await {
                 Ok(Some(j)) if j.state.is_final() => self.settle_follow(job, j.state).await,
-                Ok(_) => {
-                    let logs = self.inner.logs.clone();
-                    match tokio::task::spawn_blocking(move || logs.len(job)).await {
-                        Ok(Ok(len)) => self.inner.hub.advance(job, len),
-                        Ok(Err(e)) => {
-                            tracing::warn!(%job, cause = %error_chain(&e), "cannot read a log's length")
-                        }
-                        Err(e) => tracing::warn!(%job, cause = %e, "cannot read a log's length"),
-                    }
-                }
+                Ok(_) => self.advance_to_stored(job).await,
                 Err(e) => {
                     tracing::warn!(%job, cause = %error_chain(&e), "cannot read a followed job")
                 }

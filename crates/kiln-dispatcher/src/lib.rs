@@ -1712,15 +1712,16 @@ impl Dispatcher {
         if !state.is_final() {
             return;
         }
-        let logs = self.inner.logs.clone();
-        match tokio::task::spawn_blocking(move || logs.len(job)).await {
-            Ok(Ok(len)) => self.inner.hub.advance(job, len),
-            Ok(Err(e)) => {
-                tracing::warn!(%job, cause = %error_chain(&e), "cannot read a log's length")
-            }
-            Err(e) => tracing::warn!(%job, cause = %e, "cannot read a log's length"),
-        }
+        self.advance_to_stored(job).await;
         self.inner.hub.finish(job, state);
+    }
+
+    /// Tells the followers of `job` its stored length.
+    pub(crate) async fn advance_to_stored(&self, job: JobId) {
+        match self.log_len(job).await {
+            Ok(len) => self.inner.hub.advance(job, len),
+            Err(e) => tracing::warn!(%job, cause = %error_chain(&e), "cannot read a log's length"),
+        }
     }
 
     /// Tells one attached runner to drain: it gets no new work from now on, finishes what it

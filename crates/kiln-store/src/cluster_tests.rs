@@ -6,41 +6,12 @@
 
 use std::collections::BTreeMap;
 
-use kiln_domain::{AttemptId, DispatcherId, JobState, NewBuild, NewJob, RunnerId, StepSpec};
+use kiln_domain::{AttemptId, DispatcherId, JobState, RunnerId};
 
-use crate::testing::{Backend, TestStore, on_both_backends};
+use crate::testing::{Backend, TestStore, on_both_backends, one_job_build};
 use crate::{DISPATCHER_LEASE_MS, Owner};
 
 const NOW: i64 = 1_000_000_000;
-
-fn one_job_build(commit: &str) -> NewBuild {
-    NewBuild {
-        repo: "/tmp/repo".into(),
-        commit: commit.into(),
-        branch: "main".into(),
-        trigger: "test".into(),
-        retry_of: None,
-        error: None,
-        jobs: vec![NewJob {
-            name: "j".into(),
-            labels: BTreeMap::new(),
-            steps: vec![StepSpec {
-                index: 0,
-                name: "s".into(),
-                run: "true".into(),
-                env: BTreeMap::new(),
-                timeout_ms: 0,
-                post: None,
-                split: None,
-                junit: Vec::new(),
-            }],
-            needs: vec![],
-        }],
-        pipeline_hash: commit.into(),
-        pipeline: String::new(),
-        params: BTreeMap::new(),
-    }
-}
 
 fn owner(d: DispatcherId, secret: &str) -> Owner {
     Owner {

@@ -4,45 +4,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::{BufRead, Write};
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use kiln_domain::{BuildId, JobState, NewBuild, NewJob, StepSpec};
+use kiln_domain::{BuildId, JobState};
 use rusqlite::Connection;
 
+use crate::testing::one_job_build;
 use crate::{SqliteStore, Store, StoreError};
-
-fn build(commit: &str) -> NewBuild {
-    NewBuild {
-        repo: "/tmp/repo".into(),
-        commit: commit.into(),
-        branch: "main".into(),
-        trigger: "test".into(),
-        retry_of: None,
-        error: None,
-        jobs: vec![NewJob {
-            name: "j".into(),
-            labels: BTreeMap::new(),
-            steps: vec![StepSpec {
-                index: 0,
-                name: "s".into(),
-                run: "true".into(),
-                env: BTreeMap::new(),
-                timeout_ms: 0,
-                post: None,
-                split: None,
-                junit: Vec::new(),
-            }],
-            needs: vec![],
-        }],
-        pipeline_hash: "p".into(),
-        pipeline: String::new(),
-        params: BTreeMap::new(),
-    }
-}
 
 fn add_runner(c: &Connection, name: &str) -> crate::Result<()> {
     c.execute(
@@ -198,12 +170,12 @@ fn many_concurrent_writers_all_get_their_results() {
                     let mut mine = Vec::new();
                     for i in 0..EACH {
                         let commit = format!("{t:02}{i:038}");
-                        let d = s.create_build(&build(&commit)).unwrap();
+                        let d = s.create_build(&one_job_build(&commit)).unwrap();
                         assert_eq!(d.build.commit, commit);
                         assert_eq!(d.jobs.len(), 1);
                         mine.push((d.build.id, commit.clone()));
                         if i == EACH / 2 {
-                            match s.create_build(&build(&commit)) {
+                            match s.create_build(&one_job_build(&commit)) {
                                 Err(StoreError::Duplicate { build }) => {
                                     assert_eq!(build, d.build.id)
                                 }
@@ -244,7 +216,11 @@ fn reads_do_not_wait_for_a_long_write() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("kiln.db");
     let s = SqliteStore::open(&path).unwrap();
-    let id = s.create_build(&build(&"a".repeat(40))).unwrap().build.id;
+    let id = s
+        .create_build(&one_job_build(&"a".repeat(40)))
+        .unwrap()
+        .build
+        .id;
     let (inside_tx, inside) = mpsc::channel();
     let (finish_tx, finish) = mpsc::channel::<()>();
     std::thread::scope(|scope| {
@@ -305,7 +281,7 @@ fn crash_child() {
             scope.spawn(move || {
                 for i in 0.. {
                     let commit = format!("{t:02}{i:038}");
-                    let d = s.create_build(&build(&commit)).unwrap();
+                    let d = s.create_build(&one_job_build(&commit)).unwrap();
                     let mut out = std::io::stdout().lock();
                     writeln!(out, "ack {} {commit}", d.build.id).unwrap();
                     out.flush().unwrap();
