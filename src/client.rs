@@ -33,6 +33,11 @@ pub fn dispatcher_urls(value: &str) -> Result<Vec<String>, String> {
 /// answered nor failed by the HTTP/2 client, and no socket is left for the keepalive to watch.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The deadline of the calls the dispatcher answers after fetching the repository
+/// (`SubmitBuild`, `RetryBuild`, `ReportCommits`): a first fetch of a large repository takes
+/// minutes.
+pub const FETCHING_CALL_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// How a client reaches the dispatcher.
 #[derive(Debug, Clone, Default)]
 pub struct Connection {
@@ -83,10 +88,19 @@ pub type AdminClient = RunnerAdminServiceClient<
 >;
 
 impl Connection {
-    /// Connects a `BuildService` client.
+    /// Connects a `BuildService` client whose calls wait [`CALL_TIMEOUT`] for an answer.
     pub async fn build_client(&self) -> Result<BuildClient, ClientError> {
         Ok(BuildServiceClient::with_interceptor(
-            self.channel().await?,
+            self.channel(CALL_TIMEOUT).await?,
+            self.bearer()?,
+        ))
+    }
+
+    /// Connects a `BuildService` client for the calls that fetch the repository first
+    /// (`SubmitBuild`, `RetryBuild`, `ReportCommits`): [`FETCHING_CALL_TIMEOUT`].
+    pub async fn fetching_build_client(&self) -> Result<BuildClient, ClientError> {
+        Ok(BuildServiceClient::with_interceptor(
+            self.channel(FETCHING_CALL_TIMEOUT).await?,
             self.bearer()?,
         ))
     }
@@ -94,7 +108,7 @@ impl Connection {
     /// Connects a `RunnerAdminService` client.
     pub async fn admin_client(&self) -> Result<AdminClient, ClientError> {
         Ok(RunnerAdminServiceClient::with_interceptor(
-            self.channel().await?,
+            self.channel(CALL_TIMEOUT).await?,
             self.bearer()?,
         ))
     }
@@ -105,7 +119,7 @@ impl Connection {
 
     /// A channel to the first of the dispatchers that can be reached, tried in the order
     /// given; the error names the last one tried.
-    async fn channel(&self) -> Result<Timeout<Channel>, ClientError> {
+    async fn channel(&self, deadline: Duration) -> Result<Timeout<Channel>, ClientError> {
         let urls = dispatcher_urls(&self.url).map_err(ClientError::Config)?;
         let endpoints = urls
             .iter()
@@ -127,7 +141,7 @@ impl Connection {
         let mut failed = None;
         for (url, endpoint) in urls.iter().zip(endpoints) {
             match endpoint.connect().await {
-                Ok(channel) => return Ok(Timeout::new(channel, CALL_TIMEOUT)),
+                Ok(channel) => return Ok(Timeout::new(channel, deadline)),
                 Err(e) => {
                     failed = Some(ClientError::Unreachable {
                         url: url.clone(),
@@ -160,7 +174,8 @@ pub fn failed_in_transport(s: &tonic::Status) -> bool {
     false
 }
 
-/// Whether a call failed because no answer came within [`CALL_TIMEOUT`].
+/// Whether a call failed because no answer came within its deadline ([`CALL_TIMEOUT`],
+/// [`FETCHING_CALL_TIMEOUT`]).
 pub fn timed_out(s: &tonic::Status) -> bool {
     let mut next: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
     while let Some(e) = next {

@@ -206,7 +206,7 @@ impl Remote {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let c = self.conn.build_client().await?;
+        let c = self.conn.fetching_build_client().await?;
         *slot = Some(c.clone());
         Ok(c)
     }

@@ -167,7 +167,9 @@ pub async fn run(args: DemoArgs) -> Result<i32, CliError> {
         runners.push(tokio::spawn(crate::runner::run(rc, drain, stop)));
     }
 
-    let mut client = super::Connection::plain(url.clone()).build_client().await?;
+    let mut client = super::Connection::plain(url.clone())
+        .fetching_build_client()
+        .await?;
     let mut builds = Vec::new();
     for (commit, label) in [(&good, "passing"), (&bad, "failing")] {
         let b = client

@@ -193,9 +193,11 @@ impl From<tonic::Status> for CliError {
         let what = match s.code() {
             Code::Unavailable => format!("dispatcher unavailable: {}", s.message()),
             _ if crate::client::timed_out(&s) => format!(
-                "no answer from the dispatcher within {} s (does the dispatcher serve TLS? then \
-                 use an https:// URL)",
-                crate::client::CALL_TIMEOUT.as_secs()
+                "no answer from the dispatcher in time ({} s; {} min for a submit or a retry, \
+                 which fetch the repository) (does the dispatcher serve TLS? then use an \
+                 https:// URL)",
+                crate::client::CALL_TIMEOUT.as_secs(),
+                crate::client::FETCHING_CALL_TIMEOUT.as_secs() / 60
             ),
             _ if transport => format!(
                 "{} (does the dispatcher serve TLS? then use an https:// URL)",

@@ -57,7 +57,7 @@ pub(super) async fn cancel(conn: &Connection, json: bool, build: BuildId) -> Res
 
 /// `kiln retry BUILD`: builds the same commit and pipeline again, as a new build.
 pub(super) async fn retry(conn: &Connection, json: bool, build: BuildId) -> Result<i32, CliError> {
-    let mut c = conn.build_client().await?;
+    let mut c = conn.fetching_build_client().await?;
     let b = c
         .retry_build(proto::RetryBuildRequest {
             build_id: build.get(),

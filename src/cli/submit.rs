@@ -93,7 +93,7 @@ pub(super) async fn submit(
 ) -> Result<i32, CliError> {
     let repo = normalize_repo(&args.repo)?;
     let (commit, branch) = submit_revision(&repo, args.commit, args.branch)?;
-    let mut c = conn.build_client().await?;
+    let mut c = conn.fetching_build_client().await?;
     let b = c
         .submit_build(proto::SubmitBuildRequest {
             repo,
