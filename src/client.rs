@@ -48,6 +48,9 @@ pub struct Connection {
     pub token: Option<String>,
     /// TLS files.
     pub tls: crate::tls::ClientTls,
+    /// How long every call waits for an answer, instead of [`CALL_TIMEOUT`] and
+    /// [`FETCHING_CALL_TIMEOUT`] (`--timeout`).
+    pub timeout: Option<Duration>,
 }
 
 impl Connection {
@@ -91,7 +94,7 @@ impl Connection {
     /// Connects a `BuildService` client whose calls wait [`CALL_TIMEOUT`] for an answer.
     pub async fn build_client(&self) -> Result<BuildClient, ClientError> {
         Ok(BuildServiceClient::with_interceptor(
-            self.channel(CALL_TIMEOUT).await?,
+            self.channel(self.timeout.unwrap_or(CALL_TIMEOUT)).await?,
             self.bearer()?,
         ))
     }
@@ -100,7 +103,8 @@ impl Connection {
     /// (`SubmitBuild`, `RetryBuild`, `ReportCommits`): [`FETCHING_CALL_TIMEOUT`].
     pub async fn fetching_build_client(&self) -> Result<BuildClient, ClientError> {
         Ok(BuildServiceClient::with_interceptor(
-            self.channel(FETCHING_CALL_TIMEOUT).await?,
+            self.channel(self.timeout.unwrap_or(FETCHING_CALL_TIMEOUT))
+                .await?,
             self.bearer()?,
         ))
     }
@@ -108,7 +112,7 @@ impl Connection {
     /// Connects a `RunnerAdminService` client.
     pub async fn admin_client(&self) -> Result<AdminClient, ClientError> {
         Ok(RunnerAdminServiceClient::with_interceptor(
-            self.channel(CALL_TIMEOUT).await?,
+            self.channel(self.timeout.unwrap_or(CALL_TIMEOUT)).await?,
             self.bearer()?,
         ))
     }

@@ -2,6 +2,7 @@
 //! (given before or after the command), and the [`Connection`] made from them.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Args;
 
@@ -57,6 +58,21 @@ pub struct ClientArgs {
     /// Client key (PEM) for mutual TLS [env: KILN_TLS_KEY].
     #[arg(long)]
     pub tls_key: Option<PathBuf>,
+    /// How long a call waits for the dispatcher's answer (`10s`, `2m`); a call with no answer
+    /// by then fails with exit code 6 [default: 30s, and 1h for `submit` and `retry`, which
+    /// fetch the repository first].
+    #[arg(long, env = "KILN_TIMEOUT", value_name = "DURATION", value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
+}
+
+/// Parses `--timeout`: a duration from 1 ms to a day.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d =
+        humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (for example 30s or 5m)"))?;
+    if d < Duration::from_millis(1) || d > Duration::from_secs(24 * 3600) {
+        return Err("must be from 1ms to 24h".into());
+    }
+    Ok(d)
 }
 
 /// How `kiln runner` reaches the dispatcher.
@@ -91,6 +107,7 @@ impl From<RunnerClientArgs> for ClientArgs {
             tls_ca: r.tls_ca,
             tls_cert: r.tls_cert,
             tls_key: r.tls_key,
+            timeout: None,
         }
     }
 }
@@ -104,6 +121,7 @@ impl ClientArgs {
             tls_ca: self.tls_ca.or(other.tls_ca),
             tls_cert: self.tls_cert.or(other.tls_cert),
             tls_key: self.tls_key.or(other.tls_key),
+            timeout: self.timeout.or(other.timeout),
         }
     }
 
@@ -137,6 +155,7 @@ impl ClientArgs {
                     .or_else(|| before.tls_key.clone())
                     .or_else(|| env("KILN_TLS_KEY").map(PathBuf::from)),
             },
+            timeout: self.timeout,
         }
     }
 }

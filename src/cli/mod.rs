@@ -193,9 +193,9 @@ impl From<tonic::Status> for CliError {
         let what = match s.code() {
             Code::Unavailable => format!("dispatcher unavailable: {}", s.message()),
             _ if crate::client::timed_out(&s) => format!(
-                "no answer from the dispatcher in time ({} s; {} min for a submit or a retry, \
-                 which fetch the repository) (does the dispatcher serve TLS? then use an \
-                 https:// URL)",
+                "no answer from the dispatcher in time (--timeout; by default {} s, and {} min \
+                 for a submit or a retry, which fetch the repository) (does the dispatcher \
+                 serve TLS? then use an https:// URL)",
                 crate::client::CALL_TIMEOUT.as_secs(),
                 crate::client::FETCHING_CALL_TIMEOUT.as_secs() / 60
             ),

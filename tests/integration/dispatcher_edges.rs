@@ -1,6 +1,8 @@
 //! The dispatcher's edges against a real `kiln serve`: undecodable requests, oversized runner
 //! names, two spellings of one repository, a plaintext client on a TLS port.
 
+use std::time::Duration;
+
 use kiln::proto;
 use kiln_testkit::fault::*;
 use kiln_testkit::*;
@@ -150,6 +152,45 @@ fn a_plaintext_client_on_a_tls_port_is_told_to_use_https() {
             assert!(out.err().contains("https://"), "{args:?}: {out}");
         }
     }
+}
+
+/// An address that takes connections and never answers (a frozen dispatcher's host accepts
+/// them in its kernel; so does a port that is not a gRPC server): each call ends at its
+/// `--timeout` with exit code 6 and says so, instead of waiting for the connection's keepalive
+/// (half a minute) or, for a request lost as its connection fails, forever.
+#[test]
+fn a_call_nobody_answers_ends_at_its_timeout() {
+    // Never accepted: the kernel completes the handshakes and buffers what the client sends.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    for args in [
+        &["builds"][..],
+        &["show", "1"],
+        &["runners"],
+        &["logs", "1"],
+        &["retry", "1"],
+    ] {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--dispatcher", &url, "--timeout", "1s"]);
+        // Well under the keepalive's 30 s: only the call's own deadline ends it this soon.
+        let out = Proc::kiln(format!("kiln {args:?}"), &all).wait(Duration::from_secs(15));
+        assert_eq!(out.status.code(), Some(6), "{args:?}: {out}");
+        assert!(
+            out.err().contains("no answer from the dispatcher in time"),
+            "{args:?}: {out}"
+        );
+    }
+    let mut cmd = std::process::Command::new(kiln_bin());
+    cmd.args(["builds", "--dispatcher", &url])
+        .env("KILN_TIMEOUT", "500ms");
+    let out = Proc::spawn("kiln builds (KILN_TIMEOUT)", cmd).wait(Duration::from_secs(15));
+    assert_eq!(out.status.code(), Some(6), "{out}");
+    for bad in ["0s", "2d", "soon"] {
+        let out = kiln(&["builds", "--dispatcher", &url, "--timeout", bad]);
+        assert_eq!(out.status.code(), Some(2), "--timeout {bad}: {out}");
+        assert!(out.err().contains("--timeout"), "--timeout {bad}: {out}");
+    }
+    drop(silent);
 }
 
 /// A dispatcher whose data directory is a tmpfs of `size`, a repository whose one step runs

@@ -223,6 +223,7 @@ impl Proc {
         let mut cmd = Command::new(kiln_bin());
         cmd.args(args)
             .env_remove("KILN_DISPATCHER")
+            .env_remove("KILN_TIMEOUT")
             .env_remove("KILN_LOG");
         Proc::spawn(name, cmd)
     }
