@@ -869,17 +869,32 @@ fn print_stage(r: &StageResult, first: Option<&StageResult>, same_runners: Optio
     } else {
         ("", None)
     };
-    figure(
-        "assignments/s",
-        format!("{:.0}/s", r.assignments_per_s),
-        goal,
-        met,
-        &vs(
-            &format!("{:.0}/s", first.assignments_per_s),
-            r.assignments_per_s,
-            first.assignments_per_s,
-        ),
-    );
+    if r.assigned_after_open * 10 < r.jobs {
+        // More runners than queued jobs: each job was handed out as it was queued (at the
+        // submitters' pace), and the few left for after the gate are no rate of the queue.
+        figure(
+            "assignments/s",
+            "n/a".into(),
+            goal,
+            None,
+            &format!(
+                "{} of {} jobs assigned after the gate: the rest went to a free runner as they were queued",
+                r.assigned_after_open, r.jobs
+            ),
+        );
+    } else {
+        figure(
+            "assignments/s",
+            format!("{:.0}/s", r.assignments_per_s),
+            goal,
+            met,
+            &vs(
+                &format!("{:.0}/s", first.assignments_per_s),
+                r.assignments_per_s,
+                first.assignments_per_s,
+            ),
+        );
+    }
     figure(
         "jobs ended/s",
         format!("{:.0}/s", r.ended_per_s),
