@@ -84,26 +84,18 @@ fn one_job_build(repo: &str, commit: String, n: u64) -> NewBuild {
         commit,
         branch: "main".into(),
         trigger: "bench".into(),
-        retry_of: None,
-        error: None,
         jobs: vec![NewJob {
             name: "test".into(),
-            labels: BTreeMap::new(),
             steps: vec![StepSpec {
-                index: 0,
                 name: "test".into(),
                 run: format!("make test # {n}"),
-                env: BTreeMap::new(),
-                timeout_ms: 0,
-                post: None,
-                split: None,
-                junit: Vec::new(),
+                ..Default::default()
             }],
-            needs: vec![],
+            ..Default::default()
         }],
         pipeline_hash: "bench".into(),
         pipeline: ".kiln.yml".into(),
-        params: BTreeMap::new(),
+        ..Default::default()
     }
 }
 

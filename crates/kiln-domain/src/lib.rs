@@ -417,8 +417,9 @@ impl FromStr for StepOutcome {
     }
 }
 
-/// What a runner is told to run for one step.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What a runner is told to run for one step. `Default` is an empty plain step: name, fill in
+/// the rest (`StepSpec { name, run, ..Default::default() }`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepSpec {
     /// Position in the job (0-based).
     pub index: u32,
@@ -469,7 +470,7 @@ impl PostCondition {
 }
 
 /// A job about to be created, as the pipeline describes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewJob {
     /// Display name.
     pub name: String,
@@ -481,8 +482,8 @@ pub struct NewJob {
     pub needs: Vec<usize>,
 }
 
-/// A build about to be created.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A build about to be created. `Default` is a build of nothing: fill in what it is of.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NewBuild {
     /// Repository URL or absolute path, as submitted.
     pub repo: String,

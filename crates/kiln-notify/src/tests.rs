@@ -34,26 +34,18 @@ fn new_build(commit: char, branch: &str) -> NewBuild {
         commit: commit.to_string().repeat(40),
         branch: branch.into(),
         trigger: "test".into(),
-        retry_of: None,
-        error: None,
         jobs: vec![NewJob {
             name: "test".into(),
-            labels: BTreeMap::new(),
             steps: vec![StepSpec {
-                index: 0,
                 name: "s".into(),
                 run: "true".into(),
-                env: BTreeMap::new(),
-                timeout_ms: 0,
-                post: None,
-                split: None,
-                junit: Vec::new(),
+                ..Default::default()
             }],
-            needs: vec![],
+            ..Default::default()
         }],
         pipeline_hash: String::new(),
         pipeline: commit.to_string(),
-        params: Default::default(),
+        ..Default::default()
     }
 }
 

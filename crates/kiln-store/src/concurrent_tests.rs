@@ -22,14 +22,10 @@ const WRITERS: usize = 8;
 
 fn step(split: Option<SplitSpec>) -> StepSpec {
     StepSpec {
-        index: 0,
         name: "s".into(),
         run: "true".into(),
-        env: BTreeMap::new(),
-        timeout_ms: 0,
-        post: None,
         split,
-        junit: Vec::new(),
+        ..Default::default()
     }
 }
 
@@ -39,21 +35,17 @@ fn build(commit: &str, jobs: Vec<NewJob>, hash: &str) -> NewBuild {
         commit: commit.into(),
         branch: "main".into(),
         trigger: "test".into(),
-        retry_of: None,
-        error: None,
         jobs,
         pipeline_hash: hash.into(),
-        pipeline: String::new(),
-        params: BTreeMap::new(),
+        ..Default::default()
     }
 }
 
 fn plain_job(name: &str) -> NewJob {
     NewJob {
         name: name.into(),
-        labels: BTreeMap::new(),
         steps: vec![step(None)],
-        needs: vec![],
+        ..Default::default()
     }
 }
 
@@ -412,9 +404,8 @@ fn shards_on_two_handles_run_each_unit_once(b: Backend) {
     let jobs = (0..shards)
         .map(|i| NewJob {
             name: format!("shard{i}"),
-            labels: BTreeMap::new(),
             steps: vec![step(Some(spec(i)))],
-            needs: vec![],
+            ..Default::default()
         })
         .collect();
     let d = s.create_build(&build("a", jobs, "")).unwrap();

@@ -1822,28 +1822,18 @@ mod tests {
             commit: "a".repeat(40),
             branch: "main".into(),
             trigger: "test".into(),
-            retry_of: None,
-            error: None,
             jobs: (0..jobs)
                 .map(|i| NewJob {
                     name: format!("job{i}"),
-                    labels: BTreeMap::new(),
                     steps: vec![StepSpec {
-                        index: 0,
                         name: "s".into(),
                         run: "true".into(),
-                        env: BTreeMap::new(),
-                        timeout_ms: 0,
-                        post: None,
-                        split: None,
-                        junit: Vec::new(),
+                        ..Default::default()
                     }],
-                    needs: vec![],
+                    ..Default::default()
                 })
                 .collect(),
-            pipeline_hash: String::new(),
-            pipeline: String::new(),
-            params: Default::default(),
+            ..Default::default()
         }
     }
 
@@ -2263,33 +2253,10 @@ mod delivery_tests {
     }
 
     fn build(s: &dyn TestStore, commit: char) -> BuildDetail {
-        let new = NewBuild {
-            repo: "/tmp/repo".into(),
-            commit: commit.to_string().repeat(40),
-            branch: "main".into(),
-            trigger: "test".into(),
-            retry_of: None,
-            error: None,
-            jobs: vec![kiln_domain::NewJob {
-                name: "j".into(),
-                labels: BTreeMap::new(),
-                steps: vec![StepSpec {
-                    index: 0,
-                    name: "s".into(),
-                    run: "true".into(),
-                    env: BTreeMap::new(),
-                    timeout_ms: 0,
-                    post: None,
-                    split: None,
-                    junit: Vec::new(),
-                }],
-                needs: vec![],
-            }],
-            pipeline_hash: String::new(),
-            pipeline: String::new(),
-            params: Default::default(),
-        };
-        s.create_build(&new).unwrap()
+        s.create_build(&crate::testing::one_job_build(
+            &commit.to_string().repeat(40),
+        ))
+        .unwrap()
     }
 
     /// Planning is idempotent per (build, event, target), marks make a build planned, due

@@ -297,31 +297,21 @@ pub(crate) fn check_tallies(s: &dyn TestStore) {
 /// A build of `commit` with one job of one step (`true`).
 pub(crate) fn one_job_build(commit: &str) -> kiln_domain::NewBuild {
     use kiln_domain::{NewBuild, NewJob, StepSpec};
-    use std::collections::BTreeMap;
     NewBuild {
         repo: "/tmp/repo".into(),
         commit: commit.into(),
         branch: "main".into(),
         trigger: "test".into(),
-        retry_of: None,
-        error: None,
         jobs: vec![NewJob {
             name: "j".into(),
-            labels: BTreeMap::new(),
             steps: vec![StepSpec {
-                index: 0,
                 name: "s".into(),
                 run: "true".into(),
-                env: BTreeMap::new(),
-                timeout_ms: 0,
-                post: None,
-                split: None,
-                junit: Vec::new(),
+                ..Default::default()
             }],
-            needs: vec![],
+            ..Default::default()
         }],
         pipeline_hash: commit.into(),
-        pipeline: String::new(),
-        params: BTreeMap::new(),
+        ..Default::default()
     }
 }

@@ -22,14 +22,10 @@ const KEY: &str = "tests";
 
 fn step(spec: Option<SplitSpec>) -> StepSpec {
     StepSpec {
-        index: 0,
         name: "tests".into(),
         run: "pytest {units}".into(),
-        env: BTreeMap::new(),
-        timeout_ms: 0,
-        post: None,
         split: spec,
-        junit: Vec::new(),
+        ..Default::default()
     }
 }
 
@@ -44,7 +40,6 @@ fn split_build(
     let jobs = (0..shards)
         .map(|shard| NewJob {
             name: format!("tests-{shard}"),
-            labels: BTreeMap::new(),
             steps: vec![step(Some(SplitSpec {
                 key: KEY.into(),
                 shards,
@@ -54,7 +49,7 @@ fn split_build(
                 retry: retry.clone(),
                 max_batch: 0,
             }))],
-            needs: vec![],
+            ..Default::default()
         })
         .collect();
     let d = s
@@ -63,12 +58,8 @@ fn split_build(
             commit: commit.to_string().repeat(40),
             branch: "main".into(),
             trigger: "test".into(),
-            retry_of: None,
-            error: None,
             jobs,
-            pipeline_hash: String::new(),
-            pipeline: String::new(),
-            params: Default::default(),
+            ..Default::default()
         })
         .unwrap();
     d.jobs.iter().map(|j| j.id).collect()
