@@ -50,6 +50,88 @@ fn wait_log(server: &Server, id: u64, needle: &str) {
     );
 }
 
+/// A step that says `attempt N starts`, waits (at most 2 minutes) for the file `flag`, then says
+/// `attempt N done`.
+fn waiting_step(marker: &str, flag: &std::path::Path) -> String {
+    one_step(
+        "wait",
+        marker,
+        &format!(
+            "echo \"attempt $KILN_ATTEMPT_ID starts\"\n{}\necho \"attempt $KILN_ATTEMPT_ID done\"",
+            wait_flag_sh(flag)
+        ),
+        "",
+    )
+}
+
+/// A build of one [`waiting_step`] job running on one of two runners (r1, r2), its first
+/// attempt started: the test does something to the runner holding it, and the job moves.
+struct MovingJob {
+    server: Server,
+    runners: [Proc; 2],
+    flag: std::path::PathBuf,
+    id: u64,
+    first: u64,
+    /// Which of `runners` holds the first attempt.
+    victim: usize,
+    survivor: &'static str,
+    marker: String,
+    _reaper: MarkerReaper,
+}
+
+impl MovingJob {
+    fn start(tmp: &std::path::Path, test: &str) -> MovingJob {
+        let marker = marker(test);
+        let reaper = MarkerReaper(marker.clone());
+        let flag = tmp.join("go");
+        let (repo, sha) = Repo::with_pipeline(&tmp.join("repo"), &waiting_step(&marker, &flag));
+        let server = Server::start(&tmp.join("data"), SHORT_HEARTBEATS);
+        let runners = [server.runner(tmp, "r1", &[]), server.runner(tmp, "r2", &[])];
+        server.wait_runners_attached(&["r1", "r2"]);
+        let id = id_of(&server.submit(&repo.path, &sha));
+        let b = server.wait_build(id, "running", LONG, |b| b["state"] == "running");
+        let first = job0(&b)["attempt_id"].as_u64().unwrap();
+        let (victim, survivor) = if job0(&b)["runner"] == "r1" {
+            (0, "r2")
+        } else {
+            (1, "r1")
+        };
+        wait_log(&server, id, &format!("attempt {first} starts\n"));
+        MovingJob {
+            server,
+            runners,
+            flag,
+            id,
+            first,
+            victim,
+            survivor,
+            marker,
+            _reaper: reaper,
+        }
+    }
+
+    /// Waits for the job's second attempt on the other runner, lets it finish, and checks that
+    /// the build passed there with only that attempt's output complete. Returns the build.
+    fn passes_on_the_survivor(&self) -> serde_json::Value {
+        let (server, id, survivor) = (&self.server, self.id, self.survivor);
+        let b = server.wait_build(id, &format!("the job to move to {survivor}"), LONG, |b| {
+            job0(b)["runner"] == survivor && job0(b)["attempts"] == 2
+        });
+        let second = job0(&b)["attempt_id"].as_u64().unwrap();
+        wait_log(server, id, &format!("attempt {second} starts\n"));
+        std::fs::write(&self.flag, b"").unwrap();
+        let b = server.wait_final(id, LONG);
+        assert_eq!(b["state"], "passed", "{b}");
+        assert_eq!(job0(&b)["attempts"], 2, "{b}");
+        assert_eq!(job0(&b)["runner"], survivor, "{b}");
+        let text = logs(server, id);
+        assert!(text.contains(&format!("attempt {second} done\n")), "{text}");
+        let first = self.first;
+        assert!(!text.contains(&format!("attempt {first} done\n")), "{text}");
+        b
+    }
+}
+
 fn wait_no_processes(what: &str, timeout: Duration, mut left: impl FnMut() -> Vec<(i32, String)>) {
     wait_for(what, timeout, || {
         let l = left();
@@ -596,49 +678,11 @@ fn dispatcher_ends_a_wedged_runners_job_at_its_deadline() {
 #[test]
 fn killed_runners_job_passes_elsewhere_with_one_lost_attempt() {
     let tmp = tempdir();
-    let marker = marker("death");
-    let _reaper = MarkerReaper(marker.clone());
-    let flag = tmp.path().join("go");
-    let pipeline = one_step(
-        "wait",
-        &marker,
-        &format!(
-            "echo \"attempt $KILN_ATTEMPT_ID starts\"\n{}\necho \"attempt $KILN_ATTEMPT_ID done\"",
-            wait_flag_sh(&flag)
-        ),
-        "",
-    );
-    let (repo, sha) = Repo::with_pipeline(&tmp.path().join("repo"), &pipeline);
-    let server = Server::start(&tmp.path().join("data"), SHORT_HEARTBEATS);
-    let mut runners = [
-        server.runner(tmp.path(), "r1", &[]),
-        server.runner(tmp.path(), "r2", &[]),
-    ];
-    server.wait_runners_attached(&["r1", "r2"]);
-    let id = id_of(&server.submit(&repo.path, &sha));
-    let b = server.wait_build(id, "running", LONG, |b| b["state"] == "running");
-    let first = job0(&b)["attempt_id"].as_u64().unwrap();
-    let victim = job0(&b)["runner"].as_str().unwrap().to_string();
-    let (v, survivor) = if victim == "r1" { (0, "r2") } else { (1, "r1") };
-    wait_log(&server, id, &format!("attempt {first} starts\n"));
-
-    runners[v].signal(Signal::SIGKILL);
-    runners[v].wait(LONG);
-    let b = server.wait_build(id, &format!("the job to move to {survivor}"), LONG, |b| {
-        job0(b)["runner"] == survivor && job0(b)["attempts"] == 2
-    });
-    let second = job0(&b)["attempt_id"].as_u64().unwrap();
-    wait_log(&server, id, &format!("attempt {second} starts\n"));
-    std::fs::write(&flag, b"").unwrap();
-    let b = server.wait_final(id, LONG);
-    let job = job0(&b);
-    assert_eq!(b["state"], "passed", "{b}");
-    assert_eq!(job["attempts"], 2, "{b}");
-    assert_eq!(job["lost_attempts"], 1, "{b}");
-    assert_eq!(job["runner"], survivor, "{b}");
-    let text = logs(&server, id);
-    assert!(text.contains(&format!("attempt {second} done\n")), "{text}");
-    assert!(!text.contains(&format!("attempt {first} done\n")), "{text}");
+    let mut m = MovingJob::start(tmp.path(), "death");
+    m.runners[m.victim].signal(Signal::SIGKILL);
+    m.runners[m.victim].wait(LONG);
+    let b = m.passes_on_the_survivor();
+    assert_eq!(job0(&b)["lost_attempts"], 1, "{b}");
 }
 
 /// `kiln runners drain` on a runner (with a free slot) in the middle of a job: no new job goes
@@ -649,15 +693,7 @@ fn drained_runner_finishes_its_job_takes_no_more_and_exits() {
     let marker = marker("drain");
     let _reaper = MarkerReaper(marker.clone());
     let flag = tmp.path().join("go");
-    let pipeline = one_step(
-        "wait",
-        &marker,
-        &format!(
-            "echo \"attempt $KILN_ATTEMPT_ID starts\"\n{}\necho \"attempt $KILN_ATTEMPT_ID done\"",
-            wait_flag_sh(&flag)
-        ),
-        "",
-    );
+    let pipeline = waiting_step(&marker, &flag);
     let (repo, sha) = Repo::with_pipeline(&tmp.path().join("repo"), &pipeline);
     let sha2 = repo.commit(&[("second.txt", b"2")], "second");
     let server = Server::start(&tmp.path().join("data"), SHORT_HEARTBEATS);
@@ -712,31 +748,9 @@ fn drained_runner_finishes_its_job_takes_no_more_and_exits() {
 #[test]
 fn second_sigterm_hands_the_job_back() {
     let tmp = tempdir();
-    let marker = marker("handback");
-    let _reaper = MarkerReaper(marker.clone());
-    let flag = tmp.path().join("go");
-    let pipeline = one_step(
-        "wait",
-        &marker,
-        &format!(
-            "echo \"attempt $KILN_ATTEMPT_ID starts\"\n{}\necho \"attempt $KILN_ATTEMPT_ID done\"",
-            wait_flag_sh(&flag)
-        ),
-        "",
-    );
-    let (repo, sha) = Repo::with_pipeline(&tmp.path().join("repo"), &pipeline);
-    let server = Server::start(&tmp.path().join("data"), SHORT_HEARTBEATS);
-    let mut runners = [
-        server.runner(tmp.path(), "r1", &[]),
-        server.runner(tmp.path(), "r2", &[]),
-    ];
-    server.wait_runners_attached(&["r1", "r2"]);
-    let id = id_of(&server.submit(&repo.path, &sha));
-    let b = server.wait_build(id, "running", LONG, |b| b["state"] == "running");
-    let first = job0(&b)["attempt_id"].as_u64().unwrap();
-    let victim = job0(&b)["runner"].as_str().unwrap().to_string();
-    let (v, survivor) = if victim == "r1" { (0, "r2") } else { (1, "r1") };
-    wait_log(&server, id, &format!("attempt {first} starts\n"));
+    let mut m = MovingJob::start(tmp.path(), "handback");
+    let (v, first, marker) = (m.victim, m.first, m.marker.clone());
+    let runners = &mut m.runners;
 
     runners[v].signal(Signal::SIGTERM);
     wait_for("the runner to start draining", LONG, || {
@@ -755,18 +769,5 @@ fn second_sigterm_hands_the_job_back() {
         Duration::from_secs(10),
         || attempt_processes(&marker, first),
     );
-    let b = server.wait_build(id, &format!("the job to go to {survivor}"), LONG, |b| {
-        job0(b)["runner"] == survivor && job0(b)["attempts"] == 2
-    });
-    let second = job0(&b)["attempt_id"].as_u64().unwrap();
-    wait_log(&server, id, &format!("attempt {second} starts\n"));
-    std::fs::write(&flag, b"").unwrap();
-    let b = server.wait_final(id, LONG);
-    let job = job0(&b);
-    assert_eq!(b["state"], "passed", "{b}");
-    assert_eq!(job["attempts"], 2, "{b}");
-    assert_eq!(job["runner"], survivor, "{b}");
-    let text = logs(&server, id);
-    assert!(text.contains(&format!("attempt {second} done\n")), "{text}");
-    assert!(!text.contains(&format!("attempt {first} done\n")), "{text}");
+    m.passes_on_the_survivor();
 }
