@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::MutexGuard;
 
 use crate::group_commit::GroupCommit;
 
@@ -369,21 +369,17 @@ pub struct SqliteStore {
     readers: Option<ReadPool>,
 }
 
-/// Read-only connections of one database file, opened as needed, kept up to [`ReadPool::KEEP`].
-pub(crate) struct ReadPool {
+/// Opens the read-only connections of one database file for the [`ReadPool`].
+#[derive(Debug)]
+pub(crate) struct ReadOnly {
     path: std::path::PathBuf,
-    idle: Mutex<Vec<Connection>>,
 }
 
-impl ReadPool {
-    /// Idle connections kept for reuse (more are opened when more reads run at once).
-    const KEEP: usize = 8;
+impl r2d2::ManageConnection for ReadOnly {
+    type Connection = Connection;
+    type Error = rusqlite::Error;
 
-    fn take(&self) -> Result<Connection> {
-        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        if let Some(c) = idle {
-            return Ok(c);
-        }
+    fn connect(&self) -> rusqlite::Result<Connection> {
         let conn = Connection::open_with_flags(
             &self.path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -392,18 +388,39 @@ impl ReadPool {
         Ok(conn)
     }
 
-    fn put(&self, conn: Connection) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < Self::KEEP {
-            idle.push(conn);
-        }
+    fn is_valid(&self, conn: &mut Connection) -> rusqlite::Result<()> {
+        conn.execute_batch("")
     }
+
+    /// A connection whose read transaction could not end is not given to the next reader.
+    fn has_broken(&self, conn: &mut Connection) -> bool {
+        !conn.is_autocommit()
+    }
+}
+
+/// Read-only connections of one database file (`r2d2`), opened as reads need them.
+pub(crate) type ReadPool = r2d2::Pool<ReadOnly>;
+
+/// Reads at once, at most; a read past them waits for one to end (reads take milliseconds).
+const READERS: u32 = 16;
+
+fn read_pool(path: &Path) -> Result<ReadPool> {
+    r2d2::Pool::builder()
+        .max_size(READERS)
+        // Opened when first needed, not all at once at the start.
+        .min_idle(Some(0))
+        // `has_broken` already checks each connection as it is given back.
+        .test_on_check_out(false)
+        .build(ReadOnly {
+            path: path.to_path_buf(),
+        })
+        .map_err(|e| StoreError::Pool(format!("SQLite read connections: {e}")))
 }
 
 /// A connection to read from, inside one read transaction (ended when it is dropped).
 pub(crate) enum ReadConn<'a> {
     /// A pooled read-only connection.
-    Pooled(&'a ReadPool, Option<Connection>),
+    Pooled(r2d2::PooledConnection<ReadOnly>),
     /// The write connection, with no batch open (an in-memory database).
     Writer(MutexGuard<'a, crate::group_commit::WriterState>),
 }
@@ -413,8 +430,7 @@ impl std::ops::Deref for ReadConn<'_> {
 
     fn deref(&self) -> &Connection {
         match self {
-            ReadConn::Pooled(_, Some(c)) => c,
-            ReadConn::Pooled(_, None) => unreachable!("a read connection is only taken on drop"),
+            ReadConn::Pooled(c) => c,
             ReadConn::Writer(w) => &w.conn,
         }
     }
@@ -422,14 +438,10 @@ impl std::ops::Deref for ReadConn<'_> {
 
 impl Drop for ReadConn<'_> {
     fn drop(&mut self) {
-        if let ReadConn::Pooled(pool, conn) = self
-            && let Some(conn) = conn.take()
-        {
+        if let ReadConn::Pooled(conn) = self {
             // A read transaction commits nothing; one that cannot end leaves the connection
-            // unfit for reuse.
-            if conn.execute_batch("COMMIT").is_ok() && conn.is_autocommit() {
-                pool.put(conn);
-            }
+            // in it, and the pool closes it (`has_broken`).
+            let _ = conn.execute_batch("COMMIT");
         }
     }
 }
@@ -491,10 +503,7 @@ impl SqliteStore {
         tx.commit()?;
         Ok(Self {
             writer: GroupCommit::new(conn),
-            readers: path.map(|p| ReadPool {
-                path: p.to_path_buf(),
-                idle: Mutex::new(Vec::new()),
-            }),
+            readers: path.map(read_pool).transpose()?,
         })
     }
 
@@ -502,9 +511,11 @@ impl SqliteStore {
     pub(crate) fn reader(&self) -> Result<ReadConn<'_>> {
         match &self.readers {
             Some(pool) => {
-                let conn = pool.take()?;
+                let conn = pool
+                    .get()
+                    .map_err(|e| StoreError::Pool(format!("SQLite read connections: {e}")))?;
                 conn.execute_batch("BEGIN")?;
-                Ok(ReadConn::Pooled(pool, Some(conn)))
+                Ok(ReadConn::Pooled(conn))
             }
             None => Ok(ReadConn::Writer(self.writer.exclusive())),
         }
