@@ -371,7 +371,9 @@ impl Dispatcher {
         let read = self
             .db(move |s| {
                 let mut ids = open;
-                ids.extend(listed(s, None, newest)?);
+                if newest.is_some() {
+                    ids.extend(listed(s, None, newest)?);
+                }
                 ids.sort_unstable();
                 ids.dedup();
                 let mut out = Vec::with_capacity(ids.len());

@@ -681,3 +681,38 @@ async fn watchers_are_told_the_states_a_bus_gap_lost() {
     .await
     .expect("no event of the build's end within 20 s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_for_an_attempt_that_moved_away_is_not_recorded_before_its_output() {
+    let OnA {
+        a,
+        stop_a: _stop_a,
+        b,
+        tx,
+        mut out,
+        welcome,
+        job,
+        attempt,
+        _stop_b,
+        _dirs,
+        ..
+    } = running_on_a().await;
+    acked_output(&tx, &mut out, attempt, 1..=2, b"on A\n").await;
+    // The runner re-attaches to B; A lets go of the attempt.
+    let (_btx, _bout, bw) = attach(&b, "r1", vec![attempt], &welcome.session_secret).await;
+    assert!(bw.stale_attempts.is_empty(), "{bw:?}");
+    wait_until("A dropped the moved attempt", || {
+        !a.state().attempts.contains_key(&attempt)
+    })
+    .await;
+    // A result on the old stream to A claiming output that was never stored: refused, and
+    // the job does not end.
+    tx.send(finished(attempt, JobState::Passed, 5))
+        .await
+        .unwrap();
+    match next(&mut out).await.unwrap() {
+        Out::Refused(r) => assert_eq!(r.attempt_id, attempt),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(a.get_job(job).await.unwrap().state, JobState::Running);
+}
