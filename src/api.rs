@@ -252,24 +252,10 @@ impl BuildService for BuildApi {
         let follow = r.follow;
         let mut offset = r.offset;
         tokio::spawn(async move {
-            // Once the job ended, what is stored is the whole log: a follower reads to the
-            // stored length, whichever message told this dispatcher of the end (with several
-            // dispatchers, the last growth message of a job run elsewhere can come after it).
-            let mut stored: Option<u64> = None;
             loop {
                 let p = *progress.borrow_and_update();
-                if p.done.is_some() && stored.is_none() {
-                    match d.log_len(job).await {
-                        Ok(len) => stored = Some(len),
-                        Err(e) => {
-                            let _ = tx.send(Err(status(e))).await;
-                            return;
-                        }
-                    }
-                }
-                let len = p.len.max(stored.unwrap_or(0));
-                if offset < len {
-                    match d.read_log(job, offset, len, FOLLOW_READ_BYTES).await {
+                if offset < p.len {
+                    match d.read_log(job, offset, p.len, FOLLOW_READ_BYTES).await {
                         Ok(read) => {
                             for f in read.frames {
                                 let chunk = proto::LogChunk {

@@ -8,12 +8,15 @@
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use kiln_domain::{AttemptId, DispatcherId, Event, JobState, now_millis};
-use kiln_store::{BusMessage, BusReceiver, BusSender, DISPATCHER_LEASE_MS, Heard, Said};
+use kiln_domain::{AttemptId, BuildId, DispatcherId, Event, JobState, now_millis};
+use kiln_store::{
+    BuildFilter, BusMessage, BusReceiver, BusSender, DISPATCHER_LEASE_MS, Heard, Said,
+};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::open_builds::OpenBuilds;
 use super::{DispatchError, Dispatcher, LiveAttempt, error_chain};
 use kiln_domain::protocol::{self, DispatcherMessage};
 
@@ -30,6 +33,9 @@ pub(crate) struct Cluster {
     bus: OnceLock<BusSender>,
     /// Whether the bus listens (it said so once); for tests, which must not send before.
     listening: tokio::sync::watch::Sender<bool>,
+    /// What this dispatcher's watchers were told of the builds that are not final, for the
+    /// resync after a bus gap (`resync_watchers`).
+    open: std::sync::Mutex<OpenBuilds>,
     /// When this dispatcher's row was last refreshed (`None` before the first round).
     last_seen: std::sync::Mutex<Option<Instant>>,
     /// Tests: how many of the next messages are lost on the way (a broken bus connection).
@@ -47,6 +53,7 @@ impl Cluster {
             config,
             bus: OnceLock::new(),
             listening: tokio::sync::watch::Sender::new(false),
+            open: std::sync::Mutex::default(),
             last_seen: std::sync::Mutex::new(Some(Instant::now())),
             #[cfg(test)]
             lose: std::sync::atomic::AtomicUsize::new(0),
@@ -72,10 +79,49 @@ impl Cluster {
         }
     }
 
+    /// An event was told to this dispatcher's watchers.
+    pub(crate) fn told(&self, event: &Event) {
+        self.open().told(event);
+    }
+
+    fn open(&self) -> std::sync::MutexGuard<'_, OpenBuilds> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// A job's log grew (coalesced by the bus).
     pub(crate) fn log(&self, job: kiln_domain::JobId, len: u64) {
         if let Some(bus) = self.bus.get() {
             bus.log(job, len);
+        }
+    }
+}
+
+/// The ids of the builds in `state` (any when `None`), newest first, down to (not including)
+/// `after` when given; read in pages.
+fn listed(
+    s: &dyn kiln_store::Store,
+    state: Option<JobState>,
+    after: Option<BuildId>,
+) -> Result<Vec<BuildId>, kiln_store::StoreError> {
+    const PAGE: u32 = 1000;
+    let mut out = Vec::new();
+    let mut before = None;
+    loop {
+        let page = s.list_builds(&BuildFilter {
+            state,
+            before,
+            limit: PAGE,
+            ..BuildFilter::default()
+        })?;
+        for b in &page {
+            if after.is_some_and(|a| b.id <= a) {
+                return Ok(out);
+            }
+            out.push(b.id);
+        }
+        match page.last() {
+            Some(last) if page.len() == PAGE as usize => before = Some(last.id),
+            _ => return Ok(out),
         }
     }
 }
@@ -133,6 +179,8 @@ impl Dispatcher {
                         self.kick();
                         // Log growth and ends of jobs run elsewhere: read from the store.
                         self.resync_followers().await;
+                        // State changes made elsewhere: watchers are told what they missed.
+                        self.resync_watchers().await;
                     }
                     None => return,
                 },
@@ -287,6 +335,78 @@ impl Dispatcher {
         }
     }
 
+    /// After the bus may have lost messages: this dispatcher's watchers (`WatchBuilds`, the
+    /// web page's `/events`, the notifier) are told, from the store, every state they missed
+    /// of the builds that were open (and of builds created since the newest known): one
+    /// event per job whose state is not the one last told, then the build's. At the bus's
+    /// first listen (the dispatcher's start) it only notes the open builds and the newest.
+    pub(crate) async fn resync_watchers(&self) {
+        let Some(c) = &self.inner.cluster else {
+            return;
+        };
+        if !c.open().seeded() {
+            let seed = self
+                .db(|s| {
+                    let newest = s
+                        .list_builds(&BuildFilter {
+                            limit: 1,
+                            ..BuildFilter::default()
+                        })?
+                        .first()
+                        .map_or(BuildId::new(0), |b| b.id);
+                    let mut open = Vec::new();
+                    for state in [JobState::Queued, JobState::Assigned, JobState::Running] {
+                        open.extend(listed(s, Some(state), None)?);
+                    }
+                    Ok((open, newest))
+                })
+                .await;
+            match seed {
+                Ok((open, newest)) => c.open().seed(open, newest),
+                Err(e) => tracing::warn!(cause = %error_chain(&e), "cannot list the open builds"),
+            }
+            return;
+        }
+        let (open, newest, since) = c.open().to_check();
+        let read = self
+            .db(move |s| {
+                let mut ids = open;
+                if newest.is_some() {
+                    ids.extend(listed(s, None, newest)?);
+                }
+                ids.sort_unstable();
+                ids.dedup();
+                let mut out = Vec::with_capacity(ids.len());
+                for id in ids {
+                    out.push((id, s.get_build(id)?));
+                }
+                Ok(out)
+            })
+            .await;
+        let read = match read {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(cause = %error_chain(&e), "cannot re-read the open builds");
+                return;
+            }
+        };
+        let missed: Vec<Event> = {
+            let mut o = c.open();
+            read.iter()
+                .flat_map(|(id, d)| o.missed(*id, d.as_ref(), since))
+                .collect()
+        };
+        if !missed.is_empty() {
+            tracing::info!(
+                events = missed.len(),
+                "told watchers the state changes the bus may have lost"
+            );
+        }
+        for e in missed {
+            let _ = self.inner.events.send(e);
+        }
+    }
+
     /// Another dispatcher's message.
     async fn on_bus(&self, m: BusMessage) {
         #[cfg(test)]
@@ -326,15 +446,16 @@ impl Dispatcher {
     /// Another dispatcher's state change: for this one's watchers, followers and scheduler.
     fn on_remote_event(&self, event: Event) {
         let (job, state) = (event.job_id, event.state);
+        if let Some(c) = &self.inner.cluster {
+            c.told(&event);
+        }
         let _ = self.inner.events.send(event);
         if let Some(job) = job
             && state.is_final()
         {
-            // Its followers here end at the log's stored length: the bus's growth messages
-            // are coalesced and may not have told this hub of the job's last output yet (a
-            // follower through this dispatcher then missed the log's tail).
-            let d = self.clone();
-            tokio::spawn(async move { d.settle_follow(job, state).await });
+            // Its followers here end at the log's stored length (the bus's growth messages
+            // are coalesced and may not have told this hub of the job's last output yet).
+            self.job_ended(job, state);
         }
         // A job became queued (a new build, a lost runner) or ended (its dependents may be
         // ready): this dispatcher's runners may take it.

@@ -7,11 +7,12 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use kiln_domain::{AttemptId, Event, JobId, JobState};
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use super::tests::{Inbound, Outbound, assigned, build, finished, m, next, output};
+use super::tests::{
+    Inbound, Outbound, assigned, attach_with as attach, build, finished, m, next, output,
+};
 use super::{Config, Dispatcher, RunnerState};
 use kiln_domain::protocol::{self, DispatcherMessage as Out, RunnerMessage as In};
 
@@ -31,33 +32,6 @@ async fn open(url: &str, dir: &std::path::Path) -> (Dispatcher, CancellationToke
         .await
         .expect("the bus listens within 10 s");
     (d, stop)
-}
-
-/// Attaches a runner; returns its streams and Welcome.
-async fn attach(
-    d: &Dispatcher,
-    name: &str,
-    held: Vec<AttemptId>,
-    secret: &str,
-) -> (Inbound, Outbound, protocol::Welcome) {
-    let (tx, rx) = mpsc::channel(64);
-    let mut out = d.attach(ReceiverStream::new(rx));
-    tx.send(m(In::Hello(protocol::Hello {
-        name: name.into(),
-        labels: Default::default(),
-        slots: 1,
-        version: "test".into(),
-        held_attempts: held,
-        token: String::new(),
-        session_secret: secret.into(),
-    })))
-    .await
-    .unwrap();
-    let first = next(&mut out).await.unwrap();
-    let Out::Welcome(w) = first else {
-        panic!("expected a welcome, got {first:?}")
-    };
-    (tx, out, w)
 }
 
 fn accepted(a: AttemptId) -> Result<In, protocol::StreamError> {
@@ -90,6 +64,52 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Two dispatchers A and B on one throwaway database, each with its own data dir.
+struct Two {
+    url: String,
+    a: Dispatcher,
+    stop_a: CancellationToken,
+    b: Dispatcher,
+    stop_b: CancellationToken,
+    dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+async fn two() -> Two {
+    let url = kiln_pgtest::database().unwrap();
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, stop_a) = open(&url, dirs.0.path()).await;
+    let (b, stop_b) = open(&url, dirs.1.path()).await;
+    Two {
+        url,
+        a,
+        stop_a,
+        b,
+        stop_b,
+        dirs,
+    }
+}
+
+/// Breaks `d`'s bus connection (as a network fault would): listening again, it says it may
+/// have missed messages.
+fn break_bus(url: &str, d: &Dispatcher) {
+    let me = d.inner.cluster.as_ref().unwrap().me;
+    let killed = kiln_pgtest::query(
+        url,
+        &format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'kiln-bus-{me}' AND datname = current_database()"
+        ),
+    )
+    .unwrap();
+    assert_eq!(killed.len(), 1, "the bus connection not found: {killed:?}");
+}
+
+/// Sets whether `d` loses every bus message it hears.
+fn deaf(d: &Dispatcher, deaf: bool) {
+    let c = d.inner.cluster.as_ref().unwrap();
+    c.deaf.store(deaf, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// Two dispatchers on one database, a runner `r1` attached to A, and a one-job build
 /// submitted to B running on it (B saw it start).
 struct OnA {
@@ -109,10 +129,14 @@ struct OnA {
 }
 
 async fn running_on_a() -> OnA {
-    let url = kiln_pgtest::database().unwrap();
-    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, stop_a) = open(&url, dirs.0.path()).await;
-    let (b, stop_b) = open(&url, dirs.1.path()).await;
+    let Two {
+        url,
+        a,
+        stop_a,
+        b,
+        stop_b,
+        dirs,
+    } = two().await;
     let (tx, mut out, welcome) = attach(&a, "r1", vec![], "").await;
     let detail = build(&b, 1).await;
     let job = detail.jobs[0].id;
@@ -156,10 +180,14 @@ async fn acked_output(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_submitted_to_one_dispatcher_runs_on_the_others_runner() {
-    let url = kiln_pgtest::database().unwrap();
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, _sa) = open(&url, da.path()).await;
-    let (b, _sb) = open(&url, db.path()).await;
+    let Two {
+        a,
+        stop_a: _stop_a,
+        b,
+        stop_b: _stop_b,
+        dirs: _dirs,
+        ..
+    } = two().await;
     let (tx, mut out, _) = attach(&a, "r1", vec![], "").await;
     let mut events = b.subscribe();
     let detail = build(&b, 1).await;
@@ -188,10 +216,14 @@ async fn a_build_submitted_to_one_dispatcher_runs_on_the_others_runner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_dispatchers_never_give_out_one_job_twice() {
-    let url = kiln_pgtest::database().unwrap();
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, _sa) = open(&url, da.path()).await;
-    let (b, _sb) = open(&url, db.path()).await;
+    let Two {
+        a,
+        stop_a: _stop_a,
+        b,
+        stop_b: _stop_b,
+        dirs: _dirs,
+        ..
+    } = two().await;
     const JOBS: usize = 12;
     let stop = CancellationToken::new();
     let mut runners = Vec::new();
@@ -247,10 +279,14 @@ async fn two_dispatchers_never_give_out_one_job_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_and_a_drain_reach_a_runner_held_by_another_dispatcher() {
-    let url = kiln_pgtest::database().unwrap();
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, _sa) = open(&url, da.path()).await;
-    let (b, _sb) = open(&url, db.path()).await;
+    let Two {
+        a,
+        stop_a: _stop_a,
+        b,
+        stop_b: _stop_b,
+        dirs: _dirs,
+        ..
+    } = two().await;
     let (tx, mut out, _) = attach(&a, "r1", vec![], "").await;
     let mut events = b.subscribe();
     let detail = build(&b, 1).await;
@@ -354,13 +390,10 @@ async fn a_follower_catches_up_when_the_bus_may_have_lost_messages() {
         attempt,
         ..
     } = running_on_a().await;
-    let cluster = b.inner.cluster.as_ref().unwrap();
     let mut progress = b.follow(job).await.unwrap();
     let start = progress.borrow().len;
     // B hears nothing of the output stored through A...
-    cluster
-        .deaf
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    deaf(&b, true);
     acked_output(&tx, &mut out, attempt, 1..=3, b"through A\n").await;
     let logs = a.inner.logs.clone();
     let len = tokio::task::spawn_blocking(move || logs.len(job))
@@ -370,16 +403,7 @@ async fn a_follower_catches_up_when_the_bus_may_have_lost_messages() {
     assert!(len > start, "no output stored");
     // ...then its bus connection breaks: listening again, it may have missed messages, and
     // its follower learns the stored length from the database.
-    let killed = kiln_pgtest::query(
-        &url,
-        &format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE application_name = 'kiln-bus-{}' AND datname = current_database()",
-            cluster.me
-        ),
-    )
-    .unwrap();
-    assert_eq!(killed.len(), 1, "B's bus connection not found: {killed:?}");
+    break_bus(&url, &b);
     tokio::time::timeout(Duration::from_secs(20), progress.wait_for(|p| p.len >= len))
         .await
         .expect("the follower on B saw the stored length within 20 s")
@@ -572,4 +596,123 @@ async fn a_superseded_attempt_held_elsewhere_is_stopped_by_its_owner() {
         }
         other => panic!("expected a cancel, got {other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_through_the_dispatcher_recording_the_end_gets_the_whole_log() {
+    let OnA {
+        a,
+        stop_a: _stop_a,
+        b,
+        tx,
+        mut out,
+        welcome,
+        job,
+        attempt,
+        _stop_b,
+        _dirs,
+        ..
+    } = running_on_a().await;
+    let mut progress = b.follow(job).await.unwrap();
+    // A stores and acknowledges output that B's hub never hears of (its growth messages are
+    // coalesced, and lost when A dies or freezes before sending them)...
+    deaf(&b, true);
+    acked_output(&tx, &mut out, attempt, 1..=3, b"on A\n").await;
+    let stored = a.log_len(job).await.unwrap();
+    // ...then the runner moves to B carrying its attempt, and its result is recorded there.
+    drop(tx);
+    let (btx, mut bout, bw) = attach(&b, "r1", vec![attempt], &welcome.session_secret).await;
+    assert!(bw.stale_attempts.is_empty(), "{bw:?}");
+    btx.send(finished(attempt, JobState::Passed, 3))
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut bout).await.unwrap(), Out::ResultAck(_)));
+    let end = *tokio::time::timeout(
+        Duration::from_secs(20),
+        progress.wait_for(|p| p.done.is_some()),
+    )
+    .await
+    .expect("the follower on B saw the end within 20 s")
+    .unwrap();
+    assert_eq!(end.done, Some(JobState::Passed));
+    assert_eq!(
+        end.len, stored,
+        "the follower on B ended at {} of the stored {stored} bytes",
+        end.len
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_are_told_the_states_a_bus_gap_lost() {
+    let OnA {
+        url,
+        a: _a,
+        stop_a: _stop_a,
+        b,
+        tx,
+        mut out,
+        detail,
+        job,
+        attempt,
+        mut events,
+        _stop_b,
+        _dirs,
+        ..
+    } = running_on_a().await;
+    // The build ends on A while B hears nothing...
+    deaf(&b, true);
+    tx.send(finished(attempt, JobState::Passed, 0))
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut out).await.unwrap(), Out::ResultAck(_)));
+    // ...then B's bus connection breaks: B re-reads the builds it knew open, and its watchers
+    // (still deaf to the bus) are told the job's and the build's ends.
+    break_bus(&url, &b);
+    wait_event(&mut events, job, JobState::Passed).await;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let e = events.recv().await.unwrap();
+            if e.build_id == detail.build.id && e.job_id.is_none() {
+                assert_eq!(e.state, JobState::Passed);
+                return;
+            }
+        }
+    })
+    .await
+    .expect("no event of the build's end within 20 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_for_an_attempt_that_moved_away_is_not_recorded_before_its_output() {
+    let OnA {
+        a,
+        stop_a: _stop_a,
+        b,
+        tx,
+        mut out,
+        welcome,
+        job,
+        attempt,
+        _stop_b,
+        _dirs,
+        ..
+    } = running_on_a().await;
+    acked_output(&tx, &mut out, attempt, 1..=2, b"on A\n").await;
+    // The runner re-attaches to B; A lets go of the attempt.
+    let (_btx, _bout, bw) = attach(&b, "r1", vec![attempt], &welcome.session_secret).await;
+    assert!(bw.stale_attempts.is_empty(), "{bw:?}");
+    wait_until("A dropped the moved attempt", || {
+        !a.state().attempts.contains_key(&attempt)
+    })
+    .await;
+    // A result on the old stream to A claiming output that was never stored: refused, and
+    // the job does not end.
+    tx.send(finished(attempt, JobState::Passed, 5))
+        .await
+        .unwrap();
+    match next(&mut out).await.unwrap() {
+        Out::Refused(r) => assert_eq!(r.attempt_id, attempt),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(a.get_job(job).await.unwrap().state, JobState::Running);
 }

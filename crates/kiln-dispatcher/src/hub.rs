@@ -63,6 +63,11 @@ impl Hub {
         }
     }
 
+    /// Whether `job` has followers now.
+    pub fn is_followed(&self, job: JobId) -> bool {
+        self.jobs().contains_key(&job)
+    }
+
     /// The jobs followed now.
     pub fn followed(&self) -> Vec<JobId> {
         self.jobs().keys().copied().collect()

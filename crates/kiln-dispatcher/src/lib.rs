@@ -14,6 +14,7 @@ mod health;
 mod hub;
 pub mod junit;
 pub mod metrics;
+mod open_builds;
 mod scheduler;
 mod session;
 mod space;
@@ -844,6 +845,7 @@ impl Dispatcher {
     fn emit(&self, event: Event) {
         self.inner.metrics.on_event(&event);
         if let Some(c) = &self.inner.cluster {
+            c.told(&event);
             c.send(kiln_store::Said::Event {
                 event: event.clone(),
             });
@@ -917,7 +919,7 @@ impl Dispatcher {
             self.inner.traces.ended(change.build_id);
         }
         if change.job_state.is_final() {
-            self.inner.hub.finish(change.job_id, change.job_state);
+            self.job_ended(change.job_id, change.job_state);
             self.seal_log(change.job_id);
         }
         for job in &change.skipped {
@@ -927,7 +929,7 @@ impl Dispatcher {
                 state: JobState::Skipped,
                 at,
             });
-            self.inner.hub.finish(*job, JobState::Skipped);
+            self.job_ended(*job, JobState::Skipped);
         }
     }
 
@@ -1705,9 +1707,24 @@ impl Dispatcher {
         Ok(tokio::task::spawn_blocking(move || logs.locate(job, target, limit, &shown)).await??)
     }
 
-    /// Marks a job's followers done if the job already ended (used right after subscribing),
-    /// at the log's stored length: the job may have ended on another dispatcher, after the
-    /// follower's length was read.
+    /// A job ended (recorded here or, with PostgreSQL, told by another dispatcher): its
+    /// followers end at the log's stored length, read now, after the end was committed (see
+    /// `settle_follow`); off the caller's path, and only when the job has followers.
+    pub(crate) fn job_ended(&self, job: JobId, state: JobState) {
+        if !self.inner.hub.is_followed(job) {
+            return;
+        }
+        let d = self.clone();
+        tokio::spawn(async move { d.settle_follow(job, state).await });
+    }
+
+    /// Marks a job's followers done if the job ended, at the log's stored length read now.
+    /// The one place that ends followers (`job_ended`, StreamLogs right after subscribing,
+    /// the bus's resync): the end is recorded only after every byte of output before it is
+    /// stored (`on_job_finished` checks the attempt's last sequence number against the store
+    /// first), so the length read after the end is the whole log; the hub's own length is
+    /// not, as growth it heard of may still be on its way (another dispatcher's coalesced
+    /// `Log`, or this dispatcher's append on another session of the runner).
     pub async fn settle_follow(&self, job: JobId, state: JobState) {
         if !state.is_final() {
             return;

@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use kiln_domain::{AttemptId, JobId, RunnerId, StepResult, now_millis};
+use kiln_domain::{AttemptId, AttemptState, JobId, RunnerId, StepResult, now_millis};
 use kiln_store::{Finish, FrameHeader};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -1312,7 +1312,41 @@ impl Dispatcher {
                     .await
                     .map_err(|e| internal(&e))?;
                 match a {
-                    Some(a) if a.runner_id == runner => None,
+                    Some(a)
+                        if a.runner_id == runner
+                            && !matches!(
+                                a.state,
+                                AttemptState::Offered | AttemptState::Running
+                            ) =>
+                    {
+                        // Ended (a re-sent result): the store's compare-and-set answers.
+                        None
+                    }
+                    Some(a) if a.runner_id == runner => {
+                        // Not held here (it moved, or this dispatcher forgot it): never
+                        // recorded before all of its output is stored.
+                        let (logs, job) = (self.inner.logs.clone(), a.job_id);
+                        let stored =
+                            tokio::task::spawn_blocking(move || logs.last_seq(job, attempt))
+                                .await
+                                .map_err(DispatchError::from)?
+                                .map_err(|e| {
+                                    tracing::error!(cause = %error_chain(&e), "cannot read log");
+                                    DispatchError::Unavailable {
+                                        message: "cannot read the job's log".into(),
+                                    }
+                                })?;
+                        if f.last_seq > stored {
+                            self.inner.metrics.result_refused();
+                            let reason = format!(
+                                "attempt {attempt} is not held here and its output is stored only up to {stored} of {}",
+                                f.last_seq
+                            );
+                            send(tx, stop, refused(attempt, reason)).await;
+                            return Ok(());
+                        }
+                        None
+                    }
                     _ => {
                         self.inner.metrics.result_refused();
                         send(

@@ -64,6 +64,18 @@ pub(crate) fn m(msg: In) -> Result<In, StreamError> {
 }
 
 async fn attach(d: &Dispatcher, name: &str, held: Vec<AttemptId>) -> (Inbound, Outbound, RunnerId) {
+    let (tx, out, w) = attach_with(d, name, held, "").await;
+    (tx, out, w.runner_id)
+}
+
+/// Attaches a runner holding `held` and presenting `secret` (a Welcome's session secret, or
+/// empty); returns its streams and Welcome.
+pub(crate) async fn attach_with(
+    d: &Dispatcher,
+    name: &str,
+    held: Vec<AttemptId>,
+    secret: &str,
+) -> (Inbound, Outbound, protocol::Welcome) {
     let (tx, rx) = mpsc::channel(64);
     let mut out = d.attach(ReceiverStream::new(rx));
     tx.send(m(In::Hello(protocol::Hello {
@@ -73,7 +85,7 @@ async fn attach(d: &Dispatcher, name: &str, held: Vec<AttemptId>) -> (Inbound, O
         version: "test".into(),
         held_attempts: held,
         token: String::new(),
-        session_secret: String::new(),
+        session_secret: secret.into(),
     })))
     .await
     .unwrap();
@@ -81,7 +93,7 @@ async fn attach(d: &Dispatcher, name: &str, held: Vec<AttemptId>) -> (Inbound, O
     let Out::Welcome(w) = first else {
         panic!("expected a welcome, got {first:?}")
     };
-    (tx, out, w.runner_id)
+    (tx, out, w)
 }
 
 /// The next message that is not a heartbeat (`Err` when the stream ended with a status).
