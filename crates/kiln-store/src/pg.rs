@@ -57,7 +57,7 @@ mod split;
 #[cfg(test)]
 pub(crate) use split::history_durations as split_history;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use kiln_domain::{
@@ -154,6 +154,26 @@ impl Db<'_> {
         self.rt.block_on(async {
             let st = self.tx.prepare_cached(sql).await?;
             Ok(self.tx.query_one(&st, params).await?)
+        })
+    }
+
+    /// Runs statements without parameters (`SAVEPOINT`, `ROLLBACK TO SAVEPOINT`).
+    pub(crate) fn batch(&self, sql: &str) -> Result<()> {
+        Ok(self.rt.block_on(self.tx.batch_execute(sql))?)
+    }
+
+    /// Runs `first` (statements without parameters, such as `SAVEPOINT s`) and then a query
+    /// of exactly one row, sent together: one round trip. Inside the transaction, so a
+    /// failure of `first` aborts the transaction and the query fails with it.
+    pub(crate) fn then_query_one(&self, first: &str, sql: &str, params: Params<'_>) -> Result<Row> {
+        self.rt.block_on(async {
+            let st = self.tx.prepare_cached(sql).await?;
+            // Requests go out in the order their futures are first polled (`join!` polls in
+            // order): `first`, then the query, pipelined on the one connection.
+            let (before, row) =
+                tokio::join!(self.tx.batch_execute(first), self.tx.query_one(&st, params));
+            before?;
+            Ok(row?)
         })
     }
 }
@@ -338,6 +358,20 @@ impl PgStore {
         self.run(IsolationLevel::RepeatableRead, true, &f)
     }
 
+    /// One statement on its own, in its own transaction (no `BEGIN` or `COMMIT` sent: one
+    /// round trip), run again while it loses conflicts. Its rows come back after the server's
+    /// `ReadyForQuery`, so after its commit (synchronous_commit: flushed).
+    pub(crate) fn autocommit(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.statement(sql, params) {
+                Err(e) if e.is_conflict() && tries < MAX_TRIES => continue,
+                other => return other,
+            }
+        }
+    }
+
     fn run<T>(
         &self,
         level: IsolationLevel,
@@ -455,15 +489,6 @@ fn attempt_from_row(r: &Row) -> Result<Attempt> {
         runner_id: r.try_get(3)?,
         state: parse_attempt_state(&state)?,
     })
-}
-
-fn load_job(db: &Db<'_>, id: JobId) -> Result<Option<Job>> {
-    db.query_opt(
-        &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"),
-        &[&id],
-    )?
-    .map(|r| job_from_row(&r))
-    .transpose()
 }
 
 fn load_jobs_of(db: &Db<'_>, build: BuildId) -> Result<Vec<Job>> {
@@ -590,18 +615,63 @@ fn settle(db: &Db<'_>, job: JobId, now: Millis) -> Result<Change> {
     let r = db.query_one("SELECT build_id, state FROM jobs WHERE id = $1", &[&job])?;
     let build_id: BuildId = r.try_get(0)?;
     let job_state = parse_state(&r.try_get::<_, String>(1)?)?;
+    settle_known(db, job, build_id, job_state, now)
+}
+
+/// The jobs of a build (id, state, the jobs each needs) and whether a split of the build is
+/// still open, in one statement.
+fn build_jobs(db: &Db<'_>, build: BuildId) -> Result<(Vec<(JobId, JobState, Vec<JobId>)>, bool)> {
+    let rows = db.query(
+        "SELECT id, state, needs, \
+         EXISTS (SELECT 1 FROM splits s WHERE s.build_id = $1 AND NOT s.done) \
+         FROM jobs WHERE build_id = $1",
+        &[&build],
+    )?;
+    let mut open_split = false;
+    let mut jobs = Vec::with_capacity(rows.len());
+    for r in &rows {
+        open_split = r.try_get(3)?;
+        jobs.push((
+            r.try_get(0)?,
+            parse_state(&r.try_get::<_, String>(1)?)?,
+            r.try_get(2)?,
+        ));
+    }
+    Ok((jobs, open_split))
+}
+
+/// [`settle`] for a caller that knows the job's build and the state it just gave the job
+/// (one statement fewer). The same locks in the same order: the build's row, then (rarely)
+/// the rows of a split it closes and of the jobs it skips.
+fn settle_known(
+    db: &Db<'_>,
+    job: JobId,
+    build_id: BuildId,
+    job_state: JobState,
+    now: Millis,
+) -> Result<Change> {
     let old: String = db
         .query_one(
             "SELECT state FROM builds WHERE id = $1 FOR UPDATE",
             &[&build_id],
         )?
         .try_get(0)?;
-    if job_state.is_final() {
+    // Read after the lock (a statement of its own, so a snapshot taken after it).
+    let (mut jobs, open_split) = build_jobs(db, build_id)?;
+    let mut reread = false;
+    if job_state.is_final() && open_split {
         split::close_abandoned_splits(db, build_id, now)?;
+        reread = true;
     }
-    // Jobs waiting on a job that did not pass will never run: skip them, transitively.
+    // Jobs waiting on a job that did not pass will never run: skip them, transitively. (Only
+    // looked for when a queued job of the build needs another job at all.)
     let mut skipped = Vec::new();
-    if job_state.is_final() && job_state != JobState::Passed {
+    if job_state.is_final()
+        && job_state != JobState::Passed
+        && jobs
+            .iter()
+            .any(|(_, s, needs)| *s == JobState::Queued && !needs.is_empty())
+    {
         let mut frontier = vec![(job, job_state)];
         while let Some((failed, how)) = frontier.pop() {
             let ids = db
@@ -632,13 +702,12 @@ fn settle(db: &Db<'_>, job: JobId, now: Millis) -> Result<Change> {
                 frontier.push((id, JobState::Skipped));
             }
         }
+        reread = true;
     }
-    let states = db
-        .query("SELECT state FROM jobs WHERE build_id = $1", &[&build_id])?
-        .iter()
-        .map(|r| parse_state(&r.try_get::<_, String>(0)?))
-        .collect::<Result<Vec<_>>>()?;
-    let new_state = build_state(states);
+    if reread {
+        jobs = build_jobs(db, build_id)?.0;
+    }
+    let new_state = build_state(jobs.iter().map(|(_, s, _)| *s));
     let build_changed = parse_state(&old)? != new_state;
     if build_changed {
         let finished = new_state.is_final().then_some(now);
@@ -655,6 +724,128 @@ fn settle(db: &Db<'_>, job: JobId, now: Millis) -> Result<Change> {
         build_changed,
         skipped,
     })
+}
+
+/// One chunk of [`Store::assign_many`] in one transaction, answered in order (the
+/// transaction's own failure, or a conflict, fails them all and nothing commits).
+///
+/// The locks every writer takes, in the same order: every job's row of the chunk first (one
+/// statement, in id order, so two dispatchers' chunks queue rather than deadlock), then the
+/// builds' rows of the queued ones (id order), then the states of those builds' jobs are read
+/// once: no other writer can commit a change of a job of these builds before this
+/// transaction, since each settles the build (its row lock) before it commits. Then each
+/// assignment is one statement (the attempt's insert and the job's update) in its own
+/// savepoint, sent together with the savepoint: one that fails is rolled back to it and
+/// answered with its error, undoing nothing of the others. Each assignment's `Change` is
+/// computed from the states read and the assignments before it, as `settle` would read them,
+/// and the builds whose state changed are written once at the end.
+fn assign_batch(
+    db: &Db<'_>,
+    batch: &[crate::AssignRequest],
+    now: Millis,
+) -> Result<Vec<Result<Option<(AttemptId, Change)>>>> {
+    let ids: Vec<JobId> = batch.iter().map(|a| a.job).collect();
+    let mut queued: HashMap<JobId, BuildId> = HashMap::new();
+    for r in db.query(
+        "SELECT id, build_id, state FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        &[&ids],
+    )? {
+        if r.try_get::<_, String>(2)? == "queued" {
+            queued.insert(r.try_get(0)?, r.try_get(1)?);
+        }
+    }
+    if queued.is_empty() {
+        return Ok(batch.iter().map(|_| Ok(None)).collect());
+    }
+    let mut builds: Vec<BuildId> = queued.values().copied().collect();
+    builds.sort();
+    builds.dedup();
+    let mut stored: HashMap<BuildId, JobState> = HashMap::new();
+    for r in db.query(
+        "SELECT id, state FROM builds WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        &[&builds],
+    )? {
+        stored.insert(r.try_get(0)?, parse_state(&r.try_get::<_, String>(1)?)?);
+    }
+    // Read after the builds' locks (a statement of its own).
+    let mut states: HashMap<BuildId, HashMap<JobId, JobState>> = HashMap::new();
+    for r in db.query(
+        "SELECT build_id, id, state FROM jobs WHERE build_id = ANY($1)",
+        &[&builds],
+    )? {
+        states
+            .entry(r.try_get(0)?)
+            .or_default()
+            .insert(r.try_get(1)?, parse_state(&r.try_get::<_, String>(2)?)?);
+    }
+    let mut current = stored.clone();
+    let mut out = Vec::with_capacity(batch.len());
+    let mut savepoint = "SAVEPOINT assign";
+    for a in batch {
+        let Some(build_id) = queued.get(&a.job).copied() else {
+            out.push(Ok(None));
+            continue;
+        };
+        let (by, hash) = (
+            a.owner.as_ref().map(|o| o.dispatcher),
+            a.owner.as_ref().map(|o| o.secret_hash.as_str()),
+        );
+        let made = db
+            .then_query_one(
+                savepoint,
+                "WITH a AS (INSERT INTO attempts (job_id, runner_id, state, created_at, owner, \
+                 secret_hash) VALUES ($1, $2, 'offered', $3, $4, $5) RETURNING id) \
+                 UPDATE jobs SET state = 'assigned', current_attempt = a.id, \
+                 attempts = attempts + 1, runner = $6 FROM a WHERE jobs.id = $1 RETURNING a.id",
+                &[&a.job, &a.runner, &now, &by, &hash, &a.runner_name],
+            )
+            .and_then(|r| Ok(r.try_get::<_, AttemptId>(0)?));
+        // The next one releases this savepoint (kept by a rollback to it) and opens its own.
+        savepoint = "RELEASE SAVEPOINT assign; SAVEPOINT assign";
+        let attempt = match made {
+            Ok(attempt) => attempt,
+            // Another writer won a lock cycle: the whole chunk runs again.
+            Err(e) if e.is_conflict() => return Err(e),
+            Err(e) => {
+                db.batch("ROLLBACK TO SAVEPOINT assign")?;
+                out.push(Err(e));
+                continue;
+            }
+        };
+        // The same job twice in a chunk: the second finds it assigned.
+        queued.remove(&a.job);
+        let jobs = states.entry(build_id).or_default();
+        jobs.insert(a.job, JobState::Assigned);
+        let state = build_state(jobs.values().copied());
+        let before = current.insert(build_id, state);
+        out.push(Ok(Some((
+            attempt,
+            Change {
+                build_id,
+                job_id: a.job,
+                job_state: JobState::Assigned,
+                build_state: state,
+                build_changed: before != Some(state),
+                skipped: Vec::new(),
+            },
+        ))));
+    }
+    // The builds whose state changed, in one statement (an assignment never ends a build).
+    let (changed, to): (Vec<BuildId>, Vec<&str>) = builds
+        .iter()
+        .filter_map(|b| {
+            let now_state = current.get(b)?;
+            (stored.get(b) != Some(now_state)).then_some((*b, now_state.as_str()))
+        })
+        .unzip();
+    if !changed.is_empty() {
+        db.execute(
+            "UPDATE builds SET state = u.state, finished_at = NULL \
+             FROM unnest($1::BIGINT[], $2::TEXT[]) AS u(id, state) WHERE builds.id = u.id",
+            &[&changed, &to],
+        )?;
+    }
+    Ok(out)
 }
 
 /// Inserts a build and its jobs; a duplicate of (repo, commit, pipeline) is an error naming
@@ -833,11 +1024,25 @@ impl Store for PgStore {
     }
 
     fn get_build_record(&self, id: BuildId) -> Result<Option<Build>> {
-        self.read(|db| load_build(db, id))
+        // One statement: its own snapshot, no transaction around it (one round trip).
+        self.statement(
+            &format!("SELECT {BUILD_COLUMNS} FROM builds WHERE id = $1"),
+            &[&id],
+        )?
+        .first()
+        .map(build_from_row)
+        .transpose()
     }
 
     fn get_job(&self, id: JobId) -> Result<Option<Job>> {
-        self.read(|db| load_job(db, id))
+        // One statement: its own snapshot, no transaction around it (one round trip).
+        self.statement(
+            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"),
+            &[&id],
+        )?
+        .first()
+        .map(job_from_row)
+        .transpose()
     }
 
     fn list_builds(&self, filter: &BuildFilter) -> Result<Vec<Build>> {
@@ -869,15 +1074,14 @@ impl Store for PgStore {
     }
 
     fn queued_jobs(&self, limit: u32) -> Result<Vec<Job>> {
-        self.read(|db| {
-            db.query(
-                &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE {READY_SQL} ORDER BY id LIMIT $1"),
-                &[&i64::from(limit)],
-            )?
-            .iter()
-            .map(job_from_row)
-            .collect()
-        })
+        // One statement: its own snapshot, no transaction around it (one round trip).
+        self.statement(
+            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE {READY_SQL} ORDER BY id LIMIT $1"),
+            &[&i64::from(limit)],
+        )?
+        .iter()
+        .map(job_from_row)
+        .collect()
     }
 
     fn metrics(&self) -> Result<StoreMetrics> {
@@ -970,83 +1174,107 @@ impl Store for PgStore {
         })
     }
 
+    fn assign_many(
+        &self,
+        batch: &[crate::AssignRequest],
+    ) -> Vec<Result<Option<(AttemptId, Change)>>> {
+        if batch.len() < 2 {
+            return batch
+                .iter()
+                .map(|a| self.assign_owned(a.job, a.runner, &a.runner_name, a.owner.as_ref()))
+                .collect();
+        }
+        let now = now_millis();
+        // READ COMMITTED, one transaction for the chunk: see `assign_batch`.
+        match self.write_committed(|db| assign_batch(db, batch, now)) {
+            Ok(out) => out,
+            Err(e) => {
+                // Nothing of the batch committed: every assignment failed.
+                let why = chain(&e);
+                let mut out = vec![Err(e)];
+                out.extend((1..batch.len()).map(|_| {
+                    Err(StoreError::Pool(format!(
+                        "the transaction of this assignment's batch did not commit: {why}"
+                    )))
+                }));
+                out
+            }
+        }
+    }
+
     fn start_attempt(&self, attempt: AttemptId) -> Result<Option<Change>> {
         let now = now_millis();
         // READ COMMITTED: the compare-and-set is one UPDATE; it takes the job's row lock and
         // re-checks `current_attempt` and `state` on the committed row after any wait.
         self.write_committed(|db| {
-            // One statement: the compare-and-set takes the job's row lock itself.
-            let job: Option<JobId> = db
-                .query_opt(
-                    "UPDATE jobs SET state = 'running', started_at = $1 \
-                     WHERE current_attempt = $2 AND state = 'assigned' RETURNING id",
-                    &[&now, &attempt],
-                )?
-                .map(|r| r.try_get(0))
-                .transpose()?;
-            let Some(job) = job else {
+            // One statement: the compare-and-set takes the job's row lock itself, and the
+            // attempt is marked running only when it succeeded.
+            let row = db.query_opt(
+                "WITH j AS (UPDATE jobs SET state = 'running', started_at = $1 \
+                 WHERE current_attempt = $2 AND state = 'assigned' RETURNING id, build_id), \
+                 a AS (UPDATE attempts SET state = 'running' \
+                 WHERE id = $2 AND EXISTS (SELECT 1 FROM j)) \
+                 SELECT id, build_id FROM j",
+                &[&now, &attempt],
+            )?;
+            let Some(row) = row else {
                 return Ok(None);
             };
-            db.execute(
-                "UPDATE attempts SET state = 'running' WHERE id = $1",
-                &[&attempt],
-            )?;
-            Ok(Some(settle(db, job, now)?))
+            Ok(Some(settle_known(
+                db,
+                row.try_get(0)?,
+                row.try_get(1)?,
+                JobState::Running,
+                now,
+            )?))
         })
     }
 
     fn record_step(&self, attempt: AttemptId, step: &StepResult) -> Result<bool> {
         // READ COMMITTED: the job's row lock (re-checked: this attempt current, the job out on
         // a runner) is held until commit, so the job cannot be finished, lost or ended in
-        // between (those lock it too); the result rows are upserts keyed by (job, step).
+        // between (those lock it too); the result rows are upserts keyed by (job, step). The
+        // lock and the upsert are one statement; a step without test cases or a report note
+        // (most) is that statement alone, in its own transaction: one round trip.
+        const SQL: &str = "WITH j AS (SELECT id, steps FROM jobs WHERE current_attempt = $1 \
+             AND state IN ('assigned', 'running') FOR UPDATE), \
+             r AS (INSERT INTO step_results (job_id, position, attempt_id, outcome, exit_code, \
+             duration_ms) SELECT id, $2::BIGINT, $1::BIGINT, $3::TEXT, $4::INTEGER, $5::BIGINT \
+             FROM j ON CONFLICT (job_id, position) DO UPDATE SET \
+             attempt_id = excluded.attempt_id, outcome = excluded.outcome, \
+             exit_code = excluded.exit_code, duration_ms = excluded.duration_ms) \
+             SELECT steps FROM j";
+        let position = i64::from(step.index);
+        let duration = big(step.duration_ms);
+        let params: [&(dyn ToSql + Sync); 5] = [
+            &attempt,
+            &position,
+            &step.outcome.as_str(),
+            &step.exit_code,
+            &duration,
+        ];
+        if step.cases.is_empty() && step.report_note.is_empty() {
+            return Ok(!self.autocommit(SQL, &params)?.is_empty());
+        }
         self.write_committed(|db| {
-            let row = db.query_opt(
-                "SELECT id, steps FROM jobs WHERE current_attempt = $1 \
-                 AND state IN ('assigned', 'running') FOR UPDATE",
-                &[&attempt],
-            )?;
-            let Some(row) = row else {
+            let Some(row) = db.query_opt(SQL, &params)? else {
                 return Ok(false);
             };
-            let job: JobId = row.try_get(0)?;
+            let steps: String = row.try_get(0)?;
+            let steps: Vec<StepSpec> =
+                serde_json::from_str(&steps).map_err(|e| corrupt("job steps", e))?;
+            let name = steps
+                .iter()
+                .find(|s| s.index == step.index)
+                .map(|s| s.name.clone())
+                .unwrap_or_else(|| format!("step {}", step.index));
+            let cases =
+                serde_json::to_string(&step.cases).map_err(|e| corrupt("test cases", e))?;
             db.execute(
-                "INSERT INTO step_results (job_id, position, attempt_id, outcome, exit_code, \
-                 duration_ms) VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (job_id, position) DO UPDATE SET attempt_id = excluded.attempt_id, \
-                 outcome = excluded.outcome, exit_code = excluded.exit_code, \
-                 duration_ms = excluded.duration_ms",
-                &[
-                    &job,
-                    &i64::from(step.index),
-                    &attempt,
-                    &step.outcome.as_str(),
-                    &step.exit_code,
-                    &big(step.duration_ms),
-                ],
+                "INSERT INTO step_tests (attempt_id, position, step_name, cases, note) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                &[&attempt, &position, &name, &cases, &step.report_note],
             )?;
-            if !step.cases.is_empty() || !step.report_note.is_empty() {
-                let steps: String = row.try_get(1)?;
-                let steps: Vec<StepSpec> =
-                    serde_json::from_str(&steps).map_err(|e| corrupt("job steps", e))?;
-                let name = steps
-                    .iter()
-                    .find(|s| s.index == step.index)
-                    .map(|s| s.name.clone())
-                    .unwrap_or_else(|| format!("step {}", step.index));
-                let cases =
-                    serde_json::to_string(&step.cases).map_err(|e| corrupt("test cases", e))?;
-                db.execute(
-                    "INSERT INTO step_tests (attempt_id, position, step_name, cases, note) \
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                    &[
-                        &attempt,
-                        &i64::from(step.index),
-                        &name,
-                        &cases,
-                        &step.report_note,
-                    ],
-                )?;
-            }
             Ok(true)
         })
     }
@@ -1066,7 +1294,7 @@ impl Store for PgStore {
         self.write_committed(|db| {
             // The job's row lock, then the compare-and-set below decides.
             let row = db.query_opt(
-                "SELECT j.id, j.current_attempt, j.state, a.state FROM attempts a \
+                "SELECT j.id, j.current_attempt, j.state, a.state, j.build_id FROM attempts a \
                  JOIN jobs j ON j.id = a.job_id WHERE a.id = $1 FOR UPDATE OF j",
                 &[&attempt],
             )?;
@@ -1085,11 +1313,18 @@ impl Store for PgStore {
             // The compare-and-set: only the current attempt of a job that is out on a runner
             // may finish it (a lost attempt stays `current_attempt` of its queued job until
             // the job is given out again, and must not finish it).
-            let n = db.execute(
-                "UPDATE jobs SET state = $1, message = $2, finished_at = $3 \
-                 WHERE id = $4 AND current_attempt = $5 AND state IN ('assigned', 'running')",
-                &[&state.as_str(), &message, &now, &job, &attempt],
-            )?;
+            // The attempt is marked finished in the same statement, only when it succeeded.
+            let n: i64 = db
+                .query_one(
+                    "WITH j AS (UPDATE jobs SET state = $1, message = $2, finished_at = $3 \
+                     WHERE id = $4 AND current_attempt = $5 \
+                     AND state IN ('assigned', 'running') RETURNING id), \
+                     a AS (UPDATE attempts SET state = 'finished', finished_at = $3 \
+                     WHERE id = $5 AND EXISTS (SELECT 1 FROM j)) \
+                     SELECT COUNT(*) FROM j",
+                    &[&state.as_str(), &message, &now, &job, &attempt],
+                )?
+                .try_get(0)?;
             if n == 0 {
                 let reason = if current != Some(attempt) {
                     format!(
@@ -1107,12 +1342,9 @@ impl Store for PgStore {
                 )?;
                 return Ok(Finish::Refused(reason));
             }
-            db.execute(
-                "UPDATE attempts SET state = 'finished', finished_at = $1 WHERE id = $2",
-                &[&now, &attempt],
-            )?;
             split::release_units(db, attempt)?;
-            Ok(Finish::Recorded(settle(db, job, now)?))
+            let build: BuildId = row.try_get(4)?;
+            Ok(Finish::Recorded(settle_known(db, job, build, state, now)?))
         })
     }
 
@@ -1213,15 +1445,15 @@ impl Store for PgStore {
     }
 
     fn get_attempt(&self, attempt: AttemptId) -> Result<Option<Attempt>> {
-        self.read(|db| {
-            db.query_opt(
-                "SELECT a.id, a.job_id, j.build_id, a.runner_id, a.state FROM attempts a \
-                 JOIN jobs j ON j.id = a.job_id WHERE a.id = $1",
-                &[&attempt],
-            )?
-            .map(|r| attempt_from_row(&r))
-            .transpose()
-        })
+        // One statement: its own snapshot, no transaction around it (one round trip).
+        self.statement(
+            "SELECT a.id, a.job_id, j.build_id, a.runner_id, a.state FROM attempts a \
+             JOIN jobs j ON j.id = a.job_id WHERE a.id = $1",
+            &[&attempt],
+        )?
+        .first()
+        .map(attempt_from_row)
+        .transpose()
     }
 
     fn unfinished_attempts(&self) -> Result<Vec<Attempt>> {

@@ -62,7 +62,7 @@ fn checkpoint(bytes: &[u8]) -> Result<Checkpoint> {
 
 impl PgStore {
     /// One statement on its own (no explicit transaction): one round trip.
-    fn statement(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
+    pub(crate) fn statement(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
         let rt = self.rt();
         rt.block_on(async {
             let client = self
