@@ -49,6 +49,7 @@
 //!   in one `READ COMMITTED` transaction under an advisory lock, so two dispatchers starting
 //!   together apply them once.
 
+mod conn;
 mod deliveries;
 mod logs;
 pub(crate) mod schema;
@@ -57,16 +58,16 @@ mod split;
 #[cfg(test)]
 pub(crate) use split::history_durations as split_history;
 
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use kiln_domain::{
     AttemptId, AttemptState, Build, BuildId, DispatcherId, Job, JobId, JobState, Millis, NewBuild,
     RunnerId, RunnerRecord, StepOutcome, StepResult, StepSpec, build_state, now_millis,
 };
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{IsolationLevel, NoTls, Row};
+use tokio_postgres::{IsolationLevel, Row};
 
 pub use logs::PgLogStore;
 
@@ -98,9 +99,7 @@ pub(crate) type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 /// The PostgreSQL implementation of [`Store`]. See the module's documentation for the
 /// threading invariant and the isolation of each operation.
 pub struct PgStore {
-    pool: Pool,
-    /// The runtime the connections run on; `None` only while dropping.
-    rt: Option<tokio::runtime::Runtime>,
+    pool: conn::Pool,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -109,72 +108,69 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
-impl Drop for PgStore {
-    fn drop(&mut self) {
-        // Without waiting: the store may be dropped on an async thread.
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-/// One transaction: each statement blocks on the store's runtime.
+/// One transaction on one connection, driven by the calling thread.
 pub(crate) struct Db<'c> {
-    tx: deadpool_postgres::Transaction<'c>,
-    rt: &'c tokio::runtime::Runtime,
+    conn: RefCell<&'c mut conn::Conn>,
+    /// The transaction's `BEGIN`, until it is sent, with the first statement (pipelined: one
+    /// round trip for both).
+    begin: Cell<Option<&'static str>>,
 }
 
 impl Db<'_> {
     /// Runs a statement (prepared once per connection); returns the rows it changed.
     pub(crate) fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64> {
-        self.rt.block_on(async {
-            let st = self.tx.prepare_cached(sql).await?;
-            Ok(self.tx.execute(&st, params).await?)
-        })
+        let first = self.begin.take();
+        self.conn.borrow_mut().execute(first, sql, params)
     }
 
     /// Runs a query; returns its rows.
     pub(crate) fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
-        self.rt.block_on(async {
-            let st = self.tx.prepare_cached(sql).await?;
-            Ok(self.tx.query(&st, params).await?)
-        })
+        let first = self.begin.take();
+        self.conn.borrow_mut().query(first, sql, params)
     }
 
     /// Runs a query of at most one row.
     pub(crate) fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
-        self.rt.block_on(async {
-            let st = self.tx.prepare_cached(sql).await?;
-            Ok(self.tx.query_opt(&st, params).await?)
-        })
+        let mut rows = self.query(sql, params)?;
+        if rows.len() > 1 {
+            return Err(StoreError::Corrupt(format!(
+                "{} rows where at most one was expected",
+                rows.len()
+            )));
+        }
+        Ok(rows.pop())
     }
 
     /// Runs a query of exactly one row.
     pub(crate) fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row> {
-        self.rt.block_on(async {
-            let st = self.tx.prepare_cached(sql).await?;
-            Ok(self.tx.query_one(&st, params).await?)
-        })
+        self.query_opt(sql, params)?
+            .ok_or_else(|| StoreError::Corrupt("no row where one was expected".into()))
     }
 
-    /// Runs statements without parameters (`SAVEPOINT`, `ROLLBACK TO SAVEPOINT`).
+    /// Runs statements without parameters (`SAVEPOINT`, `ROLLBACK TO SAVEPOINT`, DDL).
     pub(crate) fn batch(&self, sql: &str) -> Result<()> {
-        Ok(self.rt.block_on(self.tx.batch_execute(sql))?)
+        match self.begin.take() {
+            None => self.conn.borrow_mut().batch(sql),
+            Some(begin) => self.conn.borrow_mut().batch(&format!("{begin}; {sql}")),
+        }
     }
 
     /// Runs `first` (statements without parameters, such as `SAVEPOINT s`) and then a query
     /// of exactly one row, sent together: one round trip. Inside the transaction, so a
     /// failure of `first` aborts the transaction and the query fails with it.
     pub(crate) fn then_query_one(&self, first: &str, sql: &str, params: Params<'_>) -> Result<Row> {
-        self.rt.block_on(async {
-            let st = self.tx.prepare_cached(sql).await?;
-            // Requests go out in the order their futures are first polled (`join!` polls in
-            // order): `first`, then the query, pipelined on the one connection.
-            let (before, row) =
-                tokio::join!(self.tx.batch_execute(first), self.tx.query_one(&st, params));
-            before?;
-            Ok(row?)
-        })
+        let first = match self.begin.take() {
+            None => first.to_string(),
+            Some(begin) => format!("{begin}; {first}"),
+        };
+        let mut rows = self.conn.borrow_mut().query(Some(&first), sql, params)?;
+        if rows.len() != 1 {
+            return Err(StoreError::Corrupt(format!(
+                "{} rows where one was expected",
+                rows.len()
+            )));
+        }
+        Ok(rows.remove(0))
     }
 }
 
@@ -241,13 +237,8 @@ impl PgStore {
     /// vacuumed (`kiln-bench scale --postgres` calls this after each fill; BENCHMARKS.md says
     /// what it measured without).
     pub fn analyze(&self) -> Result<()> {
-        let rt = self.rt();
-        let client = rt
-            .block_on(self.pool.get())
-            .map_err(|e| StoreError::Pool(chain(&e)))?;
         // VACUUM runs outside a transaction block.
-        rt.block_on(client.batch_execute("VACUUM (ANALYZE)"))?;
-        Ok(())
+        self.pool.get()?.conn().batch("VACUUM (ANALYZE)")
     }
 
     /// [`PgStore::connect`] with the settings parsed already (their `Debug` hides the
@@ -263,30 +254,9 @@ impl PgStore {
             _ => IDLE_IN_TRANSACTION.to_string(),
         };
         config.options(&options);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("kiln-pg")
-            .enable_all()
-            .build()
-            .map_err(|cause| StoreError::Open {
-                path: "the PostgreSQL store's runtime".into(),
-                cause,
-            })?;
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(MAX_CONNECTIONS)
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .wait_timeout(Some(std::time::Duration::from_secs(60)))
-            .create_timeout(Some(std::time::Duration::from_secs(10)))
-            .build()
-            .map_err(|e| StoreError::Pool(e.to_string()))?;
-        let store = Self { pool, rt: Some(rt) };
+        let store = Self {
+            pool: conn::Pool::new(config, MAX_CONNECTIONS),
+        };
         store.migrate()?;
         Ok(store)
     }
@@ -304,13 +274,6 @@ impl PgStore {
         self.write(|db| split::seed_durations(db, repo, key, durations, now))
     }
 
-    fn rt(&self) -> &tokio::runtime::Runtime {
-        // Only `drop` takes it.
-        self.rt
-            .as_ref()
-            .unwrap_or_else(|| unreachable!("runtime taken before drop"))
-    }
-
     fn migrate(&self) -> Result<()> {
         let latest = schema::MIGRATIONS.len() as i64;
         // READ COMMITTED: the statements after the advisory lock see what a dispatcher that
@@ -318,10 +281,10 @@ impl PgStore {
         // the migrations again).
         self.write_committed(|db| {
             db.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
-            db.rt.block_on(db.tx.batch_execute(
+            db.batch(
                 "CREATE TABLE IF NOT EXISTS kiln_migrations (\
                  version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
-            ))?;
+            )?;
             let row = db.query_one("SELECT COALESCE(MAX(version), 0) FROM kiln_migrations", &[])?;
             let version: i64 = row.try_get(0)?;
             if version > latest {
@@ -330,7 +293,7 @@ impl PgStore {
                 )));
             }
             for (n, m) in schema::MIGRATIONS.iter().enumerate().skip(version as usize) {
-                db.rt.block_on(db.tx.batch_execute(m))?;
+                db.batch(m)?;
                 db.execute(
                     "INSERT INTO kiln_migrations (version, applied_at) VALUES ($1, $2)",
                     &[&(n as i64 + 1), &now_millis()],
@@ -394,27 +357,42 @@ impl PgStore {
         read_only: bool,
         f: &dyn Fn(&Db<'_>) -> Result<T>,
     ) -> Result<T> {
-        let rt = self.rt();
-        let mut client = rt
-            .block_on(self.pool.get())
-            .map_err(|e| StoreError::Pool(chain(&e)))?;
-        let tx = rt.block_on(
-            client
-                .build_transaction()
-                .isolation_level(level)
-                .read_only(read_only)
-                .start(),
-        )?;
-        let db = Db { tx, rt };
-        match f(&db) {
+        let begin = match (level, read_only) {
+            (IsolationLevel::Serializable, _) => "BEGIN ISOLATION LEVEL SERIALIZABLE",
+            (IsolationLevel::RepeatableRead, true) => {
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+            }
+            (IsolationLevel::RepeatableRead, false) => "BEGIN ISOLATION LEVEL REPEATABLE READ",
+            _ => "BEGIN ISOLATION LEVEL READ COMMITTED",
+        };
+        let mut pooled = self.pool.get()?;
+        let conn = pooled.conn();
+        // Until COMMIT or ROLLBACK succeeds (a panic in `f` included), the connection is
+        // closed rather than given back.
+        conn.in_tx = true;
+        let db = Db {
+            conn: RefCell::new(conn),
+            begin: Cell::new(Some(begin)),
+        };
+        let out = f(&db);
+        let never_begun = db.begin.get().is_some();
+        let conn = db.conn.into_inner();
+        if never_begun {
+            // No statement: no transaction was opened.
+            conn.in_tx = false;
+            return out;
+        }
+        match out {
             Ok(out) => {
-                rt.block_on(db.tx.commit())?;
+                conn.batch("COMMIT")?;
+                conn.in_tx = false;
                 Ok(out)
             }
             Err(e) => {
-                // The error is what matters; a failed rollback leaves the connection to the
-                // pool's recycling check.
-                let _ = rt.block_on(db.tx.rollback());
+                // The error is what matters; a connection whose rollback failed is closed.
+                if conn.batch("ROLLBACK").is_ok() {
+                    conn.in_tx = false;
+                }
                 Err(e)
             }
         }
