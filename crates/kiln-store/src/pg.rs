@@ -49,6 +49,8 @@
 //!   in one `READ COMMITTED` transaction under an advisory lock, so two dispatchers starting
 //!   together apply them once.
 
+#[cfg(test)]
+mod assign_many_tests;
 mod conn;
 mod deliveries;
 mod logs;
