@@ -149,6 +149,16 @@ impl Db<'_> {
             .ok_or_else(|| StoreError::Corrupt("no row where one was expected".into()))
     }
 
+    /// Runs two queries sent together: one round trip (see [`conn::Conn::query2`]).
+    pub(crate) fn query2(
+        &self,
+        a: (&str, Params<'_>),
+        b: (&str, Params<'_>),
+    ) -> Result<(Vec<Row>, Vec<Row>)> {
+        let first = self.begin.take();
+        self.conn.borrow_mut().query2(first, a, b)
+    }
+
     /// Runs statements without parameters (`SAVEPOINT`, `ROLLBACK TO SAVEPOINT`, DDL).
     pub(crate) fn batch(&self, sql: &str) -> Result<()> {
         match self.begin.take() {
@@ -601,15 +611,20 @@ fn settle(db: &Db<'_>, job: JobId, now: Millis) -> Result<Change> {
 /// The jobs of a build (id, state, the jobs each needs) and whether a split of the build is
 /// still open, in one statement.
 fn build_jobs(db: &Db<'_>, build: BuildId) -> Result<(Vec<(JobId, JobState, Vec<JobId>)>, bool)> {
-    let rows = db.query(
-        "SELECT id, state, needs, \
-         EXISTS (SELECT 1 FROM splits s WHERE s.build_id = $1 AND NOT s.done) \
-         FROM jobs WHERE build_id = $1",
-        &[&build],
-    )?;
+    build_jobs_of(&db.query(BUILD_JOBS_SQL, &[&build])?)
+}
+
+/// [`build_jobs`]' statement (`$1` the build).
+const BUILD_JOBS_SQL: &str = "SELECT id, state, needs, \
+     EXISTS (SELECT 1 FROM splits s WHERE s.build_id = $1 AND NOT s.done) \
+     FROM jobs WHERE build_id = $1";
+
+/// [`build_jobs`]' rows read.
+#[allow(clippy::type_complexity)]
+fn build_jobs_of(rows: &[Row]) -> Result<(Vec<(JobId, JobState, Vec<JobId>)>, bool)> {
     let mut open_split = false;
     let mut jobs = Vec::with_capacity(rows.len());
-    for r in &rows {
+    for r in rows {
         open_split = r.try_get(3)?;
         jobs.push((
             r.try_get(0)?,
@@ -630,14 +645,17 @@ fn settle_known(
     job_state: JobState,
     now: Millis,
 ) -> Result<Change> {
-    let old: String = db
-        .query_one(
-            "SELECT state FROM builds WHERE id = $1 FOR UPDATE",
-            &[&build_id],
-        )?
+    // The build's lock and its jobs' states, sent together; the server runs the read after
+    // the lock is granted (a statement of its own, so a snapshot taken after it).
+    let (lock, rows) = db.query2(
+        ("SELECT state FROM builds WHERE id = $1 FOR UPDATE", &[&build_id]),
+        (BUILD_JOBS_SQL, &[&build_id]),
+    )?;
+    let old: String = lock
+        .first()
+        .ok_or_else(|| StoreError::Corrupt(format!("build {build_id} of job {job} is missing")))?
         .try_get(0)?;
-    // Read after the lock (a statement of its own, so a snapshot taken after it).
-    let (mut jobs, open_split) = build_jobs(db, build_id)?;
+    let (mut jobs, open_split) = build_jobs_of(&rows)?;
     let mut reread = false;
     if job_state.is_final() && open_split {
         split::close_abandoned_splits(db, build_id, now)?;
@@ -1266,15 +1284,35 @@ impl Store for PgStore {
         message: Option<&str>,
     ) -> Result<Finish> {
         let now = now_millis();
-        // READ COMMITTED: the job's row lock, then the conditional UPDATE (`current_attempt =
-        // this attempt AND state out on a runner`, checked by rows affected) is the
-        // compare-and-set: of a finish, a requeue and an end of one job, whichever takes the
-        // lock first wins and the others see its committed row. Then the split rows' locks
-        // (`release_units`) and the build's (`settle`), in that order after the job's.
+        // READ COMMITTED: the conditional UPDATE (`current_attempt = this attempt AND state
+        // out on a runner`) is the compare-and-set: it takes the job's row lock and re-checks
+        // the condition on the committed row after any wait, so of a finish, a requeue and an
+        // end of one job, whichever takes the lock first wins and the others see its
+        // committed row. Then the split rows' locks (`release_units`) and the build's
+        // (`settle`), in that order after the job's. When it changed nothing, the job's row
+        // is read under its lock to say why (or that this result was recorded already).
         self.write_committed(|db| {
-            // The job's row lock, then the compare-and-set below decides.
+            // The compare-and-set: only the current attempt of a job that is out on a runner
+            // may finish it (a lost attempt stays `current_attempt` of its queued job until
+            // the job is given out again, and must not finish it). The attempt is marked
+            // finished in the same statement, only when it succeeded.
+            let won = db.query_opt(
+                "WITH j AS (UPDATE jobs SET state = $1, message = $2, finished_at = $3 \
+                 WHERE current_attempt = $4 AND state IN ('assigned', 'running') \
+                 RETURNING id, build_id), \
+                 a AS (UPDATE attempts SET state = 'finished', finished_at = $3 \
+                 WHERE id = $4 AND EXISTS (SELECT 1 FROM j)) \
+                 SELECT id, build_id FROM j",
+                &[&state.as_str(), &message, &now, &attempt],
+            )?;
+            if let Some(won) = won {
+                let job: JobId = won.try_get(0)?;
+                let build: BuildId = won.try_get(1)?;
+                split::release_units(db, attempt)?;
+                return Ok(Finish::Recorded(settle_known(db, job, build, state, now)?));
+            }
             let row = db.query_opt(
-                "SELECT j.id, j.current_attempt, j.state, a.state, j.build_id FROM attempts a \
+                "SELECT j.id, j.current_attempt, j.state, a.state FROM attempts a \
                  JOIN jobs j ON j.id = a.job_id WHERE a.id = $1 FOR UPDATE OF j",
                 &[&attempt],
             )?;
@@ -1290,41 +1328,21 @@ impl Store for PgStore {
             {
                 return Ok(Finish::AlreadyRecorded);
             }
-            // The compare-and-set: only the current attempt of a job that is out on a runner
-            // may finish it (a lost attempt stays `current_attempt` of its queued job until
-            // the job is given out again, and must not finish it).
-            // The attempt is marked finished in the same statement, only when it succeeded.
-            let n: i64 = db
-                .query_one(
-                    "WITH j AS (UPDATE jobs SET state = $1, message = $2, finished_at = $3 \
-                     WHERE id = $4 AND current_attempt = $5 \
-                     AND state IN ('assigned', 'running') RETURNING id), \
-                     a AS (UPDATE attempts SET state = 'finished', finished_at = $3 \
-                     WHERE id = $5 AND EXISTS (SELECT 1 FROM j)) \
-                     SELECT COUNT(*) FROM j",
-                    &[&state.as_str(), &message, &now, &job, &attempt],
-                )?
-                .try_get(0)?;
-            if n == 0 {
-                let reason = if current != Some(attempt) {
-                    format!(
-                        "attempt {attempt} is not the current attempt of job {job} (current: {})",
-                        current.map_or("none".to_string(), |c| c.to_string())
-                    )
-                } else if job_state == JobState::Queued {
-                    format!("attempt {attempt} was lost; job {job} is queued again")
-                } else {
-                    format!("job {job} already ended as {job_state}")
-                };
-                db.execute(
-                    "INSERT INTO refusals (attempt_id, job_id, reason, at) VALUES ($1, $2, $3, $4)",
-                    &[&attempt, &job, &reason, &now],
-                )?;
-                return Ok(Finish::Refused(reason));
-            }
-            split::release_units(db, attempt)?;
-            let build: BuildId = row.try_get(4)?;
-            Ok(Finish::Recorded(settle_known(db, job, build, state, now)?))
+            let reason = if current != Some(attempt) {
+                format!(
+                    "attempt {attempt} is not the current attempt of job {job} (current: {})",
+                    current.map_or("none".to_string(), |c| c.to_string())
+                )
+            } else if job_state == JobState::Queued {
+                format!("attempt {attempt} was lost; job {job} is queued again")
+            } else {
+                format!("job {job} already ended as {job_state}")
+            };
+            db.execute(
+                "INSERT INTO refusals (attempt_id, job_id, reason, at) VALUES ($1, $2, $3, $4)",
+                &[&attempt, &job, &reason, &now],
+            )?;
+            Ok(Finish::Refused(reason))
         })
     }
 
@@ -1464,13 +1482,15 @@ impl Store for PgStore {
     }
 
     fn dispatcher_seen(&self, id: DispatcherId, now: Millis) -> Result<bool> {
-        // READ COMMITTED: a heartbeat of its own row, never worth a serialization retry.
-        self.write_committed(|db| {
-            Ok(db.execute(
-                "UPDATE dispatchers SET seen_at = GREATEST(seen_at, $1) WHERE id = $2",
+        // One statement in its own transaction: a heartbeat of its own row.
+        Ok(self
+            .autocommit(
+                "UPDATE dispatchers SET seen_at = GREATEST(seen_at, $1) WHERE id = $2 \
+                 RETURNING id",
                 &[&now, &id],
-            )? == 1)
-        })
+            )?
+            .len()
+            == 1)
     }
 
     fn dispatchers(&self) -> Result<Vec<crate::DispatcherRecord>> {
@@ -1668,14 +1688,12 @@ impl Store for PgStore {
     }
 
     fn touch_runner(&self, runner: RunnerId, at: Millis) -> Result<()> {
-        // READ COMMITTED: one update of one row.
-        self.write_committed(|db| {
-            db.execute(
-                "UPDATE runners SET last_seen = $1 WHERE id = $2",
-                &[&at, &runner],
-            )?;
-            Ok(())
-        })
+        // One update of one row, in its own transaction.
+        self.autocommit(
+            "UPDATE runners SET last_seen = $1 WHERE id = $2",
+            &[&at, &runner],
+        )?;
+        Ok(())
     }
 
     fn forget_idle_runners(&self, before: Millis, keep: &[RunnerId]) -> Result<u64> {

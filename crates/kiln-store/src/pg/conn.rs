@@ -168,6 +168,32 @@ impl Conn {
         })
     }
 
+    /// Runs two queries sent together (one round trip), returning the rows of each. The
+    /// server still runs them one after the other, the second after the first is done: at
+    /// `READ COMMITTED` the second's snapshot is taken after the first's row locks were
+    /// granted. With `first`, as in [`Conn::query`].
+    pub(crate) fn query2(
+        &mut self,
+        first: Option<&str>,
+        a: (&str, &[&(dyn ToSql + Sync)]),
+        b: (&str, &[&(dyn ToSql + Sync)]),
+    ) -> Result<(Vec<Row>, Vec<Row>)> {
+        let st_a = self.prepare(a.0)?;
+        let st_b = self.prepare(b.0)?;
+        self.run(|c| async move {
+            let before = async {
+                match first {
+                    Some(first) => c.batch_execute(first).await,
+                    None => Ok(()),
+                }
+            };
+            let (before, ra, rb) =
+                tokio::join!(before, c.query(&st_a, a.1), c.query(&st_b, b.1));
+            before?;
+            Ok((ra?, rb?))
+        })
+    }
+
     /// Runs statements without parameters (simple protocol).
     pub(crate) fn batch(&mut self, sql: &str) -> Result<()> {
         Ok(self.run(|c| c.batch_execute(sql))?)
