@@ -159,30 +159,25 @@ impl Db<'_> {
         self.conn.borrow_mut().query2(first, a, b)
     }
 
+    /// Runs one statement several times, sent at once, each run after its own prefix (see
+    /// [`conn::Conn::pipeline`]).
+    pub(crate) fn pipeline(
+        &self,
+        sql: &str,
+        runs: &[(&str, Params<'_>)],
+    ) -> Result<Vec<Result<Vec<Row>>>> {
+        if let Some(begin) = self.begin.take() {
+            self.conn.borrow_mut().batch(begin)?;
+        }
+        self.conn.borrow_mut().pipeline(sql, runs)
+    }
+
     /// Runs statements without parameters (`SAVEPOINT`, `ROLLBACK TO SAVEPOINT`, DDL).
     pub(crate) fn batch(&self, sql: &str) -> Result<()> {
         match self.begin.take() {
             None => self.conn.borrow_mut().batch(sql),
             Some(begin) => self.conn.borrow_mut().batch(&format!("{begin}; {sql}")),
         }
-    }
-
-    /// Runs `first` (statements without parameters, such as `SAVEPOINT s`) and then a query
-    /// of exactly one row, sent together: one round trip. Inside the transaction, so a
-    /// failure of `first` aborts the transaction and the query fails with it.
-    pub(crate) fn then_query_one(&self, first: &str, sql: &str, params: Params<'_>) -> Result<Row> {
-        let first = match self.begin.take() {
-            None => first.to_string(),
-            Some(begin) => format!("{begin}; {first}"),
-        };
-        let mut rows = self.conn.borrow_mut().query(Some(&first), sql, params)?;
-        if rows.len() != 1 {
-            return Err(StoreError::Corrupt(format!(
-                "{} rows where one was expected",
-                rows.len()
-            )));
-        }
-        Ok(rows.remove(0))
     }
 }
 
@@ -648,7 +643,10 @@ fn settle_known(
     // The build's lock and its jobs' states, sent together; the server runs the read after
     // the lock is granted (a statement of its own, so a snapshot taken after it).
     let (lock, rows) = db.query2(
-        ("SELECT state FROM builds WHERE id = $1 FOR UPDATE", &[&build_id]),
+        (
+            "SELECT state FROM builds WHERE id = $1 FOR UPDATE",
+            &[&build_id],
+        ),
         (BUILD_JOBS_SQL, &[&build_id]),
     )?;
     let old: String = lock
@@ -777,56 +775,128 @@ fn assign_batch(
             .insert(r.try_get(1)?, parse_state(&r.try_get::<_, String>(2)?)?);
     }
     let mut current = stored.clone();
-    let mut out = Vec::with_capacity(batch.len());
-    let mut savepoint = "SAVEPOINT assign";
-    for a in batch {
-        let Some(build_id) = queued.get(&a.job).copied() else {
-            out.push(Ok(None));
-            continue;
-        };
-        let (by, hash) = (
-            a.owner.as_ref().map(|o| o.dispatcher),
-            a.owner.as_ref().map(|o| o.secret_hash.as_str()),
-        );
-        let made = db
-            .then_query_one(
-                savepoint,
-                "WITH a AS (INSERT INTO attempts (job_id, runner_id, state, created_at, owner, \
-                 secret_hash) VALUES ($1, $2, 'offered', $3, $4, $5) RETURNING id) \
-                 UPDATE jobs SET state = 'assigned', current_attempt = a.id, \
-                 attempts = attempts + 1, runner = $6 FROM a WHERE jobs.id = $1 RETURNING a.id",
-                &[&a.job, &a.runner, &now, &by, &hash, &a.runner_name],
+    let mut out: Vec<Option<Result<Option<(AttemptId, Change)>>>> =
+        batch.iter().map(|_| None).collect();
+    let owners: Vec<(Option<DispatcherId>, Option<&str>)> = batch
+        .iter()
+        .map(|a| {
+            (
+                a.owner.as_ref().map(|o| o.dispatcher),
+                a.owner.as_ref().map(|o| o.secret_hash.as_str()),
             )
-            .and_then(|r| Ok(r.try_get::<_, AttemptId>(0)?));
-        // The next one releases this savepoint (kept by a rollback to it) and opens its own.
-        savepoint = "RELEASE SAVEPOINT assign; SAVEPOINT assign";
-        let attempt = match made {
-            Ok(attempt) => attempt,
-            // Another writer won a lock cycle: the whole chunk runs again.
-            Err(e) if e.is_conflict() => return Err(e),
-            Err(e) => {
-                db.batch("ROLLBACK TO SAVEPOINT assign")?;
-                out.push(Err(e));
+        })
+        .collect();
+    // The first savepoint, then each run releases the one before it (kept by a rollback to
+    // it) and opens its own.
+    let mut opened = false;
+    let mut pending: Vec<usize> = (0..batch.len()).collect();
+    while !pending.is_empty() {
+        // One wave: the pending assignments of queued jobs, each job once (a job given twice
+        // waits for the next wave, where it is no longer queued).
+        let mut wave = Vec::new();
+        let mut later = Vec::new();
+        let mut in_wave = std::collections::HashSet::new();
+        for i in pending {
+            let job = batch[i].job;
+            if !queued.contains_key(&job) {
+                out[i] = Some(Ok(None));
+            } else if in_wave.insert(job) {
+                wave.push(i);
+            } else {
+                later.push(i);
+            }
+        }
+        if wave.is_empty() {
+            break;
+        }
+        let params: Vec<[&(dyn ToSql + Sync); 6]> = wave
+            .iter()
+            .map(|&i| {
+                let a = &batch[i];
+                let (by, hash) = &owners[i];
+                [
+                    &a.job as &(dyn ToSql + Sync),
+                    &a.runner,
+                    &now,
+                    by,
+                    hash,
+                    &a.runner_name,
+                ]
+            })
+            .collect();
+        let runs: Vec<(&str, Params<'_>)> = params
+            .iter()
+            .map(|p| {
+                let prefix = if opened {
+                    "RELEASE SAVEPOINT assign; SAVEPOINT assign"
+                } else {
+                    opened = true;
+                    "SAVEPOINT assign"
+                };
+                (prefix, &p[..])
+            })
+            .collect();
+        // All of the wave's assignments sent at once: one round trip. A failed one aborts
+        // the transaction, and those after it fail unrun; it is rolled back to its own
+        // savepoint and the ones after it go in the next wave.
+        let answers = db.pipeline(
+            "WITH a AS (INSERT INTO attempts (job_id, runner_id, state, created_at, owner, \
+             secret_hash) VALUES ($1, $2, 'offered', $3, $4, $5) RETURNING id) \
+             UPDATE jobs SET state = 'assigned', current_attempt = a.id, \
+             attempts = attempts + 1, runner = $6 FROM a WHERE jobs.id = $1 RETURNING a.id",
+            &runs,
+        )?;
+        let mut retry = Vec::new();
+        let mut failed = false;
+        for (&i, answer) in wave.iter().zip(answers) {
+            if failed {
+                retry.push(i);
                 continue;
             }
-        };
-        // The same job twice in a chunk: the second finds it assigned.
-        queued.remove(&a.job);
-        let jobs = states.entry(build_id).or_default();
-        jobs.insert(a.job, JobState::Assigned);
-        let state = build_state(jobs.values().copied());
-        let before = current.insert(build_id, state);
-        out.push(Ok(Some((
-            attempt,
-            Change {
-                build_id,
-                job_id: a.job,
-                job_state: JobState::Assigned,
-                build_state: state,
-                build_changed: before != Some(state),
-                skipped: Vec::new(),
-            },
-        ))));
+            let a = &batch[i];
+            let made = answer.and_then(|rows| match rows.first() {
+                Some(r) => Ok(r.try_get::<_, AttemptId>(0)?),
+                None => Err(StoreError::Corrupt(format!(
+                    "job {} vanished while locked",
+                    a.job
+                ))),
+            });
+            let attempt = match made {
+                Ok(attempt) => attempt,
+                // Another writer won a lock cycle: the whole chunk runs again.
+                Err(e) if e.is_conflict() => return Err(e),
+                Err(e) => {
+                    db.batch("ROLLBACK TO SAVEPOINT assign")?;
+                    out[i] = Some(Err(e));
+                    failed = true;
+                    continue;
+                }
+            };
+            let Some(build_id) = queued.remove(&a.job) else {
+                return Err(StoreError::Corrupt(format!(
+                    "job {} assigned twice in one chunk",
+                    a.job
+                )));
+            };
+            let jobs = states.entry(build_id).or_default();
+            jobs.insert(a.job, JobState::Assigned);
+            let state = build_state(jobs.values().copied());
+            let before = current.insert(build_id, state);
+            out[i] = Some(Ok(Some((
+                attempt,
+                Change {
+                    build_id,
+                    job_id: a.job,
+                    job_state: JobState::Assigned,
+                    build_state: state,
+                    build_changed: before != Some(state),
+                    skipped: Vec::new(),
+                },
+            ))));
+        }
+        retry.extend(later);
+        retry.sort_unstable();
+        pending = retry;
     }
     // The builds whose state changed, in one statement (an assignment never ends a build).
     let (changed, to): (Vec<BuildId>, Vec<&str>) = builds
@@ -843,7 +913,7 @@ fn assign_batch(
             &[&changed, &to],
         )?;
     }
-    Ok(out)
+    Ok(out.into_iter().map(|o| o.unwrap_or(Ok(None))).collect())
 }
 
 /// Inserts a build and its jobs; a duplicate of (repo, commit, pipeline) is an error naming
@@ -1266,8 +1336,7 @@ impl Store for PgStore {
                 .find(|s| s.index == step.index)
                 .map(|s| s.name.clone())
                 .unwrap_or_else(|| format!("step {}", step.index));
-            let cases =
-                serde_json::to_string(&step.cases).map_err(|e| corrupt("test cases", e))?;
+            let cases = serde_json::to_string(&step.cases).map_err(|e| corrupt("test cases", e))?;
             db.execute(
                 "INSERT INTO step_tests (attempt_id, position, step_name, cases, note) \
                  VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",

@@ -9,8 +9,8 @@ use std::sync::Barrier;
 
 use kiln_domain::{JobState, NewJob, RunnerId};
 
-use crate::testing::{Backend, TestStore, on_both_backends, one_job_build};
 use crate::AssignRequest;
+use crate::testing::{Backend, TestStore, on_both_backends, one_job_build};
 
 fn request(job: kiln_domain::JobId, runner: RunnerId) -> AssignRequest {
     AssignRequest {
@@ -48,7 +48,12 @@ fn assign_many_answers_each_as_assign_would(b: Backend) {
     assert_ne!(a0, a2);
     assert_eq!(
         (c0.build_id, c0.job_id, c0.job_state, c0.build_state),
-        (two.build.id, two.jobs[0].id, JobState::Assigned, JobState::Running)
+        (
+            two.build.id,
+            two.jobs[0].id,
+            JobState::Assigned,
+            JobState::Running
+        )
     );
     assert!(c0.build_changed, "the first assignment starts the build");
     assert_eq!(
@@ -116,7 +121,12 @@ fn racing_chunks_on_two_handles_give_each_job_once(b: Backend) {
     let s: &dyn TestStore = &*opened;
     let r = s.upsert_runner("r", &BTreeMap::new(), 64, "t").unwrap().id;
     let jobs: Vec<_> = (0..40)
-        .map(|i| s.create_build(&one_job_build(&format!("c{i}"))).unwrap().jobs[0].id)
+        .map(|i| {
+            s.create_build(&one_job_build(&format!("c{i}")))
+                .unwrap()
+                .jobs[0]
+                .id
+        })
         .collect();
     let barrier = Barrier::new(CHUNKS);
     let made: Vec<Vec<kiln_domain::AttemptId>> = std::thread::scope(|scope| {

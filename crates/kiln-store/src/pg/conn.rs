@@ -187,17 +187,64 @@ impl Conn {
                     None => Ok(()),
                 }
             };
-            let (before, ra, rb) =
-                tokio::join!(before, c.query(&st_a, a.1), c.query(&st_b, b.1));
+            let (before, ra, rb) = tokio::join!(before, c.query(&st_a, a.1), c.query(&st_b, b.1));
             before?;
             Ok((ra?, rb?))
         })
+    }
+
+    /// Runs one statement several times, all sent at once (one round trip), each run
+    /// preceded by its own statements without parameters (`prefixes[i]`, such as a
+    /// savepoint). Answers each run in order: its prefix's error, else its statement's.
+    pub(crate) fn pipeline(
+        &mut self,
+        sql: &str,
+        runs: &[(&str, &[&(dyn ToSql + Sync)])],
+    ) -> Result<Vec<Result<Vec<Row>>>> {
+        let st = self.prepare(sql)?;
+        Ok(self.run(|c| {
+            let st = &st;
+            let futs: Vec<_> = runs
+                .iter()
+                .map(|(prefix, params)| async move {
+                    let (before, rows) = tokio::join!(c.batch_execute(prefix), c.query(st, params));
+                    before?;
+                    Ok(rows?)
+                })
+                .collect();
+            join_all(futs)
+        }))
     }
 
     /// Runs statements without parameters (simple protocol).
     pub(crate) fn batch(&mut self, sql: &str) -> Result<()> {
         Ok(self.run(|c| c.batch_execute(sql))?)
     }
+}
+
+/// Polls every future until all are done, the first poll of each in order (so requests go
+/// out in that order); answers in order.
+async fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut futs: Vec<Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
+    let mut outs: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (f, out) in futs.iter_mut().zip(outs.iter_mut()) {
+            if out.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *out = Some(v),
+                    std::task::Poll::Pending => done = false,
+                }
+            }
+        }
+        if done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    outs.into_iter().flatten().collect()
 }
 
 /// The store's connections: at most `max` open, each used by one caller at a time.
