@@ -1,12 +1,27 @@
 //! [`Store`] on PostgreSQL, so that several dispatchers can share one farm.
 //!
-//! - The driver is `tokio-postgres` (async) with a `deadpool-postgres` pool, run on a small
-//!   runtime the store owns (one worker thread), so the store does not depend on its caller's
-//!   runtime. The [`Store`] trait is synchronous: each method blocks its thread on that
-//!   runtime (`Runtime::block_on`), once per statement. **Invariant: call a `PgStore` only
-//!   from threads that are not running async code** (`tokio::task::spawn_blocking`, plain
-//!   threads, tests), as every caller of the [`Store`] trait already does for SQLite; from
-//!   inside an async task `block_on` panics rather than stall a worker.
+//! - The driver is `tokio-postgres` (async), on connections the store pools itself
+//!   (`pg/conn.rs`, at most [`MAX_CONNECTIONS`]). Each connection has its own current-thread
+//!   tokio runtime, and the thread that took the connection drives it: it sends its request
+//!   and polls the connection's I/O itself (`Runtime::block_on`), so a statement costs no
+//!   hand-off between threads (with `deadpool-postgres` connections spawned on a shared
+//!   runtime, four per statement were most of the dispatcher's CPU at 1,000 runner
+//!   sessions). The [`Store`] trait is synchronous: each method blocks its thread while its
+//!   statements run. **Invariant: call a `PgStore` only from threads that are not running
+//!   async code** (`tokio::task::spawn_blocking`, plain threads, tests), as every caller of
+//!   the [`Store`] trait already does for SQLite; from inside an async task `block_on`
+//!   panics rather than stall a worker.
+//! - Round trips: a transaction's `BEGIN` is sent with its first statement; statements that
+//!   do not need each other's answers go together (`settle`'s build lock and the read of the
+//!   build's jobs; a chunk of `assign_many`'s assignments, each after its savepoint); a write
+//!   or read that is one statement runs on its own, in its own transaction (no `BEGIN` or
+//!   `COMMIT`: one round trip; its answer comes after the server's `ReadyForQuery`, so after
+//!   its commit): `record_step` without test cases, the heartbeats, `get_job`,
+//!   `get_build_record`, `get_attempt`, `queued_jobs`. Nothing is answered before its
+//!   `COMMIT` (or its statement's implicit commit) returned, and `synchronous_commit` is the
+//!   server's (on by default). (A `BEGIN` sent with a first statement that failed would
+//!   leave that statement to commit alone; `BEGIN` cannot fail on a live connection, and a
+//!   broken one fails both.)
 //! - Every method is one transaction ([`PgStore::write_committed`], [`PgStore::write`] or
 //!   [`PgStore::read`]). A transaction that loses a conflict (SQLSTATE 40001 serialization
 //!   failure, 40P01 deadlock, 23505 a unique index another transaction filled first) is run
@@ -41,6 +56,9 @@
 //!   - `next_units` (a split shard's round trip): the asking job's row `FOR SHARE`, the
 //!     split's row `FOR UPDATE` (one round trip of a split at a time, as in SQLite), unit
 //!     history rows `FOR UPDATE`; see `pg/split.rs`.
+//!   - `assign_many` (a scheduling round's chunk) is one transaction: the chunk's job rows
+//!     locked in id order, then their builds' rows, then each assignment in its own savepoint
+//!     (one that fails is rolled back alone, answered with its error); see `assign_batch`.
 //!   - `take_due_deliveries` uses `FOR UPDATE SKIP LOCKED`: several senders take disjoint
 //!     due rows without waiting for each other.
 //!   - Reads of several statements (`get_build`, `metrics`, the reports) run `REPEATABLE READ

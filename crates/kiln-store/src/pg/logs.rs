@@ -37,7 +37,7 @@ use crate::{
 };
 
 /// Job output in PostgreSQL (see the module's documentation). Cheap to share: it holds the
-/// [`PgStore`] whose pool and runtime it uses.
+/// [`PgStore`] whose connections it uses.
 #[derive(Debug, Clone)]
 pub struct PgLogStore {
     db: Arc<PgStore>,
