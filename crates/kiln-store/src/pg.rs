@@ -623,9 +623,15 @@ fn settle(db: &Db<'_>, job: JobId, now: Millis) -> Result<Change> {
 
 /// The jobs of a build (id, state, the jobs each needs) and whether a split of the build is
 /// still open, in one statement.
-fn build_jobs(db: &Db<'_>, build: BuildId) -> Result<(Vec<(JobId, JobState, Vec<JobId>)>, bool)> {
+fn build_jobs(db: &Db<'_>, build: BuildId) -> Result<(Vec<BuildJob>, bool)> {
     build_jobs_of(&db.query(BUILD_JOBS_SQL, &[&build])?)
 }
+
+/// A job of a build as `settle` reads it: id, state, the jobs it needs.
+type BuildJob = (JobId, JobState, Vec<JobId>);
+
+/// One answer of [`Store::assign_many`].
+type Assigned = Result<Option<(AttemptId, Change)>>;
 
 /// [`build_jobs`]' statement (`$1` the build).
 const BUILD_JOBS_SQL: &str = "SELECT id, state, needs, \
@@ -633,8 +639,7 @@ const BUILD_JOBS_SQL: &str = "SELECT id, state, needs, \
      FROM jobs WHERE build_id = $1";
 
 /// [`build_jobs`]' rows read.
-#[allow(clippy::type_complexity)]
-fn build_jobs_of(rows: &[Row]) -> Result<(Vec<(JobId, JobState, Vec<JobId>)>, bool)> {
+fn build_jobs_of(rows: &[Row]) -> Result<(Vec<BuildJob>, bool)> {
     let mut open_split = false;
     let mut jobs = Vec::with_capacity(rows.len());
     for r in rows {
@@ -753,11 +758,7 @@ fn settle_known(
 /// answered with its error, undoing nothing of the others. Each assignment's `Change` is
 /// computed from the states read and the assignments before it, as `settle` would read them,
 /// and the builds whose state changed are written once at the end.
-fn assign_batch(
-    db: &Db<'_>,
-    batch: &[crate::AssignRequest],
-    now: Millis,
-) -> Result<Vec<Result<Option<(AttemptId, Change)>>>> {
+fn assign_batch(db: &Db<'_>, batch: &[crate::AssignRequest], now: Millis) -> Result<Vec<Assigned>> {
     let ids: Vec<JobId> = batch.iter().map(|a| a.job).collect();
     let mut queued: HashMap<JobId, BuildId> = HashMap::new();
     for r in db.query(
@@ -793,8 +794,7 @@ fn assign_batch(
             .insert(r.try_get(1)?, parse_state(&r.try_get::<_, String>(2)?)?);
     }
     let mut current = stored.clone();
-    let mut out: Vec<Option<Result<Option<(AttemptId, Change)>>>> =
-        batch.iter().map(|_| None).collect();
+    let mut out: Vec<Option<Assigned>> = batch.iter().map(|_| None).collect();
     let owners: Vec<(Option<DispatcherId>, Option<&str>)> = batch
         .iter()
         .map(|a| {
