@@ -137,15 +137,28 @@ pub(crate) struct Db<'c> {
 }
 
 impl Db<'_> {
+    /// The `BEGIN` to send with the next statement, once `sqls` are prepared (a statement
+    /// that fails to prepare leaves it for the next one, so no statement of the transaction
+    /// can run outside it).
+    fn begin_after_preparing(&self, sqls: &[&str]) -> Result<Option<&'static str>> {
+        if self.begin.get().is_some() {
+            let mut conn = self.conn.borrow_mut();
+            for sql in sqls {
+                conn.prepare(sql)?;
+            }
+        }
+        Ok(self.begin.take())
+    }
+
     /// Runs a statement (prepared once per connection); returns the rows it changed.
     pub(crate) fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64> {
-        let first = self.begin.take();
+        let first = self.begin_after_preparing(&[sql])?;
         self.conn.borrow_mut().execute(first, sql, params)
     }
 
     /// Runs a query; returns its rows.
     pub(crate) fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
-        let first = self.begin.take();
+        let first = self.begin_after_preparing(&[sql])?;
         self.conn.borrow_mut().query(first, sql, params)
     }
 
@@ -173,7 +186,7 @@ impl Db<'_> {
         a: (&str, Params<'_>),
         b: (&str, Params<'_>),
     ) -> Result<(Vec<Row>, Vec<Row>)> {
-        let first = self.begin.take();
+        let first = self.begin_after_preparing(&[a.0, b.0])?;
         self.conn.borrow_mut().query2(first, a, b)
     }
 
