@@ -1,12 +1,27 @@
 //! [`Store`] on PostgreSQL, so that several dispatchers can share one farm.
 //!
-//! - The driver is `tokio-postgres` (async) with a `deadpool-postgres` pool, run on a small
-//!   runtime the store owns (one worker thread), so the store does not depend on its caller's
-//!   runtime. The [`Store`] trait is synchronous: each method blocks its thread on that
-//!   runtime (`Runtime::block_on`), once per statement. **Invariant: call a `PgStore` only
-//!   from threads that are not running async code** (`tokio::task::spawn_blocking`, plain
-//!   threads, tests), as every caller of the [`Store`] trait already does for SQLite; from
-//!   inside an async task `block_on` panics rather than stall a worker.
+//! - The driver is `tokio-postgres` (async), on connections the store pools itself
+//!   (`pg/conn.rs`, at most [`MAX_CONNECTIONS`]). Each connection has its own current-thread
+//!   tokio runtime, and the thread that took the connection drives it: it sends its request
+//!   and polls the connection's I/O itself (`Runtime::block_on`), so a statement costs no
+//!   hand-off between threads (with `deadpool-postgres` connections spawned on a shared
+//!   runtime, four per statement were most of the dispatcher's CPU at 1,000 runner
+//!   sessions). The [`Store`] trait is synchronous: each method blocks its thread while its
+//!   statements run. **Invariant: call a `PgStore` only from threads that are not running
+//!   async code** (`tokio::task::spawn_blocking`, plain threads, tests), as every caller of
+//!   the [`Store`] trait already does for SQLite; from inside an async task `block_on`
+//!   panics rather than stall a worker.
+//! - Round trips: a transaction's `BEGIN` is sent with its first statement; statements that
+//!   do not need each other's answers go together (`settle`'s build lock and the read of the
+//!   build's jobs; a chunk of `assign_many`'s assignments, each after its savepoint); a write
+//!   or read that is one statement runs on its own, in its own transaction (no `BEGIN` or
+//!   `COMMIT`: one round trip; its answer comes after the server's `ReadyForQuery`, so after
+//!   its commit): `record_step` without test cases, the heartbeats, `get_job`,
+//!   `get_build_record`, `get_attempt`, `queued_jobs`. Nothing is answered before its
+//!   `COMMIT` (or its statement's implicit commit) returned, and `synchronous_commit` is the
+//!   server's (on by default). (A `BEGIN` sent with a first statement that failed would
+//!   leave that statement to commit alone; `BEGIN` cannot fail on a live connection, and a
+//!   broken one fails both.)
 //! - Every method is one transaction ([`PgStore::write_committed`], [`PgStore::write`] or
 //!   [`PgStore::read`]). A transaction that loses a conflict (SQLSTATE 40001 serialization
 //!   failure, 40P01 deadlock, 23505 a unique index another transaction filled first) is run
@@ -41,6 +56,9 @@
 //!   - `next_units` (a split shard's round trip): the asking job's row `FOR SHARE`, the
 //!     split's row `FOR UPDATE` (one round trip of a split at a time, as in SQLite), unit
 //!     history rows `FOR UPDATE`; see `pg/split.rs`.
+//!   - `assign_many` (a scheduling round's chunk) is one transaction: the chunk's job rows
+//!     locked in id order, then their builds' rows, then each assignment in its own savepoint
+//!     (one that fails is rolled back alone, answered with its error); see `assign_batch`.
 //!   - `take_due_deliveries` uses `FOR UPDATE SKIP LOCKED`: several senders take disjoint
 //!     due rows without waiting for each other.
 //!   - Reads of several statements (`get_build`, `metrics`, the reports) run `REPEATABLE READ
@@ -49,6 +67,9 @@
 //!   in one `READ COMMITTED` transaction under an advisory lock, so two dispatchers starting
 //!   together apply them once.
 
+#[cfg(test)]
+mod assign_many_tests;
+mod conn;
 mod deliveries;
 mod logs;
 pub(crate) mod schema;
@@ -57,16 +78,16 @@ mod split;
 #[cfg(test)]
 pub(crate) use split::history_durations as split_history;
 
-use std::collections::BTreeMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use kiln_domain::{
     AttemptId, AttemptState, Build, BuildId, DispatcherId, Job, JobId, JobState, Millis, NewBuild,
     RunnerId, RunnerRecord, StepOutcome, StepResult, StepSpec, build_state, now_millis,
 };
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{IsolationLevel, NoTls, Row};
+use tokio_postgres::{IsolationLevel, Row};
 
 pub use logs::PgLogStore;
 
@@ -98,9 +119,7 @@ pub(crate) type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 /// The PostgreSQL implementation of [`Store`]. See the module's documentation for the
 /// threading invariant and the isolation of each operation.
 pub struct PgStore {
-    pool: Pool,
-    /// The runtime the connections run on; `None` only while dropping.
-    rt: Option<tokio::runtime::Runtime>,
+    pool: conn::Pool,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -109,52 +128,87 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
-impl Drop for PgStore {
-    fn drop(&mut self) {
-        // Without waiting: the store may be dropped on an async thread.
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-/// One transaction: each statement blocks on the store's runtime.
+/// One transaction on one connection, driven by the calling thread.
 pub(crate) struct Db<'c> {
-    tx: deadpool_postgres::Transaction<'c>,
-    rt: &'c tokio::runtime::Runtime,
+    conn: RefCell<&'c mut conn::Conn>,
+    /// The transaction's `BEGIN`, until it is sent, with the first statement (pipelined: one
+    /// round trip for both).
+    begin: Cell<Option<&'static str>>,
 }
 
 impl Db<'_> {
+    /// The `BEGIN` to send with the next statement, once `sqls` are prepared (a statement
+    /// that fails to prepare leaves it for the next one, so no statement of the transaction
+    /// can run outside it).
+    fn begin_after_preparing(&self, sqls: &[&str]) -> Result<Option<&'static str>> {
+        if self.begin.get().is_some() {
+            let mut conn = self.conn.borrow_mut();
+            for sql in sqls {
+                conn.prepare(sql)?;
+            }
+        }
+        Ok(self.begin.take())
+    }
+
     /// Runs a statement (prepared once per connection); returns the rows it changed.
     pub(crate) fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64> {
-        self.rt.block_on(async {
-            let st = self.tx.prepare_cached(sql).await?;
-            Ok(self.tx.execute(&st, params).await?)
-        })
+        let first = self.begin_after_preparing(&[sql])?;
+        self.conn.borrow_mut().execute(first, sql, params)
     }
 
     /// Runs a query; returns its rows.
     pub(crate) fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
-        self.rt.block_on(async {
-            let st = self.tx.prepare_cached(sql).await?;
-            Ok(self.tx.query(&st, params).await?)
-        })
+        let first = self.begin_after_preparing(&[sql])?;
+        self.conn.borrow_mut().query(first, sql, params)
     }
 
     /// Runs a query of at most one row.
     pub(crate) fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
-        self.rt.block_on(async {
-            let st = self.tx.prepare_cached(sql).await?;
-            Ok(self.tx.query_opt(&st, params).await?)
-        })
+        let mut rows = self.query(sql, params)?;
+        if rows.len() > 1 {
+            return Err(StoreError::Corrupt(format!(
+                "{} rows where at most one was expected",
+                rows.len()
+            )));
+        }
+        Ok(rows.pop())
     }
 
     /// Runs a query of exactly one row.
     pub(crate) fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row> {
-        self.rt.block_on(async {
-            let st = self.tx.prepare_cached(sql).await?;
-            Ok(self.tx.query_one(&st, params).await?)
-        })
+        self.query_opt(sql, params)?
+            .ok_or_else(|| StoreError::Corrupt("no row where one was expected".into()))
+    }
+
+    /// Runs two queries sent together: one round trip (see [`conn::Conn::query2`]).
+    pub(crate) fn query2(
+        &self,
+        a: (&str, Params<'_>),
+        b: (&str, Params<'_>),
+    ) -> Result<(Vec<Row>, Vec<Row>)> {
+        let first = self.begin_after_preparing(&[a.0, b.0])?;
+        self.conn.borrow_mut().query2(first, a, b)
+    }
+
+    /// Runs one statement several times, sent at once, each run after its own prefix (see
+    /// [`conn::Conn::pipeline`]).
+    pub(crate) fn pipeline(
+        &self,
+        sql: &str,
+        runs: &[(&str, Params<'_>)],
+    ) -> Result<Vec<Result<Vec<Row>>>> {
+        if let Some(begin) = self.begin.take() {
+            self.conn.borrow_mut().batch(begin)?;
+        }
+        self.conn.borrow_mut().pipeline(sql, runs)
+    }
+
+    /// Runs statements without parameters (`SAVEPOINT`, `ROLLBACK TO SAVEPOINT`, DDL).
+    pub(crate) fn batch(&self, sql: &str) -> Result<()> {
+        match self.begin.take() {
+            None => self.conn.borrow_mut().batch(sql),
+            Some(begin) => self.conn.borrow_mut().batch(&format!("{begin}; {sql}")),
+        }
     }
 }
 
@@ -221,13 +275,8 @@ impl PgStore {
     /// vacuumed (`kiln-bench scale --postgres` calls this after each fill; BENCHMARKS.md says
     /// what it measured without).
     pub fn analyze(&self) -> Result<()> {
-        let rt = self.rt();
-        let client = rt
-            .block_on(self.pool.get())
-            .map_err(|e| StoreError::Pool(chain(&e)))?;
         // VACUUM runs outside a transaction block.
-        rt.block_on(client.batch_execute("VACUUM (ANALYZE)"))?;
-        Ok(())
+        self.pool.get()?.conn().batch("VACUUM (ANALYZE)")
     }
 
     /// [`PgStore::connect`] with the settings parsed already (their `Debug` hides the
@@ -243,30 +292,9 @@ impl PgStore {
             _ => IDLE_IN_TRANSACTION.to_string(),
         };
         config.options(&options);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("kiln-pg")
-            .enable_all()
-            .build()
-            .map_err(|cause| StoreError::Open {
-                path: "the PostgreSQL store's runtime".into(),
-                cause,
-            })?;
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(MAX_CONNECTIONS)
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .wait_timeout(Some(std::time::Duration::from_secs(60)))
-            .create_timeout(Some(std::time::Duration::from_secs(10)))
-            .build()
-            .map_err(|e| StoreError::Pool(e.to_string()))?;
-        let store = Self { pool, rt: Some(rt) };
+        let store = Self {
+            pool: conn::Pool::new(config, MAX_CONNECTIONS),
+        };
         store.migrate()?;
         Ok(store)
     }
@@ -284,13 +312,6 @@ impl PgStore {
         self.write(|db| split::seed_durations(db, repo, key, durations, now))
     }
 
-    fn rt(&self) -> &tokio::runtime::Runtime {
-        // Only `drop` takes it.
-        self.rt
-            .as_ref()
-            .unwrap_or_else(|| unreachable!("runtime taken before drop"))
-    }
-
     fn migrate(&self) -> Result<()> {
         let latest = schema::MIGRATIONS.len() as i64;
         // READ COMMITTED: the statements after the advisory lock see what a dispatcher that
@@ -298,10 +319,10 @@ impl PgStore {
         // the migrations again).
         self.write_committed(|db| {
             db.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
-            db.rt.block_on(db.tx.batch_execute(
+            db.batch(
                 "CREATE TABLE IF NOT EXISTS kiln_migrations (\
                  version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
-            ))?;
+            )?;
             let row = db.query_one("SELECT COALESCE(MAX(version), 0) FROM kiln_migrations", &[])?;
             let version: i64 = row.try_get(0)?;
             if version > latest {
@@ -310,7 +331,7 @@ impl PgStore {
                 )));
             }
             for (n, m) in schema::MIGRATIONS.iter().enumerate().skip(version as usize) {
-                db.rt.block_on(db.tx.batch_execute(m))?;
+                db.batch(m)?;
                 db.execute(
                     "INSERT INTO kiln_migrations (version, applied_at) VALUES ($1, $2)",
                     &[&(n as i64 + 1), &now_millis()],
@@ -338,6 +359,20 @@ impl PgStore {
         self.run(IsolationLevel::RepeatableRead, true, &f)
     }
 
+    /// One statement on its own, in its own transaction (no `BEGIN` or `COMMIT` sent: one
+    /// round trip), run again while it loses conflicts. Its rows come back after the server's
+    /// `ReadyForQuery`, so after its commit (synchronous_commit: flushed).
+    pub(crate) fn autocommit(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.statement(sql, params) {
+                Err(e) if e.is_conflict() && tries < MAX_TRIES => continue,
+                other => return other,
+            }
+        }
+    }
+
     fn run<T>(
         &self,
         level: IsolationLevel,
@@ -360,27 +395,42 @@ impl PgStore {
         read_only: bool,
         f: &dyn Fn(&Db<'_>) -> Result<T>,
     ) -> Result<T> {
-        let rt = self.rt();
-        let mut client = rt
-            .block_on(self.pool.get())
-            .map_err(|e| StoreError::Pool(chain(&e)))?;
-        let tx = rt.block_on(
-            client
-                .build_transaction()
-                .isolation_level(level)
-                .read_only(read_only)
-                .start(),
-        )?;
-        let db = Db { tx, rt };
-        match f(&db) {
+        let begin = match (level, read_only) {
+            (IsolationLevel::Serializable, _) => "BEGIN ISOLATION LEVEL SERIALIZABLE",
+            (IsolationLevel::RepeatableRead, true) => {
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+            }
+            (IsolationLevel::RepeatableRead, false) => "BEGIN ISOLATION LEVEL REPEATABLE READ",
+            _ => "BEGIN ISOLATION LEVEL READ COMMITTED",
+        };
+        let mut pooled = self.pool.get()?;
+        let conn = pooled.conn();
+        // Until COMMIT or ROLLBACK succeeds (a panic in `f` included), the connection is
+        // closed rather than given back.
+        conn.in_tx = true;
+        let db = Db {
+            conn: RefCell::new(conn),
+            begin: Cell::new(Some(begin)),
+        };
+        let out = f(&db);
+        let never_begun = db.begin.get().is_some();
+        let conn = db.conn.into_inner();
+        if never_begun {
+            // No statement: no transaction was opened.
+            conn.in_tx = false;
+            return out;
+        }
+        match out {
             Ok(out) => {
-                rt.block_on(db.tx.commit())?;
+                conn.batch("COMMIT")?;
+                conn.in_tx = false;
                 Ok(out)
             }
             Err(e) => {
-                // The error is what matters; a failed rollback leaves the connection to the
-                // pool's recycling check.
-                let _ = rt.block_on(db.tx.rollback());
+                // The error is what matters; a connection whose rollback failed is closed.
+                if conn.batch("ROLLBACK").is_ok() {
+                    conn.in_tx = false;
+                }
                 Err(e)
             }
         }
@@ -455,15 +505,6 @@ fn attempt_from_row(r: &Row) -> Result<Attempt> {
         runner_id: r.try_get(3)?,
         state: parse_attempt_state(&state)?,
     })
-}
-
-fn load_job(db: &Db<'_>, id: JobId) -> Result<Option<Job>> {
-    db.query_opt(
-        &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"),
-        &[&id],
-    )?
-    .map(|r| job_from_row(&r))
-    .transpose()
 }
 
 fn load_jobs_of(db: &Db<'_>, build: BuildId) -> Result<Vec<Job>> {
@@ -590,18 +631,79 @@ fn settle(db: &Db<'_>, job: JobId, now: Millis) -> Result<Change> {
     let r = db.query_one("SELECT build_id, state FROM jobs WHERE id = $1", &[&job])?;
     let build_id: BuildId = r.try_get(0)?;
     let job_state = parse_state(&r.try_get::<_, String>(1)?)?;
-    let old: String = db
-        .query_one(
+    settle_known(db, job, build_id, job_state, now)
+}
+
+/// The jobs of a build (id, state, the jobs each needs) and whether a split of the build is
+/// still open, in one statement.
+fn build_jobs(db: &Db<'_>, build: BuildId) -> Result<(Vec<BuildJob>, bool)> {
+    build_jobs_of(&db.query(BUILD_JOBS_SQL, &[&build])?)
+}
+
+/// A job of a build as `settle` reads it: id, state, the jobs it needs.
+type BuildJob = (JobId, JobState, Vec<JobId>);
+
+/// One answer of [`Store::assign_many`].
+type Assigned = Result<Option<(AttemptId, Change)>>;
+
+/// [`build_jobs`]' statement (`$1` the build).
+const BUILD_JOBS_SQL: &str = "SELECT id, state, needs, \
+     EXISTS (SELECT 1 FROM splits s WHERE s.build_id = $1 AND NOT s.done) \
+     FROM jobs WHERE build_id = $1";
+
+/// [`build_jobs`]' rows read.
+fn build_jobs_of(rows: &[Row]) -> Result<(Vec<BuildJob>, bool)> {
+    let mut open_split = false;
+    let mut jobs = Vec::with_capacity(rows.len());
+    for r in rows {
+        open_split = r.try_get(3)?;
+        jobs.push((
+            r.try_get(0)?,
+            parse_state(&r.try_get::<_, String>(1)?)?,
+            r.try_get(2)?,
+        ));
+    }
+    Ok((jobs, open_split))
+}
+
+/// [`settle`] for a caller that knows the job's build and the state it just gave the job
+/// (one statement fewer). The same locks in the same order: the build's row, then (rarely)
+/// the rows of a split it closes and of the jobs it skips.
+fn settle_known(
+    db: &Db<'_>,
+    job: JobId,
+    build_id: BuildId,
+    job_state: JobState,
+    now: Millis,
+) -> Result<Change> {
+    // The build's lock and its jobs' states, sent together; the server runs the read after
+    // the lock is granted (a statement of its own, so a snapshot taken after it).
+    let (lock, rows) = db.query2(
+        (
             "SELECT state FROM builds WHERE id = $1 FOR UPDATE",
             &[&build_id],
-        )?
+        ),
+        (BUILD_JOBS_SQL, &[&build_id]),
+    )?;
+    let old: String = lock
+        .first()
+        .ok_or_else(|| StoreError::Corrupt(format!("build {build_id} of job {job} is missing")))?
         .try_get(0)?;
-    if job_state.is_final() {
+    let (mut jobs, open_split) = build_jobs_of(&rows)?;
+    let mut reread = false;
+    if job_state.is_final() && open_split {
         split::close_abandoned_splits(db, build_id, now)?;
+        reread = true;
     }
-    // Jobs waiting on a job that did not pass will never run: skip them, transitively.
+    // Jobs waiting on a job that did not pass will never run: skip them, transitively. (Only
+    // looked for when a queued job of the build needs another job at all.)
     let mut skipped = Vec::new();
-    if job_state.is_final() && job_state != JobState::Passed {
+    if job_state.is_final()
+        && job_state != JobState::Passed
+        && jobs
+            .iter()
+            .any(|(_, s, needs)| *s == JobState::Queued && !needs.is_empty())
+    {
         let mut frontier = vec![(job, job_state)];
         while let Some((failed, how)) = frontier.pop() {
             let ids = db
@@ -632,13 +734,12 @@ fn settle(db: &Db<'_>, job: JobId, now: Millis) -> Result<Change> {
                 frontier.push((id, JobState::Skipped));
             }
         }
+        reread = true;
     }
-    let states = db
-        .query("SELECT state FROM jobs WHERE build_id = $1", &[&build_id])?
-        .iter()
-        .map(|r| parse_state(&r.try_get::<_, String>(0)?))
-        .collect::<Result<Vec<_>>>()?;
-    let new_state = build_state(states);
+    if reread {
+        jobs = build_jobs(db, build_id)?.0;
+    }
+    let new_state = build_state(jobs.iter().map(|(_, s, _)| *s));
     let build_changed = parse_state(&old)? != new_state;
     if build_changed {
         let finished = new_state.is_final().then_some(now);
@@ -655,6 +756,195 @@ fn settle(db: &Db<'_>, job: JobId, now: Millis) -> Result<Change> {
         build_changed,
         skipped,
     })
+}
+
+/// One chunk of [`Store::assign_many`] in one transaction, answered in order (the
+/// transaction's own failure, or a conflict, fails them all and nothing commits).
+///
+/// The locks every writer takes, in the same order: every job's row of the chunk first (one
+/// statement, in id order, so two dispatchers' chunks queue rather than deadlock), then the
+/// builds' rows of the queued ones (id order), then the states of those builds' jobs are read
+/// once: no other writer can commit a change of a job of these builds before this
+/// transaction, since each settles the build (its row lock) before it commits. Then each
+/// assignment is one statement (the attempt's insert and the job's update) in its own
+/// savepoint, sent together with the savepoint: one that fails is rolled back to it and
+/// answered with its error, undoing nothing of the others. Each assignment's `Change` is
+/// computed from the states read and the assignments before it, as `settle` would read them,
+/// and the builds whose state changed are written once at the end.
+fn assign_batch(db: &Db<'_>, batch: &[crate::AssignRequest], now: Millis) -> Result<Vec<Assigned>> {
+    let ids: Vec<JobId> = batch.iter().map(|a| a.job).collect();
+    let mut queued: HashMap<JobId, BuildId> = HashMap::new();
+    for r in db.query(
+        "SELECT id, build_id, state FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        &[&ids],
+    )? {
+        if r.try_get::<_, String>(2)? == "queued" {
+            queued.insert(r.try_get(0)?, r.try_get(1)?);
+        }
+    }
+    if queued.is_empty() {
+        return Ok(batch.iter().map(|_| Ok(None)).collect());
+    }
+    let mut builds: Vec<BuildId> = queued.values().copied().collect();
+    builds.sort();
+    builds.dedup();
+    let mut stored: HashMap<BuildId, JobState> = HashMap::new();
+    for r in db.query(
+        "SELECT id, state FROM builds WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        &[&builds],
+    )? {
+        stored.insert(r.try_get(0)?, parse_state(&r.try_get::<_, String>(1)?)?);
+    }
+    // Read after the builds' locks (a statement of its own).
+    let mut states: HashMap<BuildId, HashMap<JobId, JobState>> = HashMap::new();
+    for r in db.query(
+        "SELECT build_id, id, state FROM jobs WHERE build_id = ANY($1)",
+        &[&builds],
+    )? {
+        states
+            .entry(r.try_get(0)?)
+            .or_default()
+            .insert(r.try_get(1)?, parse_state(&r.try_get::<_, String>(2)?)?);
+    }
+    let mut current = stored.clone();
+    let mut out: Vec<Option<Assigned>> = batch.iter().map(|_| None).collect();
+    let owners: Vec<(Option<DispatcherId>, Option<&str>)> = batch
+        .iter()
+        .map(|a| {
+            (
+                a.owner.as_ref().map(|o| o.dispatcher),
+                a.owner.as_ref().map(|o| o.secret_hash.as_str()),
+            )
+        })
+        .collect();
+    // The first savepoint, then each run releases the one before it (kept by a rollback to
+    // it) and opens its own.
+    let mut opened = false;
+    let mut pending: Vec<usize> = (0..batch.len()).collect();
+    while !pending.is_empty() {
+        // One wave: the pending assignments of queued jobs, each job once (a job given twice
+        // waits for the next wave, where it is no longer queued).
+        let mut wave = Vec::new();
+        let mut later = Vec::new();
+        let mut in_wave = std::collections::HashSet::new();
+        for i in pending {
+            let job = batch[i].job;
+            if !queued.contains_key(&job) {
+                out[i] = Some(Ok(None));
+            } else if in_wave.insert(job) {
+                wave.push(i);
+            } else {
+                later.push(i);
+            }
+        }
+        if wave.is_empty() {
+            break;
+        }
+        let params: Vec<[&(dyn ToSql + Sync); 6]> = wave
+            .iter()
+            .map(|&i| {
+                let a = &batch[i];
+                let (by, hash) = &owners[i];
+                [
+                    &a.job as &(dyn ToSql + Sync),
+                    &a.runner,
+                    &now,
+                    by,
+                    hash,
+                    &a.runner_name,
+                ]
+            })
+            .collect();
+        let runs: Vec<(&str, Params<'_>)> = params
+            .iter()
+            .map(|p| {
+                let prefix = if opened {
+                    "RELEASE SAVEPOINT assign; SAVEPOINT assign"
+                } else {
+                    opened = true;
+                    "SAVEPOINT assign"
+                };
+                (prefix, &p[..])
+            })
+            .collect();
+        // All of the wave's assignments sent at once: one round trip. A failed one aborts
+        // the transaction, and those after it fail unrun; it is rolled back to its own
+        // savepoint and the ones after it go in the next wave.
+        let answers = db.pipeline(
+            "WITH a AS (INSERT INTO attempts (job_id, runner_id, state, created_at, owner, \
+             secret_hash) VALUES ($1, $2, 'offered', $3, $4, $5) RETURNING id) \
+             UPDATE jobs SET state = 'assigned', current_attempt = a.id, \
+             attempts = attempts + 1, runner = $6 FROM a WHERE jobs.id = $1 RETURNING a.id",
+            &runs,
+        )?;
+        let mut retry = Vec::new();
+        let mut failed = false;
+        for (&i, answer) in wave.iter().zip(answers) {
+            if failed {
+                retry.push(i);
+                continue;
+            }
+            let a = &batch[i];
+            let made = answer.and_then(|rows| match rows.first() {
+                Some(r) => Ok(r.try_get::<_, AttemptId>(0)?),
+                None => Err(StoreError::Corrupt(format!(
+                    "job {} vanished while locked",
+                    a.job
+                ))),
+            });
+            let attempt = match made {
+                Ok(attempt) => attempt,
+                // Another writer won a lock cycle: the whole chunk runs again.
+                Err(e) if e.is_conflict() => return Err(e),
+                Err(e) => {
+                    db.batch("ROLLBACK TO SAVEPOINT assign")?;
+                    out[i] = Some(Err(e));
+                    failed = true;
+                    continue;
+                }
+            };
+            let Some(build_id) = queued.remove(&a.job) else {
+                return Err(StoreError::Corrupt(format!(
+                    "job {} assigned twice in one chunk",
+                    a.job
+                )));
+            };
+            let jobs = states.entry(build_id).or_default();
+            jobs.insert(a.job, JobState::Assigned);
+            let state = build_state(jobs.values().copied());
+            let before = current.insert(build_id, state);
+            out[i] = Some(Ok(Some((
+                attempt,
+                Change {
+                    build_id,
+                    job_id: a.job,
+                    job_state: JobState::Assigned,
+                    build_state: state,
+                    build_changed: before != Some(state),
+                    skipped: Vec::new(),
+                },
+            ))));
+        }
+        retry.extend(later);
+        retry.sort_unstable();
+        pending = retry;
+    }
+    // The builds whose state changed, in one statement (an assignment never ends a build).
+    let (changed, to): (Vec<BuildId>, Vec<&str>) = builds
+        .iter()
+        .filter_map(|b| {
+            let now_state = current.get(b)?;
+            (stored.get(b) != Some(now_state)).then_some((*b, now_state.as_str()))
+        })
+        .unzip();
+    if !changed.is_empty() {
+        db.execute(
+            "UPDATE builds SET state = u.state, finished_at = NULL \
+             FROM unnest($1::BIGINT[], $2::TEXT[]) AS u(id, state) WHERE builds.id = u.id",
+            &[&changed, &to],
+        )?;
+    }
+    Ok(out.into_iter().map(|o| o.unwrap_or(Ok(None))).collect())
 }
 
 /// Inserts a build and its jobs; a duplicate of (repo, commit, pipeline) is an error naming
@@ -833,11 +1123,25 @@ impl Store for PgStore {
     }
 
     fn get_build_record(&self, id: BuildId) -> Result<Option<Build>> {
-        self.read(|db| load_build(db, id))
+        // One statement: its own snapshot, no transaction around it (one round trip).
+        self.statement(
+            &format!("SELECT {BUILD_COLUMNS} FROM builds WHERE id = $1"),
+            &[&id],
+        )?
+        .first()
+        .map(build_from_row)
+        .transpose()
     }
 
     fn get_job(&self, id: JobId) -> Result<Option<Job>> {
-        self.read(|db| load_job(db, id))
+        // One statement: its own snapshot, no transaction around it (one round trip).
+        self.statement(
+            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"),
+            &[&id],
+        )?
+        .first()
+        .map(job_from_row)
+        .transpose()
     }
 
     fn list_builds(&self, filter: &BuildFilter) -> Result<Vec<Build>> {
@@ -869,15 +1173,14 @@ impl Store for PgStore {
     }
 
     fn queued_jobs(&self, limit: u32) -> Result<Vec<Job>> {
-        self.read(|db| {
-            db.query(
-                &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE {READY_SQL} ORDER BY id LIMIT $1"),
-                &[&i64::from(limit)],
-            )?
-            .iter()
-            .map(job_from_row)
-            .collect()
-        })
+        // One statement: its own snapshot, no transaction around it (one round trip).
+        self.statement(
+            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE {READY_SQL} ORDER BY id LIMIT $1"),
+            &[&i64::from(limit)],
+        )?
+        .iter()
+        .map(job_from_row)
+        .collect()
     }
 
     fn metrics(&self) -> Result<StoreMetrics> {
@@ -970,83 +1273,106 @@ impl Store for PgStore {
         })
     }
 
+    fn assign_many(
+        &self,
+        batch: &[crate::AssignRequest],
+    ) -> Vec<Result<Option<(AttemptId, Change)>>> {
+        if batch.len() < 2 {
+            return batch
+                .iter()
+                .map(|a| self.assign_owned(a.job, a.runner, &a.runner_name, a.owner.as_ref()))
+                .collect();
+        }
+        let now = now_millis();
+        // READ COMMITTED, one transaction for the chunk: see `assign_batch`.
+        match self.write_committed(|db| assign_batch(db, batch, now)) {
+            Ok(out) => out,
+            Err(e) => {
+                // Nothing of the batch committed: every assignment failed.
+                let why = chain(&e);
+                let mut out = vec![Err(e)];
+                out.extend((1..batch.len()).map(|_| {
+                    Err(StoreError::Pool(format!(
+                        "the transaction of this assignment's batch did not commit: {why}"
+                    )))
+                }));
+                out
+            }
+        }
+    }
+
     fn start_attempt(&self, attempt: AttemptId) -> Result<Option<Change>> {
         let now = now_millis();
         // READ COMMITTED: the compare-and-set is one UPDATE; it takes the job's row lock and
         // re-checks `current_attempt` and `state` on the committed row after any wait.
         self.write_committed(|db| {
-            // One statement: the compare-and-set takes the job's row lock itself.
-            let job: Option<JobId> = db
-                .query_opt(
-                    "UPDATE jobs SET state = 'running', started_at = $1 \
-                     WHERE current_attempt = $2 AND state = 'assigned' RETURNING id",
-                    &[&now, &attempt],
-                )?
-                .map(|r| r.try_get(0))
-                .transpose()?;
-            let Some(job) = job else {
+            // One statement: the compare-and-set takes the job's row lock itself, and the
+            // attempt is marked running only when it succeeded.
+            let row = db.query_opt(
+                "WITH j AS (UPDATE jobs SET state = 'running', started_at = $1 \
+                 WHERE current_attempt = $2 AND state = 'assigned' RETURNING id, build_id), \
+                 a AS (UPDATE attempts SET state = 'running' \
+                 WHERE id = $2 AND EXISTS (SELECT 1 FROM j)) \
+                 SELECT id, build_id FROM j",
+                &[&now, &attempt],
+            )?;
+            let Some(row) = row else {
                 return Ok(None);
             };
-            db.execute(
-                "UPDATE attempts SET state = 'running' WHERE id = $1",
-                &[&attempt],
-            )?;
-            Ok(Some(settle(db, job, now)?))
+            Ok(Some(settle_known(
+                db,
+                row.try_get(0)?,
+                row.try_get(1)?,
+                JobState::Running,
+                now,
+            )?))
         })
     }
 
     fn record_step(&self, attempt: AttemptId, step: &StepResult) -> Result<bool> {
         // READ COMMITTED: the job's row lock (re-checked: this attempt current, the job out on
         // a runner) is held until commit, so the job cannot be finished, lost or ended in
-        // between (those lock it too); the result rows are upserts keyed by (job, step).
+        // between (those lock it too); the result rows are upserts keyed by (job, step). The
+        // lock and the upsert are one statement; a step without test cases or a report note
+        // (most) is that statement alone, in its own transaction: one round trip.
+        const SQL: &str = "WITH j AS (SELECT id, steps FROM jobs WHERE current_attempt = $1 \
+             AND state IN ('assigned', 'running') FOR UPDATE), \
+             r AS (INSERT INTO step_results (job_id, position, attempt_id, outcome, exit_code, \
+             duration_ms) SELECT id, $2::BIGINT, $1::BIGINT, $3::TEXT, $4::INTEGER, $5::BIGINT \
+             FROM j ON CONFLICT (job_id, position) DO UPDATE SET \
+             attempt_id = excluded.attempt_id, outcome = excluded.outcome, \
+             exit_code = excluded.exit_code, duration_ms = excluded.duration_ms) \
+             SELECT steps FROM j";
+        let position = i64::from(step.index);
+        let duration = big(step.duration_ms);
+        let params: [&(dyn ToSql + Sync); 5] = [
+            &attempt,
+            &position,
+            &step.outcome.as_str(),
+            &step.exit_code,
+            &duration,
+        ];
+        if step.cases.is_empty() && step.report_note.is_empty() {
+            return Ok(!self.autocommit(SQL, &params)?.is_empty());
+        }
         self.write_committed(|db| {
-            let row = db.query_opt(
-                "SELECT id, steps FROM jobs WHERE current_attempt = $1 \
-                 AND state IN ('assigned', 'running') FOR UPDATE",
-                &[&attempt],
-            )?;
-            let Some(row) = row else {
+            let Some(row) = db.query_opt(SQL, &params)? else {
                 return Ok(false);
             };
-            let job: JobId = row.try_get(0)?;
+            let steps: String = row.try_get(0)?;
+            let steps: Vec<StepSpec> =
+                serde_json::from_str(&steps).map_err(|e| corrupt("job steps", e))?;
+            let name = steps
+                .iter()
+                .find(|s| s.index == step.index)
+                .map(|s| s.name.clone())
+                .unwrap_or_else(|| format!("step {}", step.index));
+            let cases = serde_json::to_string(&step.cases).map_err(|e| corrupt("test cases", e))?;
             db.execute(
-                "INSERT INTO step_results (job_id, position, attempt_id, outcome, exit_code, \
-                 duration_ms) VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (job_id, position) DO UPDATE SET attempt_id = excluded.attempt_id, \
-                 outcome = excluded.outcome, exit_code = excluded.exit_code, \
-                 duration_ms = excluded.duration_ms",
-                &[
-                    &job,
-                    &i64::from(step.index),
-                    &attempt,
-                    &step.outcome.as_str(),
-                    &step.exit_code,
-                    &big(step.duration_ms),
-                ],
+                "INSERT INTO step_tests (attempt_id, position, step_name, cases, note) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                &[&attempt, &position, &name, &cases, &step.report_note],
             )?;
-            if !step.cases.is_empty() || !step.report_note.is_empty() {
-                let steps: String = row.try_get(1)?;
-                let steps: Vec<StepSpec> =
-                    serde_json::from_str(&steps).map_err(|e| corrupt("job steps", e))?;
-                let name = steps
-                    .iter()
-                    .find(|s| s.index == step.index)
-                    .map(|s| s.name.clone())
-                    .unwrap_or_else(|| format!("step {}", step.index));
-                let cases =
-                    serde_json::to_string(&step.cases).map_err(|e| corrupt("test cases", e))?;
-                db.execute(
-                    "INSERT INTO step_tests (attempt_id, position, step_name, cases, note) \
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                    &[
-                        &attempt,
-                        &i64::from(step.index),
-                        &name,
-                        &cases,
-                        &step.report_note,
-                    ],
-                )?;
-            }
             Ok(true)
         })
     }
@@ -1058,13 +1384,33 @@ impl Store for PgStore {
         message: Option<&str>,
     ) -> Result<Finish> {
         let now = now_millis();
-        // READ COMMITTED: the job's row lock, then the conditional UPDATE (`current_attempt =
-        // this attempt AND state out on a runner`, checked by rows affected) is the
-        // compare-and-set: of a finish, a requeue and an end of one job, whichever takes the
-        // lock first wins and the others see its committed row. Then the split rows' locks
-        // (`release_units`) and the build's (`settle`), in that order after the job's.
+        // READ COMMITTED: the conditional UPDATE (`current_attempt = this attempt AND state
+        // out on a runner`) is the compare-and-set: it takes the job's row lock and re-checks
+        // the condition on the committed row after any wait, so of a finish, a requeue and an
+        // end of one job, whichever takes the lock first wins and the others see its
+        // committed row. Then the split rows' locks (`release_units`) and the build's
+        // (`settle`), in that order after the job's. When it changed nothing, the job's row
+        // is read under its lock to say why (or that this result was recorded already).
         self.write_committed(|db| {
-            // The job's row lock, then the compare-and-set below decides.
+            // The compare-and-set: only the current attempt of a job that is out on a runner
+            // may finish it (a lost attempt stays `current_attempt` of its queued job until
+            // the job is given out again, and must not finish it). The attempt is marked
+            // finished in the same statement, only when it succeeded.
+            let won = db.query_opt(
+                "WITH j AS (UPDATE jobs SET state = $1, message = $2, finished_at = $3 \
+                 WHERE current_attempt = $4 AND state IN ('assigned', 'running') \
+                 RETURNING id, build_id), \
+                 a AS (UPDATE attempts SET state = 'finished', finished_at = $3 \
+                 WHERE id = $4 AND EXISTS (SELECT 1 FROM j)) \
+                 SELECT id, build_id FROM j",
+                &[&state.as_str(), &message, &now, &attempt],
+            )?;
+            if let Some(won) = won {
+                let job: JobId = won.try_get(0)?;
+                let build: BuildId = won.try_get(1)?;
+                split::release_units(db, attempt)?;
+                return Ok(Finish::Recorded(settle_known(db, job, build, state, now)?));
+            }
             let row = db.query_opt(
                 "SELECT j.id, j.current_attempt, j.state, a.state FROM attempts a \
                  JOIN jobs j ON j.id = a.job_id WHERE a.id = $1 FOR UPDATE OF j",
@@ -1082,37 +1428,21 @@ impl Store for PgStore {
             {
                 return Ok(Finish::AlreadyRecorded);
             }
-            // The compare-and-set: only the current attempt of a job that is out on a runner
-            // may finish it (a lost attempt stays `current_attempt` of its queued job until
-            // the job is given out again, and must not finish it).
-            let n = db.execute(
-                "UPDATE jobs SET state = $1, message = $2, finished_at = $3 \
-                 WHERE id = $4 AND current_attempt = $5 AND state IN ('assigned', 'running')",
-                &[&state.as_str(), &message, &now, &job, &attempt],
-            )?;
-            if n == 0 {
-                let reason = if current != Some(attempt) {
-                    format!(
-                        "attempt {attempt} is not the current attempt of job {job} (current: {})",
-                        current.map_or("none".to_string(), |c| c.to_string())
-                    )
-                } else if job_state == JobState::Queued {
-                    format!("attempt {attempt} was lost; job {job} is queued again")
-                } else {
-                    format!("job {job} already ended as {job_state}")
-                };
-                db.execute(
-                    "INSERT INTO refusals (attempt_id, job_id, reason, at) VALUES ($1, $2, $3, $4)",
-                    &[&attempt, &job, &reason, &now],
-                )?;
-                return Ok(Finish::Refused(reason));
-            }
+            let reason = if current != Some(attempt) {
+                format!(
+                    "attempt {attempt} is not the current attempt of job {job} (current: {})",
+                    current.map_or("none".to_string(), |c| c.to_string())
+                )
+            } else if job_state == JobState::Queued {
+                format!("attempt {attempt} was lost; job {job} is queued again")
+            } else {
+                format!("job {job} already ended as {job_state}")
+            };
             db.execute(
-                "UPDATE attempts SET state = 'finished', finished_at = $1 WHERE id = $2",
-                &[&now, &attempt],
+                "INSERT INTO refusals (attempt_id, job_id, reason, at) VALUES ($1, $2, $3, $4)",
+                &[&attempt, &job, &reason, &now],
             )?;
-            split::release_units(db, attempt)?;
-            Ok(Finish::Recorded(settle(db, job, now)?))
+            Ok(Finish::Refused(reason))
         })
     }
 
@@ -1213,15 +1543,15 @@ impl Store for PgStore {
     }
 
     fn get_attempt(&self, attempt: AttemptId) -> Result<Option<Attempt>> {
-        self.read(|db| {
-            db.query_opt(
-                "SELECT a.id, a.job_id, j.build_id, a.runner_id, a.state FROM attempts a \
-                 JOIN jobs j ON j.id = a.job_id WHERE a.id = $1",
-                &[&attempt],
-            )?
-            .map(|r| attempt_from_row(&r))
-            .transpose()
-        })
+        // One statement: its own snapshot, no transaction around it (one round trip).
+        self.statement(
+            "SELECT a.id, a.job_id, j.build_id, a.runner_id, a.state FROM attempts a \
+             JOIN jobs j ON j.id = a.job_id WHERE a.id = $1",
+            &[&attempt],
+        )?
+        .first()
+        .map(attempt_from_row)
+        .transpose()
     }
 
     fn unfinished_attempts(&self) -> Result<Vec<Attempt>> {
@@ -1252,13 +1582,15 @@ impl Store for PgStore {
     }
 
     fn dispatcher_seen(&self, id: DispatcherId, now: Millis) -> Result<bool> {
-        // READ COMMITTED: a heartbeat of its own row, never worth a serialization retry.
-        self.write_committed(|db| {
-            Ok(db.execute(
-                "UPDATE dispatchers SET seen_at = GREATEST(seen_at, $1) WHERE id = $2",
+        // One statement in its own transaction: a heartbeat of its own row.
+        Ok(self
+            .autocommit(
+                "UPDATE dispatchers SET seen_at = GREATEST(seen_at, $1) WHERE id = $2 \
+                 RETURNING id",
                 &[&now, &id],
-            )? == 1)
-        })
+            )?
+            .len()
+            == 1)
     }
 
     fn dispatchers(&self) -> Result<Vec<crate::DispatcherRecord>> {
@@ -1456,14 +1788,12 @@ impl Store for PgStore {
     }
 
     fn touch_runner(&self, runner: RunnerId, at: Millis) -> Result<()> {
-        // READ COMMITTED: one update of one row.
-        self.write_committed(|db| {
-            db.execute(
-                "UPDATE runners SET last_seen = $1 WHERE id = $2",
-                &[&at, &runner],
-            )?;
-            Ok(())
-        })
+        // One update of one row, in its own transaction.
+        self.autocommit(
+            "UPDATE runners SET last_seen = $1 WHERE id = $2",
+            &[&at, &runner],
+        )?;
+        Ok(())
     }
 
     fn forget_idle_runners(&self, before: Millis, keep: &[RunnerId]) -> Result<u64> {

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use kiln_domain::{AttemptId, JobId};
 use tokio_postgres::Row;
 
-use super::{Params, PgStore, big, chain, get_u64};
+use super::{Params, PgStore, big, get_u64};
 use crate::logs::{self, HEADER_LEN, encode_header, index};
 use crate::sqlite::corrupt;
 use crate::{
@@ -37,7 +37,7 @@ use crate::{
 };
 
 /// Job output in PostgreSQL (see the module's documentation). Cheap to share: it holds the
-/// [`PgStore`] whose pool and runtime it uses.
+/// [`PgStore`] whose connections it uses.
 #[derive(Debug, Clone)]
 pub struct PgLogStore {
     db: Arc<PgStore>,
@@ -62,17 +62,8 @@ fn checkpoint(bytes: &[u8]) -> Result<Checkpoint> {
 
 impl PgStore {
     /// One statement on its own (no explicit transaction): one round trip.
-    fn statement(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
-        let rt = self.rt();
-        rt.block_on(async {
-            let client = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| StoreError::Pool(chain(&e)))?;
-            let st = client.prepare_cached(sql).await?;
-            Ok(client.query(&st, params).await?)
-        })
+    pub(crate) fn statement(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
+        self.pool.get()?.conn().query(None, sql, params)
     }
 }
 

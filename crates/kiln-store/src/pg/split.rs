@@ -200,13 +200,15 @@ fn create_split(
 
 /// Locks the rows of the splits `attempt` holds or ran tries of (in id order), so a change to
 /// their tries waits for a shard's round trip in progress and the next one sees it.
-fn lock_splits_of(db: &Db<'_>, attempt: AttemptId) -> Result<()> {
-    db.query(
-        "SELECT id FROM splits WHERE id IN \
-         (SELECT split_id FROM unit_tries WHERE attempt_id = $1) ORDER BY id FOR UPDATE",
-        &[&attempt],
-    )?;
-    Ok(())
+/// Locks the splits whose tries `attempt` holds or held; returns whether there is any.
+fn lock_splits_of(db: &Db<'_>, attempt: AttemptId) -> Result<bool> {
+    Ok(!db
+        .query(
+            "SELECT id FROM splits WHERE id IN \
+             (SELECT split_id FROM unit_tries WHERE attempt_id = $1) ORDER BY id FOR UPDATE",
+            &[&attempt],
+        )?
+        .is_empty())
 }
 
 /// The durations of a unit's history row, the row created if missing and locked, for a
@@ -236,7 +238,12 @@ fn history_for_update(
 
 /// Returns the units leased by `attempt` and not ended to the queue.
 pub(crate) fn release_units(db: &Db<'_>, attempt: AttemptId) -> Result<()> {
-    lock_splits_of(db, attempt)?;
+    // No split holds a try of this attempt (most jobs are not shards): nothing to release.
+    // None can be leased to it meanwhile: every caller holds the attempt's job's row lock,
+    // which `next_units` needs (`FOR SHARE`) to lease a try to it.
+    if !lock_splits_of(db, attempt)? {
+        return Ok(());
+    }
     db.execute(
         "UPDATE unit_tries SET state = 'queued', attempt_id = NULL, request = NULL, \
          runner_id = NULL, runner = NULL, leased_at = NULL \
