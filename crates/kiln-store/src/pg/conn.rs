@@ -252,8 +252,8 @@ async fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
 /// Why not a pool crate: `deadpool-postgres` spawns each connection's I/O on a runtime (the
 /// hand-offs above), and `r2d2` has one timeout for both "every connection is in use" and "a
 /// connection cannot be opened", retrying the connect in the background until it ends. Here a
-/// connection that cannot be opened fails the call at once with the driver's reason (as
-/// with `deadpool-postgres` before; the PostgreSQL restart tests rely on that), while a call that finds every
+/// connection that cannot be opened fails the call at once with the driver's reason (as it
+/// did with `deadpool-postgres`), while a call that finds every
 /// connection in use waits up to [`WAIT`] for one (at 1,000 runner sessions, hundreds of
 /// blocking threads share 16 connections).
 pub(crate) struct Pool {
