@@ -1263,8 +1263,17 @@ impl Dispatcher {
         if let Some(n) = self.state().attempts.get(&attempt).and_then(|a| a.next_seq) {
             return Ok(n);
         }
+        let last = self.stored_last_seq(job, attempt).await?;
+        if let Some(a) = self.state().attempts.get_mut(&attempt) {
+            a.next_seq = Some(last + 1);
+        }
+        Ok(last + 1)
+    }
+
+    /// The sequence number of `attempt`'s last output chunk in `job`'s stored log (0: none).
+    async fn stored_last_seq(&self, job: JobId, attempt: AttemptId) -> Result<u64, DispatchError> {
         let logs = self.inner.logs.clone();
-        let last = tokio::task::spawn_blocking(move || logs.last_seq(job, attempt))
+        tokio::task::spawn_blocking(move || logs.last_seq(job, attempt))
             .await
             .map_err(DispatchError::from)?
             .map_err(|e| {
@@ -1272,11 +1281,7 @@ impl Dispatcher {
                 DispatchError::Unavailable {
                     message: "cannot read the job's log".into(),
                 }
-            })?;
-        if let Some(a) = self.state().attempts.get_mut(&attempt) {
-            a.next_seq = Some(last + 1);
-        }
-        Ok(last + 1)
+            })
     }
 
     async fn on_job_finished(
@@ -1325,17 +1330,7 @@ impl Dispatcher {
                     Some(a) if a.runner_id == runner => {
                         // Not held here (it moved, or this dispatcher forgot it): never
                         // recorded before all of its output is stored.
-                        let (logs, job) = (self.inner.logs.clone(), a.job_id);
-                        let stored =
-                            tokio::task::spawn_blocking(move || logs.last_seq(job, attempt))
-                                .await
-                                .map_err(DispatchError::from)?
-                                .map_err(|e| {
-                                    tracing::error!(cause = %error_chain(&e), "cannot read log");
-                                    DispatchError::Unavailable {
-                                        message: "cannot read the job's log".into(),
-                                    }
-                                })?;
+                        let stored = self.stored_last_seq(a.job_id, attempt).await?;
                         if f.last_seq > stored {
                             self.inner.metrics.result_refused();
                             let reason = format!(
