@@ -134,18 +134,7 @@ impl Conn {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>> {
         let st = self.prepare(sql)?;
-        self.run(|c| async move {
-            match first {
-                None => Ok(c.query(&st, params).await?),
-                Some(first) => {
-                    // Requests go out in the order their futures are first polled (`join!`
-                    // polls in order): `first`, then the query, pipelined.
-                    let (before, rows) = tokio::join!(c.batch_execute(first), c.query(&st, params));
-                    before?;
-                    Ok(rows?)
-                }
-            }
-        })
+        self.run(|c| after(c, first, c.query(&st, params)))
     }
 
     /// Runs a statement; returns the rows it changed.
@@ -156,16 +145,7 @@ impl Conn {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64> {
         let st = self.prepare(sql)?;
-        self.run(|c| async move {
-            match first {
-                None => Ok(c.execute(&st, params).await?),
-                Some(first) => {
-                    let (before, n) = tokio::join!(c.batch_execute(first), c.execute(&st, params));
-                    before?;
-                    Ok(n?)
-                }
-            }
-        })
+        self.run(|c| after(c, first, c.execute(&st, params)))
     }
 
     /// Runs two queries sent together (one round trip), returning the rows of each. The
@@ -180,16 +160,12 @@ impl Conn {
     ) -> Result<(Vec<Row>, Vec<Row>)> {
         let st_a = self.prepare(a.0)?;
         let st_b = self.prepare(b.0)?;
-        self.run(|c| async move {
-            let before = async {
-                match first {
-                    Some(first) => c.batch_execute(first).await,
-                    None => Ok(()),
-                }
+        self.run(|c| {
+            let both = async {
+                let (ra, rb) = tokio::join!(c.query(&st_a, a.1), c.query(&st_b, b.1));
+                Ok((ra?, rb?))
             };
-            let (before, ra, rb) = tokio::join!(before, c.query(&st_a, a.1), c.query(&st_b, b.1));
-            before?;
-            Ok((ra?, rb?))
+            after(c, first, both)
         })
     }
 
@@ -206,11 +182,7 @@ impl Conn {
             let st = &st;
             let futs: Vec<_> = runs
                 .iter()
-                .map(|(prefix, params)| async move {
-                    let (before, rows) = tokio::join!(c.batch_execute(prefix), c.query(st, params));
-                    before?;
-                    Ok(rows?)
-                })
+                .map(|(prefix, params)| after(c, Some(prefix), c.query(st, params)))
                 .collect();
             join_all(futs)
         }))
@@ -222,8 +194,27 @@ impl Conn {
     }
 }
 
+/// `work` (requests on `c`), preceded by the statements without parameters `first` when
+/// given, sent together: one round trip. Requests go out in the order their futures are
+/// first polled, and `join!` polls in order: `first`, then `work`'s.
+async fn after<T>(
+    c: &Client,
+    first: Option<&str>,
+    work: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+) -> Result<T> {
+    match first {
+        None => Ok(work.await?),
+        Some(first) => {
+            let (before, out) = tokio::join!(c.batch_execute(first), work);
+            before?;
+            Ok(out?)
+        }
+    }
+}
+
 /// Polls every future until all are done, the first poll of each in order (so requests go
-/// out in that order); answers in order.
+/// out in that order); answers in order. (`futures`' `join_all` promises no order of first
+/// polls: past 30 futures it is a `FuturesOrdered`, and a chunk of assignments is 64.)
 async fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
     let mut futs: Vec<Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
     let mut outs: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
