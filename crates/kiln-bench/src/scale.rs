@@ -53,6 +53,10 @@ pub struct ScaleArgs {
     /// serve --database` would use it.
     #[arg(long)]
     pub postgres: bool,
+    /// With `--postgres`: connect through the server's Unix-domain socket instead of loopback
+    /// TCP, as a dispatcher on the database's own machine can (`host=/dir` in its settings).
+    #[arg(long, requires = "postgres")]
+    pub pg_socket: bool,
     /// Measure the whole dispatcher instead: a `kiln serve` child with these numbers of
     /// simulated runners attached on real `Attach` streams, at each of `--builds` (see
     /// [`sessions`]). `--samples` is then the number of `GetBuild` and `ListBuilds` samples.
@@ -260,16 +264,19 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
     );
     let tmp = Scratch::new()?;
     let db_path = tmp.path().join("kiln.db");
-    let (samples, postgres) = (args.samples, args.postgres);
+    let (samples, postgres, socket) = (args.samples, args.postgres, args.pg_socket);
     // The store is synchronous: the whole run is on a blocking thread, as the dispatcher
     // calls it (a PgStore must never be called from an async task).
     let results = tokio::task::spawn_blocking(move || -> Result<Vec<Stage>, BenchError> {
         let (store, pg, _cluster): (Arc<dyn Store>, Option<Arc<PgStore>>, _) = if postgres {
             let cluster = kiln_pgtest::PgCluster::start_durable()
                 .map_err(|e| fail(format!("starting PostgreSQL: {e}")))?;
-            let url = cluster
-                .database()
-                .map_err(|e| fail(format!("creating the database: {e}")))?;
+            let url = if socket {
+                cluster.database_via_socket()
+            } else {
+                cluster.database()
+            }
+            .map_err(|e| fail(format!("creating the database: {e}")))?;
             let store = Arc::new(
                 PgStore::connect(&url).map_err(|e| fail(format!("opening the store: {e}")))?,
             );

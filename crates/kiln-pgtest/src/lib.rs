@@ -303,8 +303,29 @@ impl PgCluster {
         format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
     }
 
+    /// The connection settings of database `name` through the server's Unix-domain socket
+    /// (in the cluster's directory) instead of TCP, in the key=value form.
+    pub fn socket_url(&self, name: &str) -> String {
+        format!(
+            "host={} port={} user=postgres dbname={name}",
+            self.dir.display(),
+            self.port
+        )
+    }
+
     /// Creates a new, empty database and returns its URL.
     pub fn database(&self) -> Result<String, Error> {
+        Ok(self.url(&self.create_database()?))
+    }
+
+    /// Creates a new, empty database and returns its connection settings through the
+    /// server's Unix-domain socket ([`PgCluster::socket_url`]).
+    pub fn database_via_socket(&self) -> Result<String, Error> {
+        Ok(self.socket_url(&self.create_database()?))
+    }
+
+    /// Creates a new, empty database and returns its name.
+    fn create_database(&self) -> Result<String, Error> {
         let name = format!(
             "kiln_test_{}_{}",
             std::process::id(),
@@ -322,7 +343,7 @@ impl PgCluster {
             ]),
             "createdb",
         )?;
-        Ok(self.url(&name))
+        Ok(name)
     }
 }
 

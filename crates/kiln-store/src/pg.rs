@@ -14,6 +14,9 @@
 //! - Round trips: a transaction's `BEGIN` is sent with its first statement; statements that
 //!   do not need each other's answers go together (`settle`'s build lock and the read of the
 //!   build's jobs; a chunk of `assign_many`'s assignments, each after its savepoint); a write
+//!   whose answer the transaction does not read (the build's new state, written last by
+//!   `settle` and by an assignment chunk) is held back and sent with the next request, most
+//!   often the `COMMIT` ([`Db::execute_later`]); a write
 //!   or read that is one statement runs on its own, in its own transaction (no `BEGIN` or
 //!   `COMMIT`: one round trip; its answer comes after the server's `ReadyForQuery`, so after
 //!   its commit): `record_step` without test cases, the heartbeats, `get_job`,
@@ -71,6 +74,8 @@
 mod assign_many_tests;
 mod conn;
 mod deliveries;
+#[cfg(test)]
+mod later_tests;
 mod logs;
 pub(crate) mod schema;
 mod split;
@@ -197,18 +202,26 @@ impl Db<'_> {
         sql: &str,
         runs: &[(&str, Params<'_>)],
     ) -> Result<Vec<Result<Vec<Row>>>> {
-        if let Some(begin) = self.begin.take() {
-            self.conn.borrow_mut().batch(begin)?;
-        }
-        self.conn.borrow_mut().pipeline(sql, runs)
+        let first = self.begin_after_preparing(&[sql])?;
+        self.conn.borrow_mut().pipeline(first, sql, runs)
     }
 
     /// Runs statements without parameters (`SAVEPOINT`, `ROLLBACK TO SAVEPOINT`, DDL).
     pub(crate) fn batch(&self, sql: &str) -> Result<()> {
-        match self.begin.take() {
-            None => self.conn.borrow_mut().batch(sql),
-            Some(begin) => self.conn.borrow_mut().batch(&format!("{begin}; {sql}")),
-        }
+        let first = self.begin.take();
+        self.conn.borrow_mut().batch_after(first, sql)
+    }
+
+    /// A write whose answer (rows changed) the transaction does not read, such as the last
+    /// statement before `COMMIT`: held back and sent with the transaction's next request, one
+    /// round trip fewer (see [`conn::Conn::execute_later`]). Its error, if it fails, is that
+    /// next request's, and the transaction does not commit.
+    pub(crate) fn execute_later(
+        &self,
+        sql: &str,
+        params: Vec<Box<dyn ToSql + Sync + Send>>,
+    ) -> Result<()> {
+        self.conn.borrow_mut().execute_later(sql, params)
     }
 }
 
@@ -413,22 +426,25 @@ impl PgStore {
             begin: Cell::new(Some(begin)),
         };
         let out = f(&db);
-        let never_begun = db.begin.get().is_some();
+        let begin = db.begin.take();
         let conn = db.conn.into_inner();
-        if never_begun {
-            // No statement: no transaction was opened.
-            conn.in_tx = false;
-            return out;
-        }
         match out {
             Ok(out) => {
-                conn.batch("COMMIT")?;
+                // The BEGIN (if no statement was sent yet) and the writes held back go with
+                // the COMMIT; with neither, no transaction was opened.
+                conn.commit(begin)?;
                 conn.in_tx = false;
                 Ok(out)
             }
+            Err(e) if begin.is_some() => {
+                // No statement was sent: no transaction was opened.
+                conn.discard_later();
+                conn.in_tx = false;
+                Err(e)
+            }
             Err(e) => {
                 // The error is what matters; a connection whose rollback failed is closed.
-                if conn.batch("ROLLBACK").is_ok() {
+                if conn.rollback().is_ok() {
                     conn.in_tx = false;
                 }
                 Err(e)
@@ -742,10 +758,15 @@ fn settle_known(
     let new_state = build_state(jobs.iter().map(|(_, s, _)| *s));
     let build_changed = parse_state(&old)? != new_state;
     if build_changed {
+        // Most often the transaction's last statement: it goes with the COMMIT.
         let finished = new_state.is_final().then_some(now);
-        db.execute(
+        db.execute_later(
             "UPDATE builds SET state = $1, finished_at = $2 WHERE id = $3",
-            &[&new_state.as_str(), &finished, &build_id],
+            vec![
+                Box::new(new_state.as_str()),
+                Box::new(finished),
+                Box::new(build_id),
+            ],
         )?;
     }
     Ok(Change {
@@ -930,7 +951,8 @@ fn assign_batch(db: &Db<'_>, batch: &[crate::AssignRequest], now: Millis) -> Res
         pending = retry;
     }
     // The builds whose state changed, in one statement (an assignment never ends a build).
-    let (changed, to): (Vec<BuildId>, Vec<&str>) = builds
+    // The transaction's last statement: it goes with the COMMIT.
+    let (changed, to): (Vec<BuildId>, Vec<&'static str>) = builds
         .iter()
         .filter_map(|b| {
             let now_state = current.get(b)?;
@@ -938,10 +960,10 @@ fn assign_batch(db: &Db<'_>, batch: &[crate::AssignRequest], now: Millis) -> Res
         })
         .unzip();
     if !changed.is_empty() {
-        db.execute(
+        db.execute_later(
             "UPDATE builds SET state = u.state, finished_at = NULL \
              FROM unnest($1::BIGINT[], $2::TEXT[]) AS u(id, state) WHERE builds.id = u.id",
-            &[&changed, &to],
+            vec![Box::new(changed), Box::new(to)],
         )?;
     }
     Ok(out.into_iter().map(|o| o.unwrap_or(Ok(None))).collect())

@@ -651,8 +651,10 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
             },
             list(sessions.iter().map(usize::to_string).collect()),
             list(levels.iter().map(u64::to_string).collect()),
-            if args.postgres {
-                "PostgreSQL, fsync on"
+            if args.pg_socket {
+                "PostgreSQL over its Unix-domain socket, fsync on"
+            } else if args.postgres {
+                "PostgreSQL over loopback TCP, fsync on"
             } else {
                 "SQLite"
             },
@@ -675,8 +677,12 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
     };
     let pg_url = match &cluster {
         Some(c) => Some(
-            c.database()
-                .map_err(|e| fail(format!("creating the database: {e}")))?,
+            if args.pg_socket {
+                c.database_via_socket()
+            } else {
+                c.database()
+            }
+            .map_err(|e| fail(format!("creating the database: {e}")))?,
         ),
         None => None,
     };

@@ -43,6 +43,15 @@ pub(crate) struct Conn {
     statements: HashMap<String, Statement>,
     /// Inside a transaction that was neither committed nor rolled back: not reusable.
     pub(crate) in_tx: bool,
+    /// Writes whose answer nobody reads, not sent yet: they go out ahead of the next request
+    /// (see [`Conn::execute_later`]).
+    later: Vec<Later>,
+}
+
+/// A write held back until the next request on its connection.
+struct Later {
+    statement: Statement,
+    params: Vec<Box<dyn ToSql + Sync + Send>>,
 }
 
 impl Drop for Conn {
@@ -71,12 +80,13 @@ impl Conn {
             ended: false,
             statements: HashMap::new(),
             in_tx: false,
+            later: Vec::new(),
         })
     }
 
     /// Whether the connection can be handed to the next caller.
     fn reusable(&self) -> bool {
-        !self.ended && !self.in_tx && !self.client.is_closed()
+        !self.ended && !self.in_tx && self.later.is_empty() && !self.client.is_closed()
     }
 
     /// Runs `f` (requests on the client) on this thread, polling the connection beside it
@@ -134,7 +144,8 @@ impl Conn {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>> {
         let st = self.prepare(sql)?;
-        self.run(|c| after(c, first, c.query(&st, params)))
+        let later = std::mem::take(&mut self.later);
+        self.run(|c| after(c, first, &later, c.query(&st, params)))
     }
 
     /// Runs a statement; returns the rows it changed.
@@ -145,7 +156,56 @@ impl Conn {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64> {
         let st = self.prepare(sql)?;
-        self.run(|c| after(c, first, c.execute(&st, params)))
+        let later = std::mem::take(&mut self.later);
+        self.run(|c| after(c, first, &later, c.execute(&st, params)))
+    }
+
+    /// Prepares a write whose answer (rows changed) nobody reads and holds it back: it is sent
+    /// ahead of the next request on this connection (the transaction's next statement, or its
+    /// `COMMIT`: [`Conn::commit`]), in the order written, saving its own round trip. Its
+    /// error, if any, is that next request's error. The statements of a transaction still
+    /// run in the order they were written, so what follows sees it.
+    pub(crate) fn execute_later(
+        &mut self,
+        sql: &str,
+        params: Vec<Box<dyn ToSql + Sync + Send>>,
+    ) -> Result<()> {
+        let statement = self.prepare(sql)?;
+        self.later.push(Later { statement, params });
+        Ok(())
+    }
+
+    /// Sends what is held back (and `first`), if anything: for requests that must not carry it.
+    fn flush(&mut self, first: Option<&str>) -> Result<()> {
+        if first.is_none() && self.later.is_empty() {
+            return Ok(());
+        }
+        let later = std::mem::take(&mut self.later);
+        self.run(|c| after(c, first, &later, async { Ok(()) }))
+    }
+
+    /// `COMMIT`, sent with `first` (the transaction's `BEGIN` when no statement was sent yet)
+    /// and the writes held back: one round trip. Nothing is sent when nothing was written
+    /// (`first` given, nothing held back: no transaction was opened). A held-back write that
+    /// fails makes the server answer the `COMMIT` with a rollback; its error is returned, and
+    /// the connection is then not reused (`in_tx` stays set).
+    pub(crate) fn commit(&mut self, first: Option<&str>) -> Result<()> {
+        if first.is_some() && self.later.is_empty() {
+            return Ok(());
+        }
+        let later = std::mem::take(&mut self.later);
+        self.run(|c| after(c, first, &later, c.batch_execute("COMMIT")))
+    }
+
+    /// `ROLLBACK`; the writes held back are dropped unsent.
+    pub(crate) fn rollback(&mut self) -> Result<()> {
+        self.discard_later();
+        self.batch("ROLLBACK")
+    }
+
+    /// Drops the writes held back, unsent.
+    pub(crate) fn discard_later(&mut self) {
+        self.later.clear();
     }
 
     /// Runs two queries sent together (one round trip), returning the rows of each. The
@@ -160,56 +220,89 @@ impl Conn {
     ) -> Result<(Vec<Row>, Vec<Row>)> {
         let st_a = self.prepare(a.0)?;
         let st_b = self.prepare(b.0)?;
+        let later = std::mem::take(&mut self.later);
         self.run(|c| {
             let both = async {
                 let (ra, rb) = tokio::join!(c.query(&st_a, a.1), c.query(&st_b, b.1));
                 Ok((ra?, rb?))
             };
-            after(c, first, both)
+            after(c, first, &later, both)
         })
     }
 
     /// Runs one statement several times, all sent at once (one round trip), each run
     /// preceded by its own statements without parameters (`prefixes[i]`, such as a
     /// savepoint). Answers each run in order: its prefix's error, else its statement's.
+    /// `first` and the writes held back go first, on their own (their error is not one run's).
     pub(crate) fn pipeline(
         &mut self,
+        first: Option<&str>,
         sql: &str,
         runs: &[(&str, &[&(dyn ToSql + Sync)])],
     ) -> Result<Vec<Result<Vec<Row>>>> {
         let st = self.prepare(sql)?;
+        self.flush(first)?;
         Ok(self.run(|c| {
             let st = &st;
             let futs: Vec<_> = runs
                 .iter()
-                .map(|(prefix, params)| after(c, Some(prefix), c.query(st, params)))
+                .map(|(prefix, params)| after(c, Some(prefix), &[], c.query(st, params)))
                 .collect();
             join_all(futs)
         }))
     }
 
+    /// Runs statements without parameters (simple protocol), after `first` and the writes
+    /// held back.
+    pub(crate) fn batch_after(&mut self, first: Option<&str>, sql: &str) -> Result<()> {
+        let later = std::mem::take(&mut self.later);
+        self.run(|c| after(c, first, &later, c.batch_execute(sql)))
+    }
+
     /// Runs statements without parameters (simple protocol).
     pub(crate) fn batch(&mut self, sql: &str) -> Result<()> {
-        Ok(self.run(|c| c.batch_execute(sql))?)
+        self.batch_after(None, sql)
     }
 }
 
 /// `work` (requests on `c`), preceded by the statements without parameters `first` when
-/// given, sent together: one round trip. Requests go out in the order their futures are
-/// first polled, and `join!` polls in order: `first`, then `work`'s.
+/// given and by the held-back writes `later`, all sent together: one round trip. Requests go
+/// out in the order their futures are first polled, and `join!` (like [`join_all`]) polls in
+/// order: `first`, then `later`'s, then `work`'s. The first error in that order is returned:
+/// after a failed statement the server refuses the rest of the transaction, and the failed
+/// one is the cause.
 async fn after<T>(
     c: &Client,
     first: Option<&str>,
+    later: &[Later],
     work: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
 ) -> Result<T> {
-    match first {
-        None => Ok(work.await?),
-        Some(first) => {
-            let (before, out) = tokio::join!(c.batch_execute(first), work);
-            before?;
-            Ok(out?)
-        }
+    if first.is_none() && later.is_empty() {
+        return Ok(work.await?);
     }
+    let before = async {
+        match first {
+            Some(first) => c.batch_execute(first).await,
+            None => Ok(()),
+        }
+    };
+    let writes = join_all(
+        later
+            .iter()
+            .map(|l| {
+                c.execute_raw(
+                    &l.statement,
+                    l.params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)),
+                )
+            })
+            .collect(),
+    );
+    let (before, writes, out) = tokio::join!(before, writes, work);
+    before?;
+    for w in writes {
+        w?;
+    }
+    Ok(out?)
 }
 
 /// Polls every future until all are done, the first poll of each in order (so requests go
