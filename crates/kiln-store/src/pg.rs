@@ -195,6 +195,13 @@ impl Db<'_> {
         self.conn.borrow_mut().query2(first, a, b)
     }
 
+    /// Runs queries sent together: one round trip (see [`conn::Conn::query_all`]).
+    pub(crate) fn query_all(&self, queries: &[(&str, Params<'_>)]) -> Result<Vec<Vec<Row>>> {
+        let sqls: Vec<&str> = queries.iter().map(|(sql, _)| *sql).collect();
+        let first = self.begin_after_preparing(&sqls)?;
+        self.conn.borrow_mut().query_all(first, queries)
+    }
+
     /// Runs one statement several times, sent at once, each run after its own prefix (see
     /// [`conn::Conn::pipeline`]).
     pub(crate) fn pipeline(
@@ -701,11 +708,38 @@ fn settle_known(
         ),
         (BUILD_JOBS_SQL, &[&build_id]),
     )?;
+    settle_read(db, job, build_id, job_state, now, &lock, &rows)
+}
+
+/// The build's lock and state by an attempt of one of its jobs (`$1`): for a caller that
+/// sends it with the statement that changed the job, before it knows the build.
+const BUILD_LOCK_BY_ATTEMPT_SQL: &str = "SELECT state FROM builds WHERE id = \
+     (SELECT j.build_id FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE a.id = $1) \
+     FOR UPDATE";
+
+/// [`BUILD_JOBS_SQL`] by an attempt of one of the build's jobs (`$1`).
+const BUILD_JOBS_BY_ATTEMPT_SQL: &str = "WITH b AS (SELECT j.build_id AS id FROM attempts a \
+     JOIN jobs j ON j.id = a.job_id WHERE a.id = $1) \
+     SELECT id, state, needs, \
+     EXISTS (SELECT 1 FROM splits s WHERE s.build_id = (SELECT id FROM b) AND NOT s.done) \
+     FROM jobs WHERE build_id = (SELECT id FROM b)";
+
+/// [`settle_known`] once the build's lock was taken (`lock`: its row) and its jobs were read
+/// after that (`rows`: [`BUILD_JOBS_SQL`]'s).
+fn settle_read(
+    db: &Db<'_>,
+    job: JobId,
+    build_id: BuildId,
+    job_state: JobState,
+    now: Millis,
+    lock: &[Row],
+    rows: &[Row],
+) -> Result<Change> {
     let old: String = lock
         .first()
         .ok_or_else(|| StoreError::Corrupt(format!("build {build_id} of job {job} is missing")))?
         .try_get(0)?;
-    let (mut jobs, open_split) = build_jobs_of(&rows)?;
+    let (mut jobs, open_split) = build_jobs_of(rows)?;
     let mut reread = false;
     if job_state.is_final() && open_split {
         split::close_abandoned_splits(db, build_id, now)?;
@@ -1329,24 +1363,40 @@ impl Store for PgStore {
         // re-checks `current_attempt` and `state` on the committed row after any wait.
         self.write_committed(|db| {
             // One statement: the compare-and-set takes the job's row lock itself, and the
-            // attempt is marked running only when it succeeded.
-            let row = db.query_opt(
-                "WITH j AS (UPDATE jobs SET state = 'running', started_at = $1 \
-                 WHERE current_attempt = $2 AND state = 'assigned' RETURNING id, build_id), \
-                 a AS (UPDATE attempts SET state = 'running' \
-                 WHERE id = $2 AND EXISTS (SELECT 1 FROM j)) \
-                 SELECT id, build_id FROM j",
-                &[&now, &attempt],
-            )?;
-            let Some(row) = row else {
+            // attempt is marked running only when it succeeded. Sent with `settle`'s build
+            // lock and read (by the attempt: the build is not known yet), in that order: one
+            // round trip. When the compare-and-set changed nothing, the build's lock was
+            // taken for nothing, and nothing else is.
+            let params: [&(dyn ToSql + Sync); 1] = [&attempt];
+            let mut all = db
+                .query_all(&[
+                    (
+                        "WITH j AS (UPDATE jobs SET state = 'running', started_at = $1 \
+                         WHERE current_attempt = $2 AND state = 'assigned' \
+                         RETURNING id, build_id), \
+                         a AS (UPDATE attempts SET state = 'running' \
+                         WHERE id = $2 AND EXISTS (SELECT 1 FROM j)) \
+                         SELECT id, build_id FROM j",
+                        &[&now, &attempt],
+                    ),
+                    (BUILD_LOCK_BY_ATTEMPT_SQL, &params),
+                    (BUILD_JOBS_BY_ATTEMPT_SQL, &params),
+                ])?
+                .into_iter();
+            let (Some(won), Some(lock), Some(rows)) = (all.next(), all.next(), all.next()) else {
+                unreachable!("three statements answered");
+            };
+            let Some(row) = won.first() else {
                 return Ok(None);
             };
-            Ok(Some(settle_known(
+            Ok(Some(settle_read(
                 db,
                 row.try_get(0)?,
                 row.try_get(1)?,
                 JobState::Running,
                 now,
+                &lock,
+                &rows,
             )?))
         })
     }
@@ -1411,28 +1461,52 @@ impl Store for PgStore {
         // the condition on the committed row after any wait, so of a finish, a requeue and an
         // end of one job, whichever takes the lock first wins and the others see its
         // committed row. Then the split rows' locks (`release_units`) and the build's
-        // (`settle`), in that order after the job's. When it changed nothing, the job's row
-        // is read under its lock to say why (or that this result was recorded already).
-        self.write_committed(|db| {
+        // (`settle`), in that order after the job's, sent with the compare-and-set (one round
+        // trip). When it changed nothing (a result refused, or sent again), those locks were
+        // taken for nothing and the transaction ends; a second one reads the job's row under
+        // its lock to say why, or that this result was recorded already (a compare-and-set
+        // that failed once fails for ever: an attempt never becomes current again).
+        let params: [&(dyn ToSql + Sync); 1] = [&attempt];
+        let recorded = self.write_committed(|db| {
             // The compare-and-set: only the current attempt of a job that is out on a runner
             // may finish it (a lost attempt stays `current_attempt` of its queued job until
             // the job is given out again, and must not finish it). The attempt is marked
             // finished in the same statement, only when it succeeded.
-            let won = db.query_opt(
-                "WITH j AS (UPDATE jobs SET state = $1, message = $2, finished_at = $3 \
-                 WHERE current_attempt = $4 AND state IN ('assigned', 'running') \
-                 RETURNING id, build_id), \
-                 a AS (UPDATE attempts SET state = 'finished', finished_at = $3 \
-                 WHERE id = $4 AND EXISTS (SELECT 1 FROM j)) \
-                 SELECT id, build_id FROM j",
-                &[&state.as_str(), &message, &now, &attempt],
-            )?;
-            if let Some(won) = won {
-                let job: JobId = won.try_get(0)?;
-                let build: BuildId = won.try_get(1)?;
-                split::release_units(db, attempt)?;
-                return Ok(Finish::Recorded(settle_known(db, job, build, state, now)?));
+            let mut all = db
+                .query_all(&[
+                    (
+                        "WITH j AS (UPDATE jobs SET state = $1, message = $2, finished_at = $3 \
+                         WHERE current_attempt = $4 AND state IN ('assigned', 'running') \
+                         RETURNING id, build_id), \
+                         a AS (UPDATE attempts SET state = 'finished', finished_at = $3 \
+                         WHERE id = $4 AND EXISTS (SELECT 1 FROM j)) \
+                         SELECT id, build_id FROM j",
+                        &[&state.as_str(), &message, &now, &attempt],
+                    ),
+                    (split::SPLITS_OF_SQL, &params),
+                    (BUILD_LOCK_BY_ATTEMPT_SQL, &params),
+                    (BUILD_JOBS_BY_ATTEMPT_SQL, &params),
+                ])?
+                .into_iter();
+            let (Some(won), Some(splits), Some(lock), Some(rows)) =
+                (all.next(), all.next(), all.next(), all.next())
+            else {
+                unreachable!("four statements answered");
+            };
+            let Some(won) = won.first() else {
+                return Ok(None);
+            };
+            let job: JobId = won.try_get(0)?;
+            let build: BuildId = won.try_get(1)?;
+            if !splits.is_empty() {
+                split::release_locked_units(db, attempt)?;
             }
+            Ok(Some(settle_read(db, job, build, state, now, &lock, &rows)?))
+        })?;
+        if let Some(change) = recorded {
+            return Ok(Finish::Recorded(change));
+        }
+        self.write_committed(|db| {
             let row = db.query_opt(
                 "SELECT j.id, j.current_attempt, j.state, a.state FROM attempts a \
                  JOIN jobs j ON j.id = a.job_id WHERE a.id = $1 FOR UPDATE OF j",

@@ -218,15 +218,36 @@ impl Conn {
         a: (&str, &[&(dyn ToSql + Sync)]),
         b: (&str, &[&(dyn ToSql + Sync)]),
     ) -> Result<(Vec<Row>, Vec<Row>)> {
-        let st_a = self.prepare(a.0)?;
-        let st_b = self.prepare(b.0)?;
+        let mut rows = self.query_all(first, &[a, b])?.into_iter();
+        match (rows.next(), rows.next()) {
+            (Some(a), Some(b)) => Ok((a, b)),
+            _ => unreachable!("two statements answered"),
+        }
+    }
+
+    /// Runs queries sent together (one round trip), returning the rows of each, in order; the
+    /// server runs each after the one before is done (see [`Conn::query2`]). The first error
+    /// in that order is returned. With `first`, as in [`Conn::query`].
+    pub(crate) fn query_all(
+        &mut self,
+        first: Option<&str>,
+        queries: &[(&str, &[&(dyn ToSql + Sync)])],
+    ) -> Result<Vec<Vec<Row>>> {
+        let statements = queries
+            .iter()
+            .map(|(sql, _)| self.prepare(sql))
+            .collect::<Result<Vec<_>>>()?;
         let later = std::mem::take(&mut self.later);
         self.run(|c| {
-            let both = async {
-                let (ra, rb) = tokio::join!(c.query(&st_a, a.1), c.query(&st_b, b.1));
-                Ok((ra?, rb?))
+            let all = async {
+                let futs = statements
+                    .iter()
+                    .zip(queries)
+                    .map(|(st, (_, params))| c.query(st, params))
+                    .collect();
+                join_all(futs).await.into_iter().collect()
             };
-            after(c, first, &later, both)
+            after(c, first, &later, all)
         })
     }
 

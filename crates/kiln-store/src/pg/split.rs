@@ -202,14 +202,12 @@ fn create_split(
 /// their tries waits for a shard's round trip in progress and the next one sees it.
 /// Locks the splits whose tries `attempt` holds or held; returns whether there is any.
 fn lock_splits_of(db: &Db<'_>, attempt: AttemptId) -> Result<bool> {
-    Ok(!db
-        .query(
-            "SELECT id FROM splits WHERE id IN \
-             (SELECT split_id FROM unit_tries WHERE attempt_id = $1) ORDER BY id FOR UPDATE",
-            &[&attempt],
-        )?
-        .is_empty())
+    Ok(!db.query(SPLITS_OF_SQL, &[&attempt])?.is_empty())
 }
+
+/// [`lock_splits_of`]'s statement (`$1` the attempt).
+pub(crate) const SPLITS_OF_SQL: &str = "SELECT id FROM splits WHERE id IN \
+     (SELECT split_id FROM unit_tries WHERE attempt_id = $1) ORDER BY id FOR UPDATE";
 
 /// The durations of a unit's history row, the row created if missing and locked, for a
 /// read-modify-write that no concurrent writer (another build's split of the same
@@ -244,13 +242,19 @@ pub(crate) fn release_units(db: &Db<'_>, attempt: AttemptId) -> Result<()> {
     if !lock_splits_of(db, attempt)? {
         return Ok(());
     }
-    db.execute(
+    release_locked_units(db, attempt)
+}
+
+/// [`release_units`] once [`SPLITS_OF_SQL`] locked the splits (`$1` the attempt) and
+/// answered rows: the caller sent it with other statements. The update is held back
+/// ([`Db::execute_later`]): nothing reads its answer, and what reads the tries next sees it.
+pub(crate) fn release_locked_units(db: &Db<'_>, attempt: AttemptId) -> Result<()> {
+    db.execute_later(
         "UPDATE unit_tries SET state = 'queued', attempt_id = NULL, request = NULL, \
          runner_id = NULL, runner = NULL, leased_at = NULL \
          WHERE attempt_id = $1 AND state = 'leased'",
-        &[&attempt],
-    )?;
-    Ok(())
+        vec![Box::new(attempt)],
+    )
 }
 
 /// See `Store::requeue_failed_units`.
