@@ -364,34 +364,34 @@ impl Dispatcher {
                 owner: owner.clone(),
             })
             .collect();
-        // The build's row only (not its jobs): an assignment names its repository, commit,
-        // branch and parameters. Read in the same blocking call, after the assignments.
+        // The builds' rows only (not their jobs): an assignment names its repository,
+        // commit, branch and parameters. Read in the same blocking call, after the
+        // assignments, in one read.
         let wanted: Vec<BuildId> = chunk.iter().map(|(job, ..)| job.build_id).collect();
         let known: std::collections::HashSet<BuildId> = builds.keys().copied().collect();
         let (results, fetched) = self
             .db(move |s| {
                 let results = s.assign_many(&requests);
-                let mut fetched: HashMap<BuildId, kiln_domain::Build> = HashMap::new();
-                for (r, id) in results.iter().zip(wanted) {
-                    if !matches!(r, Ok(Some(_))) || known.contains(&id) || fetched.contains_key(&id)
-                    {
-                        continue;
+                let mut ids: Vec<BuildId> = results
+                    .iter()
+                    .zip(wanted)
+                    .filter(|(r, id)| matches!(r, Ok(Some(_))) && !known.contains(id))
+                    .map(|(_, id)| id)
+                    .collect();
+                ids.sort_unstable();
+                ids.dedup();
+                // Not `?`: the assignments are made, each must be sent or given back.
+                let fetched = match s.get_build_records(&ids) {
+                    Ok(builds) => builds,
+                    Err(e) => {
+                        tracing::error!(builds = ids.len(), cause = %error_chain(&e), "cannot read assigned jobs' builds");
+                        Vec::new()
                     }
-                    // Not `?`: the assignments are made, each must be sent or given back.
-                    match s.get_build_record(id) {
-                        Ok(Some(b)) => {
-                            fetched.insert(id, b);
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            tracing::error!(build = %id, cause = %error_chain(&e), "cannot read an assigned job's build")
-                        }
-                    }
-                }
+                };
                 Ok((results, fetched))
             })
             .await?;
-        builds.extend(fetched);
+        builds.extend(fetched.into_iter().map(|b| (b.id, b)));
         let mut first_error = None;
         for ((job, runner_id, runner_name, session_id, _), result) in chunk.into_iter().zip(results)
         {

@@ -332,6 +332,15 @@ pub trait Store: Send + Sync + 'static {
     /// One build without its jobs: what an assignment needs of it (repository, commit, branch,
     /// parameters), one row read whatever the build's size.
     fn get_build_record(&self, id: BuildId) -> Result<Option<Build>>;
+    /// [`Store::get_build_record`] of several builds, those found, in no particular order
+    /// (for a chunk of assignments: one read where the store is across a network).
+    fn get_build_records(&self, ids: &[BuildId]) -> Result<Vec<Build>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for &id in ids {
+            out.extend(self.get_build_record(id)?);
+        }
+        Ok(out)
+    }
     /// One job.
     fn get_job(&self, id: JobId) -> Result<Option<Job>>;
     /// Builds, newest first.

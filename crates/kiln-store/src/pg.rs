@@ -1189,6 +1189,17 @@ impl Store for PgStore {
         .transpose()
     }
 
+    fn get_build_records(&self, ids: &[BuildId]) -> Result<Vec<Build>> {
+        // One statement, as `get_build_record`.
+        self.statement(
+            &format!("SELECT {BUILD_COLUMNS} FROM builds WHERE id = ANY($1)"),
+            &[&ids],
+        )?
+        .iter()
+        .map(build_from_row)
+        .collect()
+    }
+
     fn get_job(&self, id: JobId) -> Result<Option<Job>> {
         // One statement: its own snapshot, no transaction around it (one round trip).
         self.statement(

@@ -1161,6 +1161,13 @@ impl Store for SqliteStore {
         load_build(&conn, id)
     }
 
+    fn get_build_records(&self, ids: &[BuildId]) -> Result<Vec<Build>> {
+        let conn = self.reader()?;
+        ids.iter()
+            .filter_map(|&id| load_build(&conn, id).transpose())
+            .collect()
+    }
+
     fn get_job(&self, id: JobId) -> Result<Option<Job>> {
         let conn = self.reader()?;
         load_job(&conn, id)
@@ -2150,6 +2157,14 @@ mod tests {
         assert_eq!(listed.unwrap()[0].params, b.params);
         let plain = s.create_build(&new_build(1)).unwrap();
         assert!(plain.build.params.is_empty());
+        // Several rows at once: those found, a missing id left out.
+        let missing = BuildId::new(plain.build.id.get() + 1000);
+        let mut rows = s
+            .get_build_records(&[plain.build.id, missing, made.build.id])
+            .unwrap();
+        rows.sort_by_key(|b| b.id);
+        assert_eq!(rows, vec![read.build.clone(), plain.build.clone()]);
+        assert!(s.get_build_records(&[]).unwrap().is_empty());
     }
 
     fn record_commits_moves_the_cursor_and_supersedes(b: Backend) {
