@@ -31,6 +31,7 @@
 //! benchmarks ran and their output was complete, 1 when output was lost or a build did not
 //! pass, 6 when a part could not be reached, and 7 when the benchmark itself could not run.
 
+mod delay;
 mod failover;
 mod generate;
 mod idle;

@@ -57,6 +57,12 @@ pub struct ScaleArgs {
     /// TCP, as a dispatcher on the database's own machine can (`host=/dir` in its settings).
     #[arg(long, requires = "postgres")]
     pub pg_socket: bool,
+    /// With `--sessions --postgres`: reach PostgreSQL through a relay in this process that
+    /// delays each direction by this many microseconds, as a database on another host would
+    /// be (the round trip measured through it is printed).
+    #[arg(long, requires = "postgres", conflicts_with = "pg_socket",
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub pg_delay_us: Option<u64>,
     /// Measure the whole dispatcher instead: a `kiln serve` child with these numbers of
     /// simulated runners attached on real `Attach` streams, at each of `--builds` (see
     /// [`sessions`]). `--samples` is then the number of `GetBuild` and `ListBuilds` samples.

@@ -175,9 +175,16 @@ fn bench_scale_sessions_small_prints_every_figure_per_stage() {
     // over them), each with two submitters at once (concurrent submits and results on
     // PostgreSQL failed one another's serializable transactions before the store's writes
     // ran at READ COMMITTED: BENCHMARKS.md, `kiln-bench scale --sessions`).
-    let runs: [(&[&str], &str, [u32; 2]); 3] = [
+    // And PostgreSQL through the relay that delays each direction (a database on another
+    // host), which prints the round trip it measured.
+    let runs: [(&[&str], &str, [u32; 2]); 4] = [
         (&[], "SQLite", [1, 2]),
         (&["--postgres"], "PostgreSQL, fsync on", [1, 2]),
+        (
+            &["--postgres", "--pg-delay-us", "250"],
+            "a round trip (SELECT 1) p50",
+            [1, 2],
+        ),
         (
             &["--postgres", "--dispatchers", "3"],
             "3 dispatchers on one database",

@@ -325,7 +325,7 @@ impl PgCluster {
     }
 
     /// Creates a new, empty database and returns its name.
-    fn create_database(&self) -> Result<String, Error> {
+    pub fn create_database(&self) -> Result<String, Error> {
         let name = format!(
             "kiln_test_{}_{}",
             std::process::id(),

@@ -621,6 +621,26 @@ async fn fill_store(
 }
 
 /// Runs the dispatcher-level stages.
+/// The median time of a `SELECT 1` on a new connection to `url`.
+async fn round_trip_ms(url: &str) -> Result<f64, BenchError> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| fail(format!("connecting through the relay: {e}")))?;
+    let conn = tokio::spawn(connection);
+    let mut samples = Vec::new();
+    for _ in 0..21 {
+        let t = Instant::now();
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|e| fail(format!("SELECT 1 through the relay: {e}")))?;
+        samples.push(ms(t.elapsed()));
+    }
+    drop(client);
+    conn.abort();
+    Ok(percentile(&sorted(&samples), 50.0))
+}
+
 pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
     let mut levels = args.builds.clone();
     levels.sort_unstable();
@@ -652,9 +672,11 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
             list(sessions.iter().map(usize::to_string).collect()),
             list(levels.iter().map(u64::to_string).collect()),
             if args.pg_socket {
-                "PostgreSQL over its Unix-domain socket, fsync on"
+                "PostgreSQL, fsync on, over its Unix-domain socket"
+            } else if args.pg_delay_us.is_some() {
+                "PostgreSQL, fsync on, over loopback TCP through a delaying relay"
             } else if args.postgres {
-                "PostgreSQL over loopback TCP, fsync on"
+                "PostgreSQL, fsync on, over loopback TCP"
             } else {
                 "SQLite"
             },
@@ -675,16 +697,29 @@ pub async fn run(args: &ScaleArgs) -> Result<(), BenchError> {
     } else {
         None
     };
-    let pg_url = match &cluster {
-        Some(c) => Some(
-            if args.pg_socket {
-                c.database_via_socket()
-            } else {
-                c.database()
+    // With --pg-delay-us, the relay: kept for the whole run (dropping it stops it).
+    let (pg_url, _relay) = match &cluster {
+        Some(c) => {
+            let name = c
+                .create_database()
+                .map_err(|e| fail(format!("creating the database: {e}")))?;
+            match args.pg_delay_us {
+                _ if args.pg_socket => (Some(c.socket_url(&name)), None),
+                None => (Some(c.url(&name)), None),
+                Some(us) => {
+                    let target = std::net::SocketAddr::from(([127, 0, 0, 1], c.port()));
+                    let r = crate::delay::Relay::start(target, Duration::from_micros(us))
+                        .map_err(|e| fail(format!("starting the delaying relay: {e}")))?;
+                    let url = format!("postgres://postgres@{}/{name}", r.addr());
+                    note(format!(
+                        "PostgreSQL reached through a relay delaying each direction {us} µs: a round trip (SELECT 1) p50 {:.2} ms",
+                        round_trip_ms(&url).await?
+                    ));
+                    (Some(url), Some(r))
+                }
             }
-            .map_err(|e| fail(format!("creating the database: {e}")))?,
-        ),
-        None => None,
+        }
+        None => (None, None),
     };
     let repo = Repo::init(&dir.join("repo"))?;
     let commit = repo.commit(
