@@ -6,7 +6,7 @@
 
 use tokio_postgres::error::SqlState;
 
-use super::PgStore;
+use super::{Db, PgStore};
 use crate::StoreError;
 
 /// A store on a new database, with a table `t (id primary key, v > 0)`.
@@ -32,14 +32,9 @@ fn rows(store: &PgStore) -> Vec<(i64, i64)> {
         .unwrap()
 }
 
-fn insert(
-    id: i64,
-    v: i64,
-) -> (
-    &'static str,
-    Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>>,
-) {
-    (
+/// Holds back the insert of row (`id`, `v`).
+fn hold(db: &Db<'_>, id: i64, v: i64) -> crate::Result<()> {
+    db.execute_later(
         "INSERT INTO t (id, v) VALUES ($1, $2)",
         vec![Box::new(id), Box::new(v)],
     )
@@ -54,10 +49,8 @@ fn a_transaction_of_held_back_writes_only_commits_them() {
     let store = store();
     store
         .write_committed(|db| {
-            let (sql, p) = insert(1, 10);
-            db.execute_later(sql, p)?;
-            let (sql, p) = insert(2, 20);
-            db.execute_later(sql, p)
+            hold(db, 1, 10)?;
+            hold(db, 2, 20)
         })
         .unwrap();
     assert_eq!(rows(&store), vec![(1, 10), (2, 20)]);
@@ -87,8 +80,7 @@ fn a_failing_held_back_write_before_commit_commits_nothing_and_is_the_error() {
     let err = store
         .write_committed(|db| {
             db.execute("INSERT INTO t (id, v) VALUES (1, 1)", &[])?;
-            let (sql, p) = insert(2, -1);
-            db.execute_later(sql, p)
+            hold(db, 2, -1)
         })
         .unwrap_err();
     assert!(is_check_violation(&err), "{err:?}");
@@ -105,8 +97,7 @@ fn a_failing_held_back_write_is_the_error_of_the_statement_after_it() {
     let store = store();
     let err = store
         .write_committed(|db| {
-            let (sql, p) = insert(1, -1);
-            db.execute_later(sql, p)?;
+            hold(db, 1, -1)?;
             // Refused by the server as part of an aborted transaction (25P02); the cause
             // returned is the write's.
             db.query("SELECT v FROM t", &[])
@@ -122,8 +113,7 @@ fn a_transaction_that_fails_after_holding_a_write_back_never_sends_it() {
     let err = store
         .write_committed(|db| {
             db.execute("INSERT INTO t (id, v) VALUES (1, 1)", &[])?;
-            let (sql, p) = insert(2, 2);
-            db.execute_later(sql, p)?;
+            hold(db, 2, 2)?;
             Err::<(), _>(StoreError::Corrupt("the caller's own failure".into()))
         })
         .unwrap_err();
@@ -132,8 +122,7 @@ fn a_transaction_that_fails_after_holding_a_write_back_never_sends_it() {
     // Also when nothing but the held-back write was written (no BEGIN sent yet).
     let err = store
         .write_committed(|db| {
-            let (sql, p) = insert(2, 2);
-            db.execute_later(sql, p)?;
+            hold(db, 2, 2)?;
             Err::<(), _>(StoreError::Corrupt("the caller's own failure".into()))
         })
         .unwrap_err();
