@@ -309,6 +309,26 @@ pub enum Finish {
     Refused(String),
 }
 
+/// Why a result of `attempt` was refused ([`Finish::Refused`]), from its job's row as read
+/// under the job's lock: its `current` attempt and `state`. Both backends answer the same.
+pub(crate) fn refusal_reason(
+    attempt: AttemptId,
+    job: JobId,
+    current: Option<AttemptId>,
+    state: JobState,
+) -> String {
+    if current != Some(attempt) {
+        format!(
+            "attempt {attempt} is not the current attempt of job {job} (current: {})",
+            current.map_or("none".to_string(), |c| c.to_string())
+        )
+    } else if state == JobState::Queued {
+        format!("attempt {attempt} was lost; job {job} is queued again")
+    } else {
+        format!("job {job} already ended as {state}")
+    }
+}
+
 /// Kiln's durable state. Implementations make every method one transaction.
 pub trait Store: Send + Sync + 'static {
     /// Stores a new build with its jobs (queued), or with no job and state `errored` when

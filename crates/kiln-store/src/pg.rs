@@ -1535,16 +1535,7 @@ impl Store for PgStore {
             {
                 return Ok(Finish::AlreadyRecorded);
             }
-            let reason = if current != Some(attempt) {
-                format!(
-                    "attempt {attempt} is not the current attempt of job {job} (current: {})",
-                    current.map_or("none".to_string(), |c| c.to_string())
-                )
-            } else if job_state == JobState::Queued {
-                format!("attempt {attempt} was lost; job {job} is queued again")
-            } else {
-                format!("job {job} already ended as {job_state}")
-            };
+            let reason = crate::refusal_reason(attempt, job, current, job_state);
             db.execute(
                 "INSERT INTO refusals (attempt_id, job_id, reason, at) VALUES ($1, $2, $3, $4)",
                 &[&attempt, &job, &reason, &now],

@@ -1389,16 +1389,7 @@ impl Store for SqliteStore {
                 params![state.as_str(), message, now, job, attempt],
             )?;
             if n == 0 {
-                let reason = if current != Some(attempt) {
-                    format!(
-                        "attempt {attempt} is not the current attempt of job {job} (current: {})",
-                        current.map_or("none".to_string(), |c| c.to_string())
-                    )
-                } else if job_state == JobState::Queued {
-                    format!("attempt {attempt} was lost; job {job} is queued again")
-                } else {
-                    format!("job {job} already ended as {job_state}")
-                };
+                let reason = crate::refusal_reason(attempt, job, current, job_state);
                 tx.execute(
                     "INSERT INTO refusals (attempt_id, job_id, reason, at) VALUES (?1, ?2, ?3, ?4)",
                     params![attempt, job, reason, now],
