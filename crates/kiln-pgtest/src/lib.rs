@@ -24,6 +24,9 @@ use std::sync::{Mutex, OnceLock};
 /// Why a cluster could not be had.
 pub type Error = String;
 
+/// Ports tried when the one found free was taken before the server bound it.
+const PORT_TRIES: u32 = 5;
+
 /// A running throwaway cluster.
 pub struct PgCluster {
     bindir: PathBuf,
@@ -183,23 +186,34 @@ impl PgCluster {
             ]),
             "initdb",
         )?;
-        cluster.port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("a free port: {e}"))?
-            .port();
         let relaxed = if durable {
             ""
         } else {
             " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         };
-        cluster.options = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories={}{relaxed} \
-             -c max_connections=300",
-            cluster.port,
-            cluster.dir.display()
-        );
-        cluster.start_server()?;
-        Ok(cluster)
+        // A free port is only free until the server binds it: another process (a client's
+        // source port) may take it in between. Then the start fails with "could not bind";
+        // a new port is tried, a bounded number of times.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            cluster.port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| format!("a free port: {e}"))?
+                .port();
+            cluster.options = format!(
+                "-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories={}{relaxed} \
+                 -c max_connections=300",
+                cluster.port,
+                cluster.dir.display()
+            );
+            match cluster.start_server() {
+                Err(e) if tries < PORT_TRIES && e.contains("could not bind") => {
+                    let _ = std::fs::remove_file(cluster.dir.join("server.log"));
+                }
+                other => return other.map(|()| cluster),
+            }
+        }
     }
 
     /// `pg_ctl start -w`: returns once the server accepts connections.
